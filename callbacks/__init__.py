@@ -1,0 +1,1 @@
+"""Lightning callbacks: stage switching, frozen-parameter guard, sample grids, periodic evaluation."""

@@ -1,0 +1,1 @@
+"""LightningDataModules: the shape world, mixed streaming webdataset sources, and your own."""

@@ -1,0 +1,90 @@
+"""The `synergen` command.
+
+`synergen fit|validate|test|predict --config recipes/X.yaml` is LightningCLI (OmegaConf interpolation
+in recipes, any LightningModule / DataModule / callback plugged by `class_path`). Every other
+sub-command lives in the room that owns it and is registered in `COMMANDS` below as
+"module:function"; the function receives the remaining argv and owns its own argparse `--help`.
+Modules are imported only when their command runs, so `synergen --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+# command words -> (entry point "module:function", one-line help)
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("data", "synth"): ("synergen_lightning.world.cli:synth_main", "write the synthetic shape world as webdataset shards"),
+    ("data", "pretokenize"): ("synergen_lightning.image_tokenizer.pretokenize:main", "add .codes.npy (VQ code grids) to every sample of a shard set"),
+    ("eval", "geneval"): ("synergen_lightning.world.cli:geneval_main", "score generated images against shape-world prompts (GenEval's six categories)"),
+    ("import-hf",): ("synergen_lightning.hf_import:main", "convert a local Hugging Face Llama/Qwen2/InternLM2 directory into an MMoE LLM checkpoint"),
+    ("generate",): ("synergen_lightning.generation:generate_main", "generate images from text prompts with a trained SynerGenVL checkpoint"),
+    ("answer",): ("synergen_lightning.generation:answer_main", "answer a question about an image with a trained SynerGenVL checkpoint"),
+}
+
+
+def _usage() -> str:
+    lines = [
+        "usage: synergen <command> [options]",
+        "",
+        "Training (LightningCLI; `synergen fit --help` lists every key of a recipe):",
+        "  fit --config recipes/tiny/stage1.yaml [--trainer.max_steps 100 ...]",
+        "  validate | test | predict --config ...",
+        "",
+        "Other commands (each has --help):",
+    ]
+    for words, (_, help_) in COMMANDS.items():
+        lines.append(f"  {' '.join(words):<18} {help_}")
+    return "\n".join(lines)
+
+
+def _resolve(argv: list[str]):
+    """Longest registered command-word prefix of argv -> (function, rest of argv)."""
+    for n in (2, 1):
+        key = tuple(argv[:n])
+        if key in COMMANDS:
+            module_name, func_name = COMMANDS[key][0].split(":")
+            return getattr(importlib.import_module(module_name), func_name), argv[n:]
+    return None, argv
+
+
+def lightning_cli(args: list[str] | None = None, run: bool = True):
+    """LightningCLI with OmegaConf recipes; model and data are chosen by `class_path`."""
+    from lightning.pytorch import LightningDataModule, LightningModule
+    from lightning.pytorch.cli import LightningCLI
+
+    return LightningCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+        auto_configure_optimizers=False,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in LIGHTNING_SUBCOMMANDS:
+        lightning_cli(argv)
+        return 0
+    func, rest = _resolve(argv)
+    if func is None:
+        group = [" ".join(w) for w in COMMANDS if w[0] == argv[0]]
+        hint = f" Did you mean one of: {', '.join(group)}?" if group else ""
+        print(f"synergen: unknown command {' '.join(argv[:2])!r}.{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    result = func(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
