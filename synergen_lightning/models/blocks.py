@@ -1,0 +1,150 @@
+"""Llama/Qwen2 building blocks: RMSNorm, RoPE, GQA attention (SDPA), SwiGLU, the KV cache.
+
+Pure PyTorch, no Lightning. Numerics follow Hugging Face's Llama/Qwen2 so imported weights give
+the same logits (see tests/test_mmoe_parity.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+RMSNorm = nn.RMSNorm  # re-exported: the one norm of the trunk (weight only, eps from the config)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE in the Llama "rotate half" convention; positions come in explicitly (`position_ids`)."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}; pick hidden_size / num_heads even")
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        # not persistent: it is a function of the config, and checkpoints stay layout-stable
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """position_ids [B, T] -> (cos, sin) [B, 1, T, head_dim], computed in fp32 then cast."""
+        freqs = position_ids.float()[..., None] * self.inv_freq.float()  # [B, T, head_dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, T, Dh]; cos/sin [B, 1, T, Dh]."""
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Per-layer keys/values for incremental decoding, plus the key padding mask.
+
+    Storage grows by doubling (amortised O(1) appends rather than a `torch.cat` per step). The
+    modality of new tokens is not stored here: it only picks the FFN, so each call passes the
+    `image_mask` of its new tokens.
+    """
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self._k: list[Tensor | None] = [None] * num_layers
+        self._v: list[Tensor | None] = [None] * num_layers
+        self._mask: Tensor | None = None  # Bool[B, capacity]: True = real token
+        self.seq_len = 0  # tokens already cached (same for every layer once a step finishes)
+        self._pending = 0  # length of the step in progress
+
+    def __len__(self) -> int:
+        return self.seq_len
+
+    @staticmethod
+    def _grow(buf: Tensor | None, new: Tensor, start: int, dim: int) -> Tensor:
+        need = start + new.shape[dim]
+        if buf is None or buf.shape[dim] < need:
+            shape = list(new.shape)
+            shape[dim] = max(need, 2 * (buf.shape[dim] if buf is not None else 0), 16)
+            grown = new.new_empty(shape)
+            if buf is not None and start:
+                grown.narrow(dim, 0, start).copy_(buf.narrow(dim, 0, start))
+            buf = grown
+        buf.narrow(dim, start, new.shape[dim]).copy_(new)
+        return buf
+
+    def begin_step(self, new_tokens: int, key_mask: Tensor) -> Tensor:
+        """Record the padding mask of `new_tokens` tokens; return the mask over all keys [B, S]."""
+        self._pending = new_tokens
+        self._mask = self._grow(self._mask, key_mask, self.seq_len, dim=1)
+        return self._mask[:, : self.seq_len + new_tokens]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append this step's k/v [B, Hkv, T, Dh] for `layer`; return all keys/values so far."""
+        self._k[layer] = self._grow(self._k[layer], k, self.seq_len, dim=2)
+        self._v[layer] = self._grow(self._v[layer], v, self.seq_len, dim=2)
+        end = self.seq_len + k.shape[2]
+        return self._k[layer][:, :, :end], self._v[layer][:, :, :end]
+
+    def end_step(self) -> None:
+        self.seq_len += self._pending
+        self._pending = 0
+
+    def has_padding(self) -> bool:
+        return self._mask is not None and not bool(self._mask[:, : self.seq_len].all())
+
+    def select_batch(self, index: Tensor) -> None:
+        """Keep only the rows `index` (e.g. drop finished sequences, or duplicate for CFG)."""
+        self._k = [None if k is None else k.index_select(0, index) for k in self._k]
+        self._v = [None if v is None else v.index_select(0, index) for v in self._v]
+        if self._mask is not None:
+            self._mask = self._mask.index_select(0, index)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention through `F.scaled_dot_product_attention`."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, qkv_bias: bool):
+        super().__init__()
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        attn_mask: Tensor | None,
+        is_causal: bool,
+        kv_cache: KVCache | None = None,
+        layer_idx: int = 0,
+    ) -> Tensor:
+        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+        k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+        v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_idx, k, v)
+        gqa = self.num_heads != self.num_kv_heads
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=gqa)
+        return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
+
+
+class SwiGLU(nn.Module):
+    """The Llama FFN: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,292 @@
+"""The MMoE decoder: a Llama/Qwen2 trunk whose every layer has a text FFN and a vision FFN.
+
+Attention is shared by all tokens; each token goes to exactly one FFN, chosen by `image_mask`
+(True = folded image token). Routing uses index ops (gather the rows of each modality, run its
+expert, scatter back), never compute-both-then-mask, so the active compute per token is that of a
+dense model. Both experts run every step, on an empty tensor if need be: FSDP needs every sharded
+unit to run on every rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from synergen_lightning.models.blocks import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU
+
+
+@dataclass
+class LLMConfig:  # Llama / Qwen2 micro-architecture
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    head_dim: int | None = None  # None: hidden_size // num_heads (some HF models set it explicitly)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"LLMConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(
+                    f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; set head_dim explicitly"
+                )
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads} (GQA)")
+
+
+@dataclass
+class Routing:
+    """Token indices of each modality in the flattened [B*T] sequence, computed once per forward."""
+
+    text_idx: Tensor | None  # None: every token is text (dense fast path)
+    image_idx: Tensor | None
+
+    @staticmethod
+    def from_mask(image_mask: Tensor | None, num_tokens: int) -> Routing:
+        if image_mask is None:
+            return Routing(None, None)
+        flat = image_mask.reshape(-1)
+        if flat.shape[0] != num_tokens:
+            raise ValueError(f"image_mask has {flat.shape[0]} entries but the input has {num_tokens} tokens; pass Bool[B, T]")
+        flat = flat.bool()
+        return Routing(torch.nonzero(~flat).squeeze(1), torch.nonzero(flat).squeeze(1))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: x + attn(norm(x)); x + ffn(norm(x)), the FFN being text or vision per token."""
+
+    def __init__(self, config: LLMConfig, vision_experts: bool = True):
+        super().__init__()
+        c = config
+        self.input_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.attn = Attention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.qkv_bias)
+        self.post_attn_norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.text_ffn = SwiGLU(c.hidden_size, c.intermediate_size)
+        self.vision_ffn = SwiGLU(c.hidden_size, c.intermediate_size) if vision_experts else None
+
+    def ffn(self, h: Tensor, routing: Routing) -> Tensor:
+        if self.vision_ffn is None:
+            return self.text_ffn(h)
+        if routing.image_idx is None:
+            # text only: the vision expert still runs (on zero rows, tied into the graph at zero
+            # cost) so every rank calls, and back-propagates through, every FSDP unit
+            return self.text_ffn(h) + self.vision_ffn(h[:, :0]).sum()
+        b, t, d = h.shape
+        flat = h.reshape(b * t, d)
+        out = flat.new_empty(b * t, d)
+        out.index_copy_(0, routing.text_idx, self.text_ffn(flat.index_select(0, routing.text_idx)))
+        out.index_copy_(0, routing.image_idx, self.vision_ffn(flat.index_select(0, routing.image_idx)))
+        return out.view(b, t, d)
+
+    def forward(self, x, cos, sin, attn_mask, is_causal, routing: Routing, kv_cache=None, layer_idx=0):
+        x = x + self.attn(self.input_norm(x), cos, sin, attn_mask, is_causal, kv_cache, layer_idx)
+        return x + self.ffn(self.post_attn_norm(x), routing)
+
+
+class DecoderStack(nn.Module):
+    """`layers` + final `norm` + RoPE. With `vision_experts=False` it is a plain Llama stack
+    (the unfolding head's)."""
+
+    def __init__(self, config: LLMConfig, vision_experts: bool = True):
+        super().__init__()
+        self.config = config
+        self.vision_experts = vision_experts
+        self.layers = nn.ModuleList(DecoderBlock(config, vision_experts) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+
+    def new_kv_cache(self) -> KVCache:
+        return KVCache(len(self.layers))
+
+    def forward(
+        self,
+        inputs_embeds: Tensor,
+        image_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        """inputs_embeds [B, T, D] -> final-normed hidden states [B, T, D].
+
+        image_mask Bool[B, T]: True routes the token to the vision FFN. attention_mask Bool[B, T]:
+        True at real tokens (padding left or right); with a cache it covers the new tokens only.
+        position_ids Long[B, T]: RoPE positions, default past_len + 0..T-1. kv_cache: appended to.
+        """
+        b, t, _ = inputs_embeds.shape
+        if image_mask is not None and tuple(image_mask.shape) != (b, t):
+            raise ValueError(f"image_mask has shape {tuple(image_mask.shape)}, expected {(b, t)} like inputs_embeds[:2]")
+        if attention_mask is not None and tuple(attention_mask.shape) != (b, t):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, t)} (new tokens only when using a KV cache)"
+            )
+        past = kv_cache.seq_len if kv_cache is not None else 0
+        device = inputs_embeds.device
+        if position_ids is None:
+            position_ids = (past + torch.arange(t, device=device)).expand(b, t)
+        cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
+
+        key_mask = None
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if kv_cache is not None:
+            new_mask = torch.ones(b, t, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+            padded = padded or kv_cache.has_padding()
+            key_mask = kv_cache.begin_step(t, new_mask)
+        elif padded:
+            key_mask = attention_mask.bool()
+        attn_mask, is_causal = self._attn_mask(b, t, past, key_mask if padded else None, device)
+
+        routing = Routing.from_mask(image_mask, b * t) if self.vision_experts else Routing(None, None)
+        if routing.image_idx is not None and routing.image_idx.numel() == 0:
+            routing = Routing(None, None)  # no image token: the dense path, same result, no scatter
+        x = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, attn_mask, is_causal, routing, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.end_step()
+        return self.norm(x)
+
+    @staticmethod
+    def _attn_mask(b: int, t: int, past: int, key_mask: Tensor | None, device) -> tuple[Tensor | None, bool]:
+        """(attn_mask, is_causal) for SDPA: the built-in causal path when nothing else is needed."""
+        if key_mask is None:
+            if past == 0:
+                return None, t > 1
+            if t == 1:
+                return None, False  # one new token sees the whole cache
+        q_pos = past + torch.arange(t, device=device)
+        k_pos = torch.arange(past + t, device=device)
+        allowed = k_pos[None, :] <= q_pos[:, None]  # causal by cache index
+        mask = allowed[None, None]
+        if key_mask is not None:
+            mask = mask & rearrange(key_mask, "b s -> b 1 1 s")
+            # a padding query with no visible key would give NaN; let it see itself (its output is ignored)
+            mask = mask | (k_pos[None, :] == q_pos[:, None])[None, None]
+        return mask.expand(b, 1, t, past + t) if mask.shape[0] == 1 else mask, False
+
+
+class MMoETransformer(DecoderStack):
+    """The LLM trunk: `embed_tokens`, `layers[i].{input_norm, attn, post_attn_norm, text_ffn,
+    vision_ffn}`, `norm`, `lm_head`."""
+
+    def __init__(self, config: LLMConfig, vision_experts: bool = True):
+        super().__init__(config, vision_experts)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def vocab_size(self) -> int:
+        return self.embed_tokens.num_embeddings
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=std)
+            elif isinstance(m, nn.RMSNorm):
+                nn.init.ones_(m.weight)
+        if self.vision_experts:
+            self.init_vision_experts_from_text()
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """Long[B, T] -> [B, T, D]; raises on ids outside [0, vocab_size) before the embedding does."""
+        if input_ids.numel():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(
+                    f"token id {bad} is outside the vocabulary [0, {self.vocab_size}); "
+                    "use the tokenizer this model was built with, or resize_token_embeddings() after adding tokens"
+                )
+        return self.embed_tokens(input_ids)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(hidden)
+
+    @torch.no_grad()
+    def init_vision_experts_from_text(self) -> None:
+        """Vision FFNs start as copies of the text FFNs (the paper's initialisation)."""
+        for layer in self.layers:
+            if layer.vision_ffn is not None:
+                layer.vision_ffn.load_state_dict(layer.text_ffn.state_dict())
+
+    @torch.no_grad()
+    def resize_token_embeddings(self, new_size: int) -> None:
+        """Grow (or shrink) the embedding and LM head; new rows start at the mean of the old rows."""
+        old = self.vocab_size
+        if new_size <= 0:
+            raise ValueError(f"new vocabulary size must be positive, got {new_size}")
+        if new_size == old:
+            return
+
+        def resized(weight: Tensor) -> Tensor:
+            w = weight.new_empty(new_size, weight.shape[1])
+            n = min(old, new_size)
+            w[:n] = weight[:n]
+            if new_size > old:
+                w[old:] = weight.mean(dim=0, keepdim=True)
+            return w
+
+        emb = nn.Embedding(new_size, self.config.hidden_size, device=self.embed_tokens.weight.device,
+                           dtype=self.embed_tokens.weight.dtype)
+        emb.weight.copy_(resized(self.embed_tokens.weight))
+        self.embed_tokens = emb
+        if self.config.tie_word_embeddings:
+            self.lm_head = nn.Linear(self.config.hidden_size, new_size, bias=False, device=emb.weight.device,
+                                     dtype=emb.weight.dtype)
+            self.lm_head.weight = self.embed_tokens.weight
+        else:
+            head = nn.Linear(self.config.hidden_size, new_size, bias=False, device=self.lm_head.weight.device,
+                             dtype=self.lm_head.weight.dtype)
+            head.weight.copy_(resized(self.lm_head.weight))
+            self.lm_head = head
+        self.config.vocab_size = new_size
+
+    def forward_ids(self, input_ids: Tensor, **kwargs) -> Tensor:
+        """Convenience: ids -> logits (text-only unless `image_mask` is given)."""
+        return self.logits(self(self.embed(input_ids), **kwargs))
+
+    @torch.no_grad()
+    def generate_greedy(self, input_ids: Tensor, max_new_tokens: int, eos_id: int | None = None,
+                        attention_mask: Tensor | None = None) -> Tensor:
+        """KV-cached greedy decoding of text; returns the new tokens Long[B, <=max_new_tokens]."""
+        cache = self.new_kv_cache()
+        b = input_ids.shape[0]
+        position_ids = None
+        if attention_mask is not None:  # left padding: positions count real tokens only (as HF does)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits = self.logits(self(self.embed(input_ids), position_ids=position_ids,
+                                  attention_mask=attention_mask, kv_cache=cache)[:, -1])
+        next_pos = (position_ids[:, -1] + 1) if position_ids is not None else torch.full((b,), input_ids.shape[1],
+                                                                                          device=input_ids.device)
+        out, done = [], torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            tok = logits.argmax(-1)
+            if eos_id is not None:
+                tok = torch.where(done, torch.full_like(tok, eos_id), tok)
+                done = done | (tok == eos_id)
+            out.append(tok)
+            if eos_id is not None and bool(done.all()):
+                break
+            hidden = self(self.embed(tok[:, None]), position_ids=next_pos[:, None], kv_cache=cache)
+            logits = self.logits(hidden[:, -1])
+            next_pos = next_pos + 1
+        return torch.stack(out, dim=1) if out else input_ids.new_empty(b, 0)
