@@ -1,0 +1,89 @@
+"""TokenFolder: a VQ code grid -> folded LLM input embeddings (SynerGen-VL Eq. 1).
+
+    x_V = MLP(fold_{m x n}(Embed(codes) + PE))
+
+Every m-row x n-column patch of the code grid (row-major inside the patch, patches row-major over
+the grid) becomes one LLM token. `fold_codes` / `unfold_codes` move code ids between the grid and
+the per-patch layout the UnfoldingHead predicts, with the same einops pattern, so folding the
+input and unfolding the output can never disagree.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+
+def check_fold(grid: tuple[int, int], fold: tuple[int, int]) -> None:
+    """One-line error when a folding factor does not divide the code grid."""
+    (h, w), (m, n) = grid, fold
+    if m < 1 or n < 1 or h % m or w % n:
+        raise ValueError(
+            f"folding factor {m}x{n} does not divide the code grid {h}x{w}: "
+            f"choose m dividing {h} and n dividing {w} (or change image_size / the tokenizer downsample)"
+        )
+
+
+def fold_codes(codes: Tensor, fold: tuple[int, int]) -> Tensor:
+    """Long[B, h, w] -> Long[B, (h/m)(w/n), m*n]: the codes of each folded patch, row-major."""
+    check_fold(tuple(codes.shape[-2:]), fold)
+    m, n = fold
+    return rearrange(codes, "b (h m) (w n) -> b (h w) (m n)", m=m, n=n)
+
+
+def unfold_codes(patches: Tensor, grid: tuple[int, int], fold: tuple[int, int]) -> Tensor:
+    """Inverse of `fold_codes`: Long[B, P, m*n] -> Long[B, h, w]."""
+    check_fold(grid, fold)
+    m, n = fold
+    return rearrange(patches, "b (h w) (m n) -> b (h m) (w n)", h=grid[0] // m, m=m, n=n)
+
+
+class TokenFolder(nn.Module):
+    """Own code-embedding table + learnable 2D position embedding + m x n fold + MLP to the LLM width."""
+
+    def __init__(
+        self,
+        codebook_size: int,
+        grid: tuple[int, int],
+        fold: tuple[int, int],
+        llm_hidden_size: int,
+        code_dim: int = 256,
+        mlp_hidden_size: int | None = None,
+    ):
+        super().__init__()
+        grid, fold = tuple(grid), tuple(fold)
+        check_fold(grid, fold)
+        self.codebook_size, self.grid, self.fold_size = codebook_size, grid, fold
+        self.code_embed = nn.Embedding(codebook_size, code_dim)
+        # one position per code-grid cell, shared by every view (tiles and thumbnails are the same size)
+        self.pos_embed = nn.Parameter(torch.zeros(grid[0], grid[1], code_dim))
+        nn.init.normal_(self.pos_embed, std=0.02)
+        in_dim = fold[0] * fold[1] * code_dim
+        mlp_hidden_size = mlp_hidden_size or llm_hidden_size
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(in_dim), nn.Linear(in_dim, mlp_hidden_size), nn.GELU(), nn.Linear(mlp_hidden_size, llm_hidden_size)
+        )
+
+    @property
+    def tokens_per_view(self) -> int:
+        return (self.grid[0] // self.fold_size[0]) * (self.grid[1] // self.fold_size[1])
+
+    def fold(self, codes: Tensor) -> Tensor:
+        """Long[N, h, w] -> float[N, P, llm_hidden]; N may be 0 (the module still runs, for FSDP)."""
+        if tuple(codes.shape[-2:]) != self.grid:
+            raise ValueError(
+                f"code grid {tuple(codes.shape[-2:])} does not match the folder's grid {self.grid}: "
+                "every view must be image_size/downsample square; check the recipe's image_size"
+            )
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise ValueError(
+                f"image code {int(codes.max()) if int(codes.max()) >= self.codebook_size else int(codes.min())} "
+                f"outside the folder's codebook [0, {self.codebook_size}): the image tokenizer and the folder disagree"
+            )
+        m, n = self.fold_size
+        x = self.code_embed(codes) + self.pos_embed
+        x = rearrange(x, "b (h m) (w n) d -> b (h w) (m n d)", m=m, n=n)
+        return self.mlp(x)
+
+    forward = fold

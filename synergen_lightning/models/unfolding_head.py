@@ -1,0 +1,117 @@
+"""UnfoldingHead: one LLM hidden state -> the m*n VQ codes of one folded patch (SynerGen-VL Eq. 3).
+
+A small causal transformer with the LLM's block type (`DecoderStack(config, vision_experts=False)`),
+its own code embedding, position embedding and VQ classifier:
+
+    position 0 input  = cond_proj(h_i)             (h_i: LLM output at the position before patch i)
+    position j>=1     = code_embed(v_{i,j-1}) + pos_embed[j]
+    logits at j       -> v_{i,j}
+
+Training runs every patch of the batch in parallel as one batch of length-m*n teacher-forced
+sequences (`forward`); decoding is KV-cached, one code per step, with classifier-free guidance
+on the logits (`generate`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from synergen_lightning.models.blocks import KVCache
+from synergen_lightning.models.mmoe import DecoderStack, LLMConfig
+
+
+def sample_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """[B, K] -> Long[B]; temperature 0 is argmax (deterministic)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # drop tokens once the mass *before* them exceeds top_p (the top token always stays)
+        drop = probs.cumsum(-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class UnfoldingHead(nn.Module):
+    def __init__(self, codebook_size: int, seq_len: int, cond_dim: int, config: LLMConfig):
+        super().__init__()
+        self.codebook_size, self.seq_len, self.config = codebook_size, seq_len, config
+        d = config.hidden_size
+        self.cond_proj = nn.Linear(cond_dim, d)
+        self.code_embed = nn.Embedding(codebook_size, d)
+        self.pos_embed = nn.Parameter(torch.zeros(seq_len, d))
+        self.stack = DecoderStack(config, vision_experts=False)
+        self.classifier = nn.Linear(d, codebook_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.RMSNorm):
+                nn.init.ones_(m.weight)
+        nn.init.normal_(self.pos_embed, std=std)
+
+    def inputs(self, h: Tensor, codes: Tensor) -> Tensor:
+        """Teacher-forced inputs [P, L, d] from h [P, cond_dim] and the target codes [P, L]."""
+        first = self.cond_proj(h)[:, None]
+        rest = self.code_embed(codes[:, :-1]) + self.pos_embed[1:]
+        return torch.cat([first, rest], dim=1)
+
+    def forward(self, h: Tensor, codes: Tensor) -> Tensor:
+        """h [P, cond_dim], codes Long[P, L] -> logits [P, L, codebook_size]. P may be 0 (FSDP: still runs)."""
+        if codes.shape[-1] != self.seq_len:
+            raise ValueError(f"head sequence length {codes.shape[-1]} != m*n = {self.seq_len}: fold the codes with the same m x n")
+        return self.classifier(self.stack(self.inputs(h, codes)))
+
+    def loss(self, h: Tensor, codes: Tensor, reduction: str = "mean") -> Tensor:
+        logits = self(h, codes)
+        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), codes.flatten(), reduction=reduction)
+
+    @torch.no_grad()
+    def generate(self, h: Tensor, cfg_scale: float | None = None, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None, use_cache: bool = True) -> Tensor:
+        """h [P, cond_dim] -> codes Long[P, L].
+
+        With `cfg_scale`, h holds the conditional rows then the unconditional rows ([2P, cond_dim]):
+        both streams run as one batch, logits are guided `l_u + s (l_c - l_u)`, and the sampled code is
+        fed to both. `use_cache=False` recomputes the whole prefix each step (the reference for tests).
+        """
+        rows = h.shape[0]
+        p = rows // 2 if cfg_scale is not None else rows
+        if cfg_scale is not None and rows % 2:
+            raise ValueError(f"CFG needs conditional and unconditional rows stacked ([2P, D]), got {rows} rows")
+        cache = self.stack.new_kv_cache() if use_cache else None
+        x = self.cond_proj(h)[:, None]
+        out: list[Tensor] = []
+        seq = x
+        for j in range(self.seq_len):
+            if cache is not None:
+                hidden = self.stack(x, kv_cache=cache)[:, -1]
+            else:
+                hidden = self.stack(seq)[:, -1]
+            logits = self.classifier(hidden).float()
+            if cfg_scale is not None:
+                cond, uncond = logits[:p], logits[p:]
+                logits = uncond + cfg_scale * (cond - uncond)
+            code = sample_logits(logits, temperature, top_k, top_p, generator)
+            out.append(code)
+            if j + 1 < self.seq_len:
+                fed = torch.cat([code, code]) if cfg_scale is not None else code
+                x = (self.code_embed(fed) + self.pos_embed[j + 1])[:, None]
+                seq = torch.cat([seq, x], dim=1)
+        return torch.stack(out, dim=1)
+
+
+__all__ = ["UnfoldingHead", "KVCache", "sample_logits"]
