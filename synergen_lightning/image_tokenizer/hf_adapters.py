@@ -1,0 +1,119 @@
+"""Adapters that put pretrained VQ models from a local Hugging Face directory behind the ImageTokenizer protocol.
+
+transformers is an optional extra: it is imported only here, only when such a directory is loaded.
+
+- `Emu3VQTokenizer` (the paper's tokenizer, 32,768 codes, downsample 8) wraps `transformers.Emu3VQVAE`.
+  Emu3's VQ-VAE is a video model with a temporal axis compressed by `temporal_downsample_factor` (4).
+  A single image is handled the way transformers (and Emu3) do it: the image is repeated
+  `temporal_downsample_factor` times along time, which encodes to exactly one temporal code slice
+  (`encode` returns `[B, h, w]`); decoding one slice gives `temporal_downsample_factor` frames, of which the
+  first is returned. We call `Emu3VQVAE.encode` / `.decode` with 4-D / 3-D tensors, so that logic is theirs.
+- `ChameleonVQTokenizer` wraps `transformers.ChameleonVQVAE`. transformers ships only Chameleon's
+  encoder and quantizer (its checkpoints carry no decoder weights), so `decode` raises a clear error;
+  it is usable for pretokenizing understanding data and for code-grid statistics.
+
+Pixel ranges: our interface is [0, 1]. Both models were trained on `(x - mean) / std` with mean = std = 0.5
+(i.e. [-1, 1]); when the directory has a `preprocessor_config.json`, its `image_mean`/`image_std` are used
+instead. Decoded pixels are mapped back with the same mean/std and clamped to [0, 1].
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from synergen_lightning.image_tokenizer.protocol import check_images
+
+
+def _import_transformers():
+    try:
+        import transformers
+    except ImportError as err:  # optional extra
+        raise ImportError("loading a Hugging Face VQ directory needs transformers: pip install 'transformers>=4.45'") from err
+    return transformers
+
+
+def _mean_std(path: Path) -> tuple[Tensor, Tensor]:
+    mean, std = [0.5] * 3, [0.5] * 3
+    proc = path / "preprocessor_config.json"
+    if proc.exists():
+        cfg = json.loads(proc.read_text())
+        mean, std = cfg.get("image_mean", mean), cfg.get("image_std", std)
+        mean = [mean] * 3 if isinstance(mean, (int, float)) else mean
+        std = [std] * 3 if isinstance(std, (int, float)) else std
+    return torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+
+class _HFVQBase(nn.Module):
+    def __init__(self, model: nn.Module, mean: Tensor, std: Tensor, codebook_size: int, downsample: int):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.register_buffer("mean", mean.float(), persistent=False)
+        self.register_buffer("std", std.float(), persistent=False)
+        self.codebook_size, self.downsample = int(codebook_size), int(downsample)
+
+    def to_model_range(self, images: Tensor) -> Tensor:
+        check_images(images, self.downsample)
+        return ((images - self.mean) / self.std).to(self.model.dtype)
+
+    def from_model_range(self, pixels: Tensor) -> Tensor:
+        return (pixels.float() * self.std + self.mean).clamp(0, 1)
+
+
+class Emu3VQTokenizer(_HFVQBase):
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        x = self.to_model_range(images)
+        sizes = torch.tensor([x.shape[-2:]] * x.shape[0])
+        out = self.model.encode(x, image_sizes=sizes)  # 4-D input: repeated along time inside transformers
+        return torch.stack(out.image_tokens).long()
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor) -> Tensor:
+        _check_codes(codes, self.codebook_size)
+        return self.from_model_range(self.model.decode(codes))  # 3-D codes: first decoded frame
+
+
+class ChameleonVQTokenizer(_HFVQBase):
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        x = self.to_model_range(images)
+        out = self.model.encode(x)
+        h, w = x.shape[-2] // self.downsample, x.shape[-1] // self.downsample
+        return rearrange(out.image_tokens, "(b h w) -> b h w", b=x.shape[0], h=h, w=w).long()
+
+    def decode(self, codes: Tensor) -> Tensor:
+        raise NotImplementedError("transformers' ChameleonVQVAE has no decoder (Chameleon checkpoints ship encoder weights only); "
+                                  "use an Emu3 VQ directory or a VQTokenizer checkpoint to decode codes to pixels")
+
+
+def _check_codes(codes: Tensor, codebook_size: int) -> None:
+    if codes.ndim != 3:
+        raise ValueError(f"codes must be Long [B, h, w]; got shape {tuple(codes.shape)}")
+    if codes.numel() and (codes.min() < 0 or codes.max() >= codebook_size):
+        raise ValueError(f"code ids must lie in [0, {codebook_size}); got min {int(codes.min())}, max {int(codes.max())}")
+
+
+def load_hf_vq(path: str | Path) -> nn.Module:
+    """Local HF directory -> Emu3VQTokenizer or ChameleonVQTokenizer (nothing is downloaded)."""
+    path = Path(path)
+    transformers = _import_transformers()
+    cfg = json.loads((path / "config.json").read_text())
+    model_type = cfg.get("model_type")
+    mean, std = _mean_std(path)
+    if model_type == "emu3_vqgan":
+        model = transformers.Emu3VQVAE.from_pretrained(path, local_files_only=True)
+        c = model.config
+        return Emu3VQTokenizer(model, mean, std, c.codebook_size, 2 ** (len(c.channel_multiplier) - 1))
+    if model_type == "chameleon_vqgan":
+        model = transformers.ChameleonVQVAE.from_pretrained(path, local_files_only=True)
+        c = model.config
+        return ChameleonVQTokenizer(model, mean, std, c.num_embeddings, 2 ** (len(c.channel_multiplier) - 1))
+    if model_type in ("emu3", "chameleon"):
+        raise ValueError(f"{str(path)!r} is a full {model_type} model; save its VQ part on its own "
+                         f"(model.model.vqmodel.save_pretrained(DIR)) and pass that directory")
+    raise ValueError(f"{str(path)!r} has model_type {model_type!r}; supported: 'emu3_vqgan', 'chameleon_vqgan'")

@@ -1,0 +1,220 @@
+"""VQGAN-family image tokenizer in pure PyTorch (no Lightning): conv encoder, quantizer, conv decoder.
+
+- `VQEncoder`: conv_in -> per level [ResBlocks, stride-2 conv] -> mid ResBlock -> norm/SiLU/conv_out.
+  `len(channel_multiplier) - 1` downsamples, so (1, 2, 2, 4) gives downsample 8.
+- `VectorQuantizer`: l2-normalised low-dimensional code lookup (ViT-VQGAN / LlamaGen): the encoder output
+  is projected to `code_dim` (8 by default) and both it and the codebook are unit-normalised, so the
+  nearest code is the most cosine-similar one and no code drifts off to a useless norm. On top of that,
+  codes unused for a while are restarted onto random encoder outputs of the current batch (dead-code
+  restart), which keeps the whole codebook in use. Straight-through estimator; codebook + commitment losses.
+- `VQDecoder`: the mirror image with nearest-neighbour upsampling.
+- `VQModel`: encoder + quantizer + decoder on pixels in [-1, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=min(8, channels), num_channels=channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            _norm(in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1),
+            _norm(out_ch), nn.SiLU(), nn.Conv2d(out_ch, out_ch, 3, padding=1),
+        )
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.skip(x) + self.block(x)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv with VQGAN's asymmetric (0,1,0,1) padding so H/2 is exact."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+@dataclass
+class VQConfig:
+    codebook_size: int = 512
+    code_dim: int = 8
+    base_channels: int = 32
+    channel_multiplier: tuple[int, ...] = (1, 2, 2, 4)
+    num_res_blocks: int = 1
+    z_channels: int = 64
+    in_channels: int = 3
+    l2_normalize: bool = True
+    dead_code_restart: bool = True
+    usage_decay: float = 0.99  # EMA of per-code assignment counts used to find dead codes
+    dead_threshold: float = 0.03  # a code whose EMA count falls below this is restarted
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.channel_multiplier) - 1)
+
+
+class VQEncoder(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        chs = [cfg.base_channels * m for m in cfg.channel_multiplier]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)]
+        prev = chs[0]
+        for level, ch in enumerate(chs):
+            for _ in range(cfg.num_res_blocks):
+                layers.append(ResBlock(prev, ch))
+                prev = ch
+            if level != len(chs) - 1:
+                layers.append(Downsample(prev))
+        layers += [ResBlock(prev, prev), _norm(prev), nn.SiLU(), nn.Conv2d(prev, cfg.z_channels, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class VQDecoder(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        chs = [cfg.base_channels * m for m in cfg.channel_multiplier][::-1]
+        prev = chs[0]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.z_channels, prev, 3, padding=1), ResBlock(prev, prev)]
+        for level, ch in enumerate(chs):
+            for _ in range(cfg.num_res_blocks):
+                layers.append(ResBlock(prev, ch))
+                prev = ch
+            if level != len(chs) - 1:
+                layers.append(Upsample(prev))
+        layers += [_norm(prev), nn.SiLU(), nn.Conv2d(prev, cfg.in_channels, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z)
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code lookup with straight-through gradients, codebook/commitment losses and dead-code restart."""
+
+    def __init__(self, codebook_size: int, code_dim: int, l2_normalize: bool = True, dead_code_restart: bool = True,
+                 usage_decay: float = 0.99, dead_threshold: float = 0.03):
+        super().__init__()
+        self.codebook_size, self.code_dim = codebook_size, code_dim
+        self.l2_normalize, self.dead_code_restart = l2_normalize, dead_code_restart
+        self.usage_decay, self.dead_threshold = usage_decay, dead_threshold
+        self.embedding = nn.Embedding(codebook_size, code_dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
+        # EMA of how many vectors each code received per batch; starts "alive" so nothing restarts at step 0.
+        self.register_buffer("usage_ema", torch.ones(codebook_size))
+
+    def codebook(self) -> Tensor:
+        w = self.embedding.weight
+        return F.normalize(w, dim=-1) if self.l2_normalize else w
+
+    def _prep(self, z: Tensor) -> Tensor:
+        return F.normalize(z, dim=-1) if self.l2_normalize else z
+
+    def nearest(self, z_flat: Tensor) -> Tensor:
+        """Index of the nearest code for each row of z_flat [N, D] (already normalised if l2)."""
+        e = self.codebook()
+        dist_sq = z_flat.pow(2).sum(-1, keepdim=True) - 2 * z_flat @ e.t() + e.pow(2).sum(-1)[None]
+        return dist_sq.argmin(-1)
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """z [B, D, h, w] -> (quantised z with straight-through grads [B, D, h, w], codes [B, h, w], losses)."""
+        b, _, h, w = z.shape
+        z_flat = self._prep(rearrange(z, "b d h w -> (b h w) d"))
+        idx = self.nearest(z_flat.detach())
+        zq = self.codebook()[idx]
+        losses = {
+            "codebook": F.mse_loss(zq, z_flat.detach()),  # pulls codes to the encoder outputs
+            "commitment": F.mse_loss(z_flat, zq.detach()),  # keeps the encoder near its code
+        }
+        zq = z_flat + (zq - z_flat).detach()  # straight-through estimator
+        if self.training and self.dead_code_restart:
+            self._restart_dead_codes(z_flat.detach(), idx)
+        return (rearrange(zq, "(b h w) d -> b d h w", b=b, h=h, w=w), rearrange(idx, "(b h w) -> b h w", b=b, h=h, w=w), losses)
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, z_flat: Tensor, idx: Tensor) -> None:
+        counts = torch.bincount(idx, minlength=self.codebook_size).float()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
+        self.usage_ema.mul_(self.usage_decay).add_(counts, alpha=1 - self.usage_decay)
+        dead = (self.usage_ema < self.dead_threshold).nonzero().squeeze(-1)
+        if dead.numel() == 0:
+            return
+        # Restart onto random encoder outputs of this batch (rank 0's, so every rank agrees).
+        pick = torch.randint(0, z_flat.shape[0], (dead.numel(),), device=z_flat.device)
+        new = z_flat[pick] + 1e-3 * torch.randn_like(z_flat[pick])
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(new, src=0)
+        self.embedding.weight.data[dead] = new.to(self.embedding.weight.dtype)
+        self.usage_ema[dead] = 1.0
+
+    def lookup(self, codes: Tensor) -> Tensor:
+        """codes [B, h, w] -> code vectors [B, D, h, w]."""
+        if codes.min() < 0 or codes.max() >= self.codebook_size:
+            raise ValueError(f"code ids must lie in [0, {self.codebook_size}); got min {int(codes.min())}, max {int(codes.max())}")
+        return rearrange(self.codebook()[codes], "b h w d -> b d h w")
+
+
+class VQModel(nn.Module):
+    """Pixels in [-1, 1] <-> code grids. `forward` returns (reconstruction, codes, quantiser losses)."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = VQEncoder(cfg)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.code_dim, 1)  # low-dimensional lookup space
+        self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.l2_normalize, cfg.dead_code_restart,
+                                         cfg.usage_decay, cfg.dead_threshold)
+        self.post_quant_conv = nn.Conv2d(cfg.code_dim, cfg.z_channels, 1)
+        self.decoder = VQDecoder(cfg)
+
+    @property
+    def downsample(self) -> int:
+        return self.cfg.downsample
+
+    def check_size(self, x: Tensor) -> None:
+        h, w = x.shape[-2:]
+        if h % self.downsample or w % self.downsample:
+            raise ValueError(f"image size {h}x{w} is not divisible by the downsample factor {self.downsample}; "
+                             "resize/crop it first with synergen_lightning.data.views.generation_view")
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        self.check_size(x)
+        return self.quantizer(self.quant_conv(self.encoder(x)))
+
+    def decode_latent(self, zq: Tensor) -> Tensor:
+        return self.decoder(self.post_quant_conv(zq))
+
+    def decode_codes(self, codes: Tensor) -> Tensor:
+        return self.decode_latent(self.quantizer.lookup(codes))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        zq, codes, losses = self.encode(x)
+        return self.decode_latent(zq), codes, losses

@@ -1,0 +1,84 @@
+"""HF adapters: tiny random Emu3 / Chameleon VQ-VAEs saved with save_pretrained, loaded through the adapter,
+compared with calling transformers directly."""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from synergen_lightning.image_tokenizer.protocol import ImageTokenizer, load_image_tokenizer  # noqa: E402
+
+
+def _emu3_dir(tmp_path):
+    cfg = transformers.Emu3VQVAEConfig(codebook_size=64, embed_dim=4, latent_channels=4, base_channels=32,
+                                       channel_multiplier=[1, 2, 2, 2], num_res_blocks=1, attn_resolutions=[],
+                                       temporal_downsample_factor=4, hidden_size=64)
+    torch.manual_seed(0)
+    model = transformers.Emu3VQVAE(cfg).eval()
+    model.save_pretrained(tmp_path / "emu3")
+    return model, tmp_path / "emu3"
+
+
+def test_emu3_adapter_matches_transformers(tmp_path):
+    model, path = _emu3_dir(tmp_path)
+    tok = load_image_tokenizer(path)
+    assert isinstance(tok, ImageTokenizer)
+    assert (tok.codebook_size, tok.downsample) == (64, 8)
+    images = torch.rand(2, 3, 32, 48)
+    codes = tok.encode(images)
+    assert codes.shape == (2, 4, 6) and codes.dtype == torch.long
+    with torch.no_grad():
+        ref = model.encode(images * 2 - 1, image_sizes=torch.tensor([[32, 48]] * 2)).image_tokens
+        ref_pixels = model.decode(torch.stack(ref))
+    assert torch.equal(codes, torch.stack(ref))
+    assert len(codes.unique()) > 1  # a random model still spreads over several codes, so equality means something
+    recon = tok.decode(codes)
+    assert recon.shape == (2, 3, 32, 48)
+    torch.testing.assert_close(recon, ((ref_pixels + 1) / 2).clamp(0, 1))
+
+
+def test_emu3_adapter_uses_preprocessor_mean_std(tmp_path):
+    model, path = _emu3_dir(tmp_path)
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    (path / "preprocessor_config.json").write_text(json.dumps({"image_mean": mean, "image_std": std}))
+    tok = load_image_tokenizer(path)
+    images = torch.rand(1, 3, 16, 16)
+    m, s = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref = model.encode((images - m) / s, image_sizes=torch.tensor([[16, 16]])).image_tokens
+    assert torch.equal(tok.encode(images), torch.stack(ref))
+
+
+def test_chameleon_adapter_matches_transformers(tmp_path):
+    cfg = transformers.ChameleonVQVAEConfig(embed_dim=8, num_embeddings=32, latent_channels=8, resolution=32,
+                                            base_channels=32, channel_multiplier=[1, 2, 2], num_res_blocks=1,
+                                            attn_resolutions=[])
+    torch.manual_seed(0)
+    model = transformers.ChameleonVQVAE(cfg).eval()
+    model.save_pretrained(tmp_path / "cham")
+    tok = load_image_tokenizer(tmp_path / "cham")
+    assert (tok.codebook_size, tok.downsample) == (32, 4)
+    images = torch.rand(3, 3, 32, 32)
+    codes = tok.encode(images)
+    with torch.no_grad():
+        ref = model.encode(images * 2 - 1).image_tokens.view(3, 8, 8)
+    assert torch.equal(codes, ref)
+    with pytest.raises(NotImplementedError, match="no decoder"):
+        tok.decode(codes)
+
+
+def test_hf_adapter_refusals(tmp_path):
+    _, path = _emu3_dir(tmp_path)
+    with pytest.raises(ValueError, match="codebook_size 64 but the recipe expects 512"):
+        load_image_tokenizer(path, expected_codebook_size=512)
+    tok = load_image_tokenizer(path)
+    with pytest.raises(ValueError, match="not divisible by the downsample factor 8"):
+        tok.encode(torch.rand(1, 3, 20, 16))
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        tok.decode(torch.full((1, 2, 2), 64))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="'llama'"):
+        load_image_tokenizer(tmp_path / "other")
