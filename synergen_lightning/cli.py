@@ -17,6 +17,7 @@ LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # command words -> (entry point "module:function", one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "synth"): ("synergen_lightning.world.cli:synth_main", "write the synthetic shape world as webdataset shards"),
+    ("data", "train-bpe"): ("synergen_lightning.text_tokenizer:train_bpe_main", "train the tiny default byte-level BPE text tokenizer on a corpus"),
     ("data", "pretokenize"): ("synergen_lightning.image_tokenizer.pretokenize:main", "add .codes.npy (VQ code grids) to every sample of a shard set"),
     ("eval", "geneval"): ("synergen_lightning.world.cli:geneval_main", "score generated images against shape-world prompts (GenEval's six categories)"),
     ("import-hf",): ("synergen_lightning.hf_import:main", "convert a local Hugging Face Llama/Qwen2/InternLM2 directory into an MMoE LLM checkpoint"),

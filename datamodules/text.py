@@ -1,0 +1,81 @@
+"""`TextDataModule`: a text corpus (`{"text": ...}` jsonl lines) tokenized with the `TextTokenizer`
+and packed into fixed-length sequences for next-token training of the trunk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from synergen_lightning.text_tokenizer import TextTokenizer, iter_corpus_text, load_or_train
+
+
+def pack_documents(docs: list[list[int]], seq_len: int, bos_id: int, eos_id: int) -> torch.Tensor:
+    """`<s> doc </s>` back to back, cut into rows of `seq_len` (the ragged tail is dropped)."""
+    flat = [t for d in docs for t in ([bos_id] + d + [eos_id])]
+    n = len(flat) // seq_len
+    if n == 0:
+        raise ValueError(f"the corpus has {len(flat)} tokens, fewer than one sequence of seq_len={seq_len}; "
+                         "lower seq_len or add text")
+    return torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+class PackedTextDataset(Dataset):
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return self.rows.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        ids = self.rows[i]
+        return {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool),
+                "task": "text"}
+
+
+class TextDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        train_files: list[str],
+        val_files: list[str] | None = None,
+        tokenizer_dir: str = "runs/tiny/text_tokenizer",
+        bpe_vocab_size: int = 2048,
+        seq_len: int = 128,
+        batch_size: int = 32,
+        num_workers: int = 0,
+    ):
+        """
+        Args:
+            train_files: corpus files (`.jsonl` with {"text": ...} lines, or `.txt`).
+            val_files: held-out corpus files for val/loss.
+            tokenizer_dir: tokenizer.json directory; trained there on train_files if missing.
+            bpe_vocab_size: vocabulary size of that BPE.
+            seq_len: tokens per packed training row.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.tokenizer: TextTokenizer | None = None
+
+    def prepare_data(self) -> None:
+        load_or_train(self.hparams.tokenizer_dir, self.hparams.train_files, self.hparams.bpe_vocab_size)
+
+    def _rows(self, files) -> torch.Tensor:
+        docs = self.tokenizer.encode_batch(list(iter_corpus_text(files)))
+        return pack_documents(docs, self.hparams.seq_len, self.tokenizer.bos_id, self.tokenizer.eos_id)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = load_or_train(self.hparams.tokenizer_dir, self.hparams.train_files, self.hparams.bpe_vocab_size)
+            self.train_set = PackedTextDataset(self._rows(self.hparams.train_files))
+            self.val_set = PackedTextDataset(self._rows(self.hparams.val_files)) if self.hparams.val_files else None
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
+                          num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self):
+        if self.val_set is None:
+            return []
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)

@@ -1,0 +1,283 @@
+"""Import a local Hugging Face Llama / Qwen2 / InternLM2 directory into an `MMoETransformer`, and
+export the text weights back to the Hugging Face Llama / Qwen2 layout.
+
+Reads `config.json` and `model.safetensors` (or a sharded `model.safetensors.index.json`); never
+downloads. Every tensor name is checked both ways (missing and unexpected) and every shape is
+checked against what the config implies; errors name the file, the tensor and the expected shape.
+The vision FFNs start as copies of the text FFNs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from synergen_lightning.models.mmoe import LLMConfig, MMoETransformer
+
+SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "internlm2": "InternLM2ForCausalLM"}
+
+# HF name (regex on the per-layer suffix) -> our name; InternLM2's wqkv is unpacked separately
+_LAYER_MAP = {
+    "llama": {
+        "self_attn.q_proj.weight": "attn.q_proj.weight",
+        "self_attn.k_proj.weight": "attn.k_proj.weight",
+        "self_attn.v_proj.weight": "attn.v_proj.weight",
+        "self_attn.q_proj.bias": "attn.q_proj.bias",
+        "self_attn.k_proj.bias": "attn.k_proj.bias",
+        "self_attn.v_proj.bias": "attn.v_proj.bias",
+        "self_attn.o_proj.weight": "attn.o_proj.weight",
+        "mlp.gate_proj.weight": "text_ffn.gate_proj.weight",
+        "mlp.up_proj.weight": "text_ffn.up_proj.weight",
+        "mlp.down_proj.weight": "text_ffn.down_proj.weight",
+        "input_layernorm.weight": "input_norm.weight",
+        "post_attention_layernorm.weight": "post_attn_norm.weight",
+    },
+    "internlm2": {
+        "attention.wo.weight": "attn.o_proj.weight",
+        "feed_forward.w1.weight": "text_ffn.gate_proj.weight",
+        "feed_forward.w3.weight": "text_ffn.up_proj.weight",
+        "feed_forward.w2.weight": "text_ffn.down_proj.weight",
+        "attention_norm.weight": "input_norm.weight",
+        "ffn_norm.weight": "post_attn_norm.weight",
+    },
+}
+_LAYER_MAP["qwen2"] = _LAYER_MAP["llama"]
+_TOP_MAP = {
+    "llama": {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "lm_head.weight"},
+    "internlm2": {"model.tok_embeddings.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight", "output.weight": "lm_head.weight"},
+}
+_TOP_MAP["qwen2"] = _TOP_MAP["llama"]
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")  # old checkpoints saved the RoPE buffer
+
+
+class HFImportError(ValueError):
+    """A local HF directory that cannot be imported (the message says which file/tensor and why)."""
+
+
+def read_hf_config(hf_dir: str | Path) -> tuple[LLMConfig, str]:
+    """config.json -> (LLMConfig, model_type); refuses what the trunk does not implement."""
+    hf_dir = Path(hf_dir)
+    path = hf_dir / "config.json"
+    if not hf_dir.is_dir():
+        raise HFImportError(f"{hf_dir}: not a directory; pass the local folder that holds config.json and *.safetensors")
+    if not path.is_file():
+        raise HFImportError(f"{path}: missing; a Hugging Face model directory needs config.json (save it with save_pretrained)")
+    cfg = json.loads(path.read_text())
+    model_type = cfg.get("model_type", "")
+    archs = cfg.get("architectures") or []
+    if model_type not in SUPPORTED:
+        raise HFImportError(
+            f"{path}: model_type={model_type!r} (architectures={archs}) is not supported; supported: {sorted(SUPPORTED)}"
+        )
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise HFImportError(f"{path}: hidden_act={cfg['hidden_act']!r} is not supported; the trunk's FFN is SwiGLU (silu)")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise HFImportError(f"{path}: rope type {rope_type!r} is not supported; only plain RoPE (rope_type 'default')")
+    if cfg.get("use_sliding_window"):
+        raise HFImportError(f"{path}: use_sliding_window=true is not supported; set it false (full attention)")
+    if model_type == "llama" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
+        raise HFImportError(f"{path}: attention_bias/mlp_bias=true (bias on o_proj/MLP) is not supported by the trunk")
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    heads = cfg["num_attention_heads"]
+    config = LLMConfig(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        intermediate_size=cfg["intermediate_size"],
+        rope_theta=float(theta),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias") or cfg.get("bias")),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        head_dim=cfg.get("head_dim"),
+    )
+    if model_type == "internlm2" and cfg.get("bias"):
+        raise HFImportError(f"{path}: InternLM2 with bias=true (bias on wqkv/wo) is not supported")
+    return config, model_type
+
+
+def read_hf_tensors(hf_dir: str | Path) -> dict[str, tuple[Tensor, str]]:
+    """All tensors of the safetensors files -> {name: (tensor, file name)}."""
+    hf_dir = Path(hf_dir)
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (hf_dir / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        files = sorted(p.name for p in hf_dir.glob("*.safetensors"))
+    if not files:
+        extra = " (found pytorch_model.bin: re-save with save_pretrained(safe_serialization=True))" if list(
+            hf_dir.glob("*.bin")) else ""
+        raise HFImportError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json{extra}")
+    out: dict[str, tuple[Tensor, str]] = {}
+    for name in files:
+        path = hf_dir / name
+        if not path.is_file():
+            raise HFImportError(f"{path}: listed in model.safetensors.index.json but missing")
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                out[key] = (f.get_tensor(key), name)
+    return out
+
+
+def unpack_internlm2_wqkv(wqkv: Tensor, config: LLMConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """InternLM2's packed `wqkv` [(kv * (q_per_kv + 2) * head_dim), hidden], grouped per KV head:
+    its q heads, then its k head, then its v head -> q, k, v weights in the Llama layout."""
+    q_per_kv = config.num_heads // config.num_kv_heads
+    w = rearrange(wqkv, "(g s d) h -> g s d h", g=config.num_kv_heads, s=q_per_kv + 2, d=config.head_dim)
+    q = rearrange(w[:, :q_per_kv], "g s d h -> (g s d) h")
+    k = rearrange(w[:, -2], "g d h -> (g d) h")
+    v = rearrange(w[:, -1], "g d h -> (g d) h")
+    return q, k, v
+
+
+def pack_internlm2_wqkv(q: Tensor, k: Tensor, v: Tensor, config: LLMConfig) -> Tensor:
+    """Inverse of `unpack_internlm2_wqkv` (used to test the layout and to export)."""
+    q = rearrange(q, "(g s d) h -> g s d h", g=config.num_kv_heads, d=config.head_dim)
+    k = rearrange(k, "(g d) h -> g 1 d h", g=config.num_kv_heads)
+    v = rearrange(v, "(g d) h -> g 1 d h", g=config.num_kv_heads)
+    return rearrange(torch.cat([q, k, v], dim=1), "g s d h -> (g s d) h")
+
+
+def hf_to_state_dict(tensors: dict[str, tuple[Tensor, str]], config: LLMConfig, model_type: str,
+                     hf_dir: Path, expected: dict[str, torch.Size]) -> dict[str, Tensor]:
+    """Map HF names to ours (text side only), strictly: every HF tensor used, every ours found."""
+    top, per_layer = _TOP_MAP[model_type], _LAYER_MAP[model_type]
+    layer_re = re.compile(r"model\.layers\.(\d+)\.(.+)$")
+    sd: dict[str, Tensor] = {}
+    source: dict[str, str] = {}
+    unexpected = []
+    for name, (t, fname) in tensors.items():
+        if _IGNORED.match(name):
+            continue
+        m = layer_re.match(name)
+        if name in top:
+            ours = [(top[name], t)]
+        elif m and m.group(2) in per_layer:
+            ours = [(f"layers.{m.group(1)}.{per_layer[m.group(2)]}", t)]
+        elif m and model_type == "internlm2" and m.group(2) == "attention.wqkv.weight":
+            i = m.group(1)
+            want = ((config.num_heads + 2 * config.num_kv_heads) * config.head_dim, config.hidden_size)
+            if tuple(t.shape) != want:
+                raise HFImportError(f"{hf_dir / fname}: tensor {name} has shape {tuple(t.shape)}, expected {want}")
+            q, k, v = unpack_internlm2_wqkv(t, config)
+            ours = [(f"layers.{i}.attn.q_proj.weight", q), (f"layers.{i}.attn.k_proj.weight", k),
+                    (f"layers.{i}.attn.v_proj.weight", v)]
+        else:
+            unexpected.append(f"{name} (in {hf_dir / fname})")
+            continue
+        for key, value in ours:
+            if key not in expected:
+                unexpected.append(f"{name} (in {hf_dir / fname}; maps to {key}, which this config does not have)")
+                continue
+            if value.shape != expected[key]:
+                raise HFImportError(
+                    f"{hf_dir / fname}: tensor {name} has shape {tuple(value.shape)}, expected {tuple(expected[key])} "
+                    f"from config.json; the config and the weights disagree"
+                )
+            sd[key] = value
+            source[key] = name
+    if unexpected:
+        raise HFImportError(f"unexpected tensors for model_type={model_type!r}: {', '.join(unexpected[:5])}"
+                            + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
+    if config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)  # tied: the embedding is the head
+    missing = [k for k in expected if k not in sd and not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing:
+        inv_top = {v: k for k, v in top.items()}
+        names = []
+        for k in missing[:5]:
+            hf = inv_top.get(k) or k
+            names.append(f"{k} (HF {hf}, expected shape {tuple(expected[k])})")
+        raise HFImportError(f"{hf_dir}: missing tensors: {', '.join(names)}"
+                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    return sd
+
+
+def load_hf(hf_dir: str | Path, vision_experts: bool = True, dtype: torch.dtype = torch.float32) -> MMoETransformer:
+    """A local HF directory -> MMoETransformer (vision FFNs = copies of the text FFNs)."""
+    hf_dir = Path(hf_dir)
+    config, model_type = read_hf_config(hf_dir)
+    tensors = read_hf_tensors(hf_dir)
+    model = MMoETransformer(config, vision_experts=vision_experts)
+    expected = {k: v.shape for k, v in model.state_dict().items() if ".vision_ffn." not in k}
+    sd = hf_to_state_dict(tensors, config, model_type, hf_dir, expected)
+    result = model.load_state_dict(sd, strict=False)
+    leftover = [k for k in result.missing_keys if ".vision_ffn." not in k and not (config.tie_word_embeddings and k == "lm_head.weight")]
+    assert not leftover and not result.unexpected_keys, (leftover, result.unexpected_keys)
+    model.init_vision_experts_from_text()
+    return model.to(dtype)
+
+
+def export_hf(model: MMoETransformer, out_dir: str | Path, model_type: str = "llama") -> Path:
+    """Write the text weights (vision FFNs dropped) as a HF Llama / Qwen2 directory."""
+    if model_type not in ("llama", "qwen2"):
+        raise ValueError(f"export model_type={model_type!r} is not supported; use 'llama' or 'qwen2'")
+    c = model.config
+    if model_type == "llama" and c.qkv_bias:
+        raise ValueError("this model has qkv biases, which HF Llama cannot hold without o_proj bias; export as 'qwen2'")
+    if model_type == "qwen2" and not c.qkv_bias:
+        raise ValueError("HF Qwen2 always has qkv biases and this model has none; export as 'llama'")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inv_layer = {v: k for k, v in _LAYER_MAP[model_type].items()}
+    inv_top = {v: k for k, v in _TOP_MAP[model_type].items()}
+    tensors = {}
+    for key, t in model.state_dict().items():
+        if ".vision_ffn." in key or (c.tie_word_embeddings and key == "lm_head.weight"):
+            continue
+        m = re.match(r"layers\.(\d+)\.(.+)$", key)
+        hf = f"model.layers.{m.group(1)}.{inv_layer[m.group(2)]}" if m else inv_top[key]
+        tensors[hf] = t.detach().contiguous().cpu()
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = {
+        "architectures": [SUPPORTED[model_type]], "model_type": model_type,
+        "vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads, "num_key_value_heads": c.num_kv_heads,
+        "head_dim": c.head_dim, "hidden_act": "silu", "max_position_embeddings": c.max_position_embeddings,
+        "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
+        "rope_parameters": {"rope_theta": c.rope_theta, "rope_type": "default"},
+        "tie_word_embeddings": c.tie_word_embeddings, "torch_dtype": "float32",
+    }
+    if model_type == "llama":
+        cfg.update(attention_bias=False, mlp_bias=False)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="synergen import-hf",
+        description="Convert a local Hugging Face Llama/Qwen2/InternLM2 directory (config.json + safetensors) into an "
+                    "MMoELLM checkpoint (vision FFNs initialised as copies of the text FFNs). Loadable with "
+                    "MMoELLM.load_from_checkpoint(CKPT).",
+    )
+    p.add_argument("--hf-dir", required=True, help="local directory with config.json and model.safetensors (no download)")
+    p.add_argument("--out", required=True, help="output checkpoint path (.ckpt)")
+    p.add_argument("--tokenizer-dir", default=None,
+                   help="directory with tokenizer.json to record in the checkpoint (default: --hf-dir if it has one)")
+    args = p.parse_args(argv)
+    from synergen_lightning.llm import MMoELLM
+
+    tok_dir = args.tokenizer_dir or (args.hf_dir if (Path(args.hf_dir) / "tokenizer.json").is_file() else None)
+    llm = MMoELLM.from_hf(args.hf_dir, tokenizer_dir=tok_dir)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    llm.save_checkpoint_file(out)
+    n = sum(p.numel() for p in llm.parameters())
+    print(f"wrote {out}: {n / 1e6:.2f}M parameters, config {asdict(llm.model.config)}")
+    return 0

@@ -1,0 +1,181 @@
+"""`MMoELLM`: the MMoE trunk as a LightningModule, for text-only training (the tiny base LLM) and as
+the container of an imported Hugging Face LLM. Also `evaluate_text_skill`, the held-out text-skill
+check other stages reuse to show they keep the base LLM's text ability."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from synergen_lightning.models.mmoe import LLMConfig, MMoETransformer
+from synergen_lightning.text_tokenizer import TextTokenizer, load_or_train
+
+TINY_CONFIG = dict(vocab_size=2048, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2,
+                   intermediate_size=688, rope_theta=10000.0, max_position_embeddings=1024)
+
+
+def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Next-token CE in the HF convention: `labels[t]` is the target of the prediction at t-1."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+class MMoELLM(L.LightningModule):
+    def __init__(
+        self,
+        config: dict | None = None,
+        tokenizer_dir: str | None = None,
+        bpe_train_files: list[str] | None = None,
+        bpe_vocab_size: int = 2048,
+        vision_experts: bool = True,
+        lr: float = 3e-3,
+        min_lr_ratio: float = 0.1,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 50,
+        skill_eval_jsonl: str | None = None,
+        skill_eval_max: int = 200,
+    ):
+        """
+        Args:
+            config: LLMConfig fields (vocab_size, hidden_size, num_layers, num_heads, num_kv_heads,
+                intermediate_size, rope_theta, rms_norm_eps, qkv_bias, tie_word_embeddings, ...);
+                missing keys take the tiny defaults.
+            tokenizer_dir: directory with tokenizer.json; sets vocab_size to the tokenizer's.
+            bpe_train_files: if tokenizer_dir has no tokenizer.json, train a BPE there on these files.
+            bpe_vocab_size: vocabulary size of that BPE.
+            vision_experts: build the vision FFNs (False: a plain dense Llama).
+            lr: peak AdamW learning rate; linear warmup for `warmup_steps`, cosine to lr * min_lr_ratio.
+            skill_eval_jsonl: {"prompt","answer"} lines scored by greedy decoding at each validation.
+            skill_eval_max: at most this many of them.
+        """
+        super().__init__()
+        cfg = dict(TINY_CONFIG, **(config or {}))
+        self.tokenizer: TextTokenizer | None = None
+        if tokenizer_dir is not None:
+            self.tokenizer = load_or_train(tokenizer_dir, bpe_train_files, bpe_vocab_size)
+            cfg["vocab_size"] = self.tokenizer.vocab_size
+        self.model = MMoETransformer(LLMConfig(**cfg), vision_experts=vision_experts)
+        self.save_hyperparameters()
+        self.hparams["config"] = asdict(self.model.config)  # the resolved config, so checkpoints rebuild it
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, hf_dir: str | Path, tokenizer_dir: str | None = None, **kwargs) -> MMoELLM:
+        """Import a local HF Llama / Qwen2 / InternLM2 directory; with `tokenizer_dir`, the
+        embedding and LM head grow to the tokenizer's vocabulary (new rows = mean of old rows)."""
+        trunk = MMoETransformer.from_hf(hf_dir, vision_experts=kwargs.get("vision_experts", True))
+        llm = cls(config=asdict(trunk.config), **kwargs)
+        llm.model.load_state_dict(trunk.state_dict())
+        if tokenizer_dir is not None:
+            llm.tokenizer = TextTokenizer(tokenizer_dir)
+            llm.model.resize_token_embeddings(max(llm.tokenizer.vocab_size, trunk.vocab_size))
+            llm.hparams["tokenizer_dir"] = str(tokenizer_dir)
+            llm.hparams["config"] = asdict(llm.model.config)
+        return llm
+
+    def save_checkpoint_file(self, path: str | Path) -> None:
+        """A checkpoint `MMoELLM.load_from_checkpoint(path)` reads, without a Trainer."""
+        torch.save({"state_dict": self.state_dict(), "hyper_parameters": dict(self.hparams),
+                    "pytorch-lightning_version": L.__version__}, str(path))
+
+    # ---- forward / training -------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, image_mask=None, position_ids=None, attention_mask=None, kv_cache=None) -> Tensor:
+        hidden = self.model(self.model.embed(input_ids), image_mask=image_mask, position_ids=position_ids,
+                            attention_mask=attention_mask, kv_cache=kv_cache)
+        return self.model.logits(hidden)
+
+    def _loss(self, batch: dict) -> Tensor:
+        logits = self(batch["input_ids"], image_mask=batch.get("image_mask"), position_ids=batch.get("position_ids"),
+                      attention_mask=batch.get("attention_mask"))
+        return lm_loss(logits, batch.get("labels", batch["input_ids"]))
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("val/loss", self._loss(batch), prog_bar=True, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.hparams.skill_eval_jsonl and self.tokenizer is not None and not self.trainer.sanity_checking:
+            acc = evaluate_text_skill(self.model, self.tokenizer, self.hparams.skill_eval_jsonl,
+                                      max_examples=self.hparams.skill_eval_max)
+            self.log("val/skill_acc", acc, prog_bar=True)
+
+    def configure_optimizers(self):
+        # no weight decay on norms, biases and embeddings (1-D or embedding tables)
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "embed_tokens" in name else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=self.hparams.lr, betas=tuple(self.hparams.betas), fused=False)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup, floor = min(self.hparams.warmup_steps, total), self.hparams.min_lr_ratio
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def read_skill_jsonl(path: str | Path) -> list[dict]:
+    rows = []
+    with Path(path).open() as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                row = json.loads(line)
+                if "prompt" not in row or "answer" not in row:
+                    raise ValueError(f"{path}:{n}: a skill line needs 'prompt' and 'answer' keys, got {sorted(row)}")
+                rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def evaluate_text_skill(model, tokenizer: TextTokenizer, jsonl: str | Path, max_examples: int | None = None,
+                        max_new_tokens: int = 16, batch_size: int = 64) -> float:
+    """Exact-match accuracy of KV-cached greedy answers to held-out `{"prompt", "answer"}` lines.
+
+    The prompt is fed as `<s> prompt` (as the corpus packs documents); the answer is the decoded
+    continuation up to `</s>` or the first newline, whitespace-stripped. `model` is an
+    `MMoETransformer` or anything with `.model` being one (`MMoELLM`)."""
+    trunk = model.model if hasattr(model, "model") and isinstance(model.model, MMoETransformer) else model
+    rows = read_skill_jsonl(jsonl)[:max_examples]
+    if not rows:
+        raise ValueError(f"{jsonl}: no skill lines to evaluate")
+    was_training = trunk.training
+    trunk.eval()
+    device = next(trunk.parameters()).device
+    correct = 0
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i: i + batch_size]
+        prompts = [[tokenizer.bos_id] + tokenizer.encode(r["prompt"]) for r in chunk]
+        width = max(map(len, prompts))
+        ids = torch.full((len(prompts), width), tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+        for j, p in enumerate(prompts):  # left padding: every row ends where generation starts
+            ids[j, width - len(p):] = torch.tensor(p)
+            mask[j, width - len(p):] = True
+        out = trunk.generate_greedy(ids.to(device), max_new_tokens, eos_id=tokenizer.eos_id,
+                                    attention_mask=mask.to(device)).cpu()
+        for row, gen in zip(chunk, out.tolist()):
+            if tokenizer.eos_id in gen:
+                gen = gen[: gen.index(tokenizer.eos_id)]
+            text = tokenizer.decode(gen).strip().split("\n")[0].strip()
+            correct += text == str(row["answer"]).strip()
+    trunk.train(was_training)
+    return correct / len(rows)
