@@ -21,30 +21,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from synergen_lightning.stages import (
-    PARAMETER_GROUPS,
-    StageSchedule,
-    get_stage,
-    optimizer_param_groups,
-    validate_groups,
-)
-
-
-def apply_stage(module: LightningModule, stage) -> dict[str, tuple[int, int]]:
-    """Set requires_grad per group; return {group: (trainable, frozen)} element counts."""
-    spec = get_stage(stage)
-    groups = module.parameter_groups()
-    validate_groups(spec["trainable"], groups.keys())
-    counts = {}
-    for group, named in groups.items():
-        train = group in spec["trainable"]
-        for _, p in named:
-            p.requires_grad_(train)
-        n = sum(p.numel() for _, p in named)
-        counts[group] = (n if train else 0, 0 if train else n)
-    if hasattr(module, "stage"):
-        module.stage = spec["name"]
-    return counts
+from synergen_lightning.stages import StageSchedule, apply_stage, get_stage, optimizer_param_groups
 
 
 def format_counts(stage: str, counts: dict[str, tuple[int, int]]) -> str:
@@ -102,6 +79,7 @@ class StageCallback(Callback):
             metrics[f"params/{g}/frozen"] = float(f)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+        pl_module._stage_applied = True
         pl_module._stage_param_counts = counts
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:

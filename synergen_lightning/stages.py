@@ -51,6 +51,23 @@ def validate_groups(names: Iterable[str], valid: Iterable[str]) -> None:
         raise ValueError(f"unknown parameter group(s) {unknown}: valid groups are {list(valid)}")
 
 
+def apply_stage(module, stage) -> dict[str, tuple[int, int]]:
+    """Set requires_grad per group; return {group: (trainable, frozen)} element counts."""
+    spec = get_stage(stage)
+    groups = module.parameter_groups()
+    validate_groups(spec["trainable"], groups.keys())
+    counts = {}
+    for group, named in groups.items():
+        train = group in spec["trainable"]
+        for _, p in named:
+            p.requires_grad_(train)
+        n = sum(p.numel() for _, p in named)
+        counts[group] = (n if train else 0, 0 if train else n)
+    if hasattr(module, "stage"):
+        module.stage = spec["name"]
+    return counts
+
+
 class StageSchedule:
     """LR multiplier for one stage's param groups: linear warm-up, then constant or cosine decay.
 

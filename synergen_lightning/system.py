@@ -1,0 +1,451 @@
+"""`SynerGenVL`: the frozen image tokenizer + the MMoE LLM + the TokenFolder + the UnfoldingHead.
+
+One `training_step` serves mixed generation / understanding / text batches (the batch contract of
+docs/architecture.md):
+
+    embeddings = LLM text embedding (special tokens from their own small table)
+                 with the image slots filled, view by view, by TokenFolder(codes)
+    hidden     = MMoE LLM(embeddings, image_mask)          (text FFN / vision FFN per token)
+    L_text     = CE(LM head(hidden[t-1]), labels[t])        mean over supervised text tokens
+    L_img      = CE(head(hidden before patch i), codes_i)   mean over the supervised views' codes
+    loss       = L_text + image_loss_weight * L_img         (lambda = 2 in the paper)
+
+Every sub-module runs every step, on zero rows if need be (a text-only batch still calls the
+folder, the vision FFNs and the head): FSDP needs every sharded unit on every rank every step.
+
+Special tokens (`<boi>`, `<eoi>`, `<UNCOND>`): their *input* embeddings live in a separate small
+table `special_embed` (group `special_token_embeddings`) that overrides the rows of the shared text
+table at those ids; it starts as a copy of those rows. A separate table rather than a gradient mask
+on the shared matrix, because AdamW's weight decay (and Adam's moments) would move the frozen rows
+of a partially-masked matrix; with a separate table the text table stays bit-identical while frozen.
+The LM-head rows of those tokens belong to `text_backbone`.
+
+Stage hand-off: `init_from` loads the previous stage's weights (weights only: the optimizer is
+built fresh for the new stage's trainable set, so optimizer state from a stage with other trainable
+parameters is never loaded into the wrong groups). Resuming *within* a stage uses Lightning's
+`--ckpt_path` as usual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import grad_norm, rank_zero_info
+from torch import Tensor, nn
+
+from synergen_lightning.models.folding import TokenFolder, check_fold, fold_codes
+from synergen_lightning.models.mmoe import LLMConfig, MMoETransformer
+from synergen_lightning.models.unfolding_head import UnfoldingHead
+from synergen_lightning.stages import (
+    PARAMETER_GROUPS,
+    StageSchedule,
+    apply_stage,
+    get_stage,
+    optimizer_param_groups,
+)
+
+SPECIAL_TOKENS = ("boi", "eoi", "uncond")  # their input rows train from stage 1 (group special_token_embeddings)
+IGNORE = -100
+
+
+def find_trunk(module: nn.Module) -> MMoETransformer:
+    """The MMoETransformer inside a module (e.g. the `MMoELLM` LightningModule), whatever its attribute name."""
+    if isinstance(module, MMoETransformer):
+        return module
+    for m in module.modules():
+        if isinstance(m, MMoETransformer):
+            return m
+    raise ValueError(f"{type(module).__name__} holds no MMoETransformer")
+
+
+def load_base_llm(path: str | Path) -> MMoETransformer:
+    """A base LLM: an `MMoELLM` Lightning checkpoint (the tiny base) or a local HF Llama/Qwen2/InternLM2 dir."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"base LLM {str(path)!r} does not exist: run `make base-llm` for the tiny default "
+                                "or set SYNERGEN_BASE_LLM to a local HF Llama/Qwen2/InternLM2 directory")
+    if path.is_dir():
+        from synergen_lightning.hf_import import load_hf
+
+        return load_hf(path, vision_experts=True)
+    from synergen_lightning.llm import MMoELLM
+
+    trunk = find_trunk(MMoELLM.load_from_checkpoint(path, map_location="cpu"))
+    if trunk.vision_experts:
+        trunk.init_vision_experts_from_text()
+    return trunk
+
+
+def read_base_llm_config(path: str | Path) -> LLMConfig:
+    """The LLMConfig of a base LLM without building it (for shapes only)."""
+    path = Path(path)
+    if path.is_dir():
+        from synergen_lightning.hf_import import read_hf_config
+
+        return read_hf_config(path)[0]
+    return find_trunk(load_base_llm(path)).config
+
+
+class SynerGenVL(LightningModule):
+    def __init__(
+        self,
+        llm: dict | None = None,
+        base_llm: str | None = None,
+        text_tokenizer: str | None = None,
+        special_token_ids: dict[str, int] | None = None,
+        image_tokenizer: str | None = None,
+        codebook_size: int | None = None,
+        image_size: int = 512,
+        downsample: int = 8,
+        fold: tuple[int, int] = (2, 8),
+        code_dim: int = 256,
+        head: dict | None = None,
+        image_loss_weight: float = 2.0,
+        stage: str = "stage1",
+        lr: float | dict[str, float] | None = None,
+        weight_decay: float | None = None,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        warmup_steps: int = 200,
+        schedule: str | None = None,
+        min_lr_ratio: float = 0.0,
+        init_from: str | None = None,
+        init_from_base_llm: bool = False,
+        max_context: int | None = None,
+    ):
+        """
+        Args:
+            llm: LLMConfig fields of the trunk (vocab_size, hidden_size, num_layers, ...). Leave unset to
+                read them from `base_llm`.
+            base_llm: the base LLM whose weights start the trunk: an `MMoELLM` .ckpt (tiny default) or a
+                local HF Llama/Qwen2/InternLM2 directory. Loaded at fit start (not by load_from_checkpoint).
+            text_tokenizer: directory (or tokenizer.json) of the `TextTokenizer`; gives the special-token ids
+                and is used by `generate_images` / `answer`.
+            special_token_ids: {"boi", "eoi", "uncond", ...} ids, if no text_tokenizer is given (tests).
+            image_tokenizer: frozen image tokenizer (VQTokenizer .ckpt or Emu3/Chameleon HF dir); encodes
+                `pixel_values` when a batch has no `image_codes`, decodes generated codes.
+            codebook_size: VQ codebook size; read from `image_tokenizer` when unset (and checked against it).
+            image_size: side of every image view in pixels (generation views and understanding tiles).
+            downsample: the image tokenizer's spatial downsample; code grid = image_size / downsample.
+            fold: (m, n) token folding: m rows x n columns of codes -> one LLM token (paper: 2x8).
+            code_dim: width of the folder's code embedding.
+            head: the UnfoldingHead's blocks: {num_layers: 4, hidden_size, num_heads, num_kv_heads,
+                intermediate_size}; unset keys follow the LLM.
+            image_loss_weight: lambda in loss = L_text + lambda * L_img (paper: 2).
+            stage: stage1 | stage2 | sft | full (see synergen_lightning/stages.py); the StageCallback sets it.
+            lr: peak learning rate; a float, or {stage: lr}; unset -> the stage table's (paper Table 8).
+            weight_decay: AdamW weight decay; unset -> the stage table's.
+            betas / eps: AdamW (paper: 0.9, 0.95, 1e-8).
+            warmup_steps: linear warm-up steps of every stage's schedule (paper: 200).
+            schedule: constant | cosine; unset -> the stage table's (stage 1 constant, later cosine).
+            min_lr_ratio: floor of the cosine decay, as a fraction of the peak.
+            init_from: the previous stage's checkpoint (weights only) to start from.
+            init_from_base_llm: allow stage2 / sft to start from the base LLM without `init_from`
+                (the paper's "S.2 only" ablation); otherwise that is an error.
+            max_context: longest sequence the model may see; unset -> the LLM's max_position_embeddings.
+        """
+        super().__init__()
+        # resolve everything that shapes the model once, and save it: load_from_checkpoint then needs
+        # neither the base LLM nor the tokenizers on disk
+        if llm is None:
+            if base_llm is None:
+                raise ValueError("SynerGenVL needs `llm` (LLMConfig fields) or `base_llm` (a checkpoint or HF dir)")
+            llm = asdict(read_base_llm_config(base_llm))
+        config = LLMConfig(**llm)
+        if special_token_ids is None:
+            if text_tokenizer is None:
+                raise ValueError("SynerGenVL needs `text_tokenizer` (a TextTokenizer directory) or `special_token_ids`")
+            tok = load_text_tokenizer(text_tokenizer)
+            special_token_ids = {name: int(getattr(tok, f"{name}_id")) for name in
+                                 ("bos", "eos", "pad", "boi", "eoi", "uncond", "im_start", "im_end")}
+        missing = [s for s in SPECIAL_TOKENS if s not in special_token_ids]
+        if missing:
+            raise ValueError(f"special_token_ids lacks {missing}: give ids for {list(SPECIAL_TOKENS)}")
+        if image_tokenizer is not None and codebook_size is None:
+            from synergen_lightning.image_tokenizer import load_image_tokenizer
+
+            itok = load_image_tokenizer(image_tokenizer)
+            codebook_size, downsample = int(itok.codebook_size), int(itok.downsample)
+            self.__dict__["_image_tokenizer"] = itok
+        if codebook_size is None:
+            raise ValueError("SynerGenVL needs `codebook_size` or an `image_tokenizer` to read it from")
+        if image_size % downsample:
+            raise ValueError(f"image_size {image_size} is not divisible by the tokenizer downsample {downsample}")
+        grid = (image_size // downsample, image_size // downsample)
+        fold = tuple(fold)
+        check_fold(grid, fold)
+        self.save_hyperparameters()
+        self.hparams.update({"llm": asdict(config), "special_token_ids": dict(special_token_ids),
+                             "codebook_size": codebook_size, "downsample": downsample, "fold": list(fold)})
+
+        self.llm = MMoETransformer(config, vision_experts=True)
+        self.folder = TokenFolder(codebook_size, grid, fold, config.hidden_size, code_dim=code_dim)
+        hc = {"num_layers": 4, "hidden_size": config.hidden_size, "num_heads": config.num_heads,
+              "num_kv_heads": config.num_kv_heads, "intermediate_size": config.intermediate_size}
+        hc.update(head or {})
+        head_config = LLMConfig(vocab_size=codebook_size, rms_norm_eps=config.rms_norm_eps,
+                                rope_theta=config.rope_theta, **hc)
+        self.head = UnfoldingHead(codebook_size, fold[0] * fold[1], config.hidden_size, head_config)
+        self.register_buffer("special_ids", torch.tensor([special_token_ids[s] for s in SPECIAL_TOKENS]),
+                             persistent=False)
+        self.special_embed = nn.Embedding(len(SPECIAL_TOKENS), config.hidden_size)
+        with torch.no_grad():
+            if not self.llm.embed_tokens.weight.is_meta:
+                self.special_embed.weight.copy_(self.llm.embed_tokens.weight[self.special_ids])
+        self.grid, self.fold_size = grid, fold
+        self.stage = get_stage(stage)["name"]
+        self._stage_applied = False
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def tokens_per_view(self) -> int:
+        return self.folder.tokens_per_view
+
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """The model's own partition into the named groups of DESIGN.md §3 (every parameter exactly once)."""
+        groups: dict[str, list] = {g: [] for g in PARAMETER_GROUPS}
+        for name, p in self.named_parameters():
+            if name.startswith("folder."):
+                g = "image_embed_fold"
+            elif name.startswith("head."):
+                g = "unfolding_head"
+            elif name.startswith("special_embed."):
+                g = "special_token_embeddings"
+            elif ".vision_ffn." in name:
+                g = "vision_ffn"
+            elif ".attn." in name:
+                g = "self_attention"
+            elif name.startswith("llm."):
+                g = "text_backbone"
+            else:
+                raise RuntimeError(f"parameter {name!r} belongs to no group: extend SynerGenVL.parameter_groups")
+            groups[g].append((name, p))
+        return groups
+
+    def param_counts(self) -> dict[str, int]:
+        """total / activated (one FFN expert per token) parameter counts."""
+        total = sum(p.numel() for p in self.parameters())
+        vision = sum(p.numel() for _, p in self.parameter_groups()["vision_ffn"])
+        return {"total": total, "activated": total - vision}
+
+    @property
+    def image_tokenizer(self):
+        """The frozen image tokenizer, loaded on first use; never a submodule (not trained, not checkpointed)."""
+        tok = self.__dict__.get("_image_tokenizer")
+        if tok is None:
+            path = self.hparams.get("image_tokenizer")
+            if path is None:
+                raise ValueError("this batch has pixel_values but no image_codes, and the model has no image_tokenizer: "
+                                 "set model.image_tokenizer or pretokenize the shards")
+            from synergen_lightning.image_tokenizer import load_image_tokenizer
+
+            tok = load_image_tokenizer(path)
+            self.__dict__["_image_tokenizer"] = tok
+        if tok.codebook_size != self.folder.codebook_size:
+            raise ValueError(f"image tokenizer codebook_size {tok.codebook_size} != the model's code embedding table "
+                             f"{self.folder.codebook_size}: use the tokenizer the model was trained with or set "
+                             f"codebook_size: {tok.codebook_size} in the recipe")
+        if isinstance(tok, nn.Module):
+            tok.to(self.device).eval().requires_grad_(False)
+        return tok
+
+    def set_image_tokenizer(self, tokenizer) -> None:
+        self.__dict__["_image_tokenizer"] = tokenizer
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: Tensor) -> Tensor:
+        """uint8 [N,3,S,S] (or float in [0,1]) -> Long[N,h,w] with the frozen tokenizer."""
+        x = pixel_values.float() / 255.0 if pixel_values.dtype == torch.uint8 else pixel_values.float()
+        if x.shape[0] == 0:
+            return torch.zeros(0, *self.grid, dtype=torch.long, device=x.device)
+        return self.image_tokenizer.encode(x.to(self.device)).long()
+
+    # ------------------------------------------------------------------ forward pieces
+    def embed_text(self, input_ids: Tensor) -> Tensor:
+        """Text embedding, with <boi>/<eoi>/<UNCOND> taken from `special_embed` (always runs, for FSDP)."""
+        x = self.llm.embed(input_ids)
+        match = input_ids[..., None] == self.special_ids
+        special = self.special_embed(match.long().argmax(-1)).to(x.dtype)
+        return torch.where(match.any(-1, keepdim=True), special, x)
+
+    def embed_inputs(self, input_ids: Tensor, image_mask: Tensor, codes: Tensor) -> Tensor:
+        """Text embeddings with every image slot filled by the folded views, in slot order."""
+        x = self.embed_text(input_ids)
+        folded = self.folder(codes).to(x.dtype)  # [N, P, D]; N may be 0 (called via __call__ so FSDP hooks fire)
+        n_slots, n_tok = int(image_mask.sum()), folded.shape[0] * folded.shape[1]
+        if n_slots != n_tok:
+            raise ValueError(f"batch has {n_slots} image slots but {folded.shape[0]} views x {self.tokens_per_view} "
+                             f"folded tokens = {n_tok}: the data's fold/grid must match the model's "
+                             f"(grid {self.grid}, fold {self.fold_size})")
+        return x.masked_scatter(image_mask[..., None], folded.reshape(-1, x.shape[-1]))
+
+    def patch_conditions(self, hidden: Tensor, image_mask: Tensor, n_views: int) -> Tensor:
+        """Hidden state just before each folded patch: [N, P, D] (row-major slot order)."""
+        b, t, d = hidden.shape
+        slots = torch.nonzero(image_mask.reshape(-1)).squeeze(1).view(n_views, self.tokens_per_view)
+        return hidden.reshape(b * t, d)[slots - 1]
+
+    def batch_codes(self, batch: dict) -> Tensor:
+        codes = batch.get("image_codes")
+        if codes is None:
+            pv = batch.get("pixel_values")
+            if pv is None:
+                return torch.zeros(0, *self.grid, dtype=torch.long, device=self.device)
+            codes = self.encode_images(pv)
+        return codes.long()
+
+    def forward_losses(self, batch: dict) -> dict[str, Tensor]:
+        input_ids, image_mask = batch["input_ids"], batch["image_mask"].bool()
+        codes = self.batch_codes(batch)
+        embeds = self.embed_inputs(input_ids, image_mask, codes)
+        hidden = self.llm(embeds, image_mask=image_mask, position_ids=batch.get("position_ids"),
+                          attention_mask=batch.get("attention_mask"))
+        # text: HF convention, labels[t] is the target of the prediction made at t-1; LM head on supervised rows only
+        labels = batch["labels"]
+        targets = labels[:, 1:]
+        sup = targets != IGNORE
+        text_logits = self.llm.logits(hidden[:, :-1][sup])
+        n_text = int(sup.sum())
+        loss_text = (F.cross_entropy(text_logits.float(), targets[sup], reduction="sum") / max(n_text, 1))
+        # image: the head unfolds the hidden state before each patch of every supervised view
+        loss_mask = batch.get("image_loss_mask")
+        if loss_mask is None:
+            loss_mask = torch.zeros(codes.shape[0], dtype=torch.bool, device=codes.device)
+        cond = self.patch_conditions(hidden, image_mask, codes.shape[0])[loss_mask.bool()]
+        target_codes = fold_codes(codes[loss_mask.bool()], self.fold_size)
+        head_logits = self.head(cond.flatten(0, 1), target_codes.flatten(0, 1))
+        n_img = target_codes.numel()
+        loss_image = F.cross_entropy(head_logits.flatten(0, 1).float(), target_codes.flatten(), reduction="sum") / max(n_img, 1)
+        loss = loss_text + self.hparams.image_loss_weight * loss_image
+        return {"loss": loss, "loss_text": loss_text, "loss_image": loss_image, "text_tokens": n_text,
+                "image_codes": n_img}
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        spec = get_stage(self.stage)
+        if not self._stage_applied:
+            apply_stage(self, spec)  # no StageCallback in the trainer: the hparam stage applies
+        self._init_weights_for_fit(spec["name"])
+
+    def _init_weights_for_fit(self, stage: str) -> None:
+        hp = self.hparams
+        if hp.get("init_from"):
+            path = Path(hp.init_from)
+            if not path.exists():
+                raise FileNotFoundError(f"init_from {str(path)!r} does not exist: train the previous stage first "
+                                        f"(e.g. `make stage1`) or fix model.init_from")
+            state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+            result = self.load_state_dict(state, strict=False)
+            if result.missing_keys or result.unexpected_keys:
+                raise ValueError(f"init_from {str(path)!r} does not match this model: missing {result.missing_keys[:5]}, "
+                                 f"unexpected {result.unexpected_keys[:5]}; was it trained with the same recipe sizes?")
+            rank_zero_info(f"{stage}: initialised from {path}")
+            return
+        if stage not in ("stage1", "full") and not hp.get("init_from_base_llm"):
+            raise ValueError(f"stage {stage!r} needs the previous stage's weights: set model.init_from to its checkpoint "
+                             "(e.g. runs/tiny/stage1/last.ckpt), or set model.init_from_base_llm: true to start from "
+                             "the base LLM on purpose")
+        if hp.get("base_llm"):
+            self.load_base_weights(load_base_llm(hp.base_llm))
+            rank_zero_info(f"{stage}: trunk initialised from base LLM {hp.base_llm}")
+
+    @torch.no_grad()
+    def load_base_weights(self, base: MMoETransformer) -> None:
+        """Copy a base LLM into the trunk; vision FFNs start as copies of the text FFNs; special rows re-copied."""
+        sd = base.state_dict()
+        if base.config.vocab_size != self.llm.config.vocab_size:
+            raise ValueError(f"base LLM vocab {base.config.vocab_size} != the model's {self.llm.config.vocab_size}: "
+                             "build the model from the base LLM's config (leave model.llm unset)")
+        if not base.vision_experts:
+            sd = {k: v for k, v in sd.items() if ".vision_ffn." not in k}
+        self.llm.load_state_dict(sd, strict=base.vision_experts)
+        self.llm.init_vision_experts_from_text()
+        self.special_embed.weight.copy_(self.llm.embed_tokens.weight[self.special_ids])
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        out = self.forward_losses(batch)
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
+        self.log("train/loss_text", out["loss_text"], prog_bar=True, batch_size=bs)
+        self.log("train/loss_image", out["loss_image"], prog_bar=True, batch_size=bs)
+        counts = {"train/text_tokens": float(out["text_tokens"]), "train/image_codes": float(out["image_codes"])}
+        tasks = batch.get("task") or []
+        for task in ("generation", "understanding", "text"):
+            counts[f"train/samples_{task}"] = float(sum(t == task for t in tasks))
+        self.log_dict(counts, batch_size=bs, reduce_fx="sum")
+        return out["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self.forward_losses(batch)
+        bs = batch["input_ids"].shape[0]
+        self.log_dict({"val/loss": out["loss"], "val/loss_text": out["loss_text"], "val/loss_image": out["loss_image"]},
+                      batch_size=bs, sync_dist=True)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = grad_norm(self, norm_type=2)
+        if "grad_2.0_norm_total" in norms:
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+
+    def stage_settings(self, spec: dict) -> dict:
+        """Optimizer settings of a stage: recipe values override the stage table."""
+        hp = self.hparams
+        lr = hp.lr.get(spec["name"], spec["lr"]) if isinstance(hp.lr, dict) else (hp.lr or spec["lr"])
+        wd = hp.weight_decay if hp.weight_decay is not None else spec.get("weight_decay", 0.0)
+        return {"lr": float(lr), "weight_decay": float(wd), "schedule": hp.schedule or spec.get("schedule", "constant"),
+                "warmup_steps": int(hp.warmup_steps)}
+
+    def configure_optimizers(self):
+        spec = get_stage(self.stage)
+        s = self.stage_settings(spec)
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError(f"stage {self.stage!r} leaves no trainable parameter")
+        groups = optimizer_param_groups(named, s["lr"], s["weight_decay"], tag=spec["name"])
+        optimizer = torch.optim.AdamW(groups, lr=s["lr"], betas=tuple(self.hparams.betas), eps=self.hparams.eps,
+                                      fused=False)
+        total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else None
+        fn = StageSchedule(s["schedule"], s["warmup_steps"], total, min_lr_ratio=self.hparams.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [fn] * len(groups))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ inference (generation.py)
+    def generate_images(self, prompts, num: int = 1, cfg_scale: float = 7.5, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None, seed: int | None = None, **kw):
+        from synergen_lightning.generation import generate_images
+
+        return generate_images(self, prompts, num=num, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
+                               top_p=top_p, seed=seed, **kw)
+
+    def answer(self, images, questions, max_new_tokens: int = 32, **kw):
+        from synergen_lightning.generation import answer
+
+        return answer(self, images, questions, max_new_tokens=max_new_tokens, **kw)
+
+    @property
+    def text_tokenizer(self):
+        tok = self.__dict__.get("_text_tokenizer")
+        if tok is None:
+            path = self.hparams.get("text_tokenizer")
+            if path is None:
+                raise ValueError("this model has no text_tokenizer: set model.text_tokenizer (a TextTokenizer directory)")
+            tok = load_text_tokenizer(path)
+            self.__dict__["_text_tokenizer"] = tok
+        return tok
+
+    def set_text_tokenizer(self, tokenizer) -> None:
+        self.__dict__["_text_tokenizer"] = tokenizer
+
+
+def load_text_tokenizer(path: str | Path):
+    from synergen_lightning.text_tokenizer import TextTokenizer
+
+    for name in ("from_dir", "load", "from_file", "from_pretrained"):
+        if hasattr(TextTokenizer, name):
+            return getattr(TextTokenizer, name)(str(path))
+    return TextTokenizer(str(path))

@@ -1,0 +1,100 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from synergen_lightning.stages import PARAMETER_GROUPS
+from tests._system_helpers import SPECIAL, make_batch, tiny_model
+
+
+def test_parameter_groups_cover_every_parameter_once():
+    model = tiny_model()
+    groups = model.parameter_groups()
+    assert tuple(groups) == PARAMETER_GROUPS
+    names = [n for g in groups.values() for n, _ in g]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+    assert all(".vision_ffn." in n for n, _ in groups["vision_ffn"])
+    assert all(".attn." in n for n, _ in groups["self_attention"])
+    assert {n for n, _ in groups["special_token_embeddings"]} == {"special_embed.weight"}
+    assert "llm.embed_tokens.weight" in {n for n, _ in groups["text_backbone"]}
+    # vision FFNs start as copies of the text FFNs
+    layer = model.llm.layers[0]
+    assert torch.equal(layer.vision_ffn.up_proj.weight, layer.text_ffn.up_proj.weight)
+
+
+def _reference_losses(model, batch):
+    """Independent loops: per view / per patch, full-vocabulary logits, HF-style shifted CE."""
+    codes = batch["image_codes"]
+    m, n = model.fold_size
+    x = model.llm.embed_tokens(batch["input_ids"]).clone()
+    for b in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            tok = int(batch["input_ids"][b, t])
+            for k, name in enumerate(("boi", "eoi", "uncond")):
+                if tok == SPECIAL[name] and not batch["image_mask"][b, t]:
+                    x[b, t] = model.special_embed.weight[k]
+    slots = [(b, t) for b in range(x.shape[0]) for t in range(x.shape[1]) if batch["image_mask"][b, t]]
+    emb = model.folder.code_embed(codes) + model.folder.pos_embed
+    h, w = model.grid
+    patch_codes, k = [], 0
+    for v in range(codes.shape[0]):
+        for pi in range(h // m):
+            for pj in range(w // n):
+                cells = [(pi * m + r, pj * n + c) for r in range(m) for c in range(n)]
+                b, t = slots[k]
+                x[b, t] = model.folder.mlp(torch.cat([emb[v, r, c] for r, c in cells]))
+                patch_codes.append((v, (b, t), torch.stack([codes[v, r, c] for r, c in cells])))
+                k += 1
+    hidden = model.llm(x, image_mask=batch["image_mask"], position_ids=batch["position_ids"],
+                       attention_mask=batch["attention_mask"])
+    logits = model.llm.logits(hidden)
+    loss_text = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    conds, targets = [], []
+    for v, (b, t), pc in patch_codes:
+        if batch["image_loss_mask"][v]:
+            conds.append(hidden[b, t - 1]); targets.append(pc)
+    head_logits = model.head(torch.stack(conds), torch.stack(targets))
+    loss_image = F.cross_entropy(head_logits.flatten(0, 1), torch.stack(targets).flatten())
+    return loss_text, loss_image
+
+
+def test_losses_match_an_independent_loop_implementation():
+    model = tiny_model()
+    batch = make_batch(["generation", "understanding", "text", "generation"])
+    out = model.forward_losses(batch)
+    ref_text, ref_image = _reference_losses(model, batch)
+    torch.testing.assert_close(out["loss_text"], ref_text)
+    torch.testing.assert_close(out["loss_image"], ref_image)
+    torch.testing.assert_close(out["loss"], ref_text + 2.0 * ref_image)
+    assert out["image_codes"] == 2 * 4 * 4 * 4 // 4 * 1  # 2 generation views x 16 codes
+
+
+def test_text_only_batch_still_runs_folder_vision_ffn_and_head():
+    model = tiny_model()
+    calls = []
+    for name, mod in [("folder", model.folder), ("head", model.head), ("vision", model.llm.layers[0].vision_ffn)]:
+        mod.register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+    batch = make_batch(["text", "text"])
+    out = model.forward_losses(batch)
+    out["loss"].backward()
+    assert {"folder", "head", "vision"} <= set(calls)
+    assert out["loss_image"].item() == 0.0 and out["image_codes"] == 0
+    # they are in the autograd graph (zero gradients, not None): FSDP's reduce-scatter runs on every rank
+    assert model.head.classifier.weight.grad is not None
+    assert model.llm.layers[0].vision_ffn.up_proj.weight.grad is not None
+
+
+def test_bad_inputs_are_one_line_errors():
+    with pytest.raises(ValueError, match="folding factor 3x2 does not divide the code grid 4x4"):
+        tiny_model(fold=(3, 2))
+    model = tiny_model()
+    batch = make_batch(["generation"])
+    batch["image_codes"] = torch.zeros(1, 8, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="does not match the folder's grid"):
+        model.forward_losses(batch)
+
+    class FakeTok:
+        codebook_size, downsample = 32, 4
+
+    model.set_image_tokenizer(FakeTok())
+    with pytest.raises(ValueError, match="codebook_size 32 != the model's code embedding table 16"):
+        _ = model.image_tokenizer
