@@ -1,0 +1,330 @@
+"""`MixedDataModule`: streams generation, understanding and text sources (webdataset tar shards or jsonl)
+into mixed batches, one sub-batch per task (the paper's per-task global batch), rows ordered by task.
+
+Streaming model: the data is cut into *lanes*, one per (rank, dataloader worker). Lane `l` of a rank
+produces the batches `b` with `b % num_workers == l`, which is the order in which a DataLoader
+collects them from its workers, so the main process sees batches 0, 1, 2, ... of the epoch in order.
+Each lane reads its own shard partition (disjoint when there are at least as many shards as lanes),
+resampled with replacement, through a shuffle buffer; everything is seeded by (seed, epoch, lane).
+
+Resuming: each batch carries its lane's cursor (samples consumed per source). The DataModule commits
+it when the batch reaches the model (`on_before_batch_transfer`, i.e. after Lightning's prefetch) and
+`state_dict()` puts it in the checkpoint; a resumed run replays each lane's raw stream up to its
+cursor without decoding and continues with the next batch of the epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from synergen_lightning.data.batch import collate
+from synergen_lightning.data.sequences import CODES_EXT, SequenceBuilder
+from synergen_lightning.data.sources import (
+    TASKS, RawStream, SkipCounter, SkipSample, SourceSpec, finite_samples, iter_shard, lane_shards,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _load_tokenizer(tokenizer: Any):
+    if not isinstance(tokenizer, str):
+        return tokenizer
+    from synergen_lightning.text_tokenizer import TextTokenizer
+
+    # docs/architecture.md names `from_dir`; the class also loads from its constructor
+    return getattr(TextTokenizer, "from_dir", TextTokenizer)(tokenizer)
+
+
+class MixedStream(IterableDataset):
+    """Endless mixed batches for one epoch of `steps_per_epoch` batches (see the module docstring)."""
+
+    def __init__(self, sources: list[SourceSpec], builder: SequenceBuilder, batch_size: dict[str, int], steps_per_epoch: int,
+                 num_workers: int, shuffle_buffer: int, seed: int, max_failures: int = 1000):
+        self.sources, self.builder, self.batch_size = sources, builder, batch_size
+        self.steps_per_epoch, self.num_workers = steps_per_epoch, max(1, num_workers)
+        self.shuffle_buffer, self.seed, self.max_failures = shuffle_buffer, seed, max_failures
+        self.by_task = {t: [s for s in sources if s.task == t] for t in TASKS if any(s.task == t for s in sources)}
+        self.epoch, self.start_batch, self.cursors = 0, 0, {}
+
+    def set_start(self, epoch: int, start_batch: int, cursors: dict) -> None:
+        self.epoch, self.start_batch, self.cursors = epoch, start_batch, cursors
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        rank, world = _rank_world()
+        W = self.num_workers
+        lane = (self.start_batch + worker) % W
+        glane, n_lanes = rank * W + lane, world * W
+        self.builder.epoch = self.epoch
+        counter = SkipCounter()
+        consumed = Counter(self.cursors.get(lane, {}))
+        streams = {}
+        for src in self.sources:
+            stream = RawStream(lane_shards(src.shards, glane, n_lanes), f"{self.seed}|{self.epoch}|{glane}|{src.name}",
+                               self.shuffle_buffer, counter, src.name)
+            stream.skip(consumed[src.name])  # resume: replay what this lane already consumed
+            streams[src.name] = stream
+        ok, fails = Counter(), Counter()
+        for b in range(self.start_batch + worker, self.steps_per_epoch, W):
+            rng = random.Random(f"{self.seed}|{self.epoch}|{glane}|{b}")
+            samples = []
+            for task, srcs in self.by_task.items():
+                weights = [s.weight for s in srcs]
+                got = 0
+                while got < self.batch_size[task]:
+                    src = srcs[0] if len(srcs) == 1 else rng.choices(srcs, weights)[0]
+                    raw = next(streams[src.name])
+                    consumed[src.name] += 1
+                    try:
+                        samples.append(self.builder.build(raw, task, src.format, src.options))
+                    except SkipSample as exc:
+                        counter.add(exc.reason, f"source {src.name!r}: {exc}")
+                        fails[src.name] += 1
+                        if not ok[src.name] and fails[src.name] >= self.max_failures:
+                            raise RuntimeError(f"source {src.name!r} yielded no usable sample in {fails[src.name]} tries "
+                                               f"(skipped: {dict(counter.counts)}); check its urls, task and format") from None
+                        continue
+                    ok[src.name] += 1
+                    got += 1
+            batch = collate(samples, self.builder.tok.pad_id)
+            counts, examples = counter.pop_delta()
+            batch["_stream"] = {"epoch": self.epoch, "batch": b, "lane": lane, "consumed": dict(consumed),
+                                "skipped": counts, "examples": examples}
+            yield batch
+
+
+class ValStream(IterableDataset):
+    """Every val shard once (split across lanes, never resampled), one source at a time, per-task batch sizes."""
+
+    def __init__(self, sources: list[SourceSpec], builder: SequenceBuilder, batch_size: dict[str, int], max_batches: int | None):
+        self.sources, self.builder, self.batch_size, self.max_batches = sources, builder, batch_size, max_batches
+
+    def __iter__(self):
+        info = get_worker_info()
+        W, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        rank, world = _rank_world()
+        glane, n_lanes = rank * W + worker, world * W
+        counter, n = SkipCounter(), 0
+        for src in self.sources:
+            shards = src.shards[glane::n_lanes]
+            samples = []
+            for raw in finite_samples(shards, counter):
+                try:
+                    samples.append(self.builder.build(raw, src.task, src.format, src.options))
+                except SkipSample as exc:
+                    counter.add(exc.reason, f"val source {src.name!r}: {exc}")
+                    continue
+                if len(samples) == self.batch_size.get(src.task, 8):
+                    yield collate(samples, self.builder.tok.pad_id)
+                    samples, n = [], n + 1
+                    if self.max_batches is not None and n >= self.max_batches:
+                        return
+            if samples:
+                yield collate(samples, self.builder.tok.pad_id)
+                n += 1
+        if counter.counts:
+            log.warning("validation skipped %s", dict(counter.counts))
+
+
+class _StreamLoader(DataLoader):
+    """A DataLoader that starts the stream where the DataModule's state says (set before workers fork)."""
+
+    def __init__(self, dataset: MixedStream, datamodule: "MixedDataModule", **kwargs):
+        super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
+        self._datamodule = datamodule
+
+    def __iter__(self):
+        self._datamodule._prepare_epoch(self.dataset)
+        return super().__iter__()
+
+    # The stream state lives in the DataModule (its state_dict rides in the checkpoint); these two make
+    # Lightning treat the loader as resumable instead of warning on mid-epoch resume.
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
+class MixedDataModule(L.LightningDataModule):
+    """Mixed streaming DataModule for SynerGen-VL.
+
+    Args:
+        sources: list of dicts `{name, urls, task, weight, format, options}`: `urls` a brace pattern, glob,
+            list file (.txt) or list; `task` generation | understanding | text; `weight` > 0 (relative
+            within the task); `format` (understanding) caption | conversation | qa; `options` e.g.
+            `caption_ext`, `caption_field`, `prompt`, `qa_field`, `question_key`, `answer_key`, `qa_kinds`,
+            `conversations_field`, `text_field`.
+        tokenizer: a TextTokenizer directory, or a tokenizer object.
+        tokens_per_view: folded LLM tokens per image view, `(image_size/downsample)^2 / (m*n)`.
+        image_size: view side in pixels (generation crop and understanding tile).
+        batch_size: per-task rows per batch, e.g. `{generation: 8, understanding: 8, text: 4}`; only tasks
+            with sources are used.
+        max_seq_len: longest row; text and answers are truncated, a sample whose image would be cut is skipped.
+        steps_per_epoch: batches per epoch (the stream is endless: shards are resampled).
+        val_sources: like `sources`, read once each (no resampling) for validation.
+        val_max_batches: cap on validation batches per rank (None = all).
+        num_workers: DataLoader workers per rank (0 = main process).
+        shuffle_buffer: samples per source per lane mixed before use.
+        seed: the stream is a pure function of (seed, epoch, rank, worker).
+        max_tiles / thumbnail / min_tiles: InternVL-1.5 dynamic tiles per stage (1/6/12, thumbnail from stage 2).
+        cfg_dropout: probability of the unconditional generation prompt (training only).
+        supervise_generation_text: also supervise the text of generation rows.
+        image_input: `pixels` (decode images), `codes` (pretokenized `.codes.npy`), or `auto`: codes when
+            the first sample of every image source carries them.
+        prefetch_factor: batches prefetched per worker.
+    """
+
+    def __init__(self, sources: list[dict], tokenizer: Any, tokens_per_view: int, image_size: int,
+                 batch_size: dict[str, int] | None = None, max_seq_len: int = 2048, steps_per_epoch: int = 1000,
+                 val_sources: list[dict] | None = None, val_max_batches: int | None = None, num_workers: int = 0,
+                 shuffle_buffer: int = 1000, seed: int = 0, max_tiles: int = 1, thumbnail: bool = False,
+                 min_tiles: int = 1, cfg_dropout: float = 0.1, supervise_generation_text: bool = False,
+                 image_input: str = "auto", prefetch_factor: int = 2):
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer"] if not isinstance(tokenizer, str) else None)
+        if not sources:
+            raise ValueError("sources is empty; list at least one {name, urls, task} source")
+        self.sources = [SourceSpec.from_dict(d, i) for i, d in enumerate(sources)]
+        self.val_specs = [SourceSpec.from_dict(d, i) for i, d in enumerate(val_sources or [])]
+        self.batch_size = dict(batch_size or {"generation": 8, "understanding": 8, "text": 4})
+        for task, n in self.batch_size.items():
+            if task not in TASKS:
+                raise ValueError(f"batch_size has unknown task {task!r}; tasks are {TASKS}")
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"batch_size[{task!r}]={n!r} must be an int >= 1 (remove the task's sources to drop it)")
+        for src in self.sources + self.val_specs:
+            if src.task not in self.batch_size:
+                raise ValueError(f"source {src.name!r}: task {src.task!r} has no batch_size entry; add batch_size.{src.task}")
+        if image_input not in ("auto", "pixels", "codes"):
+            raise ValueError(f"image_input={image_input!r} must be auto, pixels or codes")
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch={steps_per_epoch} must be >= 1")
+        self._tokenizer_arg = tokenizer
+        self.tokenizer = None
+        self.num_workers = int(num_workers)
+        self.skipped: Counter = Counter()
+        self._logged_reasons: set[str] = set()
+        self._state = {"epoch": 0, "batches": 0, "lanes": {}, "num_workers": max(1, self.num_workers)}
+        self._builder_kwargs = dict(tokens_per_view=tokens_per_view, image_size=image_size, max_seq_len=max_seq_len,
+                                    max_tiles=max_tiles, thumbnail=thumbnail, min_tiles=min_tiles, seed=seed,
+                                    supervise_generation_text=supervise_generation_text)
+        from synergen_lightning.data.views import tile_grids
+
+        try:
+            tile_grids(min_tiles, max_tiles)
+        except ValueError as exc:
+            raise ValueError(f"sources {[s.name for s in self.sources if s.task == 'understanding']}: {exc}") from None
+        self._ready = False
+
+    # ---- setup -------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self._ready:
+            return
+        for src in self.sources + self.val_specs:
+            src.resolve()
+        self.tokenizer = _load_tokenizer(self._tokenizer_arg)
+        hp = self.hparams
+        use_codes = self._resolve_image_input(hp.image_input)
+        self.use_codes = use_codes
+        self.builder = SequenceBuilder(self.tokenizer, cfg_dropout=hp.cfg_dropout, use_codes=use_codes, **self._builder_kwargs)
+        self.val_builder = SequenceBuilder(self.tokenizer, cfg_dropout=0.0, use_codes=use_codes, **self._builder_kwargs)
+        self._ready = True
+
+    def _resolve_image_input(self, mode: str) -> bool:
+        if mode != "auto":
+            return mode == "codes"
+        image_sources = [s for s in self.sources + self.val_specs if s.task != "text"]
+        if not image_sources:
+            return False
+        for src in image_sources:
+            first = next((smp for url in src.shards for smp in iter_shard(url, SkipCounter())), None)
+            if first is None or CODES_EXT not in first:
+                return False
+        return True
+
+    # ---- loaders -----------------------------------------------------------------------------
+    def _loader_kwargs(self) -> dict:
+        kw = {"num_workers": self.num_workers}
+        if self.num_workers > 0:
+            kw["prefetch_factor"] = self.hparams.prefetch_factor
+        return kw
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        stream = MixedStream(self.sources, self.builder, self.batch_size, self.hparams.steps_per_epoch, self.num_workers,
+                             self.hparams.shuffle_buffer, self.hparams.seed)
+        return _StreamLoader(stream, self, **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader | list:
+        self.setup("validate")
+        if not self.val_specs:
+            return []
+        stream = ValStream(self.val_specs, self.val_builder, self.batch_size, self.hparams.val_max_batches)
+        return DataLoader(stream, batch_size=None, **self._loader_kwargs())
+
+    # ---- stream state ------------------------------------------------------------------------
+    def _prepare_epoch(self, stream: MixedStream) -> None:
+        st = self._state
+        if st["batches"] > 0 and st["num_workers"] != stream.num_workers:
+            log.warning("num_workers changed from %d to %d since the checkpoint: the lanes differ, so epoch %d restarts "
+                        "its stream (samples of its first %d batches may repeat)", st["num_workers"], stream.num_workers,
+                        st["epoch"], st["batches"])
+            st.update(batches=0, lanes={})
+        if st["batches"] >= stream.steps_per_epoch:
+            st.update(epoch=st["epoch"] + 1, batches=0, lanes={})
+        st["num_workers"] = stream.num_workers
+        stream.set_start(st["epoch"], st["batches"], {int(k): dict(v) for k, v in st["lanes"].items()})
+
+    def _commit(self, meta: dict) -> None:
+        st = self._state
+        st["epoch"], st["batches"] = meta["epoch"], meta["batch"] + 1
+        st["lanes"][meta["lane"]] = meta["consumed"]
+        self.skipped.update(meta["skipped"])
+        for reason, example in meta["examples"].items():
+            if reason not in self._logged_reasons:
+                self._logged_reasons.add(reason)
+                log.warning("data: skipping samples (%s), e.g. %s", reason, example)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int = 0) -> Any:
+        """Commit the stream position of a batch the model is about to use (after Lightning's prefetch)."""
+        if isinstance(batch, dict) and "_stream" in batch:
+            self._commit(batch.pop("_stream"))
+        return batch
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+    def state_dict(self) -> dict:
+        st = self._state
+        return {"epoch": st["epoch"], "batches": st["batches"], "num_workers": st["num_workers"],
+                "lanes": {int(k): dict(v) for k, v in st["lanes"].items()}, "skipped": dict(self.skipped),
+                "seed": self.hparams.seed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("seed", self.hparams.seed) != self.hparams.seed:
+            log.warning("resuming with seed %s, checkpoint stream used seed %s: the stream will differ",
+                        self.hparams.seed, state_dict["seed"])
+        self._state = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"]),
+                       "num_workers": int(state_dict["num_workers"]),
+                       "lanes": {int(k): dict(v) for k, v in state_dict["lanes"].items()}}
+        self.skipped = Counter(state_dict.get("skipped", {}))

@@ -1,0 +1,54 @@
+"""Collation: `BuiltSample`s -> the training batch of docs/architecture.md ("A training batch").
+
+Rows are right-padded to the longest row (already capped at `max_seq_len` by the sequence builder).
+Views go in slot order: row-major over the batch, then by position inside the row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from synergen_lightning.data.sequences import IGNORE, BuiltSample
+
+
+def collate(samples: list[BuiltSample], pad_id: int) -> dict:
+    """Pad and stack. Keys: input_ids, image_mask, attention_mask, position_ids, labels, image_loss_mask,
+    task, keys, and pixel_values (uint8) or image_codes (long) when the batch has image views."""
+    if not samples:
+        raise ValueError("collate got an empty list of samples")
+    B, T = len(samples), max(len(s) for s in samples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    image_mask = torch.zeros(B, T, dtype=torch.bool)
+    attention_mask = torch.zeros(B, T, dtype=torch.bool)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    for b, s in enumerate(samples):
+        n = len(s)
+        input_ids[b, :n] = torch.tensor(s.input_ids, dtype=torch.long)
+        image_mask[b, :n] = torch.tensor(s.image_mask, dtype=torch.bool)
+        labels[b, :n] = torch.tensor(s.labels, dtype=torch.long)
+        attention_mask[b, :n] = True
+    # 0,1,2,... per row; padding keeps counting (it is masked out anyway)
+    position_ids = torch.arange(T, dtype=torch.long).expand(B, T).clone()
+
+    batch = {
+        "input_ids": input_ids,
+        "image_mask": image_mask,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "labels": labels,
+        "task": [s.task for s in samples],
+        "keys": [s.key for s in samples],
+    }
+    with_views = [s for s in samples if s.n_views]
+    kinds = {s.codes is not None for s in with_views}
+    if len(kinds) > 1:
+        raise ValueError("a batch mixes pretokenized codes and pixels; make every image source pretokenized or set image_input='pixels'")
+    if with_views and kinds == {True}:
+        shapes = {tuple(s.codes.shape[1:]) for s in with_views}
+        if len(shapes) > 1:
+            raise ValueError(f"code grids of different shapes {sorted(shapes)} in one batch; pretokenize every source at one image_size")
+        batch["image_codes"] = torch.cat([s.codes for s in with_views])
+    elif with_views:
+        batch["pixel_values"] = torch.cat([s.pixel_values for s in with_views])
+    batch["image_loss_mask"] = torch.tensor([s.image_loss for s in with_views for _ in range(s.n_views)], dtype=torch.bool)
+    return batch
