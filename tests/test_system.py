@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from synergen_lightning.stages import PARAMETER_GROUPS
-from tests._system_helpers import SPECIAL, make_batch, tiny_model
+from tests.test_system_helpers import SPECIAL, make_batch, tiny_model
 
 
 def test_parameter_groups_cover_every_parameter_once():

@@ -1,0 +1,124 @@
+import copy
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+
+from callbacks.stages import FrozenParameterGuard, StageCallback
+from synergen_lightning.stages import STAGES, StageSchedule, apply_stage, get_stage
+from tests.test_system_helpers import loader, make_batch, tiny_model
+
+
+def _trainer(callbacks, steps):
+    return Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+
+
+def _batches(n):
+    tasks = [["generation", "understanding"], ["text", "generation"], ["understanding", "text"]]
+    return [make_batch(tasks[i % 3], seed=i) for i in range(n)]
+
+
+def test_stage_table_and_unknown_names_are_errors():
+    assert set(get_stage("stage1")["trainable"]) == {"image_embed_fold", "vision_ffn", "unfolding_head",
+                                                     "special_token_embeddings"}
+    assert "self_attention" in get_stage("stage2")["trainable"] and "text_backbone" not in get_stage("stage2")["trainable"]
+    assert set(get_stage("sft")["trainable"]) == set(STAGES["sft"]["trainable"])
+    with pytest.raises(ValueError, match=r"unknown stage 'stage3': valid stages are"):
+        get_stage("stage3")
+    with pytest.raises(ValueError, match=r"unknown parameter group\(s\) \['vision_ffns'\]: valid groups are"):
+        get_stage({"trainable": ["vision_ffns"], "lr": 1e-3})
+
+
+def test_apply_stage_counts():
+    model = tiny_model()
+    counts = apply_stage(model, "stage1")
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(t + f for t, f in counts.values()) == total
+    assert counts["self_attention"][0] == 0 and counts["vision_ffn"][1] == 0
+    assert all(not p.requires_grad for _, p in model.parameter_groups()["text_backbone"])
+
+
+def test_stage1_text_logits_bit_identical_to_base_llm_after_training():
+    model = tiny_model()
+    base = copy.deepcopy(model.llm)  # the base LLM as loaded
+    img_before = model.folder.mlp[1].weight.detach().clone()
+    vis_before = model.llm.layers[0].vision_ffn.up_proj.weight.detach().clone()
+    _trainer([StageCallback("stage1"), FrozenParameterGuard(every_n_steps=2)], 6).fit(model, loader(_batches(6)))
+    assert not torch.equal(model.folder.mlp[1].weight, img_before)  # image-specific parameters trained
+    assert not torch.equal(model.llm.layers[0].vision_ffn.up_proj.weight, vis_before)
+    ids = torch.randint(8, 64, (3, 12))
+    model.eval()
+    with torch.no_grad():
+        system_logits = model.llm.logits(model.llm(model.embed_text(ids), image_mask=torch.zeros_like(ids, dtype=torch.bool)))
+        base_logits = base.forward_ids(ids)
+    assert torch.equal(system_logits, base_logits)
+
+
+def test_stage_switch_mid_run_adds_param_group_with_stage_lr():
+    model = tiny_model(lr={"stage1": 3e-3, "stage2": 1e-3})
+    attn_before = model.llm.layers[1].attn.q_proj.weight.detach().clone()
+    seen = {}
+
+    class Spy(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            opt = trainer.optimizers[0]
+            seen[trainer.global_step] = ([g.get("name") for g in opt.param_groups], [g["lr"] for g in opt.param_groups],
+                                         model.llm.layers[1].attn.q_proj.weight.detach().clone())
+
+    trainer = _trainer([StageCallback("stage1", switch_at={3: "stage2"}), FrozenParameterGuard(every_n_steps=1), Spy()], 6)
+    trainer.fit(model, loader(_batches(6)))
+    names3, _, w3 = seen[3]
+    assert not any(n.startswith("stage2") for n in names3)
+    assert torch.equal(w3, attn_before)  # attention frozen during stage 1
+    names6, lrs6, w6 = seen[6]
+    assert [n for n in names6 if n.startswith("stage2")] == ["stage2/decay"]  # attention has no bias/norm here
+    assert pytest.approx(lrs6[names6.index("stage2/decay")]) == 1e-3
+    assert pytest.approx(lrs6[names6.index("stage1/decay")]) == 3e-3
+    assert not torch.equal(w6, attn_before)  # attention trains after the switch
+    assert model.stage == "stage2"
+    # the text backbone stayed frozen throughout (the guard also checked it every step)
+    assert not model.llm.embed_tokens.weight.requires_grad
+
+
+def test_guard_fails_loudly_when_a_frozen_parameter_changes():
+    model = tiny_model()
+
+    class Vandal(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            with torch.no_grad():
+                pl_module.llm.norm.weight[0] += 1e-6
+
+    with pytest.raises(RuntimeError, match="FrozenParameterGuard: 1 frozen parameter"):
+        _trainer([StageCallback("stage1"), Vandal(), FrozenParameterGuard(every_n_steps=1)], 2).fit(model, loader(_batches(2)))
+
+
+def test_stage2_without_stage1_checkpoint_is_an_error(tmp_path):
+    model = tiny_model()
+    with pytest.raises(ValueError, match="stage 'stage2' needs the previous stage's weights: set model.init_from"):
+        _trainer([StageCallback("stage2")], 1).fit(model, loader(_batches(1)))
+    # explicit opt-in (the paper's "S.2 only" ablation) is allowed
+    _trainer([StageCallback("stage2")], 1).fit(tiny_model(init_from_base_llm=True), loader(_batches(1)))
+    with pytest.raises(FileNotFoundError, match="init_from .* does not exist: train the previous stage first"):
+        _trainer([StageCallback("stage2")], 1).fit(tiny_model(init_from=str(tmp_path / "nope.ckpt")), loader(_batches(1)))
+
+
+def test_stage_chain_loads_previous_checkpoint_and_fresh_optimizer(tmp_path):
+    model = tiny_model()
+    t1 = _trainer([StageCallback("stage1")], 2)
+    t1.fit(model, loader(_batches(2)))
+    ckpt = tmp_path / "stage1.ckpt"
+    t1.save_checkpoint(ckpt)
+    model2 = tiny_model(init_from=str(ckpt), stage="stage2")
+    _trainer([StageCallback("stage2"), FrozenParameterGuard()], 0 + 1).fit(model2, loader(_batches(1)))
+    # stage-1 weights arrived (the stage-2 step only moves trainable groups a little)
+    torch.testing.assert_close(model2.llm.embed_tokens.weight, model.llm.embed_tokens.weight, rtol=0, atol=0)
+
+
+def test_schedule_warmup_and_cosine():
+    s = StageSchedule("cosine", warmup_steps=10, total_steps=110)
+    assert s(0) == pytest.approx(0.1) and s(9) == pytest.approx(1.0)
+    assert s(60) == pytest.approx(0.5, abs=1e-2) and s(110) == pytest.approx(0.0, abs=1e-6)
+    assert StageSchedule("constant", 5)(1000) == 1.0
+    late = StageSchedule("cosine", warmup_steps=2, total_steps=12, start_step=10)
+    assert late(10) == pytest.approx(0.5)
