@@ -73,7 +73,12 @@ def test_stage_switch_mid_run_adds_param_group_with_stage_lr():
     assert torch.equal(w3, attn_before)  # attention frozen during stage 1
     names6, lrs6, w6 = seen[6]
     assert [n for n in names6 if n.startswith("stage2")] == ["stage2/decay"]  # attention has no bias/norm here
-    assert pytest.approx(lrs6[names6.index("stage2/decay")]) == 1e-3
+    # the new group follows stage 2's own cosine schedule, started at the switch step
+    expected = StageSchedule("cosine", warmup_steps=0, total_steps=6, start_step=3)
+    for step in (4, 5):
+        names, lrs, _ = seen[step]
+        assert lrs[names.index("stage2/decay")] == pytest.approx(1e-3 * expected(step))
+        assert lrs[names.index("stage2/decay")] > 0
     assert pytest.approx(lrs6[names6.index("stage1/decay")]) == 3e-3
     assert not torch.equal(w6, attn_before)  # attention trains after the switch
     assert model.stage == "stage2"
