@@ -1,0 +1,113 @@
+"""MMoELLM + TextDataModule: packing, training reduces loss, the skill evaluator, the tiny base LLM."""
+
+import json
+import random
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from datamodules.text import TextDataModule, pack_documents
+from synergen_lightning.llm import MMoELLM, evaluate_text_skill
+
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "white", "black"]
+SHAPES = ["circle", "square", "triangle", "star", "heart", "cross"]
+
+
+def skill_example(rng: random.Random) -> dict:
+    """An in-context lookup: a short scene description, then the colour of one of its shapes."""
+    shapes = rng.sample(SHAPES, 3)
+    colors = rng.sample(COLORS, 3)
+    desc = ", ".join(f"a {c} {s}" for c, s in zip(colors, shapes))
+    k = rng.randrange(3)
+    return {"prompt": f"scene: {desc}. what color is the {shapes[k]}?", "answer": colors[k]}
+
+
+def write_toy_corpus(out: Path, n_train: int = 6000, n_val: int = 300, seed: int = 0) -> Path:
+    """Stand-in for `synergen data synth`'s text corpus (same file layout): train/val text, and
+    skill_{train,val}.jsonl whose train lines also appear in train.jsonl as `prompt answer`."""
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    train = [skill_example(rng) for _ in range(n_train)]
+    seen = {r["prompt"] for r in train}
+    val = []
+    while len(val) < n_val:
+        r = skill_example(rng)
+        if r["prompt"] not in seen:  # held out: never in the training text
+            val.append(r)
+            seen.add(r["prompt"])
+    filler = [f"the {rng.choice(COLORS)} {rng.choice(SHAPES)} is next to the {rng.choice(SHAPES)}." for _ in range(n_train // 4)]
+    texts = [f"{r['prompt']} {r['answer']}" for r in train] + filler
+    rng.shuffle(texts)
+    dump = lambda name, rows: (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dump("train.jsonl", [{"text": t} for t in texts])
+    dump("val.jsonl", [{"text": f"{r['prompt']} {r['answer']}"} for r in val[: n_val // 2]])
+    dump("skill_train.jsonl", train)
+    dump("skill_val.jsonl", val)
+    return out
+
+
+def test_pack_documents():
+    rows = pack_documents([[5, 6], [7], [8, 9]], seq_len=4, bos_id=1, eos_id=2)
+    assert rows.tolist() == [[1, 5, 6, 2], [1, 7, 2, 1]]  # the ragged tail is dropped
+    with pytest.raises(ValueError, match="fewer than one sequence of seq_len=64"):
+        pack_documents([[5]], 64, 1, 2)
+
+
+def test_training_reduces_loss_and_logs(tmp_path):
+    corpus = write_toy_corpus(tmp_path / "text", n_train=400, n_val=20)
+    dm = TextDataModule([str(corpus / "train.jsonl")], [str(corpus / "val.jsonl")], tokenizer_dir=str(tmp_path / "tok"),
+                        bpe_vocab_size=320, seq_len=64, batch_size=16)
+    model = MMoELLM(config=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128),
+                    tokenizer_dir=str(tmp_path / "tok"), bpe_train_files=[str(corpus / "train.jsonl")],
+                    bpe_vocab_size=320, lr=3e-3, warmup_steps=5,
+                    skill_eval_jsonl=str(corpus / "skill_val.jsonl"), skill_eval_max=8)
+    assert model.model.vocab_size == model.tokenizer.vocab_size <= 320
+    trainer = L.Trainer(max_steps=40, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        val_check_interval=40, check_val_every_n_epoch=None, limit_val_batches=2, enable_model_summary=False)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    before = model._loss(batch).item()
+    trainer.fit(model, dm)
+    after = model._loss(batch).item()
+    assert after < before - 1.0, (before, after)
+    m = trainer.callback_metrics
+    assert {"train/loss", "train/lr", "val/loss", "val/skill_acc"} <= set(m)
+    assert 0.0 <= float(m["val/skill_acc"]) <= 1.0
+
+
+def test_skill_eval_scores_an_oracle(tmp_path, monkeypatch):
+    """evaluate_text_skill against a model whose greedy output is scripted: exact match, strip, eos."""
+    corpus = write_toy_corpus(tmp_path / "text", n_train=50, n_val=4)
+    from synergen_lightning.text_tokenizer import train_bpe
+
+    tok = train_bpe([corpus / "train.jsonl"], 300, tmp_path / "tok")
+    model = MMoELLM(config=dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32),
+                    tokenizer_dir=str(tmp_path / "tok"))
+    rows = [json.loads(line) for line in (corpus / "skill_val.jsonl").read_text().splitlines()]
+    answers = [" " + r["answer"] for r in rows[:3]] + [" wrong"]
+    scripted = [tok.encode(a) + [tok.eos_id, 5, 5] for a in answers]
+
+    def fake_generate(ids, max_new_tokens, eos_id=None, attention_mask=None):
+        assert ids.shape[0] == 4 and attention_mask[:, -1].all()  # left padded
+        width = max(map(len, scripted))
+        return torch.tensor([s + [eos_id] * (width - len(s)) for s in scripted])
+
+    monkeypatch.setattr(model.model, "generate_greedy", fake_generate)
+    assert evaluate_text_skill(model, tok, corpus / "skill_val.jsonl") == 0.75
+
+
+@pytest.mark.slow
+def test_tiny_base_llm_learns_the_held_out_skill(tmp_path):
+    """The recipe's model size and schedule on the stand-in corpus: held-out exact match >= 90%."""
+    corpus = write_toy_corpus(tmp_path / "text")
+    dm = TextDataModule([str(corpus / "train.jsonl")], [str(corpus / "val.jsonl")], tokenizer_dir=str(tmp_path / "tok"),
+                        bpe_vocab_size=1024, seq_len=128, batch_size=32)
+    model = MMoELLM(tokenizer_dir=str(tmp_path / "tok"), bpe_train_files=[str(corpus / "train.jsonl")], bpe_vocab_size=1024,
+                    lr=3e-3, warmup_steps=50)
+    trainer = L.Trainer(max_steps=600, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, enable_model_summary=False)
+    trainer.fit(model, dm)
+    acc = evaluate_text_skill(model, model.tokenizer, corpus / "skill_val.jsonl")
+    assert acc >= 0.9, acc
