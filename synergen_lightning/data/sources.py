@@ -146,12 +146,17 @@ def iter_shard(url: str, counter: SkipCounter) -> Iterator[dict]:
                 if prefix is None or os.path.basename(info.name).startswith("__"):
                     continue
                 data = stream.extractfile(info).read()
+                if len(data) != info.size:  # tarfile's stream mode returns short reads silently
+                    raise EOFError(f"{info.name}: {len(data)} of {info.size} bytes")
                 if current is not None and current["__key__"] != prefix:
                     yield current
                     current = None
                 if current is None:
                     current = {"__key__": prefix, "__url__": url}
                 current[suffix.lower()] = data
+            # a complete tar ends with two zero blocks after the last member; a cut at a member boundary lacks them
+            if os.path.getsize(url) < stream.offset + 2 * tarfile.BLOCKSIZE:
+                raise EOFError(f"no end-of-archive marker after {stream.offset} bytes")
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
         # a truncated tar: keep what was read before, drop the partial sample it ended in
         counter.add("truncated_tar", f"{url}: {exc}")

@@ -1,0 +1,218 @@
+"""MixedDataModule: batch layout, mixing, determinism, rank/worker splitting, fault tolerance, setup
+refusals, and resume (plain loop and a Lightning run killed mid-epoch)."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import lightning as L
+import pytest
+import torch
+
+import datamodules.mixed as mixed
+from datamodules.mixed import MixedDataModule
+from synergen_lightning.data.synthetic import write_shards, write_text_jsonl
+from synergen_lightning.text_tokenizer import train_bpe
+
+TPV = 4
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("world")
+    text = write_text_jsonl(d / "text.jsonl", 60)
+    train_bpe([text], 400, d / "tok")
+    write_shards(d / "train", n_shards=4, per_shard=10, seed=1)
+    write_shards(d / "val", n_shards=2, per_shard=5, seed=2, prefix="val")
+    write_shards(d / "bad", n_shards=2, per_shard=10, seed=3, prefix="bad",
+                 bad={"undecodable": [1], "no_caption": [2], "bad_json": [3]})
+    write_shards(d / "codes", n_shards=2, per_shard=10, seed=4, prefix="code", image_size=None, codes_shape=(1, 4, 4))
+    return d
+
+
+def make_dm(world, sources=None, **kw):
+    d = world
+    sources = sources or [
+        dict(name="gen", urls=f"{d}/train/shard-{{000000..000003}}.tar", task="generation"),
+        dict(name="cap", urls=f"{d}/train/*.tar", task="understanding", format="caption", weight=1),
+        dict(name="qa", urls=f"{d}/train/*.tar", task="understanding", format="qa", weight=3),
+        dict(name="txt", urls=str(d / "text.jsonl"), task="text"),
+    ]
+    args = dict(tokenizer=str(d / "tok"), tokens_per_view=TPV, image_size=16, batch_size={"generation": 2, "understanding": 3, "text": 1},
+                steps_per_epoch=6, shuffle_buffer=5, seed=0, max_tiles=2)
+    args.update(kw)
+    dm = MixedDataModule(sources=sources, **args)
+    dm.setup("fit")
+    return dm
+
+
+def run(dm, n=None):
+    """Iterate the train loader like Lightning does (commit via on_before_batch_transfer)."""
+    out = []
+    for i, batch in enumerate(dm.train_dataloader()):
+        if n is not None and i >= n:
+            break
+        out.append(dm.on_before_batch_transfer(batch, 0))
+    return out
+
+
+def keys(batches):
+    return [k for b in batches for k in b["keys"]]
+
+
+def test_batches_follow_the_contract(world):
+    dm = make_dm(world)
+    batches = run(dm)
+    assert len(batches) == 6
+    for b in batches:
+        assert b["task"] == ["generation"] * 2 + ["understanding"] * 3 + ["text"]
+        assert "_stream" not in b
+        B, T = b["input_ids"].shape
+        assert b["labels"].shape == b["image_mask"].shape == b["attention_mask"].shape == b["position_ids"].shape == (B, T)
+        assert b["pixel_values"].dtype == torch.uint8 and b["pixel_values"].shape[1:] == (3, 16, 16)
+        assert int(b["image_mask"].sum()) == b["pixel_values"].shape[0] * TPV == b["image_loss_mask"].numel() * TPV
+        assert int(b["image_loss_mask"].sum()) == 2  # one supervised view per generation row
+        assert b["labels"][b["image_mask"]].eq(-100).all() and b["input_ids"][b["image_mask"]].eq(dm.tokenizer.pad_id).all()
+
+
+def test_weights_mix_sources_within_a_task(world):
+    dm = make_dm(world, steps_per_epoch=150)
+    run(dm)
+    consumed = dm.state_dict()["lanes"][0]
+    # weight 3 vs 1 over 450 understanding draws: qa share 0.75 +- 0.02 (sd)
+    assert 0.69 < consumed["qa"] / (consumed["qa"] + consumed["cap"]) < 0.81, consumed
+    assert consumed["gen"] == 300 and consumed["txt"] == 150
+
+
+def test_deterministic_for_a_seed(world):
+    assert keys(run(make_dm(world))) == keys(run(make_dm(world)))
+    assert keys(run(make_dm(world))) != keys(run(make_dm(world, seed=1)))
+
+
+def test_ranks_read_disjoint_shards(world, monkeypatch):
+    seen = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(mixed, "_rank_world", lambda r=rank: (r, 2))
+        src = [dict(name="gen", urls=f"{world}/train/*.tar", task="generation")]
+        seen[rank] = {k.split("_")[0] for k in keys(run(make_dm(world, src, batch_size={"generation": 4})))}
+    assert seen[0] and seen[1] and not seen[0] & seen[1], seen
+
+
+def test_workers_split_and_match_the_lane_order(world):
+    """Two workers: batch b comes from lane b % 2, the shards of the two lanes are disjoint."""
+    src = [dict(name="gen", urls=f"{world}/train/*.tar", task="generation")]
+    batches = run(make_dm(world, src, num_workers=2, batch_size={"generation": 3}))
+    assert len(batches) == 6
+    lanes = [{k.split("_")[0] for k in b["keys"]} for b in batches]
+    even, odd = set().union(*lanes[0::2]), set().union(*lanes[1::2])
+    assert not even & odd, (even, odd)
+
+
+def test_skips_are_counted_and_logged_once(world, caplog):
+    d = world
+    # a truncated copy of a shard and a missing shard in a list file
+    data = open(f"{d}/train/shard-000000.tar", "rb").read()
+    open(f"{d}/truncated.tar", "wb").write(data[: len(data) // 2 + 100])
+    (d / "list.txt").write_text("bad/bad-000000.tar\nbad/bad-000001.tar\nmissing-000000.tar\ntruncated.tar\n")
+    src = [dict(name="gen", urls=str(d / "list.txt"), task="generation"),
+           dict(name="qa", urls=str(d / "list.txt"), task="understanding", format="qa")]
+    with caplog.at_level("WARNING", logger="datamodules.mixed"):
+        dm = make_dm(world, src, steps_per_epoch=12)
+        batches = run(dm)
+    assert len(batches) == 12 and all(len(b["keys"]) == 5 for b in batches)
+    for reason in ("undecodable_image", "missing_caption", "malformed_json", "missing_shard", "truncated_tar"):
+        assert dm.skipped[reason] > 0, dm.skipped
+        assert sum(reason in r.message for r in caplog.records) == 1
+    assert dm.skipped_total == sum(dm.skipped.values())
+    assert not any(k.startswith("bad") and k.endswith("_00001") for k in keys(batches))  # the undecodable image never gets out
+
+
+def test_source_that_yields_nothing_is_an_error(world):
+    d = world
+    write_shards(d / "allbad", n_shards=1, per_shard=4, prefix="ab", bad={"undecodable": [0, 1, 2, 3]})
+    dm = make_dm(world, [dict(name="broken", urls=f"{d}/allbad/*.tar", task="generation")], batch_size={"generation": 2})
+    it = dm.train_dataloader()
+    it.dataset.max_failures = 50
+    with pytest.raises(RuntimeError, match="'broken'"):
+        next(iter(it))
+
+
+@pytest.mark.parametrize("source,kw,match", [
+    (dict(name="nofile", urls="/nonexistent/x-{0..3}.tar", task="generation"), {}, "'nofile'.*match no file"),
+    (dict(name="w0", urls="TRAIN", task="generation", weight=0), {}, "'w0'.*weight 0"),
+    (dict(name="g", urls="TRAIN", task="generation"), {"batch_size": {"generation": 0}}, r"batch_size\['generation'\]=0"),
+    (dict(name="und", urls="TRAIN", task="understanding"), {"max_tiles": 0}, "'und'.*max_tiles=0"),
+    (dict(name="bad_task", urls="TRAIN", task="captioning"), {}, "'bad_task'.*captioning"),
+])
+def test_bad_settings_refused_at_setup_naming_the_source(world, source, kw, match):
+    source = {**source, "urls": source["urls"].replace("TRAIN", f"{world}/train/*.tar")}
+    with pytest.raises(ValueError, match=match):
+        make_dm(world, [source], **kw)
+
+
+def test_pretokenized_shards_give_image_codes(world):
+    src = [dict(name="gen", urls=f"{world}/codes/*.tar", task="generation"),
+           dict(name="und", urls=f"{world}/codes/*.tar", task="understanding")]
+    dm = make_dm(world, src)
+    assert dm.use_codes
+    b = run(dm, 1)[0]
+    assert "pixel_values" not in b and b["image_codes"].dtype == torch.long and b["image_codes"].shape == (5, 4, 4)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_continues_the_stream(world, num_workers):
+    full = run(make_dm(world, num_workers=num_workers, steps_per_epoch=7))
+    dm = make_dm(world, num_workers=num_workers, steps_per_epoch=7)
+    first = run(dm, 3)
+    state = dm.state_dict()
+    resumed = make_dm(world, num_workers=num_workers, steps_per_epoch=7)
+    resumed.load_state_dict(state)
+    rest = run(resumed)
+    assert keys(first + rest) == keys(full)
+    for a, b in zip(first + rest, full):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["pixel_values"], b["pixel_values"])
+    # the next epoch is a new stream
+    nxt = run(resumed)
+    assert len(nxt) == 7 and keys(nxt) != keys(full) and resumed.state_dict()["epoch"] == 1
+
+
+def test_val_loader_reads_each_sample_once(world):
+    src = [dict(name="v", urls=f"{world}/val/*.tar", task="understanding", format="qa")]
+    dm = make_dm(world, val_sources=src)
+    batches = list(dm.val_dataloader())
+    ks = keys(batches)
+    assert len(ks) == 10 and len(set(ks)) == 10 and [len(b["keys"]) for b in batches] == [3, 3, 3, 1]
+
+
+class _KeyRecorder(L.LightningModule):
+    def __init__(self, crash_at: int | None = None):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.crash_at, self.seen = crash_at, []
+
+    def training_step(self, batch, batch_idx):
+        if self.crash_at is not None and self.global_step == self.crash_at:
+            raise RuntimeError("simulated crash")
+        self.seen.append(list(batch["keys"]))
+        return (self.w * batch["input_ids"].float().mean()).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_lightning_run_killed_and_resumed_continues_the_stream(world, tmp_path):
+    kw = dict(enable_progress_bar=False, enable_model_summary=False, logger=False, accelerator="cpu", num_sanity_val_steps=0)
+    full = _KeyRecorder()
+    L.Trainer(max_steps=10, default_root_dir=tmp_path / "full", enable_checkpointing=False, **kw).fit(full, make_dm(world, num_workers=2))
+
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=4, save_top_k=-1)
+    crashed = _KeyRecorder(crash_at=5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        L.Trainer(max_steps=10, default_root_dir=tmp_path / "a", callbacks=[ckpt], **kw).fit(crashed, make_dm(world, num_workers=2))
+    path = next(p for p in os.listdir(tmp_path / "ck") if "step=4" in p)
+    resumed = _KeyRecorder()
+    L.Trainer(max_steps=10, default_root_dir=tmp_path / "b", enable_checkpointing=False, **kw).fit(
+        resumed, make_dm(world, num_workers=2), ckpt_path=tmp_path / "ck" / path)
+    assert crashed.seen[:4] + resumed.seen == full.seen
+    assert len(full.seen) == 10 and Counter(map(tuple, full.seen[:6])) != Counter(map(tuple, full.seen[6:]))
