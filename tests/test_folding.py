@@ -43,3 +43,13 @@ def test_bad_fold_and_bad_codes_are_one_line_errors():
         folder.fold(torch.full((1, 4, 4), 16))
     with pytest.raises(ValueError, match="does not match the folder's grid"):
         folder.fold(torch.zeros(1, 8, 8, dtype=torch.long))
+
+
+def test_fold_patch_equals_full_fold():
+    torch.manual_seed(0)
+    folder = TokenFolder(codebook_size=32, grid=(4, 8), fold=(2, 4), llm_hidden_size=16, code_dim=6)
+    codes = torch.randint(0, 32, (2, 4, 8))
+    full = folder.fold(codes)
+    patches = fold_codes(codes, (2, 4))
+    for i in range(4):
+        torch.testing.assert_close(folder.fold_patch(patches[:, i], i), full[:, i])

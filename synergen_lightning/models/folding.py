@@ -87,3 +87,15 @@ class TokenFolder(nn.Module):
         return self.mlp(x)
 
     forward = fold
+
+    def fold_patch(self, patch_codes: Tensor, index: int) -> Tensor:
+        """One folded token during generation: the m*n codes of patch `index` (Long[B, m*n]) -> [B, llm_hidden].
+
+        Equal to `fold(grid)[:, index]` for any grid holding these codes at that patch (tested).
+        """
+        m, n = self.fold_size
+        per_row = self.grid[1] // n
+        r, c = divmod(index, per_row)
+        pos = self.pos_embed[r * m:(r + 1) * m, c * n:(c + 1) * n]  # [m, n, d]
+        x = self.code_embed(patch_codes) + rearrange(pos, "m n d -> (m n) d")
+        return self.mlp(rearrange(x, "b l d -> b (l d)"))

@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from synergen_lightning.generation import answer, generate_codes, generate_images, understanding_prompt_ids
+from tests.test_system_helpers import SPECIAL, tiny_model
+
+
+class CharTokenizer:
+    """A stand-in TextTokenizer: one id per character (10..63), the ids of tests.test_system_helpers.SPECIAL."""
+
+    bos_id, eos_id, pad_id, boi_id, eoi_id, uncond_id, im_start_id, im_end_id = (
+        SPECIAL[k] for k in ("bos", "eos", "pad", "boi", "eoi", "uncond", "im_start", "im_end"))
+
+    def encode(self, s):
+        return [10 + ord(c) % 54 for c in s]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + (i - 10) % 26) for i in ids if i >= 10)
+
+
+class GridTokenizer:
+    codebook_size, downsample = 16, 4
+
+    def encode(self, x):
+        return (x.mean(1)[:, ::4, ::4] * 15).round().long()
+
+    def decode(self, codes):
+        img = codes.float().div(15).repeat_interleave(4, -1).repeat_interleave(4, -2)
+        return img[:, None].expand(-1, 3, -1, -1)
+
+
+def _model():
+    m = tiny_model().eval()
+    m.set_text_tokenizer(CharTokenizer())
+    m.set_image_tokenizer(GridTokenizer())
+    return m
+
+
+def test_cached_equals_uncached_at_temperature_zero_with_and_without_cfg():
+    model = _model()
+    from synergen_lightning.data.sequences import generation_prompt_ids
+
+    tok = CharTokenizer()
+    rows = [generation_prompt_ids(tok, "a red circle"), generation_prompt_ids(tok, "two blue squares left")]
+    uncond = generation_prompt_ids(tok, None)
+    for cfg in (None, 3.0):
+        a = generate_codes(model, rows, uncond, cfg, temperature=0.0, use_cache=True)
+        b = generate_codes(model, rows, uncond, cfg, temperature=0.0, use_cache=False)
+        assert a.shape == (2, 4, 4)
+        assert torch.equal(a, b)
+
+
+def test_seed_determinism_and_images():
+    model = _model()
+    a = generate_images(model, ["a red circle"], num=2, temperature=1.0, seed=3, output="codes")
+    b = generate_images(model, ["a red circle"], num=2, temperature=1.0, seed=3, output="codes")
+    c = generate_images(model, ["a red circle"], num=2, temperature=1.0, seed=4, output="codes")
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    imgs = generate_images(model, ["a red circle", "a square"], num=1, seed=0)
+    assert len(imgs) == 2 and imgs[0].size == (16, 16)
+
+
+def test_cfg_is_one_batched_pass_per_step():
+    model = _model()
+    sizes = []
+    hook = model.llm.register_forward_hook(lambda m, i, o: sizes.append(o.shape[0]))
+    generate_images(model, ["a", "b", "c"], num=1, cfg_scale=7.5, seed=0, output="codes")
+    hook.remove()
+    P = model.tokens_per_view
+    assert sizes == [6] * (1 + P + 1)  # prefill, one step per patch, <eoi>; cond + uncond rows together
+
+
+def test_prompt_longer_than_context_is_an_error():
+    model = _model()
+    with pytest.raises(ValueError, match=r"exceeds the context of 128 tokens; shorten the prompt"):
+        generate_images(model, ["x" * 200], output="codes")
+
+
+def test_answer_matches_uncached_greedy_reference():
+    model = _model()
+    codes = torch.randint(0, 16, (2, 4, 4))
+    questions = ["what colour?", "how many shapes are there"]
+    got = answer(model, None, questions, max_new_tokens=5, codes=codes)
+    tok = CharTokenizer()
+    for r, q in enumerate(questions):
+        ids, img = understanding_prompt_ids(tok, 1, model.tokens_per_view, q)
+        out = []
+        for _ in range(5):
+            t = torch.tensor([ids])
+            hidden = model.llm(model.embed_inputs(t, torch.tensor([img]), codes[r:r + 1]), image_mask=torch.tensor([img]))
+            nxt = int(model.llm.logits(hidden[:, -1]).argmax(-1))
+            if nxt in (tok.im_end_id, tok.eos_id):
+                break
+            out.append(nxt)
+            ids, img = ids + [nxt], img + [False]
+        assert got[r] == tok.decode(out).strip()
