@@ -19,6 +19,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("data", "synth"): ("synergen_lightning.world.cli:synth_main", "write the synthetic shape world as webdataset shards"),
     ("data", "train-bpe"): ("synergen_lightning.text_tokenizer:train_bpe_main", "train the tiny default byte-level BPE text tokenizer on a corpus"),
     ("data", "pretokenize"): ("synergen_lightning.image_tokenizer.pretokenize:main", "add .codes.npy (VQ code grids) to every sample of a shard set"),
+    ("eval", "tokenizer"): ("synergen_lightning.image_tokenizer.evaluate:main", "PSNR/SSIM, codebook usage and round-trip stability of an image tokenizer on val shards"),
     ("eval", "geneval"): ("synergen_lightning.world.cli:geneval_main", "score generated images against shape-world prompts (GenEval's six categories)"),
     ("import-hf",): ("synergen_lightning.hf_import:main", "convert a local Hugging Face Llama/Qwen2/InternLM2 directory into an MMoE LLM checkpoint"),
     ("generate",): ("synergen_lightning.generation:generate_main", "generate images from text prompts with a trained SynerGenVL checkpoint"),

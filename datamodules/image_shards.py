@@ -1,0 +1,168 @@
+"""`ImageShardDataModule`: image-only webdataset shards (img2dataset layout, `KEY.jpg` / `.png` / `.webp`) for
+training and validating image tokenizers.
+
+Every decoded image, in any PIL mode, goes through `synergen_lightning.data.views` (the one pixel policy) and
+yields several `size` x `size` views, so the tokenizer sees what the MLLM will feed it:
+- the generation view (short edge -> size, centre crop),
+- the understanding tiles (`dynamic_tiles` with `max_tiles`; for the tiny world's 128 canvas and size 64: 2x2 tiles),
+- in training only, `random_crops` random size x size crops of the image at its native scale (if it is big enough).
+Undecodable samples are skipped and counted, never fatal: each batch carries `n_skipped` (samples dropped since
+the previous batch of that worker), which `VQTokenizer` logs cumulatively as `data/skipped`.
+Batches: `{"pixel_values": uint8 [N, 3, size, size], "n_skipped": int}`.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import random
+from pathlib import Path
+
+import lightning as L
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from synergen_lightning.data.views import dynamic_tiles, generation_view, to_rgb, to_uint8_tensor
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def expand_shards(spec: str | list[str]) -> list[str]:
+    """A directory, a glob, a brace pattern (`shard-{000000..000009}.tar`) or a list of those -> sorted shard paths."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for s in specs:
+        if Path(s).is_dir():
+            out += sorted(glob.glob(str(Path(s) / "*.tar")))
+        elif "{" in s:
+            out += list(wds.shardlists.expand_urls(s))
+        else:
+            out += sorted(glob.glob(s))
+    if not out:
+        raise FileNotFoundError(f"no shards match {spec!r}; write them first (make data) or fix the path")
+    return out
+
+
+def decode_image(sample: dict) -> Image.Image | None:
+    """First image field of a raw webdataset sample -> PIL image (fully loaded), or None if absent/undecodable."""
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            try:
+                img = Image.open(io.BytesIO(sample[ext]))
+                img.load()
+                return img
+            except Exception:  # truncated / corrupt / not an image: the caller counts it
+                return None
+    return None
+
+
+def image_views(img: Image.Image, size: int, max_tiles: int, random_crops: int = 0, rng: random.Random | None = None) -> list[Image.Image]:
+    """Generation view + understanding tiles (+ random native-scale crops) of one image, all size x size RGB."""
+    img = to_rgb(img)
+    views = [generation_view(img, size)]
+    if max_tiles > 1:
+        views += dynamic_tiles(img, size, max_tiles=max_tiles)
+    rng = rng or random.Random()
+    for _ in range(random_crops if min(img.size) >= size else 0):
+        left, top = rng.randint(0, img.width - size), rng.randint(0, img.height - size)
+        views.append(img.crop((left, top, left + size, top + size)))
+    return views
+
+
+class ImageViewStream(IterableDataset):
+    """Streams views of every image in the shards; shards split across workers (and ranks when shuffling)."""
+
+    def __init__(self, shards: list[str], size: int, max_tiles: int, random_crops: int, shuffle: bool, seed: int = 0):
+        self.shards, self.size, self.max_tiles = shards, size, max_tiles
+        self.random_crops, self.shuffle, self.seed = random_crops, shuffle, seed
+        self.epoch = 0
+
+    def _my_shards(self) -> list[str]:
+        shards = list(self.shards)
+        if self.shuffle:
+            random.Random(self.seed + self.epoch).shuffle(shards)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            shards = shards[rank::world] if len(shards) >= world else shards
+        info = get_worker_info()
+        if info is not None:
+            shards = shards[info.id :: info.num_workers] if len(shards) >= info.num_workers else (shards if info.id == 0 else [])
+        return shards
+
+    def __iter__(self):
+        info = get_worker_info()
+        # torch.initial_seed() differs per worker and per epoch (non-persistent workers are re-created each epoch)
+        rng = random.Random(hash((self.seed, self.epoch, torch.initial_seed())))
+        self.epoch += 1
+        pending = 0
+        buffer: list[torch.Tensor] = []
+        for sample in wds.WebDataset(self._my_shards(), shardshuffle=False, empty_check=False, handler=wds.warn_and_continue):
+            img = decode_image(sample)
+            if img is None:
+                pending += 1
+                continue
+            views = to_uint8_tensor(image_views(img, self.size, self.max_tiles, self.random_crops if self.shuffle else 0, rng))
+            buffer.extend(views)
+            if self.shuffle and len(buffer) < 512:  # small shuffle buffer across images
+                continue
+            if self.shuffle:
+                rng.shuffle(buffer)
+            while buffer and (not self.shuffle or len(buffer) > 256):
+                yield {"pixel_values": buffer.pop(), "n_skipped": pending}
+                pending = 0
+        if self.shuffle:
+            rng.shuffle(buffer)
+        for view in buffer:
+            yield {"pixel_values": view, "n_skipped": pending}
+            pending = 0
+        if pending:  # skips after the last view still get counted
+            yield {"pixel_values": None, "n_skipped": pending}
+
+
+def collate_views(items: list[dict]) -> dict:
+    pixels = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
+    return {
+        "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, 3, 1, 1, dtype=torch.uint8),
+        "n_skipped": sum(int(it["n_skipped"]) for it in items),
+    }
+
+
+class ImageShardDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        train_shards: str | list[str] = "data/tiny/train/shard-*.tar",
+        val_shards: str | list[str] = "data/tiny/val/shard-*.tar",
+        size: int = 64,
+        max_tiles: int = 4,
+        random_crops: int = 1,
+        batch_size: int = 32,
+        num_workers: int = 1,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"size {size} must be a positive view size in pixels (e.g. 64)")
+        self.save_hyperparameters()
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        if stage in (None, "fit"):
+            self.train_set = ImageViewStream(expand_shards(hp.train_shards), hp.size, hp.max_tiles, hp.random_crops, shuffle=True, seed=hp.seed)
+        if stage in (None, "fit", "validate", "test"):
+            self.val_set = ImageViewStream(expand_shards(hp.val_shards), hp.size, hp.max_tiles, 0, shuffle=False, seed=hp.seed)
+
+    def _loader(self, dataset: IterableDataset) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(dataset, batch_size=hp.batch_size, num_workers=hp.num_workers, collate_fn=collate_views,
+                          persistent_workers=False, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)

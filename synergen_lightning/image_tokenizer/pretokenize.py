@@ -1,0 +1,146 @@
+"""`synergen data pretokenize`: rewrite a shard set with `KEY.codes.npy` (int32 [n_views, h, w]) beside every image.
+
+Views come from `synergen_lightning.data.views`, exactly as training builds them:
+- `--task generation`: one view, `generation_view(img, image_size)` (short edge -> size, centre crop);
+- `--task understanding`: `dynamic_tiles(img, image_size, max_tiles, thumbnail)` (tiles row-major, then thumbnail).
+Every other field of the sample is copied unchanged. Undecodable images: the sample is dropped and counted.
+Resuming: each output shard is written to `NAME.tar.tmp` and renamed when complete; shards whose output already
+exists are skipped, so an interrupted run restarted with the same arguments redoes at most one shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from synergen_lightning.data.views import dynamic_tiles, generation_view, to_uint8_tensor
+
+
+def sample_views(img, task: str, image_size: int, max_tiles: int, thumbnail: bool):
+    if task == "generation":
+        return [generation_view(img, image_size)]
+    return dynamic_tiles(img, image_size, max_tiles=max_tiles, thumbnail=thumbnail)
+
+
+def _encode_samples(tokenizer, pending: list[tuple[dict, list]], batch_size: int, device: torch.device) -> list[np.ndarray]:
+    """Encode the views of several samples in batches of <= batch_size views; one int32 array per sample."""
+    views = torch.cat([to_uint8_tensor(v) for _, v in pending])
+    codes = []
+    for start in range(0, len(views), batch_size):
+        batch = views[start : start + batch_size].to(device).float().div(255)
+        codes.append(tokenizer.encode(batch).cpu())
+    codes = torch.cat(codes).numpy().astype(np.int32)
+    out, i = [], 0
+    for _, v in pending:
+        out.append(codes[i : i + len(v)])
+        i += len(v)
+    return out
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def pretokenize_shard(tokenizer, src: Path, dst: Path, task: str, image_size: int, max_tiles: int, thumbnail: bool,
+                      batch_size: int = 64, device: torch.device | str = "cpu", progress=None, progress_task=None) -> dict:
+    """One shard -> `dst` (via `dst.tmp`, renamed when complete). Returns counts: samples, images, skipped."""
+    from datamodules.image_shards import decode_image  # the same decoder and skip rule as training
+
+    device = torch.device(device)
+    tmp = dst.with_name(dst.name + ".tmp")
+    stats = {"samples": 0, "images": 0, "skipped": 0}
+    pending: list[tuple[dict, list]] = []
+
+    def flush(sink):
+        if not pending:
+            return
+        for (sample, _), codes in zip(pending, _encode_samples(tokenizer, pending, batch_size, device)):
+            sink.write({**sample, "codes.npy": _npy_bytes(codes)})
+            stats["samples"] += 1
+            stats["images"] += len(codes)
+            if progress is not None:
+                progress.advance(progress_task)
+        pending.clear()
+
+    with wds.TarWriter(str(tmp)) as sink:
+        for sample in wds.WebDataset(str(src), shardshuffle=False, empty_check=False, handler=wds.warn_and_continue):
+            sample = {k: v for k, v in sample.items() if k not in ("__url__", "__local_path__", "codes.npy")}
+            img = decode_image(sample)
+            if img is None:
+                stats["skipped"] += 1
+                if progress is not None:
+                    progress.advance(progress_task)
+                continue
+            pending.append((sample, sample_views(img, task, image_size, max_tiles, thumbnail)))
+            if sum(len(v) for _, v in pending) >= batch_size:
+                flush(sink)
+        flush(sink)
+    os.replace(tmp, dst)  # atomic: a finished shard is either all there or absent
+    return stats
+
+
+def _count_samples(shard: Path) -> int:
+    import tarfile
+
+    with tarfile.open(shard) as tar:
+        return len({m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="synergen data pretokenize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokenizer", required=True, help="VQTokenizer .ckpt or a local Emu3/Chameleon VQ directory")
+    p.add_argument("--in", dest="inp", required=True, help="input shards: a directory, glob or brace pattern")
+    p.add_argument("--out", required=True, help="output directory (same shard names)")
+    p.add_argument("--task", choices=("generation", "understanding"), default="generation", help="which views to tokenize (default: generation)")
+    p.add_argument("--image-size", type=int, default=64, help="view size in pixels; must be divisible by the tokenizer's downsample (default: 64)")
+    p.add_argument("--max-tiles", type=int, default=4, help="understanding: most tiles per image (default: 4)")
+    p.add_argument("--thumbnail", action="store_true", help="understanding: append a whole-image thumbnail view when >1 tile")
+    p.add_argument("--codebook-size", type=int, default=None, help="refuse a tokenizer whose codebook size differs")
+    p.add_argument("--batch-size", type=int, default=64, help="views per encode call (default: 64)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if available)")
+    args = p.parse_args(argv)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from datamodules.image_shards import expand_shards
+    from synergen_lightning.image_tokenizer.protocol import load_image_tokenizer
+
+    tokenizer = load_image_tokenizer(args.tokenizer, expected_codebook_size=args.codebook_size)
+    if args.image_size % tokenizer.downsample:
+        p.error(f"--image-size {args.image_size} is not divisible by the tokenizer's downsample {tokenizer.downsample}; "
+                f"use a multiple of {tokenizer.downsample}")
+    if isinstance(tokenizer, torch.nn.Module):
+        tokenizer.to(args.device)
+    shards = [Path(s) for s in expand_shards(args.inp)]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if len({s.name for s in shards}) != len(shards):
+        p.error("input shards have repeated file names; --out keeps names, so give shards from one directory")
+    todo = [s for s in shards if not (out_dir / s.name).exists()]
+    done = len(shards) - len(todo)
+    if done:
+        print(f"resuming: {done} of {len(shards)} shards already in {out_dir}, skipping them")
+    total = {"samples": 0, "images": 0, "skipped": 0}
+    start = time.perf_counter()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns) as progress:
+        bar = progress.add_task("samples", total=sum(_count_samples(s) for s in todo))
+        for shard in todo:
+            progress.update(bar, description=shard.name)
+            stats = pretokenize_shard(tokenizer, shard, out_dir / shard.name, args.task, args.image_size, args.max_tiles,
+                                      args.thumbnail, args.batch_size, args.device, progress, bar)
+            for k in total:
+                total[k] += stats[k]
+    seconds = time.perf_counter() - start
+    print(f"pretokenized {len(todo)} shards ({done} skipped as done): {total['samples']} samples, {total['images']} views, "
+          f"{total['skipped']} undecodable skipped; {total['images'] / max(seconds, 1e-9):.1f} images/s")
+    return 0

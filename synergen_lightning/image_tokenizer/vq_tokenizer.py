@@ -1,0 +1,308 @@
+"""`VQTokenizer`: our trainable VQ image tokenizer as a LightningModule, implementing the ImageTokenizer protocol.
+
+Training loss = reconstruction (L1 or L2) + codebook + beta * commitment
+              [+ perceptual_weight * VGG feature distance, only with a local `perceptual_weights` file]
+              [+ adversarial_weight * PatchGAN hinge loss after `disc_start_step`; manual optimisation with
+                 two optimisers, used only when adversarial_weight > 0].
+Validation logs to TensorBoard: `val/psnr`, `val/ssim` (torchmetrics), `val/codebook_usage` (fraction of codes
+used over the val epoch), `val/perplexity`, a reconstruction grid (input row above output row), and `val/rfid`
+through torch-fidelity when `fid_inception_weights` names a local Inception file (a one-line notice otherwise).
+Batches are dicts with `pixel_values` uint8 [N, 3, S, S] (see datamodules/image_shards.py) and optionally
+`n_skipped` (undecodable samples dropped by the loader, logged cumulatively as `data/skipped`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from synergen_lightning.image_tokenizer.protocol import check_images
+from synergen_lightning.models.vq import VQConfig, VQModel
+
+
+class VGGPerceptual(nn.Module):
+    """LPIPS-like distance: mean squared difference of channel-normalised VGG16 features at 5 depths
+    (unweighted; LPIPS's learned linear heads are a separate download we do not require)."""
+
+    LAYERS = (3, 8, 15, 22, 29)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+
+    def __init__(self, weights_path: str):
+        super().__init__()
+        from torchvision.models import vgg16
+
+        path = Path(weights_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"perceptual_weights {str(path)!r} does not exist; give a local torchvision vgg16 "
+                                    "state_dict file or set perceptual_weight: 0")
+        vgg = vgg16()
+        vgg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.features = vgg.features[: self.LAYERS[-1] + 1].eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:  # both in [0, 1]
+        h = torch.cat([x, y]).sub(self.mean).div(self.std)
+        loss = h.new_zeros(())
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in self.LAYERS:
+                fx, fy = F.normalize(h, dim=1).chunk(2)
+                loss = loss + (fx - fy).pow(2).sum(1).mean()
+        return loss
+
+
+class PatchGAN(nn.Module):
+    """pix2pix / VQGAN N-layer PatchGAN discriminator (GroupNorm instead of BatchNorm: tiny CPU batches)."""
+
+    def __init__(self, channels: int = 32, n_layers: int = 3):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(3, channels, 4, 2, 1), nn.LeakyReLU(0.2)]
+        ch = channels
+        for i in range(1, n_layers + 1):
+            nxt = channels * min(2 ** i, 8)
+            layers += [nn.Conv2d(ch, nxt, 4, 2 if i < n_layers else 1, 1), nn.GroupNorm(8, nxt), nn.LeakyReLU(0.2)]
+            ch = nxt
+        layers.append(nn.Conv2d(ch, 1, 4, 1, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class VQTokenizer(L.LightningModule):
+    """Trainable VQGAN-family tokenizer; `encode`/`decode` follow the ImageTokenizer protocol (pixels in [0, 1])."""
+
+    def __init__(
+        self,
+        codebook_size: int = 512,
+        code_dim: int = 8,
+        base_channels: int = 16,
+        channel_multiplier: tuple[int, ...] = (1, 2, 4, 4),
+        num_res_blocks: int = 1,
+        z_channels: int = 64,
+        l2_normalize: bool = True,
+        dead_code_restart: bool = True,
+        recon_loss: str = "l1",
+        codebook_weight: float = 1.0,
+        commitment_beta: float = 0.25,
+        perceptual_weight: float = 0.0,
+        perceptual_weights: str | None = None,
+        adversarial_weight: float = 0.0,
+        disc_start_step: int = 0,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        warmup_steps: int = 50,
+        fid_inception_weights: str | None = None,
+        num_grid_images: int = 8,
+    ):
+        super().__init__()
+        if recon_loss not in ("l1", "l2"):
+            raise ValueError(f"recon_loss {recon_loss!r} is not supported; use 'l1' or 'l2'")
+        self.save_hyperparameters()
+        self.vq = VQModel(VQConfig(codebook_size=codebook_size, code_dim=code_dim, base_channels=base_channels,
+                                   channel_multiplier=tuple(channel_multiplier), num_res_blocks=num_res_blocks,
+                                   z_channels=z_channels, l2_normalize=l2_normalize, dead_code_restart=dead_code_restart))
+        self.codebook_size, self.downsample = codebook_size, self.vq.downsample
+        self.perceptual = None
+        if perceptual_weight > 0:
+            if not perceptual_weights:
+                raise ValueError("perceptual_weight > 0 needs perceptual_weights: a local torchvision vgg16 state_dict file "
+                                 "(nothing is downloaded); or set perceptual_weight: 0")
+            self.perceptual = VGGPerceptual(perceptual_weights)
+        self.discriminator = PatchGAN() if adversarial_weight > 0 else None
+        self.automatic_optimization = self.discriminator is None  # GAN: two optimisers, stepped by hand
+        self.val_psnr = PeakSignalNoiseRatio(data_range=1.0)
+        self.val_ssim = StructuralSimilarityIndexMeasure(data_range=1.0)
+        self.register_buffer("_val_code_counts", torch.zeros(codebook_size, dtype=torch.long), persistent=False)
+        self._skipped_total = 0
+        self._fid_real: list[Tensor] = []
+        self._fid_fake: list[Tensor] = []
+        self._fid_notice_done = False
+
+    # ---- ImageTokenizer protocol -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        check_images(images, self.downsample)
+        return self.vq.encode(images.to(self.device, self.dtype) * 2 - 1)[1]
+
+    @torch.no_grad()
+    def decode(self, codes: Tensor) -> Tensor:
+        if codes.ndim != 3:
+            raise ValueError(f"codes must be Long [B, h, w]; got shape {tuple(codes.shape)}")
+        return (self.vq.decode_codes(codes.to(self.device).long()).float() + 1).div(2).clamp(0, 1)
+
+    @classmethod
+    def load_frozen(cls, path: str | Path, map_location: str = "cpu") -> "VQTokenizer":
+        """Checkpoint -> frozen tokenizer (loss-only parts such as VGG and the discriminator are dropped)."""
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
+            raise ValueError(f"{str(path)!r} is not a Lightning checkpoint of VQTokenizer (no hyper_parameters/state_dict)")
+        hp = dict(ckpt["hyper_parameters"])
+        hp.update(perceptual_weight=0.0, perceptual_weights=None, adversarial_weight=0.0)
+        model = cls(**{k: v for k, v in hp.items() if not k.startswith("_")})
+        model._check_codebook(ckpt)
+        state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("vq.")}
+        model.load_state_dict(state, strict=False)
+        return model.eval().requires_grad_(False)
+
+    def _check_codebook(self, checkpoint: dict) -> None:
+        weight = checkpoint.get("state_dict", {}).get("vq.quantizer.embedding.weight")
+        if weight is not None and weight.shape[0] != self.codebook_size:
+            raise ValueError(f"checkpoint codebook has {weight.shape[0]} codes but this model/recipe has codebook_size "
+                             f"{self.codebook_size}; set codebook_size: {weight.shape[0]} or use a matching checkpoint")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._check_codebook(checkpoint)
+
+    # ---- training ------------------------------------------------------------------------------------------
+    def _pixels(self, batch: dict) -> Tensor:
+        return batch["pixel_values"].to(self.dtype if self.dtype.is_floating_point else torch.float32) / 127.5 - 1
+
+    def _log_skipped(self, batch: dict) -> None:
+        if "n_skipped" in batch:
+            self._skipped_total += int(batch["n_skipped"])
+            self.log("data/skipped", float(self._skipped_total), on_step=True, on_epoch=False)
+
+    def _generator_loss(self, x: Tensor, recon: Tensor, q_losses: dict[str, Tensor], use_gan: bool) -> tuple[Tensor, dict]:
+        rec = F.l1_loss(recon, x) if self.hparams.recon_loss == "l1" else F.mse_loss(recon, x)
+        loss = rec + self.hparams.codebook_weight * q_losses["codebook"] + self.hparams.commitment_beta * q_losses["commitment"]
+        logs = {"train/recon": rec, "train/codebook": q_losses["codebook"], "train/commitment": q_losses["commitment"]}
+        if self.perceptual is not None:
+            p = self.perceptual((recon + 1) / 2, (x + 1) / 2)
+            loss = loss + self.hparams.perceptual_weight * p
+            logs["train/perceptual"] = p
+        if use_gan:
+            g = -self.discriminator(recon).mean()
+            loss = loss + self.hparams.adversarial_weight * g
+            logs["train/gan_g"] = g
+        return loss, logs
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        self._log_skipped(batch)
+        x = self._pixels(batch)
+        if x.shape[0] == 0:  # a batch made only of skipped samples
+            return None
+        recon, _, q_losses = self.vq(x)
+        use_gan = self.discriminator is not None and self.global_step >= self.hparams.disc_start_step
+        loss, logs = self._generator_loss(x, recon, q_losses, use_gan)
+        self.log_dict(logs, prog_bar=False)
+        self.log("train/loss", loss, prog_bar=True)
+        if self.automatic_optimization:
+            return loss
+        opt_g, opt_d = self.optimizers()
+        sched_g, sched_d = self.lr_schedulers()
+        opt_g.zero_grad()
+        self.manual_backward(loss)
+        opt_g.step()
+        sched_g.step()
+        if use_gan:  # hinge loss for the discriminator on detached reconstructions
+            d_loss = F.relu(1 - self.discriminator(x)).mean() + F.relu(1 + self.discriminator(recon.detach())).mean()
+            opt_d.zero_grad()
+            self.manual_backward(d_loss)
+            opt_d.step()
+            self.log("train/gan_d", d_loss)
+        sched_d.step()
+        return None
+
+    def configure_optimizers(self):
+        def warmup(step: int) -> float:
+            return min(1.0, (step + 1) / max(1, self.hparams.warmup_steps))
+
+        params = list(self.vq.parameters())
+        opt_g = torch.optim.AdamW(params, lr=self.hparams.lr, betas=(0.5, 0.9), weight_decay=self.hparams.weight_decay)
+        sched_g = {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt_g, warmup), "interval": "step"}
+        if self.discriminator is None:
+            return {"optimizer": opt_g, "lr_scheduler": sched_g}
+        opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=self.hparams.lr, betas=(0.5, 0.9))
+        sched_d = {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt_d, warmup), "interval": "step"}
+        return [opt_g, opt_d], [sched_g, sched_d]
+
+    # ---- validation ------------------------------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_code_counts.zero_()
+        self._fid_real, self._fid_fake = [], []
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x = self._pixels(batch)
+        if x.shape[0] == 0:
+            return
+        recon, codes, _ = self.vq(x)
+        real, fake = (x.float() + 1) / 2, (recon.float().clamp(-1, 1) + 1) / 2
+        self.val_psnr(fake, real)
+        self.val_ssim(fake, real)
+        self.log("val/recon_l1", F.l1_loss(fake, real), prog_bar=False)
+        self.log_dict({"val/psnr": self.val_psnr, "val/ssim": self.val_ssim}, prog_bar=True)
+        self._val_code_counts += torch.bincount(codes.flatten(), minlength=self.codebook_size)
+        if batch_idx == 0:
+            self._log_grid(real, fake)
+        if self.hparams.fid_inception_weights:
+            self._fid_real.append((real * 255).round().to(torch.uint8).cpu())
+            self._fid_fake.append((fake * 255).round().to(torch.uint8).cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        counts = self.all_gather(self._val_code_counts)
+        counts = counts.sum(0) if counts.ndim == 2 else counts
+        usage, perplexity = codebook_stats(counts)
+        self.log("val/codebook_usage", usage, prog_bar=True, sync_dist=False)
+        self.log("val/perplexity", perplexity, sync_dist=False)
+        self._log_rfid()
+
+    def _log_grid(self, real: Tensor, fake: Tensor) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+        from torchvision.utils import make_grid
+
+        n = min(self.hparams.num_grid_images, real.shape[0])
+        if n == 0 or not isinstance(self.logger, TensorBoardLogger):
+            return
+        grid = make_grid(torch.cat([real[:n], fake[:n]]), nrow=n, padding=2)  # row 1 input, row 2 output
+        self.logger.experiment.add_image("val/reconstructions", grid, self.global_step)
+
+    def _log_rfid(self) -> None:
+        path = self.hparams.fid_inception_weights
+        if not path:
+            if not self._fid_notice_done and self.trainer.is_global_zero:
+                print("rFID skipped: set model.fid_inception_weights to a local pt_inception-2015-12-05 weights file to compute it")
+            self._fid_notice_done = True
+            return
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"fid_inception_weights {path!r} does not exist; give a local Inception weights file or set it to null")
+        if not self._fid_real:
+            return
+        self.log("val/rfid", rfid(torch.cat(self._fid_real), torch.cat(self._fid_fake), path))
+
+
+def codebook_stats(counts: Tensor) -> tuple[float, float]:
+    """Per-code assignment counts -> (fraction of codes used, perplexity exp(H) of the code distribution)."""
+    counts = counts.double()
+    total = counts.sum()
+    if total == 0:
+        return 0.0, 0.0
+    p = counts / total
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return float((counts > 0).double().mean()), float(entropy.exp())
+
+
+def rfid(real: Tensor, fake: Tensor, inception_weights: str) -> float:
+    """FID between two uint8 [N, 3, H, W] sets via torch-fidelity, with a local Inception weights file."""
+    import torch_fidelity
+
+    class _Images(torch.utils.data.Dataset):
+        def __init__(self, images: Tensor):
+            self.images = images
+
+        def __len__(self) -> int:
+            return len(self.images)
+
+        def __getitem__(self, i: int) -> Tensor:
+            return self.images[i]
+
+    metrics = torch_fidelity.calculate_metrics(
+        input1=_Images(real), input2=_Images(fake), fid=True, cuda=torch.cuda.is_available(), verbose=False,
+        feature_extractor_weights_path=inception_weights, batch_size=min(64, len(real)),
+    )
+    return float(metrics["frechet_inception_distance"])
