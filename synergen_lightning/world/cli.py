@@ -1,0 +1,209 @@
+"""`synergen data synth` and `synergen eval geneval`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+IMAGE_NAME = re.compile(r"^(\d+)(?:_(\d+))?\.(png|jpg|jpeg|webp)$", re.IGNORECASE)
+
+
+def _csv(kind: str, allowed):
+    def parse(value: str) -> tuple[str, ...]:
+        items = tuple(v.strip() for v in value.split(",") if v.strip())
+        bad = [v for v in items if v not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"unknown {kind} {', '.join(map(repr, bad)) or '(empty)'}; choose from {','.join(allowed)}")
+        return items
+    return parse
+
+
+def _writable_dir_problem(out: Path) -> str | None:
+    """Why `out` cannot be created or written, or None."""
+    p = out
+    while not p.exists():
+        if p.parent == p:
+            break
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        return f"--out {out}: {p} is a file, not a directory; choose another --out"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"--out {out}: {p} is not writable; choose a directory you can write to"
+    return None
+
+
+def synth_parser() -> argparse.ArgumentParser:
+    from .scene import COLORS, MAX_OBJECTS, SHAPES
+
+    p = argparse.ArgumentParser(
+        prog="synergen data synth",
+        description="Write the synthetic shape world: webdataset shards (KEY.jpg, KEY.txt caption, KEY.json "
+                    "metadata with Q/A and ground truth) in OUT/train and OUT/val, OUT/eval_prompts.jsonl "
+                    "(GenEval-style prompts), and the text corpus OUT/text/. Same seed, same bytes.")
+    p.add_argument("--out", type=Path, required=True, help="output directory (written atomically)")
+    p.add_argument("--num-samples", type=int, default=6500, help="train + val samples (default: 6500)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard (default: 1000)")
+    p.add_argument("--canvas", type=int, default=128, help="image side in pixels, 48..1024 (default: 128)")
+    p.add_argument("--val-fraction", type=float, default=0.08, help="fraction of samples for val (default: 0.08)")
+    p.add_argument("--num-eval-prompts", type=int, default=600,
+                   help="GenEval-style prompts, balanced over the six categories (default: 600)")
+    p.add_argument("--max-objects", type=int, default=MAX_OBJECTS, help=f"objects per scene, 1..{MAX_OBJECTS}")
+    p.add_argument("--text-prob", type=float, default=0.5,
+                   help="probability a scene carries a tiny character to read (default: 0.5)")
+    p.add_argument("--shapes", type=_csv("shape", SHAPES), default=SHAPES,
+                   help=f"comma-separated subset of {','.join(SHAPES)}")
+    p.add_argument("--colors", type=_csv("color", tuple(COLORS)), default=tuple(COLORS),
+                   help=f"comma-separated subset of {','.join(COLORS)}")
+    p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality (default: 95)")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def synth_main(argv: list[str]) -> int:
+    from .scene import check_canvas
+    from .shards import SynthConfig, write_dataset
+
+    parser = synth_parser()
+    a = parser.parse_args(argv)
+    if a.num_samples < 1:
+        parser.error(f"--num-samples {a.num_samples}: need at least 1 sample; e.g. --num-samples 6500")
+    if a.shard_size < 1:
+        parser.error(f"--shard-size {a.shard_size}: need at least 1; e.g. --shard-size 1000")
+    if not 0.0 <= a.val_fraction < 1.0:
+        parser.error(f"--val-fraction {a.val_fraction}: must be in [0, 1); e.g. --val-fraction 0.08")
+    if a.num_eval_prompts < 0:
+        parser.error(f"--num-eval-prompts {a.num_eval_prompts}: must be >= 0")
+    if not 1 <= a.jpeg_quality <= 100:
+        parser.error(f"--jpeg-quality {a.jpeg_quality}: must be in [1, 100]")
+    if a.workers < 1:
+        parser.error(f"--workers {a.workers}: must be >= 1")
+    if not 0.0 <= a.text_prob <= 1.0:
+        parser.error(f"--text-prob {a.text_prob}: must be in [0, 1]")
+    if len(a.shapes) < 2:
+        parser.error(f"--shapes {','.join(a.shapes)}: two-object prompts need at least 2 shapes")
+    if len(a.colors) < 2:
+        parser.error(f"--colors {','.join(a.colors)}: colour-binding prompts need at least 2 colours")
+    problem = check_canvas(a.canvas, a.max_objects)
+    if problem:
+        parser.error(problem)
+    problem = _writable_dir_problem(a.out)
+    if problem:
+        parser.error(problem)
+    if a.out.is_dir() and any(a.out.iterdir()) and not a.overwrite:
+        parser.error(f"--out {a.out} is not empty; pass --overwrite to replace it or choose another --out")
+    cfg = SynthConfig(out=a.out, num_samples=a.num_samples, seed=a.seed, shard_size=a.shard_size, canvas=a.canvas,
+                      val_fraction=a.val_fraction, num_eval_prompts=a.num_eval_prompts, max_objects=a.max_objects,
+                      text_prob=a.text_prob, jpeg_quality=a.jpeg_quality, shapes=a.shapes, colors=a.colors,
+                      workers=a.workers, progress=not a.no_progress and sys.stderr.isatty())
+    s = write_dataset(cfg)
+    print(f"synth: {s['train']} train + {s['val']} val samples ({s['train_shards']} + {s['val_shards']} shards, "
+          f"{a.canvas}px), {s['eval_prompts']} eval prompts, {s['text_train']} + {s['text_val']} text lines, "
+          f"{s['skill_train']} + {s['skill_val']} skill items -> {a.out} in {s['seconds']:.1f}s")
+    return 0
+
+
+def load_prompts(path: Path) -> list[dict]:
+    """Read eval_prompts.jsonl; raise ValueError naming the first malformed line."""
+    from .prompts import validate_prompt
+
+    prompts = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                p = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {lineno}: not JSON ({e.msg}); fix or delete that line") from None
+            problem = validate_prompt(p)
+            if problem:
+                raise ValueError(f"{path} line {lineno}: {problem}")
+            prompts.append(p)
+    if not prompts:
+        raise ValueError(f"{path} has no prompts; write it with `synergen data synth`")
+    return prompts
+
+
+def geneval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="synergen eval geneval",
+        description="Score generated images against shape-world prompts in GenEval's six categories "
+                    "(single_object, two_objects, counting, colors, position, color_attr); overall = mean "
+                    "over categories. Images are named by the 0-based line index of their prompt: "
+                    "{index:05d}_{sample}.png (several samples per prompt) or {index:05d}.png; "
+                    ".png/.jpg/.jpeg/.webp.")
+    p.add_argument("--images", type=Path, help="directory of generated images")
+    p.add_argument("--prompts", type=Path, required=True, help="eval_prompts.jsonl from `synergen data synth`")
+    p.add_argument("--out", type=Path, help="write the report JSON here (printed either way)")
+    p.add_argument("--ground-truth", action="store_true",
+                   help="score the world's own renders of the prompts instead of --images (a sanity check: ~1.0)")
+    p.add_argument("--canvas", type=int, default=128, help="canvas for --ground-truth renders (default: 128)")
+    return p
+
+
+def geneval_main(argv: list[str]) -> int:
+    from PIL import Image
+
+    from .prompts import render_prompt
+    from .scorer import evaluate, detect_objects, summarize
+
+    parser = geneval_parser()
+    a = parser.parse_args(argv)
+    if not a.prompts.is_file():
+        parser.error(f"--prompts {a.prompts} does not exist; write it with `synergen data synth --out DIR`")
+    try:
+        prompts = load_prompts(a.prompts)
+    except ValueError as e:
+        parser.error(str(e))
+    results, skipped = [], []
+    if a.ground_truth:
+        for i, p in enumerate(prompts):
+            results.append((p["tag"], evaluate(detect_objects(render_prompt(p, seed=i, canvas=a.canvas)), p)[0]))
+    else:
+        if a.images is None or not a.images.is_dir():
+            parser.error(f"--images {a.images} is not a directory; pass the directory of generated images")
+        files = sorted(a.images.iterdir())
+        named = []
+        for f in files:
+            m = IMAGE_NAME.match(f.name)
+            if not m:
+                skipped.append(f.name)
+                continue
+            idx = int(m.group(1))
+            if idx >= len(prompts):
+                parser.error(f"{f.name} names prompt {idx} but {a.prompts} has {len(prompts)} prompts "
+                             f"(indices 0..{len(prompts) - 1})")
+            named.append((idx, f))
+        if not named:
+            parser.error(f"--images {a.images} has no images named {{index:05d}}_{{sample}}.png; generate some first")
+        for idx, f in named:
+            try:
+                img = Image.open(f)
+                img.load()
+            except OSError as e:
+                skipped.append(f.name)
+                print(f"geneval: skipping unreadable {f.name}: {e}", file=sys.stderr)
+                continue
+            results.append((prompts[idx]["tag"], evaluate(detect_objects(img), prompts[idx])[0]))
+    report = summarize(results)
+    report["skipped_files"] = len(skipped)
+    if skipped:
+        print(f"geneval: skipped {len(skipped)} file(s) not named {{index:05d}}_{{sample}}.png or unreadable, "
+              f"e.g. {skipped[0]}", file=sys.stderr)
+    text = json.dumps(report, indent=2)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(text + "\n")
+    cats = " ".join(f"{k}={report[k]:.3f}" for k in
+                    ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
+                    if report[k] is not None)
+    print(f"geneval: overall={report['overall']:.4f} over {report['num_images']} images ({cats})")
+    return 0

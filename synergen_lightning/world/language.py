@@ -1,0 +1,123 @@
+"""Captions and understanding question/answer pairs for a scene.
+
+Every scene has distinct (colour, shape) pairs, so "the red circle" names exactly one object.
+Caption phrasings include the GenEval-style forms the eval prompts use ("a red circle and a blue
+square", "two circles", "a circle left of a square"), so a model trained on captions can follow them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from .scene import Scene, relative_position
+
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+QA_KINDS = ("color", "shape", "count", "position", "relation", "yes_no", "text")
+
+
+def plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith("s") else "s")
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def counted(shape: str, n: int) -> str:
+    return f"{article(shape)} {shape}" if n == 1 else f"{NUMBER_WORDS[n]} {plural(shape)}"
+
+
+def join_and(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def region_phrase(region: str) -> str:
+    if region == "center":
+        return "in the center"
+    if region in ("left", "right"):
+        return f"on the {region}"
+    if region in ("top", "bottom"):
+        return f"at the {region}"
+    return f"in the {region}"
+
+
+def captions(scene: Scene) -> list[str]:
+    """Several phrasings of the scene, from detailed to GenEval-short."""
+    objs = scene.objects
+    detailed = join_and([f"{article(o.size)} {o.size} {o.color} {o.shape} {region_phrase(o.region)}" for o in objs])
+    colour_shape = join_and([f"{article(o.color)} {o.color} {o.shape}" for o in objs])
+    by_shape = Counter(o.shape for o in objs)
+    counts = join_and([counted(s, n) for s, n in by_shape.items()])
+    out = [
+        f"{detailed} on a {scene.background} background",
+        colour_shape,
+        counts,
+        f"{NUMBER_WORDS[len(objs)]} shape{'s' if len(objs) > 1 else ''}: {colour_shape}",
+    ]
+    if len(objs) >= 2:
+        a, b = objs[0], objs[1]
+        rels = sorted(relative_position(a.bbox, b.bbox))
+        if rels:
+            out.append(f"{article(a.shape)} {a.shape} {rels[0]} {article(b.shape)} {b.shape}")
+            out.append(f"{article(a.color)} {a.color} {a.shape} {rels[0]} {article(b.color)} {b.color} {b.shape}")
+    if scene.texts:
+        out.append(f"{colour_shape}, with a tiny {scene.texts[0].text} written {region_phrase(scene.texts[0].region)}")
+    return out
+
+
+def qa_pairs(scene: Scene, rng: np.random.Generator) -> list[dict]:
+    """Understanding questions with their answers; each has a `kind` from QA_KINDS."""
+    objs = scene.objects
+    qa: list[dict] = []
+    by_shape = Counter(o.shape for o in objs)
+    by_color = Counter(o.color for o in objs)
+
+    o = objs[int(rng.integers(len(objs)))]
+    same = [p for p in objs if p.shape == o.shape]
+    if len(same) == 1:
+        ref = f"the {o.shape}"
+    elif sum(p.size == o.size for p in same) == 1:
+        ref = f"the {o.size} {o.shape}"
+    elif sum(p.region == o.region for p in same) == 1:
+        ref = f"the {o.shape} {region_phrase(o.region)}"
+    else:
+        ref = None  # no unambiguous name without giving the colour away
+    if ref:
+        qa.append({"kind": "color", "question": f"What color is {ref}?", "answer": o.color})
+    if by_color[o.color] == 1:
+        qa.append({"kind": "shape", "question": f"What shape is the {o.color} object?", "answer": o.shape})
+    qa.append({"kind": "count", "question": "How many shapes are there?", "answer": str(len(objs))})
+    shape = list(by_shape)[int(rng.integers(len(by_shape)))]
+    qa.append({"kind": "count", "question": f"How many {plural(shape)} are there?", "answer": str(by_shape[shape])})
+    qa.append({"kind": "position", "question": f"Where is the {o.color} {o.shape}?", "answer": o.region})
+    if len(objs) >= 2:
+        i, j = rng.choice(len(objs), size=2, replace=False)
+        a, b = objs[int(i)], objs[int(j)]
+        rels = relative_position(a.bbox, b.bbox)
+        rel = ["left of", "right of", "above", "below"][int(rng.integers(4))]
+        qa.append({"kind": "relation", "question": f"Is the {a.color} {a.shape} {rel} the {b.color} {b.shape}?",
+                   "answer": "yes" if rel in rels else "no"})
+    # yes/no existence: half the time ask about a (colour, shape) that is absent.
+    if rng.random() < 0.5:
+        qa.append({"kind": "yes_no", "question": f"Is there {article(o.color)} {o.color} {o.shape}?", "answer": "yes"})
+    else:
+        from .scene import COLORS, SHAPES
+
+        present = {(p.color, p.shape) for p in objs}
+        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+        c, s = absent[int(rng.integers(len(absent)))]
+        qa.append({"kind": "yes_no", "question": f"Is there {article(c)} {c} {s}?", "answer": "no"})
+    if scene.texts:
+        qa.append({"kind": "text", "question": "What character is written in the image?", "answer": scene.texts[0].text})
+    return qa
+
+
+def conversations(qa: list[dict]) -> list[dict]:
+    """LLaVA-style turns (`<image>` placeholder in the first human turn) for instruction-style loaders."""
+    turns = []
+    for k, item in enumerate(qa):
+        turns.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + item["question"]})
+        turns.append({"from": "gpt", "value": item["answer"]})
+    return turns

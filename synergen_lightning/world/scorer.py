@@ -1,0 +1,210 @@
+"""The programmatic scorer: GenEval for the shape world.
+
+Detection, from an RGB image of any size (64x64 generations included):
+1. colour segmentation: a pixel is an object pixel when its chroma (max - min channel) is high;
+   its colour is the palette entry of nearest hue (hue survives blending with the achromatic
+   background, JPEG and small colour drift; the dark text of scenes has no chroma and is ignored);
+2. connected components per colour (8-connectivity; numpy label propagation, scipy is not a
+   dependency); components smaller than `MIN_AREA_FRACTION` of the image are noise;
+3. shape: the component's mask, cropped to its box and resized to a fixed grid, is matched to
+   templates of each shape drawn by the world's own renderer (no rotation in this world);
+4. position: the box, compared with GenEval's `relative_position`.
+
+Decision (as GenEval's `evaluate`): a prompt passes only when every `include` constraint holds
+(count, colour, relation) and no `exclude` constraint is met.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ..data.views import to_rgb
+from .prompts import CATEGORIES
+from .scene import COLORS, SHAPES, draw_shape, relative_position
+
+CHROMA_MIN = 40  # object pixels: max - min channel (palette colours have >= 160; background 0)
+MIN_AREA_FRACTION = 0.003  # smallest object kept, as a fraction of H*W (a small triangle is ~0.013)
+TEMPLATE = 24  # side of the grid shape masks are compared on
+
+
+@dataclass
+class Detection:
+    shape: str
+    color: str
+    bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
+    area: int
+    shape_distance: float  # mean |mask - template| of the chosen shape (0 = perfect)
+
+
+def _hue(rgb: np.ndarray) -> np.ndarray:
+    """Hue in degrees [0, 360) of float RGB [..., 3] (standard HSV formula)."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    mx, mn = rgb.max(-1), rgb.min(-1)
+    d = np.maximum(mx - mn, 1e-6)
+    h = np.where(mx == r, (g - b) / d % 6, np.where(mx == g, (b - r) / d + 2, (r - g) / d + 4))
+    return h * 60.0
+
+
+_PALETTE_NAMES = list(COLORS)
+_PALETTE_HUES = _hue(np.array([COLORS[c] for c in _PALETTE_NAMES], dtype=np.float64))
+
+
+def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """8-connected components of a bool mask -> (labels with 0 = background, count).
+
+    Run-length union-find (scipy is not a dependency): runs of True per row, each run joined with
+    the runs of the row above that touch it diagonally or directly. Cost grows with the number of
+    runs (rows x objects), not pixels, so a 1024x1024 image stays fast.
+    """
+    h, w = mask.shape
+    padded = np.zeros((h, w + 2), dtype=np.int8)
+    padded[:, 1:-1] = mask
+    edges = np.diff(padded, axis=1)
+    rows_s, starts = np.nonzero(edges == 1)
+    _, ends = np.nonzero(edges == -1)  # exclusive; same row-major order as the starts
+    parent = list(range(len(starts)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    row_first = np.searchsorted(rows_s, np.arange(h + 1))
+    for r in range(1, h):
+        prev = range(row_first[r - 1], row_first[r])
+        for i in range(row_first[r], row_first[r + 1]):
+            for j in prev:  # 8-connectivity: runs overlap when extended by one pixel
+                if starts[j] <= ends[i] and starts[i] <= ends[j]:
+                    ri, rj = find(i), find(j)
+                    if ri != rj:
+                        parent[max(ri, rj)] = min(ri, rj)
+    roots = np.array([find(i) for i in range(len(starts))], dtype=np.int64)
+    uniq, comp = np.unique(roots, return_inverse=True)
+    labels = np.zeros((h, w), dtype=np.int32)
+    for i in range(len(starts)):
+        labels[rows_s[i], starts[i]:ends[i]] = comp[i] + 1
+    return labels, len(uniq)
+
+
+@lru_cache(maxsize=1)
+def _templates() -> dict[str, np.ndarray]:
+    s = TEMPLATE * 8
+    out = {}
+    for shape in SHAPES:
+        img = Image.new("L", (s, s), 0)
+        draw_shape(ImageDraw.Draw(img), shape, (0, 0, s, s), 255)
+        out[shape] = np.asarray(img.resize((TEMPLATE, TEMPLATE), Image.Resampling.BOX), dtype=np.float32) / 255.0
+    return out
+
+
+def classify_shape(mask: np.ndarray) -> tuple[str, float]:
+    """Nearest template (mean absolute difference) for a cropped mask (bool or coverage in [0, 1])."""
+    img = Image.fromarray(mask.astype(np.float32), mode="F").resize((TEMPLATE, TEMPLATE), Image.Resampling.BILINEAR)
+    m = np.asarray(img, dtype=np.float32)
+    dists = {s: float(np.abs(m - t).mean()) for s, t in _templates().items()}
+    best = min(dists, key=dists.get)
+    return best, dists[best]
+
+
+def detect_objects(image: Image.Image) -> list[Detection]:
+    """Coloured shapes in `image` (any mode, any size)."""
+    arr = np.asarray(to_rgb(image), dtype=np.float64)
+    h, w = arr.shape[:2]
+    chroma = arr.max(-1) - arr.min(-1)
+    coloured = chroma >= CHROMA_MIN
+    hue = _hue(arr)
+    diff = np.abs(hue[..., None] - _PALETTE_HUES)
+    colour_id = np.minimum(diff, 360.0 - diff).argmin(-1)
+    min_area = max(4, MIN_AREA_FRACTION * h * w)
+    # Background colour: median of the achromatic pixels (white or grey in the world, anything in a generation).
+    bg = np.median(arr[~coloured], axis=0) if (~coloured).any() else np.full(3, 255.0)
+    out = []
+    for ci, name in enumerate(_PALETTE_NAMES):
+        mask = coloured & (colour_id == ci)
+        if mask.sum() < min_area:
+            continue
+        labels, n = label_components(mask)
+        areas = np.bincount(labels.ravel(), minlength=n + 1)
+        for k in range(1, n + 1):
+            if areas[k] < min_area:
+                continue
+            ys, xs = np.nonzero(labels == k)
+            y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+            shape, dist = classify_shape(_soft_mask(arr, bg, labels == k, coloured, (x0, y0, x1, y1)))
+            out.append(Detection(shape, name, (int(x0), int(y0), int(x1), int(y1)), int(areas[k]), dist))
+    return out
+
+
+def _soft_mask(arr, bg, comp, coloured, box, pad: int = 2) -> np.ndarray:
+    """Fractional coverage of one object around its box: |pixel - bg| / |object colour - bg|.
+
+    Uses full-resolution luma as well as chroma, so JPEG's halved chroma resolution (4:2:0) does not
+    blunt the corners of a 10-pixel shape; pixels of other coloured objects are zeroed.
+    """
+    h, w = comp.shape
+    x0, y0, x1, y1 = box
+    x0, y0, x1, y1 = max(0, x0 - pad), max(0, y0 - pad), min(w, x1 + pad), min(h, y1 + pad)
+    patch = arr[y0:y1, x0:x1]
+    inside = comp[y0:y1, x0:x1]
+    colour = np.median(patch[inside], axis=0)
+    dist = np.linalg.norm(patch - bg, axis=-1) / max(np.linalg.norm(colour - bg), 1.0)
+    soft = np.clip(dist, 0.0, 1.0)
+    soft[coloured[y0:y1, x0:x1] & ~inside] = 0.0
+    keep = soft >= 0.5
+    ys, xs = np.nonzero(keep)
+    return soft[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
+
+
+def evaluate(detections: list[Detection], prompt: dict) -> tuple[bool, str]:
+    """GenEval's decision for one image: (correct, reason when not)."""
+    matched: dict[int, list[Detection]] = {}
+    for k, req in enumerate(prompt["include"]):
+        found = [d for d in detections if d.shape == req["class"]]
+        if "color" in req:
+            found = [d for d in found if d.color == req["color"]]
+        if len(found) < req["count"]:
+            what = f"{req.get('color', '')} {req['class']}".strip()
+            return False, f"expected >= {req['count']} {what}, found {len(found)}"
+        matched[k] = found
+    for k, req in enumerate(prompt["include"]):
+        if "position" in req:
+            rel, j = req["position"]
+            if not any(rel in relative_position(a.bbox, b.bbox) for a in matched[k] for b in matched[j]):
+                return False, f"no {req['class']} {rel} a {prompt['include'][j]['class']}"
+    for req in prompt.get("exclude", []) or []:
+        n = sum(d.shape == req["class"] for d in detections)
+        if n >= req["count"]:
+            return False, f"expected < {req['count']} {req['class']}, found {n}"
+    return True, ""
+
+
+def score_image(image: Image.Image, prompt: dict) -> bool:
+    """True when `image` satisfies every constraint of `prompt`."""
+    return evaluate(detect_objects(image), prompt)[0]
+
+
+def summarize(results: list[tuple[str, bool]]) -> dict:
+    """[(tag, correct)] -> {overall, <category>: accuracy or None, counts}; overall = mean over categories."""
+    report: dict = {}
+    counts = {}
+    for tag in CATEGORIES:
+        vals = [ok for t, ok in results if t == tag]
+        report[tag] = float(np.mean(vals)) if vals else None
+        counts[tag] = len(vals)
+    present = [report[t] for t in CATEGORIES if report[t] is not None]
+    report["overall"] = float(np.mean(present)) if present else None
+    report["num_images"] = len(results)
+    report["counts"] = counts
+    return report
+
+
+def score_images(images: list[Image.Image], prompts: list[dict]) -> dict:
+    """Score images[i] against prompts[i]; per-category and overall accuracy (GenEval's summary)."""
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; pass one prompt per image")
+    return summarize([(p["tag"], score_image(img, p)) for img, p in zip(images, prompts)])

@@ -1,0 +1,69 @@
+"""The text corpus for the tiny base LLM, and its held-out text-only skill (our stand-in for MMLU).
+
+The skill is number comparison over 0..99 in three templates:
+
+    Q: which is larger, 37 or 52? A: 52
+    Q: which is smaller, 37 or 52? A: 37
+    Q: is 37 larger than 52? A: no
+
+Held-out items are *unordered pairs* {a, b} never seen in training under any template or order, so
+exact match on `skill_val.jsonl` measures a learned rule (ordering of numbers, copying the right one),
+not recall. Every number appears in training, so a char- or BPE-level model can learn it.
+Each item is `{"prompt": "Q: ... A:", "answer": "52"}`; its training text line is `prompt + " " + answer`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SKILL_MAX = 99
+TEMPLATES = ("larger", "smaller", "is_larger")
+
+
+def skill_item(template: str, a: int, b: int) -> dict:
+    if template == "larger":
+        return {"prompt": f"Q: which is larger, {a} or {b}? A:", "answer": str(max(a, b))}
+    if template == "smaller":
+        return {"prompt": f"Q: which is smaller, {a} or {b}? A:", "answer": str(min(a, b))}
+    if template == "is_larger":
+        return {"prompt": f"Q: is {a} larger than {b}? A:", "answer": "yes" if a > b else "no"}
+    raise ValueError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
+
+
+def make_skill(seed: int = 0, num_val: int = 500, per_pair: int = 2) -> tuple[list[dict], list[dict]]:
+    """(train, val) items; the unordered pairs of val never occur in train."""
+    rng = np.random.default_rng([seed, 23])
+    pairs = [(a, b) for a in range(SKILL_MAX + 1) for b in range(a + 1, SKILL_MAX + 1)]
+    order = rng.permutation(len(pairs))
+    val_pairs, train_pairs = order[:num_val], order[num_val:]
+
+    def items(idx, k):
+        out = []
+        for i in idx:
+            a, b = pairs[int(i)]
+            for t in rng.choice(len(TEMPLATES), size=k, replace=False):
+                x, y = (a, b) if rng.random() < 0.5 else (b, a)
+                out.append(skill_item(TEMPLATES[int(t)], x, y))
+        return out
+
+    return items(train_pairs, per_pair), items(val_pairs, 1)
+
+
+def skill_text(item: dict) -> str:
+    return f"{item['prompt']} {item['answer']}"
+
+
+def score_text_skill(predictions: list[str], references: list[str]) -> float:
+    """Exact match after strip, as a fraction in [0, 1]."""
+    if len(predictions) != len(references):
+        raise ValueError(f"got {len(predictions)} predictions for {len(references)} references; pass one per item")
+    if not references:
+        raise ValueError("no references to score; pass the answers of skill_val.jsonl")
+    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
+
+
+def scene_text_lines(meta: dict, max_captions: int = 3) -> list[str]:
+    """A sample's captions and Q/A as plain text lines (the LM sees the world's language, not its pixels)."""
+    lines = list(meta["captions"][:max_captions])
+    lines += [f"Q: {qa['question']} A: {qa['answer']}" for qa in meta["qa"]]
+    return lines
