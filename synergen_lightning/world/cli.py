@@ -49,7 +49,7 @@ def synth_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=6500, help="train + val samples (default: 6500)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard (default: 1000)")
-    p.add_argument("--canvas", type=int, default=128, help="image side in pixels, 48..1024 (default: 128)")
+    p.add_argument("--canvas", type=int, default=128, help="image side in pixels, 50..1024 (default: 128)")
     p.add_argument("--val-fraction", type=float, default=0.08, help="fraction of samples for val (default: 0.08)")
     p.add_argument("--num-eval-prompts", type=int, default=600,
                    help="GenEval-style prompts, balanced over the six categories (default: 600)")

@@ -33,7 +33,7 @@ TEXT_COLOR = (30, 30, 30)  # achromatic: the scorer's colour segmentation ignore
 TEXT_CHARS = "346789ABCDEFGHKLMNPRTUVWXY"
 
 GAP_FRACTION = 0.04
-MIN_CANVAS, MAX_CANVAS = 48, 1024
+MIN_CANVAS, MAX_CANVAS = 32, 1024
 MIN_SHAPE_PX = 8  # below this a small shape is no longer recognisable
 MAX_OBJECTS = 4
 CROSS_ARM = 0.38  # arm thickness of the cross as a fraction of its box

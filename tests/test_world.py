@@ -1,0 +1,232 @@
+"""Shape-world scenes, language, shards, text corpus and `synergen data synth` (bad input included)."""
+
+import hashlib
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from synergen_lightning.world import (
+    CATEGORIES,
+    COLORS,
+    SHAPES,
+    captions,
+    make_eval_prompts,
+    qa_pairs,
+    render_scene,
+    sample_scene,
+    score_text_skill,
+)
+from synergen_lightning.world.cli import synth_main
+from synergen_lightning.world.scene import check_canvas, gap_px, relative_position
+from synergen_lightning.world.text_corpus import make_skill, skill_item
+
+SMALL = ["--num-samples", "40", "--shard-size", "16", "--num-eval-prompts", "24", "--workers", "1", "--no-progress"]
+
+
+def test_relative_position_follows_geneval():
+    a, b = (0, 40, 20, 60), (80, 40, 100, 60)
+    assert relative_position(a, b) == {"left of"} and relative_position(b, a) == {"right of"}
+    assert relative_position((40, 0, 60, 20), (40, 80, 60, 100)) == {"above"}
+    assert relative_position((0, 0, 20, 20), (80, 80, 100, 100)) == {"left of", "above"}
+    assert relative_position(a, (2, 42, 22, 62)) == set()  # offsets under 0.1 x box sizes
+
+
+@pytest.mark.parametrize("canvas", [64, 128, 1024])
+def test_scenes_are_valid_and_reproducible(canvas):
+    for seed in range(40):
+        s = sample_scene(seed, canvas=canvas)
+        assert s.to_dict() == sample_scene(seed, canvas=canvas).to_dict()
+        assert 1 <= len(s.objects) <= 4
+        assert len({(o.shape, o.color) for o in s.objects}) == len(s.objects)
+        boxes = [o.bbox for o in s.objects] + [t.bbox for t in s.texts]
+        for i, (x0, y0, x1, y1) in enumerate(boxes):
+            assert 0 <= x0 < x1 <= canvas and 0 <= y0 < y1 <= canvas
+            for ox0, oy0, ox1, oy1 in boxes[i + 1:]:  # separated by at least the gap
+                assert x1 + gap_px(canvas) <= ox0 or ox1 + gap_px(canvas) <= x0 or \
+                    y1 + gap_px(canvas) <= oy0 or oy1 + gap_px(canvas) <= y0
+    img = render_scene(sample_scene(1, canvas=canvas))
+    assert img.size == (canvas, canvas) and img.mode == "RGB"
+
+
+def test_render_puts_the_right_colour_at_each_centre():
+    for seed in range(30):
+        s = sample_scene(seed, canvas=128, text_prob=0.0)
+        arr = np.asarray(render_scene(s)).astype(int)
+        for o in s.objects:
+            cx, cy = int(o.center[0]), int(o.center[1] + (3 if o.shape == "triangle" else 0))
+            assert np.abs(arr[cy, cx] - COLORS[o.color]).max() <= 2, (o, arr[cy, cx])
+
+
+def test_text_is_small_and_dark():
+    s = sample_scene(5, canvas=128, text_prob=1.0)
+    assert s.texts
+    t = s.texts[0]
+    assert t.bbox[2] - t.bbox[0] <= 12  # ~ 8% of the canvas: legible only at full resolution
+    crop = np.asarray(render_scene(s))[t.bbox[1]:t.bbox[3], t.bbox[0]:t.bbox[2]]
+    assert crop.min() < 120  # glyph pixels were drawn
+
+
+def test_captions_and_qa_agree_with_ground_truth():
+    kinds = Counter()
+    for seed in range(200):
+        s = sample_scene(seed, text_prob=0.5)
+        caps = captions(s)
+        assert len(caps) >= 4 and all(c for c in caps)
+        for o in s.objects:
+            assert f"{o.color} {o.shape}" in caps[1]
+        for qa in qa_pairs(s, np.random.default_rng(seed)):
+            kinds[qa["kind"]] += 1
+            q, a = qa["question"], qa["answer"]
+            if q == "How many shapes are there?":
+                assert a == str(len(s.objects))
+            elif qa["kind"] == "count":
+                shape = next(sh for sh in SHAPES if f"many {sh}" in q)
+                assert a == str(sum(o.shape == shape for o in s.objects))
+            elif qa["kind"] == "relation":
+                named = [o for o in s.objects if f"the {o.color} {o.shape}" in q]
+                a_obj = min(named, key=lambda o: q.index(f"the {o.color} {o.shape}"))
+                b_obj = max(named, key=lambda o: q.index(f"the {o.color} {o.shape}"))
+                rel = next(r for r in ("left of", "right of", "above", "below") if r in q)
+                assert a == ("yes" if rel in relative_position(a_obj.bbox, b_obj.bbox) else "no")
+            elif qa["kind"] == "text":
+                assert a == s.texts[0].text
+            elif qa["kind"] == "yes_no":
+                present = any(f"{o.color} {o.shape}?" in q for o in s.objects)
+                assert a == ("yes" if present else "no")
+            elif qa["kind"] == "position":
+                assert a in {o.region for o in s.objects}
+    assert set(kinds) == {"color", "shape", "count", "position", "relation", "yes_no", "text"}
+
+
+def test_eval_prompts_balanced_and_valid():
+    from synergen_lightning.world.prompts import validate_prompt
+
+    prompts = make_eval_prompts(600, seed=3)
+    assert Counter(p["tag"] for p in prompts) == {c: 100 for c in CATEGORIES}
+    assert all(validate_prompt(p) is None for p in prompts)
+    assert [p["index"] for p in prompts] == list(range(600))
+
+
+def test_check_canvas():
+    assert check_canvas(128) is None and check_canvas(64) is None and check_canvas(1024) is None
+    assert "too small" in check_canvas(40)
+    assert "outside" in check_canvas(2048)
+
+
+def _tree_digest(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_synth_same_seed_same_bytes(tmp_path, capsys):
+    assert synth_main(["--out", str(tmp_path / "a"), "--seed", "3", *SMALL]) == 0
+    assert "synth: 37 train + 3 val samples" in capsys.readouterr().out
+    assert synth_main(["--out", str(tmp_path / "b"), "--seed", "3", *SMALL[:-3], "--workers", "2", "--no-progress"]) == 0
+    assert synth_main(["--out", str(tmp_path / "c"), "--seed", "4", *SMALL]) == 0
+    a, b, c = (_tree_digest(tmp_path / x) for x in "abc")
+    assert a == b  # same seed, same bytes, whatever the worker count
+    assert a.keys() == c.keys() and a["train/shard-000000.tar"] != c["train/shard-000000.tar"]
+    assert set(a) == {"train/shard-000000.tar", "train/shard-000001.tar", "train/shard-000002.tar",
+                      "val/shard-000000.tar", "eval_prompts.jsonl", "text/train.jsonl", "text/val.jsonl",
+                      "text/skill_train.jsonl", "text/skill_val.jsonl"}
+    assert not list(tmp_path.glob(".*partial*"))
+
+
+def test_synth_shards_read_back_with_webdataset(tmp_path):
+    out = tmp_path / "d"
+    assert synth_main(["--out", str(out), "--canvas", "96", *SMALL]) == 0
+    samples = list(wds.WebDataset(sorted(str(p) for p in (out / "train").glob("*.tar")), shardshuffle=False))
+    assert len(samples) == 37
+    for s in samples:
+        img = Image.open(io.BytesIO(s["jpg"]))
+        meta = json.loads(s["json"])
+        assert img.size == (96, 96) and meta["key"] == s["__key__"]
+        assert s["txt"].decode() == meta["caption"] and meta["caption"] in meta["captions"]
+        assert meta["qa"] and all({"kind", "question", "answer"} <= set(q) for q in meta["qa"])
+        assert meta["conversations"][0]["value"].startswith("<image>\n")
+        for o in meta["objects"]:
+            assert {"shape", "color", "size", "center", "bbox", "region"} <= set(o)
+    prompts = [json.loads(line) for line in (out / "eval_prompts.jsonl").read_text().splitlines()]
+    assert Counter(p["tag"] for p in prompts) == {c: 4 for c in CATEGORIES}
+
+
+def test_text_corpus_holds_out_the_skill(tmp_path):
+    out = tmp_path / "t"
+    assert synth_main(["--out", str(out), *SMALL]) == 0
+    read = lambda name: [json.loads(x) for x in (out / "text" / name).read_text().splitlines()]  # noqa: E731
+    train_text = {r["text"] for r in read("train.jsonl")}
+    val_text = {r["text"] for r in read("val.jsonl")}
+    skill_train, skill_val = read("skill_train.jsonl"), read("skill_val.jsonl")
+    assert len(skill_val) == 500 and len(skill_train) > 5000
+    assert all(f"{it['prompt']} {it['answer']}" in train_text for it in skill_train)
+    assert not any(it["prompt"] in t for it in skill_val for t in train_text | val_text if t.startswith("Q: "))
+    pairs = lambda items: {frozenset(int(w.strip("?,")) for w in it["prompt"].split() if w.strip("?,").isdigit())  # noqa: E731
+                           for it in items}
+    assert not pairs(skill_train) & pairs(skill_val)  # held-out pairs never seen under any template
+    assert any(t.startswith("Q: What color") for t in train_text) and len(val_text) > 10
+    assert max(len(t) for t in train_text if t.startswith("Q: which") or t.startswith("Q: is")) < 60
+
+
+def test_skill_items_and_scoring():
+    assert skill_item("larger", 37, 52) == {"prompt": "Q: which is larger, 37 or 52? A:", "answer": "52"}
+    assert skill_item("smaller", 37, 52)["answer"] == "37"
+    assert skill_item("is_larger", 37, 52)["answer"] == "no"
+    train, val = make_skill(seed=0)
+    assert train == make_skill(seed=0)[0]
+    assert score_text_skill([" 52", "no", "3"], ["52", "no ", "4"]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="one per item"):
+        score_text_skill(["1"], ["1", "2"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--num-samples", "0"], "--num-samples 0"),
+    (["--canvas", "16"], "--canvas 16"),
+    (["--canvas", "40"], "too small: small shapes would be 6 px"),
+    (["--shapes", "circle,hexagon"], "unknown shape 'hexagon'"),
+    (["--colors", "red,mauve"], "unknown color 'mauve'"),
+    (["--max-objects", "9"], "--max-objects 9"),
+])
+def test_synth_bad_input(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as e:
+        synth_main(["--out", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and message in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_synth_refuses_unwritable_and_non_empty_out(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        synth_main(["--out", str(tmp_path / "file" / "sub"), *SMALL])
+    assert e.value.code == 2 and "is a file" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("precious")
+    with pytest.raises(SystemExit) as e:
+        synth_main(["--out", str(tmp_path / "full"), *SMALL])
+    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert synth_main(["--out", str(tmp_path / "full"), "--overwrite", *SMALL]) == 0
+    assert not (tmp_path / "full" / "keep.txt").exists() and (tmp_path / "full" / "eval_prompts.jsonl").exists()
+
+
+def test_synth_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
+    import synergen_lightning.world.shards as shards
+
+    calls = {"n": 0}
+    real = shards.make_sample
+
+    def flaky(cfg, split, index):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise RuntimeError("disk on fire")
+        return real(cfg, split, index)
+
+    monkeypatch.setattr(shards, "make_sample", flaky)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        synth_main(["--out", str(tmp_path / "o"), *SMALL])
+    assert list(tmp_path.iterdir()) == []
