@@ -62,6 +62,18 @@ def find_trunk(module: nn.Module) -> MMoETransformer:
     raise ValueError(f"{type(module).__name__} holds no MMoETransformer")
 
 
+def _read_llm_checkpoint(path: Path) -> tuple[LLMConfig, dict, bool, str | None]:
+    """(config, trunk state_dict, vision_experts, tokenizer_dir) of an `MMoELLM` checkpoint, read directly (no tokenizer setup)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    hp = ckpt.get("hyper_parameters") or {}
+    if "config" not in hp or "state_dict" not in ckpt:
+        raise ValueError(f"{str(path)!r} is not an MMoELLM checkpoint (no hyper_parameters.config / state_dict); "
+                         "pass the base LLM's .ckpt or a local HF model directory")
+    prefix = next((k[: -len("embed_tokens.weight")] for k in ckpt["state_dict"] if k.endswith("embed_tokens.weight")), "")
+    sd = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    return LLMConfig(**hp["config"]), sd, bool(hp.get("vision_experts", True)), hp.get("tokenizer_dir")
+
+
 def load_base_llm(path: str | Path) -> MMoETransformer:
     """A base LLM: an `MMoELLM` Lightning checkpoint (the tiny base) or a local HF Llama/Qwen2/InternLM2 dir."""
     path = Path(path)
@@ -72,22 +84,23 @@ def load_base_llm(path: str | Path) -> MMoETransformer:
         from synergen_lightning.hf_import import load_hf
 
         return load_hf(path, vision_experts=True)
-    from synergen_lightning.llm import MMoELLM
-
-    trunk = find_trunk(MMoELLM.load_from_checkpoint(path, map_location="cpu"))
-    if trunk.vision_experts:
-        trunk.init_vision_experts_from_text()
+    config, sd, vision, _ = _read_llm_checkpoint(path)
+    trunk = MMoETransformer(config, vision_experts=vision)
+    trunk.load_state_dict(sd)
     return trunk
 
 
 def read_base_llm_config(path: str | Path) -> LLMConfig:
     """The LLMConfig of a base LLM without building it (for shapes only)."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"base LLM {str(path)!r} does not exist: run `make base-llm` for the tiny default "
+                                "or set SYNERGEN_BASE_LLM to a local HF Llama/Qwen2/InternLM2 directory")
     if path.is_dir():
         from synergen_lightning.hf_import import read_hf_config
 
         return read_hf_config(path)[0]
-    return find_trunk(load_base_llm(path)).config
+    return _read_llm_checkpoint(path)[0]
 
 
 class SynerGenVL(LightningModule):
@@ -157,11 +170,17 @@ class SynerGenVL(LightningModule):
             llm = asdict(read_base_llm_config(base_llm))
         config = LLMConfig(**llm)
         if special_token_ids is None:
+            if text_tokenizer is None and base_llm is not None and Path(base_llm).is_file():
+                # the tiny base LLM checkpoint names the tokenizer it was trained with
+                text_tokenizer = _read_llm_checkpoint(Path(base_llm))[3]
             if text_tokenizer is None:
                 raise ValueError("SynerGenVL needs `text_tokenizer` (a TextTokenizer directory) or `special_token_ids`")
             tok = load_text_tokenizer(text_tokenizer)
+            self.__dict__["_text_tokenizer"] = tok
             special_token_ids = {name: int(getattr(tok, f"{name}_id")) for name in
                                  ("bos", "eos", "pad", "boi", "eoi", "uncond", "im_start", "im_end")}
+            if tok.vocab_size > config.vocab_size:  # e.g. InternLM2's 92,544 + <boi> <eoi> <UNCOND>
+                config.vocab_size = tok.vocab_size
         missing = [s for s in SPECIAL_TOKENS if s not in special_token_ids]
         if missing:
             raise ValueError(f"special_token_ids lacks {missing}: give ids for {list(SPECIAL_TOKENS)}")
@@ -179,7 +198,7 @@ class SynerGenVL(LightningModule):
         fold = tuple(fold)
         check_fold(grid, fold)
         self.save_hyperparameters()
-        self.hparams.update({"llm": asdict(config), "special_token_ids": dict(special_token_ids),
+        self.hparams.update({"text_tokenizer": text_tokenizer, "llm": asdict(config), "special_token_ids": dict(special_token_ids),
                              "codebook_size": codebook_size, "downsample": downsample, "fold": list(fold)})
 
         self.llm = MMoETransformer(config, vision_experts=True)
@@ -358,10 +377,17 @@ class SynerGenVL(LightningModule):
     @torch.no_grad()
     def load_base_weights(self, base: MMoETransformer) -> None:
         """Copy a base LLM into the trunk; vision FFNs start as copies of the text FFNs; special rows re-copied."""
-        sd = base.state_dict()
+        if base.config.vocab_size < self.llm.config.vocab_size:  # tokenizer added <boi> <eoi> <UNCOND>
+            base.resize_token_embeddings(self.llm.config.vocab_size)
         if base.config.vocab_size != self.llm.config.vocab_size:
             raise ValueError(f"base LLM vocab {base.config.vocab_size} != the model's {self.llm.config.vocab_size}: "
                              "build the model from the base LLM's config (leave model.llm unset)")
+        mine = {k: tuple(v.shape) for k, v in self.llm.state_dict().items()}
+        bad = [k for k, v in base.state_dict().items() if k in mine and tuple(v.shape) != mine[k]]
+        if bad:
+            raise ValueError(f"base LLM shapes differ from model.llm at {bad[:3]}: make model.llm match the base "
+                             "LLM's config.json (or leave it unset to read it from there)")
+        sd = base.state_dict()
         if not base.vision_experts:
             sd = {k: v for k, v in sd.items() if ".vision_ffn." not in k}
         self.llm.load_state_dict(sd, strict=base.vision_experts)
@@ -445,7 +471,4 @@ class SynerGenVL(LightningModule):
 def load_text_tokenizer(path: str | Path):
     from synergen_lightning.text_tokenizer import TextTokenizer
 
-    for name in ("from_dir", "load", "from_file", "from_pretrained"):
-        if hasattr(TextTokenizer, name):
-            return getattr(TextTokenizer, name)(str(path))
-    return TextTokenizer(str(path))
+    return TextTokenizer(path)
