@@ -111,3 +111,19 @@ def test_tiny_base_llm_learns_the_held_out_skill(tmp_path):
     trainer.fit(model, dm)
     acc = evaluate_text_skill(model, model.tokenizer, corpus / "skill_val.jsonl")
     assert acc >= 0.9, acc
+
+
+def test_base_llm_recipe_parses_and_builds(tmp_path):
+    from synergen_lightning.cli import lightning_cli
+
+    corpus = write_toy_corpus(tmp_path / "text", n_train=200, n_val=10)
+    tr = str(corpus / "train.jsonl")
+    cli = lightning_cli(["--config", "recipes/tiny/base_llm.yaml",
+                         f"--model.init_args.tokenizer_dir={tmp_path / 'tok'}", f"--model.init_args.bpe_train_files=[{tr}]",
+                         "--model.init_args.bpe_vocab_size=320", f"--data.init_args.train_files=[{tr}]", f"--data.init_args.tokenizer_dir={tmp_path / 'tok'}",
+                         f"--data.init_args.val_files=[{corpus / 'val.jsonl'}]", f"--trainer.default_root_dir={tmp_path}",
+                         "--trainer.logger=false", "--trainer.callbacks=[]"], run=False)
+    assert isinstance(cli.model, MMoELLM) and isinstance(cli.datamodule, TextDataModule)
+    assert cli.datamodule.hparams.tokenizer_dir == str(tmp_path / "tok")
+    assert cli.model.model.config.hidden_size == 256 and cli.model.model.config.num_kv_heads == 2
+    assert 2e6 <= sum(p.numel() for p in cli.model.parameters()) <= 6e6

@@ -1,0 +1,138 @@
+"""Benchmark the MMoE trunk's forward+backward step (not a test).
+
+Three variants of one configuration, timed side by side in interleaved repeats (so machine-load
+drift hits all alike), medians reported:
+  mmoe_50  MMoETransformer, 50% of the tokens routed to the vision FFNs (contiguous image spans)
+  mmoe_0   the same model, text only: a dense model of the same active size
+  hf_qwen2 transformers' Qwen2ForCausalLM of the same configuration (qkv bias), text only (sdpa)
+Ratios: routing overhead = mmoe_50 / mmoe_0 (target <= 1.10), ours vs transformers =
+mmoe_0 / hf_qwen2 (target <= 1.0). Prints a table and writes JSON.
+
+    .venv/bin/python bench/bench_mmoe.py --out runs/bench/mmoe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from synergen_lightning.llm import lm_loss
+from synergen_lightning.models.mmoe import LLMConfig, MMoETransformer
+
+
+def image_span_mask(b: int, t: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """One contiguous run of image slots per row (as `<boi> IMG <eoi>` gives), `fraction` of the tokens."""
+    n = int(round(t * fraction))
+    mask = torch.zeros(b, t, dtype=torch.bool)
+    for i in range(b):
+        start = int(torch.randint(1, max(2, t - n), (1,), generator=generator)) if n < t else 0
+        mask[i, start: start + n] = True
+    return mask
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden-size", type=int, default=512)
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--num-heads", type=int, default=8)
+    p.add_argument("--num-kv-heads", type=int, default=2)
+    p.add_argument("--intermediate-size", type=int, default=1376)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=7, help="timed rounds; each round times every variant once")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--out", default="runs/bench/mmoe.json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+
+    cfg = LLMConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_layers=args.num_layers,
+                    num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, intermediate_size=args.intermediate_size,
+                    qkv_bias=True)
+    torch.manual_seed(0)
+    ours = MMoETransformer(cfg).to(device, dtype).train()
+    variants = {}
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len), generator=gen).to(device)
+    mask50 = image_span_mask(args.batch_size, args.seq_len, 0.5, gen).to(device)
+
+    def ours_step(mask):
+        def step():
+            loss = lm_loss(ours.logits(ours(ours.embed(ids), image_mask=mask)), ids)
+            loss.backward()
+            ours.zero_grad(set_to_none=True)
+        return step
+
+    variants["mmoe_50"] = ours_step(mask50)
+    variants["mmoe_0"] = ours_step(None)
+    try:
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        hf = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+            intermediate_size=cfg.intermediate_size, rms_norm_eps=cfg.rms_norm_eps, use_cache=False,
+            attn_implementation="sdpa")).to(device, dtype).train()
+
+        def hf_step():
+            loss = lm_loss(hf(input_ids=ids, use_cache=False).logits, ids)
+            loss.backward()
+            hf.zero_grad(set_to_none=True)
+
+        variants["hf_qwen2"] = hf_step
+    except ImportError:
+        print("transformers not installed: skipping the hf_qwen2 variant")
+
+    for _ in range(args.warmup):
+        for fn in variants.values():
+            fn()
+    times = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for k, fn in variants.items():  # interleaved: load drift affects every variant alike
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tokens = args.batch_size * args.seq_len
+    ratios = {"routing_overhead_50_vs_0": med["mmoe_50"] / med["mmoe_0"]}
+    if "hf_qwen2" in med:
+        ratios["ours_vs_transformers_text"] = med["mmoe_0"] / med["hf_qwen2"]
+    targets = {"routing_overhead_50_vs_0": 1.10, "ours_vs_transformers_text": 1.0}
+
+    print(f"\nMMoE fwd+bwd, {args.device} {args.dtype}, threads={args.threads}, B={args.batch_size} T={args.seq_len}, "
+          f"D={cfg.hidden_size} L={cfg.num_layers} H={cfg.num_heads}/{cfg.num_kv_heads} I={cfg.intermediate_size} "
+          f"V={cfg.vocab_size}, {args.repeats} interleaved repeats")
+    print(f"{'variant':<10} {'median ms':>10} {'min ms':>8} {'max ms':>8} {'tok/s':>9}")
+    for k, v in times.items():
+        print(f"{k:<10} {med[k] * 1e3:>10.1f} {min(v) * 1e3:>8.1f} {max(v) * 1e3:>8.1f} {tokens / med[k]:>9.0f}")
+    for k, r in ratios.items():
+        print(f"{k:<28} {r:6.3f}x  (target <= {targets[k]:.2f}x: {'ok' if r <= targets[k] else 'MISSED'})")
+    result = {"args": vars(args), "config": cfg.__dict__, "median_s": med, "times_s": times, "ratios": ratios,
+              "targets": targets, "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
