@@ -199,9 +199,16 @@ def hf_to_state_dict(tensors: dict[str, tuple[Tensor, str]], config: LLMConfig, 
     missing = [k for k in expected if k not in sd and not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing:
         inv_top = {v: k for k, v in top.items()}
+        inv_layer = {v: k for k, v in per_layer.items()}
         names = []
         for k in missing[:5]:
-            hf = inv_top.get(k) or k
+            m = re.match(r"layers\.(\d+)\.(.+)$", k)
+            if m and m.group(2) in inv_layer:
+                hf = f"model.layers.{m.group(1)}.{inv_layer[m.group(2)]}"
+            elif m and model_type == "internlm2" and ".attn." in k:
+                hf = f"model.layers.{m.group(1)}.attention.wqkv.weight"
+            else:
+                hf = inv_top.get(k, k)
             names.append(f"{k} (HF {hf}, expected shape {tuple(expected[k])})")
         raise HFImportError(f"{hf_dir}: missing tensors: {', '.join(names)}"
                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))

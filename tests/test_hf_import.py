@@ -140,7 +140,7 @@ def test_bad_directories_are_refused_with_file_and_tensor(llama_dir, tmp_path):
     (llama_dir / "config.json").write_text(json.dumps(cfg))
 
     _edit_weights(llama_dir, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
-    with pytest.raises(HFImportError, match=r"missing tensors: layers\.1\.text_ffn\.up_proj\.weight.*expected shape \(96, 64\)"):
+    with pytest.raises(HFImportError, match=r"missing tensors: layers\.1\.text_ffn\.up_proj\.weight \(HF model\.layers\.1\.mlp\.up_proj\.weight, expected shape \(96, 64\)"):
         MMoETransformer.from_hf(llama_dir)
 
 
