@@ -1,0 +1,225 @@
+"""VQ model, VQTokenizer LightningModule, ImageShardDataModule and pretokenize on tiny self-made shards."""
+
+import io
+import random
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from datamodules.image_shards import ImageShardDataModule, image_views
+from synergen_lightning.image_tokenizer import ImageTokenizer, VQTokenizer, load_image_tokenizer
+from synergen_lightning.image_tokenizer.pretokenize import main as pretokenize_main
+from synergen_lightning.image_tokenizer.toy_shards import write_toy_shards
+from synergen_lightning.image_tokenizer.vq_tokenizer import codebook_stats
+from synergen_lightning.models.vq import VectorQuantizer
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one thread avoids OpenMP spin-waiting when the 2 shared cores are busy (10x faster)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+SMALL = dict(codebook_size=32, code_dim=4, base_channels=8, channel_multiplier=(1, 2, 2, 2), z_channels=16, warmup_steps=1)
+
+
+# ---- quantizer -----------------------------------------------------------------------------------------------
+def test_quantizer_picks_nearest_code_and_passes_gradients_straight_through():
+    q = VectorQuantizer(16, 4, l2_normalize=True, dead_code_restart=False)
+    torch.nn.init.normal_(q.embedding.weight)
+    z = torch.randn(2, 4, 3, 5, requires_grad=True)
+    zq, codes, losses = q(z)
+    flat = torch.nn.functional.normalize(z.detach().permute(0, 2, 3, 1).reshape(-1, 4), dim=-1)
+    ref = torch.cdist(flat, torch.nn.functional.normalize(q.embedding.weight.detach(), dim=-1)).argmin(-1)
+    assert torch.equal(codes.flatten(), ref)
+    assert codes.shape == (2, 3, 5)
+    torch.testing.assert_close(zq, q.lookup(codes))  # forward value is the code itself
+    zq.sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0  # straight-through reaches the encoder
+    assert losses["commitment"] > 0 and losses["codebook"] > 0
+
+
+def test_dead_code_restart_revives_unused_codes():
+    q = VectorQuantizer(64, 4, dead_code_restart=True, usage_decay=0.5, dead_threshold=0.5).train()
+    with torch.no_grad():
+        q.embedding.weight.copy_(torch.tensor([1.0, 0, 0, 0]).repeat(64, 1) + 1e-4 * torch.randn(64, 4))  # collapsed
+    z = torch.randn(8, 4, 8, 8)
+    for _ in range(5):
+        q(z)
+    q.eval()
+    _, codes, _ = q(z)
+    assert codes.unique().numel() > 32  # the collapsed codebook now spreads over the data
+    with pytest.raises(ValueError, match=r"\[0, 64\)"):
+        q.lookup(torch.tensor([[[64]]]))
+
+
+def test_codebook_stats_against_hand_computation():
+    counts = torch.tensor([3, 0, 1, 0])
+    usage, ppl = codebook_stats(counts)
+    p = np.array([0.75, 0.25])
+    assert usage == 0.5
+    assert ppl == pytest.approx(float(np.exp(-(p * np.log(p)).sum())))
+    assert codebook_stats(torch.ones(10))[1] == pytest.approx(10.0)
+
+
+# ---- pixel policy and bad input -----------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "CMYK", "I;16", "1", "RGB"])
+def test_every_pil_mode_gives_rgb_views(mode):
+    img = Image.new("RGB", (128, 96), (200, 30, 40)).convert(mode) if mode != "I;16" else Image.frombytes(
+        "I;16", (128, 96), (np.arange(128 * 96) % 65535).astype("<u2").tobytes())
+    views = image_views(img, 64, max_tiles=4)
+    assert all(v.mode == "RGB" and v.size == (64, 64) for v in views)
+
+
+def test_sizes_not_divisible_by_downsample_follow_the_view_policy_and_raw_tensors_are_refused():
+    # policy: short edge -> size (bicubic), centre crop; tiles: closest grid of size x size tiles
+    views = image_views(Image.new("RGB", (101, 77), "white"), 64, max_tiles=4)
+    assert [v.size for v in views] == [(64, 64)] * len(views)
+    tok = VQTokenizer(**SMALL)
+    with pytest.raises(ValueError, match="20x16 is not divisible by the downsample factor 8"):
+        tok.encode(torch.rand(1, 3, 20, 16))
+    with pytest.raises(ValueError, match="dtype torch.uint8"):
+        tok.encode(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
+
+
+def test_undecodable_samples_are_skipped_and_counted(tmp_path):
+    write_toy_shards(tmp_path / "s", 20, per_shard=10, corrupt_every=4)  # samples 3, 7, 11, 15, 19 are broken
+    dm = ImageShardDataModule(str(tmp_path / "s"), str(tmp_path / "s"), size=64, max_tiles=4, batch_size=7, num_workers=0)
+    dm.setup("validate")
+    batches = list(dm.val_dataloader())
+    assert sum(b["n_skipped"] for b in batches) == 5
+    assert sum(len(b["pixel_values"]) for b in batches) == 15 * 5  # generation view + 2x2 tiles per good image
+    assert batches[0]["pixel_values"].dtype == torch.uint8
+
+
+def test_missing_shards_error_names_the_path(tmp_path):
+    dm = ImageShardDataModule(str(tmp_path / "nope-*.tar"), str(tmp_path / "nope-*.tar"))
+    with pytest.raises(FileNotFoundError, match="nope-"):
+        dm.setup("fit")
+
+
+# ---- the LightningModule ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A few seconds of training on toy shards; returns (checkpoint path, shard dir, trainer metrics)."""
+    root = tmp_path_factory.mktemp("tok")
+    write_toy_shards(root / "train", 20, per_shard=10, seed=1)
+    write_toy_shards(root / "val", 4, per_shard=4, seed=2)
+    torch.manual_seed(0)
+    model = VQTokenizer(**SMALL, lr=3e-3)
+    from synergen_lightning.image_tokenizer.evaluate import evaluate_tokenizer
+
+    untrained_psnr = evaluate_tokenizer(model, str(root / "val"), size=32, max_tiles=4)["psnr"]
+    dm = ImageShardDataModule(str(root / "train"), str(root / "val"), size=32, max_tiles=4, batch_size=8, num_workers=0)
+    trainer = L.Trainer(max_steps=25, val_check_interval=25, check_val_every_n_epoch=None, num_sanity_val_steps=0,
+                        logger=L.pytorch.loggers.TensorBoardLogger(root, name="tb"), enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=root, enable_checkpointing=False)
+    trainer.fit(model, dm)
+    ckpt = root / "tok.ckpt"
+    trainer.save_checkpoint(ckpt)
+    return ckpt, root, {**trainer.callback_metrics, "untrained_psnr": untrained_psnr}, model
+
+
+def test_training_logs_metrics_and_reconstruction_improves(trained):
+    ckpt, root, metrics, model = trained
+    for key in ("val/psnr", "val/ssim", "val/codebook_usage", "val/perplexity", "train/recon"):
+        assert key in metrics, key
+    assert metrics["val/psnr"] > metrics["untrained_psnr"] + 3.0, (metrics["val/psnr"], metrics["untrained_psnr"])
+    assert list((root / "tb").rglob("events.out.tfevents*"))
+
+
+def test_val_psnr_equals_protocol_round_trip(trained):
+    """val/psnr (training forward) == torchmetrics PSNR of decode(encode(x)) through the protocol."""
+    from synergen_lightning.image_tokenizer.evaluate import evaluate_tokenizer
+
+    ckpt, root, metrics, _ = trained
+    tok = load_image_tokenizer(ckpt)
+    assert isinstance(tok, ImageTokenizer) and tok.codebook_size == 32 and tok.downsample == 8
+    res = evaluate_tokenizer(tok, str(root / "val"), size=32, max_tiles=4)
+    assert res["views"] == 4 * 5
+    assert res["psnr"] == pytest.approx(float(metrics["val/psnr"]), abs=1e-3)
+    assert res["codebook_usage"] == pytest.approx(float(metrics["val/codebook_usage"]))
+    assert 0.0 <= res["roundtrip_stable"] <= 1.0
+
+
+def test_checkpoint_with_other_codebook_size_is_refused(trained):
+    ckpt, *_ = trained
+    with pytest.raises(ValueError, match="codebook_size 32 but the recipe expects 64"):
+        load_image_tokenizer(ckpt, expected_codebook_size=64)
+    other = VQTokenizer(**{**SMALL, "codebook_size": 64})
+    with pytest.raises(ValueError, match="checkpoint codebook has 32 codes but this model/recipe has codebook_size 64"):
+        other.on_load_checkpoint(torch.load(ckpt, weights_only=False))
+
+
+def test_perceptual_loss_needs_a_local_weights_file(tmp_path):
+    with pytest.raises(ValueError, match="perceptual_weights"):
+        VQTokenizer(**SMALL, perceptual_weight=1.0)
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        VQTokenizer(**SMALL, perceptual_weight=1.0, perceptual_weights=str(tmp_path / "missing.pth"))
+
+
+def test_adversarial_option_trains_with_two_optimizers(tmp_path):
+    write_toy_shards(tmp_path / "s", 8, per_shard=8)
+    model = VQTokenizer(**SMALL, adversarial_weight=0.1)
+    assert not model.automatic_optimization
+    disc_before = [p.detach().clone() for p in model.discriminator.parameters()]
+    dm = ImageShardDataModule(str(tmp_path / "s"), str(tmp_path / "s"), size=32, batch_size=8, num_workers=0)
+    trainer = L.Trainer(max_steps=3, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    assert any(not torch.equal(a, b) for a, b in zip(disc_before, model.discriminator.parameters()))
+    assert "train/gan_d" in trainer.callback_metrics
+
+
+# ---- pretokenize --------------------------------------------------------------------------------------------
+def _read(path):
+    return {s["__key__"]: s for s in wds.WebDataset(str(path), shardshuffle=False, empty_check=False)}
+
+
+def test_pretokenize_writes_codes_resumes_and_skips_broken(trained, tmp_path, capsys):
+    ckpt, *_ = trained
+    src = tmp_path / "src"
+    write_toy_shards(src, 12, per_shard=4, seed=3, corrupt_every=6)  # samples 5 and 11 are broken
+    out = tmp_path / "out"
+    assert pretokenize_main(["--tokenizer", str(ckpt), "--in", str(src), "--out", str(out), "--image-size", "32"]) == 0
+    report = capsys.readouterr().out
+    assert "2 undecodable skipped" in report and "images/s" in report
+    tok = load_image_tokenizer(ckpt)
+    samples = _read(out / "shard-000000.tar")
+    originals = _read(src / "shard-000000.tar")
+    for key, s in samples.items():
+        codes = np.load(io.BytesIO(s["codes.npy"]))
+        assert codes.dtype == np.int32 and codes.shape == (1, 4, 4)
+        assert s["txt"] == originals[key]["txt"] and s["jpg"] == originals[key]["jpg"]
+        img = Image.open(io.BytesIO(s["jpg"]))
+        from synergen_lightning.data.views import generation_view, to_uint8_tensor
+
+        ref = tok.encode(to_uint8_tensor([generation_view(img, 32)]).float() / 255)
+        assert np.array_equal(codes[0], ref[0].numpy())
+    assert sum(len(_read(p)) for p in sorted(out.glob("*.tar"))) == 10
+
+    # resume: one shard lost, one half-written temp file; only that shard is redone
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    (out / "shard-000001.tar").unlink()
+    (out / "shard-000001.tar.tmp").write_bytes(b"partial")
+    assert pretokenize_main(["--tokenizer", str(ckpt), "--in", str(src), "--out", str(out), "--image-size", "32",
+                             "--task", "understanding", "--max-tiles", "4", "--thumbnail"]) == 0
+    assert "resuming: 2 of 3 shards" in capsys.readouterr().out
+    assert not (out / "shard-000001.tar.tmp").exists()
+    for name in ("shard-000000.tar", "shard-000002.tar"):
+        assert (out / name).stat().st_mtime_ns == mtimes[name]
+    redone = _read(out / "shard-000001.tar")
+    assert {np.load(io.BytesIO(s["codes.npy"])).shape for s in redone.values()} == {(5, 4, 4)}  # 2x2 tiles of the 128 canvas + thumbnail
+
+
+def test_pretokenize_refuses_bad_image_size(trained, tmp_path):
+    ckpt, *_ = trained
+    write_toy_shards(tmp_path / "src", 2, per_shard=2)
+    with pytest.raises(SystemExit):
+        pretokenize_main(["--tokenizer", str(ckpt), "--in", str(tmp_path / "src"), "--out", str(tmp_path / "o"), "--image-size", "60"])
