@@ -193,6 +193,8 @@ def geneval_main(argv: list[str]) -> int:
                 print(f"geneval: skipping unreadable {f.name}: {e}", file=sys.stderr)
                 continue
             results.append((prompts[idx]["tag"], evaluate(detect_objects(img), prompts[idx])[0]))
+    if not results:
+        parser.error(f"--images {a.images}: none of the {len(skipped)} files could be read; check the image files")
     report = summarize(results)
     report["skipped_files"] = len(skipped)
     if skipped:
