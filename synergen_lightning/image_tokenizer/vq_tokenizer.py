@@ -190,8 +190,8 @@ class VQTokenizer(L.LightningModule):
         recon, _, q_losses = self.vq(x)
         use_gan = self.discriminator is not None and self.global_step >= self.hparams.disc_start_step
         loss, logs = self._generator_loss(x, recon, q_losses, use_gan)
-        self.log_dict(logs, prog_bar=False)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict(logs, prog_bar=False, batch_size=x.shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
         if self.automatic_optimization:
             return loss
         opt_g, opt_d = self.optimizers()
@@ -205,7 +205,7 @@ class VQTokenizer(L.LightningModule):
             opt_d.zero_grad()
             self.manual_backward(d_loss)
             opt_d.step()
-            self.log("train/gan_d", d_loss)
+            self.log("train/gan_d", d_loss, batch_size=x.shape[0])
         sched_d.step()
         return None
 
@@ -235,8 +235,8 @@ class VQTokenizer(L.LightningModule):
         real, fake = (x.float() + 1) / 2, (recon.float().clamp(-1, 1) + 1) / 2
         self.val_psnr(fake, real)
         self.val_ssim(fake, real)
-        self.log("val/recon_l1", F.l1_loss(fake, real), prog_bar=False)
-        self.log_dict({"val/psnr": self.val_psnr, "val/ssim": self.val_ssim}, prog_bar=True)
+        self.log("val/recon_l1", F.l1_loss(fake, real), prog_bar=False, batch_size=x.shape[0])
+        self.log_dict({"val/psnr": self.val_psnr, "val/ssim": self.val_ssim}, prog_bar=True, batch_size=x.shape[0])
         self._val_code_counts += torch.bincount(codes.flatten(), minlength=self.codebook_size)
         if batch_idx == 0:
             self._log_grid(real, fake)
