@@ -57,18 +57,15 @@ class StageCallback(Callback):
         self.switch_at = {int(k): get_stage(v) for k, v in (switch_at or {}).items()}
         self._done: set[int] = set()
 
-    # setup runs before configure_model / configure_optimizers: frozen parameters never reach the optimizer
+    # setup runs before configure_model / configure_optimizers: frozen parameters never reach the optimizer.
+    # Resuming (--ckpt_path) after a switch: the module's `on_load_checkpoint` restores its stage history and
+    # re-applies the stage before the optimizer is built, so the saved optimizer state matches its groups.
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        start = self.stage
-        # resuming past a switch: start in the stage that was active at that step
-        step = trainer.global_step
-        for s in sorted(self.switch_at):
-            if s <= step:
-                start = self.switch_at[s]
-                self._done.add(s)
-        self._apply(trainer, pl_module, start)
+        self._apply(trainer, pl_module, self.stage)
+        if hasattr(pl_module, "stage_history"):
+            pl_module.stage_history = [(0, self.stage["name"])]
 
     def _apply(self, trainer: Trainer, pl_module: LightningModule, spec: dict) -> None:
         counts = apply_stage(pl_module, spec)
@@ -84,10 +81,13 @@ class StageCallback(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
         step = trainer.global_step
-        if step not in self.switch_at or step in self._done:
+        history = getattr(pl_module, "stage_history", None) or []
+        if step not in self.switch_at or step in self._done or any(s >= step for s, _ in history[1:]):
             return
         self._done.add(step)
         spec = self.switch_at[step]
+        if hasattr(pl_module, "stage_history"):
+            pl_module.stage_history.append((step, spec["name"]))
         before = {id(p) for p in pl_module.parameters() if p.requires_grad}
         self._apply(trainer, pl_module, spec)
         new = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in before]

@@ -86,6 +86,8 @@ class StageSchedule:
         import math
 
         s = step - self.start_step
+        if s < 0:  # a stage scheduled later (resume rebuilds its group before its start)
+            return 0.0
         if s < self.warmup_steps:
             return (s + 1) / self.warmup_steps
         if self.schedule == "constant" or not self.total_steps or self.total_steps <= 0:

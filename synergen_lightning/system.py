@@ -217,6 +217,7 @@ class SynerGenVL(LightningModule):
                 self.special_embed.weight.copy_(self.llm.embed_tokens.weight[self.special_ids])
         self.grid, self.fold_size = grid, fold
         self.stage = get_stage(stage)["name"]
+        self.stage_history: list[tuple[int, str]] = [(0, self.stage)]  # (first step, stage): switches inside a run
         self._stage_applied = False
 
     # ------------------------------------------------------------------ structure
@@ -427,18 +428,37 @@ class SynerGenVL(LightningModule):
                 "warmup_steps": int(hp.warmup_steps)}
 
     def configure_optimizers(self):
-        spec = get_stage(self.stage)
-        s = self.stage_settings(spec)
-        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        if not named:
-            raise ValueError(f"stage {self.stage!r} leaves no trainable parameter")
-        groups = optimizer_param_groups(named, s["lr"], s["weight_decay"], tag=spec["name"])
-        optimizer = torch.optim.AdamW(groups, lr=s["lr"], betas=tuple(self.hparams.betas), eps=self.hparams.eps,
-                                      fused=False)
+        """AdamW param groups per stage of `stage_history`, in the order a run with step-scheduled switches
+        created them (so a resumed run's saved optimizer state fits), each with its stage's lr and schedule."""
         total = self.trainer.max_steps if self.trainer is not None and self.trainer.max_steps > 0 else None
-        fn = StageSchedule(s["schedule"], s["warmup_steps"], total, min_lr_ratio=self.hparams.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [fn] * len(groups))
+        groups, lambdas, seen = [], [], set()
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        for start, name in self.stage_history:
+            spec = get_stage(name)
+            in_stage = {n for g in spec["trainable"] for n, _ in self.parameter_groups()[g]}
+            named = [(n, p) for n, p in self.named_parameters() if n in in_stage and n in trainable and n not in seen]
+            seen.update(n for n, _ in named)
+            s = self.stage_settings(spec)
+            new = optimizer_param_groups(named, s["lr"], s["weight_decay"], tag=spec["name"])
+            groups += new
+            lambdas += [StageSchedule(s["schedule"], s["warmup_steps"], total, start_step=start,
+                                      min_lr_ratio=self.hparams.min_lr_ratio)] * len(new)
+        if not groups:
+            raise ValueError(f"stage {self.stage!r} leaves no trainable parameter")
+        optimizer = torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=tuple(self.hparams.betas), eps=self.hparams.eps,
+                                      fused=False)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["synergen_stage_history"] = [list(x) for x in self.stage_history]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resuming a run: restore the stage (and its switches) before the optimizer is rebuilt."""
+        history = checkpoint.get("synergen_stage_history")
+        if history:
+            self.stage_history = [(int(s), str(n)) for s, n in history]
+            apply_stage(self, self.stage_history[-1][1])
 
     # ------------------------------------------------------------------ inference (generation.py)
     def generate_images(self, prompts, num: int = 1, cfg_scale: float = 7.5, temperature: float = 1.0,

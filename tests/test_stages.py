@@ -127,3 +127,25 @@ def test_schedule_warmup_and_cosine():
     assert StageSchedule("constant", 5)(1000) == 1.0
     late = StageSchedule("cosine", warmup_steps=2, total_steps=12, start_step=10)
     assert late(10) == pytest.approx(0.5)
+
+
+def test_resume_after_a_switch_restores_stage_and_optimizer_groups(tmp_path):
+    model = tiny_model(lr={"stage1": 3e-3, "stage2": 1e-3})
+    cb = lambda: [StageCallback("stage1", switch_at={2: "stage2"}), FrozenParameterGuard()]  # noqa: E731
+    t1 = _trainer(cb(), 4)
+    t1.fit(model, loader(_batches(4)))
+    ckpt = tmp_path / "mid.ckpt"
+    t1.save_checkpoint(ckpt)
+    names = [g["name"] for g in t1.optimizers[0].param_groups]
+    assert names == ["stage1/decay", "stage1/no_decay", "stage2/decay"]
+    # logged to TensorBoard-bound metrics: per-task losses, grad norm, counts
+    assert {"train/loss", "train/loss_text", "train/loss_image", "train/grad_norm", "train/text_tokens",
+            "train/samples_generation"} <= set(t1.callback_metrics)
+
+    resumed = tiny_model(lr={"stage1": 3e-3, "stage2": 1e-3})
+    t2 = _trainer(cb(), 6)
+    t2.fit(resumed, loader(_batches(6)), ckpt_path=ckpt)
+    assert resumed.stage_history == [(0, "stage1"), (2, "stage2")] and resumed.stage == "stage2"
+    assert [g["name"] for g in t2.optimizers[0].param_groups] == names
+    assert resumed.llm.layers[0].attn.q_proj.weight.requires_grad
+    assert t2.global_step == 6
