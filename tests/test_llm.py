@@ -48,6 +48,18 @@ def write_toy_corpus(out: Path, n_train: int = 6000, n_val: int = 300, seed: int
     return out
 
 
+def write_world_skill_corpus(out: Path, seed: int = 0) -> Path:
+    """The world's real held-out skill (number comparison, `synergen_lightning.world.text_corpus`),
+    without the scene language: train.jsonl holds `prompt answer` lines of skill_train only."""
+    from synergen_lightning.world.text_corpus import make_skill, skill_text
+
+    train, val = make_skill(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.jsonl").write_text("".join(json.dumps({"text": skill_text(r)}) + "\n" for r in train))
+    (out / "skill_val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
+    return out
+
+
 def test_pack_documents():
     rows = pack_documents([[5, 6], [7], [8, 9]], seq_len=4, bos_id=1, eos_id=2)
     assert rows.tolist() == [[1, 5, 6, 2], [1, 7, 2, 1]]  # the ragged tail is dropped
