@@ -1,0 +1,222 @@
+"""The evaluation suites shared by `synergen eval report` and the `PeriodicEvaluator` callback.
+
+    geneval_suite(model, prompts)           shape-world GenEval: generate one image per prompt -> score_images
+    understanding_suite(model, qa_items)    greedy answers to val Q/A, exact match (overall and per Q/A kind)
+    text_suite(model, skill_jsonl, base=)   held-out text skill of the trunk, and its retention vs the base LLM
+    fid_suite(model, captions, reference)   FID / IS / KID of generated vs reference images (torch-fidelity)
+
+Each returns a flat-ish dict of floats; `flatten_metrics` turns it into `eval/...` scalars. Loops show a
+rich progress bar when `progress=True`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from synergen_lightning.eval.fid import EvalInputError
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, description: str, total: int):
+    """Yields advance(n); a rich progress bar when enabled, a no-op otherwise."""
+    if not enabled:
+        yield lambda n=1: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n=1: bar.advance(task, n)
+
+
+def _chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """model.eval() inside, the previous train/eval mode restored after (callbacks run mid-training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------- GenEval
+def geneval_suite(model, prompts: list[dict], seed: int = 0, cfg_scale: float = 7.5, temperature: float = 1.0,
+                  batch_size: int = 16, progress: bool = False, return_images: bool = False) -> dict:
+    """One image per shape-world eval prompt (seed fixed per prompt batch) scored by `world.score_images`."""
+    from synergen_lightning.world.scorer import score_images
+
+    if not prompts:
+        raise EvalInputError("geneval: no eval prompts; write eval_prompts.jsonl with `synergen data synth`")
+    images = []
+    with eval_mode(model), progress_bar(progress, "geneval: generating", len(prompts)) as advance:
+        for k, chunk in enumerate(_chunks(prompts, batch_size)):
+            images += model.generate_images([p["prompt"] for p in chunk], num=1, cfg_scale=cfg_scale,
+                                            temperature=temperature, seed=seed + k, batch_size=batch_size)
+            advance(len(chunk))
+    report = score_images(images, prompts)
+    return (report, images) if return_images else report
+
+
+# ---------------------------------------------------------------------------------------- understanding
+def load_qa_items(shards: list[str] | str, max_items: int | None = None) -> list[dict]:
+    """Val Q/A items {image: PIL, question, answer, kind, key} from shape-world shards (KEY.jpg + KEY.json)."""
+    import glob
+
+    from PIL import Image
+
+    from synergen_lightning.data.sources import SkipCounter, finite_samples, load_json
+
+    urls = sorted(glob.glob(shards)) if isinstance(shards, str) else list(shards)
+    if not urls:
+        raise EvalInputError(f"understanding: val shards {shards!r} match no file; run `make data` or pass --val-shards")
+    counter = SkipCounter()
+    items: list[dict] = []
+    for sample in finite_samples(urls, counter):
+        key = sample["__key__"]
+        img_bytes = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+        if img_bytes is None or "json" not in sample:
+            counter.add("missing_image_or_json", key)
+            continue
+        meta = load_json(sample["json"], key)
+        image = Image.open(io.BytesIO(img_bytes))
+        image.load()
+        for qa in meta.get("qa") or []:
+            items.append({"image": image, "question": qa["question"], "answer": str(qa["answer"]),
+                          "kind": qa.get("kind", "qa"), "key": key})
+            if max_items is not None and len(items) >= max_items:
+                return items
+    if not items:
+        raise EvalInputError(f"understanding: no Q/A pair in {len(urls)} val shard(s) {shards!r} "
+                             f"(skipped: {dict(counter.counts)}); the shards need KEY.json with a 'qa' list")
+    return items
+
+
+def understanding_suite(model, items: list[dict], max_new_tokens: int = 16, batch_size: int = 16,
+                        max_tiles: int = 1, thumbnail: bool = False, progress: bool = False) -> dict:
+    """Exact match (strip, case-insensitive) of greedy answers; overall and per Q/A kind."""
+    if not items:
+        raise EvalInputError("understanding: no Q/A items to evaluate")
+    per_kind: dict[str, list[bool]] = defaultdict(list)
+    examples = []
+    with eval_mode(model), progress_bar(progress, "understanding: answering", len(items)) as advance:
+        for chunk in _chunks(items, batch_size):
+            answers = model.answer([it["image"] for it in chunk], [it["question"] for it in chunk],
+                                   max_new_tokens=max_new_tokens, max_tiles=max_tiles, thumbnail=thumbnail)
+            for it, got in zip(chunk, answers):
+                ok = got.strip().lower() == it["answer"].strip().lower()
+                per_kind[it["kind"]].append(ok)
+                if len(examples) < 8:
+                    examples.append({"question": it["question"], "answer": it["answer"], "predicted": got})
+            advance(len(chunk))
+    flat = [ok for oks in per_kind.values() for ok in oks]
+    return {"accuracy": sum(flat) / len(flat), "num_items": len(flat),
+            "per_kind": {k: sum(v) / len(v) for k, v in sorted(per_kind.items())}, "examples": examples}
+
+
+# ---------------------------------------------------------------------------------------- text skill
+def text_suite(model, skill_jsonl: str | Path, tokenizer=None, base_llm=None, base_accuracy: float | None = None,
+               max_examples: int | None = None) -> dict:
+    """Held-out text skill of the system's trunk, and retention = accuracy / base LLM accuracy.
+
+    `base_llm`: an MMoETransformer or a path for `system.load_base_llm`; `base_accuracy` skips running it."""
+    from synergen_lightning.llm import evaluate_text_skill
+
+    if not Path(skill_jsonl).is_file():
+        raise EvalInputError(f"text: skill file {str(skill_jsonl)!r} does not exist; run `make data` "
+                             "(it writes data/tiny/text/skill_val.jsonl) or pass --skill")
+    tok = tokenizer or model.text_tokenizer
+    with eval_mode(model):
+        acc = evaluate_text_skill(model.llm, tok, skill_jsonl, max_examples=max_examples)
+    out = {"accuracy": acc}
+    if base_accuracy is None and base_llm is not None:
+        if isinstance(base_llm, (str, Path)):
+            from synergen_lightning.system import load_base_llm
+
+            base_llm = load_base_llm(base_llm)
+        base_llm = base_llm.to(model.device)
+        base_accuracy = evaluate_text_skill(base_llm, tok, skill_jsonl, max_examples=max_examples)
+    if base_accuracy is not None:
+        out["base_accuracy"] = float(base_accuracy)
+        # retention: 1.0 = the skill survived multimodal training intact
+        out["retention"] = acc / base_accuracy if base_accuracy > 0 else None
+    return out
+
+
+# ---------------------------------------------------------------------------------------- FID
+def fid_suite(model, captions: list[str], reference, inception_weights, seed: int = 0, cfg_scale: float = 7.5,
+              batch_size: int = 16, progress: bool = False, device: str = "cpu") -> dict:
+    """Generate one image per caption (MSCOCO-30K style) and compare with `reference` images."""
+    from synergen_lightning.eval.fid import as_uint8_images, check_inception_weights, compute_fidelity
+
+    check_inception_weights(inception_weights)  # fail before generating anything
+    ref = as_uint8_images(reference, "reference images")
+    if not captions:
+        raise EvalInputError("fid: no captions to generate from")
+    gen = []
+    with eval_mode(model), progress_bar(progress, "fid: generating", len(captions)) as advance:
+        for k, chunk in enumerate(_chunks(captions, batch_size)):
+            gen.append(model.generate_images(chunk, num=1, cfg_scale=cfg_scale, seed=seed + k, batch_size=batch_size,
+                                             output="tensor"))
+            advance(len(chunk))
+    gen_t = torch.cat(gen)
+    return compute_fidelity(gen_t, ref, inception_weights, batch_size=batch_size, device=device)
+
+
+def load_reference_images(shards: list[str] | str, size: int, max_images: int) -> tuple[list[str], torch.Tensor]:
+    """(captions, uint8 [N,3,size,size]) of val shard samples, through the one generation view policy."""
+    import glob
+
+    from PIL import Image
+
+    from synergen_lightning.data.sources import SkipCounter, finite_samples
+    from synergen_lightning.data.views import generation_view, to_uint8_tensor
+
+    urls = sorted(glob.glob(shards)) if isinstance(shards, str) else list(shards)
+    if not urls:
+        raise EvalInputError(f"fid: reference shards {shards!r} match no file; run `make data` or pass --val-shards")
+    captions, views = [], []
+    for sample in finite_samples(urls, SkipCounter()):
+        img_bytes = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+        if img_bytes is None or "txt" not in sample:
+            continue
+        img = Image.open(io.BytesIO(img_bytes))
+        img.load()
+        views.append(generation_view(img, size))
+        captions.append(sample["txt"].decode("utf-8").strip())
+        if len(views) >= max_images:
+            break
+    if not views:
+        raise EvalInputError(f"fid: no image+caption sample in reference shards {shards!r}")
+    return captions, to_uint8_tensor(views)
+
+
+def flatten_metrics(results: dict, prefix: str = "eval") -> dict[str, float]:
+    """{"geneval": {"overall": .5, "counts": {...}}, ...} -> {"eval/geneval/overall": .5, ...} (numbers only)."""
+    out: dict[str, float] = {}
+
+    def walk(obj, path):
+        if isinstance(obj, bool):
+            return
+        if isinstance(obj, (int, float)):
+            if not path.endswith(("counts", "num_images", "num_items", "skipped_files")) and "/counts/" not in path:
+                out[path] = float(obj)
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, f"{path}/{k}")
+
+    for suite, res in results.items():
+        walk(res, f"{prefix}/{suite}")
+    return out
