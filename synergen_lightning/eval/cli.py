@@ -1,0 +1,198 @@
+"""`synergen eval report`, `synergen eval fid`, `synergen eval cosine`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from synergen_lightning.eval.fid import INCEPTION_KEY, EvalInputError
+
+
+def _csv_suites(value: str) -> tuple[str, ...]:
+    from synergen_lightning.eval.report import SUITES
+
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [v for v in items if v not in SUITES]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"unknown suite {', '.join(map(repr, bad)) or '(empty)'}; "
+                                         f"choose from {','.join(SUITES)}")
+    return items
+
+
+def _recipe_value(config: Path | None, key: str):
+    """`key` at the top level of a recipe YAML, or under `eval:` / `model.init_args:` (None if absent)."""
+    if config is None:
+        return None
+    if not config.is_file():
+        raise EvalInputError(f"--config {config} does not exist; pass a recipe YAML that sets {key}")
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.to_container(OmegaConf.load(config), resolve=True) or {}
+    for scope in (cfg, cfg.get("eval") or {}, (cfg.get("model") or {}).get("init_args") or {}):
+        if isinstance(scope, dict) and scope.get(key) is not None:
+            return scope[key]
+    return None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--text-tokenizer", help="override the text tokenizer directory stored in the checkpoint")
+    p.add_argument("--image-tokenizer", help="override the image tokenizer path stored in the checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def report_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="synergen eval report",
+        description="Evaluate a SynerGenVL checkpoint and write OUT/report.json + OUT/report.md with metric tables, "
+                    "a sample grid PNG and PNG plots of the run's TensorBoard curves. Suites: geneval (shape-world "
+                    "GenEval), und (val Q/A exact match), text (held-out text skill, retention vs the base LLM), fid "
+                    "(FID/IS/KID via torch-fidelity, local Inception weights). Written atomically: a failed run "
+                    "leaves no report.")
+    p.add_argument("--ckpt", required=True, help="SynerGenVL checkpoint (e.g. runs/tiny/sft/last.ckpt)")
+    p.add_argument("--suite", type=_csv_suites, default=("geneval", "und", "text"),
+                   help="comma-separated suites: geneval,und,text,fid (default: geneval,und,text)")
+    p.add_argument("--out", type=Path, required=True, help="report directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--data", type=Path, default=Path("data/tiny"),
+                   help="shape-world data root (`make data`): eval_prompts.jsonl, val/shard-*.tar, text/skill_val.jsonl")
+    p.add_argument("--eval-prompts", type=Path, help="GenEval prompts (default: DATA/eval_prompts.jsonl)")
+    p.add_argument("--val-shards", help="val shard glob with Q/A (default: DATA/val/shard-*.tar)")
+    p.add_argument("--skill", type=Path, help="held-out text skill jsonl (default: DATA/text/skill_val.jsonl)")
+    p.add_argument("--base-llm", help="base LLM for text retention (default: the checkpoint's model.base_llm)")
+    p.add_argument("--num-geneval", type=int, default=48, help="GenEval prompts used (default: 48)")
+    p.add_argument("--num-und", type=int, default=64, help="val Q/A items used (default: 64)")
+    p.add_argument("--num-fid", type=int, default=64, help="images per FID set (default: 64; MSCOCO-30K uses 30000)")
+    p.add_argument("--max-text", type=int, default=200, help="skill lines used (default: 200)")
+    p.add_argument("--inception-weights", help=f"local torch-fidelity Inception weights (.pth) for fid; default: the "
+                   f"recipe key {INCEPTION_KEY} of --config")
+    p.add_argument("--config", type=Path, help=f"a recipe YAML to read {INCEPTION_KEY} from")
+    p.add_argument("--fid-prompts", type=Path, help="captions to generate for FID (.txt or .jsonl), MSCOCO-30K style")
+    p.add_argument("--fid-reference", type=Path, help="directory of reference images for FID (one size)")
+    p.add_argument("--logdir", type=Path, help="TensorBoard directory of the run (default: the checkpoint's directory)")
+    p.add_argument("--grid-prompt", action="append", help="sample-grid prompt (repeat; default: the first 6 GenEval prompts)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cfg", type=float, default=7.5, help="CFG scale of every generation (paper: 7.5)")
+    p.add_argument("--batch-size", type=int, default=16)
+    _common(p)
+    return p
+
+
+def report_main(argv: list[str] | None = None, model=None) -> int:
+    """`model`: an already built SynerGenVL (tests); otherwise --ckpt is loaded."""
+    from synergen_lightning.eval.report import ReportInputs, build_report, check_system_checkpoint, load_system
+
+    parser = report_parser()
+    a = parser.parse_args(argv)
+    for name in ("num_geneval", "num_und", "num_fid", "batch_size"):
+        if getattr(a, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= 1")
+    try:
+        ckpt = check_system_checkpoint(a.ckpt) if model is None else None
+        hp = (ckpt or {}).get("hyper_parameters") or (dict(model.hparams) if model is not None else {})
+        weights = a.inception_weights or _recipe_value(a.config, INCEPTION_KEY)
+        inputs = ReportInputs(
+            suites=a.suite, eval_prompts=a.eval_prompts or a.data / "eval_prompts.jsonl",
+            val_shards=a.val_shards or str(a.data / "val" / "shard-*.tar"),
+            skill_jsonl=a.skill or a.data / "text" / "skill_val.jsonl",
+            base_llm=a.base_llm or hp.get("base_llm"), inception_weights=weights, fid_prompts=a.fid_prompts,
+            fid_reference=a.fid_reference, logdir=a.logdir or Path(a.ckpt).resolve().parent,
+            num_geneval=a.num_geneval, num_und=a.num_und, num_fid=a.num_fid, max_text=a.max_text,
+            grid_prompts=a.grid_prompt or [], seed=a.seed, cfg_scale=a.cfg, batch_size=a.batch_size, device=a.device,
+            progress=not a.no_progress and sys.stderr.isatty())
+        inputs.validate()  # every input checked before the model is even loaded
+        del ckpt
+        if model is None:
+            model = load_system(a.ckpt, a.device, a.text_tokenizer, a.image_tokenizer)
+        out = build_report(model, inputs, a.out, ckpt_name=a.ckpt, overwrite=a.overwrite)
+    except EvalInputError as exc:
+        parser.error(str(exc))
+    report = json.loads((out / "report.json").read_text())
+    summary = []
+    r = report["results"]
+    if "geneval" in r:
+        summary.append(f"geneval={r['geneval']['overall']:.3f}")
+    if "und" in r:
+        summary.append(f"und={r['und']['accuracy']:.3f}")
+    if "text" in r:
+        ret = r["text"].get("retention")
+        summary.append(f"text={r['text']['accuracy']:.3f}" + (f" (retention {ret:.3f})" if ret is not None else ""))
+    if "fid" in r:
+        summary.append(f"fid={r['fid']['fid']:.2f} is={r['fid']['isc_mean']:.2f} kid={r['fid']['kid_mean']:.4f}")
+    print(f"eval report: {' '.join(summary)} -> {out}/report.md ({report['seconds']:.1f}s)")
+    return 0
+
+
+def fid_main(argv: list[str] | None = None) -> int:
+    from synergen_lightning.eval.fid import compute_fidelity
+
+    p = argparse.ArgumentParser(prog="synergen eval fid", description="FID / IS / KID (torch-fidelity) between a "
+                                "directory of generated images and a directory of reference images (each one size). "
+                                "Nothing is downloaded: the Inception weights come from a local file.")
+    p.add_argument("--generated", type=Path, required=True, help="directory of generated images")
+    p.add_argument("--reference", type=Path, required=True, help="directory of reference images")
+    p.add_argument("--inception-weights", help=f"torch-fidelity Inception weights (.pth); default: {INCEPTION_KEY} of --config")
+    p.add_argument("--config", type=Path, help=f"a recipe YAML to read {INCEPTION_KEY} from")
+    p.add_argument("--metrics", default="fid,isc,kid", help="comma-separated subset of fid,isc,kid")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", type=Path, help="also write the metrics JSON here")
+    a = p.parse_args(argv)
+    metrics = {m.strip() for m in a.metrics.split(",") if m.strip()}
+    if not metrics or metrics - {"fid", "isc", "kid"}:
+        p.error(f"--metrics {a.metrics!r}: choose from fid,isc,kid")
+    try:
+        weights = a.inception_weights or _recipe_value(a.config, INCEPTION_KEY)
+        out = compute_fidelity(a.generated, a.reference, weights, fid="fid" in metrics, isc="isc" in metrics,
+                               kid="kid" in metrics, batch_size=a.batch_size, device=a.device)
+    except EvalInputError as exc:
+        p.error(str(exc))
+    text = json.dumps(out, indent=2)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def cosine_main(argv: list[str] | None = None, model=None) -> int:
+    """Paper Fig. 4 on shape-world val images (or an image directory)."""
+    from synergen_lightning.eval.analysis import images_to_codes, layer_cosine_similarity, plot_layer_similarity
+    from synergen_lightning.eval.report import load_system
+
+    p = argparse.ArgumentParser(prog="synergen eval cosine", description="Per-layer cosine similarity between "
+                                "understanding and generation visual features (paper Fig. 4): the same images fed as "
+                                "understanding input and as generation target; mean-pooled image-token hidden states "
+                                "per layer. Writes OUT/cosine.json and OUT/cosine.png.")
+    p.add_argument("--ckpt", required=True, help="SynerGenVL checkpoint")
+    p.add_argument("--val-shards", default="data/tiny/val/shard-*.tar",
+                   help="shard glob with KEY.jpg + KEY.txt captions (default: data/tiny/val/shard-*.tar)")
+    p.add_argument("--num-images", type=int, default=32)
+    p.add_argument("--question", default="Describe the image.", help="the understanding prompt's question")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    _common(p)
+    a = p.parse_args(argv)
+    if a.num_images < 1:
+        p.error(f"--num-images {a.num_images} must be >= 1")
+    from synergen_lightning.eval.suites import load_reference_images
+
+    try:
+        if model is None:
+            model = load_system(a.ckpt, a.device, a.text_tokenizer, a.image_tokenizer)
+        size = model.grid[0] * model.hparams.downsample
+        captions, views = load_reference_images(a.val_shards, size, a.num_images)
+    except EvalInputError as exc:
+        p.error(str(exc))
+    from PIL import Image
+
+    codes = images_to_codes(model, [Image.fromarray(v.permute(1, 2, 0).numpy()) for v in views])
+    result = layer_cosine_similarity(model, codes, captions, question=a.question)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "cosine.json").write_text(json.dumps({"ckpt": a.ckpt, "num_images": len(captions), **result}, indent=2) + "\n")
+    plot_layer_similarity(result, a.out / "cosine.png")
+    print("cosine per layer: " + " ".join(f"{v:.3f}" for v in result["mean"]) + f" -> {a.out}/cosine.png")
+    return 0

@@ -1,0 +1,220 @@
+"""`synergen eval report` / `eval cosine` on a tiny random SynerGenVL and a tiny shape world."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from synergen_lightning.eval import report as report_mod
+from synergen_lightning.eval.analysis import layer_cosine_similarity
+from synergen_lightning.eval.cli import cosine_main, report_main
+from synergen_lightning.eval.report import check_system_checkpoint, read_scalars
+from synergen_lightning.eval.fid import EvalInputError
+from synergen_lightning.llm import evaluate_text_skill
+from synergen_lightning.world.scorer import score_images
+from tests.test_generation import _model
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from synergen_lightning.world.shards import SynthConfig, write_dataset
+
+    root = tmp_path_factory.mktemp("world") / "tiny"
+    write_dataset(SynthConfig(out=root, num_samples=12, shard_size=50, canvas=48, val_fraction=0.5, num_eval_prompts=6,
+                              workers=1, progress=False))
+    return root
+
+
+@pytest.fixture(scope="module")
+def logdir(tmp_path_factory):
+    from torch.utils.tensorboard import SummaryWriter
+
+    d = tmp_path_factory.mktemp("run")
+    w = SummaryWriter(str(d))
+    for step in range(0, 50, 10):
+        w.add_scalar("train/loss", 5.0 - step / 20, step)
+        w.add_scalar("train/loss_image", 3.0 - step / 40, step)
+        w.add_scalar("val/loss", 4.0 - step / 30, step)
+    w.close()
+    return d
+
+
+def _args(world, logdir, out, *extra):
+    return ["--ckpt", "in-memory.ckpt", "--data", str(world), "--out", str(out), "--logdir", str(logdir),
+            "--num-geneval", "3", "--num-und", "4", "--max-text", "3", "--batch-size", "4",
+            "--grid-prompt", "a red circle", "--grid-prompt", "a blue square", "--device", "cpu", *extra]
+
+
+def test_report_writes_json_md_grid_and_curves(world, logdir, tmp_path):
+    model = _model()
+    out = tmp_path / "report"
+    assert report_main(_args(world, logdir, out, "--suite", "geneval,und,text"), model=model) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["curves_train.png", "curves_val.png", "report.json", "report.md",
+                                                     "samples.png"]
+    rep = json.loads((out / "report.json").read_text())
+    # GenEval: the same seeds regenerate the same images; score them independently
+    prompts = [json.loads(l) for l in (world / "eval_prompts.jsonl").read_text().splitlines()[:3]]
+    images = model.generate_images([p["prompt"] for p in prompts], num=1, seed=0, batch_size=4)
+    assert rep["results"]["geneval"] == score_images(images, prompts)
+    # text: the trunk's skill accuracy, computed directly
+    assert rep["results"]["text"]["accuracy"] == evaluate_text_skill(model.llm, model.text_tokenizer,
+                                                                     world / "text" / "skill_val.jsonl", max_examples=3)
+    und = rep["results"]["und"]
+    assert und["num_items"] == 4 and 0.0 <= und["accuracy"] <= 1.0 and und["examples"]
+    # grid: 2 prompts x 4 seeds of 16-px images with 2-px borders
+    assert Image.open(out / "samples.png").size == (4 * 18 + 2, 2 * 18 + 2)
+    md = (out / "report.md").read_text()
+    for needle in ("## GenEval", "## Understanding", "## Text skill retention", "![samples](samples.png)",
+                   "![train](curves_train.png)", "| overall |"):
+        assert needle in md, needle
+    assert not list(tmp_path.glob(".report.partial-*"))
+    # a second run into a full directory needs --overwrite
+    with pytest.raises(SystemExit):
+        report_main(_args(world, logdir, out, "--suite", "text"), model=model)
+    assert report_main(_args(world, logdir, out, "--suite", "text", "--overwrite"), model=model) == 0
+    assert set(json.loads((out / "report.json").read_text())["results"]) == {"text"}
+
+
+def test_read_scalars_from_event_files(logdir):
+    s = read_scalars(logdir)
+    assert set(s) == {"train/loss", "train/loss_image", "val/loss"}
+    assert s["train/loss"] == [(0, 5.0), (10, 4.5), (20, 4.0), (30, 3.5), (40, 3.0)]
+
+
+def test_text_retention_against_the_base_llm(world, logdir, tmp_path):
+    model = _model()
+    base = copy.deepcopy(model.llm)
+    with torch.no_grad():  # a "base" that differs from the trunk
+        for p in base.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    from synergen_lightning.eval.suites import text_suite
+
+    skill = world / "text" / "skill_val.jsonl"
+    res = text_suite(model, skill, base_llm=base, max_examples=5)
+    base_acc = evaluate_text_skill(base, model.text_tokenizer, skill, max_examples=5)
+    assert res["base_accuracy"] == base_acc
+    assert res["retention"] == (res["accuracy"] / base_acc if base_acc > 0 else None)
+    assert text_suite(model, skill, base_llm=copy.deepcopy(model.llm), max_examples=5).get("retention") in (1.0, None)
+
+
+def _fails(capsys, argv, model, match):
+    with pytest.raises(SystemExit) as e:
+        report_main(argv, model=model)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert match in err, err
+    return err
+
+
+def test_bad_inputs_leave_no_report(world, logdir, tmp_path, capsys):
+    model = _model()
+    out = tmp_path / "report"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"x")  # only its existence is checked before the image inputs
+    _fails(capsys, _args(world, logdir, out, "--suite", "fid", "--inception-weights", str(weights), "--fid-reference",
+                         str(empty), "--fid-prompts", str(world / "eval_prompts.jsonl")), model, "has no images")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.new("RGB", (16, 16)).save(mixed / "0.png")
+    Image.new("RGB", (8, 8)).save(mixed / "1.png")
+    _fails(capsys, _args(world, logdir, out, "--suite", "fid", "--inception-weights", str(weights), "--fid-reference",
+                         str(mixed), "--fid-prompts", str(world / "eval_prompts.jsonl")), model, "mixed sizes")
+    bad_prompts = tmp_path / "prompts.jsonl"
+    lines = (world / "eval_prompts.jsonl").read_text().splitlines()
+    bad_prompts.write_text("\n".join(lines[:2] + ['{"tag": "colors", "prompt": '] + lines[2:]) + "\n")
+    _fails(capsys, _args(world, logdir, out, "--suite", "geneval", "--eval-prompts", str(bad_prompts)), model, "line 3")
+    _fails(capsys, _args(world, logdir, out, "--suite", "fid", "--inception-weights", str(tmp_path / "none.pth")),
+           model, "fid_inception_weights")
+    _fails(capsys, _args(world, logdir, out, "--suite", "und", "--val-shards", str(tmp_path / "nope-*.tar")), model,
+           "match no file")
+    assert not out.exists() and not list(tmp_path.glob(".report.partial-*"))
+
+
+def test_failure_mid_report_leaves_nothing_that_looks_complete(world, logdir, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("understanding crashed")
+
+    monkeypatch.setattr("synergen_lightning.eval.suites.understanding_suite", boom)
+    out = tmp_path / "report"
+    with pytest.raises(RuntimeError, match="understanding crashed"):
+        report_main(_args(world, logdir, out, "--suite", "geneval,und"), model=_model())
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_wrong_checkpoint_kind_is_named(tmp_path, capsys, world, logdir):
+    from synergen_lightning.image_tokenizer.vq_tokenizer import VQTokenizer
+    from tests.test_image_tokenizer import SMALL
+
+    tok = VQTokenizer(**SMALL)
+    path = tmp_path / "tokenizer.ckpt"
+    torch.save({"state_dict": tok.state_dict(), "hyper_parameters": dict(tok.hparams)}, path)
+    with pytest.raises(EvalInputError, match=r"is an image-tokenizer \(VQTokenizer\) checkpoint, not a SynerGenVL"):
+        check_system_checkpoint(path)
+    argv = _args(world, logdir, tmp_path / "r", "--suite", "text")
+    argv[1] = str(path)
+    with pytest.raises(SystemExit):
+        report_main(argv)
+    assert "VQTokenizer" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    system = tmp_path / "system.ckpt"
+    model = _model()
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, system)
+    assert "state_dict" in check_system_checkpoint(system)
+
+
+def _reference_layer_features(model, ids, img, codes, k):
+    """Hidden states after layer k by the model's own forward: a copy truncated to k layers, no final norm."""
+    m = copy.deepcopy(model)
+    m.llm.layers = m.llm.layers[:k]
+    m.llm.norm = torch.nn.Identity()
+    ids_t, img_t = torch.tensor([ids]), torch.tensor([img])
+    h = m.llm(m.embed_inputs(ids_t, img_t, codes), image_mask=img_t)
+    return h[0][img_t[0]].mean(0)
+
+
+def test_layer_cosine_matches_truncated_forward_reference():
+    from synergen_lightning.data.sequences import generation_prompt_ids
+    from synergen_lightning.generation import understanding_prompt_ids
+
+    model = _model()
+    codes = torch.randint(0, 16, (2, 4, 4))
+    captions = ["a red circle", "two squares"]
+    res = layer_cosine_similarity(model, codes, captions)
+    L = model.llm.config.num_layers
+    assert len(res["mean"]) == L and len(res["per_image"]) == 2
+    tok, P = model.text_tokenizer, model.tokens_per_view
+    for i in range(2):
+        u_ids, u_img = understanding_prompt_ids(tok, 1, P, "Describe the image.")
+        g = generation_prompt_ids(tok, captions[i])
+        g_ids, g_img = g + [tok.pad_id] * P + [tok.eoi_id], [False] * len(g) + [True] * P + [False]
+        for k in range(1, L + 1):
+            fu = _reference_layer_features(model, u_ids, u_img, codes[i:i + 1], k)
+            fg = _reference_layer_features(model, g_ids, g_img, codes[i:i + 1], k)
+            expected = torch.nn.functional.cosine_similarity(fu, fg, dim=0)
+            assert res["per_image"][i][k - 1] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_cosine_command_writes_plot(world, tmp_path):
+    out = tmp_path / "cos"
+    assert cosine_main(["--ckpt", "in-memory", "--val-shards", str(world / "val" / "shard-*.tar"), "--num-images", "3",
+                        "--out", str(out), "--device", "cpu"], model=_model()) == 0
+    data = json.loads((out / "cosine.json").read_text())
+    assert data["num_images"] == 3 and len(data["mean"]) == 2
+    assert Image.open(out / "cosine.png").size[0] > 100
+
+
+@pytest.mark.slow
+def test_report_fid_suite_with_local_weights(world, logdir, tmp_path):
+    from synergen_lightning.eval.fid import write_random_inception_weights
+
+    weights = write_random_inception_weights(tmp_path / "inc.pth")
+    out = tmp_path / "report"
+    assert report_main(_args(world, logdir, out, "--suite", "fid", "--inception-weights", str(weights),
+                             "--num-fid", "4"), model=_model()) == 0
+    fid = json.loads((out / "report.json").read_text())["results"]["fid"]
+    assert fid["num_generated"] == fid["num_reference"] == 4 and fid["fid"] > 0
+    assert "## FID / IS / KID" in (out / "report.md").read_text()
