@@ -352,6 +352,9 @@ class SynerGenVL(LightningModule):
         if not self._stage_applied:
             apply_stage(self, spec)  # no StageCallback in the trainer: the hparam stage applies
         self._init_weights_for_fit(spec["name"])
+        path = self.hparams.get("image_tokenizer")
+        if path and Path(path).exists():
+            _ = self.image_tokenizer  # fail at the start, not mid-run, on a codebook-size mismatch
 
     def _init_weights_for_fit(self, stage: str) -> None:
         hp = self.hparams

@@ -98,3 +98,21 @@ def test_bad_inputs_are_one_line_errors():
     model.set_image_tokenizer(FakeTok())
     with pytest.raises(ValueError, match="codebook_size 32 != the model's code embedding table 16"):
         _ = model.image_tokenizer
+
+
+def test_overfits_a_fixed_mixed_batch_in_stage1_and_sft():
+    from synergen_lightning.stages import apply_stage
+
+    for stage, key in (("stage1", "loss_image"), ("sft", "loss")):
+        torch.manual_seed(0)
+        model = tiny_model()
+        apply_stage(model, stage)
+        batch = make_batch(["generation", "understanding", "text", "generation"])
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        first = model.forward_losses(batch)[key].item()
+        for _ in range(20):
+            out = model.forward_losses(batch)
+            out["loss"].backward()
+            opt.step()
+            opt.zero_grad()
+        assert out[key].item() < 0.5 * first, (stage, first, out[key].item())
