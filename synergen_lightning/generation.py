@@ -264,39 +264,13 @@ def answer_main(argv: list[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------------------- demo report
-def _val_qa(shard_glob: str, max_questions: int) -> list[tuple]:
-    """(PIL image, question, answer) triples from shape-world shards (KEY.jpg + KEY.json `qa`), in shard order."""
-    import glob
-    import io
-    import json
-    import tarfile
-
-    from PIL import Image
-
-    out = []
-    for shard in sorted(glob.glob(shard_glob)):
-        with tarfile.open(shard) as tar:
-            files: dict[str, dict] = {}
-            for m in tar.getmembers():
-                if m.isfile():
-                    key, _, ext = m.name.partition(".")
-                    files.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        for key in sorted(files):
-            f = files[key]
-            if "jpg" not in f or "json" not in f:
-                continue
-            img = Image.open(io.BytesIO(f["jpg"])).convert("RGB")
-            for qa in json.loads(f["json"]).get("qa", []):
-                out.append((img, qa["question"], str(qa["answer"])))
-                if len(out) >= max_questions:
-                    return out
-    return out
-
-
 def demo_report_main(argv: list[str] | None = None) -> int:
+    """The `make demo` report, in the issue's key layout, computed by the eval room's suites
+    (`synergen eval report` is the fuller report: per-kind tables, FID, curves)."""
     p = argparse.ArgumentParser(prog="synergen demo report", description="Score a trained tiny SynerGenVL: shape-world "
                                 "GenEval (six categories), understanding exact match, text skill of the base LLM and of "
-                                "the final model; writes OUT/report.json and OUT/samples.png.")
+                                "the final model; writes OUT/report.json (geneval.overall, und.accuracy, "
+                                "text.accuracy_base, text.accuracy_final) and OUT/samples.png.")
     _common(p)
     p.add_argument("--base-llm", required=True, help="the base LLM checkpoint (text.accuracy_base)")
     p.add_argument("--data", default="data/tiny", help="shape-world directory (eval_prompts.jsonl, val/, text/)")
@@ -304,16 +278,14 @@ def demo_report_main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-prompts", type=int, default=None, help="first N eval prompts (default: all)")
     p.add_argument("--cfg", type=float, default=7.5)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--und-questions", type=int, default=500, help="val Q/A pairs to answer")
     p.add_argument("--text-examples", type=int, default=500, help="held-out text-skill items")
     a = p.parse_args(argv)
     import json
 
-    from synergen_lightning.llm import evaluate_text_skill
-    from synergen_lightning.system import load_base_llm
-    from synergen_lightning.world.scorer import score_images
+    from synergen_lightning.eval.grid import save_grid
+    from synergen_lightning.eval.suites import geneval_suite, load_qa_items, text_suite, understanding_suite
 
     data, out = Path(a.data), Path(a.out)
     prompts_file = data / "eval_prompts.jsonl"
@@ -321,38 +293,27 @@ def demo_report_main(argv: list[str] | None = None) -> int:
         p.error(f"{prompts_file} does not exist: run `make data` (or pass --data)")
     out.mkdir(parents=True, exist_ok=True)
     model = _load(a.ckpt, a.device, a.text_tokenizer, a.image_tokenizer)
-    ckpt_meta = torch.load(a.ckpt, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters") or {}
-    max_tiles, thumbnail = int(ckpt_meta.get("max_tiles", 1)), bool(ckpt_meta.get("thumbnail", False))
+    # answer with the views the last stage trained on (max tiles, thumbnail)
+    dm = torch.load(a.ckpt, map_location="cpu", weights_only=False).get("datamodule_hyper_parameters") or {}
+    max_tiles, thumbnail = int(dm.get("max_tiles", 1)), bool(dm.get("thumbnail", False))
 
     prompts = [json.loads(line) for line in prompts_file.read_text().splitlines() if line.strip()][: a.num_prompts]
-    images = generate_images(model, [q["prompt"] for q in prompts], num=1, cfg_scale=a.cfg, temperature=a.temperature,
-                             top_k=a.top_k, seed=a.seed)
-    geneval = score_images(images, prompts)
-    from torchvision.utils import make_grid, save_image
-    from synergen_lightning.data.views import to_uint8_tensor
-
-    grid = make_grid(to_uint8_tensor(images[:64]).float() / 255, nrow=8, padding=2, pad_value=1.0)
-    save_image(grid, out / "samples.png")
-
-    qa = _val_qa(str(data / "val" / "*.tar"), a.und_questions)
-    correct = 0
-    for i in range(0, len(qa), 32):
-        chunk = qa[i:i + 32]
-        answers = answer(model, [c[0] for c in chunk], [c[1] for c in chunk], max_new_tokens=8, max_tiles=max_tiles,
-                         thumbnail=thumbnail)
-        correct += sum(x.strip().lower() == c[2].strip().lower() for x, c in zip(answers, chunk))
-    skill = data / "text" / "skill_val.jsonl"
-    tok = model.text_tokenizer
-    text_final = evaluate_text_skill(model.llm, tok, skill, max_examples=a.text_examples)
-    text_base = evaluate_text_skill(load_base_llm(a.base_llm).to(model.device), tok, skill, max_examples=a.text_examples)
+    geneval, images = geneval_suite(model, prompts, seed=a.seed, cfg_scale=a.cfg, temperature=a.temperature,
+                                    return_images=True)
+    save_grid(images[:64], out / "samples.png", nrow=8)
+    und = understanding_suite(model, load_qa_items(str(data / "val" / "*.tar"), a.und_questions), max_new_tokens=8,
+                              max_tiles=max_tiles, thumbnail=thumbnail)
+    text = text_suite(model, data / "text" / "skill_val.jsonl", base_llm=a.base_llm, max_examples=a.text_examples)
     report = {
         "geneval": geneval,
-        "und": {"accuracy": correct / max(1, len(qa)), "questions": len(qa), "max_tiles": max_tiles, "thumbnail": thumbnail},
-        "text": {"accuracy_base": text_base, "accuracy_final": text_final, "examples": a.text_examples},
-        "settings": {"ckpt": a.ckpt, "cfg": a.cfg, "temperature": a.temperature, "top_k": a.top_k, "seed": a.seed},
+        "und": {"accuracy": und["accuracy"], "per_kind": und["per_kind"], "questions": und["num_items"],
+                "max_tiles": max_tiles, "thumbnail": thumbnail},
+        "text": {"accuracy_base": text["base_accuracy"], "accuracy_final": text["accuracy"],
+                 "examples": a.text_examples},
+        "settings": {"ckpt": a.ckpt, "cfg": a.cfg, "temperature": a.temperature, "seed": a.seed},
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps({"geneval.overall": geneval["overall"], "und.accuracy": report["und"]["accuracy"],
-                      "text.accuracy_base": text_base, "text.accuracy_final": text_final}, indent=2))
+    print(json.dumps({"geneval.overall": geneval["overall"], "und.accuracy": und["accuracy"],
+                      "text.accuracy_base": text["base_accuracy"], "text.accuracy_final": text["accuracy"]}, indent=2))
     print(f"wrote {out / 'report.json'} and {out / 'samples.png'}")
     return 0
