@@ -75,6 +75,7 @@ def report_parser() -> argparse.ArgumentParser:
     p.add_argument("--fid-reference", type=Path, help="directory of reference images for FID (one size)")
     p.add_argument("--logdir", type=Path, help="TensorBoard directory of the run (default: the checkpoint's directory)")
     p.add_argument("--grid-prompt", action="append", help="sample-grid prompt (repeat; default: the first 6 GenEval prompts)")
+    p.add_argument("--grid-seeds", default="0,1,2,3", help="sample-grid seeds, one column each (default: 0,1,2,3)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cfg", type=float, default=7.5, help="CFG scale of every generation (paper: 7.5)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -88,6 +89,12 @@ def report_main(argv: list[str] | None = None, model=None) -> int:
 
     parser = report_parser()
     a = parser.parse_args(argv)
+    try:
+        grid_seeds = tuple(int(s) for s in a.grid_seeds.split(",") if s.strip())
+    except ValueError:
+        parser.error(f"--grid-seeds {a.grid_seeds!r}: comma-separated integers, e.g. 0,1,2,3")
+    if not grid_seeds:
+        parser.error("--grid-seeds is empty; give at least one seed, e.g. 0")
     for name in ("num_geneval", "num_und", "num_fid", "batch_size"):
         if getattr(a, name) < 1:
             parser.error(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= 1")
@@ -102,7 +109,8 @@ def report_main(argv: list[str] | None = None, model=None) -> int:
             base_llm=a.base_llm or hp.get("base_llm"), inception_weights=weights, fid_prompts=a.fid_prompts,
             fid_reference=a.fid_reference, logdir=a.logdir or Path(a.ckpt).resolve().parent,
             num_geneval=a.num_geneval, num_und=a.num_und, num_fid=a.num_fid, max_text=a.max_text,
-            grid_prompts=a.grid_prompt or [], seed=a.seed, cfg_scale=a.cfg, batch_size=a.batch_size, device=a.device,
+            grid_prompts=a.grid_prompt or [], grid_seeds=grid_seeds, seed=a.seed, cfg_scale=a.cfg,
+            batch_size=a.batch_size, device=a.device,
             progress=not a.no_progress and sys.stderr.isatty())
         inputs.validate()  # every input checked before the model is even loaded
         del ckpt
