@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="runs/bench/mmoe.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if device_load := (os.getloadavg()[0] if hasattr(os, "getloadavg") else None):
+        print(f"1-min load average before the run: {device_load:.1f} (timings on a shared machine are noisy)")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
     cfg = LLMConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_layers=args.num_layers,
@@ -112,9 +115,13 @@ def main(argv: list[str] | None = None) -> dict:
             times[k].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     tokens = args.batch_size * args.seq_len
+    best = {k: min(v) for k, v in times.items()}
+    # medians are the headline; on a shared machine the min (least-disturbed step) is also reported
     ratios = {"routing_overhead_50_vs_0": med["mmoe_50"] / med["mmoe_0"]}
+    ratios_min = {"routing_overhead_50_vs_0": best["mmoe_50"] / best["mmoe_0"]}
     if "hf_qwen2" in med:
         ratios["ours_vs_transformers_text"] = med["mmoe_0"] / med["hf_qwen2"]
+        ratios_min["ours_vs_transformers_text"] = best["mmoe_0"] / best["hf_qwen2"]
     targets = {"routing_overhead_50_vs_0": 1.10, "ours_vs_transformers_text": 1.0}
 
     print(f"\nMMoE fwd+bwd, {args.device} {args.dtype}, threads={args.threads}, B={args.batch_size} T={args.seq_len}, "
@@ -124,8 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
     for k, v in times.items():
         print(f"{k:<10} {med[k] * 1e3:>10.1f} {min(v) * 1e3:>8.1f} {max(v) * 1e3:>8.1f} {tokens / med[k]:>9.0f}")
     for k, r in ratios.items():
-        print(f"{k:<28} {r:6.3f}x  (target <= {targets[k]:.2f}x: {'ok' if r <= targets[k] else 'MISSED'})")
-    result = {"args": vars(args), "config": cfg.__dict__, "median_s": med, "times_s": times, "ratios": ratios,
+        print(f"{k:<28} median {r:6.3f}x  min {ratios_min[k]:6.3f}x  "
+              f"(target <= {targets[k]:.2f}x: {'ok' if r <= targets[k] else 'MISSED'} by median)")
+    result = {"args": vars(args), "config": cfg.__dict__, "median_s": med, "times_s": times, "ratios": ratios, "ratios_of_min": ratios_min,
               "targets": targets, "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
