@@ -68,22 +68,26 @@ def run(seconds: float = 180.0, seed: int = 0, threads: int = 2, batch: int = 64
             "params": sum(p.numel() for p in model.parameters()), "final_loss": loss.item()}
 
 
-def _evaluate(model, val, enc) -> float:
+def _evaluate(model, val, enc, max_new: int = 4) -> float:
+    """Greedy decoding, batched over prompts of equal length (absolute positions need no padding)."""
     nl = VOCAB.index("\n")
     model.eval()
-    preds = []
+    preds = [""] * len(val)
+    groups: dict[int, list[int]] = {}
+    for i, it in enumerate(val):
+        groups.setdefault(len(it["prompt"]) + 1, []).append(i)
     with torch.no_grad():
-        prompts = [enc(it["prompt"] + " ") for it in val]
-        for p in prompts:  # greedy decode until newline
-            ids = torch.tensor([p])
-            out = []
-            for _ in range(4):
-                nxt = int(model(ids)[0, -1].argmax())
-                if nxt == nl:
-                    break
-                out.append(VOCAB[nxt])
-                ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
-            preds.append("".join(out))
+        for idx in groups.values():
+            ids = torch.tensor([enc(val[i]["prompt"] + " ") for i in idx])
+            for _ in range(max_new):
+                ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], 1)
+            for row, i in zip(ids[:, -max_new:].tolist(), idx):
+                chars = []
+                for t in row:
+                    if t == nl:
+                        break
+                    chars.append(VOCAB[t])
+                preds[i] = "".join(chars)
     model.train()
     return score_text_skill(preds, [it["answer"] for it in val])
 
