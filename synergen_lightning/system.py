@@ -406,8 +406,11 @@ class SynerGenVL(LightningModule):
         self.log("train/loss_image", out["loss_image"], prog_bar=True, batch_size=bs)
         counts = {"train/text_tokens": float(out["text_tokens"]), "train/image_codes": float(out["image_codes"])}
         tasks = batch.get("task") or []
+        real = batch.get("attention_mask")
+        row_tokens = real.sum(-1).tolist() if real is not None else [batch["input_ids"].shape[1]] * bs
         for task in ("generation", "understanding", "text"):
             counts[f"train/samples_{task}"] = float(sum(t == task for t in tasks))
+            counts[f"train/tokens_{task}"] = float(sum(n for n, t in zip(row_tokens, tasks) if t == task))
         self.log_dict(counts, batch_size=bs, reduce_fx="sum")
         return out["loss"]
 

@@ -140,7 +140,7 @@ def test_resume_after_a_switch_restores_stage_and_optimizer_groups(tmp_path):
     assert names == ["stage1/decay", "stage1/no_decay", "stage2/decay"]
     # logged to TensorBoard-bound metrics: per-task losses, grad norm, counts
     assert {"train/loss", "train/loss_text", "train/loss_image", "train/grad_norm", "train/text_tokens",
-            "train/samples_generation"} <= set(t1.callback_metrics)
+            "train/samples_generation", "train/tokens_understanding"} <= set(t1.callback_metrics)
 
     resumed = tiny_model(lr={"stage1": 3e-3, "stage2": 1e-3})
     t2 = _trainer(cb(), 6)
