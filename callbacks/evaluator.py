@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 
 from synergen_lightning.eval.suites import (
     flatten_metrics,
@@ -100,15 +100,17 @@ class PeriodicEvaluator(Callback):
             self.base_llm = None if self.base_accuracy is not None else self.base_llm
         return results
 
-    @rank_zero_only
     def _run(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = trainer.global_step
         if any(s == step for s, _ in self.history):
             return
+        # every rank runs the (seeded, identical) forward passes: a sharded (FSDP) model needs all ranks
         metrics = flatten_metrics(self.evaluate(pl_module))
+        self.history.append((step, metrics))
+        if not trainer.is_global_zero:
+            return
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-        self.history.append((step, metrics))
         rank_zero_info("eval @ step %d: %s" % (step, ", ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items()))))
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:

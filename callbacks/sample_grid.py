@@ -10,7 +10,7 @@ noise. Recipe lines (callbacks of the trainer):
 from __future__ import annotations
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from synergen_lightning.eval.grid import image_grid
 from synergen_lightning.eval.suites import eval_mode
@@ -49,12 +49,14 @@ class SampleGridLogger(Callback):
 
         return image_grid(torch.cat(images), nrow=len(self.seeds))
 
-    @rank_zero_only
     def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = trainer.global_step
         if step in self.logged_steps:
             return
-        grid = self.make_grid(pl_module)
+        grid = self.make_grid(pl_module)  # on every rank: a sharded (FSDP) model needs all ranks in the forward
+        if not trainer.is_global_zero:
+            self.logged_steps.append(step)
+            return
         experiment = getattr(trainer.logger, "experiment", None)
         if experiment is None or not hasattr(experiment, "add_image"):
             rank_zero_warn("SampleGridLogger: the trainer has no TensorBoard logger; no grid logged")

@@ -227,3 +227,40 @@ def test_report_fid_suite_with_local_weights(world, logdir, tmp_path):
     fid = json.loads((out / "report.json").read_text())["results"]["fid"]
     assert fid["num_generated"] == fid["num_reference"] == 4 and fid["fid"] > 0
     assert "## FID / IS / KID" in (out / "report.md").read_text()
+
+
+def _lightning_ckpt(model, path):
+    import lightning
+
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "pytorch-lightning_version": lightning.__version__}, path)
+    return path
+
+
+def test_synergen_eval_report_command_from_disk(world, logdir, tmp_path):
+    """The real path: `synergen eval report` loads a system checkpoint whose tokenizers are files on disk."""
+    from synergen_lightning.cli import main
+    from synergen_lightning.image_tokenizer.vq_tokenizer import VQTokenizer
+    from synergen_lightning.system import SynerGenVL
+    from synergen_lightning.text_tokenizer import train_bpe
+    from tests.test_image_tokenizer import SMALL
+    from tests.test_system_helpers import HEAD
+
+    tok = train_bpe([str(world / "text" / "val.jsonl")], 320, tmp_path / "text_tokenizer")
+    vq = VQTokenizer(**SMALL)
+    vq_path = _lightning_ckpt(vq, tmp_path / "vq.ckpt")
+    llm = dict(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+               intermediate_size=64, max_position_embeddings=256)
+    model = SynerGenVL(llm=llm, text_tokenizer=str(tmp_path / "text_tokenizer"), image_tokenizer=str(vq_path),
+                       image_size=16 * vq.downsample // 4, fold=(2, 2), code_dim=8, head=HEAD)
+    ckpt = _lightning_ckpt(model, tmp_path / "system.ckpt")
+    out = tmp_path / "report"
+    rc = main(["eval", "report", "--ckpt", str(ckpt), "--data", str(world), "--out", str(out), "--logdir", str(logdir),
+               "--suite", "geneval,und,text", "--num-geneval", "2", "--num-und", "2", "--max-text", "2",
+               "--grid-seeds", "0", "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert set(rep["results"]) == {"geneval", "und", "text"} and rep["ckpt"] == str(ckpt)
+    assert rep["results"]["und"]["num_items"] == 2
+    side = model.grid[0] * vq.downsample
+    assert Image.open(out / "samples.png").size == (side + 4, 6 * (side + 2) + 2)  # 6 GenEval prompts x 1 seed

@@ -27,12 +27,21 @@ def progress_bar(enabled: bool, description: str, total: int):
     if not enabled:
         yield lambda n=1: None
         return
+    from rich.errors import LiveError
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  transient=True) as bar:
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   transient=True)
+    try:
+        bar.start()
+    except LiveError:  # another live display (e.g. an older rich under Lightning's RichProgressBar): no bar
+        yield lambda n=1: None
+        return
+    try:
         task = bar.add_task(description, total=total)
         yield lambda n=1: bar.advance(task, n)
+    finally:
+        bar.stop()
 
 
 def _chunks(items: list, size: int):
