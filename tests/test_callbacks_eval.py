@@ -156,3 +156,19 @@ def test_throughput_monitor_logs_tokens_per_second_and_mfu(tmp_path):
     mfu = [e.value for e in acc.Scalars("train/device/mfu")]
     fps = [e.value for e in acc.Scalars("train/device/flops_per_sec")]
     assert mfu == pytest.approx([f / 1e12 for f in fps], rel=1e-5) and all(f > 0 for f in fps)
+
+
+def test_evaluator_understanding_on_val_shards(tmp_path):
+    from synergen_lightning.world.shards import SynthConfig, write_dataset
+
+    write_dataset(SynthConfig(out=tmp_path / "w", num_samples=6, shard_size=50, canvas=48, val_fraction=0.5,
+                              num_eval_prompts=6, workers=1, progress=False))
+    model = _model()
+    cb = PeriodicEvaluator(every_n_steps=1, val_shards=str(tmp_path / "w" / "val" / "shard-*.tar"), num_und=5,
+                           batch_size=5, progress=False)
+    cb.setup(None, model, "fit")
+    assert len(cb._qa) == 5 and all(it["question"] and it["answer"] for it in cb._qa)
+    res = cb.evaluate(model)
+    answers = model.answer([it["image"] for it in cb._qa], [it["question"] for it in cb._qa], max_new_tokens=16)
+    expected = sum(a.strip().lower() == it["answer"].strip().lower() for a, it in zip(answers, cb._qa)) / 5
+    assert res["und"]["accuracy"] == expected and res["und"]["num_items"] == 5

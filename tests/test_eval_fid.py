@@ -141,3 +141,17 @@ def test_prompt_file_malformed_line_is_reported_by_number(tmp_path):
     txt = tmp_path / "p.txt"
     txt.write_text("a\n\nb\n")
     assert read_prompt_file(txt) == ["a", "b"]
+
+
+def test_fid_command_names_the_recipe_key(tmp_path, capsys):
+    from synergen_lightning.eval.cli import fid_main
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "0.png")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"{INCEPTION_KEY}: {tmp_path / 'missing.pth'}\n")
+    with pytest.raises(SystemExit) as e:
+        fid_main(["--generated", str(tmp_path / "a"), "--reference", str(tmp_path / "b"), "--config", str(recipe)])
+    assert e.value.code == 2
+    assert f"{INCEPTION_KEY} = '{tmp_path / 'missing.pth'}' does not exist" in capsys.readouterr().err
