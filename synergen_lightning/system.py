@@ -344,7 +344,29 @@ class SynerGenVL(LightningModule):
         return {"loss": loss, "loss_text": loss_text, "loss_image": loss_image, "text_tokens": n_text,
                 "image_codes": n_img}
 
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        """The training/validation losses of a batch; steps call it through `self(batch)` so that FSDP2's
+        root hooks (gather before, reduce-scatter after the backward) fire when the model is sharded."""
+        return self.forward_losses(batch)
+
     # ------------------------------------------------------------------ Lightning hooks
+    def configure_model(self) -> None:
+        """FSDP2 sharding under `synergen_lightning.distributed.FSDP2Strategy` (or Lightning's
+        ModelParallelStrategy); a no-op for single-device strategies. Runs after `setup`, so the stage's
+        `requires_grad` and the loaded weights are in place before sharding (freeze before sharding)."""
+        from synergen_lightning.distributed import is_sharded, parallelize
+
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None or is_sharded(self):
+            return
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if "data_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(f"SynerGenVL shards with FSDP only: the mesh has tensor_parallel_size "
+                             f"{mesh['tensor_parallel'].size()}; use synergen_lightning.distributed.FSDP2Strategy "
+                             "(data_parallel_size = world size, tensor_parallel_size = 1)")
+        dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        parallelize(self, dp, **getattr(strategy, "parallelize_kwargs", {}))
+
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
@@ -363,7 +385,9 @@ class SynerGenVL(LightningModule):
             if not path.exists():
                 raise FileNotFoundError(f"init_from {str(path)!r} does not exist: train the previous stage first "
                                         f"(e.g. `make stage1`) or fix model.init_from")
-            state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+            from synergen_lightning.distributed import load_model_state_dict
+
+            state = load_model_state_dict(path)  # a .ckpt file or a sharded (FSDP2 / DCP) checkpoint directory
             result = self.load_state_dict(state, strict=False)
             if result.missing_keys or result.unexpected_keys:
                 raise ValueError(f"init_from {str(path)!r} does not match this model: missing {result.missing_keys[:5]}, "
@@ -399,7 +423,7 @@ class SynerGenVL(LightningModule):
         self.special_embed.weight.copy_(self.llm.embed_tokens.weight[self.special_ids])
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        out = self.forward_losses(batch)
+        out = self(batch)
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
         self.log("train/loss_text", out["loss_text"], prog_bar=True, batch_size=bs)
@@ -415,12 +439,19 @@ class SynerGenVL(LightningModule):
         return out["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        out = self.forward_losses(batch)
+        out = self(batch)
         bs = batch["input_ids"].shape[0]
         self.log_dict({"val/loss": out["loss"], "val/loss_text": out["loss_text"], "val/loss_image": out["loss_image"]},
                       batch_size=bs, sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        from synergen_lightning.distributed import is_sharded, total_grad_norm
+
+        if is_sharded(self):  # DTensor gradients: Lightning's grad_norm cannot stack them
+            total = total_grad_norm(self.parameters())
+            if total is not None:
+                self.log("train/grad_norm", total)
+            return
         norms = grad_norm(self, norm_type=2)
         if "grad_2.0_norm_total" in norms:
             self.log("train/grad_norm", norms["grad_2.0_norm_total"])

@@ -1,0 +1,311 @@
+"""FSDP2 across processes, GPUs and nodes, on Lightning's `ModelParallelStrategy` (DESIGN.md §6).
+
+Two pieces, in torchtitan's shape:
+
+- `FSDP2Strategy`: Lightning's `ModelParallelStrategy` with a pure data-parallel mesh (every rank
+  one FSDP shard: `data_parallel_size = world size`, `tensor_parallel_size = 1`; the parent's
+  "auto" would make it tensor-parallel) and the sharding knobs of a recipe (mixed precision,
+  activation checkpointing, compile). Only `trainer.devices` / `trainer.num_nodes` choose the
+  world size: 1 CPU process, 2 CPU processes (gloo, how CI tests sharding), 8 GPUs (nccl) or N nodes
+  (torchrun / SLURM: Lightning's cluster environments) all run the same recipe. With
+  `global_batch_size` set, the per-rank batch is derived from it (and a world size that does not
+  divide it is refused).
+- `parallelize(model, mesh, ...)`: what `SynerGenVL.configure_model` calls: optional activation
+  checkpointing and `torch.compile` per block, then `fully_shard` per LLM decoder block, per head
+  block, for the embeddings / LM head / folder / special table, and finally for the whole model
+  (the root, entered through `SynerGenVL.forward`), with a `MixedPrecisionPolicy`.
+
+Checkpoints are Lightning's sharded (DCP) directories; `load_sharded_state_dict` reads the model
+weights of one without a process group (export, `init_from`, resuming at another world size is
+done by DCP itself).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def to_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: use one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def per_rank_batch_size(global_batch: int, world_size: int, what: str = "global batch") -> int:
+    """global batch / world size; refuses a world size that does not divide it (numbers in the message)."""
+    if world_size < 1 or global_batch < 1 or global_batch % world_size:
+        lo = global_batch // world_size * world_size if world_size > 0 else 0
+        raise ValueError(f"{what} {global_batch} is not divisible by the world size {world_size} "
+                         f"(devices x num_nodes): use a global batch of {max(lo, world_size)} or "
+                         f"{lo + world_size}, or another number of devices")
+    return global_batch // world_size
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a SynerGenVL: LLM layers, then the unfolding head's layers."""
+    blocks = list(model.llm.layers)
+    if getattr(model, "head", None) is not None:
+        blocks += list(model.head.stack.layers)
+    return blocks
+
+
+def _checkpoint_block(block: nn.Module) -> None:
+    """Activation checkpointing for one block by wrapping its `forward` (non-reentrant), so parameter
+    names (state_dict keys, stage groups, checkpoints) stay the same as without it; FSDP's hooks on
+    `__call__` stay outside, so the block's weights are gathered before the backward recompute."""
+    from torch.utils.checkpoint import checkpoint
+
+    inner = block.forward
+
+    @functools.wraps(inner)
+    def forward(*args, **kwargs):
+        if not torch.is_grad_enabled():  # eval / generation: nothing to save
+            return inner(*args, **kwargs)
+        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+
+    block.forward = forward
+    block._synergen_checkpointed = True
+
+
+@torch.no_grad()
+def sync_module_states(module: nn.Module, group=None) -> None:
+    """Broadcast rank 0's parameters and buffers to every rank (FSDP2 keeps each rank's own shard of
+    whatever it was given; without this, ranks seeded differently would start from a mixed model)."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src=src, group=group)
+
+
+def parallelize(
+    model: nn.Module,
+    mesh=None,
+    param_dtype: str | torch.dtype | None = None,
+    reduce_dtype: str | torch.dtype | None = "float32",
+    activation_checkpointing: bool = False,
+    compile: bool | str = False,
+    reshard_after_forward: bool = True,
+    sync_states: bool = True,
+) -> int:
+    """Shard a SynerGenVL with FSDP2 in place; returns the number of FSDP units.
+
+    Units: every LLM decoder block and every head block (one all-gather each, freed after use),
+    the text embedding (with the LM head when tied), the LM head, the folder, the special-token
+    table, the head's embeddings, and the model root (the rest). Frozen parameters may sit inside
+    any unit (FSDP2 shards them and never reduces a gradient for them). Call after `requires_grad`
+    is set for the stage and the weights are loaded (Lightning: `setup` before `configure_model`).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if is_sharded(model):
+        raise RuntimeError(f"{type(model).__name__} is already sharded: parallelize() runs once per model")
+    if not hasattr(model, "llm") or not hasattr(model.llm, "layers"):
+        raise TypeError(f"parallelize() expects a SynerGenVL-like model (llm.layers, head.stack.layers), got {type(model).__name__}")
+    group = mesh.get_group() if mesh is not None else None
+    if sync_states:
+        sync_module_states(model, group)
+    mp = MixedPrecisionPolicy(param_dtype=to_dtype(param_dtype), reduce_dtype=to_dtype(reduce_dtype))
+    shard = functools.partial(fully_shard, mesh=mesh, mp_policy=mp)
+    blocks = decoder_blocks(model)
+    for block in blocks:
+        if activation_checkpointing:
+            _checkpoint_block(block)
+        if compile:
+            # nn.Module.compile keeps the parameter names (no `_orig_mod.` prefix in checkpoints)
+            block.compile(backend=compile if isinstance(compile, str) else "inductor", dynamic=True)
+    units = 0
+    for block in blocks:
+        shard(block, reshard_after_forward=reshard_after_forward)
+        units += 1
+    llm = model.llm
+    if llm.config.tie_word_embeddings:  # one weight, one unit
+        shard([llm.embed_tokens, llm.lm_head], reshard_after_forward=reshard_after_forward)
+        units += 1
+    else:
+        for m in (llm.embed_tokens, llm.lm_head):
+            shard(m, reshard_after_forward=reshard_after_forward)
+            units += 1
+    for name in ("folder", "special_embed"):
+        if getattr(model, name, None) is not None:
+            shard(getattr(model, name), reshard_after_forward=reshard_after_forward)
+            units += 1
+    if getattr(model, "head", None) is not None:
+        shard(model.head, reshard_after_forward=reshard_after_forward)
+        units += 1
+    shard(model)  # root: norms and whatever is left; entered through model.__call__
+    units += 1
+    n_params = sum(p.numel() for p in model.parameters())
+    rank_zero_info(f"FSDP2: {units} units over {mesh.size() if mesh is not None else 1} rank(s), "
+                   f"{len(blocks)} blocks, params {param_dtype or 'as stored'} / reduce {reduce_dtype}, "
+                   f"activation checkpointing {'on' if activation_checkpointing else 'off'}, "
+                   f"compile {compile or 'off'}; {n_params:,} parameters")
+    return units
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    def __init__(
+        self,
+        param_dtype: str | None = None,
+        reduce_dtype: str | None = "float32",
+        activation_checkpointing: bool = False,
+        compile: bool | str = False,
+        reshard_after_forward: bool = True,
+        global_batch_size: int | dict[str, int] | None = None,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout_minutes: float = 30.0,
+    ):
+        """
+        Args:
+            param_dtype: FSDP2 compute/all-gather dtype of parameters (bfloat16 on GPUs; unset = fp32 as stored).
+                The fp32 master weights and the optimizer stay fp32. Use with `trainer.precision: 32-true`.
+            reduce_dtype: dtype of the gradient reduce-scatter (fp32, as the paper's bf16 recipes do).
+            activation_checkpointing: recompute each decoder block's activations in the backward.
+            compile: torch.compile each block (true = inductor, or a backend name such as "aot_eager").
+            reshard_after_forward: free each block's gathered weights after its forward (ZeRO-3);
+                false keeps them until the backward (ZeRO-2: more memory, fewer all-gathers).
+            global_batch_size: rows per optimizer step over all ranks (an int, or per task
+                {generation: 64, ...}); the datamodule's per-rank `batch_size` becomes global / world size.
+                Unset: the datamodule's batch_size is per rank (global = batch_size x world size).
+            save_distributed_checkpoint: each rank writes its shard (a DCP directory); false gathers one file on rank 0.
+            process_group_backend: unset = nccl on GPUs, gloo on CPU.
+            timeout_minutes: collective timeout (a hang becomes an error after this).
+        """
+        from datetime import timedelta
+
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, timeout=timedelta(minutes=timeout_minutes))
+        self.parallelize_kwargs = {"param_dtype": param_dtype, "reduce_dtype": reduce_dtype,
+                                   "activation_checkpointing": activation_checkpointing, "compile": compile,
+                                   "reshard_after_forward": reshard_after_forward}
+        to_dtype(param_dtype), to_dtype(reduce_dtype)  # fail at construction on a typo
+        self.global_batch_size = global_batch_size
+
+    def setup_environment(self) -> None:
+        # pure FSDP: one data-parallel dimension over all ranks (the parent's "auto" is nodes x 1 and
+        # "tensor_parallel_size=1" would then not multiply to the world size)
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+        self._derive_batch_size()
+
+    def _derive_batch_size(self) -> None:
+        if self.global_batch_size is None:
+            return
+        world = self.world_size
+        dm = getattr(getattr(self.lightning_module, "trainer", None), "datamodule", None)
+        if isinstance(self.global_batch_size, dict):
+            per = {k: per_rank_batch_size(int(v), world, f"global_batch_size[{k!r}]") for k, v in self.global_batch_size.items()}
+        else:
+            per = per_rank_batch_size(int(self.global_batch_size), world, "global_batch_size")
+        if dm is None or not hasattr(dm, "batch_size"):
+            raise ValueError("FSDP2Strategy(global_batch_size=...) needs a datamodule with a `batch_size` attribute "
+                             "to set; leave global_batch_size unset and give the per-rank batch_size instead")
+        if isinstance(dm.batch_size, dict) and not isinstance(per, dict):
+            raise ValueError(f"the datamodule's batch_size is per task {dm.batch_size}: give global_batch_size per task too")
+        dm.batch_size = dict(dm.batch_size, **per) if isinstance(per, dict) and isinstance(dm.batch_size, dict) else per
+        rank_zero_info(f"FSDP2Strategy: global batch {self.global_batch_size} over {world} ranks -> {dm.batch_size} per rank")
+
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        if not is_sharded(self.lightning_module):
+            raise RuntimeError(
+                f"FSDP2Strategy: {type(self.lightning_module).__name__}.configure_model() sharded 0 of its "
+                f"{sum(1 for _ in self.lightning_module.modules())} modules ({sum(p.numel() for p in self.lightning_module.parameters()):,} "
+                "parameters): call synergen_lightning.distributed.parallelize(self, self.device_mesh) there, "
+                "or use strategy: auto for a model that is not built for FSDP")
+
+
+# ---------------------------------------------------------------------------- sharded checkpoints
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A Lightning DCP checkpoint: a directory with `.metadata` (DCP) and `meta.pt` (the rest)."""
+    p = Path(path)
+    return p.is_dir() and (p / ".metadata").is_file()
+
+
+def read_checkpoint_meta(path: str | Path) -> dict:
+    """The non-tensor part of a checkpoint (hyper_parameters, global_step, callbacks, ...)."""
+    p = Path(path)
+    if is_sharded_checkpoint(p):
+        return torch.load(p / "meta.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    ckpt.pop("optimizer_states", None)
+    return ckpt
+
+
+def load_sharded_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The full (unsharded) model state_dict of a sharded DCP checkpoint, on CPU, without a process group."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    p = Path(path)
+    if not is_sharded_checkpoint(p):
+        raise FileNotFoundError(f"{str(p)!r} is not a sharded checkpoint directory (no .metadata inside): "
+                                "pass the directory Lightning wrote with FSDP2Strategy (e.g. runs/.../last.ckpt)")
+    keys = [k for k in FileSystemReader(str(p)).read_metadata().state_dict_metadata if k.startswith("state_dict.")]
+    out = _load_state_dict_from_keys(keys=set(keys), checkpoint_id=str(p))
+    sd = out["state_dict"] if "state_dict" in out else {k[len("state_dict."):]: v for k, v in out.items()}
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sd.items()}
+
+
+def load_model_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Model weights of a single-file `.ckpt` or a sharded checkpoint directory."""
+    p = Path(path)
+    if is_sharded_checkpoint(p):
+        return load_sharded_state_dict(p)
+    return torch.load(p, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def check_compatible(state: dict[str, torch.Tensor], model: nn.Module, source: str) -> None:
+    """Refuse a checkpoint whose keys or shapes differ from the model's, naming the numbers."""
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in state.items()}
+    missing = [k for k in mine if k not in theirs]
+    unexpected = [k for k in theirs if k not in mine]
+    shapes = [f"{k}: checkpoint {theirs[k]} vs model {mine[k]}" for k in mine if k in theirs and theirs[k] != mine[k]]
+    if missing or unexpected or shapes:
+        raise ValueError(f"checkpoint {source!r} does not fit this model: {len(missing)} missing keys {missing[:3]}, "
+                         f"{len(unexpected)} unexpected {unexpected[:3]}, {len(shapes)} shape mismatches {shapes[:3]}; "
+                         "build the model with the recipe sizes the checkpoint was trained with")
+
+
+def total_grad_norm(params) -> torch.Tensor | None:
+    """L2 norm of all gradients, sharded (DTensor) or not: each rank sums the squares of its own shards,
+    one all-reduce adds them up (Lightning's `grad_norm` stacks DTensors and fails under FSDP2)."""
+    from torch.distributed.tensor import DTensor
+
+    local_sq, sharded_sq, group, seen = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64), None, False
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        seen = True
+        if isinstance(g, DTensor):
+            group = g.device_mesh.get_group()
+            sharded_sq = sharded_sq.to(g.device) + g.to_local().detach().double().pow(2).sum()
+        else:
+            local_sq = local_sq.to(g.device) + g.detach().double().pow(2).sum()
+    if not seen:
+        return None
+    if group is not None:
+        dist.all_reduce(sharded_sq, group=group)
+    return (local_sq.to(sharded_sq.device) + sharded_sq).sqrt().float()

@@ -1,0 +1,140 @@
+"""Multi-process FSDP2 runs for tests/test_distributed*.py: spawned CPU (gloo) workers, each a Lightning
+Trainer under `FSDP2Strategy`, the rendezvous on a free localhost port. Every worker writes what it saw
+to `out/rank{r}.pt`; the parent compares ranks and world sizes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from tests.test_system_helpers import loader, make_batch, tiny_model
+
+# the global batch of every parity run: 4 rows, equal supervised-token counts per half (so the mean of
+# the per-rank token-mean losses equals the global token-mean loss)
+GLOBAL_TASKS = ["generation", "understanding", "generation", "understanding"]
+
+
+def split_batch(batch: dict, rank: int, world: int) -> dict:
+    """Rows [rank*B/world, (rank+1)*B/world) of a batch with one view per image row."""
+    b = batch["input_ids"].shape[0]
+    lo, hi = rank * b // world, (rank + 1) * b // world
+    has_view = [t in ("generation", "understanding") for t in batch["task"]]
+    v_lo, v_hi = sum(has_view[:lo]), sum(has_view[:hi])
+    out = {k: (v[lo:hi] if k not in ("image_codes", "image_loss_mask") else v[v_lo:v_hi]) for k, v in batch.items()}
+    return out
+
+
+def global_batches(n: int, tasks=GLOBAL_TASKS) -> list[dict]:
+    return [make_batch(list(tasks), seed=100 + i) for i in range(n)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str, scenario: dict) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+                       "RANK": str(rank), "LOCAL_RANK": str(rank), "NODE_RANK": "0", "GROUP_RANK": "0"})
+    for k in [k for k in os.environ if k.startswith("SLURM_")]:
+        del os.environ[k]  # Lightning would pick the SLURM environment
+    torch.set_num_threads(1)
+    try:
+        result = run_fit(rank, world, scenario)
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        result = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+    if "error" in result:
+        raise SystemExit(1)
+
+
+def run_fit(rank: int, world: int, scenario: dict) -> dict:
+    import lightning.pytorch as pl
+    from lightning.pytorch import Callback
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from callbacks.stages import FrozenParameterGuard, StageCallback
+    from synergen_lightning.distributed import FSDP2Strategy
+
+    pl.seed_everything(scenario.get("seed", 0) + (rank if scenario.get("seed_per_rank") else 0), verbose=False)
+    record: dict = {"loss": [], "requires_grad": {}, "grad_norm": []}
+
+    class Rec(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            record["loss"].append(float(outputs["loss"]))
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            sq = torch.zeros(())
+            for p in pl_module.parameters():
+                if p.grad is not None:
+                    g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+                    sq += g.float().pow(2).sum()
+            torch.distributed.all_reduce(sq)
+            record["grad_norm"].append(float(sq.sqrt()))
+            record.setdefault("n_opt_params", []).append(sum(len(g["params"]) for g in optimizer.param_groups))
+
+    model = tiny_model(stage=scenario.get("stage", "stage1"), lr=scenario.get("lr", 3e-3))
+    guard = FrozenParameterGuard(every_n_steps=1)
+    callbacks = [StageCallback(scenario.get("stage", "stage1"), switch_at=scenario.get("switch_at")), guard, Rec()]
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=world, num_nodes=1, callbacks=callbacks,
+        strategy=FSDP2Strategy(**scenario.get("strategy", {})),
+        max_steps=scenario["max_steps"], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
+        gradient_clip_val=scenario.get("gradient_clip_val"), deterministic=False,
+    )
+    if "batches" in scenario:  # uneven per-rank batches given explicitly
+        batches = scenario["batches"][rank]
+    else:
+        batches = [split_batch(b, rank, world) for b in global_batches(scenario["max_steps"])]
+    t0 = time.time()
+    trainer.fit(model, loader(batches), ckpt_path=scenario.get("resume"))
+    record["fit_s"] = time.time() - t0
+    record["frozen_checked"] = len(guard._sums)
+    record["requires_grad"] = {n: p.requires_grad for n, p in model.named_parameters()}
+    record["global_step"] = trainer.global_step
+    if scenario.get("save"):
+        trainer.save_checkpoint(scenario["save"])
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        record["state_dict"] = {k: v.clone() for k, v in full.items()}
+    return record
+
+
+def spawn(world: int, scenario: dict, out: Path, timeout: float = 120.0) -> list[dict]:
+    """Run `world` workers; kill them and fail after `timeout` seconds (a hang is a failure, not a stuck CI)."""
+    import torch.multiprocessing as mp
+
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = mp.start_processes(_worker, args=(world, free_port(), str(out), scenario), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.time() + timeout
+    try:
+        while not ctx.join(timeout=max(0.1, min(1.0, deadline - time.time()))):
+            if time.time() > deadline:
+                raise TimeoutError(f"{world}-process FSDP run did not finish in {timeout:.0f} s (a collective hang?)")
+    except mp.ProcessRaisedException:
+        pass
+    except mp.ProcessExitedException:
+        pass
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    results = []
+    for r in range(world):
+        f = out / f"rank{r}.pt"
+        if not f.exists():
+            raise RuntimeError(f"rank {r} of {world} wrote no result (crashed before reporting)")
+        res = torch.load(f, weights_only=False)
+        if "error" in res:
+            raise RuntimeError(f"rank {r} of {world} failed: {res['error']}\n{res['traceback']}")
+        results.append(res)
+    return results
