@@ -256,7 +256,7 @@ def test_synergen_eval_report_command_from_disk(world, logdir, tmp_path):
     ckpt = _lightning_ckpt(model, tmp_path / "system.ckpt")
     out = tmp_path / "report"
     rc = main(["eval", "report", "--ckpt", str(ckpt), "--data", str(world), "--out", str(out), "--logdir", str(logdir),
-               "--suite", "geneval,und,text", "--num-geneval", "2", "--num-und", "2", "--max-text", "2",
+               "--suite", "geneval,und,text", "--num-geneval", "2", "--num-und", "2", "--max-text", "2", "--max-tiles", "2", "--thumbnail",
                "--grid-seeds", "0", "--device", "cpu", "--no-progress"])
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())

@@ -68,6 +68,9 @@ def report_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-und", type=int, default=64, help="val Q/A items used (default: 64)")
     p.add_argument("--num-fid", type=int, default=64, help="images per FID set (default: 64; MSCOCO-30K uses 30000)")
     p.add_argument("--max-text", type=int, default=200, help="skill lines used (default: 200)")
+    p.add_argument("--max-tiles", type=int, default=1, help="understanding views: InternVL-1.5 tiles, as the model "
+                   "was trained (tiny stage2/sft: 4)")
+    p.add_argument("--thumbnail", action="store_true", help="append a thumbnail view (stage 2 / SFT training does)")
     p.add_argument("--inception-weights", help=f"local torch-fidelity Inception weights (.pth) for fid; default: the "
                    f"recipe key {INCEPTION_KEY} of --config")
     p.add_argument("--config", type=Path, help=f"a recipe YAML to read {INCEPTION_KEY} from")
@@ -108,7 +111,8 @@ def report_main(argv: list[str] | None = None, model=None) -> int:
             skill_jsonl=a.skill or a.data / "text" / "skill_val.jsonl",
             base_llm=a.base_llm or hp.get("base_llm"), inception_weights=weights, fid_prompts=a.fid_prompts,
             fid_reference=a.fid_reference, logdir=a.logdir or Path(a.ckpt).resolve().parent,
-            num_geneval=a.num_geneval, num_und=a.num_und, num_fid=a.num_fid, max_text=a.max_text,
+            num_geneval=a.num_geneval, num_und=a.num_und, max_tiles=a.max_tiles, thumbnail=a.thumbnail,
+            num_fid=a.num_fid, max_text=a.max_text,
             grid_prompts=a.grid_prompt or [], grid_seeds=grid_seeds, seed=a.seed, cfg_scale=a.cfg,
             batch_size=a.batch_size, device=a.device,
             progress=not a.no_progress and sys.stderr.isatty())

@@ -86,6 +86,8 @@ class ReportInputs:
     num_und: int = 64
     num_fid: int = 64
     max_text: int | None = 200
+    max_tiles: int = 1
+    thumbnail: bool = False
     grid_prompts: list[str] = field(default_factory=list)
     grid_seeds: tuple[int, ...] = (0, 1, 2, 3)
     seed: int = 0
@@ -265,7 +267,8 @@ def build_report(model, inputs: ReportInputs, out: str | Path, ckpt_name: str = 
                                                progress=inputs.progress)
         if "und" in inputs.suites:
             results["und"] = understanding_suite(model, load_qa_items(inputs.val_shards, inputs.num_und),
-                                                 batch_size=inputs.batch_size, progress=inputs.progress)
+                                                 batch_size=inputs.batch_size, max_tiles=inputs.max_tiles,
+                                                 thumbnail=inputs.thumbnail, progress=inputs.progress)
         if "text" in inputs.suites:
             results["text"] = text_suite(model, inputs.skill_jsonl, base_llm=inputs.base_llm,
                                          max_examples=inputs.max_text)
