@@ -1,14 +1,33 @@
-# SynerGen-Lightning: every target depends on the virtualenv, so a fresh clone needs no manual step.
+# SynerGen-Lightning. Every target depends on the virtualenv, and every target that produces files is
+# a real file target: a fresh clone builds exactly what is missing, and repeating a target is free.
+#
+#   make demo                       the whole tiny pipeline on CPU, then generation, scoring and a report
+#   make test                       the test suite (make test-fast: without the slow end-to-end tests)
+#   make stage1 DEVICES=2           shard the tiny stage 1 over 2 CPU processes (FSDP2, gloo)
+#   make stage1 RECIPE=recipes/synergen_vl_2b/stage1.yaml DEVICES=8    any recipe, any world size
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 SYN     := .venv/bin/synergen
 VENV    := .venv/.installed
 DATA    := data/tiny
 DEVICES ?= 1
+ARGS    ?=
 
-.PHONY: install data test test-fast tensorboard clean help
+# the tiny default's products, in pipeline order
+DATA_OK   := $(DATA)/.done
+VQ_CKPT   := runs/tiny/tokenizer/checkpoints/last.ckpt
+BASE_CKPT := runs/tiny/base_llm/last.ckpt
+S1_CKPT   := runs/tiny/stage1/last.ckpt
+S2_CKPT   := runs/tiny/stage2/last.ckpt
+SFT_CKPT  := runs/tiny/sft/last.ckpt
+DEMO      := runs/demo/report.json
 
-help:  ## list targets
+# several processes -> FSDP2 under Lightning's ModelParallelStrategy (gloo on CPU, nccl on GPUs)
+FIT_FLAGS := --trainer.devices $(DEVICES) $(if $(filter-out 1,$(DEVICES)),--trainer.strategy synergen_lightning.distributed.fsdp_strategy) $(ARGS)
+
+.PHONY: help install data tokenizer base-llm stage1 stage2 sft demo eval test test-fast bench tensorboard geneval-gt clean
+
+help:  ## list the targets
 	@grep -E '^[a-z0-9_-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
 install: $(VENV)  ## create .venv and install the toolkit (editable, with the dev extra)
@@ -21,19 +40,68 @@ $(VENV): pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	touch $@
 
-data: $(DATA)/.done  ## write the tiny synthetic shape world (shards, eval prompts, text corpus)
+data: $(DATA_OK)  ## write the tiny shape world: train/val shards, eval prompts, text corpus
 
-$(DATA)/.done: $(VENV)
+$(DATA_OK): $(VENV)
 	$(SYN) data synth --out $(DATA) --overwrite
 	touch $@
 
-test: $(VENV)  ## run the test suite (slow end-to-end tests included)
+tokenizer: $(VQ_CKPT)  ## train the tiny VQ image tokenizer and print its val figures
+
+$(VQ_CKPT): $(DATA_OK) recipes/tiny/tokenizer.yaml
+	$(SYN) fit --config recipes/tiny/tokenizer.yaml
+	$(SYN) eval tokenizer --tokenizer $@ --shards $(DATA)/val --json runs/tiny/tokenizer/eval.json
+
+base-llm: $(BASE_CKPT)  ## pretrain the tiny text-only base LLM (stands in for InternLM2 / Qwen2)
+
+$(BASE_CKPT): $(DATA_OK) recipes/tiny/base_llm.yaml
+	$(SYN) fit --config recipes/tiny/base_llm.yaml
+
+ifdef RECIPE
+# an explicit recipe (paper scale, an ablation, your own): run it as given
+stage1 stage2 sft: $(VENV)
+	$(SYN) fit --config $(RECIPE) $(FIT_FLAGS)
+else
+stage1: $(S1_CKPT)  ## stage 1: image-specific parameters only (text logits stay bit-identical)
+stage2: $(S2_CKPT)  ## stage 2: + self-attention, from stage 1
+sft: $(SFT_CKPT)    ## SFT: every parameter, from stage 2
+endif
+
+$(S1_CKPT): $(DATA_OK) $(VQ_CKPT) $(BASE_CKPT) recipes/tiny/stage1.yaml
+	$(SYN) fit --config recipes/tiny/stage1.yaml $(FIT_FLAGS)
+
+$(S2_CKPT): $(S1_CKPT) recipes/tiny/stage2.yaml
+	$(SYN) fit --config recipes/tiny/stage2.yaml $(FIT_FLAGS)
+
+$(SFT_CKPT): $(S2_CKPT) recipes/tiny/sft.yaml
+	$(SYN) fit --config recipes/tiny/sft.yaml $(FIT_FLAGS)
+
+demo: $(DEMO)  ## everything on the tiny default, then generation, scoring -> runs/demo/report.json + samples.png
+
+$(DEMO): $(SFT_CKPT)
+	$(SYN) demo report --ckpt $(SFT_CKPT) --base-llm $(BASE_CKPT) --data $(DATA) --out runs/demo
+	@cat $@
+
+EVAL_SUITES ?= geneval,und,text
+eval: $(VENV)  ## report of the latest tiny run -> runs/tiny/eval/report.md (FID: EVAL_SUITES=...,fid FID_WEIGHTS=path.pth)
+	@ckpt=$$(ls -t $(SFT_CKPT) $(S2_CKPT) $(S1_CKPT) 2>/dev/null | head -1); \
+	test -n "$$ckpt" || { echo "make eval: no runs/tiny/*/last.ckpt yet; run make stage1 (or make demo) first" >&2; exit 2; }; \
+	$(SYN) eval report --ckpt $$ckpt --data $(DATA) --suite $(EVAL_SUITES) --out runs/tiny/eval --overwrite $(if $(FID_WEIGHTS),--inception-weights $(FID_WEIGHTS))
+
+geneval-gt: $(DATA_OK)  ## sanity check: the scorer on the world's own renders (expect 1.0)
+	$(SYN) eval geneval --prompts $(DATA)/eval_prompts.jsonl --ground-truth --out runs/geneval_gt.json
+
+test: $(VENV)  ## run the whole test suite (slow end-to-end tests included)
 	$(PY) -m pytest -q
 
 test-fast: $(VENV)  ## run the fast subset
 	$(PY) -m pytest -q -m "not slow"
 
-tensorboard: $(VENV)  ## open TensorBoard on runs/
+bench: $(VENV)  ## run the benchmarks (side-by-side ratios) -> bench/results_*.json
+	$(PY) bench/bench_mmoe.py --out bench/results_mmoe.json
+	$(PY) bench/bench_data.py --out bench/results_data.json
+
+tensorboard: $(VENV)  ## TensorBoard over every run (losses, lr, throughput, sample grids, evals)
 	.venv/bin/tensorboard --logdir runs
 
 clean:  ## remove generated data and runs (keeps .venv)
