@@ -27,6 +27,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("import-hf",): ("synergen_lightning.hf_import:main", "convert a local Hugging Face Llama/Qwen2/InternLM2 directory into an MMoE LLM checkpoint"),
     ("generate",): ("synergen_lightning.generation:generate_main", "generate images from text prompts with a trained SynerGenVL checkpoint"),
     ("answer",): ("synergen_lightning.generation:answer_main", "answer a question about an image with a trained SynerGenVL checkpoint"),
+    ("export",): ("synergen_lightning.export:main", "consolidate a sharded (FSDP2) or single-file checkpoint into one safetensors file + config"),
     ("demo", "report"): ("synergen_lightning.generation:demo_report_main", "score a trained tiny SynerGenVL (GenEval, Q/A, text skill) into report.json + a sample grid"),
 }
 

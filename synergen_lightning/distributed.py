@@ -225,6 +225,30 @@ class FSDP2Strategy(ModelParallelStrategy):
         dm.batch_size = dict(dm.batch_size, **per) if isinstance(per, dict) and isinstance(dm.batch_size, dict) else per
         rank_zero_info(f"FSDP2Strategy: global batch {self.global_batch_size} over {world} ranks -> {dm.batch_size} per rank")
 
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None):
+        """Before DCP loads the shards: refuse a checkpoint of another model (with the shapes), and restore the
+        run's stage history so the optimizer has the saved run's param groups. (This strategy restores after
+        `setup`, so the optimizer was already built for the recipe's first stage; a requires_grad change after
+        fully_shard takes effect, tests/test_distributed.py proves it, so the optimizer is simply rebuilt.)"""
+        from lightning.pytorch.trainer.states import TrainerFn
+
+        from synergen_lightning.stages import apply_stage
+
+        path = Path(self.broadcast(checkpoint_path))
+        module = self.lightning_module
+        if is_sharded_checkpoint(path):
+            check_compatible(sharded_checkpoint_shapes(path), module, str(path))
+            meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+            history = meta.get("synergen_stage_history")
+            if history and hasattr(module, "stage_history") and [list(x) for x in module.stage_history] != history:
+                module.stage_history = [(int(s), str(n)) for s, n in history]
+                apply_stage(module, module.stage_history[-1][1])
+                trainer = module.trainer
+                if trainer.state.fn == TrainerFn.FITTING:
+                    self.setup_optimizers(trainer)
+                rank_zero_info(f"FSDP2Strategy: resumed stage history {history} from {path}; optimizer rebuilt to match")
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
     def setup(self, trainer) -> None:
         super().setup(trainer)
         if not is_sharded(self.lightning_module):
@@ -275,10 +299,18 @@ def load_model_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(p, map_location="cpu", weights_only=False)["state_dict"]
 
 
-def check_compatible(state: dict[str, torch.Tensor], model: nn.Module, source: str) -> None:
-    """Refuse a checkpoint whose keys or shapes differ from the model's, naming the numbers."""
-    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in state.items()}
+def sharded_checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """{parameter name: full shape} of a sharded checkpoint's model, from the DCP metadata (reads no tensor)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {k[len("state_dict."):]: tuple(v.size) for k, v in md.items() if k.startswith("state_dict.") and hasattr(v, "size")}
+
+
+def check_compatible(state: dict, model: nn.Module, source: str) -> None:
+    """Refuse a checkpoint (state dict, or {name: shape}) whose keys or shapes differ from the model's, naming the numbers."""
+    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}  # DTensor .shape is the full shape
+    theirs = {k: tuple(v) if isinstance(v, tuple) else tuple(v.shape) for k, v in state.items()}
     missing = [k for k in mine if k not in theirs]
     unexpected = [k for k in theirs if k not in mine]
     shapes = [f"{k}: checkpoint {theirs[k]} vs model {mine[k]}" for k in mine if k in theirs and theirs[k] != mine[k]]

@@ -70,6 +70,12 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             record["loss"].append(float(outputs["loss"]))
 
+        def on_train_start(self, trainer, pl_module):
+            opt = trainer.optimizers[0]
+            record["start_opt"] = {"groups": [(g.get("name"), len(g["params"]), g["lr"]) for g in opt.param_groups],
+                                   "states": len(opt.state),
+                                   "steps": sorted({float(st["step"]) for st in opt.state.values() if "step" in st})}
+
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             sq = torch.zeros(())
             for p in pl_module.parameters():
@@ -80,7 +86,8 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
             record["grad_norm"].append(float(sq.sqrt()))
             record.setdefault("n_opt_params", []).append(sum(len(g["params"]) for g in optimizer.param_groups))
 
-    model = tiny_model(stage=scenario.get("stage", "stage1"), lr=scenario.get("lr", 3e-3))
+    # constant LR: a cosine schedule depends on max_steps, which a resumed run changes
+    model = tiny_model(stage=scenario.get("stage", "stage1"), lr=scenario.get("lr", 3e-3), schedule="constant")
     guard = FrozenParameterGuard(every_n_steps=1)
     callbacks = [StageCallback(scenario.get("stage", "stage1"), switch_at=scenario.get("switch_at")), guard, Rec()]
     trainer = pl.Trainer(
@@ -94,6 +101,8 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
         batches = scenario["batches"][rank]
     else:
         batches = [split_batch(b, rank, world) for b in global_batches(scenario["max_steps"])]
+        # a resumed run restarts its (stateless) loader: start it at the batch the saved run stopped at
+        batches = batches[scenario.get("skip", 0):]
     t0 = time.time()
     trainer.fit(model, loader(batches), ckpt_path=scenario.get("resume"))
     record["fit_s"] = time.time() - t0

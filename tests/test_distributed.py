@@ -39,7 +39,7 @@ def reference_fit(scenario: dict) -> dict:
             rec["grad_norm"].append(float(torch.sqrt(sum(p.grad.double().pow(2).sum() for p in pl_module.parameters()
                                                          if p.grad is not None))))
 
-    model = tiny_model(stage="stage1", lr=3e-3)
+    model = tiny_model(stage="stage1", lr=3e-3, schedule="constant")  # as the workers
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=scenario["max_steps"], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, gradient_clip_val=scenario.get("gradient_clip_val"),
@@ -163,3 +163,102 @@ def test_split_batch_partitions_rows_and_views():
 def test_parallelize_refuses_a_model_twice_and_a_non_synergen_model():
     with pytest.raises(TypeError, match="SynerGenVL-like"):
         parallelize(torch.nn.Linear(2, 2))
+
+
+def test_export_writes_one_consolidated_safetensors(two_rank_run, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from synergen_lightning.cli import main as synergen
+    from synergen_lightning.export import load_export
+
+    ranks, ckpt = two_rank_run
+    assert synergen(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "export")]) == 0
+    assert "model.safetensors" in capsys.readouterr().out
+    files = sorted(p.name for p in (tmp_path / "export").iterdir())
+    assert files == ["config.json", "export.json", "model.safetensors"]
+    tensors = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert set(tensors) == set(ranks[0]["state_dict"])
+    for k, v in ranks[0]["state_dict"].items():
+        assert torch.equal(tensors[k], v), k
+    model = load_export(tmp_path / "export")
+    ref = tiny_model(stage="stage1")
+    ref.load_state_dict(ranks[0]["state_dict"])
+    batch = make_batch(GLOBAL_TASKS, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch)["loss"], ref(batch)["loss"], atol=0, rtol=0)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        synergen(["export", "--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
+
+
+# ---------------------------------------------------------------------------------------------- slow
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("world", [1, 2])
+def test_resume_from_a_two_process_checkpoint_at_world_size(world, two_rank_run, tmp_path):
+    """The 2-process checkpoint (step 4, after the switch to stage 2) resumes at world size 1 and 2: the
+    next 2 steps' losses equal those of an uninterrupted 1-process run of 6 steps (weights, optimizer
+    state, LR schedule and stage history all restored)."""
+    _, ckpt = two_rank_run
+    ref = reference_fit(dict(STAGE_SWITCH, max_steps=6))
+    ranks = spawn(world, dict(STAGE_SWITCH, max_steps=6, resume=str(ckpt), skip=4), tmp_path / "res", timeout=300)
+    assert ranks[0]["global_step"] == 6
+    resumed = [sum(r["loss"][i] for r in ranks) / world for i in range(2)]
+    # the first resumed step's forward: the restored weights give the uninterrupted run's loss (same logits)
+    torch.testing.assert_close(torch.tensor(resumed[0]), torch.tensor(ref["loss"][4]), atol=1e-5, rtol=0)
+    # optimizer state came back (Adam steps 2 for stage-2 params, 4 for stage-1 params) with the stage-2 group
+    assert ranks[0]["start_opt"]["steps"] == [2.0, 4.0]
+    assert [g[0] for g in ranks[0]["start_opt"]["groups"]] == ["stage1/decay", "stage1/no_decay", "stage2/decay"]
+    assert all(not rg for n, rg in ranks[0]["requires_grad"].items() if n.startswith("llm.embed_tokens"))
+    assert all(rg for n, rg in ranks[0]["requires_grad"].items() if ".attn." in n)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.xfail(strict=True, reason="known bug: the first optimizer step after resuming a sharded checkpoint "
+                   "differs from the uninterrupted run (loss 1.2e-2 off one step later) although weights, Adam "
+                   "steps and groups are restored; open in docs/distributed.md")
+def test_resumed_optimizer_step_matches_the_uninterrupted_run(two_rank_run, tmp_path):
+    _, ckpt = two_rank_run
+    ref = reference_fit(dict(STAGE_SWITCH, max_steps=6))
+    ranks = spawn(1, dict(STAGE_SWITCH, max_steps=6, resume=str(ckpt), skip=4), tmp_path / "res", timeout=300)
+    torch.testing.assert_close(torch.tensor(ranks[0]["loss"][1]), torch.tensor(ref["loss"][5]), atol=1e-5, rtol=0)
+
+
+def _uneven(tasks_per_rank: list[list[str]], steps: int = 2) -> list[list[dict]]:
+    return [[make_batch(t, seed=10 * r + s) for s in range(steps)] for r, t in enumerate(tasks_per_rank)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("tasks", [
+    [["text", "text"], ["generation", "understanding"]],  # rank 0: no image token at all
+    [["generation", "generation"], ["understanding", "text"]],  # rank 0: no text to supervise
+], ids=["rank0-text-only", "rank0-no-text-labels"])
+def test_uneven_batches_do_not_hang(tasks, tmp_path):
+    ranks = spawn(2, {"max_steps": 2, "batches": _uneven(tasks), "switch_at": {1: "stage2"}}, tmp_path, timeout=240)
+    assert [r["global_step"] for r in ranks] == [2, 2]
+    assert all(len(r["loss"]) == 2 for r in ranks)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bf16_params_and_activation_checkpointing_on_two_cpu_processes(tmp_path):
+    """bf16 MixedPrecisionPolicy (fp32 reduce) on gloo, with activation checkpointing per block: runs, the loss
+    stays within bf16 error of the fp32 run, and frozen parameters stay unchanged (fp32 master weights)."""
+    fp32 = spawn(2, {"max_steps": 2}, tmp_path / "fp32", timeout=240)
+    bf16 = spawn(2, {"max_steps": 2, "strategy": {"param_dtype": "bfloat16", "activation_checkpointing": True}},
+                 tmp_path / "bf16", timeout=240)
+    for a, b in zip(fp32, bf16):
+        torch.testing.assert_close(torch.tensor(b["loss"]), torch.tensor(a["loss"]), atol=5e-2, rtol=1e-2)
+        assert b["loss"] != a["loss"]  # bf16 compute really happened
+    assert all(v.dtype == torch.float32 for v in bf16[0]["state_dict"].values())
+    assert bf16[0]["frozen_checked"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_activation_checkpointing_is_exact_in_fp32(tmp_path):
+    base = spawn(2, {"max_steps": 2}, tmp_path / "a", timeout=240)
+    ac = spawn(2, {"max_steps": 2, "strategy": {"activation_checkpointing": True}}, tmp_path / "b", timeout=240)
+    for a, b in zip(base, ac):
+        torch.testing.assert_close(torch.tensor(b["loss"]), torch.tensor(a["loss"]), atol=1e-6, rtol=0)
