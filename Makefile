@@ -23,7 +23,7 @@ SFT_CKPT  := runs/tiny/sft/last.ckpt
 DEMO      := runs/demo/report.json
 
 # several processes -> FSDP2 under Lightning's ModelParallelStrategy (gloo on CPU, nccl on GPUs)
-FIT_FLAGS := --trainer.devices $(DEVICES) $(if $(filter-out 1,$(DEVICES)),--trainer.strategy synergen_lightning.distributed.fsdp_strategy) $(ARGS)
+FIT_FLAGS := --trainer.devices $(DEVICES) $(if $(filter-out 1,$(DEVICES)),--trainer.strategy synergen_lightning.distributed.FSDP2Strategy) $(ARGS)
 
 .PHONY: help install data tokenizer base-llm stage1 stage2 sft demo eval test test-fast bench tensorboard geneval-gt clean
 
