@@ -25,7 +25,7 @@ DEMO      := runs/demo/report.json
 # several processes -> FSDP2 under Lightning's ModelParallelStrategy (gloo on CPU, nccl on GPUs)
 FIT_FLAGS := --trainer.devices $(DEVICES) $(if $(filter-out 1,$(DEVICES)),--trainer.strategy synergen_lightning.distributed.FSDP2Strategy) $(ARGS)
 
-.PHONY: help install data tokenizer base-llm stage1 stage2 sft demo eval test test-fast bench tensorboard geneval-gt clean
+.PHONY: help install data tokenizer base-llm stage1 stage2 sft demo eval test test-fast test-all bench tensorboard geneval-gt clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9_-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -91,11 +91,14 @@ eval: $(VENV)  ## report of the latest tiny run -> runs/tiny/eval/report.md (FID
 geneval-gt: $(DATA_OK)  ## sanity check: the scorer on the world's own renders (expect 1.0)
 	$(SYN) eval geneval --prompts $(DATA)/eval_prompts.jsonl --ground-truth --out runs/geneval_gt.json
 
-test: $(VENV)  ## run the whole test suite (slow end-to-end tests included)
-	$(PY) -m pytest -q
+test: $(VENV)  ## the test suite CI runs: every fast test plus one short end-to-end run (< 10 min on 2 cores)
+	$(PY) -m pytest -q -m "not slow or e2e"
 
-test-fast: $(VENV)  ## run the fast subset
+test-fast: $(VENV)  ## only the fast tests
 	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(VENV)  ## every test, the slow end-to-end ones included
+	$(PY) -m pytest -q
 
 bench: $(VENV)  ## run the benchmarks (side-by-side ratios) -> bench/results_*.json
 	$(PY) bench/bench_mmoe.py --out bench/results_mmoe.json

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_tiny_stage_chain_generate_answer_report(tmp_path, monkeypatch):
     import yaml
 
