@@ -18,13 +18,6 @@ from tests.test_generation import _model
 from tests.test_system_helpers import loader, make_batch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread. Two OpenMP threads on a shared, loaded 2-core machine ran these loops ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 PROMPTS = [
     {"index": 0, "tag": "single_object", "prompt": "a photo of a circle", "include": [{"class": "circle", "count": 1}],

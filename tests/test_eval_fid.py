@@ -18,13 +18,6 @@ from synergen_lightning.eval.fid import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread. Two OpenMP threads on a shared, loaded 2-core machine ran these loops ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,11 @@
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from synergen_lightning.eval import report as report_mod
 from synergen_lightning.eval.analysis import layer_cosine_similarity
 from synergen_lightning.eval.cli import cosine_main, report_main
 from synergen_lightning.eval.report import check_system_checkpoint, read_scalars
@@ -18,13 +16,6 @@ from synergen_lightning.world.scorer import score_images
 from tests.test_generation import _model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread. Two OpenMP threads on a shared, loaded 2-core machine ran these loops ~100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

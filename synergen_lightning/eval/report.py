@@ -14,9 +14,6 @@ that looks complete.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +21,7 @@ from pathlib import Path
 import torch
 
 from synergen_lightning.eval.fid import EvalInputError
+from synergen_lightning.io import atomic_directory
 
 SUITES = ("geneval", "und", "text", "fid")
 
@@ -255,10 +253,8 @@ def build_report(model, inputs: ReportInputs, out: str | Path, ckpt_name: str = 
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise EvalInputError(f"--out {out} exists and is not empty; pass --overwrite or choose another --out")
     loaded = inputs.validate()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     t0 = time.time()
-    try:
+    with atomic_directory(out) as tmp:
         results: dict = {}
         prompts = loaded.get("prompts", [])
         if "geneval" in inputs.suites:
@@ -306,10 +302,4 @@ def build_report(model, inputs: ReportInputs, out: str | Path, ckpt_name: str = 
         report["inputs"]["suites"] = list(inputs.suites)
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (tmp / "report.md").write_text(render_markdown(report))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

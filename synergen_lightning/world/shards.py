@@ -12,13 +12,14 @@ import io
 import json
 import multiprocessing as mp
 import os
-import shutil
 import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from synergen_lightning.io import atomic_directory
 
 from .language import captions, conversations, qa_pairs
 from .prompts import make_eval_prompts
@@ -97,18 +98,8 @@ def _write_jsonl(path: Path, rows) -> int:
 def write_dataset(cfg: SynthConfig) -> dict:
     """Write everything under cfg.out (replacing it). Returns a summary dict."""
     t0 = time.perf_counter()
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_directory(cfg.out) as tmp:
         summary = _write_all(cfg, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary["seconds"] = time.perf_counter() - t0
     return summary
 
