@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     write_shards(work / "codes", n_shards, per_shard, image_size=None, codes_shape=(1, 64, 64), prefix="codes")
     write_shards(work / "demo", 4, per_shard, image_size=None, codes_shape=(1, 8, 8), prefix="demo")
     text = write_text_jsonl(work / "text.jsonl", 500)
-    tok = train_bpe([text], 512, work / "tok")
+    train_bpe([text], 512, work / "tok")
 
     def dm(urls, tpv, size, bs, workers=0, extra=()):
         srcs = [dict(name="gen", urls=urls, task="generation")] + list(extra)

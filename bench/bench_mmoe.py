@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from synergen_lightning.llm import lm_loss
 from synergen_lightning.models.mmoe import LLMConfig, MMoETransformer

@@ -21,7 +21,6 @@ from collections import Counter
 from typing import Any
 
 import lightning as L
-import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 

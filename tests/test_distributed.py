@@ -12,7 +12,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 
-from callbacks.stages import FrozenParameterGuard, StageCallback
+from callbacks.stages import StageCallback
 from synergen_lightning.distributed import (
     FSDP2Strategy,
     check_compatible,

@@ -1,7 +1,6 @@
 """HF import/export parity against transformers' own Llama and Qwen2 (tiny random models)."""
 
 import json
-import shutil
 
 import pytest
 import torch
