@@ -1,6 +1,9 @@
 """`VQTokenizer`: our trainable VQ image tokenizer as a LightningModule, implementing the ImageTokenizer protocol.
 
 Training loss = reconstruction (L1 or L2) + codebook + beta * commitment
+              [+ consistency_weight * ||normalise(E(decode(z_q))) - z_q||^2: re-encoding a (detached)
+                 reconstruction must land on the code it came from, which is what round-trip stability
+                 decode(encode(decode(c))) == c needs; costs one extra encoder pass]
               [+ perceptual_weight * VGG feature distance, only with a local `perceptual_weights` file]
               [+ adversarial_weight * PatchGAN hinge loss after `disc_start_step`; manual optimisation with
                  two optimisers, used only when adversarial_weight > 0].
@@ -13,11 +16,13 @@ Batches are dicts with `pixel_values` uint8 [N, 3, S, S] (see datamodules/image_
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
@@ -85,28 +90,38 @@ class VQTokenizer(L.LightningModule):
         channel_multiplier: tuple[int, ...] = (1, 2, 4, 4),
         num_res_blocks: int = 1,
         z_channels: int = 64,
+        unshuffle: int = 1,
         l2_normalize: bool = True,
         dead_code_restart: bool = True,
+        usage_decay: float = 0.99,
+        dead_threshold: float = 0.03,
         recon_loss: str = "l1",
         codebook_weight: float = 1.0,
         commitment_beta: float = 0.25,
+        consistency_weight: float = 0.0,
         perceptual_weight: float = 0.0,
         perceptual_weights: str | None = None,
         adversarial_weight: float = 0.0,
         disc_start_step: int = 0,
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.5, 0.9),
         warmup_steps: int = 50,
+        lr_schedule: str = "constant",
         fid_inception_weights: str | None = None,
         num_grid_images: int = 8,
     ):
         super().__init__()
         if recon_loss not in ("l1", "l2"):
             raise ValueError(f"recon_loss {recon_loss!r} is not supported; use 'l1' or 'l2'")
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule {lr_schedule!r} is not supported; use 'constant' or 'cosine' (decays to 0 at max_steps)")
         self.save_hyperparameters()
         self.vq = VQModel(VQConfig(codebook_size=codebook_size, code_dim=code_dim, base_channels=base_channels,
                                    channel_multiplier=tuple(channel_multiplier), num_res_blocks=num_res_blocks,
-                                   z_channels=z_channels, l2_normalize=l2_normalize, dead_code_restart=dead_code_restart))
+                                   z_channels=z_channels, unshuffle=unshuffle, l2_normalize=l2_normalize,
+                                   dead_code_restart=dead_code_restart, usage_decay=usage_decay,
+                                   dead_threshold=dead_threshold))
         self.codebook_size, self.downsample = codebook_size, self.vq.downsample
         self.perceptual = None
         if perceptual_weight > 0:
@@ -187,9 +202,14 @@ class VQTokenizer(L.LightningModule):
         x = self._pixels(batch)
         if x.shape[0] == 0:  # a batch made only of skipped samples
             return None
-        recon, _, q_losses = self.vq(x)
+        zq, codes, q_losses = self.vq.encode(x)
+        recon = self.vq.decode_latent(zq)
         use_gan = self.discriminator is not None and self.global_step >= self.hparams.disc_start_step
         loss, logs = self._generator_loss(x, recon, q_losses, use_gan)
+        if self.hparams.consistency_weight > 0:
+            c = self._consistency_loss(recon, codes)
+            loss = loss + self.hparams.consistency_weight * c
+            logs["train/consistency"] = c
         self.log_dict(logs, prog_bar=False, batch_size=x.shape[0])
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
         if self.automatic_optimization:
@@ -209,16 +229,28 @@ class VQTokenizer(L.LightningModule):
         sched_d.step()
         return None
 
+    def _consistency_loss(self, recon: Tensor, codes: Tensor) -> Tensor:
+        """Pull the encoding of the (detached, clamped) reconstruction onto the code it was decoded from."""
+        z_again = self.vq.quantizer._prep(rearrange(self.vq.quant_conv(self.vq.encoder(recon.detach().clamp(-1, 1))), "b d h w -> b h w d"))
+        return F.mse_loss(z_again, rearrange(self.vq.quantizer.lookup(codes), "b d h w -> b h w d").detach())
+
     def configure_optimizers(self):
+        hp = self.hparams
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if hp.lr_schedule == "cosine" else 0
+
         def warmup(step: int) -> float:
-            return min(1.0, (step + 1) / max(1, self.hparams.warmup_steps))
+            w = min(1.0, (step + 1) / max(1, hp.warmup_steps))
+            if hp.lr_schedule == "cosine" and step >= hp.warmup_steps:  # cosine decay to 0 at max_steps: the last
+                # few hundred small-lr steps are where PSNR climbs most on a short CPU budget
+                w = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))))
+            return w
 
         params = list(self.vq.parameters())
-        opt_g = torch.optim.AdamW(params, lr=self.hparams.lr, betas=(0.5, 0.9), weight_decay=self.hparams.weight_decay)
+        opt_g = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
         sched_g = {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt_g, warmup), "interval": "step"}
         if self.discriminator is None:
             return {"optimizer": opt_g, "lr_scheduler": sched_g}
-        opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=self.hparams.lr, betas=(0.5, 0.9))
+        opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=hp.lr, betas=tuple(hp.betas))
         sched_d = {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt_d, warmup), "interval": "step"}
         return [opt_g, opt_d], [sched_g, sched_d]
 

@@ -68,21 +68,32 @@ class VQConfig:
     num_res_blocks: int = 1
     z_channels: int = 64
     in_channels: int = 3
+    # Space-to-depth factor of the stem: the encoder starts with pixel_unshuffle(unshuffle) and the decoder ends
+    # with pixel_shuffle(unshuffle), so no conv runs at full resolution (1 = classic VQGAN conv_in/conv_out).
+    unshuffle: int = 1
     l2_normalize: bool = True
     dead_code_restart: bool = True
     usage_decay: float = 0.99  # EMA of per-code assignment counts used to find dead codes
     dead_threshold: float = 0.03  # a code whose EMA count falls below this is restarted
 
+    def __post_init__(self) -> None:
+        if self.unshuffle < 1:
+            raise ValueError(f"unshuffle {self.unshuffle} must be a positive pixel-(un)shuffle factor (1 = none)")
+        if not self.channel_multiplier:
+            raise ValueError("channel_multiplier must name at least one level, e.g. (1, 2)")
+
     @property
     def downsample(self) -> int:
-        return 2 ** (len(self.channel_multiplier) - 1)
+        return self.unshuffle * 2 ** (len(self.channel_multiplier) - 1)
 
 
 class VQEncoder(nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()
         chs = [cfg.base_channels * m for m in cfg.channel_multiplier]
-        layers: list[nn.Module] = [nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)]
+        u = cfg.unshuffle
+        stem: list[nn.Module] = [nn.PixelUnshuffle(u)] if u > 1 else []
+        layers: list[nn.Module] = stem + [nn.Conv2d(cfg.in_channels * u * u, chs[0], 3, padding=1)]
         prev = chs[0]
         for level, ch in enumerate(chs):
             for _ in range(cfg.num_res_blocks):
@@ -109,7 +120,10 @@ class VQDecoder(nn.Module):
                 prev = ch
             if level != len(chs) - 1:
                 layers.append(Upsample(prev))
-        layers += [_norm(prev), nn.SiLU(), nn.Conv2d(prev, cfg.in_channels, 3, padding=1)]
+        u = cfg.unshuffle
+        layers += [_norm(prev), nn.SiLU(), nn.Conv2d(prev, cfg.in_channels * u * u, 3, padding=1)]
+        if u > 1:
+            layers.append(nn.PixelShuffle(u))
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: Tensor) -> Tensor:
