@@ -3,6 +3,7 @@ and packed into fixed-length sequences for next-token training of the trunk."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import lightning as L
@@ -45,6 +46,8 @@ class TextDataModule(L.LightningDataModule):
         seq_len: int = 128,
         batch_size: int = 32,
         num_workers: int = 0,
+        train_repeats: list[int] | None = None,
+        shuffle_seed: int = 0,
     ):
         """
         Args:
@@ -53,22 +56,37 @@ class TextDataModule(L.LightningDataModule):
             tokenizer_dir: tokenizer.json directory; trained there on train_files if missing.
             bpe_vocab_size: vocabulary size of that BPE.
             seq_len: tokens per packed training row.
+            train_repeats: how many times each of `train_files` is included (oversampling: e.g. a
+                skill file listed after the main corpus with 3 triples its share of the tokens).
+            shuffle_seed: the training documents are shuffled with this seed before packing, so
+                repeated files spread over all rows instead of filling the last ones.
         """
         super().__init__()
+        if train_repeats is not None:
+            if len(train_repeats) != len(train_files):
+                raise ValueError(f"train_repeats={train_repeats} has {len(train_repeats)} entries for "
+                                 f"{len(train_files)} train_files; give one repeat count per file")
+            if any(not isinstance(r, int) or r < 0 for r in train_repeats):
+                raise ValueError(f"train_repeats={train_repeats}: each must be an integer >= 0 (0 drops the file)")
         self.save_hyperparameters()
         self.tokenizer: TextTokenizer | None = None
 
     def prepare_data(self) -> None:
         load_or_train(self.hparams.tokenizer_dir, self.hparams.train_files, self.hparams.bpe_vocab_size)
 
-    def _rows(self, files) -> torch.Tensor:
-        docs = self.tokenizer.encode_batch(list(iter_corpus_text(files)))
+    def _rows(self, files, repeats=None, shuffle_seed: int | None = None) -> torch.Tensor:
+        docs = []
+        for f, k in zip(files, repeats or [1] * len(files)):
+            docs += self.tokenizer.encode_batch(list(iter_corpus_text([f]))) * k
+        if shuffle_seed is not None:
+            random.Random(shuffle_seed).shuffle(docs)
         return pack_documents(docs, self.hparams.seq_len, self.tokenizer.bos_id, self.tokenizer.eos_id)
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
             self.tokenizer = load_or_train(self.hparams.tokenizer_dir, self.hparams.train_files, self.hparams.bpe_vocab_size)
-            self.train_set = PackedTextDataset(self._rows(self.hparams.train_files))
+            self.train_set = PackedTextDataset(self._rows(self.hparams.train_files, self.hparams.train_repeats,
+                                                          self.hparams.shuffle_seed))
             self.val_set = PackedTextDataset(self._rows(self.hparams.val_files)) if self.hparams.val_files else None
 
     def train_dataloader(self) -> DataLoader:

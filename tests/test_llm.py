@@ -145,3 +145,29 @@ def test_base_llm_recipe_parses_and_builds(tmp_path):
     assert cli.datamodule.hparams.tokenizer_dir == str(tmp_path / "tok")
     assert cli.model.model.config.hidden_size == 256 and cli.model.model.config.num_kv_heads == 2
     assert 2e6 <= sum(p.numel() for p in cli.model.parameters()) <= 6e6
+
+
+def test_train_repeats_oversample_a_file_and_mix_it_into_rows(tmp_path):
+    main, skill = tmp_path / "main.jsonl", tmp_path / "skill.jsonl"
+    main.write_text("".join(json.dumps({"text": f"the red circle {i}"}) + "\n" for i in range(40)))
+    skill.write_text("".join(json.dumps({"prompt": f"Q: is {i} larger than 3? A:", "answer": "yes"}) + "\n" for i in range(10)))
+    from synergen_lightning.text_tokenizer import train_bpe
+
+    tok = train_bpe([main, skill], 300, tmp_path / "tok")
+    kw = dict(tokenizer_dir=str(tmp_path / "tok"), seq_len=16, batch_size=2)
+    counts = {}
+    for reps in ([1, 1], [1, 3]):
+        dm = TextDataModule([str(main), str(skill)], train_repeats=reps, **kw)
+        dm.setup()
+        rows = dm.train_set.rows
+        docs = [d for row in rows.tolist() for d in tok.decode(row, skip_special_tokens=False).split("<s>") if d]
+        counts[reps[1]] = sum("larger than" in d for d in docs)
+        assert counts[reps[1]] > 0
+    assert counts[3] >= 2.5 * counts[1], counts  # three copies of the skill file
+    # shuffled before packing: skill documents are spread over the rows, not only the last ones
+    skill_rows = [i for i, row in enumerate(rows.tolist()) if "larger" in tok.decode(row)]
+    assert min(skill_rows) < len(rows) // 2, skill_rows
+    with pytest.raises(ValueError, match=r"train_repeats=\[1\] has 1 entries for 2 train_files"):
+        TextDataModule([str(main), str(skill)], train_repeats=[1], **kw)
+    with pytest.raises(ValueError, match="integer >= 0"):
+        TextDataModule([str(main), str(skill)], train_repeats=[1, -2], **kw)

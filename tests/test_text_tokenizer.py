@@ -31,6 +31,19 @@ def test_bpe_round_trip_and_special_ids(tok):
     assert tok.encode("a") != [tok.bos_id] and tok.bos_id not in tok.encode("hello")  # encode adds no specials
 
 
+def test_bpe_splits_numbers_into_single_digits(tmp_path):
+    """Even when whole numbers are frequent (they would merge in a plain byte-level BPE), every digit
+    is its own token, so number skills can be learnt digit by digit."""
+    lines = [f"Q: which is larger, {a} or {b}? A: {max(a, b)}" for a in range(100) for b in range(0, 100, 7)]
+    (tmp_path / "c.txt").write_text("\n".join(lines))
+    tok = train_bpe([tmp_path / "c.txt"], 1024, tmp_path / "o")
+    pieces = [tok.tokenizer.id_to_token(i) for i in tok.encode("Q: which is larger, 37 or 152? A: 52")]
+    assert [p for p in pieces if any(ch.isdigit() for ch in p)] == ["3", "7", "1", "5", "2", "5", "2"], pieces
+    assert len(tok.encode(" larger")) == 1  # words still merge
+    for text in lines[:50] + ["x=2024, y=-3.5e10"]:
+        assert tok.decode(tok.encode(text)) == text
+
+
 def test_chat_template_matches_internlm2_text(tok):
     ids, n_prompt = tok.encode_chat("What color is it?", "red")
     assert tok.decode(ids, skip_special_tokens=False) == TextTokenizer.chat_text("What color is it?", "red")
