@@ -223,3 +223,64 @@ def test_pretokenize_refuses_bad_image_size(trained, tmp_path):
     write_toy_shards(tmp_path / "src", 2, per_shard=2)
     with pytest.raises(SystemExit):
         pretokenize_main(["--tokenizer", str(ckpt), "--in", str(tmp_path / "src"), "--out", str(tmp_path / "o"), "--image-size", "60"])
+
+
+# ---- pixel-unshuffle architecture, consistency loss, cosine schedule ---------------------------------------------
+def test_unshuffle_stem_is_space_to_depth_and_sets_the_downsample():
+    from einops import rearrange
+
+    from synergen_lightning.models.vq import VQConfig, VQModel
+
+    cfg = VQConfig(codebook_size=16, code_dim=4, base_channels=8, channel_multiplier=(1, 2), z_channels=8, unshuffle=4)
+    assert cfg.downsample == 8
+    model = VQModel(cfg)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    # the stem's first op is pixel_unshuffle: channel c*16 + i*4 + j of cell (h, w) is pixel (4h+i, 4w+j) of channel c
+    stem = model.encoder.net[0](x)
+    torch.testing.assert_close(stem, rearrange(x, "b c (h i) (w j) -> b (c i j) h w", i=4, j=4))
+    recon, codes, _ = model(x)
+    assert recon.shape == x.shape and codes.shape == (2, 4, 4)
+    assert not any(isinstance(m, torch.nn.Conv2d) and m.in_channels == 3 for m in model.modules())  # nothing at full res
+    with pytest.raises(ValueError, match="unshuffle 0"):
+        VQConfig(unshuffle=0)
+
+
+def test_consistency_loss_matches_a_direct_computation_and_trains_only_the_encoder_side():
+    tok = VQTokenizer(**SMALL, consistency_weight=1.0)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    zq, codes, _ = tok.vq.encode(x)
+    recon = tok.vq.decode_latent(zq)
+    loss = tok._consistency_loss(recon, codes)
+    with torch.no_grad():  # independent computation: cosine-normalised re-encoding vs the unit code vectors
+        z_again = torch.nn.functional.normalize(tok.vq.quant_conv(tok.vq.encoder(recon.clamp(-1, 1))), dim=1)
+        codebook = torch.nn.functional.normalize(tok.vq.quantizer.embedding.weight, dim=-1)
+        ref = (z_again - codebook[codes].permute(0, 3, 1, 2)).pow(2).mean()
+    torch.testing.assert_close(loss.detach(), ref)
+    assert loss > 0
+    loss.backward()
+    assert tok.vq.encoder.net[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in tok.vq.decoder.parameters())  # the reconstruction is detached
+    assert tok.vq.quantizer.embedding.weight.grad is None  # codes are the fixed target
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero_at_max_steps(tmp_path):
+    write_toy_shards(tmp_path / "s", 8, per_shard=8)
+    model = VQTokenizer(**{**SMALL, "warmup_steps": 2}, lr=1e-2, lr_schedule="cosine", betas=(0.9, 0.99))
+    dm = ImageShardDataModule(str(tmp_path / "s"), str(tmp_path / "s"), size=32, batch_size=4, num_workers=0)
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = L.Trainer(max_steps=6, limit_val_batches=0, logger=False, enable_progress_bar=False, callbacks=[Record()],
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(model, dm)
+    import math
+
+    # warmup (step+1)/2, then cosine over the remaining max_steps - warmup = 4 steps (reaching 0 at step 6)
+    expected = [1e-2 * 0.5, 1e-2] + [1e-2 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert lrs == pytest.approx(expected)
+    assert trainer.optimizers[0].param_groups[0]["betas"] == (0.9, 0.99)
+    with pytest.raises(ValueError, match="lr_schedule 'linear'"):
+        VQTokenizer(**SMALL, lr_schedule="linear")
