@@ -130,6 +130,7 @@ class SequenceBuilder:
         self.use_codes = bool(use_codes)
         self.seed = seed
         self.epoch = 0
+        self._gen: dict | None = None  # constant generation-row pieces, built on first use
 
     # ---- views -------------------------------------------------------------------------------
     def _image(self, raw: dict, key: str) -> Image.Image:
@@ -153,7 +154,7 @@ class SequenceBuilder:
             raise SkipSample("bad_codes", f"{key}: codes {arr.dtype}{list(arr.shape)}, expected int [n_views, h, w]")
         if one_view and arr.shape[0] != 1:
             raise SkipSample("bad_codes", f"{key}: generation needs 1 view, codes have {arr.shape[0]}")
-        return torch.from_numpy(arr.astype(np.int64, copy=False))
+        return torch.from_numpy(arr.astype(np.int64))  # a copy: the loaded array is a read-only view of the shard bytes
 
     def views(self, raw: dict, key: str, task: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(pixel_values uint8 [n,3,S,S], None) or (None, codes long [n,h,w])."""
@@ -202,29 +203,42 @@ class SequenceBuilder:
         s.special(t.im_start_id, sup_text)
         s.text("assistant\n", sup_text)
 
+    def _generation_pieces(self) -> dict:
+        """The constant parts of every generation row, tokenized once per builder (the hot path of
+        pretokenized loading encodes only `user\n` + prompt + caption per sample)."""
+        if self._gen is None:
+            t = self.tok
+            s = _Seq(t, t.pad_id)
+            self._to_assistant(s)
+            s.image(1, self.tokens_per_view, t.boi_id, t.eoi_id)
+            s.special(t.im_end_id)
+            s.special(t.eos_id)
+            u = _Seq(t, t.pad_id)
+            u.text("user\n" + UNCOND_PROMPT_HEAD)
+            u.special(t.uncond_id)
+            u.text(":")
+            # supervised text (option): everything but the image slots; <boi>/<eoi> are text
+            tail_labels = [IGNORE if m else i for i, m in zip(s.ids, s.img)]
+            self._gen = {"head": [t.bos_id, t.im_start_id], "uncond_user": u.ids, "tail": s.ids,
+                         "tail_image_mask": s.img, "tail_labels": tail_labels}
+        return self._gen
+
     def _generation(self, raw: dict, key: str, options: dict) -> BuiltSample:
-        t, sup = self.tok, self.supervise_generation_text
+        """`<s><|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<boi>[IMG]<eoi><|im_end|></s>`."""
+        g = self._generation_pieces()
         uncond = _unit(self.seed, self.epoch, "cfg", key) < self.cfg_dropout
         caption = None if uncond else self._caption(raw, key, options)
         pixels, codes = self.views(raw, key, "generation")
-        s = _Seq(t, t.pad_id)
-        s.special(t.bos_id)
-        s.special(t.im_start_id, sup)
         # "user\n" and the prompt encoded as one string, as TextTokenizer.chat_prompt_ids does
-        if uncond:
-            s.text("user\n" + UNCOND_PROMPT_HEAD, sup)
-            s.special(t.uncond_id, sup)
-            s.text(":", sup)
+        user = g["uncond_user"] if uncond else self.tok.encode("user\n" + GENERATION_PROMPT + caption)
+        text = g["head"] + user
+        input_ids = text + g["tail"]
+        image_mask = [False] * len(text) + g["tail_image_mask"]
+        if self.supervise_generation_text:
+            labels = [IGNORE] + text[1:] + g["tail_labels"]  # nothing predicts the first token
         else:
-            s.text("user\n" + GENERATION_PROMPT + caption, sup)
-        self._to_assistant(s, sup)
-        s.image(1, self.tokens_per_view, t.boi_id, t.eoi_id)
-        if sup:  # the image slots stay unsupervised in text; <boi>/<eoi> are text
-            s.sup[-1] = True
-            s.sup[-self.tokens_per_view - 2] = True
-        s.special(t.im_end_id, sup)
-        s.special(t.eos_id, sup)
-        return self._finish(s, "generation", key, pixels, codes, image_loss=True, meta={"uncond": uncond})
+            labels = [IGNORE] * len(input_ids)
+        return BuiltSample(input_ids, image_mask, labels, "generation", key, pixels, codes, True, {"uncond": uncond})
 
     def _understanding(self, raw: dict, key: str, fmt: str, options: dict) -> BuiltSample:
         if fmt == "caption":
