@@ -48,6 +48,12 @@ def _load_tokenizer(tokenizer: Any):
     return getattr(TextTokenizer, "from_dir", TextTokenizer)(tokenizer)
 
 
+def batch_as_is(batch: dict) -> dict:
+    """The streams yield finished batches (`collate`); the DataLoader's default `default_convert` would
+    only walk every key and list again (~0.3 ms a batch on the pretokenized path)."""
+    return batch
+
+
 class MixedStream(IterableDataset):
     """Endless mixed batches for one epoch of `steps_per_epoch` batches (see the module docstring)."""
 
@@ -147,7 +153,7 @@ class _StreamLoader(DataLoader):
     """A DataLoader that starts the stream where the DataModule's state says (set before workers fork)."""
 
     def __init__(self, dataset: MixedStream, datamodule: "MixedDataModule", **kwargs):
-        super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
+        super().__init__(dataset, batch_size=None, persistent_workers=False, collate_fn=batch_as_is, **kwargs)
         self._datamodule = datamodule
 
     def __iter__(self):
@@ -278,7 +284,7 @@ class MixedDataModule(L.LightningDataModule):
         if not self.val_specs:
             return []
         stream = ValStream(self.val_specs, self.val_builder, self.batch_size, self.hparams.val_max_batches)
-        return DataLoader(stream, batch_size=None, **self._loader_kwargs())
+        return DataLoader(stream, batch_size=None, collate_fn=batch_as_is, **self._loader_kwargs())
 
     # ---- stream state ------------------------------------------------------------------------
     def _prepare_epoch(self, stream: MixedStream) -> None:

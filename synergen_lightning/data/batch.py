@@ -23,7 +23,7 @@ def collate(samples: list[BuiltSample], pad_id: int) -> dict:
     input_ids = torch.from_numpy(np.array([s.input_ids + [pad_id] * p for s, p in zip(samples, pads)], dtype=np.int64))
     image_mask = torch.from_numpy(np.array([s.image_mask + [False] * p for s, p in zip(samples, pads)], dtype=np.bool_))
     labels = torch.from_numpy(np.array([s.labels + [IGNORE] * p for s, p in zip(samples, pads)], dtype=np.int64))
-    attention_mask = torch.from_numpy(np.array([[True] * len(s) + [False] * p for s, p in zip(samples, pads)], dtype=np.bool_))
+    attention_mask = torch.arange(T) < torch.tensor([len(s) for s in samples])[:, None]
     # 0,1,2,... per row; padding keeps counting (it is masked out anyway)
     position_ids = torch.arange(T, dtype=torch.long).expand(B, T).clone()
 

@@ -150,7 +150,7 @@ class SequenceBuilder:
         if CODES_EXT not in raw:
             raise SkipSample("missing_codes", f"{key}: no .{CODES_EXT} in a pretokenized source")
         arr = load_npy(raw[CODES_EXT], key)
-        if arr.ndim != 3 or arr.shape[0] < 1 or not np.issubdtype(arr.dtype, np.integer):
+        if arr.ndim != 3 or arr.shape[0] < 1 or arr.dtype.kind not in "iu":  # signed/unsigned int
             raise SkipSample("bad_codes", f"{key}: codes {arr.dtype}{list(arr.shape)}, expected int [n_views, h, w]")
         if one_view and arr.shape[0] != 1:
             raise SkipSample("bad_codes", f"{key}: generation needs 1 view, codes have {arr.shape[0]}")

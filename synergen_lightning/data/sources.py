@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import random
-import re
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
@@ -165,16 +164,20 @@ def iter_shard(url: str, counter: SkipCounter) -> Iterator[dict]:
 
 
 _READ_BUFFER = 1 << 20  # one large buffer: a sample is ~3 headers + small members, read without a syscall each
-_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: key = up to the first dot
 
 
 def _split_key(name: str) -> tuple[str | None, str | None]:
-    """`dir/KEY.codes.npy` -> (`dir/KEY`, `codes.npy`); (None, None) for names without an extension and
-    for `__`-prefixed files (webdataset metadata)."""
-    m = _KEY_EXT.match(name)
-    if m is None or os.path.basename(name).startswith("__"):
+    """`dir/KEY.codes.npy` -> (`dir/KEY`, `codes.npy`): the key ends at the first dot of the file name, as
+    webdataset's `base_plus_ext` (regex-free: this runs per member). (None, None) for names without an
+    extension and for `__`-prefixed files (webdataset metadata)."""
+    slash = name.rfind("/") + 1
+    if name.startswith("__", slash):
         return None, None
-    return m.group(1), m.group(2).lower()
+    dot = name.find(".", slash)
+    if dot <= slash:  # no extension, or a dot file (rare: let webdataset's regex decide)
+        prefix, suffix = base_plus_ext(name) if dot == slash else (None, None)
+        return prefix, None if suffix is None else suffix.lower()
+    return name[:dot], name[dot + 1 :].lower()
 
 
 def iter_shard_tarfile(url: str, counter: SkipCounter) -> Iterator[dict]:
