@@ -35,7 +35,7 @@ def _octal(field: bytes, what: str) -> int:
     try:
         return int(digits, 8) if digits else 0
     except ValueError:
-        raise TarError(f"bad {what} field {field!r} in a tar header") from None
+        raise TarError(f"bad {what} field {field!r} in a tar header (not a tar, or corrupt)") from None
 
 
 def _pax_records(data: bytes) -> dict[str, str]:
@@ -69,7 +69,7 @@ def iter_tar_members(f: BinaryIO) -> Iterator[tuple[str, bytes]]:
             return
         # checksum: byte sum of the header with its checksum field read as 8 spaces
         stored = _octal(header[148:156], "checksum")
-        if stored != sum(header[:148]) + 256 + sum(header[156:]):
+        if stored != sum(header) - sum(header[148:156]) + 256:
             raise TarError(f"bad header checksum at offset {offset} (not a tar, or corrupt)")
         size = _octal(header[124:136], "size")
         kind = header[156:157]
