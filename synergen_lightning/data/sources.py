@@ -12,13 +12,18 @@ so a resumed run continues exactly where the interrupted one stopped.
 
 from __future__ import annotations
 
+import bz2
+import contextlib
 import glob
+import gzip
 import io
 import json
 import logging
+import lzma
 import os
 import random
 import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -144,7 +149,7 @@ def iter_shard(url: str, counter: SkipCounter) -> Iterator[dict]:
         return
     current: dict | None = None
     try:
-        with open(url, "rb", buffering=_READ_BUFFER) as f:
+        with _open_shard(url) as f:
             for name, data in iter_tar_members(f):
                 prefix, suffix = _split_key(name)
                 if prefix is None:
@@ -155,7 +160,7 @@ def iter_shard(url: str, counter: SkipCounter) -> Iterator[dict]:
                 if current is None:
                     current = {"__key__": prefix, "__url__": url}
                 current[suffix] = data
-    except (TarError, OSError) as exc:
+    except (TarError, OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
         # a truncated tar: keep what was read before, drop the partial sample it ended in
         counter.add("truncated_tar", f"{url}: {exc}")
         return
@@ -164,6 +169,21 @@ def iter_shard(url: str, counter: SkipCounter) -> Iterator[dict]:
 
 
 _READ_BUFFER = 1 << 20  # one large buffer: a sample is ~3 headers + small members, read without a syscall each
+_COMPRESSED = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}  # magic -> opener
+
+
+@contextlib.contextmanager
+def _open_shard(url: str):
+    """The tar as a binary file, decompressing .tar.gz / .tar.bz2 / .tar.xz (sniffed by magic, as
+    tarfile's `r|*` did)."""
+    with open(url, "rb", buffering=_READ_BUFFER) as f:
+        head = f.peek(6)[:6]
+        opener = next((op for magic, op in _COMPRESSED.items() if head.startswith(magic)), None)
+        if opener is None:
+            yield f
+        else:
+            with opener(f) as z:  # buffered readers themselves
+                yield z
 
 
 def _split_key(name: str) -> tuple[str | None, str | None]:
