@@ -135,3 +135,16 @@ def test_compressed_shards_read_like_tarfile(tmp_path, mode):
     path.write_bytes(data[: len(data) // 2])  # a truncated compressed stream is a counted skip
     fast, fast_counts, _, ref_counts = read_both(path)
     assert dict(fast_counts) == {"truncated_tar": 1} == dict(ref_counts)
+
+
+@pytest.mark.parametrize("name", ["k.jpg", "dir/k.codes.npy", "a/b/c.D.E", "d.e/k.txt", "d.e/k", "noext", ".x", "d/.x",
+                                  "k.", "__key__.txt", "d/__x.jpg", "d.__x/k.txt"])
+def test_split_key_matches_webdataset(name):
+    from webdataset.tariterators import base_plus_ext
+
+    from synergen_lightning.data.sources import _split_key
+
+    prefix, suffix = base_plus_ext(name)
+    if prefix is not None and name.rpartition("/")[2].startswith("__"):  # webdataset metadata files
+        prefix = suffix = None
+    assert _split_key(name) == (prefix, None if suffix is None else suffix.lower())
