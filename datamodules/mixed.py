@@ -44,8 +44,7 @@ def _load_tokenizer(tokenizer: Any):
         return tokenizer
     from synergen_lightning.text_tokenizer import TextTokenizer
 
-    # docs/architecture.md names `from_dir`; the class also loads from its constructor
-    return getattr(TextTokenizer, "from_dir", TextTokenizer)(tokenizer)
+    return TextTokenizer(tokenizer)
 
 
 def batch_as_is(batch: dict) -> dict:
