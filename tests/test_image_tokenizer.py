@@ -1,7 +1,6 @@
 """VQ model, VQTokenizer LightningModule, ImageShardDataModule and pretokenize on tiny self-made shards."""
 
 import io
-import random
 
 import lightning as L
 import numpy as np
@@ -16,14 +15,6 @@ from synergen_lightning.image_tokenizer.pretokenize import main as pretokenize_m
 from synergen_lightning.image_tokenizer.toy_shards import write_toy_shards
 from synergen_lightning.image_tokenizer.vq_tokenizer import codebook_stats
 from synergen_lightning.models.vq import VectorQuantizer
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread avoids OpenMP spin-waiting when the 2 shared cores are busy (10x faster)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 SMALL = dict(codebook_size=32, code_dim=4, base_channels=8, channel_multiplier=(1, 2, 2, 2), z_channels=16, warmup_steps=1)

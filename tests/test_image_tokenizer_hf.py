@@ -11,14 +11,6 @@ transformers = pytest.importorskip("transformers")
 from synergen_lightning.image_tokenizer.protocol import ImageTokenizer, load_image_tokenizer  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread avoids OpenMP spin-waiting when the 2 shared cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _emu3_dir(tmp_path):
     cfg = transformers.Emu3VQVAEConfig(codebook_size=64, embed_dim=4, latent_channels=4, base_channels=32,
