@@ -92,7 +92,6 @@ class ImageViewStream(IterableDataset):
         return shards
 
     def __iter__(self):
-        info = get_worker_info()
         # torch.initial_seed() differs per worker and per epoch (non-persistent workers are re-created each epoch)
         rng = random.Random(hash((self.seed, self.epoch, torch.initial_seed())))
         self.epoch += 1

@@ -4,7 +4,6 @@ and packed into fixed-length sequences for next-token training of the trunk."""
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import lightning as L
 import torch

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -90,7 +91,7 @@ class TextTokenizer:
         return out
 
 
-def iter_corpus_text(files) -> "Iterator[str]":
+def iter_corpus_text(files) -> Iterator[str]:
     """Texts of `.jsonl` files (`{"text": ...}` or `{"prompt", "answer"}` lines) or plain `.txt` lines."""
     for f in files:
         f = Path(f)

@@ -16,6 +16,7 @@ to an object matched by `include[j]`. `exclude[k]` fails the image when `count` 
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 from .language import NUMBER_WORDS, article, plural
 from .scene import (
@@ -112,7 +113,7 @@ def _relation_regions(rel: str, canvas: int):
     return (first, second) if rel in ("left of", "above") else (second, first)
 
 
-def render_prompt(prompt: dict, seed: int = 0, canvas: int = 128) -> "PIL.Image.Image":  # noqa: F821
+def render_prompt(prompt: dict, seed: int = 0, canvas: int = 128) -> Image.Image:
     """A ground-truth image that satisfies `prompt` (the shape world can draw any of its prompts)."""
     return render_scene(prompt_scene(prompt, seed, canvas))
 
