@@ -74,12 +74,17 @@ def _read_llm_checkpoint(path: Path) -> tuple[LLMConfig, dict, bool, str | None]
     return LLMConfig(**hp["config"]), sd, bool(hp.get("vision_experts", True)), hp.get("tokenizer_dir")
 
 
-def load_base_llm(path: str | Path) -> MMoETransformer:
-    """A base LLM: an `MMoELLM` Lightning checkpoint (the tiny base) or a local HF Llama/Qwen2/InternLM2 dir."""
+def _existing_base_llm(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"base LLM {str(path)!r} does not exist: run `make base-llm` for the tiny default "
                                 "or set SYNERGEN_BASE_LLM to a local HF Llama/Qwen2/InternLM2 directory")
+    return path
+
+
+def load_base_llm(path: str | Path) -> MMoETransformer:
+    """A base LLM: an `MMoELLM` Lightning checkpoint (the tiny base) or a local HF Llama/Qwen2/InternLM2 dir."""
+    path = _existing_base_llm(path)
     if path.is_dir():
         from synergen_lightning.hf_import import load_hf
 
@@ -92,10 +97,7 @@ def load_base_llm(path: str | Path) -> MMoETransformer:
 
 def read_base_llm_config(path: str | Path) -> LLMConfig:
     """The LLMConfig of a base LLM without building it (for shapes only)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"base LLM {str(path)!r} does not exist: run `make base-llm` for the tiny default "
-                                "or set SYNERGEN_BASE_LLM to a local HF Llama/Qwen2/InternLM2 directory")
+    path = _existing_base_llm(path)
     if path.is_dir():
         from synergen_lightning.hf_import import read_hf_config
 
