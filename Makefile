@@ -51,8 +51,11 @@ $(DATA_OK): $(VENV)
 
 tokenizer: $(VQ_CKPT)  ## train the tiny VQ image tokenizer and print its val figures
 
+# TOKENIZER_LOG=FILE sends the fit's output to FILE (make demo trains it beside the base LLM; two progress bars
+# in one terminal would garble each other); on failure the log's tail is printed
 $(VQ_CKPT): $(DATA_OK) recipes/tiny/tokenizer.yaml
-	$(SYN) fit --config recipes/tiny/tokenizer.yaml
+	$(if $(TOKENIZER_LOG),@mkdir -p $(dir $(TOKENIZER_LOG)) && echo "training the image tokenizer (log: $(TOKENIZER_LOG))" && \
+	  { $(SYN) fit --config recipes/tiny/tokenizer.yaml > $(TOKENIZER_LOG) 2>&1 || { tail -40 $(TOKENIZER_LOG); exit 1; }; },$(SYN) fit --config recipes/tiny/tokenizer.yaml)
 	$(SYN) eval tokenizer --tokenizer $@ --shards $(DATA)/val --json runs/tiny/tokenizer/eval.json
 
 base-llm: $(BASE_CKPT)  ## pretrain the tiny text-only base LLM (stands in for InternLM2 / Qwen2)
@@ -79,7 +82,11 @@ $(S2_CKPT): $(S1_CKPT) recipes/tiny/stage2.yaml
 $(SFT_CKPT): $(S2_CKPT) recipes/tiny/sft.yaml
 	$(SYN) fit --config recipes/tiny/sft.yaml $(FIT_FLAGS)
 
-demo: $(DEMO)  ## everything on the tiny default, then generation, scoring -> runs/demo/report.json + samples.png
+demo: $(VENV)  ## everything on the tiny default, then generation, scoring -> runs/demo/report.json + samples.png
+	@$(MAKE) --no-print-directory $(DATA_OK)
+	@# the tokenizer and the base LLM do not depend on each other: train them side by side, one core each
+	@$(MAKE) --no-print-directory -j2 $(VQ_CKPT) $(BASE_CKPT) TOKENIZER_LOG=runs/tiny/tokenizer.log
+	@$(MAKE) --no-print-directory $(DEMO)
 
 $(DEMO): $(SFT_CKPT)
 	$(SYN) demo report --ckpt $(SFT_CKPT) --base-llm $(BASE_CKPT) --data $(DATA) --out runs/demo
