@@ -1,0 +1,271 @@
+"""Token folding, measured: training throughput, generation speed, CFG cost and step memory, side by side.
+
+Two models of the SAME LLM configuration (width, depth, heads, FFN), built from the real classes:
+  folded    `SynerGenVL`: TokenFolder (m x n codes -> one LLM token) + MMoE LLM + the UnfoldingHead
+            (`head_layers` blocks of the LLM's micro-architecture); loss = `forward_losses`, generation =
+            `generation.generate_codes` (KV caches in the LLM and the head, CFG as one batched pass)
+  unfolded  `MMoETransformer` reading and writing every VQ code as one LLM token (Emu3-style: code ids
+            appended to the text vocabulary, image tokens routed to the vision FFN), KV-cached decoding
+
+Each comparison is timed in one interleaved loop (median, spread), at one torch thread count:
+  train     image codes per second of a training step (fwd+bwd), one generation sample per image
+  generate  wall time of one image (all h*w codes), temperature 1; folded with CFG vs without
+  memory    peak resident memory of a training step (fresh process per probe), with/without activation
+            checkpointing (`distributed._checkpoint_block`, as FSDP2Strategy applies it) and with/without folding
+
+    .venv/bin/python bench/bench_folding.py --out runs/bench/folding.json [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    TooLarge,
+    check_fits,
+    interleaved,
+    load_average,
+    machine_info,
+    peak_rss_during,
+    probe_in_subprocess,
+    ratio,
+    set_threads,
+    write_json,
+)
+from synergen_lightning.distributed import _checkpoint_block, decoder_blocks  # noqa: E402
+from synergen_lightning.generation import generate_codes  # noqa: E402
+from synergen_lightning.models.mmoe import LLMConfig, MMoETransformer  # noqa: E402
+from synergen_lightning.models.unfolding_head import sample_logits  # noqa: E402
+from synergen_lightning.system import SynerGenVL  # noqa: E402
+
+TEXT_VOCAB = 256  # a small text vocabulary: both sides pay the same (tiny) text-embedding cost
+SPECIAL = {"bos": 0, "eos": 1, "pad": 2, "boi": 3, "eoi": 4, "uncond": 5, "im_start": 6, "im_end": 7}
+FULL = dict(hidden_size=256, num_layers=8, num_heads=4, num_kv_heads=2, intermediate_size=688, head_layers=4,
+            codebook_size=4096, grid=64, fold=(2, 8), batch_size=1, prompt_len=16)
+QUICK = dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128, head_layers=1,
+             codebook_size=256, grid=16, fold=(2, 8), batch_size=1, prompt_len=8)
+TARGETS = {"train_speedup": 10.0, "generate_speedup": 8.0, "cfg_cost_max": 2.1}
+
+
+def llm_config(c: dict) -> LLMConfig:
+    return LLMConfig(vocab_size=TEXT_VOCAB, hidden_size=c["hidden_size"], num_layers=c["num_layers"],
+                     num_heads=c["num_heads"], num_kv_heads=c["num_kv_heads"],
+                     intermediate_size=c["intermediate_size"], max_position_embeddings=2 * c["grid"] ** 2 + 64)
+
+
+def estimate_train_bytes(c: dict) -> float:
+    """Rough fp32 peak of the unfolded step (the larger): weights x3 (param, grad, slack) + saved activations + logits."""
+    cfg = llm_config(c)
+    t = c["prompt_len"] + 3 + c["grid"] ** 2
+    vocab = TEXT_VOCAB + c["codebook_size"]
+    params = cfg.num_layers * (4 * cfg.hidden_size ** 2 + 6 * cfg.hidden_size * cfg.intermediate_size) + 2 * vocab * cfg.hidden_size
+    acts = c["batch_size"] * t * cfg.num_layers * (20 * cfg.hidden_size + 6 * cfg.intermediate_size)
+    return 4.0 * (3 * params + acts + 3 * c["batch_size"] * t * vocab)
+
+
+def build_folded(c: dict) -> SynerGenVL:
+    grid, (m, n) = c["grid"], tuple(c["fold"])
+    model = SynerGenVL(llm=vars(llm_config(c)), special_token_ids=SPECIAL, codebook_size=c["codebook_size"],
+                       image_size=grid * 8, downsample=8, fold=(m, n), code_dim=c["hidden_size"],
+                       head={"num_layers": c["head_layers"]}, stage="full")
+    return model
+
+
+def build_unfolded(c: dict) -> MMoETransformer:
+    cfg = llm_config(c)
+    cfg.vocab_size = TEXT_VOCAB + c["codebook_size"]  # code k is token TEXT_VOCAB + k
+    return MMoETransformer(cfg)
+
+
+def prompt(c: dict, generator: torch.Generator) -> list[int]:
+    return [SPECIAL["bos"]] + torch.randint(8, TEXT_VOCAB, (c["prompt_len"],), generator=generator).tolist() + [SPECIAL["boi"]]
+
+
+def folded_batch(c: dict, model: SynerGenVL, generator: torch.Generator) -> dict:
+    """Generation samples as the data room builds them: prompt, <boi>, P folded slots, <eoi>; codes supervised."""
+    b, p = c["batch_size"], model.tokens_per_view
+    rows = [prompt(c, generator) + [SPECIAL["pad"]] * p + [SPECIAL["eoi"]] for _ in range(b)]
+    ids = torch.tensor(rows)
+    image_mask = torch.zeros_like(ids, dtype=torch.bool)
+    image_mask[:, c["prompt_len"] + 2: c["prompt_len"] + 2 + p] = True
+    labels = torch.full_like(ids, -100)
+    labels[:, -1] = SPECIAL["eoi"]
+    codes = torch.randint(0, c["codebook_size"], (b, c["grid"], c["grid"]), generator=generator)
+    return {"input_ids": ids, "image_mask": image_mask, "labels": labels, "image_codes": codes,
+            "image_loss_mask": torch.ones(b, dtype=torch.bool)}
+
+
+def unfolded_batch(c: dict, generator: torch.Generator) -> dict:
+    """The same samples with every code a token: prompt, <boi>, h*w code tokens, <eoi>; codes and <eoi> supervised."""
+    b, hw = c["batch_size"], c["grid"] ** 2
+    codes = torch.randint(0, c["codebook_size"], (b, hw), generator=generator)
+    ids = torch.cat([torch.tensor([prompt(c, generator) for _ in range(b)]), codes + TEXT_VOCAB,
+                     torch.full((b, 1), SPECIAL["eoi"])], dim=1)
+    image_mask = torch.zeros_like(ids, dtype=torch.bool)
+    image_mask[:, c["prompt_len"] + 2: c["prompt_len"] + 2 + hw] = True
+    labels = ids.clone()
+    labels[:, : c["prompt_len"] + 2] = -100
+    return {"input_ids": ids, "image_mask": image_mask, "labels": labels}
+
+
+def unfolded_loss(llm: MMoETransformer, batch: dict) -> torch.Tensor:
+    hidden = llm(llm.embed(batch["input_ids"]), image_mask=batch["image_mask"])
+    targets = batch["labels"][:, 1:]
+    sup = targets != -100
+    return F.cross_entropy(llm.logits(hidden[:, :-1][sup]).float(), targets[sup])
+
+
+def train_steps(c: dict, checkpointing: bool = False):
+    """(folded_step, unfolded_step, models): each step is one fwd+bwd of one batch, grads freed after."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    folded, unfolded = build_folded(c).train(), build_unfolded(c).train()
+    if checkpointing:
+        for block in decoder_blocks(folded):
+            _checkpoint_block(block)
+        for block in unfolded.layers:
+            _checkpoint_block(block)
+    fb, ub = folded_batch(c, folded, gen), unfolded_batch(c, gen)
+
+    def folded_step():
+        folded.forward_losses(fb)["loss"].backward()
+        folded.zero_grad(set_to_none=True)
+
+    def unfolded_step():
+        unfolded_loss(unfolded, ub).backward()
+        unfolded.zero_grad(set_to_none=True)
+
+    return folded_step, unfolded_step, (folded, unfolded)
+
+
+@torch.no_grad()
+def unfolded_generate(llm: MMoETransformer, prompt_ids: list[int], n_codes: int, generator: torch.Generator) -> torch.Tensor:
+    """One code per LLM step, KV-cached (the unfolded baseline's decoding), sampled among the code logits."""
+    cache = llm.new_kv_cache()
+    ids = torch.tensor([prompt_ids])
+    h = llm(llm.embed(ids), image_mask=torch.zeros_like(ids, dtype=torch.bool), kv_cache=cache)[:, -1]
+    is_image = torch.ones(1, 1, dtype=torch.bool)
+    out = []
+    for _ in range(n_codes):
+        code = sample_logits(llm.logits(h)[:, TEXT_VOCAB:], temperature=1.0, generator=generator)
+        out.append(code)
+        h = llm(llm.embed((code + TEXT_VOCAB)[:, None]), image_mask=is_image, kv_cache=cache)[:, -1]
+    return torch.stack(out, 1)
+
+
+def bench_train(c: dict, repeats: int, warmup: int) -> dict:
+    check_fits(estimate_train_bytes(c), f"training step at a {c['grid']}x{c['grid']} code grid, width {c['hidden_size']}")
+    folded_step, unfolded_step, (folded, unfolded) = train_steps(c)
+    timed = interleaved({"folded": folded_step, "unfolded": unfolded_step}, repeats, warmup)
+    codes = c["batch_size"] * c["grid"] ** 2
+    for name in timed:
+        timed[name]["image_codes_per_s"] = codes / timed[name]["median_s"]
+    r = ratio(timed, "unfolded", "folded")
+    return {"timed": timed, "speedup": r, "target": TARGETS["train_speedup"], "met": r["median"] >= TARGETS["train_speedup"],
+            "llm_tokens_per_image": {"folded": folded.tokens_per_view, "unfolded": c["grid"] ** 2},
+            "params": {"folded_total": sum(p.numel() for p in folded.parameters()),
+                       "unfolded_total": sum(p.numel() for p in unfolded.parameters())}}
+
+
+def bench_generate(c: dict, repeats: int, warmup: int, cfg_scale: float = 7.5) -> dict:
+    check_fits(estimate_train_bytes(c) / 4, f"generation at a {c['grid']}x{c['grid']} code grid")
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    folded, unfolded = build_folded(c).eval(), build_unfolded(c).eval()
+    p = prompt(c, gen)
+    uncond = [SPECIAL["bos"], SPECIAL["uncond"], SPECIAL["boi"]]
+    variants = {
+        "folded": lambda: generate_codes(folded, [p], None, cfg_scale=None, generator=gen),
+        "folded_cfg": lambda: generate_codes(folded, [p], uncond, cfg_scale=cfg_scale, generator=gen),
+        "unfolded": lambda: unfolded_generate(unfolded, p, c["grid"] ** 2, gen),
+    }
+    timed = interleaved(variants, repeats, warmup)
+    speed, cfg_cost = ratio(timed, "unfolded", "folded"), ratio(timed, "folded_cfg", "folded")
+    return {"timed": timed, "speedup": speed, "cfg_cost": cfg_cost, "cfg_scale": cfg_scale,
+            "targets": {"speedup": TARGETS["generate_speedup"], "cfg_cost_max": TARGETS["cfg_cost_max"]},
+            "met": {"speedup": speed["median"] >= TARGETS["generate_speedup"],
+                    "cfg_cost": cfg_cost["median"] <= TARGETS["cfg_cost_max"]},
+            "llm_steps_per_image": {"folded": folded.tokens_per_view, "unfolded": c["grid"] ** 2},
+            "head_steps_per_image": c["grid"] ** 2}
+
+
+def memory_probe(c: dict, side: str, checkpointing: bool) -> dict:
+    """(child process) peak RSS of the second training step of one side."""
+    folded_step, unfolded_step, _ = train_steps(c, checkpointing)
+    step = folded_step if side == "folded" else unfolded_step
+    step()  # first step: one-off allocations (autograd buffers, caches)
+    return peak_rss_during(step)
+
+
+def bench_memory(c: dict, threads: int) -> dict:
+    check_fits(estimate_train_bytes(c), f"memory probes at a {c['grid']}x{c['grid']} code grid")
+    rows = {}
+    for side in ("folded", "unfolded"):
+        for ckpt in (False, True):
+            name = f"{side}{'_checkpointed' if ckpt else ''}"
+            rows[name] = probe_in_subprocess("bench_folding.py", ["--probe-memory", side, "--checkpointing", str(int(ckpt)),
+                                                                  "--config", json.dumps(c), "--threads", str(threads)])
+    ok = all("error" not in r for r in rows.values())
+    out = {"rows": rows}
+    if ok:
+        mb = {k: r["step_peak_bytes"] / 2**20 for k, r in rows.items()}
+        out["step_peak_mib"] = mb
+        out["checkpointing_saves"] = {s: 1 - mb[f"{s}_checkpointed"] / mb[s] for s in ("folded", "unfolded")}
+        out["folding_saves"] = 1 - mb["folded"] / mb["unfolded"]
+    return out
+
+
+def run(quick: bool = False, threads: int = 1, repeats: int | None = None, warmup: int = 1, config: dict | None = None,
+        parts=("train", "generate", "memory")) -> dict:
+    set_threads(threads)
+    c = dict(QUICK if quick else FULL, **(config or {}))
+    repeats = repeats or (2 if quick else 3)
+    result = {"config": c, "machine": machine_info("cpu", threads), "load_average_before": load_average()}
+    for part, fn in (("train", lambda: bench_train(c, repeats, warmup)),
+                     ("generate", lambda: bench_generate(c, repeats, warmup)),
+                     ("memory", lambda: bench_memory(c, threads))):
+        if part not in parts:
+            continue
+        try:
+            result[part] = fn()
+        except TooLarge as exc:
+            print(f"[skipped] {exc}", flush=True)
+            result[part] = {"skipped": str(exc)}
+    result["load_average_after"] = load_average()
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes (16x16 codes): seconds, for tests")
+    p.add_argument("--threads", type=int, default=1, help="torch threads, the same for both sides of every ratio")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved timed rounds (default 3; quick 2)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--config", default=None, help="JSON overriding sizes, e.g. '{\"num_layers\": 24}'")
+    p.add_argument("--parts", default="train,generate,memory")
+    p.add_argument("--out", default="runs/bench/folding.json")
+    p.add_argument("--probe-memory", choices=["folded", "unfolded"], help=argparse.SUPPRESS)
+    p.add_argument("--checkpointing", type=int, default=0, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    config = json.loads(a.config) if a.config else None
+    if a.probe_memory:
+        set_threads(a.threads)
+        print(json.dumps(memory_probe(config, a.probe_memory, bool(a.checkpointing))))
+        return {}
+    result = run(a.quick, a.threads, a.repeats, a.warmup, config, tuple(a.parts.split(",")))
+    print(json.dumps({k: v for k, v in result.items() if k != "machine"}, indent=1, default=str)[:3000])
+    print(f"wrote {write_json(a.out, result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
