@@ -11,9 +11,10 @@ import time
 import traceback
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 
-from tests.test_system_helpers import loader, make_batch, tiny_model
+from tests.test_system_helpers import make_batch, tiny_model
 
 # the global batch of every parity run: 4 rows, equal supervised-token counts per half (so the mean of
 # the per-rank token-mean losses equals the global token-mean loss)
@@ -32,6 +33,57 @@ def split_batch(batch: dict, rank: int, world: int) -> dict:
 
 def global_batches(n: int, tasks=GLOBAL_TASKS) -> list[dict]:
     return [make_batch(list(tasks), seed=100 + i) for i in range(n)]
+
+
+class _Positioned(torch.utils.data.IterableDataset):
+    """This rank's slices of the global batches, from the DataModule's position at iteration time (after a
+    checkpoint restore), each tagged with its index so the DataModule commits what the model consumed."""
+
+    def __init__(self, datamodule: "ParityData"):
+        self.dm = datamodule
+
+    def __iter__(self):
+        for i in range(self.dm.position, len(self.dm.batches)):
+            yield dict(self.dm.batches[i], _index=i)
+
+
+class _PositionedLoader(torch.utils.data.DataLoader):
+    # the position lives in the DataModule's state_dict; these tell Lightning the loader is resumable
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
+class ParityData(pl.LightningDataModule):
+    """The parity runs' data as a resumable stream, the way `datamodules.mixed.MixedDataModule` resumes: the
+    position (global batches the model consumed) is committed in `on_before_batch_transfer` (after Lightning's
+    prefetch) and rides in the checkpoint through `state_dict`; a resumed run, at any world size, continues at
+    the next global batch. (A plain list loader restarted by hand skips the wrong number of batches: Lightning's
+    restored epoch bookkeeping repeats a batch, which was the post-resume loss mismatch.)"""
+
+    def __init__(self, max_steps: int, rank: int = 0, world: int = 1, batches: list[dict] | None = None):
+        super().__init__()
+        self.batches = batches if batches is not None else [split_batch(b, rank, world) for b in global_batches(max_steps)]
+        self.position = 0
+
+    def train_dataloader(self):
+        return _PositionedLoader(_Positioned(self), batch_size=None, collate_fn=_as_is)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int = 0):
+        self.position = batch.pop("_index") + 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.position = int(state_dict["position"])
+
+
+def _as_is(batch):
+    return batch
 
 
 def free_port() -> int:
@@ -55,8 +107,20 @@ def _worker(rank: int, world: int, port: int, out: str, scenario: dict) -> None:
         raise SystemExit(1)
 
 
+def optimizer_state_by_name(model, optimizer) -> dict[str, dict]:
+    """{parameter name: {exp_avg, exp_avg_sq, step (full tensors), lr, weight_decay, group}} of an optimizer,
+    sharded (DTensor) or not, so runs at different world sizes compare by name."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = {}
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            st = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone().float()
+                  for k, v in optimizer.state.get(p, {}).items()}
+            out[names[id(p)]] = dict(st, lr=float(g["lr"]), weight_decay=float(g["weight_decay"]), group=g.get("name"))
+    return out
+
+
 def run_fit(rank: int, world: int, scenario: dict) -> dict:
-    import lightning.pytorch as pl
     from lightning.pytorch import Callback
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -69,12 +133,17 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
     class Rec(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             record["loss"].append(float(outputs["loss"]))
+            # which batch each step trained on (a resumed run must continue the data, not repeat it)
+            record.setdefault("batches", []).append((trainer.current_epoch, batch_idx, int(batch["input_ids"].sum())))
 
         def on_train_start(self, trainer, pl_module):
             opt = trainer.optimizers[0]
             record["start_opt"] = {"groups": [(g.get("name"), len(g["params"]), g["lr"]) for g in opt.param_groups],
                                    "states": len(opt.state),
                                    "steps": sorted({float(st["step"]) for st in opt.state.values() if "step" in st})}
+            if scenario.get("record_optimizer"):  # full (unsharded) Adam state and lr per parameter name
+                record["start_opt"]["by_name"] = optimizer_state_by_name(pl_module, opt)
+                record["start_opt"]["scheduler"] = trainer.lr_scheduler_configs[0].scheduler.state_dict()
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             sq = torch.zeros(())
@@ -97,14 +166,10 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
         gradient_clip_val=scenario.get("gradient_clip_val"), deterministic=False,
     )
-    if "batches" in scenario:  # uneven per-rank batches given explicitly
-        batches = scenario["batches"][rank]
-    else:
-        batches = [split_batch(b, rank, world) for b in global_batches(scenario["max_steps"])]
-        # a resumed run restarts its (stateless) loader: start it at the batch the saved run stopped at
-        batches = batches[scenario.get("skip", 0):]
+    # uneven per-rank batches given explicitly, or this rank's rows of the global batches
+    data = ParityData(scenario["max_steps"], rank, world, scenario["batches"][rank] if "batches" in scenario else None)
     t0 = time.time()
-    trainer.fit(model, loader(batches), ckpt_path=scenario.get("resume"))
+    trainer.fit(model, datamodule=data, ckpt_path=scenario.get("resume"))
     record["fit_s"] = time.time() - t0
     record["frozen_checked"] = len(guard._sums)
     record["requires_grad"] = {n: p.requires_grad for n, p in model.named_parameters()}

@@ -20,18 +20,29 @@ from synergen_lightning.distributed import (
     parallelize,
     per_rank_batch_size,
 )
-from tests.distributed_worker import GLOBAL_TASKS, global_batches, spawn, split_batch
-from tests.test_system_helpers import loader, make_batch, tiny_model
+from tests.distributed_worker import GLOBAL_TASKS, ParityData, optimizer_state_by_name, spawn, split_batch
+from tests.test_system_helpers import make_batch, tiny_model
 
 STAGE_SWITCH = {"max_steps": 4, "switch_at": {2: "stage2"}, "gradient_clip_val": 0.05}
 
 
 def reference_fit(scenario: dict) -> dict:
-    """The same run as a worker's, in this process, single device, no FSDP, on the global batches."""
+    """The same run as a worker's, in this process, single device, no FSDP, on the global batches (resumable:
+    `save` writes a single-file checkpoint at the end, `resume` continues one; `record_optimizer_at` keeps the
+    optimizer state by name at the start of that step)."""
     pl.seed_everything(0, verbose=False)
     rec = {"loss": [], "grad_norm": []}
 
     class Rec(Callback):
+        def on_train_start(self, trainer, pl_module):
+            rec["start_step"] = trainer.global_step
+            if scenario.get("record_optimizer_at") == trainer.global_step:  # a resumed run: what was restored
+                rec["opt_at"] = optimizer_state_by_name(pl_module, trainer.optimizers[0])
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if scenario.get("record_optimizer_at") == trainer.global_step and "opt_at" not in rec:
+                rec["opt_at"] = optimizer_state_by_name(pl_module, trainer.optimizers[0])
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             rec["loss"].append(float(outputs["loss"]))
 
@@ -44,9 +55,23 @@ def reference_fit(scenario: dict) -> dict:
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, gradient_clip_val=scenario.get("gradient_clip_val"),
                          callbacks=[StageCallback("stage1", switch_at=scenario.get("switch_at")), Rec()])
-    trainer.fit(model, loader(global_batches(scenario["max_steps"])))
+    trainer.fit(model, datamodule=ParityData(scenario["max_steps"]), ckpt_path=scenario.get("resume"))
+    if scenario.get("save"):
+        trainer.save_checkpoint(scenario["save"])
+    rec["global_step"] = trainer.global_step
     rec["state_dict"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return rec
+
+
+def assert_same_optimizer_state(got: dict, ref: dict) -> None:
+    """Adam moments, step counts, lr, weight decay and group of every parameter, by name."""
+    assert set(got) == set(ref), (set(got) ^ set(ref))
+    for name, r in ref.items():
+        g = got[name]
+        assert (g["group"], g["lr"], g["weight_decay"]) == (r["group"], r["lr"], r["weight_decay"]), name
+        assert set(g) == set(r), name
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(g[k], r[k], atol=1e-7, rtol=1e-5, msg=lambda m, n=name, k=k: f"{n}.{k}: {m}")
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +81,7 @@ def two_rank_run(tmp_path_factory):
     return spawn(2, scenario, out / "results", timeout=240), out / "ckpt"
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_two_processes_match_one_process_through_a_stage_switch(two_rank_run):
     """stage1 for 2 steps, switch to stage2 at step 2 (attention joins the optimizer after fully_shard),
@@ -88,6 +114,7 @@ def test_two_processes_match_one_process_through_a_stage_switch(two_rank_run):
     assert ranks[0]["frozen_checked"] == ranks[1]["frozen_checked"] > 0
 
 
+@pytest.mark.distributed
 @pytest.mark.timeout(120)
 def test_sharded_checkpoint_reloads_at_world_size_one(two_rank_run):
     ranks, ckpt = two_rank_run
@@ -111,6 +138,7 @@ def test_sharded_checkpoint_reloads_at_world_size_one(two_rank_run):
     torch.testing.assert_close(la, lb, atol=0, rtol=0)
 
 
+@pytest.mark.distributed
 def test_incompatible_sharded_checkpoint_is_refused(two_rank_run):
     _, ckpt = two_rank_run
     state = load_sharded_state_dict(ckpt)
@@ -165,6 +193,7 @@ def test_parallelize_refuses_a_model_twice_and_a_non_synergen_model():
         parallelize(torch.nn.Linear(2, 2))
 
 
+@pytest.mark.distributed
 def test_export_writes_one_consolidated_safetensors(two_rank_run, tmp_path, capsys):
     from safetensors.torch import load_file
 
@@ -191,43 +220,65 @@ def test_export_writes_one_consolidated_safetensors(two_rank_run, tmp_path, caps
 
 
 # ---------------------------------------------------------------------------------------------- slow
+RESUMED = dict(STAGE_SWITCH, max_steps=6)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    """The 1-process reference of 6 steps (switch to stage 2 at step 2), with its optimizer state at step 4."""
+    return reference_fit(dict(RESUMED, record_optimizer_at=4))
+
+
 @pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("world", [1, 2])
-def test_resume_from_a_two_process_checkpoint_at_world_size(world, two_rank_run, tmp_path):
-    """The 2-process checkpoint (step 4, after the switch to stage 2) resumes at world size 1 and 2: the
-    next 2 steps' losses equal those of an uninterrupted 1-process run of 6 steps (weights, optimizer
-    state, LR schedule and stage history all restored)."""
+def test_resume_from_a_two_process_checkpoint_at_world_size(world, two_rank_run, uninterrupted, tmp_path):
+    """The 2-process checkpoint (step 4, after the switch to stage 2) resumes at world size 1 and 2 and goes on
+    exactly as an uninterrupted 1-process run of 6 steps: the restored optimizer state (Adam moments and steps,
+    lr, groups) equals the uninterrupted run's at step 4, and both resumed steps' losses match (the second one
+    checks the first resumed optimizer step). The data position comes back from the checkpoint too."""
     _, ckpt = two_rank_run
-    ref = reference_fit(dict(STAGE_SWITCH, max_steps=6))
-    ranks = spawn(world, dict(STAGE_SWITCH, max_steps=6, resume=str(ckpt), skip=4), tmp_path / "res", timeout=300)
+    ref = uninterrupted
+    ranks = spawn(world, dict(RESUMED, resume=str(ckpt), record_optimizer=True), tmp_path / "res", timeout=300)
     assert ranks[0]["global_step"] == 6
+    assert [b[2] for b in ranks[0]["batches"]] == [int(split_batch(b, 0, world)["input_ids"].sum())
+                                                   for b in ParityData(6).batches[4:]], "resumed on the wrong batches"
     resumed = [sum(r["loss"][i] for r in ranks) / world for i in range(2)]
-    # the first resumed step's forward: the restored weights give the uninterrupted run's loss (same logits)
-    torch.testing.assert_close(torch.tensor(resumed[0]), torch.tensor(ref["loss"][4]), atol=1e-5, rtol=0)
-    # optimizer state came back (Adam steps 2 for stage-2 params, 4 for stage-1 params) with the stage-2 group
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(ref["loss"][4:6]), atol=1e-5, rtol=0)
+    # optimizer state came back into the right groups (Adam steps 2 for stage-2 params, 4 for stage-1 params)
     assert ranks[0]["start_opt"]["steps"] == [2.0, 4.0]
     assert [g[0] for g in ranks[0]["start_opt"]["groups"]] == ["stage1/decay", "stage1/no_decay", "stage2/decay"]
+    assert_same_optimizer_state(ranks[0]["start_opt"]["by_name"], ref["opt_at"])
     assert all(not rg for n, rg in ranks[0]["requires_grad"].items() if n.startswith("llm.embed_tokens"))
     assert all(rg for n, rg in ranks[0]["requires_grad"].items() if ".attn." in n)
+    for name, ref_w in ref["state_dict"].items():
+        torch.testing.assert_close(ranks[0]["state_dict"][name], ref_w, atol=2e-5, rtol=1e-4,
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
-@pytest.mark.xfail(strict=True, reason="known bug: the first optimizer step after resuming a sharded checkpoint "
-                   "differs from the uninterrupted run (loss 1.2e-2 off one step later) although weights, Adam "
-                   "steps and groups are restored; open in docs/distributed.md")
-def test_resumed_optimizer_step_matches_the_uninterrupted_run(two_rank_run, tmp_path):
-    _, ckpt = two_rank_run
-    ref = reference_fit(dict(STAGE_SWITCH, max_steps=6))
-    ranks = spawn(1, dict(STAGE_SWITCH, max_steps=6, resume=str(ckpt), skip=4), tmp_path / "res", timeout=300)
-    torch.testing.assert_close(torch.tensor(ranks[0]["loss"][1]), torch.tensor(ref["loss"][5]), atol=1e-5, rtol=0)
+@pytest.mark.timeout(300)
+def test_single_process_resume_matches_the_uninterrupted_run(uninterrupted, tmp_path):
+    """The same without FSDP: a 1-process run saved at step 4 (a single-file .ckpt) resumes to step 6 as if
+    never interrupted (stage history, optimizer groups and state, LR schedule, data position)."""
+    ckpt = tmp_path / "four.ckpt"
+    first = reference_fit(dict(STAGE_SWITCH, save=str(ckpt)))
+    assert first["loss"] == uninterrupted["loss"][:4]
+    resumed = reference_fit(dict(RESUMED, resume=str(ckpt), record_optimizer_at=4))
+    assert resumed["start_step"] == 4 and resumed["global_step"] == 6
+    assert_same_optimizer_state(resumed["opt_at"], uninterrupted["opt_at"])
+    torch.testing.assert_close(torch.tensor(resumed["loss"]), torch.tensor(uninterrupted["loss"][4:6]), atol=1e-6, rtol=0)
+    for name, ref_w in uninterrupted["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][name], ref_w, atol=1e-6, rtol=1e-5,
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
 def _uneven(tasks_per_rank: list[list[str]], steps: int = 2) -> list[list[dict]]:
     return [[make_batch(t, seed=10 * r + s) for s in range(steps)] for r, t in enumerate(tasks_per_rank)]
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("tasks", [
@@ -240,6 +291,7 @@ def test_uneven_batches_do_not_hang(tasks, tmp_path):
     assert all(len(r["loss"]) == 2 for r in ranks)
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bf16_params_and_activation_checkpointing_on_two_cpu_processes(tmp_path):
@@ -255,6 +307,7 @@ def test_bf16_params_and_activation_checkpointing_on_two_cpu_processes(tmp_path)
     assert bf16[0]["frozen_checked"] > 0
 
 
+@pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_activation_checkpointing_is_exact_in_fp32(tmp_path):
