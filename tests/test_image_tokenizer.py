@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
+from einops import rearrange
 from PIL import Image
 
 from datamodules.image_shards import ImageShardDataModule, image_views
@@ -275,3 +276,48 @@ def test_cosine_schedule_warms_up_then_decays_to_zero_at_max_steps(tmp_path):
     assert trainer.optimizers[0].param_groups[0]["betas"] == (0.9, 0.99)
     with pytest.raises(ValueError, match="lr_schedule 'linear'"):
         VQTokenizer(**SMALL, lr_schedule="linear")
+
+
+def test_error_sampled_restart_puts_dead_codes_where_the_codebook_fits_worst():
+    """restart_sampling='error': dead codes restart onto the badly quantised encoder outputs, never onto ones a
+    live code already fits exactly (the flat-background near-duplicates that broke round-trip stability)."""
+    torch.manual_seed(0)
+    q = VectorQuantizer(8, 4, l2_normalize=True, dead_code_restart=True, usage_decay=0.0, dead_threshold=0.5,
+                        restart_sampling="error").train()
+    with torch.no_grad():
+        q.embedding.weight.copy_(torch.eye(4).repeat(2, 1))  # codes 0-3 and their duplicates 4-7
+    fitted = torch.eye(4)[torch.tensor([0] * 60)]  # 60 outputs code 0 fits exactly
+    odd = torch.nn.functional.normalize(torch.tensor([[1.0, 1, 1, 1], [-1.0, -1, 1, 1]]), dim=-1)  # 2 ill-fitted
+    z = rearrange(torch.cat([fitted, odd]), "(b h w) d -> b d h w", b=2, h=31, w=1)
+    _, codes, _ = q(z)
+    dead = torch.tensor([c for c in range(8) if c not in codes.unique().tolist()])
+    assert dead.numel() == 6  # codes 0 (60 fitted outputs + a tie) and 2 (the second odd output) were used
+    restarted = torch.nn.functional.normalize(q.embedding.weight[dead].detach(), dim=-1)
+    dist_to_odd = torch.cdist(restarted, odd).min(-1).values
+    assert (dist_to_odd < 1e-2).all(), dist_to_odd  # every restarted code sits on one of the two ill-fitted outputs
+    uniform = VectorQuantizer(8, 4, usage_decay=0.0, dead_threshold=0.5).train()
+    with torch.no_grad():
+        uniform.embedding.weight.copy_(torch.eye(4).repeat(2, 1))
+    uniform(z)  # the old rule mostly lands on the 60 fitted outputs (duplicates of code 0)
+    on_fitted = (torch.nn.functional.normalize(uniform.embedding.weight[dead].detach(), dim=-1) @ torch.eye(4)[0] > 0.99)
+    assert on_fitted.sum() >= 4
+    with pytest.raises(ValueError, match="restart_sampling 'kmeans'"):
+        VectorQuantizer(8, 4, restart_sampling="kmeans")
+
+
+def test_consistency_codebook_option_also_pulls_the_code_towards_the_re_encoding():
+    tok = VQTokenizer(**SMALL, consistency_weight=1.0, consistency_codebook=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    zq, codes, _ = tok.vq.encode(x)
+    recon = tok.vq.decode_latent(zq)
+    loss = tok._consistency_loss(recon, codes)
+    with torch.no_grad():
+        z_again = torch.nn.functional.normalize(tok.vq.quant_conv(tok.vq.encoder(recon.clamp(-1, 1))), dim=1)
+        codebook = torch.nn.functional.normalize(tok.vq.quantizer.embedding.weight, dim=-1)
+        ref = (z_again - codebook[codes].permute(0, 3, 1, 2)).pow(2).mean()
+    torch.testing.assert_close(loss.detach(), 2 * ref)  # encoder-side term + codebook-side term, equal in value
+    loss.backward()
+    used = codes.unique()
+    grad = tok.vq.quantizer.embedding.weight.grad
+    assert grad[used].abs().sum() > 0  # the codes decoded from move towards their re-encodings
+    assert all(p.grad is None for p in tok.vq.decoder.parameters())

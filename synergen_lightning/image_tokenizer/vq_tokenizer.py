@@ -95,10 +95,13 @@ class VQTokenizer(L.LightningModule):
         dead_code_restart: bool = True,
         usage_decay: float = 0.99,
         dead_threshold: float = 0.03,
+        restart_sampling: str = "uniform",
         recon_loss: str = "l1",
         codebook_weight: float = 1.0,
         commitment_beta: float = 0.25,
         consistency_weight: float = 0.0,
+        consistency_codebook: bool = False,
+        consistency_views: int | None = None,
         perceptual_weight: float = 0.0,
         perceptual_weights: str | None = None,
         adversarial_weight: float = 0.0,
@@ -121,7 +124,7 @@ class VQTokenizer(L.LightningModule):
                                    channel_multiplier=tuple(channel_multiplier), num_res_blocks=num_res_blocks,
                                    z_channels=z_channels, unshuffle=unshuffle, l2_normalize=l2_normalize,
                                    dead_code_restart=dead_code_restart, usage_decay=usage_decay,
-                                   dead_threshold=dead_threshold))
+                                   dead_threshold=dead_threshold, restart_sampling=restart_sampling))
         self.codebook_size, self.downsample = codebook_size, self.vq.downsample
         self.perceptual = None
         if perceptual_weight > 0:
@@ -207,7 +210,8 @@ class VQTokenizer(L.LightningModule):
         use_gan = self.discriminator is not None and self.global_step >= self.hparams.disc_start_step
         loss, logs = self._generator_loss(x, recon, q_losses, use_gan)
         if self.hparams.consistency_weight > 0:
-            c = self._consistency_loss(recon, codes)
+            n = self.hparams.consistency_views or recon.shape[0]
+            c = self._consistency_loss(recon[:n], codes[:n])
             loss = loss + self.hparams.consistency_weight * c
             logs["train/consistency"] = c
         self.log_dict(logs, prog_bar=False, batch_size=x.shape[0])
@@ -230,9 +234,13 @@ class VQTokenizer(L.LightningModule):
         return None
 
     def _consistency_loss(self, recon: Tensor, codes: Tensor) -> Tensor:
-        """Pull the encoding of the (detached, clamped) reconstruction onto the code it was decoded from."""
+        """Pull the encoding of the (detached, clamped) reconstruction onto the code it was decoded from
+        (with consistency_codebook, also pull that code towards the re-encoding)."""
         z_again = self.vq.quantizer._prep(rearrange(self.vq.quant_conv(self.vq.encoder(recon.detach().clamp(-1, 1))), "b d h w -> b h w d"))
-        return F.mse_loss(z_again, rearrange(self.vq.quantizer.lookup(codes), "b d h w -> b h w d").detach())
+        target = rearrange(self.vq.quantizer.lookup(codes), "b d h w -> b h w d")
+        if not self.hparams.consistency_codebook:
+            return F.mse_loss(z_again, target.detach())
+        return F.mse_loss(z_again, target.detach()) + F.mse_loss(target, z_again.detach())
 
     def configure_optimizers(self):
         hp = self.hparams

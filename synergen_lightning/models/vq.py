@@ -59,6 +59,9 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+RESTART_SAMPLING = ("uniform", "error")
+
+
 @dataclass
 class VQConfig:
     codebook_size: int = 512
@@ -75,12 +78,18 @@ class VQConfig:
     dead_code_restart: bool = True
     usage_decay: float = 0.99  # EMA of per-code assignment counts used to find dead codes
     dead_threshold: float = 0.03  # a code whose EMA count falls below this is restarted
+    # Where a dead code restarts: "uniform" picks random encoder outputs of the batch; "error" picks them with
+    # probability proportional to their quantisation error, so restarted codes go where the codebook fits worst
+    # (object patches) instead of becoming near-duplicates of the flat-background codes most outputs sit on.
+    restart_sampling: str = "uniform"
 
     def __post_init__(self) -> None:
         if self.unshuffle < 1:
             raise ValueError(f"unshuffle {self.unshuffle} must be a positive pixel-(un)shuffle factor (1 = none)")
         if not self.channel_multiplier:
             raise ValueError("channel_multiplier must name at least one level, e.g. (1, 2)")
+        if self.restart_sampling not in RESTART_SAMPLING:
+            raise ValueError(f"restart_sampling {self.restart_sampling!r} is not supported; use one of {RESTART_SAMPLING}")
 
     @property
     def downsample(self) -> int:
@@ -134,8 +143,11 @@ class VectorQuantizer(nn.Module):
     """Nearest-code lookup with straight-through gradients, codebook/commitment losses and dead-code restart."""
 
     def __init__(self, codebook_size: int, code_dim: int, l2_normalize: bool = True, dead_code_restart: bool = True,
-                 usage_decay: float = 0.99, dead_threshold: float = 0.03):
+                 usage_decay: float = 0.99, dead_threshold: float = 0.03, restart_sampling: str = "uniform"):
         super().__init__()
+        if restart_sampling not in RESTART_SAMPLING:
+            raise ValueError(f"restart_sampling {restart_sampling!r} is not supported; use one of {RESTART_SAMPLING}")
+        self.restart_sampling = restart_sampling
         self.codebook_size, self.code_dim = codebook_size, code_dim
         self.l2_normalize, self.dead_code_restart = l2_normalize, dead_code_restart
         self.usage_decay, self.dead_threshold = usage_decay, dead_threshold
@@ -181,8 +193,12 @@ class VectorQuantizer(nn.Module):
         dead = (self.usage_ema < self.dead_threshold).nonzero().squeeze(-1)
         if dead.numel() == 0:
             return
-        # Restart onto random encoder outputs of this batch (rank 0's, so every rank agrees).
-        pick = torch.randint(0, z_flat.shape[0], (dead.numel(),), device=z_flat.device)
+        # Restart onto encoder outputs of this batch (rank 0's, so every rank agrees).
+        if self.restart_sampling == "error":
+            err = (z_flat - self.codebook()[idx]).pow(2).sum(-1)
+            pick = torch.multinomial(err + 1e-12, dead.numel(), replacement=True)
+        else:
+            pick = torch.randint(0, z_flat.shape[0], (dead.numel(),), device=z_flat.device)
         new = z_flat[pick] + 1e-3 * torch.randn_like(z_flat[pick])
         if dist.is_available() and dist.is_initialized():
             dist.broadcast(new, src=0)
@@ -205,7 +221,7 @@ class VQModel(nn.Module):
         self.encoder = VQEncoder(cfg)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.code_dim, 1)  # low-dimensional lookup space
         self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.l2_normalize, cfg.dead_code_restart,
-                                         cfg.usage_decay, cfg.dead_threshold)
+                                         cfg.usage_decay, cfg.dead_threshold, cfg.restart_sampling)
         self.post_quant_conv = nn.Conv2d(cfg.code_dim, cfg.z_channels, 1)
         self.decoder = VQDecoder(cfg)
 
