@@ -189,3 +189,27 @@ def test_bad_builder_settings_refused(tok):
     with pytest.raises(ValueError, match="tokens_per_view"):
         builder(tok, tokens_per_view=0)
     assert jpeg_bytes(np.random.default_rng(0), 8, 8)[:2] == b"\xff\xd8"
+
+
+def test_caption_field_list_picks_one_phrasing_per_sample_and_epoch(tok):
+    """`caption_ext: null` + `caption_field` naming a list (the world's `captions`): each sample and epoch
+    draws one phrasing, seeded; over many seeds every phrasing is reachable and nothing else."""
+    phrasings = ["a red circle", "two circles", "a circle left of a square"]
+    r = {**raw(), "json": json.dumps({"captions": phrasings + ["", 3]}).encode()}
+    opts = {"caption_ext": None, "caption_field": "captions"}
+
+    def drawn(b):
+        ids = b.build(r, "generation", options=opts).input_ids
+        return next(p for p in phrasings if ids[: len(generation_prompt_ids(tok, p))] == generation_prompt_ids(tok, p))
+
+    assert {drawn(builder(tok, seed=s)) for s in range(40)} == set(phrasings)
+    b = builder(tok, seed=1)
+    first = drawn(b)
+    assert drawn(builder(tok, seed=1)) == first  # seeded
+    by_epoch = set()
+    for e in range(20):
+        b.epoch = e
+        by_epoch.add(drawn(b))
+    assert len(by_epoch) > 1  # re-drawn each epoch
+    with pytest.raises(SkipSample, match="missing_caption"):
+        builder(tok).build({**r, "json": json.dumps({"captions": []}).encode()}, "generation", options=opts)

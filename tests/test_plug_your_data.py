@@ -144,7 +144,7 @@ def test_synergen_fit_stage1_on_a_csv_folder(tmp_path, monkeypatch):
     Path("my_data.yaml").write_text(yaml.safe_dump({"data": {
         "class_path": "datamodules.csv_captions.CsvCaptionDataModule",
         "init_args": {"root": "my_images", "tokenizer": "runs/tiny/text_tokenizer", "tokens_per_view": 16,
-                      "image_size": 64, "batch_size": 6, "num_workers": 0}}}))
+                      "image_size": 128, "batch_size": 6, "num_workers": 0}}}))
     # the tiny recipe's evaluator / sample-grid callbacks read the shape world (data/tiny); keep the rest
     Path("quick.yaml").write_text(yaml.safe_dump({"trainer": {
         "max_steps": 2, "log_every_n_steps": 1, "enable_progress_bar": False, "limit_val_batches": 0,

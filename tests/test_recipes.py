@@ -41,7 +41,7 @@ def test_tiny_recipes_instantiate(stage, tiny_base, monkeypatch):
     cli = _cli(f"recipes/tiny/{stage}.yaml", ["--trainer.logger=false"])
     model = cli.model
     assert isinstance(model, SynerGenVL)
-    assert model.stage == stage and model.grid == (8, 8) and model.fold_size == (2, 2)
+    assert model.stage == stage and model.grid == (16, 16) and model.fold_size == (4, 4)
     assert model.tokens_per_view == cli.datamodule.hparams.tokens_per_view == 16
     assert model.hparams.image_loss_weight == 2.0
     if stage != "stage1":

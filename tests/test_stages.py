@@ -149,3 +149,26 @@ def test_resume_after_a_switch_restores_stage_and_optimizer_groups(tmp_path):
     assert [g["name"] for g in t2.optimizers[0].param_groups] == names
     assert resumed.llm.layers[0].attn.q_proj.weight.requires_grad
     assert t2.global_step == 6
+
+
+def test_lr_scale_gives_a_group_its_own_fraction_of_the_stage_lr():
+    """lr_scale {self_attention: 0.1}: attention gets its own AdamW groups at 0.1 x the stage lr, same schedule;
+    the other trainable groups keep the full lr; a misspelt group is an error."""
+    model = tiny_model(stage="stage2", lr=1e-3, lr_scale={"self_attention": 0.1}, init_from_base_llm=True)
+    seen = {}
+
+    class Spy(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            opt = trainer.optimizers[0]
+            seen[trainer.global_step] = {g["name"]: (g["lr"], {id(p) for p in g["params"]}) for g in opt.param_groups}
+
+    _trainer([StageCallback("stage2"), Spy()], 4).fit(model, loader(_batches(4)))
+    groups = seen[max(seen)]
+    assert set(groups) == {"stage2/decay", "stage2/no_decay", "stage2/x0.1/decay"}
+    attn = {id(p) for _, p in model.parameter_groups()["self_attention"]}
+    assert groups["stage2/x0.1/decay"][1] == attn
+    assert not attn & (groups["stage2/decay"][1] | groups["stage2/no_decay"][1])
+    assert groups["stage2/x0.1/decay"][0] == pytest.approx(0.1 * groups["stage2/decay"][0])
+    bad = tiny_model(stage="stage2", lr=1e-3, lr_scale={"attention": 0.1}, init_from_base_llm=True)
+    with pytest.raises(ValueError, match="attention"):
+        _trainer([StageCallback("stage2")], 1).fit(bad, loader(_batches(1)))

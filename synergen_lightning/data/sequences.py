@@ -183,14 +183,17 @@ class SequenceBuilder:
         return self.fit(sample)
 
     def _caption(self, raw: dict, key: str, options: dict) -> str:
-        ext = options.get("caption_ext", "txt")
-        if ext in raw:
+        ext = options.get("caption_ext", "txt")  # null: read only `caption_field`
+        if ext and ext in raw:
             text = raw[ext].decode("utf-8", errors="replace").strip() if isinstance(raw[ext], bytes) else str(raw[ext]).strip()
             if text:
                 return text
         field_ = options.get("caption_field")
         if field_ and "json" in raw:
             value = load_json(raw["json"], key).get(field_)
+            if isinstance(value, list):  # several phrasings (world: `captions`): one per sample and epoch, seeded
+                value = [v for v in value if isinstance(v, str) and v.strip()]
+                value = value[int(_unit(self.seed, self.epoch, "caption", key) * len(value))] if value else None
             if isinstance(value, str) and value.strip():
                 return value.strip()
         raise SkipSample("missing_caption", f"{key}: no .{ext}" + (f" nor json[{field_!r}]" if field_ else ""))
