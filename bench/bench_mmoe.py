@@ -9,6 +9,8 @@ Ratios: routing overhead = mmoe_50 / mmoe_0 (target <= 1.10), ours vs transforme
 mmoe_0 / hf_qwen2 (target <= 1.0). Prints a table and writes JSON.
 
     .venv/bin/python bench/bench_mmoe.py --out runs/bench/mmoe.json
+
+`--quick` shrinks every size (seconds; for the suite's test). `bench/run_all.py` runs it in `make bench`.
 """
 
 from __future__ import annotations
@@ -16,15 +18,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
+import sys
+
 import torch
 
-from synergen_lightning.llm import lm_loss
-from synergen_lightning.models.mmoe import LLMConfig, MMoETransformer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import load_average, machine_info  # noqa: E402
+from synergen_lightning.llm import lm_loss  # noqa: E402
+from synergen_lightning.models.mmoe import LLMConfig, MMoETransformer  # noqa: E402
 
 
 def image_span_mask(b: int, t: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
@@ -58,7 +65,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", default="runs/bench/mmoe.json")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (width 64, 2 layers, 2x32 tokens)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.hidden_size, args.num_layers, args.num_heads, args.num_kv_heads = 64, 2, 2, 1
+        args.intermediate_size, args.vocab_size, args.batch_size, args.seq_len = 128, 256, 2, 32
+    load_before = load_average()
     torch.set_num_threads(args.threads)
     if device_load := (os.getloadavg()[0] if hasattr(os, "getloadavg") else None):
         print(f"1-min load average before the run: {device_load:.1f} (timings on a shared machine are noisy)")
@@ -133,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{k:<28} median {r:6.3f}x  min {ratios_min[k]:6.3f}x  "
               f"(target <= {targets[k]:.2f}x: {'ok' if r <= targets[k] else 'MISSED'} by median)")
     result = {"args": vars(args), "config": cfg.__dict__, "median_s": med, "times_s": times, "ratios": ratios, "ratios_of_min": ratios_min,
-              "targets": targets, "torch": torch.__version__, "machine": platform.processor() or platform.machine()}
+              "targets": targets, "torch": torch.__version__, "machine": machine_info(args.device, args.threads),
+              "load_average_before": load_before, "load_average_after": load_average()}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -1,0 +1,191 @@
+"""`make bench`: every benchmark in one run -> bench/results.json and a markdown table (bench/results.md).
+
+Benchmarks (each a side-by-side comparison timed in interleaved repeats, medians + spread):
+  folding   bench_folding.py  training throughput and generation speed, folded (2x8 + head) vs unfolded,
+                              CFG cost, peak step memory with/without activation checkpointing and folding
+  mfu       bench_mfu.py      CPU MFU of a mid-size training step vs a measured fp32 GEMM peak
+  gpu_mfu   bench_mfu.py      reduced-depth 2B MFU in bf16 + FSDP2 + compile (skipped, with a message, without CUDA)
+  mmoe      bench_mmoe.py     MMoE routing overhead and ours vs transformers' Qwen2
+  data      bench_data.py     pretokenized vs JPEG loading (its own JSON, summarised here)
+
+A configuration too large for this machine is skipped with a one-line message (recorded under
+"skipped"), never crashed. Every ratio is formed inside one benchmark run on one machine; the
+results carry the machine fingerprint and the load average before/after (shared machines are noisy).
+
+    .venv/bin/python bench/run_all.py                # full sizes (~10 min on a quiet 2-core machine)
+    .venv/bin/python bench/run_all.py --quick        # tiny sizes, seconds (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import bench_folding  # noqa: E402
+import bench_mfu  # noqa: E402
+from common import load_average, machine_info, write_json  # noqa: E402
+
+SCHEMA_VERSION = 1
+BENCHMARKS = ("folding", "mfu", "gpu_mfu", "mmoe", "data")
+
+
+def _mmoe(quick: bool, threads: int, out_dir: Path) -> dict:
+    import bench_mmoe
+
+    args = ["--threads", str(threads), "--device", "cpu", "--out", str(out_dir / "results_mmoe.json")]
+    args += ["--quick", "--repeats", "2", "--warmup", "1"] if quick else ["--repeats", "7", "--warmup", "2",
+                                                                          "--batch-size", "4", "--seq-len", "128"]
+    return bench_mmoe.main(args)
+
+
+def _data(quick: bool, threads: int, out_dir: Path) -> dict:
+    import bench_data
+
+    out = out_dir / "results_data.json"
+    args = ["--threads", str(threads), "--out", str(out)]
+    if quick:
+        args += ["--samples", "64", "--batches", "4", "--jpeg-batches", "1", "--rounds", "2", "--batch-size", "4",
+                 "--demo-steps", "0"]
+    bench_data.main(args)
+    return json.loads(out.read_text())
+
+
+def run_benchmark(name: str, quick: bool, threads: int, out_dir: Path) -> dict:
+    if name == "folding":
+        return bench_folding.run(quick=quick, threads=threads)
+    if name == "mfu":
+        return bench_mfu.run(quick=quick, threads=threads)
+    if name == "gpu_mfu":
+        return bench_mfu.run(quick=quick, threads=threads, device="cuda")
+    if name == "mmoe":
+        return _mmoe(quick, threads, out_dir)
+    if name == "data":
+        return _data(quick, threads, out_dir)
+    raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+
+
+def _skips(obj, path="") -> list[str]:
+    """Every `skipped` message in a result tree, with where it sits."""
+    out = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "skipped" and isinstance(v, str):
+                out.append(f"{path}: {v}")
+            else:
+                out += _skips(v, f"{path}.{k}" if path else k)
+    return out
+
+
+def table_rows(results: dict) -> list[dict]:
+    """The headline figures: one row per measured quantity (value, target, met, spread/notes)."""
+    rows = []
+
+    def add(bench, what, value, unit, target=None, met=None, note=""):
+        rows.append({"benchmark": bench, "measure": what, "value": value, "unit": unit, "target": target, "met": met,
+                     "note": note})
+
+    f = results.get("folding", {})
+    if "speedup" in f.get("train", {}):
+        t = f["train"]
+        add("folding", "train image codes/s, folded vs unfolded", t["speedup"]["median"], "x", f">= {t['target']}",
+            t["met"], f"{t['timed']['folded']['image_codes_per_s']:.0f} vs {t['timed']['unfolded']['image_codes_per_s']:.0f} "
+                      f"codes/s; of min {t['speedup']['of_min']:.2f}x")
+    if "speedup" in f.get("generate", {}):
+        g = f["generate"]
+        add("folding", "generate one image, unfolded / folded time", g["speedup"]["median"], "x",
+            f">= {g['targets']['speedup']}", g["met"]["speedup"],
+            f"{g['timed']['folded']['median_s']:.2f} s vs {g['timed']['unfolded']['median_s']:.2f} s")
+        add("folding", f"CFG cost (scale {g['cfg_scale']}), with / without", g["cfg_cost"]["median"], "x",
+            f"<= {g['targets']['cfg_cost_max']}", g["met"]["cfg_cost"], "one batched pass (cond + uncond rows)")
+    mem = f.get("memory", {})
+    for k, v in (mem.get("step_peak_mib") or {}).items():
+        add("folding", f"peak step memory: {k.replace('_', ' ')}", v, "MiB", note="RSS above the pre-step level")
+    m = results.get("mfu", {}).get("cpu", {})
+    if "mfu" in m:
+        add("mfu", f"CPU MFU, width {m['config']['hidden_size']} x {m['config']['num_layers']} layers, "
+                   f"{m['config']['batch_size'] * m['config']['seq_len']} tokens", m["mfu"], "fraction",
+            f">= {m['target']}", m["met"], f"{m['model_gflops_per_s']:.1f} vs GEMM peak {m['peak_gflops_per_s']:.1f} GFLOP/s")
+    gm = results.get("gpu_mfu", {}).get("gpu", {})
+    if "mfu" in gm:
+        add("gpu_mfu", "GPU MFU, reduced-depth 2B, bf16 FSDP2 + compile", gm["mfu"], "fraction", f">= {gm['target']}", gm["met"])
+    elif gm:
+        add("gpu_mfu", "GPU MFU, reduced-depth 2B", None, "", ">= 0.45", None, gm.get("skipped", ""))
+    mm = results.get("mmoe", {})
+    for k, v in (mm.get("ratios") or {}).items():
+        tgt = mm["targets"].get(k)
+        add("mmoe", k.replace("_", " "), v, "x", f"<= {tgt}", v <= tgt if tgt else None,
+            f"of min {mm['ratios_of_min'][k]:.3f}x")
+    d = results.get("data", {}).get("throughput", {})
+    if "pretokenized_64x64" in d:
+        r = d["pretokenized_64x64"]
+        add("data", "pretokenized 64x64 samples/s per worker", r["samples_per_s_per_worker"], "samples/s", ">= 10000",
+            r["meets_target_wall"], f"x{r['ratio_vs_jpeg_512']:.1f} vs JPEG 512")
+    return rows
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [f"# Benchmark results ({'quick' if results['quick'] else 'full'} sizes)", "",
+             f"Machine: `{m['fingerprint']}`, {results['threads']} torch thread(s); load average before "
+             f"{results['load_average']['before']}, after {results['load_average']['after']}. "
+             f"Command: `{results['command']}`.", "",
+             "| benchmark | measure | value | target | met | note |", "|---|---|---|---|---|---|"]
+    for r in results["table"]:
+        v = r["value"]
+        val = "not measured" if v is None else (f"{v:.1%}" if r["unit"] == "fraction" else f"{v:,.3g} {r['unit']}")
+        met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
+        lines.append(f"| {r['benchmark']} | {r['measure']} | {val} | {r['target'] or ''} | {met} | {r['note']} |")
+    if results["skipped"]:
+        lines += ["", "Skipped:"] + [f"- {s}" for s in results["skipped"]]
+    if results["errors"]:
+        lines += ["", "Errors:"] + [f"- {k}: {v}" for k, v in results["errors"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: the whole suite in well under a minute")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for every benchmark (both sides of each ratio)")
+    p.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    p.add_argument("--out", default="bench/results.json", help="JSON results (the markdown table goes next to it, .md)")
+    a = p.parse_args(argv)
+    names = [n.strip() for n in a.only.split(",") if n.strip()]
+    bad = [n for n in names if n not in BENCHMARKS]
+    if bad:
+        p.error(f"--only {','.join(bad)}: unknown benchmark; choose from {','.join(BENCHMARKS)}")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = {"schema_version": SCHEMA_VERSION, "quick": a.quick, "threads": a.threads,
+               "command": " ".join(["python bench/run_all.py"] + (argv if argv is not None else sys.argv[1:])),
+               "machine": machine_info("cpu", a.threads), "load_average": {"before": load_average()},
+               "seconds": {}, "errors": {}}
+    for name in names:
+        print(f"== {name}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            results[name] = run_benchmark(name, a.quick, a.threads, out.parent)
+        except Exception as exc:  # noqa: BLE001 -- one failing benchmark must not lose the others' figures
+            traceback.print_exc()
+            results["errors"][name] = f"{type(exc).__name__}: {exc}"
+        results["seconds"][name] = time.perf_counter() - t0
+    results["load_average"]["after"] = load_average()
+    results["skipped"] = _skips({n: results[n] for n in names if n in results})
+    results["table"] = table_rows(results)
+    write_json(out, results)
+    md = markdown(results)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 1 if results["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The benchmark suite (bench/): quick mode runs on tiny sizes, writes the documented JSON schema and
+markdown table, skips configurations too large for the machine with a message, and its FLOP count
+agrees with torch's FlopCounterMode."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import bench_folding  # noqa: E402
+import bench_mfu  # noqa: E402
+import run_all  # noqa: E402
+from common import TooLarge, check_fits, counted_flops, interleaved, ratio, train_flops  # noqa: E402
+
+from synergen_lightning.llm import lm_loss  # noqa: E402
+from synergen_lightning.models.mmoe import LLMConfig, MMoETransformer  # noqa: E402
+
+HUGE = {"hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_heads": 512, "num_kv_heads": 512}
+
+
+def test_suite_quick_writes_schema_and_table(tmp_path):
+    out = tmp_path / "results.json"
+    assert run_all.main(["--quick", "--only", "mfu,gpu_mfu,mmoe", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for key in ("schema_version", "quick", "threads", "command", "machine", "load_average", "seconds", "errors",
+                "skipped", "table", "mfu", "gpu_mfu", "mmoe"):
+        assert key in res, key
+    assert res["quick"] is True and res["errors"] == {}
+    assert res["machine"]["fingerprint"] and len(res["load_average"]["before"]) == 3
+    cpu = res["mfu"]["cpu"]
+    assert cpu["mfu"] > 0 and cpu["timed"]["train_step"]["repeats"] == 2 and cpu["peak_gflops_per_s"] > 0
+    # matmul FLOPs: analytic == counted by torch (the CPU flash-attention kernel has no FLOP formula)
+    assert cpu["flops"]["flop_counter"] == pytest.approx(cpu["flops"]["analytic_matmuls_only"], rel=1e-9)
+    if not torch.cuda.is_available():  # GPU MFU: skipped with a message, the 2B model still built (meta device)
+        assert "no CUDA" in res["gpu_mfu"]["gpu"]["skipped"] and res["gpu_mfu"]["gpu"]["parameters"] > 1e9
+        assert any("gpu_mfu" in s for s in res["skipped"])
+    assert {"routing_overhead_50_vs_0", "ours_vs_transformers_text"} <= set(res["mmoe"]["ratios"])
+    measures = {r["measure"] for r in res["table"]}
+    assert any(m.startswith("CPU MFU") for m in measures) and any("transformers" in m for m in measures)
+    md = out.with_suffix(".md").read_text()
+    assert md.startswith("# Benchmark results (quick sizes)") and "| benchmark | measure |" in md
+
+
+def test_folding_quick_train_and_generate():
+    res = bench_folding.run(quick=True, repeats=1, warmup=0, parts=("train", "generate"))
+    tr, gen = res["train"], res["generate"]
+    assert tr["llm_tokens_per_image"] == {"folded": 16, "unfolded": 256}  # 16x16 codes, 2x8 folding
+    assert tr["timed"]["folded"]["image_codes_per_s"] > 0 and tr["speedup"]["median"] > 0
+    assert set(gen["timed"]) == {"folded", "folded_cfg", "unfolded"} and gen["cfg_cost"]["median"] > 0
+    assert "memory" not in res and res["machine"]["torch_threads"] == 1
+
+
+def test_too_large_configs_are_skipped_with_a_message(capsys):
+    res = bench_folding.run(quick=True, config=HUGE, parts=("train", "generate", "memory"))
+    for part in ("train", "generate", "memory"):
+        assert "GiB" in res[part]["skipped"] and "skipped" in res[part]["skipped"], res[part]
+    cpu = bench_mfu.run(quick=True, config=HUGE)["cpu"]
+    assert "needs about" in cpu["skipped"]
+    assert "[skipped]" in capsys.readouterr().out
+    rows = run_all.table_rows({"folding": res, "mfu": {"cpu": cpu}})
+    assert rows == []  # nothing measured, nothing in the table
+    assert len(run_all._skips({"folding": res})) == 3
+    with pytest.raises(TooLarge, match="needs about"):
+        check_fits(1e18, "a petabyte model")
+
+
+def test_train_flops_match_flop_counter_on_the_real_model():
+    cfg = LLMConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48)
+    model = MMoETransformer(cfg)
+    ids = torch.randint(0, 97, (3, 10))
+    counted = counted_flops(lambda: lm_loss(model.logits(model(model.embed(ids))), ids).backward())
+    assert counted == train_flops(cfg, 3, 10, attention=False)
+    # attention term: causal counts half of QK^T + AV, fwd + 2x bwd
+    assert train_flops(cfg, 3, 10, causal=False) - train_flops(cfg, 3, 10, attention=False) == 12 * 3 * 10 * 10 * 8 * 4 * 2
+    assert train_flops(cfg, 3, 10) - train_flops(cfg, 3, 10, attention=False) == 6 * 3 * 10 * 10 * 8 * 4 * 2
+
+
+def test_interleaved_runs_round_robin_and_ratio():
+    calls = []
+    timed = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4
+    assert timed["a"]["repeats"] == 3 and len(timed["a"]["times_s"]) == 3
+    fake = {"slow": {"median_s": 4.0, "min_s": 3.0}, "fast": {"median_s": 2.0, "min_s": 1.0}}
+    assert ratio(fake, "slow", "fast") == {"median": 2.0, "of_min": 3.0}
+
+
+def test_unknown_benchmark_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        run_all.main(["--only", "folding,nope"])
+    assert "unknown benchmark" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_whole_quick_suite_with_memory_and_data(tmp_path):
+    out = tmp_path / "results.json"
+    assert run_all.main(["--quick", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    mem = res["folding"]["memory"]
+    assert set(mem["step_peak_mib"]) == {"folded", "folded_checkpointed", "unfolded", "unfolded_checkpointed"}
+    assert res["data"]["throughput"]["pretokenized_64x64"]["samples_per_s_per_worker"] > 0
