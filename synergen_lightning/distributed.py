@@ -110,11 +110,13 @@ def parallelize(
 
     Units: every LLM decoder block and every head block (one all-gather each, freed after use),
     the text embedding (with the LM head when tied), the LM head, the folder, the special-token
-    table, the head's embeddings, and the model root (the rest). Frozen parameters may sit inside
+    table, the head's embeddings, the LLM trunk (its final norm) and the model root (the rest).
+    `head.generate` and `folder.fold_patch` gather like forwards, so sampling runs on a sharded model
+    (every rank calls it: the gathers are collectives). Frozen parameters may sit inside
     any unit (FSDP2 shards them and never reduces a gradient for them). Call after `requires_grad`
     is set for the stage and the weights are loaded (Lightning: `setup` before `configure_model`).
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     if is_sharded(model):
         raise RuntimeError(f"{type(model).__name__} is already sharded: parallelize() runs once per model")
@@ -151,8 +153,17 @@ def parallelize(
     if getattr(model, "head", None) is not None:
         shard(model.head, reshard_after_forward=reshard_after_forward)
         units += 1
-    shard(model)  # root: norms and whatever is left; entered through model.__call__
+    # the LLM trunk as a unit of its own (its final norm): generation and answering call `model.llm(...)` without
+    # entering the root, so nothing they use may be left to the root
+    shard(llm, reshard_after_forward=reshard_after_forward)
     units += 1
+    shard(model)  # root: whatever is left; entered through model.__call__ (training / validation steps)
+    units += 1
+    # methods other than forward that read a unit's own parameters directly (pos_embed, code_embed, mlp,
+    # cond_proj, classifier): FSDP gathers around them as around a forward (sample grids, evaluation, generation)
+    for module, method in ((getattr(model, "head", None), "generate"), (getattr(model, "folder", None), "fold_patch")):
+        if module is not None and hasattr(module, method):
+            register_fsdp_forward_method(module, method)
     n_params = sum(p.numel() for p in model.parameters())
     rank_zero_info(f"FSDP2: {units} units over {mesh.size() if mesh is not None else 1} rank(s), "
                    f"{len(blocks)} blocks, params {param_dtype or 'as stored'} / reduce {reduce_dtype}, "

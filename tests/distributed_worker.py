@@ -107,6 +107,19 @@ def _worker(rank: int, world: int, port: int, out: str, scenario: dict) -> None:
         raise SystemExit(1)
 
 
+GEN_PROMPTS, GEN_UNCOND = [[1, 6, 11, 12, 13, 7, 6, 3], [1, 6, 20, 21, 7, 6, 3]], [1, 6, 5, 7, 6, 3]
+
+
+def sample_codes(model) -> torch.Tensor:
+    """KV-cached CFG sampling of 2 prompts with a fixed seed: code grids (runs the head's `generate` and the
+    folder's `fold_patch`, which read their parameters outside a forward)."""
+    from synergen_lightning.generation import generate_codes
+
+    model.eval()
+    g = torch.Generator().manual_seed(1234)
+    return generate_codes(model, GEN_PROMPTS, GEN_UNCOND, cfg_scale=3.0, temperature=1.0, generator=g)
+
+
 def optimizer_state_by_name(model, optimizer) -> dict[str, dict]:
     """{parameter name: {exp_avg, exp_avg_sq, step (full tensors), lr, weight_decay, group}} of an optimizer,
     sharded (DTensor) or not, so runs at different world sizes compare by name."""
@@ -176,6 +189,8 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
     record["global_step"] = trainer.global_step
     if scenario.get("save"):
         trainer.save_checkpoint(scenario["save"])
+    if scenario.get("generate"):  # sampling on the sharded model, every rank (as SampleGridLogger does)
+        record["generated"] = sample_codes(model)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         record["state_dict"] = {k: v.clone() for k, v in full.items()}

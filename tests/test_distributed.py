@@ -20,7 +20,7 @@ from synergen_lightning.distributed import (
     parallelize,
     per_rank_batch_size,
 )
-from tests.distributed_worker import GLOBAL_TASKS, ParityData, optimizer_state_by_name, spawn, split_batch
+from tests.distributed_worker import GLOBAL_TASKS, ParityData, optimizer_state_by_name, sample_codes, spawn, split_batch
 from tests.test_system_helpers import make_batch, tiny_model
 
 STAGE_SWITCH = {"max_steps": 4, "switch_at": {2: "stage2"}, "gradient_clip_val": 0.05}
@@ -77,7 +77,7 @@ def assert_same_optimizer_state(got: dict, ref: dict) -> None:
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
-    scenario = dict(STAGE_SWITCH, save=str(out / "ckpt"))
+    scenario = dict(STAGE_SWITCH, save=str(out / "ckpt"), generate=True)
     return spawn(2, scenario, out / "results", timeout=240), out / "ckpt"
 
 
@@ -112,6 +112,19 @@ def test_two_processes_match_one_process_through_a_stage_switch(two_rank_run):
     moved = [n for n in full if n.startswith("llm.layers.0.attn.") and not torch.equal(full[n], start[n])]
     assert moved, "attention weights did not change after the stage switch under FSDP2"
     assert ranks[0]["frozen_checked"] == ranks[1]["frozen_checked"] > 0
+
+
+@pytest.mark.distributed
+def test_sampling_runs_on_the_sharded_model(two_rank_run):
+    """Generation on the 2-process sharded model (every rank, as the sample-grid / evaluation callbacks do):
+    the same codes as the 1-process model with the trained weights (head.generate and folder.fold_patch read
+    parameters outside a forward: they are registered as FSDP forward methods, the LLM trunk is a unit)."""
+    ranks, _ = two_rank_run
+    model = tiny_model(stage="stage1")
+    model.load_state_dict(ranks[0]["state_dict"])
+    ref = sample_codes(model)
+    assert ref.shape == (2, 4, 4)
+    assert torch.equal(ranks[0]["generated"], ref) and torch.equal(ranks[1]["generated"], ref)
 
 
 @pytest.mark.distributed
