@@ -1,0 +1,561 @@
+"""The paper's ablations in miniature on the shape world: `synergen ablations run` (make ablations).
+
+- **folding** (paper Table 6): no folding (one 64-px view of the 128-px canvas, 8x8 = 64 LLM tokens) against
+  2x4 folding with InternVL-1.5 dynamic tiles (2x2 native-resolution 64-px tiles + thumbnail, 5 x 8 = 40 LLM
+  tokens), both trained from the base LLM on understanding data only, scored on val Q/A per kind; `text` (the
+  world's tiny characters) and questions about small objects need the full resolution.
+- **progressive** (paper Table 7, no folding, no dynamic tiles): stage 1 then stage 2 with the MMoE progressive
+  parameter sets, against full-parameter tuning in both stages, plus the "S.2 only" row; understanding,
+  generation (shape-world GenEval, standing in for MSCOCO FID) and the base LLM's held-out text skill.
+
+Every arm is a list of `synergen fit` runs, each the tiny stage recipe + the ablation overrides in
+`recipes/ablations/` + a per-run YAML this driver writes (seed, output folders, steps): improvements to the
+tiny recipes reach the ablations. Outputs: `runs/ablations/<arm>/seed<k>/<stage>/` (checkpoint, TensorBoard,
+`train.json`, `eval.json`), `runs/ablations/results.json` and `docs/ablations.md`. Finished stages and
+evaluations are skipped on a rerun (resumable); an interrupted stage is retrained from its start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+RECIPES = Path("recipes/ablations")
+STUDIES = ("folding", "progressive")
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """One `synergen fit` of an arm, and how its checkpoint is evaluated."""
+
+    name: str  # folder under runs/ablations/<arm>/seed<k>/
+    recipe: str  # the tiny recipe it layers on
+    overrides: tuple[str, ...]  # files in recipes/ablations/, applied in order
+    stage: str  # the StageCallback stage (what trains)
+    steps: int  # max_steps of the full run (--quick: QUICK_STEPS)
+    init_from: str | None = None  # name of an earlier StageRun of the same arm
+    suites: tuple[str, ...] = ("und",)
+    max_tiles: int = 1  # understanding views at evaluation: as the stage trained
+    thumbnail: bool = False
+    image_tokens: int = 64  # LLM tokens per understanding image (reported in the table)
+
+    def configs(self) -> list[str]:
+        return [self.recipe] + [str(RECIPES / o) for o in self.overrides]
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    study: str
+    description: str
+    stages: tuple[StageRun, ...]
+
+
+# Steps of the full run: shorter than the demo (stage 1 800, stage 2 600) so that `make ablations` (3 seeds of
+# every arm, 2 at a time) fits in 60 min on a quiet 2-core machine; docs/ablations.md states them.
+FOLD_STEPS = 400
+S1_STEPS = 300
+S2_STEPS = 300
+QUICK_STEPS = 3
+
+_UND = dict(recipe="recipes/tiny/stage2.yaml", stage="stage2", steps=FOLD_STEPS, suites=("und",))
+_NOFOLD_SUITES = ("und", "geneval", "text")
+
+ARMS: tuple[Arm, ...] = (
+    Arm("fold_off", "folding", "no folding: one 64-px view (canvas downsampled 2x), 8x8 codes -> 64 LLM tokens",
+        (StageRun("und", overrides=("from_base.yaml", "folding_off.yaml"), image_tokens=64, **_UND),)),
+    Arm("fold_on", "folding", "2x4 folding + dynamic tiles: 2x2 native 64-px tiles + thumbnail, 5 x 8 = 40 LLM tokens",
+        (StageRun("und", overrides=("from_base.yaml", "folding_on.yaml"), max_tiles=4, thumbnail=True, image_tokens=40, **_UND),)),
+    Arm("progressive", "progressive", "stage 1 (image-specific params) then stage 2 (+ self-attention); no folding",
+        (StageRun("s1", "recipes/tiny/stage1.yaml", ("stage1_data.yaml", "nofold.yaml"), "stage1", S1_STEPS, suites=_NOFOLD_SUITES),
+         StageRun("s2", "recipes/tiny/stage2.yaml", ("stage2_data.yaml", "nofold.yaml"), "stage2", S2_STEPS, init_from="s1", suites=_NOFOLD_SUITES))),
+    Arm("full", "progressive", "every parameter trains in stage 1 and stage 2 (same data, lr, steps); no folding",
+        (StageRun("s1", "recipes/tiny/stage1.yaml", ("stage1_data.yaml", "nofold.yaml", "full.yaml"), "full", S1_STEPS, suites=_NOFOLD_SUITES),
+         StageRun("s2", "recipes/tiny/stage2.yaml", ("stage2_data.yaml", "nofold.yaml", "full.yaml"), "full", S2_STEPS, init_from="s1", suites=_NOFOLD_SUITES))),
+    Arm("s2_only", "progressive", "stage 2 straight from the base LLM (no stage 1); no folding",
+        (StageRun("s2", "recipes/tiny/stage2.yaml", ("stage2_data.yaml", "nofold.yaml", "from_base.yaml"), "stage2", S2_STEPS, suites=_NOFOLD_SUITES),)),
+)
+ARM_BY_NAME = {a.name: a for a in ARMS}
+
+# The rows of the paper's tables: (study, row label, arm, stage run, paper figures)
+PAPER_T6_COLS = ("TextVQA", "GQA", "DocVQA", "AI2D", "ChartQA", "InfoVQA")
+PAPER_T7_COLS = ("TextVQA", "GQA", "AI2D", "MMLU", "CMMLU", "MSCOCO FID")
+ROWS: tuple[tuple[str, str, str, str, dict], ...] = (
+    ("folding", "w/o token folding", "fold_off", "und",
+     dict(zip(PAPER_T6_COLS, (18.7, 45.3, 14.7, 42.0, 20.9, 18.7)))),
+    ("folding", "w/ token folding (2x4 + dynamic res.)", "fold_on", "und",
+     dict(zip(PAPER_T6_COLS, (35.0, 45.1, 36.7, 42.1, 49.7, 21.1)))),
+    ("progressive", "Baseline (base LLM)", "", "", dict(MMLU=42.3, CMMLU=51.4)),
+    ("progressive", "S.1 + S.2, Full", "full", "s2",
+     dict(zip(PAPER_T7_COLS, (14.3, 42.9, 24.7, 23.1, 23.0, 30.7)))),
+    ("progressive", "S.1 only, Full (not in the paper)", "full", "s1", {}),
+    ("progressive", "S.1 only, Progressive", "progressive", "s1",
+     dict(zip(PAPER_T7_COLS, (0.1, 13.0, 0.3, 42.3, 51.4, 28.3)))),
+    ("progressive", "S.2 only, Progressive", "s2_only", "s2",
+     dict(zip(PAPER_T7_COLS, (8.7, 36.9, 40.9, 37.6, 45.3, 34.9)))),
+    ("progressive", "S.1 + S.2, Progressive", "progressive", "s2",
+     dict(zip(PAPER_T7_COLS, (13.2, 41.2, 41.9, 39.3, 48.2, 20.2)))),
+)
+
+
+@dataclass
+class EvalSettings:
+    """One evaluator setting for every arm (the table compares like with like)."""
+
+    data: str = "data/tiny"
+    und_per_kind: int = 150  # val Q/A items per kind (balanced; the first ones in shard order)
+    num_geneval: int = 48
+    max_text: int = 200
+    cfg: float = 7.5
+    seed: int = 0
+
+
+QUICK_EVAL = EvalSettings(und_per_kind=2, num_geneval=2, max_text=4)
+NOTES_BEGIN, NOTES_END = "<!-- notes: kept when the table is rewritten -->", "<!-- end notes -->"
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+def small_object_question(question: str, meta: dict) -> bool:
+    """True when every object the question names (shape word, plus colour word when given) is small.
+
+    The shape world's small objects are 20 px on the 128 canvas (10 px after the 2x downsample of the no-folding
+    view); questions about them are the "small objects" part of the full-resolution tasks."""
+    q = question.lower()
+    named = []
+    for obj in meta.get("objects", []):
+        shape, colour = obj["shape"], obj["color"]
+        if re.search(rf"\b{shape}(e?s)?\b", q) and (colour in q or not any(o["color"] in q for o in meta["objects"])):
+            named.append(obj)
+    return bool(named) and all(o["size"] == "small" for o in named)
+
+
+def load_eval_items(shards: str, per_kind: int) -> list[dict]:
+    """Val Q/A items {image, question, answer, kind, small} balanced per kind (the first `per_kind` of each)."""
+    import glob
+    import io
+
+    from PIL import Image
+
+    from synergen_lightning.data.sources import SkipCounter, finite_samples, load_json
+
+    urls = sorted(glob.glob(shards))
+    if not urls:
+        raise FileNotFoundError(f"ablations: val shards {shards!r} match no file; run `make data` first")
+    items, counts = [], {}
+    for sample in finite_samples(urls, SkipCounter()):
+        if "json" not in sample or "jpg" not in sample:
+            continue
+        meta = load_json(sample["json"], sample["__key__"])
+        image = None
+        for qa in meta.get("qa") or []:
+            kind = qa.get("kind", "qa")
+            if counts.get(kind, 0) >= per_kind:
+                continue
+            if image is None:
+                image = Image.open(io.BytesIO(sample["jpg"]))
+                image.load()
+            counts[kind] = counts.get(kind, 0) + 1
+            items.append({"image": image, "question": qa["question"], "answer": str(qa["answer"]), "kind": kind,
+                          "small": small_object_question(qa["question"], meta), "key": sample["__key__"]})
+    return items
+
+
+def evaluate_checkpoint(ckpt: str | Path, suites: tuple[str, ...], settings: EvalSettings, max_tiles: int = 1,
+                        thumbnail: bool = False, base_accuracy: float | None = None) -> dict:
+    """The shared evaluator (`synergen_lightning.eval.suites`) on one checkpoint -> flat metrics dict."""
+    import torch
+
+    from synergen_lightning.eval.report import load_system
+    from synergen_lightning.eval.suites import geneval_suite, text_suite, understanding_suite
+
+    torch.manual_seed(settings.seed)
+    model = load_system(ckpt)
+    data = Path(settings.data)
+    out: dict = {}
+    if "und" in suites:
+        items = load_eval_items(str(data / "val" / "shard-*.tar"), settings.und_per_kind)
+        res = understanding_suite(model, items, max_tiles=max_tiles, thumbnail=thumbnail, batch_size=32)
+        out["und"] = res["accuracy"]
+        out.update({f"und_{k}": v for k, v in res["per_kind"].items()})
+        # small-object questions: the same answers, re-scored on the subset (understanding_suite keeps no list)
+        small = [it for it in items if it["small"]]
+        if small:
+            sres = understanding_suite(model, small, max_tiles=max_tiles, thumbnail=thumbnail, batch_size=32)
+            out["und_small"] = sres["accuracy"]
+            out["num_small"] = len(small)
+        out["num_und"] = res["num_items"]
+    if "geneval" in suites:
+        prompts = [json.loads(x) for x in (data / "eval_prompts.jsonl").read_text().splitlines() if x.strip()]
+        res = geneval_suite(model, prompts[: settings.num_geneval], seed=settings.seed, cfg_scale=settings.cfg)
+        out["geneval"] = res["overall"]
+    if "text" in suites:
+        # the base LLM every arm starts from, scored on the same lines (Table 7's Baseline row)
+        res = text_suite(model, data / "text" / "skill_val.jsonl", base_llm=model.hparams.base_llm,
+                         base_accuracy=base_accuracy, max_examples=settings.max_text)
+        out["text"] = res["accuracy"]
+        out["text_base"] = res.get("base_accuracy")
+        if res.get("retention") is not None:
+            out["text_retention"] = res["retention"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------- training
+def run_overrides(run_dir: Path, stage: StageRun, seed: int, steps: int, init_from: Path | None) -> dict:
+    """The per-run YAML layered last: seed, output folders, steps; evaluation happens after the fit, so the
+    tiny recipes' periodic evaluator and sample grids are dropped (their callback list is replaced)."""
+    out = run_dir / stage.name
+    cfg = {
+        "seed_everything": seed,
+        "trainer": {
+            "max_steps": steps,
+            "limit_val_batches": 0,
+            "enable_progress_bar": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                       "init_args": {"save_dir": str(run_dir), "name": stage.name, "version": ""}},
+            "callbacks": [
+                {"class_path": "callbacks.stages.StageCallback", "init_args": {"stage": stage.stage}},
+                {"class_path": "callbacks.stages.FrozenParameterGuard", "init_args": {"every_n_steps": max(1, steps)}},
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(out), "filename": "step-{step}", "save_last": True, "save_top_k": 0,
+                               "enable_version_counter": False}},
+                {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "step"}},
+            ],
+        },
+        "data": {"init_args": {"seed": seed}},
+    }
+    if init_from is not None:
+        cfg["model"] = {"init_args": {"init_from": str(init_from)}}
+    return cfg
+
+
+def fit_command(stage: StageRun, overrides_yaml: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "synergen_lightning.cli", "fit"]
+    for c in stage.configs() + [str(overrides_yaml)]:
+        cmd += ["--config", c]
+    return cmd
+
+
+def _log(msg: str, lock=threading.Lock()) -> None:
+    with lock:
+        print(f"[ablations {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _run(cmd: list[str], log_path: Path) -> float:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # one core per run: two runs share 2 cores
+    t0 = time.time()
+    with open(log_path, "a") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    if rc != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
+        raise RuntimeError(f"command failed (exit {rc}): {' '.join(cmd)}\n--- last lines of {log_path} ---\n{tail}")
+    return time.time() - t0
+
+
+def run_arm_seed(arm: Arm, seed: int, out: Path, quick: bool, settings: EvalSettings) -> dict:
+    """Train (skipping finished stages) and evaluate (skipping finished evaluations) one arm at one seed."""
+    run_dir = out / arm.name / f"seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "log.txt"
+    result = {}
+    for stage in arm.stages:
+        sdir = run_dir / stage.name
+        train_json, ckpt = sdir / "train.json", sdir / "last.ckpt"
+        steps = QUICK_STEPS if quick else stage.steps
+        if not (train_json.is_file() and ckpt.is_file()):
+            if sdir.exists():  # an interrupted fit: start the stage again from its beginning
+                _log(f"{arm.name}/seed{seed}/{stage.name}: unfinished earlier run, retraining from the start")
+                shutil.rmtree(sdir)
+            sdir.mkdir(parents=True)
+            init = run_dir / stage.init_from / "last.ckpt" if stage.init_from else None
+            yaml_path = sdir / "run.yaml"
+            yaml_path.write_text(json.dumps(run_overrides(run_dir, stage, seed, steps, init), indent=1))  # JSON is YAML
+            cmd = fit_command(stage, yaml_path)
+            _log(f"{arm.name}/seed{seed}/{stage.name}: training {steps} steps ({stage.stage})")
+            load0 = os.getloadavg()[0]
+            wall = _run(cmd, log_path)
+            train_json.write_text(json.dumps({"steps": steps, "wall_s": round(wall, 1), "s_per_step": round(wall / steps, 3),
+                                              "loadavg_start": load0, "loadavg_end": os.getloadavg()[0],
+                                              "command": " ".join(cmd[2:]).replace("synergen_lightning.cli ", "synergen ")},
+                                             indent=1))
+        eval_json = sdir / "eval.json"
+        if not eval_json.is_file():
+            _log(f"{arm.name}/seed{seed}/{stage.name}: evaluating {','.join(stage.suites)}")
+            cmd = [sys.executable, "-m", "synergen_lightning.cli", "ablations", "eval", "--ckpt", str(ckpt),
+                   "--suites", ",".join(stage.suites), "--max-tiles", str(stage.max_tiles), "--out", str(eval_json),
+                   "--settings", json.dumps(asdict(settings))] + (["--thumbnail"] if stage.thumbnail else [])
+            _run(cmd, log_path)
+        result[stage.name] = {"train": json.loads(train_json.read_text()), "eval": json.loads(eval_json.read_text())}
+    _log(f"{arm.name}/seed{seed}: done")
+    return result
+
+
+# ------------------------------------------------------------------------------------------- results
+def _mean_sd(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def collect(out: Path, seeds: list[int], arms: list[Arm]) -> dict:
+    """Every finished (arm, seed, stage) under `out` -> {arm: {stage: {seed: {...}}}} (also earlier seeds)."""
+    runs: dict = {}
+    for arm in arms:
+        for seed_dir in sorted((out / arm.name).glob("seed*")):
+            seed = int(seed_dir.name[4:])
+            for stage in arm.stages:
+                t, e = seed_dir / stage.name / "train.json", seed_dir / stage.name / "eval.json"
+                if t.is_file() and e.is_file():
+                    runs.setdefault(arm.name, {}).setdefault(stage.name, {})[str(seed)] = {
+                        "train": json.loads(t.read_text()), "eval": json.loads(e.read_text())}
+    return runs
+
+
+def summarize(runs: dict, metric: str, arm: str, stage: str) -> dict | None:
+    per_seed = {s: r["eval"][metric] for s, r in runs.get(arm, {}).get(stage, {}).items()
+                if r["eval"].get(metric) is not None}
+    if not per_seed:
+        return None
+    mean, sd = _mean_sd(list(per_seed.values()))
+    return {"mean": mean, "sd": sd, "min": min(per_seed.values()), "max": max(per_seed.values()), "n": len(per_seed),
+            "per_seed": per_seed}
+
+
+def _git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "recipes", "synergen_lightning", "datamodules",
+                                "callbacks"], capture_output=True, text=True).stdout.strip()
+        return sha + (" (with uncommitted changes in recipes/ or code)" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def _fmt(s: dict | None, pct: bool = True) -> str:
+    if s is None:
+        return "–"
+    k = 100 if pct else 1
+    txt = f"{k * s['mean']:.1f}"
+    if s["n"] > 1:
+        txt += f" ± {k * s['sd']:.1f} [{k * s['min']:.1f}–{k * s['max']:.1f}]"
+    return txt
+
+
+def _paper(row: dict, col: str) -> str:
+    return f"{row[col]:.1f}" if col in row else "–"
+
+
+def quiet_estimate(train: dict, cores: int = 2) -> float:
+    """Seconds a 1-thread run would take on a quiet machine: under a load average L on `cores` cores a
+    1-thread process gets about min(1, cores / L) of a core (a rough model; the doc says so)."""
+    load = max(1.0, (train["loadavg_start"] + train["loadavg_end"]) / 2)
+    return train["wall_s"] * min(1.0, cores / load)
+
+
+def verdicts(runs: dict) -> list[str]:
+    """Plain statements of whether the miniature shows the paper's effects (differences of seed means)."""
+    lines = []
+    for metric, what in (("und_text", "tiny characters (`text`)"), ("und_small", "small objects"), ("und", "all Q/A")):
+        on, off = summarize(runs, metric, "fold_on", "und"), summarize(runs, metric, "fold_off", "und")
+        if on and off:
+            d = 100 * (on["mean"] - off["mean"])
+            pairs = [100 * (on["per_seed"][s] - off["per_seed"][s]) for s in on["per_seed"] if s in off["per_seed"]]
+            lines.append(f"- Folding, {what}: {'+' if d >= 0 else ''}{d:.1f} points with folding "
+                         f"(per seed: {', '.join(f'{p:+.1f}' for p in pairs)}).")
+    full, prog = summarize(runs, "text_retention", "full", "s2"), summarize(runs, "text_retention", "progressive", "s2")
+    if full and prog:
+        lines.append(f"- Text skill kept after S.1 + S.2: full tuning {100 * full['mean']:.0f}% of the base LLM's, "
+                     f"progressive {100 * prog['mean']:.0f}% (paper, MMLU: 55% vs 93%).")
+    s1 = summarize(runs, "text_retention", "progressive", "s1")
+    if s1:
+        lines.append(f"- Progressive S.1 only keeps {100 * s1['mean']:.0f}% of the text skill (paper: 100%, the LLM is frozen).")
+    return lines
+
+
+def render_markdown(results: dict) -> str:
+    runs, meta = results["runs"], results["meta"]
+    L = ["# The paper's ablations in miniature (Tables 6 and 7)", "",
+         "Written by `synergen ablations run` (`make ablations`) from `runs/ablations/results.json`; do not edit the",
+         f"tables by hand (the notes section below is kept). Commit {meta['git_commit']}, {meta['date']}.",
+         f"Mode: {'QUICK (a few steps per arm: a pipeline check, not a result)' if meta['quick'] else 'full'};"
+         f" seeds {meta['seeds_found']}; machine: {meta['cpus']} CPUs, load average {meta['loadavg']}"
+         f" ({'LOADED: other jobs shared the cores, times are inflated' if meta['loaded'] else 'quiet'}).", "",
+         "Figures are % exact match (understanding, text skill) or GenEval overall x 100, as mean ± sample sd"
+         " [min–max] over seeds; one number = one seed. Paper figures are the paper's benchmarks (different tasks,"
+         " Qwen2-0.5B scale): compare the direction and size of each effect, not the values.", "",
+         "## Table 6: token folding at equal context", "",
+         "Both arms: the tiny stage-2 recipe from the base LLM (no stage 1), understanding data only (captions + Q/A,"
+         f" batch 32), {FOLD_STEPS} steps (the paper: a subset of the S.2 understanding data), zero-shot val Q/A.", "",
+         "| model | LLM tokens / image | Q/A all | tiny characters | small objects | count | colour | shape |"
+         " paper TextVQA | paper DocVQA | paper ChartQA | paper GQA |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for study, label, arm, stage, paper in ROWS:
+        if study != "folding":
+            continue
+        st = ARM_BY_NAME[arm].stages[0]
+        L.append(f"| {label} | {st.image_tokens} | " + " | ".join(_fmt(summarize(runs, m, arm, stage)) for m in
+                 ("und", "und_text", "und_small", "und_count", "und_color", "und_shape"))
+                 + " | " + " | ".join(_paper(paper, c) for c in ("TextVQA", "DocVQA", "ChartQA", "GQA")) + " |")
+    L += ["", "## Table 7: progressive alignment against full tuning", "",
+          f"No folding, one 64-px view (64 LLM tokens) in both stages. S.1 = the tiny stage-1 recipe ({S1_STEPS} steps),"
+          f" S.2 = the tiny stage-2 recipe ({S2_STEPS} steps), same data / lr / schedule in both strategies; only the"
+          " trainable set differs (Full: every parameter; Progressive: image-specific, then + self-attention).", "",
+          "| stage | strategy | Q/A all | tiny characters | GenEval | text skill | text kept |"
+          " paper GQA | paper TextVQA | paper AI2D | paper MMLU | paper CMMLU | paper MSCOCO FID ↓ |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for study, label, arm, stage, paper in ROWS:
+        if study != "progressive":
+            continue
+        stage_lbl, _, strat = label.partition(", ")
+        if not arm:
+            base = summarize({"b": {"b": {s: {"eval": {"text": v}} for s, v in meta.get("text_base", {}).items()}}},
+                             "text", "b", "b")
+            ours = ["–", "–", "–", _fmt(base), "100"]
+        else:
+            ours = [_fmt(summarize(runs, m, arm, stage)) for m in ("und", "und_text", "geneval", "text", "text_retention")]
+        L.append(f"| {stage_lbl} | {strat or '–'} | " + " | ".join(ours) + " | "
+                 + " | ".join(_paper(paper, c) for c in ("GQA", "TextVQA", "AI2D", "MMLU", "CMMLU", "MSCOCO FID")) + " |")
+    L += ["", "## What the miniature shows", ""] + (verdicts(runs) or ["- (no finished arm yet)"])
+    L += ["", "## Arms, commands and run time", "",
+          "| arm | stage | what trains | steps | seeds | wall s / run (measured) | s / step | quiet-machine estimate s |",
+          "|---|---|---|---|---|---|---|---|"]
+    for arm in ARMS:
+        for st in arm.stages:
+            got = runs.get(arm.name, {}).get(st.name, {})
+            if not got:
+                continue
+            trains = [r["train"] for r in got.values()]
+            wall = statistics.fmean(t["wall_s"] for t in trains)
+            L.append(f"| {arm.name} | {st.name} | {st.stage} | {trains[0]['steps']} | {len(trains)} | {wall:.0f} | "
+                     f"{statistics.fmean(t['s_per_step'] for t in trains):.2f} | "
+                     f"{statistics.fmean(quiet_estimate(t, meta['cpus']) for t in trains):.0f} |")
+    L += ["", "Arms: " + "; ".join(f"`{a.name}`: {a.description}" for a in ARMS) + ".", "",
+          "Every fit is `synergen fit --config <tiny recipe> --config recipes/ablations/<override>.yaml ..."
+          " --config runs/ablations/<arm>/seed<k>/<stage>/run.yaml` (the last file: seed, output folders, steps);"
+          " one example per arm and stage:", "", "```bash"]
+    for arm in ARMS:
+        for st in arm.stages:
+            got = runs.get(arm.name, {}).get(st.name, {})
+            if got:
+                L.append(next(iter(got.values()))["train"]["command"])
+    L += ["```", "", f"Whole run: `{meta['command']}`; total wall time {meta['wall_s']:.0f} s"
+          f" ({meta['jobs']} runs at a time, one torch thread each). Evaluation (same for every arm):"
+          f" `{json.dumps(meta['eval_settings'])}`; understanding views as each arm trained.", ""]
+    return "\n".join(L)
+
+
+def write_doc(path: Path, results: dict) -> None:
+    """Rewrite the generated part of `path`, keeping a hand-written notes section between the markers."""
+    notes = f"{NOTES_BEGIN}\n## Notes\n\n(none yet)\n{NOTES_END}"
+    if path.is_file():
+        old = path.read_text()
+        if NOTES_BEGIN in old and NOTES_END in old:
+            notes = old[old.index(NOTES_BEGIN): old.index(NOTES_END) + len(NOTES_END)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_markdown(results) + "\n" + notes + "\n")
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def run(seeds: list[int], only: str | None, quick: bool, out: Path, doc: Path, jobs: int, command: str) -> dict:
+    for need in ("data/tiny/val", "data/tiny/eval_prompts.jsonl"):
+        if not Path(need).exists():
+            raise FileNotFoundError(f"ablations: {need} is missing; run `make data` first (the shape world)")
+    arms = [a for a in ARMS if only in (None, a.study)]
+    settings = QUICK_EVAL if quick else EvalSettings()
+    t0, load0 = time.time(), os.getloadavg()
+    # longest arms first, so two workers finish together
+    work = sorted(((a, s) for s in seeds for a in arms), key=lambda x: -sum(st.steps for st in x[0].stages))
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(run_arm_seed, a, s, out, quick, settings) for a, s in work]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        raise errors[0]
+    return write_results(out, doc, quick=quick, jobs=jobs, command=command, wall_s=time.time() - t0,
+                         loadavg=[round(x, 2) for x in (load0[0], os.getloadavg()[0])], settings=settings)
+
+
+def write_results(out: Path, doc: Path, quick: bool, jobs: int, command: str, wall_s: float, loadavg: list,
+                  settings: EvalSettings) -> dict:
+    runs = collect(out, [], list(ARMS))
+    seeds_found = sorted({int(s) for a in runs.values() for st in a.values() for s in st})
+    text_base = {s: r["eval"]["text_base"] for a in runs.values() for st in a.values() for s, r in st.items()
+                 if r["eval"].get("text_base") is not None}
+    cpus = os.cpu_count() or 1
+    meta = {"git_commit": _git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": quick,
+            "seeds_found": seeds_found, "cpus": cpus, "loadavg": loadavg, "loaded": max(loadavg) > jobs + 0.5,
+            "jobs": jobs, "command": command, "wall_s": wall_s, "eval_settings": asdict(settings), "text_base": text_base}
+    results = {"meta": meta, "runs": runs,
+               "summary": {f"{arm}/{stage}": {m: summarize(runs, m, arm, stage) for m in
+                                              ("und", "und_text", "und_small", "geneval", "text", "text_retention")}
+                           for _, _, arm, stage, _ in ROWS if arm}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_doc(doc, results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="synergen ablations", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("run", help="train and evaluate the arms (finished ones are skipped), write results + doc")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every arm (default: 0 1 2)")
+    p.add_argument("--only", choices=STUDIES, help="one study: folding (Table 6) or progressive (Table 7)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"{QUICK_STEPS} steps per stage and a tiny evaluation: checks the pipeline end to end")
+    p.add_argument("--out", type=Path, default=None, help="runs folder (default: runs/ablations; --quick: runs/ablations_quick)")
+    p.add_argument("--doc", type=Path, default=None, help="markdown table (default: docs/ablations.md; --quick: OUT/ablations.md)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each (default 2: one per core)")
+    e = sub.add_parser("eval", help="evaluate one checkpoint with the ablation settings -> a JSON file")
+    e.add_argument("--ckpt", required=True)
+    e.add_argument("--suites", default="und,geneval,text", help="comma-separated: und, geneval, text")
+    e.add_argument("--max-tiles", type=int, default=1)
+    e.add_argument("--thumbnail", action="store_true")
+    e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--settings", default="{}", help="EvalSettings fields as JSON")
+    t = sub.add_parser("table", help="rewrite results.json and the doc from the finished runs (no training)")
+    t.add_argument("--out", type=Path, default=Path("runs/ablations"))
+    t.add_argument("--doc", type=Path, default=Path("docs/ablations.md"))
+    a = parser.parse_args(argv)
+    if a.cmd == "eval":
+        import torch
+
+        torch.set_num_threads(1)
+        suites = tuple(s for s in a.suites.split(",") if s)
+        bad = [s for s in suites if s not in ("und", "geneval", "text")]
+        if bad:
+            parser.error(f"--suites {a.suites!r}: unknown {bad}; use und, geneval, text")
+        if not Path(a.ckpt).is_file():
+            parser.error(f"--ckpt {a.ckpt!r} does not exist")
+        res = evaluate_checkpoint(a.ckpt, suites, EvalSettings(**json.loads(a.settings)), a.max_tiles, a.thumbnail)
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = a.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=1))
+        tmp.replace(a.out)  # atomic: a half-written eval never counts as finished
+        print(json.dumps(res))
+        return 0
+    if a.cmd == "table":
+        old = json.loads((a.out / "results.json").read_text())["meta"] if (a.out / "results.json").is_file() else {}
+        write_results(a.out, a.doc, quick=old.get("quick", False), jobs=old.get("jobs", 2), command=old.get("command", "?"),
+                      wall_s=old.get("wall_s", 0.0), loadavg=old.get("loadavg", [0.0]),
+                      settings=EvalSettings(**old["eval_settings"]) if "eval_settings" in old else EvalSettings())
+        print(f"wrote {a.out / 'results.json'} and {a.doc}")
+        return 0
+    if any(s < 0 for s in a.seeds):
+        parser.error(f"--seeds {a.seeds}: seeds must be >= 0")
+    out = a.out or Path("runs/ablations_quick" if a.quick else "runs/ablations")
+    doc = a.doc or (out / "ablations.md" if a.quick else Path("docs/ablations.md"))
+    command = "synergen ablations " + " ".join(argv if argv is not None else sys.argv[1:])
+    res = run(a.seeds, a.only, a.quick, out, doc, a.jobs, command)
+    print("\n".join(verdicts(res["runs"])))
+    print(f"wrote {out / 'results.json'} and {doc}")
+    return 0
