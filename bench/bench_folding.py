@@ -32,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     TooLarge,
     check_fits,
+    decoder_params,
+    train_flops,
     interleaved,
     load_average,
     machine_info,
@@ -54,6 +56,34 @@ FULL = dict(hidden_size=256, num_layers=8, num_heads=4, num_kv_heads=2, intermed
 QUICK = dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128, head_layers=1,
              codebook_size=256, grid=16, fold=(2, 8), batch_size=1, prompt_len=8)
 TARGETS = {"train_speedup": 10.0, "generate_speedup": 8.0, "cfg_cost_max": 2.1}
+# the paper's model (InternLM2-1.8B trunk, 4-layer head of the same width, Emu3 codes): FLOP ratios only
+PAPER_2B = dict(hidden_size=2048, num_layers=24, num_heads=16, num_kv_heads=8, intermediate_size=8192, head_layers=4,
+                codebook_size=32768, grid=64, fold=(2, 8), batch_size=1, prompt_len=16, text_vocab=92547)
+
+
+def analytic_flops(c: dict) -> dict:
+    """Model FLOPs of one image, both sides: a training step (fwd+bwd) and generation (forward, KV-cached).
+
+    The folded side pays the LLM on P = hw/(mn) tokens but the head on all hw codes (head_layers blocks of
+    the LLM's width + a codebook classifier per code); the unfolded side pays the LLM (and a text+code
+    classifier) on all hw codes. Their ratio bounds the speed-up a compute-bound machine can show."""
+    cfg = llm_config(c)
+    v_text = c.get("text_vocab", TEXT_VOCAB)
+    b, hw, (m, n) = c["batch_size"], c["grid"] ** 2, tuple(c["fold"])
+    p, d, k = hw // (m * n), cfg.hidden_size, c["codebook_size"]
+    head = LLMConfig(**{**vars(cfg), "num_layers": c["head_layers"], "vocab_size": k})
+    t_fold, t_unf = c["prompt_len"] + 3 + p, c["prompt_len"] + 3 + hw
+    folder_w = m * n * d * d + d * d  # TokenFolder MLP (code_dim = width), + head.cond_proj below
+    train_folded = (train_flops(cfg, b, t_fold, vocab_out=v_text, logits_rows=b)
+                    + train_flops(head, b * p, m * n, vocab_out=k) + 6 * (folder_w + d * d) * b * p)
+    train_unfolded = train_flops(cfg, b, t_unf, vocab_out=v_text + k, logits_rows=b * (hw + 1))
+    attn = 4 * cfg.head_dim * cfg.num_heads  # QK^T + AV FLOPs per (query, key) pair per layer
+    gen_unfolded = 2 * (decoder_params(cfg) * cfg.num_layers + d * (v_text + k)) * hw + attn * cfg.num_layers * hw * hw / 2
+    gen_folded = (2 * decoder_params(cfg) * cfg.num_layers * p + attn * cfg.num_layers * p * p / 2
+                  + 2 * (decoder_params(head) * head.num_layers + d * k) * hw + 2 * (folder_w + d * d) * p)
+    return {"train": {"folded": train_folded, "unfolded": train_unfolded, "ratio": train_unfolded / train_folded},
+            "generate": {"folded": gen_folded, "unfolded": gen_unfolded, "ratio": gen_unfolded / gen_folded},
+            "head_share_of_folded_train": (train_flops(head, b * p, m * n, vocab_out=k)) / train_folded}
 
 
 def llm_config(c: dict) -> LLMConfig:
@@ -170,7 +200,10 @@ def bench_train(c: dict, repeats: int, warmup: int) -> dict:
     for name in timed:
         timed[name]["image_codes_per_s"] = codes / timed[name]["median_s"]
     r = ratio(timed, "unfolded", "folded")
+    flops = analytic_flops(c)
     return {"timed": timed, "speedup": r, "target": TARGETS["train_speedup"], "met": r["median"] >= TARGETS["train_speedup"],
+            "flops_per_image": flops["train"], "flops_ratio_paper_2b": analytic_flops(PAPER_2B)["train"]["ratio"],
+            "head_share_of_folded_flops": flops["head_share_of_folded_train"],
             "llm_tokens_per_image": {"folded": folded.tokens_per_view, "unfolded": c["grid"] ** 2},
             "params": {"folded_total": sum(p.numel() for p in folded.parameters()),
                        "unfolded_total": sum(p.numel() for p in unfolded.parameters())}}
@@ -195,6 +228,8 @@ def bench_generate(c: dict, repeats: int, warmup: int, cfg_scale: float = 7.5) -
             "met": {"speedup": speed["median"] >= TARGETS["generate_speedup"],
                     "cfg_cost": cfg_cost["median"] <= TARGETS["cfg_cost_max"]},
             "llm_steps_per_image": {"folded": folded.tokens_per_view, "unfolded": c["grid"] ** 2},
+            "flops_per_image": analytic_flops(c)["generate"],
+            "flops_ratio_paper_2b": analytic_flops(PAPER_2B)["generate"]["ratio"],
             "head_steps_per_image": c["grid"] ** 2}
 
 

@@ -65,10 +65,15 @@ def sync(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-def stats(times: list[float]) -> dict:
+def stats(times: list[float], cpu_times: list[float] | None = None) -> dict:
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "iqr_s": q[2] - q[0],
-            "repeats": len(times), "times_s": times}
+    out = {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "iqr_s": q[2] - q[0],
+           "repeats": len(times), "times_s": times}
+    if cpu_times:
+        # CPU seconds of this process: at one thread, the work done, barely inflated by other processes' load
+        out["cpu_median_s"] = statistics.median(cpu_times)
+        out["cpu_times_s"] = cpu_times
+    return out
 
 
 def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
@@ -78,20 +83,26 @@ def interleaved(variants: dict[str, Callable[[], object]], repeats: int, warmup:
         for fn in variants.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
+    cpu: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             sync(device)
             times[name].append(time.perf_counter() - t0)
-    return {k: stats(v) for k, v in times.items()}
+            cpu[name].append(time.process_time() - c0)
+    return {k: stats(v, cpu[k]) for k, v in times.items()}
 
 
 def ratio(timed: dict[str, dict], slow: str, fast: str) -> dict:
-    """slow/fast time ratio (a speed-up when > 1): of medians, and of the least-disturbed (min) repeats."""
-    return {"median": timed[slow]["median_s"] / timed[fast]["median_s"],
-            "of_min": timed[slow]["min_s"] / timed[fast]["min_s"]}
+    """slow/fast time ratio (a speed-up when > 1): of wall-time medians (the headline), of the least-disturbed
+    (min) repeats, and of process CPU-time medians (the least load-sensitive at one thread)."""
+    out = {"median": timed[slow]["median_s"] / timed[fast]["median_s"],
+           "of_min": timed[slow]["min_s"] / timed[fast]["min_s"]}
+    if timed[slow].get("cpu_median_s") and timed[fast].get("cpu_median_s"):
+        out["of_cpu_time"] = timed[slow]["cpu_median_s"] / timed[fast]["cpu_median_s"]
+    return out
 
 
 def set_threads(threads: int) -> None:

@@ -97,14 +97,18 @@ def table_rows(results: dict) -> list[dict]:
         t = f["train"]
         add("folding", "train image codes/s, folded vs unfolded", t["speedup"]["median"], "x", f">= {t['target']}",
             t["met"], f"{t['timed']['folded']['image_codes_per_s']:.0f} vs {t['timed']['unfolded']['image_codes_per_s']:.0f} "
-                      f"codes/s; of min {t['speedup']['of_min']:.2f}x")
+                      f"codes/s; of min {t['speedup']['of_min']:.2f}x, CPU time {t['speedup'].get('of_cpu_time', float('nan')):.2f}x; "
+                      f"FLOP ratio {t['flops_per_image']['ratio']:.2f}x (paper 2B: {t['flops_ratio_paper_2b']:.2f}x)")
     if "speedup" in f.get("generate", {}):
         g = f["generate"]
         add("folding", "generate one image, unfolded / folded time", g["speedup"]["median"], "x",
             f">= {g['targets']['speedup']}", g["met"]["speedup"],
-            f"{g['timed']['folded']['median_s']:.2f} s vs {g['timed']['unfolded']['median_s']:.2f} s")
+            f"{g['timed']['folded']['median_s']:.2f} s vs {g['timed']['unfolded']['median_s']:.2f} s; CPU time "
+            f"{g['speedup'].get('of_cpu_time', float('nan')):.2f}x; FLOP ratio {g['flops_per_image']['ratio']:.2f}x "
+            f"(paper 2B: {g['flops_ratio_paper_2b']:.2f}x)")
         add("folding", f"CFG cost (scale {g['cfg_scale']}), with / without", g["cfg_cost"]["median"], "x",
-            f"<= {g['targets']['cfg_cost_max']}", g["met"]["cfg_cost"], "one batched pass (cond + uncond rows)")
+            f"<= {g['targets']['cfg_cost_max']}", g["met"]["cfg_cost"],
+            f"one batched pass (cond + uncond rows); CPU time {g['cfg_cost'].get('of_cpu_time', float('nan')):.2f}x")
     mem = f.get("memory", {})
     for k, v in (mem.get("step_peak_mib") or {}).items():
         add("folding", f"peak step memory: {k.replace('_', ' ')}", v, "MiB", note="RSS above the pre-step level")
@@ -112,7 +116,8 @@ def table_rows(results: dict) -> list[dict]:
     if "mfu" in m:
         add("mfu", f"CPU MFU, width {m['config']['hidden_size']} x {m['config']['num_layers']} layers, "
                    f"{m['config']['batch_size'] * m['config']['seq_len']} tokens", m["mfu"], "fraction",
-            f">= {m['target']}", m["met"], f"{m['model_gflops_per_s']:.1f} vs GEMM peak {m['peak_gflops_per_s']:.1f} GFLOP/s")
+            f">= {m['target']}", m["met"], f"{m['model_gflops_per_s']:.1f} vs GEMM peak {m['peak_gflops_per_s']:.1f} GFLOP/s "
+            f"(GEMM {'x'.join(map(str, m['peak_gemm']))}); of min {m['mfu_of_min']:.1%}")
     gm = results.get("gpu_mfu", {}).get("gpu", {})
     if "mfu" in gm:
         add("gpu_mfu", "GPU MFU, reduced-depth 2B, bf16 FSDP2 + compile", gm["mfu"], "fraction", f">= {gm['target']}", gm["met"])
@@ -122,7 +127,7 @@ def table_rows(results: dict) -> list[dict]:
     for k, v in (mm.get("ratios") or {}).items():
         tgt = mm["targets"].get(k)
         add("mmoe", k.replace("_", " "), v, "x", f"<= {tgt}", v <= tgt if tgt else None,
-            f"of min {mm['ratios_of_min'][k]:.3f}x")
+            f"of min {mm['ratios_of_min'][k]:.3f}x, CPU time {(mm.get('ratios_of_cpu_time') or {}).get(k) or float('nan'):.3f}x")
     d = results.get("data", {}).get("throughput", {})
     if "pretokenized_64x64" in d:
         r = d["pretokenized_64x64"]
