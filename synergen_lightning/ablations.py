@@ -251,20 +251,26 @@ def _log(msg: str, lock=threading.Lock()) -> None:
         print(f"[ablations {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def _run(cmd: list[str], log_path: Path) -> float:
+def _run(cmd: list[str], log_path: Path, usage: dict | None = None) -> float:
+    """Run `cmd` (output appended to log_path); wall seconds. `usage` receives the CPU seconds of the run and its
+    waited-for children (user + sys): on a loaded machine that, not the wall time, is what a quiet run costs."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # one core per run: two runs share 2 cores
     t0 = time.time()
     with open(log_path, "a") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, ru = os.wait4(proc.pid, 0)
+        proc.returncode = rc = os.waitstatus_to_exitcode(status)
+    if usage is not None:
+        usage["cpu_s"] = round(ru.ru_utime + ru.ru_stime, 1)
     if rc != 0:
         tail = "".join(log_path.read_text().splitlines(keepends=True)[-25:])
         raise RuntimeError(f"command failed (exit {rc}): {' '.join(cmd)}\n--- last lines of {log_path} ---\n{tail}")
     return time.time() - t0
 
 
-def run_arm_seed(arm: Arm, seed: int, out: Path, quick: bool, settings: EvalSettings) -> dict:
+def run_arm_seed(arm: Arm, seed: int, out: Path, quick: bool, settings: EvalSettings, steps_scale: float = 1.0) -> dict:
     """Train (skipping finished stages) and evaluate (skipping finished evaluations) one arm at one seed."""
     run_dir = out / arm.name / f"seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -273,7 +279,7 @@ def run_arm_seed(arm: Arm, seed: int, out: Path, quick: bool, settings: EvalSett
     for stage in arm.stages:
         sdir = run_dir / stage.name
         train_json, ckpt = sdir / "train.json", sdir / "last.ckpt"
-        steps = QUICK_STEPS if quick else stage.steps
+        steps = QUICK_STEPS if quick else max(1, round(stage.steps * steps_scale))
         if not (train_json.is_file() and ckpt.is_file()):
             if sdir.exists():  # an interrupted fit: start the stage again from its beginning
                 _log(f"{arm.name}/seed{seed}/{stage.name}: unfinished earlier run, retraining from the start")
@@ -284,9 +290,10 @@ def run_arm_seed(arm: Arm, seed: int, out: Path, quick: bool, settings: EvalSett
             yaml_path.write_text(json.dumps(run_overrides(run_dir, stage, seed, steps, init), indent=1))  # JSON is YAML
             cmd = fit_command(stage, yaml_path)
             _log(f"{arm.name}/seed{seed}/{stage.name}: training {steps} steps ({stage.stage})")
-            load0 = os.getloadavg()[0]
-            wall = _run(cmd, log_path)
+            load0, usage = os.getloadavg()[0], {}
+            wall = _run(cmd, log_path, usage)
             train_json.write_text(json.dumps({"steps": steps, "wall_s": round(wall, 1), "s_per_step": round(wall / steps, 3),
+                                              "cpu_s": usage.get("cpu_s"),
                                               "loadavg_start": load0, "loadavg_end": os.getloadavg()[0],
                                               "command": " ".join(cmd[2:]).replace("synergen_lightning.cli ", "synergen ")},
                                              indent=1))
@@ -296,7 +303,9 @@ def run_arm_seed(arm: Arm, seed: int, out: Path, quick: bool, settings: EvalSett
             cmd = [sys.executable, "-m", "synergen_lightning.cli", "ablations", "eval", "--ckpt", str(ckpt),
                    "--suites", ",".join(stage.suites), "--max-tiles", str(stage.max_tiles), "--out", str(eval_json),
                    "--settings", json.dumps(asdict(settings))] + (["--thumbnail"] if stage.thumbnail else [])
-            _run(cmd, log_path)
+            usage = {}
+            wall = _run(cmd, log_path, usage)
+            (sdir / "eval_cost.json").write_text(json.dumps({"wall_s": round(wall, 1), "cpu_s": usage.get("cpu_s")}))
         result[stage.name] = {"train": json.loads(train_json.read_text()), "eval": json.loads(eval_json.read_text())}
     _log(f"{arm.name}/seed{seed}: done")
     return result
@@ -316,8 +325,10 @@ def collect(out: Path, seeds: list[int], arms: list[Arm]) -> dict:
             for stage in arm.stages:
                 t, e = seed_dir / stage.name / "train.json", seed_dir / stage.name / "eval.json"
                 if t.is_file() and e.is_file():
+                    c = seed_dir / stage.name / "eval_cost.json"
                     runs.setdefault(arm.name, {}).setdefault(stage.name, {})[str(seed)] = {
-                        "train": json.loads(t.read_text()), "eval": json.loads(e.read_text())}
+                        "train": json.loads(t.read_text()), "eval": json.loads(e.read_text()),
+                        "eval_cost": json.loads(c.read_text()) if c.is_file() else None}
     return runs
 
 
@@ -356,8 +367,11 @@ def _paper(row: dict, col: str) -> str:
 
 
 def quiet_estimate(train: dict, cores: int = 2) -> float:
-    """Seconds a 1-thread run would take on a quiet machine: under a load average L on `cores` cores a
-    1-thread process gets about min(1, cores / L) of a core (a rough model; the doc says so)."""
+    """Seconds a 1-thread run would take on a quiet machine: its CPU seconds when measured (a 1-thread run on a
+    free core takes about its CPU time); else under a load average L on `cores` cores a 1-thread process gets
+    about min(1, cores / L) of a core (a rough model; the doc says which)."""
+    if train.get("cpu_s"):
+        return float(train["cpu_s"])
     load = max(1.0, (train["loadavg_start"] + train["loadavg_end"]) / 2)
     return train["wall_s"] * min(1.0, cores / load)
 
@@ -382,6 +396,12 @@ def verdicts(runs: dict) -> list[str]:
     return lines
 
 
+def _steps(runs: dict, arm: str, stage: str, default: int) -> str:
+    """Steps the finished runs of an arm's stage took (the recipe default when none has finished)."""
+    got = sorted({r["train"]["steps"] for r in runs.get(arm, {}).get(stage, {}).values()})
+    return "/".join(map(str, got)) if got else str(default)
+
+
 def render_markdown(results: dict) -> str:
     runs, meta = results["runs"], results["meta"]
     L = ["# The paper's ablations in miniature (Tables 6 and 7)", "",
@@ -395,7 +415,7 @@ def render_markdown(results: dict) -> str:
          " Qwen2-0.5B scale): compare the direction and size of each effect, not the values.", "",
          "## Table 6: token folding at equal context", "",
          "Both arms: the tiny stage-2 recipe from the base LLM (no stage 1), understanding data only (captions + Q/A,"
-         f" batch 32), {FOLD_STEPS} steps (the paper: a subset of the S.2 understanding data), zero-shot val Q/A.", "",
+         f" batch 32), {_steps(runs, 'fold_off', 'und', FOLD_STEPS)} steps (the paper: a subset of the S.2 understanding data), zero-shot val Q/A.", "",
          "| model | LLM tokens / image | Q/A all | tiny characters | small objects | count | colour | shape |"
          " paper TextVQA | paper DocVQA | paper ChartQA | paper GQA |",
          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -407,8 +427,8 @@ def render_markdown(results: dict) -> str:
                  ("und", "und_text", "und_small", "und_count", "und_color", "und_shape"))
                  + " | " + " | ".join(_paper(paper, c) for c in ("TextVQA", "DocVQA", "ChartQA", "GQA")) + " |")
     L += ["", "## Table 7: progressive alignment against full tuning", "",
-          f"No folding, one 64-px view (64 LLM tokens) in both stages. S.1 = the tiny stage-1 recipe ({S1_STEPS} steps),"
-          f" S.2 = the tiny stage-2 recipe ({S2_STEPS} steps), same data / lr / schedule in both strategies; only the"
+          f"No folding, one 64-px view (64 LLM tokens) in both stages. S.1 = the tiny stage-1 recipe ({_steps(runs, 'progressive', 's1', S1_STEPS)} steps),"
+          f" S.2 = the tiny stage-2 recipe ({_steps(runs, 'progressive', 's2', S2_STEPS)} steps), same data / lr / schedule in both strategies; only the"
           " trainable set differs (Full: every parameter; Progressive: image-specific, then + self-attention).", "",
           "| stage | strategy | Q/A all | tiny characters | GenEval | text skill | text kept |"
           " paper GQA | paper TextVQA | paper AI2D | paper MMLU | paper CMMLU | paper MSCOCO FID ↓ |",
@@ -427,18 +447,32 @@ def render_markdown(results: dict) -> str:
                  + " | ".join(_paper(paper, c) for c in ("GQA", "TextVQA", "AI2D", "MMLU", "CMMLU", "MSCOCO FID")) + " |")
     L += ["", "## What the miniature shows", ""] + (verdicts(runs) or ["- (no finished arm yet)"])
     L += ["", "## Arms, commands and run time", "",
-          "| arm | stage | what trains | steps | seeds | wall s / run (measured) | s / step | quiet-machine estimate s |",
-          "|---|---|---|---|---|---|---|---|"]
+          "| arm | stage | what trains | steps | seeds | fit wall s (measured) | s / step | fit quiet estimate s |"
+          " eval wall s | eval quiet estimate s |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
+    total, complete = 0.0, True
     for arm in ARMS:
         for st in arm.stages:
             got = runs.get(arm.name, {}).get(st.name, {})
             if not got:
+                complete = False
                 continue
             trains = [r["train"] for r in got.values()]
+            costs = [r["eval_cost"] for r in got.values() if r.get("eval_cost")]
             wall = statistics.fmean(t["wall_s"] for t in trains)
+            q_fit = statistics.fmean(quiet_estimate(t, meta["cpus"]) for t in trains)
+            ev_wall = statistics.fmean(c["wall_s"] for c in costs) if costs else None
+            q_ev = statistics.fmean(c["cpu_s"] or c["wall_s"] for c in costs) if costs else None
+            # make ablations: the recipe's steps (the fit cost scales with steps), 3 seeds
+            total += 3 * (q_fit * st.steps / trains[0]["steps"] + (q_ev or 0.0))
             L.append(f"| {arm.name} | {st.name} | {st.stage} | {trains[0]['steps']} | {len(trains)} | {wall:.0f} | "
-                     f"{statistics.fmean(t['s_per_step'] for t in trains):.2f} | "
-                     f"{statistics.fmean(quiet_estimate(t, meta['cpus']) for t in trains):.0f} |")
+                     f"{statistics.fmean(t['s_per_step'] for t in trains):.2f} | {q_fit:.0f} | "
+                     f"{'–' if ev_wall is None else f'{ev_wall:.0f}'} | {'–' if q_ev is None else f'{q_ev:.0f}'} |")
+    measured_cpu = any(r["train"].get("cpu_s") for a in runs.values() for st in a.values() for r in st.values())
+    L += ["", ("Quiet estimates are the runs' CPU seconds (user + sys, the fit and its data worker)" if measured_cpu else
+               "Quiet estimates scale the wall time by min(1, cores / load average) (no CPU time recorded)")
+          + f". Estimated `make ablations` on a quiet 2-core machine (3 seeds, every stage at its recipe steps,"
+          f" 2 runs at a time): {total / 2 / 60:.0f} min" + ("" if complete else " (from the arms finished so far)") + "."]
     L += ["", "Arms: " + "; ".join(f"`{a.name}`: {a.description}" for a in ARMS) + ".", "",
           "Every fit is `synergen fit --config <tiny recipe> --config recipes/ablations/<override>.yaml ..."
           " --config runs/ablations/<arm>/seed<k>/<stage>/run.yaml` (the last file: seed, output folders, steps);"
@@ -466,7 +500,8 @@ def write_doc(path: Path, results: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------- CLI
-def run(seeds: list[int], only: str | None, quick: bool, out: Path, doc: Path, jobs: int, command: str) -> dict:
+def run(seeds: list[int], only: str | None, quick: bool, out: Path, doc: Path, jobs: int, command: str,
+        steps_scale: float = 1.0) -> dict:
     for need in ("data/tiny/val", "data/tiny/eval_prompts.jsonl"):
         if not Path(need).exists():
             raise FileNotFoundError(f"ablations: {need} is missing; run `make data` first (the shape world)")
@@ -476,7 +511,7 @@ def run(seeds: list[int], only: str | None, quick: bool, out: Path, doc: Path, j
     # longest arms first, so two workers finish together
     work = sorted(((a, s) for s in seeds for a in arms), key=lambda x: -sum(st.steps for st in x[0].stages))
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futures = [pool.submit(run_arm_seed, a, s, out, quick, settings) for a, s in work]
+        futures = [pool.submit(run_arm_seed, a, s, out, quick, settings, steps_scale) for a, s in work]
         errors = [f.exception() for f in futures if f.exception() is not None]
     if errors:
         raise errors[0]
@@ -515,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="runs folder (default: runs/ablations; --quick: runs/ablations_quick)")
     p.add_argument("--doc", type=Path, default=None, help="markdown table (default: docs/ablations.md; --quick: OUT/ablations.md)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each (default 2: one per core)")
+    p.add_argument("--steps-scale", type=float, default=1.0,
+                   help="multiply every stage's steps (e.g. 0.5 on a loaded machine); the table reports the steps run")
     e = sub.add_parser("eval", help="evaluate one checkpoint with the ablation settings -> a JSON file")
     e.add_argument("--ckpt", required=True)
     e.add_argument("--suites", default="und,geneval,text", help="comma-separated: und, geneval, text")
@@ -555,7 +592,9 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out or Path("runs/ablations_quick" if a.quick else "runs/ablations")
     doc = a.doc or (out / "ablations.md" if a.quick else Path("docs/ablations.md"))
     command = "synergen ablations " + " ".join(argv if argv is not None else sys.argv[1:])
-    res = run(a.seeds, a.only, a.quick, out, doc, a.jobs, command)
+    if a.steps_scale <= 0:
+        parser.error(f"--steps-scale {a.steps_scale}: must be > 0")
+    res = run(a.seeds, a.only, a.quick, out, doc, a.jobs, command, a.steps_scale)
     print("\n".join(verdicts(res["runs"])))
     print(f"wrote {out / 'results.json'} and {doc}")
     return 0

@@ -141,13 +141,13 @@ def test_finished_stages_are_skipped(tmp_path, monkeypatch):
     """Resumable: a stage with train.json + eval.json + last.ckpt runs nothing; a half-done one is retrained."""
     _fake_runs(tmp_path, {("progressive", "s1", 0): {"und": 0.1}, ("progressive", "s2", 0): {"und": 0.2}})
     calls = []
-    monkeypatch.setattr(abl, "_run", lambda cmd, log: calls.append(cmd) or 1.0)
+    monkeypatch.setattr(abl, "_run", lambda cmd, log, usage=None: calls.append(cmd) or 1.0)
     out = abl.run_arm_seed(abl.ARM_BY_NAME["progressive"], 0, tmp_path, quick=True, settings=abl.QUICK_EVAL)
     assert calls == [] and out["s2"]["eval"] == {"und": 0.2}
     (tmp_path / "progressive" / "seed0" / "s2" / "train.json").unlink()  # interrupted fit of stage 2
     (tmp_path / "progressive" / "seed0" / "s2" / "eval.json").unlink()
 
-    def fake_run(cmd, log):
+    def fake_run(cmd, log, usage=None):
         calls.append(cmd)
         if "fit" in cmd:
             (tmp_path / "progressive" / "seed0" / "s2" / "last.ckpt").write_text("x")
