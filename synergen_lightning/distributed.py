@@ -262,6 +262,13 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def setup(self, trainer) -> None:
         super().setup(trainer)
+        module = self.lightning_module
+        if is_sharded(module) and hasattr(module, "_get_fsdp_state"):
+            # settle FSDP's root now (weights materialized): callbacks and evaluation may call a submodule
+            # (model.llm.forward_ids, sampling) before any step enters the root, and FSDP2 would make the first
+            # unit called a root and then refuse the real one ("requires running forward through the root
+            # module first"). FSDP2 has no public call for this (torch 2.14): its lazy init is idempotent.
+            module._get_fsdp_state()._lazy_init()
         if not is_sharded(self.lightning_module):
             raise RuntimeError(
                 f"FSDP2Strategy: {type(self.lightning_module).__name__}.configure_model() sharded 0 of its "

@@ -107,6 +107,7 @@ def _worker(rank: int, world: int, port: int, out: str, scenario: dict) -> None:
         raise SystemExit(1)
 
 
+LOGIT_IDS = torch.tensor([[1, 6, 11, 12, 13, 14, 7, 2], [1, 20, 30, 40, 50, 60, 2, 0]])
 GEN_PROMPTS, GEN_UNCOND = [[1, 6, 11, 12, 13, 7, 6, 3], [1, 6, 20, 21, 7, 6, 3]], [1, 6, 5, 7, 6, 3]
 
 
@@ -154,6 +155,9 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
             record["start_opt"] = {"groups": [(g.get("name"), len(g["params"]), g["lr"]) for g in opt.param_groups],
                                    "states": len(opt.state),
                                    "steps": sorted({float(st["step"]) for st in opt.state.values() if "step" in st})}
+            if scenario.get("record_logits"):  # the restored model's text logits, before any resumed step
+                with torch.no_grad():
+                    record["start_logits"] = pl_module.llm.forward_ids(LOGIT_IDS).detach().clone()
             if scenario.get("record_optimizer"):  # full (unsharded) Adam state and lr per parameter name
                 record["start_opt"]["by_name"] = optimizer_state_by_name(pl_module, opt)
                 record["start_opt"]["scheduler"] = trainer.lr_scheduler_configs[0].scheduler.state_dict()

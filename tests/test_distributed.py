@@ -20,7 +20,7 @@ from synergen_lightning.distributed import (
     parallelize,
     per_rank_batch_size,
 )
-from tests.distributed_worker import GLOBAL_TASKS, ParityData, optimizer_state_by_name, sample_codes, spawn, split_batch
+from tests.distributed_worker import GLOBAL_TASKS, LOGIT_IDS, ParityData, optimizer_state_by_name, sample_codes, spawn, split_batch
 from tests.test_system_helpers import make_batch, tiny_model
 
 STAGE_SWITCH = {"max_steps": 4, "switch_at": {2: "stage2"}, "gradient_clip_val": 0.05}
@@ -155,17 +155,63 @@ def test_sharded_checkpoint_reloads_at_world_size_one(two_rank_run):
 def test_incompatible_sharded_checkpoint_is_refused(two_rank_run):
     _, ckpt = two_rank_run
     state = load_sharded_state_dict(ckpt)
-    bigger = tiny_model(llm=dict(vocab_size=64, hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
-                                 intermediate_size=64, max_position_embeddings=128),
-                        head=dict(num_layers=2, hidden_size=48, num_heads=4, num_kv_heads=2, intermediate_size=64))
+    bigger = tiny_model(**BIGGER)
     with pytest.raises(ValueError, match=r"56 shape mismatches .*checkpoint \(32,\) vs model \(48,\)"):
         check_compatible(state, bigger, str(ckpt))
+
+
+BIGGER = dict(llm=dict(vocab_size=64, hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
+                      max_position_embeddings=128),
+              head=dict(num_layers=2, hidden_size=48, num_heads=4, num_kv_heads=2, intermediate_size=64))
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+def test_resuming_a_sharded_checkpoint_of_another_model_is_refused(two_rank_run):
+    """`fit(ckpt_path=...)` under FSDP2Strategy with a model of other sizes: one error naming the shapes, raised
+    before DCP touches the shards (not DCP's size-mismatch traceback deep inside the load)."""
+    _, ckpt = two_rank_run
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=FSDP2Strategy(), max_steps=6, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[StageCallback("stage1")])
+    try:
+        with pytest.raises(ValueError, match=r"does not fit this model: 0 missing keys \[\], 0 unexpected \[\], "
+                                             r"56 shape mismatches .*checkpoint \(32,\) vs model \(48,\)"):
+            trainer.fit(tiny_model(stage="stage1", **BIGGER), datamodule=ParityData(6), ckpt_path=str(ckpt))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def test_world_size_must_divide_the_global_batch():
     assert per_rank_batch_size(64, 8) == 8
     with pytest.raises(ValueError, match="global batch 30 is not divisible by the world size 4.*28 or 32"):
         per_rank_batch_size(30, 4)
+
+
+def test_strategy_derives_the_per_rank_batch_and_refuses_an_indivisible_one():
+    """`FSDP2Strategy(global_batch_size=...)` at world size 4: the datamodule's per-task batch becomes global / 4;
+    a task whose global batch 4 does not divide is refused with the task, both numbers and the nearest fits."""
+    from types import SimpleNamespace
+
+    class WorldOfFour(FSDP2Strategy):
+        world_size = 4
+
+    def derive(global_batch, dm_batch):
+        dm = SimpleNamespace(batch_size=dm_batch)
+        strategy = WorldOfFour(global_batch_size=global_batch)
+        strategy._lightning_module = SimpleNamespace(trainer=SimpleNamespace(datamodule=dm))
+        strategy._derive_batch_size()
+        return dm.batch_size
+
+    assert derive({"generation": 64, "understanding": 32}, {"generation": 1, "understanding": 1, "text": 3}) == \
+        {"generation": 16, "understanding": 8, "text": 3}
+    assert derive(64, 1) == 16
+    with pytest.raises(ValueError, match=r"global_batch_size\['understanding'\] 30 is not divisible by the world "
+                                         r"size 4 .*28 or 32"):
+        derive({"generation": 64, "understanding": 30}, {"generation": 1, "understanding": 1})
+    with pytest.raises(ValueError, match=r"per task \{'generation': 1\}: give global_batch_size per task"):
+        derive(64, {"generation": 1})
 
 
 def test_fsdp_requested_with_an_unconfigured_model_is_refused(tmp_path):
@@ -251,10 +297,18 @@ def test_resume_from_a_two_process_checkpoint_at_world_size(world, two_rank_run,
     exactly as an uninterrupted 1-process run of 6 steps: the restored optimizer state (Adam moments and steps,
     lr, groups) equals the uninterrupted run's at step 4, and both resumed steps' losses match (the second one
     checks the first resumed optimizer step). The data position comes back from the checkpoint too."""
-    _, ckpt = two_rank_run
     ref = uninterrupted
-    ranks = spawn(world, dict(RESUMED, resume=str(ckpt), record_optimizer=True), tmp_path / "res", timeout=300)
+    saved, ckpt = two_rank_run
+    ranks = spawn(world, dict(RESUMED, resume=str(ckpt), record_optimizer=True, record_logits=True), tmp_path / "res",
+                  timeout=300)
     assert ranks[0]["global_step"] == 6
+    # the restored (re-sharded) model: the same logits as the saved 2-process model's weights, on every rank
+    model = tiny_model(stage="stage1")
+    model.load_state_dict(saved[0]["state_dict"])
+    with torch.no_grad():
+        expected = model.llm.forward_ids(LOGIT_IDS)
+    for r in ranks:
+        torch.testing.assert_close(r["start_logits"], expected, atol=1e-6, rtol=0)
     assert [b[2] for b in ranks[0]["batches"]] == [int(split_batch(b, 0, world)["input_ids"].sum())
                                                    for b in ParityData(6).batches[4:]], "resumed on the wrong batches"
     resumed = [sum(r["loss"][i] for r in ranks) / world for i in range(2)]
