@@ -37,7 +37,7 @@ def test_tiny_stage_chain_generate_answer_report(tmp_path, monkeypatch):
              "--data.init_args.num_workers", "0", "--data.init_args.shuffle_buffer", "16",
              "--data.init_args.batch_size", '{"generation": 2, "understanding": 2, "text": 2}']
     for stage in ("stage1", "stage2", "sft"):
-        extra = [] if stage == "sft" else ['--data.init_args.batch_size={"generation": 2, "understanding": 2}']
+        extra = [] if stage != "stage1" else ['--data.init_args.batch_size={"generation": 2, "understanding": 2}']  # stage 2 and SFT also train on text
         synergen(["fit", "--config", str(ROOT / f"recipes/tiny/{stage}.yaml"), *quick, *extra])
         assert Path(f"runs/tiny/{stage}/last.ckpt").is_file()
     s1 = torch.load("runs/tiny/stage1/last.ckpt", weights_only=False)["state_dict"]
