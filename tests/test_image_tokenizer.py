@@ -321,3 +321,24 @@ def test_consistency_codebook_option_also_pulls_the_code_towards_the_re_encoding
     grad = tok.vq.quantizer.embedding.weight.grad
     assert grad[used].abs().sum() > 0  # the codes decoded from move towards their re-encodings
     assert all(p.grad is None for p in tok.vq.decoder.parameters())
+
+
+def test_per_patch_encoder_codes_depend_only_on_their_own_patch():
+    """encoder_kernel_size=1 with unshuffle = downsample: changing every pixel outside patch (1, 2) leaves its
+    latent (hence its code) unchanged; the default 3x3 encoder lets the whole image leak in."""
+    from synergen_lightning.models.vq import VQConfig, VQModel
+
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    y = torch.rand(1, 3, 32, 32) * 2 - 1
+    y[:, :, 8:16, 16:24] = x[:, :, 8:16, 16:24]  # same patch (row 1, column 2 of the 4x4 grid), new surroundings
+    latents = {}
+    for k in (1, 3):
+        model = VQModel(VQConfig(codebook_size=16, code_dim=4, base_channels=16, channel_multiplier=(1,), z_channels=8,
+                                 unshuffle=8, num_res_blocks=2, encoder_kernel_size=k)).eval()
+        with torch.no_grad():
+            latents[k] = [model.quant_conv(model.encoder(v))[0, :, 1, 2] for v in (x, y)]
+    torch.testing.assert_close(latents[1][0], latents[1][1])
+    assert (latents[3][0] - latents[3][1]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="encoder_kernel_size 5"):
+        VQConfig(encoder_kernel_size=5)

@@ -96,6 +96,7 @@ class VQTokenizer(L.LightningModule):
         usage_decay: float = 0.99,
         dead_threshold: float = 0.03,
         restart_sampling: str = "uniform",
+        encoder_kernel_size: int = 3,
         recon_loss: str = "l1",
         codebook_weight: float = 1.0,
         commitment_beta: float = 0.25,
@@ -124,7 +125,8 @@ class VQTokenizer(L.LightningModule):
                                    channel_multiplier=tuple(channel_multiplier), num_res_blocks=num_res_blocks,
                                    z_channels=z_channels, unshuffle=unshuffle, l2_normalize=l2_normalize,
                                    dead_code_restart=dead_code_restart, usage_decay=usage_decay,
-                                   dead_threshold=dead_threshold, restart_sampling=restart_sampling))
+                                   dead_threshold=dead_threshold, restart_sampling=restart_sampling,
+                                   encoder_kernel_size=encoder_kernel_size))
         self.codebook_size, self.downsample = codebook_size, self.vq.downsample
         self.perceptual = None
         if perceptual_weight > 0:

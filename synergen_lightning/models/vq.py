@@ -22,16 +22,27 @@ from einops import rearrange
 from torch import Tensor, nn
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=min(8, channels), num_channels=channels, eps=1e-6)
+def _norm(channels: int, per_position: bool = False) -> nn.GroupNorm:
+    return (PositionGroupNorm if per_position else nn.GroupNorm)(num_groups=min(8, channels), num_channels=channels, eps=1e-6)
+
+
+class PositionGroupNorm(nn.GroupNorm):
+    """GroupNorm with statistics per spatial position (over channel groups only), so no image-wide statistic
+    leaks into a position: what a per-patch encoder needs."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        y = super().forward(rearrange(x, "b c h w -> (b h w) c"))
+        return rearrange(y, "(b h w) c -> b c h w", b=b, h=h, w=w)
 
 
 class ResBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int):
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int = 3):
         super().__init__()
+        k, pad, local = kernel_size, kernel_size // 2, kernel_size == 1  # 1x1 convs: per-position norms too
         self.block = nn.Sequential(
-            _norm(in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1),
-            _norm(out_ch), nn.SiLU(), nn.Conv2d(out_ch, out_ch, 3, padding=1),
+            _norm(in_ch, local), nn.SiLU(), nn.Conv2d(in_ch, out_ch, k, padding=pad),
+            _norm(out_ch, local), nn.SiLU(), nn.Conv2d(out_ch, out_ch, k, padding=pad),
         )
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
@@ -82,12 +93,18 @@ class VQConfig:
     # probability proportional to their quantisation error, so restarted codes go where the codebook fits worst
     # (object patches) instead of becoming near-duplicates of the flat-background codes most outputs sit on.
     restart_sampling: str = "uniform"
+    # Kernel of the encoder's convs. With unshuffle = downsample, 1 makes each code a function of its own patch only
+    # (a per-patch MLP with per-position norms): a flat patch then gets the same code wherever it sits, instead of one of many near-duplicate
+    # codes chosen by far-away context that a reconstruction does not reproduce (round-trip instability).
+    encoder_kernel_size: int = 3
 
     def __post_init__(self) -> None:
         if self.unshuffle < 1:
             raise ValueError(f"unshuffle {self.unshuffle} must be a positive pixel-(un)shuffle factor (1 = none)")
         if not self.channel_multiplier:
             raise ValueError("channel_multiplier must name at least one level, e.g. (1, 2)")
+        if self.encoder_kernel_size not in (1, 3):
+            raise ValueError(f"encoder_kernel_size {self.encoder_kernel_size} is not supported; use 3 (conv) or 1 (per-patch)")
         if self.restart_sampling not in RESTART_SAMPLING:
             raise ValueError(f"restart_sampling {self.restart_sampling!r} is not supported; use one of {RESTART_SAMPLING}")
 
@@ -100,17 +117,17 @@ class VQEncoder(nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()
         chs = [cfg.base_channels * m for m in cfg.channel_multiplier]
-        u = cfg.unshuffle
+        u, k = cfg.unshuffle, cfg.encoder_kernel_size
         stem: list[nn.Module] = [nn.PixelUnshuffle(u)] if u > 1 else []
-        layers: list[nn.Module] = stem + [nn.Conv2d(cfg.in_channels * u * u, chs[0], 3, padding=1)]
+        layers: list[nn.Module] = stem + [nn.Conv2d(cfg.in_channels * u * u, chs[0], k, padding=k // 2)]
         prev = chs[0]
         for level, ch in enumerate(chs):
             for _ in range(cfg.num_res_blocks):
-                layers.append(ResBlock(prev, ch))
+                layers.append(ResBlock(prev, ch, k))
                 prev = ch
             if level != len(chs) - 1:
                 layers.append(Downsample(prev))
-        layers += [ResBlock(prev, prev), _norm(prev), nn.SiLU(), nn.Conv2d(prev, cfg.z_channels, 3, padding=1)]
+        layers += [ResBlock(prev, prev, k), _norm(prev, k == 1), nn.SiLU(), nn.Conv2d(prev, cfg.z_channels, k, padding=k // 2)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
