@@ -342,3 +342,33 @@ def test_per_patch_encoder_codes_depend_only_on_their_own_patch():
     assert (latents[3][0] - latents[3][1]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="encoder_kernel_size 5"):
         VQConfig(encoder_kernel_size=5)
+
+
+def test_clamp_aware_loss_is_free_past_saturated_targets_and_unchanged_elsewhere():
+    from synergen_lightning.image_tokenizer.vq_tokenizer import clamp_aware
+
+    x = torch.tensor([1.0, 1.0, -1.0, 0.5, 0.5, 1.0])
+    recon = torch.tensor([1.2, 0.9, -1.3, 1.1, 0.4, 1.0], requires_grad=True)
+    eff = clamp_aware(recon, x)
+    loss = torch.nn.functional.mse_loss(eff, x, reduction="none")
+    # what the user gets: decode() clamps, so the error of a saturated target is that of the clamped prediction
+    torch.testing.assert_close(loss[[0, 1, 2, 5]], (recon.detach().clamp(-1, 1) - x).pow(2)[[0, 1, 2, 5]])
+    loss.sum().backward()
+    assert recon.grad[0] == 0 and recon.grad[2] == 0  # overshoot past a saturated target: no pull back
+    assert recon.grad[1] < 0  # undershoot of white is still pushed up
+    assert recon.grad[3] > 0  # overshoot of an interior target still pulled down (a plain clamp would kill this)
+    assert recon.grad[4] < 0
+
+
+def test_encoder_noise_perturbs_only_the_encoder_input():
+    tok = VQTokenizer(**SMALL, encoder_noise=0.05)
+    seen = []
+    encode = tok.vq.encode
+    tok.vq.encode = lambda v: seen.append(v) or encode(v)
+    batch = {"pixel_values": torch.full((4, 3, 32, 32), 128, dtype=torch.uint8)}
+    tok.training_step(batch, 0)
+    x = tok._pixels(batch)
+    assert (seen[0] - x).std().item() == pytest.approx(0.1, rel=0.1)  # std 0.05 in [0, 1] units = 0.1 in [-1, 1]
+    tok.hparams.encoder_noise = 0.0
+    tok.training_step(batch, 0)
+    assert torch.equal(seen[1], x)

@@ -98,6 +98,8 @@ class VQTokenizer(L.LightningModule):
         restart_sampling: str = "uniform",
         encoder_kernel_size: int = 3,
         recon_loss: str = "l1",
+        clamp_aware_loss: bool = False,
+        encoder_noise: float = 0.0,
         codebook_weight: float = 1.0,
         commitment_beta: float = 0.25,
         consistency_weight: float = 0.0,
@@ -189,6 +191,8 @@ class VQTokenizer(L.LightningModule):
             self.log("data/skipped", float(self._skipped_total), on_step=True, on_epoch=False)
 
     def _generator_loss(self, x: Tensor, recon: Tensor, q_losses: dict[str, Tensor], use_gan: bool) -> tuple[Tensor, dict]:
+        if self.hparams.clamp_aware_loss:
+            recon = clamp_aware(recon, x)
         rec = F.l1_loss(recon, x) if self.hparams.recon_loss == "l1" else F.mse_loss(recon, x)
         loss = rec + self.hparams.codebook_weight * q_losses["codebook"] + self.hparams.commitment_beta * q_losses["commitment"]
         logs = {"train/recon": rec, "train/codebook": q_losses["codebook"], "train/commitment": q_losses["commitment"]}
@@ -207,7 +211,10 @@ class VQTokenizer(L.LightningModule):
         x = self._pixels(batch)
         if x.shape[0] == 0:  # a batch made only of skipped samples
             return None
-        zq, codes, q_losses = self.vq.encode(x)
+        # Small input noise (std in [0, 1] pixel units; the target stays clean) makes the encoder stable under
+        # perturbations the size of its own reconstruction error, which re-encoding a reconstruction is.
+        noisy = x + self.hparams.encoder_noise * 2 * torch.randn_like(x) if self.hparams.encoder_noise > 0 else x
+        zq, codes, q_losses = self.vq.encode(noisy)
         recon = self.vq.decode_latent(zq)
         use_gan = self.discriminator is not None and self.global_step >= self.hparams.disc_start_step
         loss, logs = self._generator_loss(x, recon, q_losses, use_gan)
@@ -316,6 +323,15 @@ class VQTokenizer(L.LightningModule):
         if not self._fid_real:
             return
         self.log("val/rfid", rfid(torch.cat(self._fid_real), torch.cat(self._fid_fake), path))
+
+
+def clamp_aware(recon: Tensor, x: Tensor) -> Tensor:
+    """`recon` with the overshoot past a saturated target replaced by the target: decode() clamps to [0, 1], so a
+    pixel predicted at 1.02 for a white (1.0) target is exact and must cost nothing. Plain L2 instead pulls the
+    prediction to 1.0 from both sides, and after the clamp flat white decodes to ~0.997 (measured), which the
+    encoder does not map back to the pure-white code. Gradients for unsaturated targets are unchanged."""
+    over = ((x >= 1) & (recon > 1)) | ((x <= -1) & (recon < -1))
+    return torch.where(over, x, recon)
 
 
 def codebook_stats(counts: Tensor) -> tuple[float, float]:
