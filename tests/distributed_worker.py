@@ -145,7 +145,11 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
     record: dict = {"loss": [], "requires_grad": {}, "grad_norm": []}
 
     class Rec(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self._t0 = time.perf_counter()
+
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            record.setdefault("step_s", []).append(time.perf_counter() - self._t0)  # the first one includes compile
             record["loss"].append(float(outputs["loss"]))
             # which batch each step trained on (a resumed run must continue the data, not repeat it)
             record.setdefault("batches", []).append((trainer.current_epoch, batch_idx, int(batch["input_ids"].sum())))
