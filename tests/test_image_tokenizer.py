@@ -138,6 +138,9 @@ def test_val_psnr_equals_protocol_round_trip(trained):
     assert res["psnr"] == pytest.approx(float(metrics["val/psnr"]), abs=1e-3)
     assert res["codebook_usage"] == pytest.approx(float(metrics["val/codebook_usage"]))
     assert 0.0 <= res["roundtrip_stable"] <= 1.0
+    f = res["flat_fraction"]  # the flat / detail split partitions the codes
+    assert 0.0 < f < 1.0
+    assert f * res["roundtrip_flat"] + (1 - f) * res["roundtrip_detail"] == pytest.approx(res["roundtrip_stable"])
 
 
 def test_checkpoint_with_other_codebook_size_is_refused(trained):
