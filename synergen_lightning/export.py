@@ -3,7 +3,8 @@
 CKPT is a sharded FSDP2 checkpoint directory (Lightning DCP: `.metadata`, `*.distcp`, `meta.pt`) or a
 single-file `.ckpt`. DIR gets `model.safetensors` (the full, unsharded weights, fp32 unless --dtype),
 `config.json` (the SynerGenVL hyper-parameters: everything `SynerGenVL(**config)` needs to rebuild the
-model) and `export.json` (source, step, stage history). `load_export(DIR)` rebuilds the model.
+model) and `export.json` (source, step, stage history). `load_export(DIR)` rebuilds the model;
+`load_model(PATH)` reads any of the three forms (file, sharded directory, export directory).
 """
 
 from __future__ import annotations
@@ -75,6 +76,34 @@ def load_export(path: str | Path, **overrides):
         state["llm.lm_head.weight"] = state["llm.embed_tokens.weight"]
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.eval()
+
+
+def load_model(ckpt: str | Path, map_location: str | torch.device = "cpu", **overrides):
+    """A SynerGenVL in eval mode from any checkpoint a run or `synergen export` writes: a single-file `.ckpt`, a
+    sharded FSDP2 checkpoint directory (`.metadata`, `*.distcp`, `meta.pt`: read without a process group), or an
+    export directory (`model.safetensors` + `config.json`). `overrides` replace hyper-parameters (e.g. tokenizer
+    paths). For inference commands that must accept what a multi-process run saved."""
+    from synergen_lightning.distributed import is_sharded_checkpoint, load_sharded_state_dict
+    from synergen_lightning.system import SynerGenVL
+
+    p = Path(ckpt)
+    if p.is_dir() and (p / "model.safetensors").is_file():
+        return load_export(p, **overrides).to(map_location)
+    if is_sharded_checkpoint(p):
+        hp = dict(read_checkpoint_meta(p).get("hyper_parameters") or {})
+        if "llm" not in hp:
+            raise ValueError(f"{str(p)!r} has no SynerGenVL hyper_parameters (llm config): is it a SynerGenVL checkpoint?")
+        hp = {k: v for k, v in hp.items() if k not in ("init_from", "base_llm")}  # weights come from the shards
+        hp.update(overrides)
+        model = SynerGenVL(**hp)
+        state = load_sharded_state_dict(p)
+        check_compatible(state, model, str(p))
+        model.load_state_dict(state)
+        return model.to(map_location).eval()
+    if p.is_file():
+        return SynerGenVL.load_from_checkpoint(p, map_location=map_location, **overrides).eval()
+    raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist or is neither a .ckpt file, a sharded checkpoint "
+                            "directory (with .metadata) nor an export directory (with model.safetensors)")
 
 
 def main(argv: list[str] | None = None) -> int:

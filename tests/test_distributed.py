@@ -278,6 +278,29 @@ def test_export_writes_one_consolidated_safetensors(two_rank_run, tmp_path, caps
         synergen(["export", "--ckpt", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
 
 
+@pytest.mark.distributed
+def test_load_model_reads_a_sharded_directory_an_export_and_a_file(two_rank_run, tmp_path):
+    """`export.load_model`: the same weights (same logits) from the 2-process sharded directory, its export, and a
+    single-file .ckpt of the 1-process reference model."""
+    from synergen_lightning.export import export, load_model
+
+    ranks, ckpt = two_rank_run
+    ref = tiny_model(stage="stage1")
+    ref.load_state_dict(ranks[0]["state_dict"])
+    export(ckpt, tmp_path / "export")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(ref)
+    trainer.save_checkpoint(tmp_path / "one.ckpt")
+    with torch.no_grad():
+        expected = ref.llm.forward_ids(LOGIT_IDS)
+        for source in (ckpt, tmp_path / "export", tmp_path / "one.ckpt"):
+            model = load_model(source)
+            assert not model.training
+            torch.testing.assert_close(model.llm.forward_ids(LOGIT_IDS), expected, atol=0, rtol=0, msg=str(source))
+    with pytest.raises(FileNotFoundError, match="neither a .ckpt file, a sharded checkpoint directory"):
+        load_model(tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------- slow
 RESUMED = dict(STAGE_SWITCH, max_steps=6)
 
