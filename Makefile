@@ -26,7 +26,7 @@ SFT_CKPT  := runs/tiny/sft/last.ckpt
 DEMO      := runs/demo/report.json
 
 # several processes -> FSDP2 under Lightning's ModelParallelStrategy (gloo on CPU, nccl on GPUs)
-FIT_FLAGS := --trainer.devices $(DEVICES) $(if $(filter-out 1,$(DEVICES)),--trainer.strategy synergen_lightning.distributed.FSDP2Strategy) $(ARGS)
+FIT_FLAGS := --trainer.devices $(DEVICES) $(if $(filter-out 1,$(DEVICES)),--trainer.strategy.class_path synergen_lightning.distributed.FSDP2Strategy) $(ARGS)
 
 .PHONY: help install data tokenizer base-llm stage1 stage2 sft demo eval test test-fast test-all bench tensorboard geneval-gt clean
 
