@@ -156,7 +156,7 @@ def gpu_mfu(c: dict, images: int, prompt_len: int, repeats: int, warmup: int, co
     parallelize(model, None, param_dtype="bfloat16", reduce_dtype="float32", activation_checkpointing=False,
                 compile=compile)
     batch = gen_batch(c, images, prompt_len, "cuda")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)  # foreach: works on FSDP2 DTensor params
 
     def step():
         model(batch)["loss"].backward()
