@@ -111,9 +111,8 @@ test-fast: $(VENV)  ## only the fast tests
 test-all: $(VENV)  ## every test, the slow end-to-end ones included
 	$(PY) -m pytest -q
 
-bench: $(VENV)  ## run the benchmarks (side-by-side ratios) -> bench/results_*.json
-	$(PY) bench/bench_mmoe.py --out bench/results_mmoe.json
-	$(PY) bench/bench_data.py --out bench/results_data.json
+bench: $(VENV)  ## every benchmark side by side -> bench/results.json + bench/results.md (QUICK=1: tiny sizes)
+	$(PY) bench/run_all.py $(if $(QUICK),--quick) --out bench/results.json
 
 tensorboard: $(VENV)  ## TensorBoard over every run (losses, lr, throughput, sample grids, evals)
 	.venv/bin/tensorboard --logdir runs
