@@ -193,11 +193,15 @@ def answer(model, images, questions: list[str] | str, max_new_tokens: int = 32, 
 
 # ---------------------------------------------------------------------------------------- CLI
 def _load(ckpt: str, device: str, text_tokenizer: str | None, image_tokenizer: str | None):
-    from synergen_lightning.system import SynerGenVL
+    # a .ckpt file, a sharded FSDP2 directory (what a multi-process run saves) or an export directory
+    from synergen_lightning.export import load_model
 
-    if not Path(ckpt).is_file():
+    if not Path(ckpt).exists():
         raise SystemExit(f"--ckpt {ckpt!r} does not exist: train one with `make sft` (or pass runs/.../last.ckpt)")
-    model = SynerGenVL.load_from_checkpoint(ckpt, map_location=device)
+    try:
+        model = load_model(ckpt, map_location=device)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--ckpt: {e}") from None
     if text_tokenizer:
         model.hparams.text_tokenizer = text_tokenizer
     if image_tokenizer:
