@@ -205,8 +205,33 @@ def evaluate_checkpoint(ckpt: str | Path, suites: tuple[str, ...], settings: Eva
                          base_accuracy=base_accuracy, max_examples=settings.max_text)
         out["text"] = res["accuracy"]
         out["text_base"] = res.get("base_accuracy")
+        out.update({f"drift_{k}": v for k, v in weight_drift(ckpt).items()})
         if res.get("retention") is not None:
             out["text_retention"] = res["retention"]
+    return out
+
+
+def weight_drift(ckpt: str | Path) -> dict[str, float]:
+    """Relative change ||W - W_base|| / ||W_base|| of the trunk's self-attention and text backbone against the base
+    LLM the checkpoint started from (the evidence for why a text skill survived or not)."""
+    import torch
+
+    from synergen_lightning.eval.report import load_system
+    from synergen_lightning.system import load_base_llm
+
+    model = load_system(ckpt)
+    base = dict(load_base_llm(model.hparams.base_llm).named_parameters())
+    groups = model.parameter_groups()
+    out = {}
+    for g in ("self_attention", "text_backbone"):
+        num = den = 0.0
+        for name, p in groups[g]:
+            ref = base.get(name.removeprefix("llm."))
+            if ref is None or ref.shape != p.shape:
+                continue
+            num += float(torch.sum((p.detach() - ref.detach()) ** 2))
+            den += float(torch.sum(ref.detach() ** 2))
+        out[g] = (num / den) ** 0.5 if den else float("nan")
     return out
 
 
@@ -412,7 +437,8 @@ def render_markdown(results: dict) -> str:
          f" ({'LOADED: other jobs shared the cores, times are inflated' if meta['loaded'] else 'quiet'}).", "",
          "Figures are % exact match (understanding, text skill) or GenEval overall x 100, as mean ± sample sd"
          " [min–max] over seeds; one number = one seed. Paper figures are the paper's benchmarks (different tasks,"
-         " Qwen2-0.5B scale): compare the direction and size of each effect, not the values.", "",
+         " Qwen2-0.5B scale): compare the direction and size of each effect, not the values. Attention change ="
+         " ||W - W_base|| / ||W_base|| over the self-attention weights, in %.", "",
          "## Table 6: token folding at equal context", "",
          "Both arms: the tiny stage-2 recipe from the base LLM (no stage 1), understanding data only (captions + Q/A,"
          f" batch 32), {_steps(runs, 'fold_off', 'und', FOLD_STEPS)} steps (the paper: a subset of the S.2 understanding data), zero-shot val Q/A.", "",
@@ -430,9 +456,9 @@ def render_markdown(results: dict) -> str:
           f"No folding, one 64-px view (64 LLM tokens) in both stages. S.1 = the tiny stage-1 recipe ({_steps(runs, 'progressive', 's1', S1_STEPS)} steps),"
           f" S.2 = the tiny stage-2 recipe ({_steps(runs, 'progressive', 's2', S2_STEPS)} steps), same data / lr / schedule in both strategies; only the"
           " trainable set differs (Full: every parameter; Progressive: image-specific, then + self-attention).", "",
-          "| stage | strategy | Q/A all | tiny characters | GenEval | text skill | text kept |"
+          "| stage | strategy | Q/A all | tiny characters | GenEval | text skill | text kept | attention change |"
           " paper GQA | paper TextVQA | paper AI2D | paper MMLU | paper CMMLU | paper MSCOCO FID ↓ |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for study, label, arm, stage, paper in ROWS:
         if study != "progressive":
             continue
@@ -440,9 +466,10 @@ def render_markdown(results: dict) -> str:
         if not arm:
             base = summarize({"b": {"b": {s: {"eval": {"text": v}} for s, v in meta.get("text_base", {}).items()}}},
                              "text", "b", "b")
-            ours = ["–", "–", "–", _fmt(base), "100"]
+            ours = ["–", "–", "–", _fmt(base), "100", "0"]
         else:
-            ours = [_fmt(summarize(runs, m, arm, stage)) for m in ("und", "und_text", "geneval", "text", "text_retention")]
+            ours = [_fmt(summarize(runs, m, arm, stage)) for m in
+                    ("und", "und_text", "geneval", "text", "text_retention", "drift_self_attention")]
         L.append(f"| {stage_lbl} | {strat or '–'} | " + " | ".join(ours) + " | "
                  + " | ".join(_paper(paper, c) for c in ("GQA", "TextVQA", "AI2D", "MMLU", "CMMLU", "MSCOCO FID")) + " |")
     L += ["", "## What the miniature shows", ""] + (verdicts(runs) or ["- (no finished arm yet)"])
@@ -468,9 +495,8 @@ def render_markdown(results: dict) -> str:
             L.append(f"| {arm.name} | {st.name} | {st.stage} | {trains[0]['steps']} | {len(trains)} | {wall:.0f} | "
                      f"{statistics.fmean(t['s_per_step'] for t in trains):.2f} | {q_fit:.0f} | "
                      f"{'–' if ev_wall is None else f'{ev_wall:.0f}'} | {'–' if q_ev is None else f'{q_ev:.0f}'} |")
-    measured_cpu = any(r["train"].get("cpu_s") for a in runs.values() for st in a.values() for r in st.values())
-    L += ["", ("Quiet estimates are the runs' CPU seconds (user + sys, the fit and its data worker)" if measured_cpu else
-               "Quiet estimates scale the wall time by min(1, cores / load average) (no CPU time recorded)")
+    L += ["", "Quiet estimates: a run's CPU seconds (user + sys, the fit and its data worker) where recorded, else its"
+              " wall time x min(1, cores / load average) (a rough model); '–' = not recorded (not in the total)"
           + f". Estimated `make ablations` on a quiet 2-core machine (3 seeds, every stage at its recipe steps,"
           f" 2 runs at a time): {total / 2 / 60:.0f} min" + ("" if complete else " (from the arms finished so far)") + "."]
     L += ["", "Arms: " + "; ".join(f"`{a.name}`: {a.description}" for a in ARMS) + ".", "",
@@ -482,7 +508,7 @@ def render_markdown(results: dict) -> str:
             got = runs.get(arm.name, {}).get(st.name, {})
             if got:
                 L.append(next(iter(got.values()))["train"]["command"])
-    L += ["```", "", f"Whole run: `{meta['command']}`; total wall time {meta['wall_s']:.0f} s"
+    L += ["```", "", f"Last driver invocation: `{meta['command']}` (wall time {meta['wall_s']:.0f} s; finished runs were skipped)"
           f" ({meta['jobs']} runs at a time, one torch thread each). Evaluation (same for every arm):"
           f" `{json.dumps(meta['eval_settings'])}`; understanding views as each arm trained.", ""]
     return "\n".join(L)
@@ -531,7 +557,8 @@ def write_results(out: Path, doc: Path, quick: bool, jobs: int, command: str, wa
             "jobs": jobs, "command": command, "wall_s": wall_s, "eval_settings": asdict(settings), "text_base": text_base}
     results = {"meta": meta, "runs": runs,
                "summary": {f"{arm}/{stage}": {m: summarize(runs, m, arm, stage) for m in
-                                              ("und", "und_text", "und_small", "geneval", "text", "text_retention")}
+                                              ("und", "und_text", "und_small", "geneval", "text", "text_retention",
+                                                    "drift_self_attention")}
                            for _, _, arm, stage, _ in ROWS if arm}}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
