@@ -1,6 +1,7 @@
 """`VQTokenizer`: our trainable VQ image tokenizer as a LightningModule, implementing the ImageTokenizer protocol.
 
-Training loss = reconstruction (L1 or L2) + codebook + beta * commitment
+Training loss = reconstruction (L1 or L2; with clamp_aware_loss, free past a saturated target as decode() clamps)
+              + codebook + beta * commitment   (encoder_noise > 0: the encoder sees x + noise, the target stays x)
               [+ consistency_weight * ||normalise(E(decode(z_q))) - z_q||^2: re-encoding a (detached)
                  reconstruction must land on the code it came from, which is what round-trip stability
                  decode(encode(decode(c))) == c needs; costs one extra encoder pass]
