@@ -99,22 +99,37 @@ class StageCallback(Callback):
         if not new:
             return
         settings = _stage_settings(pl_module, spec)
-        groups = optimizer_param_groups(new, settings["lr"], settings["weight_decay"], tag=spec["name"])
         schedulers = [c.scheduler for c in trainer.lr_scheduler_configs]
-        for g in groups:
-            g.setdefault("initial_lr", settings["lr"])
-            optimizer.add_param_group(g)
-            for sched in schedulers:
-                # LambdaLR keeps one multiplier and one base lr per group: extend both
-                if hasattr(sched, "lr_lambdas"):
-                    sched.lr_lambdas.append(StageSchedule(
-                        settings["schedule"], settings["warmup_steps"], trainer.max_steps, start_step=step))
-                    sched.base_lrs.append(settings["lr"])
-                    g["lr"] = settings["lr"] * sched.lr_lambdas[-1](sched.last_epoch)
-                elif hasattr(sched, "base_lrs"):
-                    sched.base_lrs.append(settings["lr"])
+        # the same groups, order and tags as SynerGenVL.configure_optimizers builds for this stage on resume
+        for factor, part in _split_by_lr_scale(pl_module, new):
+            lr = settings["lr"] * factor
+            tag = spec["name"] if factor == 1.0 else f"{spec['name']}/x{factor:g}"
+            for g in optimizer_param_groups(part, lr, settings["weight_decay"], tag=tag):
+                g.setdefault("initial_lr", lr)
+                optimizer.add_param_group(g)
+                for sched in schedulers:
+                    # LambdaLR keeps one multiplier and one base lr per group: extend both
+                    if hasattr(sched, "lr_lambdas"):
+                        sched.lr_lambdas.append(StageSchedule(
+                            settings["schedule"], settings["warmup_steps"], trainer.max_steps, start_step=step,
+                            min_lr_ratio=getattr(pl_module.hparams, "min_lr_ratio", 0.0) or 0.0))
+                        sched.base_lrs.append(lr)
+                        g["lr"] = lr * sched.lr_lambdas[-1](sched.last_epoch)
+                    elif hasattr(sched, "base_lrs"):
+                        sched.base_lrs.append(lr)
         rank_zero_info(f"stage switch at step {step} -> {spec['name']!r}: {sum(p.numel() for _, p in new):,} "
                        f"parameters joined the optimizer at lr {settings['lr']:g} ({settings['schedule']})")
+
+
+def _split_by_lr_scale(pl_module: LightningModule, named: list) -> list[tuple[float, list]]:
+    """`named` split by the model's `lr_scale` {parameter group: factor}, largest factor first (one part, factor 1,
+    for a model without it)."""
+    scale = dict(getattr(pl_module, "hparams", {}).get("lr_scale") or {})
+    if not scale or not hasattr(pl_module, "parameter_groups"):
+        return [(1.0, named)]
+    group_of = {n: g for g, members in pl_module.parameter_groups().items() for n, _ in members}
+    factor_of = {n: float(scale.get(group_of.get(n), 1.0)) for n, _ in named}
+    return [(f, [(n, p) for n, p in named if factor_of[n] == f]) for f in sorted(set(factor_of.values()), reverse=True)]
 
 
 def _stage_settings(pl_module: LightningModule, spec: dict) -> dict:

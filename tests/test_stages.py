@@ -172,3 +172,22 @@ def test_lr_scale_gives_a_group_its_own_fraction_of_the_stage_lr():
     bad = tiny_model(stage="stage2", lr=1e-3, lr_scale={"attention": 0.1}, init_from_base_llm=True)
     with pytest.raises(ValueError, match="attention"):
         _trainer([StageCallback("stage2")], 1).fit(bad, loader(_batches(1)))
+
+
+def test_stage_switch_honours_lr_scale_and_matches_the_resumed_layout(tmp_path):
+    """A step-scheduled switch into stage 2 with lr_scale {self_attention: 0.1} adds attention at 0.1 x the stage-2 lr,
+    with the group names configure_optimizers rebuilds on resume (so the saved optimizer state fits)."""
+    kw = dict(lr={"stage1": 3e-3, "stage2": 1e-3}, lr_scale={"self_attention": 0.1})
+    model = tiny_model(**kw)
+    t1 = _trainer([StageCallback("stage1", switch_at={2: "stage2"})], 4)
+    t1.fit(model, loader(_batches(4)))
+    groups = {g["name"]: g for g in t1.optimizers[0].param_groups}
+    assert [g["name"] for g in t1.optimizers[0].param_groups] == ["stage1/decay", "stage1/no_decay", "stage2/x0.1/decay"]
+    expected = StageSchedule("cosine", warmup_steps=0, total_steps=4, start_step=2)
+    assert groups["stage2/x0.1/decay"]["lr"] == pytest.approx(0.1 * 1e-3 * expected(4))
+    ckpt = tmp_path / "mid.ckpt"
+    t1.save_checkpoint(ckpt)
+    resumed = tiny_model(**kw)
+    t2 = _trainer([StageCallback("stage1", switch_at={2: "stage2"})], 5)
+    t2.fit(resumed, loader(_batches(5)), ckpt_path=ckpt)
+    assert [g["name"] for g in t2.optimizers[0].param_groups] == list(groups)
