@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
@@ -62,8 +63,18 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
     """LightningCLI with OmegaConf recipes; model and data are chosen by `class_path`."""
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
-    return LightningCLI(
+    class SynerGenCLI(LightningCLI):
+        def before_fit(self) -> None:
+            # a sharded (directory) checkpoint only loads under FSDP2; say so instead of an IsADirectoryError
+            ckpt = self.config[self.subcommand].get("ckpt_path")
+            if ckpt and Path(str(ckpt)).is_dir() and not isinstance(self.trainer.strategy, ModelParallelStrategy):
+                raise SystemExit(f"--ckpt_path {ckpt!r} is a sharded (FSDP2) checkpoint directory: resume it with "
+                                 "--trainer.strategy.class_path synergen_lightning.distributed.FSDP2Strategy "
+                                 "(any --trainer.devices), or consolidate it first with `synergen export`")
+
+    return SynerGenCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,

@@ -1,3 +1,4 @@
+import pytest
 import subprocess
 import sys
 
@@ -20,3 +21,17 @@ def test_unknown_command_names_the_choices(capsys):
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "synergen_lightning.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage: synergen" in out.stdout
+
+
+def test_fit_from_a_sharded_checkpoint_without_fsdp2_names_the_strategy(tmp_path):
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.mkdir()  # a sharded checkpoint is a directory
+    (ckpt / ".metadata").write_bytes(b"")
+    args = ["fit", "--model", "lightning.pytorch.demos.boring_classes.BoringModel",
+            "--data", "lightning.pytorch.demos.boring_classes.BoringDataModule",
+            "--trainer.max_steps", "1", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+            "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", str(ckpt)]
+    from synergen_lightning.cli import lightning_cli
+
+    with pytest.raises(SystemExit, match="FSDP2Strategy"):
+        lightning_cli(args)
