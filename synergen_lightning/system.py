@@ -121,6 +121,7 @@ class SynerGenVL(LightningModule):
         code_dim: int = 256,
         head: dict | None = None,
         image_loss_weight: float = 2.0,
+        text_loss: str = "token",
         stage: str = "stage1",
         lr: float | dict[str, float] | None = None,
         weight_decay: float | None = None,
@@ -153,6 +154,9 @@ class SynerGenVL(LightningModule):
             head: the UnfoldingHead's blocks: {num_layers: 4, hidden_size, num_heads, num_kv_heads,
                 intermediate_size}; unset keys follow the LLM.
             image_loss_weight: lambda in loss = L_text + lambda * L_img (paper: 2).
+            text_loss: how L_text averages its supervised tokens: "token" = one mean over every supervised text
+                token of the batch; "task" = the mean of each task's own token mean (rows grouped by batch["task"]),
+                so the 1-3 answer tokens of a Q/A row are not outweighed by the ~200 tokens of a text row.
             stage: stage1 | stage2 | sft | full (see synergen_lightning/stages.py); the StageCallback sets it.
             lr: peak learning rate; a float, or {stage: lr}; unset -> the stage table's (paper Table 8).
             weight_decay: AdamW weight decay; unset -> the stage table's.
@@ -201,6 +205,8 @@ class SynerGenVL(LightningModule):
             raise ValueError("SynerGenVL needs `codebook_size` or an `image_tokenizer` to read it from")
         if image_size % downsample:
             raise ValueError(f"image_size {image_size} is not divisible by the tokenizer downsample {downsample}")
+        if text_loss not in ("token", "task"):
+            raise ValueError(f"text_loss={text_loss!r}: use 'token' (one mean over the batch's text tokens) or 'task'")
         grid = (image_size // downsample, image_size // downsample)
         fold = tuple(fold)
         check_fold(grid, fold)
@@ -337,7 +343,8 @@ class SynerGenVL(LightningModule):
         sup = targets != IGNORE
         text_logits = self.llm.logits(hidden[:, :-1][sup])
         n_text = int(sup.sum())
-        loss_text = (F.cross_entropy(text_logits.float(), targets[sup], reduction="sum") / max(n_text, 1))
+        loss_text = self.text_loss_mean(F.cross_entropy(text_logits.float(), targets[sup], reduction="none"), sup,
+                                        batch.get("task"))
         # image: the head unfolds the hidden state before each patch of every supervised view
         loss_mask = batch.get("image_loss_mask")
         if loss_mask is None:
@@ -350,6 +357,21 @@ class SynerGenVL(LightningModule):
         loss = loss_text + self.hparams.image_loss_weight * loss_image
         return {"loss": loss, "loss_text": loss_text, "loss_image": loss_image, "text_tokens": n_text,
                 "image_codes": n_img}
+
+    def text_loss_mean(self, token_losses: Tensor, sup: Tensor, tasks: list[str] | None) -> Tensor:
+        """L_text from the per-token losses of the supervised positions `sup` [B, T-1] (row-major order)."""
+        if token_losses.numel() == 0:
+            return token_losses.sum()
+        if self.hparams.text_loss == "token" or not tasks:
+            return token_losses.mean()
+        row = torch.arange(sup.shape[0], device=sup.device)[:, None].expand_as(sup)[sup]
+        names = sorted(set(tasks))
+        task_of_row = torch.tensor([names.index(t) for t in tasks], device=sup.device)
+        task_of_token = task_of_row[row]
+        counts = torch.bincount(task_of_token, minlength=len(names))
+        sums = torch.zeros(len(names), device=token_losses.device).index_add_(0, task_of_token, token_losses)
+        present = counts > 0
+        return (sums[present] / counts[present]).mean()
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """The training/validation losses of a batch; steps call it through `self(batch)` so that FSDP2's

@@ -116,3 +116,35 @@ def test_overfits_a_fixed_mixed_batch_in_stage1_and_sft():
             opt.step()
             opt.zero_grad()
         assert out[key].item() < 0.5 * first, (stage, first, out[key].item())
+
+
+def test_per_task_text_loss_is_the_mean_of_each_tasks_token_mean():
+    """text_loss="task": each task's own token mean, then their mean (independent per-row loop)."""
+    torch.manual_seed(0)
+    model = tiny_model(text_loss="task")
+    batch = make_batch(["understanding", "text", "text", "generation", "understanding"])
+    out = model.forward_losses(batch)
+    ref_text, ref_image = _reference_losses(model, batch)
+    # reference: per-row token losses from the same logits, grouped by the row's task in plain Python
+    token_loss = {}
+    model.hparams.text_loss = "token"
+    for b, task in enumerate(batch["task"]):
+        row = {k: (v[b:b + 1] if torch.is_tensor(v) and v.shape[0] == len(batch["task"]) else v) for k, v in batch.items()}
+        if (row["labels"][:, 1:] != -100).sum() == 0:
+            continue
+        # the model's token mean on one row, scaled back to a sum
+        views = [i for i, t in enumerate(batch["task"]) if t in ("generation", "understanding")]
+        vi = [views.index(b)] if b in views else []
+        row["image_codes"] = batch["image_codes"][vi]
+        row["image_loss_mask"] = batch["image_loss_mask"][vi]
+        row["task"] = [task]
+        n = int((row["labels"][:, 1:] != -100).sum())
+        s, c = token_loss.get(task, (0.0, 0))
+        token_loss[task] = (s + model.forward_losses(row)["loss_text"] * n, c + n)
+    expected = torch.stack([s / c for s, c in token_loss.values()]).mean()
+    assert set(token_loss) == {"understanding", "text"}  # generation rows supervise no text
+    torch.testing.assert_close(out["loss_text"], expected)
+    assert not torch.allclose(out["loss_text"], ref_text)  # differs from the one batch-wide token mean
+    torch.testing.assert_close(out["loss_image"], ref_image)
+    with pytest.raises(ValueError, match="text_loss='row'"):
+        tiny_model(text_loss="row")
