@@ -10,6 +10,9 @@ Two models of the SAME LLM configuration (width, depth, heads, FFN), built from 
 Each comparison is timed in one interleaved loop (median, spread), at one torch thread count:
   train     image codes per second of a training step (fwd+bwd), one generation sample per image
   generate  wall time of one image (all h*w codes), temperature 1; folded with CFG vs without
+  narrow    the same training/generation rows with a narrower head (LLM width / 2, / 4; same depth, same
+            head_dim, FFN scaled alike): the paper never gives the head's width (PAPER.md, UNSPECIFIED)
+  batch     images/s generating `gen_batch` images in one batch vs one at a time (separate row)
   memory    peak resident memory of a training step (fresh process per probe), with/without activation
             checkpointing (`distributed._checkpoint_block`, as FSDP2Strategy applies it) and with/without folding
 
@@ -52,16 +55,27 @@ from synergen_lightning.system import SynerGenVL  # noqa: E402
 TEXT_VOCAB = 256  # a small text vocabulary: both sides pay the same (tiny) text-embedding cost
 SPECIAL = {"bos": 0, "eos": 1, "pad": 2, "boi": 3, "eoi": 4, "uncond": 5, "im_start": 6, "im_end": 7}
 FULL = dict(hidden_size=256, num_layers=8, num_heads=4, num_kv_heads=2, intermediate_size=688, head_layers=4,
-            codebook_size=4096, grid=64, fold=(2, 8), batch_size=1, prompt_len=16)
+            codebook_size=4096, grid=64, fold=(2, 8), batch_size=1, prompt_len=16, head_divisors=(2, 4), gen_batch=4)
 QUICK = dict(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=128, head_layers=1,
-             codebook_size=256, grid=16, fold=(2, 8), batch_size=1, prompt_len=8)
+             codebook_size=256, grid=16, fold=(2, 8), batch_size=1, prompt_len=8, head_divisors=(2,), gen_batch=2)
 TARGETS = {"train_speedup": 10.0, "generate_speedup": 8.0, "cfg_cost_max": 2.1}
 # the paper's model (InternLM2-1.8B trunk, 4-layer head of the same width, Emu3 codes): FLOP ratios only
 PAPER_2B = dict(hidden_size=2048, num_layers=24, num_heads=16, num_kv_heads=8, intermediate_size=8192, head_layers=4,
                 codebook_size=32768, grid=64, fold=(2, 8), batch_size=1, prompt_len=16, text_vocab=92547)
 
 
-def analytic_flops(c: dict) -> dict:
+def head_config(c: dict, divisor: int = 1) -> dict:
+    """The head's blocks at LLM width / `divisor`: same depth and head_dim (fewer heads), FFN scaled alike.
+    divisor 1 is the LLM's own micro-architecture (the shipped recipes' choice)."""
+    if c["hidden_size"] % divisor or c["intermediate_size"] % divisor:
+        raise ValueError(f"head width divisor {divisor} does not divide hidden_size={c['hidden_size']} and intermediate_size={c['intermediate_size']}; pick a common divisor")
+    heads = max(1, c["num_heads"] // divisor)
+    return {"num_layers": c["head_layers"], "hidden_size": c["hidden_size"] // divisor, "num_heads": heads,
+            "num_kv_heads": max(1, min(heads, c["num_kv_heads"] // divisor)),
+            "intermediate_size": c["intermediate_size"] // divisor}
+
+
+def analytic_flops(c: dict, divisor: int = 1) -> dict:
     """Model FLOPs of one image, both sides: a training step (fwd+bwd) and generation (forward, KV-cached).
 
     The folded side pays the LLM on P = hw/(mn) tokens but the head on all hw codes (head_layers blocks of
@@ -71,16 +85,17 @@ def analytic_flops(c: dict) -> dict:
     v_text = c.get("text_vocab", TEXT_VOCAB)
     b, hw, (m, n) = c["batch_size"], c["grid"] ** 2, tuple(c["fold"])
     p, d, k = hw // (m * n), cfg.hidden_size, c["codebook_size"]
-    head = LLMConfig(**{**vars(cfg), "num_layers": c["head_layers"], "vocab_size": k})
+    head = LLMConfig(**{**vars(cfg), **head_config(c, divisor), "vocab_size": k, "head_dim": None})
+    dh = head.hidden_size
     t_fold, t_unf = c["prompt_len"] + 3 + p, c["prompt_len"] + 3 + hw
-    folder_w = m * n * d * d + d * d  # TokenFolder MLP (code_dim = width), + head.cond_proj below
+    folder_w = m * n * d * d + d * d  # TokenFolder MLP (code_dim = width); head.cond_proj (d -> dh) below
     train_folded = (train_flops(cfg, b, t_fold, vocab_out=v_text, logits_rows=b)
-                    + train_flops(head, b * p, m * n, vocab_out=k) + 6 * (folder_w + d * d) * b * p)
+                    + train_flops(head, b * p, m * n, vocab_out=k) + 6 * (folder_w + d * dh) * b * p)
     train_unfolded = train_flops(cfg, b, t_unf, vocab_out=v_text + k, logits_rows=b * (hw + 1))
     attn = 4 * cfg.head_dim * cfg.num_heads  # QK^T + AV FLOPs per (query, key) pair per layer
     gen_unfolded = 2 * (decoder_params(cfg) * cfg.num_layers + d * (v_text + k)) * hw + attn * cfg.num_layers * hw * hw / 2
     gen_folded = (2 * decoder_params(cfg) * cfg.num_layers * p + attn * cfg.num_layers * p * p / 2
-                  + 2 * (decoder_params(head) * head.num_layers + d * k) * hw + 2 * (folder_w + d * d) * p)
+                  + 2 * (decoder_params(head) * head.num_layers + dh * k) * hw + 2 * (folder_w + d * dh) * p)
     return {"train": {"folded": train_folded, "unfolded": train_unfolded, "ratio": train_unfolded / train_folded},
             "generate": {"folded": gen_folded, "unfolded": gen_unfolded, "ratio": gen_unfolded / gen_folded},
             "head_share_of_folded_train": (train_flops(head, b * p, m * n, vocab_out=k)) / train_folded}
@@ -102,11 +117,11 @@ def estimate_train_bytes(c: dict) -> float:
     return 4.0 * (3 * params + acts + 3 * c["batch_size"] * t * vocab)
 
 
-def build_folded(c: dict) -> SynerGenVL:
+def build_folded(c: dict, divisor: int = 1) -> SynerGenVL:
     grid, (m, n) = c["grid"], tuple(c["fold"])
     model = SynerGenVL(llm=vars(llm_config(c)), special_token_ids=SPECIAL, codebook_size=c["codebook_size"],
                        image_size=grid * 8, downsample=8, fold=(m, n), code_dim=c["hidden_size"],
-                       head={"num_layers": c["head_layers"]}, stage="full")
+                       head=head_config(c, divisor), stage="full")
     return model
 
 
@@ -154,11 +169,11 @@ def unfolded_loss(llm: MMoETransformer, batch: dict) -> torch.Tensor:
     return F.cross_entropy(llm.logits(hidden[:, :-1][sup]).float(), targets[sup])
 
 
-def train_steps(c: dict, checkpointing: bool = False):
+def train_steps(c: dict, checkpointing: bool = False, divisor: int = 1):
     """(folded_step, unfolded_step, models): each step is one fwd+bwd of one batch, grads freed after."""
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    folded, unfolded = build_folded(c).train(), build_unfolded(c).train()
+    folded, unfolded = build_folded(c, divisor).train(), build_unfolded(c).train()
     if checkpointing:
         for block in decoder_blocks(folded):
             _checkpoint_block(block)
@@ -195,13 +210,25 @@ def unfolded_generate(llm: MMoETransformer, prompt_ids: list[int], n_codes: int,
 def bench_train(c: dict, repeats: int, warmup: int) -> dict:
     check_fits(estimate_train_bytes(c), f"training step at a {c['grid']}x{c['grid']} code grid, width {c['hidden_size']}")
     folded_step, unfolded_step, (folded, unfolded) = train_steps(c)
-    timed = interleaved({"folded": folded_step, "unfolded": unfolded_step}, repeats, warmup)
+    variants = {"folded": folded_step, "unfolded": unfolded_step}
+    narrow_models = {}
+    for div in c.get("head_divisors", ()):  # narrower heads, in the same interleaved loop
+        step, _, (model, _) = train_steps(c, divisor=div)
+        variants[f"folded_head_w{div}"], narrow_models[div] = step, model
+    timed = interleaved(variants, repeats, warmup)
     codes = c["batch_size"] * c["grid"] ** 2
     for name in timed:
         timed[name]["image_codes_per_s"] = codes / timed[name]["median_s"]
     r = ratio(timed, "unfolded", "folded")
     flops = analytic_flops(c)
+    narrow = {f"w{div}": {"head": head_config(c, div), "speedup": ratio(timed, "unfolded", f"folded_head_w{div}"),
+                          "flops_ratio": analytic_flops(c, div)["train"]["ratio"],
+                          "flops_ratio_paper_2b": analytic_flops(PAPER_2B, div)["train"]["ratio"],
+                          "head_share_of_folded_flops": analytic_flops(c, div)["head_share_of_folded_train"],
+                          "head_params": sum(p.numel() for p in model.head.parameters())}
+              for div, model in narrow_models.items()}
     return {"timed": timed, "speedup": r, "target": TARGETS["train_speedup"], "met": r["median"] >= TARGETS["train_speedup"],
+            "narrow_head": narrow, "head_params": sum(p.numel() for p in folded.head.parameters()),
             "flops_per_image": flops["train"], "flops_ratio_paper_2b": analytic_flops(PAPER_2B)["train"]["ratio"],
             "head_share_of_folded_flops": flops["head_share_of_folded_train"],
             "llm_tokens_per_image": {"folded": folded.tokens_per_view, "unfolded": c["grid"] ** 2},
@@ -216,14 +243,31 @@ def bench_generate(c: dict, repeats: int, warmup: int, cfg_scale: float = 7.5) -
     folded, unfolded = build_folded(c).eval(), build_unfolded(c).eval()
     p = prompt(c, gen)
     uncond = [SPECIAL["bos"], SPECIAL["uncond"], SPECIAL["boi"]]
+    nb = int(c.get("gen_batch") or 1)
     variants = {
         "folded": lambda: generate_codes(folded, [p], None, cfg_scale=None, generator=gen),
         "folded_cfg": lambda: generate_codes(folded, [p], uncond, cfg_scale=cfg_scale, generator=gen),
         "unfolded": lambda: unfolded_generate(unfolded, p, c["grid"] ** 2, gen),
     }
+    narrow_models = {div: build_folded(c, div).eval() for div in c.get("head_divisors", ())}
+    for div, model in narrow_models.items():
+        variants[f"folded_head_w{div}"] = lambda model=model: generate_codes(model, [p], None, cfg_scale=None, generator=gen)
+    if nb > 1:  # several images decoded together (rows of one batch): images/s, a separate row
+        variants[f"folded_batch{nb}"] = lambda: generate_codes(folded, [p] * nb, None, cfg_scale=None, generator=gen)
     timed = interleaved(variants, repeats, warmup)
     speed, cfg_cost = ratio(timed, "unfolded", "folded"), ratio(timed, "folded_cfg", "folded")
+    narrow = {f"w{div}": {"head": head_config(c, div), "speedup": ratio(timed, "unfolded", f"folded_head_w{div}"),
+                          "flops_ratio": analytic_flops(c, div)["generate"]["ratio"],
+                          "flops_ratio_paper_2b": analytic_flops(PAPER_2B, div)["generate"]["ratio"]}
+              for div in narrow_models}
+    batched = None
+    if nb > 1:
+        one, many = timed["folded"], timed[f"folded_batch{nb}"]
+        batched = {"images": nb, "images_per_s": nb / many["median_s"], "images_per_s_one_at_a_time": 1 / one["median_s"],
+                   "gain": (nb / many["median_s"]) / (1 / one["median_s"]),
+                   "gain_cpu_time": (nb / many["cpu_median_s"]) / (1 / one["cpu_median_s"]) if "cpu_median_s" in many else None}
     return {"timed": timed, "speedup": speed, "cfg_cost": cfg_cost, "cfg_scale": cfg_scale,
+            "narrow_head": narrow, "batched": batched,
             "targets": {"speedup": TARGETS["generate_speedup"], "cfg_cost_max": TARGETS["cfg_cost_max"]},
             "met": {"speedup": speed["median"] >= TARGETS["generate_speedup"],
                     "cfg_cost": cfg_cost["median"] <= TARGETS["cfg_cost_max"]},

@@ -67,7 +67,7 @@ def generate_codes(model, prompt_ids: list[list[int]], uncond_ids: list[int] | N
     llm, head, folder = model.llm, model.head, model.folder
     n = ids.shape[0]
     true_col = torch.ones(n, 1, dtype=torch.bool, device=device)
-    cache = llm.new_kv_cache() if use_cache else None
+    cache = llm.new_kv_cache(capacity=ids.shape[1] + P + 1) if use_cache else None  # static: written in place
     embeds = model.embed_text(ids)
     hidden = llm(embeds, image_mask=torch.zeros_like(mask), position_ids=pos, attention_mask=mask, kv_cache=cache)
     h = hidden[:, -1]
@@ -80,7 +80,7 @@ def generate_codes(model, prompt_ids: list[list[int]], uncond_ids: list[int] | N
         patches.append(codes)
         fed = folder.fold_patch(torch.cat([codes, codes]) if use_cfg else codes, i)[:, None].to(embeds.dtype)
         if cache is not None:
-            h = llm(fed, image_mask=true_col, position_ids=next_pos, attention_mask=true_col, kv_cache=cache)[:, -1]
+            h = llm(fed, image_mask=true_col, position_ids=next_pos, kv_cache=cache)[:, -1]  # no mask: real token
         else:
             seq, seq_img = torch.cat([seq, fed], 1), torch.cat([seq_img, true_col], 1)
             seq_mask, seq_pos = torch.cat([seq_mask, true_col], 1), torch.cat([seq_pos, next_pos], 1)
@@ -88,7 +88,7 @@ def generate_codes(model, prompt_ids: list[list[int]], uncond_ids: list[int] | N
         next_pos = next_pos + 1
     if cache is not None:  # close the image: the model is fed <eoi> after the last patch
         llm(model.embed_text(torch.full((n, 1), eoi_id, device=device)), image_mask=~true_col, position_ids=next_pos,
-            attention_mask=true_col, kv_cache=cache)
+            kv_cache=cache)
     return unfold_codes(torch.stack(patches, dim=1)[:R], model.grid, model.fold_size)
 
 

@@ -53,8 +53,33 @@ def test_folding_quick_train_and_generate():
     tr, gen = res["train"], res["generate"]
     assert tr["llm_tokens_per_image"] == {"folded": 16, "unfolded": 256}  # 16x16 codes, 2x8 folding
     assert tr["timed"]["folded"]["image_codes_per_s"] > 0 and tr["speedup"]["median"] > 0
-    assert set(gen["timed"]) == {"folded", "folded_cfg", "unfolded"} and gen["cfg_cost"]["median"] > 0
+    assert set(gen["timed"]) == {"folded", "folded_cfg", "unfolded", "folded_head_w2", "folded_batch2"}
+    assert gen["cfg_cost"]["median"] > 0 and gen["batched"]["images"] == 2 and gen["batched"]["images_per_s"] > 0
     assert "memory" not in res and res["machine"]["torch_threads"] == 1
+    # the narrower head (width 64 / 2) runs beside the same-width one; a narrower head costs fewer FLOPs per image
+    w2 = tr["narrow_head"]["w2"]
+    assert w2["head"]["hidden_size"] == 32 and w2["head_params"] < tr["head_params"] and w2["speedup"]["median"] > 0
+    assert w2["flops_ratio"] > tr["flops_per_image"]["ratio"] and gen["narrow_head"]["w2"]["flops_ratio"] > 1
+
+
+def test_narrow_head_flops_count_the_built_head():
+    """The FLOP model of a width / 2 head == torch's FLOP counter on the real narrow head built by the bench
+    (matmuls: the CPU flash-attention kernel has no FLOP formula, so attention is left out of both)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    c = dict(bench_folding.QUICK)
+    model = bench_folding.build_folded(c, divisor=2)
+    assert model.head.config.hidden_size == 32 and model.head.config.head_dim == 32
+    h, codes = torch.randn(16, 64), torch.randint(0, c["codebook_size"], (16, 16))
+    with FlopCounterMode(display=False) as fc:
+        model.head(h, codes)
+    cfg = bench_folding.llm_config(c)
+    head = LLMConfig(**{**vars(cfg), **bench_folding.head_config(c, 2), "vocab_size": c["codebook_size"], "head_dim": None})
+    # forward = a third of train_flops' 6x (matmul part), + cond_proj (64 -> 32)
+    expected = train_flops(head, 16, 16, vocab_out=c["codebook_size"], attention=False) / 3 + 2 * 64 * 32 * 16
+    assert fc.get_total_flops() == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="divisor 3"):
+        bench_folding.head_config(c, 3)
 
 
 def test_too_large_configs_are_skipped_with_a_message(capsys):

@@ -32,6 +32,18 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
 
+    @torch.no_grad()
+    def table(self, start: int, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(cos, sin) [1, 1, length, head_dim] of positions start..start+length-1, sliced from a table kept
+        across calls (decode: one slice per step instead of ~8 ops). Built by `forward`, so values are the same."""
+        need = start + length
+        cached = getattr(self, "_table", None)
+        if cached is None or cached[0].shape[2] < need or cached[0].dtype != dtype or cached[0].device != self.inv_freq.device:
+            size = max(need, 2 * cached[0].shape[2] if cached is not None else 0, 64)
+            self._table = self.forward(torch.arange(size, device=self.inv_freq.device)[None], dtype)
+        cos, sin = self._table
+        return cos[:, :, start:need], sin[:, :, start:need]
+
 
 def rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -46,28 +58,31 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class KVCache:
     """Per-layer keys/values for incremental decoding, plus the key padding mask.
 
-    Storage grows by doubling (amortised O(1) appends rather than a `torch.cat` per step). The
-    modality of new tokens is not stored here: it only picks the FFN, so each call passes the
-    `image_mask` of its new tokens.
+    `capacity` (tokens, when the caller knows the final length) preallocates the storage once, so every
+    step writes its k/v in place; without it storage grows by doubling (amortised O(1) appends, never a
+    `torch.cat` per step). The key padding mask is only kept once a padded token arrives (`padded`, a
+    Python flag: no device sync per step to ask "is anything padded?"). The modality of new tokens is
+    not stored here: it only picks the FFN, so each call passes the `image_mask` of its new tokens.
     """
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, capacity: int | None = None):
         self.num_layers = num_layers
+        self.capacity = capacity
         self._k: list[Tensor | None] = [None] * num_layers
         self._v: list[Tensor | None] = [None] * num_layers
-        self._mask: Tensor | None = None  # Bool[B, capacity]: True = real token
+        self._mask: Tensor | None = None  # Bool[B, capacity]: True = real token; None while nothing is padded
+        self.padded = False  # some cached (or pending) key is padding
         self.seq_len = 0  # tokens already cached (same for every layer once a step finishes)
         self._pending = 0  # length of the step in progress
 
     def __len__(self) -> int:
         return self.seq_len
 
-    @staticmethod
-    def _grow(buf: Tensor | None, new: Tensor, start: int, dim: int) -> Tensor:
+    def _grow(self, buf: Tensor | None, new: Tensor, start: int, dim: int) -> Tensor:
         need = start + new.shape[dim]
         if buf is None or buf.shape[dim] < need:
             shape = list(new.shape)
-            shape[dim] = max(need, 2 * (buf.shape[dim] if buf is not None else 0), 16)
+            shape[dim] = max(need, 2 * (buf.shape[dim] if buf is not None else 0), self.capacity or 16)
             grown = new.new_empty(shape)
             if buf is not None and start:
                 grown.narrow(dim, 0, start).copy_(buf.narrow(dim, 0, start))
@@ -75,14 +90,26 @@ class KVCache:
         buf.narrow(dim, start, new.shape[dim]).copy_(new)
         return buf
 
-    def begin_step(self, new_tokens: int, key_mask: Tensor) -> Tensor:
-        """Record the padding mask of `new_tokens` tokens; return the mask over all keys [B, S]."""
+    def begin_step(self, new_tokens: int, key_mask: Tensor | None = None, padded: bool | None = None) -> Tensor | None:
+        """Record the padding mask Bool[B, new_tokens] of this step's tokens (None: all real; `padded`: whether
+        it holds a False, if the caller already knows). Returns the mask over all keys [B, S] once any key
+        is padding, else None (attention then needs no key mask)."""
         self._pending = new_tokens
+        if padded is None:
+            padded = key_mask is not None and not bool(key_mask.all())
+        if padded and not self.padded:
+            self.padded = True
+            if self.seq_len:  # everything cached so far was real
+                self._mask = self._grow(None, key_mask.new_ones(key_mask.shape[0], self.seq_len), 0, dim=1)
+        if not self.padded:
+            return None
+        if key_mask is None:
+            key_mask = self._mask.new_ones(self._mask.shape[0], new_tokens)
         self._mask = self._grow(self._mask, key_mask, self.seq_len, dim=1)
         return self._mask[:, : self.seq_len + new_tokens]
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append this step's k/v [B, Hkv, T, Dh] for `layer`; return all keys/values so far."""
+        """Write this step's k/v [B, Hkv, T, Dh] for `layer` in place; return all keys/values so far."""
         self._k[layer] = self._grow(self._k[layer], k, self.seq_len, dim=2)
         self._v[layer] = self._grow(self._v[layer], v, self.seq_len, dim=2)
         end = self.seq_len + k.shape[2]
@@ -93,7 +120,7 @@ class KVCache:
         self._pending = 0
 
     def has_padding(self) -> bool:
-        return self._mask is not None and not bool(self._mask[:, : self.seq_len].all())
+        return self.padded
 
     def select_batch(self, index: Tensor) -> None:
         """Keep only the rows `index` (e.g. drop finished sequences, or duplicate for CFG)."""
@@ -101,6 +128,7 @@ class KVCache:
         self._v = [None if v is None else v.index_select(0, index) for v in self._v]
         if self._mask is not None:
             self._mask = self._mask.index_select(0, index)
+            self.padded = not bool(self._mask[:, : self.seq_len].all())
 
 
 class Attention(nn.Module):
@@ -126,13 +154,21 @@ class Attention(nn.Module):
         kv_cache: KVCache | None = None,
         layer_idx: int = 0,
     ) -> Tensor:
+        gqa = self.num_heads != self.num_kv_heads
+        if kv_cache is not None and x.shape[1] == 1:
+            # one decoded token: plain views (einops' per-call pattern dispatch was ~5% of a head decode step)
+            b, d = x.shape[0], self.head_dim
+            q = self.q_proj(x).view(b, -1, 1, d)
+            k = self.k_proj(x).view(b, -1, 1, d)
+            k, v = kv_cache.update(layer_idx, apply_rope(k, cos, sin), self.v_proj(x).view(b, -1, 1, d))
+            out = F.scaled_dot_product_attention(apply_rope(q, cos, sin), k, v, attn_mask=attn_mask, enable_gqa=gqa)
+            return self.o_proj(out.reshape(b, 1, -1))
         q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
         k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
         v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)
-        gqa = self.num_heads != self.num_kv_heads
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=gqa)
         return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
 

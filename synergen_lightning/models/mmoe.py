@@ -115,8 +115,9 @@ class DecoderStack(nn.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
 
-    def new_kv_cache(self) -> KVCache:
-        return KVCache(len(self.layers))
+    def new_kv_cache(self, capacity: int | None = None) -> KVCache:
+        """`capacity`: the final length when known (prompt + tokens to decode): storage is allocated once."""
+        return KVCache(len(self.layers), capacity)
 
     def forward(
         self,
@@ -141,16 +142,18 @@ class DecoderStack(nn.Module):
             )
         past = kv_cache.seq_len if kv_cache is not None else 0
         device = inputs_embeds.device
-        if position_ids is None:
-            position_ids = (past + torch.arange(t, device=device)).expand(b, t)
-        cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
+        if position_ids is None and kv_cache is not None:
+            cos, sin = self.rotary.table(past, t, inputs_embeds.dtype)  # decode: a slice of a kept table
+        else:
+            if position_ids is None:
+                position_ids = (past + torch.arange(t, device=device)).expand(b, t)
+            cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
 
         key_mask = None
         padded = attention_mask is not None and not bool(attention_mask.all())
         if kv_cache is not None:
-            new_mask = torch.ones(b, t, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
-            padded = padded or kv_cache.has_padding()
-            key_mask = kv_cache.begin_step(t, new_mask)
+            key_mask = kv_cache.begin_step(t, None if attention_mask is None else attention_mask.bool(), padded)
+            padded = kv_cache.padded
         elif padded:
             key_mask = attention_mask.bool()
         attn_mask, is_causal = self._attn_mask(b, t, past, key_mask if padded else None, device)
@@ -173,6 +176,10 @@ class DecoderStack(nn.Module):
                 return None, t > 1
             if t == 1:
                 return None, False  # one new token sees the whole cache
+        elif t == 1:  # one decoded token: it sees every real cached key, and itself (padding or not)
+            mask = key_mask.clone()
+            mask[:, -1] = True
+            return mask[:, None, None], False
         q_pos = past + torch.arange(t, device=device)
         k_pos = torch.arange(past + t, device=device)
         allowed = k_pos[None, :] <= q_pos[:, None]  # causal by cache index

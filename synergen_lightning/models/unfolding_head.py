@@ -92,7 +92,7 @@ class UnfoldingHead(nn.Module):
         p = rows // 2 if cfg_scale is not None else rows
         if cfg_scale is not None and rows % 2:
             raise ValueError(f"CFG needs conditional and unconditional rows stacked ([2P, D]), got {rows} rows")
-        cache = self.stack.new_kv_cache() if use_cache else None
+        cache = self.stack.new_kv_cache(capacity=self.seq_len) if use_cache else None  # static: written in place
         x = self.cond_proj(h)[:, None]
         out: list[Tensor] = []
         seq = x
@@ -108,9 +108,10 @@ class UnfoldingHead(nn.Module):
             code = sample_logits(logits, temperature, top_k, top_p, generator)
             out.append(code)
             if j + 1 < self.seq_len:
-                fed = torch.cat([code, code]) if cfg_scale is not None else code
+                fed = code.repeat(2) if cfg_scale is not None else code
                 x = (self.code_embed(fed) + self.pos_embed[j + 1])[:, None]
-                seq = torch.cat([seq, x], dim=1)
+                if cache is None:
+                    seq = torch.cat([seq, x], dim=1)
         return torch.stack(out, dim=1)
 
 
