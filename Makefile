@@ -30,7 +30,7 @@ DEMO      := runs/demo/report.json
 # several processes -> FSDP2 under Lightning's ModelParallelStrategy (gloo on CPU, nccl on GPUs)
 FIT_FLAGS := --trainer.devices $(DEVICES) $(if $(filter-out 1,$(DEVICES)),--trainer.strategy.class_path synergen_lightning.distributed.FSDP2Strategy) $(ARGS)
 
-.PHONY: help install data tokenizer base-llm stage1 stage2 sft demo eval test test-fast test-all bench tensorboard geneval-gt clean
+.PHONY: help install data tokenizer base-llm stage1 stage2 sft demo ablations eval test test-fast test-all bench tensorboard geneval-gt clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9_-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -100,6 +100,9 @@ demo: $(VENV)  ## everything on the tiny default, then generation, scoring -> ru
 $(DEMO): $(SFT_CKPT)
 	$(SYN) demo report --ckpt $(SFT_CKPT) --base-llm $(BASE_CKPT) --data $(DATA) --out runs/demo
 	@cat $@
+
+ablations: $(DATA_OK) $(VQ_CKPT) $(BASE_CKPT)  ## the paper's Tables 6 and 7 in miniature -> runs/ablations/results.json + docs/ablations.md (ARGS="--seeds 0 --only folding" or --quick)
+	$(SYN) ablations run $(ARGS)
 
 EVAL_SUITES ?= geneval,und,text
 eval: $(VENV)  ## report of the latest tiny run (understanding views as that stage trained) -> runs/tiny/eval/report.md (FID: EVAL_SUITES=...,fid FID_WEIGHTS=path.pth)
