@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/profile_ops.py mfu     # MFU step: width 512, 8 layers, 1,024 tokens
     .venv/bin/python bench/profile_ops.py head    # UnfoldingHead.generate: CPU per code, aten calls per code
+    .venv/bin/python bench/profile_ops.py llm     # the LLM's KV-cached decode step in generate_codes (CFG: 2 rows)
     .venv/bin/python bench/profile_ops.py hf      # ours vs ours-without-vision-experts vs transformers Qwen2 (CPU time)
 """
 
@@ -64,6 +65,41 @@ def profile_head() -> None:
     top(p, per=steps)
 
 
+def profile_llm_decode() -> None:
+    """The LLM's decode step as `generate_codes` runs it: cond + uncond rows (left-padded prompts of different
+    lengths), one folded image token per step, KV-cached, no per-step attention mask (the cache knows the padding)."""
+    import bench_folding as bf
+
+    from synergen_lightning.generation import _left_pad
+
+    c = dict(bf.FULL)
+    model = bf.build_folded(c).eval()
+    g = torch.Generator().manual_seed(0)
+    ids, mask, pos = _left_pad([bf.prompt(c, g), [0, 5, 3]], 2, "cpu")
+    d, steps = model.llm.config.hidden_size, 64
+    x, col = torch.randn(2, 1, d), torch.ones(2, 1, dtype=torch.bool)
+
+    @torch.no_grad()
+    def run():
+        cache = model.llm.new_kv_cache(capacity=ids.shape[1] + steps)
+        model.llm(model.embed_text(ids), image_mask=torch.zeros_like(mask), position_ids=pos, attention_mask=mask,
+                  kv_cache=cache)
+        nxt = pos[:, -1:] + 1
+        for _ in range(steps):
+            model.llm(x, image_mask=col, position_ids=nxt, kv_cache=cache)
+            nxt = nxt + 1
+
+    run()
+    c0 = time.process_time()
+    run()
+    print(f"LLM decode: {(time.process_time() - c0) / steps * 1e3:.2f} ms CPU per step incl. prefill share "
+          f"({model.llm.config.num_layers} MMoE blocks, width {d}, 2 rows)")
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        run()
+    print(f"aten calls per step: {sum(e.count for e in p.key_averages() if e.key.startswith('aten::')) / steps:.0f}")
+    top(p, per=steps)
+
+
 def ours_vs_hf(repeats: int) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -96,11 +132,11 @@ def ours_vs_hf(repeats: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["mfu", "head", "hf"])
+    p.add_argument("what", choices=["mfu", "head", "llm", "hf"])
     p.add_argument("--repeats", type=int, default=15, help="hf: interleaved repeats")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    {"mfu": profile_mfu, "head": profile_head, "hf": lambda: ours_vs_hf(a.repeats)}[a.what]()
+    {"mfu": profile_mfu, "head": profile_head, "llm": profile_llm_decode, "hf": lambda: ours_vs_hf(a.repeats)}[a.what]()
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ class Routing:
 
     text_idx: Tensor | None  # None: every token is text (dense fast path)
     image_idx: Tensor | None
+    all_image: bool = False  # every token is an image token (a folded image being decoded): vision FFN only
 
     @staticmethod
     def from_mask(image_mask: Tensor | None, num_tokens: int) -> Routing:
@@ -63,6 +64,8 @@ class Routing:
         if flat.shape[0] != num_tokens:
             raise ValueError(f"image_mask has {flat.shape[0]} entries but the input has {num_tokens} tokens; pass Bool[B, T]")
         flat = flat.bool()
+        if flat.numel() and bool(flat.all()):  # decode steps of an image: no gather/scatter, one sync not two
+            return Routing(None, None, all_image=True)
         return Routing(torch.nonzero(~flat).squeeze(1), torch.nonzero(flat).squeeze(1))
 
 
@@ -83,7 +86,14 @@ class DecoderBlock(nn.Module):
         norm = self.post_attn_norm
         if self.vision_ffn is None:
             return self.text_ffn(norm(x))
+        if routing.all_image:
+            if not torch.is_grad_enabled():  # inference: the idle expert needs no tie (no gradients to keep alike)
+                return self.vision_ffn(norm(x))
+            idle = self.text_ffn(x.new_empty(0, x.shape[-1])).sum()  # mirror of the text-only tie below
+            return self.vision_ffn(F.rms_norm(x, norm.normalized_shape, norm.weight + idle, norm.eps))
         if routing.image_idx is None:
+            if not torch.is_grad_enabled():
+                return self.text_ffn(norm(x))
             # text only: the vision expert still runs (on zero rows) and is tied into the graph, so every rank
             # calls, and back-propagates through, every FSDP unit. The zero it returns is added to the norm's
             # [D] weight (exact: w + 0 == w), not to a [B, T, D] activation: measured 4% of a text-only

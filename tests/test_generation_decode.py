@@ -1,0 +1,77 @@
+"""The decode path's speed-ups keep the numbers: static KV cache, padding flag, RoPE table, all-image routing."""
+import torch
+
+from synergen_lightning.models.blocks import KVCache, RotaryEmbedding
+from synergen_lightning.models.mmoe import DecoderStack, LLMConfig, MMoETransformer
+
+CFG = LLMConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48)
+
+
+def test_rope_table_equals_the_computed_embedding():
+    rot = RotaryEmbedding(8)
+    cos, sin = rot(torch.arange(3, 40)[None], torch.float32)
+    tcos, tsin = rot.table(3, 37, torch.float32)
+    assert torch.equal(tcos, cos) and torch.equal(tsin, sin)
+    big, _ = rot.table(100, 5, torch.float32)  # grows past its first size
+    assert torch.equal(big, rot(torch.arange(100, 105)[None], torch.float32)[0])
+
+
+def test_static_cache_is_allocated_once_and_tracks_padding_without_a_mask_per_step():
+    cache = KVCache(1, capacity=6)
+    k = torch.randn(2, 1, 2, 4)
+    assert cache.begin_step(2, torch.tensor([[False, True], [True, True]])) is not None and cache.padded
+    cache.update(0, k, k)
+    cache.end_step()
+    ptr = cache._k[0].data_ptr()
+    for _ in range(4):  # decode steps: no mask passed, the kept mask grows with True
+        mask = cache.begin_step(1, None)
+        cache.update(0, k[:, :, :1], k[:, :, :1])
+        cache.end_step()
+    assert cache._k[0].data_ptr() == ptr and cache._k[0].shape[2] == 6  # written in place, never regrown
+    assert mask.tolist() == [[False, True, True, True, True, True], [True] * 6]
+    clean = KVCache(1)
+    assert clean.begin_step(3, torch.ones(1, 3, dtype=torch.bool)) is None and not clean.padded  # no mask kept
+
+
+def test_all_image_routing_equals_a_dense_stack_of_the_vision_experts():
+    """Every token an image token: the block runs the vision FFN only; reference = a plain stack whose (only)
+    FFN holds the vision weights. In training mode the idle text expert still gets zero gradients."""
+    torch.manual_seed(0)
+    llm = MMoETransformer(CFG)
+    with torch.no_grad():
+        for layer in llm.layers:
+            for p in layer.vision_ffn.parameters():
+                p.add_(0.05 * torch.randn_like(p))  # vision experts differ from the text ones
+    ref = DecoderStack(CFG, vision_experts=False)
+    state = {k.replace("vision_ffn", "text_ffn"): v for k, v in llm.state_dict().items()
+             if "text_ffn" not in k and not k.startswith(("embed_tokens", "lm_head"))}
+    ref.load_state_dict(state)
+    x, img = torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(llm(x, image_mask=img), ref(x), rtol=0, atol=1e-6)
+    out = llm(x, image_mask=img)
+    torch.testing.assert_close(out, ref(x), rtol=0, atol=1e-6)
+    out.sum().backward()
+    g = llm.layers[0].text_ffn.gate_proj.weight.grad
+    assert g is not None and not g.any() and llm.layers[0].vision_ffn.gate_proj.weight.grad.abs().sum() > 0
+
+
+def test_padded_cached_decode_equals_uncached_with_image_tokens():
+    """Left-padded rows, decode steps of image tokens without a per-step mask == the full recomputation."""
+    torch.manual_seed(0)
+    llm = MMoETransformer(CFG).eval()
+    ids = torch.randint(0, 50, (2, 6))
+    mask = torch.tensor([[False, False, True, True, True, True], [True] * 6])
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    cache = llm.new_kv_cache(capacity=9)
+    e = llm.embed(ids)
+    with torch.no_grad():
+        llm(e, image_mask=torch.zeros_like(mask), position_ids=pos, attention_mask=mask, kv_cache=cache)
+        new = torch.randn(2, 3, 32)
+        col = torch.ones(2, 1, dtype=torch.bool)
+        steps = [llm(new[:, i:i + 1], image_mask=col, position_ids=pos[:, -1:] + 1 + i, kv_cache=cache)[:, 0]
+                 for i in range(3)]
+        full = llm(torch.cat([e, new], 1), image_mask=torch.cat([torch.zeros_like(mask), col.expand(2, 3)], 1),
+                   position_ids=torch.cat([pos, pos[:, -1:] + torch.arange(1, 4)], 1),
+                   attention_mask=torch.cat([mask, col.expand(2, 3)], 1))
+    torch.testing.assert_close(torch.stack(steps, 1), full[:, 6:], rtol=1e-5, atol=1e-5)
