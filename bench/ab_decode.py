@@ -1,0 +1,125 @@
+"""Decode path before/after, in ONE process, interleaved call by call (1 thread): a git revision vs the working tree.
+
+The revision's `synergen_lightning` is exported (`git archive`) into a temp dir, renamed `synergen_base` (its
+imports rewritten) and loaded beside the working tree's package; both models get the same weights, and their
+greedy CFG codes are asserted identical before timing. Measured, CPU time per unit (median over rounds, the
+order of before/after alternating per round): the head's KV-cached decode (1 row; CFG 2 rows) per code, the
+LLM's decode step (CFG rows, left-padded prompts), and `generate_codes` of one image with and without CFG.
+
+    .venv/bin/python bench/ab_decode.py --rev 9a9395d~1 --grid 32 --rounds 5 --out runs/exp_perf2/ab_decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def export_revision(rev: str, dest: Path) -> None:
+    """`git archive REV synergen_lightning` -> dest/synergen_base, every import renamed."""
+    try:
+        blob = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "synergen_lightning"], check=True,
+                              capture_output=True).stdout
+    except subprocess.CalledProcessError as exc:
+        raise SystemExit(f"--rev {rev!r}: git archive failed ({exc.stderr.decode().strip()}); pass a commit of this repo")
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        tar.extractall(dest, filter="data")
+    (dest / "synergen_lightning").rename(dest / "synergen_base")
+    for f in (dest / "synergen_base").rglob("*.py"):
+        f.write_text(f.read_text().replace("synergen_lightning", "synergen_base"))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rev", required=True, help="the 'before' commit (e.g. the parent of the decode changes)")
+    p.add_argument("--grid", type=int, default=32, help="code grid of the generated image (bench widths otherwise)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds (one untimed first)")
+    p.add_argument("--out", default="runs/bench/ab_decode.json")
+    a = p.parse_args(argv)
+    if a.grid % 8 or a.grid <= 0:
+        p.error(f"--grid {a.grid}: must be a positive multiple of 8 (2x8 folding)")
+    tmp = tempfile.TemporaryDirectory()
+    export_revision(a.rev, Path(tmp.name))
+    sys.path.insert(0, tmp.name)
+
+    import torch
+
+    torch.set_num_threads(1)
+    import bench_folding as bf
+    from synergen_base.generation import generate_codes as gen_old
+    from synergen_base.system import SynerGenVL as OldVL
+
+    from synergen_lightning.generation import _left_pad
+    from synergen_lightning.generation import generate_codes as gen_new
+
+    c = dict(bf.FULL, grid=a.grid)
+    torch.manual_seed(0)
+    new = bf.build_folded(c).eval()
+    old = OldVL(llm=vars(bf.llm_config(c)), special_token_ids=bf.SPECIAL, codebook_size=c["codebook_size"],
+                image_size=a.grid * 8, downsample=8, fold=tuple(c["fold"]), code_dim=c["hidden_size"],
+                head=bf.head_config(c), stage="full").eval()
+    old.load_state_dict(new.state_dict())
+    d, g = c["hidden_size"], torch.Generator().manual_seed(0)
+    prompt, uncond = bf.prompt(c, g), [bf.SPECIAL["bos"], bf.SPECIAL["uncond"], bf.SPECIAL["boi"]]
+    h1, h2 = torch.randn(1, d), torch.randn(2, d)
+    gen = {id(new): gen_new, id(old): gen_old}
+    with torch.no_grad():
+        same = torch.equal(gen_new(new, [prompt], uncond, 7.5, temperature=0.0), gen_old(old, [prompt], uncond, 7.5, temperature=0.0))
+    if not same:
+        raise SystemExit("before and after differ on greedy CFG generation: fix that before timing")
+
+    def llm_steps(model, steps=32):
+        ids, mask, pos = _left_pad([prompt, uncond], bf.SPECIAL["pad"], "cpu")
+        cache = model.llm.new_kv_cache()
+        model.llm(model.embed_text(ids), image_mask=torch.zeros_like(mask), position_ids=pos, attention_mask=mask,
+                  kv_cache=cache)
+        x, col, nxt = torch.randn(2, 1, d), torch.ones(2, 1, dtype=torch.bool), pos[:, -1:] + 1
+        kw = {} if model is new else {"attention_mask": col}  # as each revision's generate_codes calls it
+        for _ in range(steps):
+            model.llm(x, image_mask=col, position_ids=nxt, kv_cache=cache, **kw)
+            nxt = nxt + 1
+
+    L = new.head.seq_len
+    tasks = {
+        "head_ms_per_code": (lambda m: [m.head.generate(h1, generator=g) for _ in range(8)], 1e3 / (8 * L)),
+        "head_cfg_ms_per_code": (lambda m: [m.head.generate(h2, cfg_scale=7.5, generator=g) for _ in range(8)], 1e3 / (8 * L)),
+        "llm_cfg_ms_per_step": (llm_steps, 1e3 / 32),
+        "generate_image_s": (lambda m: gen[id(m)](m, [prompt], None, None, generator=g), 1.0),
+        "generate_image_cfg_s": (lambda m: gen[id(m)](m, [prompt], uncond, 7.5, generator=g), 1.0),
+    }
+    times = {k: {"before": [], "after": []} for k in tasks}
+    load_before = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
+    with torch.no_grad():
+        for r in range(a.rounds + 1):
+            for k, (fn, scale) in tasks.items():
+                for side, m in (("before", old), ("after", new)) if r % 2 else (("after", new), ("before", old)):
+                    t0 = time.process_time()
+                    fn(m)
+                    if r:
+                        times[k][side].append((time.process_time() - t0) * scale)
+    out = {"rev": a.rev, "grid": a.grid, "rounds": a.rounds, "threads": 1, "load_before": load_before,
+           "load_after": Path("/proc/loadavg").read_text().split()[:3] if load_before else None, "cpu_time": {}}
+    for k, v in times.items():
+        b, f = statistics.median(v["before"]), statistics.median(v["after"])
+        out["cpu_time"][k] = {"before": b, "after": f, "speedup": b / f, "speedup_of_min": min(v["before"]) / min(v["after"])}
+        print(f"{k:22s} before {b:8.4f}  after {f:8.4f}  speed-up {b / f:5.2f}x (of min {min(v['before']) / min(v['after']):5.2f}x)")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=1))
+    print(f"wrote {a.out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
