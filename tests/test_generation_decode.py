@@ -14,6 +14,12 @@ def test_rope_table_equals_the_computed_embedding():
     assert torch.equal(tcos, cos) and torch.equal(tsin, sin)
     big, _ = rot.table(100, 5, torch.float32)  # grows past its first size
     assert torch.equal(big, rot(torch.arange(100, 105)[None], torch.float32)[0])
+    fresh = RotaryEmbedding(8)
+    with torch.inference_mode():  # built under inference mode, the table still serves a grad-enabled forward
+        fresh.table(0, 4, torch.float32)
+    x = torch.randn(1, 2, 4, 8, requires_grad=True)
+    (x * fresh.table(0, 4, torch.float32)[0]).sum().backward()
+    assert x.grad is not None
 
 
 def test_static_cache_is_allocated_once_and_tracks_padding_without_a_mask_per_step():

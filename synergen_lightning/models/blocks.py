@@ -40,7 +40,8 @@ class RotaryEmbedding(nn.Module):
         cached = getattr(self, "_table", None)
         if cached is None or cached[0].shape[2] < need or cached[0].dtype != dtype or cached[0].device != self.inv_freq.device:
             size = max(need, 2 * cached[0].shape[2] if cached is not None else 0, 64)
-            self._table = self.forward(torch.arange(size, device=self.inv_freq.device)[None], dtype)
+            with torch.inference_mode(False):  # a normal tensor: a later grad-enabled cached forward may save it
+                self._table = self.forward(torch.arange(size, device=self.inv_freq.device)[None], dtype)
         cos, sin = self._table
         return cos[:, :, start:need], sin[:, :, start:need]
 
