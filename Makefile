@@ -105,11 +105,10 @@ ablations: $(DATA_OK) $(VQ_CKPT) $(BASE_CKPT)  ## the paper's Tables 6 and 7 in 
 	$(SYN) ablations run $(ARGS)
 
 EVAL_SUITES ?= geneval,und,text
-eval: $(VENV)  ## report of the latest tiny run (understanding views as that stage trained) -> runs/tiny/eval/report.md (FID: EVAL_SUITES=...,fid FID_WEIGHTS=path.pth)
+eval: $(VENV)  ## report of the latest tiny run (every tiny stage trains one native 128-px view) -> runs/tiny/eval/report.md (FID: EVAL_SUITES=...,fid FID_WEIGHTS=path.pth)
 	@ckpt=$$(ls -t $(SFT_CKPT) $(S2_CKPT) $(S1_CKPT) 2>/dev/null | head -1); \
 	test -n "$$ckpt" || { echo "make eval: no runs/tiny/*/last.ckpt yet; run make stage1 (or make demo) first" >&2; exit 2; }; \
-	tiles=$$(case $$ckpt in *stage1*) ;; *) echo --max-tiles 4 --thumbnail;; esac); \
-	$(SYN) eval report --ckpt $$ckpt --data $(DATA) --suite $(EVAL_SUITES) $$tiles --out runs/tiny/eval --overwrite $(if $(FID_WEIGHTS),--inception-weights $(FID_WEIGHTS))
+	$(SYN) eval report --ckpt $$ckpt --data $(DATA) --suite $(EVAL_SUITES) --out runs/tiny/eval --overwrite $(if $(FID_WEIGHTS),--inception-weights $(FID_WEIGHTS))
 
 geneval-gt: $(DATA_OK)  ## sanity check: the scorer on the world's own renders (expect 1.0)
 	$(SYN) eval geneval --prompts $(DATA)/eval_prompts.jsonl --ground-truth --out runs/geneval_gt.json

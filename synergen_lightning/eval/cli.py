@@ -69,8 +69,8 @@ def report_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-fid", type=int, default=64, help="images per FID set (default: 64; MSCOCO-30K uses 30000)")
     p.add_argument("--max-text", type=int, default=200, help="skill lines used (default: 200)")
     p.add_argument("--max-tiles", type=int, default=1, help="understanding views: InternVL-1.5 tiles, as the model "
-                   "was trained (tiny stage2/sft: 4)")
-    p.add_argument("--thumbnail", action="store_true", help="append a thumbnail view (stage 2 / SFT training does)")
+                   "was trained (the tiny recipes: 1 native view)")
+    p.add_argument("--thumbnail", action="store_true", help="append a thumbnail view (when the model trained with one)")
     p.add_argument("--inception-weights", help=f"local torch-fidelity Inception weights (.pth) for fid; default: the "
                    f"recipe key {INCEPTION_KEY} of --config")
     p.add_argument("--config", type=Path, help=f"a recipe YAML to read {INCEPTION_KEY} from")
