@@ -122,13 +122,19 @@ def train_bpe(text_files, vocab_size: int, out_dir: str | Path, min_frequency: i
 
     Digits are pre-split one per token (as Llama / Qwen2 / InternLM2 do), so "37" is `3`,`7`: the
     model sees each number's digits and can learn comparison compositionally instead of memorising
-    one whole-number token per value (measured on the tiny skill: see recipes/tiny/base_llm.yaml)."""
+    one whole-number token per value (measured on the tiny skill: see recipes/tiny/base_llm.yaml).
+    Every encoded segment starts a word, so chat answers are the corpus's word tokens."""
     if vocab_size < 300:
         raise ValueError(f"vocab_size={vocab_size} is too small for byte-level BPE (256 byte symbols + specials); use >= 300")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
+    # A word opening a segment is the same token as mid-sentence ("yellow" -> `Ġyellow`, as SentencePiece's
+    # dummy prefix does for Llama / InternLM2): a chat answer, encoded right after `assistant\n`, then reuses
+    # the token the base LLM learnt in "A: yellow" instead of rare pieces (`ye`,`llow`) it never saw.
+    # ByteLevel runs first so its prefix space is added once per segment, not once per digit.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.ByteLevel(add_prefix_space=True),
+                                                 pre_tokenizers.Digits(individual_digits=True)])
+    # ...and decoding drops that one added space again, so decode(encode(text)) == text
+    tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0)])
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS.values()),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
