@@ -97,6 +97,14 @@ class VQConfig:
     # (a per-patch MLP with per-position norms): a flat patch then gets the same code wherever it sits, instead of one of many near-duplicate
     # codes chosen by far-away context that a reconstruction does not reproduce (round-trip instability).
     encoder_kernel_size: int = 3
+    # Kernel of the decoder's convs. 1 (with unshuffle = downsample, i.e. one level) makes a per-patch decoder: each
+    # code decodes to its own downsample x downsample patch alone, so nothing of a neighbour's edge bleeds into a flat
+    # patch; with a per-patch encoder too, decode -> encode of a code does not depend on its context at all.
+    decoder_kernel_size: int = 3
+    # No networks at all: the latent of a code position is its raw unshuffle x unshuffle patch (code_dim = 3 * u * u,
+    # no l2 normalisation) and a code decodes to its codebook vector as pixels, i.e. online k-means on patches.
+    # decode(c) is then exactly code c's vector, so every code round-trips by construction.
+    patch_codebook: bool = False
 
     def __post_init__(self) -> None:
         if self.unshuffle < 1:
@@ -105,8 +113,20 @@ class VQConfig:
             raise ValueError("channel_multiplier must name at least one level, e.g. (1, 2)")
         if self.encoder_kernel_size not in (1, 3):
             raise ValueError(f"encoder_kernel_size {self.encoder_kernel_size} is not supported; use 3 (conv) or 1 (per-patch)")
+        if self.decoder_kernel_size not in (1, 3):
+            raise ValueError(f"decoder_kernel_size {self.decoder_kernel_size} is not supported; use 3 (conv) or 1 (per-patch)")
+        if self.decoder_kernel_size == 1 and len(self.channel_multiplier) != 1:
+            raise ValueError(f"decoder_kernel_size 1 (per-patch decoder) needs one level (channel_multiplier of length 1, "
+                             f"downsample = unshuffle); got channel_multiplier {tuple(self.channel_multiplier)}, whose 3x3 "
+                             "upsampling convs mix neighbouring patches")
         if self.restart_sampling not in RESTART_SAMPLING:
             raise ValueError(f"restart_sampling {self.restart_sampling!r} is not supported; use one of {RESTART_SAMPLING}")
+        if self.patch_codebook:
+            patch_dim = self.in_channels * self.unshuffle ** 2
+            if self.code_dim != patch_dim or self.l2_normalize or len(self.channel_multiplier) != 1:
+                raise ValueError(f"patch_codebook needs code_dim = in_channels * unshuffle**2 = {patch_dim} (got {self.code_dim}), "
+                                 f"l2_normalize false (got {self.l2_normalize}) and one level (got channel_multiplier "
+                                 f"{tuple(self.channel_multiplier)}): the code vectors are pixel patches")
 
     @property
     def downsample(self) -> int:
@@ -138,16 +158,16 @@ class VQDecoder(nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()
         chs = [cfg.base_channels * m for m in cfg.channel_multiplier][::-1]
-        prev = chs[0]
-        layers: list[nn.Module] = [nn.Conv2d(cfg.z_channels, prev, 3, padding=1), ResBlock(prev, prev)]
+        prev, k = chs[0], cfg.decoder_kernel_size
+        layers: list[nn.Module] = [nn.Conv2d(cfg.z_channels, prev, k, padding=k // 2), ResBlock(prev, prev, k)]
         for level, ch in enumerate(chs):
             for _ in range(cfg.num_res_blocks):
-                layers.append(ResBlock(prev, ch))
+                layers.append(ResBlock(prev, ch, k))
                 prev = ch
             if level != len(chs) - 1:
                 layers.append(Upsample(prev))
         u = cfg.unshuffle
-        layers += [_norm(prev), nn.SiLU(), nn.Conv2d(prev, cfg.in_channels * u * u, 3, padding=1)]
+        layers += [_norm(prev, k == 1), nn.SiLU(), nn.Conv2d(prev, cfg.in_channels * u * u, k, padding=k // 2)]
         if u > 1:
             layers.append(nn.PixelShuffle(u))
         self.net = nn.Sequential(*layers)
@@ -235,12 +255,18 @@ class VQModel(nn.Module):
     def __init__(self, cfg: VQConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = VQEncoder(cfg)
-        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.code_dim, 1)  # low-dimensional lookup space
+        if cfg.patch_codebook:  # the code vectors are the pixel patches themselves
+            self.encoder, self.quant_conv = nn.PixelUnshuffle(cfg.unshuffle), nn.Identity()
+        else:
+            self.encoder = VQEncoder(cfg)
+            self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.code_dim, 1)  # low-dimensional lookup space
         self.quantizer = VectorQuantizer(cfg.codebook_size, cfg.code_dim, cfg.l2_normalize, cfg.dead_code_restart,
                                          cfg.usage_decay, cfg.dead_threshold, cfg.restart_sampling)
-        self.post_quant_conv = nn.Conv2d(cfg.code_dim, cfg.z_channels, 1)
-        self.decoder = VQDecoder(cfg)
+        if cfg.patch_codebook:
+            self.post_quant_conv, self.decoder = nn.Identity(), nn.PixelShuffle(cfg.unshuffle)
+        else:
+            self.post_quant_conv = nn.Conv2d(cfg.code_dim, cfg.z_channels, 1)
+            self.decoder = VQDecoder(cfg)
 
     @property
     def downsample(self) -> int:
