@@ -5,10 +5,6 @@ Training loss = reconstruction (L1 or L2; with clamp_aware_loss, free past a sat
               [+ consistency_weight * ||normalise(E(decode(z_q))) - z_q||^2: re-encoding a (detached)
                  reconstruction must land on the code it came from, which is what round-trip stability
                  decode(encode(decode(c))) == c needs; costs one extra encoder pass]
-              [+ roundtrip_weight * mean_c relu(d(c) - min_{c' != c} d(c') + roundtrip_margin), per-patch models only:
-                 every code c decoded alone (one patch) and re-encoded through the frozen encoder must stay nearer its own
-                 code than any other (d = squared distance on the unit sphere); only the decoder moves, so the
-                 encoder's cells (the codes real images get) stay put and the decoded patch is kept inside its cell]
               [+ perceptual_weight * VGG feature distance, only with a local `perceptual_weights` file]
               [+ adversarial_weight * PatchGAN hinge loss after `disc_start_step`; manual optimisation with
                  two optimisers, used only when adversarial_weight > 0].
@@ -112,8 +108,6 @@ class VQTokenizer(L.LightningModule):
         consistency_weight: float = 0.0,
         consistency_codebook: bool = False,
         consistency_views: int | None = None,
-        roundtrip_weight: float = 0.0,
-        roundtrip_margin: float = 0.02,
         perceptual_weight: float = 0.0,
         perceptual_weights: str | None = None,
         adversarial_weight: float = 0.0,
@@ -131,9 +125,6 @@ class VQTokenizer(L.LightningModule):
             raise ValueError(f"recon_loss {recon_loss!r} is not supported; use 'l1' or 'l2'")
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule {lr_schedule!r} is not supported; use 'constant' or 'cosine' (decays to 0 at max_steps)")
-        if roundtrip_weight > 0 and (encoder_kernel_size != 1 or decoder_kernel_size != 1):
-            raise ValueError(f"roundtrip_weight {roundtrip_weight} needs the per-patch encoder and decoder "
-                             "(encoder_kernel_size: 1, decoder_kernel_size: 1): only then does a code's round trip not depend on its context")
         self.save_hyperparameters()
         self.vq = VQModel(VQConfig(codebook_size=codebook_size, code_dim=code_dim, base_channels=base_channels,
                                    channel_multiplier=tuple(channel_multiplier), num_res_blocks=num_res_blocks,
@@ -236,10 +227,6 @@ class VQTokenizer(L.LightningModule):
             c = self._consistency_loss(recon[:n], codes[:n])
             loss = loss + self.hparams.consistency_weight * c
             logs["train/consistency"] = c
-        if self.hparams.roundtrip_weight > 0:
-            r = self.roundtrip_hinge(self.hparams.roundtrip_margin).mean()
-            loss = loss + self.hparams.roundtrip_weight * r
-            logs["train/roundtrip_hinge"] = r
         self.log_dict(logs, prog_bar=False, batch_size=x.shape[0])
         self.log("train/loss", loss, prog_bar=True, batch_size=x.shape[0])
         if self.automatic_optimization:
@@ -267,21 +254,6 @@ class VQTokenizer(L.LightningModule):
         if not self.hparams.consistency_codebook:
             return F.mse_loss(z_again, target.detach())
         return F.mse_loss(z_again, target.detach()) + F.mse_loss(target, z_again.detach())
-
-    def roundtrip_hinge(self, margin: float) -> Tensor:
-        """Per-code hinge [K] keeping each decoded code inside its own encoder cell (see the module docstring): > 0
-        where decode(c) re-encodes nearer another code (+ margin). Decodes the whole codebook as K one-patch images
-        (cheap: ~K/64 views); the encoder, quant_conv and codebook enter detached, so only the decoder gets gradients."""
-        vq, k = self.vq, self.codebook_size
-        codebook = vq.quantizer.codebook().detach()
-        patches = vq.decode_latent(rearrange(codebook, "k d -> k d 1 1")).clamp(-1, 1)  # decode() clamps too
-        encode = nn.Sequential(vq.encoder, vq.quant_conv)  # shares the modules; parameters passed detached below
-        z = torch.func.functional_call(encode, {n: p.detach() for n, p in encode.named_parameters()}, (patches,))
-        z = vq.quantizer._prep(rearrange(z, "k d 1 1 -> k d"))
-        dist_sq = z.pow(2).sum(-1, keepdim=True) - 2 * z @ codebook.t() + codebook.pow(2).sum(-1)  # [K, K], as nearest()
-        own = dist_sq.diagonal()
-        other = dist_sq.masked_fill(torch.eye(k, dtype=torch.bool, device=z.device), float("inf")).min(-1).values
-        return F.relu(own - other + margin)
 
     def configure_optimizers(self):
         hp = self.hparams
