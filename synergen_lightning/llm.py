@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from synergen_lightning.models.mmoe import LLMConfig, MMoETransformer
+from synergen_lightning.models.mmoe import LLMConfig, LLMConfigDict, MMoETransformer
 from synergen_lightning.text_tokenizer import TextTokenizer, load_or_train
 
 TINY_CONFIG = dict(vocab_size=2048, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2,
@@ -29,7 +29,7 @@ def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
 class MMoELLM(L.LightningModule):
     def __init__(
         self,
-        config: dict | None = None,
+        config: LLMConfigDict | None = None,
         tokenizer_dir: str | None = None,
         bpe_train_files: list[str] | None = None,
         bpe_vocab_size: int = 2048,

@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import grad_norm, rank_zero_info
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from synergen_lightning.models.folding import TokenFolder, check_fold, fold_codes
-from synergen_lightning.models.mmoe import LLMConfig, MMoETransformer
+from synergen_lightning.models.mmoe import LLMConfig, LLMConfigDict, MMoETransformer
 from synergen_lightning.models.unfolding_head import UnfoldingHead
 from synergen_lightning.stages import (
     PARAMETER_GROUPS,
@@ -109,7 +110,7 @@ def read_base_llm_config(path: str | Path) -> LLMConfig:
 class SynerGenVL(LightningModule):
     def __init__(
         self,
-        llm: dict | None = None,
+        llm: LLMConfigDict | None = None,
         base_llm: str | None = None,
         text_tokenizer: str | None = None,
         special_token_ids: dict[str, int] | None = None,
@@ -232,6 +233,9 @@ class SynerGenVL(LightningModule):
         self.stage = get_stage(stage)["name"]
         self.stage_history: list[tuple[int, str]] = [(0, self.stage)]  # (first step, stage): switches inside a run
         self._stage_applied = False
+        # validation losses as token-weighted means over the epoch: a val batch holds one task, and the other
+        # task's absent loss must not enter the mean as a 0
+        self.val_loss_text, self.val_loss_image = MeanMetric(), MeanMetric()
 
     # ------------------------------------------------------------------ structure
     @property
@@ -470,8 +474,11 @@ class SynerGenVL(LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self(batch)
         bs = batch["input_ids"].shape[0]
-        self.log_dict({"val/loss": out["loss"], "val/loss_text": out["loss_text"], "val/loss_image": out["loss_image"]},
-                      batch_size=bs, sync_dist=True)
+        self.log("val/loss", out["loss"], batch_size=bs, sync_dist=True)
+        self.val_loss_text.update(out["loss_text"].detach(), weight=out["text_tokens"])
+        self.val_loss_image.update(out["loss_image"].detach(), weight=out["image_codes"])
+        self.log("val/loss_text", self.val_loss_text, on_step=False, on_epoch=True)
+        self.log("val/loss_image", self.val_loss_image, on_step=False, on_epoch=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         from synergen_lightning.distributed import is_sharded, total_grad_norm
