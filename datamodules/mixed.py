@@ -116,7 +116,8 @@ class MixedStream(IterableDataset):
 
 
 class ValStream(IterableDataset):
-    """Every val shard once (split across lanes, never resampled), one source at a time, per-task batch sizes."""
+    """Every val shard once (split across lanes, never resampled), per-task batch sizes. Sources take turns batch
+    by batch, so a cap on validation batches (`limit_val_batches`, `val_max_batches`) still sees every source."""
 
     def __init__(self, sources: list[SourceSpec], builder: SequenceBuilder, batch_size: dict[str, int], max_batches: int | None):
         self.sources, self.builder, self.batch_size, self.max_batches = sources, builder, batch_size, max_batches
@@ -127,25 +128,33 @@ class ValStream(IterableDataset):
         rank, world = _rank_world()
         glane, n_lanes = rank * W + worker, world * W
         counter, n = SkipCounter(), 0
-        for src in self.sources:
-            shards = src.shards[glane::n_lanes]
-            samples = []
-            for raw in finite_samples(shards, counter):
-                try:
-                    samples.append(self.builder.build(raw, src.task, src.format, src.options))
-                except SkipSample as exc:
-                    counter.add(exc.reason, f"val source {src.name!r}: {exc}")
+        turns = [self._batches(src, src.shards[glane::n_lanes], counter) for src in self.sources]
+        while turns:
+            for batches in list(turns):
+                batch = next(batches, None)
+                if batch is None:
+                    turns.remove(batches)
                     continue
-                if len(samples) == self.batch_size.get(src.task, 8):
-                    yield collate(samples, self.builder.tok.pad_id)
-                    samples, n = [], n + 1
-                    if self.max_batches is not None and n >= self.max_batches:
-                        return
-            if samples:
-                yield collate(samples, self.builder.tok.pad_id)
+                yield batch
                 n += 1
+                if self.max_batches is not None and n >= self.max_batches:
+                    return
         if counter.counts:
             log.warning("validation skipped %s", dict(counter.counts))
+
+    def _batches(self, src: SourceSpec, shards: list[str], counter: SkipCounter):
+        samples = []
+        for raw in finite_samples(shards, counter):
+            try:
+                samples.append(self.builder.build(raw, src.task, src.format, src.options))
+            except SkipSample as exc:
+                counter.add(exc.reason, f"val source {src.name!r}: {exc}")
+                continue
+            if len(samples) == self.batch_size.get(src.task, 8):
+                yield collate(samples, self.builder.tok.pad_id)
+                samples = []
+        if samples:
+            yield collate(samples, self.builder.tok.pad_id)
 
 
 class _StreamLoader(DataLoader):

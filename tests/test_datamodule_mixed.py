@@ -216,3 +216,16 @@ def test_lightning_run_killed_and_resumed_continues_the_stream(world, tmp_path):
         resumed, make_dm(world, num_workers=2), ckpt_path=tmp_path / "ck" / path)
     assert crashed.seen[:4] + resumed.seen == full.seen
     assert len(full.seen) == 10 and Counter(map(tuple, full.seen[:6])) != Counter(map(tuple, full.seen[6:]))
+
+
+def test_val_sources_take_turns_so_a_batch_cap_sees_every_task(world):
+    """The tiny recipes cap validation at a few batches: with sources read one after the other, the cap was
+    filled by the generation source alone and val/loss_text was never measured (logged as 0.0)."""
+    src = [dict(name="gen", urls=f"{world}/val/*.tar", task="generation"),
+           dict(name="qa", urls=f"{world}/val/*.tar", task="understanding", format="qa")]
+    batches = list(make_dm(world, val_sources=src).val_dataloader())
+    tasks = [set(b["task"]) for b in batches]
+    assert tasks[:4] == [{"generation"}, {"understanding"}] * 2
+    assert len(keys([b for b, t in zip(batches, tasks) if t == {"understanding"}])) == 10  # every sample, once
+    capped = list(make_dm(world, val_sources=src, val_max_batches=2).val_dataloader())
+    assert [set(b["task"]) for b in capped] == [{"generation"}, {"understanding"}]

@@ -148,3 +148,24 @@ def test_per_task_text_loss_is_the_mean_of_each_tasks_token_mean():
     torch.testing.assert_close(out["loss_image"], ref_image)
     with pytest.raises(ValueError, match="text_loss='row'"):
         tiny_model(text_loss="row")
+
+
+def test_val_losses_are_token_weighted_over_batches_of_one_task_each():
+    """A generation-only val batch has no text loss: it must not pull val/loss_text towards 0."""
+    import lightning as L
+
+    from tests.test_system_helpers import loader
+
+    model = tiny_model()
+    batches = [make_batch(["generation"] * 2, seed=0), make_batch(["understanding"] * 2, seed=1),
+               make_batch(["understanding"], seed=2)]
+    with torch.no_grad():
+        outs = [model(b) for b in batches]
+    und = [o for o in outs if o["text_tokens"] > 0]
+    want_text = sum(float(o["loss_text"]) * o["text_tokens"] for o in und) / sum(o["text_tokens"] for o in und)
+    want_img = sum(float(o["loss_image"]) * o["image_codes"] for o in outs) / sum(o["image_codes"] for o in outs)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    got = trainer.validate(model, loader(batches), verbose=False)[0]
+    assert outs[0]["text_tokens"] == 0 and float(outs[0]["loss_text"]) == 0.0
+    assert got["val/loss_text"] == pytest.approx(want_text, rel=1e-5) and want_text > 0.5
+    assert got["val/loss_image"] == pytest.approx(want_img, rel=1e-5)
