@@ -255,3 +255,21 @@ def test_synergen_eval_report_command_from_disk(world, logdir, tmp_path):
     assert rep["results"]["und"]["num_items"] == 2
     side = model.grid[0] * vq.downsample
     assert Image.open(out / "samples.png").size == (side + 4, 6 * (side + 2) + 2)  # 6 GenEval prompts x 1 seed
+
+
+def test_report_accepts_an_export_directory_and_names_a_wrong_one(tmp_path):
+    """Multi-process runs save directories: the report loads those through the same loader as `synergen generate`."""
+    from synergen_lightning.eval.report import load_system
+    from synergen_lightning.export import export
+
+    model = _model()
+    system = tmp_path / "system.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, system)
+    export(system, tmp_path / "exported")
+    assert check_system_checkpoint(tmp_path / "exported")["hyper_parameters"]["fold"] == list(model.hparams.fold)
+    loaded = load_system(tmp_path / "exported")
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EvalInputError, match="neither a sharded checkpoint"):
+        check_system_checkpoint(tmp_path / "empty")

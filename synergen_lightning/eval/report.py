@@ -30,6 +30,8 @@ SUITES = ("geneval", "und", "text", "fid")
 def check_system_checkpoint(path: str | Path) -> dict:
     """The loaded checkpoint dict if it is a SynerGenVL system checkpoint; a clear error naming what it is otherwise."""
     p = Path(path)
+    if p.is_dir():  # what a multi-process (FSDP2) run saves, or `synergen export` writes
+        return _check_system_directory(p)
     if not p.is_file():
         raise EvalInputError(f"--ckpt {str(p)!r} does not exist: train one with `make sft` (runs/tiny/sft/last.ckpt)")
     try:
@@ -53,17 +55,31 @@ def check_system_checkpoint(path: str | Path) -> dict:
                          "checkpoint (e.g. runs/tiny/sft/last.ckpt)")
 
 
+def _check_system_directory(p: Path) -> dict:
+    """{"hyper_parameters": ...} of a sharded checkpoint or export directory holding a SynerGenVL."""
+    from synergen_lightning.distributed import is_sharded_checkpoint
+    from synergen_lightning.export import read_checkpoint_meta
+
+    if (p / "model.safetensors").is_file() and (p / "config.json").is_file():
+        hp = json.loads((p / "config.json").read_text())
+    elif is_sharded_checkpoint(p):
+        hp = dict(read_checkpoint_meta(p).get("hyper_parameters") or {})
+    else:
+        raise EvalInputError(f"--ckpt {str(p)!r} is a directory but neither a sharded checkpoint (.metadata) nor an "
+                             "export (model.safetensors + config.json); pass e.g. runs/tiny/sft/last.ckpt")
+    if "llm" not in hp or "fold" not in hp:
+        raise EvalInputError(f"--ckpt {str(p)!r} holds no SynerGenVL hyper-parameters (llm, fold): not a system "
+                             "checkpoint; pass the system's checkpoint (e.g. runs/tiny/sft/last.ckpt)")
+    return {"hyper_parameters": hp}
+
+
 def load_system(path: str | Path, device: str = "cpu", text_tokenizer: str | None = None,
                 image_tokenizer: str | None = None):
-    from synergen_lightning.system import SynerGenVL
+    from synergen_lightning.export import load_model
 
     check_system_checkpoint(path)
-    model = SynerGenVL.load_from_checkpoint(str(path), map_location=device)
-    if text_tokenizer:
-        model.hparams.text_tokenizer = text_tokenizer
-    if image_tokenizer:
-        model.hparams.image_tokenizer = image_tokenizer
-    return model.to(device).eval()
+    overrides = {k: v for k, v in (("text_tokenizer", text_tokenizer), ("image_tokenizer", image_tokenizer)) if v}
+    return load_model(path, map_location=device, **overrides).to(device).eval()
 
 
 # ---------------------------------------------------------------------------------------- inputs
