@@ -19,13 +19,16 @@ mmoe_0 / dense_0 (no target; their zero gradients are kept on purpose). Prints a
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import types
 from pathlib import Path
 
 import sys
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,6 +48,53 @@ def image_span_mask(b: int, t: int, fraction: float, generator: torch.Generator)
     return mask
 
 
+def with_three_qkv_gemms(model: MMoETransformer) -> MMoETransformer:
+    """`model` with the attention of before the one-GEMM q/k/v change (training path only), bound per instance."""
+    from einops import rearrange
+    from synergen_lightning.models.blocks import Attention, apply_rope
+
+    def forward(self, x, cos, sin, attn_mask, is_causal, kv_cache=None, layer_idx=0):
+        assert kv_cache is None, "the comparison covers the training path only"
+        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+        k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+        v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
+
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.forward = types.MethodType(forward, m)
+    return model
+
+
+def op_diff(variants: dict, steps: int, rows: int = 25) -> list[dict]:
+    """Self CPU ms per step and calls per step of every op, for two variants profiled one after the other;
+    printed (and returned) sorted by the absolute difference. Elementwise ops' times move with the allocator's
+    state (first-touch page faults), so single rows of a few ms are noise; look at counts and the GEMM total."""
+    from torch.profiler import ProfilerActivity, profile
+
+    (a, fa), (b, fb) = variants.items()
+    per: dict[str, dict[str, tuple[float, float]]] = {}
+    for name, fn in ((a, fa), (b, fb)):
+        fn()  # untimed: the profiled steps start from the same allocator state as the timed ones
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                fn()
+        per[name] = {e.key: (e.self_cpu_time_total / steps / 1e3, e.count / steps) for e in prof.key_averages()}
+    keys = sorted(set(per[a]) | set(per[b]), key=lambda k: -abs(per[a].get(k, (0, 0))[0] - per[b].get(k, (0, 0))[0]))
+    table = [{"op": k, f"{a}_ms": per[a].get(k, (0, 0))[0], f"{a}_calls": per[a].get(k, (0, 0))[1],
+              f"{b}_ms": per[b].get(k, (0, 0))[0], f"{b}_calls": per[b].get(k, (0, 0))[1]} for k in keys]
+    print(f"\nself CPU ms per step, {steps} profiled steps each ({a} vs {b}), largest differences first")
+    print(f"{'op':<58} {a + ' ms':>10} {'calls':>6} {b + ' ms':>12} {'calls':>6}")
+    for r in table[:rows]:
+        print(f"{r['op'][:58]:<58} {r[f'{a}_ms']:>10.2f} {r[f'{a}_calls']:>6.0f} {r[f'{b}_ms']:>12.2f} {r[f'{b}_calls']:>6.0f}")
+    tot = {n: sum(v[0] for v in per[n].values()) for n in (a, b)}
+    print(f"{'total':<58} {tot[a]:>10.1f} {'':>6} {tot[b]:>12.1f}")
+    return table
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden-size", type=int, default=512)
@@ -62,6 +112,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", default="runs/bench/mmoe.json")
     p.add_argument("--quick", action="store_true", help="tiny sizes (width 64, 2 layers, 2x32 tokens)")
+    p.add_argument("--compare-qkv", action="store_true",
+                   help="add mmoe_0_3gemm: the same weights with the previous attention (three q/k/v GEMMs, RoPE on q "
+                        "and k separately), to time the one-GEMM q/k/v path against it (ratio fused_qkv_vs_3gemm)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after timing, profile STEPS steps of mmoe_0 and hf_qwen2 (torch.profiler) and print the ops "
+                        "whose self CPU time per step differs most (ours minus transformers)")
     args = p.parse_args(argv)
     if args.quick:
         args.hidden_size, args.num_layers, args.num_heads, args.num_kv_heads = 64, 2, 2, 1
@@ -93,6 +149,8 @@ def main(argv: list[str] | None = None) -> dict:
     variants["mmoe_50"] = ours_step(mask50)
     variants["mmoe_0"] = ours_step(None)
     variants["dense_0"] = ours_step(None, dense)
+    if args.compare_qkv:
+        variants["mmoe_0_3gemm"] = ours_step(None, with_three_qkv_gemms(copy.deepcopy(ours)))
     try:
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -117,6 +175,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = args.batch_size * args.seq_len
     # medians are the headline; on a shared machine the min (least-disturbed step) and the CPU-time ratio are also reported
     pairs = {"routing_overhead_50_vs_0": ("mmoe_50", "mmoe_0"), "idle_vision_experts_text": ("mmoe_0", "dense_0")}
+    if args.compare_qkv:
+        pairs["fused_qkv_vs_3gemm"] = ("mmoe_0", "mmoe_0_3gemm")
     if "hf_qwen2" in med:
         pairs["ours_vs_transformers_text"] = ("mmoe_0", "hf_qwen2")
     full = {k: ratio(timed, a, b) for k, (a, b) in pairs.items()}
@@ -129,19 +189,21 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nMMoE fwd+bwd, {args.device} {args.dtype}, threads={args.threads}, B={args.batch_size} T={args.seq_len}, "
           f"D={cfg.hidden_size} L={cfg.num_layers} H={cfg.num_heads}/{cfg.num_kv_heads} I={cfg.intermediate_size} "
           f"V={cfg.vocab_size}, {args.repeats} interleaved repeats")
-    print(f"{'variant':<10} {'median ms':>10} {'min ms':>8} {'max ms':>8} {'tok/s':>9}")
+    print(f"{'variant':<12} {'median ms':>10} {'min ms':>8} {'max ms':>8} {'tok/s':>9}")
     for k, v in times.items():
-        print(f"{k:<10} {med[k] * 1e3:>10.1f} {min(v) * 1e3:>8.1f} {max(v) * 1e3:>8.1f} {tokens / med[k]:>9.0f}")
+        print(f"{k:<12} {med[k] * 1e3:>10.1f} {min(v) * 1e3:>8.1f} {max(v) * 1e3:>8.1f} {tokens / med[k]:>9.0f}")
     for k, full_k in full.items():
         r = full_k["median"]
         print(f"{k:<28} median {r:6.3f}x  min {ratios_min[k]:6.3f}x  cpu-time {ratios_cpu[k] or float('nan'):6.3f}x  "
               + (f"(target <= {targets[k]:.2f}x: {'ok' if r <= targets[k] else 'MISSED'} by median)"
                  if k in targets else "(no target)"))
     result = {"args": vars(args), "config": cfg.__dict__, "median_s": med, "times_s": times, "ratios": ratios, "ratios_of_min": ratios_min,
-              "idle_vision_experts_text": full["idle_vision_experts_text"],
+              "untargeted_ratios": {k: v for k, v in full.items() if k not in targets},
               "ratios_of_cpu_time": ratios_cpu, "timed": timed,
               "targets": targets, "torch": torch.__version__, "machine": machine_info(args.device, args.threads),
               "load_average_before": load_before, "load_average_after": load_average()}
+    if args.profile and "hf_qwen2" in variants:
+        result["profile"] = op_diff({k: variants[k] for k in ("mmoe_0", "hf_qwen2")}, args.profile)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
