@@ -77,6 +77,8 @@ def test_patch_codebook_is_nearest_patch_lookup_and_every_code_round_trips():
     assert sum(p.numel() for p in tok.vq.parameters()) == 64 * 192  # the codebook is the whole model
     with pytest.raises(ValueError, match="patch_codebook needs code_dim = in_channels \\* unshuffle\\*\\*2 = 192 \\(got 8\\)"):
         VQTokenizer(**{**PATCH, "code_dim": 8})
+    with pytest.raises(ValueError, match=r"patch_codebook has no networks for consistency_weight \(1.0\)"):
+        VQTokenizer(**PATCH, consistency_weight=1.0)
 
 
 def test_patch_codebook_training_moves_codes_to_the_mean_of_their_patches():

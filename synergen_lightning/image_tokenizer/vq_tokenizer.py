@@ -8,6 +8,8 @@ Training loss = reconstruction (L1 or L2; with clamp_aware_loss, free past a sat
               [+ perceptual_weight * VGG feature distance, only with a local `perceptual_weights` file]
               [+ adversarial_weight * PatchGAN hinge loss after `disc_start_step`; manual optimisation with
                  two optimisers, used only when adversarial_weight > 0].
+With patch_codebook (no networks: codes are 8x8 pixel patches) only the codebook loss trains anything: each code
+moves to the mean of the patches it wins (online k-means), restarts re-seed unused codes on badly fitted patches.
 Validation logs to TensorBoard: `val/psnr`, `val/ssim` (torchmetrics), `val/codebook_usage` (fraction of codes
 used over the val epoch), `val/perplexity`, a reconstruction grid (input row above output row), and `val/rfid`
 through torch-fidelity when `fid_inception_weights` names a local Inception file (a one-line notice otherwise).
@@ -125,6 +127,9 @@ class VQTokenizer(L.LightningModule):
             raise ValueError(f"recon_loss {recon_loss!r} is not supported; use 'l1' or 'l2'")
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule {lr_schedule!r} is not supported; use 'constant' or 'cosine' (decays to 0 at max_steps)")
+        if patch_codebook and (consistency_weight > 0 or perceptual_weight > 0 or adversarial_weight > 0):
+            raise ValueError(f"patch_codebook has no networks for consistency_weight ({consistency_weight}), perceptual_weight "
+                             f"({perceptual_weight}) or adversarial_weight ({adversarial_weight}) to train; set them to 0")
         self.save_hyperparameters()
         self.vq = VQModel(VQConfig(codebook_size=codebook_size, code_dim=code_dim, base_channels=base_channels,
                                    channel_multiplier=tuple(channel_multiplier), num_res_blocks=num_res_blocks,

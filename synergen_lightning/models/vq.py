@@ -7,8 +7,11 @@
   nearest code is the most cosine-similar one and no code drifts off to a useless norm. On top of that,
   codes unused for a while are restarted onto random encoder outputs of the current batch (dead-code
   restart), which keeps the whole codebook in use. Straight-through estimator; codebook + commitment losses.
-- `VQDecoder`: the mirror image with nearest-neighbour upsampling.
-- `VQModel`: encoder + quantizer + decoder on pixels in [-1, 1].
+- `VQDecoder`: the mirror image with nearest-neighbour upsampling (`decoder_kernel_size=1`: per-patch, no bleeding
+  between neighbouring codes).
+- `VQModel`: encoder + quantizer + decoder on pixels in [-1, 1]. With `patch_codebook` there are no networks: the
+  codes are raw pixel patches trained by the codebook loss alone, i.e. online k-means. In MSE no per-patch tokenizer
+  beats optimal k-means on patches, and decode -> encode gives every code back by construction.
 """
 
 from __future__ import annotations
