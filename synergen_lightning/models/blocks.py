@@ -145,15 +145,6 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
 
-    def qkv_weight(self) -> Tensor:
-        """[(H + 2 Hkv) * Dh, D]: q, k, v projection weights stacked (one GEMM for all three)."""
-        return torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
-
-    def qkv_bias(self) -> Tensor | None:
-        if self.q_proj.bias is None:
-            return None
-        return torch.cat((self.q_proj.bias, self.k_proj.bias, self.v_proj.bias))
-
     def forward(
         self,
         x: Tensor,
@@ -173,13 +164,10 @@ class Attention(nn.Module):
             k, v = kv_cache.update(layer_idx, apply_rope(k, cos, sin), self.v_proj(x).view(b, -1, 1, d))
             out = F.scaled_dot_product_attention(apply_rope(q, cos, sin), k, v, attn_mask=attn_mask, enable_gqa=gqa)
             return self.o_proj(out.reshape(b, 1, -1))
-        # one GEMM for q, k and v (weights concatenated per call: the parameters, state dict and HF layout stay
-        # q_proj/k_proj/v_proj), then RoPE on q and k in one pass: measured 0.99x of three GEMMs + two RoPE
-        # passes per training step (docs/performance.md); the 1.2 MB weight copy is small next to B*T tokens
-        h, hkv = self.num_heads, self.num_kv_heads
-        qkv = rearrange(F.linear(x, self.qkv_weight(), self.qkv_bias()), "b t (h d) -> b h t d", d=self.head_dim)
-        qk = apply_rope(qkv[:, : h + hkv], cos, sin)
-        q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + hkv:]
+        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+        k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+        v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=gqa)
