@@ -19,16 +19,13 @@ mmoe_0 / dense_0 (no target; their zero gradients are kept on purpose). Prints a
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
-import types
 from pathlib import Path
 
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,27 +43,6 @@ def image_span_mask(b: int, t: int, fraction: float, generator: torch.Generator)
         start = int(torch.randint(1, max(2, t - n), (1,), generator=generator)) if n < t else 0
         mask[i, start: start + n] = True
     return mask
-
-
-def with_three_qkv_gemms(model: MMoETransformer) -> MMoETransformer:
-    """`model` with the attention of before the one-GEMM q/k/v change (training path only), bound per instance."""
-    from einops import rearrange
-    from synergen_lightning.models.blocks import Attention, apply_rope
-
-    def forward(self, x, cos, sin, attn_mask, is_causal, kv_cache=None, layer_idx=0):
-        assert kv_cache is None, "the comparison covers the training path only"
-        q = rearrange(self.q_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
-        k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
-        v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", d=self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                             enable_gqa=self.num_heads != self.num_kv_heads)
-        return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
-
-    for m in model.modules():
-        if isinstance(m, Attention):
-            m.forward = types.MethodType(forward, m)
-    return model
 
 
 def op_diff(variants: dict, steps: int, rows: int = 25) -> list[dict]:
@@ -112,9 +88,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--out", default="runs/bench/mmoe.json")
     p.add_argument("--quick", action="store_true", help="tiny sizes (width 64, 2 layers, 2x32 tokens)")
-    p.add_argument("--compare-qkv", action="store_true",
-                   help="add mmoe_0_3gemm: the same weights with the previous attention (three q/k/v GEMMs, RoPE on q "
-                        "and k separately), to time the one-GEMM q/k/v path against it (ratio fused_qkv_vs_3gemm)")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="after timing, profile STEPS steps of mmoe_0 and hf_qwen2 (torch.profiler) and print the ops "
                         "whose self CPU time per step differs most (ours minus transformers)")
@@ -149,8 +122,6 @@ def main(argv: list[str] | None = None) -> dict:
     variants["mmoe_50"] = ours_step(mask50)
     variants["mmoe_0"] = ours_step(None)
     variants["dense_0"] = ours_step(None, dense)
-    if args.compare_qkv:
-        variants["mmoe_0_3gemm"] = ours_step(None, with_three_qkv_gemms(copy.deepcopy(ours)))
     try:
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -175,8 +146,6 @@ def main(argv: list[str] | None = None) -> dict:
     tokens = args.batch_size * args.seq_len
     # medians are the headline; on a shared machine the min (least-disturbed step) and the CPU-time ratio are also reported
     pairs = {"routing_overhead_50_vs_0": ("mmoe_50", "mmoe_0"), "idle_vision_experts_text": ("mmoe_0", "dense_0")}
-    if args.compare_qkv:
-        pairs["fused_qkv_vs_3gemm"] = ("mmoe_0", "mmoe_0_3gemm")
     if "hf_qwen2" in med:
         pairs["ours_vs_transformers_text"] = ("mmoe_0", "hf_qwen2")
     full = {k: ratio(timed, a, b) for k, (a, b) in pairs.items()}
