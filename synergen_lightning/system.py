@@ -120,6 +120,7 @@ class SynerGenVL(LightningModule):
         downsample: int = 8,
         fold: tuple[int, int] = (2, 8),
         code_dim: int = 256,
+        code_embed_init: str = "random",
         head: dict | None = None,
         image_loss_weight: float = 2.0,
         text_loss: str = "token",
@@ -152,6 +153,9 @@ class SynerGenVL(LightningModule):
             downsample: the image tokenizer's spatial downsample; code grid = image_size / downsample.
             fold: (m, n) token folding: m rows x n columns of codes -> one LLM token (paper: 2x8).
             code_dim: width of the folder's code embedding.
+            code_embed_init: how a run that starts from the base LLM (stage 1, full) initialises the folder's code
+                embedding: "random" (N(0, 1)) or "codebook" (principal components of each code's decoded pixels,
+                from `image_tokenizer`: colour is linearly readable from the folded tokens from step 0).
             head: the UnfoldingHead's blocks: {num_layers: 4, hidden_size, num_heads, num_kv_heads,
                 intermediate_size}; unset keys follow the LLM.
             image_loss_weight: lambda in loss = L_text + lambda * L_img (paper: 2).
@@ -206,6 +210,8 @@ class SynerGenVL(LightningModule):
             raise ValueError("SynerGenVL needs `codebook_size` or an `image_tokenizer` to read it from")
         if image_size % downsample:
             raise ValueError(f"image_size {image_size} is not divisible by the tokenizer downsample {downsample}")
+        if code_embed_init not in ("random", "codebook"):
+            raise ValueError(f"code_embed_init={code_embed_init!r}: use 'random' or 'codebook' (from the image tokenizer's decoded codes)")
         if text_loss not in ("token", "task"):
             raise ValueError(f"text_loss={text_loss!r}: use 'token' (one mean over the batch's text tokens) or 'task'")
         grid = (image_size // downsample, image_size // downsample)
@@ -434,6 +440,20 @@ class SynerGenVL(LightningModule):
         if hp.get("base_llm"):
             self.load_base_weights(load_base_llm(hp.base_llm))
             rank_zero_info(f"{stage}: trunk initialised from base LLM {hp.base_llm}")
+        if hp.get("code_embed_init", "random") == "codebook":
+            self.init_code_embed_from_tokenizer()
+
+    def init_code_embed_from_tokenizer(self) -> None:
+        """The folder's code embedding from the principal components of each code's decoded pixels."""
+        from synergen_lightning.models.folding import codebook_patches
+
+        if self.hparams.get("image_tokenizer") is None and "_image_tokenizer" not in self.__dict__:
+            raise ValueError("code_embed_init='codebook' needs model.image_tokenizer (it decodes every code); "
+                             "set it or use code_embed_init='random'")
+        tok = self.image_tokenizer
+        k = self.folder.init_code_embed_from_patches(
+            codebook_patches(tok, self.folder.codebook_size, int(self.hparams.downsample)))
+        rank_zero_info(f"folder code embedding: {k} principal components of the decoded codebook")
 
     @torch.no_grad()
     def load_base_weights(self, base: MMoETransformer) -> None:

@@ -53,3 +53,69 @@ def test_fold_patch_equals_full_fold():
     patches = fold_codes(codes, (2, 4))
     for i in range(4):
         torch.testing.assert_close(folder.fold_patch(patches[:, i], i), full[:, i])
+
+
+class _ColourTokenizer:
+    """Decodes code c to a flat patch of colour palette[c] (an independent, known 'what each code looks like')."""
+
+    def __init__(self, palette: torch.Tensor, downsample: int):
+        self.palette, self.downsample = palette, downsample
+
+    def decode(self, codes):
+        img = self.palette[codes]  # [n, h, w, 3]
+        img = img.repeat_interleave(self.downsample, 1).repeat_interleave(self.downsample, 2)
+        return img.permute(0, 3, 1, 2)
+
+
+def test_codebook_patches_reads_the_centre_cell_of_each_decoded_code():
+    from synergen_lightning.models.folding import codebook_patches
+
+    palette = torch.rand(10, 3)
+    patches = codebook_patches(_ColourTokenizer(palette, 2), codebook_size=10, downsample=2, chunk=4)
+    assert patches.shape == (10, 3 * 2 * 2)
+    # channel-major [3, 2, 2] per code: every pixel of the patch is the code's colour
+    torch.testing.assert_close(patches.view(10, 3, 4), palette[:, :, None].expand(10, 3, 4))
+
+
+def test_code_embed_from_patches_is_their_principal_components_at_unit_variance():
+    torch.manual_seed(0)
+    folder = TokenFolder(codebook_size=40, grid=(4, 4), fold=(2, 2), llm_hidden_size=16, code_dim=6)
+    # rank-3 patches (+ a constant, removed by centring)
+    basis = torch.randn(3, 12)
+    coords = torch.randn(40, 3) * torch.tensor([5.0, 2.0, 1.0])
+    rest = folder.code_embed.weight[:, 3:].detach().clone()
+    k = folder.init_code_embed_from_patches(coords @ basis + 0.7)
+    assert k == 3
+    w = folder.code_embed.weight.detach()
+    assert torch.equal(w[:, 3:], rest)  # beyond the patches' rank: the random init stays
+    torch.testing.assert_close(w[:, :3].std(0), torch.ones(3))
+    # the first 3 components span the same space as the generating coordinates (independent check: lstsq fit)
+    centred = coords - coords.mean(0)
+    sol = torch.linalg.lstsq(w[:, :3], centred).solution
+    torch.testing.assert_close(w[:, :3] @ sol, centred, atol=1e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match=r"expected \[40, features\]"):
+        folder.init_code_embed_from_patches(torch.zeros(39, 12))
+
+
+def test_code_embed_from_patches_makes_colour_linear_in_the_folded_token():
+    """The point of the init: with random code embeddings a folded token's colour is hard to read linearly;
+    from the decoded codebook it is a linear function of the patch's codes from step 0."""
+    torch.manual_seed(0)
+    n_colours, per_colour = 4, 16
+    palette = torch.rand(n_colours, 3)
+    colour_of_code = torch.arange(n_colours).repeat_interleave(per_colour)  # 64 codes, 16 shades per colour
+    looks = palette[colour_of_code] + 0.02 * torch.randn(64, 3)
+    folder = TokenFolder(codebook_size=64, grid=(2, 2), fold=(2, 2), llm_hidden_size=8, code_dim=4)
+    # one folded token per grid, its four codes shades of one colour; nearest-centroid accuracy of the colour
+    codes = torch.stack([torch.randint(0, per_colour, (2, 2)) + c * per_colour for c in range(n_colours) for _ in range(8)])
+    labels = torch.arange(n_colours).repeat_interleave(8)
+
+    def accuracy():
+        with torch.no_grad():
+            emb = folder.code_embed(codes).mean((1, 2))
+        centroids = torch.stack([emb[labels == c].mean(0) for c in range(n_colours)])
+        return (torch.cdist(emb, centroids).argmin(1) == labels).float().mean().item()
+
+    random_init = accuracy()
+    folder.init_code_embed_from_patches(looks)
+    assert accuracy() == 1.0 and random_init < 0.9

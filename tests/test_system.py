@@ -169,3 +169,29 @@ def test_val_losses_are_token_weighted_over_batches_of_one_task_each():
     assert outs[0]["text_tokens"] == 0 and float(outs[0]["loss_text"]) == 0.0
     assert got["val/loss_text"] == pytest.approx(want_text, rel=1e-5) and want_text > 0.5
     assert got["val/loss_image"] == pytest.approx(want_img, rel=1e-5)
+
+
+def test_code_embed_init_codebook_starts_the_folder_from_the_decoded_codes():
+    with pytest.raises(ValueError, match="code_embed_init='pixels'"):
+        tiny_model(code_embed_init="pixels")
+    model = tiny_model(code_embed_init="codebook")
+    with pytest.raises(ValueError, match="needs model.image_tokenizer"):
+        model._init_weights_for_fit("stage1")
+
+    class FlatColours:  # code c decodes to a flat patch of colour palette[c]
+        codebook_size, downsample = 16, 4
+        palette = torch.rand(16, 3)
+
+        def decode(self, codes):
+            img = self.palette[codes].repeat_interleave(4, 1).repeat_interleave(4, 2)
+            return img.permute(0, 3, 1, 2)
+
+    model.set_image_tokenizer(FlatColours())
+    random_rows = model.folder.code_embed.weight.detach().clone()
+    model._init_weights_for_fit("stage1")
+    w = model.folder.code_embed.weight.detach()
+    # 3 colour channels -> 3 components; the table now is a linear function of each code's colour
+    assert not torch.equal(w[:, :3], random_rows[:, :3]) and torch.equal(w[:, 3:], random_rows[:, 3:])
+    colours = FlatColours.palette - FlatColours.palette.mean(0)
+    sol = torch.linalg.lstsq(colours, w[:, :3]).solution
+    torch.testing.assert_close(colours @ sol, w[:, :3], atol=1e-4, rtol=1e-4)

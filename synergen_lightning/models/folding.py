@@ -39,6 +39,19 @@ def unfold_codes(patches: Tensor, grid: tuple[int, int], fold: tuple[int, int]) 
     return rearrange(patches, "b (h w) (m n) -> b (h m) (w n)", h=grid[0] // m, m=m, n=n)
 
 
+@torch.no_grad()
+def codebook_patches(tokenizer, codebook_size: int, downsample: int, chunk: int = 256) -> Tensor:
+    """float[codebook_size, 3 * downsample**2]: the pixels of each code, decoded from a uniform 3x3 grid of that
+    code (the centre cell, so the decoder sees the code on every side). Works for any tokenizer with `decode`."""
+    d = downsample
+    rows = []
+    for start in range(0, codebook_size, chunk):
+        ids = torch.arange(start, min(start + chunk, codebook_size))
+        img = tokenizer.decode(ids[:, None, None].expand(-1, 3, 3))  # [n, 3, 3d, 3d] in [0, 1]
+        rows.append(img[:, :, d:2 * d, d:2 * d].reshape(len(ids), -1).float().cpu())
+    return torch.cat(rows)
+
+
 class TokenFolder(nn.Module):
     """Own code-embedding table + learnable 2D position embedding + m x n fold + MLP to the LLM width."""
 
@@ -87,6 +100,26 @@ class TokenFolder(nn.Module):
         return self.mlp(x)
 
     forward = fold
+
+    @torch.no_grad()
+    def init_code_embed_from_patches(self, patches: Tensor) -> int:
+        """Start the code embedding from what each code looks like: `patches` float[codebook_size, F] (e.g. the
+        decoded pixels of each code, `codebook_patches`) -> their top principal components, each scaled to unit
+        variance (the scale of nn.Embedding's N(0, 1) init). Measured (runs/exp_und3, untrained MLP): the colour of
+        the object in a folded cell is linearly readable from the folder output at 0.85 vs 0.59 with the random
+        table, and stage 1's generation loss does not learn it (0.58 after 400 steps). Dimensions beyond the
+        patches' rank (or code_dim) keep their random init. Returns the number of components copied."""
+        if patches.ndim != 2 or patches.shape[0] != self.codebook_size:
+            raise ValueError(f"code patches of shape {tuple(patches.shape)}: expected [{self.codebook_size}, features], "
+                             "one row per code of the folder's codebook")
+        x = patches.float().to(self.code_embed.weight.device)
+        x = x - x.mean(0)
+        _, sv, v = torch.linalg.svd(x, full_matrices=False)
+        # only components the patches really have (a rank-deficient set would blow numerical noise up to unit variance)
+        k = min(self.code_embed.embedding_dim, int((sv > sv[0] * 1e-4).sum()))
+        comp = x @ v[:k].T
+        self.code_embed.weight[:, :k] = comp / comp.std(0).clamp_min(1e-6)
+        return k
 
     def fold_patch(self, patch_codes: Tensor, index: int) -> Tensor:
         """One folded token during generation: the m*n codes of patch `index` (Long[B, m*n]) -> [B, llm_hidden].
