@@ -117,6 +117,20 @@ def test_text_fully_supervised(tok):
     assert s.labels == [IGNORE] + s.input_ids[1:]
 
 
+def test_text_prompt_answer_lines_join_as_the_base_llm_corpus(tok, tmp_path):
+    """{"prompt", "answer"} lines (skill_train.jsonl) read as text rows, exactly as the base LLM's corpus reads them."""
+    from synergen_lightning.text_tokenizer import iter_corpus_text
+
+    row = {"prompt": "Q: which is smaller, 12 or 62? A:", "answer": 12}
+    f = tmp_path / "skill.jsonl"
+    f.write_text(json.dumps(row) + "\n")
+    s = builder(tok).build({"__key__": "t", "json": row}, "text")
+    assert s.input_ids == [tok.bos_id] + tok.encode(next(iter_corpus_text([f]))) + [tok.eos_id]
+    assert s.labels == [IGNORE] + s.input_ids[1:]
+    with pytest.raises(SkipSample, match="missing_text"):
+        builder(tok).build({"__key__": "t", "json": {"prompt": "Q: no answer"}}, "text")
+
+
 def test_pretokenized_codes_skip_decoding(tok):
     r = raw(size=None, codes=(1, 4, 4))
     r["jpg"] = b"not an image: never decoded"

@@ -9,7 +9,7 @@ Chat template (InternLM2's): `<s><|im_start|>user\\n{user}<|im_end|>\\n<|im_star
                  assistant = `{answer}`; only answers (+ their `<|im_end|>`, and the final `</s>`) supervised.
                  Formats: `caption` (KEY.txt), `conversation` (LLaVA `conversations` in KEY.json,
                  `<image>` marks the image), `qa` (one Q/A pair of a list in KEY.json, seeded per sample).
-- text:          `<s>{text}</s>`, fully supervised.
+- text:          `<s>{text}</s>`, fully supervised (`{"prompt", "answer"}` lines: `{prompt} {answer}`).
 
 `[IMG]` is `tokens_per_view` slots: `image_mask` True, input id = pad. Labels follow the HF convention
 (`labels[t]` is the target of the prediction made at t-1; the model shifts), -100 = unsupervised.
@@ -321,6 +321,9 @@ class SequenceBuilder:
         if "json" in raw:
             obj = load_json(raw["json"], key)
             text = obj.get(field_)
+            if text is None and isinstance(obj.get("prompt"), str) and obj.get("answer") is not None:
+                # {"prompt", "answer"} lines (the text skill's train file), joined as the base LLM's corpus joins them
+                text = f"{obj['prompt']} {obj['answer']}"
         elif "txt" in raw:
             text = raw["txt"].decode("utf-8", errors="replace")
         else:
