@@ -97,7 +97,8 @@ def generate_images(model, prompts: list[str] | str, num: int = 1, cfg_scale: fl
                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None, batch_size: int = 16,
                     output: str = "pil", use_cache: bool = True):
     """Prompts -> `num` images each (prompt-major order): PIL images (`output="pil"`), float [N,3,H,W]
-    in [0,1] (`"tensor"`) or code grids (`"codes"`). `cfg_scale=None` or 1 disables guidance."""
+    in [0,1] (`"tensor"`) or code grids (`"codes"`). `cfg_scale=None` or 1 disables guidance; a `None`
+    prompt draws from the unconditional (`<UNCOND>`) prompt, the CFG dropout rows of training."""
     from synergen_lightning.data.sequences import generation_prompt_ids
 
     if isinstance(prompts, str):
@@ -120,6 +121,31 @@ def generate_images(model, prompts: list[str] | str, num: int = 1, cfg_scale: fl
 
     arr = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a) for a in arr]
+
+
+def objects_per_image(images) -> float:
+    """Mean number of shapes the shape-world scorer detects per image (each colour blob counts once)."""
+    from synergen_lightning.world.scorer import detect_objects
+
+    return sum(len(detect_objects(im)) for im in images) / max(len(images), 1)
+
+
+@torch.no_grad()
+def caption_floor(model, prompts: list[dict], seed: int = 0, temperature: float = 1.0, batch_size: int = 16) -> dict:
+    """GenEval of images drawn from the unconditional prompt, scored against `prompts` (same seeds and chunks as
+    `geneval_suite`): what the model scores while ignoring every caption. The scorer passes an item when the asked
+    shapes are among the detected ones, so clutter alone scores here; a conditional score near this floor means
+    the captions do not reach the image."""
+    from synergen_lightning.world.scorer import score_images
+
+    images = []
+    for k in range(0, len(prompts), batch_size):
+        n = len(prompts[k:k + batch_size])
+        images += generate_images(model, [None] * n, cfg_scale=None, temperature=temperature, seed=seed + k // batch_size,
+                                  batch_size=batch_size)
+    report = score_images(images, prompts)
+    report["objects_per_image"] = objects_per_image(images)
+    return report
 
 
 def understanding_prompt_ids(tok, n_views: int, tokens_per_view: int, question: str) -> tuple[list[int], list[bool]]:
@@ -223,8 +249,10 @@ def generate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", action="append", required=True, help="caption to draw; repeat for several prompts")
     p.add_argument("--num", type=int, default=1, help="images per prompt")
     p.add_argument("--cfg", type=float, default=7.5, help="CFG scale s in l_u + s (l_c - l_u) (paper: 7.5; 1 = off)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy; tiny default: "
+                   "below 1 the background codes win every patch and the canvas comes out empty)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k likeliest codes (off: truncation drops objects "
+                   "on the tiny default, as temperatures below 1 do)")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="rows decoded together (x2 with CFG)")
@@ -280,8 +308,13 @@ def demo_report_main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="data/tiny", help="shape-world directory (eval_prompts.jsonl, val/, text/)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--num-prompts", type=int, default=None, help="first N eval prompts (default: all)")
-    p.add_argument("--cfg", type=float, default=7.5)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--cfg", type=float, default=7.5, help="CFG scale (paper: 7.5)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature; above 1 the tiny model scatters more blobs and GenEval rises by clutter "
+                        "alone (geneval.objects_per_image shows it), so compare scores at one temperature")
+    p.add_argument("--caption-floor", action="store_true",
+                   help="also score images drawn from the unconditional prompt against the eval prompts "
+                        "(geneval_uncond_floor: the score of a model that ignores captions; one more GenEval pass)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--und-questions", type=int, default=500, help="val Q/A pairs to answer")
     p.add_argument("--text-examples", type=int, default=500, help="held-out text-skill items")
@@ -305,6 +338,10 @@ def demo_report_main(argv: list[str] | None = None) -> int:
     geneval, images = geneval_suite(model, prompts, seed=a.seed, cfg_scale=a.cfg, temperature=a.temperature,
                                     return_images=True)
     save_grid(images[:64], out / "samples.png", nrow=8)
+    # clutter check: the scorer counts an asked shape among any number of others (as GenEval does)
+    geneval["objects_per_image"] = objects_per_image(images)
+    geneval["objects_asked"] = sum(r["count"] for p_ in prompts for r in p_["include"]) / len(prompts)
+    floor = caption_floor(model, prompts, seed=a.seed, temperature=a.temperature) if a.caption_floor else None
     und = understanding_suite(model, load_qa_items(str(data / "val" / "*.tar"), a.und_questions), max_new_tokens=8,
                               max_tiles=max_tiles, thumbnail=thumbnail)
     text = text_suite(model, data / "text" / "skill_val.jsonl", base_llm=a.base_llm, max_examples=a.text_examples)
@@ -316,8 +353,11 @@ def demo_report_main(argv: list[str] | None = None) -> int:
                  "examples": a.text_examples},
         "settings": {"ckpt": a.ckpt, "cfg": a.cfg, "temperature": a.temperature, "seed": a.seed},
     }
+    if floor is not None:
+        report["geneval_uncond_floor"] = floor
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    print(json.dumps({"geneval.overall": geneval["overall"], "und.accuracy": und["accuracy"],
+    print(json.dumps({"geneval.overall": geneval["overall"], "geneval.objects_per_image": geneval["objects_per_image"],
+                      **({"geneval_uncond_floor.overall": floor["overall"]} if floor else {}), "und.accuracy": und["accuracy"],
                       "text.accuracy_base": text["base_accuracy"], "text.accuracy_final": text["accuracy"]}, indent=2))
     print(f"wrote {out / 'report.json'} and {out / 'samples.png'}")
     return 0

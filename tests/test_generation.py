@@ -94,3 +94,50 @@ def test_answer_matches_uncached_greedy_reference():
             out.append(nxt)
             ids, img = ids + [nxt], img + [False]
         assert got[r] == tok.decode(out).strip()
+
+
+def test_none_prompt_draws_from_the_unconditional_prompt():
+    from synergen_lightning.data.sequences import generation_prompt_ids
+
+    model = _model()
+    uncond = generation_prompt_ids(CharTokenizer(), None)
+    ref = generate_codes(model, [uncond] * 4, None, None, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    got = generate_images(model, [None] * 4, cfg_scale=None, temperature=1.0, seed=0, output="codes")
+    assert torch.equal(got, ref)
+    seen = []  # the prefill is the <UNCOND> prompt itself
+    hook = model.llm.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(i[0][:, -len(uncond):].tolist()))
+    generate_images(model, [None], cfg_scale=None, temperature=1.0, seed=0, output="codes")
+    hook.remove()
+    assert seen[0] == [uncond]
+
+
+def test_objects_per_image_counts_the_shapes_of_rendered_scenes():
+    from synergen_lightning.generation import objects_per_image
+    from synergen_lightning.world.scene import render_scene, sample_scene
+
+    scenes = [sample_scene(s, canvas=128) for s in range(6)]
+    expected = sum(len(s.objects) for s in scenes) / len(scenes)
+    assert objects_per_image([render_scene(s) for s in scenes]) == pytest.approx(expected)
+    assert objects_per_image([]) == 0.0
+
+
+def test_caption_floor_scores_the_unconditional_images_with_geneval_seeds(monkeypatch):
+    import synergen_lightning.world.scorer as scorer
+    from synergen_lightning.generation import caption_floor
+
+    model = _model()
+    prompts = [{"tag": "single_object", "prompt": f"a circle {i}", "include": [{"class": "circle", "count": 1}],
+                "exclude": []} for i in range(5)]
+    seen = []
+    monkeypatch.setattr(scorer, "score_images", lambda images, ps: seen.append(images) or scorer.summarize(
+        [(p["tag"], True) for p in ps]))
+    report = caption_floor(model, prompts, seed=7, batch_size=2)
+    assert report["overall"] == 1.0 and report["num_images"] == 5 and "objects_per_image" in report
+    # chunk k of the prompts is drawn with seed + k, as geneval_suite draws the conditional images
+    chunks = [generate_images(model, [None] * n, cfg_scale=None, seed=7 + k, output="codes") for k, n in enumerate((2, 2, 1))]
+    tok = model.image_tokenizer
+    import numpy as np
+
+    got = torch.stack([torch.from_numpy(np.asarray(im)[..., 0].copy()) for im in seen[0]])
+    ref = (tok.decode(torch.cat(chunks)).clamp(0, 1)[:, 0] * 255).round().to(torch.uint8)
+    assert torch.equal(got, ref)
