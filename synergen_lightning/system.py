@@ -121,6 +121,7 @@ class SynerGenVL(LightningModule):
         fold: tuple[int, int] = (2, 8),
         code_dim: int = 256,
         code_embed_init: str = "random",
+        fold_output_rms: float | None = None,
         head: dict | None = None,
         image_loss_weight: float = 2.0,
         text_loss: str = "token",
@@ -156,6 +157,9 @@ class SynerGenVL(LightningModule):
             code_embed_init: how a run that starts from the base LLM (stage 1, full) initialises the folder's code
                 embedding: "random" (N(0, 1)) or "codebook" (principal components of each code's decoded pixels,
                 from `image_tokenizer`: colour is linearly readable from the folded tokens from step 0).
+            fold_output_rms: folded image tokens leave the folder through an RMSNorm with a learnable gain that
+                starts here (e.g. 0.02, the text embeddings' RMS), so image and text tokens enter the LLM at one scale;
+                None (default) = the paper's plain MLP, whose output may grow far above the text embeddings.
             head: the UnfoldingHead's blocks: {num_layers: 4, hidden_size, num_heads, num_kv_heads,
                 intermediate_size}; unset keys follow the LLM.
             image_loss_weight: lambda in loss = L_text + lambda * L_img (paper: 2).
@@ -222,7 +226,8 @@ class SynerGenVL(LightningModule):
                              "codebook_size": codebook_size, "downsample": downsample, "fold": list(fold)})
 
         self.llm = MMoETransformer(config, vision_experts=True)
-        self.folder = TokenFolder(codebook_size, grid, fold, config.hidden_size, code_dim=code_dim)
+        self.folder = TokenFolder(codebook_size, grid, fold, config.hidden_size, code_dim=code_dim,
+                                  output_rms=fold_output_rms)
         hc = {"num_layers": 4, "hidden_size": config.hidden_size, "num_heads": config.num_heads,
               "num_kv_heads": config.num_kv_heads, "intermediate_size": config.intermediate_size}
         hc.update(head or {})

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from einops import rearrange
 
 from synergen_lightning.models.folding import TokenFolder, check_fold, fold_codes, unfold_codes
 
@@ -45,14 +46,30 @@ def test_bad_fold_and_bad_codes_are_one_line_errors():
         folder.fold(torch.zeros(1, 8, 8, dtype=torch.long))
 
 
-def test_fold_patch_equals_full_fold():
+@pytest.mark.parametrize("output_rms", [None, 0.02])
+def test_fold_patch_equals_full_fold(output_rms):
     torch.manual_seed(0)
-    folder = TokenFolder(codebook_size=32, grid=(4, 8), fold=(2, 4), llm_hidden_size=16, code_dim=6)
+    folder = TokenFolder(codebook_size=32, grid=(4, 8), fold=(2, 4), llm_hidden_size=16, code_dim=6, output_rms=output_rms)
     codes = torch.randint(0, 32, (2, 4, 8))
     full = folder.fold(codes)
     patches = fold_codes(codes, (2, 4))
     for i in range(4):
         torch.testing.assert_close(folder.fold_patch(patches[:, i], i), full[:, i])
+
+
+def test_output_rms_puts_folded_tokens_at_the_given_scale_whatever_the_mlp_grows_to():
+    torch.manual_seed(0)
+    folder = TokenFolder(codebook_size=32, grid=(4, 4), fold=(2, 2), llm_hidden_size=24, code_dim=6, output_rms=0.02)
+    codes = torch.randint(0, 32, (3, 4, 4))
+    with torch.no_grad():
+        folder.mlp[-1].weight.mul_(100.0)  # what unconstrained training did to the plain MLP (norm 2.3 -> 49)
+    out = folder.fold(codes)
+    raw = folder.mlp(rearrange(folder.code_embed(codes) + folder.pos_embed, "b (h m) (w n) d -> b (h w) (m n d)", m=2, n=2))
+    torch.testing.assert_close(out, raw / raw.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * 0.02)
+    torch.testing.assert_close(out.pow(2).mean(-1).sqrt(), torch.full((3, 4), 0.02), rtol=1e-4, atol=1e-6)
+    assert {n for n, _ in folder.named_parameters()} >= {"out_norm.weight"}  # the gain trains with the folder
+    with pytest.raises(ValueError, match="output_rms=0"):
+        TokenFolder(32, (4, 4), (2, 2), 24, output_rms=0)
 
 
 class _ColourTokenizer:
