@@ -54,6 +54,10 @@ SPECIAL_TOKENS = ("boi", "eoi", "uncond")  # their input rows train from stage 1
 IGNORE = -100
 
 
+def _as_tuple(value) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
 def find_trunk(module: nn.Module) -> MMoETransformer:
     """The MMoETransformer inside a module (e.g. the `MMoELLM` LightningModule), whatever its attribute name."""
     if isinstance(module, MMoETransformer):
@@ -431,6 +435,7 @@ class SynerGenVL(LightningModule):
                                         f"(e.g. `make stage1`) or fix model.init_from")
             from synergen_lightning.distributed import load_model_state_dict
 
+            self._check_init_from_geometry(path)
             state = load_model_state_dict(path)  # a .ckpt file or a sharded (FSDP2 / DCP) checkpoint directory
             result = self.load_state_dict(state, strict=False)
             if result.missing_keys or result.unexpected_keys:
@@ -447,6 +452,21 @@ class SynerGenVL(LightningModule):
             rank_zero_info(f"{stage}: trunk initialised from base LLM {hp.base_llm}")
         if hp.get("code_embed_init", "random") == "codebook":
             self.init_code_embed_from_tokenizer()
+
+    # hyper-parameters that change what a folded token means without changing any weight's shape: a stage started
+    # from a checkpoint that disagrees on one of them would train quietly on scrambled image tokens
+    GEOMETRY_HPARAMS = ("fold", "image_size", "downsample", "codebook_size")
+
+    def _check_init_from_geometry(self, path: Path) -> None:
+        if not path.is_file():  # sharded directories carry no hyper-parameters; their shapes are still checked
+            return
+        theirs = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters") or {}
+        bad = [f"{k}: checkpoint {theirs[k]} vs recipe {self.hparams.get(k)}" for k in self.GEOMETRY_HPARAMS
+               if k in theirs and theirs[k] is not None and self.hparams.get(k) is not None
+               and _as_tuple(theirs[k]) != _as_tuple(self.hparams[k])]
+        if bad:
+            raise ValueError(f"init_from {str(path)!r} was trained with another image geometry ({'; '.join(bad)}): "
+                             "its folded tokens mean something else here; use the same values as the previous stage")
 
     def init_code_embed_from_tokenizer(self) -> None:
         """The folder's code embedding from the principal components of each code's decoded pixels."""

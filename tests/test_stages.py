@@ -191,3 +191,14 @@ def test_stage_switch_honours_lr_scale_and_matches_the_resumed_layout(tmp_path):
     t2 = _trainer([StageCallback("stage1", switch_at={2: "stage2"})], 5)
     t2.fit(resumed, loader(_batches(5)), ckpt_path=ckpt)
     assert [g["name"] for g in t2.optimizers[0].param_groups] == list(groups)
+
+
+def test_init_from_a_checkpoint_with_another_fold_is_an_error(tmp_path):
+    # (2, 2) and (1, 4) folds give the folder the same weight shapes: only the saved hyper-parameters tell them apart
+    t1 = _trainer([StageCallback("stage1")], 1)
+    t1.fit(tiny_model(), loader(_batches(1)))
+    ckpt = tmp_path / "stage1.ckpt"
+    t1.save_checkpoint(ckpt)
+    other = tiny_model(init_from=str(ckpt), stage="stage2", fold=(1, 4))
+    with pytest.raises(ValueError, match=r"another image geometry \(fold: checkpoint \[2, 2\] vs recipe \[1, 4\]\)"):
+        _trainer([StageCallback("stage2")], 1).fit(other, loader(_batches(1)))
