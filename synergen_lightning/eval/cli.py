@@ -208,3 +208,58 @@ def cosine_main(argv: list[str] | None = None, model=None) -> int:
     plot_layer_similarity(result, a.out / "cosine.png")
     print("cosine per layer: " + " ".join(f"{v:.3f}" for v in result["mean"]) + f" -> {a.out}/cosine.png")
     return 0
+
+
+def grounding_parser() -> argparse.ArgumentParser:
+    from synergen_lightning.eval.grounding import ZERO_GAIN_HELP
+
+    p = argparse.ArgumentParser(
+        prog="synergen eval grounding",
+        description="Does the model use its inputs? Teacher-forced losses on val shard samples, each through the "
+                    "training sequence builder and the training loss: the image loss (nats per code) after the true "
+                    "caption vs after a wrong caption (another sample's) and vs the <UNCOND> prompt, and the answer "
+                    "loss (nats per answer token) of val Q/A with the true image vs another sample's image. "
+                    f"A gain is loss(swapped) - loss(true): {ZERO_GAIN_HELP}. Prints one JSON object "
+                    "(and writes it to --out).")
+    p.add_argument("--ckpt", required=True, help="SynerGenVL checkpoint (.ckpt, sharded directory or export)")
+    p.add_argument("--val-shards", default="data/tiny/val/shard-*.tar",
+                   help="val shard glob with KEY.txt captions, KEY.json Q/A and KEY.codes.npy (pretokenized, at the "
+                        "model's image size) or KEY.jpg (encoded with the image tokenizer) "
+                        "(default: data/tiny/val/shard-*.tar)")
+    p.add_argument("--max-items", type=int, default=64, help="val samples used: one caption item and one Q/A item "
+                   "each (default: 64)")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass (default: 32)")
+    p.add_argument("--max-tiles", type=int, default=1, help="understanding views of image shards: InternVL-1.5 tiles, "
+                   "as the model was trained (the tiny recipes: 1)")
+    p.add_argument("--thumbnail", action="store_true", help="append a thumbnail view (when the model trained with one)")
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    _common(p)
+    return p
+
+
+def grounding_main(argv: list[str] | None = None, model=None) -> int:
+    """`model`: an already built SynerGenVL (tests); otherwise --ckpt is loaded."""
+    from synergen_lightning.eval.grounding import grounding_suite, load_grounding_samples, markdown_line, report_block
+    from synergen_lightning.eval.report import load_system
+
+    p = grounding_parser()
+    a = p.parse_args(argv)
+    for name in ("max_items", "batch_size", "max_tiles"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= 1")
+    try:
+        samples = load_grounding_samples(a.val_shards, a.max_items)  # bad shards fail before the model loads
+        if model is None:
+            model = load_system(a.ckpt, a.device, a.text_tokenizer, a.image_tokenizer)
+        block = report_block(grounding_suite(model, samples, batch_size=a.batch_size, max_tiles=a.max_tiles,
+                                             thumbnail=a.thumbnail))
+    except EvalInputError as exc:
+        p.error(str(exc))
+    result = {"ckpt": a.ckpt, "val_shards": a.val_shards, **block}
+    text = json.dumps(result, indent=2)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(text + "\n")
+    print(text)
+    print("grounding: " + markdown_line(block), file=sys.stderr)
+    return 0
