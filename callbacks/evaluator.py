@@ -1,7 +1,9 @@
 """`PeriodicEvaluator`: shape-world GenEval, understanding accuracy and text-skill retention every N steps.
 
 Logs `eval/geneval/overall`, `eval/geneval/<category>`, `eval/und/accuracy`, `eval/und/per_kind/<kind>`,
-`eval/text/accuracy`, `eval/text/retention` (vs the base LLM) to every logger of the trainer. Each
+`eval/text/accuracy`, `eval/text/retention` (vs the base LLM) and, from the val shards, `eval/grounding/caption_gain`,
+`eval/grounding/caption_gain_vs_uncond` and `eval/grounding/image_gain` (teacher-forced nats the true caption / image
+saves over a swapped one; ~0 = the model ignores that input; eval/grounding.py) to every logger of the trainer. Each
 suite runs only when its inputs are given. Recipe lines (callbacks of the trainer):
 
     - class_path: callbacks.evaluator.PeriodicEvaluator
@@ -36,7 +38,7 @@ class PeriodicEvaluator(Callback):
                  val_shards: str | list[str] | None = None, num_und: int = 64, skill_jsonl: str | None = None,
                  max_text_examples: int | None = 200, base_llm: str | None = None, base_accuracy: float | None = None,
                  seed: int = 0, cfg_scale: float = 7.5, batch_size: int = 16, on_train_end: bool = True,
-                 progress: bool = True):
+                 progress: bool = True, num_grounding: int = 64):
         """
         Args:
             every_n_steps: evaluate after every N optimizer steps (0 = only at the end of training).
@@ -50,6 +52,7 @@ class PeriodicEvaluator(Callback):
             batch_size: rows per generation / answering batch.
             on_train_end: also evaluate when training ends.
             progress: rich progress bars on the generation and answering loops.
+            num_grounding: val samples (from `val_shards`) for caption gain / image gain; 0 = off.
         """
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps {every_n_steps} must be >= 0 (0 = only at the end of training)")
@@ -63,6 +66,9 @@ class PeriodicEvaluator(Callback):
         self.log_on_train_end, self.progress = on_train_end, progress
         self._prompts: list[dict] | None = None
         self._qa: list[dict] | None = None
+        self.num_grounding = num_grounding
+        self._grounding_samples: list[dict] | None = None
+        self._grounding_items: tuple[list, list] | None = None  # code grids, encoded once (the tokenizer is frozen)
         self.history: list[tuple[int, dict[str, float]]] = []
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -80,6 +86,10 @@ class PeriodicEvaluator(Callback):
             self._prompts = prompts[: self.num_geneval]
         if self.val_shards is not None and self._qa is None:
             self._qa = load_qa_items(self.val_shards, self.num_und)
+        if self.val_shards is not None and self.num_grounding > 0 and self._grounding_samples is None:
+            from synergen_lightning.eval.grounding import load_grounding_samples
+
+            self._grounding_samples = load_grounding_samples(self.val_shards, self.num_grounding)
         if self.skill_jsonl is not None and not Path(self.skill_jsonl).is_file():
             raise FileNotFoundError(f"PeriodicEvaluator skill_jsonl {self.skill_jsonl!r} does not exist; "
                                     "run `make data` or fix the callback's skill_jsonl")
@@ -92,6 +102,16 @@ class PeriodicEvaluator(Callback):
         if self._qa:
             results["und"] = understanding_suite(pl_module, self._qa, batch_size=self.batch_size, progress=self.progress)
             results["und"].pop("examples", None)
+        if self._grounding_samples:
+            from synergen_lightning.eval.grounding import grounding_items, grounding_suite
+            from synergen_lightning.eval.suites import eval_mode
+
+            if self._grounding_items is None:
+                with eval_mode(pl_module):
+                    self._grounding_items = grounding_items(pl_module, self._grounding_samples)
+            g = grounding_suite(pl_module, items=self._grounding_items, batch_size=self.batch_size)
+            results["grounding"] = {k: g[k] for k in ("caption_gain", "caption_gain_vs_uncond", "image_gain")
+                                    if g[k] is not None}
         if self.skill_jsonl is not None:
             results["text"] = text_suite(pl_module, self.skill_jsonl, base_llm=self.base_llm,
                                          base_accuracy=self.base_accuracy, max_examples=self.max_text_examples)

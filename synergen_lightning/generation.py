@@ -301,8 +301,10 @@ def demo_report_main(argv: list[str] | None = None) -> int:
     (`synergen eval report` is the fuller report: per-kind tables, FID, curves)."""
     p = argparse.ArgumentParser(prog="synergen demo report", description="Score a trained tiny SynerGenVL: shape-world "
                                 "GenEval (six categories), understanding exact match, text skill of the base LLM and of "
-                                "the final model; writes OUT/report.json (geneval.overall, und.accuracy, "
-                                "text.accuracy_base, text.accuracy_final) and OUT/samples.png.")
+                                "the final model, grounding (does the model use its inputs: caption gain and image "
+                                "gain in nats); writes OUT/report.json (geneval.overall, und.accuracy, "
+                                "text.accuracy_base, text.accuracy_final, grounding.caption_gain_nats, "
+                                "grounding.image_gain_nats) and OUT/samples.png.")
     _common(p)
     p.add_argument("--base-llm", required=True, help="the base LLM checkpoint (text.accuracy_base)")
     p.add_argument("--data", default="data/tiny", help="shape-world directory (eval_prompts.jsonl, val/, text/)")
@@ -318,6 +320,9 @@ def demo_report_main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--und-questions", type=int, default=500, help="val Q/A pairs to answer")
     p.add_argument("--text-examples", type=int, default=500, help="held-out text-skill items")
+    p.add_argument("--grounding-items", type=int, default=64,
+                   help="val samples for the grounding block (caption gain / image gain: teacher-forced nats the true "
+                        "caption / image saves over a swapped one; ~0 = the input is ignored); 0 = skip")
     a = p.parse_args(argv)
     import json
 
@@ -345,6 +350,12 @@ def demo_report_main(argv: list[str] | None = None) -> int:
     und = understanding_suite(model, load_qa_items(str(data / "val" / "*.tar"), a.und_questions), max_new_tokens=8,
                               max_tiles=max_tiles, thumbnail=thumbnail)
     text = text_suite(model, data / "text" / "skill_val.jsonl", base_llm=a.base_llm, max_examples=a.text_examples)
+    grounding = None
+    if a.grounding_items > 0:
+        from synergen_lightning.eval.grounding import grounding_suite, report_block
+
+        grounding = report_block(grounding_suite(model, shards=str(data / "val" / "*.tar"), max_items=a.grounding_items,
+                                                 max_tiles=max_tiles, thumbnail=thumbnail))
     report = {
         "geneval": geneval,
         "und": {"accuracy": und["accuracy"], "per_kind": und["per_kind"], "questions": und["num_items"],
@@ -355,9 +366,13 @@ def demo_report_main(argv: list[str] | None = None) -> int:
     }
     if floor is not None:
         report["geneval_uncond_floor"] = floor
+    if grounding is not None:
+        report["grounding"] = grounding
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps({"geneval.overall": geneval["overall"], "geneval.objects_per_image": geneval["objects_per_image"],
                       **({"geneval_uncond_floor.overall": floor["overall"]} if floor else {}), "und.accuracy": und["accuracy"],
-                      "text.accuracy_base": text["base_accuracy"], "text.accuracy_final": text["accuracy"]}, indent=2))
+                      "text.accuracy_base": text["base_accuracy"], "text.accuracy_final": text["accuracy"],
+                      **({"grounding.caption_gain_nats": grounding["caption_gain_nats"],
+                          "grounding.image_gain_nats": grounding["image_gain_nats"]} if grounding else {})}, indent=2))
     print(f"wrote {out / 'report.json'} and {out / 'samples.png'}")
     return 0

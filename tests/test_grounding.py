@@ -31,7 +31,9 @@ TPV = 4  # tiny_model: 4x4 code grid, 2x2 folding
 def _model(**kw):
     m = tiny_model(**kw).eval()
     m.set_text_tokenizer(CharTokenizer())
-    m.set_image_tokenizer(GridTokenizer())
+    itok = GridTokenizer()
+    itok.codebook_size = m.folder.codebook_size  # the synthetic code shards' 512 codes (decode only reads 0..15 well)
+    m.set_image_tokenizer(itok)
     return m
 
 
@@ -202,3 +204,44 @@ def test_cli_writes_json_and_refuses_a_model_without_text_tokenizer(code_shards,
         grounding_main(argv, model=tiny_model(codebook_size=512))
     err = capsys.readouterr().err
     assert "--text-tokenizer" in err
+
+
+# ---------------------------------------------------------------------------------------- where people look
+def test_eval_report_has_a_grounding_block_and_line(code_shards, tmp_path):
+    from synergen_lightning.eval.cli import report_main
+    from synergen_lightning.eval.grounding import grounding_suite
+
+    model = _model(codebook_size=512)
+    shards = str(code_shards / "val" / "*.tar")
+    out = tmp_path / "report"
+    argv = ["--ckpt", "in-memory.ckpt", "--out", str(out), "--logdir", str(tmp_path), "--suite", "grounding",
+            "--val-shards", shards, "--num-grounding", "8", "--batch-size", "4", "--grid-prompt", "a red circle",
+            "--grid-seeds", "0", "--device", "cpu"]
+    assert report_main(argv, model=model) == 0
+    g = json.loads((out / "report.json").read_text())["results"]["grounding"]
+    direct = grounding_suite(model, shards=shards, max_items=8, batch_size=4)
+    assert g["caption_gain_nats"] == pytest.approx(direct["caption_gain"], abs=1e-6)
+    assert g["image_gain_nats"] == pytest.approx(direct["image_gain"], abs=1e-6)
+    assert g["caption_items"] == g["qa_items"] == 8
+    md = (out / "report.md").read_text()
+    assert "## Grounding" in md and f"caption gain {g['caption_gain_nats']:+.4f} nats/code" in md
+
+
+def test_periodic_evaluator_logs_grounding_gains_from_image_shards(tmp_path):
+    from callbacks.evaluator import PeriodicEvaluator
+    from synergen_lightning.eval.grounding import grounding_suite
+    from synergen_lightning.eval.suites import flatten_metrics
+    from synergen_lightning.world.shards import SynthConfig, write_dataset
+
+    write_dataset(SynthConfig(out=tmp_path / "w", num_samples=8, shard_size=50, canvas=48, val_fraction=0.5,
+                              num_eval_prompts=2, workers=1, progress=False))
+    shards = str(tmp_path / "w" / "val" / "shard-*.tar")
+    model = _model()  # jpg shards: encoded by the model's image tokenizer (GridTokenizer), once
+    cb = PeriodicEvaluator(every_n_steps=1, val_shards=shards, num_und=2, num_grounding=4, batch_size=4, progress=False)
+    cb.setup(None, model, "fit")
+    metrics = flatten_metrics(cb.evaluate(model))
+    direct = grounding_suite(model, shards=shards, max_items=4, batch_size=4)
+    assert metrics["eval/grounding/caption_gain"] == pytest.approx(direct["caption_gain"], abs=1e-6)
+    assert metrics["eval/grounding/caption_gain_vs_uncond"] == pytest.approx(direct["caption_gain_vs_uncond"], abs=1e-6)
+    assert metrics["eval/grounding/image_gain"] == pytest.approx(direct["image_gain"], abs=1e-6)
+    assert cb._grounding_items is not None and len(cb._grounding_items[0]) == 4

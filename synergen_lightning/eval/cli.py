@@ -51,11 +51,12 @@ def report_parser() -> argparse.ArgumentParser:
         description="Evaluate a SynerGenVL checkpoint and write OUT/report.json + OUT/report.md with metric tables, "
                     "a sample grid PNG and PNG plots of the run's TensorBoard curves. Suites: geneval (shape-world "
                     "GenEval), und (val Q/A exact match), text (held-out text skill, retention vs the base LLM), fid "
-                    "(FID/IS/KID via torch-fidelity, local Inception weights). Written atomically: a failed run "
-                    "leaves no report.")
+                    "(FID/IS/KID via torch-fidelity, local Inception weights), grounding (caption gain and image "
+                    "gain: teacher-forced nats the true caption / image saves over a swapped one; ~0 = the input is "
+                    "ignored). Written atomically: a failed run leaves no report.")
     p.add_argument("--ckpt", required=True, help="SynerGenVL checkpoint (e.g. runs/tiny/sft/last.ckpt)")
-    p.add_argument("--suite", type=_csv_suites, default=("geneval", "und", "text"),
-                   help="comma-separated suites: geneval,und,text,fid (default: geneval,und,text)")
+    p.add_argument("--suite", type=_csv_suites, default=("geneval", "und", "text", "grounding"),
+                   help="comma-separated suites: geneval,und,text,grounding,fid (default: geneval,und,text,grounding)")
     p.add_argument("--out", type=Path, required=True, help="report directory")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--data", type=Path, default=Path("data/tiny"),
@@ -66,6 +67,7 @@ def report_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-llm", help="base LLM for text retention (default: the checkpoint's model.base_llm)")
     p.add_argument("--num-geneval", type=int, default=48, help="GenEval prompts used (default: 48)")
     p.add_argument("--num-und", type=int, default=64, help="val Q/A items used (default: 64)")
+    p.add_argument("--num-grounding", type=int, default=64, help="val samples for the grounding suite (default: 64)")
     p.add_argument("--num-fid", type=int, default=64, help="images per FID set (default: 64; MSCOCO-30K uses 30000)")
     p.add_argument("--max-text", type=int, default=200, help="skill lines used (default: 200)")
     p.add_argument("--max-tiles", type=int, default=1, help="understanding views: InternVL-1.5 tiles, as the model "
@@ -98,7 +100,7 @@ def report_main(argv: list[str] | None = None, model=None) -> int:
         parser.error(f"--grid-seeds {a.grid_seeds!r}: comma-separated integers, e.g. 0,1,2,3")
     if not grid_seeds:
         parser.error("--grid-seeds is empty; give at least one seed, e.g. 0")
-    for name in ("num_geneval", "num_und", "num_fid", "batch_size"):
+    for name in ("num_geneval", "num_und", "num_grounding", "num_fid", "batch_size"):
         if getattr(a, name) < 1:
             parser.error(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= 1")
     try:
@@ -112,7 +114,7 @@ def report_main(argv: list[str] | None = None, model=None) -> int:
             base_llm=a.base_llm or hp.get("base_llm"), inception_weights=weights, fid_prompts=a.fid_prompts,
             fid_reference=a.fid_reference, logdir=a.logdir or Path(a.ckpt).resolve().parent,
             num_geneval=a.num_geneval, num_und=a.num_und, max_tiles=a.max_tiles, thumbnail=a.thumbnail,
-            num_fid=a.num_fid, max_text=a.max_text,
+            num_grounding=a.num_grounding, num_fid=a.num_fid, max_text=a.max_text,
             grid_prompts=a.grid_prompt or [], grid_seeds=grid_seeds, seed=a.seed, cfg_scale=a.cfg,
             batch_size=a.batch_size, device=a.device,
             progress=not a.no_progress and sys.stderr.isatty())
@@ -133,6 +135,10 @@ def report_main(argv: list[str] | None = None, model=None) -> int:
     if "text" in r:
         ret = r["text"].get("retention")
         summary.append(f"text={r['text']['accuracy']:.3f}" + (f" (retention {ret:.3f})" if ret is not None else ""))
+    if "grounding" in r:
+        g = r["grounding"]
+        summary.append(f"caption_gain={g['caption_gain_nats']:+.4f}"
+                       + (f" image_gain={g['image_gain_nats']:+.4f}" if g["image_gain_nats"] is not None else ""))
     if "fid" in r:
         summary.append(f"fid={r['fid']['fid']:.2f} is={r['fid']['isc_mean']:.2f} kid={r['fid']['kid_mean']:.4f}")
     print(f"eval report: {' '.join(summary)} -> {out}/report.md ({report['seconds']:.1f}s)")

@@ -239,7 +239,8 @@ def load_grounding_samples(shards: str | list[str], max_items: int = 64) -> list
         except SkipSample as exc:
             counter.add(exc.reason, str(exc))
             continue
-        caption = raw["txt"].decode("utf-8", errors="replace").strip() if "txt" in raw else str(meta.get("caption") or "").strip()
+        # the caption a generation source reads by default (KEY.txt), else the json's `caption`
+        caption = (raw["txt"].decode("utf-8", errors="replace") if "txt" in raw else str(meta.get("caption") or "")).strip()
         if not caption:
             counter.add("missing_caption", key)
             continue

@@ -6,7 +6,8 @@
     OUT/curves_<group>.png  TensorBoard scalars of the run (train/, val/, eval/, lr, throughput), one panel a tag
 
 Suites: `geneval` (shape-world GenEval), `und` (val Q/A exact match), `text` (held-out text skill and its
-retention vs the base LLM), `fid` (FID / IS / KID with torch-fidelity). Everything is written into a
+retention vs the base LLM), `grounding` (does the model use its inputs: caption gain and image gain, teacher-forced
+nats; eval/grounding.py), `fid` (FID / IS / KID with torch-fidelity). Everything is written into a
 hidden temporary directory next to OUT and renamed to OUT at the end: a failed run leaves no report
 that looks complete.
 """
@@ -23,7 +24,7 @@ import torch
 from synergen_lightning.eval.fid import EvalInputError
 from synergen_lightning.io import atomic_directory
 
-SUITES = ("geneval", "und", "text", "fid")
+SUITES = ("geneval", "und", "text", "grounding", "fid")
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
@@ -87,7 +88,7 @@ def load_system(path: str | Path, device: str = "cpu", text_tokenizer: str | Non
 class ReportInputs:
     """Everything a report reads besides the model; `validate` fails before any model work."""
 
-    suites: tuple[str, ...] = ("geneval", "und", "text")
+    suites: tuple[str, ...] = ("geneval", "und", "text", "grounding")
     eval_prompts: Path | None = None
     val_shards: str | None = None
     skill_jsonl: Path | None = None
@@ -98,6 +99,7 @@ class ReportInputs:
     logdir: Path | None = None
     num_geneval: int = 48
     num_und: int = 64
+    num_grounding: int = 64
     num_fid: int = 64
     max_text: int | None = 200
     max_tiles: int = 1
@@ -130,7 +132,7 @@ class ReportInputs:
                 loaded["prompts"] = load_prompts(Path(self.eval_prompts))  # malformed lines name their number
             except ValueError as exc:
                 raise EvalInputError(str(exc)) from None
-        if "und" in self.suites or ("fid" in self.suites and self.fid_reference is None):
+        if "und" in self.suites or "grounding" in self.suites or ("fid" in self.suites and self.fid_reference is None):
             if not self.val_shards or not glob.glob(str(self.val_shards)):
                 raise EvalInputError(f"val shards {self.val_shards!r} match no file; run `make data` or pass --val-shards")
         if "text" in self.suites and (self.skill_jsonl is None or not Path(self.skill_jsonl).is_file()):
@@ -233,6 +235,10 @@ def render_markdown(report: dict) -> str:
         t = r["text"]
         lines += ["## Text skill retention", "", "| accuracy | base LLM accuracy | retention |", "|---|---|---|",
                   f"| {_fmt(t['accuracy'])} | {_fmt(t.get('base_accuracy'))} | **{_fmt(t.get('retention'))}** |", ""]
+    if "grounding" in r:
+        from synergen_lightning.eval.grounding import markdown_line
+
+        lines += ["## Grounding (does the model use its inputs?)", "", markdown_line(r["grounding"]), ""]
     if "fid" in r:
         f = r["fid"]
         lines += ["## FID / IS / KID (torch-fidelity)", "", "| FID | IS | KID (x1000) | generated | reference |",
@@ -284,6 +290,12 @@ def build_report(model, inputs: ReportInputs, out: str | Path, ckpt_name: str = 
         if "text" in inputs.suites:
             results["text"] = text_suite(model, inputs.skill_jsonl, base_llm=inputs.base_llm,
                                          max_examples=inputs.max_text)
+        if "grounding" in inputs.suites:
+            from synergen_lightning.eval.grounding import grounding_suite, report_block
+
+            results["grounding"] = report_block(grounding_suite(
+                model, shards=inputs.val_shards, max_items=inputs.num_grounding, batch_size=inputs.batch_size,
+                max_tiles=inputs.max_tiles, thumbnail=inputs.thumbnail))
         if "fid" in inputs.suites:
             if "fid_reference" in loaded:
                 captions, reference = loaded["fid_prompts"], loaded["fid_reference"]
