@@ -126,6 +126,7 @@ class SynerGenVL(LightningModule):
         code_dim: int = 256,
         code_embed_init: str = "random",
         fold_output_rms: float | None = None,
+        fold_output_rms_learnable: bool = True,
         head: dict | None = None,
         image_loss_weight: float = 2.0,
         text_loss: str = "token",
@@ -164,6 +165,8 @@ class SynerGenVL(LightningModule):
             fold_output_rms: folded image tokens leave the folder through an RMSNorm with a learnable gain that
                 starts here (e.g. 0.02, the text embeddings' RMS), so image and text tokens enter the LLM at one scale;
                 None (default) = the paper's plain MLP, whose output may grow far above the text embeddings.
+            fold_output_rms_learnable: True = that RMSNorm's gain trains (starts at `fold_output_rms`); False = the
+                scale stays `fold_output_rms` (a buffer), so the folder cannot grow image tokens above text ones.
             head: the UnfoldingHead's blocks: {num_layers: 4, hidden_size, num_heads, num_kv_heads,
                 intermediate_size}; unset keys follow the LLM.
             image_loss_weight: lambda in loss = L_text + lambda * L_img (paper: 2).
@@ -231,7 +234,7 @@ class SynerGenVL(LightningModule):
 
         self.llm = MMoETransformer(config, vision_experts=True)
         self.folder = TokenFolder(codebook_size, grid, fold, config.hidden_size, code_dim=code_dim,
-                                  output_rms=fold_output_rms)
+                                  output_rms=fold_output_rms, output_rms_learnable=fold_output_rms_learnable)
         hc = {"num_layers": 4, "hidden_size": config.hidden_size, "num_heads": config.num_heads,
               "num_kv_heads": config.num_kv_heads, "intermediate_size": config.intermediate_size}
         hc.update(head or {})

@@ -136,3 +136,18 @@ def test_code_embed_from_patches_makes_colour_linear_in_the_folded_token():
     random_init = accuracy()
     folder.init_code_embed_from_patches(looks)
     assert accuracy() == 1.0 and random_init < 0.9
+
+
+def test_fixed_output_rms_has_no_trainable_gain_and_holds_the_scale_after_training():
+    torch.manual_seed(0)
+    folder = TokenFolder(codebook_size=32, grid=(4, 4), fold=(2, 2), llm_hidden_size=24, code_dim=6, output_rms=0.1,
+                         output_rms_learnable=False)
+    assert not any(n.startswith("out_norm") for n, _ in folder.named_parameters())
+    assert float(folder.state_dict()["out_scale"]) == pytest.approx(0.1)  # saved with the checkpoint
+    codes = torch.randint(0, 32, (3, 4, 4))
+    opt = torch.optim.Adam(folder.parameters(), lr=0.1)
+    for _ in range(20):  # a loss that rewards large outputs: a learnable gain would follow it
+        opt.zero_grad()
+        (-folder.fold(codes).pow(2).sum()).backward()
+        opt.step()
+    torch.testing.assert_close(folder.fold(codes).pow(2).mean(-1).sqrt(), torch.full((3, 4), 0.1), rtol=1e-4, atol=1e-6)

@@ -64,6 +64,7 @@ class TokenFolder(nn.Module):
         code_dim: int = 256,
         mlp_hidden_size: int | None = None,
         output_rms: float | None = None,
+        output_rms_learnable: bool = True,
     ):
         super().__init__()
         grid, fold = tuple(grid), tuple(fold)
@@ -78,16 +79,21 @@ class TokenFolder(nn.Module):
         self.mlp = nn.Sequential(
             nn.LayerNorm(in_dim), nn.Linear(in_dim, mlp_hidden_size), nn.GELU(), nn.Linear(mlp_hidden_size, llm_hidden_size)
         )
-        # `output_rms`: folded tokens leave through an RMSNorm whose learnable gain starts at this value (e.g. the
-        # text embeddings' RMS). Without it the MLP's output grows freely (measured on the tiny world: norm 49 vs 0.27
-        # for text embeddings after stage 1), and an image token's residual stream then drowns what attention
-        # brings from the caption. None = the paper's plain MLP.
+        # `output_rms`: folded tokens leave through an RMSNorm at this scale (e.g. the text embeddings' RMS, 0.02, or
+        # 0.1). Without it the MLP's output grows freely (measured on the tiny world: norm 49 vs 0.27 for text
+        # embeddings after stage 1), and an image token's residual stream then drowns what attention brings from the
+        # caption and the other patches. `output_rms_learnable`: the scale is a trainable gain that starts at
+        # `output_rms` (it can grow back: measured 0.44 -> 13 after the first vision FFN), or a fixed constant (a
+        # buffer). None = the paper's plain MLP.
         self.out_norm = None
         if output_rms is not None:
             if output_rms <= 0:
                 raise ValueError(f"fold output_rms={output_rms}: must be > 0 (e.g. 0.02, the text embeddings' scale) or None")
-            self.out_norm = nn.RMSNorm(llm_hidden_size, eps=1e-6)
-            nn.init.constant_(self.out_norm.weight, float(output_rms))
+            self.out_norm = nn.RMSNorm(llm_hidden_size, eps=1e-6, elementwise_affine=output_rms_learnable)
+            if output_rms_learnable:
+                nn.init.constant_(self.out_norm.weight, float(output_rms))
+            else:
+                self.register_buffer("out_scale", torch.tensor(float(output_rms)))
 
     @property
     def tokens_per_view(self) -> int:
@@ -112,7 +118,10 @@ class TokenFolder(nn.Module):
 
     def _project(self, x: Tensor) -> Tensor:
         x = self.mlp(x)
-        return x if self.out_norm is None else self.out_norm(x)
+        if self.out_norm is None:
+            return x
+        x = self.out_norm(x)
+        return x if self.out_norm.elementwise_affine else x * self.out_scale
 
     forward = fold
 
