@@ -5,13 +5,24 @@ Detection, from an RGB image of any size (64x64 generations included):
    its colour is the palette entry of nearest hue (hue survives blending with the achromatic
    background, JPEG and small colour drift; the dark text of scenes has no chroma and is ignored);
 2. connected components per colour (8-connectivity; numpy label propagation, scipy is not a
-   dependency); components smaller than `MIN_AREA_FRACTION` of the image are noise;
+   dependency); components smaller than `MIN_AREA_FRACTION` of the image are specks (JPEG, blending)
+   and ignored;
 3. shape: the component's mask, cropped to its box and resized to a fixed grid, is matched to
    templates of each shape drawn by the world's own renderer (no rotation in this world);
-4. position: the box, compared with GenEval's `relative_position`.
+4. acceptance (GenEval keeps only Mask2Former detections above confidence 0.3; a fragment of noise is
+   not "a circle"): a candidate is an object only when it is recognisably one of the world's shapes:
+   area >= `OBJECT_MIN_AREA_FRACTION` of the image, box aspect (long / short side) <= `MAX_ASPECT`
+   (every shape fills a square box) and `shape_distance` <= `MAX_SHAPE_DISTANCE`. The others are
+   *rejected*, never silently: `detect_objects(..., return_rejected=True)` returns them with the
+   reason, and `score_images` reports `rejected_per_image` beside `objects_per_image`.
+   The three limits are calibrated on real data, not on any model: the world's 128 px renders of
+   the 600 eval prompts and of the 520 val scenes (JPEG as stored), and their VQ round trips
+   through the demo tokenizer (2,412 true objects each), against noise components (images decoded
+   from uniform random codes); the figures are next to the constants;
+5. position: the box, compared with GenEval's `relative_position`.
 
 Decision (as GenEval's `evaluate`): a prompt passes only when every `include` constraint holds
-(count, colour, relation) and no `exclude` constraint is met.
+(count, colour, relation) and no `exclude` constraint is met; only accepted objects count.
 """
 
 from __future__ import annotations
@@ -27,8 +38,22 @@ from .prompts import CATEGORIES
 from .scene import COLORS, SHAPES, draw_shape, relative_position
 
 CHROMA_MIN = 40  # object pixels: max - min channel (palette colours have >= 160; background 0)
-MIN_AREA_FRACTION = 0.003  # smallest object kept, as a fraction of H*W (a small triangle is ~0.013)
+MIN_AREA_FRACTION = 0.003  # specks below this fraction of H*W are ignored, not counted (a small triangle is ~0.013)
 TEMPLATE = 24  # side of the grid shape masks are compared on
+# Acceptance limits, calibrated in session 4 (runs/exp_scorer/calib.py, outside git) on 2,412 true objects rendered at
+# 128 px (600 eval-prompt scenes + 520 val JPEGs) and the same 2,412 after a VQ round trip through the demo tokenizer,
+# against 13,465 noise components of 300 images decoded from uniform random codes.
+# True objects: area >= 0.0119 of the image (195 px, a VQ'd small triangle); uniform-random-code noise has most of
+# its near-perfect "squares" below that (one 8 px VQ patch = 0.004). Half the true minimum: a 2x margin.
+OBJECT_MIN_AREA_FRACTION = 0.006
+# True objects: box aspect 1.0 in renders, <= 1.333 after VQ (a small triangle losing a patch row, 20 x 15 px);
+# the template match resizes the box to a square, so without this a 8 x 40 bar would be a perfect "square".
+MAX_ASPECT = 1.5
+# True objects: shape_distance max 0.040 / 0.053 in renders / val JPEGs, max 0.252 (99.9th pct 0.243) after the VQ
+# round trip (small triangles whose tip patch drifts to another hue); noise components that pass the two tests above
+# (1,068): min 0.128, 1st pct 0.225, 5th pct 0.274, median 0.426. 0.30 keeps a ~20% margin over the worst true
+# object; 94 noise components (0.31 per image) still pass all three, and uniform random codes score GenEval 0.00.
+MAX_SHAPE_DISTANCE = 0.30
 
 
 @dataclass
@@ -38,6 +63,21 @@ class Detection:
     bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 (exclusive)
     area: int
     shape_distance: float  # mean |mask - template| of the chosen shape (0 = perfect)
+    rejected: str = ""  # why this candidate is not an object ("" = accepted): "area", "aspect" or "shape_distance"
+
+
+def rejection_reason(area: int, bbox: tuple[int, int, int, int], shape_distance: float, image_area: int) -> str:
+    """Empty (accepted) when a candidate is recognisably one of the world's shapes, else the first failed test
+    ("area", "aspect", "shape_distance"; see the module doc)."""
+    x0, y0, x1, y1 = bbox
+    w, h = x1 - x0, y1 - y0
+    if area < OBJECT_MIN_AREA_FRACTION * image_area:
+        return "area"
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        return "aspect"
+    if shape_distance > MAX_SHAPE_DISTANCE:
+        return "shape_distance"
+    return ""
 
 
 def _hue(rgb: np.ndarray) -> np.ndarray:
@@ -112,8 +152,16 @@ def classify_shape(mask: np.ndarray) -> tuple[str, float]:
     return best, dists[best]
 
 
-def detect_objects(image: Image.Image) -> list[Detection]:
-    """Coloured shapes in `image` (any mode, any size)."""
+def detect_objects(image: Image.Image, return_rejected: bool = False):
+    """Coloured shapes in `image` (any mode, any size): the accepted detections, or with `return_rejected`
+    (accepted, rejected), the rejected ones carrying their reason in `Detection.rejected`."""
+    cands = candidate_objects(image)
+    accepted = [d for d in cands if not d.rejected]
+    return (accepted, [d for d in cands if d.rejected]) if return_rejected else accepted
+
+
+def candidate_objects(image: Image.Image) -> list[Detection]:
+    """Every colour component above the speck floor, classified, with `rejected` set where it is not an object."""
     arr = np.asarray(to_rgb(image), dtype=np.float32)
     h, w = arr.shape[:2]
     r, g, b = arr[..., 0], arr[..., 1], arr[..., 2]
@@ -139,7 +187,8 @@ def detect_objects(image: Image.Image) -> list[Detection]:
             ys, xs = np.nonzero(labels == k)
             y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
             shape, dist = classify_shape(_soft_mask(arr, bg, labels == k, coloured, (x0, y0, x1, y1)))
-            out.append(Detection(shape, name, (int(x0), int(y0), int(x1), int(y1)), int(areas[k]), dist))
+            box = (int(x0), int(y0), int(x1), int(y1))
+            out.append(Detection(shape, name, box, int(areas[k]), dist, rejection_reason(int(areas[k]), box, dist, h * w)))
     return out
 
 
@@ -207,7 +256,16 @@ def summarize(results: list[tuple[str, bool]]) -> dict:
 
 
 def score_images(images: list[Image.Image], prompts: list[dict]) -> dict:
-    """Score images[i] against prompts[i]; per-category and overall accuracy (GenEval's summary)."""
+    """Score images[i] against prompts[i]; per-category and overall accuracy (GenEval's summary), plus
+    `objects_per_image` (accepted shapes) and `rejected_per_image` (colour components that are no shape: clutter)."""
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; pass one prompt per image")
-    return summarize([(p["tag"], score_image(img, p)) for img, p in zip(images, prompts)])
+    results, n_objects, n_rejected = [], 0, 0
+    for img, p in zip(images, prompts):
+        accepted, rejected = detect_objects(img, return_rejected=True)
+        results.append((p["tag"], evaluate(accepted, p)[0]))
+        n_objects, n_rejected = n_objects + len(accepted), n_rejected + len(rejected)
+    report = summarize(results)
+    report["objects_per_image"] = n_objects / max(len(images), 1)
+    report["rejected_per_image"] = n_rejected / max(len(images), 1)
+    return report
