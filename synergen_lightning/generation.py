@@ -124,7 +124,8 @@ def generate_images(model, prompts: list[str] | str, num: int = 1, cfg_scale: fl
 
 
 def objects_per_image(images) -> float:
-    """Mean number of shapes the shape-world scorer detects per image (each colour blob counts once)."""
+    """Mean number of shapes the shape-world scorer accepts per image (each colour blob counts once; blobs rejected
+    as no shape are not counted: `score_images` reports those as `rejected_per_image`)."""
     from synergen_lightning.world.scorer import detect_objects
 
     return sum(len(detect_objects(im)) for im in images) / max(len(images), 1)
@@ -313,7 +314,8 @@ def demo_report_main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg", type=float, default=7.5, help="CFG scale (paper: 7.5)")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="sampling temperature; above 1 the tiny model scatters more blobs and GenEval rises by clutter "
-                        "alone (geneval.objects_per_image shows it), so compare scores at one temperature")
+                        "alone (geneval.objects_per_image / rejected_per_image show it), so compare scores at one "
+                        "temperature")
     p.add_argument("--caption-floor", action="store_true",
                    help="also score images drawn from the unconditional prompt against the eval prompts "
                         "(geneval_uncond_floor: the score of a model that ignores captions; one more GenEval pass)")
@@ -343,8 +345,8 @@ def demo_report_main(argv: list[str] | None = None) -> int:
     geneval, images = geneval_suite(model, prompts, seed=a.seed, cfg_scale=a.cfg, temperature=a.temperature,
                                     return_images=True)
     save_grid(images[:64], out / "samples.png", nrow=8)
-    # clutter check: the scorer counts an asked shape among any number of others (as GenEval does)
-    geneval["objects_per_image"] = objects_per_image(images)
+    # clutter check: the scorer counts an asked shape among any number of others (as GenEval does); score_images
+    # already reports objects_per_image (accepted shapes) and rejected_per_image (colour blobs that are no shape)
     geneval["objects_asked"] = sum(r["count"] for p_ in prompts for r in p_["include"]) / len(prompts)
     floor = caption_floor(model, prompts, seed=a.seed, temperature=a.temperature) if a.caption_floor else None
     und = understanding_suite(model, load_qa_items(str(data / "val" / "*.tar"), a.und_questions), max_new_tokens=8,
@@ -370,6 +372,7 @@ def demo_report_main(argv: list[str] | None = None) -> int:
         report["grounding"] = grounding
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps({"geneval.overall": geneval["overall"], "geneval.objects_per_image": geneval["objects_per_image"],
+                      "geneval.rejected_per_image": geneval["rejected_per_image"],
                       **({"geneval_uncond_floor.overall": floor["overall"]} if floor else {}), "und.accuracy": und["accuracy"],
                       "text.accuracy_base": text["base_accuracy"], "text.accuracy_final": text["accuracy"],
                       **({"grounding.caption_gain_nats": grounding["caption_gain_nats"],

@@ -64,7 +64,8 @@ def eval_mode(model):
 # ---------------------------------------------------------------------------------------- GenEval
 def geneval_suite(model, prompts: list[dict], seed: int = 0, cfg_scale: float = 7.5, temperature: float = 1.0,
                   batch_size: int = 16, progress: bool = False, return_images: bool = False) -> dict:
-    """One image per shape-world eval prompt (seed fixed per prompt batch) scored by `world.score_images`."""
+    """One image per shape-world eval prompt (seed fixed per prompt batch) scored by `world.score_images`: accuracies
+    plus objects_per_image (accepted shapes) and rejected_per_image (colour blobs the scorer rejects as no shape)."""
     from synergen_lightning.world.scorer import score_images
 
     if not prompts:
