@@ -9,7 +9,7 @@ from PIL import Image
 
 from synergen_lightning.eval.analysis import layer_cosine_similarity
 from synergen_lightning.eval.cli import cosine_main, report_main
-from synergen_lightning.eval.report import check_system_checkpoint, read_scalars
+from synergen_lightning.eval.report import _fmt, check_system_checkpoint, read_scalars
 from synergen_lightning.eval.fid import EvalInputError
 from synergen_lightning.llm import evaluate_text_skill
 from synergen_lightning.world.scorer import score_images
@@ -70,6 +70,8 @@ def test_report_writes_json_md_grid_and_curves(world, logdir, tmp_path):
     for needle in ("## GenEval", "## Understanding", "## Text skill retention", "![samples](samples.png)",
                    "![train](curves_train.png)", "| overall |"):
         assert needle in md, needle
+    g = rep["results"]["geneval"]
+    assert f"{_fmt(g['objects_per_image'])} shapes accepted, {_fmt(g['rejected_per_image'])} coloured blobs rejected" in md
     assert not list(tmp_path.glob(".report.partial-*"))
     # a second run into a full directory needs --overwrite
     with pytest.raises(SystemExit):

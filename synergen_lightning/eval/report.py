@@ -221,7 +221,9 @@ def render_markdown(report: dict) -> str:
         lines += ["## GenEval (shape world)", "", "| overall | " + " | ".join(cats) + " |",
                   "|---|" + "---|" * len(cats),
                   f"| **{_fmt(g['overall'])}** | " + " | ".join(_fmt(g[c]) for c in cats) + " |", "",
-                  f"{g.get('num_images', 0)} images, one per prompt; counts per category: {g.get('counts', {})}", ""]
+                  f"{g.get('num_images', 0)} images, one per prompt; counts per category: {g.get('counts', {})}"
+                  + (f"; per image {_fmt(g['objects_per_image'])} shapes accepted, {_fmt(g['rejected_per_image'])} "
+                     "coloured blobs rejected as no shape" if "rejected_per_image" in g else ""), ""]
     if "und" in r:
         u = r["und"]
         kinds = list(u["per_kind"])
