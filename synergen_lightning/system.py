@@ -425,6 +425,7 @@ class SynerGenVL(LightningModule):
         if not self._stage_applied:
             apply_stage(self, spec)  # no StageCallback in the trainer: the hparam stage applies
         self._init_weights_for_fit(spec["name"])
+        self._check_data_tokenizer()
         path = self.hparams.get("image_tokenizer")
         if path and Path(path).exists():
             _ = self.image_tokenizer  # fail at the start, not mid-run, on a codebook-size mismatch
@@ -455,6 +456,25 @@ class SynerGenVL(LightningModule):
             rank_zero_info(f"{stage}: trunk initialised from base LLM {hp.base_llm}")
         if hp.get("code_embed_init", "random") == "codebook":
             self.init_code_embed_from_tokenizer()
+
+    def _check_data_tokenizer(self) -> None:
+        """The DataModule's text tokenizer must be the model's: same token -> id map. Otherwise the data's ids index
+        the wrong embedding rows, quietly (e.g. a base LLM checkpoint whose relative tokenizer path resolves against
+        another run's directory)."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        data_tok = getattr(dm, "tokenizer", None)
+        if data_tok is None or not hasattr(data_tok, "tokenizer") or self.hparams.get("text_tokenizer") is None:
+            return
+        mine = self.text_tokenizer
+        if mine is data_tok or not hasattr(mine, "tokenizer"):
+            return
+        ours, theirs = mine.tokenizer.get_vocab(with_added_tokens=True), data_tok.tokenizer.get_vocab(with_added_tokens=True)
+        if ours != theirs:
+            differ = sorted(set(ours.items()) ^ set(theirs.items()), key=str)[:3]
+            raise ValueError(f"the data's text tokenizer {str(getattr(data_tok, 'dir', '?'))!r} ({len(theirs)} tokens) is not "
+                             f"the model's {str(getattr(mine, 'dir', '?'))!r} ({len(ours)} tokens; differ e.g. {differ}): "
+                             "point model.text_tokenizer and data.tokenizer at the same directory (the tiny recipes use "
+                             "SYNERGEN_TINY_TEXT_TOKENIZER for both)")
 
     # hyper-parameters that change what a folded token means without changing any weight's shape: a stage started
     # from a checkpoint that disagrees on one of them would train quietly on scrambled image tokens

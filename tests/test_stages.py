@@ -202,3 +202,24 @@ def test_init_from_a_checkpoint_with_another_fold_is_an_error(tmp_path):
     other = tiny_model(init_from=str(ckpt), stage="stage2", fold=(1, 4))
     with pytest.raises(ValueError, match=r"another image geometry \(fold: checkpoint \[2, 2\] vs recipe \[1, 4\]\)"):
         _trainer([StageCallback("stage2")], 1).fit(other, loader(_batches(1)))
+
+
+def test_a_data_tokenizer_other_than_the_models_is_an_error(tmp_path):
+    from types import SimpleNamespace
+
+    from synergen_lightning.system import load_text_tokenizer
+    from synergen_lightning.text_tokenizer import train_bpe
+
+    dirs = {}
+    for name, words in (("a", "red circle blue square"), ("b", "green triangle yellow cross")):
+        corpus = tmp_path / f"{name}.jsonl"
+        corpus.write_text("".join(f'{{"text": "a {words} {i}"}}\n' for i in range(50)))
+        train_bpe([corpus], 300, tmp_path / name)
+        dirs[name] = str(tmp_path / name)
+    model = tiny_model(text_tokenizer=dirs["a"], special_token_ids=None,
+                       llm={**tiny_model().hparams.llm, "vocab_size": 300})
+    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(tokenizer=load_text_tokenizer(dirs["a"])))
+    model._check_data_tokenizer()  # the same tokenizer, loaded twice: fine
+    model._trainer = SimpleNamespace(datamodule=SimpleNamespace(tokenizer=load_text_tokenizer(dirs["b"])))
+    with pytest.raises(ValueError, match=r"the data's text tokenizer .*/b' .* is not the model's .*/a' .*same directory"):
+        model._check_data_tokenizer()
