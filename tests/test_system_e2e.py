@@ -54,4 +54,8 @@ def test_tiny_stage_chain_generate_answer_report(tmp_path, monkeypatch):
     assert set(report["geneval"]) >= {"overall", "single_object", "two_objects", "counting", "colors", "position",
                                       "color_attr"}
     assert {"accuracy"} <= set(report["und"]) and {"accuracy_base", "accuracy_final"} <= set(report["text"])
+    assert {"objects_per_image", "rejected_per_image"} <= set(report["geneval"])
+    g = report["grounding"]  # caption / image gain: finite numbers from the same losses as training
+    assert {"caption_gain_nats", "image_gain_nats"} <= set(g)
+    assert all(abs(g[k]) < 10 for k in ("caption_gain_nats", "image_gain_nats"))
     assert Path("runs/demo/samples.png").is_file()
