@@ -162,8 +162,8 @@ class SynerGenVL(LightningModule):
             code_embed_init: how a run that starts from the base LLM (stage 1, full) initialises the folder's code
                 embedding: "random" (N(0, 1)) or "codebook" (principal components of each code's decoded pixels,
                 from `image_tokenizer`: colour is linearly readable from the folded tokens from step 0).
-            fold_output_rms: folded image tokens leave the folder through an RMSNorm with a learnable gain that
-                starts here (e.g. 0.02, the text embeddings' RMS), so image and text tokens enter the LLM at one scale;
+            fold_output_rms: folded image tokens leave the folder through an RMSNorm at this scale (e.g. 0.02, the text
+                embeddings' RMS; the tiny recipes use 0.1), so image and text tokens enter the LLM at one scale;
                 None (default) = the paper's plain MLP, whose output may grow far above the text embeddings.
             fold_output_rms_learnable: True = that RMSNorm's gain trains (starts at `fold_output_rms`); False = the
                 scale stays `fold_output_rms` (a buffer), so the folder cannot grow image tokens above text ones.
