@@ -1,6 +1,7 @@
 """`PeriodicEvaluator`: shape-world GenEval, understanding accuracy and text-skill retention every N steps.
 
 Logs `eval/geneval/overall`, `eval/geneval/<category>`, `eval/und/accuracy`, `eval/und/per_kind/<kind>`,
+`eval/und/prior_accuracy` (a constant answer per question kind), `eval/und/top_answer_share/<kind>`,
 `eval/text/accuracy`, `eval/text/retention` (vs the base LLM) and, from the val shards, `eval/grounding/caption_gain`,
 `eval/grounding/caption_gain_vs_uncond` and `eval/grounding/image_gain` (teacher-forced nats the true caption / image
 saves over a swapped one; ~0 = the model ignores that input; eval/grounding.py) to every logger of the trainer. Each

@@ -361,6 +361,8 @@ def demo_report_main(argv: list[str] | None = None) -> int:
     report = {
         "geneval": geneval,
         "und": {"accuracy": und["accuracy"], "per_kind": und["per_kind"], "questions": und["num_items"],
+                "prior_accuracy": und["prior_accuracy"], "top_answer": und["top_answer"],
+                "top_answer_share": und["top_answer_share"],
                 "max_tiles": max_tiles, "thumbnail": thumbnail},
         "text": {"accuracy_base": text["base_accuracy"], "accuracy_final": text["accuracy"],
                  "examples": a.text_examples},

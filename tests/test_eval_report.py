@@ -64,11 +64,13 @@ def test_report_writes_json_md_grid_and_curves(world, logdir, tmp_path):
                                                                      world / "text" / "skill_val.jsonl", max_examples=3)
     und = rep["results"]["und"]
     assert und["num_items"] == 4 and 0.0 <= und["accuracy"] <= 1.0 and und["examples"]
+    assert 0.0 < und["prior_accuracy"] <= 1.0 and set(und["top_answer_share"]) == set(und["per_kind"])
     # grid: 2 prompts x 2 seeds of 16-px images with 2-px borders
     assert Image.open(out / "samples.png").size == (2 * 18 + 2, 2 * 18 + 2)
     md = (out / "report.md").read_text()
     for needle in ("## GenEval", "## Understanding", "## Text skill retention", "![samples](samples.png)",
-                   "![train](curves_train.png)", "| overall |"):
+                   "![train](curves_train.png)", "| overall |", "| question-type prior: ",
+                   "| share of the most common answer |"):
         assert needle in md, needle
     g = rep["results"]["geneval"]
     assert f"{_fmt(g['objects_per_image'])} shapes accepted, {_fmt(g['rejected_per_image'])} coloured blobs rejected" in md

@@ -53,7 +53,7 @@ def test_tiny_stage_chain_generate_answer_report(tmp_path, monkeypatch):
     report = json.loads(Path("runs/demo/report.json").read_text())
     assert set(report["geneval"]) >= {"overall", "single_object", "two_objects", "counting", "colors", "position",
                                       "color_attr"}
-    assert {"accuracy"} <= set(report["und"]) and {"accuracy_base", "accuracy_final"} <= set(report["text"])
+    assert {"accuracy", "prior_accuracy", "top_answer_share"} <= set(report["und"]) and {"accuracy_base", "accuracy_final"} <= set(report["text"])
     assert {"objects_per_image", "rejected_per_image"} <= set(report["geneval"])
     g = report["grounding"]  # caption / image gain: finite numbers from the same losses as training
     assert {"caption_gain_nats", "image_gain_nats"} <= set(g)

@@ -229,7 +229,13 @@ def render_markdown(report: dict) -> str:
         kinds = list(u["per_kind"])
         lines += ["## Understanding (val Q/A, exact match)", "", "| accuracy | " + " | ".join(kinds) + " |",
                   "|---|" + "---|" * len(kinds),
-                  f"| **{_fmt(u['accuracy'])}** | " + " | ".join(_fmt(u["per_kind"][k]) for k in kinds) + " |", "",
+                  f"| **{_fmt(u['accuracy'])}** | " + " | ".join(_fmt(u["per_kind"][k]) for k in kinds) + " |"]
+        if "prior_accuracy" in u:  # the score of answering from the question type alone, and answer diversity
+            lines += [f"| question-type prior: {_fmt(u['prior_accuracy'])} | "
+                      + " | ".join(_fmt(u["prior_per_kind"].get(k)) for k in kinds) + " |",
+                      "| share of the most common answer | " + " | ".join(
+                          f"{_fmt(u['top_answer_share'].get(k))} ({u['top_answer'].get(k) or 'empty'})" for k in kinds) + " |"]
+        lines += ["",
                   f"{u['num_items']} questions. Examples:", "", "| question | answer | predicted |", "|---|---|---|"]
         lines += [f"| {e['question']} | {e['answer']} | {e['predicted'] or '(empty)'} |" for e in u.get("examples", [])]
         lines.append("")

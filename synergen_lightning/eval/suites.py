@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -120,6 +120,7 @@ def understanding_suite(model, items: list[dict], max_new_tokens: int = 16, batc
     if not items:
         raise EvalInputError("understanding: no Q/A items to evaluate")
     per_kind: dict[str, list[bool]] = defaultdict(list)
+    predicted: dict[str, Counter] = defaultdict(Counter)
     examples = []
     with eval_mode(model), progress_bar(progress, "understanding: answering", len(items)) as advance:
         for chunk in _chunks(items, batch_size):
@@ -128,12 +129,31 @@ def understanding_suite(model, items: list[dict], max_new_tokens: int = 16, batc
             for it, got in zip(chunk, answers):
                 ok = got.strip().lower() == it["answer"].strip().lower()
                 per_kind[it["kind"]].append(ok)
+                predicted[it["kind"]][got.strip().lower()] += 1
                 if len(examples) < 8:
                     examples.append({"question": it["question"], "answer": it["answer"], "predicted": got})
             advance(len(chunk))
     flat = [ok for oks in per_kind.values() for ok in oks]
+    prior = question_type_prior(items)
     return {"accuracy": sum(flat) / len(flat), "num_items": len(flat),
-            "per_kind": {k: sum(v) / len(v) for k, v in sorted(per_kind.items())}, "examples": examples}
+            "per_kind": {k: sum(v) / len(v) for k, v in sorted(per_kind.items())}, "examples": examples,
+            # what answering from the question type alone scores, and how often the model gave its most common
+            # answer per kind (1.0 = one answer whatever the image: the demo's SFT said "red" to every colour question)
+            "prior_accuracy": prior["accuracy"], "prior_per_kind": prior["per_kind"],
+            "top_answer": {k: c.most_common(1)[0][0] for k, c in sorted(predicted.items())},
+            "top_answer_share": {k: c.most_common(1)[0][1] / sum(c.values()) for k, c in sorted(predicted.items())}}
+
+
+def question_type_prior(items: list[dict]) -> dict:
+    """Accuracy of the best constant answer per Q/A kind on `items` (the references' most common answer): the score
+    of a model that never looks at the image. Understanding accuracy means something only above it."""
+    answers: dict[str, Counter] = defaultdict(Counter)
+    for it in items:
+        answers[it["kind"]][it["answer"].strip().lower()] += 1
+    best = {k: c.most_common(1)[0][1] for k, c in answers.items()}
+    total = sum(sum(c.values()) for c in answers.values())
+    return {"accuracy": sum(best.values()) / total if total else 0.0,
+            "per_kind": {k: best[k] / sum(answers[k].values()) for k in sorted(answers)}}
 
 
 # ---------------------------------------------------------------------------------------- text skill
