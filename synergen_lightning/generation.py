@@ -375,7 +375,7 @@ def demo_report_main(argv: list[str] | None = None) -> int:
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps({"geneval.overall": geneval["overall"], "geneval.objects_per_image": geneval["objects_per_image"],
                       "geneval.rejected_per_image": geneval["rejected_per_image"],
-                      **({"geneval_uncond_floor.overall": floor["overall"]} if floor else {}), "und.accuracy": und["accuracy"],
+                      **({"geneval_uncond_floor.overall": floor["overall"]} if floor else {}), "und.accuracy": und["accuracy"], "und.prior_accuracy": und["prior_accuracy"],
                       "text.accuracy_base": text["base_accuracy"], "text.accuracy_final": text["accuracy"],
                       **({"grounding.caption_gain_nats": grounding["caption_gain_nats"],
                           "grounding.image_gain_nats": grounding["image_gain_nats"]} if grounding else {})}, indent=2))
