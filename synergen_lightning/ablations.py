@@ -188,11 +188,15 @@ def evaluate_checkpoint(ckpt: str | Path, suites: tuple[str, ...], settings: Eva
         res = understanding_suite(model, items, max_tiles=max_tiles, thumbnail=thumbnail, batch_size=32)
         out["und"] = res["accuracy"]
         out.update({f"und_{k}": v for k, v in res["per_kind"].items()})
+        # the question-type prior of the same items (a constant answer per kind): an arm reads images only above it
+        out["prior_und"] = res["prior_accuracy"]
+        out.update({f"prior_und_{k}": v for k, v in res["prior_per_kind"].items()})
         # small-object questions: the same answers, re-scored on the subset (understanding_suite keeps no list)
         small = [it for it in items if it["small"]]
         if small:
             sres = understanding_suite(model, small, max_tiles=max_tiles, thumbnail=thumbnail, batch_size=32)
             out["und_small"] = sres["accuracy"]
+            out["prior_und_small"] = sres["prior_accuracy"]
             out["num_small"] = len(small)
         out["num_und"] = res["num_items"]
     if "geneval" in suites:
@@ -357,6 +361,20 @@ def collect(out: Path, seeds: list[int], arms: list[Arm]) -> dict:
     return runs
 
 
+def _prior_row(runs: dict, metrics: tuple[str, ...], lead: int, trail: int) -> list[str]:
+    """A table row with the question-type prior of `metrics` (the score of a constant answer per kind; the same val
+    items for every arm, so it is read from the first run that recorded it), or nothing when no run has it."""
+    for stages in runs.values():
+        for seeds in stages.values():
+            for r in seeds.values():
+                ev = r.get("eval", {})
+                if ev.get("prior_und") is not None:
+                    vals = [ev.get(f"prior_{m}") for m in metrics]
+                    return [f"| question-type prior (a constant answer per kind, no image) | " + " | ".join(
+                        ["–"] * lead + ["–" if v is None else f"{100 * v:.1f}" for v in vals] + ["–"] * trail) + " |"]
+    return []
+
+
 def summarize(runs: dict, metric: str, arm: str, stage: str) -> dict | None:
     per_seed = {s: r["eval"][metric] for s, r in runs.get(arm, {}).get(stage, {}).items()
                 if r["eval"].get(metric) is not None}
@@ -452,6 +470,7 @@ def render_markdown(results: dict) -> str:
         L.append(f"| {label} | {st.image_tokens} | " + " | ".join(_fmt(summarize(runs, m, arm, stage)) for m in
                  ("und", "und_text", "und_small", "und_count", "und_color", "und_shape"))
                  + " | " + " | ".join(_paper(paper, c) for c in ("TextVQA", "DocVQA", "ChartQA", "GQA")) + " |")
+    L += _prior_row(runs, ("und", "und_text", "und_small", "und_count", "und_color", "und_shape"), 1, 4)
     L += ["", "## Table 7: progressive alignment against full tuning", "",
           f"No folding, one 64-px view (64 LLM tokens) in both stages. S.1 = the tiny stage-1 recipe ({_steps(runs, 'progressive', 's1', S1_STEPS)} steps),"
           f" S.2 = the tiny stage-2 recipe ({_steps(runs, 'progressive', 's2', S2_STEPS)} steps), same data / lr / schedule in both strategies; only the"
@@ -472,6 +491,7 @@ def render_markdown(results: dict) -> str:
                     ("und", "und_text", "geneval", "text", "text_retention", "drift_self_attention")]
         L.append(f"| {stage_lbl} | {strat or '–'} | " + " | ".join(ours) + " | "
                  + " | ".join(_paper(paper, c) for c in ("GQA", "TextVQA", "AI2D", "MMLU", "CMMLU", "MSCOCO FID")) + " |")
+    L += _prior_row(runs, ("und", "und_text"), 1, 10)
     L += ["", "## What the miniature shows", ""] + (verdicts(runs) or ["- (no finished arm yet)"])
     L += ["", "## Arms, commands and run time", "",
           "| arm | stage | what trains | steps | seeds | fit wall s (measured) | s / step | fit quiet estimate s |"

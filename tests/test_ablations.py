@@ -115,7 +115,8 @@ def _fake_runs(tmp_path, values):
 def test_summary_table_and_notes_kept(tmp_path):
     vals = {("fold_off", "und", 0): {"und": 0.4, "und_text": 0.1, "und_small": 0.3},
             ("fold_off", "und", 1): {"und": 0.5, "und_text": 0.3, "und_small": 0.4},
-            ("fold_on", "und", 0): {"und": 0.6, "und_text": 0.5, "und_small": 0.5},
+            ("fold_on", "und", 0): {"und": 0.6, "und_text": 0.5, "und_small": 0.5, "prior_und": 0.375,
+                                    "prior_und_text": 0.125, "prior_und_small": 0.25, "prior_und_count": 0.5},
             ("full", "s2", 0): {"und": 0.2, "geneval": 0.1, "text": 0.3, "text_base": 0.9, "text_retention": 1 / 3},
             ("progressive", "s2", 0): {"und": 0.2, "geneval": 0.1, "text": 0.8, "text_base": 0.9, "text_retention": 0.8 / 0.9}}
     _fake_runs(tmp_path, vals)
@@ -132,6 +133,9 @@ def test_summary_table_and_notes_kept(tmp_path):
     assert "my analysis" in text and "stale header" not in text.split(abl.NOTES_BEGIN)[0]
     assert "| w/o token folding | 64 | 45.0 ± 7.1 [40.0–50.0] | 20.0 ± 14.1 [10.0–30.0] |" in text
     assert "+30.0 points with folding (per seed: +40.0)" in text  # tiny characters: mean diff; seed-0 pair
+    # the prior row of each table: the recorded values in the table's columns, '–' where none was recorded
+    assert "| question-type prior (a constant answer per kind, no image) | – | 37.5 | 12.5 | 25.0 | 50.0 | – | – | – | – | – | – |" in text
+    assert "| question-type prior (a constant answer per kind, no image) | – | 37.5 | 12.5 | – | – | – | – | – | – | – | – | – | – |" in text
     assert "full tuning 33% of the base LLM's, progressive 89%" in text
     assert "LOADED" in text and json.loads((tmp_path / "results.json").read_text())["meta"]["seeds_found"] == [0, 1]
     assert res["summary"]["fold_on/und"]["und"]["mean"] == 0.6
