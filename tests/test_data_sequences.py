@@ -111,6 +111,32 @@ def test_qa_pick_is_seeded_and_field_names_configurable(tok):
         builder(tok).build(renamed, "understanding", "qa", {"qa_field": "pairs", "question_key": "q", "answer_key": "a", "qa_kinds": ["count"]})
 
 
+def test_qa_pairs_per_sample_builds_one_conversation_without_answer_leaks(tok):
+    """Several Q/A pairs of one image in one row; a pair whose answer the other's question names never joins it."""
+    pairs = [{"question": "What color is the square in the bottom left?", "answer": "yellow", "kind": "color"},
+             {"question": "Where is the yellow square?", "answer": "bottom left", "kind": "position"},
+             {"question": "How many shapes are there?", "answer": "4", "kind": "count"},
+             {"question": "Is the red circle above the yellow square?", "answer": "no", "kind": "relation"},
+             {"question": "What character is written in the image?", "answer": "P", "kind": "text"}]
+    r = {**raw(), "json": json.dumps({"qa": pairs}).encode()}
+    seen = set()
+    for seed in range(40):
+        s = builder(tok, seed=seed).build(r, "understanding", "qa", {"pairs_per_sample": 3})
+        text = re.sub(r"(?<=[>\n]) ", "", tok.decode(s.input_ids, skip_special_tokens=False).replace("<pad>", ""))
+        asked = [p for p in pairs if p["question"] in text]
+        assert len(asked) == 3, text  # 3 compatible pairs always exist here
+        assert not ({"color", "position"} <= {p["kind"] for p in asked}), text  # the leaking pair never together
+        assert not ({"color", "relation"} <= {p["kind"] for p in asked}), text  # "yellow" in the relation question
+        assert supervised(s) == sum((tok.encode(p["answer"]) + [tok.im_end_id] for p in sorted(asked, key=lambda p: text.index(p["question"]))), []) + [tok.eos_id]
+        assert s.input_ids.count(tok.boi_id) == 1 and text.startswith("<s><|im_start|>user\n<boi><eoi>\n")
+        seen |= {p["kind"] for p in asked}
+    assert seen == {p["kind"] for p in pairs}  # every pair reachable
+    one = builder(tok, seed=5).build(r, "understanding", "qa")
+    assert one.input_ids == builder(tok, seed=5).build(r, "understanding", "qa", {"pairs_per_sample": 1}).input_ids
+    with pytest.raises(ValueError, match="pairs_per_sample=0"):
+        builder(tok).build(r, "understanding", "qa", {"pairs_per_sample": 0})
+
+
 def test_text_fully_supervised(tok):
     s = builder(tok).build({"__key__": "t", "json": {"text": "red circle."}}, "text")
     assert s.input_ids == [tok.bos_id] + tok.encode("red circle.") + [tok.eos_id]

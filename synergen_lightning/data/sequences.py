@@ -8,7 +8,8 @@ Chat template (InternLM2's): `<s><|im_start|>user\\n{user}<|im_end|>\\n<|im_star
 - understanding: user = `<boi>[IMG]<eoi>` per tile (tiles, then thumbnail) + `\\n{question}`,
                  assistant = `{answer}`; only answers (+ their `<|im_end|>`, and the final `</s>`) supervised.
                  Formats: `caption` (KEY.txt), `conversation` (LLaVA `conversations` in KEY.json,
-                 `<image>` marks the image), `qa` (one Q/A pair of a list in KEY.json, seeded per sample).
+                 `<image>` marks the image), `qa` (one Q/A pair of a list in KEY.json, seeded per sample; `pairs_per_sample: k`
+                 puts up to k pairs of the image in one conversation, skipping pairs whose answer the other's question names).
 - text:          `<s>{text}</s>`, fully supervised (`{"prompt", "answer"}` lines: `{prompt} {answer}`).
 
 `[IMG]` is `tokens_per_view` slots: `image_mask` True, input id = pad. Labels follow the HF convention
@@ -18,6 +19,7 @@ Chat template (InternLM2's): `<s><|im_start|>user\\n{user}<|im_end|>\\n<|im_star
 from __future__ import annotations
 
 import io
+import re
 import zlib
 from dataclasses import dataclass, field
 
@@ -93,6 +95,17 @@ class _Seq:
 def _unit(*parts) -> float:
     """A deterministic uniform number in [0, 1) from the parts (cheap: crc32, no RNG object per sample)."""
     return zlib.crc32("|".join(map(str, parts)).encode()) / 2**32
+
+
+def _leaks(a: dict, b: dict, q_key: str, a_key: str) -> bool:
+    """True when either pair's answer is a word of the other's question ("What color is the square in the bottom
+    left?" -> yellow / "Where is the yellow square?" -> bottom left): in one conversation, whichever comes second
+    could be answered from the text instead of the image."""
+
+    def said(answer, question) -> bool:
+        return re.search(rf"\b{re.escape(str(answer).strip().lower())}\b", str(question).lower()) is not None
+
+    return said(a[a_key], b[q_key]) or said(b[a_key], a[q_key])
 
 
 class SequenceBuilder:
@@ -313,8 +326,24 @@ class SequenceBuilder:
                      and (not kinds or p.get("kind") in kinds)]
         if not pairs:
             raise SkipSample("missing_qa", f"{key}: json[{qa_field!r}] has no {{{q_key!r}, {a_key!r}}} pair")
-        pick = pairs[int(_unit(self.seed, self.epoch, "qa", key) * len(pairs))]
-        return [("user", str(pick[q_key])), ("assistant", str(pick[a_key]))]
+        k = options.get("pairs_per_sample", 1)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"qa option pairs_per_sample={k!r} must be an integer >= 1 (1 = one Q/A pair per row)")
+        if k == 1:
+            pick = pairs[int(_unit(self.seed, self.epoch, "qa", key) * len(pairs))]
+            return [("user", str(pick[q_key])), ("assistant", str(pick[a_key]))]
+        # several pairs of one image in one conversation: k times the supervision for one image's tokens
+        order = sorted(range(len(pairs)), key=lambda i: _unit(self.seed, self.epoch, "qa", key, i))
+        chosen: list[dict] = []
+        for i in order:
+            if len(chosen) == k:
+                break
+            if not any(_leaks(pairs[i], c, q_key, a_key) for c in chosen):
+                chosen.append(pairs[i])
+        turns = []
+        for pick in chosen:
+            turns += [("user", str(pick[q_key])), ("assistant", str(pick[a_key]))]
+        return turns
 
     def _text(self, raw: dict, key: str, options: dict) -> BuiltSample:
         field_ = options.get("text_field", "text")
