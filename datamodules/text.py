@@ -12,26 +12,56 @@ from torch.utils.data import DataLoader, Dataset
 from synergen_lightning.text_tokenizer import TextTokenizer, iter_corpus_text, load_or_train
 
 
-def pack_documents(docs: list[list[int]], seq_len: int, bos_id: int, eos_id: int) -> torch.Tensor:
-    """`<s> doc </s>` back to back, cut into rows of `seq_len` (the ragged tail is dropped)."""
-    flat = [t for d in docs for t in ([bos_id] + d + [eos_id])]
-    n = len(flat) // seq_len
-    if n == 0:
-        raise ValueError(f"the corpus has {len(flat)} tokens, fewer than one sequence of seq_len={seq_len}; "
-                         "lower seq_len or add text")
-    return torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
+def pack_documents(docs: list[list[int]], seq_len: int, bos_id: int, eos_id: int,
+                   whole_documents: bool = False, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """`<s> doc </s>` back to back in rows of `seq_len` -> (input_ids, labels), both long[rows, seq_len].
+
+    whole_documents=False: one stream cut every `seq_len` tokens (the ragged tail is dropped), labels = ids.
+    whole_documents=True: a document that does not fit the rest of a row starts the next one, so a question never
+    loses the passage it asks about; the rest of the row is `pad_id` with label -100. Documents longer than a row
+    are still cut."""
+    if not whole_documents:
+        flat = [t for d in docs for t in ([bos_id] + d + [eos_id])]
+        n = len(flat) // seq_len
+        if n == 0:
+            raise ValueError(f"the corpus has {len(flat)} tokens, fewer than one sequence of seq_len={seq_len}; "
+                             "lower seq_len or add text")
+        ids = torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
+        return ids, ids.clone()
+    rows: list[list[int]] = []
+    row: list[int] = []
+    for d in docs:
+        doc = [bos_id] + d + [eos_id]
+        if row and len(row) + len(doc) > seq_len:
+            rows.append(row)
+            row = []
+        while len(doc) > seq_len:  # longer than a row: cut, as the stream packing does
+            rows.append(doc[:seq_len])
+            doc = doc[seq_len:]
+        row += doc
+    if row:
+        rows.append(row)
+    if not rows:
+        raise ValueError("the corpus has no documents to pack; add text")
+    ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), seq_len), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        labels[i, : len(r)] = torch.tensor(r)
+    return ids, labels
 
 
 class PackedTextDataset(Dataset):
-    def __init__(self, rows: torch.Tensor):
+    def __init__(self, rows: torch.Tensor, labels: torch.Tensor | None = None):
         self.rows = rows
+        self.labels = rows if labels is None else labels
 
     def __len__(self) -> int:
         return self.rows.shape[0]
 
     def __getitem__(self, i: int) -> dict:
         ids = self.rows[i]
-        return {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool),
+        return {"input_ids": ids, "labels": self.labels[i], "attention_mask": torch.ones_like(ids, dtype=torch.bool),
                 "task": "text"}
 
 
@@ -47,6 +77,7 @@ class TextDataModule(L.LightningDataModule):
         num_workers: int = 0,
         train_repeats: list[int] | None = None,
         shuffle_seed: int = 0,
+        whole_documents: bool = False,
     ):
         """
         Args:
@@ -59,6 +90,8 @@ class TextDataModule(L.LightningDataModule):
                 skill file listed after the main corpus with 3 triples its share of the tokens).
             shuffle_seed: the training documents are shuffled with this seed before packing, so
                 repeated files spread over all rows instead of filling the last ones.
+            whole_documents: start a row rather than cut a document that does not fit (padding unsupervised), so a
+                passage and the question about it stay in one row (`pack_documents`).
         """
         super().__init__()
         if train_repeats is not None:
@@ -73,20 +106,21 @@ class TextDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         load_or_train(self.hparams.tokenizer_dir, self.hparams.train_files, self.hparams.bpe_vocab_size)
 
-    def _rows(self, files, repeats=None, shuffle_seed: int | None = None) -> torch.Tensor:
+    def _rows(self, files, repeats=None, shuffle_seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         docs = []
         for f, k in zip(files, repeats or [1] * len(files)):
             docs += self.tokenizer.encode_batch(list(iter_corpus_text([f]))) * k
         if shuffle_seed is not None:
             random.Random(shuffle_seed).shuffle(docs)
-        return pack_documents(docs, self.hparams.seq_len, self.tokenizer.bos_id, self.tokenizer.eos_id)
+        return pack_documents(docs, self.hparams.seq_len, self.tokenizer.bos_id, self.tokenizer.eos_id,
+                              whole_documents=self.hparams.whole_documents, pad_id=self.tokenizer.pad_id)
 
     def setup(self, stage: str | None = None) -> None:
         if self.tokenizer is None:
             self.tokenizer = load_or_train(self.hparams.tokenizer_dir, self.hparams.train_files, self.hparams.bpe_vocab_size)
-            self.train_set = PackedTextDataset(self._rows(self.hparams.train_files, self.hparams.train_repeats,
-                                                          self.hparams.shuffle_seed))
-            self.val_set = PackedTextDataset(self._rows(self.hparams.val_files)) if self.hparams.val_files else None
+            self.train_set = PackedTextDataset(*self._rows(self.hparams.train_files, self.hparams.train_repeats,
+                                                           self.hparams.shuffle_seed))
+            self.val_set = PackedTextDataset(*self._rows(self.hparams.val_files)) if self.hparams.val_files else None
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,

@@ -61,10 +61,22 @@ def write_world_skill_corpus(out: Path, seed: int = 0) -> Path:
 
 
 def test_pack_documents():
-    rows = pack_documents([[5, 6], [7], [8, 9]], seq_len=4, bos_id=1, eos_id=2)
-    assert rows.tolist() == [[1, 5, 6, 2], [1, 7, 2, 1]]  # the ragged tail is dropped
+    rows, labels = pack_documents([[5, 6], [7], [8, 9]], seq_len=4, bos_id=1, eos_id=2)
+    assert rows.tolist() == [[1, 5, 6, 2], [1, 7, 2, 1]] and labels.tolist() == rows.tolist()  # ragged tail dropped
     with pytest.raises(ValueError, match="fewer than one sequence of seq_len=64"):
         pack_documents([[5]], 64, 1, 2)
+
+
+def test_pack_whole_documents_never_cuts_one_that_fits_a_row():
+    rows, labels = pack_documents([[5, 6], [7], [8, 9, 10], [11] * 9], seq_len=5, bos_id=1, eos_id=2,
+                                  whole_documents=True, pad_id=0)
+    assert rows.tolist() == [[1, 5, 6, 2, 0],   # [7] would not fit: next row
+                             [1, 7, 2, 0, 0],   # [8, 9, 10] needs 5
+                             [1, 8, 9, 10, 2],
+                             [1, 11, 11, 11, 11], [11, 11, 11, 11, 11], [2, 0, 0, 0, 0]]  # longer than a row: cut
+    P = -100  # padding is never a target
+    assert labels.tolist() == [[1, 5, 6, 2, P], [1, 7, 2, P, P], [1, 8, 9, 10, 2],
+                               [1, 11, 11, 11, 11], [11, 11, 11, 11, 11], [2, P, P, P, P]]
 
 
 def test_training_reduces_loss_and_logs(tmp_path):
