@@ -3,6 +3,7 @@
 import hashlib
 import io
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -171,6 +172,34 @@ def test_text_corpus_holds_out_the_skill(tmp_path):
     assert not pairs(skill_train) & pairs(skill_val)  # held-out pairs never seen under any template
     assert any(t.startswith("Q: What color") for t in train_text) and len(val_text) > 10
     assert max(len(t) for t in train_text if t.startswith("Q: which") or t.startswith("Q: is")) < 60
+
+
+def test_scene_questions_come_with_a_description_that_answers_them(tmp_path):
+    """Every Q/A pair of a scene is one corpus line behind the scene's description, and the description names the
+    answer of every colour / shape / position / character question (a reader can answer from the text)."""
+    import tarfile
+
+    from synergen_lightning.world.text_corpus import scene_description, scene_text_lines
+
+    out = tmp_path / "t"
+    assert synth_main(["--out", str(out), "--scene-qa-text", "described", *SMALL]) == 0
+    train_text = [json.loads(x)["text"] for x in (out / "text" / "train.jsonl").read_text().splitlines()]
+    assert any(". Q: What color" in t for t in train_text) and not any(t.startswith("Q: What color") for t in train_text)
+    tar = tarfile.open(next((out / "train").glob("shard-*.tar")))
+    metas = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
+    checked = Counter()
+    for meta in metas:
+        lines, desc = scene_text_lines(meta, qa_text="described"), scene_description(meta)
+        assert lines[: len(meta["captions"][:3])] == meta["captions"][:3]
+        assert lines[len(meta["captions"][:3]):] == [f"{desc}. Q: {p['question']} A: {p['answer']}" for p in meta["qa"]]
+        for p in meta["qa"]:
+            if p["kind"] in ("color", "shape", "position", "text"):
+                assert re.search(rf"\b{re.escape(p['answer'])}\b", desc), (p, desc)
+                checked[p["kind"]] += 1
+    assert set(checked) == {"color", "shape", "position", "text"}, checked
+    assert scene_text_lines(metas[0])[-1].startswith("Q: ")  # the shipped default: bare
+    with pytest.raises(ValueError, match="qa_text='story'"):
+        scene_text_lines(metas[0], qa_text="story")
 
 
 def test_skill_items_and_scoring():

@@ -61,6 +61,10 @@ def synth_parser() -> argparse.ArgumentParser:
     p.add_argument("--colors", type=_csv("color", tuple(COLORS)), default=tuple(COLORS),
                    help=f"comma-separated subset of {','.join(COLORS)}")
     p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality (default: 95)")
+    p.add_argument("--scene-qa-text", choices=("bare", "described"), default="bare",
+                   help="the base LLM corpus's scene Q/A lines: 'bare' ('Q: What color is the circle? A: red', "
+                        "the answer a guess) or 'described' (behind the scene's description, as reading "
+                        "comprehension; docs/understanding.md) (default: bare)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -102,7 +106,7 @@ def synth_main(argv: list[str]) -> int:
     cfg = SynthConfig(out=a.out, num_samples=a.num_samples, seed=a.seed, shard_size=a.shard_size, canvas=a.canvas,
                       val_fraction=a.val_fraction, num_eval_prompts=a.num_eval_prompts, max_objects=a.max_objects,
                       text_prob=a.text_prob, jpeg_quality=a.jpeg_quality, shapes=a.shapes, colors=a.colors,
-                      workers=a.workers, progress=not a.no_progress and sys.stderr.isatty())
+                      scene_qa_text=a.scene_qa_text, workers=a.workers, progress=not a.no_progress and sys.stderr.isatty())
     s = write_dataset(cfg)
     print(f"synth: {s['train']} train + {s['val']} val samples ({s['train_shards']} + {s['val_shards']} shards, "
           f"{a.canvas}px), {s['eval_prompts']} eval prompts, {s['text_train']} + {s['text_val']} text lines, "

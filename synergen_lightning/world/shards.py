@@ -41,6 +41,7 @@ class SynthConfig:
     max_objects: int = MAX_OBJECTS
     text_prob: float = 0.5
     jpeg_quality: int = 95
+    scene_qa_text: str = "bare"  # text_corpus.SCENE_QA_TEXT: scene Q/A lines bare or behind the scene's description
     shapes: tuple[str, ...] = SHAPES
     colors: tuple[str, ...] = tuple(COLORS)
     workers: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
@@ -82,7 +83,7 @@ def write_shard(args) -> tuple[int, list[str]]:
             _add(tar, f"{key}.jpg", jpg)
             _add(tar, f"{key}.txt", caption.encode())
             _add(tar, f"{key}.json", json.dumps(meta).encode())
-            lines += scene_text_lines(meta)
+            lines += scene_text_lines(meta, qa_text=cfg.scene_qa_text)
     return stop - start, lines
 
 

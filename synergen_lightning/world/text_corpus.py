@@ -62,8 +62,31 @@ def score_text_skill(predictions: list[str], references: list[str]) -> float:
     return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
 
 
-def scene_text_lines(meta: dict, max_captions: int = 3) -> list[str]:
-    """A sample's captions and Q/A as plain text lines (the LM sees the world's language, not its pixels)."""
+def scene_description(meta: dict) -> str:
+    """The scene in words: its detailed caption (every object's size, colour, shape and region) and its character."""
+    from .language import region_phrase
+
+    text = meta["captions"][0]
+    for t in meta.get("texts", []):
+        text += f", with a tiny {t['text']} written {region_phrase(t['region'])}"
+    return text
+
+
+SCENE_QA_TEXT = ("bare", "described")
+
+
+def scene_text_lines(meta: dict, max_captions: int = 3, qa_text: str = "bare") -> list[str]:
+    """A sample's captions and Q/A pairs as plain text lines (the LM sees the world's language, not its pixels).
+
+    qa_text="bare": "Q: What color is the circle? A: yellow", the shipped corpus. Without the scene the answer is a
+        guess, and the base LLM learns the answer words as interchangeable (their LM-head rows 0.93-parallel;
+        docs/understanding.md).
+    qa_text="described": each pair behind the scene's description, as reading comprehension
+        ("a large yellow circle at the top on a white background. Q: What color is the circle? A: yellow").
+    """
+    if qa_text not in SCENE_QA_TEXT:
+        raise ValueError(f"qa_text={qa_text!r}: use one of {', '.join(SCENE_QA_TEXT)}")
     lines = list(meta["captions"][:max_captions])
-    lines += [f"Q: {qa['question']} A: {qa['answer']}" for qa in meta["qa"]]
+    prefix = f"{scene_description(meta)}. " if qa_text == "described" else ""
+    lines += [f"{prefix}Q: {p['question']} A: {p['answer']}" for p in meta["qa"]]
     return lines
