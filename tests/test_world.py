@@ -202,6 +202,24 @@ def test_scene_questions_come_with_a_description_that_answers_them(tmp_path):
         scene_text_lines(metas[0], qa_text="story")
 
 
+def test_chat_corpus_lines_tokenize_as_the_mllm_chat_template(tmp_path):
+    """--scene-qa-text chat: every scene pair also appears as a chat turn whose ids, tokenized whole by the corpus's
+    own BPE, are exactly the ids the MLLM builds for that question and answer (TextTokenizer.encode_chat)."""
+    from synergen_lightning.text_tokenizer import train_bpe
+
+    out = tmp_path / "t"
+    assert synth_main(["--out", str(out), "--scene-qa-text", "chat", *SMALL]) == 0
+    train = out / "text" / "train.jsonl"
+    lines = [json.loads(x)["text"] for x in train.read_text().splitlines()]
+    chats = [t for t in lines if t.startswith("<|im_start|>user")]
+    assert chats and any(t.startswith("Q: What color") for t in lines)  # the bare pairs stay
+    tok = train_bpe([train], 400, tmp_path / "tok")
+    for line in chats[:200]:
+        question = line.split("user\n", 1)[1].split("<|im_end|>")[0]
+        answer = line.split("assistant\n", 1)[1].split("<|im_end|>")[0].strip()
+        assert [tok.bos_id] + tok.encode(line) + [tok.eos_id] == tok.encode_chat(question, answer)[0], line
+
+
 def test_skill_items_and_scoring():
     assert skill_item("larger", 37, 52) == {"prompt": "Q: which is larger, 37 or 52? A:", "answer": "52"}
     assert skill_item("smaller", 37, 52)["answer"] == "37"

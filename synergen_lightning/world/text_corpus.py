@@ -72,7 +72,7 @@ def scene_description(meta: dict) -> str:
     return text
 
 
-SCENE_QA_TEXT = ("bare", "described")
+SCENE_QA_TEXT = ("bare", "described", "chat")
 
 
 def scene_text_lines(meta: dict, max_captions: int = 3, qa_text: str = "bare") -> list[str]:
@@ -83,10 +83,21 @@ def scene_text_lines(meta: dict, max_captions: int = 3, qa_text: str = "bare") -
         docs/understanding.md).
     qa_text="described": each pair behind the scene's description, as reading comprehension
         ("a large yellow circle at the top on a white background. Q: What color is the circle? A: yellow").
+    qa_text="chat": bare, and once more as a chat turn in the MLLM's template (InternLM2's), as an instruction-tuned
+        base LLM (the paper's Qwen2-0.5B-Instruct in Table 7) has seen questions asked: it then answers each
+        question kind in its own vocabulary before any image training.
     """
     if qa_text not in SCENE_QA_TEXT:
         raise ValueError(f"qa_text={qa_text!r}: use one of {', '.join(SCENE_QA_TEXT)}")
     lines = list(meta["captions"][:max_captions])
     prefix = f"{scene_description(meta)}. " if qa_text == "described" else ""
     lines += [f"{prefix}Q: {p['question']} A: {p['answer']}" for p in meta["qa"]]
+    if qa_text == "chat":  # the special tokens are written as text: the tokenizer maps them to their ids
+        lines += [chat_text(p["question"], p["answer"]) for p in meta["qa"]]
     return lines
+
+
+def chat_text(user: str, assistant: str) -> str:
+    """One chat turn as corpus text (without <s> / </s>: packing adds them). Tokenized whole, it gives the ids the
+    MLLM's `TextTokenizer.encode_chat` builds piece by piece; the space makes the answer start a word, as a piece does."""
+    return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n {assistant}<|im_end|>"
