@@ -191,6 +191,9 @@ def evaluate_checkpoint(ckpt: str | Path, suites: tuple[str, ...], settings: Eva
         # the question-type prior of the same items (a constant answer per kind): an arm reads images only above it
         out["prior_und"] = res["prior_accuracy"]
         out.update({f"prior_und_{k}": v for k, v in res["prior_per_kind"].items()})
+        # what the arm answers most per kind, and how often: one answer whatever the image reads 1.0
+        out["und_top_answer"] = res["top_answer"]
+        out["und_top_answer_share"] = res["top_answer_share"]
         # small-object questions: the same answers, re-scored on the subset (understanding_suite keeps no list)
         small = [it for it in items if it["small"]]
         if small:

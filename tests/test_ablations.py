@@ -118,7 +118,8 @@ def test_summary_table_and_notes_kept(tmp_path):
             ("fold_on", "und", 0): {"und": 0.6, "und_text": 0.5, "und_small": 0.5, "prior_und": 0.375,
                                     "prior_und_text": 0.125, "prior_und_small": 0.25, "prior_und_count": 0.5},
             ("full", "s2", 0): {"und": 0.2, "geneval": 0.1, "text": 0.3, "text_base": 0.9, "text_retention": 1 / 3},
-            ("progressive", "s2", 0): {"und": 0.2, "geneval": 0.1, "text": 0.8, "text_base": 0.9, "text_retention": 0.8 / 0.9}}
+            ("progressive", "s2", 0): {"und": 0.2, "geneval": 0.1, "text": 0.8, "text_base": 0.9, "text_retention": 0.8 / 0.9,
+                                       "und_top_answer": {"color": "1"}, "und_top_answer_share": {"color": 1.0}}}
     _fake_runs(tmp_path, vals)
     runs = abl.collect(tmp_path, [], list(abl.ARMS))
     s = abl.summarize(runs, "und_text", "fold_off", "und")
