@@ -158,7 +158,7 @@ def test_base_llm_recipe_parses_and_builds(tmp_path):
     assert cli.datamodule.hparams.tokenizer_dir == str(tmp_path / "tok")
     assert cli.model.model.config.hidden_size == 128 and cli.model.model.config.num_kv_heads == 2
     assert 0.8e6 <= sum(p.numel() for p in cli.model.parameters()) <= 3e6
-    assert cli.datamodule.hparams.train_repeats == [1, 10]  # the skill file oversampled
+    assert cli.datamodule.hparams.train_repeats == [1, 5]  # the skill file oversampled
     cli.datamodule.setup()
     assert len(cli.datamodule.train_set) > 0
 

@@ -197,8 +197,8 @@ def test_scene_questions_come_with_a_description_that_answers_them(tmp_path):
                 assert re.search(rf"\b{re.escape(p['answer'])}\b", desc), (p, desc)
                 checked[p["kind"]] += 1
     assert set(checked) == {"color", "shape", "position", "text"}, checked
-    assert scene_text_lines(metas[0], qa_text="bare")[-1].startswith("Q: ")
-    assert scene_text_lines(metas[0])[-1].startswith("<|im_start|>user")  # the shipped default: chat
+    assert scene_text_lines(metas[0])[-1].startswith("Q: ")  # the shipped default: bare
+    assert scene_text_lines(metas[0], qa_text="chat")[-1].startswith("<|im_start|>user")
     with pytest.raises(ValueError, match="qa_text='story'"):
         scene_text_lines(metas[0], qa_text="story")
 
@@ -209,7 +209,7 @@ def test_chat_corpus_lines_tokenize_as_the_mllm_chat_template(tmp_path):
     from synergen_lightning.text_tokenizer import train_bpe
 
     out = tmp_path / "t"
-    assert synth_main(["--out", str(out), *SMALL]) == 0  # the default
+    assert synth_main(["--out", str(out), "--scene-qa-text", "chat", *SMALL]) == 0
     train = out / "text" / "train.jsonl"
     lines = [json.loads(x)["text"] for x in train.read_text().splitlines()]
     chats = [t for t in lines if t.startswith("<|im_start|>user")]

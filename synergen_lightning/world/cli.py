@@ -61,11 +61,11 @@ def synth_parser() -> argparse.ArgumentParser:
     p.add_argument("--colors", type=_csv("color", tuple(COLORS)), default=tuple(COLORS),
                    help=f"comma-separated subset of {','.join(COLORS)}")
     p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality (default: 95)")
-    p.add_argument("--scene-qa-text", choices=("bare", "described", "chat"), default="chat",
+    p.add_argument("--scene-qa-text", choices=("bare", "described", "chat"), default="bare",
                    help="the base LLM corpus's scene Q/A lines: 'bare' ('Q: What color is the circle? A: red', "
                         "the answer a guess), 'described' (behind the scene's description, as reading "
                         "comprehension; docs/understanding.md) or 'chat' (bare + the same pairs as chat turns: an "
-                        "instruction-tuned base like the paper's Table 7 LLM; docs/ablations.md) (default: chat)")
+                        "instruction-tuned base like the paper's Table 7 LLM; docs/ablations.md) (default: bare)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -41,7 +41,7 @@ class SynthConfig:
     max_objects: int = MAX_OBJECTS
     text_prob: float = 0.5
     jpeg_quality: int = 95
-    scene_qa_text: str = "chat"  # text_corpus.SCENE_QA_TEXT: how the base corpus holds the scene Q/A pairs
+    scene_qa_text: str = "bare"  # text_corpus.SCENE_QA_TEXT: how the base corpus holds the scene Q/A pairs
     shapes: tuple[str, ...] = SHAPES
     colors: tuple[str, ...] = tuple(COLORS)
     workers: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
