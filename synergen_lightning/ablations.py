@@ -451,7 +451,7 @@ def _steps(runs: dict, arm: str, stage: str, default: int) -> str:
 def render_markdown(results: dict) -> str:
     runs, meta = results["runs"], results["meta"]
     L = ["# The paper's ablations in miniature (Tables 6 and 7)", "",
-         "Written by `synergen ablations run` (`make ablations`) from `runs/ablations/results.json`; do not edit the",
+         f"Written by `synergen ablations run` (`make ablations`) from `{meta.get('results_json', 'runs/ablations/results.json')}`; do not edit the",
          f"tables by hand (the notes section below is kept). Commit {meta['git_commit']}, {meta['date']}.",
          f"Mode: {'QUICK (a few steps per arm: a pipeline check, not a result)' if meta['quick'] else 'full'};"
          f" seeds {meta['seeds_found']}; machine: {meta['cpus']} CPUs, load average {meta['loadavg']}"
@@ -577,7 +577,8 @@ def write_results(out: Path, doc: Path, quick: bool, jobs: int, command: str, wa
     cpus = os.cpu_count() or 1
     meta = {"git_commit": _git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": quick,
             "seeds_found": seeds_found, "cpus": cpus, "loadavg": loadavg, "loaded": max(loadavg) > jobs + 0.5,
-            "jobs": jobs, "command": command, "wall_s": wall_s, "eval_settings": asdict(settings), "text_base": text_base}
+            "jobs": jobs, "command": command, "wall_s": wall_s, "eval_settings": asdict(settings), "text_base": text_base,
+            "results_json": str(out / "results.json")}
     results = {"meta": meta, "runs": runs,
                "summary": {f"{arm}/{stage}": {m: summarize(runs, m, arm, stage) for m in
                                               ("und", "und_text", "und_small", "geneval", "text", "text_retention",

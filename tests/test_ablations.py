@@ -132,6 +132,7 @@ def test_summary_table_and_notes_kept(tmp_path):
                             loadavg=[4.0, 4.0], settings=abl.EvalSettings())
     text = doc.read_text()
     assert "my analysis" in text and "stale header" not in text.split(abl.NOTES_BEGIN)[0]
+    assert f"from `{tmp_path / 'results.json'}`" in text  # names the results it was written from
     assert "| w/o token folding | 64 | 45.0 ± 7.1 [40.0–50.0] | 20.0 ± 14.1 [10.0–30.0] |" in text
     assert "+30.0 points with folding (per seed: +40.0)" in text  # tiny characters: mean diff; seed-0 pair
     # the prior row of each table: the recorded values in the table's columns, '–' where none was recorded
