@@ -39,6 +39,7 @@ def _writable_dir_problem(out: Path) -> str | None:
 
 def synth_parser() -> argparse.ArgumentParser:
     from .scene import COLORS, MAX_OBJECTS, SHAPES
+    from .text_corpus import SCENE_QA_TEXT
 
     p = argparse.ArgumentParser(
         prog="synergen data synth",
@@ -61,7 +62,7 @@ def synth_parser() -> argparse.ArgumentParser:
     p.add_argument("--colors", type=_csv("color", tuple(COLORS)), default=tuple(COLORS),
                    help=f"comma-separated subset of {','.join(COLORS)}")
     p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality (default: 95)")
-    p.add_argument("--scene-qa-text", choices=("bare", "described", "chat"), default="bare",
+    p.add_argument("--scene-qa-text", choices=SCENE_QA_TEXT, default="bare",
                    help="the base LLM corpus's scene Q/A lines: 'bare' ('Q: What color is the circle? A: red', "
                         "the answer a guess), 'described' (behind the scene's description, as reading "
                         "comprehension; docs/understanding.md) or 'chat' (bare + the same pairs as chat turns: an "
