@@ -1,0 +1,94 @@
+"""Our SynerGenVL in the reference's training loop (docs/targets.md): the tiny recipe's model (4x4 fold, 2-layer head,
+fold output RMS 0.1) on generation batches only, EVERY parameter trainable at one learning rate (AdamW 1e-3, the
+reference's optimizer), so that step for step it compares with `gen_reference.py` without the stage schedule.
+
+Reports the product's own grounding measure (`synergen_lightning.eval.grounding.caption_gain`: image loss after the
+true caption, a wrong caption and `<UNCOND>`) every `--eval-every` steps, checkpoints every 1,000 steps, and GenEval of
+the eval prompts through `SynerGenVL.generate_images` at the end.
+
+    python bench/reference/ours_gen_loop.py --demo . --steps 3000          # after `make demo`
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from datamodules.mixed import MixedDataModule
+from synergen_lightning.eval.grounding import caption_gain, grounding_items, load_grounding_samples
+from synergen_lightning.system import SynerGenVL
+from synergen_lightning.world import scorer
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--demo", default=".", help="a checkout after `make demo` (data/tiny, runs/tiny)")
+    p.add_argument("--train", default=None, help="train shard glob (default DEMO/data/tiny/codes128/train/shard-*.tar)")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--init", choices=["base", "random"], default="base", help="trunk from the tiny base LLM or random")
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--cfg", type=float, nargs="*", default=[7.5], help="GenEval CFG scales (none: skip GenEval)")
+    p.add_argument("--num-prompts", type=int, default=600)
+    p.add_argument("--out", default="runs/reference_ours_gen")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    demo, out = Path(a.demo), Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = str(demo / "runs/tiny/text_tokenizer")
+    m = SynerGenVL(base_llm=str(demo / "runs/tiny/base_llm/last.ckpt"), text_tokenizer=tok,
+                   image_tokenizer=str(demo / "runs/tiny/tokenizer/checkpoints/last.ckpt"), codebook_size=2048,
+                   image_size=128, downsample=8, fold=(4, 4), code_dim=64, fold_output_rms=0.1,
+                   fold_output_rms_learnable=False, head={"num_layers": 2})
+    m._init_weights_for_fit("stage1")  # what `fit` does first: trunk from the base LLM, vision FFNs as its copies
+    if a.init == "random":
+        for mod in m.llm.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                mod.reset_parameters()
+    for prm in m.parameters():
+        prm.requires_grad_(True)
+    src = {"name": "gen", "urls": a.train or str(demo / "data/tiny/codes128/train/shard-*.tar"), "task": "generation",
+           "options": {"caption_ext": None, "caption_field": "captions"}}
+    dm = MixedDataModule(sources=[src], tokenizer=tok, tokens_per_view=16, image_size=128, batch_size={"generation": 16},
+                         max_seq_len=256, num_workers=1, steps_per_epoch=10**6, cfg_dropout=0.1)
+    dm.setup("fit")
+    train = iter(dm.train_dataloader())
+    samples = load_grounding_samples(str(demo / "data/tiny/codes128/val/shard-*.tar"), max_items=96)
+    opt = torch.optim.AdamW(m.parameters(), lr=a.lr, weight_decay=0.05, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    m.train()
+    t0 = time.time()
+    for step in range(a.steps):
+        loss = m.forward_losses(next(train))["loss_image"]
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if (step + 1) % a.eval_every == 0:
+            with torch.no_grad():
+                captions, _ = grounding_items(m, samples)
+                g = caption_gain(m, captions)
+            m.train()
+            print(f"step {step + 1} val loss {g['true']:.4f}  caption gain vs wrong {g['gain_vs_wrong']:.4f} "
+                  f"vs <UNCOND> {g['gain_vs_uncond']:.4f} nats/code ({time.time() - t0:.0f}s)", flush=True)
+        if (step + 1) % 1000 == 0:
+            torch.save(m.state_dict(), out / f"step{step + 1}.pt")
+    torch.save(m.state_dict(), out / "last.pt")
+    prompts = [json.loads(line) for line in open(demo / "data/tiny/eval_prompts.jsonl")][:a.num_prompts]
+    for cfg in a.cfg:
+        t1 = time.time()
+        images = m.generate_images([q["prompt"] for q in prompts], cfg_scale=cfg, seed=0, batch_size=50)
+        r = scorer.score_images(images, prompts)
+        print(f"cfg {cfg}: GenEval {r['overall']:.3f} " + " ".join(f"{k} {r[k]:.2f}" for k in scorer.CATEGORIES)
+              + f"  shapes/img {r['objects_per_image']:.2f} rejected/img {r['rejected_per_image']:.2f} ({time.time() - t1:.0f}s)",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

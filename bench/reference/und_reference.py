@@ -1,0 +1,109 @@
+"""Independent reference for image understanding on the shape world (docs/targets.md, docs/understanding.md): a plain
+`nn.TransformerEncoder` (causal, trained from scratch, no code shared with SynerGenVL) on the same Q/A batches as our
+`MixedDataModule` builds them, with the same 4x4 fold of the pretokenized codes (concatenation + MLP).
+
+Reports the answer-token accuracy (the first supervised token of each row) on the training batches every 100 steps and
+on 500 val Q/A every `--val-every` steps: the val figure shows when the model memorises the train scenes instead of generalising.
+
+    python bench/reference/und_reference.py --demo . --steps 3000                 # after `make demo`
+    python bench/reference/und_reference.py --demo . --kinds color --steps 600    # one question kind
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from datamodules.mixed import MixedDataModule
+from synergen_lightning.text_tokenizer import load_or_train
+
+
+class ReferenceVQA(nn.Module):
+    def __init__(self, text_vocab: int, codebook: int, d: int = 128, layers: int = 4, grid: int = 16, fold: int = 4,
+                 code_dim: int = 64, max_len: int = 256):
+        super().__init__()
+        self.fold = fold
+        self.tok, self.code = nn.Embedding(text_vocab, d), nn.Embedding(codebook, code_dim)
+        self.code_pos = nn.Parameter(torch.randn(grid, grid, code_dim) * 0.02)
+        in_dim = fold * fold * code_dim
+        self.fold_mlp = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, d), nn.GELU(), nn.Linear(d, d))
+        self.pos = nn.Embedding(max_len, d)
+        layer = nn.TransformerEncoderLayer(d, 4, 3 * d, 0.0, batch_first=True, norm_first=True)
+        self.enc = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)  # norm_first has no nested path
+        self.out = nn.Linear(d, text_vocab)
+
+    def forward(self, b: dict):
+        x = self.tok(b["input_ids"])
+        c = rearrange(self.code(b["image_codes"]) + self.code_pos, "b (h m) (w n) d -> b (h w) (m n d)", m=self.fold, n=self.fold)
+        x = x.masked_scatter(b["image_mask"][..., None], self.fold_mlp(c).reshape(-1, x.shape[-1]))
+        t = x.shape[1]
+        x = x + self.pos(torch.arange(t))
+        return self.out(self.enc(x, mask=nn.Transformer.generate_square_subsequent_mask(t), is_causal=True))
+
+
+def answer_logits(logits, labels):
+    """(logits, target) of each row's first supervised token: the answer word."""
+    tgt = labels[:, 1:]
+    first = (tgt != -100).float().argmax(1)
+    rows = torch.arange(len(first))
+    return logits[:, :-1][rows, first], tgt[rows, first]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--demo", default=".", help="a checkout after `make demo` (its data/tiny/codes128, runs/tiny/text_tokenizer)")
+    p.add_argument("--train", default=None, help="train shard glob (default DEMO/data/tiny/codes128/train/shard-*.tar)")
+    p.add_argument("--kinds", default=None, help="comma-separated question kinds (default: all)")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--val-every", type=int, default=500, help="steps between val accuracies (a multiple of 100)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    demo = Path(a.demo)
+    tok_dir = demo / "runs/tiny/text_tokenizer"
+    kinds = a.kinds.split(",") if a.kinds else None
+
+    def stream(urls, batch, workers):
+        dm = MixedDataModule(sources=[{"name": "qa", "urls": urls, "task": "understanding", "format": "qa",
+                                       "options": {"qa_kinds": kinds}}],
+                             tokenizer=str(tok_dir), tokens_per_view=16, image_size=128, batch_size={"understanding": batch},
+                             max_seq_len=256, num_workers=workers, steps_per_epoch=10**6)
+        dm.setup("fit")
+        return iter(dm.train_dataloader())
+
+    train = stream(a.train or str(demo / "data/tiny/codes128/train/shard-*.tar"), 32, 1)
+    val_stream = stream(str(demo / "data/tiny/codes128/val/shard-*.tar"), 50, 0)
+    val = [next(val_stream) for _ in range(10)]
+    m = ReferenceVQA(load_or_train(tok_dir).vocab_size, 2048)
+    opt = torch.optim.AdamW(m.parameters(), lr=a.lr, weight_decay=0.01)
+    t0, hist = time.time(), []
+    for step in range(a.steps):
+        b = next(train)
+        logits = m(b)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(), ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        al, at = answer_logits(logits.detach(), b["labels"])
+        hist.append((al.argmax(-1) == at).float().mean().item())
+        if (step + 1) % 100 == 0:
+            line = f"step {step + 1} train answer-token acc {sum(hist[-100:]) / 100:.3f}"
+            if (step + 1) % a.val_every == 0:
+                m.eval()
+                with torch.no_grad():
+                    hits = [answer_logits(m(vb), vb["labels"]) for vb in val]
+                ok = sum(int((lg.argmax(-1) == t).sum()) for lg, t in hits)
+                n = sum(len(t) for _, t in hits)
+                m.train()
+                line += f"  VAL {ok / n:.3f} (n={n})"
+            print(f"{line} ({time.time() - t0:.0f}s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
