@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench" / "reference"))
 
 from gen_reference import ReferenceT2I  # noqa: E402
-from und_reference import ReferenceVQA, answer_logits  # noqa: E402
+from und_reference import ReferenceVQA, answer_hits  # noqa: E402
 
 
 def test_t2i_cached_greedy_sampling_matches_teacher_forced_argmax():
@@ -70,5 +70,15 @@ def test_vqa_reference_is_causal_and_reads_the_image():
         assert torch.allclose(m(later)[:, :8], base[:, :8])  # the last token changes no earlier prediction
         other = dict(batch, image_codes=(batch["image_codes"] + 1) % 20)
         assert not torch.allclose(m(other)[:, 6:], base[:, 6:])  # text after the image reads it
-    logits, target = answer_logits(base, batch["labels"])
-    assert target.tolist() == [5, 5] and torch.allclose(logits, base[:, 6])  # the answer is predicted at position 6
+
+
+def test_vqa_exact_match_needs_every_answer_token():
+    """A digit answer is [word-start, digit, end]: its first token is shared by every count, so only a row whose every
+    supervised token is right counts (= greedy decoding returns the answer)."""
+    labels = torch.tensor([[-100, -100, -100, 4, 9, 1], [-100, -100, -100, 4, 8, 1]])
+    logits = torch.zeros(2, 6, 12)
+    logits[0, torch.arange(5), torch.tensor([3, 3, 4, 9, 1])] = 1.0  # row 0: 4, 9, 1 at positions 2-4 (the rest unsupervised)
+    logits[1, torch.arange(5), torch.tensor([0, 0, 4, 9, 1])] = 1.0  # row 1: first token right, digit wrong (9 for 8)
+    right, answers = answer_hits(logits, labels)
+    assert right.tolist() == [True, False]
+    assert answers == [(4, 9, 1), (4, 8, 1)]

@@ -7,11 +7,13 @@ true caption, a wrong caption and `<UNCOND>`) every `--eval-every` steps, checkp
 the eval prompts through `SynerGenVL.generate_images` at the end.
 
     python bench/reference/ours_gen_loop.py --demo . --steps 3000          # after `make demo`
+    python bench/reference/ours_gen_loop.py --demo . --resume runs/reference_ours_gen/last.pt --schedule cosine --steps 2000
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +25,9 @@ from synergen_lightning.eval.grounding import caption_gain, grounding_items, loa
 from synergen_lightning.system import SynerGenVL
 from synergen_lightning.world import scorer
 
+sys.path.insert(0, str(Path(__file__).parent))
+from und_reference import lr_factor  # noqa: E402  (the same warm-up + schedule as the understanding reference)
+
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -31,6 +36,9 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--init", choices=["base", "random"], default="base", help="trunk from the tiny base LLM or random")
+    p.add_argument("--resume", default=None, help="a state dict this script saved (weights only; the optimizer starts fresh)")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                   help="lr after a 50-step warm-up: constant, or cosine decay to 0 at --steps")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--cfg", type=float, nargs="*", default=[7.5], help="GenEval CFG scales (none: skip GenEval)")
     p.add_argument("--num-prompts", type=int, default=600)
@@ -50,6 +58,8 @@ def main(argv=None) -> None:
         for mod in m.llm.modules():
             if isinstance(mod, (nn.Linear, nn.Embedding)):
                 mod.reset_parameters()
+    if a.resume:
+        m.load_state_dict(torch.load(a.resume, map_location="cpu"))
     for prm in m.parameters():
         prm.requires_grad_(True)
     src = {"name": "gen", "urls": a.train or str(demo / "data/tiny/codes128/train/shard-*.tar"), "task": "generation",
@@ -60,7 +70,7 @@ def main(argv=None) -> None:
     train = iter(dm.train_dataloader())
     samples = load_grounding_samples(str(demo / "data/tiny/codes128/val/shard-*.tar"), max_items=96)
     opt = torch.optim.AdamW(m.parameters(), lr=a.lr, weight_decay=0.05, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, a.steps, a.schedule))
     m.train()
     t0 = time.time()
     for step in range(a.steps):

@@ -2,16 +2,22 @@
 `nn.TransformerEncoder` (causal, trained from scratch, no code shared with SynerGenVL) on the same Q/A batches as our
 `MixedDataModule` builds them, with the same 4x4 fold of the pretokenized codes (concatenation + MLP).
 
-Reports the answer-token accuracy (the first supervised token of each row) on the training batches every 100 steps and
+Reports the exact match of the answer (every supervised token of the row right under teacher forcing = greedy decoding) on the training batches every 100 steps and
 on 500 val Q/A every `--val-every` steps: the val figure shows when the model memorises the train scenes instead of generalising.
 
     python bench/reference/und_reference.py --demo . --steps 3000                 # after `make demo`
     python bench/reference/und_reference.py --demo . --kinds color --steps 600    # one question kind
+    python bench/reference/und_reference.py --demo . --width 256 --schedule cosine --steps 6000   # larger, decaying lr
+
+At the end it prints the val accuracy per question kind (100 val Q/A each) beside each kind's prior (the share of its most
+common val answer), so a plateau can be traced to the kinds that stay at their prior.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -21,6 +27,7 @@ from torch import nn
 
 from datamodules.mixed import MixedDataModule
 from synergen_lightning.text_tokenizer import load_or_train
+from synergen_lightning.world.language import QA_KINDS
 
 
 class ReferenceVQA(nn.Module):
@@ -46,12 +53,34 @@ class ReferenceVQA(nn.Module):
         return self.out(self.enc(x, mask=nn.Transformer.generate_square_subsequent_mask(t), is_causal=True))
 
 
-def answer_logits(logits, labels):
-    """(logits, target) of each row's first supervised token: the answer word."""
+def answer_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list[tuple[int, ...]]]:
+    """Per row: (exact match, the answer's ids). A row matches when the teacher-forced argmax is right at every
+    supervised position (the answer and its end-of-turn tokens), which is exactly when greedy decoding returns the
+    answer. The first answer token alone is not a measure: a digit answer starts with the shared word-start id, so
+    counts would score 1.0 without looking at the image."""
     tgt = labels[:, 1:]
-    first = (tgt != -100).float().argmax(1)
-    rows = torch.arange(len(first))
-    return logits[:, :-1][rows, first], tgt[rows, first]
+    sup = tgt != -100
+    right = ((logits[:, :-1].argmax(-1) == tgt) | ~sup).all(1)
+    return right, [tuple(t[m].tolist()) for t, m in zip(tgt, sup)]
+
+
+def lr_factor(step: int, steps: int, schedule: str, warmup: int = 50) -> float:
+    """Linear warm-up, then constant or a cosine decay to zero at `steps`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def accuracy(m: nn.Module, batches: list[dict]) -> tuple[int, int, Counter]:
+    """(exact matches, rows, counts of each answer) over `batches`."""
+    m.eval()
+    with torch.no_grad():
+        hits = [answer_hits(m(vb), vb["labels"]) for vb in batches]
+    m.train()
+    answers = Counter(a for _, ans in hits for a in ans)
+    return sum(int(right.sum()) for right, _ in hits), sum(len(right) for right, _ in hits), answers
 
 
 def main(argv=None) -> None:
@@ -62,6 +91,10 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--val-every", type=int, default=500, help="steps between val accuracies (a multiple of 100)")
+    p.add_argument("--width", type=int, default=128, help="model width (the tiny LLM's: 128)")
+    p.add_argument("--layers", type=int, default=4, help="transformer layers (the tiny LLM's: 4)")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                   help="lr after a 50-step warm-up: constant, or cosine decay to 0 at --steps")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -69,9 +102,9 @@ def main(argv=None) -> None:
     tok_dir = demo / "runs/tiny/text_tokenizer"
     kinds = a.kinds.split(",") if a.kinds else None
 
-    def stream(urls, batch, workers):
+    def stream(urls, batch, workers, qa_kinds=kinds):
         dm = MixedDataModule(sources=[{"name": "qa", "urls": urls, "task": "understanding", "format": "qa",
-                                       "options": {"qa_kinds": kinds}}],
+                                       "options": {"qa_kinds": qa_kinds}}],
                              tokenizer=str(tok_dir), tokens_per_view=16, image_size=128, batch_size={"understanding": batch},
                              max_seq_len=256, num_workers=workers, steps_per_epoch=10**6)
         dm.setup("fit")
@@ -80,8 +113,11 @@ def main(argv=None) -> None:
     train = stream(a.train or str(demo / "data/tiny/codes128/train/shard-*.tar"), 32, 1)
     val_stream = stream(str(demo / "data/tiny/codes128/val/shard-*.tar"), 50, 0)
     val = [next(val_stream) for _ in range(10)]
-    m = ReferenceVQA(load_or_train(tok_dir).vocab_size, 2048)
+    m = ReferenceVQA(load_or_train(tok_dir).vocab_size, 2048, d=a.width, layers=a.layers)
+    print(f"width {a.width}, {a.layers} layers, {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters, "
+          f"lr {a.lr} {a.schedule}", flush=True)
     opt = torch.optim.AdamW(m.parameters(), lr=a.lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, a.steps, a.schedule))
     t0, hist = time.time(), []
     for step in range(a.steps):
         b = next(train)
@@ -90,19 +126,19 @@ def main(argv=None) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        al, at = answer_logits(logits.detach(), b["labels"])
-        hist.append((al.argmax(-1) == at).float().mean().item())
+        sched.step()
+        hist.append(answer_hits(logits.detach(), b["labels"])[0].float().mean().item())
         if (step + 1) % 100 == 0:
-            line = f"step {step + 1} train answer-token acc {sum(hist[-100:]) / 100:.3f}"
+            line = f"step {step + 1} train exact match {sum(hist[-100:]) / 100:.3f}"
             if (step + 1) % a.val_every == 0:
-                m.eval()
-                with torch.no_grad():
-                    hits = [answer_logits(m(vb), vb["labels"]) for vb in val]
-                ok = sum(int((lg.argmax(-1) == t).sum()) for lg, t in hits)
-                n = sum(len(t) for _, t in hits)
-                m.train()
+                ok, n, _ = accuracy(m, val)
                 line += f"  VAL {ok / n:.3f} (n={n})"
             print(f"{line} ({time.time() - t0:.0f}s)", flush=True)
+    for kind in (kinds or QA_KINDS):  # where the plateau is: each kind against its own prior
+        kind_val = stream(str(demo / "data/tiny/codes128/val/shard-*.tar"), 50, 0, [kind])
+        batches = [next(kind_val) for _ in range(2)]
+        ok, n, answers = accuracy(m, batches)
+        print(f"val {kind:9s} {ok / n:.2f}  prior {answers.most_common(1)[0][1] / n:.2f} (n={n})", flush=True)
 
 
 if __name__ == "__main__":
