@@ -9,8 +9,9 @@ scored on the val scenes, once per input form:
 - `original 64 (2x down)`: the canvas downsampled to 64 px, as the no-folding arm of Table 6 sees it;
 - `VQ 64 (2x down)`: that view's round trip through the tokenizer (what the no-folding arm's codes carry).
 
-Decoded pixels are a function of the codes, so the VQ rows bound what any model can read from the codes, up to how well
-a CNN reads pixels. Crops are contrast-normalised.
+Crops are contrast-normalised. Decoded pixels are a function of the codes, so the codes may hold a little more than the
+decoded crop shows. Two more rows read the codes themselves: an MLP on the learnt embeddings of the 3x3 code window
+around the character (and the character's offset inside its patch), at 128 px (`codes 128`) and 64 px (`codes 64`).
 
     python bench/reference/text_legibility.py --demo .     # after `make demo`; ~3 min on one core
 """
@@ -70,6 +71,34 @@ def input_forms(images: torch.Tensor, tokenizer) -> dict[str, torch.Tensor]:
                 "original 64 (2x down)": up(small), "VQ 64 (2x down)": up(round_trip(small))}
 
 
+def code_windows(images: torch.Tensor, centres: list, tokenizer, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the 3x3 code window around each character [N, 9], the character's offset inside its patch in [0, 1) [N, 2])
+    for the image at `size` px."""
+    x = images if size == images.shape[-1] else F.interpolate(images, size=size, mode="bilinear", antialias=True,
+                                                              align_corners=False)
+    with torch.no_grad():
+        codes = torch.cat([tokenizer.encode(chunk) for chunk in x.split(64)])  # [N, g, g]
+    patch = images.shape[-1] / codes.shape[-1]  # canvas px per code
+    padded = F.pad(codes, (1, 1, 1, 1), value=tokenizer.codebook_size)  # an extra id outside the image
+    windows, offsets = [], []
+    for i, (cx, cy) in enumerate(centres):
+        col, row = int(cx // patch), int(cy // patch)
+        windows.append(padded[i, row:row + 3, col:col + 3].reshape(-1))
+        offsets.append([cx / patch - col, cy / patch - row])
+    return torch.stack(windows), torch.tensor(offsets)
+
+
+class CodeWindowProbe(nn.Module):
+    def __init__(self, codebook: int, dim: int = 32):
+        super().__init__()
+        self.embed = nn.Embedding(codebook + 1, dim)
+        self.mlp = nn.Sequential(nn.Linear(9 * dim + 2, 256), nn.ReLU(), nn.Linear(256, len(TEXT_CHARS)))
+
+    def forward(self, x):
+        windows, offsets = x
+        return self.mlp(torch.cat([self.embed(windows).flatten(1), offsets], 1))
+
+
 def crops(images: torch.Tensor, centres: list) -> torch.Tensor:
     r = CROP // 2
     gray = F.pad(images.mean(1, keepdim=True), (r, r, r, r), value=1.0)  # white margin for characters near an edge
@@ -77,17 +106,25 @@ def crops(images: torch.Tensor, centres: list) -> torch.Tensor:
     return (c - c.mean((1, 2, 3), keepdim=True)) / (c.std((1, 2, 3), keepdim=True) + 1e-3)
 
 
-def classifier_accuracy(x_train, y_train, x_val, y_val, epochs: int) -> tuple[float, float]:
+def pixel_probe() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(64 * (CROP // 4) ** 2, 128), nn.ReLU(), nn.Linear(128, len(TEXT_CHARS)))
+
+
+def classifier_accuracy(make_net, x_train, y_train, x_val, y_val, epochs: int) -> tuple[float, float]:
+    """(train, val) accuracy of a probe fitted on (x_train, y_train); x is a tensor or a tuple of tensors."""
+    def rows(x, idx):
+        return tuple(t[idx] for t in x) if isinstance(x, tuple) else x[idx]
+
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                        nn.Linear(64 * (CROP // 4) ** 2, 128), nn.ReLU(), nn.Linear(128, len(TEXT_CHARS)))
-    opt = torch.optim.AdamW(net.parameters(), 2e-3)
+    net = make_net()
+    opt = torch.optim.AdamW(net.parameters(), 2e-3, weight_decay=0.05)
     for _ in range(epochs):
-        perm = torch.randperm(len(x_train))
-        for i in range(0, len(x_train), 64):
+        perm = torch.randperm(len(y_train))
+        for i in range(0, len(y_train), 64):
             idx = perm[i:i + 64]
-            loss = F.cross_entropy(net(x_train[idx]), y_train[idx])
+            loss = F.cross_entropy(net(rows(x_train, idx)), y_train[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -110,8 +147,14 @@ def main(argv=None) -> None:
     print(f"{len(y_tr)} train / {len(y_va)} val characters, {len(TEXT_CHARS)} classes (chance {1 / len(TEXT_CHARS):.3f})")
     forms_tr, forms_va = input_forms(x_tr, tokenizer), input_forms(x_va, tokenizer)
     for name in forms_tr:
-        acc_tr, acc_va = classifier_accuracy(crops(forms_tr[name], c_tr), y_tr, crops(forms_va[name], c_va), y_va, a.epochs)
+        acc_tr, acc_va = classifier_accuracy(pixel_probe, crops(forms_tr[name], c_tr), y_tr, crops(forms_va[name], c_va),
+                                             y_va, a.epochs)
         print(f"{name:24s} train {acc_tr:.3f}  val {acc_va:.3f}  ({time.time() - t0:.0f}s)", flush=True)
+    for size in (128, 64):
+        acc_tr, acc_va = classifier_accuracy(lambda: CodeWindowProbe(tokenizer.codebook_size),
+                                             code_windows(x_tr, c_tr, tokenizer, size), y_tr,
+                                             code_windows(x_va, c_va, tokenizer, size), y_va, a.epochs)
+        print(f"{f'codes {size}':24s} train {acc_tr:.3f}  val {acc_va:.3f}  ({time.time() - t0:.0f}s)", flush=True)
 
 
 if __name__ == "__main__":

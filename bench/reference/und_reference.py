@@ -8,6 +8,8 @@ on 500 val Q/A every `--val-every` steps: the val figure shows when the model me
     python bench/reference/und_reference.py --demo . --steps 3000                 # after `make demo`
     python bench/reference/und_reference.py --demo . --kinds color --steps 600    # one question kind
     python bench/reference/und_reference.py --demo . --width 256 --schedule cosine --steps 6000   # larger, decaying lr
+    python bench/reference/und_reference.py --demo . --image-size 64 --fold 2 --train 'CODES64/train/shard-*.tar' \
+        --val 'CODES64/val/shard-*.tar'      # half the resolution at the same 16 tokens (pretokenize --image-size 64)
 
 At the end it prints the val accuracy per question kind (100 val Q/A each) beside each kind's prior (the share of its most
 common val answer), so a plateau can be traced to the kinds that stay at their prior.
@@ -87,6 +89,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", default=".", help="a checkout after `make demo` (its data/tiny/codes128, runs/tiny/text_tokenizer)")
     p.add_argument("--train", default=None, help="train shard glob (default DEMO/data/tiny/codes128/train/shard-*.tar)")
+    p.add_argument("--val", default=None, help="val shard glob (default DEMO/data/tiny/codes128/val/shard-*.tar)")
+    p.add_argument("--image-size", type=int, default=128, help="px of the pretokenized views (8 px per code)")
+    p.add_argument("--fold", type=int, default=4, help="fold f: f x f neighbouring codes make one LLM token")
     p.add_argument("--kinds", default=None, help="comma-separated question kinds (default: all)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -102,19 +107,25 @@ def main(argv=None) -> None:
     tok_dir = demo / "runs/tiny/text_tokenizer"
     kinds = a.kinds.split(",") if a.kinds else None
 
+    grid = a.image_size // 8
+    if grid % a.fold:
+        p.error(f"--fold {a.fold} does not divide the {grid}x{grid} code grid of --image-size {a.image_size}")
+    val_urls = a.val or str(demo / "data/tiny/codes128/val/shard-*.tar")
+
     def stream(urls, batch, workers, qa_kinds=kinds):
         dm = MixedDataModule(sources=[{"name": "qa", "urls": urls, "task": "understanding", "format": "qa",
                                        "options": {"qa_kinds": qa_kinds}}],
-                             tokenizer=str(tok_dir), tokens_per_view=16, image_size=128, batch_size={"understanding": batch},
+                             tokenizer=str(tok_dir), tokens_per_view=(grid // a.fold) ** 2, image_size=a.image_size,
+                             batch_size={"understanding": batch},
                              max_seq_len=256, num_workers=workers, steps_per_epoch=10**6)
         dm.setup("fit")
         return iter(dm.train_dataloader())
 
     train = stream(a.train or str(demo / "data/tiny/codes128/train/shard-*.tar"), 32, 1)
-    val_stream = stream(str(demo / "data/tiny/codes128/val/shard-*.tar"), 50, 0)
+    val_stream = stream(val_urls, 50, 0)
     val = [next(val_stream) for _ in range(10)]
-    m = ReferenceVQA(load_or_train(tok_dir).vocab_size, 2048, d=a.width, layers=a.layers)
-    print(f"width {a.width}, {a.layers} layers, {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters, "
+    m = ReferenceVQA(load_or_train(tok_dir).vocab_size, 2048, d=a.width, layers=a.layers, grid=grid, fold=a.fold)
+    print(f"{a.image_size}-px views, {grid}x{grid} codes folded {a.fold}x{a.fold} = {(grid // a.fold) ** 2} tokens; width {a.width}, {a.layers} layers, {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters, "
           f"lr {a.lr} {a.schedule}", flush=True)
     opt = torch.optim.AdamW(m.parameters(), lr=a.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, a.steps, a.schedule))
@@ -135,7 +146,7 @@ def main(argv=None) -> None:
                 line += f"  VAL {ok / n:.3f} (n={n})"
             print(f"{line} ({time.time() - t0:.0f}s)", flush=True)
     for kind in (kinds or QA_KINDS):  # where the plateau is: each kind against its own prior
-        kind_val = stream(str(demo / "data/tiny/codes128/val/shard-*.tar"), 50, 0, [kind])
+        kind_val = stream(val_urls, 50, 0, [kind])
         batches = [next(kind_val) for _ in range(2)]
         ok, n, answers = accuracy(m, batches)
         print(f"val {kind:9s} {ok / n:.2f}  prior {answers.most_common(1)[0][1] / n:.2f} (n={n})", flush=True)
