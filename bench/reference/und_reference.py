@@ -66,6 +66,21 @@ def answer_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return right, [tuple(t[m].tolist()) for t, m in zip(tgt, sup)]
 
 
+def init_code_embedding_from_pixels(m: ReferenceVQA, tokenizer_ckpt: Path) -> None:
+    """What each code looks like, as its embedding: the decoded pixels of every code (centre of a uniform 3x3 grid),
+    projected on their top principal components, each component scaled to unit variance."""
+    from synergen_lightning.image_tokenizer.protocol import load_image_tokenizer
+    from synergen_lightning.models.folding import codebook_patches
+
+    tok = load_image_tokenizer(tokenizer_ckpt)
+    patches = codebook_patches(tok, tok.codebook_size, tok.downsample)  # [codebook, 3 * 8 * 8]
+    centred = patches - patches.mean(0)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    comps = centred @ v[: m.code.embedding_dim].T
+    with torch.no_grad():
+        m.code.weight.copy_(comps / comps.std(0))
+
+
 def lr_factor(step: int, steps: int, schedule: str, warmup: int = 50) -> float:
     """Linear warm-up, then constant or a cosine decay to zero at `steps`."""
     if step < warmup:
@@ -92,6 +107,8 @@ def main(argv=None) -> None:
     p.add_argument("--val", default=None, help="val shard glob (default DEMO/data/tiny/codes128/val/shard-*.tar)")
     p.add_argument("--image-size", type=int, default=128, help="px of the pretokenized views (8 px per code)")
     p.add_argument("--fold", type=int, default=4, help="fold f: f x f neighbouring codes make one LLM token")
+    p.add_argument("--code-init", choices=["random", "codebook"], default="random",
+                   help="code embedding: random, or the top principal components of each code's decoded 8x8 pixels")
     p.add_argument("--kinds", default=None, help="comma-separated question kinds (default: all)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -127,6 +144,8 @@ def main(argv=None) -> None:
     m = ReferenceVQA(load_or_train(tok_dir).vocab_size, 2048, d=a.width, layers=a.layers, grid=grid, fold=a.fold)
     print(f"{a.image_size}-px views, {grid}x{grid} codes folded {a.fold}x{a.fold} = {(grid // a.fold) ** 2} tokens; width {a.width}, {a.layers} layers, {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters, "
           f"lr {a.lr} {a.schedule}", flush=True)
+    if a.code_init == "codebook":
+        init_code_embedding_from_pixels(m, demo / "runs/tiny/tokenizer/checkpoints/last.ckpt")
     opt = torch.optim.AdamW(m.parameters(), lr=a.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, a.steps, a.schedule))
     t0, hist = time.time(), []
