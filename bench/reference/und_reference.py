@@ -2,8 +2,9 @@
 `nn.TransformerEncoder` (causal, trained from scratch, no code shared with SynerGenVL) on the same Q/A batches as our
 `MixedDataModule` builds them, with the same 4x4 fold of the pretokenized codes (concatenation + MLP).
 
-Reports the exact match of the answer (every supervised token of the row right under teacher forcing = greedy decoding) on the training batches every 100 steps and
-on 500 val Q/A every `--val-every` steps: the val figure shows when the model memorises the train scenes instead of generalising.
+Reports the exact match of the answer (every supervised token of the row right under teacher forcing, which is what
+greedy decoding returns) on the training batches every 100 steps and on 500 val Q/A every `--val-every` steps: the val
+figure shows when the model memorises the train scenes instead of generalising.
 
     python bench/reference/und_reference.py --demo . --steps 3000                 # after `make demo`
     python bench/reference/und_reference.py --demo . --kinds color --steps 600    # one question kind
@@ -142,8 +143,9 @@ def main(argv=None) -> None:
     val_stream = stream(val_urls, 50, 0)
     val = [next(val_stream) for _ in range(10)]
     m = ReferenceVQA(load_or_train(tok_dir).vocab_size, 2048, d=a.width, layers=a.layers, grid=grid, fold=a.fold)
-    print(f"{a.image_size}-px views, {grid}x{grid} codes folded {a.fold}x{a.fold} = {(grid // a.fold) ** 2} tokens; width {a.width}, {a.layers} layers, {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters, "
-          f"lr {a.lr} {a.schedule}", flush=True)
+    print(f"{a.image_size}-px views, {grid}x{grid} codes folded {a.fold}x{a.fold} = {(grid // a.fold) ** 2} tokens; "
+          f"width {a.width}, {a.layers} layers, {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters, "
+          f"lr {a.lr} {a.schedule}, code embedding {a.code_init}", flush=True)
     if a.code_init == "codebook":
         init_code_embedding_from_pixels(m, demo / "runs/tiny/tokenizer/checkpoints/last.ckpt")
     opt = torch.optim.AdamW(m.parameters(), lr=a.lr, weight_decay=0.01)
