@@ -27,8 +27,18 @@ CODES     := $(DATA)/codes128
 CODES_OK  := $(CODES)/.done
 DEMO      := runs/demo/report.json
 
-# several processes -> FSDP2 under Lightning's ModelParallelStrategy (gloo on CPU, nccl on GPUs)
-FIT_FLAGS := --trainer.devices $(DEVICES) $(if $(filter-out 1,$(DEVICES)),--trainer.strategy.class_path synergen_lightning.distributed.FSDP2Strategy) $(ARGS)
+# several processes (gloo on CPU, nccl on GPUs): STRATEGY=fsdp2 shards the model (FSDP2 under Lightning's
+# ModelParallelStrategy); STRATEGY=ddp copies it to every process (one all-reduce per step: faster for a model
+# that fits in one process, e.g. the tiny recipes on a multi-core CPU)
+STRATEGY ?= fsdp2
+STRATEGY_CLASS := synergen_lightning.distributed.$(if $(filter ddp,$(STRATEGY)),DDPStrategy,$(if $(filter fsdp2,$(STRATEGY)),FSDP2Strategy,$(error STRATEGY=$(STRATEGY): use fsdp2 or ddp)))
+MULTI     := $(filter-out 1,$(DEVICES))
+FIT_FLAGS := --trainer.devices $(DEVICES) $(if $(MULTI),--trainer.strategy.class_path $(STRATEGY_CLASS)) $(ARGS)
+# the tiny stages keep their recipe's batch as the GLOBAL batch at any DEVICES (split over the processes), so
+# the recipe's hyper-parameters hold; an explicit RECIPE sets its own (the 2b recipes: global_batch_size)
+TINY_FIT_FLAGS := --trainer.devices $(DEVICES) $(if $(MULTI),--trainer.strategy.class_path $(STRATEGY_CLASS) --trainer.strategy.init_args.global_batch_size datamodule) $(ARGS)
+# make demo trains its stages data-parallel over this many CPU processes (one per core, at most 2)
+DEMO_DEVICES ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -ge 2 ] && echo 2 || echo 1)
 
 .PHONY: help install data tokenizer base-llm stage1 stage2 sft demo ablations eval test test-fast test-all bench tensorboard geneval-gt clean
 
@@ -83,19 +93,20 @@ $(CODES_OK): $(VQ_CKPT)
 	touch $@
 
 $(S1_CKPT): $(DATA_OK) $(CODES_OK) $(VQ_CKPT) $(BASE_CKPT) recipes/tiny/stage1.yaml
-	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) fit --config recipes/tiny/stage1.yaml $(FIT_FLAGS)
+	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) fit --config recipes/tiny/stage1.yaml $(TINY_FIT_FLAGS)
 
 $(S2_CKPT): $(S1_CKPT) recipes/tiny/stage2.yaml
-	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) fit --config recipes/tiny/stage2.yaml $(FIT_FLAGS)
+	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) fit --config recipes/tiny/stage2.yaml $(TINY_FIT_FLAGS)
 
 $(SFT_CKPT): $(S2_CKPT) recipes/tiny/sft.yaml
-	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) fit --config recipes/tiny/sft.yaml $(FIT_FLAGS)
+	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) fit --config recipes/tiny/sft.yaml $(TINY_FIT_FLAGS)
 
 demo: $(VENV)  ## everything on the tiny default, then generation, scoring -> runs/demo/report.json + samples.png
 	@$(MAKE) --no-print-directory $(DATA_OK)
 	@# the tokenizer and the base LLM do not depend on each other: train them side by side, one core each
 	@$(MAKE) --no-print-directory -j2 $(VQ_CKPT) $(BASE_CKPT) TOKENIZER_LOG=runs/tiny/tokenizer.log
-	@$(MAKE) --no-print-directory $(DEMO)
+	@# the stages: data-parallel over DEMO_DEVICES processes (one core each), the recipes' batch split between them
+	@$(MAKE) --no-print-directory $(DEMO) DEVICES=$(DEMO_DEVICES) STRATEGY=ddp
 
 $(DEMO): $(SFT_CKPT)
 	$(SYN) demo report --ckpt $(SFT_CKPT) --base-llm $(BASE_CKPT) --data $(DATA) --out runs/demo

@@ -7,6 +7,8 @@ Benchmarks (each a side-by-side comparison timed in interleaved repeats, medians
   gpu_mfu   bench_mfu.py      reduced-depth 2B MFU in bf16 + FSDP2 + compile (skipped, with a message, without CUDA)
   mmoe      bench_mmoe.py     MMoE routing overhead and ours vs transformers' Qwen2
   data      bench_data.py     pretokenized vs JPEG loading (its own JSON, summarised here)
+  dataparallel bench_data_parallel.py  the tiny stage 1 in 1 process vs 2 (DDP, FSDP2), same global batch
+                              (needs the tiny artefacts: skipped without them, and with --quick)
 
 A configuration too large for this machine is skipped with a one-line message (recorded under
 "skipped"), never crashed. Every ratio is formed inside one benchmark run on one machine; the
@@ -34,7 +36,7 @@ import bench_mfu  # noqa: E402
 from common import load_average, machine_info, write_json  # noqa: E402
 
 SCHEMA_VERSION = 1
-BENCHMARKS = ("folding", "mfu", "gpu_mfu", "mmoe", "data")
+BENCHMARKS = ("folding", "mfu", "gpu_mfu", "mmoe", "data", "dataparallel")
 
 
 def _mmoe(quick: bool, threads: int, out_dir: Path) -> dict:
@@ -69,6 +71,15 @@ def run_benchmark(name: str, quick: bool, threads: int, out_dir: Path) -> dict:
         return _mmoe(quick, threads, out_dir)
     if name == "data":
         return _data(quick, threads, out_dir)
+    if name == "dataparallel":
+        if quick:  # real fits of the tiny recipe: minutes, not seconds
+            return {"skipped": "dataparallel: runs the tiny recipe for minutes; not in --quick"}
+        import bench_data_parallel
+
+        try:
+            return bench_data_parallel.run(out=out_dir / "dataparallel")
+        except bench_data_parallel.TooLarge as e:
+            return {"skipped": f"dataparallel: {e}"}
     raise ValueError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
 
 
@@ -151,6 +162,10 @@ def table_rows(results: dict) -> list[dict]:
         r = d["pretokenized_64x64"]
         add("data (issue 5, not folding)", "pretokenized 64x64 samples/s per worker (the data loader's issue 5 target)", r["samples_per_s_per_worker"], "samples/s", ">= 10000",
             r["meets_target_wall"], f"x{r['ratio_vs_jpeg_512']:.1f} vs JPEG 512")
+    for name, r in (results.get("dataparallel", {}).get("speedup") or {}).items():
+        add("dataparallel", f"tiny stage-1 steps/s, 2 processes ({name.split('_')[0].upper()}) vs 1, same global batch",
+            r["step_rate_vs_one_process"], "x", note=f"repeats {', '.join(f'{x:.2f}' for x in r['all'])}; whole "
+            f"command {r['wall_vs_one_process']:.2f}x (start-up and end-of-stage evaluation included)")
     return rows
 
 

@@ -128,7 +128,8 @@ class ValStream(IterableDataset):
         rank, world = _rank_world()
         glane, n_lanes = rank * W + worker, world * W
         counter, n = SkipCounter(), 0
-        turns = [self._batches(src, src.shards[glane::n_lanes], counter) for src in self.sources]
+        turns = [self._batches(src, self._lane_samples(src.shards, glane, n_lanes, counter), counter)
+                 for src in self.sources]
         while turns:
             for batches in list(turns):
                 batch = next(batches, None)
@@ -142,9 +143,21 @@ class ValStream(IterableDataset):
         if counter.counts:
             log.warning("validation skipped %s", dict(counter.counts))
 
-    def _batches(self, src: SourceSpec, shards: list[str], counter: SkipCounter):
+    @staticmethod
+    def _lane_samples(shards: list[str], lane: int, n_lanes: int, counter: SkipCounter):
+        """This lane's share of a source: its shards when there are enough to go round; otherwise (a small val
+        set of one shard, several ranks) every n-th sample, so no rank is left without validation data, which
+        under FSDP would leave the other ranks waiting in a collective."""
+        if len(shards) >= n_lanes:
+            yield from finite_samples(shards[lane::n_lanes], counter)
+            return
+        for i, raw in enumerate(finite_samples(shards, counter)):
+            if i % n_lanes == lane:
+                yield raw
+
+    def _batches(self, src: SourceSpec, raws, counter: SkipCounter):
         samples = []
-        for raw in finite_samples(shards, counter):
+        for raw in raws:
             try:
                 samples.append(self.builder.build(raw, src.task, src.format, src.options))
             except SkipSample as exc:

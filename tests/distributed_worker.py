@@ -1,5 +1,6 @@
-"""Multi-process FSDP2 runs for tests/test_distributed*.py: spawned CPU (gloo) workers, each a Lightning
-Trainer under `FSDP2Strategy`, the rendezvous on a free localhost port. Every worker writes what it saw
+"""Multi-process runs for tests/test_distributed*.py: spawned CPU (gloo) workers, each a Lightning Trainer
+under `FSDP2Strategy` (`DDPStrategy` when the scenario has "ddp"), the rendezvous on a free localhost port.
+Every worker writes what it saw
 to `out/rank{r}.pt`; the parent compares ranks and world sizes.
 """
 
@@ -139,7 +140,7 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from callbacks.stages import FrozenParameterGuard, StageCallback
-    from synergen_lightning.distributed import FSDP2Strategy
+    from synergen_lightning.distributed import DDPStrategy, FSDP2Strategy
 
     pl.seed_everything(scenario.get("seed", 0) + (rank if scenario.get("seed_per_rank") else 0), verbose=False)
     record: dict = {"loss": [], "requires_grad": {}, "grad_norm": []}
@@ -172,17 +173,24 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
                 if p.grad is not None:
                     g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
                     sq += g.float().pow(2).sum()
-            torch.distributed.all_reduce(sq)
+            if "ddp" not in scenario:  # FSDP: each rank holds a shard of the gradient; DDP: the whole, averaged
+                torch.distributed.all_reduce(sq)
             record["grad_norm"].append(float(sq.sqrt()))
             record.setdefault("n_opt_params", []).append(sum(len(g["params"]) for g in optimizer.param_groups))
+
+    class UnfreezeBehindTheStrategy(Callback):  # what a hand-written callback might do mid-run
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == scenario.get("unfreeze_at"):
+                pl_module.llm.layers[0].attn.q_proj.weight.requires_grad_(True)
 
     # constant LR: a cosine schedule depends on max_steps, which a resumed run changes
     model = tiny_model(stage=scenario.get("stage", "stage1"), lr=scenario.get("lr", 3e-3), schedule="constant")
     guard = FrozenParameterGuard(every_n_steps=1)
-    callbacks = [StageCallback(scenario.get("stage", "stage1"), switch_at=scenario.get("switch_at")), guard, Rec()]
+    callbacks = [StageCallback(scenario.get("stage", "stage1"), switch_at=scenario.get("switch_at")), guard, Rec(),
+                 UnfreezeBehindTheStrategy()]
     trainer = pl.Trainer(
         accelerator="cpu", devices=world, num_nodes=1, callbacks=callbacks,
-        strategy=FSDP2Strategy(**scenario.get("strategy", {})),
+        strategy=DDPStrategy(**scenario["ddp"]) if "ddp" in scenario else FSDP2Strategy(**scenario.get("strategy", {})),
         max_steps=scenario["max_steps"], logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
         gradient_clip_val=scenario.get("gradient_clip_val"), deterministic=False,
@@ -200,7 +208,9 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
     if scenario.get("generate"):  # sampling on the sharded model, every rank (as SampleGridLogger does)
         record["generated"] = sample_codes(model)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
+    if "ddp" in scenario:  # every rank's replica, to show they agree (full + cpu_offload fills rank 0's only)
+        record["state_dict"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    elif rank == 0:
         record["state_dict"] = {k: v.clone() for k, v in full.items()}
     return record
 

@@ -185,6 +185,21 @@ def test_val_loader_reads_each_sample_once(world):
     assert len(ks) == 10 and len(set(ks)) == 10 and [len(b["keys"]) for b in batches] == [3, 3, 3, 1]
 
 
+@pytest.mark.parametrize("urls", ["val/val-000000.tar", "val/*.tar"], ids=["one-shard", "two-shards"])
+def test_val_ranks_share_a_source_even_with_fewer_shards_than_ranks(world, monkeypatch, urls):
+    """3 ranks: with fewer shards than ranks the val samples are dealt out one by one (a one-shard val set used
+    to leave rank 1 with no batch at all, and the other ranks waiting in its collectives under FSDP); every
+    sample is still read once over the ranks."""
+    src = [dict(name="v", urls=f"{world}/{urls}", task="understanding", format="qa")]
+    per_rank = []
+    for rank in range(3):
+        monkeypatch.setattr(mixed, "_rank_world", lambda r=rank: (r, 3))
+        per_rank.append(keys(list(make_dm(world, val_sources=src).val_dataloader())))
+    n = 5 if urls.endswith("000.tar") else 10
+    assert all(per_rank) and sorted(k for ks in per_rank for k in ks) == sorted(set(k for ks in per_rank for k in ks))
+    assert sum(map(len, per_rank)) == n and max(map(len, per_rank)) - min(map(len, per_rank)) <= 1
+
+
 class _KeyRecorder(L.LightningModule):
     def __init__(self, crash_at: int | None = None):
         super().__init__()

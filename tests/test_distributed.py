@@ -14,8 +14,10 @@ from lightning.pytorch import Callback
 
 from callbacks.stages import StageCallback
 from synergen_lightning.distributed import (
+    DDPStrategy,
     FSDP2Strategy,
     check_compatible,
+    derive_per_rank_batch,
     load_sharded_state_dict,
     parallelize,
     per_rank_batch_size,
@@ -114,6 +116,47 @@ def test_two_processes_match_one_process_through_a_stage_switch(two_rank_run):
     assert ranks[0]["frozen_checked"] == ranks[1]["frozen_checked"] > 0
 
 
+DDP_RUN = {"max_steps": 4, "gradient_clip_val": 0.05, "ddp": {}}
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_ddp_two_processes_match_one_process(tmp_path):
+    """`DDPStrategy` (how `make demo` trains the tiny stages on 2 cores): 2 processes on half the global batch
+    each train as 1 process on all of it: per-step loss = mean of the ranks', the pre-clip gradient norm and the
+    final weights equal the 1-process run's, both replicas are identical, frozen weights never move."""
+    ranks = spawn(2, DDP_RUN, tmp_path, timeout=240)
+    ref = reference_fit(DDP_RUN)
+    two = [(a + b) / 2 for a, b in zip(ranks[0]["loss"], ranks[1]["loss"])]
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(ref["loss"]), atol=1e-5, rtol=0)
+    assert abs(ranks[0]["loss"][0] - ranks[1]["loss"][0]) > 1e-3  # the ranks really saw different rows
+    for r in ranks:  # after DDP's all-reduce each rank holds the global gradient
+        torch.testing.assert_close(torch.tensor(r["grad_norm"]), torch.tensor(ref["grad_norm"]), rtol=1e-4, atol=1e-6)
+    assert min(ref["grad_norm"]) > DDP_RUN["gradient_clip_val"]  # clipping was active
+    for name, ref_w in ref["state_dict"].items():
+        assert torch.equal(ranks[0]["state_dict"][name], ranks[1]["state_dict"][name]), name
+        torch.testing.assert_close(ranks[0]["state_dict"][name], ref_w, atol=2e-5, rtol=1e-4,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+    pl.seed_everything(0, verbose=False)
+    start = tiny_model(stage="stage1").state_dict()
+    frozen = [n for n, rg in ranks[0]["requires_grad"].items() if not rg]
+    assert frozen and all(torch.equal(ranks[0]["state_dict"][n], start[n]) for n in frozen)
+    assert ranks[0]["frozen_checked"] > 0
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_ddp_refuses_to_change_the_trainable_set_inside_a_run(tmp_path):
+    """DDP syncs only what was trainable when it wrapped the model: a scheduled stage switch is refused at the
+    start, and a parameter unfrozen behind the strategy's back stops the run at that step, both naming the fix."""
+    with pytest.raises(RuntimeError, match=r"DDPStrategy cannot switch stage inside a run \(switch_at steps \[2\]\).*"
+                                           r"FSDP2Strategy"):
+        spawn(1, dict(DDP_RUN, switch_at={2: "stage2"}), tmp_path / "switch", timeout=240)
+    with pytest.raises(RuntimeError, match=r"trainable set changed after DDP wrapped the model \(1 parameters, "
+                                           r"e.g. \['llm.layers.0.attn.q_proj.weight'\]\)"):
+        spawn(1, dict(DDP_RUN, unfreeze_at=1), tmp_path / "unfreeze", timeout=240)
+
+
 @pytest.mark.distributed
 def test_sampling_runs_on_the_sharded_model(two_rank_run):
     """Generation on the 2-process sharded model (every rank, as the sample-grid / evaluation callbacks do):
@@ -189,29 +232,39 @@ def test_world_size_must_divide_the_global_batch():
         per_rank_batch_size(30, 4)
 
 
-def test_strategy_derives_the_per_rank_batch_and_refuses_an_indivisible_one():
-    """`FSDP2Strategy(global_batch_size=...)` at world size 4: the datamodule's per-task batch becomes global / 4;
-    a task whose global batch 4 does not divide is refused with the task, both numbers and the nearest fits."""
+@pytest.mark.parametrize("strategy_cls", [FSDP2Strategy, DDPStrategy])
+def test_strategy_derives_the_per_rank_batch_and_refuses_an_indivisible_one(strategy_cls):
+    """`global_batch_size=...` at world size 4, for both strategies: the datamodule's per-task batch becomes
+    global / 4; "datamodule" splits the recipe's own batch; a task whose global batch 4 does not divide is refused
+    with the task, both numbers and the nearest fits."""
     from types import SimpleNamespace
 
-    class WorldOfFour(FSDP2Strategy):
+    class WorldOfFour(strategy_cls):
         world_size = 4
 
     def derive(global_batch, dm_batch):
         dm = SimpleNamespace(batch_size=dm_batch)
         strategy = WorldOfFour(global_batch_size=global_batch)
         strategy._lightning_module = SimpleNamespace(trainer=SimpleNamespace(datamodule=dm))
-        strategy._derive_batch_size()
+        derive_per_rank_batch(strategy, strategy.global_batch_size)
         return dm.batch_size
 
     assert derive({"generation": 64, "understanding": 32}, {"generation": 1, "understanding": 1, "text": 3}) == \
         {"generation": 16, "understanding": 8, "text": 3}
     assert derive(64, 1) == 16
+    assert derive(None, {"generation": 3}) == {"generation": 3}  # unset: the batch is per rank
+    assert derive("datamodule", {"generation": 16, "understanding": 48, "text": 8}) == \
+        {"generation": 4, "understanding": 12, "text": 2}
+    assert derive("datamodule", 32) == 8
     with pytest.raises(ValueError, match=r"global_batch_size\['understanding'\] 30 is not divisible by the world "
                                          r"size 4 .*28 or 32"):
         derive({"generation": 64, "understanding": 30}, {"generation": 1, "understanding": 1})
+    with pytest.raises(ValueError, match=r"global_batch_size\['text'\] 6 is not divisible by the world size 4"):
+        derive("datamodule", {"generation": 16, "text": 6})
     with pytest.raises(ValueError, match=r"per task \{'generation': 1\}: give global_batch_size per task"):
         derive(64, {"generation": 1})
+    with pytest.raises(ValueError, match=r"global_batch_size='recipe'.*'datamodule'"):
+        derive("recipe", 32)
 
 
 def test_fsdp_requested_with_an_unconfigured_model_is_refused(tmp_path):
