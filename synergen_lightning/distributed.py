@@ -213,7 +213,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         activation_checkpointing: bool = False,
         compile: bool | str = False,
         reshard_after_forward: bool = True,
-        global_batch_size: int | dict[str, int] | None = None,
+        global_batch_size: int | dict[str, int] | str | None = None,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout_minutes: float = 30.0,

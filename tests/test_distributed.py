@@ -471,3 +471,30 @@ def test_compile_per_block_matches_eager(tmp_path):
     torch.testing.assert_close(torch.tensor(compiled[0]["loss"]), torch.tensor(eager[0]["loss"]), atol=1e-5, rtol=0)
     assert compiled[0]["step_s"][0] > 5 * compiled[0]["step_s"][-1]  # the first step really compiled
     assert set(compiled[0]["state_dict"]) == set(eager[0]["state_dict"])  # no `_orig_mod.` in checkpoint keys
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_make_stage_flags_parse_for_both_strategies(strategy, capsys):
+    """The exact `synergen fit` line `make stage1 DEVICES=2 STRATEGY=...` runs parses (`global_batch_size:
+    datamodule` was refused by FSDP2Strategy's int/dict type), with the strategy and its global batch in place."""
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    import yaml
+
+    from synergen_lightning.cli import lightning_cli
+
+    root = Path(__file__).resolve().parents[1]
+    dry = subprocess.run(["make", "-n", "-B", "stage1", "DEVICES=2", f"STRATEGY={strategy}"], cwd=root,
+                         capture_output=True, text=True).stdout
+    line = next(ln for ln in dry.splitlines() if "fit --config recipes/tiny/stage1.yaml" in ln)
+    args = shlex.split(line)
+    args = args[args.index("fit"):]
+    with pytest.raises(SystemExit) as exit_:
+        lightning_cli(args + ["--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    cls = {"ddp": "DDPStrategy", "fsdp2": "FSDP2Strategy"}[strategy]
+    assert str(printed["devices"]) == "2" and printed["strategy"]["class_path"] == f"synergen_lightning.distributed.{cls}"
+    assert printed["strategy"]["init_args"]["global_batch_size"] == "datamodule"
