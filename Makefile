@@ -37,6 +37,8 @@ FIT_FLAGS := --trainer.devices $(DEVICES) $(if $(MULTI),--trainer.strategy.class
 # the tiny stages keep their recipe's batch as the GLOBAL batch at any DEVICES (split over the processes), so
 # the recipe's hyper-parameters hold; an explicit RECIPE sets its own (the 2b recipes: global_batch_size)
 TINY_FIT_FLAGS := --trainer.devices $(DEVICES) $(if $(MULTI),--trainer.strategy.class_path $(STRATEGY_CLASS) --trainer.strategy.init_args.global_batch_size datamodule) $(ARGS)
+# pretokenizing the train shards: one process per core (each encodes whole shards)
+PRETOKENIZE_WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
 # make demo trains its stages data-parallel over this many CPU processes (one per core, at most 2)
 DEMO_DEVICES ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -ge 2 ] && echo 2 || echo 1)
 
@@ -88,7 +90,7 @@ endif
 # the stages read pretokenized 128-px views (KEY.codes.npy): the frozen tokenizer's encode would otherwise cost ~1/4
 # of every step; `synergen fit` without SYNERGEN_TINY_SHARDS encodes on the fly from data/tiny instead
 $(CODES_OK): $(VQ_CKPT)
-	$(SYN) data pretokenize --tokenizer $(VQ_CKPT) --in $(DATA)/train --out $(CODES)/train --task generation --image-size 128
+	$(SYN) data pretokenize --tokenizer $(VQ_CKPT) --in $(DATA)/train --out $(CODES)/train --task generation --image-size 128 --workers $(PRETOKENIZE_WORKERS)
 	$(SYN) data pretokenize --tokenizer $(VQ_CKPT) --in $(DATA)/val --out $(CODES)/val --task generation --image-size 128
 	touch $@
 

@@ -213,6 +213,23 @@ def test_pretokenize_writes_codes_resumes_and_skips_broken(trained, tmp_path, ca
     assert {np.load(io.BytesIO(s["codes.npy"])).shape for s in redone.values()} == {(5, 4, 4)}  # 2x2 tiles of the 128 canvas + thumbnail
 
 
+def test_pretokenize_workers_write_the_same_shards(trained, tmp_path, capsys):
+    """`--workers 2` (one process per shard, as make demo runs it on 2 cores) writes byte-identical codes and
+    skips the same broken samples as one process."""
+    ckpt, *_ = trained
+    src = tmp_path / "src"
+    write_toy_shards(src, 12, per_shard=4, seed=3, corrupt_every=6)
+    args = ["--tokenizer", str(ckpt), "--in", str(src), "--image-size", "32"]
+    assert pretokenize_main(args + ["--out", str(tmp_path / "one")]) == 0
+    assert pretokenize_main(args + ["--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    assert "2 undecodable skipped" in capsys.readouterr().out.split("pretokenized")[-1]
+    for shard in sorted((tmp_path / "one").glob("*.tar")):
+        one, two = _read(shard), _read(tmp_path / "two" / shard.name)
+        assert one.keys() == two.keys() and all(one[k]["codes.npy"] == two[k]["codes.npy"] for k in one)
+    with pytest.raises(SystemExit):
+        pretokenize_main(args + ["--out", str(tmp_path / "bad"), "--workers", "0"])
+
+
 def test_pretokenize_refuses_bad_image_size(trained, tmp_path):
     ckpt, *_ = trained
     write_toy_shards(tmp_path / "src", 2, per_shard=2)

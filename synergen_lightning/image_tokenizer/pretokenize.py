@@ -88,6 +88,21 @@ def pretokenize_shard(tokenizer, src: Path, dst: Path, task: str, image_size: in
     return stats
 
 
+_WORKER: dict = {}  # the tokenizer of a --workers process, loaded once by _init_worker
+
+
+def _init_worker(tokenizer_path: str, codebook_size: int | None, device: str) -> None:
+    from synergen_lightning.image_tokenizer.protocol import load_image_tokenizer
+
+    torch.set_num_threads(1)  # one process per core: intra-op threads would only compete
+    tok = load_image_tokenizer(tokenizer_path, expected_codebook_size=codebook_size)
+    _WORKER["tokenizer"] = tok.to(device) if isinstance(tok, torch.nn.Module) else tok
+
+
+def _shard_in_worker(src: str, dst: str, **kw) -> dict:
+    return pretokenize_shard(_WORKER["tokenizer"], Path(src), Path(dst), **kw)
+
+
 def _count_samples(shard: Path) -> int:
     import tarfile
 
@@ -107,7 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--codebook-size", type=int, default=None, help="refuse a tokenizer whose codebook size differs")
     p.add_argument("--batch-size", type=int, default=64, help="views per encode call (default: 64)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if available)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes, one shard each at a time (default: 1); on a CPU use one per core")
     args = p.parse_args(argv)
+    if args.workers < 1:
+        p.error(f"--workers {args.workers}: give 1 or more processes")
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -132,14 +151,31 @@ def main(argv: list[str] | None = None) -> int:
     total = {"samples": 0, "images": 0, "skipped": 0}
     start = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    kw = dict(task=args.task, image_size=args.image_size, max_tiles=args.max_tiles, thumbnail=args.thumbnail,
+              batch_size=args.batch_size, device=args.device)
+    workers = min(args.workers, len(todo))
     with Progress(*columns) as progress:
-        bar = progress.add_task("samples", total=sum(_count_samples(s) for s in todo))
-        for shard in todo:
-            progress.update(bar, description=shard.name)
-            stats = pretokenize_shard(tokenizer, shard, out_dir / shard.name, args.task, args.image_size, args.max_tiles,
-                                      args.thumbnail, args.batch_size, args.device, progress, bar)
-            for k in total:
-                total[k] += stats[k]
+        counts = {s: _count_samples(s) for s in todo}
+        bar = progress.add_task("samples", total=sum(counts.values()))
+        if workers <= 1:
+            for shard in todo:
+                progress.update(bar, description=shard.name)
+                stats = pretokenize_shard(tokenizer, shard, out_dir / shard.name, progress=progress, progress_task=bar, **kw)
+                for k in total:
+                    total[k] += stats[k]
+        else:  # shards in parallel processes; the bar moves a shard at a time
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            progress.update(bar, description=f"{workers} workers")
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                     initargs=(args.tokenizer, args.codebook_size, args.device)) as pool:
+                jobs = {pool.submit(_shard_in_worker, str(s), str(out_dir / s.name), **kw): s for s in todo}
+                for job in as_completed(jobs):
+                    stats = job.result()  # a worker's error surfaces here, naming its shard below
+                    progress.advance(bar, counts[jobs[job]])
+                    for k in total:
+                        total[k] += stats[k]
     seconds = time.perf_counter() - start
     print(f"pretokenized {len(todo)} shards ({done} skipped as done): {total['samples']} samples, {total['images']} views, "
           f"{total['skipped']} undecodable skipped; {total['images'] / max(seconds, 1e-9):.1f} images/s")
