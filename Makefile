@@ -4,6 +4,7 @@
 #   make demo                       the whole tiny pipeline on CPU, then generation, scoring and a report
 #   make test                       the test suite (make test-fast: without the slow end-to-end tests)
 #   make stage1 DEVICES=2           shard the tiny stage 1 over 2 CPU processes (FSDP2, gloo)
+#   make stage1 DEVICES=2 STRATEGY=ddp   the same with full copies (DDP: faster for a model that fits in one process)
 #   make stage1 RECIPE=recipes/synergen_vl_2b/stage1.yaml DEVICES=8    any recipe, any world size
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
