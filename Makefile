@@ -38,10 +38,16 @@ FIT_FLAGS := --trainer.devices $(DEVICES) $(if $(MULTI),--trainer.strategy.class
 # the tiny stages keep their recipe's batch as the GLOBAL batch at any DEVICES (split over the processes), so
 # the recipe's hyper-parameters hold; an explicit RECIPE sets its own (the 2b recipes: global_batch_size)
 TINY_FIT_FLAGS := --trainer.devices $(DEVICES) $(if $(MULTI),--trainer.strategy.class_path $(STRATEGY_CLASS) --trainer.strategy.init_args.global_batch_size datamodule) $(ARGS)
+# usable cores; `nproc` alone obeys OMP_NUM_THREADS, which this Makefile exports as 1 (a sub-make, or make >= 4.4,
+# would then count one core)
+NPROC := $(shell env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1)
 # pretokenizing the train shards: one process per core (each encodes whole shards)
-PRETOKENIZE_WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
+PRETOKENIZE_WORKERS ?= $(NPROC)
 # make demo trains its stages data-parallel over this many CPU processes (one per core, at most 2)
-DEMO_DEVICES ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -ge 2 ] && echo 2 || echo 1)
+DEMO_DEVICES ?= $(if $(filter 1,$(NPROC)),1,2)
+# $(call logged,LOG,WHAT,COMMAND): COMMAND's output goes to LOG when LOG is set (make demo runs two jobs at once, and
+# two progress bars in one terminal garble each other); on failure the log's tail is printed
+logged = $(if $(1),@mkdir -p $(dir $(1)) && echo "$(2) (log: $(1))" && { { $(3); } > $(1) 2>&1 || { tail -40 $(1); exit 1; }; },$(3))
 
 .PHONY: help install data tokenizer base-llm stage1 stage2 sft demo ablations eval test test-fast test-all bench tensorboard geneval-gt clean
 
@@ -66,11 +72,9 @@ $(DATA_OK): $(VENV)
 
 tokenizer: $(VQ_CKPT)  ## train the tiny VQ image tokenizer and print its val figures
 
-# TOKENIZER_LOG=FILE sends the fit's output to FILE (make demo trains it beside the base LLM; two progress bars
-# in one terminal would garble each other); on failure the log's tail is printed
+# TOKENIZER_LOG=FILE sends the fit's output to FILE (make demo trains it beside the base LLM)
 $(VQ_CKPT): $(DATA_OK) recipes/tiny/tokenizer.yaml
-	$(if $(TOKENIZER_LOG),@mkdir -p $(dir $(TOKENIZER_LOG)) && echo "training the image tokenizer (log: $(TOKENIZER_LOG))" && \
-	  { $(SYN) fit --config recipes/tiny/tokenizer.yaml > $(TOKENIZER_LOG) 2>&1 || { tail -40 $(TOKENIZER_LOG); exit 1; }; },$(SYN) fit --config recipes/tiny/tokenizer.yaml)
+	$(call logged,$(TOKENIZER_LOG),training the image tokenizer,$(SYN) fit --config recipes/tiny/tokenizer.yaml)
 	$(SYN) eval tokenizer --tokenizer $@ --shards $(DATA)/val --json runs/tiny/tokenizer/eval.json
 
 base-llm: $(BASE_CKPT)  ## pretrain the tiny text-only base LLM (stands in for InternLM2 / Qwen2)
@@ -89,10 +93,12 @@ sft: $(SFT_CKPT)    ## SFT: every parameter, from stage 2
 endif
 
 # the stages read pretokenized 128-px views (KEY.codes.npy): the frozen tokenizer's encode would otherwise cost ~1/4
-# of every step; `synergen fit` without SYNERGEN_TINY_SHARDS encodes on the fly from data/tiny instead
+# of every step; `synergen fit` without SYNERGEN_TINY_SHARDS encodes on the fly from data/tiny instead.
+# PRETOKENIZE_LOG=FILE sends the output to FILE (make demo pretokenizes beside the base LLM's training)
 $(CODES_OK): $(VQ_CKPT)
-	$(SYN) data pretokenize --tokenizer $(VQ_CKPT) --in $(DATA)/train --out $(CODES)/train --task generation --image-size 128 --workers $(PRETOKENIZE_WORKERS)
-	$(SYN) data pretokenize --tokenizer $(VQ_CKPT) --in $(DATA)/val --out $(CODES)/val --task generation --image-size 128
+	$(call logged,$(PRETOKENIZE_LOG),pretokenizing the 128-px views,\
+	  $(SYN) data pretokenize --tokenizer $(VQ_CKPT) --in $(DATA)/train --out $(CODES)/train --task generation --image-size 128 --workers $(PRETOKENIZE_WORKERS) && \
+	  $(SYN) data pretokenize --tokenizer $(VQ_CKPT) --in $(DATA)/val --out $(CODES)/val --task generation --image-size 128)
 	touch $@
 
 $(S1_CKPT): $(DATA_OK) $(CODES_OK) $(VQ_CKPT) $(BASE_CKPT) recipes/tiny/stage1.yaml
@@ -106,8 +112,10 @@ $(SFT_CKPT): $(S2_CKPT) recipes/tiny/sft.yaml
 
 demo: $(VENV)  ## everything on the tiny default, then generation, scoring -> runs/demo/report.json + samples.png
 	@$(MAKE) --no-print-directory $(DATA_OK)
-	@# the tokenizer and the base LLM do not depend on each other: train them side by side, one core each
-	@$(MAKE) --no-print-directory -j2 $(VQ_CKPT) $(BASE_CKPT) TOKENIZER_LOG=runs/tiny/tokenizer.log
+	@# the base LLM does not depend on the image tokenizer: one core trains it while the other trains the tokenizer
+	@# and then pretokenizes the views with it (one worker: the other core is busy)
+	@$(MAKE) --no-print-directory -j2 $(CODES_OK) $(BASE_CKPT) TOKENIZER_LOG=runs/tiny/tokenizer.log \
+	  PRETOKENIZE_LOG=runs/tiny/pretokenize.log PRETOKENIZE_WORKERS=1
 	@# the stages: data-parallel over DEMO_DEVICES processes (one core each), the recipes' batch split between them
 	@$(MAKE) --no-print-directory $(DEMO) DEVICES=$(DEMO_DEVICES) STRATEGY=ddp
 

@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in LIGHTNING_SUBCOMMANDS:
-        lightning_cli(argv)
+        # from the shell LightningCLI reads sys.argv itself (given both, it warns on every run that they may differ)
+        lightning_cli(None if argv == sys.argv[1:] else argv)
         return 0
     func, rest = _resolve(argv)
     if func is None:
