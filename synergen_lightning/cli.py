@@ -10,7 +10,9 @@ Modules are imported only when their command runs, so `synergen --help` stays fa
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+import traceback
 from pathlib import Path
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -88,11 +90,30 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
-        return 0
+# The rooms whose own `raise ValueError / OSError(...)` messages are written for the user: the bad value and the fix.
+OWN_CODE = tuple(str(Path(__file__).resolve().parents[1] / room) + os.sep
+                 for room in ("synergen_lightning", "datamodules", "callbacks"))
+TRACEBACK_ENV = "SYNERGEN_TRACEBACK"
+
+
+def user_error(exc: BaseException) -> BaseException | None:
+    """The exception in `exc`'s chain that names a bad input: a ValueError or OSError raised by our own code (the root
+    cause first: jsonargparse and Lightning re-raise a recipe's error wrapped in their own). None for anything else
+    (a RuntimeError, an error raised inside a library): those are bugs and keep their traceback."""
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for e in reversed(chain):
+        if isinstance(e, (ValueError, OSError)) and e.__traceback__ is not None:
+            where = traceback.extract_tb(e.__traceback__)[-1].filename
+            if str(Path(where).resolve()).startswith(OWN_CODE):
+                return e
+    return None
+
+
+def _run(argv: list[str]) -> int:
     if argv[0] in LIGHTNING_SUBCOMMANDS:
         # from the shell LightningCLI reads sys.argv itself (given both, it warns on every run that they may differ)
         lightning_cli(None if argv == sys.argv[1:] else argv)
@@ -103,8 +124,24 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" Did you mean one of: {', '.join(group)}?" if group else ""
         print(f"synergen: unknown command {' '.join(argv[:2])!r}.{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
-    result = func(rest)
-    return int(result or 0)
+    return int(func(rest) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    try:
+        return _run(argv)
+    except (ValueError, OSError) as exc:
+        # a bad recipe value, path or file: its one-line message (value + fix), not 70 lines of wrapped tracebacks
+        cause = user_error(exc)
+        if cause is None or os.environ.get(TRACEBACK_ENV):
+            raise
+        command = " ".join(argv[:2] if argv[0] in ("data", "eval", "demo") else argv[:1])
+        print(f"synergen {command}: error: {cause}\n({TRACEBACK_ENV}=1 shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -84,7 +84,8 @@ def _existing_base_llm(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"base LLM {str(path)!r} does not exist: run `make base-llm` for the tiny default "
-                                "or set SYNERGEN_BASE_LLM to a local HF Llama/Qwen2/InternLM2 directory")
+                                "or set model.base_llm (the 2b recipes read SYNERGEN_BASE_LLM, the tiny ones "
+                                "SYNERGEN_TINY_BASE_LLM) to an MMoELLM .ckpt or a local HF Llama/Qwen2/InternLM2 directory")
     return path
 
 

@@ -35,3 +35,50 @@ def test_fit_from_a_sharded_checkpoint_without_fsdp2_names_the_strategy(tmp_path
 
     with pytest.raises(SystemExit, match="FSDP2Strategy"):
         lightning_cli(args)
+
+
+def _raise_wrapped_like_jsonargparse():
+    """Our own input check raises; a library catches it and raises its own error over it (as jsonargparse does)."""
+    try:
+        from synergen_lightning.models.folding import check_fold
+
+        check_fold((16, 16), (3, 3))
+    except ValueError:
+        raise ValueError("Does not validate against any of the Union subtypes")
+
+
+def test_user_error_finds_our_message_under_a_library_wrapper():
+    with pytest.raises(ValueError) as caught:
+        _raise_wrapped_like_jsonargparse()
+    cause = cli.user_error(caught.value)
+    assert cause is not None and "3x3 does not divide the code grid 16x16" in str(cause)
+
+
+def test_user_error_leaves_library_and_runtime_errors_alone():
+    import json
+
+    import torch
+
+    with pytest.raises(ValueError) as from_a_library:
+        json.loads("{")  # JSONDecodeError is a ValueError, raised inside the json module: keep its traceback
+    assert cli.user_error(from_a_library.value) is None
+    with pytest.raises(RuntimeError) as bug:
+        torch.zeros(2).view(3)
+    assert cli.user_error(bug.value) is None
+
+
+def test_a_bad_recipe_input_is_one_line_not_a_traceback(tmp_path):
+    """`synergen fit` on a recipe whose base LLM does not exist (a fresh directory): the message with its fix, exit 2,
+    no traceback; SYNERGEN_TRACEBACK=1 brings the traceback back."""
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "stage1.yaml"
+    cmd = [sys.executable, "-m", "synergen_lightning.cli", "fit", "--config", str(recipe), "--trainer.max_steps", "1"]
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("SYNERGEN_")}
+    short = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert short.returncode == 2, short.stderr[-2000:]
+    assert "synergen fit: error: base LLM 'runs/tiny/base_llm/last.ckpt' does not exist" in short.stderr
+    assert "Traceback" not in short.stderr
+    full = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env={**env, "SYNERGEN_TRACEBACK": "1"},
+                          timeout=120)
+    assert full.returncode != 0 and "Traceback" in full.stderr and "FileNotFoundError: base LLM" in full.stderr
