@@ -24,6 +24,11 @@ BASE_CKPT := runs/tiny/base_llm/last.ckpt
 S1_CKPT   := runs/tiny/stage1/last.ckpt
 S2_CKPT   := runs/tiny/stage2/last.ckpt
 SFT_CKPT  := runs/tiny/sft/last.ckpt
+# a training run's DIR/.done marks it finished: DIR/last.ckpt alone may be the mid-run save of an interrupted run
+BASE_DONE := $(dir $(BASE_CKPT)).done
+S1_DONE   := $(dir $(S1_CKPT)).done
+S2_DONE   := $(dir $(S2_CKPT)).done
+SFT_DONE  := $(dir $(SFT_CKPT)).done
 CODES     := $(DATA)/codes128
 CODES_OK  := $(CODES)/.done
 DEMO      := runs/demo/report.json
@@ -48,6 +53,11 @@ DEMO_DEVICES ?= $(if $(filter 1,$(NPROC)),1,2)
 # $(call logged,LOG,WHAT,COMMAND): COMMAND's output goes to LOG when LOG is set (make demo runs two jobs at once, and
 # two progress bars in one terminal garble each other); on failure the log's tail is printed
 logged = $(if $(1),@mkdir -p $(dir $(1)) && echo "$(2) (log: $(1))" && { { $(3); } > $(1) 2>&1 || { tail -40 $(1); exit 1; }; },$(3))
+# Resumable training runs (the base LLM and the stages), checkpoints in DIR. A run stopped half-way (Ctrl-C, a crash, a
+# lost machine) leaves DIR/last.ckpt without DIR/.done: the next make resumes it from there ($(call resume_from,DIR)).
+# A finished run whose recipe or inputs changed starts over ($(call start_over_if_finished,DIR) clears it first).
+resume_from = $(if $(wildcard $(1).done),,$(if $(wildcard $(1)last.ckpt),--ckpt_path $(1)last.ckpt))
+start_over_if_finished = @if [ -f $(1).done ]; then rm -f $(1).done $(1)*.ckpt; fi
 
 .PHONY: help install data tokenizer base-llm stage1 stage2 sft demo ablations eval test test-fast test-all bench tensorboard geneval-gt clean
 
@@ -77,19 +87,21 @@ $(VQ_CKPT): $(DATA_OK) recipes/tiny/tokenizer.yaml
 	$(call logged,$(TOKENIZER_LOG),training the image tokenizer,$(SYN) fit --config recipes/tiny/tokenizer.yaml)
 	$(SYN) eval tokenizer --tokenizer $@ --shards $(DATA)/val --json runs/tiny/tokenizer/eval.json
 
-base-llm: $(BASE_CKPT)  ## pretrain the tiny text-only base LLM (stands in for InternLM2 / Qwen2)
+base-llm: $(BASE_DONE)  ## pretrain the tiny text-only base LLM (stands in for InternLM2 / Qwen2)
 
-$(BASE_CKPT): $(DATA_OK) recipes/tiny/base_llm.yaml
-	$(SYN) fit --config recipes/tiny/base_llm.yaml
+$(BASE_DONE): $(DATA_OK) recipes/tiny/base_llm.yaml
+	$(call start_over_if_finished,$(@D)/)
+	$(SYN) fit --config recipes/tiny/base_llm.yaml $(call resume_from,$(@D)/)
+	touch $@
 
 ifdef RECIPE
 # an explicit recipe (paper scale, an ablation, your own): run it as given
 stage1 stage2 sft: $(VENV)
 	$(SYN) fit --config $(RECIPE) $(FIT_FLAGS)
 else
-stage1: $(S1_CKPT)  ## stage 1: image-specific parameters only (text logits stay bit-identical)
-stage2: $(S2_CKPT)  ## stage 2: + self-attention, from stage 1
-sft: $(SFT_CKPT)    ## SFT: every parameter, from stage 2
+stage1: $(S1_DONE)  ## stage 1: image-specific parameters only (text logits stay bit-identical)
+stage2: $(S2_DONE)  ## stage 2: + self-attention, from stage 1
+sft: $(SFT_DONE)    ## SFT: every parameter, from stage 2
 endif
 
 # the stages read pretokenized 128-px views (KEY.codes.npy): the frozen tokenizer's encode would otherwise cost ~1/4
@@ -101,29 +113,35 @@ $(CODES_OK): $(VQ_CKPT)
 	  $(SYN) data pretokenize --tokenizer $(VQ_CKPT) --in $(DATA)/val --out $(CODES)/val --task generation --image-size 128)
 	touch $@
 
-$(S1_CKPT): $(DATA_OK) $(CODES_OK) $(VQ_CKPT) $(BASE_CKPT) recipes/tiny/stage1.yaml
-	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) fit --config recipes/tiny/stage1.yaml $(TINY_FIT_FLAGS)
+$(S1_DONE): $(DATA_OK) $(CODES_OK) $(VQ_CKPT) $(BASE_DONE) recipes/tiny/stage1.yaml
+	$(call start_over_if_finished,$(@D)/)
+	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) fit --config recipes/tiny/stage1.yaml $(TINY_FIT_FLAGS) $(call resume_from,$(@D)/)
+	touch $@
 
-$(S2_CKPT): $(S1_CKPT) recipes/tiny/stage2.yaml
-	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) fit --config recipes/tiny/stage2.yaml $(TINY_FIT_FLAGS)
+$(S2_DONE): $(S1_DONE) recipes/tiny/stage2.yaml
+	$(call start_over_if_finished,$(@D)/)
+	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) fit --config recipes/tiny/stage2.yaml $(TINY_FIT_FLAGS) $(call resume_from,$(@D)/)
+	touch $@
 
-$(SFT_CKPT): $(S2_CKPT) recipes/tiny/sft.yaml
-	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) fit --config recipes/tiny/sft.yaml $(TINY_FIT_FLAGS)
+$(SFT_DONE): $(S2_DONE) recipes/tiny/sft.yaml
+	$(call start_over_if_finished,$(@D)/)
+	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) fit --config recipes/tiny/sft.yaml $(TINY_FIT_FLAGS) $(call resume_from,$(@D)/)
+	touch $@
 
 demo: $(VENV)  ## everything on the tiny default, then generation, scoring -> runs/demo/report.json + samples.png
 	@$(MAKE) --no-print-directory $(DATA_OK)
 	@# the base LLM does not depend on the image tokenizer: one core trains it while the other trains the tokenizer
 	@# and then pretokenizes the views with it (one worker: the other core is busy)
-	@$(MAKE) --no-print-directory -j2 $(CODES_OK) $(BASE_CKPT) TOKENIZER_LOG=runs/tiny/tokenizer.log \
+	@$(MAKE) --no-print-directory -j2 $(CODES_OK) $(BASE_DONE) TOKENIZER_LOG=runs/tiny/tokenizer.log \
 	  PRETOKENIZE_LOG=runs/tiny/pretokenize.log PRETOKENIZE_WORKERS=1
 	@# the stages: data-parallel over DEMO_DEVICES processes (one core each), the recipes' batch split between them
 	@$(MAKE) --no-print-directory $(DEMO) DEVICES=$(DEMO_DEVICES) STRATEGY=ddp
 
-$(DEMO): $(SFT_CKPT)
+$(DEMO): $(SFT_DONE)
 	$(SYN) demo report --ckpt $(SFT_CKPT) --base-llm $(BASE_CKPT) --data $(DATA) --out runs/demo
 	@cat $@
 
-ablations: $(DATA_OK) $(VQ_CKPT) $(BASE_CKPT)  ## the paper's Tables 6 and 7 in miniature -> runs/ablations/results.json + docs/ablations.md (ARGS="--seeds 0 --only folding" or --quick)
+ablations: $(DATA_OK) $(VQ_CKPT) $(BASE_DONE)  ## the paper's Tables 6 and 7 in miniature -> runs/ablations/results.json + docs/ablations.md (ARGS="--seeds 0 --only folding" or --quick)
 	$(SYN) ablations run $(ARGS)
 
 EVAL_SUITES ?= geneval,und,text

@@ -1,1 +1,2 @@
-"""Lightning callbacks: stage switching, frozen-parameter guard, sample grids, periodic evaluation."""
+"""Lightning callbacks: stage switching, frozen-parameter guard, checkpoints that keep the final step, sample grids,
+periodic evaluation, throughput."""

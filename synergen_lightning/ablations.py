@@ -258,7 +258,7 @@ def run_overrides(run_dir: Path, stage: StageRun, seed: int, steps: int, init_fr
             "callbacks": [
                 {"class_path": "callbacks.stages.StageCallback", "init_args": {"stage": stage.stage}},
                 {"class_path": "callbacks.stages.FrozenParameterGuard", "init_args": {"every_n_steps": max(1, steps)}},
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                {"class_path": "callbacks.checkpoint.FinalCheckpoint",
                  "init_args": {"dirpath": str(out), "filename": "step-{step}", "save_last": True, "save_top_k": 0,
                                "enable_version_counter": False}},
                 {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "step"}},

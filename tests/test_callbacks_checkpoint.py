@@ -1,0 +1,60 @@
+"""FinalCheckpoint: a run that ends off its save schedule still saves its final step."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from callbacks.checkpoint import FinalCheckpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fit(tmp_path, max_steps: int, every: int, model=None) -> Path:
+    ck = FinalCheckpoint(dirpath=tmp_path, filename="step-{step}", save_last=True, every_n_train_steps=every,
+                         enable_version_counter=False)
+    trainer = L.Trainer(max_steps=max_steps, callbacks=[ck], logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, accelerator="cpu")
+    trainer.fit(model or BoringModel())
+    return tmp_path
+
+
+@pytest.mark.parametrize("max_steps, every", [(5, 3), (6, 3), (2, 200)])
+def test_last_checkpoint_is_the_final_step(tmp_path, max_steps, every):
+    """300 steps saved every 200 used to end with last.ckpt at step 200 (the tiny stage 2 and SFT)."""
+    model = BoringModel()
+    out = _fit(tmp_path, max_steps, every, model)
+    last = torch.load(out / "last.ckpt", weights_only=False)
+    assert last["global_step"] == max_steps
+    # it holds the final weights, not those of the last scheduled save
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(last["state_dict"][name], value, rtol=0, atol=0)
+    assert (out / f"step-step={max_steps}.ckpt").is_file()
+
+
+def test_an_interrupted_run_saves_no_final_step(tmp_path):
+    """Ctrl-C / a crash is not the end of the run: last.ckpt stays at the last scheduled save (resume from it)."""
+
+    class Crashes(BoringModel):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 4:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _fit(tmp_path, 10, 3, Crashes())
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 3
+
+
+def test_every_shipped_recipe_keeps_its_final_step():
+    recipes = sorted((ROOT / "recipes").rglob("*.yaml"))
+    checkpointing = 0
+    for recipe in recipes:
+        callbacks = (yaml.safe_load(recipe.read_text()).get("trainer") or {}).get("callbacks") or []
+        paths = [c.get("class_path", "") for c in callbacks if isinstance(c, dict)]
+        assert "lightning.pytorch.callbacks.ModelCheckpoint" not in paths, f"{recipe}: use callbacks.checkpoint.FinalCheckpoint"
+        checkpointing += "callbacks.checkpoint.FinalCheckpoint" in paths
+    assert checkpointing >= 8  # tiny tokenizer, base LLM, 3 stages; 2b's 3 stages
