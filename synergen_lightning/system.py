@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import grad_norm, rank_zero_info
+from lightning.pytorch.utilities import grad_norm, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
@@ -484,7 +484,15 @@ class SynerGenVL(LightningModule):
     def _check_init_from_geometry(self, path: Path) -> None:
         if not path.is_file():  # sharded directories carry no hyper-parameters; their shapes are still checked
             return
-        theirs = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters") or {}
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        step, of = ckpt.get("global_step"), ckpt.get("synergen_max_steps")
+        if isinstance(step, int) and isinstance(of, int) and 0 < of and step < of:
+            # e.g. the mid-run last.ckpt of a stage that was stopped: legitimate on purpose (a step-* ablation), never
+            # by accident
+            rank_zero_warn(f"init_from {str(path)!r} stopped at step {step} of its run's {of}: starting from an "
+                           "unfinished run. To finish it first, resume it (`make stage1` / `make stage2` do; or "
+                           f"`synergen fit --config <its recipe> --ckpt_path {path}`)")
+        theirs = ckpt.get("hyper_parameters") or {}
         bad = [f"{k}: checkpoint {theirs[k]} vs recipe {self.hparams.get(k)}" for k in self.GEOMETRY_HPARAMS
                if k in theirs and theirs[k] is not None and self.hparams.get(k) is not None
                and _as_tuple(theirs[k]) != _as_tuple(self.hparams[k])]
@@ -600,6 +608,8 @@ class SynerGenVL(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["synergen_stage_history"] = [list(x) for x in self.stage_history]
+        if self._trainer is not None:  # the next stage warns when it starts from an unfinished run (global_step < this)
+            checkpoint["synergen_max_steps"] = int(self.trainer.max_steps)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resuming a run: restore the stage (and its switches) before the optimizer is rebuilt."""

@@ -223,3 +223,26 @@ def test_a_data_tokenizer_other_than_the_models_is_an_error(tmp_path):
     model._trainer = SimpleNamespace(datamodule=SimpleNamespace(tokenizer=load_text_tokenizer(dirs["b"])))
     with pytest.raises(ValueError, match=r"the data's text tokenizer .*/b' .* is not the model's .*/a' .*same directory"):
         model._check_data_tokenizer()
+
+
+def test_init_from_an_unfinished_run_warns_with_the_step(tmp_path):
+    """A stage started from the mid-run checkpoint of an interrupted previous stage says so (step 2 of 4)."""
+    ckpt = tmp_path / "stage1.ckpt"
+
+    class SaveAtStep2(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2:
+                trainer.save_checkpoint(ckpt)
+
+    _trainer([StageCallback("stage1"), SaveAtStep2()], 4).fit(tiny_model(), loader(_batches(4)))
+    with pytest.warns(UserWarning, match=r"stopped at step 2 of its run's 4: starting from an unfinished run"):
+        _trainer([StageCallback("stage2")], 1).fit(tiny_model(init_from=str(ckpt), stage="stage2"), loader(_batches(1)))
+    finished = tmp_path / "finished.ckpt"
+    t = _trainer([StageCallback("stage1")], 2)
+    t.fit(tiny_model(), loader(_batches(2)))
+    t.save_checkpoint(finished)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*unfinished run.*")
+        _trainer([StageCallback("stage2")], 1).fit(tiny_model(init_from=str(finished), stage="stage2"), loader(_batches(1)))
