@@ -6,6 +6,8 @@
 #   make stage1 DEVICES=2           shard the tiny stage 1 over 2 CPU processes (FSDP2, gloo)
 #   make stage1 DEVICES=2 STRATEGY=ddp   the same with full copies (DDP: faster for a model that fits in one process)
 #   make stage1 RECIPE=recipes/synergen_vl_2b/stage1.yaml DEVICES=8    any recipe, any world size
+# the shape world's level (synergen data synth --help): demo (64 px, learnt in minutes), grid or full (128 px)
+LEVEL   ?= demo
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 SYN     := .venv/bin/synergen
@@ -17,8 +19,13 @@ DEVICES ?= 1
 export OMP_NUM_THREADS ?= 1
 ARGS    ?=
 
-# the tiny default's products, in pipeline order
-DATA_OK   := $(DATA)/.done
+# the tiny recipes read the demo level's 64-px canvas; the 128-px levels add recipes/tiny/canvas128.yaml
+CANVAS    := $(if $(filter demo,$(LEVEL)),64,128)
+LEVEL_CONFIG := $(if $(filter 128,$(CANVAS)),--config recipes/tiny/canvas128.yaml)
+
+# the tiny default's products, in pipeline order; data/tiny holds one level at a time (another LEVEL rewrites it,
+# and everything trained on it is rebuilt)
+DATA_OK   := $(DATA)/.done-$(LEVEL)
 VQ_CKPT   := runs/tiny/tokenizer/checkpoints/last.ckpt
 BASE_CKPT := runs/tiny/base_llm/last.ckpt
 S1_CKPT   := runs/tiny/stage1/last.ckpt
@@ -29,7 +36,7 @@ BASE_DONE := $(dir $(BASE_CKPT)).done
 S1_DONE   := $(dir $(S1_CKPT)).done
 S2_DONE   := $(dir $(S2_CKPT)).done
 SFT_DONE  := $(dir $(SFT_CKPT)).done
-CODES     := $(DATA)/codes128
+CODES     := $(DATA)/codes
 CODES_OK  := $(CODES)/.done
 DEMO      := runs/demo/report.json
 
@@ -77,7 +84,7 @@ $(VENV): pyproject.toml
 data: $(DATA_OK)  ## write the tiny shape world: train/val shards, eval prompts, text corpus
 
 $(DATA_OK): $(VENV)
-	$(SYN) data synth --out $(DATA) --overwrite
+	$(SYN) data synth --level $(LEVEL) --out $(DATA) --overwrite
 	touch $@
 
 tokenizer: $(VQ_CKPT)  ## train the tiny VQ image tokenizer and print its val figures
@@ -109,26 +116,26 @@ endif
 # PRETOKENIZE_LOG=FILE sends the output to FILE (make demo pretokenizes beside the base LLM's training)
 $(CODES_OK): $(VQ_CKPT)
 	$(call logged,$(PRETOKENIZE_LOG),pretokenizing the 128-px views,\
-	  $(SYN) data pretokenize --tokenizer $(VQ_CKPT) --in $(DATA)/train --out $(CODES)/train --task generation --image-size 128 --workers $(PRETOKENIZE_WORKERS) && \
-	  $(SYN) data pretokenize --tokenizer $(VQ_CKPT) --in $(DATA)/val --out $(CODES)/val --task generation --image-size 128)
+	  $(SYN) data pretokenize --tokenizer $(VQ_CKPT) --in $(DATA)/train --out $(CODES)/train --task generation --image-size $(CANVAS) --workers $(PRETOKENIZE_WORKERS) && \
+	  $(SYN) data pretokenize --tokenizer $(VQ_CKPT) --in $(DATA)/val --out $(CODES)/val --task generation --image-size $(CANVAS))
 	touch $@
 
 $(S1_DONE): $(DATA_OK) $(CODES_OK) $(VQ_CKPT) $(BASE_DONE) recipes/tiny/stage1.yaml
 	$(call start_over_if_finished,$(@D)/)
-	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) fit --config recipes/tiny/stage1.yaml $(TINY_FIT_FLAGS) $(call resume_from,$(@D)/)
+	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) fit --config recipes/tiny/stage1.yaml $(LEVEL_CONFIG) $(TINY_FIT_FLAGS) $(call resume_from,$(@D)/)
 	touch $@
 
 $(S2_DONE): $(S1_DONE) recipes/tiny/stage2.yaml
 	$(call start_over_if_finished,$(@D)/)
-	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) fit --config recipes/tiny/stage2.yaml $(TINY_FIT_FLAGS) $(call resume_from,$(@D)/)
+	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) fit --config recipes/tiny/stage2.yaml $(LEVEL_CONFIG) $(TINY_FIT_FLAGS) $(call resume_from,$(@D)/)
 	touch $@
 
 $(SFT_DONE): $(S2_DONE) recipes/tiny/sft.yaml
 	$(call start_over_if_finished,$(@D)/)
-	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) fit --config recipes/tiny/sft.yaml $(TINY_FIT_FLAGS) $(call resume_from,$(@D)/)
+	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) fit --config recipes/tiny/sft.yaml $(LEVEL_CONFIG) $(TINY_FIT_FLAGS) $(call resume_from,$(@D)/)
 	touch $@
 
-demo: $(VENV)  ## everything on the tiny default, then generation, scoring -> runs/demo/report.json + samples.png
+demo: $(VENV)  ## everything on the tiny default (LEVEL=demo), then scoring -> runs/demo/report.json, samples.png, curve.png
 	@$(MAKE) --no-print-directory $(DATA_OK)
 	@# the base LLM does not depend on the image tokenizer: one core trains it while the other trains the tokenizer
 	@# and then pretokenizes the views with it (one worker: the other core is busy)
@@ -138,7 +145,7 @@ demo: $(VENV)  ## everything on the tiny default, then generation, scoring -> ru
 	@$(MAKE) --no-print-directory $(DEMO) DEVICES=$(DEMO_DEVICES) STRATEGY=ddp
 
 $(DEMO): $(SFT_DONE)
-	$(SYN) demo report --ckpt $(SFT_CKPT) --base-llm $(BASE_CKPT) --data $(DATA) --out runs/demo
+	$(SYN) demo report --ckpt $(SFT_CKPT) --curve $(S1_CKPT) $(S2_CKPT) --base-llm $(BASE_CKPT) --data $(DATA) --out runs/demo
 	@cat $@
 
 ablations: $(DATA_OK) $(VQ_CKPT) $(BASE_DONE)  ## the paper's Tables 6 and 7 in miniature -> runs/ablations/results.json + docs/ablations.md (ARGS="--seeds 0 --only folding" or --quick)

@@ -83,7 +83,8 @@ class ReferenceT2I(nn.Module):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", default=".", help="a checkout after `make demo` (its data/tiny, runs/tiny tokenizers)")
-    p.add_argument("--train", default=None, help="train shard glob of pretokenized views (default DEMO/data/tiny/codes128/train)")
+    p.add_argument("--train", default=None, help="train shard glob of pretokenized views (default DEMO/data/tiny/codes/train)")
+    p.add_argument("--image-size", type=int, default=64, help="px of the pretokenized views (8 px per code; the demo level's 64)")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
@@ -98,12 +99,14 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     demo, out = Path(a.demo), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    grid = a.image_size // 8  # codes per side
     tok = load_or_train(demo / "runs/tiny/text_tokenizer")
     vq = load_image_tokenizer(demo / "runs/tiny/tokenizer/checkpoints/last.ckpt")
 
     def stream(urls, batch, cfg_dropout):
         src = {"name": "gen", "urls": urls, "task": "generation", "options": {"caption_ext": None, "caption_field": "captions"}}
-        dm = MixedDataModule(sources=[src], tokenizer=str(demo / "runs/tiny/text_tokenizer"), tokens_per_view=16, image_size=128,
+        dm = MixedDataModule(sources=[src], tokenizer=str(demo / "runs/tiny/text_tokenizer"), tokens_per_view=grid * grid // 16,
+                             image_size=a.image_size,
                              batch_size={"generation": batch}, max_seq_len=256, num_workers=1, steps_per_epoch=10**6,
                              cfg_dropout=cfg_dropout)
         dm.setup("fit")
@@ -123,8 +126,8 @@ def main(argv=None) -> None:
     print(f"reference: {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters", flush=True)
     opt = torch.optim.AdamW(m.parameters(), lr=a.lr, weight_decay=0.05, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
-    train = stream(a.train or str(demo / "data/tiny/codes128/train/shard-*.tar"), 16, 0.1)
-    val_stream = stream(str(demo / "data/tiny/codes128/val/shard-*.tar"), 32, 0.0)
+    train = stream(a.train or str(demo / "data/tiny/codes/train/shard-*.tar"), 16, 0.1)
+    val_stream = stream(str(demo / "data/tiny/codes/val/shard-*.tar"), 32, 0.0)
     val = [tensors(next(val_stream)) for _ in range(3)]
     uncond = left_pad(generation_prompt_ids(tok, None))
 
@@ -162,8 +165,8 @@ def main(argv=None) -> None:
         for i in range(0, len(prompts), 50):
             chunk = prompts[i:i + 50]
             cond = torch.tensor([left_pad(generation_prompt_ids(tok, q["prompt"])) for q in chunk])
-            codes = m.sample(cond, torch.tensor([uncond] * len(chunk)), 256, cfg, torch.Generator().manual_seed(i))
-            images += vq.decode(rearrange(codes, "b (h w) -> b h w", h=16)).mul(255).round().to(torch.uint8).unbind(0)
+            codes = m.sample(cond, torch.tensor([uncond] * len(chunk)), grid * grid, cfg, torch.Generator().manual_seed(i))
+            images += vq.decode(rearrange(codes, "b (h w) -> b h w", h=grid)).mul(255).round().to(torch.uint8).unbind(0)
         from PIL import Image
         pil = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in images]
         r = scorer.score_images(pil, prompts)

@@ -103,10 +103,10 @@ def accuracy(m: nn.Module, batches: list[dict]) -> tuple[int, int, Counter]:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--demo", default=".", help="a checkout after `make demo` (its data/tiny/codes128, runs/tiny/text_tokenizer)")
-    p.add_argument("--train", default=None, help="train shard glob (default DEMO/data/tiny/codes128/train/shard-*.tar)")
-    p.add_argument("--val", default=None, help="val shard glob (default DEMO/data/tiny/codes128/val/shard-*.tar)")
-    p.add_argument("--image-size", type=int, default=128, help="px of the pretokenized views (8 px per code)")
+    p.add_argument("--demo", default=".", help="a checkout after `make demo` (its data/tiny/codes, runs/tiny/text_tokenizer)")
+    p.add_argument("--train", default=None, help="train shard glob (default DEMO/data/tiny/codes/train/shard-*.tar)")
+    p.add_argument("--val", default=None, help="val shard glob (default DEMO/data/tiny/codes/val/shard-*.tar)")
+    p.add_argument("--image-size", type=int, default=64, help="px of the pretokenized views (8 px per code; the demo level's 64)")
     p.add_argument("--fold", type=int, default=4, help="fold f: f x f neighbouring codes make one LLM token")
     p.add_argument("--code-init", choices=["random", "codebook"], default="random",
                    help="code embedding: random, or the top principal components of each code's decoded 8x8 pixels")
@@ -128,7 +128,7 @@ def main(argv=None) -> None:
     grid = a.image_size // 8
     if grid % a.fold:
         p.error(f"--fold {a.fold} does not divide the {grid}x{grid} code grid of --image-size {a.image_size}")
-    val_urls = a.val or str(demo / "data/tiny/codes128/val/shard-*.tar")
+    val_urls = a.val or str(demo / "data/tiny/codes/val/shard-*.tar")
 
     def stream(urls, batch, workers, qa_kinds=kinds):
         dm = MixedDataModule(sources=[{"name": "qa", "urls": urls, "task": "understanding", "format": "qa",
@@ -139,7 +139,7 @@ def main(argv=None) -> None:
         dm.setup("fit")
         return iter(dm.train_dataloader())
 
-    train = stream(a.train or str(demo / "data/tiny/codes128/train/shard-*.tar"), 32, 1)
+    train = stream(a.train or str(demo / "data/tiny/codes/train/shard-*.tar"), 32, 1)
     val_stream = stream(val_urls, 50, 0)
     val = [next(val_stream) for _ in range(10)]
     m = ReferenceVQA(load_or_train(tok_dir).vocab_size, 2048, d=a.width, layers=a.layers, grid=grid, fold=a.fold)

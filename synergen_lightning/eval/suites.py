@@ -115,17 +115,20 @@ def load_qa_items(shards: list[str] | str, max_items: int | None = None) -> list
 
 
 def understanding_suite(model, items: list[dict], max_new_tokens: int = 16, batch_size: int = 16,
-                        max_tiles: int = 1, thumbnail: bool = False, progress: bool = False) -> dict:
-    """Exact match (strip, case-insensitive) of greedy answers; overall and per Q/A kind."""
+                        max_tiles: int = 1, thumbnail: bool = False, progress: bool = False,
+                        return_answers: bool = False) -> dict:
+    """Exact match (strip, case-insensitive) of greedy answers; overall and per Q/A kind (`return_answers`: the
+    answer to every item too, under "answers")."""
     if not items:
         raise EvalInputError("understanding: no Q/A items to evaluate")
     per_kind: dict[str, list[bool]] = defaultdict(list)
     predicted: dict[str, Counter] = defaultdict(Counter)
-    examples = []
+    examples, all_answers = [], []
     with eval_mode(model), progress_bar(progress, "understanding: answering", len(items)) as advance:
         for chunk in _chunks(items, batch_size):
             answers = model.answer([it["image"] for it in chunk], [it["question"] for it in chunk],
                                    max_new_tokens=max_new_tokens, max_tiles=max_tiles, thumbnail=thumbnail)
+            all_answers += answers
             for it, got in zip(chunk, answers):
                 ok = got.strip().lower() == it["answer"].strip().lower()
                 per_kind[it["kind"]].append(ok)
@@ -135,7 +138,8 @@ def understanding_suite(model, items: list[dict], max_new_tokens: int = 16, batc
             advance(len(chunk))
     flat = [ok for oks in per_kind.values() for ok in oks]
     prior = question_type_prior(items)
-    return {"accuracy": sum(flat) / len(flat), "num_items": len(flat),
+    extra = {"answers": all_answers} if return_answers else {}
+    return {**extra, "accuracy": sum(flat) / len(flat), "num_items": len(flat),
             "per_kind": {k: sum(v) / len(v) for k, v in sorted(per_kind.items())}, "examples": examples,
             # what answering from the question type alone scores, and how often the model gave its most common
             # answer per kind (1.0 = one answer whatever the image: the demo's SFT said "red" to every colour question)

@@ -38,25 +38,34 @@ def _writable_dir_problem(out: Path) -> str | None:
 
 
 def synth_parser() -> argparse.ArgumentParser:
+    from .levels import DEFAULT_LEVEL, LEVELS
     from .scene import COLORS, MAX_OBJECTS, SHAPES
     from .text_corpus import SCENE_QA_TEXT
 
+    levels = "\n".join(f"  {name:<5} {lv.summary}:\n        {lv.describe()}" for name, lv in LEVELS.items())
     p = argparse.ArgumentParser(
         prog="synergen data synth",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Write the synthetic shape world: webdataset shards (KEY.jpg, KEY.txt caption, KEY.json "
-                    "metadata with Q/A and ground truth) in OUT/train and OUT/val, OUT/eval_prompts.jsonl "
-                    "(GenEval-style prompts), and the text corpus OUT/text/. Same seed, same bytes.")
+                    "metadata with Q/A and ground truth)\nin OUT/train and OUT/val, OUT/eval_prompts.jsonl "
+                    "(GenEval-style prompts drawn from the level's own scenes), the text corpus OUT/text/\n"
+                    "and OUT/world.json (the level). Same seed, same bytes.\n\nlevels (--level):\n" + levels)
+    p.add_argument("--level", default=DEFAULT_LEVEL, metavar="NAME",
+                   help=f"which world to draw: {', '.join(LEVELS)} (default: {DEFAULT_LEVEL}); --canvas, "
+                        "--max-objects and --text-prob override the level's own values")
     p.add_argument("--out", type=Path, required=True, help="output directory (written atomically)")
     p.add_argument("--num-samples", type=int, default=6500, help="train + val samples (default: 6500)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per tar shard (default: 1000)")
-    p.add_argument("--canvas", type=int, default=128, help="image side in pixels, 50..1024 (default: 128)")
+    p.add_argument("--canvas", type=int, default=None, help="image side in pixels, 32..1024 (default: the level's)")
     p.add_argument("--val-fraction", type=float, default=0.08, help="fraction of samples for val (default: 0.08)")
     p.add_argument("--num-eval-prompts", type=int, default=600,
                    help="GenEval-style prompts, balanced over the six categories (default: 600)")
-    p.add_argument("--max-objects", type=int, default=MAX_OBJECTS, help=f"objects per scene, 1..{MAX_OBJECTS}")
-    p.add_argument("--text-prob", type=float, default=0.5,
-                   help="probability a scene carries a tiny character to read (default: 0.5)")
+    p.add_argument("--max-objects", type=int, default=None,
+                   help=f"objects per scene, 2..{MAX_OBJECTS} (default: the level's)")
+    p.add_argument("--text-prob", type=float, default=None,
+                   help="probability a scene carries a tiny character to read (default: the level's; "
+                        "only levels without a grid draw characters)")
     p.add_argument("--shapes", type=_csv("shape", SHAPES), default=SHAPES,
                    help=f"comma-separated subset of {','.join(SHAPES)}")
     p.add_argument("--colors", type=_csv("color", tuple(COLORS)), default=tuple(COLORS),
@@ -74,11 +83,28 @@ def synth_parser() -> argparse.ArgumentParser:
 
 
 def synth_main(argv: list[str]) -> int:
+    from .levels import LEVELS
     from .scene import check_canvas
     from .shards import SynthConfig, write_dataset
 
     parser = synth_parser()
     a = parser.parse_args(argv)
+    if a.level not in LEVELS:
+        parser.error(f"--level {a.level!r} is not a level; choose one of: {', '.join(LEVELS)}")
+    level = LEVELS[a.level]
+    a.canvas = level.canvas if a.canvas is None else a.canvas
+    a.max_objects = level.max_objects if a.max_objects is None else a.max_objects
+    a.text_prob = level.text_prob if a.text_prob is None else a.text_prob
+    if level.grid:
+        if a.text_prob:
+            parser.error(f"--text-prob {a.text_prob}: level {a.level!r} draws no characters; use --level full for them")
+        if a.max_objects > level.grid ** 2:
+            parser.error(f"--max-objects {a.max_objects}: level {a.level!r} has {level.grid ** 2} cells; use at most that")
+        if a.canvas % (8 * level.grid):
+            parser.error(f"--canvas {a.canvas}: level {a.level!r} needs a multiple of {8 * level.grid} "
+                         f"(its {level.grid}x{level.grid} cells on the 8-px code grid); e.g. --canvas {level.canvas}")
+    if a.max_objects < 2:
+        parser.error(f"--max-objects {a.max_objects}: two-object and counting prompts need at least 2")
     if a.num_samples < 1:
         parser.error(f"--num-samples {a.num_samples}: need at least 1 sample; e.g. --num-samples 6500")
     if a.shard_size < 1:
@@ -105,12 +131,12 @@ def synth_main(argv: list[str]) -> int:
         parser.error(problem)
     if a.out.is_dir() and any(a.out.iterdir()) and not a.overwrite:
         parser.error(f"--out {a.out} is not empty; pass --overwrite to replace it or choose another --out")
-    cfg = SynthConfig(out=a.out, num_samples=a.num_samples, seed=a.seed, shard_size=a.shard_size, canvas=a.canvas,
+    cfg = SynthConfig(out=a.out, level=a.level, num_samples=a.num_samples, seed=a.seed, shard_size=a.shard_size, canvas=a.canvas,
                       val_fraction=a.val_fraction, num_eval_prompts=a.num_eval_prompts, max_objects=a.max_objects,
                       text_prob=a.text_prob, jpeg_quality=a.jpeg_quality, shapes=a.shapes, colors=a.colors,
                       scene_qa_text=a.scene_qa_text, workers=a.workers, progress=not a.no_progress and sys.stderr.isatty())
     s = write_dataset(cfg)
-    print(f"synth: {s['train']} train + {s['val']} val samples ({s['train_shards']} + {s['val_shards']} shards, "
+    print(f"synth: level {a.level}, {s['train']} train + {s['val']} val samples ({s['train_shards']} + {s['val_shards']} shards, "
           f"{a.canvas}px), {s['eval_prompts']} eval prompts, {s['text_train']} + {s['text_val']} text lines, "
           f"{s['skill_train']} + {s['skill_val']} skill items -> {a.out} in {s['seconds']:.1f}s")
     return 0
@@ -151,7 +177,8 @@ def geneval_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write the report JSON here (printed either way)")
     p.add_argument("--ground-truth", action="store_true",
                    help="score the world's own renders of the prompts instead of --images (a sanity check: ~1.0)")
-    p.add_argument("--canvas", type=int, default=128, help="canvas for --ground-truth renders (default: 128)")
+    p.add_argument("--canvas", type=int, default=None,
+                   help="canvas for --ground-truth renders (default: the level's, from world.json beside --prompts)")
     return p
 
 
@@ -171,8 +198,15 @@ def geneval_main(argv: list[str]) -> int:
         parser.error(str(e))
     results, skipped = [], []
     if a.ground_truth:
+        from .levels import get_level
+        from .shards import read_world_info
+
+        info = read_world_info(a.prompts.parent)
+        level = get_level(info["level"]) if info else None
+        canvas = a.canvas or (info["canvas"] if info else 128)
         for i, p in enumerate(prompts):
-            results.append((p["tag"], evaluate(detect_objects(render_prompt(p, seed=i, canvas=a.canvas)), p)[0]))
+            image = render_prompt(p, seed=i, canvas=canvas, level=level)
+            results.append((p["tag"], evaluate(detect_objects(image), p)[0]))
     else:
         if a.images is None or not a.images.is_dir():
             parser.error(f"--images {a.images} is not a directory; pass the directory of generated images")

@@ -43,8 +43,9 @@ def region_phrase(region: str) -> str:
     return f"in the {region}"
 
 
-def captions(scene: Scene) -> list[str]:
-    """Several phrasings of the scene, from detailed to GenEval-short."""
+def captions(scene: Scene, full: bool = False) -> list[str]:
+    """Several phrasings of the scene, from detailed to GenEval-short. `full`: only phrasings that name every
+    object (a relation names two objects, so it is kept only for two-object scenes)."""
     objs = scene.objects
     detailed = join_and([f"{article(o.size)} {o.size} {o.color} {o.shape} {region_phrase(o.region)}" for o in objs])
     colour_shape = join_and([f"{article(o.color)} {o.color} {o.shape}" for o in objs])
@@ -56,7 +57,7 @@ def captions(scene: Scene) -> list[str]:
         counts,
         f"{NUMBER_WORDS[len(objs)]} shape{'s' if len(objs) > 1 else ''}: {colour_shape}",
     ]
-    if len(objs) >= 2:
+    if len(objs) >= 2 and not (full and len(objs) > 2):
         a, b = objs[0], objs[1]
         rels = sorted(relative_position(a.bbox, b.bbox))
         if rels:

@@ -38,8 +38,8 @@ OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "bel
 COUNTS = (2, 3, 4)
 
 
-def make_prompt(tag: str, rng: np.random.Generator, shapes=SHAPES, colors=tuple(COLORS)) -> dict:
-    """One random prompt of category `tag` with its GenEval constraints."""
+def make_prompt(tag: str, rng: np.random.Generator, shapes=SHAPES, colors=tuple(COLORS), counts=COUNTS) -> dict:
+    """One random prompt of category `tag` with its GenEval constraints (`counts`: the numbers counting may ask)."""
     s1, s2 = (str(x) for x in rng.choice(shapes, size=2, replace=False))
     c1, c2 = (str(x) for x in rng.choice(colors, size=2, replace=False))
     if tag == "single_object":
@@ -48,7 +48,7 @@ def make_prompt(tag: str, rng: np.random.Generator, shapes=SHAPES, colors=tuple(
         return {"tag": tag, "prompt": f"{article(s1)} {s1} and {article(s2)} {s2}",
                 "include": [{"class": s1, "count": 1}, {"class": s2, "count": 1}], "exclude": []}
     if tag == "counting":
-        n = int(rng.choice(COUNTS))
+        n = int(rng.choice(counts))
         return {"tag": tag, "prompt": f"{NUMBER_WORDS[n]} {plural(s1)}",
                 "include": [{"class": s1, "count": n}], "exclude": [{"class": s1, "count": n + 1}]}
     if tag == "colors":
@@ -66,12 +66,14 @@ def make_prompt(tag: str, rng: np.random.Generator, shapes=SHAPES, colors=tuple(
     raise ValueError(f"unknown tag {tag!r}; expected one of {', '.join(CATEGORIES)}")
 
 
-def make_eval_prompts(num: int = 600, seed: int = 0, shapes=SHAPES, colors=tuple(COLORS)) -> list[dict]:
-    """`num` prompts, balanced across the six categories (round-robin), indexed 0..num-1."""
+def make_eval_prompts(num: int = 600, seed: int = 0, shapes=SHAPES, colors=tuple(COLORS), max_objects: int = 4) -> list[dict]:
+    """`num` prompts, balanced across the six categories (round-robin), indexed 0..num-1; counting asks at most
+    `max_objects` (a level's scenes never show more)."""
     rng = np.random.default_rng([seed, 7])
+    counts = tuple(n for n in COUNTS if n <= max_objects)
     out = []
     for i in range(num):
-        p = make_prompt(CATEGORIES[i % len(CATEGORIES)], rng, shapes, colors)
+        p = make_prompt(CATEGORIES[i % len(CATEGORIES)], rng, shapes, colors, counts)
         out.append({"index": i, **p})
     return out
 
@@ -113,14 +115,18 @@ def _relation_regions(rel: str, canvas: int):
     return (first, second) if rel in ("left of", "above") else (second, first)
 
 
-def render_prompt(prompt: dict, seed: int = 0, canvas: int = 128) -> Image.Image:
+def render_prompt(prompt: dict, seed: int = 0, canvas: int = 128, level=None) -> Image.Image:
     """A ground-truth image that satisfies `prompt` (the shape world can draw any of its prompts)."""
-    return render_scene(prompt_scene(prompt, seed, canvas))
+    return render_scene(prompt_scene(prompt, seed, canvas, level))
 
 
-def prompt_scene(prompt: dict, seed: int = 0, canvas: int = 128) -> Scene:
-    """The `Scene` behind `render_prompt`: only the prompt's objects, in regions that make its relation hold."""
+def prompt_scene(prompt: dict, seed: int = 0, canvas: int = 128, level=None) -> Scene:
+    """The `Scene` behind `render_prompt`: only the prompt's objects, in regions that make its relation hold.
+    A grid `level` (`levels.Level`) draws them as its scenes are drawn: in its cells, at its canvas, sizes and
+    backgrounds."""
     rng = np.random.default_rng([seed, 11])
+    if level is not None and level.grid:
+        return _grid_prompt_scene(prompt, rng, level)
     inc = prompt["include"]
     regions = [None] * len(inc)
     for k, req in enumerate(inc):
@@ -144,6 +150,31 @@ def prompt_scene(prompt: dict, seed: int = 0, canvas: int = 128) -> Scene:
             background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
             return Scene(canvas, background, objects, [])
     raise RuntimeError(f"could not render prompt {prompt.get('prompt')!r} on a {canvas}px canvas; use a larger canvas")
+
+
+def _grid_prompt_scene(prompt: dict, rng: np.random.Generator, level) -> Scene:
+    from .levels import cell_box
+
+    inc, canvas = prompt["include"], level.canvas
+    need = sum(r["count"] for r in inc)
+    if need > level.grid ** 2:
+        raise ValueError(f"prompt {prompt.get('prompt')!r} needs {need} objects; level {level.name!r} has "
+                         f"{level.grid ** 2} cells")
+    for _attempt in range(200):
+        cells = iter(rng.choice(level.grid ** 2, size=need, replace=False))
+        objects, boxes_of, used = [], {k: [] for k in range(len(inc))}, set()
+        for k, req in enumerate(inc):
+            for _ in range(req["count"]):
+                size = level.sizes[int(rng.integers(len(level.sizes)))]
+                color = req.get("color") or str(rng.choice([c for c in COLORS if (c, req["class"]) not in used]))
+                used.add((color, req["class"]))
+                box = cell_box(int(next(cells)), level.grid, canvas, size)
+                boxes_of[k].append(box)
+                objects.append(make_object(req["class"], color, size, box, canvas))
+        if all(_holds(req, k, boxes_of) for k, req in enumerate(inc)):
+            background = level.backgrounds[int(rng.integers(len(level.backgrounds)))]
+            return Scene(canvas, background, objects, [])
+    raise RuntimeError(f"could not render prompt {prompt.get('prompt')!r} on level {level.name!r}")
 
 
 def _holds(req: dict, k: int, boxes_of: dict) -> bool:

@@ -22,16 +22,21 @@ import numpy as np
 from synergen_lightning.io import atomic_directory
 
 from .language import captions, conversations, qa_pairs
+from .levels import get_level, sample_level_scene
 from .prompts import make_eval_prompts
-from .scene import COLORS, MAX_OBJECTS, SHAPES, render_scene, sample_scene
+from .scene import COLORS, MAX_OBJECTS, SHAPES, render_scene
 from .text_corpus import make_skill, scene_text_lines, skill_text
 
 SPLITS = {"train": 0, "val": 1}
 
 
+WORLD_FILE = "world.json"  # OUT/world.json: the level and the settings the data was written with
+
+
 @dataclass
 class SynthConfig:
     out: Path
+    level: str = "full"  # levels.LEVELS; canvas, max_objects and text_prob below override the level's own
     num_samples: int = 6500
     seed: int = 0
     shard_size: int = 1000
@@ -52,11 +57,12 @@ def make_sample(cfg: SynthConfig, split: str, index: int) -> tuple[str, bytes, s
     """(key, jpg bytes, caption, metadata) of one sample."""
     seed = [cfg.seed, SPLITS[split], index]
     rng = np.random.default_rng(seed)
-    scene = sample_scene(rng, cfg.canvas, 1, cfg.max_objects, cfg.shapes, cfg.colors, cfg.text_prob)
+    level = get_level(cfg.level)
+    scene = sample_level_scene(rng, level, cfg.max_objects, cfg.shapes, cfg.colors, cfg.text_prob, cfg.canvas)
     buf = io.BytesIO()
     # 4:4:4 chroma: small shapes keep clean colour edges at quality 95.
     render_scene(scene).save(buf, format="JPEG", quality=cfg.jpeg_quality, subsampling=0)
-    caps = captions(scene)
+    caps = captions(scene, full=level.full_captions)
     caption = caps[int(rng.integers(len(caps)))]
     qa = qa_pairs(scene, rng)
     key = f"{index:09d}"
@@ -85,6 +91,32 @@ def write_shard(args) -> tuple[int, list[str]]:
             _add(tar, f"{key}.json", json.dumps(meta).encode())
             lines += scene_text_lines(meta, qa_text=cfg.scene_qa_text)
     return stop - start, lines
+
+
+def world_info(cfg: SynthConfig) -> dict:
+    """What OUT/world.json records: the level by name, its rules, and the settings that override them."""
+    return {"level": cfg.level, "rules": get_level(cfg.level).to_dict(), "canvas": cfg.canvas,
+            "max_objects": cfg.max_objects, "text_prob": cfg.text_prob, "shapes": list(cfg.shapes),
+            "colors": list(cfg.colors), "seed": cfg.seed, "num_samples": cfg.num_samples}
+
+
+def read_world_info(data_dir) -> dict | None:
+    """OUT/world.json of a `synergen data synth` directory, or None (data written before levels, or not ours)."""
+    path = Path(data_dir) / WORLD_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def find_world_info(urls: str) -> dict | None:
+    """world.json of the `synergen data synth` directory a shard URL or glob lies in (pretokenized copies included:
+    DATA/codes/train/shard-*.tar finds DATA/world.json), or None."""
+    if "://" in urls or urls.startswith("pipe:"):
+        return None
+    p = Path(urls.split("{")[0].split("*")[0]).parent
+    for d in [p, *p.parents][:4]:
+        info = read_world_info(d)
+        if info:
+            return info
+    return None
 
 
 def _write_jsonl(path: Path, rows) -> int:
@@ -132,8 +164,9 @@ def _write_all(cfg: SynthConfig, root: Path) -> dict:
                 text[job[1]] += lines
                 progress.advance(task, n)
 
-    prompts = make_eval_prompts(cfg.num_eval_prompts, cfg.seed, cfg.shapes, cfg.colors)
+    prompts = make_eval_prompts(cfg.num_eval_prompts, cfg.seed, cfg.shapes, cfg.colors, cfg.max_objects)
     _write_jsonl(root / "eval_prompts.jsonl", prompts)
+    (root / WORLD_FILE).write_text(json.dumps(world_info(cfg), indent=1) + "\n")
 
     skill_train, skill_val = make_skill(cfg.seed)
     tdir = root / "text"

@@ -1,0 +1,274 @@
+"""`synergen demo report`: the `make demo` report of a trained tiny SynerGenVL.
+
+    OUT/report.json   the shape-world level; GenEval (six categories), understanding exact match (per question kind,
+                      beside the question-type prior), the text skill of the base LLM and of the final model,
+                      grounding (caption / image gain), and the learning curve over the stage checkpoints
+    OUT/samples.png   generated images, each under its prompt and the scorer's verdict (the failed constraint),
+                      and val images with a question, the true answer and the model's
+    OUT/curve.png     GenEval and understanding at the end of each stage
+
+The figures come from the eval room's suites (`synergen eval report` is the fuller report: FID, TensorBoard curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+NUM_GRID_IMAGES = 48  # eight of each GenEval category (the eval prompts are round-robin over the six)
+NUM_GRID_ANSWERS = 16
+
+
+def checkpoint_level(ckpt: str) -> str | None:
+    """The shape-world level the checkpoint's last stage trained on (from its data sources' world.json), or None."""
+    from synergen_lightning.world.shards import find_world_info
+
+    path = Path(ckpt)
+    if not path.is_file():  # sharded directories and exports keep no datamodule hyper-parameters
+        return None
+    try:
+        hp = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("datamodule_hyper_parameters") or {}
+    except Exception:  # noqa: BLE001 - an unreadable bookkeeping entry only means the level is unknown
+        return None
+    for source in hp.get("sources") or []:
+        info = find_world_info(str(source.get("urls", "")))
+        if info:
+            return info["level"]
+    return None
+
+
+def warn_level_mismatch(ckpt: str, data_dir: str | Path, out=sys.stderr) -> tuple[str | None, str | None]:
+    """(trained level, eval level); prints a warning naming both when they differ."""
+    from synergen_lightning.world.shards import read_world_info
+
+    info = read_world_info(data_dir)
+    eval_level, trained = (info or {}).get("level"), checkpoint_level(ckpt)
+    if eval_level and trained and eval_level != trained:
+        print(f"warning: {ckpt} trained on shape-world level {trained!r} but {data_dir} holds level {eval_level!r}: "
+              f"its scores do not measure what it learnt; pass --data with a {trained!r} directory "
+              f"(synergen data synth --level {trained})", file=out)
+    return trained, eval_level
+
+
+def verdicts(images, prompts) -> list[tuple[bool, str, int]]:
+    """Per image: (passed, the scorer's reason when not, accepted shapes)."""
+    from synergen_lightning.world.scorer import detect_objects, evaluate
+
+    out = []
+    for img, p in zip(images, prompts):
+        found = detect_objects(img)
+        ok, why = evaluate(found, p)
+        out.append((ok, why, len(found)))
+    return out
+
+
+def subset_geneval(prompts, passed, n: int) -> dict:
+    from synergen_lightning.world.scorer import summarize
+
+    return summarize([(p["tag"], ok) for p, ok in zip(prompts[:n], passed[:n])])
+
+
+def subset_und(items, answers, n: int) -> float:
+    pairs = list(zip(items, answers))[:n]
+    return sum(a.strip().lower() == it["answer"].strip().lower() for it, a in pairs) / max(len(pairs), 1)
+
+
+def save_samples(path: Path, images, prompts, verdict, und_items, und_answers, level: str | None) -> Path:
+    """One PNG a person can check by eye: each image under its prompt and verdict, then Q/A with truth and answer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 8
+    gen_rows, und_rows = -(-len(images) // cols), -(-len(und_items) // cols)
+    fig, axes = plt.subplots(gen_rows + und_rows, cols, figsize=(cols * 1.9, (gen_rows + und_rows) * 2.25))
+    axes = axes.reshape(gen_rows + und_rows, cols)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, (img, p, (ok, why, _)) in enumerate(zip(images, prompts, verdict)):
+        ax = axes[k // cols, k % cols]
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(f"{_wrap(p['prompt'])}\n{'PASS' if ok else 'FAIL: ' + _wrap(why, 26)}", fontsize=6.5,
+                     color="darkgreen" if ok else "firebrick")
+    for k, (it, got) in enumerate(zip(und_items, und_answers)):
+        ax = axes[gen_rows + k // cols, k % cols]
+        ax.imshow(it["image"], interpolation="nearest")
+        right = got.strip().lower() == it["answer"].strip().lower()
+        ax.set_title(f"{_wrap(it['question'])}\ntruth: {it['answer']}  model: {got.strip() or '(nothing)'}",
+                     fontsize=6.5, color="darkgreen" if right else "firebrick")
+    n_pass = sum(v[0] for v in verdict)
+    n_right = sum(g.strip().lower() == it["answer"].strip().lower() for it, g in zip(und_items, und_answers))
+    fig.suptitle(f"shape-world level {level or '?'}: generated from the prompt above each image "
+                 f"({n_pass}/{len(images)} pass the scorer); last {und_rows} row(s): understanding "
+                 f"({n_right}/{len(und_items)} right)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _wrap(text: str, width: int = 28) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)[:3])
+
+
+def save_curve(path: Path, curve: list[dict], prior: float | None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    x = range(len(curve))
+    ax.plot(x, [c["geneval"] for c in curve], "o-", label="GenEval overall")
+    ax.plot(x, [c["und"] for c in curve], "s-", label="understanding (exact match)")
+    if prior is not None:
+        ax.axhline(prior, color="grey", ls=":", label="question-type prior")
+    ax.set_xticks(list(x), [c["stage"] for c in curve])
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("score")
+    ax.set_title(f"end of each stage ({curve[0]['prompts']} prompts, {curve[0]['questions']} questions)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from synergen_lightning.generation import _common
+
+    p = argparse.ArgumentParser(prog="synergen demo report", description=__doc__.split("\n\n")[0] + " Scores the "
+                                "final checkpoint on every eval prompt and val question, and each --curve checkpoint "
+                                "on the first --curve-prompts / --curve-questions of them.")
+    _common(p)
+    p.add_argument("--base-llm", required=True, help="the base LLM checkpoint (text.accuracy_base)")
+    p.add_argument("--data", default="data/tiny", help="shape-world directory (eval_prompts.jsonl, val/, text/)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--curve", nargs="*", default=[], metavar="CKPT",
+                   help="earlier stage checkpoints, in training order (e.g. runs/tiny/stage1/last.ckpt "
+                        "runs/tiny/stage2/last.ckpt): the learning curve; named by their directory")
+    p.add_argument("--curve-prompts", type=int, default=120, help="eval prompts per curve point (default: 120)")
+    p.add_argument("--curve-questions", type=int, default=140, help="val questions per curve point (default: 140)")
+    p.add_argument("--num-prompts", type=int, default=None, help="first N eval prompts (default: all)")
+    p.add_argument("--cfg", type=float, default=7.5, help="CFG scale (paper: 7.5)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature; above 1 the tiny model scatters more blobs and GenEval rises by clutter "
+                        "alone (geneval.objects_per_image / rejected_per_image show it), so compare scores at one "
+                        "temperature")
+    p.add_argument("--caption-floor", action="store_true",
+                   help="also score images drawn from the unconditional prompt against the eval prompts "
+                        "(geneval_uncond_floor: the score of a model that ignores captions; one more GenEval pass)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--und-questions", type=int, default=500, help="val Q/A pairs to answer")
+    p.add_argument("--text-examples", type=int, default=500, help="held-out text-skill items")
+    p.add_argument("--grounding-items", type=int, default=64,
+                   help="val samples for the grounding block (caption gain / image gain: teacher-forced nats the true "
+                        "caption / image saves over a swapped one; ~0 = the input is ignored); 0 = skip")
+    a = p.parse_args(argv)
+
+    from synergen_lightning.eval.suites import geneval_suite, load_qa_items, text_suite, understanding_suite
+    from synergen_lightning.generation import _load, caption_floor
+
+    data, out = Path(a.data), Path(a.out)
+    prompts_file = data / "eval_prompts.jsonl"
+    if not prompts_file.is_file():
+        p.error(f"{prompts_file} does not exist: run `make data` (or pass --data)")
+    for c in a.curve:
+        if not Path(c).exists():
+            p.error(f"--curve {c} does not exist; pass the stage checkpoints that exist (or none)")
+    out.mkdir(parents=True, exist_ok=True)
+    trained_level, level = warn_level_mismatch(a.ckpt, data)
+    model = _load(a.ckpt, a.device, a.text_tokenizer, a.image_tokenizer)
+    # answer with the views the last stage trained on (max tiles, thumbnail)
+    max_tiles, thumbnail = _views(a.ckpt)
+
+    prompts = [json.loads(line) for line in prompts_file.read_text().splitlines() if line.strip()][: a.num_prompts]
+    geneval, images = geneval_suite(model, prompts, seed=a.seed, cfg_scale=a.cfg, temperature=a.temperature,
+                                    return_images=True)
+    verdict = verdicts(images, prompts)
+    geneval["objects_asked"] = sum(r["count"] for p_ in prompts for r in p_["include"]) / len(prompts)
+    floor = caption_floor(model, prompts, seed=a.seed, temperature=a.temperature) if a.caption_floor else None
+    qa_items = load_qa_items(str(data / "val" / "*.tar"), a.und_questions)
+    und = understanding_suite(model, qa_items, max_new_tokens=8, max_tiles=max_tiles, thumbnail=thumbnail,
+                              return_answers=True)
+    text = text_suite(model, data / "text" / "skill_val.jsonl", base_llm=a.base_llm, max_examples=a.text_examples)
+    grounding = None
+    if a.grounding_items > 0:
+        from synergen_lightning.eval.grounding import grounding_suite, report_block
+
+        grounding = report_block(grounding_suite(model, shards=str(data / "val" / "*.tar"), max_items=a.grounding_items,
+                                                 max_tiles=max_tiles, thumbnail=thumbnail))
+    # one understanding image per question kind first, so the grid shows every kind
+    shown, kinds = [], set()
+    for i, it in enumerate(qa_items):
+        if it["kind"] not in kinds:
+            kinds.add(it["kind"])
+            shown.append(i)
+    shown += [i for i in range(len(qa_items)) if i not in shown][: max(0, NUM_GRID_ANSWERS - len(shown))]
+    save_samples(out / "samples.png", images[:NUM_GRID_IMAGES], prompts[:NUM_GRID_IMAGES], verdict[:NUM_GRID_IMAGES],
+                 [qa_items[i] for i in shown], [und["answers"][i] for i in shown], level)
+
+    n_gen, n_und = min(a.curve_prompts, len(prompts)), min(a.curve_questions, len(qa_items))
+    curve = []
+    for c in a.curve:
+        stage_model = _load(c, a.device, a.text_tokenizer, a.image_tokenizer)
+        tiles, thumb = _views(c)
+        g = geneval_suite(stage_model, prompts[:n_gen], seed=a.seed, cfg_scale=a.cfg, temperature=a.temperature)
+        u = understanding_suite(stage_model, qa_items[:n_und], max_new_tokens=8, max_tiles=tiles, thumbnail=thumb)
+        curve.append({"stage": Path(c).parent.name, "ckpt": c, "geneval": g["overall"], "und": u["accuracy"],
+                      "prompts": n_gen, "questions": n_und})
+        del stage_model
+    curve.append({"stage": Path(a.ckpt).parent.name, "ckpt": a.ckpt,
+                  "geneval": subset_geneval(prompts, [v[0] for v in verdict], n_gen)["overall"],
+                  "und": subset_und(qa_items, und["answers"], n_und), "prompts": n_gen, "questions": n_und})
+    save_curve(out / "curve.png", curve, und["prior_accuracy"])
+
+    report = {
+        "level": level, "trained_level": trained_level,
+        "geneval": geneval,
+        "und": {"accuracy": und["accuracy"], "per_kind": und["per_kind"], "questions": und["num_items"],
+                "prior_accuracy": und["prior_accuracy"], "prior_per_kind": und.get("prior_per_kind"),
+                "top_answer": und["top_answer"], "top_answer_share": und["top_answer_share"],
+                "max_tiles": max_tiles, "thumbnail": thumbnail},
+        "text": {"accuracy_base": text["base_accuracy"], "accuracy_final": text["accuracy"],
+                 "examples": a.text_examples},
+        "curve": curve,
+        "settings": {"ckpt": a.ckpt, "cfg": a.cfg, "temperature": a.temperature, "seed": a.seed},
+    }
+    if floor is not None:
+        report["geneval_uncond_floor"] = floor
+    if grounding is not None:
+        report["grounding"] = grounding
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps({"level": level, "geneval.overall": geneval["overall"],
+                      **{f"geneval.{k}": geneval[k] for k in ("single_object", "two_objects", "counting", "colors",
+                                                              "position", "color_attr")},
+                      **({"geneval_uncond_floor.overall": floor["overall"]} if floor else {}),
+                      "und.accuracy": und["accuracy"], "und.prior_accuracy": und["prior_accuracy"],
+                      **{f"und.{k}": v for k, v in und["per_kind"].items()},
+                      "text.accuracy_base": text["base_accuracy"], "text.accuracy_final": text["accuracy"],
+                      "curve": {c["stage"]: [round(c["geneval"], 3), round(c["und"], 3)] for c in curve},
+                      **({"grounding.caption_gain_nats": grounding["caption_gain_nats"],
+                          "grounding.image_gain_nats": grounding["image_gain_nats"]} if grounding else {})}, indent=2))
+    print(f"wrote {out / 'report.json'}, {out / 'samples.png'} and {out / 'curve.png'}")
+    return 0
+
+
+def _views(ckpt: str) -> tuple[int, bool]:
+    """(max_tiles, thumbnail) the checkpoint's last stage trained on (1, False when it does not say)."""
+    path = Path(ckpt)
+    hp = {}
+    if path.is_file():
+        try:
+            hp = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("datamodule_hyper_parameters") or {}
+        except Exception:  # noqa: BLE001 - without the bookkeeping the defaults hold
+            hp = {}
+    return int(hp.get("max_tiles", 1)), bool(hp.get("thumbnail", False))

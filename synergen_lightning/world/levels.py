@@ -1,0 +1,109 @@
+"""Named levels of the shape world, from a demo a 2-core CPU masters in minutes up to the full world.
+
+A level fixes what a scene may contain and how it is drawn; captions, Q/A and eval prompts follow from it with the
+same rules and the same scorer at every level. The levers, easiest first:
+
+- **grid**: objects sit centred in the cells of a `grid x grid` layout. A cell of 32 px is 4x4 codes of the 8-px
+  image tokenizer, i.e. exactly one 4x4-folded LLM token, so no object is cut by a folded patch and every object of a
+  given shape and colour has the same codes wherever it stands (`grid=0`: anywhere, at any pixel offset);
+- fewer, larger objects; one background; no characters to read (`text_prob=0`);
+- **full captions**: every caption names every object (the full world also writes "a circle left of a square" for a
+  four-object scene, a caption that does not determine its image);
+- **same_shape_prob**: how often a multi-object scene repeats one shape (in different colours), so counting
+  prompts ("three circles") are shown often enough to be learnt.
+
+`demo` is the tiny default (`make demo`); `full` is the world as it has always been drawn, the hardest level, whose
+rules and bytes do not change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .scene import BACKGROUNDS, COLORS, MAX_OBJECTS, SHAPES, SIZES, Scene, make_object, sample_scene
+
+# box side as a fraction of the grid cell (a 32-px cell holds a 24-px large or a 16-px small object)
+GRID_FILL: dict[str, float] = {"large": 0.75, "small": 0.5}
+
+
+@dataclass(frozen=True)
+class Level:
+    name: str
+    summary: str  # one line for --help and the report
+    canvas: int
+    max_objects: int
+    grid: int = 0  # objects centred in the cells of a grid x grid layout; 0 = anywhere
+    sizes: tuple[str, ...] = tuple(SIZES)
+    backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
+    text_prob: float = 0.5  # probability of a tiny character to read
+    full_captions: bool = False  # drop phrasings that name only part of the scene
+    same_shape_prob: float = 0.0  # multi-object scenes that repeat one shape (counting)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        where = f"centred in a {self.grid}x{self.grid} grid" if self.grid else "anywhere"
+        chars = "no characters" if self.text_prob == 0 else f"a tiny character in {self.text_prob:.0%} of scenes"
+        return (f"{self.canvas} px, 1-{self.max_objects} objects {where}, size {'/'.join(self.sizes)}, "
+                f"{len(self.backgrounds)} background(s), {chars}, "
+                f"{'captions name every object' if self.full_captions else 'some captions name part of the scene'}")
+
+
+LEVELS: dict[str, Level] = {
+    "demo": Level("demo", "the tiny default: one 4x4-folded token per object slot, learnt in a 2-core demo",
+                  canvas=64, max_objects=3, grid=2, sizes=("large",), backgrounds=("white",), text_prob=0.0,
+                  full_captions=True, same_shape_prob=0.3),
+    "grid": Level("grid", "a 128-px canvas of 4x4 slots, two sizes and backgrounds, still no characters",
+                  canvas=128, max_objects=4, grid=4, text_prob=0.0, full_captions=True, same_shape_prob=0.3),
+    "full": Level("full", "the full world: objects anywhere at any offset, tiny characters, partial captions",
+                  canvas=128, max_objects=MAX_OBJECTS),
+}
+DEFAULT_LEVEL = "demo"
+
+
+def get_level(name: str) -> Level:
+    """The level called `name`; a ValueError listing the levels otherwise."""
+    if name not in LEVELS:
+        raise ValueError(f"unknown shape-world level {name!r}; choose one of: "
+                         + "; ".join(f"{k} ({v.summary})" for k, v in LEVELS.items()))
+    return LEVELS[name]
+
+
+def cell_box(cell: int, grid: int, canvas: int, size: str) -> tuple[int, int, int, int]:
+    """Pixel box (x0, y0, x1, y1) of an object of `size` centred in cell `cell` (row-major) of the grid."""
+    c = canvas // grid
+    side = round(GRID_FILL[size] * c)
+    off = (c - side) // 2
+    row, col = divmod(cell, grid)
+    x0, y0 = col * c + off, row * c + off
+    return (x0, y0, x0 + side, y0 + side)
+
+
+def sample_level_scene(rng: np.random.Generator, level: Level, max_objects: int | None = None,
+                       shapes=SHAPES, colors=tuple(COLORS), text_prob: float | None = None,
+                       canvas: int | None = None) -> Scene:
+    """A scene of `level` (overrides: `max_objects`, `text_prob`, `canvas`). Distinct (colour, shape) pairs, as at
+    every level, so "the red circle" names one object."""
+    max_objects = level.max_objects if max_objects is None else max_objects
+    text_prob = level.text_prob if text_prob is None else text_prob
+    canvas = level.canvas if canvas is None else canvas
+    if not level.grid:
+        # the full world's sampler, unchanged: same seed, same scene
+        return sample_scene(rng, canvas, 1, max_objects, shapes, colors, text_prob)
+    n = int(rng.integers(1, max_objects + 1))
+    if n >= 2 and rng.random() < level.same_shape_prob and len(colors) >= n:
+        shape = str(shapes[int(rng.integers(len(shapes)))])
+        pairs = [(shape, str(c)) for c in rng.choice(colors, size=n, replace=False)]
+    else:
+        all_pairs = [(s, c) for s in shapes for c in colors]
+        pairs = [all_pairs[int(i)] for i in rng.choice(len(all_pairs), size=n, replace=False)]
+    cells = rng.choice(level.grid * level.grid, size=n, replace=False)
+    objects = []
+    for (shape, color), cell in zip(pairs, cells):
+        size = level.sizes[int(rng.integers(len(level.sizes)))]
+        objects.append(make_object(shape, color, size, cell_box(int(cell), level.grid, canvas, size), canvas))
+    background = level.backgrounds[int(rng.integers(len(level.backgrounds)))]
+    return Scene(canvas, background, objects, [])
