@@ -1,10 +1,10 @@
 """`synergen export --ckpt CKPT --out DIR`: one consolidated safetensors file + config for inference.
 
-CKPT is a sharded FSDP2 checkpoint directory (Lightning DCP: `.metadata`, `*.distcp`, `meta.pt`) or a
-single-file `.ckpt`. DIR gets `model.safetensors` (the full, unsharded weights, fp32 unless --dtype),
-`config.json` (the SynerGenVL hyper-parameters: everything `SynerGenVL(**config)` needs to rebuild the
-model) and `export.json` (source, step, stage history). `load_export(DIR)` rebuilds the model;
-`load_model(PATH)` reads any of the three forms (file, sharded directory, export directory).
+CKPT is any checkpoint a run writes: a single-file `.ckpt` (one process, DDP) or a sharded FSDP2 checkpoint
+directory (Lightning DCP: `.metadata`, `*.distcp`, `meta.pt`). DIR gets `model.safetensors` (the full, unsharded
+weights, fp32 unless --dtype), `config.json` (the SynerGenVL constructor arguments: `SynerGenVL(**config)` rebuilds
+the model) and `export.json` (source, step, stage history, the data's hyper-parameters). Every command reads DIR
+back through the one loader, `synergen_lightning.checkpoint.load_synergen` (`load_model` here).
 """
 
 from __future__ import annotations
@@ -15,7 +15,19 @@ from pathlib import Path
 
 import torch
 
-from synergen_lightning.distributed import check_compatible, load_model_state_dict, read_checkpoint_meta, to_dtype
+from synergen_lightning.checkpoint import (
+    EXPORT_CONFIG,
+    EXPORT_INFO,
+    EXPORT_WEIGHTS,
+    checkpoint_kind,
+    load_synergen,
+    model_hparams,
+    read_checkpoint_meta,
+    read_state_dict,
+)
+from synergen_lightning.distributed import check_compatible, to_dtype
+
+__all__ = ["export", "load_export", "load_model", "read_checkpoint_meta"]
 
 
 def _jsonable(x):
@@ -34,76 +46,49 @@ def export(ckpt: str | Path, out: str | Path, dtype: str | None = None) -> Path:
     from synergen_lightning.system import SynerGenVL
 
     ckpt, out = Path(ckpt), Path(out)
-    if not ckpt.exists():
-        raise FileNotFoundError(f"checkpoint {str(ckpt)!r} does not exist: pass a run's last.ckpt (file or sharded directory)")
+    if checkpoint_kind(ckpt) == "export":
+        raise ValueError(f"{str(ckpt)!r} is already an export directory: load it directly, or pass the run's "
+                         "checkpoint (e.g. runs/tiny/stage1/last.ckpt) to export it again")
     meta = read_checkpoint_meta(ckpt)
-    hp = dict(meta.get("hyper_parameters") or {})
-    if "llm" not in hp:
-        raise ValueError(f"{str(ckpt)!r} has no SynerGenVL hyper_parameters (llm config): is it a SynerGenVL checkpoint?")
-    state = load_model_state_dict(ckpt)
+    hp = model_hparams(ckpt)
+    state = read_state_dict(ckpt)
     # rebuild the model from its config on the meta device (no weights, no tokenizer files needed) to check shapes
-    hp_build = {k: v for k, v in hp.items() if k not in ("init_from", "base_llm", "image_tokenizer", "text_tokenizer")}
     with torch.device("meta"):
-        model = SynerGenVL(**hp_build)
+        model = SynerGenVL(**hp)
     check_compatible(state, model, str(ckpt))
     dt = to_dtype(dtype)
     tensors = {k: (v.to(dt) if dt is not None and v.is_floating_point() else v).contiguous() for k, v in state.items()}
     if model.llm.config.tie_word_embeddings:  # safetensors refuses shared storage: keep one copy
         tensors.pop("llm.lm_head.weight", None)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt", "source": str(ckpt)})
-    (out / "config.json").write_text(json.dumps(_jsonable(hp), indent=2))
-    (out / "export.json").write_text(json.dumps({
+    save_file(tensors, str(out / EXPORT_WEIGHTS), metadata={"format": "pt", "source": str(ckpt)})
+    (out / EXPORT_CONFIG).write_text(json.dumps(_jsonable(hp), indent=2))
+    (out / EXPORT_INFO).write_text(json.dumps({
         "source": str(ckpt), "sharded": ckpt.is_dir(), "global_step": meta.get("global_step"),
         "stage_history": meta.get("synergen_stage_history"), "tensors": len(tensors),
-        "parameters": int(sum(v.numel() for v in tensors.values())), "dtype": dtype or "as trained"}, indent=2))
-    return out / "model.safetensors"
+        "parameters": int(sum(v.numel() for v in tensors.values())), "dtype": dtype or "as trained",
+        "datamodule_hyper_parameters": _jsonable(constructor_args(meta.get("datamodule_hyper_parameters") or {}))},
+        indent=2))
+    return out / EXPORT_WEIGHTS
+
+
+def constructor_args(hparams: dict) -> dict:
+    """Saved hyper-parameters without the CLI's bookkeeping keys (`_class_path`, `_instantiator`, ...)."""
+    return {k: v for k, v in dict(hparams).items() if not str(k).startswith("_")}
 
 
 def load_export(path: str | Path, **overrides):
-    """A SynerGenVL from an export directory (config.json + model.safetensors)."""
-    from safetensors.torch import load_file
-
-    from synergen_lightning.system import SynerGenVL
-
-    path = Path(path)
-    hp = json.loads((path / "config.json").read_text())
-    hp = {k: v for k, v in hp.items() if k not in ("init_from", "base_llm")}
-    hp.update(overrides)
-    model = SynerGenVL(**hp)
-    state = load_file(str(path / "model.safetensors"))
-    if model.llm.config.tie_word_embeddings:
-        state["llm.lm_head.weight"] = state["llm.embed_tokens.weight"]
-    model.load_state_dict({k: v.float() for k, v in state.items()})
-    return model.eval()
+    """A SynerGenVL in eval mode from an export directory (config.json + model.safetensors)."""
+    if checkpoint_kind(path) != "export":
+        raise FileNotFoundError(f"{str(path)!r} is not an export directory (no {EXPORT_WEIGHTS}): write one with "
+                                "`synergen export --ckpt CKPT --out DIR`")
+    return load_synergen(path, **overrides)
 
 
 def load_model(ckpt: str | Path, map_location: str | torch.device = "cpu", **overrides):
-    """A SynerGenVL in eval mode from any checkpoint a run or `synergen export` writes: a single-file `.ckpt`, a
-    sharded FSDP2 checkpoint directory (`.metadata`, `*.distcp`, `meta.pt`: read without a process group), or an
-    export directory (`model.safetensors` + `config.json`). `overrides` replace hyper-parameters (e.g. tokenizer
-    paths). For inference commands that must accept what a multi-process run saved."""
-    from synergen_lightning.distributed import is_sharded_checkpoint, load_sharded_state_dict
-    from synergen_lightning.system import SynerGenVL
-
-    p = Path(ckpt)
-    if p.is_dir() and (p / "model.safetensors").is_file():
-        return load_export(p, **overrides).to(map_location)
-    if is_sharded_checkpoint(p):
-        hp = dict(read_checkpoint_meta(p).get("hyper_parameters") or {})
-        if "llm" not in hp:
-            raise ValueError(f"{str(p)!r} has no SynerGenVL hyper_parameters (llm config): is it a SynerGenVL checkpoint?")
-        hp = {k: v for k, v in hp.items() if k not in ("init_from", "base_llm")}  # weights come from the shards
-        hp.update(overrides)
-        model = SynerGenVL(**hp)
-        state = load_sharded_state_dict(p)
-        check_compatible(state, model, str(p))
-        model.load_state_dict(state)
-        return model.to(map_location).eval()
-    if p.is_file():
-        return SynerGenVL.load_from_checkpoint(p, map_location=map_location, **overrides).eval()
-    raise FileNotFoundError(f"checkpoint {str(p)!r} does not exist or is neither a .ckpt file, a sharded checkpoint "
-                            "directory (with .metadata) nor an export directory (with model.safetensors)")
+    """A SynerGenVL in eval mode from any checkpoint a run or `synergen export` writes (see
+    synergen_lightning/checkpoint.py); `overrides` replace constructor arguments (e.g. tokenizer paths)."""
+    return load_synergen(ckpt, map_location=map_location, **overrides)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="cast floating-point weights (default: as trained, fp32 master weights)")
     args = parser.parse_args(argv)
     path = export(args.ckpt, args.out, args.dtype)
-    info = json.loads((Path(args.out) / "export.json").read_text())
+    info = json.loads((Path(args.out) / EXPORT_INFO).read_text())
     print(f"wrote {path} ({info['tensors']} tensors, {info['parameters']:,} parameters, step {info['global_step']}) "
           f"and {Path(args.out) / 'config.json'}")
     return 0

@@ -220,20 +220,16 @@ def answer(model, images, questions: list[str] | str, max_new_tokens: int = 32, 
 
 # ---------------------------------------------------------------------------------------- CLI
 def _load(ckpt: str, device: str, text_tokenizer: str | None, image_tokenizer: str | None):
-    # a .ckpt file, a sharded FSDP2 directory (what a multi-process run saves) or an export directory
-    from synergen_lightning.export import load_model
+    # a .ckpt file (one process, DDP), a sharded FSDP2 directory or an export directory: the one loader reads all
+    from synergen_lightning.checkpoint import load_synergen
 
     if not Path(ckpt).exists():
         raise SystemExit(f"--ckpt {ckpt!r} does not exist: train one with `make sft` (or pass runs/.../last.ckpt)")
+    overrides = {k: v for k, v in (("text_tokenizer", text_tokenizer), ("image_tokenizer", image_tokenizer)) if v}
     try:
-        model = load_model(ckpt, map_location=device)
+        return load_synergen(ckpt, map_location=device, **overrides)
     except FileNotFoundError as e:
         raise SystemExit(f"--ckpt: {e}") from None
-    if text_tokenizer:
-        model.hparams.text_tokenizer = text_tokenizer
-    if image_tokenizer:
-        model.hparams.image_tokenizer = image_tokenizer
-    return model.to(device).eval()
 
 
 def _common(p: argparse.ArgumentParser) -> None:

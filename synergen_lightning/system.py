@@ -438,10 +438,10 @@ class SynerGenVL(LightningModule):
             if not path.exists():
                 raise FileNotFoundError(f"init_from {str(path)!r} does not exist: train the previous stage first "
                                         f"(e.g. `make stage1`) or fix model.init_from")
-            from synergen_lightning.distributed import load_model_state_dict
+            from synergen_lightning.checkpoint import read_state_dict
 
             self._check_init_from_geometry(path)
-            state = load_model_state_dict(path)  # a .ckpt file or a sharded (FSDP2 / DCP) checkpoint directory
+            state = read_state_dict(path)  # a .ckpt file, a sharded (FSDP2) checkpoint directory or an export
             result = self.load_state_dict(state, strict=False)
             if result.missing_keys or result.unexpected_keys:
                 raise ValueError(f"init_from {str(path)!r} does not match this model: missing {result.missing_keys[:5]}, "
@@ -482,9 +482,9 @@ class SynerGenVL(LightningModule):
     GEOMETRY_HPARAMS = ("fold", "image_size", "downsample", "codebook_size")
 
     def _check_init_from_geometry(self, path: Path) -> None:
-        if not path.is_file():  # sharded directories carry no hyper-parameters; their shapes are still checked
-            return
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        from synergen_lightning.checkpoint import read_checkpoint_meta
+
+        ckpt = read_checkpoint_meta(path)
         step, of = ckpt.get("global_step"), ckpt.get("synergen_max_steps")
         if isinstance(step, int) and isinstance(of, int) and 0 < of and step < of:
             # e.g. the mid-run last.ckpt of a stage that was stopped: legitimate on purpose (a step-* ablation), never
@@ -617,6 +617,21 @@ class SynerGenVL(LightningModule):
         if history:
             self.stage_history = [(int(s), str(n)) for s, n in history]
             apply_stage(self, self.stage_history[-1][1])
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
+                             weights_only=None, **kwargs):
+        """The model of any checkpoint `synergen fit` or `synergen export` writes, in eval mode: a single-file
+        `.ckpt` (one process, DDP), a sharded FSDP2 directory or an export directory (synergen_lightning/checkpoint.py).
+        Keyword arguments override constructor arguments (e.g. `text_tokenizer`); the weights come from the checkpoint."""
+        from synergen_lightning.checkpoint import load_synergen
+
+        if hparams_file is not None:
+            raise ValueError(f"hparams_file={str(hparams_file)!r}: a SynerGenVL checkpoint carries its own "
+                             "hyper-parameters; pass overrides as keyword arguments (e.g. text_tokenizer=...)")
+        return load_synergen(checkpoint_path, map_location="cpu" if map_location is None else map_location, cls=cls,
+                             strict=True if strict is None else strict, **kwargs)
 
     # ------------------------------------------------------------------ inference (generation.py)
     def generate_images(self, prompts, num: int = 1, cfg_scale: float = 7.5, temperature: float = 1.0,

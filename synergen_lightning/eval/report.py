@@ -58,12 +58,10 @@ def check_system_checkpoint(path: str | Path) -> dict:
 
 def _check_system_directory(p: Path) -> dict:
     """{"hyper_parameters": ...} of a sharded checkpoint or export directory holding a SynerGenVL."""
+    from synergen_lightning.checkpoint import read_checkpoint_meta
     from synergen_lightning.distributed import is_sharded_checkpoint
-    from synergen_lightning.export import read_checkpoint_meta
 
-    if (p / "model.safetensors").is_file() and (p / "config.json").is_file():
-        hp = json.loads((p / "config.json").read_text())
-    elif is_sharded_checkpoint(p):
+    if ((p / "model.safetensors").is_file() and (p / "config.json").is_file()) or is_sharded_checkpoint(p):
         hp = dict(read_checkpoint_meta(p).get("hyper_parameters") or {})
     else:
         raise EvalInputError(f"--ckpt {str(p)!r} is a directory but neither a sharded checkpoint (.metadata) nor an "
@@ -76,11 +74,11 @@ def _check_system_directory(p: Path) -> dict:
 
 def load_system(path: str | Path, device: str = "cpu", text_tokenizer: str | None = None,
                 image_tokenizer: str | None = None):
-    from synergen_lightning.export import load_model
+    from synergen_lightning.checkpoint import load_synergen
 
     check_system_checkpoint(path)
     overrides = {k: v for k, v in (("text_tokenizer", text_tokenizer), ("image_tokenizer", image_tokenizer)) if v}
-    return load_model(path, map_location=device, **overrides).to(device).eval()
+    return load_synergen(path, map_location=device, **overrides)
 
 
 # ---------------------------------------------------------------------------------------- inputs

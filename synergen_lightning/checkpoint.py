@@ -1,0 +1,145 @@
+"""Reading SynerGenVL checkpoints: the one loader behind every command and `SynerGenVL.load_from_checkpoint`.
+
+It reads every form a run or `synergen export` writes:
+
+- a single-file `.ckpt`: what a one-process or a DDP run saves (rank 0 writes the whole model);
+- a sharded checkpoint directory: what an FSDP2 run saves (Lightning DCP: `.metadata`, `*.distcp`, `meta.pt`),
+  read without a process group;
+- an export directory: `model.safetensors` + `config.json` (+ `export.json`), what `synergen export` writes.
+
+The model is rebuilt from the saved hyper-parameters, keeping only the arguments its constructor takes:
+`synergen fit` (LightningCLI) adds bookkeeping keys of its own (`_class_path`, `_instantiator`, any `_...`), and a
+key a newer or older version saved but this constructor does not know is not an argument either.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import torch
+
+EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_INFO = "model.safetensors", "config.json", "export.json"
+
+
+def checkpoint_kind(path: str | Path) -> str:
+    """'file', 'sharded' or 'export'; a one-line FileNotFoundError naming the path and the forms otherwise."""
+    from synergen_lightning.distributed import is_sharded_checkpoint
+
+    p = Path(path)
+    if p.is_file():
+        return "file"
+    if is_sharded_checkpoint(p):
+        return "sharded"
+    if p.is_dir() and (p / EXPORT_WEIGHTS).is_file():
+        return "export"
+    what = "does not exist" if not p.exists() else "is neither a .ckpt file, a sharded checkpoint directory (with " \
+                                                   ".metadata) nor an export directory (with model.safetensors)"
+    raise FileNotFoundError(f"checkpoint {str(p)!r} {what}: pass a run's last.ckpt (file or sharded directory, e.g. "
+                            "runs/tiny/sft/last.ckpt) or a `synergen export` directory")
+
+
+def read_checkpoint_meta(path: str | Path) -> dict:
+    """The non-tensor part of any checkpoint: `hyper_parameters`, `global_step`, `synergen_stage_history`,
+    `datamodule_hyper_parameters` (where the run had them), without the weights or optimizer state."""
+    p = Path(path)
+    kind = checkpoint_kind(p)
+    if kind == "export":
+        info = json.loads((p / EXPORT_INFO).read_text()) if (p / EXPORT_INFO).is_file() else {}
+        if not (p / EXPORT_CONFIG).is_file():
+            raise FileNotFoundError(f"export {str(p)!r} has {EXPORT_WEIGHTS} but no {EXPORT_CONFIG}: export the "
+                                    "checkpoint again with `synergen export --ckpt CKPT --out DIR`")
+        return {"hyper_parameters": json.loads((p / EXPORT_CONFIG).read_text()), "global_step": info.get("global_step"),
+                "synergen_stage_history": info.get("stage_history"),
+                "datamodule_hyper_parameters": info.get("datamodule_hyper_parameters") or {}}
+    if kind == "sharded":
+        return torch.load(p / "meta.pt", map_location="cpu", weights_only=False)
+    ckpt = _load_file(p)
+    return {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer_states")}
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The full model weights of any checkpoint, on CPU (tied LM-head weights restored for exports)."""
+    from synergen_lightning.distributed import load_sharded_state_dict
+
+    p = Path(path)
+    kind = checkpoint_kind(p)
+    if kind == "sharded":
+        return load_sharded_state_dict(p)
+    if kind == "export":
+        from safetensors.torch import load_file
+
+        state = load_file(str(p / EXPORT_WEIGHTS))
+        llm = (read_checkpoint_meta(p)["hyper_parameters"] or {}).get("llm") or {}
+        if llm.get("tie_word_embeddings") and "llm.lm_head.weight" not in state:
+            state["llm.lm_head.weight"] = state["llm.embed_tokens.weight"]  # safetensors keeps one copy
+        return state
+    ckpt = _load_file(p)
+    if not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{str(p)!r} has no state_dict: not a Lightning checkpoint; pass a run's last.ckpt")
+    return ckpt["state_dict"]
+
+
+def _load_file(p: Path) -> dict:
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=False, mmap=True)  # mmap: a 2B checkpoint is not copied
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ValueError(f"{str(p)!r} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc}); pass a "
+                         "run's last.ckpt") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{str(p)!r} holds a {type(ckpt).__name__}, not a Lightning checkpoint; pass a run's last.ckpt")
+    return ckpt
+
+
+def constructor_kwargs(cls: type, hparams: dict) -> dict:
+    """The saved hyper-parameters that are arguments of `cls.__init__`: bookkeeping keys (`_class_path`,
+    `_instantiator`, anything starting with `_`) and keys the constructor does not take are left out."""
+    params = inspect.signature(cls.__init__).parameters.values()
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+    any_kw = any(p.kind == p.VAR_KEYWORD for p in params)
+    return {k: v for k, v in hparams.items() if not str(k).startswith("_") and (any_kw or k in named)}
+
+
+def model_hparams(path: str | Path, cls: type | None = None) -> dict:
+    """The constructor arguments a checkpoint's model was built with; a one-line error for another kind of model."""
+    cls = cls or _synergen_class()
+    hp = dict(read_checkpoint_meta(path).get("hyper_parameters") or {})
+    if "llm" not in hp:
+        raise ValueError(f"{str(path)!r} has no SynerGenVL hyper_parameters (llm config): pass a SynerGenVL "
+                         "checkpoint (e.g. runs/tiny/sft/last.ckpt), not a base-LLM or image-tokenizer one")
+    return constructor_kwargs(cls, hp)
+
+
+def load_synergen(path: str | Path, map_location: str | torch.device | None = "cpu", cls: type | None = None,
+                  strict: bool = True, **overrides):
+    """A SynerGenVL (or `cls`) in eval mode from any checkpoint form (module docstring). `overrides` replace
+    constructor arguments (e.g. `text_tokenizer`, `image_tokenizer` paths); the weights always come from `path`."""
+    from synergen_lightning.distributed import check_compatible
+
+    cls = cls or _synergen_class()
+    path = Path(path)
+    meta = read_checkpoint_meta(path)
+    kwargs = model_hparams(path, cls)
+    unknown = sorted(set(overrides) - set(constructor_kwargs(cls, overrides)))
+    if unknown:
+        raise ValueError(f"{unknown} are not {cls.__name__} arguments: override constructor arguments only "
+                         "(e.g. text_tokenizer, image_tokenizer)")
+    kwargs.update(overrides)
+    model = cls(**kwargs)
+    state = read_state_dict(path)
+    if strict:
+        check_compatible(state, model, str(path))
+    model.load_state_dict(state, strict=strict)
+    history = meta.get("synergen_stage_history")
+    if history and hasattr(model, "on_load_checkpoint"):
+        model.on_load_checkpoint({"synergen_stage_history": history})
+    if isinstance(map_location, (str, torch.device)):
+        model = model.to(map_location)
+    return model.eval()
+
+
+def _synergen_class() -> type:
+    from synergen_lightning.system import SynerGenVL
+
+    return SynerGenVL

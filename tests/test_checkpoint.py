@@ -1,0 +1,81 @@
+"""The one checkpoint loader (synergen_lightning/checkpoint.py), in process: every form a run or `synergen export`
+writes, with the bookkeeping keys LightningCLI adds to `hyper_parameters`. The same path through the `synergen`
+command, for one process, DDP and FSDP2, is tests/test_user_paths.py."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from synergen_lightning.checkpoint import constructor_kwargs, load_synergen, read_checkpoint_meta
+from synergen_lightning.export import export
+from synergen_lightning.system import SynerGenVL
+from tests.test_system_helpers import make_batch, tiny_model
+
+# what LightningCLI (`synergen fit`) puts into every checkpoint's hyper_parameters besides the model's arguments
+CLI_KEYS = {"_class_path": "synergen_lightning.system.SynerGenVL",
+            "_instantiator": "lightning.pytorch.cli.instantiate_module", "_future_bookkeeping": 1}
+
+
+def _cli_like_checkpoint(tmp_path, model: SynerGenVL, **extra_hp):
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.strategy.connect(model)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["hyper_parameters"].update(CLI_KEYS, **extra_hp)
+    torch.save(ckpt, path)
+    return path
+
+
+def _logits(model: SynerGenVL) -> torch.Tensor:
+    with torch.no_grad():
+        return model.llm.forward_ids(make_batch(["text", "text"], seed=5)["input_ids"])
+
+
+def test_constructor_kwargs_keep_only_the_constructors_arguments():
+    hp = {"llm": {}, "image_size": 16, "_class_path": "x", "_instantiator": "y", "_anything": 1, "no_such_arg": 2}
+    assert constructor_kwargs(SynerGenVL, hp) == {"llm": {}, "image_size": 16}
+
+
+def test_every_form_loads_the_same_model_through_every_entry_point(tmp_path):
+    """A CLI-written .ckpt (with `_class_path`, `_instantiator`, `_...` and a key this version does not know), its
+    export, and both through `load_synergen` and `SynerGenVL.load_from_checkpoint`: the same logits, eval mode,
+    the stage history restored."""
+    model = tiny_model(stage="stage1")
+    model.stage_history = [(0, "stage1"), (3, "stage2")]
+    ckpt = _cli_like_checkpoint(tmp_path, model, key_of_another_version=7)
+    expected = _logits(model)
+    export(ckpt, tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert not [k for k in config if k.startswith("_")] and "key_of_another_version" not in config
+    for source in (ckpt, tmp_path / "export"):
+        for loaded in (load_synergen(source), SynerGenVL.load_from_checkpoint(source)):
+            assert not loaded.training
+            assert loaded.stage_history == [(0, "stage1"), (3, "stage2")]
+            torch.testing.assert_close(_logits(loaded), expected, atol=0, rtol=0, msg=str(source))
+    assert read_checkpoint_meta(tmp_path / "export")["global_step"] == 0
+
+
+def test_overrides_replace_constructor_arguments_and_unknown_ones_are_refused(tmp_path):
+    ckpt = _cli_like_checkpoint(tmp_path, tiny_model(stage="stage1"))
+    assert load_synergen(ckpt, text_tokenizer="elsewhere/tok").hparams.text_tokenizer == "elsewhere/tok"
+    with pytest.raises(ValueError, match=r"\['no_such_arg'\] are not SynerGenVL arguments"):
+        load_synergen(ckpt, no_such_arg=1)
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"'.*nope' does not exist: pass a run's last.ckpt"):
+        load_synergen(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="neither a .ckpt file, a sharded checkpoint directory"):
+        load_synergen(tmp_path)
+    (tmp_path / "junk.ckpt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="'.*junk.ckpt' is not a readable PyTorch checkpoint"):
+        load_synergen(tmp_path / "junk.ckpt")
+    torch.save({"hyper_parameters": {"config": {}}, "state_dict": {}}, tmp_path / "llm.ckpt")
+    with pytest.raises(ValueError, match="has no SynerGenVL hyper_parameters"):
+        load_synergen(tmp_path / "llm.ckpt")
