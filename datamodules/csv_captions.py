@@ -29,6 +29,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.mixed import _load_tokenizer, follow_model, unset_view_args
 from synergen_lightning.data.batch import collate
 from synergen_lightning.data.sequences import BuiltSample, SequenceBuilder
 from synergen_lightning.data.sources import SkipCounter, SkipSample
@@ -120,8 +121,8 @@ class CsvCaptionDataModule(L.LightningDataModule):
     Args:
         root: folder holding `captions.csv` and the images it names.
         tokenizer: TextTokenizer directory (the base LLM's), or a tokenizer object.
-        tokens_per_view: folded LLM tokens per image, `(image_size/downsample)^2 / (m*n)`.
-        image_size: side of the generation view (resize + center crop, `data/views.py`).
+        tokens_per_view: folded LLM tokens per image, `(image_size/downsample)^2 / (m*n)`; unset: the model's.
+        image_size: side of the generation view (resize + center crop, `data/views.py`); unset: the model's.
         batch_size: rows per batch.
         val_root: optional folder with its own `captions.csv` for validation (no CFG dropout, no shuffle).
         max_seq_len: rows longer than this are skipped (`too_long`; an image is never cut).
@@ -131,11 +132,14 @@ class CsvCaptionDataModule(L.LightningDataModule):
         file_column / caption_column: the CSV header names.
     """
 
-    def __init__(self, root: str, tokenizer: Any, tokens_per_view: int, image_size: int, batch_size: int = 8,
+    def __init__(self, root: str, tokenizer: Any, tokens_per_view: int | None = None, image_size: int | None = None,
+                 batch_size: int = 8,
                  val_root: str | None = None, max_seq_len: int = 2048, cfg_dropout: float = 0.1, num_workers: int = 2,
                  seed: int = 0, file_column: str = "file", caption_column: str = "caption"):
         super().__init__()
-        self.save_hyperparameters(ignore=["tokenizer"] if not isinstance(tokenizer, str) else None)
+        self.save_hyperparameters(ignore=(["tokenizer"] if not isinstance(tokenizer, str) else [])
+                                  + unset_view_args(image_size, tokens_per_view))
+        self._view_args = (image_size, tokens_per_view)  # None: the model's, at setup
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
         self._tokenizer_arg = tokenizer
@@ -148,11 +152,10 @@ class CsvCaptionDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self._ready:
             return
-        from datamodules.mixed import _load_tokenizer
-
         hp = self.hparams
         self.tokenizer = _load_tokenizer(self._tokenizer_arg)
-        kw = dict(tokens_per_view=hp.tokens_per_view, image_size=hp.image_size, max_seq_len=hp.max_seq_len, seed=hp.seed)
+        self.image_size, self.tokens_per_view = follow_model(self, *self._view_args)
+        kw = dict(tokens_per_view=self.tokens_per_view, image_size=self.image_size, max_seq_len=hp.max_seq_len, seed=hp.seed)
         self.builder = SequenceBuilder(self.tokenizer, cfg_dropout=hp.cfg_dropout, **kw)
         counter = SkipCounter()
         rows = read_captions(Path(hp.root), counter, hp.file_column, hp.caption_column)

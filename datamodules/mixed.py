@@ -47,6 +47,35 @@ def _load_tokenizer(tokenizer: Any):
     return TextTokenizer(tokenizer)
 
 
+VIEW_ARGS = ("image_size", "tokens_per_view")  # the data's view geometry, the model's by default
+
+
+def unset_view_args(image_size: int | None, tokens_per_view: int | None) -> list[str]:
+    """The view arguments a recipe left unset: they are no hyper-parameter of the DataModule (they follow the
+    model), so Lightning finds no second, different `image_size` beside the model's when it logs both."""
+    return [name for name, v in zip(VIEW_ARGS, (image_size, tokens_per_view)) if v is None]
+
+
+def follow_model(datamodule: L.LightningDataModule, image_size: int | None,
+                 tokens_per_view: int | None) -> tuple[int, int]:
+    """(image_size, tokens_per_view) of the data: the values the recipe gives, else the model's (the LightningModule
+    of the DataModule's Trainer), so a data recipe need not repeat the model's view geometry. A value the recipe
+    gives and the model disagrees with is refused by `SynerGenVL.setup`, before training."""
+    if image_size is None or tokens_per_view is None:
+        trainer = getattr(datamodule, "trainer", None)
+        model = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        if image_size is None and model is not None:
+            image_size = (getattr(model, "hparams", None) or {}).get("image_size")
+        if tokens_per_view is None and model is not None:
+            tokens_per_view = getattr(model, "tokens_per_view", None)
+    missing = unset_view_args(image_size, tokens_per_view)
+    if missing:
+        raise ValueError(f"{type(datamodule).__name__}: {' and '.join(missing)} unset and no model to take them from: "
+                         f"set data.init_args.{missing[0]} (the model's view side in pixels / folded tokens per view), "
+                         "or let `synergen fit` (a Trainer with a SynerGenVL) set them up")
+    return int(image_size), int(tokens_per_view)
+
+
 def batch_as_is(batch: dict) -> dict:
     """The streams yield finished batches (`collate`); the DataLoader's default `default_convert` would
     only walk every key and list again (~0.3 ms a batch on the pretokenized path)."""
@@ -200,8 +229,8 @@ class MixedDataModule(L.LightningDataModule):
             `caption_ext`, `caption_field`, `prompt`, `qa_field`, `question_key`, `answer_key`, `qa_kinds`, `pairs_per_sample`,
             `conversations_field`, `text_field`.
         tokenizer: a TextTokenizer directory, or a tokenizer object.
-        tokens_per_view: folded LLM tokens per image view, `(image_size/downsample)^2 / (m*n)`.
-        image_size: view side in pixels (generation crop and understanding tile).
+        tokens_per_view: folded LLM tokens per image view, `(image_size/downsample)^2 / (m*n)`; unset: the model's.
+        image_size: view side in pixels (generation crop and understanding tile); unset: the model's.
         batch_size: per-task rows per batch, e.g. `{generation: 8, understanding: 8, text: 4}`; only tasks
             with sources are used.
         max_seq_len: longest row; text and answers are truncated, a sample whose image would be cut is skipped.
@@ -219,14 +248,15 @@ class MixedDataModule(L.LightningDataModule):
         prefetch_factor: batches prefetched per worker.
     """
 
-    def __init__(self, sources: list[dict], tokenizer: Any, tokens_per_view: int, image_size: int,
-                 batch_size: dict[str, int] | None = None, max_seq_len: int = 2048, steps_per_epoch: int = 1000,
+    def __init__(self, sources: list[dict], tokenizer: Any, tokens_per_view: int | None = None,
+                 image_size: int | None = None, batch_size: dict[str, int] | None = None, max_seq_len: int = 2048, steps_per_epoch: int = 1000,
                  val_sources: list[dict] | None = None, val_max_batches: int | None = None, num_workers: int = 0,
                  shuffle_buffer: int = 1000, seed: int = 0, max_tiles: int = 1, thumbnail: bool = False,
                  min_tiles: int = 1, cfg_dropout: float = 0.1, supervise_generation_text: bool = False,
                  image_input: str = "auto", prefetch_factor: int = 2):
         super().__init__()
-        self.save_hyperparameters(ignore=["tokenizer"] if not isinstance(tokenizer, str) else None)
+        self.save_hyperparameters(ignore=(["tokenizer"] if not isinstance(tokenizer, str) else [])
+                                  + unset_view_args(image_size, tokens_per_view))
         if not sources:
             raise ValueError("sources is empty; list at least one {name, urls, task} source")
         self.sources = [SourceSpec.from_dict(d, i) for i, d in enumerate(sources)]
@@ -250,7 +280,8 @@ class MixedDataModule(L.LightningDataModule):
         self.skipped: Counter = Counter()
         self._logged_reasons: set[str] = set()
         self._state = {"epoch": 0, "batches": 0, "lanes": {}, "num_workers": max(1, self.num_workers)}
-        self._builder_kwargs = dict(tokens_per_view=tokens_per_view, image_size=image_size, max_seq_len=max_seq_len,
+        self._view_args = (image_size, tokens_per_view)  # None: the model's, at setup
+        self._builder_kwargs = dict(max_seq_len=max_seq_len,
                                     max_tiles=max_tiles, thumbnail=thumbnail, min_tiles=min_tiles, seed=seed,
                                     supervise_generation_text=supervise_generation_text)
         from synergen_lightning.data.views import tile_grids
@@ -268,6 +299,8 @@ class MixedDataModule(L.LightningDataModule):
         for src in self.sources + self.val_specs:
             src.resolve()
         self.tokenizer = _load_tokenizer(self._tokenizer_arg)
+        self.image_size, self.tokens_per_view = follow_model(self, *self._view_args)
+        self._builder_kwargs.update(image_size=self.image_size, tokens_per_view=self.tokens_per_view)
         hp = self.hparams
         use_codes = self._resolve_image_input(hp.image_input)
         self.use_codes = use_codes

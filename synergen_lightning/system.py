@@ -420,6 +420,7 @@ class SynerGenVL(LightningModule):
         parallelize(self, dp, **getattr(strategy, "parallelize_kwargs", {}))
 
     def setup(self, stage: str) -> None:
+        self._check_data_geometry()
         if stage != "fit":
             return
         spec = get_stage(self.stage)
@@ -457,6 +458,23 @@ class SynerGenVL(LightningModule):
             rank_zero_info(f"{stage}: trunk initialised from base LLM {hp.base_llm}")
         if hp.get("code_embed_init", "random") == "codebook":
             self.init_code_embed_from_tokenizer()
+
+    def _check_data_geometry(self) -> None:
+        """The DataModule's view side and folded tokens per view, where its recipe sets them, must be the model's:
+        otherwise every batch has the wrong number of image slots, or views of another scale (or Lightning stops
+        later, when it logs both hyper-parameters). A DataModule that leaves them unset follows the model."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        theirs = getattr(dm, "hparams", None) or {}
+        mine = {"image_size": int(self.hparams.image_size), "tokens_per_view": int(self.tokens_per_view)}
+        why = {"image_size": f"the model reads {mine['image_size']}-px views",
+               "tokens_per_view": f"the model folds each view into {mine['tokens_per_view']} tokens ((image_size "
+                                  f"{mine['image_size']} / downsample {self.hparams.downsample})^2 / fold "
+                                  f"{self.fold_size[0]}x{self.fold_size[1]})"}
+        for key, value in mine.items():
+            if theirs.get(key) is not None and int(theirs[key]) != value:
+                raise ValueError(f"data.init_args.{key} {theirs[key]} does not match the model's {key} {value} "
+                                 f"({why[key]}): remove {key} from the data recipe (the data then follows the model) "
+                                 f"or set it to {value}")
 
     def _check_data_tokenizer(self) -> None:
         """The DataModule's text tokenizer must be the model's: same token -> id map. Otherwise the data's ids index

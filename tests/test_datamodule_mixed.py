@@ -244,3 +244,21 @@ def test_val_sources_take_turns_so_a_batch_cap_sees_every_task(world):
     assert len(keys([b for b, t in zip(batches, tasks) if t == {"understanding"}])) == 10  # every sample, once
     capped = list(make_dm(world, val_sources=src, val_max_batches=2).val_dataloader())
     assert [set(b["task"]) for b in capped] == [{"generation"}, {"understanding"}]
+
+
+def test_view_geometry_follows_the_model_when_the_recipe_leaves_it_out(world):
+    """No image_size / tokens_per_view in the recipe: the DataModule takes the model's at setup (and keeps them out
+    of its hyper-parameters, where Lightning would find a second image_size beside the model's)."""
+    from types import SimpleNamespace
+
+    from tests.test_system_helpers import tiny_model
+
+    model = tiny_model(image_size=16, downsample=4, fold=(2, 2))  # 4x4 codes -> 4 folded tokens
+    dm = MixedDataModule(sources=[dict(name="gen", urls=f"{world}/train/*.tar", task="generation")],
+                         tokenizer=str(world / "tok"), batch_size={"generation": 2}, steps_per_epoch=1)
+    assert "image_size" not in dm.hparams and "tokens_per_view" not in dm.hparams
+    dm.trainer = SimpleNamespace(lightning_module=model)
+    dm.setup("fit")
+    assert (dm.image_size, dm.tokens_per_view) == (16, model.tokens_per_view) == (16, 4)
+    batch = run(dm, 1)[0]
+    assert batch["pixel_values"].shape[-2:] == (16, 16) and batch["image_mask"].sum(1).tolist() == [4, 4]

@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from PIL import Image
 
 from datamodules.csv_captions import CsvCaptionDataModule
 from synergen_lightning.cli import main as synergen
+from tests.tiny_world import make_tiny_world, project_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red circle", "two blue squares", "a green triangle", "a yellow square on the left", "one small red square"]
@@ -143,8 +145,8 @@ def test_synergen_fit_stage1_on_a_csv_folder(tmp_path, monkeypatch):
     # the user's recipe, as in the docs; batch_size = every row, so each step (= one epoch) meets the corrupt file
     Path("my_data.yaml").write_text(yaml.safe_dump({"data": {
         "class_path": "datamodules.csv_captions.CsvCaptionDataModule",
-        "init_args": {"root": "my_images", "tokenizer": "runs/tiny/text_tokenizer", "tokens_per_view": 16,
-                      "image_size": 128, "batch_size": 6, "num_workers": 0}}}))
+        "init_args": {"root": "my_images", "tokenizer": "runs/tiny/text_tokenizer", "batch_size": 6,
+                      "num_workers": 0}}}))  # image_size, tokens_per_view: the model's
     # the tiny recipe's evaluator / sample-grid callbacks read the shape world (data/tiny); keep the rest
     Path("quick.yaml").write_text(yaml.safe_dump({"trainer": {
         "max_steps": 2, "log_every_n_steps": 1, "enable_progress_bar": False, "limit_val_batches": 0,
@@ -165,3 +167,86 @@ def test_synergen_fit_stage1_on_a_csv_folder(tmp_path, monkeypatch):
     with open("logs/csv/metrics.csv") as f:
         losses = [float(r["train/loss_image"]) for r in csv.DictReader(f) if r.get("train/loss_image")]
     assert len(losses) == 2 and all(math.isfinite(x) and x > 0 for x in losses)
+
+
+# ---------------------------------------------------------------------------------------------- the doc, as written
+def _documented_example() -> tuple[dict, list[str]]:
+    """docs/plugging_data.md's `recipes/my_data.yaml` and its `synergen fit` line."""
+    doc = (ROOT / "docs/plugging_data.md").read_text()
+    recipe = yaml.safe_load(next(b for b in re.findall(r"```yaml\n(.*?)```", doc, re.S) if "csv_captions" in b))
+    command = next(line for b in re.findall(r"```bash\n(.*?)```", doc, re.S) for line in b.splitlines()
+                   if line.startswith("synergen fit") and "my_data.yaml" in line)
+    return recipe, shlex.split(command)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return make_tiny_world(tmp_path_factory.mktemp("world"), num_samples=40)
+
+
+def _project(world: Path, path: Path, monkeypatch, **data_args) -> list[str]:
+    """A project as the doc sets it up: the tiny runs, `data/tiny`, an image folder, the doc's recipe at the path its
+    command names (its `root` pointed at the folder, plus `data_args`); returns the doc's argv, 2 steps instead of 100."""
+    project_dir(world, path)
+    (path / "recipes").mkdir()
+    (path / "recipes/tiny").symlink_to(ROOT / "recipes/tiny")
+    monkeypatch.chdir(path)
+    for var in [v for v in os.environ if v.startswith("SYNERGEN_")]:
+        monkeypatch.delenv(var)
+    _write_folder(path / "my_images")
+    recipe, argv = _documented_example()
+    recipe["data"]["init_args"].update(root=str(path / "my_images"), **data_args)
+    user_recipe = next(a for a in argv if a.endswith("my_data.yaml"))
+    Path(user_recipe).write_text(yaml.safe_dump(recipe))
+    assert argv[:2] == ["synergen", "fit"] and "--trainer.max_steps" in argv
+    argv[argv.index("--trainer.max_steps") + 1] = "2"
+    return argv[1:]
+
+
+def test_the_documented_example_runs_as_written(world, tmp_path, monkeypatch):
+    """docs/plugging_data.md's recipe and command, word for word but for the image folder and 2 steps, with the
+    recipe's logger, checkpoints and callbacks: the CSV folder trains the tiny stage-1 model at the model's views."""
+    args = _project(world, tmp_path / "project", monkeypatch)
+    assert synergen(args) == 0
+    ckpt = torch.load("runs/tiny/stage1/last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2
+    assert ckpt["CsvCaptionDataModule"]["skipped"]["missing_image"] == 1
+    logged = yaml.safe_load(Path("runs/tiny/stage1/hparams.yaml").read_text())  # the logger merged both hparams
+    assert logged["image_size"] == ckpt["hyper_parameters"]["image_size"] and logged["root"].endswith("my_images")
+    assert list(Path("runs/tiny/stage1").glob("events.out.tfevents.*"))
+
+
+def test_data_that_disagrees_with_the_model_stops_before_training(world, tmp_path, monkeypatch, capsys):
+    """The doc's recipe with an image_size of its own: one line naming both values and the fix, exit 2, no step."""
+    args = _project(world, tmp_path / "project", monkeypatch, image_size=48)
+    assert synergen(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(r"synergen fit: error: data.init_args.image_size 48 does not match the model's image_size "
+                        r"\d+ \(the model reads \d+-px views\): remove image_size from the data recipe \(the data "
+                        r"then follows the model\) or set it to \d+", err[0]), err
+    assert not Path("runs/tiny/stage1/last.ckpt").exists()
+
+
+def test_view_geometry_needs_a_model_or_the_recipes_values(tmp_path):
+    _write_folder(tmp_path / "imgs")
+    _tiny_tokenizer(tmp_path / "tok")
+    with pytest.raises(ValueError, match=r"CsvCaptionDataModule: image_size and tokens_per_view unset and no model "
+                                         r"to take them from: set data.init_args.image_size"):
+        CsvCaptionDataModule(root=str(tmp_path / "imgs"), tokenizer=str(tmp_path / "tok")).setup()
+    dm = CsvCaptionDataModule(root=str(tmp_path / "imgs"), tokenizer=str(tmp_path / "tok"), image_size=32,
+                              tokens_per_view=4, num_workers=0)
+    dm.setup()
+    assert (dm.image_size, dm.tokens_per_view) == (32, 4)
+
+
+def test_tokens_per_view_that_disagrees_with_the_model_is_named_with_its_formula():
+    from types import SimpleNamespace
+
+    from tests.test_system_helpers import tiny_model
+
+    model = tiny_model(image_size=16, downsample=4, fold=(2, 2))
+    model.trainer = SimpleNamespace(datamodule=SimpleNamespace(hparams={"image_size": 16, "tokens_per_view": 16}))
+    with pytest.raises(ValueError, match=r"data.init_args.tokens_per_view 16 does not match the model's tokens_per_view "
+                                         r"4 \(the model folds each view into 4 tokens \(\(image_size 16 / downsample 4\)"
+                                         r"\^2 / fold 2x2\)\): remove tokens_per_view from the data recipe"):
+        model.setup("fit")
