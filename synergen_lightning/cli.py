@@ -69,6 +69,20 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     class SynerGenCLI(LightningCLI):
+        def instantiate_trainer(self, **kwargs):
+            # a recipe that keeps the progress bar on and names none gets the step-counting one (callbacks/progress.py)
+            from lightning.pytorch.callbacks import ProgressBar
+
+            from callbacks.progress import default_progress_bar
+
+            config = self._get(self.config_init, "trainer", default={}) or {}
+            given = config.get("callbacks") or []
+            given = list(given) if isinstance(given, (list, tuple)) else [given]
+            if "callbacks" not in kwargs and config.get("enable_progress_bar") is not False \
+                    and not any(isinstance(c, ProgressBar) for c in given):
+                kwargs["callbacks"] = given + [default_progress_bar()]
+            return super().instantiate_trainer(**kwargs)
+
         def before_fit(self) -> None:
             # a sharded (directory) checkpoint only loads under FSDP2; say so instead of an IsADirectoryError
             ckpt = self.config[self.subcommand].get("ckpt_path")
