@@ -2,7 +2,7 @@
 is bounded by `max_steps`.
 
 Lightning's `RichProgressBar` writes `Epoch {epoch}/{max_epochs - 1}`; a run bounded by `max_steps` alone has
-`max_epochs = -1` there, so every tiny recipe's bar read `Epoch 0/-2`. `StepProgressBar` writes
+`max_epochs = -1` there, which that bar shows as `Epoch 0/-2`. `StepProgressBar` writes
 `Epoch 0 · step 37/400` in that case (epochs of a streaming DataModule are a bookkeeping unit, steps are the run's
 length) and Lightning's `Epoch 0/9` when epochs bound the run. `synergen fit` adds it whenever the recipe keeps the
 progress bar on and names none of its own (synergen_lightning/cli.py).
