@@ -6,8 +6,11 @@ processes and FSDP2 over 2 processes, on a miniature shape world with the shippe
 
 and the exported model's logits equal the checkpoint's. A one-process or DDP run writes a single-file `last.ckpt`
 whose `hyper_parameters` carry LightningCLI's own keys (`_class_path`, `_instantiator`); an FSDP2 run writes a
-sharded `last.ckpt/` directory. Each command is a few steps or items: the whole file runs in about two minutes on
-2 cores (the commands' start-up, ~5 s each, is most of it).
+sharded `last.ckpt/` directory.
+
+Each command is a few steps or items; the start-up of a command (~5 s of imports) is most of the cost. The three
+modes' chains run side by side, at most `SLOTS` processes at a time, so both cores stay busy while a one-process
+command runs or a second rank starts: about 2 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,17 +32,36 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent / "synergen"
 SYNERGEN = [str(BIN)] if BIN.is_file() else [sys.executable, "-m", "synergen_lightning.cli"]
 
-MODES = {
-    "one_process": [],
-    "ddp": ["--trainer.devices", "2", "--trainer.strategy.class_path", "synergen_lightning.distributed.DDPStrategy",
-            "--trainer.strategy.init_args.global_batch_size", "datamodule"],
-    "fsdp2": ["--trainer.devices", "2", "--trainer.strategy.class_path", "synergen_lightning.distributed.FSDP2Strategy",
-              "--trainer.strategy.init_args.global_batch_size", "datamodule"],
-}
+# as `make stage1 DEVICES=2 STRATEGY=...` runs them: the recipe's batch is the global batch, split over the ranks
+MODES = {"one_process": []} | {
+    mode: ["--trainer.devices", "2", "--trainer.strategy.class_path", f"synergen_lightning.distributed.{cls}",
+           "--trainer.strategy.init_args.global_batch_size", "datamodule"]
+    for mode, cls in (("ddp", "DDPStrategy"), ("fsdp2", "FSDP2Strategy"))}
 # a few rows per step, no validation, no workers: the recipes' models, stages, callbacks and loggers as shipped
 QUICK = ["--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
          "--data.init_args.num_workers", "0", "--data.init_args.shuffle_buffer", "16"]
 BATCH = {"stage1": '{"generation": 2, "understanding": 2}', "stage2": '{"generation": 2, "understanding": 2, "text": 2}'}
+SLOTS = 4  # synergen processes at once (a 2-rank fit takes 2): ~0.5-1 GB each
+
+
+class _Slots:
+    def __init__(self, n: int):
+        self.n, self.used, self.cond = n, 0, threading.Condition()
+
+    @contextmanager
+    def take(self, k: int):
+        with self.cond:
+            self.cond.wait_for(lambda: self.used + k <= self.n)
+            self.used += k
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.used -= k
+                self.cond.notify_all()
+
+
+SLOT = _Slots(SLOTS)
 
 
 def _env() -> dict:
@@ -45,29 +70,78 @@ def _env() -> dict:
     return env
 
 
-def _start(cwd: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([*SYNERGEN, *args], cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 240) -> str:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        pytest.fail(f"`synergen {' '.join(proc.args[len(SYNERGEN):])}` ran past {timeout} s:\n{out[-3000:]}")
-    assert proc.returncode == 0, f"`synergen {' '.join(proc.args[len(SYNERGEN):])}` exited {proc.returncode}:\n{out[-4000:]}"
+def synergen(cwd: Path, *args: str, ranks: int = 1, timeout: float = 300) -> str:
+    """`synergen ARGS` in `cwd`; its output, or a failure with the command and the tail of its output."""
+    shown = f"`synergen {' '.join(args)}` (in {cwd})"
+    with SLOT.take(ranks):
+        proc = subprocess.Popen([*SYNERGEN, *args], cwd=cwd, env=_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            pytest.fail(f"{shown} ran past {timeout} s:\n{out[-3000:]}")
+    assert proc.returncode == 0, f"{shown} exited {proc.returncode}:\n{out[-4000:]}"
     return out
 
 
-def synergen(cwd: Path, *args: str) -> str:
-    return _finish(_start(cwd, *args))
+def user_path(world: Path, run: Path, mode: str) -> dict:
+    """The whole path in a fresh project directory; what the checks need."""
+    from synergen_lightning.checkpoint import read_checkpoint_meta
+
+    project_dir(world, run)
+    flags, ranks = MODES[mode], 2 if MODES[mode] else 1
+    s1, s2 = run / "runs/tiny/stage1/last.ckpt", run / "runs/tiny/stage2/last.ckpt"
+    steps = []
+    # stage 1, stopped after its first step, then resumed from its last.ckpt to step 2
+    for max_steps, resume in ((1, []), (2, ["--ckpt_path", str(s1)])):
+        synergen(run, "fit", "--config", str(ROOT / "recipes/tiny/stage1.yaml"), *flags, *QUICK,
+                 "--trainer.max_steps", str(max_steps), f"--data.init_args.batch_size={BATCH['stage1']}", *resume,
+                 ranks=ranks)
+        steps.append(read_checkpoint_meta(s1)["global_step"])
+    s1_meta = read_checkpoint_meta(s1)
+    # stage 2 from stage 1 (model.init_from: runs/tiny/stage1/last.ckpt in the recipe)
+    synergen(run, "fit", "--config", str(ROOT / "recipes/tiny/stage2.yaml"), *flags, *QUICK,
+             "--trainer.max_steps", "1", f"--data.init_args.batch_size={BATCH['stage2']}", ranks=ranks)
+    # export, beside generate / answer / the text report from the checkpoint; then generate / answer from the export
+    ckpt_cmds = [("generate", "--ckpt", str(s2), "--prompt", "a red circle", "--num", "1", "--out", "gen_ckpt",
+                  "--device", "cpu"),
+                 ("answer", "--ckpt", str(s2), "--image", str(world / "scene.png"), "--question",
+                  "How many shapes are there?", "--max-new-tokens", "4", "--device", "cpu"),
+                 ("eval", "report", "--ckpt", str(s2), "--suite", "text", "--max-text", "4", "--out", "report",
+                  "--device", "cpu", "--no-progress")]
+    export_cmds = [("generate", "--ckpt", "exports/stage2", "--prompt", "a red circle", "--num", "1",
+                    "--out", "gen_export", "--device", "cpu"),
+                   ("answer", "--ckpt", "exports/stage2", "--image", str(world / "scene.png"), "--question",
+                    "How many shapes are there?", "--max-new-tokens", "4", "--device", "cpu")]
+
+    def export_then_use():
+        synergen(run, "export", "--ckpt", str(s2), "--out", "exports/stage2")
+        with ThreadPoolExecutor(len(export_cmds)) as pool:
+            return list(pool.map(lambda a: synergen(run, *a), export_cmds))
+
+    with ThreadPoolExecutor(1 + len(ckpt_cmds)) as pool:
+        from_export = pool.submit(export_then_use)
+        outs = list(pool.map(lambda a: synergen(run, *a), ckpt_cmds))
+        outs += from_export.result()
+    return {"steps": steps, "s1": s1, "s1_hparams": s1_meta["hyper_parameters"], "s2": s2, "answers": outs[1::3]}
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     return make_tiny_world(tmp_path_factory.mktemp("world"))
+
+
+@pytest.fixture(scope="module")
+def walked(world, tmp_path_factory, request) -> dict:
+    """The selected modes' paths, side by side; a mode's failure is raised by its own test."""
+    root = tmp_path_factory.mktemp("paths")
+    modes = [m for m in MODES if any(getattr(item, "callspec", None) and item.callspec.params.get("mode") == m
+                                     for item in request.session.items if item.module is request.module)]
+    with ThreadPoolExecutor(len(modes)) as pool:
+        futures = {mode: pool.submit(user_path, world, root / mode, mode) for mode in modes}
+        return {mode: f.exception() or f.result() for mode, f in futures.items()}
 
 
 def _raw_state(ckpt: Path) -> dict:
@@ -97,52 +171,32 @@ def _logits(model) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.slow
 @pytest.mark.e2e
 @pytest.mark.distributed
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("mode", list(MODES))
-def test_fit_resume_export_generate_answer_eval(mode, world, tmp_path):
+def test_fit_resume_export_generate_answer_eval(mode, walked):
     from safetensors.torch import load_file
 
-    from synergen_lightning.checkpoint import load_synergen, read_checkpoint_meta
+    from synergen_lightning.checkpoint import load_synergen
 
-    run = project_dir(world, tmp_path / mode)
-    flags = MODES[mode]
-    s1, s2 = run / "runs/tiny/stage1/last.ckpt", run / "runs/tiny/stage2/last.ckpt"
-
-    # stage 1, stopped after its first step, then resumed from its last.ckpt to step 2
-    for steps, resume in ((1, []), (2, ["--ckpt_path", str(s1)])):
-        synergen(run, "fit", "--config", str(ROOT / "recipes/tiny/stage1.yaml"), *flags, *QUICK,
-                 "--trainer.max_steps", str(steps), f"--data.init_args.batch_size={BATCH['stage1']}", *resume)
-        assert read_checkpoint_meta(s1)["global_step"] == steps
-    assert s1.is_dir() == (mode == "fsdp2")  # FSDP2 writes a sharded directory, the others one file
-    hp = read_checkpoint_meta(s1)["hyper_parameters"]
-    assert "_class_path" in hp  # what made every loader that rebuilt SynerGenVL(**hparams) fail
-
-    # stage 2 from stage 1 (model.init_from: runs/tiny/stage1/last.ckpt in the recipe), then its export
-    synergen(run, "fit", "--config", str(ROOT / "recipes/tiny/stage2.yaml"), *flags, *QUICK,
-             "--trainer.max_steps", "1", f"--data.init_args.batch_size={BATCH['stage2']}")
-    synergen(run, "export", "--ckpt", str(s2), "--out", "exports/stage2")
-
-    # generate and answer from the checkpoint and from the export, and the text report: side by side
-    procs = []
-    for name, source in (("ckpt", str(s2)), ("export", "exports/stage2")):
-        procs.append(_start(run, "generate", "--ckpt", source, "--prompt", "a red circle", "--num", "1",
-                            "--out", f"gen_{name}", "--device", "cpu"))
-        procs.append(_start(run, "answer", "--ckpt", source, "--image", str(world / "scene.png"), "--question",
-                            "How many shapes are there?", "--max-new-tokens", "4", "--device", "cpu"))
-    procs.append(_start(run, "eval", "report", "--ckpt", str(s2), "--suite", "text", "--max-text", "4",
-                        "--out", "report", "--device", "cpu", "--no-progress"))
-    outs = [_finish(p) for p in procs]
+    result = walked[mode]
+    if isinstance(result, BaseException):
+        raise result
+    run = result["s2"].parents[3]
+    assert result["steps"] == [1, 2]  # the resumed run went on from step 1
+    assert result["s1"].is_dir() == (mode == "fsdp2")  # FSDP2 writes a sharded directory, the others one file
+    assert "_class_path" in result["s1_hparams"]  # what made loaders that rebuilt SynerGenVL(**hparams) fail
     for name in ("ckpt", "export"):
         assert sorted(p.name for p in (run / f"gen_{name}").iterdir()) == ["000_00.png"]
-    assert all(out.strip() for out in outs[1:4:2])  # answers printed
+    assert all(out.strip() for out in result["answers"])
     assert (run / "report/report.json").is_file()
 
-    # the export holds the run's weights and its model computes the checkpoint model's logits
+    # the export holds the run's weights, and its model computes the checkpoint model's logits
     exported = load_file(str(run / "exports/stage2/model.safetensors"))
-    for k, v in _raw_state(s2).items():
-        if k in exported:
-            assert torch.equal(exported[k], v), k
-    text_ckpt, head_ckpt = _logits(load_synergen(s2))
+    raw = _raw_state(result["s2"])
+    assert set(exported) <= set(raw) and len(exported) >= len(raw) - 1  # a tied LM head is kept once
+    for k, v in exported.items():
+        assert torch.equal(v, raw[k]), k
+    text_ckpt, head_ckpt = _logits(load_synergen(result["s2"]))
     text_exp, head_exp = _logits(load_synergen(run / "exports/stage2"))
     torch.testing.assert_close(text_exp, text_ckpt, atol=1e-6, rtol=0)
     torch.testing.assert_close(head_exp, head_ckpt, atol=1e-6, rtol=0)
