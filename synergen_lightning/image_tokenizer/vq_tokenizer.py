@@ -175,7 +175,9 @@ class VQTokenizer(L.LightningModule):
             raise ValueError(f"{str(path)!r} is not a Lightning checkpoint of VQTokenizer (no hyper_parameters/state_dict)")
         hp = dict(ckpt["hyper_parameters"])
         hp.update(perceptual_weight=0.0, perceptual_weights=None, adversarial_weight=0.0)
-        model = cls(**{k: v for k, v in hp.items() if not k.startswith("_")})
+        from synergen_lightning.checkpoint import constructor_kwargs
+
+        model = cls(**constructor_kwargs(cls, hp))  # without the CLI's `_class_path`, `_instantiator`, ...
         model._check_codebook(ckpt)
         state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("vq.")}
         model.load_state_dict(state, strict=False)
