@@ -6,6 +6,8 @@
 #   make stage1 DEVICES=2           shard the tiny stage 1 over 2 CPU processes (FSDP2, gloo)
 #   make stage1 DEVICES=2 STRATEGY=ddp   the same with full copies (DDP: faster for a model that fits in one process)
 #   make stage1 RECIPE=recipes/synergen_vl_2b/stage1.yaml DEVICES=8    any recipe, any world size
+# the training seed of the tokenizer, the base LLM and the stages (the data stay the same); another SEED retrains them
+SEED    ?= 0
 # the shape world's level (synergen data synth --help): demo (64 px, learnt in minutes), grid or full (128 px)
 LEVEL   ?= demo
 PY      := .venv/bin/python
@@ -39,6 +41,7 @@ SFT_DONE  := $(dir $(SFT_CKPT)).done
 CODES     := $(DATA)/codes
 CODES_OK  := $(CODES)/.done
 DEMO      := runs/demo/report.json
+SEED_OK   := runs/tiny/.seed-$(SEED)
 
 # several processes (gloo on CPU, nccl on GPUs): STRATEGY=fsdp2 shards the model (FSDP2 under Lightning's
 # ModelParallelStrategy); STRATEGY=ddp copies it to every process (one all-reduce per step: faster for a model
@@ -90,15 +93,21 @@ $(DATA_OK): $(VENV)
 tokenizer: $(VQ_CKPT)  ## train the tiny VQ image tokenizer and print its val figures
 
 # TOKENIZER_LOG=FILE sends the fit's output to FILE (make demo trains it beside the base LLM)
-$(VQ_CKPT): $(DATA_OK) recipes/tiny/tokenizer.yaml
-	$(call logged,$(TOKENIZER_LOG),training the image tokenizer,$(SYN) fit --config recipes/tiny/tokenizer.yaml)
+$(SEED_OK):
+	@rm -f runs/tiny/.seed-*
+	@mkdir -p $(@D) && touch $@
+
+$(VQ_CKPT): $(DATA_OK) $(SEED_OK) recipes/tiny/tokenizer.yaml
+	$(call logged,$(TOKENIZER_LOG),training the image tokenizer,$(SYN) fit --config recipes/tiny/tokenizer.yaml --seed_everything $(SEED))
 	$(SYN) eval tokenizer --tokenizer $@ --shards $(DATA)/val --json runs/tiny/tokenizer/eval.json
 
 base-llm: $(BASE_DONE)  ## pretrain the tiny text-only base LLM (stands in for InternLM2 / Qwen2)
 
-$(BASE_DONE): $(DATA_OK) recipes/tiny/base_llm.yaml
+$(BASE_DONE): $(DATA_OK) $(SEED_OK) recipes/tiny/base_llm.yaml
+	@# starting over: new data may bring new words, so the BPE is trained again too
+	@if [ -f $(@D)/.done ]; then rm -rf runs/tiny/text_tokenizer; fi
 	$(call start_over_if_finished,$(@D)/)
-	$(SYN) fit --config recipes/tiny/base_llm.yaml $(call resume_from,$(@D)/)
+	$(SYN) fit --config recipes/tiny/base_llm.yaml --seed_everything $(SEED) $(call resume_from,$(@D)/)
 	touch $@
 
 ifdef RECIPE
@@ -109,30 +118,37 @@ else
 stage1: $(S1_DONE)  ## stage 1: image-specific parameters only (text logits stay bit-identical)
 stage2: $(S2_DONE)  ## stage 2: + self-attention, from stage 1
 sft: $(SFT_DONE)    ## SFT: every parameter, from stage 2
+# a finished stage is not trained again (whatever DEVICES / STRATEGY say): say so, and how to train it again
+stage1 stage2 sft:
+	@echo "make $@: runs/tiny/$@ is finished (runs/tiny/$@/.done); FORCE=1 trains it again$(if $(MULTI), with DEVICES=$(DEVICES) STRATEGY=$(STRATEGY))"
+endif
+# FORCE=1 with stage1 / stage2 / sft named on the command line: those stages start over
+ifdef FORCE
+$(foreach s,$(filter stage1 stage2 sft,$(or $(MAKECMDGOALS),x)),$(shell rm -f runs/tiny/$(s)/.done runs/tiny/$(s)/*.ckpt))
 endif
 
-# the stages read pretokenized 128-px views (KEY.codes.npy): the frozen tokenizer's encode would otherwise cost ~1/4
+# the stages read pretokenized views of the whole canvas (KEY.codes.npy): the frozen tokenizer's encode would otherwise cost ~1/4
 # of every step; `synergen fit` without SYNERGEN_TINY_SHARDS encodes on the fly from data/tiny instead.
 # PRETOKENIZE_LOG=FILE sends the output to FILE (make demo pretokenizes beside the base LLM's training)
 $(CODES_OK): $(VQ_CKPT)
-	$(call logged,$(PRETOKENIZE_LOG),pretokenizing the 128-px views,\
+	$(call logged,$(PRETOKENIZE_LOG),pretokenizing the $(CANVAS)-px views,\
 	  $(SYN) data pretokenize --tokenizer $(VQ_CKPT) --in $(DATA)/train --out $(CODES)/train --task generation --image-size $(CANVAS) --workers $(PRETOKENIZE_WORKERS) && \
 	  $(SYN) data pretokenize --tokenizer $(VQ_CKPT) --in $(DATA)/val --out $(CODES)/val --task generation --image-size $(CANVAS))
 	touch $@
 
 $(S1_DONE): $(DATA_OK) $(CODES_OK) $(VQ_CKPT) $(BASE_DONE) recipes/tiny/stage1.yaml
 	$(call start_over_if_finished,$(@D)/)
-	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) fit --config recipes/tiny/stage1.yaml $(LEVEL_CONFIG) $(TINY_FIT_FLAGS) $(call resume_from,$(@D)/)
+	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) fit --config recipes/tiny/stage1.yaml $(LEVEL_CONFIG) --seed_everything $(SEED) $(TINY_FIT_FLAGS) $(call resume_from,$(@D)/)
 	touch $@
 
 $(S2_DONE): $(S1_DONE) recipes/tiny/stage2.yaml
 	$(call start_over_if_finished,$(@D)/)
-	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) fit --config recipes/tiny/stage2.yaml $(LEVEL_CONFIG) $(TINY_FIT_FLAGS) $(call resume_from,$(@D)/)
+	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) fit --config recipes/tiny/stage2.yaml $(LEVEL_CONFIG) --seed_everything $(SEED) $(TINY_FIT_FLAGS) $(call resume_from,$(@D)/)
 	touch $@
 
 $(SFT_DONE): $(S2_DONE) recipes/tiny/sft.yaml
 	$(call start_over_if_finished,$(@D)/)
-	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) fit --config recipes/tiny/sft.yaml $(LEVEL_CONFIG) $(TINY_FIT_FLAGS) $(call resume_from,$(@D)/)
+	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) fit --config recipes/tiny/sft.yaml $(LEVEL_CONFIG) --seed_everything $(SEED) $(TINY_FIT_FLAGS) $(call resume_from,$(@D)/)
 	touch $@
 
 demo: $(VENV)  ## everything on the tiny default (LEVEL=demo), then scoring -> runs/demo/report.json, samples.png, curve.png

@@ -22,7 +22,7 @@ def dry_run(*targets: str, **env: str) -> str:
 def test_core_count_ignores_omp_num_threads(omp):
     """`nproc` obeys OMP_NUM_THREADS, which the Makefile exports as 1: every sub-make (and make >= 4.4) counted one
     core, so `make demo` pretokenized with one worker where the README promised one per core."""
-    out = dry_run("data/tiny/codes128/.done", OMP_NUM_THREADS=omp)
+    out = dry_run("data/tiny/codes/.done", OMP_NUM_THREADS=omp)
     workers = re.findall(r"--in data/tiny/train .*--workers (\d+)", out)
     assert workers == [str(CORES)]
 
@@ -30,7 +30,7 @@ def test_core_count_ignores_omp_num_threads(omp):
 def test_demo_pretokenizes_beside_the_base_llm_and_trains_stages_on_every_core():
     out = dry_run("demo", OMP_NUM_THREADS="1")
     # the base LLM and the tokenizer -> pretokenize chain are one `make -j2` (one core each: pretokenize gets 1 worker)
-    start = out.index("make --no-print-directory -j2 data/tiny/codes128/.done runs/tiny/base_llm/.done")
+    start = out.index("make --no-print-directory -j2 data/tiny/codes/.done runs/tiny/base_llm/.done")
     end = out.index("make --no-print-directory runs/demo/report.json")
     side_by_side = out[start:end]
     assert re.findall(r"--in data/tiny/train .*--workers (\d+)", side_by_side) == ["1"]
@@ -77,3 +77,46 @@ def test_an_interrupted_stage_resumes_and_a_finished_one_starts_over(tmp_path):
     clear = next(i for i, line in enumerate(lines) if "rm -f runs/tiny/stage1/.done runs/tiny/stage1/*.ckpt" in line)
     assert clear < lines.index(fit(lines))
     assert "touch runs/tiny/stage1/.done" in lines[lines.index(fit(lines)) + 1]
+
+
+def test_a_finished_stage_says_so_and_force_trains_it_again(tmp_path):
+    """After make demo, `make stage1 DEVICES=2` used to say nothing was to be done: the user asking for a sharded run
+    got none, silently. Now make names the finished run and the way to train it again."""
+    import time
+
+    cwd = _fake_checkout(tmp_path)
+    for d in (".venv", "data/tiny", "data/tiny/codes", "runs/tiny/tokenizer/checkpoints", "runs/tiny/base_llm", "runs/tiny/stage1"):
+        (cwd / d).mkdir(parents=True, exist_ok=True)
+    time.sleep(1.1)  # every product newer than the recipes
+    for f in (".venv/.installed", "data/tiny/.done-demo", "runs/tiny/.seed-0", "runs/tiny/tokenizer/checkpoints/last.ckpt",
+              "data/tiny/codes/.done", "runs/tiny/base_llm/.done", "runs/tiny/stage1/last.ckpt", "runs/tiny/stage1/.done"):
+        (cwd / f).touch()
+        time.sleep(0.01)
+
+    def run(*args):
+        r = subprocess.run(["make", "-f", str(ROOT / "Makefile"), "-n", "stage1", *args], cwd=cwd, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    out = run("DEVICES=2")
+    assert "fit --config" not in out
+    assert "runs/tiny/stage1 is finished" in out and "FORCE=1 trains it again with DEVICES=2 STRATEGY=fsdp2" in out
+    out = run("DEVICES=2", "FORCE=1")
+    fit = next(line for line in out.splitlines() if "fit --config recipes/tiny/stage1.yaml" in line)
+    assert "--trainer.devices 2" in fit and "FSDP2Strategy" in fit and "--ckpt_path" not in fit
+    assert not (cwd / "runs/tiny/stage1/.done").exists() and not (cwd / "runs/tiny/stage1/last.ckpt").exists()
+
+
+def test_level_and_seed_reach_every_step():
+    out = dry_run("demo", "runs/tiny/sft/.done", "data/tiny/codes/.done", LEVEL="full", SEED="1")
+    assert "data synth --level full --out data/tiny" in out
+    assert set(re.findall(r"pretokenize .*--image-size (\d+)", out)) == {"128"}
+    fits = [line for line in out.splitlines() if "synergen fit --config" in line]
+    assert fits and all("--seed_everything 1" in line for line in fits)
+    stage_fits = [line for line in fits if "recipes/tiny/s" in line]
+    assert {re.search(r"recipes/tiny/(\w+)\.yaml", line)[1] for line in stage_fits} == {"stage1", "stage2", "sft"}
+    assert all("--config recipes/tiny/canvas128.yaml" in line for line in stage_fits)
+    demo = dry_run("runs/tiny/sft/.done", "data/tiny/codes/.done")
+    assert "data synth --level demo" in demo and "canvas128" not in demo
+    assert set(re.findall(r"pretokenize .*--image-size (\d+)", demo)) == {"64"}

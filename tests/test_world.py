@@ -127,7 +127,7 @@ def _tree_digest(root: Path) -> dict:
 
 def test_synth_same_seed_same_bytes(tmp_path, capsys):
     assert synth_main(["--out", str(tmp_path / "a"), "--seed", "3", *SMALL]) == 0
-    assert "synth: 37 train + 3 val samples" in capsys.readouterr().out
+    assert "synth: level demo, 37 train + 3 val samples" in capsys.readouterr().out
     assert synth_main(["--out", str(tmp_path / "b"), "--seed", "3", *SMALL[:-3], "--workers", "2", "--no-progress"]) == 0
     assert synth_main(["--out", str(tmp_path / "c"), "--seed", "4", *SMALL]) == 0
     a, b, c = (_tree_digest(tmp_path / x) for x in "abc")
@@ -135,7 +135,7 @@ def test_synth_same_seed_same_bytes(tmp_path, capsys):
     assert a.keys() == c.keys() and a["train/shard-000000.tar"] != c["train/shard-000000.tar"]
     assert set(a) == {"train/shard-000000.tar", "train/shard-000001.tar", "train/shard-000002.tar",
                       "val/shard-000000.tar", "eval_prompts.jsonl", "text/train.jsonl", "text/val.jsonl",
-                      "text/skill_train.jsonl", "text/skill_val.jsonl"}
+                      "text/skill_train.jsonl", "text/skill_val.jsonl", "world.json"}
     assert not list(tmp_path.glob(".*partial*"))
 
 
@@ -182,7 +182,7 @@ def test_scene_questions_come_with_a_description_that_answers_them(tmp_path):
     from synergen_lightning.world.text_corpus import scene_description, scene_text_lines
 
     out = tmp_path / "t"
-    assert synth_main(["--out", str(out), "--scene-qa-text", "described", *SMALL]) == 0
+    assert synth_main(["--out", str(out), "--level", "full", "--scene-qa-text", "described", *SMALL]) == 0
     train_text = [json.loads(x)["text"] for x in (out / "text" / "train.jsonl").read_text().splitlines()]
     assert any(". Q: What color" in t for t in train_text) and not any(t.startswith("Q: What color") for t in train_text)
     tar = tarfile.open(next((out / "train").glob("shard-*.tar")))
@@ -235,7 +235,11 @@ def test_skill_items_and_scoring():
 @pytest.mark.parametrize("args,message", [
     (["--num-samples", "0"], "--num-samples 0"),
     (["--canvas", "16"], "--canvas 16"),
-    (["--canvas", "40"], "too small: small shapes would be 6 px"),
+    (["--canvas", "40", "--level", "full"], "too small: small shapes would be 6 px"),
+    (["--canvas", "40"], "needs a multiple of 16"),
+    (["--level", "nightmare"], "--level 'nightmare' is not a level; choose one of: demo, grid, full"),
+    (["--text-prob", "0.5"], "level 'demo' draws no characters"),
+    (["--max-objects", "1"], "two-object and counting prompts need at least 2"),
     (["--shapes", "circle,hexagon"], "unknown shape 'hexagon'"),
     (["--colors", "red,mauve"], "unknown color 'mauve'"),
     (["--max-objects", "9"], "--max-objects 9"),

@@ -32,7 +32,10 @@ from und_reference import lr_factor  # noqa: E402  (the same warm-up + schedule 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", default=".", help="a checkout after `make demo` (data/tiny, runs/tiny)")
-    p.add_argument("--train", default=None, help="train shard glob (default DEMO/data/tiny/codes128/train/shard-*.tar)")
+    p.add_argument("--train", default=None, help="train shard glob (default DEMO/data/tiny/codes/train/shard-*.tar)")
+    p.add_argument("--image-size", type=int, default=64, help="px of the pretokenized views (the demo level's 64)")
+    p.add_argument("--fold", type=int, default=4, help="fold f: f x f codes per LLM token (the tiny recipes' 4)")
+    p.add_argument("--head-layers", type=int, default=2, help="unfolding-head depth (the tiny recipes' 2)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--init", choices=["base", "random"], default="base", help="trunk from the tiny base LLM or random")
@@ -51,8 +54,8 @@ def main(argv=None) -> None:
     tok = str(demo / "runs/tiny/text_tokenizer")
     m = SynerGenVL(base_llm=str(demo / "runs/tiny/base_llm/last.ckpt"), text_tokenizer=tok,
                    image_tokenizer=str(demo / "runs/tiny/tokenizer/checkpoints/last.ckpt"), codebook_size=2048,
-                   image_size=128, downsample=8, fold=(4, 4), code_dim=64, fold_output_rms=0.1,
-                   fold_output_rms_learnable=False, head={"num_layers": 2})
+                   image_size=a.image_size, downsample=8, fold=(a.fold, a.fold), code_dim=64, fold_output_rms=0.1,
+                   fold_output_rms_learnable=False, head={"num_layers": a.head_layers})
     m._init_weights_for_fit("stage1")  # what `fit` does first: trunk from the base LLM, vision FFNs as its copies
     if a.init == "random":
         for mod in m.llm.modules():
@@ -62,13 +65,13 @@ def main(argv=None) -> None:
         m.load_state_dict(torch.load(a.resume, map_location="cpu"))
     for prm in m.parameters():
         prm.requires_grad_(True)
-    src = {"name": "gen", "urls": a.train or str(demo / "data/tiny/codes128/train/shard-*.tar"), "task": "generation",
+    src = {"name": "gen", "urls": a.train or str(demo / "data/tiny/codes/train/shard-*.tar"), "task": "generation",
            "options": {"caption_ext": None, "caption_field": "captions"}}
-    dm = MixedDataModule(sources=[src], tokenizer=tok, tokens_per_view=16, image_size=128, batch_size={"generation": 16},
+    dm = MixedDataModule(sources=[src], tokenizer=tok, tokens_per_view=(a.image_size // (8 * a.fold)) ** 2, image_size=a.image_size, batch_size={"generation": 16},
                          max_seq_len=256, num_workers=1, steps_per_epoch=10**6, cfg_dropout=0.1)
     dm.setup("fit")
     train = iter(dm.train_dataloader())
-    samples = load_grounding_samples(str(demo / "data/tiny/codes128/val/shard-*.tar"), max_items=96)
+    samples = load_grounding_samples(str(demo / "data/tiny/codes/val/shard-*.tar"), max_items=96)
     opt = torch.optim.AdamW(m.parameters(), lr=a.lr, weight_decay=0.05, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, a.steps, a.schedule))
     m.train()

@@ -106,10 +106,26 @@ def save_samples(path: Path, images, prompts, verdict, und_items, und_answers, l
     fig.suptitle(f"shape-world level {level or '?'}: generated from the prompt above each image "
                  f"({n_pass}/{len(images)} pass the scorer); last {und_rows} row(s): understanding "
                  f"({n_right}/{len(und_items)} right)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def grid_answers(items: list[dict], n: int) -> list[int]:
+    """Indices of `n` Q/A items to show: every question kind first, each from a scene not shown yet."""
+    shown, kinds, keys = [], set(), set()
+    for rule in ("new kind", "new scene", "any"):
+        for i, it in enumerate(items):
+            if len(shown) >= n:
+                return shown
+            fresh = it["key"] not in keys
+            if i in shown or (rule == "new kind" and (it["kind"] in kinds or not fresh)) or (rule == "new scene" and not fresh):
+                continue
+            shown.append(i)
+            kinds.add(it["kind"])
+            keys.add(it["key"])
+    return shown
 
 
 def _wrap(text: str, width: int = 28) -> str:
@@ -206,13 +222,7 @@ def main(argv: list[str] | None = None) -> int:
 
         grounding = report_block(grounding_suite(model, shards=str(data / "val" / "*.tar"), max_items=a.grounding_items,
                                                  max_tiles=max_tiles, thumbnail=thumbnail))
-    # one understanding image per question kind first, so the grid shows every kind
-    shown, kinds = [], set()
-    for i, it in enumerate(qa_items):
-        if it["kind"] not in kinds:
-            kinds.add(it["kind"])
-            shown.append(i)
-    shown += [i for i in range(len(qa_items)) if i not in shown][: max(0, NUM_GRID_ANSWERS - len(shown))]
+    shown = grid_answers(qa_items, NUM_GRID_ANSWERS)
     save_samples(out / "samples.png", images[:NUM_GRID_IMAGES], prompts[:NUM_GRID_IMAGES], verdict[:NUM_GRID_IMAGES],
                  [qa_items[i] for i in shown], [und["answers"][i] for i in shown], level)
 

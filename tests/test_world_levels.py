@@ -1,0 +1,121 @@
+"""The shape world's levels: every level draws what its rules say, its eval prompts come from its own scenes, its
+ground-truth renders pass the scorer, and the full level is the world as it always was."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from synergen_lightning.world import CATEGORIES, captions, make_eval_prompts, qa_pairs, render_scene, sample_scene
+from synergen_lightning.world.cli import synth_main
+from synergen_lightning.world.levels import LEVELS, cell_box, get_level, sample_level_scene
+from synergen_lightning.world.prompts import prompt_scene, render_prompt
+from synergen_lightning.world.scorer import detect_objects, evaluate, score_images
+from synergen_lightning.world.shards import find_world_info, read_world_info
+
+SMALL = ["--num-samples", "60", "--shard-size", "30", "--num-eval-prompts", "36", "--workers", "1", "--no-progress"]
+
+
+def test_full_level_is_the_original_sampler():
+    for seed in range(30):
+        a = sample_level_scene(np.random.default_rng(seed), LEVELS["full"])
+        b = sample_scene(np.random.default_rng(seed))
+        assert a.to_dict() == b.to_dict()
+
+
+@pytest.mark.parametrize("name", [n for n, lv in LEVELS.items() if lv.grid])
+def test_grid_levels_put_each_object_in_one_folded_cell(name):
+    level = LEVELS[name]
+    cell = level.canvas // level.grid
+    assert cell == 32  # 4x4 codes of the 8-px tokenizer: one 4x4-folded LLM token per cell
+    shapes_per_scene, same_shape = Counter(), 0
+    for seed in range(300):
+        s = sample_level_scene(np.random.default_rng(seed), level)
+        assert s.canvas == level.canvas and not s.texts and s.background in level.backgrounds
+        assert 1 <= len(s.objects) <= level.max_objects
+        assert len({(o.shape, o.color) for o in s.objects}) == len(s.objects)
+        cells = set()
+        for o in s.objects:
+            x0, y0, x1, y1 = o.bbox
+            assert x0 // cell == (x1 - 1) // cell and y0 // cell == (y1 - 1) // cell  # never cut by a cell border
+            cells.add((x0 // cell, y0 // cell))
+            assert o.size in level.sizes
+        assert len(cells) == len(s.objects)
+        shapes_per_scene[len(s.objects)] += 1
+        same_shape += len(s.objects) >= 2 and len({o.shape for o in s.objects}) == 1
+    # counting is shown: with same_shape_prob 0.3 at least ~1 in 5 multi-object scenes repeats one shape
+    assert same_shape > 0.15 * sum(v for k, v in shapes_per_scene.items() if k >= 2)
+
+
+def test_full_captions_name_every_object():
+    level = LEVELS["demo"]
+    for seed in range(200):
+        s = sample_level_scene(np.random.default_rng(seed), level)
+        for cap in captions(s, full=level.full_captions):
+            named = sum(cap.count(sh) for sh in ("circle", "square", "triangle", "cross"))
+            n_words = sum(cap.count(w) for w in ("two ", "three ", "four "))
+            assert named + n_words >= len(s.objects) or cap.startswith(("one", "two", "three", "four")), (cap, s)
+    # the full level keeps its partial relation captions (rules unchanged)
+    s = next(s for seed in range(200) if len((s := sample_scene(seed, text_prob=0)).objects) == 4)
+    assert any(" left of " in c or " right of " in c or " above " in c or " below " in c for c in captions(s))
+    assert not any(" left of " in c or " above " in c or " right of " in c or " below " in c
+                   for c in captions(s, full=True))
+
+
+@pytest.mark.parametrize("name", list(LEVELS))
+def test_level_prompts_come_from_the_level_and_its_renders_pass(name):
+    level = LEVELS[name]
+    prompts = make_eval_prompts(60, seed=1, max_objects=level.max_objects)
+    assert Counter(p["tag"] for p in prompts) == {c: 10 for c in CATEGORIES}
+    counts = {r["count"] for p in prompts if p["tag"] == "counting" for r in p["include"]}
+    assert counts and max(counts) <= level.max_objects  # no "four" on a three-object level
+    images = [render_prompt(p, seed=i, canvas=level.canvas, level=level) for i, p in enumerate(prompts)]
+    assert all(im.size == (level.canvas, level.canvas) for im in images)
+    report = score_images(images, prompts)
+    assert report["overall"] == 1.0, report
+    if level.grid:
+        for i, p in enumerate(prompts):
+            scene = prompt_scene(p, seed=i, canvas=level.canvas, level=level)
+            assert {o.bbox for o in scene.objects} <= {cell_box(c, level.grid, level.canvas, sz)
+                                                      for c in range(level.grid ** 2) for sz in level.sizes}
+
+
+def test_demo_level_questions_answerable_from_the_image():
+    """Every question kind the demo level can ask, asked often enough, and the answer true of the rendered image."""
+    level = LEVELS["demo"]
+    kinds = Counter()
+    for seed in range(200):
+        s = sample_level_scene(np.random.default_rng(seed), level)
+        found = detect_objects(render_scene(s))
+        assert sorted((d.shape, d.color) for d in found) == sorted((o.shape, o.color) for o in s.objects)
+        for qa in qa_pairs(s, np.random.default_rng(seed)):
+            kinds[qa["kind"]] += 1
+    assert set(kinds) == {"color", "shape", "count", "position", "relation", "yes_no"}  # no characters to read
+    assert min(kinds.values()) >= 50
+
+
+def test_synth_writes_the_level_and_the_demo_default(tmp_path, capsys):
+    assert synth_main(["--out", str(tmp_path / "d"), *SMALL]) == 0
+    assert "level demo" in capsys.readouterr().out
+    info = read_world_info(tmp_path / "d")
+    assert info["level"] == "demo" and info["canvas"] == 64 and info["rules"]["grid"] == 2
+    assert find_world_info(str(tmp_path / "d" / "codes" / "train" / "shard-*.tar")) == info  # pretokenized copies
+    assert synth_main(["--out", str(tmp_path / "f"), "--level", "full", *SMALL]) == 0
+    assert read_world_info(tmp_path / "f")["canvas"] == 128
+    prompts = [json.loads(x) for x in (tmp_path / "d" / "eval_prompts.jsonl").read_text().splitlines()]
+    assert all(r["count"] <= 3 for p in prompts for r in p["include"])
+
+
+def test_unknown_level_lists_the_levels():
+    with pytest.raises(ValueError, match="unknown shape-world level 'hard'; choose one of: demo .*grid .*full"):
+        get_level("hard")
+
+
+def test_synth_help_describes_every_level(capsys):
+    with pytest.raises(SystemExit):
+        synth_main(["--help"])
+    out = capsys.readouterr().out
+    for name, level in LEVELS.items():
+        assert name in out and level.summary in out
+    assert "64 px, 1-3 objects centred in a 2x2 grid" in out
