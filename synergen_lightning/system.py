@@ -169,7 +169,8 @@ class SynerGenVL(LightningModule):
             fold_output_rms_learnable: True = that RMSNorm's gain trains (starts at `fold_output_rms`); False = the
                 scale stays `fold_output_rms` (a buffer), so the folder cannot grow image tokens above text ones.
             head: the UnfoldingHead's blocks: {num_layers: 4, hidden_size, num_heads, num_kv_heads,
-                intermediate_size}; unset keys follow the LLM.
+                intermediate_size}; unset keys follow the LLM. `condition`: how h_i enters the head, "first"
+                (the first input, default) or "every" (added to every input; `UnfoldingHead`).
             image_loss_weight: lambda in loss = L_text + lambda * L_img (paper: 2).
             text_loss: how L_text averages its supervised tokens: "token" = one mean over every supervised text
                 token of the batch; "task" = the mean of each task's own token mean (rows grouped by batch["task"]),
@@ -239,9 +240,10 @@ class SynerGenVL(LightningModule):
         hc = {"num_layers": 4, "hidden_size": config.hidden_size, "num_heads": config.num_heads,
               "num_kv_heads": config.num_kv_heads, "intermediate_size": config.intermediate_size}
         hc.update(head or {})
+        condition = hc.pop("condition", "first")
         head_config = LLMConfig(vocab_size=codebook_size, rms_norm_eps=config.rms_norm_eps,
                                 rope_theta=config.rope_theta, **hc)
-        self.head = UnfoldingHead(codebook_size, fold[0] * fold[1], config.hidden_size, head_config)
+        self.head = UnfoldingHead(codebook_size, fold[0] * fold[1], config.hidden_size, head_config, condition)
         self.register_buffer("special_ids", torch.tensor([special_token_ids[s] for s in SPECIAL_TOKENS]),
                              persistent=False)
         self.special_embed = nn.Embedding(len(SPECIAL_TOKENS), config.hidden_size)

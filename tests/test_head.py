@@ -1,3 +1,4 @@
+import pytest
 import torch
 from lightning.pytorch import Trainer
 
@@ -6,10 +7,10 @@ from synergen_lightning.models.mmoe import LLMConfig
 from synergen_lightning.models.unfolding_head import UnfoldingHead, sample_logits
 
 
-def _head(seed=0, K=17, L=6):
+def _head(seed=0, K=17, L=6, condition="first"):
     torch.manual_seed(seed)
     cfg = LLMConfig(vocab_size=K, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
-    return UnfoldingHead(K, L, cond_dim=12, config=cfg).eval()
+    return UnfoldingHead(K, L, cond_dim=12, config=cfg, condition=condition).eval()
 
 
 def test_teacher_forcing_equals_stepwise_and_is_causal():
@@ -29,14 +30,29 @@ def test_teacher_forcing_equals_stepwise_and_is_causal():
     assert not torch.allclose(l3[:, 3:], logits[:, 3:])
 
 
-def test_cached_generation_equals_uncached_and_teacher_forcing_at_temperature_zero():
-    head = _head()
+@pytest.mark.parametrize("condition", ["first", "every"])
+def test_cached_generation_equals_uncached_and_teacher_forcing_at_temperature_zero(condition):
+    head = _head(condition=condition)
     h = torch.randn(4, 12)
     cached = head.generate(h, temperature=0.0)
     uncached = head.generate(h, temperature=0.0, use_cache=False)
     assert torch.equal(cached, uncached)
     # greedy codes are the argmax of the teacher-forced logits on themselves
     assert torch.equal(head(h, cached).argmax(-1), cached)
+
+
+def test_condition_every_adds_h_to_every_input_and_stays_causal():
+    first, every = _head(condition="first"), _head(condition="every")
+    every.load_state_dict(first.state_dict())  # same weights: only how h enters differs
+    h, codes = torch.randn(3, 12), torch.randint(0, 17, (3, 6))
+    x_first, x_every = first.inputs(h, codes), every.inputs(h, codes)
+    torch.testing.assert_close(x_every[:, 0], x_first[:, 0])
+    torch.testing.assert_close(x_every[:, 1:], x_first[:, 1:] + first.cond_proj(h)[:, None])
+    codes2 = codes.clone()
+    codes2[:, 3] = (codes2[:, 3] + 1) % 17
+    torch.testing.assert_close(every(h, codes2)[:, :4], every(h, codes)[:, :4])
+    with pytest.raises(ValueError, match="head condition='all'"):
+        _head(condition="all")
 
 
 def test_cfg_runs_both_streams_as_one_batch_and_guides_logits():

@@ -35,14 +35,23 @@ def _cli(recipe, extra=()):
 
 
 @pytest.mark.parametrize("stage", TINY)
+def test_canvas128_overlay_reads_the_128_px_levels(stage, tiny_base, monkeypatch):
+    monkeypatch.setenv("SYNERGEN_TINY_BASE_LLM", str(tiny_base / "base.ckpt"))
+    monkeypatch.setenv("SYNERGEN_TINY_TEXT_TOKENIZER", str(tiny_base / "tok"))
+    cli = _cli(f"recipes/tiny/{stage}.yaml", ["--config", str(ROOT / "recipes/tiny/canvas128.yaml"), "--trainer.logger=false"])
+    assert cli.model.grid == (16, 16) and cli.model.tokens_per_view == 16 and cli.model.stage == stage
+
+
+@pytest.mark.parametrize("stage", TINY)
 def test_tiny_recipes_instantiate(stage, tiny_base, monkeypatch):
     monkeypatch.setenv("SYNERGEN_TINY_BASE_LLM", str(tiny_base / "base.ckpt"))
     monkeypatch.setenv("SYNERGEN_TINY_TEXT_TOKENIZER", str(tiny_base / "tok"))
     cli = _cli(f"recipes/tiny/{stage}.yaml", ["--trainer.logger=false"])
     model = cli.model
     assert isinstance(model, SynerGenVL)
-    assert model.stage == stage and model.grid == (16, 16) and model.fold_size == (4, 4)
-    assert model.tokens_per_view == cli.datamodule.hparams.tokens_per_view == 16
+    # the demo level's 64-px canvas: 8x8 codes, one 4x4-folded token per 32-px cell; the data follow the model
+    assert model.stage == stage and model.grid == (8, 8) and model.fold_size == (4, 4) and model.tokens_per_view == 4
+    assert "image_size" not in cli.datamodule.hparams and "tokens_per_view" not in cli.datamodule.hparams
     assert model.hparams.image_loss_weight == 2.0
     if stage != "stage1":
         assert model.hparams.init_from == f"runs/tiny/{'stage1' if stage == 'stage2' else 'stage2'}/last.ckpt"

@@ -4,8 +4,13 @@ A small causal transformer with the LLM's block type (`DecoderStack(config, visi
 its own code embedding, position embedding and VQ classifier:
 
     position 0 input  = cond_proj(h_i)             (h_i: LLM output at the position before patch i)
-    position j>=1     = code_embed(v_{i,j-1}) + pos_embed[j]
+    position j>=1     = code_embed(v_{i,j-1}) + pos_embed[j]   (+ cond_proj(h_i) with condition="every")
     logits at j       -> v_{i,j}
+
+The paper leaves open how h_i enters the head. `condition="first"` feeds it as the first input only;
+`condition="every"` also adds it to every later input, so each code reads the patch's condition directly
+instead of through the head's own attention (on the shape world the first-input head learns an object's
+shape from h_i but not its colour, though h_i carries the colour: docs/levels.md).
 
 Training runs every patch of the batch in parallel as one batch of length-m*n teacher-forced
 sequences (`forward`); decoding is KV-cached, one code per step, with classifier-free guidance
@@ -42,9 +47,12 @@ def sample_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = 
 
 
 class UnfoldingHead(nn.Module):
-    def __init__(self, codebook_size: int, seq_len: int, cond_dim: int, config: LLMConfig):
+    def __init__(self, codebook_size: int, seq_len: int, cond_dim: int, config: LLMConfig, condition: str = "first"):
         super().__init__()
-        self.codebook_size, self.seq_len, self.config = codebook_size, seq_len, config
+        if condition not in ("first", "every"):
+            raise ValueError(f"head condition={condition!r}: use 'first' (h_i as the first input) or 'every' "
+                             "(h_i added to every input)")
+        self.codebook_size, self.seq_len, self.config, self.condition = codebook_size, seq_len, config, condition
         d = config.hidden_size
         self.cond_proj = nn.Linear(cond_dim, d)
         self.code_embed = nn.Embedding(codebook_size, d)
@@ -67,6 +75,8 @@ class UnfoldingHead(nn.Module):
         """Teacher-forced inputs [P, L, d] from h [P, cond_dim] and the target codes [P, L]."""
         first = self.cond_proj(h)[:, None]
         rest = self.code_embed(codes[:, :-1]) + self.pos_embed[1:]
+        if self.condition == "every":
+            rest = rest + first
         return torch.cat([first, rest], dim=1)
 
     def forward(self, h: Tensor, codes: Tensor) -> Tensor:
@@ -93,7 +103,7 @@ class UnfoldingHead(nn.Module):
         if cfg_scale is not None and rows % 2:
             raise ValueError(f"CFG needs conditional and unconditional rows stacked ([2P, D]), got {rows} rows")
         cache = self.stack.new_kv_cache(capacity=self.seq_len) if use_cache else None  # static: written in place
-        x = self.cond_proj(h)[:, None]
+        x = c = self.cond_proj(h)[:, None]
         out: list[Tensor] = []
         seq = x
         for j in range(self.seq_len):
@@ -110,6 +120,8 @@ class UnfoldingHead(nn.Module):
             if j + 1 < self.seq_len:
                 fed = code.repeat(2) if cfg_scale is not None else code
                 x = (self.code_embed(fed) + self.pos_embed[j + 1])[:, None]
+                if self.condition == "every":
+                    x = x + c
                 if cache is None:
                     seq = torch.cat([seq, x], dim=1)
         return torch.stack(out, dim=1)
