@@ -119,3 +119,26 @@ def test_synth_help_describes_every_level(capsys):
     for name, level in LEVELS.items():
         assert name in out and level.summary in out
     assert "64 px, 1-3 objects centred in a 2x2 grid" in out
+
+
+def test_scoring_against_another_level_warns_with_both_names(tmp_path, capsys):
+    import io as _io
+
+    import torch
+
+    from synergen_lightning.eval.demo_report import checkpoint_level, warn_level_mismatch
+
+    assert synth_main(["--out", str(tmp_path / "demo"), *SMALL]) == 0
+    assert synth_main(["--out", str(tmp_path / "full"), "--level", "full", *SMALL]) == 0
+    ckpt = tmp_path / "last.ckpt"
+    # what `synergen fit` stores of the data: the sources (pretokenized copies live under the data directory)
+    torch.save({"state_dict": {}, "datamodule_hyper_parameters": {"sources": [
+        {"name": "gen", "urls": str(tmp_path / "full" / "codes" / "train" / "shard-*.tar"), "task": "generation"}]}},
+        ckpt)
+    assert checkpoint_level(str(ckpt)) == "full"
+    err = _io.StringIO()
+    assert warn_level_mismatch(str(ckpt), tmp_path / "demo", out=err) == ("full", "demo")
+    assert "trained on shape-world level 'full'" in err.getvalue() and "holds level 'demo'" in err.getvalue()
+    quiet = _io.StringIO()
+    warn_level_mismatch(str(ckpt), tmp_path / "full", out=quiet)
+    assert quiet.getvalue() == ""

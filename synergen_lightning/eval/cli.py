@@ -120,6 +120,10 @@ def report_main(argv: list[str] | None = None, model=None) -> int:
             progress=not a.no_progress and sys.stderr.isatty())
         inputs.validate()  # every input checked before the model is even loaded
         del ckpt
+        if model is None and ("geneval" in a.suite or "und" in a.suite):
+            from synergen_lightning.eval.demo_report import warn_level_mismatch
+
+            warn_level_mismatch(a.ckpt, Path(inputs.eval_prompts).parent)
         if model is None:
             model = load_system(a.ckpt, a.device, a.text_tokenizer, a.image_tokenizer)
         out = build_report(model, inputs, a.out, ckpt_name=a.ckpt, overwrite=a.overwrite)

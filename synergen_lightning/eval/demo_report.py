@@ -17,7 +17,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
 NUM_GRID_IMAGES = 48  # eight of each GenEval category (the eval prompts are round-robin over the six)
 NUM_GRID_ANSWERS = 16
@@ -27,18 +26,21 @@ def checkpoint_level(ckpt: str) -> str | None:
     """The shape-world level the checkpoint's last stage trained on (from its data sources' world.json), or None."""
     from synergen_lightning.world.shards import find_world_info
 
-    path = Path(ckpt)
-    if not path.is_file():  # sharded directories and exports keep no datamodule hyper-parameters
-        return None
-    try:
-        hp = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("datamodule_hyper_parameters") or {}
-    except Exception:  # noqa: BLE001 - an unreadable bookkeeping entry only means the level is unknown
-        return None
-    for source in hp.get("sources") or []:
+    for source in _data_hparams(ckpt).get("sources") or []:
         info = find_world_info(str(source.get("urls", "")))
         if info:
             return info["level"]
     return None
+
+
+def _data_hparams(ckpt: str) -> dict:
+    """The datamodule settings a checkpoint (file, sharded directory or export) was trained with; {} if unknown."""
+    from synergen_lightning.checkpoint import read_checkpoint_meta
+
+    try:
+        return read_checkpoint_meta(ckpt).get("datamodule_hyper_parameters") or {}
+    except (OSError, ValueError):
+        return {}
 
 
 def warn_level_mismatch(ckpt: str, data_dir: str | Path, out=sys.stderr) -> tuple[str | None, str | None]:
@@ -274,11 +276,5 @@ def main(argv: list[str] | None = None) -> int:
 
 def _views(ckpt: str) -> tuple[int, bool]:
     """(max_tiles, thumbnail) the checkpoint's last stage trained on (1, False when it does not say)."""
-    path = Path(ckpt)
-    hp = {}
-    if path.is_file():
-        try:
-            hp = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("datamodule_hyper_parameters") or {}
-        except Exception:  # noqa: BLE001 - without the bookkeeping the defaults hold
-            hp = {}
+    hp = _data_hparams(ckpt)
     return int(hp.get("max_tiles", 1)), bool(hp.get("thumbnail", False))
