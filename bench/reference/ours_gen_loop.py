@@ -37,6 +37,8 @@ def main(argv=None) -> None:
     p.add_argument("--fold", type=int, default=4, help="fold f: f x f codes per LLM token (the tiny recipes' 4)")
     p.add_argument("--head-layers", type=int, default=2, help="unfolding-head depth (the tiny recipes' 2)")
     p.add_argument("--head-condition", choices=["first", "every"], default="first", help="how h_i enters the head")
+    p.add_argument("--kv-heads", type=int, default=None,
+                   help="with --init random: a trunk of the base LLM's shape but this many KV heads (4 = plain MHA)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--init", choices=["base", "random"], default="base", help="trunk from the tiny base LLM or random")
@@ -53,11 +55,20 @@ def main(argv=None) -> None:
     demo, out = Path(a.demo), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     tok = str(demo / "runs/tiny/text_tokenizer")
-    m = SynerGenVL(base_llm=str(demo / "runs/tiny/base_llm/last.ckpt"), text_tokenizer=tok,
+    if a.kv_heads and a.init != "random":
+        p.error("--kv-heads changes the trunk's shape: use it with --init random")
+    shape = {}
+    if a.kv_heads:
+        from synergen_lightning.checkpoint import read_checkpoint_meta
+
+        base = read_checkpoint_meta(demo / "runs/tiny/base_llm/last.ckpt")["hyper_parameters"]["config"]
+        shape = {"base_llm": None, "llm": {**base, "num_kv_heads": a.kv_heads}}
+    m = SynerGenVL(**{"base_llm": str(demo / "runs/tiny/base_llm/last.ckpt"), **shape}, text_tokenizer=tok,
                    image_tokenizer=str(demo / "runs/tiny/tokenizer/checkpoints/last.ckpt"), codebook_size=2048,
                    image_size=a.image_size, downsample=8, fold=(a.fold, a.fold), code_dim=64, fold_output_rms=0.1,
                    fold_output_rms_learnable=False, head={"num_layers": a.head_layers, "condition": a.head_condition})
-    m._init_weights_for_fit("stage1")  # what `fit` does first: trunk from the base LLM, vision FFNs as its copies
+    if not a.kv_heads:
+        m._init_weights_for_fit("stage1")  # what `fit` does first: trunk from the base LLM, vision FFNs as its copies
     if a.init == "random":
         for mod in m.llm.modules():
             if isinstance(mod, (nn.Linear, nn.Embedding)):

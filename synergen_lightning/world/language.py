@@ -14,6 +14,7 @@ import numpy as np
 from .scene import Scene, relative_position
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 QA_KINDS = ("color", "shape", "count", "position", "relation", "yes_no", "text")
 
 
@@ -45,7 +46,9 @@ def region_phrase(region: str) -> str:
 
 def captions(scene: Scene, full: bool = False) -> list[str]:
     """Several phrasings of the scene, from detailed to GenEval-short. `full`: only phrasings that name every
-    object (a relation names two objects, so it is kept only for two-object scenes)."""
+    object (a relation names two objects, so it is kept only for two-object scenes), and there every relation
+    from both objects ("a circle left of a square", "a square right of a circle"): relations are the rarest
+    phrasing and the hardest to learn."""
     objs = scene.objects
     detailed = join_and([f"{article(o.size)} {o.size} {o.color} {o.shape} {region_phrase(o.region)}" for o in objs])
     colour_shape = join_and([f"{article(o.color)} {o.color} {o.shape}" for o in objs])
@@ -60,9 +63,11 @@ def captions(scene: Scene, full: bool = False) -> list[str]:
     if len(objs) >= 2 and not (full and len(objs) > 2):
         a, b = objs[0], objs[1]
         rels = sorted(relative_position(a.bbox, b.bbox))
-        if rels:
-            out.append(f"{article(a.shape)} {a.shape} {rels[0]} {article(b.shape)} {b.shape}")
-            out.append(f"{article(a.color)} {a.color} {a.shape} {rels[0]} {article(b.color)} {b.color} {b.shape}")
+        # every relation, from both objects (full captions), or the first relation of the first object
+        pairs = [(a, r, b) for r in rels] + [(b, OPPOSITE[r], a) for r in rels] if full else [(a, r, b) for r in rels[:1]]
+        for x, rel, y in pairs:
+            out.append(f"{article(x.shape)} {x.shape} {rel} {article(y.shape)} {y.shape}")
+            out.append(f"{article(x.color)} {x.color} {x.shape} {rel} {article(y.color)} {y.color} {y.shape}")
     if scene.texts:
         out.append(f"{colour_shape}, with a tiny {scene.texts[0].text} written {region_phrase(scene.texts[0].region)}")
     return out
