@@ -9,6 +9,8 @@ import pytest
 
 from synergen_lightning.world import CATEGORIES, captions, make_eval_prompts, qa_pairs, render_scene, sample_scene
 from synergen_lightning.world.cli import synth_main
+from synergen_lightning.world.language import OPPOSITE
+from synergen_lightning.world.scene import relative_position
 from synergen_lightning.world.levels import LEVELS, cell_box, get_level, sample_level_scene
 from synergen_lightning.world.prompts import prompt_scene, render_prompt
 from synergen_lightning.world.scorer import detect_objects, evaluate, score_images
@@ -56,6 +58,12 @@ def test_full_captions_name_every_object():
             named = sum(cap.count(sh) for sh in ("circle", "square", "triangle", "cross"))
             n_words = sum(cap.count(w) for w in ("two ", "three ", "four "))
             assert named + n_words >= len(s.objects) or cap.startswith(("one", "two", "three", "four")), (cap, s)
+    # a two-object scene gives every relation from both objects
+    two = next(s for seed in range(200) if len((s := sample_level_scene(np.random.default_rng(seed), level)).objects) == 2)
+    caps = captions(two, full=True)
+    a, b = two.objects
+    for rel in relative_position(a.bbox, b.bbox):
+        assert f"a {a.shape} {rel} a {b.shape}" in caps and f"a {b.shape} {OPPOSITE[rel]} a {a.shape}" in caps
     # the full level keeps its partial relation captions (rules unchanged)
     s = next(s for seed in range(200) if len((s := sample_scene(seed, text_prob=0)).objects) == 4)
     assert any(" left of " in c or " right of " in c or " above " in c or " below " in c for c in captions(s))
