@@ -156,7 +156,7 @@ def test_base_llm_recipe_parses_and_builds(tmp_path):
                          "--trainer.logger=false", "--trainer.callbacks=[]"], run=False)
     assert isinstance(cli.model, MMoELLM) and isinstance(cli.datamodule, TextDataModule)
     assert cli.datamodule.hparams.tokenizer_dir == str(tmp_path / "tok")
-    assert cli.model.model.config.hidden_size == 128 and cli.model.model.config.num_kv_heads == 2
+    assert cli.model.model.config.hidden_size == 128 and cli.model.model.config.num_kv_heads == 4  # one KV head per query head (docs/levels.md)
     assert 0.8e6 <= sum(p.numel() for p in cli.model.parameters()) <= 3e6
     assert cli.datamodule.hparams.train_repeats == [1, 5]  # the skill file oversampled
     cli.datamodule.setup()
