@@ -159,7 +159,7 @@ def test_synth_shards_read_back_with_webdataset(tmp_path):
 
 def test_text_corpus_holds_out_the_skill(tmp_path):
     out = tmp_path / "t"
-    assert synth_main(["--out", str(out), *SMALL]) == 0
+    assert synth_main(["--out", str(out), "--scene-qa-text", "bare", *SMALL]) == 0
     read = lambda name: [json.loads(x) for x in (out / "text" / name).read_text().splitlines()]  # noqa: E731
     train_text = {r["text"] for r in read("train.jsonl")}
     val_text = {r["text"] for r in read("val.jsonl")}

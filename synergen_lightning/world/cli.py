@@ -71,11 +71,11 @@ def synth_parser() -> argparse.ArgumentParser:
     p.add_argument("--colors", type=_csv("color", tuple(COLORS)), default=tuple(COLORS),
                    help=f"comma-separated subset of {','.join(COLORS)}")
     p.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality (default: 95)")
-    p.add_argument("--scene-qa-text", choices=SCENE_QA_TEXT, default="bare",
+    p.add_argument("--scene-qa-text", choices=SCENE_QA_TEXT, default=None,
                    help="the base LLM corpus's scene Q/A lines: 'bare' ('Q: What color is the circle? A: red', "
                         "the answer a guess), 'described' (behind the scene's description, as reading "
                         "comprehension; docs/understanding.md) or 'chat' (bare + the same pairs as chat turns: an "
-                        "instruction-tuned base like the paper's Table 7 LLM; docs/ablations.md) (default: bare)")
+                        "instruction-tuned base like the paper's Table 7 LLM; docs/ablations.md) (default: the level's)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -95,6 +95,7 @@ def synth_main(argv: list[str]) -> int:
     a.canvas = level.canvas if a.canvas is None else a.canvas
     a.max_objects = level.max_objects if a.max_objects is None else a.max_objects
     a.text_prob = level.text_prob if a.text_prob is None else a.text_prob
+    a.scene_qa_text = level.scene_qa_text if a.scene_qa_text is None else a.scene_qa_text
     if level.grid:
         if a.text_prob:
             parser.error(f"--text-prob {a.text_prob}: level {a.level!r} draws no characters; use --level full for them")

@@ -10,7 +10,9 @@ same rules and the same scorer at every level. The levers, easiest first:
 - **full captions**: every caption names every object (the full world also writes "a circle left of a square" for a
   four-object scene, a caption that does not determine its image);
 - **same_shape_prob**: how often a multi-object scene repeats one shape (in different colours), so counting
-  prompts ("three circles") are shown often enough to be learnt.
+  prompts ("three circles") are shown often enough to be learnt;
+- **scene_qa_text="described"**: the base LLM's corpus puts each scene question behind the scene's description, so
+  colour and shape words carry meaning the trunk must keep (with bare questions they are interchangeable guesses).
 
 `demo` is the tiny default (`make demo`); `full` is the world as it has always been drawn, the hardest level, whose
 rules and bytes do not change.
@@ -40,6 +42,7 @@ class Level:
     text_prob: float = 0.5  # probability of a tiny character to read
     full_captions: bool = False  # drop phrasings that name only part of the scene
     same_shape_prob: float = 0.0  # multi-object scenes that repeat one shape (counting)
+    scene_qa_text: str = "bare"  # how the base LLM's corpus holds the scene Q/A (text_corpus.SCENE_QA_TEXT)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,15 +52,17 @@ class Level:
         chars = "no characters" if self.text_prob == 0 else f"a tiny character in {self.text_prob:.0%} of scenes"
         return (f"{self.canvas} px, 1-{self.max_objects} objects {where}, size {'/'.join(self.sizes)}, "
                 f"{len(self.backgrounds)} background(s), {chars}, "
-                f"{'captions name every object' if self.full_captions else 'some captions name part of the scene'}")
+                f"{'captions name every object' if self.full_captions else 'some captions name part of the scene'}, "
+                f"base-LLM corpus: {self.scene_qa_text} scene Q/A")
 
 
 LEVELS: dict[str, Level] = {
     "demo": Level("demo", "the tiny default: one 4x4-folded token per object slot, learnt in a 2-core demo",
                   canvas=64, max_objects=3, grid=2, sizes=("large",), backgrounds=("white",), text_prob=0.0,
-                  full_captions=True, same_shape_prob=0.3),
+                  full_captions=True, same_shape_prob=0.3, scene_qa_text="described"),
     "grid": Level("grid", "a 128-px canvas of 4x4 slots, two sizes and backgrounds, still no characters",
-                  canvas=128, max_objects=4, grid=4, text_prob=0.0, full_captions=True, same_shape_prob=0.3),
+                  canvas=128, max_objects=4, grid=4, text_prob=0.0, full_captions=True, same_shape_prob=0.3,
+                  scene_qa_text="described"),
     "full": Level("full", "the full world: objects anywhere at any offset, tiny characters, partial captions",
                   canvas=128, max_objects=MAX_OBJECTS),
 }

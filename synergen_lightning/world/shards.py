@@ -97,7 +97,8 @@ def world_info(cfg: SynthConfig) -> dict:
     """What OUT/world.json records: the level by name, its rules, and the settings that override them."""
     return {"level": cfg.level, "rules": get_level(cfg.level).to_dict(), "canvas": cfg.canvas,
             "max_objects": cfg.max_objects, "text_prob": cfg.text_prob, "shapes": list(cfg.shapes),
-            "colors": list(cfg.colors), "seed": cfg.seed, "num_samples": cfg.num_samples}
+            "colors": list(cfg.colors), "scene_qa_text": cfg.scene_qa_text, "seed": cfg.seed,
+            "num_samples": cfg.num_samples}
 
 
 def read_world_info(data_dir) -> dict | None:
