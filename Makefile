@@ -178,7 +178,7 @@ eval: $(VENV)  ## report of the latest tiny run (every tiny stage trains one nat
 geneval-gt: $(DATA_OK)  ## sanity check: the scorer on the world's own renders (expect 1.0)
 	$(SYN) eval geneval --prompts $(DATA)/eval_prompts.jsonl --ground-truth --out runs/geneval_gt.json
 
-test: $(VENV)  ## the test suite CI runs: every fast test plus one short end-to-end run (< 10 min on 2 cores)
+test: $(VENV)  ## the test suite CI runs: every fast test plus the short end-to-end runs (< 10 min on 2 cores)
 	$(PY) -m pytest -q -m "not slow or e2e"
 
 test-fast: $(VENV)  ## only the fast tests
