@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from .language import NUMBER_WORDS, article, plural
+from .language import NUMBER_WORDS, OPPOSITE, article, plural
 from .scene import (
     BACKGROUNDS,
     COLORS,
@@ -34,7 +34,6 @@ from .scene import (
 
 CATEGORIES: tuple[str, ...] = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
-OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 COUNTS = (2, 3, 4)
 
 
