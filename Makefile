@@ -166,7 +166,7 @@ $(DEMO): $(SFT_DONE)
 	$(SYN) demo report --ckpt $(SFT_CKPT) --curve $(S1_CKPT) $(S2_CKPT) --base-llm $(BASE_CKPT) --data $(DATA) --out runs/demo --cfg $(DEMO_CFG)
 	@cat $@
 
-ablations: $(DATA_OK) $(VQ_CKPT) $(BASE_DONE)  ## the paper's Tables 6 and 7 in miniature -> runs/ablations/results.json + docs/ablations.md (ARGS="--seeds 0 --only folding" or --quick)
+ablations: $(DATA_OK) $(VQ_CKPT) $(BASE_DONE)  ## the paper's Tables 6 and 7 in miniature on the full level (make ablations LEVEL=full) -> runs/ablations/results.json + docs/ablations.md (ARGS="--seeds 0 --only folding" or --quick)
 	$(SYN) ablations run $(ARGS)
 
 EVAL_SUITES ?= geneval,und,text
