@@ -2,7 +2,6 @@
 steps each, chained checkpoints), then `synergen generate`, `synergen answer` and `synergen demo report`."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -16,23 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_tiny_stage_chain_generate_answer_report(tmp_path, monkeypatch):
-    import yaml
+    from tests.tiny_world import make_tiny_world
 
-    from synergen_lightning.image_tokenizer.vq_tokenizer import VQTokenizer
-    from synergen_lightning.llm import MMoELLM
-    from synergen_lightning.text_tokenizer import train_bpe
-
+    make_tiny_world(tmp_path, num_samples=240)
     monkeypatch.chdir(tmp_path)
-    assert synergen(["data", "synth", "--out", "data/tiny", "--num-samples", "240", "--shard-size", "120",
-                     "--num-eval-prompts", "12", "--workers", "1", "--no-progress"]) == 0
-    train_bpe(["data/tiny/text/train.jsonl"], 512, "runs/tiny/text_tokenizer")
-    os.makedirs("runs/tiny/base_llm")
-    MMoELLM(config=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64),
-            tokenizer_dir="runs/tiny/text_tokenizer").save_checkpoint_file("runs/tiny/base_llm/last.ckpt")
-    vq = VQTokenizer(**yaml.safe_load((ROOT / "recipes/tiny/tokenizer.yaml").read_text())["model"]["init_args"])
-    os.makedirs("runs/tiny/tokenizer/checkpoints")
-    torch.save({"hyper_parameters": dict(vq.hparams), "state_dict": vq.state_dict()},
-               "runs/tiny/tokenizer/checkpoints/last.ckpt")
     quick = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
              "--data.init_args.num_workers", "0", "--data.init_args.shuffle_buffer", "16",
              "--data.init_args.batch_size", '{"generation": 2, "understanding": 2, "text": 2}']
@@ -49,8 +35,12 @@ def test_tiny_stage_chain_generate_answer_report(tmp_path, monkeypatch):
     assert synergen(["answer", "--ckpt", "runs/tiny/sft/last.ckpt", "--image", "gen/000_00.png", "--question",
                      "How many shapes are there?", "--device", "cpu"]) == 0
     assert synergen(["demo", "report", "--ckpt", "runs/tiny/sft/last.ckpt", "--base-llm", "runs/tiny/base_llm/last.ckpt",
-                     "--out", "runs/demo", "--und-questions", "8", "--text-examples", "8", "--device", "cpu"]) == 0
+                     "--curve", "runs/tiny/stage1/last.ckpt", "runs/tiny/stage2/last.ckpt", "--curve-prompts", "4",
+                     "--curve-questions", "4", "--out", "runs/demo", "--und-questions", "8", "--text-examples", "8",
+                     "--device", "cpu"]) == 0
     report = json.loads(Path("runs/demo/report.json").read_text())
+    assert report["level"] == report["trained_level"] == "demo"  # data/tiny's world.json, through the checkpoint
+    assert [c["stage"] for c in report["curve"]] == ["stage1", "stage2", "sft"] and Path("runs/demo/curve.png").is_file()
     assert set(report["geneval"]) >= {"overall", "single_object", "two_objects", "counting", "colors", "position",
                                       "color_attr"}
     assert {"accuracy", "prior_accuracy", "top_answer_share"} <= set(report["und"]) and {"accuracy_base", "accuracy_final"} <= set(report["text"])
