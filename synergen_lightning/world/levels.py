@@ -57,7 +57,7 @@ class Level:
 
 
 LEVELS: dict[str, Level] = {
-    "demo": Level("demo", "the tiny default: one 4x4-folded token per object slot, learnt in a 2-core demo",
+    "demo": Level("demo", "the tiny default, sized for a 2-core demo: one 4x4-folded token per object slot",
                   canvas=64, max_objects=3, grid=2, sizes=("large",), backgrounds=("white",), text_prob=0.0,
                   full_captions=True, same_shape_prob=0.3, scene_qa_text="described"),
     "grid": Level("grid", "a 128-px canvas of 4x4 slots, two sizes and backgrounds, still no characters",
