@@ -132,7 +132,9 @@ endif
 # the stages read pretokenized views of the whole canvas (KEY.codes.npy): the frozen tokenizer's encode would otherwise cost ~1/4
 # of every step; `synergen fit` without SYNERGEN_TINY_SHARDS encodes on the fly from data/tiny instead.
 # PRETOKENIZE_LOG=FILE sends the output to FILE (make demo pretokenizes beside the base LLM's training)
+# the codes of another tokenizer must not survive (pretokenize resumes by skipping shards that exist): start empty
 $(CODES_OK): $(VQ_CKPT)
+	rm -rf $(CODES)
 	$(call logged,$(PRETOKENIZE_LOG),pretokenizing the $(CANVAS)-px views,\
 	  $(SYN) data pretokenize --tokenizer $(VQ_CKPT) --in $(DATA)/train --out $(CODES)/train --task generation --image-size $(CANVAS) --workers $(PRETOKENIZE_WORKERS) && \
 	  $(SYN) data pretokenize --tokenizer $(VQ_CKPT) --in $(DATA)/val --out $(CODES)/val --task generation --image-size $(CANVAS))

@@ -120,3 +120,11 @@ def test_level_and_seed_reach_every_step():
     demo = dry_run("runs/tiny/sft/.done", "data/tiny/codes/.done")
     assert "data synth --level demo" in demo and "canvas128" not in demo
     assert set(re.findall(r"pretokenize .*--image-size (\d+)", demo)) == {"64"}
+
+
+def test_a_new_tokenizer_pretokenizes_from_scratch():
+    """Pretokenize resumes by skipping shards that exist; after the tokenizer is trained again (another SEED, a new
+    recipe) the old codes would survive beside the new tokenizer. The rule clears them first."""
+    lines = dry_run("data/tiny/codes/.done").splitlines()
+    clear = lines.index("rm -rf data/tiny/codes")
+    assert clear < next(i for i, line in enumerate(lines) if "data pretokenize" in line)
