@@ -212,6 +212,15 @@ def test_pretokenize_writes_codes_resumes_and_skips_broken(trained, tmp_path, ca
     redone = _read(out / "shard-000001.tar")
     assert {np.load(io.BytesIO(s["codes.npy"])).shape for s in redone.values()} == {(5, 4, 4)}  # 2x2 tiles of the 128 canvas + thumbnail
 
+    # a tokenizer trained again at the same path: resuming would keep the old tokenizer's codes, so it is refused
+    (out / "shard-000001.tar").unlink()
+    new_ckpt = tmp_path / "retrained.ckpt"
+    new_ckpt.write_bytes(ckpt.read_bytes())
+    with pytest.raises(SystemExit) as e:
+        pretokenize_main(["--tokenizer", str(new_ckpt), "--in", str(src), "--out", str(out), "--image-size", "32"])
+    assert e.value.code == 2 and "pretokenized with another tokenizer" in capsys.readouterr().err
+    assert not (out / "shard-000001.tar").exists()
+
 
 def test_pretokenize_workers_write_the_same_shards(trained, tmp_path, capsys):
     """`--workers 2` (one process per shard, as make demo runs it on 2 cores) writes byte-identical codes and

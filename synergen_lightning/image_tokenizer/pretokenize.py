@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import time
 from pathlib import Path
@@ -110,6 +111,17 @@ def _count_samples(shard: Path) -> int:
         return len({m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()})
 
 
+PRETOKENIZE_STAMP = ".pretokenize.json"  # OUT's tokenizer, checked before resuming
+
+
+def _file_identity(path: str) -> dict:
+    """The tokenizer as a resume check sees it: its resolved path, size and modification time (a retrained
+    checkpoint at the same path differs)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="synergen data pretokenize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="VQTokenizer .ckpt or a local Emu3/Chameleon VQ directory")
@@ -144,6 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     if len({s.name for s in shards}) != len(shards):
         p.error("input shards have repeated file names; --out keeps names, so give shards from one directory")
+    # resuming keeps finished shards, so they must come from this very tokenizer
+    settings = {"tokenizer": _file_identity(args.tokenizer)}
+    stamp = out_dir / PRETOKENIZE_STAMP
+    previous = json.loads(stamp.read_text()) if stamp.is_file() else None
+    if previous is not None and previous != settings and any((out_dir / s.name).exists() for s in shards):
+        p.error(f"--out {out_dir} holds shards pretokenized with another tokenizer ({previous['tokenizer']['path']}, "
+                f"as {stamp} records); resuming would mix the codes of two tokenizers: delete it or choose another --out")
+    stamp.write_text(json.dumps(settings))
     todo = [s for s in shards if not (out_dir / s.name).exists()]
     done = len(shards) - len(todo)
     if done:
