@@ -9,8 +9,8 @@ its own code embedding, position embedding and VQ classifier:
 
 The paper leaves open how h_i enters the head. `condition="first"` feeds it as the first input only;
 `condition="every"` also adds it to every later input, so each code reads the patch's condition directly
-instead of through the head's own attention (on the shape world the first-input head learns an object's
-shape from h_i but not its colour, though h_i carries the colour: docs/levels.md).
+instead of through the head's own attention (on the shape world's demo level the first-input head mixes
+objects inside a patch; docs/levels.md).
 
 Training runs every patch of the batch in parallel as one batch of length-m*n teacher-forced
 sequences (`forward`); decoding is KV-cached, one code per step, with classifier-free guidance
