@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -64,37 +65,21 @@ class _Slots:
 SLOT = _Slots(SLOTS)
 
 
-_PORTS_LOCK, _PORTS_GIVEN = threading.Lock(), set()
+# one multi-process command at a time: two launched together can be given the same rendezvous port (EADDRINUSE)
+MULTI_RANK = threading.Lock()
 
 
-def _free_port() -> int:
-    """A port no other command of this test was given: the modes' multi-process runs start side by side, and two
-    rendezvous on one port fail with EADDRINUSE."""
-    import socket
-
-    with _PORTS_LOCK:
-        while True:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
-            if port not in _PORTS_GIVEN:
-                _PORTS_GIVEN.add(port)
-                return port
-
-
-def _env(ranks: int = 1) -> dict:
+def _env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNERGEN_")}  # the recipes' own defaults
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    if ranks > 1:
-        env["MASTER_PORT"] = str(_free_port())
     return env
 
 
 def synergen(cwd: Path, *args: str, ranks: int = 1, timeout: float = 300) -> str:
     """`synergen ARGS` in `cwd`; its output, or a failure with the command and the tail of its output."""
     shown = f"`synergen {' '.join(args)}` (in {cwd})"
-    with SLOT.take(ranks):
-        proc = subprocess.Popen([*SYNERGEN, *args], cwd=cwd, env=_env(ranks), stdout=subprocess.PIPE,
+    with SLOT.take(ranks), (MULTI_RANK if ranks > 1 else contextlib.nullcontext()):
+        proc = subprocess.Popen([*SYNERGEN, *args], cwd=cwd, env=_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         try:
             out, _ = proc.communicate(timeout=timeout)
