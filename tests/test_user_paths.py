@@ -69,8 +69,13 @@ SLOT = _Slots(SLOTS)
 MULTI_RANK = threading.Lock()
 
 
+# set in this process by earlier in-process distributed tests; a command must pick its own rendezvous
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
+
+
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNERGEN_")}  # the recipes' own defaults
+    env = {k: v for k, v in os.environ.items()  # the recipes' own defaults, and no inherited rendezvous
+           if not k.startswith("SYNERGEN_") and k not in DIST_ENV}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return env
 
