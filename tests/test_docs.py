@@ -192,8 +192,8 @@ def test_every_quoted_make_target_exists():
 SYNERGEN = re.compile(r"(?:^|[\s;&|(/])synergen\s+([a-z][a-z-]*)(?:\s+([a-z][a-z-]*))?([^;&|#]*)")
 
 
-def _help(words: tuple[str, ...]) -> str | None:
-    """The --help text of `synergen WORDS`, or None when it is no command."""
+def _help(words: tuple[str, ...], sub: str | None = None) -> str | None:
+    """The --help text of `synergen WORDS [SUB]` (SUB: a sub-command of its own parser), or None when it is none."""
     from synergen_lightning import cli
 
     if words[0] in cli.LIGHTNING_SUBCOMMANDS:
@@ -204,7 +204,7 @@ def _help(words: tuple[str, ...]) -> str | None:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(io.StringIO()):
         try:
-            func(["--help"])
+            func(([sub] if sub else []) + ["--help"])
         except SystemExit as exc:
             if exc.code not in (0, None):
                 return None
@@ -214,7 +214,7 @@ def _help(words: tuple[str, ...]) -> str | None:
 def test_every_quoted_synergen_command_parses():
     from synergen_lightning import cli
 
-    helps: dict[tuple[str, ...], str | None] = {}
+    helps: dict = {}
     bad = []
     for p in QUOTING:
         for i, code in _quoted_code(p):
@@ -225,9 +225,12 @@ def test_every_quoted_synergen_command_parses():
                 words = (first, second) if (first, second) in cli.COMMANDS else (first,)
                 if second and words == (first,):
                     rest = f"{second} {rest}"
+                sub = re.match(r"\s*([a-z][a-z-]*)\b", rest)
+                if sub and (words, sub.group(1)) not in helps:
+                    helps[words, sub.group(1)] = _help(words, sub.group(1))
                 if words not in helps:
                     helps[words] = _help(words)
-                text = helps[words]
+                text = (sub and helps[words, sub.group(1)]) or helps[words]
                 where = f"{p.relative_to(ROOT)}:{i}: synergen {' '.join(words)}"
                 if text is None:
                     bad.append(f"{where}: no such command")
