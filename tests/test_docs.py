@@ -44,6 +44,10 @@ PROCESS = [
 DATE = re.compile(r"\b20\d\d-\d\d-\d\d\b")
 COMMIT = re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,40}\b")
 RUNS = re.compile(r"\bruns/([A-Za-z0-9_-]+)")
+MARKDOWN = re.compile(r"(?<![\w.-])((?:[\w-]+/)*[\w-]+\.md)\b")
+# markdown files the product writes: `make ablations` -> docs/ablations.md, `make bench` -> bench/results.md, and the
+# --quick / --doc outputs of `synergen ablations run`
+WRITTEN_MD = {"docs/ablations.md", "ablations.md", "bench/results.md", "results.md", "report.md"}
 
 
 def _docstrings(tree: ast.AST) -> list[tuple[int, str]]:
@@ -115,10 +119,14 @@ def _product_texts() -> list[tuple[str, int, str, bool]]:
 
 def test_product_text_speaks_of_the_product():
     runs = _product_run_folders()
+    markdown = {str(p.relative_to(ROOT)) for p in ROOT.glob("**/*.md") if ".venv" not in p.parts}
+    markdown |= {p.rsplit("/", 1)[-1] for p in markdown} | {p.split("/", 1)[-1] for p in markdown if "/" in p}
     bad = []
     for where, line, text, dated in _product_texts():
         found = [what for pattern, what in PROCESS if pattern.search(text)]
         found += [f"runs/{f}/ (not written by the product)" for f in RUNS.findall(text) if f not in runs]
+        found += [f"{m} (no such file)" for m in MARKDOWN.findall(text)
+                  if m not in markdown and m.rsplit("/", 1)[-1] not in WRITTEN_MD]
         if not dated:
             found += ["a date (dates belong in RESULTS.md)"] * bool(DATE.search(text))
             found += ["a commit hash (commits belong in RESULTS.md)"] * bool(COMMIT.search(text))
