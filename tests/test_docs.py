@@ -1,6 +1,6 @@
 """The documentation stays a product's documentation, and what it quotes works.
 
-- Product text (README, CHANGELOG, docs/, RESULTS.md, recipe comments, and the comments and docstrings of the code)
+- Product text (README, CHANGELOG, docs/, RESULTS.md, recipe and Makefile comments, the code's comments and docstrings)
   speaks of the product, not of how it was built: no work sessions, issue numbers, scratch paths outside the
   repository, "this machine", or git-ignored folders the product does not write. Outside RESULTS.md (the one page
   that states when and where each figure was measured) there are no dates and no commit hashes either.
@@ -112,6 +112,9 @@ def _product_texts() -> list[tuple[str, int, str, bool]]:
                 out.append((str(p.relative_to(ROOT)), i, line, p.name == "RESULTS.md"))
     for p in RECIPES:
         out += [(str(p.relative_to(ROOT)), i, c, False) for i, c in _yaml_split(p)[0]]
+    for i, line in enumerate((ROOT / "Makefile").read_text().splitlines(), 1):
+        if "#" in line:
+            out.append(("Makefile", i, line[line.index("#"):], False))
     for p in CODE:
         out += [(str(p.relative_to(ROOT)), i, c, True) for i, c in _code_prose(p)]
     return out
@@ -154,7 +157,7 @@ def test_every_relative_link_resolves():
 
 def _quoted_code(path: Path) -> list[tuple[int, str]]:
     """(line, text) of the inline code spans and fenced code blocks of a markdown file; continued lines joined."""
-    out, fence, block = [], False, []
+    out, fence, block, prose = [], False, [], []
     for i, line in enumerate(path.read_text().splitlines(), 1):
         if line.lstrip().startswith("```"):
             if fence:
@@ -164,10 +167,12 @@ def _quoted_code(path: Path) -> list[tuple[int, str]]:
                 block = []
             fence = not fence
             continue
-        if fence:
-            block.append((i, line))
-        else:
-            out += [(i, span) for span in re.findall(r"`([^`]+)`", line)]
+        (block if fence else prose).append((i, line))
+    # inline spans may wrap onto the next line: pair the backticks over the whole prose
+    text = "\n".join(t for _, t in prose)
+    lines = [i for i, _ in prose]
+    for m in re.finditer(r"`([^`]+)`", text):
+        out.append((lines[text.count("\n", 0, m.start())], m.group(1).replace("\n", " ")))
     return out
 
 
