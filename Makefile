@@ -131,8 +131,8 @@ ifdef FORCE
 $(foreach s,$(filter stage1 stage2 sft,$(or $(MAKECMDGOALS),x)),$(shell rm -f runs/tiny/$(s)/.done runs/tiny/$(s)/*.ckpt))
 endif
 
-# the stages read pretokenized views of the whole canvas (KEY.codes.npy): the frozen tokenizer's encode would otherwise cost ~1/4
-# of every step; `synergen fit` without SYNERGEN_TINY_SHARDS encodes on the fly from data/tiny instead.
+# the stages read pretokenized views of the whole canvas (KEY.codes.npy): the frozen tokenizer's encode would otherwise cost a
+# good share of every step; `synergen fit` without SYNERGEN_TINY_SHARDS encodes on the fly from data/tiny instead.
 # PRETOKENIZE_LOG=FILE sends the output to FILE (make demo pretokenizes beside the base LLM's training)
 # the codes of another tokenizer must not survive (pretokenize resumes by skipping shards that exist): start empty
 $(CODES_OK): $(VQ_CKPT)
