@@ -4,7 +4,8 @@
   speaks of the product, not of how it was built: no work sessions, issue numbers, scratch paths outside the
   repository, "this machine", or git-ignored folders the product does not write. Outside RESULTS.md (the one page
   that states when and where each figure was measured) there are no dates and no commit hashes either.
-- Every relative link in README and docs/ resolves to a file of the repository.
+- Every relative link in README, RESULTS, CHANGELOG and docs/ resolves to a file of the repository (and a heading
+  of it, when it names one).
 - Every `make TARGET` quoted in README and docs/ is a target of the Makefile, and every `synergen ...` command quoted
   there is a command whose `--help` parses, with each of its quoted `--options` listed in that help.
 """
@@ -140,6 +141,17 @@ def test_product_text_speaks_of_the_product():
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 
+def _anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a markdown file's headings (lower case, punctuation dropped, spaces -> '-')."""
+    out, fence = set(), False
+    for line in path.read_text().splitlines():
+        fence ^= line.lstrip().startswith("```")
+        m = None if fence else re.match(r"#{1,6}\s+(.*)", line)
+        if m:
+            out.add(re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-"))
+    return out
+
+
 def test_every_relative_link_resolves():
     bad = []
     for p in LINKED:
@@ -147,11 +159,14 @@ def test_every_relative_link_resolves():
             continue
         for i, line in enumerate(p.read_text().splitlines(), 1):
             for target in LINK.findall(line):
-                if re.match(r"[a-z]+:", target) or target.startswith("#"):
+                if re.match(r"[a-z]+:", target):
                     continue
-                path = (p.parent / target.split("#")[0]).resolve()
-                if not path.exists() or ROOT not in path.parents:
+                file, _, anchor = target.partition("#")
+                path = (p.parent / file).resolve() if file else p
+                if not path.exists() or (ROOT not in path.parents and path != ROOT):
                     bad.append(f"{p.relative_to(ROOT)}:{i}: {target}")
+                elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
+                    bad.append(f"{p.relative_to(ROOT)}:{i}: {target} (no such heading)")
     assert not bad, "broken relative links:\n" + "\n".join(bad)
 
 
