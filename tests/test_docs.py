@@ -110,7 +110,8 @@ def _product_texts() -> list[tuple[str, int, str, bool]]:
     for p in PROSE:
         if p.exists():
             for i, line in enumerate(p.read_text().splitlines(), 1):
-                out.append((str(p.relative_to(ROOT)), i, line, p.name == "RESULTS.md"))
+                # RESULTS.md and the tables `make ablations` writes state when and where they were measured
+                out.append((str(p.relative_to(ROOT)), i, line, p.name in ("RESULTS.md", "ablations.md")))
     for p in RECIPES:
         out += [(str(p.relative_to(ROOT)), i, c, False) for i, c in _yaml_split(p)[0]]
     for i, line in enumerate((ROOT / "Makefile").read_text().splitlines(), 1):
