@@ -5,7 +5,8 @@
 #   make test                       the test suite (make test-fast: without the slow end-to-end tests)
 #   make stage1 DEVICES=2           shard the tiny stage 1 over 2 CPU processes (FSDP2, gloo)
 #   make stage1 DEVICES=2 STRATEGY=ddp   the same with full copies (DDP: faster for a model that fits in one process)
-#   make stage1 RECIPE=recipes/synergen_vl_2b/stage1.yaml DEVICES=8    any recipe, any world size
+#   make stage1 RECIPE=recipes/synergen_vl_2b/stage1.yaml DEVICES=8 ARGS="--trainer.num_nodes 1 --trainer.accumulate_grad_batches 32"
+#                                   any recipe as written plus ARGS (here: the 2b stage 1 on one 8-GPU node)
 # the training seed of the tokenizer, the base LLM and the stages (the data stay the same); another SEED retrains them
 SEED    ?= 0
 # the shape world's level (synergen data synth --help): demo (64 px, learnt in minutes), grid or full (128 px)
@@ -16,8 +17,8 @@ SYN     := .venv/bin/synergen
 VENV    := .venv/.installed
 DATA    := data/tiny
 DEVICES ?= 1
-# the tiny models run fastest on one intra-op thread (measured on 2 cores: 0.21 vs 0.62 s/step for the base LLM
-# at 1 vs 2 threads under load); set OMP_NUM_THREADS yourself for bigger models
+# the tiny models run fastest on one intra-op thread (RESULTS.md: the base LLM at 1 vs 2 threads); set
+# OMP_NUM_THREADS yourself for bigger models
 export OMP_NUM_THREADS ?= 1
 ARGS    ?=
 
@@ -41,7 +42,7 @@ SFT_DONE  := $(dir $(SFT_CKPT)).done
 CODES     := $(DATA)/codes
 CODES_OK  := $(CODES)/.done
 DEMO      := runs/demo/report.json
-# the demo's CFG scale: the paper's 7.5 scatters blobs over a tiny model's images (RESULTS.md: 0.63 at 3, 0.34 at 7.5)
+# the demo's CFG scale: the paper's 7.5 scatters blobs over a tiny model's images (RESULTS.md)
 DEMO_CFG  ?= 3
 SEED_OK   := runs/tiny/.seed-$(SEED)
 
@@ -53,7 +54,8 @@ STRATEGY_CLASS := synergen_lightning.distributed.$(if $(filter ddp,$(STRATEGY)),
 MULTI     := $(filter-out 1,$(DEVICES))
 FIT_FLAGS := --trainer.devices $(DEVICES) $(if $(MULTI),--trainer.strategy.class_path $(STRATEGY_CLASS)) $(ARGS)
 # the tiny stages keep their recipe's batch as the GLOBAL batch at any DEVICES (split over the processes), so
-# the recipe's hyper-parameters hold; an explicit RECIPE sets its own (the 2b recipes: global_batch_size)
+# the recipe's hyper-parameters hold; an explicit RECIPE runs as written (the 2b recipes: a per-rank batch_size,
+# so their global batch grows with DEVICES; docs/distributed.md)
 TINY_FIT_FLAGS := --trainer.devices $(DEVICES) $(if $(MULTI),--trainer.strategy.class_path $(STRATEGY_CLASS) --trainer.strategy.init_args.global_batch_size datamodule) $(ARGS)
 # usable cores; `nproc` alone obeys OMP_NUM_THREADS, which this Makefile exports as 1 (a sub-make, or make >= 4.4,
 # would then count one core)
@@ -129,8 +131,8 @@ ifdef FORCE
 $(foreach s,$(filter stage1 stage2 sft,$(or $(MAKECMDGOALS),x)),$(shell rm -f runs/tiny/$(s)/.done runs/tiny/$(s)/*.ckpt))
 endif
 
-# the stages read pretokenized views of the whole canvas (KEY.codes.npy): the frozen tokenizer's encode would otherwise cost ~1/4
-# of every step; `synergen fit` without SYNERGEN_TINY_SHARDS encodes on the fly from data/tiny instead.
+# the stages read pretokenized views of the whole canvas (KEY.codes.npy): the frozen tokenizer's encode would otherwise cost a
+# good share of every step; `synergen fit` without SYNERGEN_TINY_SHARDS encodes on the fly from data/tiny instead.
 # PRETOKENIZE_LOG=FILE sends the output to FILE (make demo pretokenizes beside the base LLM's training)
 # the codes of another tokenizer must not survive (pretokenize resumes by skipping shards that exist): start empty
 $(CODES_OK): $(VQ_CKPT)

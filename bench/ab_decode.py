@@ -6,7 +6,7 @@ greedy CFG codes are asserted identical before timing. Measured, CPU time per un
 order of before/after alternating per round): the head's KV-cached decode (1 row; CFG 2 rows) per code, the
 LLM's decode step (CFG rows, left-padded prompts), and `generate_codes` of one image with and without CFG.
 
-    .venv/bin/python bench/ab_decode.py --rev 9a9395d~1 --grid 32 --rounds 5 --out runs/exp_perf2/ab_decode.json
+    .venv/bin/python bench/ab_decode.py --rev REV --grid 32 --rounds 5 --out runs/bench/ab_decode.json
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ SynerGenVL training loop fed by the DataModule. Prints a table and writes JSON.
 Pretokenized loading is also measured with the previous reading path (`tarfile` + `np.load`, kept as
 `sources.iter_shard_tarfile`) in the same process, interleaved batch-chunk by batch-chunk with the
 current one so that load from other processes hits both alike; `ratio_vs_previous_reader` is the
-speed-up. Issue 5 target: >= 10,000 pretokenized samples/s per worker (tiny default: 8x8 codes).
+speed-up. Target: >= 10,000 pretokenized samples/s per worker (tiny default: 8x8 codes).
 
     .venv/bin/python bench/bench_data.py --out bench/results_data.json
 """
@@ -35,7 +35,7 @@ from synergen_lightning.data.synthetic import write_shards, write_text_jsonl  # 
 from synergen_lightning.text_tokenizer import train_bpe  # noqa: E402
 
 
-TARGET_SAMPLES_PER_S = 10_000  # issue 5: pretokenized samples/s per worker
+TARGET_SAMPLES_PER_S = 10_000  # the data loader's target: pretokenized samples/s per worker
 
 
 def previous_load_npy(raw: bytes, key: str):

@@ -11,7 +11,7 @@ Each comparison is timed in one interleaved loop (median, spread), at one torch 
   train     image codes per second of a training step (fwd+bwd), one generation sample per image
   generate  wall time of one image (all h*w codes), temperature 1; folded with CFG vs without
   narrow    the same training/generation rows with a narrower head (LLM width / 2, / 4; same depth, same
-            head_dim, FFN scaled alike): the paper never gives the head's width (PAPER.md, UNSPECIFIED)
+            head_dim, FFN scaled alike): the paper never gives the head's width (unspecified)
   batch     images/s generating `gen_batch` images in one batch vs one at a time (separate row)
   memory    peak resident memory of a training step (fresh process per probe), with/without activation
             checkpointing (`distributed._checkpoint_block`, as FSDP2Strategy applies it) and with/without folding

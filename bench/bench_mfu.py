@@ -1,4 +1,4 @@
-"""Model FLOPs utilisation of a training step, against this machine's measured matmul peak, side by side.
+"""Model FLOPs utilisation of a training step, against the host's measured matmul peak, side by side.
 
 CPU (default): the MMoE trunk (`MMoETransformer`, LM loss) at a mid-size configuration (width 512,
 8 layers, 1,024 tokens), fp32, `--threads` torch threads. In one interleaved loop the suite times

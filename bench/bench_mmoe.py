@@ -11,7 +11,7 @@ mmoe_0 / hf_qwen2 (target <= 1.0), and what the idle vision experts cost a text-
 mmoe_0 / dense_0 (no target; their zero gradients are kept on purpose). Prints a table and writes JSON.
 
     .venv/bin/python bench/bench_mmoe.py --out runs/bench/mmoe.json
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_mmoe.py --threads 1 --repeats 15   # the figures in docs/performance.md
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_mmoe.py --threads 1 --repeats 15   # the figures in RESULTS.md
 
 `--quick` shrinks every size (seconds; for the suite's test). `bench/run_all.py` runs it in `make bench`.
 """

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class TooLarge(Exception):
-    """A configuration that cannot run on this machine; the suite records the message and skips it."""
+    """A configuration that cannot run on the host; the suite records the message and skips it."""
 
 
 def machine_info(device: str = "cpu", threads: int | None = None) -> dict:

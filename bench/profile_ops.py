@@ -1,4 +1,4 @@
-"""Op-level profiles behind docs/performance.md (torch.profiler, one thread): where the time goes.
+"""Op-level profiles (docs/benchmarks.md; torch.profiler, one thread): where the time goes.
 
     .venv/bin/python bench/profile_ops.py mfu     # MFU step: width 512, 8 layers, 1,024 tokens
     .venv/bin/python bench/profile_ops.py head    # UnfoldingHead.generate: CPU per code, aten calls per code

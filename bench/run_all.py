@@ -10,7 +10,7 @@ Benchmarks (each a side-by-side comparison timed in interleaved repeats, medians
   dataparallel bench_data_parallel.py  the tiny stage 1 in 1 process vs 2 (DDP, FSDP2), same global batch
                               (needs the tiny artefacts: skipped without them, and with --quick)
 
-A configuration too large for this machine is skipped with a one-line message (recorded under
+A configuration too large for the host is skipped with a one-line message (recorded under
 "skipped"), never crashed. Every ratio is formed inside one benchmark run on one machine; the
 results carry the machine fingerprint and the load average before/after (shared machines are noisy).
 

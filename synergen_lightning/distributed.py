@@ -1,4 +1,4 @@
-"""FSDP2 across processes, GPUs and nodes, on Lightning's `ModelParallelStrategy` (DESIGN.md §6).
+"""FSDP2 across processes, GPUs and nodes, on Lightning's `ModelParallelStrategy` (docs/distributed.md).
 
 Two pieces, in torchtitan's shape:
 

@@ -1,4 +1,4 @@
-"""The stage table: which named parameter groups train in each stage (DESIGN.md §3).
+"""The stage table: which named parameter groups train in each stage.
 
 The model owns the partition (`SynerGenVL.parameter_groups()`); a stage names groups, never
 parameter-name substrings, so a typo is an error instead of a silent no-op. `callbacks/stages.py`
@@ -21,7 +21,7 @@ PARAMETER_GROUPS: tuple[str, ...] = (
 
 IMAGE_SPECIFIC = ("image_embed_fold", "vision_ffn", "unfolding_head", "special_token_embeddings")
 
-# lr: peak learning rate of the stage (PAPER.md §2.2 Table 8); the tiny recipes override it.
+# lr: peak learning rate of the stage (the paper's Table 8); the tiny recipes override it.
 STAGES: dict[str, dict] = {
     "stage1": {"trainable": IMAGE_SPECIFIC, "lr": 1e-4, "schedule": "constant", "weight_decay": 0.05},
     "stage2": {"trainable": IMAGE_SPECIFIC + ("self_attention",), "lr": 5e-5, "schedule": "cosine", "weight_decay": 0.05},

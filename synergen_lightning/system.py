@@ -264,7 +264,7 @@ class SynerGenVL(LightningModule):
         return self.folder.tokens_per_view
 
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """The model's own partition into the named groups of DESIGN.md §3 (every parameter exactly once)."""
+        """The model's own partition into the named groups of the stage table (every parameter exactly once)."""
         groups: dict[str, list] = {g: [] for g in PARAMETER_GROUPS}
         for name, p in self.named_parameters():
             if name.startswith("folder."):

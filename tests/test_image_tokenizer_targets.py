@@ -1,6 +1,6 @@
-"""The issue's targets, checked on the checkpoint `make tokenizer` wrote (skipped until it exists):
+"""The tokenizer's targets, checked on the checkpoint `make tokenizer` wrote (skipped until it exists):
 PSNR >= 30 dB, codebook usage >= 80% on the val split, and decode(encode(decode(c))) == c for >= 95% of codes.
-Point SYNERGEN_TOKENIZER_CKPT at another checkpoint (e.g. runs/exp_tok/final/checkpoints/last.ckpt) to check it.
+Point SYNERGEN_TOKENIZER_CKPT at another tokenizer checkpoint (e.g. one trained with another recipe) to check it.
 The failure message carries the flat / detail split of the round trip (see `synergen eval tokenizer`)."""
 
 import os

@@ -185,7 +185,7 @@ def test_plain_decoder_stack_for_the_unfolding_head():
 @pytest.mark.parametrize("qkv_bias", [False, True])
 def test_attention_gradients_match_the_reference(qkv_bias):
     """Gradients on q_proj/k_proj/v_proj/o_proj (biases included) equal the independent reference's: the guard for
-    any rewrite of the attention path (a fused q/k/v GEMM was tried this way, docs/performance.md)."""
+    any rewrite of the attention path (a fused q/k/v GEMM was tried this way)."""
     model = perturbed(MMoETransformer(tiny(qkv_bias=qkv_bias), vision_experts=False)).train()
     ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(3))
     mask = torch.zeros(2, 9, dtype=torch.bool)

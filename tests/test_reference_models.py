@@ -1,4 +1,4 @@
-"""The independent reference models of bench/reference (docs/targets.md) are what docs/targets.md says they are: the
+"""The independent reference models of bench/reference are what their docstrings say they are: the
 text-to-image reference's KV-cached CFG sampler decodes exactly what its teacher-forced forward predicts, and both
 references are causal (a later token never changes an earlier prediction)."""
 

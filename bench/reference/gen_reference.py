@@ -1,4 +1,4 @@
-"""Independent reference for text-to-image on the shape world (docs/targets.md): a plain causal transformer that shares
+"""Independent reference for text-to-image on the shape world (RESULTS.md): a plain causal transformer that shares
 no model code with SynerGenVL, trained from scratch on the same generation batches (our MixedDataModule).
 
 Sequence: the generation prompt (ids exactly as training builds them, left-padded to 64), then the view's code grid in

@@ -1,4 +1,4 @@
-"""Our SynerGenVL in the reference's training loop (docs/targets.md): the tiny recipe's model (4x4 fold, 2-layer head,
+"""Our SynerGenVL in the reference's training loop (RESULTS.md): the tiny recipe's model (4x4 fold, 2-layer head,
 fold output RMS 0.1) on generation batches only, EVERY parameter trainable at one learning rate (AdamW 1e-3, the
 reference's optimizer), so that step for step it compares with `gen_reference.py` without the stage schedule.
 

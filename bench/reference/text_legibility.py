@@ -1,4 +1,4 @@
-"""How much of the shape world's tiny character survives each image input (docs/ablations.md, Table 6; issue 10).
+"""How much of the shape world's tiny character survives each image input (the Table 6 ablation, RESULTS.md).
 
 The `text` question asks for an 8-px character. Before asking whether a model reads it, this asks whether the input
 still holds it. A small CNN classifies the character from a 24x24 crop around it. It is trained on the train scenes and

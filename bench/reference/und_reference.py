@@ -1,4 +1,4 @@
-"""Independent reference for image understanding on the shape world (docs/targets.md, docs/understanding.md): a plain
+"""Independent reference for image understanding on the shape world (RESULTS.md): a plain
 `nn.TransformerEncoder` (causal, trained from scratch, no code shared with SynerGenVL) on the same Q/A batches as our
 `MixedDataModule` builds them, with the same 4x4 fold of the pretokenized codes (concatenation + MLP).
 

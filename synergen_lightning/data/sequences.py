@@ -1,4 +1,4 @@
-"""Sequence building (DESIGN.md §4): raw shard sample -> token ids, image slots, labels and image views.
+"""Sequence building: raw shard sample -> token ids, image slots, labels and image views.
 
 Chat template (InternLM2's): `<s><|im_start|>user\\n{user}<|im_end|>\\n<|im_start|>assistant\\n{assistant}<|im_end|></s>`.
 

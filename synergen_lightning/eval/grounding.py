@@ -1,4 +1,4 @@
-"""Does the model use its inputs? Teacher-forced losses with the true input vs a swapped one (issue #6).
+"""Does the model use its inputs? Teacher-forced losses with the true input vs a swapped one.
 
     caption_gain(model, items)    image loss (nats per code) of val images after their true caption, after the
                                   `<UNCOND>` prompt and after a wrong caption (another item's)

@@ -1,4 +1,4 @@
-"""`synergen eval tokenizer`: measure any ImageTokenizer on a shard set (the issue's targets).
+"""`synergen eval tokenizer`: measure any ImageTokenizer on a shard set.
 
 Reports PSNR and SSIM (torchmetrics, over all val views), codebook usage and perplexity of the val codes, and
 round-trip stability: for code grids c = encode(x) of the val views, the fraction of codes with

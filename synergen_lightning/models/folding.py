@@ -129,7 +129,7 @@ class TokenFolder(nn.Module):
     def init_code_embed_from_patches(self, patches: Tensor) -> int:
         """Start the code embedding from what each code looks like: `patches` float[codebook_size, F] (e.g. the
         decoded pixels of each code, `codebook_patches`) -> their top principal components, each scaled to unit
-        variance (the scale of nn.Embedding's N(0, 1) init). Measured (runs/exp_und3, untrained MLP): the colour of
+        variance (the scale of nn.Embedding's N(0, 1) init). Measured with an untrained MLP: the colour of
         the object in a folded cell is linearly readable from the folder output at 0.85 vs 0.59 with the random
         table, and stage 1's generation loss does not learn it (0.58 after 400 steps). Dimensions beyond the
         patches' rank (or code_dim) keep their random init. Returns the number of components copied."""

@@ -40,7 +40,7 @@ from .scene import COLORS, SHAPES, draw_shape, relative_position
 CHROMA_MIN = 40  # object pixels: max - min channel (palette colours have >= 160; background 0)
 MIN_AREA_FRACTION = 0.003  # specks below this fraction of H*W are ignored, not counted (a small triangle is ~0.013)
 TEMPLATE = 24  # side of the grid shape masks are compared on
-# Acceptance limits, calibrated in session 4 (runs/exp_scorer/calib.py, outside git) on 2,412 true objects rendered at
+# Acceptance limits, calibrated on 2,412 true objects rendered at
 # 128 px (600 eval-prompt scenes + 520 val JPEGs) and the same 2,412 after a VQ round trip through the demo tokenizer,
 # against 13,465 noise components of 300 images decoded from uniform random codes.
 # True objects: area >= 0.0119 of the image (195 px, a VQ'd small triangle); uniform-random-code noise has most of

@@ -79,13 +79,13 @@ def scene_text_lines(meta: dict, max_captions: int = 3, qa_text: str = "bare") -
     """A sample's captions and Q/A pairs as plain text lines (the LM sees the world's language, not its pixels).
 
     qa_text="bare" (the default): "Q: What color is the circle? A: yellow". Without the scene the answer is a guess,
-        and the base LLM learns the answer words as interchangeable (LM-head rows 0.93-parallel; docs/understanding.md).
+        and the base LLM learns the answer words as interchangeable (their LM-head rows end up nearly parallel).
     qa_text="described": each pair behind the scene's description, as reading comprehension
         ("a large yellow circle at the top on a white background. Q: What color is the circle? A: yellow").
     qa_text="chat": bare, and once more as a chat turn in the MLLM's template (InternLM2's), as an instruction-tuned
         base LLM (the paper's Qwen2-0.5B-Instruct in Table 7) has seen questions asked: it then answers each question
         kind in its own vocabulary before any image training. Without it, progressive stage 1 + 2 (text backbone
-        frozen) answer "1" to every question; with it they match full tuning (docs/ablations.md, session 6). Not the
+        frozen) answer "1" to every question; with it they match full tuning (the Table 7 ablation). Not the
         default: the demo's SFT then lost 2.8 text-skill points (target 2).
     """
     if qa_text not in SCENE_QA_TEXT:
