@@ -221,6 +221,50 @@ def test_chat_corpus_lines_tokenize_as_the_mllm_chat_template(tmp_path):
         assert [tok.bos_id] + tok.encode(line) + [tok.eos_id] == tok.encode_chat(question, answer)[0], line
 
 
+def test_mirror_corpus_lines_are_the_mllm_prompts_with_the_image_in_words(tmp_path):
+    """--scene-qa-text mirror: a generation line is, token for token, the MLLM's generation prompt (ids of
+    `generation_prompt_ids` up to `<boi>`) followed by the scene's layout in raster order; an understanding line is
+    the MLLM's question turn with the layout where the image stands, and the layout names the answer."""
+    import tarfile
+
+    from synergen_lightning.data.sequences import generation_prompt_ids
+    from synergen_lightning.text_tokenizer import train_bpe
+    from synergen_lightning.world.text_corpus import layout_text, scene_text_lines
+
+    out = tmp_path / "t"
+    assert synth_main(["--out", str(out), "--level", "demo", "--scene-qa-text", "mirror", *SMALL]) == 0
+    train = out / "text" / "train.jsonl"
+    tok = train_bpe([train], 400, tmp_path / "tok")
+    tar = tarfile.open(next((out / "train").glob("shard-*.tar")))
+    metas = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
+    kinds = Counter()
+    for meta in metas:
+        layout = layout_text(meta)
+        cells = [(o["center"][1], o["center"][0]) for o in meta["objects"]]
+        named = [(layout.index(f"{o['color']} {o['shape']} "), (o["center"][1], o["center"][0])) for o in meta["objects"]]
+        assert [c for _, c in sorted(named)] == sorted(cells)  # raster order: the order the image's tokens take
+        for line in scene_text_lines(meta, qa_text="mirror"):
+            if not line.startswith("<|im_start|>"):
+                assert line in meta["captions"]
+                continue
+            user, assistant = line.split("<|im_start|>assistant\n")
+            ids = tok.encode(user + "<|im_start|>assistant\n")
+            if "Generate an image of: " in user:
+                caption = user.split("Generate an image of: ", 1)[1].split("<|im_end|>")[0]
+                assert caption in meta["captions"][1:] and assistant == f" {layout}<|im_end|>"
+                assert [tok.bos_id] + ids == generation_prompt_ids(tok, caption)[:-1], line
+                kinds["generation"] += 1
+            else:
+                question = user.split("\n", 2)[2].split("<|im_end|>")[0]
+                pair = next(p for p in meta["qa"] if p["question"] == question)
+                assert user.startswith(f"<|im_start|>user\n{layout}\n")
+                assert assistant == f" {pair['answer']}<|im_end|>"
+                if pair["kind"] in ("color", "shape", "position"):
+                    assert re.search(rf"\b{re.escape(pair['answer'])}\b", layout), (pair, layout)
+                kinds[pair["kind"]] += 1
+    assert kinds["generation"] and kinds["color"] and kinds["position"], kinds
+
+
 def test_skill_items_and_scoring():
     assert skill_item("larger", 37, 52) == {"prompt": "Q: which is larger, 37 or 52? A:", "answer": "52"}
     assert skill_item("smaller", 37, 52)["answer"] == "37"

@@ -108,9 +108,9 @@ def test_synth_writes_the_level_and_the_demo_default(tmp_path, capsys):
     assert "level demo" in capsys.readouterr().out
     info = read_world_info(tmp_path / "d")
     assert info["level"] == "demo" and info["canvas"] == 64 and info["rules"]["grid"] == 2
-    assert info["scene_qa_text"] == "described"  # the base LLM reads scene questions behind their description
+    assert info["scene_qa_text"] == "mirror"  # the base LLM reads the MLLM's tasks with the image in words
     corpus = (tmp_path / "d" / "text" / "train.jsonl").read_text()
-    assert "background. Q: What color" in corpus and '"text": "Q: What color' not in corpus
+    assert "\\nWhat color is" in corpus and "Generate an image of: " in corpus and "Q: What color" not in corpus
     assert find_world_info(str(tmp_path / "d" / "codes" / "train" / "shard-*.tar")) == info  # pretokenized copies
     assert synth_main(["--out", str(tmp_path / "f"), "--level", "full", *SMALL]) == 0
     assert read_world_info(tmp_path / "f")["canvas"] == 128

@@ -74,8 +74,10 @@ def synth_parser() -> argparse.ArgumentParser:
     p.add_argument("--scene-qa-text", choices=SCENE_QA_TEXT, default=None,
                    help="the base LLM corpus's scene Q/A lines: 'bare' ('Q: What color is the circle? A: red', "
                         "the answer a guess), 'described' (behind the scene's description, as reading "
-                        "comprehension) or 'chat' (bare + the same pairs as chat turns: an "
-                        "instruction-tuned base like the paper's Table 7 LLM) (default: the level's)")
+                        "comprehension), 'chat' (bare + the same pairs as chat turns: an "
+                        "instruction-tuned base like the paper's Table 7 LLM) or 'mirror' (the MLLM's generation and "
+                        "Q/A prompts as chat turns, the image replaced by the scene's layout in words) "
+                        "(default: the level's)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -12,7 +12,10 @@ same rules and the same scorer at every level. The levers, easiest first:
 - **same_shape_prob**: how often a multi-object scene repeats one shape (in different colours), so counting
   prompts ("three circles") are shown often enough to be learnt;
 - **scene_qa_text="described"**: the base LLM's corpus puts each scene question behind the scene's description, so
-  colour and shape words carry meaning the trunk must keep (with bare questions they are interchangeable guesses).
+  colour and shape words carry meaning the trunk must keep (with bare questions they are interchangeable guesses);
+  **"mirror"** (the demo level's) also writes the MLLM's two tasks in text, in its chat template, with the image
+  replaced by the scene's layout in words, so the frozen base LLM already plans a scene where `<boi>` stands and
+  reads a scene from where the image stands.
 
 `demo` is the tiny default (`make demo`); `full` is the world as it has always been drawn, the hardest level, whose
 rules and bytes do not change.
@@ -59,7 +62,7 @@ class Level:
 LEVELS: dict[str, Level] = {
     "demo": Level("demo", "the tiny default, sized for a 2-core demo: one 4x4-folded token per object slot",
                   canvas=64, max_objects=3, grid=2, sizes=("large",), backgrounds=("white",), text_prob=0.0,
-                  full_captions=True, same_shape_prob=0.3, scene_qa_text="described"),
+                  full_captions=True, same_shape_prob=0.3, scene_qa_text="mirror"),
     "grid": Level("grid", "a 128-px canvas of 4x4 slots, two sizes and backgrounds, still no characters",
                   canvas=128, max_objects=4, grid=4, text_prob=0.0, full_captions=True, same_shape_prob=0.3,
                   scene_qa_text="described"),

@@ -14,6 +14,8 @@ Each item is `{"prompt": "Q: ... A:", "answer": "52"}`; its training text line i
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 
 SKILL_MAX = 99
@@ -72,7 +74,7 @@ def scene_description(meta: dict) -> str:
     return text
 
 
-SCENE_QA_TEXT = ("bare", "described", "chat")
+SCENE_QA_TEXT = ("bare", "described", "chat", "mirror")
 
 
 def scene_text_lines(meta: dict, max_captions: int = 3, qa_text: str = "bare") -> list[str]:
@@ -87,15 +89,40 @@ def scene_text_lines(meta: dict, max_captions: int = 3, qa_text: str = "bare") -
         kind in its own vocabulary before any image training. Without it, progressive stage 1 + 2 (text backbone
         frozen) answer "1" to every question; with it they match full tuning (the Table 7 ablation). Not the
         default: the demo's SFT then lost 2.8 text-skill points (target 2).
+    qa_text="mirror": the MLLM's two tasks mirrored in text, in its chat template, with the image
+        replaced by the scene's layout in words (`layout_text`): generation ("Generate an image of: a red circle left
+        of a blue square" -> "a red circle in the top left and a blue square in the top right") and understanding
+        (the layout, then the question -> the answer). The base LLM then plans the scene's objects where `<boi>` will
+        stand and reads colours, shapes and places from where the image will stand: its frozen attention already
+        looks where the image stream has to look.
     """
     if qa_text not in SCENE_QA_TEXT:
         raise ValueError(f"qa_text={qa_text!r}: use one of {', '.join(SCENE_QA_TEXT)}")
     lines = list(meta["captions"][:max_captions])
+    if qa_text == "mirror":
+        from synergen_lightning.data.sequences import GENERATION_PROMPT
+
+        layout = layout_text(meta)
+        # short captions (relations included), a fixed pick per scene: the training prompts are these phrasings
+        short = meta["captions"][1:]
+        pick = np.random.default_rng(zlib.crc32(str(meta.get("key", layout)).encode())).permutation(len(short))
+        lines += [chat_text(GENERATION_PROMPT + short[int(i)], layout) for i in pick[:max_captions]]
+        return lines + [chat_text(f"{layout}\n{p['question']}", p["answer"]) for p in meta["qa"]]
     prefix = f"{scene_description(meta)}. " if qa_text == "described" else ""
     lines += [f"{prefix}Q: {p['question']} A: {p['answer']}" for p in meta["qa"]]
     if qa_text == "chat":  # the special tokens are written as text: the tokenizer maps them to their ids
         lines += [chat_text(p["question"], p["answer"]) for p in meta["qa"]]
     return lines
+
+
+def layout_text(meta: dict) -> str:
+    """The scene's objects in raster order (top row first, left to right), the order the image's tokens take:
+    "a red circle in the top left and a blue square in the bottom right"."""
+    from .language import region_phrase
+
+    objs = sorted(meta["objects"], key=lambda o: (o["center"][1], o["center"][0]))
+    parts = [f"a {o['color']} {o['shape']} {region_phrase(o['region'])}" for o in objs]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
 def chat_text(user: str, assistant: str) -> str:

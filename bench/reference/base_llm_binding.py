@@ -1,0 +1,76 @@
+"""Does the tiny base LLM bind attributes in text, before any image training? Greedy answers of a text-only base LLM
+on the held-out lines of a `--scene-qa-text mirror` corpus (`DATA/text/val.jsonl`):
+
+- Q/A: "<layout>\\nWhat color is the circle?" -> exact match per question kind (the layout names every answer);
+- generation in words: "Generate an image of: a red circle left of a blue square" -> the layout it writes names the
+  prompt's colours (and, separately, its shapes): the set of colour / shape words must match.
+
+A frozen trunk passes to the image stream only what it reads itself: a colour it cannot copy in text is a colour the
+progressive stages 1-2 cannot draw or answer.
+
+    python bench/reference/base_llm_binding.py --demo .      # after `make demo` (the demo level's corpus is mirror)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from synergen_lightning.system import load_base_llm
+from synergen_lightning.text_tokenizer import load_or_train
+from synergen_lightning.world.scene import COLORS, SHAPES
+
+KINDS = (("generation", "generate an image of: "), ("color", "what color"), ("shape", "what shape"),
+         ("count", "how many"), ("position", "where is"), ("yes_no", "is there"), ("relation", "is the"))
+
+
+def kind_of(user: str) -> str:
+    u = user.lower()
+    return next((k for k, marker in KINDS if marker in u), "other")
+
+
+def words(text: str, vocab) -> set[str]:
+    return {w.rstrip("s") if w.rstrip("s") in vocab else w for w in text.replace(",", " ").split()} & set(vocab)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--demo", default=".", help="a checkout after `make demo` (data/tiny, runs/tiny)")
+    p.add_argument("--base-llm", default=None, help="default DEMO/runs/tiny/base_llm/last.ckpt")
+    p.add_argument("--text-tokenizer", default=None, help="default DEMO/runs/tiny/text_tokenizer")
+    p.add_argument("--val", default=None, help="default DEMO/data/tiny/text/val.jsonl")
+    p.add_argument("--max-lines", type=int, default=700)
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    demo = Path(a.demo)
+    model = load_base_llm(a.base_llm or demo / "runs/tiny/base_llm/last.ckpt").eval()
+    tok = load_or_train(a.text_tokenizer or demo / "runs/tiny/text_tokenizer")
+    lines = [json.loads(x)["text"] for x in open(a.val or demo / "data/tiny/text/val.jsonl")]
+    chats = [x for x in lines if x.startswith("<|im_start|>user") and "<|im_start|>assistant\n" in x][: a.max_lines]
+    if not chats:
+        raise SystemExit("no chat lines in the corpus: synthesize it with `synergen data synth --scene-qa-text mirror`")
+    hits = defaultdict(list)
+    for line in chats:
+        user, truth = line.split("<|im_start|>assistant\n", 1)
+        ids = torch.tensor([[tok.bos_id] + tok.encode(user + "<|im_start|>assistant\n")])
+        with torch.no_grad():
+            out = tok.decode(model.generate_greedy(ids, 40, eos_id=tok.im_end_id)[0].tolist())
+        out, truth = out.split("<|im_end|>")[0].strip(), truth.split("<|im_end|>")[0].strip()
+        kind = kind_of(user)
+        if kind == "generation":
+            prompt = user.split("of: ", 1)[1]
+            for name, vocab in (("generation: colours named", COLORS), ("generation: shapes named", SHAPES)):
+                asked = words(prompt, vocab)
+                if asked:
+                    hits[name].append(words(out, vocab) == asked)
+        else:
+            hits[kind].append(out == truth)
+    print(json.dumps({k: {"accuracy": round(sum(v) / len(v), 3), "items": len(v)} for k, v in sorted(hits.items())},
+                     indent=1))
+
+
+if __name__ == "__main__":
+    main()
