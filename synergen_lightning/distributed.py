@@ -119,14 +119,41 @@ def _checkpoint_block(block: nn.Module) -> None:
 
 
 @torch.no_grad()
-def sync_module_states(module: nn.Module, group=None) -> None:
-    """Broadcast rank 0's parameters and buffers to every rank (FSDP2 keeps each rank's own shard of
-    whatever it was given; without this, ranks seeded differently would start from a mixed model)."""
+def weight_fingerprint(module: nn.Module) -> list[tuple[str, float, float]]:
+    """(name, sum, L2 norm) of every parameter and buffer, accumulated in float64 where the tensor lies."""
+    out = []
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if t.is_meta or not t.is_floating_point():
+            continue
+        out.append((name, float(t.sum(dtype=torch.float64)), float(torch.linalg.vector_norm(t, dtype=torch.float64))))
+    return out
+
+
+def check_same_weights(module: nn.Module, group=None) -> None:
+    """Refuse ranks that built different weights before sharding (FSDP2 keeps each rank's own shard of whatever
+    it was given, so ranks seeded differently would start from a mixed model).
+
+    Every rank seeds alike and loads the same files, so there is nothing to broadcast: each rank sends a
+    fingerprint (a sum and a norm per tensor, a few KB) in one object all-gather, which runs on whatever
+    device the backend serves (NCCL: the current GPU), while the weights themselves may still be on the CPU."""
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return
-    src = dist.get_global_rank(group, 0) if group is not None else 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        dist.broadcast(t.data, src=src, group=group)
+    mine = weight_fingerprint(module)
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    bad = []
+    for rank, theirs in enumerate(everyone):
+        if [n for n, _, _ in theirs] != [n for n, _, _ in mine]:
+            raise ValueError(f"rank {rank} built a model with other tensors than this rank's: every rank must build "
+                             "the same model from the same recipe")
+        for (name, s0, n0), (_, s1, n1) in zip(mine, theirs):
+            # float64 sums differ only by rounding when the values are equal; any real difference is O(norm)
+            if abs(s0 - s1) > 1e-6 * max(n0, n1) or abs(n0 - n1) > 1e-6 * max(n0, n1):
+                bad.append((rank, name))
+    if bad:
+        raise ValueError(f"ranks start from different weights ({len(bad)} tensors, e.g. rank {bad[0][0]} at "
+                         f"{bad[0][1]!r}): seed every rank alike (seed_everything: <int> in the recipe; `true` draws "
+                         "a random seed per process under torchrun/SLURM) and load the same checkpoint on every rank")
 
 
 def parallelize(
@@ -137,7 +164,7 @@ def parallelize(
     activation_checkpointing: bool = False,
     compile: bool | str = False,
     reshard_after_forward: bool = True,
-    sync_states: bool = True,
+    check_states: bool = True,
 ) -> int:
     """Shard a SynerGenVL with FSDP2 in place; returns the number of FSDP units.
 
@@ -156,8 +183,8 @@ def parallelize(
     if not hasattr(model, "llm") or not hasattr(model.llm, "layers"):
         raise TypeError(f"parallelize() expects a SynerGenVL-like model (llm.layers, head.stack.layers), got {type(model).__name__}")
     group = mesh.get_group() if mesh is not None else None
-    if sync_states:
-        sync_module_states(model, group)
+    if check_states:
+        check_same_weights(model, group)
     mp = MixedPrecisionPolicy(param_dtype=to_dtype(param_dtype), reduce_dtype=to_dtype(reduce_dtype))
     shard = functools.partial(fully_shard, mesh=mesh, mp_policy=mp)
     blocks = decoder_blocks(model)

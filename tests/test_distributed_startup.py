@@ -1,0 +1,123 @@
+"""What `parallelize` sends over the process group before FSDP2 takes over.
+
+`configure_model` runs while the weights are still on the CPU, and an NCCL group serves only CUDA tensors (gloo
+serves both, so a CPU run cannot show the crash): every tensor collective of the start-up must carry tensors of
+the mesh's device type, and ranks that built different weights must be refused, not averaged into a mixed model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from synergen_lightning.distributed import check_same_weights, parallelize, weight_fingerprint
+from tests.distributed_worker import free_port
+from tests.test_system_helpers import tiny_model
+
+TENSOR_COLLECTIVES = ("broadcast", "all_reduce", "reduce", "all_gather", "all_gather_into_tensor", "gather",
+                      "scatter", "reduce_scatter_tensor", "all_to_all_single", "send", "recv")
+
+
+class _CudaMesh:
+    """A one-dimensional mesh as an NCCL run has it (device type cuda, 2 ranks)."""
+
+    device_type = "cuda"
+
+    def get_group(self):
+        return None
+
+    def size(self):
+        return 2
+
+
+@pytest.fixture
+def fake_two_ranks(monkeypatch):
+    """A world of 2 where every collective is recorded instead of sent; `peer` is what rank 1 answers to the
+    object all-gather (None: the same as this rank)."""
+    import torch.distributed.fsdp as fsdp
+
+    sent: list[tuple[str, str]] = []
+    state = {"peer": None}
+
+    def recorder(name):
+        def collective(tensors, *args, **kwargs):
+            for t in tensors if isinstance(tensors, (list, tuple)) else [tensors]:
+                if isinstance(t, torch.Tensor):
+                    sent.append((name, t.device.type))
+        return collective
+
+    def all_gather_object(out, obj, group=None):
+        sent.append(("all_gather_object", "object"))
+        out[:] = [obj, obj if state["peer"] is None else state["peer"](obj)]
+
+    for name in TENSOR_COLLECTIVES:
+        monkeypatch.setattr(dist, name, recorder(name))
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_global_rank", lambda group, rank: rank)
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kwargs: module)  # sharding itself is FSDP2's
+    monkeypatch.setattr(fsdp, "register_fsdp_forward_method", lambda module, method: None)
+    return sent, state
+
+
+def test_parallelize_sends_no_cpu_tensor_to_a_cuda_mesh(fake_two_ranks):
+    sent, _ = fake_two_ranks
+    parallelize(tiny_model(stage="stage1"), _CudaMesh())
+    tensors = [(name, dev) for name, dev in sent if dev != "object"]
+    assert all(dev == "cuda" for _, dev in tensors), f"CPU tensors sent to an NCCL group: {tensors[:3]} ({len(tensors)})"
+    assert sent == [("all_gather_object", "object")]  # one exchange, not one broadcast per tensor
+
+
+def test_ranks_with_different_weights_are_refused(fake_two_ranks):
+    _, state = fake_two_ranks
+    model = tiny_model(stage="stage1")
+    state["peer"] = lambda fp: [(n, s + (1e-3 if n == "head.classifier.weight" else 0.0), v) for n, s, v in fp]
+    with pytest.raises(ValueError, match="different weights.*head.classifier.weight.*seed_everything"):
+        parallelize(model, _CudaMesh())
+
+
+def test_fingerprint_tells_seeds_apart_and_ignores_rounding():
+    torch.manual_seed(0)
+    a = weight_fingerprint(tiny_model(stage="stage1"))
+    torch.manual_seed(0)
+    b = weight_fingerprint(tiny_model(stage="stage1"))
+    torch.manual_seed(1)
+    c = weight_fingerprint(tiny_model(stage="stage1"))
+    assert a == b
+    assert sum(x != y for x, y in zip(a, c)) > len(a) // 2  # randomly initialised tensors all differ
+
+
+def _check_worker(rank: int, world: int, port: int, out: str, seeds: list[int]) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(seeds[rank])
+        model = tiny_model(stage="stage1")
+        try:
+            check_same_weights(model)
+            result = "ok"
+        except ValueError as e:
+            result = str(e)
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"rank{rank}.txt").write_text(result)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("seeds,ok", [([0, 0], True), ([0, 1], False)])
+def test_two_gloo_ranks_compare_their_weights(seeds, ok, tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_check_worker, args=(2, free_port(), str(tmp_path), seeds), nprocs=2, start_method="spawn")
+    results = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    if ok:
+        assert results == ["ok", "ok"]
+    else:
+        assert all("ranks start from different weights" in r for r in results), results
