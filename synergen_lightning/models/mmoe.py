@@ -163,6 +163,14 @@ class DecoderBlock(nn.Module):
         return x + self.ffn(x, routing)
 
 
+def right_padded(attention_mask: Tensor) -> bool:
+    """Whether every row of Bool[B, T] is True up to some length and False after it (no True after a False)."""
+    if attention_mask.shape[1] < 2:
+        return True
+    m = attention_mask.bool()
+    return bool((m[:, 1:] <= m[:, :-1]).all())
+
+
 class DecoderStack(nn.Module):
     """`layers` + final `norm` + RoPE. With `vision_experts=False` it is a plain Llama stack
     (the unfolding head's)."""
@@ -190,7 +198,8 @@ class DecoderStack(nn.Module):
         """inputs_embeds [B, T, D] -> final-normed hidden states [B, T, D].
 
         image_mask Bool[B, T]: True routes the token to the vision FFN. attention_mask Bool[B, T]:
-        True at real tokens (padding left or right); with a cache it covers the new tokens only.
+        True at real tokens (padding left or right); with a cache it covers the new tokens only. Right padding
+        without a cache needs no mask (causal attention keeps every real token off the padding after it).
         position_ids Long[B, T]: RoPE positions, default past_len + 0..T-1. kv_cache: appended to.
         """
         b, t, _ = inputs_embeds.shape
@@ -210,6 +219,11 @@ class DecoderStack(nn.Module):
             cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
 
         key_mask = None
+        if attention_mask is not None and kv_cache is None and right_padded(attention_mask):
+            # every row is its real tokens then padding: under causal attention no real query reaches a padding
+            # key, so SDPA runs its causal kernel (FlashAttention on GPUs) with no [B, 1, T, T] mask; padding
+            # queries see real keys and their outputs are never read
+            attention_mask = None
         padded = attention_mask is not None and not bool(attention_mask.all())
         if kv_cache is not None:
             key_mask = kv_cache.begin_step(t, None if attention_mask is None else attention_mask.bool(), padded)
