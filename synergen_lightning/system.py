@@ -32,7 +32,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import grad_norm, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
@@ -362,23 +361,22 @@ class SynerGenVL(LightningModule):
         embeds = self.embed_inputs(input_ids, image_mask, codes)
         hidden = self.llm(embeds, image_mask=image_mask, position_ids=batch.get("position_ids"),
                           attention_mask=batch.get("attention_mask"))
-        # text: HF convention, labels[t] is the target of the prediction made at t-1; LM head on supervised rows only
+        # text: HF convention, labels[t] is the target of the prediction made at t-1; LM head on supervised rows
+        # only, its logits and loss in row chunks (the [N, vocab] logits never exist at once)
         labels = batch["labels"]
         targets = labels[:, 1:]
         sup = targets != IGNORE
-        text_logits = self.llm.logits(hidden[:, :-1][sup])
         n_text = int(sup.sum())
-        loss_text = self.text_loss_mean(F.cross_entropy(text_logits.float(), targets[sup], reduction="none"), sup,
-                                        batch.get("task"))
+        loss_text = self.text_loss_mean(self.llm.token_losses(hidden[:, :-1][sup], targets[sup]), sup, batch.get("task"))
         # image: the head unfolds the hidden state before each patch of every supervised view
         loss_mask = batch.get("image_loss_mask")
         if loss_mask is None:
             loss_mask = torch.zeros(codes.shape[0], dtype=torch.bool, device=codes.device)
         cond = self.patch_conditions(hidden, image_mask, codes.shape[0])[loss_mask.bool()]
         target_codes = fold_codes(codes[loss_mask.bool()], self.fold_size)
-        head_logits = self.head(cond.flatten(0, 1), target_codes.flatten(0, 1))
         n_img = target_codes.numel()
-        loss_image = F.cross_entropy(head_logits.flatten(0, 1).float(), target_codes.flatten(), reduction="sum") / max(n_img, 1)
+        # the head's classifier and loss in row chunks: the [codes, codebook] logits never exist at once
+        loss_image = self.head(cond.flatten(0, 1), target_codes.flatten(0, 1), reduction="sum") / max(n_img, 1)
         loss = loss_text + self.hparams.image_loss_weight * loss_image
         return {"loss": loss, "loss_text": loss_text, "loss_image": loss_image, "text_tokens": n_text,
                 "image_codes": n_img}

@@ -18,6 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from synergen_lightning.models.blocks import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU
+from synergen_lightning.models.chunked_ce import ChunkedLinear
 
 
 # The type of an LLMConfig given as a dict (recipes, `--model.init_args.llm.num_layers 4`): a loose `dict` lets
@@ -272,7 +273,7 @@ class MMoETransformer(DecoderStack):
     def __init__(self, config: LLMConfig, vision_experts: bool = True):
         super().__init__(config, vision_experts)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ChunkedLinear(config.hidden_size, config.vocab_size, bias=False)
         self.reset_parameters()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -316,6 +317,11 @@ class MMoETransformer(DecoderStack):
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)
 
+    def token_losses(self, hidden: Tensor, targets: Tensor) -> Tensor:
+        """Per-token cross-entropy of the LM head's logits at `hidden` [..., D] against `targets` [...], computed in
+        row chunks: the [N, vocab] logits never exist at once (models/chunked_ce.py)."""
+        return self.lm_head(hidden, targets)
+
     @torch.no_grad()
     def init_vision_experts_from_text(self) -> None:
         """Vision FFNs start as copies of the text FFNs (the paper's initialisation)."""
@@ -345,11 +351,11 @@ class MMoETransformer(DecoderStack):
         emb.weight.copy_(resized(self.embed_tokens.weight))
         self.embed_tokens = emb
         if self.config.tie_word_embeddings:
-            self.lm_head = nn.Linear(self.config.hidden_size, new_size, bias=False, device=emb.weight.device,
+            self.lm_head = ChunkedLinear(self.config.hidden_size, new_size, bias=False, device=emb.weight.device,
                                      dtype=emb.weight.dtype)
             self.lm_head.weight = self.embed_tokens.weight
         else:
-            head = nn.Linear(self.config.hidden_size, new_size, bias=False, device=self.lm_head.weight.device,
+            head = ChunkedLinear(self.config.hidden_size, new_size, bias=False, device=self.lm_head.weight.device,
                              dtype=self.lm_head.weight.dtype)
             head.weight.copy_(resized(self.lm_head.weight))
             self.lm_head = head
