@@ -194,6 +194,7 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
         max_steps=scenario["max_steps"], logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
         gradient_clip_val=scenario.get("gradient_clip_val"), deterministic=False,
+        precision=scenario.get("precision", "32-true"),
     )
     # uneven per-rank batches given explicitly, or this rank's rows of the global batches
     data = ParityData(scenario["max_steps"], rank, world, scenario["batches"][rank] if "batches" in scenario else None)
