@@ -313,13 +313,23 @@ class SynerGenVL(LightningModule):
     def set_image_tokenizer(self, tokenizer) -> None:
         self.__dict__["_image_tokenizer"] = tokenizer
 
+    # views per call of the frozen tokenizer: its activations at full resolution grow with the views of a call
+    ENCODE_VIEWS = 8
+
     @torch.no_grad()
     def encode_images(self, pixel_values: Tensor) -> Tensor:
-        """uint8 [N,3,S,S] (or float in [0,1]) -> Long[N,h,w] with the frozen tokenizer."""
-        x = pixel_values.float() / 255.0 if pixel_values.dtype == torch.uint8 else pixel_values.float()
-        if x.shape[0] == 0:
-            return torch.zeros(0, *self.grid, dtype=torch.long, device=x.device)
-        return self.image_tokenizer.encode(x.to(self.device)).long()
+        """uint8 [N,3,S,S] (or float in [0,1]) -> Long[N,h,w] with the frozen tokenizer, `ENCODE_VIEWS` views per
+        call and outside autocast: the codes of online tokenization are those `synergen data pretokenize` writes
+        (a bf16 encoder moves some features across the boundary between two codes)."""
+        if pixel_values.shape[0] == 0:
+            return torch.zeros(0, *self.grid, dtype=torch.long, device=self.device)
+        tok, codes = self.image_tokenizer, []
+        with torch.autocast(self.device.type, enabled=False):
+            for start in range(0, pixel_values.shape[0], self.ENCODE_VIEWS):
+                x = pixel_values[start:start + self.ENCODE_VIEWS].to(self.device)
+                x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+                codes.append(tok.encode(x).long())
+        return torch.cat(codes)
 
     # ------------------------------------------------------------------ forward pieces
     def embed_text(self, input_ids: Tensor) -> Tensor:
