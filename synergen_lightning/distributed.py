@@ -28,6 +28,7 @@ done by DCP itself).
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import torch
@@ -59,11 +60,64 @@ def per_rank_batch_size(global_batch: int, world_size: int, what: str = "global 
     return global_batch // world_size
 
 
-def derive_per_rank_batch(strategy, global_batch_size) -> None:
+def micro_batches(per_rank: int | dict[str, int], max_seq_len: int, tokens_per_gpu: int) -> tuple[int | dict[str, int], int]:
+    """(micro-batch, accumulate_grad_batches) of a per-rank batch under a per-GPU token budget: the fewest
+    micro-batches per optimizer step (a divisor of every task's per-rank rows, so each micro-batch holds the same
+    rows of every task) whose worst case, rows x max_seq_len, fits `tokens_per_gpu`."""
+    rows = dict(per_rank) if isinstance(per_rank, dict) else {"": int(per_rank)}
+    total = sum(rows.values())
+    if tokens_per_gpu < len(rows) * max_seq_len:
+        raise ValueError(f"tokens_per_gpu {tokens_per_gpu} cannot hold one row of each of the {len(rows)} tasks at "
+                         f"max_seq_len {max_seq_len}: raise it to at least {len(rows) * max_seq_len} or shorten max_seq_len")
+    common = functools.reduce(math.gcd, rows.values())
+    for accumulate in (d for d in range(1, common + 1) if common % d == 0):
+        if total // accumulate * max_seq_len <= tokens_per_gpu:
+            micro = {k: v // accumulate for k, v in rows.items()}
+            return (micro if isinstance(per_rank, dict) else micro[""]), accumulate
+    fit = tokens_per_gpu // max_seq_len
+    raise ValueError(f"per-rank batch {per_rank} ({total} rows of up to {max_seq_len} tokens) does not split into "
+                     f"equal micro-batches of at most {fit} rows (tokens_per_gpu {tokens_per_gpu}): the tasks' rows "
+                     f"share only the divisors of {common}; choose global batches whose per-rank rows share a larger "
+                     "one, raise tokens_per_gpu or use more ranks")
+
+
+def worst_case_tokens(micro: int | dict[str, int], max_seq_len: int) -> int:
+    """LLM tokens of the longest possible micro-batch: every row at max_seq_len (rows are padded to the longest)."""
+    return (sum(micro.values()) if isinstance(micro, dict) else int(micro)) * max_seq_len
+
+
+def batch_plan(config: dict) -> dict | None:
+    """What the strategy will derive for a run config (the `trainer` and `data` sections, as `--print_config` prints
+    them): world size, per-rank rows, micro-batch, accumulation, worst-case tokens per GPU and clipping. None when
+    the strategy sets no global batch."""
+    trainer, data = config.get("trainer") or {}, (config.get("data") or {}).get("init_args") or {}
+    strategy = trainer.get("strategy")
+    args = (strategy.get("init_args") or {}) if isinstance(strategy, dict) else {}
+    global_batch = args.get("global_batch_size")
+    if global_batch in (None, "datamodule"):
+        return None
+    world = int(trainer.get("devices") or 1) * int(trainer.get("num_nodes") or 1)
+    per = ({k: per_rank_batch_size(int(v), world, f"global_batch_size[{k!r}]") for k, v in global_batch.items()}
+           if isinstance(global_batch, dict) else per_rank_batch_size(int(global_batch), world))
+    plan = {"world_size": world, "global_batch": global_batch, "per_rank": per, "micro_batch": per,
+            "accumulate_grad_batches": 1, "gradient_clip_val": trainer.get("gradient_clip_val")}
+    max_seq_len, budget = data.get("max_seq_len"), args.get("tokens_per_gpu")
+    if budget is not None and max_seq_len is not None:
+        plan["micro_batch"], plan["accumulate_grad_batches"] = micro_batches(per, int(max_seq_len), int(budget))
+    if max_seq_len is not None:
+        plan["worst_case_tokens_per_gpu"] = worst_case_tokens(plan["micro_batch"], int(max_seq_len))
+        plan["tokens_per_gpu"] = budget
+    return plan
+
+
+def derive_per_rank_batch(strategy, global_batch_size, tokens_per_gpu: int | None = None) -> None:
     """Set the datamodule's per-rank `batch_size` from a global batch: an int, a per-task dict, or "datamodule"
     (the recipe's `batch_size` IS the global batch, so a recipe tuned on one device keeps its batch at any world
-    size). None: leave the datamodule's batch_size per rank."""
+    size). None: leave the datamodule's batch_size per rank. With `tokens_per_gpu`, the per-rank batch is then split
+    into micro-batches (`micro_batches`) and the trainer accumulates their gradients."""
     if global_batch_size is None:
+        if tokens_per_gpu is not None:
+            raise ValueError(f"{type(strategy).__name__}(tokens_per_gpu=...) splits a global batch: set global_batch_size too")
         return
     name = type(strategy).__name__
     world = strategy.world_size
@@ -83,7 +137,21 @@ def derive_per_rank_batch(strategy, global_batch_size) -> None:
     if isinstance(dm.batch_size, dict) and not isinstance(per, dict):
         raise ValueError(f"the datamodule's batch_size is per task {dm.batch_size}: give global_batch_size per task too")
     dm.batch_size = dict(dm.batch_size, **per) if isinstance(per, dict) and isinstance(dm.batch_size, dict) else per
-    rank_zero_info(f"{name}: global batch {global_batch_size} over {world} ranks -> {dm.batch_size} per rank")
+    if tokens_per_gpu is None:
+        rank_zero_info(f"{name}: global batch {global_batch_size} over {world} ranks -> {dm.batch_size} per rank")
+        return
+    max_seq_len = getattr(getattr(dm, "hparams", None), "max_seq_len", None) or getattr(dm, "max_seq_len", None)
+    if max_seq_len is None:
+        raise ValueError(f"{name}(tokens_per_gpu=...) needs the datamodule's max_seq_len (its longest row)")
+    trainer = strategy.lightning_module.trainer
+    micro, accumulate = micro_batches(dm.batch_size, int(max_seq_len), int(tokens_per_gpu))
+    if trainer.accumulate_grad_batches not in (1, accumulate):
+        raise ValueError(f"trainer.accumulate_grad_batches {trainer.accumulate_grad_batches} and {name}(tokens_per_gpu="
+                         f"{tokens_per_gpu}) both set the accumulation (derived: {accumulate}): leave the trainer's at 1")
+    dm.batch_size, trainer.accumulate_grad_batches = micro, accumulate
+    rank_zero_info(f"{name}: global batch {global_batch_size} over {world} ranks -> micro-batch {micro} x "
+                   f"{accumulate} accumulated per rank (worst case {worst_case_tokens(micro, int(max_seq_len)):,} "
+                   f"tokens of {tokens_per_gpu:,} per GPU)")
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -241,6 +309,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         compile: bool | str = False,
         reshard_after_forward: bool = True,
         global_batch_size: int | dict[str, int] | str | None = None,
+        tokens_per_gpu: int | None = None,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout_minutes: float = 30.0,
@@ -258,6 +327,9 @@ class FSDP2Strategy(ModelParallelStrategy):
                 {generation: 64, ...}); the datamodule's per-rank `batch_size` becomes global / world size.
                 "datamodule": the datamodule's batch_size is the global batch (split over the ranks).
                 Unset: the datamodule's batch_size is per rank (global = batch_size x world size).
+            tokens_per_gpu: LLM tokens one GPU holds in a forward/backward: the per-rank batch is split into equal
+                micro-batches whose worst case (rows x the datamodule's max_seq_len) fits, and
+                `trainer.accumulate_grad_batches` becomes their number. Unset: one micro-batch per step.
             save_distributed_checkpoint: each rank writes its shard (a DCP directory); false gathers one file on rank 0.
             process_group_backend: unset = nccl on GPUs, gloo on CPU.
             timeout_minutes: collective timeout (a hang becomes an error after this).
@@ -271,14 +343,14 @@ class FSDP2Strategy(ModelParallelStrategy):
                                    "activation_checkpointing": activation_checkpointing, "compile": compile,
                                    "reshard_after_forward": reshard_after_forward}
         to_dtype(param_dtype), to_dtype(reduce_dtype)  # fail at construction on a typo
-        self.global_batch_size = global_batch_size
+        self.global_batch_size, self.tokens_per_gpu = global_batch_size, tokens_per_gpu
 
     def setup_environment(self) -> None:
         # pure FSDP: one data-parallel dimension over all ranks (the parent's "auto" is nodes x 1 and
         # "tensor_parallel_size=1" would then not multiply to the world size)
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
-        derive_per_rank_batch(self, self.global_batch_size)
+        derive_per_rank_batch(self, self.global_batch_size, self.tokens_per_gpu)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None):
         """Before DCP loads the shards: refuse a checkpoint of another model (with the shapes), and restore the
@@ -322,7 +394,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
 
 class DDPStrategy(LightningDDPStrategy):
-    def __init__(self, global_batch_size: int | dict[str, int] | str | None = None,
+    def __init__(self, global_batch_size: int | dict[str, int] | str | None = None, tokens_per_gpu: int | None = None,
                  process_group_backend: str | None = None, timeout_minutes: float = 30.0, **ddp_kwargs):
         """Plain data parallelism (every rank a full copy; one bucketed gradient all-reduce per step) for a model
         that fits on one device: on 2 CPU cores the tiny stages run 1.7x faster than in one process, where FSDP2's
@@ -331,6 +403,7 @@ class DDPStrategy(LightningDDPStrategy):
         Args:
             global_batch_size: as `FSDP2Strategy`'s: an int, a per-task dict, or "datamodule" (the recipe's
                 batch_size is the global batch); unset = the datamodule's batch_size is per rank.
+            tokens_per_gpu: as `FSDP2Strategy`'s: micro-batches and gradient accumulation under a per-GPU token budget.
             process_group_backend: unset = nccl on GPUs, gloo on CPU.
             timeout_minutes: collective timeout (a hang becomes an error after this).
             ddp_kwargs: passed to `torch.nn.parallel.DistributedDataParallel` (e.g. find_unused_parameters).
@@ -343,12 +416,12 @@ class DDPStrategy(LightningDDPStrategy):
         ddp_kwargs.setdefault("broadcast_buffers", False)
         super().__init__(process_group_backend=process_group_backend, timeout=timedelta(minutes=timeout_minutes),
                          **ddp_kwargs)
-        self.global_batch_size = global_batch_size
+        self.global_batch_size, self.tokens_per_gpu = global_batch_size, tokens_per_gpu
         self._wrapped_trainable: set[str] | None = None
 
     def setup_environment(self) -> None:
         super().setup_environment()
-        derive_per_rank_batch(self, self.global_batch_size)
+        derive_per_rank_batch(self, self.global_batch_size, self.tokens_per_gpu)
 
     def setup(self, trainer) -> None:
         # DDP registers its gradient hooks for the parameters trainable when it wraps the model: a parameter

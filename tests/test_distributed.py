@@ -267,6 +267,81 @@ def test_strategy_derives_the_per_rank_batch_and_refuses_an_indivisible_one(stra
         derive("recipe", 32)
 
 
+def test_micro_batches_split_the_per_rank_batch_under_the_token_budget():
+    from synergen_lightning.distributed import micro_batches
+
+    # the fewest equal micro-batches (a divisor of every task's rows) whose rows x max_seq_len fit the budget
+    assert micro_batches({"generation": 27, "understanding": 27}, 4096, 32768) == ({"generation": 3, "understanding": 3}, 9)
+    assert micro_batches({"generation": 55, "understanding": 55}, 16384, 32768) == ({"generation": 1, "understanding": 1}, 55)
+    assert micro_batches(12, 100, 10**6) == (12, 1)  # fits at once: no accumulation
+    assert micro_batches(12, 100, 500) == (4, 3)
+    with pytest.raises(ValueError, match="share only the divisors of 1"):
+        micro_batches({"generation": 27, "understanding": 20}, 4096, 32768)
+    with pytest.raises(ValueError, match="cannot hold one row of each of the 2 tasks"):
+        micro_batches({"generation": 2, "understanding": 2}, 4096, 4096)
+
+
+@pytest.mark.parametrize("strategy_cls", [FSDP2Strategy, DDPStrategy])
+def test_strategy_derives_micro_batch_and_accumulation(strategy_cls):
+    from types import SimpleNamespace
+
+    class WorldOfFour(strategy_cls):
+        world_size = 4
+
+    def derive(global_batch, tokens, accumulate=1):
+        dm = SimpleNamespace(batch_size={"generation": 1, "understanding": 1}, hparams=SimpleNamespace(max_seq_len=1024))
+        trainer = SimpleNamespace(datamodule=dm, accumulate_grad_batches=accumulate)
+        strategy = WorldOfFour(global_batch_size=global_batch, tokens_per_gpu=tokens)
+        strategy._lightning_module = SimpleNamespace(trainer=trainer)
+        derive_per_rank_batch(strategy, strategy.global_batch_size, strategy.tokens_per_gpu)
+        return dm.batch_size, trainer.accumulate_grad_batches
+
+    # 96 rows per task over 4 ranks = 24 + 24 rows of up to 1,024 tokens; 8,192 tokens hold 8 rows: 6 micro-batches
+    assert derive({"generation": 96, "understanding": 96}, 8192) == ({"generation": 4, "understanding": 4}, 6)
+    assert derive({"generation": 96, "understanding": 96}, None) == ({"generation": 24, "understanding": 24}, 1)
+    with pytest.raises(ValueError, match="both set the accumulation"):
+        derive({"generation": 96, "understanding": 96}, 8192, accumulate=4)
+    with pytest.raises(ValueError, match="set global_batch_size too"):
+        derive(None, 8192)
+
+
+def test_trainer_accumulates_the_derived_micro_batches():
+    """In a real fit: 12 rows per step under a budget of 16 tokens at max_seq_len 4 -> micro-batches of 4 rows, 3 of
+    them per optimizer step."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    class Data(pl.LightningDataModule):
+        def __init__(self):
+            super().__init__()
+            self.batch_size, self.max_seq_len = 1, 4
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.randn(64, 32), batch_size=self.batch_size)
+
+    class Model(BoringModel):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.steps = [], 0
+
+        def training_step(self, batch, batch_idx):
+            self.rows.append(batch.shape[0])
+            return super().training_step(batch, batch_idx)
+
+        def on_before_optimizer_step(self, optimizer):
+            self.steps += 1
+
+    model = Model()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=DDPStrategy(global_batch_size=12, tokens_per_gpu=16),
+                         max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    try:
+        trainer.fit(model, datamodule=Data())
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert (trainer.accumulate_grad_batches, model.rows, model.steps) == (3, [4] * 6, 2)
+
+
 def test_fsdp_requested_with_an_unconfigured_model_is_refused(tmp_path):
     """A LightningModule whose configure_model does not shard: refused with the module/parameter counts."""
 
