@@ -479,6 +479,17 @@ def load_sharded_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sd.items()}
 
 
+def load_sharded_into(model: nn.Module, path: str | Path) -> None:
+    """Load the model weights of a sharded (DCP) checkpoint into a model already sharded with `parallelize`: each
+    rank reads only the byte ranges of its own shards (the whole checkpoint once over all ranks, not once per rank).
+    Every rank calls it (DCP plans the reads with collectives)."""
+    import torch.distributed.checkpoint as dcp
+
+    state = model.state_dict()  # the sharded parameters (DTensors) and buffers themselves: loaded in place
+    check_compatible(sharded_checkpoint_shapes(path), model, str(path))
+    dcp.load({"state_dict": state}, checkpoint_id=str(path))
+
+
 def load_model_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Model weights of a single-file `.ckpt` or a sharded checkpoint directory."""
     p = Path(path)

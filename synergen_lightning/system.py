@@ -428,6 +428,12 @@ class SynerGenVL(LightningModule):
                              "(data_parallel_size = world size, tensor_parallel_size = 1)")
         dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
         parallelize(self, dp, **getattr(strategy, "parallelize_kwargs", {}))
+        pending = self.__dict__.pop("_init_from_after_sharding", None)
+        if pending is not None:
+            from synergen_lightning.distributed import load_sharded_into
+
+            load_sharded_into(self, pending)
+            rank_zero_info(f"{self.stage}: initialised from {pending} (each rank read its own shards)")
 
     def setup(self, stage: str) -> None:
         self._check_data_geometry()
@@ -450,8 +456,13 @@ class SynerGenVL(LightningModule):
                 raise FileNotFoundError(f"init_from {str(path)!r} does not exist: train the previous stage first "
                                         f"(e.g. `make stage1`) or fix model.init_from")
             from synergen_lightning.checkpoint import read_state_dict
+            from synergen_lightning.distributed import is_sharded_checkpoint
 
             self._check_init_from_geometry(path)
+            if is_sharded_checkpoint(path) and getattr(self, "_device_mesh", None) is not None:
+                # FSDP2: shard first, then every rank reads only its own shards (configure_model)
+                self.__dict__["_init_from_after_sharding"] = path
+                return
             state = read_state_dict(path)  # a .ckpt file, a sharded (FSDP2) checkpoint directory or an export
             result = self.load_state_dict(state, strict=False)
             if result.missing_keys or result.unexpected_keys:

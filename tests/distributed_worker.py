@@ -184,7 +184,8 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
                 pl_module.llm.layers[0].attn.q_proj.weight.requires_grad_(True)
 
     # constant LR: a cosine schedule depends on max_steps, which a resumed run changes
-    model = tiny_model(stage=scenario.get("stage", "stage1"), lr=scenario.get("lr", 3e-3), schedule="constant")
+    model = tiny_model(stage=scenario.get("stage", "stage1"), lr=scenario.get("lr", 3e-3), schedule="constant",
+                       init_from=scenario.get("init_from"))
     guard = FrozenParameterGuard(every_n_steps=1)
     callbacks = [StageCallback(scenario.get("stage", "stage1"), switch_at=scenario.get("switch_at")), guard, Rec(),
                  UnfreezeBehindTheStrategy()]

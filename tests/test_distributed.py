@@ -617,3 +617,20 @@ def test_2b_recipes_clip_gradients():
     for stage in ("stage1", "stage2", "sft"):
         trainer = yaml.safe_load((root / f"recipes/synergen_vl_2b/{stage}.yaml").read_text())["trainer"]
         assert trainer["gradient_clip_val"] == 1.0 and trainer["precision"] == "bf16-mixed", stage
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_init_from_a_sharded_checkpoint_loads_after_sharding(two_rank_run, tmp_path, monkeypatch):
+    """stage2 from the 2-process run's sharded checkpoint under FSDP2Strategy: the model starts with its weights
+    (text logits before the first step equal the checkpoint model's), read shard by shard after `parallelize`."""
+    _, ckpt = two_rank_run
+    ranks = spawn(2, {"max_steps": 1, "stage": "stage2", "init_from": str(ckpt), "record_logits": True}, tmp_path,
+                  timeout=240)
+    model = tiny_model(stage="stage2")
+    model.load_state_dict(load_sharded_state_dict(ckpt))
+    with torch.no_grad():
+        want = model.llm.forward_ids(LOGIT_IDS)
+    for r in ranks:
+        torch.testing.assert_close(r["start_logits"], want, atol=1e-5, rtol=1e-5)

@@ -121,3 +121,75 @@ def test_two_gloo_ranks_compare_their_weights(seeds, ok, tmp_path):
         assert results == ["ok", "ok"]
     else:
         assert all("ranks start from different weights" in r for r in results), results
+
+
+# a model whose weights (~4 MB) outweigh DCP's metadata, so bytes read show whose shards a rank read
+BIG = dict(llm={"vocab_size": 2048, "hidden_size": 128, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
+                "intermediate_size": 256, "max_position_embeddings": 128})
+
+
+def _bytes_read() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise RuntimeError("no rchar in /proc/self/io")
+
+
+def _load_worker(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from synergen_lightning.distributed import load_sharded_into, load_sharded_state_dict
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        import torch.distributed.checkpoint as dcp
+
+        # the previous stage's run: sharded over the same ranks, each writes its shards (as FSDP2Strategy saves)
+        torch.manual_seed(5)
+        previous = tiny_model(stage="stage2", **BIG)
+        parallelize(previous, init_device_mesh("cpu", (world,)))
+        dcp.save({"state_dict": previous.state_dict()}, checkpoint_id=ckpt)
+        saved = get_model_state_dict(previous, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        torch.manual_seed(0)  # the next stage: the same seed on every rank, another init than the checkpoint's
+        model = tiny_model(stage="stage2", **BIG)
+        parallelize(model, init_device_mesh("cpu", (world,)))
+        load_sharded_into(model, ckpt)  # warms up DCP's imports and caches: the next read is the load alone
+        before = _bytes_read()
+        load_sharded_into(model, ckpt)
+        sharded = _bytes_read() - before
+        before = _bytes_read()
+        load_sharded_state_dict(ckpt)  # the whole model, as every rank read it before sharding
+        whole = _bytes_read() - before
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        result = {"sharded": sharded, "whole": whole, "same": rank != 0 or all(torch.equal(full[k], v) for k, v in saved.items()),
+                  "weights": sum(v.numel() * v.element_size() for v in saved.values()) if rank == 0 else None}
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        import traceback
+
+        result = {"error": traceback.format_exc()}
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, Path(out, f"rank{rank}.pt"))
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_each_rank_reads_about_its_share_of_a_sharded_checkpoint(tmp_path):
+    """init_from a sharded checkpoint under FSDP2 at the world size that saved it: shard first, then each of 2 ranks
+    reads about half of the bytes that reading the whole model takes, and the model holds the checkpoint's weights.
+    (DCP reads whole stored chunks: at another world size a rank reads the saved shards that overlap its own.)"""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_load_worker, args=(2, free_port(), str(tmp_path / "ckpt"), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert all("error" not in r for r in ranks), [r.get("error") for r in ranks]
+    weights = ranks[0]["weights"]
+    for r in ranks:
+        assert r["whole"] >= weights  # reading the whole checkpoint: every byte (and DCP's own overhead)
+        # the reader's overhead per byte is the same either way: a rank reads half of what the whole read reads
+        assert 0.4 * r["whole"] < r["sharded"] < 0.6 * r["whole"], ([(q["sharded"], q["whole"]) for q in ranks], weights)
+    assert ranks[0]["same"]  # the sharded model holds the checkpoint's weights
