@@ -88,8 +88,8 @@ def worst_case_tokens(micro: int | dict[str, int], max_seq_len: int) -> int:
 
 def batch_plan(config: dict) -> dict | None:
     """What the strategy will derive for a run config (the `trainer` and `data` sections, as `--print_config` prints
-    them): world size, per-rank rows, micro-batch, accumulation, worst-case tokens per GPU and clipping. None when
-    the strategy sets no global batch."""
+    them): world size, FSDP mesh, per-rank rows, micro-batch, accumulation, worst-case tokens per GPU and clipping.
+    None when the strategy sets no global batch."""
     trainer, data = config.get("trainer") or {}, (config.get("data") or {}).get("init_args") or {}
     strategy = trainer.get("strategy")
     args = (strategy.get("init_args") or {}) if isinstance(strategy, dict) else {}
@@ -99,7 +99,11 @@ def batch_plan(config: dict) -> dict | None:
     world = int(trainer.get("devices") or 1) * int(trainer.get("num_nodes") or 1)
     per = ({k: per_rank_batch_size(int(v), world, f"global_batch_size[{k!r}]") for k, v in global_batch.items()}
            if isinstance(global_batch, dict) else per_rank_batch_size(int(global_batch), world))
-    plan = {"world_size": world, "global_batch": global_batch, "per_rank": per, "micro_batch": per,
+    shard = min(int(args.get("shard_size") or world), world)
+    if world % int(shard):
+        raise ValueError(f"shard_size {shard} does not divide the world size {world}")
+    plan = {"world_size": world, "fsdp_mesh": {"replicate": world // int(shard), "shard": int(shard)},
+            "global_batch": global_batch, "per_rank": per, "micro_batch": per,
             "accumulate_grad_batches": 1, "gradient_clip_val": trainer.get("gradient_clip_val")}
     max_seq_len, budget = data.get("max_seq_len"), args.get("tokens_per_gpu")
     if budget is not None and max_seq_len is not None:
@@ -224,6 +228,22 @@ def check_same_weights(module: nn.Module, group=None) -> None:
                          "a random seed per process under torchrun/SLURM) and load the same checkpoint on every rank")
 
 
+def hsdp_mesh(device_type: str, world_size: int, shard_size: int | None):
+    """The mesh `parallelize` shards over: None or at least the world size = one FSDP group of every rank; a divisor of
+    the world size (e.g. the GPUs of one node) = HSDP, a (replicate, shard) mesh: parameters are sharded within
+    each group of `shard_size` ranks and replicated across groups, so the per-block gathers and reduce-scatters
+    stay inside a group (a node's NVLink) and only the all-reduce of each unit's gradient shard (1/shard_size of
+    it) crosses the groups."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if shard_size is None or shard_size >= world_size:  # fewer ranks than a group (e.g. one GPU): plain FSDP
+        return None
+    if shard_size < 1 or world_size % shard_size:
+        raise ValueError(f"shard_size {shard_size} does not divide the world size {world_size} (devices x num_nodes): "
+                         "use the GPUs per node (e.g. 8), another divisor, or leave it unset to shard over every rank")
+    return init_device_mesh(device_type, (world_size // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+
+
 def parallelize(
     model: nn.Module,
     mesh=None,
@@ -250,7 +270,7 @@ def parallelize(
         raise RuntimeError(f"{type(model).__name__} is already sharded: parallelize() runs once per model")
     if not hasattr(model, "llm") or not hasattr(model.llm, "layers"):
         raise TypeError(f"parallelize() expects a SynerGenVL-like model (llm.layers, head.stack.layers), got {type(model).__name__}")
-    group = mesh.get_group() if mesh is not None else None
+    group = mesh.get_group() if mesh is not None and mesh.ndim == 1 else None  # HSDP (2-D): every rank
     if check_states:
         check_same_weights(model, group)
     mp = MixedPrecisionPolicy(param_dtype=to_dtype(param_dtype), reduce_dtype=to_dtype(reduce_dtype))
@@ -310,6 +330,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         reshard_after_forward: bool = True,
         global_batch_size: int | dict[str, int] | str | None = None,
         tokens_per_gpu: int | None = None,
+        shard_size: int | None = None,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout_minutes: float = 30.0,
@@ -330,6 +351,8 @@ class FSDP2Strategy(ModelParallelStrategy):
             tokens_per_gpu: LLM tokens one GPU holds in a forward/backward: the per-rank batch is split into equal
                 micro-batches whose worst case (rows x the datamodule's max_seq_len) fits, and
                 `trainer.accumulate_grad_batches` becomes their number. Unset: one micro-batch per step.
+            shard_size: ranks per FSDP shard group (HSDP: sharded within a group, replicated across groups; e.g.
+                the GPUs of one node, when the model's sharded state fits them). Unset: one group of every rank.
             save_distributed_checkpoint: each rank writes its shard (a DCP directory); false gathers one file on rank 0.
             process_group_backend: unset = nccl on GPUs, gloo on CPU.
             timeout_minutes: collective timeout (a hang becomes an error after this).
@@ -343,7 +366,11 @@ class FSDP2Strategy(ModelParallelStrategy):
                                    "activation_checkpointing": activation_checkpointing, "compile": compile,
                                    "reshard_after_forward": reshard_after_forward}
         to_dtype(param_dtype), to_dtype(reduce_dtype)  # fail at construction on a typo
-        self.global_batch_size, self.tokens_per_gpu = global_batch_size, tokens_per_gpu
+        self.global_batch_size, self.tokens_per_gpu, self.shard_size = global_batch_size, tokens_per_gpu, shard_size
+
+    def shard_mesh(self, mesh):
+        """The mesh `SynerGenVL.configure_model` shards over: the data-parallel mesh, or the HSDP mesh of `shard_size`."""
+        return hsdp_mesh(mesh.device_type, mesh.size(), self.shard_size) or mesh
 
     def setup_environment(self) -> None:
         # pure FSDP: one data-parallel dimension over all ranks (the parent's "auto" is nodes x 1 and
@@ -531,12 +558,13 @@ def total_grad_norm(params) -> torch.Tensor | None:
             continue
         seen = True
         if isinstance(g, DTensor):
-            group = g.device_mesh.get_group()
+            # the squares of a rank's shard add up over the mesh dimensions that shard (not those that replicate)
+            group = [g.device_mesh.get_group(d) for d, pl in enumerate(g.placements) if pl.is_shard()]
             sharded_sq = sharded_sq.to(g.device) + g.to_local().detach().double().pow(2).sum()
         else:
             local_sq = local_sq.to(g.device) + g.detach().double().pow(2).sum()
     if not seen:
         return None
-    if group is not None:
-        dist.all_reduce(sharded_sq, group=group)
+    for pg in group or []:
+        dist.all_reduce(sharded_sq, group=pg)
     return (local_sq.to(sharded_sq.device) + sharded_sq).sqrt().float()

@@ -427,6 +427,8 @@ class SynerGenVL(LightningModule):
                              f"{mesh['tensor_parallel'].size()}; use synergen_lightning.distributed.FSDP2Strategy "
                              "(data_parallel_size = world size, tensor_parallel_size = 1)")
         dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        if hasattr(strategy, "shard_mesh"):
+            dp = strategy.shard_mesh(dp)  # HSDP when the strategy sets a shard_size
         parallelize(self, dp, **getattr(strategy, "parallelize_kwargs", {}))
         pending = self.__dict__.pop("_init_from_after_sharding", None)
         if pending is not None:

@@ -175,6 +175,11 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
                     sq += g.float().pow(2).sum()
             if "ddp" not in scenario:  # FSDP: each rank holds a shard of the gradient; DDP: the whole, averaged
                 torch.distributed.all_reduce(sq)
+            if scenario.get("strategy", {}).get("shard_size"):  # HSDP: replicas hold the same shards
+                from synergen_lightning.distributed import total_grad_norm
+
+                sq = total_grad_norm(pl_module.parameters()) ** 2
+                record.setdefault("mesh", [tuple(p.device_mesh.shape) for p in pl_module.parameters()][0])
             record["grad_norm"].append(float(sq.sqrt()))
             record.setdefault("n_opt_params", []).append(sum(len(g["params"]) for g in optimizer.param_groups))
 

@@ -634,3 +634,31 @@ def test_init_from_a_sharded_checkpoint_loads_after_sharding(two_rank_run, tmp_p
         want = model.llm.forward_ids(LOGIT_IDS)
     for r in ranks:
         torch.testing.assert_close(r["start_logits"], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_hsdp_two_replicas_match_one_process(tmp_path):
+    """HSDP over 2 processes with shard_size 1 (2 replicas of 1 shard each: the layout of 2 nodes, with the
+    gradient all-reduce across replicas instead of a reduce-scatter): the 1-process losses and gradient norms,
+    with clipping."""
+    scenario = {"max_steps": 3, "gradient_clip_val": 0.05, "strategy": {"shard_size": 1}, "save": str(tmp_path / "ckpt")}
+    ranks = spawn(2, scenario, tmp_path / "results", timeout=240)
+    ref = reference_fit({"max_steps": 3, "gradient_clip_val": 0.05})
+    assert ranks[0]["mesh"] == (2, 1)
+    two = [(a + b) / 2 for a, b in zip(ranks[0]["loss"], ranks[1]["loss"])]
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(ref["loss"]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(ranks[0]["grad_norm"]), torch.tensor(ref["grad_norm"]), rtol=1e-4, atol=1e-6)
+    for name, ref_w in ref["state_dict"].items():
+        torch.testing.assert_close(ranks[0]["state_dict"][name], ref_w, atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    saved = load_sharded_state_dict(tmp_path / "ckpt")  # the HSDP checkpoint reads back as the trained model
+    assert all(torch.equal(saved[n], v) for n, v in ranks[0]["state_dict"].items())
+
+
+def test_hsdp_mesh_needs_a_divisor_of_the_world_size():
+    from synergen_lightning.distributed import hsdp_mesh
+
+    assert hsdp_mesh("cpu", 8, None) is None and hsdp_mesh("cpu", 8, 8) is None  # one group of every rank
+    assert hsdp_mesh("cpu", 1, 8) is None  # a one-GPU try of a recipe that shards by node
+    with pytest.raises(ValueError, match="shard_size 3 does not divide the world size 8"):
+        hsdp_mesh("cpu", 8, 3)

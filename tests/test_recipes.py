@@ -121,6 +121,8 @@ def test_2b_recipes_worst_case_tokens_per_gpu_fit_the_budget(stage, nodes):
     if nodes is None:
         assert plan["micro_batch"] == config["data"]["init_args"]["batch_size"]
     assert plan["gradient_clip_val"] == 1.0
+    # sharded within a node (8 GPUs), replicated across nodes: gathers and reduce-scatters stay on NVLink
+    assert plan["fsdp_mesh"] == {"replicate": plan["world_size"] // 8, "shard": 8}
 
 
 def test_print_config_shows_the_batch_plan(capsys):
