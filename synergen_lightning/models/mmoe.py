@@ -119,6 +119,15 @@ class Routing:
             return Routing(None, None, all_image=True)
         return Routing(torch.nonzero(~flat).squeeze(1), torch.nonzero(flat).squeeze(1))
 
+    @staticmethod
+    def from_indices(text_idx: Tensor, image_idx: Tensor) -> Routing:
+        """From index tensors already known (computed with the batch on the CPU): decided by their sizes alone."""
+        if image_idx.numel() == 0:
+            return Routing(None, None)
+        if text_idx.numel() == 0:
+            return Routing(None, None, all_image=True)
+        return Routing(text_idx, image_idx)
+
 
 class DecoderBlock(nn.Module):
     """Pre-norm block: x + attn(norm(x)); x + ffn(norm(x)), the FFN being text or vision per token."""
@@ -164,7 +173,7 @@ class DecoderBlock(nn.Module):
         return x + self.ffn(x, routing)
 
 
-def right_padded(attention_mask: Tensor) -> bool:
+def is_right_padded(attention_mask: Tensor) -> bool:
     """Whether every row of Bool[B, T] is True up to some length and False after it (no True after a False)."""
     if attention_mask.shape[1] < 2:
         return True
@@ -195,6 +204,8 @@ class DecoderStack(nn.Module):
         position_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         kv_cache: KVCache | None = None,
+        routing: Routing | None = None,
+        right_padded: bool | None = None,
     ) -> Tensor:
         """inputs_embeds [B, T, D] -> final-normed hidden states [B, T, D].
 
@@ -202,6 +213,8 @@ class DecoderStack(nn.Module):
         True at real tokens (padding left or right); with a cache it covers the new tokens only. Right padding
         without a cache needs no mask (causal attention keeps every real token off the padding after it).
         position_ids Long[B, T]: RoPE positions, default past_len + 0..T-1. kv_cache: appended to.
+        routing / right_padded: what `image_mask` / `attention_mask` imply, when the caller already knows it (a
+        collated batch does): read from the masks on the device otherwise.
         """
         b, t, _ = inputs_embeds.shape
         if image_mask is not None and tuple(image_mask.shape) != (b, t):
@@ -220,7 +233,8 @@ class DecoderStack(nn.Module):
             cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
 
         key_mask = None
-        if attention_mask is not None and kv_cache is None and right_padded(attention_mask):
+        if attention_mask is not None and kv_cache is None and (
+                right_padded if right_padded is not None else is_right_padded(attention_mask)):
             # every row is its real tokens then padding: under causal attention no real query reaches a padding
             # key, so SDPA runs its causal kernel (FlashAttention on GPUs) with no [B, 1, T, T] mask; padding
             # queries see real keys and their outputs are never read
@@ -233,7 +247,10 @@ class DecoderStack(nn.Module):
             key_mask = attention_mask.bool()
         attn_mask, is_causal = self._attn_mask(b, t, past, key_mask if padded else None, device)
 
-        routing = Routing.from_mask(image_mask, b * t) if self.vision_experts else Routing(None, None)
+        if not self.vision_experts:
+            routing = Routing(None, None)
+        elif routing is None:
+            routing = Routing.from_mask(image_mask, b * t)
         if routing.image_idx is not None and routing.image_idx.numel() == 0:
             routing = Routing(None, None)  # no image token: the dense path, same result, no scatter
         x = inputs_embeds
