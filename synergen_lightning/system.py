@@ -392,9 +392,11 @@ class SynerGenVL(LightningModule):
         if positions is None:
             positions = torch.nonzero((targets != IGNORE).reshape(-1)).squeeze(1)
         n_text = positions.numel()
-        token_losses = self.llm.token_losses(hidden[:, :-1].reshape(-1, d).index_select(0, positions),
-                                             targets.reshape(-1).index_select(0, positions))
-        loss_text = self.text_loss_mean(token_losses, positions // max(t - 1, 1), batch.get("task"))
+        rows = positions // max(t - 1, 1)
+        at = positions + rows  # position p of the [B, T-1] predictions is token p + row of the [B, T] sequence
+        token_losses = self.llm.token_losses(hidden.reshape(b * t, d).index_select(0, at),
+                                             batch["labels"].reshape(-1).index_select(0, at + 1))
+        loss_text = self.text_loss_mean(token_losses, rows, batch.get("task"))
         # image: the head unfolds the hidden state before each patch of every supervised view
         views = batch.get("loss_views")
         if views is None:
