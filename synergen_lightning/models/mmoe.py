@@ -369,11 +369,11 @@ class MMoETransformer(DecoderStack):
         self.embed_tokens = emb
         if self.config.tie_word_embeddings:
             self.lm_head = ChunkedLinear(self.config.hidden_size, new_size, bias=False, device=emb.weight.device,
-                                     dtype=emb.weight.dtype)
+                                         dtype=emb.weight.dtype)
             self.lm_head.weight = self.embed_tokens.weight
         else:
             head = ChunkedLinear(self.config.hidden_size, new_size, bias=False, device=self.lm_head.weight.device,
-                             dtype=self.lm_head.weight.dtype)
+                                 dtype=self.lm_head.weight.dtype)
             head.weight.copy_(resized(self.lm_head.weight))
             self.lm_head = head
         self.config.vocab_size = new_size
