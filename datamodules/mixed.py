@@ -9,8 +9,8 @@ resampled with replacement, through a shuffle buffer; everything is seeded by (s
 
 Resuming: each batch carries its lane's cursor (samples consumed per source). The DataModule commits
 it when the batch reaches the model (`on_before_batch_transfer`, i.e. after Lightning's prefetch) and
-`state_dict()` puts it in the checkpoint; a resumed run replays each lane's raw stream up to its
-cursor without decoding and continues with the next batch of the epoch.
+`state_dict()` puts every rank's cursors in the checkpoint; a resumed run replays each lane's raw stream up to
+its cursor without decoding and continues with the next batch of the epoch.
 """
 
 from __future__ import annotations
@@ -37,6 +37,15 @@ def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _gather_from_ranks(value: Any) -> list | None:
+    """Every rank's `value`, in rank order (a collective: every rank calls it); None in a single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def _load_tokenizer(tokenizer: Any):
@@ -329,6 +338,7 @@ class MixedDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
+        self._warn_shared_shards()
         stream = MixedStream(self.sources, self.builder, self.batch_size, self.hparams.steps_per_epoch, self.num_workers,
                              self.hparams.shuffle_buffer, self.hparams.seed)
         return _StreamLoader(stream, self, **self._loader_kwargs())
@@ -339,6 +349,17 @@ class MixedDataModule(L.LightningDataModule):
             return []
         stream = ValStream(self.val_specs, self.val_builder, self.batch_size, self.hparams.val_max_batches)
         return DataLoader(stream, batch_size=None, collate_fn=batch_as_is, **self._loader_kwargs())
+
+    def _warn_shared_shards(self) -> None:
+        """One line per source with fewer shards than lanes (ranks x workers): every lane then reads the whole source,
+        so a pass over it costs each lane what it would cost one process alone."""
+        rank, world = _rank_world()
+        lanes = world * max(1, self.num_workers)
+        for src in self.sources:
+            if len(src.shards) < lanes and rank == 0:
+                log.warning("source %r has %d shards for %d lanes (%d ranks x %d workers): every lane reads all of "
+                            "them; split it into at least %d shards", src.name, len(src.shards), lanes, world,
+                            max(1, self.num_workers), lanes)
 
     # ---- stream state ------------------------------------------------------------------------
     def _prepare_epoch(self, stream: MixedStream) -> None:
@@ -374,16 +395,34 @@ class MixedDataModule(L.LightningDataModule):
         return sum(self.skipped.values())
 
     def state_dict(self) -> dict:
+        """The stream position. Every rank calls it (Lightning's checkpoint dump) and only one rank's copy is saved,
+        so the lane cursors of every rank ride along (`lanes_by_rank`, gathered here): each rank's lanes draw
+        their own sources, so one rank's counts do not fit another's."""
         st = self._state
-        return {"epoch": st["epoch"], "batches": st["batches"], "num_workers": st["num_workers"],
-                "lanes": {int(k): dict(v) for k, v in st["lanes"].items()}, "skipped": dict(self.skipped),
-                "seed": self.hparams.seed}
+        lanes = {int(k): dict(v) for k, v in st["lanes"].items()}
+        rank, world = _rank_world()
+        state = {"epoch": st["epoch"], "batches": st["batches"], "num_workers": st["num_workers"], "lanes": lanes,
+                 "skipped": dict(self.skipped), "seed": self.hparams.seed, "world_size": world}
+        by_rank = _gather_from_ranks(lanes)
+        if by_rank is not None:
+            state["lanes_by_rank"] = dict(enumerate(by_rank))
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict.get("seed", self.hparams.seed) != self.hparams.seed:
             log.warning("resuming with seed %s, checkpoint stream used seed %s: the stream will differ",
                         self.hparams.seed, state_dict["seed"])
-        self._state = {"epoch": int(state_dict["epoch"]), "batches": int(state_dict["batches"]),
+        rank, world = _rank_world()
+        batches, lanes = int(state_dict["batches"]), state_dict["lanes"]
+        saved_world = int(state_dict.get("world_size", world))
+        if saved_world != world and batches > 0:
+            log.warning("the world size changed from %d to %d since the checkpoint: the lanes differ, so epoch %d "
+                        "restarts its stream (samples of its first %d batches may repeat)", saved_world, world,
+                        int(state_dict["epoch"]), batches)
+            batches, lanes = 0, {}
+        elif "lanes_by_rank" in state_dict:
+            lanes = state_dict["lanes_by_rank"][rank]
+        self._state = {"epoch": int(state_dict["epoch"]), "batches": batches,
                        "num_workers": int(state_dict["num_workers"]),
-                       "lanes": {int(k): dict(v) for k, v in state_dict["lanes"].items()}}
+                       "lanes": {int(k): dict(v) for k, v in lanes.items()}}
         self.skipped = Counter(state_dict.get("skipped", {}))

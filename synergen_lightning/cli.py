@@ -127,8 +127,41 @@ def user_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+def print_config_with_plan(argv: list[str]) -> int:
+    """`--print_config`, followed by what the strategy will derive from it (world size, micro-batch, gradient
+    accumulation, worst-case tokens per GPU, clipping) as YAML comments, so a recipe's per-GPU load is read before
+    any GPU is asked for."""
+    import contextlib
+    import io
+
+    import yaml
+
+    from synergen_lightning.distributed import batch_plan
+
+    out = io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out):
+        try:
+            lightning_cli(argv)
+        except SystemExit as exc:
+            code = exc.code or 0
+    text = out.getvalue()
+    sys.stdout.write(text)
+    try:
+        plan = batch_plan(yaml.safe_load(text) or {})
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError) as exc:
+        plan = {"error": str(exc)}
+    if plan:
+        sys.stdout.write("# derived by the strategy at this world size:\n")
+        for key, value in plan.items():
+            sys.stdout.write(f"#   {key}: {value}\n")
+    return int(code)
+
+
 def _run(argv: list[str]) -> int:
     if argv[0] in LIGHTNING_SUBCOMMANDS:
+        if argv[0] == "fit" and any(a.startswith("--print_config") for a in argv):
+            return print_config_with_plan(argv)
         # from the shell LightningCLI reads sys.argv itself (given both, it warns on every run that they may differ)
         lightning_cli(None if argv == sys.argv[1:] else argv)
         return 0

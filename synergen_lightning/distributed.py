@@ -28,6 +28,7 @@ done by DCP itself).
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import torch
@@ -59,11 +60,68 @@ def per_rank_batch_size(global_batch: int, world_size: int, what: str = "global 
     return global_batch // world_size
 
 
-def derive_per_rank_batch(strategy, global_batch_size) -> None:
+def micro_batches(per_rank: int | dict[str, int], max_seq_len: int, tokens_per_gpu: int) -> tuple[int | dict[str, int], int]:
+    """(micro-batch, accumulate_grad_batches) of a per-rank batch under a per-GPU token budget: the fewest
+    micro-batches per optimizer step (a divisor of every task's per-rank rows, so each micro-batch holds the same
+    rows of every task) whose worst case, rows x max_seq_len, fits `tokens_per_gpu`."""
+    rows = dict(per_rank) if isinstance(per_rank, dict) else {"": int(per_rank)}
+    total = sum(rows.values())
+    if tokens_per_gpu < len(rows) * max_seq_len:
+        raise ValueError(f"tokens_per_gpu {tokens_per_gpu} cannot hold one row of each of the {len(rows)} tasks at "
+                         f"max_seq_len {max_seq_len}: raise it to at least {len(rows) * max_seq_len} or shorten max_seq_len")
+    common = functools.reduce(math.gcd, rows.values())
+    for accumulate in (d for d in range(1, common + 1) if common % d == 0):
+        if total // accumulate * max_seq_len <= tokens_per_gpu:
+            micro = {k: v // accumulate for k, v in rows.items()}
+            return (micro if isinstance(per_rank, dict) else micro[""]), accumulate
+    fit = tokens_per_gpu // max_seq_len
+    raise ValueError(f"per-rank batch {per_rank} ({total} rows of up to {max_seq_len} tokens) does not split into "
+                     f"equal micro-batches of at most {fit} rows (tokens_per_gpu {tokens_per_gpu}): the tasks' rows "
+                     f"share only the divisors of {common}; choose global batches whose per-rank rows share a larger "
+                     "one, raise tokens_per_gpu or use more ranks")
+
+
+def worst_case_tokens(micro: int | dict[str, int], max_seq_len: int) -> int:
+    """LLM tokens of the longest possible micro-batch: every row at max_seq_len (rows are padded to the longest)."""
+    return (sum(micro.values()) if isinstance(micro, dict) else int(micro)) * max_seq_len
+
+
+def batch_plan(config: dict) -> dict | None:
+    """What the strategy will derive for a run config (the `trainer` and `data` sections, as `--print_config` prints
+    them): world size, FSDP mesh, per-rank rows, micro-batch, accumulation, worst-case tokens per GPU and clipping.
+    None when the strategy sets no global batch."""
+    trainer, data = config.get("trainer") or {}, (config.get("data") or {}).get("init_args") or {}
+    strategy = trainer.get("strategy")
+    args = (strategy.get("init_args") or {}) if isinstance(strategy, dict) else {}
+    global_batch = args.get("global_batch_size")
+    if global_batch in (None, "datamodule"):
+        return None
+    world = int(trainer.get("devices") or 1) * int(trainer.get("num_nodes") or 1)
+    per = ({k: per_rank_batch_size(int(v), world, f"global_batch_size[{k!r}]") for k, v in global_batch.items()}
+           if isinstance(global_batch, dict) else per_rank_batch_size(int(global_batch), world))
+    shard = min(int(args.get("shard_size") or world), world)
+    if world % int(shard):
+        raise ValueError(f"shard_size {shard} does not divide the world size {world}")
+    plan = {"world_size": world, "fsdp_mesh": {"replicate": world // int(shard), "shard": int(shard)},
+            "global_batch": global_batch, "per_rank": per, "micro_batch": per,
+            "accumulate_grad_batches": 1, "gradient_clip_val": trainer.get("gradient_clip_val")}
+    max_seq_len, budget = data.get("max_seq_len"), args.get("tokens_per_gpu")
+    if budget is not None and max_seq_len is not None:
+        plan["micro_batch"], plan["accumulate_grad_batches"] = micro_batches(per, int(max_seq_len), int(budget))
+    if max_seq_len is not None:
+        plan["worst_case_tokens_per_gpu"] = worst_case_tokens(plan["micro_batch"], int(max_seq_len))
+        plan["tokens_per_gpu"] = budget
+    return plan
+
+
+def derive_per_rank_batch(strategy, global_batch_size, tokens_per_gpu: int | None = None) -> None:
     """Set the datamodule's per-rank `batch_size` from a global batch: an int, a per-task dict, or "datamodule"
     (the recipe's `batch_size` IS the global batch, so a recipe tuned on one device keeps its batch at any world
-    size). None: leave the datamodule's batch_size per rank."""
+    size). None: leave the datamodule's batch_size per rank. With `tokens_per_gpu`, the per-rank batch is then split
+    into micro-batches (`micro_batches`) and the trainer accumulates their gradients."""
     if global_batch_size is None:
+        if tokens_per_gpu is not None:
+            raise ValueError(f"{type(strategy).__name__}(tokens_per_gpu=...) splits a global batch: set global_batch_size too")
         return
     name = type(strategy).__name__
     world = strategy.world_size
@@ -83,7 +141,21 @@ def derive_per_rank_batch(strategy, global_batch_size) -> None:
     if isinstance(dm.batch_size, dict) and not isinstance(per, dict):
         raise ValueError(f"the datamodule's batch_size is per task {dm.batch_size}: give global_batch_size per task too")
     dm.batch_size = dict(dm.batch_size, **per) if isinstance(per, dict) and isinstance(dm.batch_size, dict) else per
-    rank_zero_info(f"{name}: global batch {global_batch_size} over {world} ranks -> {dm.batch_size} per rank")
+    if tokens_per_gpu is None:
+        rank_zero_info(f"{name}: global batch {global_batch_size} over {world} ranks -> {dm.batch_size} per rank")
+        return
+    max_seq_len = getattr(getattr(dm, "hparams", None), "max_seq_len", None) or getattr(dm, "max_seq_len", None)
+    if max_seq_len is None:
+        raise ValueError(f"{name}(tokens_per_gpu=...) needs the datamodule's max_seq_len (its longest row)")
+    trainer = strategy.lightning_module.trainer
+    micro, accumulate = micro_batches(dm.batch_size, int(max_seq_len), int(tokens_per_gpu))
+    if trainer.accumulate_grad_batches not in (1, accumulate):
+        raise ValueError(f"trainer.accumulate_grad_batches {trainer.accumulate_grad_batches} and {name}(tokens_per_gpu="
+                         f"{tokens_per_gpu}) both set the accumulation (derived: {accumulate}): leave the trainer's at 1")
+    dm.batch_size, trainer.accumulate_grad_batches = micro, accumulate
+    rank_zero_info(f"{name}: global batch {global_batch_size} over {world} ranks -> micro-batch {micro} x "
+                   f"{accumulate} accumulated per rank (worst case {worst_case_tokens(micro, int(max_seq_len)):,} "
+                   f"tokens of {tokens_per_gpu:,} per GPU)")
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -119,14 +191,57 @@ def _checkpoint_block(block: nn.Module) -> None:
 
 
 @torch.no_grad()
-def sync_module_states(module: nn.Module, group=None) -> None:
-    """Broadcast rank 0's parameters and buffers to every rank (FSDP2 keeps each rank's own shard of
-    whatever it was given; without this, ranks seeded differently would start from a mixed model)."""
+def weight_fingerprint(module: nn.Module) -> list[tuple[str, float, float]]:
+    """(name, sum, L2 norm) of every parameter and buffer, accumulated in float64 where the tensor lies."""
+    out = []
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if t.is_meta or not t.is_floating_point():
+            continue
+        out.append((name, float(t.sum(dtype=torch.float64)), float(torch.linalg.vector_norm(t, dtype=torch.float64))))
+    return out
+
+
+def check_same_weights(module: nn.Module, group=None) -> None:
+    """Refuse ranks that built different weights before sharding (FSDP2 keeps each rank's own shard of whatever
+    it was given, so ranks seeded differently would start from a mixed model).
+
+    Every rank seeds alike and loads the same files, so there is nothing to broadcast: each rank sends a
+    fingerprint (a sum and a norm per tensor, a few KB) in one object all-gather, which runs on whatever
+    device the backend serves (NCCL: the current GPU), while the weights themselves may still be on the CPU."""
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return
-    src = dist.get_global_rank(group, 0) if group is not None else 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        dist.broadcast(t.data, src=src, group=group)
+    mine = weight_fingerprint(module)
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    bad = []
+    for rank, theirs in enumerate(everyone):
+        if [n for n, _, _ in theirs] != [n for n, _, _ in mine]:
+            raise ValueError(f"rank {rank} built a model with other tensors than this rank's: every rank must build "
+                             "the same model from the same recipe")
+        for (name, s0, n0), (_, s1, n1) in zip(mine, theirs):
+            # float64 sums differ only by rounding when the values are equal; any real difference is O(norm)
+            if abs(s0 - s1) > 1e-6 * max(n0, n1) or abs(n0 - n1) > 1e-6 * max(n0, n1):
+                bad.append((rank, name))
+    if bad:
+        raise ValueError(f"ranks start from different weights ({len(bad)} tensors, e.g. rank {bad[0][0]} at "
+                         f"{bad[0][1]!r}): seed every rank alike (seed_everything: <int> in the recipe; `true` draws "
+                         "a random seed per process under torchrun/SLURM) and load the same checkpoint on every rank")
+
+
+def hsdp_mesh(device_type: str, world_size: int, shard_size: int | None):
+    """The mesh `parallelize` shards over: None or at least the world size = one FSDP group of every rank; a divisor of
+    the world size (e.g. the GPUs of one node) = HSDP, a (replicate, shard) mesh: parameters are sharded within
+    each group of `shard_size` ranks and replicated across groups, so the per-block gathers and reduce-scatters
+    stay inside a group (a node's NVLink) and only the all-reduce of each unit's gradient shard (1/shard_size of
+    it) crosses the groups."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if shard_size is None or shard_size >= world_size:  # fewer ranks than a group (e.g. one GPU): plain FSDP
+        return None
+    if shard_size < 1 or world_size % shard_size:
+        raise ValueError(f"shard_size {shard_size} does not divide the world size {world_size} (devices x num_nodes): "
+                         "use the GPUs per node (e.g. 8), another divisor, or leave it unset to shard over every rank")
+    return init_device_mesh(device_type, (world_size // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
 
 
 def parallelize(
@@ -137,7 +252,7 @@ def parallelize(
     activation_checkpointing: bool = False,
     compile: bool | str = False,
     reshard_after_forward: bool = True,
-    sync_states: bool = True,
+    check_states: bool = True,
 ) -> int:
     """Shard a SynerGenVL with FSDP2 in place; returns the number of FSDP units.
 
@@ -155,9 +270,9 @@ def parallelize(
         raise RuntimeError(f"{type(model).__name__} is already sharded: parallelize() runs once per model")
     if not hasattr(model, "llm") or not hasattr(model.llm, "layers"):
         raise TypeError(f"parallelize() expects a SynerGenVL-like model (llm.layers, head.stack.layers), got {type(model).__name__}")
-    group = mesh.get_group() if mesh is not None else None
-    if sync_states:
-        sync_module_states(model, group)
+    group = mesh.get_group() if mesh is not None and mesh.ndim == 1 else None  # HSDP (2-D): every rank
+    if check_states:
+        check_same_weights(model, group)
     mp = MixedPrecisionPolicy(param_dtype=to_dtype(param_dtype), reduce_dtype=to_dtype(reduce_dtype))
     shard = functools.partial(fully_shard, mesh=mesh, mp_policy=mp)
     blocks = decoder_blocks(model)
@@ -214,6 +329,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         compile: bool | str = False,
         reshard_after_forward: bool = True,
         global_batch_size: int | dict[str, int] | str | None = None,
+        tokens_per_gpu: int | None = None,
+        shard_size: int | None = None,
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout_minutes: float = 30.0,
@@ -231,6 +348,11 @@ class FSDP2Strategy(ModelParallelStrategy):
                 {generation: 64, ...}); the datamodule's per-rank `batch_size` becomes global / world size.
                 "datamodule": the datamodule's batch_size is the global batch (split over the ranks).
                 Unset: the datamodule's batch_size is per rank (global = batch_size x world size).
+            tokens_per_gpu: LLM tokens one GPU holds in a forward/backward: the per-rank batch is split into equal
+                micro-batches whose worst case (rows x the datamodule's max_seq_len) fits, and
+                `trainer.accumulate_grad_batches` becomes their number. Unset: one micro-batch per step.
+            shard_size: ranks per FSDP shard group (HSDP: sharded within a group, replicated across groups; e.g.
+                the GPUs of one node, when the model's sharded state fits them). Unset: one group of every rank.
             save_distributed_checkpoint: each rank writes its shard (a DCP directory); false gathers one file on rank 0.
             process_group_backend: unset = nccl on GPUs, gloo on CPU.
             timeout_minutes: collective timeout (a hang becomes an error after this).
@@ -244,14 +366,18 @@ class FSDP2Strategy(ModelParallelStrategy):
                                    "activation_checkpointing": activation_checkpointing, "compile": compile,
                                    "reshard_after_forward": reshard_after_forward}
         to_dtype(param_dtype), to_dtype(reduce_dtype)  # fail at construction on a typo
-        self.global_batch_size = global_batch_size
+        self.global_batch_size, self.tokens_per_gpu, self.shard_size = global_batch_size, tokens_per_gpu, shard_size
+
+    def shard_mesh(self, mesh):
+        """The mesh `SynerGenVL.configure_model` shards over: the data-parallel mesh, or the HSDP mesh of `shard_size`."""
+        return hsdp_mesh(mesh.device_type, mesh.size(), self.shard_size) or mesh
 
     def setup_environment(self) -> None:
         # pure FSDP: one data-parallel dimension over all ranks (the parent's "auto" is nodes x 1 and
         # "tensor_parallel_size=1" would then not multiply to the world size)
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
-        derive_per_rank_batch(self, self.global_batch_size)
+        derive_per_rank_batch(self, self.global_batch_size, self.tokens_per_gpu)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None):
         """Before DCP loads the shards: refuse a checkpoint of another model (with the shapes), and restore the
@@ -295,7 +421,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
 
 class DDPStrategy(LightningDDPStrategy):
-    def __init__(self, global_batch_size: int | dict[str, int] | str | None = None,
+    def __init__(self, global_batch_size: int | dict[str, int] | str | None = None, tokens_per_gpu: int | None = None,
                  process_group_backend: str | None = None, timeout_minutes: float = 30.0, **ddp_kwargs):
         """Plain data parallelism (every rank a full copy; one bucketed gradient all-reduce per step) for a model
         that fits on one device: on 2 CPU cores the tiny stages run 1.7x faster than in one process, where FSDP2's
@@ -304,6 +430,7 @@ class DDPStrategy(LightningDDPStrategy):
         Args:
             global_batch_size: as `FSDP2Strategy`'s: an int, a per-task dict, or "datamodule" (the recipe's
                 batch_size is the global batch); unset = the datamodule's batch_size is per rank.
+            tokens_per_gpu: as `FSDP2Strategy`'s: micro-batches and gradient accumulation under a per-GPU token budget.
             process_group_backend: unset = nccl on GPUs, gloo on CPU.
             timeout_minutes: collective timeout (a hang becomes an error after this).
             ddp_kwargs: passed to `torch.nn.parallel.DistributedDataParallel` (e.g. find_unused_parameters).
@@ -316,12 +443,12 @@ class DDPStrategy(LightningDDPStrategy):
         ddp_kwargs.setdefault("broadcast_buffers", False)
         super().__init__(process_group_backend=process_group_backend, timeout=timedelta(minutes=timeout_minutes),
                          **ddp_kwargs)
-        self.global_batch_size = global_batch_size
+        self.global_batch_size, self.tokens_per_gpu = global_batch_size, tokens_per_gpu
         self._wrapped_trainable: set[str] | None = None
 
     def setup_environment(self) -> None:
         super().setup_environment()
-        derive_per_rank_batch(self, self.global_batch_size)
+        derive_per_rank_batch(self, self.global_batch_size, self.tokens_per_gpu)
 
     def setup(self, trainer) -> None:
         # DDP registers its gradient hooks for the parameters trainable when it wraps the model: a parameter
@@ -379,6 +506,17 @@ def load_sharded_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sd.items()}
 
 
+def load_sharded_into(model: nn.Module, path: str | Path) -> None:
+    """Load the model weights of a sharded (DCP) checkpoint into a model already sharded with `parallelize`: each
+    rank reads only the byte ranges of its own shards (the whole checkpoint once over all ranks, not once per rank).
+    Every rank calls it (DCP plans the reads with collectives)."""
+    import torch.distributed.checkpoint as dcp
+
+    state = model.state_dict()  # the sharded parameters (DTensors) and buffers themselves: loaded in place
+    check_compatible(sharded_checkpoint_shapes(path), model, str(path))
+    dcp.load({"state_dict": state}, checkpoint_id=str(path))
+
+
 def load_model_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Model weights of a single-file `.ckpt` or a sharded checkpoint directory."""
     p = Path(path)
@@ -420,12 +558,13 @@ def total_grad_norm(params) -> torch.Tensor | None:
             continue
         seen = True
         if isinstance(g, DTensor):
-            group = g.device_mesh.get_group()
+            # the squares of a rank's shard add up over the mesh dimensions that shard (not those that replicate)
+            group = [g.device_mesh.get_group(d) for d, pl in enumerate(g.placements) if pl.is_shard()]
             sharded_sq = sharded_sq.to(g.device) + g.to_local().detach().double().pow(2).sum()
         else:
             local_sq = local_sq.to(g.device) + g.detach().double().pow(2).sum()
     if not seen:
         return None
-    if group is not None:
-        dist.all_reduce(sharded_sq, group=group)
+    for pg in group or []:
+        dist.all_reduce(sharded_sq, group=pg)
     return (local_sq.to(sharded_sq.device) + sharded_sq).sqrt().float()

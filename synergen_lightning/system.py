@@ -32,14 +32,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import grad_norm, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from synergen_lightning.models.folding import TokenFolder, check_fold, fold_codes
-from synergen_lightning.models.mmoe import LLMConfig, LLMConfigDict, MMoETransformer
+from synergen_lightning.models.mmoe import LLMConfig, LLMConfigDict, MMoETransformer, Routing
 from synergen_lightning.models.unfolding_head import UnfoldingHead
 from synergen_lightning.stages import (
     PARAMETER_GROUPS,
@@ -314,13 +313,23 @@ class SynerGenVL(LightningModule):
     def set_image_tokenizer(self, tokenizer) -> None:
         self.__dict__["_image_tokenizer"] = tokenizer
 
+    # views per call of the frozen tokenizer: its activations at full resolution grow with the views of a call
+    ENCODE_VIEWS = 8
+
     @torch.no_grad()
     def encode_images(self, pixel_values: Tensor) -> Tensor:
-        """uint8 [N,3,S,S] (or float in [0,1]) -> Long[N,h,w] with the frozen tokenizer."""
-        x = pixel_values.float() / 255.0 if pixel_values.dtype == torch.uint8 else pixel_values.float()
-        if x.shape[0] == 0:
-            return torch.zeros(0, *self.grid, dtype=torch.long, device=x.device)
-        return self.image_tokenizer.encode(x.to(self.device)).long()
+        """uint8 [N,3,S,S] (or float in [0,1]) -> Long[N,h,w] with the frozen tokenizer, `ENCODE_VIEWS` views per
+        call and outside autocast: the codes of online tokenization are those `synergen data pretokenize` writes
+        (a bf16 encoder moves some features across the boundary between two codes)."""
+        if pixel_values.shape[0] == 0:
+            return torch.zeros(0, *self.grid, dtype=torch.long, device=self.device)
+        tok, codes = self.image_tokenizer, []
+        with torch.autocast(self.device.type, enabled=False):
+            for start in range(0, pixel_values.shape[0], self.ENCODE_VIEWS):
+                x = pixel_values[start:start + self.ENCODE_VIEWS].to(self.device)
+                x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+                codes.append(tok.encode(x).long())
+        return torch.cat(codes)
 
     # ------------------------------------------------------------------ forward pieces
     def embed_text(self, input_ids: Tensor) -> Tensor:
@@ -330,22 +339,28 @@ class SynerGenVL(LightningModule):
         special = self.special_embed(match.long().argmax(-1)).to(x.dtype)
         return torch.where(match.any(-1, keepdim=True), special, x)
 
-    def embed_inputs(self, input_ids: Tensor, image_mask: Tensor, codes: Tensor) -> Tensor:
-        """Text embeddings with every image slot filled by the folded views, in slot order."""
+    def embed_inputs(self, input_ids: Tensor, image_mask: Tensor, codes: Tensor, slots: Tensor | None = None) -> Tensor:
+        """Text embeddings with every image slot filled by the folded views, in slot order. `slots`: the flat [B*T]
+        indices of the image slots when already known (a collated batch's `image_idx`)."""
         x = self.embed_text(input_ids)
         folded = self.folder(codes).to(x.dtype)  # [N, P, D]; N may be 0 (called via __call__ so FSDP hooks fire)
-        n_slots, n_tok = int(image_mask.sum()), folded.shape[0] * folded.shape[1]
+        n_slots = slots.numel() if slots is not None else int(image_mask.sum())
+        n_tok = folded.shape[0] * folded.shape[1]
         if n_slots != n_tok:
             raise ValueError(f"batch has {n_slots} image slots but {folded.shape[0]} views x {self.tokens_per_view} "
                              f"folded tokens = {n_tok}: the data's fold/grid must match the model's "
                              f"(grid {self.grid}, fold {self.fold_size})")
+        if slots is not None:
+            b, t, d = x.shape
+            return x.reshape(b * t, d).index_copy(0, slots, folded.reshape(-1, d)).view(b, t, d)
         return x.masked_scatter(image_mask[..., None], folded.reshape(-1, x.shape[-1]))
 
-    def patch_conditions(self, hidden: Tensor, image_mask: Tensor, n_views: int) -> Tensor:
+    def patch_conditions(self, hidden: Tensor, image_mask: Tensor, n_views: int, slots: Tensor | None = None) -> Tensor:
         """Hidden state just before each folded patch: [N, P, D] (row-major slot order)."""
         b, t, d = hidden.shape
-        slots = torch.nonzero(image_mask.reshape(-1)).squeeze(1).view(n_views, self.tokens_per_view)
-        return hidden.reshape(b * t, d)[slots - 1]
+        if slots is None:
+            slots = torch.nonzero(image_mask.reshape(-1)).squeeze(1)
+        return hidden.reshape(b * t, d)[slots.view(n_views, self.tokens_per_view) - 1]
 
     def batch_codes(self, batch: dict) -> Tensor:
         codes = batch.get("image_codes")
@@ -357,46 +372,60 @@ class SynerGenVL(LightningModule):
         return codes.long()
 
     def forward_losses(self, batch: dict) -> dict[str, Tensor]:
+        """The losses of a batch. A collated batch carries its selections as index tensors (`data.batch.add_indices`),
+        so the step never reads a mask back from the device; a batch without them (tests, hand-made batches) has
+        them derived from the masks here."""
         input_ids, image_mask = batch["input_ids"], batch["image_mask"].bool()
         codes = self.batch_codes(batch)
-        embeds = self.embed_inputs(input_ids, image_mask, codes)
+        indexed = "image_idx" in batch
+        slots = batch["image_idx"] if indexed else None
+        embeds = self.embed_inputs(input_ids, image_mask, codes, slots)
         hidden = self.llm(embeds, image_mask=image_mask, position_ids=batch.get("position_ids"),
-                          attention_mask=batch.get("attention_mask"))
-        # text: HF convention, labels[t] is the target of the prediction made at t-1; LM head on supervised rows only
-        labels = batch["labels"]
-        targets = labels[:, 1:]
-        sup = targets != IGNORE
-        text_logits = self.llm.logits(hidden[:, :-1][sup])
-        n_text = int(sup.sum())
-        loss_text = self.text_loss_mean(F.cross_entropy(text_logits.float(), targets[sup], reduction="none"), sup,
-                                        batch.get("task"))
+                          attention_mask=batch.get("attention_mask"),
+                          routing=Routing.from_indices(batch["text_idx"], slots) if indexed else None,
+                          right_padded=batch.get("right_padded"))
+        # text: HF convention, labels[t] is the target of the prediction made at t-1; LM head on supervised rows
+        # only, its logits and loss in row chunks (the [N, vocab] logits never exist at once)
+        b, t, d = hidden.shape
+        targets = batch["labels"][:, 1:]
+        positions = batch.get("text_positions")
+        if positions is None:
+            positions = torch.nonzero((targets != IGNORE).reshape(-1)).squeeze(1)
+        n_text = positions.numel()
+        rows = positions // max(t - 1, 1)
+        at = positions + rows  # position p of the [B, T-1] predictions is token p + row of the [B, T] sequence
+        token_losses = self.llm.token_losses(hidden.reshape(b * t, d).index_select(0, at),
+                                             batch["labels"].reshape(-1).index_select(0, at + 1))
+        loss_text = self.text_loss_mean(token_losses, rows, batch.get("task"))
         # image: the head unfolds the hidden state before each patch of every supervised view
-        loss_mask = batch.get("image_loss_mask")
-        if loss_mask is None:
-            loss_mask = torch.zeros(codes.shape[0], dtype=torch.bool, device=codes.device)
-        cond = self.patch_conditions(hidden, image_mask, codes.shape[0])[loss_mask.bool()]
-        target_codes = fold_codes(codes[loss_mask.bool()], self.fold_size)
-        head_logits = self.head(cond.flatten(0, 1), target_codes.flatten(0, 1))
+        views = batch.get("loss_views")
+        if views is None:
+            loss_mask = batch.get("image_loss_mask")
+            views = (torch.nonzero(loss_mask.bool()).squeeze(1) if loss_mask is not None
+                     else torch.zeros(0, dtype=torch.long, device=codes.device))
+        cond = self.patch_conditions(hidden, image_mask, codes.shape[0], slots).index_select(0, views)
+        target_codes = fold_codes(codes.index_select(0, views), self.fold_size)
         n_img = target_codes.numel()
-        loss_image = F.cross_entropy(head_logits.flatten(0, 1).float(), target_codes.flatten(), reduction="sum") / max(n_img, 1)
+        # the head's classifier and loss in row chunks: the [codes, codebook] logits never exist at once
+        loss_image = self.head(cond.flatten(0, 1), target_codes.flatten(0, 1), reduction="sum") / max(n_img, 1)
         loss = loss_text + self.hparams.image_loss_weight * loss_image
         return {"loss": loss, "loss_text": loss_text, "loss_image": loss_image, "text_tokens": n_text,
                 "image_codes": n_img}
 
-    def text_loss_mean(self, token_losses: Tensor, sup: Tensor, tasks: list[str] | None) -> Tensor:
-        """L_text from the per-token losses of the supervised positions `sup` [B, T-1] (row-major order)."""
+    def text_loss_mean(self, token_losses: Tensor, rows: Tensor, tasks: list[str] | None) -> Tensor:
+        """L_text from the per-token losses and the batch row of each token (row-major order)."""
         if token_losses.numel() == 0:
             return token_losses.sum()
         if self.hparams.text_loss == "token" or not tasks:
             return token_losses.mean()
-        row = torch.arange(sup.shape[0], device=sup.device)[:, None].expand_as(sup)[sup]
         names = sorted(set(tasks))
-        task_of_row = torch.tensor([names.index(t) for t in tasks], device=sup.device)
-        task_of_token = task_of_row[row]
-        counts = torch.bincount(task_of_token, minlength=len(names))
-        sums = torch.zeros(len(names), device=token_losses.device).index_add_(0, task_of_token, token_losses)
-        present = counts > 0
-        return (sums[present] / counts[present]).mean()
+        task_of_row = torch.tensor([names.index(t) for t in tasks], device=rows.device)
+        task_of_token = task_of_row[rows]
+        # sums and counts by index_add (bincount and boolean indexing would read sizes back from the device)
+        zeros = torch.zeros(len(names), device=token_losses.device, dtype=token_losses.dtype)
+        counts = zeros.index_add(0, task_of_token, torch.ones_like(token_losses))
+        sums = zeros.index_add(0, task_of_token, token_losses)
+        return (sums / counts.clamp(min=1)).sum() / (counts > 0).sum()
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """The training/validation losses of a batch; steps call it through `self(batch)` so that FSDP2's
@@ -419,7 +448,15 @@ class SynerGenVL(LightningModule):
                              f"{mesh['tensor_parallel'].size()}; use synergen_lightning.distributed.FSDP2Strategy "
                              "(data_parallel_size = world size, tensor_parallel_size = 1)")
         dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        if hasattr(strategy, "shard_mesh"):
+            dp = strategy.shard_mesh(dp)  # HSDP when the strategy sets a shard_size
         parallelize(self, dp, **getattr(strategy, "parallelize_kwargs", {}))
+        pending = self.__dict__.pop("_init_from_after_sharding", None)
+        if pending is not None:
+            from synergen_lightning.distributed import load_sharded_into
+
+            load_sharded_into(self, pending)
+            rank_zero_info(f"{self.stage}: initialised from {pending} (each rank read its own shards)")
 
     def setup(self, stage: str) -> None:
         self._check_data_geometry()
@@ -442,8 +479,13 @@ class SynerGenVL(LightningModule):
                 raise FileNotFoundError(f"init_from {str(path)!r} does not exist: train the previous stage first "
                                         f"(e.g. `make stage1`) or fix model.init_from")
             from synergen_lightning.checkpoint import read_state_dict
+            from synergen_lightning.distributed import is_sharded_checkpoint
 
             self._check_init_from_geometry(path)
+            if is_sharded_checkpoint(path) and getattr(self, "_device_mesh", None) is not None:
+                # FSDP2: shard first, then every rank reads only its own shards (configure_model)
+                self.__dict__["_init_from_after_sharding"] = path
+                return
             state = read_state_dict(path)  # a .ckpt file, a sharded (FSDP2) checkpoint directory or an export
             result = self.load_state_dict(state, strict=False)
             if result.missing_keys or result.unexpected_keys:
@@ -561,7 +603,9 @@ class SynerGenVL(LightningModule):
         counts = {"train/text_tokens": float(out["text_tokens"]), "train/image_codes": float(out["image_codes"])}
         tasks = batch.get("task") or []
         real = batch.get("attention_mask")
-        row_tokens = real.sum(-1).tolist() if real is not None else [batch["input_ids"].shape[1]] * bs
+        row_tokens = batch.get("row_tokens")  # counted with the batch on the CPU: no read-back from the device
+        if row_tokens is None:
+            row_tokens = real.sum(-1).tolist() if real is not None else [batch["input_ids"].shape[1]] * bs
         for task in ("generation", "understanding", "text"):
             counts[f"train/samples_{task}"] = float(sum(t == task for t in tasks))
             counts[f"train/tokens_{task}"] = float(sum(n for n, t in zip(row_tokens, tasks) if t == task))

@@ -175,6 +175,11 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
                     sq += g.float().pow(2).sum()
             if "ddp" not in scenario:  # FSDP: each rank holds a shard of the gradient; DDP: the whole, averaged
                 torch.distributed.all_reduce(sq)
+            if scenario.get("strategy", {}).get("shard_size"):  # HSDP: replicas hold the same shards
+                from synergen_lightning.distributed import total_grad_norm
+
+                sq = total_grad_norm(pl_module.parameters()) ** 2
+                record.setdefault("mesh", [tuple(p.device_mesh.shape) for p in pl_module.parameters()][0])
             record["grad_norm"].append(float(sq.sqrt()))
             record.setdefault("n_opt_params", []).append(sum(len(g["params"]) for g in optimizer.param_groups))
 
@@ -184,7 +189,8 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
                 pl_module.llm.layers[0].attn.q_proj.weight.requires_grad_(True)
 
     # constant LR: a cosine schedule depends on max_steps, which a resumed run changes
-    model = tiny_model(stage=scenario.get("stage", "stage1"), lr=scenario.get("lr", 3e-3), schedule="constant")
+    model = tiny_model(stage=scenario.get("stage", "stage1"), lr=scenario.get("lr", 3e-3), schedule="constant",
+                       init_from=scenario.get("init_from"))
     guard = FrozenParameterGuard(every_n_steps=1)
     callbacks = [StageCallback(scenario.get("stage", "stage1"), switch_at=scenario.get("switch_at")), guard, Rec(),
                  UnfreezeBehindTheStrategy()]
@@ -194,6 +200,7 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
         max_steps=scenario["max_steps"], logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False,
         gradient_clip_val=scenario.get("gradient_clip_val"), deterministic=False,
+        precision=scenario.get("precision", "32-true"),
     )
     # uneven per-rank batches given explicitly, or this rank's rows of the global batches
     data = ParityData(scenario["max_steps"], rank, world, scenario["batches"][rank] if "batches" in scenario else None)

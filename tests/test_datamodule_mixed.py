@@ -262,3 +262,75 @@ def test_view_geometry_follows_the_model_when_the_recipe_leaves_it_out(world):
     assert (dm.image_size, dm.tokens_per_view) == (16, model.tokens_per_view) == (16, 4)
     batch = run(dm, 1)[0]
     assert batch["pixel_values"].shape[-2:] == (16, 16) and batch["image_mask"].sum(1).tolist() == [4, 4]
+
+
+TWO_WEIGHTED = lambda d: [  # noqa: E731 - two weighted sources per task: each rank's lanes draw them differently
+    dict(name="gen_a", urls=f"{d}/train/*.tar", task="generation", weight=1),
+    dict(name="gen_b", urls=f"{d}/train/*.tar", task="generation", weight=2),
+    dict(name="cap", urls=f"{d}/train/*.tar", task="understanding", format="caption", weight=1),
+    dict(name="qa", urls=f"{d}/train/*.tar", task="understanding", format="qa", weight=3),
+]
+
+
+def _resume_worker(rank: int, world_size: int, port: int, d: str, out: str) -> None:
+    import traceback
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        kw = dict(sources=TWO_WEIGHTED(d), steps_per_epoch=7, batch_size={"generation": 3, "understanding": 3})
+        full = keys(run(make_dm(Path(d), **kw)))
+        dm = make_dm(Path(d), **kw)
+        first = run(dm, 3)
+        state = dm.state_dict()  # every rank calls it; the checkpoint keeps rank 0's copy
+        if rank == 0:
+            torch.save(state, Path(out) / "state.pt")
+        dist.barrier()
+        resumed = make_dm(Path(d), **kw)
+        resumed.load_state_dict(torch.load(Path(out) / "state.pt", weights_only=False))
+        result = {"full": full, "resumed": keys(first) + keys(run(resumed))}
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        result = {"error": traceback.format_exc()}
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_two_rank_resume_continues_every_rank_stream(world, tmp_path):
+    """2 gloo ranks, two weighted sources per task, a checkpoint after 3 batches holding rank 0's copy of the state:
+    on every rank the resumed run's batches are those of the uninterrupted run."""
+    import torch.multiprocessing as mp
+
+    from tests.distributed_worker import free_port
+
+    mp.start_processes(_resume_worker, args=(2, free_port(), str(world), str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert all("error" not in r for r in ranks), [r.get("error") for r in ranks]
+    assert ranks[0]["full"] != ranks[1]["full"]  # the ranks read different streams
+    for r in ranks:
+        assert r["resumed"] == r["full"]
+
+
+def test_resume_at_another_world_size_restarts_the_epoch_stream(world, monkeypatch, caplog):
+    dm = make_dm(world)
+    run(dm, 3)
+    state = dm.state_dict()
+    monkeypatch.setattr(mixed, "_rank_world", lambda: (0, 2))
+    resumed = make_dm(world)
+    resumed.load_state_dict(state)
+    assert "world size changed from 1 to 2" in caplog.text
+    assert resumed.state_dict()["batches"] == 0 and resumed.state_dict()["epoch"] == 0
+
+
+def test_fewer_shards_than_lanes_is_one_warning_per_source(world, monkeypatch, caplog):
+    monkeypatch.setattr(mixed, "_rank_world", lambda: (0, 4))
+    dm = make_dm(world, num_workers=2)  # 8 lanes; the train sources have 4 shards, the text source 1
+    dm.train_dataloader()
+    lines = [r.getMessage() for r in caplog.records if "lanes" in r.getMessage()]
+    assert len(lines) == 4 and all("for 8 lanes (4 ranks x 2 workers)" in ln for ln in lines), lines

@@ -267,6 +267,81 @@ def test_strategy_derives_the_per_rank_batch_and_refuses_an_indivisible_one(stra
         derive("recipe", 32)
 
 
+def test_micro_batches_split_the_per_rank_batch_under_the_token_budget():
+    from synergen_lightning.distributed import micro_batches
+
+    # the fewest equal micro-batches (a divisor of every task's rows) whose rows x max_seq_len fit the budget
+    assert micro_batches({"generation": 27, "understanding": 27}, 4096, 32768) == ({"generation": 3, "understanding": 3}, 9)
+    assert micro_batches({"generation": 55, "understanding": 55}, 16384, 32768) == ({"generation": 1, "understanding": 1}, 55)
+    assert micro_batches(12, 100, 10**6) == (12, 1)  # fits at once: no accumulation
+    assert micro_batches(12, 100, 500) == (4, 3)
+    with pytest.raises(ValueError, match="share only the divisors of 1"):
+        micro_batches({"generation": 27, "understanding": 20}, 4096, 32768)
+    with pytest.raises(ValueError, match="cannot hold one row of each of the 2 tasks"):
+        micro_batches({"generation": 2, "understanding": 2}, 4096, 4096)
+
+
+@pytest.mark.parametrize("strategy_cls", [FSDP2Strategy, DDPStrategy])
+def test_strategy_derives_micro_batch_and_accumulation(strategy_cls):
+    from types import SimpleNamespace
+
+    class WorldOfFour(strategy_cls):
+        world_size = 4
+
+    def derive(global_batch, tokens, accumulate=1):
+        dm = SimpleNamespace(batch_size={"generation": 1, "understanding": 1}, hparams=SimpleNamespace(max_seq_len=1024))
+        trainer = SimpleNamespace(datamodule=dm, accumulate_grad_batches=accumulate)
+        strategy = WorldOfFour(global_batch_size=global_batch, tokens_per_gpu=tokens)
+        strategy._lightning_module = SimpleNamespace(trainer=trainer)
+        derive_per_rank_batch(strategy, strategy.global_batch_size, strategy.tokens_per_gpu)
+        return dm.batch_size, trainer.accumulate_grad_batches
+
+    # 96 rows per task over 4 ranks = 24 + 24 rows of up to 1,024 tokens; 8,192 tokens hold 8 rows: 6 micro-batches
+    assert derive({"generation": 96, "understanding": 96}, 8192) == ({"generation": 4, "understanding": 4}, 6)
+    assert derive({"generation": 96, "understanding": 96}, None) == ({"generation": 24, "understanding": 24}, 1)
+    with pytest.raises(ValueError, match="both set the accumulation"):
+        derive({"generation": 96, "understanding": 96}, 8192, accumulate=4)
+    with pytest.raises(ValueError, match="set global_batch_size too"):
+        derive(None, 8192)
+
+
+def test_trainer_accumulates_the_derived_micro_batches():
+    """In a real fit: 12 rows per step under a budget of 16 tokens at max_seq_len 4 -> micro-batches of 4 rows, 3 of
+    them per optimizer step."""
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    class Data(pl.LightningDataModule):
+        def __init__(self):
+            super().__init__()
+            self.batch_size, self.max_seq_len = 1, 4
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.randn(64, 32), batch_size=self.batch_size)
+
+    class Model(BoringModel):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.steps = [], 0
+
+        def training_step(self, batch, batch_idx):
+            self.rows.append(batch.shape[0])
+            return super().training_step(batch, batch_idx)
+
+        def on_before_optimizer_step(self, optimizer):
+            self.steps += 1
+
+    model = Model()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=DDPStrategy(global_batch_size=12, tokens_per_gpu=16),
+                         max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    try:
+        trainer.fit(model, datamodule=Data())
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    assert (trainer.accumulate_grad_batches, model.rows, model.steps) == (3, [4] * 6, 2)
+
+
 def test_fsdp_requested_with_an_unconfigured_model_is_refused(tmp_path):
     """A LightningModule whose configure_model does not shard: refused with the module/parameter counts."""
 
@@ -499,3 +574,91 @@ def test_make_stage_flags_parse_for_both_strategies(strategy, capsys):
     cls = {"ddp": "DDPStrategy", "fsdp2": "FSDP2Strategy"}[strategy]
     assert str(printed["devices"]) == "2" and printed["strategy"]["class_path"] == f"synergen_lightning.distributed.{cls}"
     assert printed["strategy"]["init_args"]["global_batch_size"] == "datamodule"
+
+
+# how the 2b recipes run: bf16 autocast (precision bf16-mixed), bf16 FSDP2 parameters with fp32 reduce and fp32
+# master weights, activation checkpointing per block, and gradient clipping (here below the gradient norm, so it acts)
+RECIPE_PRECISION = {"max_steps": 3, "precision": "bf16-mixed", "gradient_clip_val": 0.05,
+                    "strategy": {"param_dtype": "bfloat16", "reduce_dtype": "float32", "activation_checkpointing": True}}
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_recipe_precision_and_clipping_on_two_cpu_processes(tmp_path):
+    """The recipes' precision stack together on 2 processes: losses, pre-clip gradient norms and final weights
+    follow the fp32 one-process run within bf16 error, clipping acts, and the weights stay fp32."""
+    ranks = spawn(2, RECIPE_PRECISION, tmp_path, timeout=240)
+    ref = reference_fit({k: v for k, v in RECIPE_PRECISION.items() if k in ("max_steps", "gradient_clip_val")})
+    two = [(a + b) / 2 for a, b in zip(ranks[0]["loss"], ranks[1]["loss"])]
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(ref["loss"]), atol=3e-2, rtol=1e-2)
+    assert two != ref["loss"]  # bf16 compute really happened
+    torch.testing.assert_close(torch.tensor(ranks[0]["grad_norm"]), torch.tensor(ref["grad_norm"]), rtol=5e-2, atol=1e-3)
+    assert min(ref["grad_norm"]) > RECIPE_PRECISION["gradient_clip_val"]
+    full = ranks[0]["state_dict"]
+    assert all(v.dtype == torch.float32 for v in full.values())
+    # the update of every trained tensor follows the fp32 run's (Adam turns bf16 rounding of tiny gradients into
+    # whole-lr steps of either sign for a few elements, so compare the updates as a whole, not element by element)
+    pl.seed_everything(0, verbose=False)
+    start = tiny_model(stage="stage1").state_dict()
+    trained = [n for n in start if not torch.equal(ref["state_dict"][n], start[n])]
+    assert trained
+    for n in trained:
+        ours, theirs = full[n] - start[n], ref["state_dict"][n] - start[n]
+        assert (ours - theirs).norm() < 0.25 * theirs.norm(), n
+        assert not torch.equal(ours, theirs)  # the bf16 run is not a copy of the fp32 one
+
+
+def test_2b_recipes_clip_gradients():
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    for stage in ("stage1", "stage2", "sft"):
+        trainer = yaml.safe_load((root / f"recipes/synergen_vl_2b/{stage}.yaml").read_text())["trainer"]
+        assert trainer["gradient_clip_val"] == 1.0 and trainer["precision"] == "bf16-mixed", stage
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_init_from_a_sharded_checkpoint_loads_after_sharding(two_rank_run, tmp_path, monkeypatch):
+    """stage2 from the 2-process run's sharded checkpoint under FSDP2Strategy: the model starts with its weights
+    (text logits before the first step equal the checkpoint model's), read shard by shard after `parallelize`."""
+    _, ckpt = two_rank_run
+    ranks = spawn(2, {"max_steps": 1, "stage": "stage2", "init_from": str(ckpt), "record_logits": True}, tmp_path,
+                  timeout=240)
+    model = tiny_model(stage="stage2")
+    model.load_state_dict(load_sharded_state_dict(ckpt))
+    with torch.no_grad():
+        want = model.llm.forward_ids(LOGIT_IDS)
+    for r in ranks:
+        torch.testing.assert_close(r["start_logits"], want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_hsdp_two_replicas_match_one_process(tmp_path):
+    """HSDP over 2 processes with shard_size 1 (2 replicas of 1 shard each: the layout of 2 nodes, with the
+    gradient all-reduce across replicas instead of a reduce-scatter): the 1-process losses and gradient norms,
+    with clipping."""
+    scenario = {"max_steps": 3, "gradient_clip_val": 0.05, "strategy": {"shard_size": 1}, "save": str(tmp_path / "ckpt")}
+    ranks = spawn(2, scenario, tmp_path / "results", timeout=240)
+    ref = reference_fit({"max_steps": 3, "gradient_clip_val": 0.05})
+    assert ranks[0]["mesh"] == (2, 1)
+    two = [(a + b) / 2 for a, b in zip(ranks[0]["loss"], ranks[1]["loss"])]
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(ref["loss"]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(ranks[0]["grad_norm"]), torch.tensor(ref["grad_norm"]), rtol=1e-4, atol=1e-6)
+    for name, ref_w in ref["state_dict"].items():
+        torch.testing.assert_close(ranks[0]["state_dict"][name], ref_w, atol=2e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    saved = load_sharded_state_dict(tmp_path / "ckpt")  # the HSDP checkpoint reads back as the trained model
+    assert all(torch.equal(saved[n], v) for n, v in ranks[0]["state_dict"].items())
+
+
+def test_hsdp_mesh_needs_a_divisor_of_the_world_size():
+    from synergen_lightning.distributed import hsdp_mesh
+
+    assert hsdp_mesh("cpu", 8, None) is None and hsdp_mesh("cpu", 8, 8) is None  # one group of every rank
+    assert hsdp_mesh("cpu", 1, 8) is None  # a one-GPU try of a recipe that shards by node
+    with pytest.raises(ValueError, match="shard_size 3 does not divide the world size 8"):
+        hsdp_mesh("cpu", 8, 3)

@@ -85,10 +85,51 @@ def test_2b_recipes_carry_table8_and_build_on_meta(stage):
     import yaml
 
     t = yaml.safe_load((ROOT / f"recipes/synergen_vl_2b/{stage}.yaml").read_text())["trainer"]
-    ranks = t["devices"] * t["num_nodes"]
     assert t["precision"] == "bf16-mixed"
-    assert abs(data.batch_size["generation"] * ranks - global_batch) / global_batch < 0.02
+    recipe_global = t["strategy"]["init_args"]["global_batch_size"]["generation"]
+    assert abs(recipe_global - global_batch) / global_batch < 0.02
     assert next(model.parameters()).is_meta
     counts = model.param_counts()
     assert counts["total"] == pytest.approx(3.6e9, rel=0.05), counts
     assert counts["activated"] == pytest.approx(2.4e9, rel=0.05), counts
+
+
+# LLM tokens one GPU may hold in a micro-batch: the 2b recipes' activations (checkpointed blocks, chunked losses)
+# at this many tokens leave room on an 80 GB GPU; rows are padded to the longest, so the worst case is rows x max_seq_len
+TOKENS_PER_GPU_CEILING = 65536
+
+
+@pytest.mark.parametrize("stage", list(PAPER_TABLE8))
+@pytest.mark.parametrize("nodes", [None, 1])  # the recipe's cluster, and one node of 8 GPUs
+def test_2b_recipes_worst_case_tokens_per_gpu_fit_the_budget(stage, nodes):
+    """Every micro-batch of the 2b recipes, at the recipe's world size and at 8 GPUs, holds at most its token budget
+    (rows x max_seq_len), the micro-batches times the accumulation times the ranks make the global batch, and the
+    data recipe's batch_size is the micro-batch at the recipe's world size."""
+    import yaml
+
+    from synergen_lightning.distributed import batch_plan, worst_case_tokens
+
+    config = yaml.safe_load((ROOT / f"recipes/synergen_vl_2b/{stage}.yaml").read_text())
+    if nodes is not None:
+        config["trainer"]["num_nodes"] = nodes
+    plan = batch_plan(config)
+    seq = config["data"]["init_args"]["max_seq_len"]
+    assert plan["tokens_per_gpu"] <= TOKENS_PER_GPU_CEILING
+    assert worst_case_tokens(plan["micro_batch"], seq) == plan["worst_case_tokens_per_gpu"] <= plan["tokens_per_gpu"]
+    for task, rows in plan["micro_batch"].items():
+        assert rows * plan["accumulate_grad_batches"] * plan["world_size"] == plan["global_batch"][task]
+    if nodes is None:
+        assert plan["micro_batch"] == config["data"]["init_args"]["batch_size"]
+    assert plan["gradient_clip_val"] == 1.0
+    # sharded within a node (8 GPUs), replicated across nodes: gathers and reduce-scatters stay on NVLink
+    assert plan["fsdp_mesh"] == {"replicate": plan["world_size"] // 8, "shard": 8}
+
+
+def test_print_config_shows_the_batch_plan(capsys):
+    from synergen_lightning.cli import main
+
+    code = main(["fit", "--config", "recipes/synergen_vl_2b/sft.yaml", "--trainer.num_nodes", "1", "--print_config"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "#   world_size: 8" in out and "#   accumulate_grad_batches: 220" in out
+    assert "#   micro_batch: {'generation': 1, 'understanding': 1}" in out and "#   worst_case_tokens_per_gpu: 32768" in out

@@ -195,3 +195,30 @@ def test_code_embed_init_codebook_starts_the_folder_from_the_decoded_codes():
     colours = FlatColours.palette - FlatColours.palette.mean(0)
     sol = torch.linalg.lstsq(colours, w[:, :3]).solution
     torch.testing.assert_close(colours @ sol, w[:, :3], atol=1e-4, rtol=1e-4)
+
+
+class _RecordingTokenizer:
+    """A frozen 'tokenizer' whose codes depend on the compute dtype, recording each call."""
+
+    codebook_size, downsample = 16, 4
+
+    def __init__(self):
+        self.calls = []
+
+    def encode(self, x):
+        self.calls.append((x.shape[0], torch.is_autocast_enabled("cpu")))
+        # a matmul (autocast would run it in bf16) whose result is turned into codes
+        feats = (x.flatten(1) @ torch.linspace(-1, 1, x[0].numel())[:, None]).squeeze(1)
+        return (feats * 1000).long().remainder(16)[:, None, None].expand(-1, 4, 4)
+
+
+def test_online_tokenization_runs_outside_autocast_a_few_views_per_call():
+    model = tiny_model()
+    tok = _RecordingTokenizer()
+    model.set_image_tokenizer(tok)
+    pixels = torch.randint(0, 256, (2 * model.ENCODE_VIEWS + 3, 3, 16, 16), dtype=torch.uint8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        codes = model.encode_images(pixels)
+    assert [n for n, _ in tok.calls] == [model.ENCODE_VIEWS, model.ENCODE_VIEWS, 3]
+    assert not any(on for _, on in tok.calls)
+    assert torch.equal(codes, tok.encode(pixels.float() / 255.0))  # fp32, in one call: the pretokenized codes

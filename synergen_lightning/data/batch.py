@@ -14,7 +14,8 @@ from synergen_lightning.data.sequences import IGNORE, BuiltSample
 
 def collate(samples: list[BuiltSample], pad_id: int) -> dict:
     """Pad and stack. Keys: input_ids, image_mask, attention_mask, position_ids, labels, image_loss_mask,
-    task, keys, and pixel_values (uint8) or image_codes (long) when the batch has image views."""
+    task, keys, and pixel_values (uint8) or image_codes (long) when the batch has image views; and the index
+    tensors of `add_indices`."""
     if not samples:
         raise ValueError("collate got an empty list of samples")
     B, T = len(samples), max(len(s) for s in samples)
@@ -48,4 +49,24 @@ def collate(samples: list[BuiltSample], pad_id: int) -> dict:
     elif with_views:
         batch["pixel_values"] = torch.cat([s.pixel_values for s in with_views])
     batch["image_loss_mask"] = torch.tensor([s.image_loss for s in with_views for _ in range(s.n_views)], dtype=torch.bool)
+    return add_indices(batch)
+
+
+def add_indices(batch: dict) -> dict:
+    """The positions a training step selects, as index tensors computed here on the CPU: on a GPU, turning the
+    masks into indices (`nonzero`, boolean indexing, `.sum()` read back) waits for the device every time.
+
+    Keys: text_idx / image_idx (flat [B*T] tokens per FFN expert), text_positions (flat [B*(T-1)] positions whose
+    next-token label is supervised), loss_views (views whose codes are supervised), row_tokens (real tokens per
+    row, a list) and right_padded. They describe this batch's rows as they are: a batch cut into parts needs
+    them computed again (or removed)."""
+    image_mask, labels = batch["image_mask"].bool(), batch["labels"]
+    flat = image_mask.reshape(-1)
+    batch["text_idx"] = torch.nonzero(~flat).squeeze(1)
+    batch["image_idx"] = torch.nonzero(flat).squeeze(1)
+    batch["text_positions"] = torch.nonzero((labels[:, 1:] != IGNORE).reshape(-1)).squeeze(1)
+    batch["loss_views"] = torch.nonzero(batch["image_loss_mask"].bool()).squeeze(1)
+    mask = batch["attention_mask"].bool()
+    batch["row_tokens"] = mask.sum(-1).tolist()
+    batch["right_padded"] = bool((mask[:, 1:] <= mask[:, :-1]).all()) if mask.shape[1] > 1 else True
     return batch

@@ -18,6 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from synergen_lightning.models.blocks import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU
+from synergen_lightning.models.chunked_ce import ChunkedLinear
 
 
 # The type of an LLMConfig given as a dict (recipes, `--model.init_args.llm.num_layers 4`): a loose `dict` lets
@@ -118,6 +119,15 @@ class Routing:
             return Routing(None, None, all_image=True)
         return Routing(torch.nonzero(~flat).squeeze(1), torch.nonzero(flat).squeeze(1))
 
+    @staticmethod
+    def from_indices(text_idx: Tensor, image_idx: Tensor) -> Routing:
+        """From index tensors already known (computed with the batch on the CPU): decided by their sizes alone."""
+        if image_idx.numel() == 0:
+            return Routing(None, None)
+        if text_idx.numel() == 0:
+            return Routing(None, None, all_image=True)
+        return Routing(text_idx, image_idx)
+
 
 class DecoderBlock(nn.Module):
     """Pre-norm block: x + attn(norm(x)); x + ffn(norm(x)), the FFN being text or vision per token."""
@@ -163,6 +173,14 @@ class DecoderBlock(nn.Module):
         return x + self.ffn(x, routing)
 
 
+def is_right_padded(attention_mask: Tensor) -> bool:
+    """Whether every row of Bool[B, T] is True up to some length and False after it (no True after a False)."""
+    if attention_mask.shape[1] < 2:
+        return True
+    m = attention_mask.bool()
+    return bool((m[:, 1:] <= m[:, :-1]).all())
+
+
 class DecoderStack(nn.Module):
     """`layers` + final `norm` + RoPE. With `vision_experts=False` it is a plain Llama stack
     (the unfolding head's)."""
@@ -186,12 +204,17 @@ class DecoderStack(nn.Module):
         position_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         kv_cache: KVCache | None = None,
+        routing: Routing | None = None,
+        right_padded: bool | None = None,
     ) -> Tensor:
         """inputs_embeds [B, T, D] -> final-normed hidden states [B, T, D].
 
         image_mask Bool[B, T]: True routes the token to the vision FFN. attention_mask Bool[B, T]:
-        True at real tokens (padding left or right); with a cache it covers the new tokens only.
+        True at real tokens (padding left or right); with a cache it covers the new tokens only. Right padding
+        without a cache needs no mask (causal attention keeps every real token off the padding after it).
         position_ids Long[B, T]: RoPE positions, default past_len + 0..T-1. kv_cache: appended to.
+        routing / right_padded: what `image_mask` / `attention_mask` imply, when the caller already knows it (a
+        collated batch does): read from the masks on the device otherwise.
         """
         b, t, _ = inputs_embeds.shape
         if image_mask is not None and tuple(image_mask.shape) != (b, t):
@@ -210,6 +233,12 @@ class DecoderStack(nn.Module):
             cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
 
         key_mask = None
+        if attention_mask is not None and kv_cache is None and (
+                right_padded if right_padded is not None else is_right_padded(attention_mask)):
+            # every row is its real tokens then padding: under causal attention no real query reaches a padding
+            # key, so SDPA runs its causal kernel (FlashAttention on GPUs) with no [B, 1, T, T] mask; padding
+            # queries see real keys and their outputs are never read
+            attention_mask = None
         padded = attention_mask is not None and not bool(attention_mask.all())
         if kv_cache is not None:
             key_mask = kv_cache.begin_step(t, None if attention_mask is None else attention_mask.bool(), padded)
@@ -218,7 +247,10 @@ class DecoderStack(nn.Module):
             key_mask = attention_mask.bool()
         attn_mask, is_causal = self._attn_mask(b, t, past, key_mask if padded else None, device)
 
-        routing = Routing.from_mask(image_mask, b * t) if self.vision_experts else Routing(None, None)
+        if not self.vision_experts:
+            routing = Routing(None, None)
+        elif routing is None:
+            routing = Routing.from_mask(image_mask, b * t)
         if routing.image_idx is not None and routing.image_idx.numel() == 0:
             routing = Routing(None, None)  # no image token: the dense path, same result, no scatter
         x = inputs_embeds
@@ -258,7 +290,7 @@ class MMoETransformer(DecoderStack):
     def __init__(self, config: LLMConfig, vision_experts: bool = True):
         super().__init__(config, vision_experts)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = ChunkedLinear(config.hidden_size, config.vocab_size, bias=False)
         self.reset_parameters()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -302,6 +334,11 @@ class MMoETransformer(DecoderStack):
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)
 
+    def token_losses(self, hidden: Tensor, targets: Tensor) -> Tensor:
+        """Per-token cross-entropy of the LM head's logits at `hidden` [..., D] against `targets` [...], computed in
+        row chunks: the [N, vocab] logits never exist at once (models/chunked_ce.py)."""
+        return self.lm_head(hidden, targets)
+
     @torch.no_grad()
     def init_vision_experts_from_text(self) -> None:
         """Vision FFNs start as copies of the text FFNs (the paper's initialisation)."""
@@ -331,12 +368,12 @@ class MMoETransformer(DecoderStack):
         emb.weight.copy_(resized(self.embed_tokens.weight))
         self.embed_tokens = emb
         if self.config.tie_word_embeddings:
-            self.lm_head = nn.Linear(self.config.hidden_size, new_size, bias=False, device=emb.weight.device,
-                                     dtype=emb.weight.dtype)
+            self.lm_head = ChunkedLinear(self.config.hidden_size, new_size, bias=False, device=emb.weight.device,
+                                         dtype=emb.weight.dtype)
             self.lm_head.weight = self.embed_tokens.weight
         else:
-            head = nn.Linear(self.config.hidden_size, new_size, bias=False, device=self.lm_head.weight.device,
-                             dtype=self.lm_head.weight.dtype)
+            head = ChunkedLinear(self.config.hidden_size, new_size, bias=False, device=self.lm_head.weight.device,
+                                 dtype=self.lm_head.weight.dtype)
             head.weight.copy_(resized(self.lm_head.weight))
             self.lm_head = head
         self.config.vocab_size = new_size

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from synergen_lightning.models.blocks import KVCache
+from synergen_lightning.models.chunked_ce import ChunkedLinear
 from synergen_lightning.models.mmoe import DecoderStack, LLMConfig
 
 
@@ -58,7 +59,7 @@ class UnfoldingHead(nn.Module):
         self.code_embed = nn.Embedding(codebook_size, d)
         self.pos_embed = nn.Parameter(torch.zeros(seq_len, d))
         self.stack = DecoderStack(config, vision_experts=False)
-        self.classifier = nn.Linear(d, codebook_size, bias=False)
+        self.classifier = ChunkedLinear(d, codebook_size, bias=False)
         self.reset_parameters()
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -79,15 +80,20 @@ class UnfoldingHead(nn.Module):
             rest = rest + first
         return torch.cat([first, rest], dim=1)
 
-    def forward(self, h: Tensor, codes: Tensor) -> Tensor:
-        """h [P, cond_dim], codes Long[P, L] -> logits [P, L, codebook_size]. P may be 0 (FSDP: still runs)."""
+    def forward(self, h: Tensor, codes: Tensor, reduction: str | None = None) -> Tensor:
+        """h [P, cond_dim], codes Long[P, L] -> logits [P, L, codebook_size]. P may be 0 (FSDP: still runs).
+
+        With `reduction` (none | sum | mean): the teacher-forced cross-entropy against `codes` instead, computed in
+        row chunks so the [P*L, codebook_size] logits never exist at once (models/chunked_ce.py)."""
         if codes.shape[-1] != self.seq_len:
             raise ValueError(f"head sequence length {codes.shape[-1]} != m*n = {self.seq_len}: fold the codes with the same m x n")
-        return self.classifier(self.stack(self.inputs(h, codes)))
+        hidden = self.stack(self.inputs(h, codes))
+        if reduction is None:
+            return self.classifier(hidden)
+        return self.classifier(hidden.flatten(0, 1), codes.flatten(), reduction=reduction)
 
     def loss(self, h: Tensor, codes: Tensor, reduction: str = "mean") -> Tensor:
-        logits = self(h, codes)
-        return nn.functional.cross_entropy(logits.flatten(0, 1).float(), codes.flatten(), reduction=reduction)
+        return self(h, codes, reduction=reduction)
 
     @torch.no_grad()
     def generate(self, h: Tensor, cfg_scale: float | None = None, temperature: float = 1.0, top_k: int | None = None,
