@@ -153,6 +153,9 @@ def derive_per_rank_batch(strategy, global_batch_size, tokens_per_gpu: int | Non
         raise ValueError(f"trainer.accumulate_grad_batches {trainer.accumulate_grad_batches} and {name}(tokens_per_gpu="
                          f"{tokens_per_gpu}) both set the accumulation (derived: {accumulate}): leave the trainer's at 1")
     dm.batch_size, trainer.accumulate_grad_batches = micro, accumulate
+    if accumulate > 1 and isinstance(getattr(trainer, "val_check_interval", None), int):
+        # Lightning counts an int val_check_interval in batches, a recipe in optimizer steps (as max_steps)
+        trainer.val_check_interval *= accumulate
     rank_zero_info(f"{name}: global batch {global_batch_size} over {world} ranks -> micro-batch {micro} x "
                    f"{accumulate} accumulated per rank (worst case {worst_case_tokens(micro, int(max_seq_len)):,} "
                    f"tokens of {tokens_per_gpu:,} per GPU)")

@@ -307,7 +307,7 @@ def test_strategy_derives_micro_batch_and_accumulation(strategy_cls):
 
 def test_trainer_accumulates_the_derived_micro_batches():
     """In a real fit: 12 rows per step under a budget of 16 tokens at max_seq_len 4 -> micro-batches of 4 rows, 3 of
-    them per optimizer step."""
+    them per optimizer step; validation every 2 optimizer steps stays every 2 optimizer steps (6 micro-batches)."""
     from lightning.pytorch.demos.boring_classes import BoringModel
 
     class Data(pl.LightningDataModule):
@@ -318,10 +318,16 @@ def test_trainer_accumulates_the_derived_micro_batches():
         def train_dataloader(self):
             return torch.utils.data.DataLoader(torch.randn(64, 32), batch_size=self.batch_size)
 
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(torch.randn(2, 32), batch_size=2)
+
     class Model(BoringModel):
         def __init__(self):
             super().__init__()
-            self.rows, self.steps = [], 0
+            self.rows, self.steps, self.validated_at = [], 0, []
+
+        def on_validation_start(self):
+            self.validated_at.append(self.steps)
 
         def training_step(self, batch, batch_idx):
             self.rows.append(batch.shape[0])
@@ -332,14 +338,15 @@ def test_trainer_accumulates_the_derived_micro_batches():
 
     model = Model()
     trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=DDPStrategy(global_batch_size=12, tokens_per_gpu=16),
-                         max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+                         max_steps=4, val_check_interval=2, num_sanity_val_steps=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     try:
         trainer.fit(model, datamodule=Data())
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    assert (trainer.accumulate_grad_batches, model.rows, model.steps) == (3, [4] * 6, 2)
+    assert (trainer.accumulate_grad_batches, model.rows, model.steps) == (3, [4] * 12, 4)
+    assert model.validated_at == [2, 4] and trainer.val_check_interval == 6
 
 
 def test_fsdp_requested_with_an_unconfigured_model_is_refused(tmp_path):
