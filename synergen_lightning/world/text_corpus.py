@@ -92,9 +92,9 @@ def scene_text_lines(meta: dict, max_captions: int = 3, qa_text: str = "bare") -
     qa_text="mirror": the MLLM's two tasks mirrored in text, in its chat template, with the image
         replaced by the scene's layout in words (`layout_text`): generation ("Generate an image of: a red circle left
         of a blue square" -> "a red circle in the top left and a blue square in the top right") and understanding
-        (the layout, then the question -> the answer). The base LLM then plans the scene's objects where `<boi>` will
-        stand and reads colours, shapes and places from where the image will stand: its frozen attention already
-        looks where the image stream has to look.
+        (the layout, then the question -> the answer). The base LLM then plans the scene where `<boi>` will stand
+        and reads the scene from where the image will stand, so its frozen attention already looks where the image
+        stream has to look (what it copies, and what not: bench/reference/base_llm_binding.py).
     """
     if qa_text not in SCENE_QA_TEXT:
         raise ValueError(f"qa_text={qa_text!r}: use one of {', '.join(SCENE_QA_TEXT)}")
