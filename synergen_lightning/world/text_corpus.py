@@ -118,11 +118,10 @@ def scene_text_lines(meta: dict, max_captions: int = 3, qa_text: str = "bare") -
 def layout_text(meta: dict) -> str:
     """The scene's objects in raster order (top row first, left to right), the order the image's tokens take:
     "a red circle in the top left and a blue square in the bottom right"."""
-    from .language import region_phrase
+    from .language import article, join_and, region_phrase
 
     objs = sorted(meta["objects"], key=lambda o: (o["center"][1], o["center"][0]))
-    parts = [f"a {o['color']} {o['shape']} {region_phrase(o['region'])}" for o in objs]
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return join_and([f"{article(o['color'])} {o['color']} {o['shape']} {region_phrase(o['region'])}" for o in objs])
 
 
 def chat_text(user: str, assistant: str) -> str:
