@@ -37,6 +37,7 @@ from lightning.pytorch.utilities import grad_norm, rank_zero_info, rank_zero_war
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from synergen_lightning.data.batch import add_indices
 from synergen_lightning.models.folding import TokenFolder, check_fold, fold_codes
 from synergen_lightning.models.mmoe import LLMConfig, LLMConfigDict, MMoETransformer, Routing
 from synergen_lightning.models.unfolding_head import UnfoldingHead
@@ -50,7 +51,6 @@ from synergen_lightning.stages import (
 )
 
 SPECIAL_TOKENS = ("boi", "eoi", "uncond")  # their input rows train from stage 1 (group special_token_embeddings)
-IGNORE = -100
 
 
 def _as_tuple(value) -> tuple:
@@ -374,23 +374,20 @@ class SynerGenVL(LightningModule):
     def forward_losses(self, batch: dict) -> dict[str, Tensor]:
         """The losses of a batch. A collated batch carries its selections as index tensors (`data.batch.add_indices`),
         so the step never reads a mask back from the device; a batch without them (tests, hand-made batches) has
-        them derived from the masks here."""
+        them derived from its masks here, by the same function."""
+        if "image_idx" not in batch:
+            batch = add_indices(dict(batch))
         input_ids, image_mask = batch["input_ids"], batch["image_mask"].bool()
         codes = self.batch_codes(batch)
-        indexed = "image_idx" in batch
-        slots = batch["image_idx"] if indexed else None
+        slots = batch["image_idx"]
         embeds = self.embed_inputs(input_ids, image_mask, codes, slots)
         hidden = self.llm(embeds, image_mask=image_mask, position_ids=batch.get("position_ids"),
                           attention_mask=batch.get("attention_mask"),
-                          routing=Routing.from_indices(batch["text_idx"], slots) if indexed else None,
-                          right_padded=batch.get("right_padded"))
+                          routing=Routing.from_indices(batch["text_idx"], slots), right_padded=batch["right_padded"])
         # text: HF convention, labels[t] is the target of the prediction made at t-1; LM head on supervised rows
         # only, its logits and loss in row chunks (the [N, vocab] logits never exist at once)
         b, t, d = hidden.shape
-        targets = batch["labels"][:, 1:]
-        positions = batch.get("text_positions")
-        if positions is None:
-            positions = torch.nonzero((targets != IGNORE).reshape(-1)).squeeze(1)
+        positions = batch["text_positions"]
         n_text = positions.numel()
         rows = positions // max(t - 1, 1)
         at = positions + rows  # position p of the [B, T-1] predictions is token p + row of the [B, T] sequence
@@ -398,11 +395,7 @@ class SynerGenVL(LightningModule):
                                              batch["labels"].reshape(-1).index_select(0, at + 1))
         loss_text = self.text_loss_mean(token_losses, rows, batch.get("task"))
         # image: the head unfolds the hidden state before each patch of every supervised view
-        views = batch.get("loss_views")
-        if views is None:
-            loss_mask = batch.get("image_loss_mask")
-            views = (torch.nonzero(loss_mask.bool()).squeeze(1) if loss_mask is not None
-                     else torch.zeros(0, dtype=torch.long, device=codes.device))
+        views = batch["loss_views"]
         cond = self.patch_conditions(hidden, image_mask, codes.shape[0], slots).index_select(0, views)
         target_codes = fold_codes(codes.index_select(0, views), self.fold_size)
         n_img = target_codes.numel()

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from synergen_lightning.data.sequences import IGNORE, BuiltSample
+from synergen_lightning.models.mmoe import is_right_padded
 
 
 def collate(samples: list[BuiltSample], pad_id: int) -> dict:
@@ -59,14 +60,16 @@ def add_indices(batch: dict) -> dict:
     Keys: text_idx / image_idx (flat [B*T] tokens per FFN expert), text_positions (flat [B*(T-1)] positions whose
     next-token label is supervised), loss_views (views whose codes are supervised), row_tokens (real tokens per
     row, a list) and right_padded. They describe this batch's rows as they are: a batch cut into parts needs
-    them computed again (or removed)."""
+    them computed again (or removed). A batch without `attention_mask` has every token real; one without
+    `image_loss_mask` supervises no view."""
     image_mask, labels = batch["image_mask"].bool(), batch["labels"]
     flat = image_mask.reshape(-1)
     batch["text_idx"] = torch.nonzero(~flat).squeeze(1)
     batch["image_idx"] = torch.nonzero(flat).squeeze(1)
     batch["text_positions"] = torch.nonzero((labels[:, 1:] != IGNORE).reshape(-1)).squeeze(1)
-    batch["loss_views"] = torch.nonzero(batch["image_loss_mask"].bool()).squeeze(1)
-    mask = batch["attention_mask"].bool()
-    batch["row_tokens"] = mask.sum(-1).tolist()
-    batch["right_padded"] = bool((mask[:, 1:] <= mask[:, :-1]).all()) if mask.shape[1] > 1 else True
+    loss_mask, mask = batch.get("image_loss_mask"), batch.get("attention_mask")
+    batch["loss_views"] = (torch.nonzero(loss_mask.bool()).squeeze(1) if loss_mask is not None
+                           else torch.zeros(0, dtype=torch.long, device=labels.device))
+    batch["row_tokens"] = mask.bool().sum(-1).tolist() if mask is not None else [labels.shape[1]] * labels.shape[0]
+    batch["right_padded"] = is_right_padded(mask) if mask is not None else True
     return batch
