@@ -1,0 +1,170 @@
+"""`synergen plan`'s estimate against the measured peak memory of the same training step on the CPU.
+
+Measurement: each configuration runs in a fresh process with `MALLOC_MMAP_THRESHOLD_=65536`, so every tensor above
+64 KiB is its own mmap, returned to the OS when freed: the resident set then follows the live tensor bytes (glibc's
+default adapts the threshold and keeps freed blocks in its heap, which hides or shifts peaks). The process records
+its resident memory before the model is built, runs one warm-up step (AdamW's moments come to exist), resets the
+kernel's high-water mark (`/proc/self/clear_refs`) and runs a second step; measured peak = high-water mark during
+that step - resident memory before the model. A step is `SynerGenVL.forward_losses` + backward + AdamW, with
+activation checkpointing per block as `distributed.parallelize` applies it; "bf16" shards the model with
+`distributed.parallelize` (FSDP2, world size 1, gloo, bf16 params, fp32 reduce) under bf16 autocast, as the 2b
+recipes run.
+
+    .venv/bin/python bench/memory_check.py --config '{"hidden_size": 64, ...}' --out runs/bench/memory_check.json
+    .venv/bin/python bench/memory_check.py --preset 2b --num-layers 2 --gen-rows 1 --und-rows 1 --seq-len 1024 --compute bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from synergen_lightning.plan import ModelSpec, StepShape, build_model, estimate, probe_batch, scaled_spec  # noqa: E402
+
+# InternLM2-1.8B widths with the 2b recipe's head, fold and Emu3 codebook (recipes/synergen_vl_2b/stage1.yaml)
+PRESET_2B = dict(llm=dict(vocab_size=92547, hidden_size=2048, num_layers=24, num_heads=16, num_kv_heads=8,
+                          intermediate_size=8192, rope_theta=1e6, rms_norm_eps=1e-5, max_position_embeddings=32768),
+                 head=dict(num_layers=4, hidden_size=2048, num_heads=16, num_kv_heads=8, intermediate_size=8192),
+                 codebook_size=32768, image_size=512, downsample=8, fold=(2, 8), code_dim=2048, stage="stage1")
+TINY = dict(llm=dict(vocab_size=512, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=352,
+                     max_position_embeddings=8192),
+            head=dict(num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2, intermediate_size=352),
+            codebook_size=1024, image_size=256, downsample=8, fold=(2, 8), code_dim=128, stage="stage1")
+
+
+def spec_of(d: dict) -> ModelSpec:
+    return ModelSpec(**{**d, "fold": tuple(d["fold"])})
+
+
+def _rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _training_step(spec: ModelSpec, batch: dict, checkpointing: bool, compute: str):
+    from synergen_lightning.distributed import _checkpoint_block, decoder_blocks, parallelize
+
+    torch.manual_seed(0)
+    model = build_model(spec, "cpu").train()
+    if compute == "bf16":
+        parallelize(model, None, param_dtype="bfloat16", reduce_dtype="float32",
+                    activation_checkpointing=checkpointing, check_states=False)
+    elif checkpointing:
+        for block in decoder_blocks(model):
+            _checkpoint_block(block)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute == "bf16"):
+            loss = model(batch)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return model, step
+
+
+def probe(spec: ModelSpec, shape: StepShape, checkpointing: bool, compute: str) -> dict:
+    """(child process) the measured peak of the second training step, bytes above the memory before the model."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if compute == "bf16":
+        import torch.distributed as dist
+
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    # the same step at a tiny width first: the code it runs is paged in (file-backed pages count in the resident
+    # set) and one-off buffers exist before the baseline
+    small = scaled_spec(spec, 2)
+    warm = StepShape(gen_rows=1, und_rows=1, seq_len=small.tokens_per_view + 8)
+    model, step = _training_step(small, probe_batch(small, warm), checkpointing, compute)
+    step(), step()
+    del model, step
+    batch = probe_batch(spec, shape)
+    base = _rss("VmRSS")
+    model, step = _training_step(spec, batch, checkpointing, compute)
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _rss("VmRSS")
+    t0 = time.perf_counter()
+    step()
+    return {"measured_peak_bytes": _rss("VmHWM") - base, "state_before_step_bytes": before - base,
+            "step_s": time.perf_counter() - t0, "first_step_s": first}
+
+
+def measure(spec: dict, shape: dict, checkpointing: bool, compute: str = "fp32", timeout: float = 900) -> dict:
+    """Run `probe` in a fresh process (the allocator setting must be in place before Python starts)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", json.dumps({"spec": spec, "shape": shape,
+                                                                                   "checkpointing": checkpointing,
+                                                                                   "compute": compute})]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def compare(spec: dict, shape: dict, checkpointing: bool, compute: str = "fp32") -> dict:
+    """The plan's estimate and the measured peak of one configuration (world size 1)."""
+    measured = measure(spec, shape, checkpointing, compute)
+    est = estimate(spec_of(spec), StepShape(**shape), shard=1, param_dtype="bfloat16" if compute == "bf16" else None,
+                   compute=compute, activation_checkpointing=checkpointing)
+    planned = est["total_bytes"]
+    return {"spec": spec, "shape": shape, "checkpointing": checkpointing, "compute": compute,
+            "planned_bytes": planned, "measured_bytes": measured["measured_peak_bytes"],
+            "ratio": planned / measured["measured_peak_bytes"], "measured": measured,
+            "plan": {k: est[k] for k in ("state_bytes", "activation_bytes", "transient_bytes", "parameters", "trainable")}}
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--probe", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--preset", choices=["tiny", "2b"], default="tiny")
+    p.add_argument("--num-layers", type=int, default=None, help="LLM depth instead of the preset's")
+    p.add_argument("--head-layers", type=int, default=None, help="head depth instead of the preset's")
+    p.add_argument("--gen-rows", type=int, default=1)
+    p.add_argument("--und-rows", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--compute", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--checkpointing", choices=["on", "off", "both"], default="both")
+    p.add_argument("--out", default="runs/bench/memory_check.json")
+    a = p.parse_args(argv)
+    if a.probe:
+        args = json.loads(a.probe)
+        print(json.dumps(probe(spec_of(args["spec"]), StepShape(**args["shape"]), args["checkpointing"], args["compute"])))
+        return None
+    spec = json.loads(json.dumps(PRESET_2B if a.preset == "2b" else TINY))
+    if a.num_layers:
+        spec["llm"]["num_layers"] = a.num_layers
+    if a.head_layers:
+        spec["head"]["num_layers"] = a.head_layers
+    shape = {"gen_rows": a.gen_rows, "und_rows": a.und_rows, "seq_len": a.seq_len}
+    rows = []
+    for ac in ((True, False) if a.checkpointing == "both" else (a.checkpointing == "on",)):
+        r = compare(spec, shape, ac, a.compute)
+        rows.append(r)
+        print(f"activation checkpointing {'on ' if ac else 'off'}: planned {r['planned_bytes'] / 2**30:.3f} GiB, "
+              f"measured {r['measured_bytes'] / 2**30:.3f} GiB (plan / measured {r['ratio']:.3f}; "
+              f"step {r['measured']['step_s']:.1f} s)", flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(rows, indent=1))
+    print(f"wrote {a.out}")
+    return {"rows": rows}
+
+
+if __name__ == "__main__":
+    main()

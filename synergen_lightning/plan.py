@@ -1,0 +1,546 @@
+"""`synergen plan`: the per-GPU memory of a recipe's training step under FSDP2, before any GPU is asked for.
+
+What is counted, per GPU, at the recipe's world size (`--devices` x `--nodes`) and micro-batch (the strategy's
+`batch_plan`: per-rank rows split under `tokens_per_gpu`, every row at `max_seq_len`, the worst case):
+
+- **model state**, exact from the model built on the meta device (no memory allocated) with the recipe's stage
+  applied: fp32 master weights (4 B per parameter), fp32 gradients of the trainable ones (4 B) and AdamW's two
+  fp32 moments (8 B), each divided by the FSDP shard group (`shard_size`: HSDP shards within a group and replicates
+  across groups; unset: every rank). FSDP2's `param_dtype` is only the dtype of the gathered copies.
+- **gathered units**: FSDP2 all-gathers one unit (a decoder block, the embedding, the LM head, ...) at a time and
+  prefetches the next, in `param_dtype`: 2 x the largest unit; in the backward also the unsharded gradient of a
+  unit in `param_dtype` and its `reduce_dtype` copy.
+- **activations**, derived from measurement, not from a formula: `probe_activations` runs a forward of the same
+  model at two tiny widths (the recipe's heads, head_dim 4 and 8, every other width scaled alike; the recipe's
+  fold, grid, stage and dtype) on the CPU and counts, with `torch.autograd.graph.saved_tensors_hooks`, the bytes
+  autograd saves for the backward (each storage once, parameters excluded), attributed to the module that saved
+  them: per LLM token and LLM layer, per head position (one code of a supervised view) and head layer, per head
+  position outside the head's layers (inputs, the chunked classifier's loss), per view (the folder), per supervised
+  text token (the chunked LM-head loss) and per LLM token elsewhere (embeddings, final norm). Each figure is linear
+  in the width, so the two probes give it at the recipe's width. "bf16" probes run with bf16 parameters under
+  bf16 autocast (what FSDP2's `param_dtype: bfloat16` with `precision: bf16-mixed` computes in).
+  With activation checkpointing a block keeps only its input (the residual stream, width x the measured dtype) and
+  the backward recomputes one block at a time.
+- **working set** of the backward, the larger of: one block's activations (recomputed, with checkpointing; without
+  it, that block's gradients in flight, taken as the same size) and one chunk of the chunked cross-entropy
+  (`models/chunked_ce.py`: at most 2^26 logits, `CE_BYTES_PER_LOGIT` each). They come at different times of the
+  backward (the loss first, the blocks after), so only the larger counts.
+- **checkpoint on disk** (a DCP directory): fp32 weights of every parameter + AdamW's moments of the trainable ones.
+
+The sum is checked against measured peaks on the CPU (`tests/test_plan.py`; method in `bench/memory_check.py`).
+The CUDA caching allocator adds fragmentation on top: `--margin` (default 20%) is the headroom asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from synergen_lightning.models.chunked_ce import CHUNK_LOGITS
+from synergen_lightning.models.mmoe import LLMConfig
+
+GiB = 2**30
+# bytes in flight per logit of one chunk of the chunked cross-entropy's backward: the fp32 logits, the fp32 difference
+# to the log-sum-exp and its exp, at most three fp32 tensors of the chunk at once (fp32 or bf16 matmul)
+CE_BYTES_PER_LOGIT = 12
+REGIONS = ("llm_layer", "head_layer", "head", "folder", "text_loss", "other")
+# what each measured figure is per
+UNITS = {"llm_layer_text": "LLM text token x LLM layer", "llm_layer_image": "LLM image token x LLM layer",
+         "head_layer": "head position x head layer", "head": "head position", "folder": "view",
+         "text_loss": "supervised text token", "other_text": "LLM text token", "other_image": "LLM image token"}
+PROBE_HEAD_DIMS = (4, 8)
+
+
+# ------------------------------------------------------------------------------------------------ recipe
+def load_recipe(paths: list[str]) -> dict:
+    """The recipe(s) as one dict (later files override earlier ones, as `synergen fit --config A --config B`),
+    with `${oc.env:...}` interpolations resolved."""
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.create({})
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"--config {p!r} does not exist: give a recipe file, e.g. recipes/synergen_vl_2b/stage1.yaml")
+        merged = OmegaConf.merge(merged, OmegaConf.load(p))
+    return OmegaConf.to_container(merged, resolve=True)
+
+
+def _model_args(config: dict) -> dict:
+    model = config.get("model") or {}
+    return dict(model.get("init_args") or {})
+
+
+def llm_config_of(args: dict) -> LLMConfig:
+    """The trunk's LLMConfig: the recipe's `llm`, else read from its `base_llm` (which must then exist)."""
+    if args.get("llm"):
+        cfg = LLMConfig(**args["llm"])
+    else:
+        base = args.get("base_llm")
+        if not base or not Path(str(base)).exists():
+            raise ValueError(f"the recipe gives no model.init_args.llm and its base_llm {base!r} does not exist: build "
+                             "it first (`make base-llm` for the tiny recipes) or write the llm sizes into the recipe")
+        from synergen_lightning.system import read_base_llm_config
+
+        cfg = read_base_llm_config(base)
+    return cfg
+
+
+@dataclass
+class ModelSpec:
+    """What shapes a SynerGenVL: enough to build it on the meta device or at probe width."""
+
+    llm: dict
+    head: dict
+    codebook_size: int
+    image_size: int
+    downsample: int
+    fold: tuple[int, int]
+    code_dim: int
+    stage: str
+    fold_output_rms: float | None = None
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.downsample
+
+    @property
+    def tokens_per_view(self) -> int:
+        return self.grid ** 2 // (self.fold[0] * self.fold[1])
+
+    @property
+    def codes_per_view(self) -> int:
+        return self.grid ** 2
+
+
+def model_spec(args: dict, num_layers: int | None = None, head_layers: int | None = None,
+               extra_vocab: int = 3) -> ModelSpec:
+    """The recipe's model. The text tokenizer may add rows to the base vocabulary (<boi> <eoi> <UNCOND>):
+    `extra_vocab` of them are counted when the recipe's own `llm` sizes are used."""
+    cfg = llm_config_of(args)
+    llm = asdict(cfg)
+    if args.get("llm"):
+        llm["vocab_size"] += extra_vocab
+    if num_layers is not None:
+        llm["num_layers"] = int(num_layers)
+    head = {"num_layers": 4, "hidden_size": cfg.hidden_size, "num_heads": cfg.num_heads,
+            "num_kv_heads": cfg.num_kv_heads, "intermediate_size": cfg.intermediate_size}
+    head.update(args.get("head") or {})
+    if head_layers is not None:
+        head["num_layers"] = int(head_layers)
+    codebook = args.get("codebook_size")
+    if codebook is None:
+        raise ValueError("the recipe gives no model.init_args.codebook_size: write it into the recipe (it is read "
+                         "from the image tokenizer otherwise, which the plan does not load)")
+    return ModelSpec(llm=llm, head=head, codebook_size=int(codebook), image_size=int(args.get("image_size", 512)),
+                     downsample=int(args.get("downsample", 8)), fold=tuple(args.get("fold", (2, 8))),
+                     code_dim=int(args.get("code_dim", 256)), stage=str(args.get("stage", "stage1")),
+                     fold_output_rms=args.get("fold_output_rms"))
+
+
+def build_model(spec: ModelSpec, device: str | torch.device = "meta"):
+    """The SynerGenVL of `spec` (meta device: shapes only, nothing allocated), its stage applied."""
+    from synergen_lightning.stages import apply_stage
+    from synergen_lightning.system import SynerGenVL
+
+    v = spec.llm["vocab_size"]
+    special = {"pad": 0, "bos": 1, "eos": 2, "im_start": 3, "im_end": 4, "boi": v - 3, "eoi": v - 2, "uncond": v - 1}
+    with torch.device(device):
+        model = SynerGenVL(llm=dict(spec.llm), special_token_ids=special, codebook_size=spec.codebook_size,
+                           image_size=spec.image_size, downsample=spec.downsample, fold=spec.fold,
+                           code_dim=spec.code_dim, head=dict(spec.head), stage=spec.stage,
+                           fold_output_rms=spec.fold_output_rms)
+    apply_stage(model, spec.stage)
+    return model
+
+
+@dataclass
+class StepShape:
+    """One micro-batch as the model sees it (worst case: every row at its longest)."""
+
+    gen_rows: int
+    und_rows: int
+    seq_len: int
+    views_per_row: int = 1
+    text_rows: int = 0
+
+    def counts(self, spec: ModelSpec) -> dict[str, int]:
+        rows = self.gen_rows + self.und_rows + self.text_rows
+        views = (self.gen_rows + self.und_rows) * self.views_per_row
+        llm_tokens = rows * self.seq_len
+        return {"llm_tokens": llm_tokens, "views": views, "llm_image": views * spec.tokens_per_view,
+                "llm_text": llm_tokens - views * spec.tokens_per_view,
+                "head_positions": self.gen_rows * self.views_per_row * spec.codes_per_view,
+                # every token that is not an image slot may be a supervised text target (worst case)
+                "text_tokens": llm_tokens - views * spec.tokens_per_view}
+
+
+def recipe_shape(config: dict, devices: int, nodes: int, tokens_per_gpu: int | None = None,
+                 max_seq_len: int | None = None) -> tuple[StepShape, dict]:
+    """The micro-batch the strategy derives at `devices` x `nodes` (`distributed.batch_plan`)."""
+    from synergen_lightning.distributed import batch_plan
+
+    config = json.loads(json.dumps(config))
+    trainer = config.setdefault("trainer", {})
+    trainer["devices"], trainer["num_nodes"] = devices, nodes
+    data = (config.setdefault("data", {})).setdefault("init_args", {})
+    if max_seq_len is not None:
+        data["max_seq_len"] = max_seq_len
+    strategy = trainer.get("strategy")
+    if tokens_per_gpu is not None:
+        if not isinstance(strategy, dict):
+            raise ValueError("--tokens-per-gpu needs a recipe whose trainer.strategy is FSDP2Strategy with init_args")
+        strategy.setdefault("init_args", {})["tokens_per_gpu"] = tokens_per_gpu
+    plan = batch_plan(config)
+    if plan is None:  # no global batch: the datamodule's batch_size is per rank
+        micro = data.get("batch_size") or 1
+        plan = {"world_size": devices * nodes, "micro_batch": micro, "accumulate_grad_batches":
+                trainer.get("accumulate_grad_batches", 1)}
+    micro = plan["micro_batch"]
+    micro = micro if isinstance(micro, dict) else {"generation": int(micro)}
+    seq = data.get("max_seq_len")
+    if seq is None:
+        raise ValueError("the recipe's data.init_args has no max_seq_len: give --max-seq-len (the longest row)")
+    views = int(data.get("max_tiles") or 1) + (1 if data.get("thumbnail") and int(data.get("max_tiles") or 1) > 1 else 0)
+    shape = StepShape(gen_rows=int(micro.get("generation", 0)), und_rows=int(micro.get("understanding", 0)),
+                      text_rows=int(micro.get("text", 0)), seq_len=int(seq), views_per_row=views)
+    return shape, plan
+
+
+def strategy_settings(config: dict) -> dict:
+    trainer = config.get("trainer") or {}
+    strategy = trainer.get("strategy")
+    args = (strategy.get("init_args") or {}) if isinstance(strategy, dict) else {}
+    precision = str(trainer.get("precision", "32-true"))
+    param_dtype = args.get("param_dtype")
+    bf16 = precision.startswith("bf16") or param_dtype in ("bfloat16", "bf16")
+    return {"param_dtype": param_dtype, "reduce_dtype": args.get("reduce_dtype", "float32"),
+            "activation_checkpointing": bool(args.get("activation_checkpointing", False)),
+            "shard_size": args.get("shard_size"), "reshard_after_forward": args.get("reshard_after_forward", True),
+            "precision": precision, "compute": "bf16" if bf16 else "fp32"}
+
+
+# ------------------------------------------------------------------------------------------------ probes
+def probe_batch(spec: ModelSpec, shape: StepShape, generator: torch.Generator | None = None) -> dict:
+    """A training batch of `shape` (docs/architecture.md's contract): generation rows (prompt, <boi>, the view's
+    slots, <eoi>; image codes supervised), understanding rows (<boi>, slots, <eoi>, supervised text) and text
+    rows, every row `seq_len` long and every non-slot token supervised (the worst case)."""
+    from synergen_lightning.data.batch import add_indices
+
+    g = generator or torch.Generator().manual_seed(0)
+    v, p = spec.llm["vocab_size"], spec.tokens_per_view
+    boi, eoi = v - 3, v - 2
+    tasks = ["generation"] * shape.gen_rows + ["understanding"] * shape.und_rows + ["text"] * shape.text_rows
+    b, t = len(tasks), shape.seq_len
+    need = shape.views_per_row * (p + 2) + 1
+    if tasks[:shape.gen_rows + shape.und_rows] and t < need:
+        raise ValueError(f"seq_len {t} cannot hold {shape.views_per_row} view(s) of {p} tokens: use at least {need}")
+    ids = torch.randint(5, max(6, v - 3), (b, t), generator=g)
+    image_mask = torch.zeros(b, t, dtype=torch.bool)
+    for r, task in enumerate(tasks):
+        if task == "text":
+            continue
+        start = 1 if task == "understanding" else t - shape.views_per_row * (p + 2)
+        for k in range(shape.views_per_row):
+            s = start + k * (p + 2)
+            ids[r, s], ids[r, s + p + 1] = boi, eoi
+            image_mask[r, s + 1:s + 1 + p] = True
+    labels = ids.masked_fill(image_mask, -100)
+    n_views = (shape.gen_rows + shape.und_rows) * shape.views_per_row
+    codes = torch.randint(0, spec.codebook_size, (n_views, spec.grid, spec.grid), generator=g)
+    loss = torch.tensor([task == "generation" for task in tasks if task != "text" for _ in range(shape.views_per_row)])
+    batch = {"input_ids": ids, "image_mask": image_mask, "attention_mask": torch.ones(b, t, dtype=torch.bool),
+             "position_ids": torch.arange(t).expand(b, t).clone(), "labels": labels, "task": tasks,
+             "image_codes": codes, "image_loss_mask": loss}
+    return add_indices(batch)
+
+
+def scaled_spec(spec: ModelSpec, head_dim: int) -> ModelSpec:
+    """`spec` at a tiny width: the same heads, `head_dim` per head, every other width scaled by the same factor."""
+    s = head_dim / (spec.llm["hidden_size"] / spec.llm["num_heads"])
+    llm = dict(spec.llm, hidden_size=spec.llm["num_heads"] * head_dim, head_dim=None,
+               intermediate_size=max(2, round(spec.llm["intermediate_size"] * s)),
+               vocab_size=min(spec.llm["vocab_size"], 512))
+    hh = spec.head.get("hidden_size", spec.llm["hidden_size"])
+    h_heads = spec.head.get("num_heads", spec.llm["num_heads"])
+    h_dim = max(2, 2 * round(hh / h_heads * s / 2))
+    head = dict(spec.head, hidden_size=h_heads * h_dim,
+                intermediate_size=max(2, round(spec.head.get("intermediate_size", spec.llm["intermediate_size"]) * s)))
+    return ModelSpec(llm=llm, head=head, codebook_size=min(spec.codebook_size, 256), image_size=spec.image_size,
+                     downsample=spec.downsample, fold=spec.fold, code_dim=max(2, round(spec.code_dim * s)),
+                     stage=spec.stage, fold_output_rms=spec.fold_output_rms)
+
+
+def saved_bytes(model, batch: dict, compute: str = "fp32") -> dict:
+    """Bytes autograd saves for the backward in one forward of `model` on `batch`, by region (REGIONS), each
+    storage counted once and parameters not at all; and the element size of the residual stream."""
+    region_of: dict[int, str] = {id(b): "llm_layer" for b in model.llm.layers}
+    region_of.update({id(b): "head_layer" for b in model.head.stack.layers})
+    region_of.update({id(model.head): "head", id(model.folder): "folder", id(model.llm.lm_head): "text_loss"})
+    stack: list[str] = ["other"]
+    stream: dict[str, int] = {}
+
+    def enter(name):
+        def hook(module, args):
+            stack.append(name)
+            stream.setdefault("bytes", args[0].element_size()) if name == "llm_layer" else None
+        return hook
+
+    def leave(module, args, out):
+        stack.pop()
+
+    handles = []
+    for m in model.modules():
+        if id(m) in region_of:
+            handles.append(m.register_forward_pre_hook(enter(region_of[id(m)])))
+            handles.append(m.register_forward_hook(leave))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, tuple[str, int]] = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            st = t.untyped_storage()
+            ptr = st.data_ptr()
+            if ptr not in params and st.nbytes():
+                if ptr not in seen or seen[ptr][1] < st.nbytes():
+                    seen[ptr] = (seen.get(ptr, (stack[-1], 0))[0], st.nbytes())
+        return t
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute == "bf16"):
+            loss = model.forward_losses(batch)["loss"]
+    finally:
+        for h in handles:
+            h.remove()
+    out = dict.fromkeys(REGIONS, 0)
+    for region, n in seen.values():
+        out[region] += n
+    del loss
+    return {"regions": out, "stream_bytes": stream.get("bytes", 4)}
+
+
+def probe_activations(spec: ModelSpec, compute: str = "fp32") -> dict:
+    """Saved bytes per unit (`UNITS`), measured at two tiny widths and extrapolated linearly to `spec`'s width.
+    At each width two batches of one generation and one understanding row, one with 224 more text tokens per row,
+    split the LLM's bytes per token into text and image tokens (in stage 1 only the image tokens' FFN trains, so
+    only they keep their FFN inputs for a weight gradient)."""
+    width = spec.llm["hidden_size"]
+    points = []
+    for hd in PROBE_HEAD_DIMS:
+        small = scaled_spec(spec, hd)
+        torch.manual_seed(0)
+        model = build_model(small, "cpu")
+        if compute == "bf16":
+            model = model.to(torch.bfloat16)
+        model.train()
+        got = []
+        for extra in (0, 224):
+            shape = StepShape(gen_rows=1, und_rows=1, seq_len=small.tokens_per_view + 2 + 32 + extra)
+            r = saved_bytes(model, probe_batch(small, shape), compute)
+            got.append((shape.counts(small), r["regions"], r["stream_bytes"]))
+        (ca, ra, sb), (cb, rb, _) = got
+        per = {}
+        for region, layers in (("llm_layer", small.llm["num_layers"]), ("other", 1)):
+            text = (rb[region] - ra[region]) / layers / (cb["llm_text"] - ca["llm_text"])
+            per[f"{region}_text"] = text
+            per[f"{region}_image"] = (ra[region] / layers - text * ca["llm_image"]) / max(ca["llm_image"], 1)
+        per["head_layer"] = ra["head_layer"] / max(ca["head_positions"] * small.head["num_layers"], 1)
+        per["head"] = ra["head"] / max(ca["head_positions"], 1)
+        per["folder"] = ra["folder"] / max(ca["views"], 1)
+        per["text_loss"] = rb["text_loss"] / max(cb["text_tokens"], 1)
+        points.append((small.llm["hidden_size"], per, sb))
+    (w0, a, sb), (w1, b, _) = points
+    per_unit = {k: a[k] + (b[k] - a[k]) * (width - w0) / (w1 - w0) for k in UNITS}
+    return {"bytes_per_unit": per_unit, "stream_bytes": sb, "probe_widths": [w0, w1],
+            "probe_bytes_per_unit": [a, b], "compute": compute, "units": UNITS}
+
+
+# ------------------------------------------------------------------------------------------------ estimate
+def fsdp_units(model) -> list[tuple[str, int, int]]:
+    """(unit, parameters, trainable parameters) of `distributed.parallelize`'s units."""
+    taken: set[int] = set()
+    units = []
+
+    def unit(name, modules):
+        ps = [p for m in modules for p in m.parameters() if id(p) not in taken]
+        taken.update(id(p) for p in ps)
+        units.append((name, sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)))
+
+    for i, b in enumerate(model.llm.layers):
+        unit(f"llm.layers.{i}", [b])
+    for i, b in enumerate(model.head.stack.layers):
+        unit(f"head.stack.layers.{i}", [b])
+    unit("llm.embed_tokens", [model.llm.embed_tokens])
+    unit("llm.lm_head", [model.llm.lm_head])
+    unit("folder", [model.folder])
+    unit("special_embed", [model.special_embed])
+    unit("head", [model.head])
+    unit("llm", [model.llm])
+    unit("root", [model])
+    return units
+
+
+def estimate(spec: ModelSpec, shape: StepShape, *, shard: int = 1, param_dtype: str | None = None,
+             reduce_dtype: str | None = "float32", compute: str = "fp32", activation_checkpointing: bool = False,
+             probe: dict | None = None) -> dict:
+    """Per-GPU bytes of one training step of `spec` on a micro-batch of `shape` (module docstring: the method)."""
+    from synergen_lightning.distributed import to_dtype
+
+    model = build_model(spec, "meta")
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    units = fsdp_units(model)
+    probe = probe or probe_activations(spec, compute)
+    per = probe["bytes_per_unit"]
+    c = shape.counts(spec)
+    llm_layers, head_layers = spec.llm["num_layers"], spec.head["num_layers"]
+    pdt = to_dtype(param_dtype)
+    gather_b = pdt.itemsize if pdt is not None else 0
+    rdt = to_dtype(reduce_dtype) or torch.float32
+    # one block's saved activations (the largest of an LLM block and a head block at this micro-batch)
+    llm_block = per["llm_layer_text"] * c["llm_text"] + per["llm_layer_image"] * c["llm_image"]
+    head_block = per["head_layer"] * c["head_positions"]
+    block = max(llm_block, head_block)
+    stream = probe["stream_bytes"]
+    if activation_checkpointing:
+        blocks = stream * (spec.llm["hidden_size"] * c["llm_tokens"] * llm_layers
+                           + spec.head.get("hidden_size", spec.llm["hidden_size"]) * c["head_positions"] * head_layers)
+    else:
+        blocks = llm_block * llm_layers + head_block * head_layers
+    # the backward's working set: one block's activations (recomputed with checkpointing; without it, the gradients
+    # in flight of one block), or one chunk of the chunked cross-entropy, whichever is larger: they do not overlap
+    working = block
+    acts = {"blocks": blocks,
+            "head_io": per["head"] * c["head_positions"], "folder": per["folder"] * c["views"],
+            "text_loss": per["text_loss"] * c["text_tokens"], "embeddings_norms": per["other_text"] * c["llm_text"] + per["other_image"] * c["llm_image"]}
+    ce_rows = {"image": (c["head_positions"], spec.codebook_size), "text": (c["text_tokens"], spec.llm["vocab_size"])}
+    ce = max(min(rows, max(1, CHUNK_LOGITS // vocab)) * vocab for rows, vocab in ce_rows.values())
+    ce_bytes = ce * CE_BYTES_PER_LOGIT
+    largest = max(units, key=lambda u: u[1])
+    largest_trainable = max(u[2] for u in units)
+    state = {"params_fp32": 4 * n_params / shard, "grads_fp32": 4 * n_train / shard,
+             "adamw_fp32": 8 * n_train / shard}
+    gathered = (2 * largest[1] * gather_b + largest_trainable * (gather_b + rdt.itemsize)) if gather_b else 0
+    transient = {"backward_working_set": working, "chunked_ce": ce_bytes, "fsdp_gathered": gathered}
+    total = sum(state.values()) + sum(acts.values()) + max(working, ce_bytes) + gathered
+    return {"parameters": n_params, "trainable": n_train, "shard": shard, "counts": c,
+            "state_bytes": state, "activation_bytes": acts, "transient_bytes": transient,
+            "activation_checkpointing": activation_checkpointing, "compute": compute,
+            "largest_unit": {"name": largest[0], "parameters": largest[1]},
+            "total_bytes": total, "checkpoint_bytes": 4 * n_params + 8 * n_train, "probe": probe}
+
+
+def plan_recipe(configs: list[str], devices: int, nodes: int = 1, *, num_layers: int | None = None,
+                head_layers: int | None = None, tokens_per_gpu: int | None = None, max_seq_len: int | None = None,
+                activation_checkpointing: bool | None = None, micro_batch: dict | None = None) -> dict:
+    """Everything `synergen plan` prints, as a dict."""
+    config = load_recipe(configs)
+    args = _model_args(config)
+    spec = model_spec(args, num_layers, head_layers)
+    settings = strategy_settings(config)
+    if activation_checkpointing is not None:
+        settings["activation_checkpointing"] = activation_checkpointing
+    shape, batch = recipe_shape(config, devices, nodes, tokens_per_gpu, max_seq_len)
+    if micro_batch:
+        shape = StepShape(gen_rows=int(micro_batch.get("generation", 0)), und_rows=int(micro_batch.get("understanding", 0)),
+                          text_rows=int(micro_batch.get("text", 0)), seq_len=shape.seq_len, views_per_row=shape.views_per_row)
+    world = devices * nodes
+    shard = min(int(settings["shard_size"] or world), world)
+    probe = probe_activations(spec, settings["compute"])
+    out = {}
+    for ac in (False, True):
+        out["with_ac" if ac else "without_ac"] = estimate(
+            spec, shape, shard=shard, param_dtype=settings["param_dtype"], reduce_dtype=settings["reduce_dtype"],
+            compute=settings["compute"], activation_checkpointing=ac, probe=probe)
+    chosen = out["with_ac" if settings["activation_checkpointing"] else "without_ac"]
+    return {"recipe": configs, "world_size": world, "fsdp_shard": shard, "batch_plan": batch,
+            "micro_batch": asdict(shape), "model": asdict(spec), "settings": settings, "estimates": out,
+            "recipe_estimate": chosen}
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.2f} GB"
+
+
+def report(plan: dict, gpu_gb: float, margin: float) -> tuple[str, bool]:
+    """The printed plan and whether the recipe's setting fits `gpu_gb` with `margin` to spare."""
+    s, est = plan["settings"], plan["recipe_estimate"]
+    m = plan["micro_batch"]
+    c = est["counts"]
+    lines = [f"synergen plan: {' + '.join(plan['recipe'])} at {plan['world_size']} GPU(s) "
+             f"(FSDP2 shard group {plan['fsdp_shard']}; {s['precision']}, params {s['param_dtype'] or 'fp32'}, "
+             f"reduce {s['reduce_dtype']}; stage {plan['model']['stage']})",
+             f"  model: {est['parameters']:,} parameters, {est['trainable']:,} trainable; LLM {plan['model']['llm']['num_layers']} "
+             f"layers x {plan['model']['llm']['hidden_size']}, head {plan['model']['head']['num_layers']} layers",
+             f"  micro-batch: {m['gen_rows']} generation + {m['und_rows']} understanding + {m['text_rows']} text rows x "
+             f"{m['seq_len']} tokens = {c['llm_tokens']:,} LLM tokens, {c['head_positions']:,} head positions; "
+             f"accumulate {plan['batch_plan'].get('accumulate_grad_batches')}",
+             "  per GPU:"]
+    for k, v in est["state_bytes"].items():
+        lines.append(f"    {k:<24}{_gb(v):>14}")
+    for label, key in (("activations, no checkpointing", "without_ac"), ("activations, checkpointing", "with_ac")):
+        e = plan["estimates"][key]
+        lines.append(f"    {label:<32}{_gb(sum(e['activation_bytes'].values())):>12}   "
+                     f"(+ working set {_gb(e['total_bytes'] - sum(e['state_bytes'].values()) - sum(e['activation_bytes'].values()))}; "
+                     f"total {_gb(e['total_bytes'])})")
+    lines.append(f"  checkpoint on disk (weights + AdamW moments): {_gb(est['checkpoint_bytes'])}")
+    budget = gpu_gb * 1e9
+    fits = est["total_bytes"] * (1 + margin) <= budget
+    ac = "on" if s["activation_checkpointing"] else "off"
+    lines.append(f"  estimate at the recipe's setting (activation checkpointing {ac}): {_gb(est['total_bytes'])} "
+                 f"per GPU; with a {margin:.0%} margin {_gb(est['total_bytes'] * (1 + margin))} of {gpu_gb:g} GB")
+    if not fits:
+        over = est["total_bytes"] * (1 + margin) - budget
+        hint = ("turn activation checkpointing on (trainer.strategy.init_args.activation_checkpointing: true)"
+                if not s["activation_checkpointing"] else "lower trainer.strategy.init_args.tokens_per_gpu")
+        lines.append(f"WARNING: over {gpu_gb:g} GB with the {margin:.0%} margin by {_gb(over)}: {hint}, "
+                     "or shard over more GPUs (shard_size)")
+    return "\n".join(lines), fits
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="synergen plan",
+        description="Per-GPU memory of a recipe's training step under FSDP2 (parameters, gradients, AdamW states, "
+                    "activations with and without activation checkpointing, transients) and its checkpoint size, "
+                    "from the model built on the meta device and activations measured at tiny width on the CPU "
+                    "(method: synergen_lightning/plan.py). Warns when the estimate plus the margin passes the GPU memory.")
+    p.add_argument("--config", action="append", required=True,
+                   help="recipe YAML (repeat to merge, as `synergen fit`), e.g. recipes/synergen_vl_2b/stage1.yaml")
+    p.add_argument("--devices", type=int, required=True, help="GPUs per node")
+    p.add_argument("--nodes", type=int, default=1, help="nodes (world size = devices x nodes; default 1)")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU in GB (default 80)")
+    p.add_argument("--margin", type=float, default=0.2, help="headroom asked for on top of the estimate (default 0.2)")
+    p.add_argument("--num-layers", type=int, default=None, help="LLM depth instead of the recipe's (a reduced-depth probe)")
+    p.add_argument("--head-layers", type=int, default=None, help="unfolding-head depth instead of the recipe's")
+    p.add_argument("--tokens-per-gpu", type=int, default=None, help="the strategy's tokens_per_gpu instead of the recipe's")
+    p.add_argument("--max-seq-len", type=int, default=None, help="the data's max_seq_len instead of the recipe's")
+    p.add_argument("--activation-checkpointing", choices=["on", "off"], default=None,
+                   help="override the recipe's strategy setting (both are printed either way)")
+    p.add_argument("--json", default=None, help="also write the whole plan as JSON to this file")
+    a = p.parse_args(argv)
+    for name in ("devices", "nodes"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name} {getattr(a, name)}: give a positive count")
+    ac = None if a.activation_checkpointing is None else a.activation_checkpointing == "on"
+    plan = plan_recipe(a.config, a.devices, a.nodes, num_layers=a.num_layers, head_layers=a.head_layers,
+                       tokens_per_gpu=a.tokens_per_gpu, max_seq_len=a.max_seq_len, activation_checkpointing=ac)
+    text, fits = report(plan, a.gpu_memory_gb, a.margin)
+    print(text)
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(dict(plan, fits=fits, gpu_memory_gb=a.gpu_memory_gb, margin=a.margin),
+                                           indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
