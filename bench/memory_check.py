@@ -4,8 +4,10 @@ Measurement: each configuration runs in a fresh process with `MALLOC_MMAP_THRESH
 64 KiB is its own mmap, returned to the OS when freed: the resident set then follows the live tensor bytes (glibc's
 default adapts the threshold and keeps freed blocks in its heap, which hides or shifts peaks). The process records
 its resident memory before the model is built, runs one warm-up step (AdamW's moments come to exist), resets the
-kernel's high-water mark (`/proc/self/clear_refs`) and runs a second step; measured peak = high-water mark during
-that step - resident memory before the model. A step is `SynerGenVL.forward_losses` + backward + AdamW, with
+kernel's high-water mark (`/proc/self/clear_refs`) and runs a second step; measured peak = the bytes of every
+tensor alive before that step (parameters, AdamW's moments: counted, as `torch.cuda.max_memory_allocated` counts
+tensors only) + the resident high-water mark of the step above the resident memory before it (measured). The CPU's
+one-off memory (the code of the kernels run, oneDNN's JIT-compiled kernels per shape) stays outside both. A step is `SynerGenVL.forward_losses` + backward + AdamW, with
 activation checkpointing per block as `distributed.parallelize` applies it; "bf16" shards the model with
 `distributed.parallelize` (FSDP2, world size 1, gloo, bf16 params, fp32 reduce) under bf16 autocast, as the 2b
 recipes run.
@@ -53,6 +55,23 @@ def _rss(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
+def live_tensor_bytes() -> int:
+    """Bytes of every tensor storage alive (parameters, AdamW's moments, the batch; a DTensor's local shard), each
+    storage once: what the CUDA allocator would count, without the CPU's one-off kernel code and caches."""
+    import gc
+
+    seen = {}
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                t = getattr(obj, "_local_tensor", obj)
+                st = t.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
+        except (RuntimeError, ReferenceError):
+            continue
+    return sum(seen.values())
+
+
 def _training_step(spec: ModelSpec, batch: dict, checkpointing: bool, compute: str):
     from synergen_lightning.distributed import _checkpoint_block, decoder_blocks, parallelize
 
@@ -98,12 +117,14 @@ def probe(spec: ModelSpec, shape: StepShape, checkpointing: bool, compute: str) 
     t0 = time.perf_counter()
     step()
     first = time.perf_counter() - t0
+    state = live_tensor_bytes()
     Path("/proc/self/clear_refs").write_text("5")
     before = _rss("VmRSS")
     t0 = time.perf_counter()
     step()
-    return {"measured_peak_bytes": _rss("VmHWM") - base, "state_before_step_bytes": before - base,
-            "step_s": time.perf_counter() - t0, "first_step_s": first}
+    step_peak = _rss("VmHWM") - before
+    return {"measured_peak_bytes": state + step_peak, "state_tensor_bytes": state, "step_peak_bytes": step_peak,
+            "rss_above_baseline_before_step": before - base, "step_s": time.perf_counter() - t0, "first_step_s": first}
 
 
 def measure(spec: dict, shape: dict, checkpointing: bool, compute: str = "fp32", timeout: float = 900) -> dict:

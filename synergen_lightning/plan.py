@@ -21,10 +21,11 @@ What is counted, per GPU, at the recipe's world size (`--devices` x `--nodes`) a
   bf16 autocast (what FSDP2's `param_dtype: bfloat16` with `precision: bf16-mixed` computes in).
   With activation checkpointing a block keeps only its input (the residual stream, width x the measured dtype) and
   the backward recomputes one block at a time.
-- **working set** of the backward, the larger of: one block's activations (recomputed, with checkpointing; without
-  it, that block's gradients in flight, taken as the same size) and one chunk of the chunked cross-entropy
-  (`models/chunked_ce.py`: at most 2^26 logits, `CE_BYTES_PER_LOGIT` each). They come at different times of the
-  backward (the loss first, the blocks after), so only the larger counts.
+- **the peak**, the larger of two moments: the loss (every activation alive plus one chunk of the chunked
+  cross-entropy, `models/chunked_ce.py`: at most 2^26 logits at `CE_BYTES_PER_LOGIT` each; few gradients exist yet)
+  and the backward (every activation and every gradient counted at once, which overstates a little, plus with
+  checkpointing the one block recomputed at a time). Without checkpointing the gradients of a block's activations
+  take the place of the activations they free.
 - **checkpoint on disk** (a DCP directory): fp32 weights of every parameter + AdamW's moments of the trainable ones.
 
 The sum is checked against measured peaks on the CPU (`tests/test_plan.py`; method in `bench/memory_check.py`).
@@ -47,8 +48,8 @@ from synergen_lightning.models.chunked_ce import CHUNK_LOGITS
 from synergen_lightning.models.mmoe import LLMConfig
 
 GiB = 2**30
-# bytes in flight per logit of one chunk of the chunked cross-entropy's backward: the fp32 logits, the fp32 difference
-# to the log-sum-exp and its exp, at most three fp32 tensors of the chunk at once (fp32 or bf16 matmul)
+# bytes in flight per logit of one chunk of the chunked cross-entropy: the fp32 logits and the log-sum-exp's two fp32
+# temporaries (forward), or the fp32 logits, their difference to the log-sum-exp and its exp (backward)
 CE_BYTES_PER_LOGIT = 12
 REGIONS = ("llm_layer", "head_layer", "head", "folder", "text_loss", "other")
 # what each measured figure is per
@@ -414,9 +415,8 @@ def estimate(spec: ModelSpec, shape: StepShape, *, shard: int = 1, param_dtype: 
                            + spec.head.get("hidden_size", spec.llm["hidden_size"]) * c["head_positions"] * head_layers)
     else:
         blocks = llm_block * llm_layers + head_block * head_layers
-    # the backward's working set: one block's activations (recomputed with checkpointing; without it, the gradients
-    # in flight of one block), or one chunk of the chunked cross-entropy, whichever is larger: they do not overlap
-    working = block
+    # with checkpointing the backward recomputes one block at a time: its activations come back for the block's backward
+    working = block if activation_checkpointing else 0
     acts = {"blocks": blocks,
             "head_io": per["head"] * c["head_positions"], "folder": per["folder"] * c["views"],
             "text_loss": per["text_loss"] * c["text_tokens"], "embeddings_norms": per["other_text"] * c["llm_text"] + per["other_image"] * c["llm_image"]}
@@ -428,11 +428,15 @@ def estimate(spec: ModelSpec, shape: StepShape, *, shard: int = 1, param_dtype: 
     state = {"params_fp32": 4 * n_params / shard, "grads_fp32": 4 * n_train / shard,
              "adamw_fp32": 8 * n_train / shard}
     gathered = (2 * largest[1] * gather_b + largest_trainable * (gather_b + rdt.itemsize)) if gather_b else 0
-    transient = {"backward_working_set": working, "chunked_ce": ce_bytes, "fsdp_gathered": gathered}
-    total = sum(state.values()) + sum(acts.values()) + max(working, ce_bytes) + gathered
+    transient = {"recomputed_block": working, "chunked_ce": ce_bytes, "fsdp_gathered": gathered}
+    # two candidate peaks: the loss (every activation alive, one cross-entropy chunk in flight, few gradients yet) and
+    # the backward (activations, all of the gradients, the recomputed block); FSDP's gathered units on top of either
+    a = sum(acts.values())
+    peaks = {"loss": a + ce_bytes, "backward": a + state["grads_fp32"] + working}
+    total = state["params_fp32"] + state["adamw_fp32"] + max(peaks.values()) + gathered
     return {"parameters": n_params, "trainable": n_train, "shard": shard, "counts": c,
             "state_bytes": state, "activation_bytes": acts, "transient_bytes": transient,
-            "activation_checkpointing": activation_checkpointing, "compute": compute,
+            "activation_checkpointing": activation_checkpointing, "compute": compute, "peak_at": max(peaks, key=peaks.get),
             "largest_unit": {"name": largest[0], "parameters": largest[1]},
             "total_bytes": total, "checkpoint_bytes": 4 * n_params + 8 * n_train, "probe": probe}
 
@@ -489,8 +493,7 @@ def report(plan: dict, gpu_gb: float, margin: float) -> tuple[str, bool]:
     for label, key in (("activations, no checkpointing", "without_ac"), ("activations, checkpointing", "with_ac")):
         e = plan["estimates"][key]
         lines.append(f"    {label:<32}{_gb(sum(e['activation_bytes'].values())):>12}   "
-                     f"(+ working set {_gb(e['total_bytes'] - sum(e['state_bytes'].values()) - sum(e['activation_bytes'].values()))}; "
-                     f"total {_gb(e['total_bytes'])})")
+                     f"(peak at the {e['peak_at']}: total {_gb(e['total_bytes'])})")
     lines.append(f"  checkpoint on disk (weights + AdamW moments): {_gb(est['checkpoint_bytes'])}")
     budget = gpu_gb * 1e9
     fits = est["total_bytes"] * (1 + margin) <= budget
