@@ -73,7 +73,7 @@ logged = $(if $(1),@mkdir -p $(dir $(1)) && echo "$(2) (log: $(1))" && { { $(3);
 resume_from = $(if $(wildcard $(1).done),,$(if $(wildcard $(1)last.ckpt),--ckpt_path $(1)last.ckpt))
 start_over_if_finished = @if [ -f $(1).done ]; then rm -f $(1).done $(1)*.ckpt; fi
 
-.PHONY: help install data tokenizer base-llm stage1 stage2 sft demo ablations eval test test-fast test-all bench tensorboard geneval-gt clean
+.PHONY: help install data tokenizer base-llm stage1 stage2 sft demo ablations eval test test-fast test-all bench gpu-check tensorboard geneval-gt clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9_-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -193,6 +193,9 @@ test-all: $(VENV)  ## every test, the slow end-to-end ones included
 
 bench: $(VENV)  ## every benchmark side by side -> bench/results.json + bench/results.md (QUICK=1: tiny sizes)
 	$(PY) bench/run_all.py $(if $(QUICK),--quick) --out bench/results.json
+
+gpu-check: $(VENV)  ## on one GPU (< 8 min): tiny stage 1 bf16 FSDP2 +/- compile, reduced-depth 2b step (MFU, memory vs synergen plan), generation, DCP round trip -> runs/gpu_check/results.json (CPU: tiny smoke run)
+	$(PY) bench/gpu_check.py --out runs/gpu_check/results.json
 
 tensorboard: $(VENV)  ## TensorBoard over every run (losses, lr, throughput, sample grids, evals)
 	.venv/bin/tensorboard --logdir runs

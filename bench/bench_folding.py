@@ -193,12 +193,15 @@ def train_steps(c: dict, checkpointing: bool = False, divisor: int = 1):
 
 
 @torch.no_grad()
-def unfolded_generate(llm: MMoETransformer, prompt_ids: list[int], n_codes: int, generator: torch.Generator) -> torch.Tensor:
-    """One code per LLM step, KV-cached (the unfolded baseline's decoding), sampled among the code logits."""
+def unfolded_generate(llm: MMoETransformer, prompt_ids: list[int], n_codes: int, generator: torch.Generator,
+                      rows: int = 1) -> torch.Tensor:
+    """One code per LLM step, KV-cached (the unfolded baseline's decoding), sampled among the code logits; `rows`
+    images of the same prompt decoded together."""
+    device = llm.embed_tokens.weight.device
     cache = llm.new_kv_cache()
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids] * rows, device=device)
     h = llm(llm.embed(ids), image_mask=torch.zeros_like(ids, dtype=torch.bool), kv_cache=cache)[:, -1]
-    is_image = torch.ones(1, 1, dtype=torch.bool)
+    is_image = torch.ones(rows, 1, dtype=torch.bool, device=device)
     out = []
     for _ in range(n_codes):
         code = sample_logits(llm.logits(h)[:, TEXT_VOCAB:], temperature=1.0, generator=generator)

@@ -1,0 +1,365 @@
+"""`make gpu-check`: the GPU figures of the toolkit in one run (< 8 minutes on one GPU) -> runs/gpu_check/results.json.
+
+Sections, each recording its own error (one failing path does not hide the others):
+
+- `tiny_stage1`: the tiny chain's stage 1 (`recipes/tiny/stage1.yaml` through the CLI's `lightning_cli`) on a tiny
+  synthetic world written here (`synergen data synth`, an untrained base LLM and VQ tokenizer: nothing of the demo
+  is needed), under FSDP2Strategy on one device, without and with `torch.compile` per block: loss curves (they
+  must agree within `LOSS_TOL`) and step times. CUDA: 100 steps in bf16 (bf16-mixed, bf16 params).
+- `reduced_2b_step`: the 2b SynerGenVL (InternLM2-1.8B widths, `bench_mfu.build_2b`) at reduced depth, sharded with
+  `distributed.parallelize` (bf16 params, activation checkpointing), one AdamW step on generation rows: MFU against
+  a bf16 GEMM timed in the same run, peak memory (`torch.cuda.max_memory_allocated`) beside `synergen plan`'s
+  estimate of the same shape (`plan.estimate`).
+- `generation`: KV-cached generation of one image and of 16 images, folded (`generation.generate_codes`) vs an
+  unfolded model reading and writing every code (`bench_folding.unfolded_generate`).
+- `dcp_roundtrip`: a sharded (DCP) save of an FSDP2 model and its load, into a fresh sharded model
+  (`distributed.load_sharded_into`) and without a process group (`load_sharded_state_dict`): every tensor equal.
+
+Without CUDA the same script runs at tiny sizes on the CPU (a few steps, fp32; compile is skipped: it takes minutes
+there) and says that the GPU figures are not measured: that run is its test (tests/test_gpu_check.py).
+
+    .venv/bin/python bench/gpu_check.py [--out runs/gpu_check/results.json] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+LOSS_TOL = 0.05  # |compiled - eager| / eager loss, per step (bf16 rounding differs between the two)
+NOT_MEASURED = "no CUDA device: the GPU figures are not measured (tiny sizes on the CPU, a smoke test of every path)"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def ensure_process_group(device: str) -> None:
+    """A world-size-1 process group for `parallelize` (FSDP2 needs one even on one device)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(_free_port())
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+
+
+# ------------------------------------------------------------------------------------------------ tiny stage 1
+class LossRecorder:
+    """A Lightning callback: the loss and wall time of every optimizer step."""
+
+    def __new__(cls):
+        from lightning.pytorch.callbacks import Callback
+
+        class _Recorder(Callback):
+            def __init__(self):
+                self.losses, self.times, self._t = [], [], None
+
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                _sync(pl_module.device.type)
+                self._t = time.perf_counter()
+
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                _sync(pl_module.device.type)
+                self.times.append(time.perf_counter() - self._t)
+                loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+                self.losses.append(float(loss))
+
+        return _Recorder()
+
+
+def tiny_stage1(work: Path, device: str, steps: int, compile: bool) -> dict:
+    from synergen_lightning.cli import lightning_cli
+
+    bf16 = device == "cuda"
+    args = ["fit", "--config", str(ROOT / "recipes/tiny/stage1.yaml"), "--seed_everything", "0",
+            "--trainer.accelerator", "gpu" if device == "cuda" else "cpu", "--trainer.devices", "1",
+            "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_checkpointing", "false",
+            "--trainer.callbacks", json.dumps([{"class_path": "callbacks.stages.StageCallback",
+                                                 "init_args": {"stage": "stage1"}}]),
+            "--trainer.precision", "bf16-mixed" if bf16 else "32-true",
+            "--trainer.strategy.class_path", "synergen_lightning.distributed.FSDP2Strategy",
+            "--trainer.strategy.init_args.compile", "true" if compile else "false",
+            "--data.init_args.num_workers", "0", "--data.init_args.shuffle_buffer", "16"]
+    if bf16:
+        args += ["--trainer.strategy.init_args.param_dtype", "bfloat16"]
+    else:
+        args += ["--data.init_args.batch_size", json.dumps({"generation": 4, "understanding": 4})]
+    here = os.getcwd()
+    os.chdir(work)  # the recipe reads data/tiny and runs/tiny/... relative to the project
+    try:
+        cli = lightning_cli(args[1:], run=False)
+        recorder = LossRecorder()
+        cli.trainer.callbacks.append(recorder)
+        t0 = time.perf_counter()
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        wall = time.perf_counter() - t0
+    finally:
+        os.chdir(here)
+    times = recorder.times
+    steady = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else None
+    return {"steps": len(recorder.losses), "losses": recorder.losses, "first_step_s": times[0] if times else None,
+            "median_step_s": steady, "fit_wall_s": wall, "precision": "bf16-mixed" if bf16 else "32-true",
+            "compile": compile}
+
+
+def section_tiny_stage1(device: str, work: Path) -> dict:
+    from tests.tiny_world import make_tiny_world
+
+    make_tiny_world(work, num_samples=120)
+    steps = 100 if device == "cuda" else 3
+    out = {"eager": tiny_stage1(work, device, steps, compile=False)}
+    if device == "cuda":
+        out["compiled"] = tiny_stage1(work, device, steps, compile=True)
+        a, b = out["eager"]["losses"], out["compiled"]["losses"]
+        worst = max(abs(x - y) / max(abs(x), 1e-6) for x, y in zip(a, b)) if a and len(a) == len(b) else None
+        out["max_rel_loss_diff"] = worst
+        out["losses_match"] = worst is not None and worst <= LOSS_TOL
+        out["compile_speedup"] = out["eager"]["median_step_s"] / out["compiled"]["median_step_s"]
+    else:
+        out["compiled"] = {"skipped": "torch.compile per block takes minutes on a CPU (RESULTS.md); GPU only"}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ reduced 2b step
+def section_reduced_2b(device: str) -> dict:
+    from bench_mfu import PRESET_2B, QUICK, build_2b, gen_batch, system_flops
+    from common import gemm_variant, interleaved
+
+    from synergen_lightning.distributed import parallelize
+    from synergen_lightning.plan import ModelSpec, StepShape, estimate
+
+    ensure_process_group(device)
+    cuda = device == "cuda"
+    if cuda:
+        c, images, prompt_len, layers = dict(PRESET_2B, num_layers=4), 8, 32, 4
+    else:  # tiny widths of the same build
+        c = dict(PRESET_2B, hidden_size=QUICK["hidden_size"], num_heads=QUICK["num_heads"],
+                 num_kv_heads=QUICK["num_kv_heads"], intermediate_size=QUICK["intermediate_size"], vocab_size=92547,
+                 codebook_size=512, grid=16, head_layers=1, num_layers=2)
+        images, prompt_len, layers = 2, 8, 2
+    torch.manual_seed(0)
+    model = build_2b(c, device).train()
+    spec = ModelSpec(llm=dict(model.hparams.llm), head={**model.head.config.__dict__, "num_layers": c["head_layers"]},
+                     codebook_size=c["codebook_size"], image_size=c["grid"] * 8, downsample=8, fold=tuple(c["fold"]),
+                     code_dim=c["hidden_size"], stage="full")
+    spec.head = {k: spec.head[k] for k in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")}
+    dtype = "bfloat16" if cuda else None
+    parallelize(model, None, param_dtype=dtype, reduce_dtype="float32", activation_checkpointing=True,
+                check_states=False)
+    batch = gen_batch(c, images, prompt_len, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+            loss = model(batch)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # AdamW's moments exist from here on, as in a run
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    m, k, n = (8192, c["hidden_size"], c["intermediate_size"]) if cuda else (512, c["hidden_size"], c["intermediate_size"])
+    gemm, gemm_flops = gemm_variant(m, k, n, torch.bfloat16 if cuda else torch.float32, device, inner=20 if cuda else 2)
+    timed = interleaved({"train_step": step, "gemm_peak": gemm}, 5 if cuda else 2, 1, device=device)
+    flops = system_flops(model, c, images, prompt_len)
+    mfu = (flops / timed["train_step"]["median_s"]) / (gemm_flops / timed["gemm_peak"]["median_s"])
+    shape = StepShape(gen_rows=images, und_rows=0, seq_len=batch["input_ids"].shape[1])
+    plan = estimate(spec, shape, shard=1, param_dtype=dtype, compute="bf16" if cuda else "fp32",
+                    activation_checkpointing=True)
+    out = {"llm_layers": layers, "head_layers": c["head_layers"], "hidden_size": c["hidden_size"], "images": images,
+           "seq_len": shape.seq_len, "step_s": timed["train_step"]["median_s"], "flops_per_step": flops,
+           "gemm_peak_tflops": gemm_flops / timed["gemm_peak"]["median_s"] / 1e12, "mfu": mfu,
+           "plan_bytes": plan["total_bytes"]}
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+        out.update(peak_memory_bytes=peak, plan_over_measured=plan["total_bytes"] / peak)
+    else:
+        out["peak_memory_bytes"] = None
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ generation
+def section_generation(device: str) -> dict:
+    import bench_folding as bf
+
+    from synergen_lightning.generation import generate_codes
+
+    c = dict(bf.FULL) if device == "cuda" else dict(bf.QUICK)
+    torch.manual_seed(0)
+    folded, unfolded = bf.build_folded(c).to(device).eval(), bf.build_unfolded(c).to(device).eval()
+    gen = torch.Generator(device=device).manual_seed(0)
+    p = bf.prompt(c, torch.Generator().manual_seed(0))
+    out = {"config": {k: c[k] for k in ("hidden_size", "num_layers", "head_layers", "codebook_size", "grid")}}
+    with torch.no_grad():
+        for n in (1, 16):
+            row = {}
+            for name, fn in (("folded", lambda: generate_codes(folded, [p] * n, None, cfg_scale=None, generator=gen)),
+                             ("unfolded", lambda: bf.unfolded_generate(unfolded, p, c["grid"] ** 2, gen, rows=n))):
+                fn() if n == 1 else None  # warm-up once
+                _sync(device)
+                t0 = time.perf_counter()
+                codes = fn()
+                _sync(device)
+                row[f"{name}_s"] = time.perf_counter() - t0
+                row[f"{name}_codes"] = int(codes.numel())
+            row["speedup"] = row["unfolded_s"] / row["folded_s"]
+            row["folded_images_per_s"] = n / row["folded_s"]
+            out[f"images_{n}"] = row
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ DCP round trip
+def section_dcp(device: str, work: Path) -> dict:
+    import torch.distributed.checkpoint as dcp
+
+    from synergen_lightning.distributed import load_sharded_into, load_sharded_state_dict, parallelize
+    from synergen_lightning.plan import build_model, scaled_spec
+    from memory_check import TINY, spec_of
+
+    ensure_process_group(device)
+    spec = spec_of(TINY) if device == "cuda" else scaled_spec(spec_of(TINY), 8)
+    torch.manual_seed(0)
+    a = build_model(spec, device)
+    parallelize(a, None, check_states=False)
+    path = work / "dcp_roundtrip"
+    t0 = time.perf_counter()
+    dcp.save({"state_dict": a.state_dict()}, checkpoint_id=str(path))
+    save_s = time.perf_counter() - t0
+    torch.manual_seed(1)
+    b = build_model(spec, device)
+    parallelize(b, None, check_states=False)
+    t0 = time.perf_counter()
+    load_sharded_into(b, path)
+    load_s = time.perf_counter() - t0
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # noqa: E731
+    sa, sb = a.state_dict(), b.state_dict()
+    into = max(float((full(sa[k]) - full(sb[k])).abs().max()) for k in sa if sa[k].is_floating_point())
+    plain = load_sharded_state_dict(path)
+    offline = max(float((full(sa[k]).cpu() - plain[k]).abs().max()) for k in sa if sa[k].is_floating_point())
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return {"tensors": len(sa), "bytes_on_disk": size, "save_s": save_s, "load_s": load_s,
+            "max_abs_diff_sharded_load": into, "max_abs_diff_offline_load": offline,
+            "identical": into == 0.0 and offline == 0.0}
+
+
+# ------------------------------------------------------------------------------------------------ run
+SECTIONS = ("tiny_stage1", "reduced_2b_step", "generation", "dcp_roundtrip")
+
+
+def run(device: str, out: Path, only: list[str] | None = None) -> dict:
+    from common import machine_info
+
+    result = {"device": device, "machine": machine_info(device), "gpu_measured": device == "cuda"}
+    if device != "cuda":
+        result["note"] = NOT_MEASURED
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        work = Path(tmp)
+        funcs = {"tiny_stage1": lambda: section_tiny_stage1(device, work / "world"),
+                 "reduced_2b_step": lambda: section_reduced_2b(device),
+                 "generation": lambda: section_generation(device),
+                 "dcp_roundtrip": lambda: section_dcp(device, work)}
+        for name in SECTIONS:
+            if only and name not in only:
+                continue
+            t0 = time.perf_counter()
+            try:
+                result[name] = funcs[name]()
+            except Exception as exc:  # noqa: BLE001 -- recorded; the other sections still run
+                result[name] = {"error": f"{type(exc).__name__}: {exc}",
+                                "traceback": traceback.format_exc().splitlines()[-8:]}
+            result[name]["section_s"] = time.perf_counter() - t0
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
+def summary(result: dict) -> str:
+    def f(v, fmt="{:.3g}"):
+        return "-" if v is None else fmt.format(v)
+
+    rows = []
+    s = result.get("tiny_stage1", {})
+    if "error" in s:
+        rows.append(("tiny stage 1", "error", s["error"][:90]))
+    else:
+        e, c = s.get("eager", {}), s.get("compiled", {})
+        rows.append(("tiny stage 1, eager", f"{e.get('steps')} steps", f"median step {f(e.get('median_step_s'))} s, "
+                     f"loss {f(e['losses'][0] if e.get('losses') else None)} -> {f(e['losses'][-1] if e.get('losses') else None)}"))
+        rows.append(("tiny stage 1, compiled", c.get("skipped", "")[:40] or f"{c.get('steps')} steps",
+                     "" if "skipped" in c else f"median step {f(c.get('median_step_s'))} s, losses match "
+                     f"{s.get('losses_match')} (max rel diff {f(s.get('max_rel_loss_diff'))})"))
+    r = result.get("reduced_2b_step", {})
+    rows.append(("reduced 2b step (AC)", "error" if "error" in r else f"{r.get('llm_layers')} layers",
+                 r.get("error", "")[:90] or f"step {f(r.get('step_s'))} s, MFU {f(r.get('mfu'), '{:.1%}')}, peak "
+                 f"{f(r.get('peak_memory_bytes') and r['peak_memory_bytes'] / 2**30)} GiB vs plan "
+                 f"{f(r.get('plan_bytes') and r['plan_bytes'] / 2**30)} GiB"))
+    g = result.get("generation", {})
+    for n in (1, 16):
+        row = g.get(f"images_{n}", {})
+        rows.append((f"generation, {n} image(s)", "error" if "error" in g else "",
+                     g.get("error", "")[:90] or f"folded {f(row.get('folded_s'))} s vs unfolded "
+                     f"{f(row.get('unfolded_s'))} s ({f(row.get('speedup'))}x)"))
+    d = result.get("dcp_roundtrip", {})
+    rows.append(("DCP save/load", "error" if "error" in d else f"{d.get('tensors')} tensors",
+                 d.get("error", "")[:90] or f"identical {d.get('identical')}, {f(d.get('bytes_on_disk'))} B, "
+                 f"save {f(d.get('save_s'))} s, load {f(d.get('load_s'))} s"))
+    width = max(len(a) for a, _, _ in rows)
+    lines = [f"gpu-check on {result['device']}" + (f" -- {result['note']}" if result.get("note") else "")]
+    lines += [f"  {a:<{width}}  {b:<14}  {c}" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="auto: cuda when available, else the CPU smoke run at tiny sizes")
+    p.add_argument("--only", default=None, help=f"comma-separated sections of {','.join(SECTIONS)}")
+    p.add_argument("--out", default="runs/gpu_check/results.json")
+    a = p.parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); use --device auto")
+    only = [s.strip() for s in a.only.split(",")] if a.only else None
+    if only and set(only) - set(SECTIONS):
+        raise SystemExit(f"--only {a.only!r}: unknown section(s) {sorted(set(only) - set(SECTIONS))}; use {','.join(SECTIONS)}")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    result = run(device, Path(a.out), only)
+    print(summary(result))
+    print(f"wrote {a.out}")
+    with contextlib.suppress(Exception):
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()
