@@ -126,7 +126,7 @@ def tiny_stage1(work: Path, device: str, steps: int, compile: bool) -> dict:
 
 
 def section_tiny_stage1(device: str, work: Path) -> dict:
-    from tests.tiny_world import make_tiny_world
+    from tiny_world import make_tiny_world
 
     make_tiny_world(work, num_samples=120)
     steps = 100 if device == "cuda" else 3

@@ -19,7 +19,7 @@ from PIL import Image
 
 from datamodules.csv_captions import CsvCaptionDataModule
 from synergen_lightning.cli import main as synergen
-from tests.tiny_world import make_tiny_world, project_dir
+from tiny_world import make_tiny_world, project_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a red circle", "two blue squares", "a green triangle", "a yellow square on the left", "one small red square"]

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.e2e
 def test_tiny_stage_chain_generate_answer_report(tmp_path, monkeypatch):
-    from tests.tiny_world import make_tiny_world
+    from tiny_world import make_tiny_world
 
     make_tiny_world(tmp_path, num_samples=240)
     monkeypatch.chdir(tmp_path)

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny_world import make_tiny_world, project_dir
+from tiny_world import make_tiny_world, project_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent / "synergen"

@@ -1,5 +1,5 @@
-"""A miniature of what `make data tokenizer base-llm` leaves, for tests that run the shipped tiny recipes as a user
-does: `data/tiny` (a few scenes of the shape world), `runs/tiny/text_tokenizer`, `runs/tiny/base_llm/last.ckpt` and
+"""A miniature of what `make data tokenizer base-llm` leaves, for the tests and `make gpu-check`, which run the shipped
+tiny recipes as a user does: `data/tiny` (a few scenes of the shape world), `runs/tiny/text_tokenizer`, `runs/tiny/base_llm/last.ckpt` and
 `runs/tiny/tokenizer/checkpoints/last.ckpt` (both untrained), at the relative paths the recipes read."""
 
 from __future__ import annotations
