@@ -69,7 +69,9 @@ def find_trunk(module: nn.Module) -> MMoETransformer:
 
 def _read_llm_checkpoint(path: Path) -> tuple[LLMConfig, dict, bool, str | None]:
     """(config, trunk state_dict, vision_experts, tokenizer_dir) of an `MMoELLM` checkpoint, read directly (no tokenizer setup)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    from synergen_lightning.safe_load import torch_load
+
+    ckpt = torch_load(path, mmap=True)  # mmap: only the config is needed for shapes
     hp = ckpt.get("hyper_parameters") or {}
     if "config" not in hp or "state_dict" not in ckpt:
         raise ValueError(f"{str(path)!r} is not an MMoELLM checkpoint (no hyper_parameters.config / state_dict); "
