@@ -127,7 +127,7 @@ class MixedStream(IterableDataset):
         ok, fails = Counter(), Counter()
         for b in range(self.start_batch + worker, self.steps_per_epoch, W):
             rng = random.Random(f"{self.seed}|{self.epoch}|{glane}|{b}")
-            samples = []
+            samples, names = [], []
             for task, srcs in self.by_task.items():
                 weights = [s.weight for s in srcs]
                 got = 0
@@ -144,9 +144,11 @@ class MixedStream(IterableDataset):
                             raise RuntimeError(f"source {src.name!r} yielded no usable sample in {fails[src.name]} tries "
                                                f"(skipped: {dict(counter.counts)}); check its urls, task and format") from None
                         continue
+                    names.append(src.name)
                     ok[src.name] += 1
                     got += 1
             batch = collate(samples, self.builder.tok.pad_id)
+            batch["source"] = names  # per row: named in the log of a skipped non-finite step
             counts, examples = counter.pop_delta()
             batch["_stream"] = {"epoch": self.epoch, "batch": b, "lane": lane, "consumed": dict(consumed),
                                 "skipped": counts, "examples": examples}
