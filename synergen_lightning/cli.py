@@ -87,6 +87,26 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
                 kwargs["callbacks"] = given + [default_progress_bar()]
             return super().instantiate_trainer(**kwargs)
 
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI reads --ckpt_path's hyper-parameters as plain data (weights_only): a checkpoint that is not
+            # is refused in one line; one the user trusts skips this read (fit loads it later, trusted)
+            import pickle
+
+            from synergen_lightning.safe_load import refusal, trusted
+
+            try:
+                super()._parse_ckpt_path()
+            except pickle.UnpicklingError as exc:
+                if not trusted():
+                    raise refusal(self.config[self.config.subcommand].get("ckpt_path"), exc) from None
+
+        def before_instantiate_classes(self) -> None:
+            # before any model is built: every input of the recipe, the outputs, the disk (synergen_lightning/preflight.py)
+            if self.subcommand == "fit":
+                from synergen_lightning.preflight import preflight
+
+                preflight(self.config[self.subcommand].as_dict())
+
         def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
             # Lightning's own checkpoint read (`--ckpt_path`) as plain data too, unless the user trusts the file
             from synergen_lightning.safe_load import allow_project_types, trusted
