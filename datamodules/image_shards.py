@@ -13,49 +13,29 @@ Batches: `{"pixel_values": uint8 [N, 3, size, size], "n_skipped": int}`.
 
 from __future__ import annotations
 
-import glob
-import io
+import logging
 import random
-from pathlib import Path
 
 import lightning as L
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from synergen_lightning.data.views import dynamic_tiles, generation_view, to_rgb, to_uint8_tensor
+from synergen_lightning.data.sources import SkipCounter, expand_urls, iter_shard
+from synergen_lightning.data.views import IMAGE_EXTS, decode_image, dynamic_tiles, generation_view, to_rgb, to_uint8_tensor
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+__all__ = ["IMAGE_EXTS", "ImageShardDataModule", "ImageViewStream", "decode_image", "expand_shards", "image_views"]
+
+log = logging.getLogger(__name__)
 
 
 def expand_shards(spec: str | list[str]) -> list[str]:
-    """A directory, a glob, a brace pattern (`shard-{000000..000009}.tar`) or a list of those -> sorted shard paths."""
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    out: list[str] = []
-    for s in specs:
-        if Path(s).is_dir():
-            out += sorted(glob.glob(str(Path(s) / "*.tar")))
-        elif "{" in s:
-            out += list(wds.shardlists.expand_urls(s))
-        else:
-            out += sorted(glob.glob(s))
-    if not out:
-        raise FileNotFoundError(f"no shards match {spec!r}; write them first (make data) or fix the path")
-    return out
-
-
-def decode_image(sample: dict) -> Image.Image | None:
-    """First image field of a raw webdataset sample -> PIL image (fully loaded), or None if absent/undecodable."""
-    for ext in IMAGE_EXTS:
-        if ext in sample:
-            try:
-                img = Image.open(io.BytesIO(sample[ext]))
-                img.load()
-                return img
-            except Exception:  # truncated / corrupt / not an image: the caller counts it
-                return None
-    return None
+    """Any shard URL form of `synergen_lightning.data.sources.expand_urls` (a directory, glob, brace pattern, list
+    file, `pipe:`, `http(s)://`, fsspec URL, or a list of those) -> shard URLs."""
+    try:
+        return expand_urls(spec, "image shards")
+    except ValueError as exc:
+        raise FileNotFoundError(f"no shards match {spec!r} ({exc}); write them first (make data) or fix the path") from None
 
 
 def image_views(img: Image.Image, size: int, max_tiles: int, random_crops: int = 0, rng: random.Random | None = None) -> list[Image.Image]:
@@ -97,7 +77,8 @@ class ImageViewStream(IterableDataset):
         self.epoch += 1
         pending = 0
         buffer: list[torch.Tensor] = []
-        for sample in wds.WebDataset(self._my_shards(), shardshuffle=False, empty_check=False, handler=wds.warn_and_continue):
+        counter = SkipCounter()  # shards lost whole or in part (missing, cut, unreachable): logged once at the end
+        for sample in (s for url in self._my_shards() for s in iter_shard(url, counter)):
             img = decode_image(sample)
             if img is None:
                 pending += 1
@@ -118,6 +99,8 @@ class ImageViewStream(IterableDataset):
             pending = 0
         if pending:  # skips after the last view still get counted
             yield {"pixel_values": None, "n_skipped": pending}
+        if counter.counts:
+            log.warning("image shards: skipped %s, e.g. %s", dict(counter.counts), next(iter(counter.examples.values())))
 
 
 def collate_views(items: list[dict]) -> dict:

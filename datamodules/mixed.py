@@ -127,7 +127,7 @@ class MixedStream(IterableDataset):
         ok, fails = Counter(), Counter()
         for b in range(self.start_batch + worker, self.steps_per_epoch, W):
             rng = random.Random(f"{self.seed}|{self.epoch}|{glane}|{b}")
-            samples = []
+            samples, names = [], []
             for task, srcs in self.by_task.items():
                 weights = [s.weight for s in srcs]
                 got = 0
@@ -144,9 +144,11 @@ class MixedStream(IterableDataset):
                             raise RuntimeError(f"source {src.name!r} yielded no usable sample in {fails[src.name]} tries "
                                                f"(skipped: {dict(counter.counts)}); check its urls, task and format") from None
                         continue
+                    names.append(src.name)
                     ok[src.name] += 1
                     got += 1
             batch = collate(samples, self.builder.tok.pad_id)
+            batch["source"] = names  # per row: named in the log of a skipped non-finite step
             counts, examples = counter.pop_delta()
             batch["_stream"] = {"epoch": self.epoch, "batch": b, "lane": lane, "consumed": dict(consumed),
                                 "skipped": counts, "examples": examples}
@@ -233,7 +235,7 @@ class MixedDataModule(L.LightningDataModule):
 
     Args:
         sources: list of dicts `{name, urls, task, weight, format, options}`: `urls` a brace pattern, glob,
-            list file (.txt) or list; `task` generation | understanding | text; `weight` > 0 (relative
+            list file (.txt), list, `pipe:`, `http(s)://` or fsspec URL (`data.sources.expand_urls`); `task` generation | understanding | text; `weight` > 0 (relative
             within the task); `format` (understanding) caption | conversation | qa; `options` e.g.
             `caption_ext`, `caption_field`, `prompt`, `qa_field`, `question_key`, `answer_key`, `qa_kinds`, `pairs_per_sample`,
             `conversations_field`, `text_field`.

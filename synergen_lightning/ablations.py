@@ -142,16 +142,16 @@ def small_object_question(question: str, meta: dict) -> bool:
 
 def load_eval_items(shards: str, per_kind: int) -> list[dict]:
     """Val Q/A items {image, question, answer, kind, small} balanced per kind (the first `per_kind` of each)."""
-    import glob
     import io
 
     from PIL import Image
 
-    from synergen_lightning.data.sources import SkipCounter, finite_samples, load_json
+    from synergen_lightning.data.sources import SkipCounter, expand_urls, finite_samples, load_json
 
-    urls = sorted(glob.glob(shards))
-    if not urls:
-        raise FileNotFoundError(f"ablations: val shards {shards!r} match no file; run `make data` first")
+    try:
+        urls = expand_urls(shards, "ablations val shards")
+    except ValueError as exc:
+        raise FileNotFoundError(f"ablations: {exc}; run `make data` first") from None
     items, counts = [], {}
     for sample in finite_samples(urls, SkipCounter()):
         if "json" not in sample or "jpg" not in sample:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from synergen_lightning.safe_load import UntrustedCheckpointError, torch_load
+
 EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_INFO = "model.safetensors", "config.json", "export.json"
 
 
@@ -54,7 +56,7 @@ def read_checkpoint_meta(path: str | Path) -> dict:
                 "synergen_stage_history": info.get("stage_history"),
                 "datamodule_hyper_parameters": info.get("datamodule_hyper_parameters") or {}}
     if kind == "sharded":
-        return torch.load(p / "meta.pt", map_location="cpu", weights_only=False)
+        return torch_load(p / "meta.pt")
     ckpt = _load_file(p)
     return {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer_states")}
 
@@ -83,7 +85,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _load_file(p: Path) -> dict:
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False, mmap=True)  # mmap: a 2B checkpoint is not copied
+        ckpt = torch_load(p, mmap=True)  # mmap: a 2B checkpoint is not copied
+    except UntrustedCheckpointError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise ValueError(f"{str(p)!r} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc}); pass a "
                          "run's last.ckpt") from None

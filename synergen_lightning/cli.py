@@ -5,6 +5,9 @@ in recipes, any LightningModule / DataModule / callback plugged by `class_path`)
 sub-command lives in the room that owns it and is registered in `COMMANDS` below as
 "module:function"; the function receives the remaining argv and owns its own argparse `--help`.
 Modules are imported only when their command runs, so `synergen --help` stays fast.
+
+`--trust-checkpoint`, anywhere on the line, lets every checkpoint read by the command run code while loading
+(synergen_lightning/safe_load.py: by default a checkpoint that is not plain data is refused).
 """
 
 from __future__ import annotations
@@ -48,9 +51,10 @@ def _usage() -> str:
         "",
         "Other commands (each has --help):",
     ]
+    tail = ["", "Any command: --trust-checkpoint loads checkpoints that would run code (only from a source you trust)."]
     for words, (_, help_) in COMMANDS.items():
         lines.append(f"  {' '.join(words):<18} {help_}")
-    return "\n".join(lines)
+    return "\n".join(lines + tail)
 
 
 def _resolve(argv: list[str]):
@@ -83,6 +87,36 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
                     and not any(isinstance(c, ProgressBar) for c in given):
                 kwargs["callbacks"] = given + [default_progress_bar()]
             return super().instantiate_trainer(**kwargs)
+
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI reads --ckpt_path's hyper-parameters as plain data (weights_only): a checkpoint that is not
+            # is refused in one line; one the user trusts skips this read (fit loads it later, trusted)
+            import pickle
+
+            from synergen_lightning.safe_load import refusal, trusted
+
+            try:
+                super()._parse_ckpt_path()
+            except pickle.UnpicklingError as exc:
+                if not trusted():
+                    raise refusal(self.config[self.config.subcommand].get("ckpt_path"), exc) from None
+
+        def before_instantiate_classes(self) -> None:
+            # before any model is built: every input of the recipe, the outputs, the disk (synergen_lightning/preflight.py)
+            if self.subcommand == "fit":
+                from synergen_lightning.preflight import preflight
+
+                preflight(self.config[self.subcommand].as_dict())
+
+        def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+            # Lightning's own checkpoint read (`--ckpt_path`) as plain data too, unless the user trusts the file
+            from synergen_lightning.safe_load import allow_project_types, trusted
+
+            allow_project_types()
+            kwargs = super()._prepare_subcommand_kwargs(subcommand)
+            if "weights_only" in self._subcommand_method_arguments.get(subcommand, ()) and kwargs.get("weights_only") is None:
+                kwargs["weights_only"] = not trusted()
+            return kwargs
 
         def before_fit(self) -> None:
             # a sharded (directory) checkpoint only loads under FSDP2; say so instead of an IsADirectoryError
@@ -176,7 +210,12 @@ def _run(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from synergen_lightning.safe_load import TRUST_ENV, TRUST_FLAG
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    if TRUST_FLAG in argv:  # for every checkpoint this command (and the processes it starts) reads
+        argv = [a for a in argv if a != TRUST_FLAG]
+        os.environ[TRUST_ENV] = "1"
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0

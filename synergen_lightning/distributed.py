@@ -38,6 +38,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from synergen_lightning.safe_load import torch_load
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -395,7 +397,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         module = self.lightning_module
         if is_sharded_checkpoint(path):
             check_compatible(sharded_checkpoint_shapes(path), module, str(path))
-            meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+            meta = torch_load(path / "meta.pt")
             history = meta.get("synergen_stage_history")
             if history and hasattr(module, "stage_history") and [list(x) for x in module.stage_history] != history:
                 module.stage_history = [(int(s), str(n)) for s, n in history]
@@ -488,8 +490,8 @@ def read_checkpoint_meta(path: str | Path) -> dict:
     """The non-tensor part of a checkpoint (hyper_parameters, global_step, callbacks, ...)."""
     p = Path(path)
     if is_sharded_checkpoint(p):
-        return torch.load(p / "meta.pt", map_location="cpu", weights_only=False)
-    ckpt = torch.load(p, map_location="cpu", weights_only=False)
+        return torch_load(p / "meta.pt")
+    ckpt = torch_load(p, mmap=True)
     ckpt.pop("optimizer_states", None)
     return ckpt
 
@@ -525,7 +527,7 @@ def load_model_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     p = Path(path)
     if is_sharded_checkpoint(p):
         return load_sharded_state_dict(p)
-    return torch.load(p, map_location="cpu", weights_only=False)["state_dict"]
+    return torch_load(p, mmap=True)["state_dict"]
 
 
 def sharded_checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:

@@ -41,6 +41,7 @@ from synergen_lightning.data.batch import add_indices
 from synergen_lightning.models.folding import TokenFolder, check_fold, fold_codes
 from synergen_lightning.models.mmoe import LLMConfig, LLMConfigDict, MMoETransformer, Routing
 from synergen_lightning.models.unfolding_head import UnfoldingHead
+from synergen_lightning.nonfinite import NonFiniteGuard
 from synergen_lightning.stages import (
     PARAMETER_GROUPS,
     StageSchedule,
@@ -69,7 +70,9 @@ def find_trunk(module: nn.Module) -> MMoETransformer:
 
 def _read_llm_checkpoint(path: Path) -> tuple[LLMConfig, dict, bool, str | None]:
     """(config, trunk state_dict, vision_experts, tokenizer_dir) of an `MMoELLM` checkpoint, read directly (no tokenizer setup)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    from synergen_lightning.safe_load import torch_load
+
+    ckpt = torch_load(path, mmap=True)  # mmap: only the config is needed for shapes
     hp = ckpt.get("hyper_parameters") or {}
     if "config" not in hp or "state_dict" not in ckpt:
         raise ValueError(f"{str(path)!r} is not an MMoELLM checkpoint (no hyper_parameters.config / state_dict); "
@@ -142,6 +145,7 @@ class SynerGenVL(LightningModule):
         init_from: str | None = None,
         init_from_base_llm: bool = False,
         max_context: int | None = None,
+        max_nonfinite_steps: int = 5,
     ):
         """
         Args:
@@ -188,6 +192,9 @@ class SynerGenVL(LightningModule):
             init_from_base_llm: allow stage2 / sft to start from the base LLM without `init_from`
                 (the paper's "S.2 only" ablation); otherwise that is an error.
             max_context: longest sequence the model may see; unset -> the LLM's max_position_embeddings.
+            max_nonfinite_steps: an optimizer step whose loss or gradient norm is NaN/inf on any rank makes no update
+                (counted as `train/skipped_nonfinite`, logged with the batch's sources); this many in a row stop the
+                run with a checkpoint of the last good state (synergen_lightning/nonfinite.py).
         """
         super().__init__()
         # resolve everything that shapes the model once, and save it: load_from_checkpoint then needs
@@ -256,6 +263,7 @@ class SynerGenVL(LightningModule):
         # validation losses as token-weighted means over the epoch: a val batch holds one task, and the other
         # task's absent loss must not enter the mean as a 0
         self.val_loss_text, self.val_loss_image = MeanMetric(), MeanMetric()
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
 
     # ------------------------------------------------------------------ structure
     @property
@@ -589,6 +597,7 @@ class SynerGenVL(LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self(batch)
+        self.nonfinite.note(out["loss"], batch)
         bs = batch["input_ids"].shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
         self.log("train/loss_text", out["loss_text"], prog_bar=True, batch_size=bs)
@@ -619,12 +628,13 @@ class SynerGenVL(LightningModule):
 
         if is_sharded(self):  # DTensor gradients: Lightning's grad_norm cannot stack them
             total = total_grad_norm(self.parameters())
-            if total is not None:
-                self.log("train/grad_norm", total)
-            return
-        norms = grad_norm(self, norm_type=2)
-        if "grad_2.0_norm_total" in norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+        else:
+            total = grad_norm(self, norm_type=2).get("grad_2.0_norm_total")
+        if total is not None:
+            self.log("train/grad_norm", total)
+        # a NaN/inf loss or gradient on any rank: no update this step (every rank agrees; nonfinite.py)
+        self.nonfinite.check(self, total)
+        self.log("train/skipped_nonfinite", float(self.nonfinite.skipped))
 
     def stage_settings(self, spec: dict) -> dict:
         """Optimizer settings of a stage: recipe values override the stage table."""
@@ -665,6 +675,7 @@ class SynerGenVL(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["synergen_stage_history"] = [list(x) for x in self.stage_history]
+        checkpoint["synergen_skipped_nonfinite"] = int(self.nonfinite.skipped)
         if self._trainer is not None:  # the next stage warns when it starts from an unfinished run (global_step < this)
             checkpoint["synergen_max_steps"] = int(self.trainer.max_steps)
 
@@ -674,6 +685,7 @@ class SynerGenVL(LightningModule):
         if history:
             self.stage_history = [(int(s), str(n)) for s, n in history]
             apply_stage(self, self.stage_history[-1][1])
+        self.nonfinite.skipped = int(checkpoint.get("synergen_skipped_nonfinite", 0))
 
     # ------------------------------------------------------------------ loading
     @classmethod

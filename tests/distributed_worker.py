@@ -183,6 +183,13 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
             record["grad_norm"].append(float(sq.sqrt()))
             record.setdefault("n_opt_params", []).append(sum(len(g["params"]) for g in optimizer.param_groups))
 
+    class InfGradient(Callback):  # one rank's gradient turns inf after the backward: every rank must skip the step
+        def on_after_backward(self, trainer, pl_module):
+            at = scenario.get("inf_grad_at") or {}
+            if at and rank == at["rank"] and trainer.global_step == at["step"]:
+                g = next(p for p in pl_module.parameters() if p.grad is not None).grad
+                (g.to_local() if hasattr(g, "to_local") else g).view(-1)[0] = float("inf")
+
     class UnfreezeBehindTheStrategy(Callback):  # what a hand-written callback might do mid-run
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == scenario.get("unfreeze_at"):
@@ -193,7 +200,7 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
                        init_from=scenario.get("init_from"))
     guard = FrozenParameterGuard(every_n_steps=1)
     callbacks = [StageCallback(scenario.get("stage", "stage1"), switch_at=scenario.get("switch_at")), guard, Rec(),
-                 UnfreezeBehindTheStrategy()]
+                 UnfreezeBehindTheStrategy(), InfGradient()]
     trainer = pl.Trainer(
         accelerator="cpu", devices=world, num_nodes=1, callbacks=callbacks,
         strategy=DDPStrategy(**scenario["ddp"]) if "ddp" in scenario else FSDP2Strategy(**scenario.get("strategy", {})),
@@ -210,6 +217,7 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
     record["frozen_checked"] = len(guard._sums)
     record["requires_grad"] = {n: p.requires_grad for n, p in model.named_parameters()}
     record["global_step"] = trainer.global_step
+    record["skipped_nonfinite"] = model.nonfinite.skipped
     if scenario.get("save"):
         trainer.save_checkpoint(scenario["save"])
     if scenario.get("generate"):  # sampling on the sharded model, every rank (as SampleGridLogger does)

@@ -77,8 +77,8 @@ def test_a_bad_recipe_input_is_one_line_not_a_traceback(tmp_path):
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("SYNERGEN_")}
     short = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
     assert short.returncode == 2, short.stderr[-2000:]
-    assert "synergen fit: error: base LLM 'runs/tiny/base_llm/last.ckpt' does not exist" in short.stderr
+    assert "synergen fit: error: model.init_args.base_llm: base LLM 'runs/tiny/base_llm/last.ckpt' does not exist" in short.stderr
     assert "Traceback" not in short.stderr
     full = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env={**env, "SYNERGEN_TRACEBACK": "1"},
                           timeout=120)
-    assert full.returncode != 0 and "Traceback" in full.stderr and "FileNotFoundError: base LLM" in full.stderr
+    assert full.returncode != 0 and "Traceback" in full.stderr and "PreflightError: model.init_args.base_llm: base LLM" in full.stderr

@@ -146,6 +146,21 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 
 @pytest.mark.distributed
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp2", marks=pytest.mark.slow)])
+def test_ranks_agree_to_skip_a_step_that_one_rank_saw_go_non_finite(tmp_path, strategy):
+    """Rank 1's gradient turns inf at step 1 (after DDP's all-reduce / in its own FSDP2 shard): both ranks skip that
+    update (one all-reduced flag), count it, and go on in step; the replicas stay identical."""
+    run = dict(DDP_RUN if strategy == "ddp" else {"max_steps": 4}, inf_grad_at={"rank": 1, "step": 1})
+    ranks = spawn(2, run, tmp_path, timeout=240)
+    assert [r["skipped_nonfinite"] for r in ranks] == [1, 1] and [r["global_step"] for r in ranks] == [4, 4]
+    if strategy == "ddp":  # only rank 1 saw the inf: the skip was agreed, not seen
+        assert ranks[0]["grad_norm"][1] < float("inf") == ranks[1]["grad_norm"][1]
+        for name, w in ranks[0]["state_dict"].items():
+            assert torch.equal(w, ranks[1]["state_dict"][name]), name
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
 def test_ddp_refuses_to_change_the_trainable_set_inside_a_run(tmp_path):
     """DDP syncs only what was trainable when it wrapped the model: a scheduled stage switch is refused at the
     start, and a parameter unfrozen behind the strategy's back stops the run at that step, both naming the fix."""

@@ -239,6 +239,33 @@ def test_pretokenize_workers_write_the_same_shards(trained, tmp_path, capsys):
         pretokenize_main(args + ["--out", str(tmp_path / "bad"), "--workers", "0"])
 
 
+def test_pretokenize_reads_shards_over_http_and_pipe(trained, tmp_path, capsys, monkeypatch):
+    """`--in` takes remote URL forms: shards served over HTTP and read through `pipe:cat` give the same codes as
+    local ones, named after their input; a shard that cannot be read writes no output and is counted."""
+    from tests.shard_server import ShardServer
+
+    monkeypatch.setenv("SYNERGEN_SHARD_BACKOFF", "0.01")
+    ckpt, *_ = trained
+    src = tmp_path / "src"
+    write_toy_shards(src, 8, per_shard=4, seed=5)
+    args = ["--tokenizer", str(ckpt), "--image-size", "32"]
+    assert pretokenize_main(args + ["--in", str(src), "--out", str(tmp_path / "local")]) == 0
+    with ShardServer(tmp_path) as server:
+        assert pretokenize_main(args + ["--in", f"{server.url}/src/shard-{{000000..000001}}.tar",
+                                        "--out", str(tmp_path / "http")]) == 0
+        assert pretokenize_main(args + ["--in", f"{server.url}/dead/src/shard-000000.tar",
+                                        "--out", str(tmp_path / "dead")]) == 0
+    assert "1 unreadable shard(s) left to a rerun" in capsys.readouterr().out
+    assert not list((tmp_path / "dead").glob("*.tar"))
+    assert pretokenize_main(args + ["--in", f"pipe:cat {src}/shard-{{000000..000001}}.tar",
+                                    "--out", str(tmp_path / "pipe")]) == 0
+    for shard in sorted((tmp_path / "local").glob("*.tar")):
+        local = _read(shard)
+        for form in ("http", "pipe"):
+            got = _read(tmp_path / form / shard.name)
+            assert got.keys() == local.keys() and all(got[k]["codes.npy"] == local[k]["codes.npy"] for k in local)
+
+
 def test_pretokenize_refuses_bad_image_size(trained, tmp_path):
     ckpt, *_ = trained
     write_toy_shards(tmp_path / "src", 2, per_shard=2)

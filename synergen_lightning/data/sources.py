@@ -8,6 +8,12 @@ each reason once. A source is an error only when it yields nothing at all.
 The raw stream of one source in one lane (rank x worker) is a pure function of (seed, epoch, lane):
 resuming replays it up to the number of samples already consumed (reading bytes, decoding nothing),
 so a resumed run continues exactly where the interrupted one stopped.
+
+Shard URLs: local paths (and `file://`), globs, brace patterns, list files, a directory (its `*.tar`), webdataset's
+`pipe:COMMAND` (the command's stdout is the shard), `http(s)://` (the standard library), and any other `scheme://`
+through fsspec (`s3://` needs s3fs, `gs://` gcsfs). Local files keep the fast reader; a remote read that fails is
+retried with back-off, re-reading the shard and skipping the samples already yielded (the stream stays the same), and
+a shard that still fails is counted as `unreachable_shard`.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import logging
 import lzma
 import os
 import random
+import re
 import tarfile
+import time
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -111,59 +119,316 @@ class SourceSpec:
 
 
 def expand_urls(urls: str | list[str], source: str = "?") -> list[str]:
-    """Brace patterns (`shard-{000000..000009}.tar`), globs (`dir/*.tar`), a list file (`shards.txt`,
-    one URL a line, relative to the file) or a list of any of these -> sorted existing local files.
-    Files listed but missing are kept (the stream counts them as `missing_shard`) unless none exists."""
+    """Brace patterns (`shard-{000000..000009}.tar`), globs (`dir/*.tar`), a directory (its `*.tar`), a list file
+    (`shards.txt`, one URL a line, relative to the file) or a list of any of these -> sorted shard URLs. Remote URLs
+    (`pipe:`, `http(s)://`, `s3://`, ...) are brace-expanded and kept as given (an fsspec URL may also glob).
+    Local files listed but missing are kept (the stream counts them as `missing_shard`) unless none exists and no
+    remote URL is given."""
     items = [urls] if isinstance(urls, str) else list(urls)
     out: list[str] = []
     for item in items:
-        item = os.path.expanduser(str(item))
-        if item.endswith((".txt", ".list")) and os.path.isfile(item) and not item.endswith(".tar"):
+        item = str(item)
+        if is_remote(item):
+            for pattern in braceexpand.braceexpand(item):
+                out += _expand_remote(pattern, source)
+            continue
+        item = os.path.expanduser(local_path(item))
+        if item.endswith((".txt", ".list")) and os.path.isfile(item):
             base = os.path.dirname(item)
             with open(item) as f:
                 lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
-            out += expand_urls([ln if os.path.isabs(ln) else os.path.join(base, ln) for ln in lines], source) if lines else []
+            out += expand_urls([ln if is_remote(ln) or os.path.isabs(ln) else os.path.join(base, ln) for ln in lines],
+                               source) if lines else []
             continue
         for pattern in braceexpand.braceexpand(item):
-            if any(ch in pattern for ch in "*?["):
+            if os.path.isdir(pattern):
+                out += sorted(glob.glob(os.path.join(pattern, "*.tar")))
+            elif any(ch in pattern for ch in "*?["):
                 out += sorted(glob.glob(pattern))
             else:
                 out.append(pattern)
-    if not any(os.path.exists(u) for u in out):
-        raise ValueError(f"source {source!r}: urls {urls!r} match no file; check the path (brace pattern, glob or list file)")
+    if not any(is_remote(u) or os.path.exists(u) for u in out):
+        raise ValueError(f"source {source!r}: urls {urls!r} match no file; check the path (brace pattern, glob, "
+                         "directory or list file)")
     return out
+
+
+# ---------------------------------------------------------------------------------------------- remote shards
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+_FSSPEC_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
+                    "hf": "huggingface_hub"}
+
+
+def url_scheme(url: str) -> str:
+    """'pipe', 'http' (http and https), 'file' (a local path) or the URL's own scheme (an fsspec filesystem)."""
+    if url.startswith("pipe:"):
+        return "pipe"
+    m = _SCHEME.match(url)
+    if m is None:
+        return "file"
+    scheme = m.group(1).lower()
+    return "http" if scheme in ("http", "https") else scheme
+
+
+def is_remote(url: str) -> bool:
+    return url_scheme(str(url)) != "file"
+
+
+def local_path(url: str) -> str:
+    """A local URL as a path: `file:///data/x.tar` -> `/data/x.tar`."""
+    return re.sub(r"^file://", "", url) if url.startswith("file://") else url
+
+
+def url_name(url: str) -> str:
+    """The file name a URL reads: `https://h/a/shard-0.tar?sig=..` and `pipe:curl -s https://h/a/shard-0.tar` ->
+    `shard-0.tar`."""
+    if url.startswith("pipe:"):
+        words = url[5:].split()
+        url = next((w for w in reversed(words) if re.search(r"\.(tar|tgz|jsonl?)\b", w)), words[-1] if words else url)
+        url = url.strip("'\"")
+    return os.path.basename(url.split("?", 1)[0].split("#", 1)[0].rstrip("/"))
+
+
+def _fsspec_filesystem(url: str, source: str = "?"):
+    """The fsspec filesystem of a URL; a one-line error naming the package to install when it is missing."""
+    scheme = url_scheme(url)
+    try:
+        import fsspec
+    except ImportError:
+        raise ValueError(f"source {source!r}: {url!r} needs fsspec: pip install fsspec") from None
+    try:
+        return fsspec.filesystem(scheme)
+    except ImportError as exc:
+        package = _FSSPEC_PACKAGES.get(scheme, f"the fsspec implementation of {scheme}://")
+        raise ValueError(f"source {source!r}: {scheme}:// URLs need {package} ({exc}): pip install {package}") from None
+    except ValueError as exc:
+        raise ValueError(f"source {source!r}: {url!r}: {exc}; use a local path, pipe:, http(s):// or an fsspec "
+                         "URL (s3://, gs://, ...)") from None
+
+
+def _expand_remote(url: str, source: str) -> list[str]:
+    scheme = url_scheme(url)
+    if scheme in ("pipe", "http") or not any(ch in url for ch in "*?["):
+        if scheme not in ("pipe", "http"):
+            _fsspec_filesystem(url, source)  # the dependency is checked when the recipe is read, not mid-run
+        return [url]
+    fs = _fsspec_filesystem(url, source)
+    found = sorted(fs.glob(url))
+    prefix = _SCHEME.match(url).group(0)
+    return [f if f.startswith(prefix) else prefix + f for f in found]
+
+
+def _retry_policy() -> tuple[int, float, float]:
+    """(retries, first back-off in seconds, read timeout in seconds) of remote shard reads: SYNERGEN_SHARD_RETRIES
+    (default 3), SYNERGEN_SHARD_BACKOFF (1 s, doubling per retry), SYNERGEN_SHARD_TIMEOUT (60 s)."""
+    env = os.environ
+    return (int(env.get("SYNERGEN_SHARD_RETRIES", 3)), float(env.get("SYNERGEN_SHARD_BACKOFF", 1.0)),
+            float(env.get("SYNERGEN_SHARD_TIMEOUT", 60.0)))
+
+
+class TransferError(OSError):
+    """A remote read failed in transport (connection cut, non-zero exit of a pipe command, ...): worth a retry."""
+
+
+class PermanentTransferError(OSError):
+    """A remote read that a retry cannot mend (HTTP 404, no such object)."""
+
+
+class _HTTPStream:
+    """A `urllib` response read in full-size pieces; a body shorter than its Content-Length is a `TransferError`
+    (http.client returns a cut body as a silent EOF when read in pieces)."""
+
+    def __init__(self, url: str, timeout: float):
+        import urllib.error
+        import urllib.request
+
+        try:
+            self.resp = urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "synergen-lightning"}),
+                                               timeout=timeout)
+        except urllib.error.HTTPError as exc:
+            transient = exc.code in (408, 425, 429) or exc.code >= 500
+            raise (TransferError if transient else PermanentTransferError)(f"HTTP {exc.code} {exc.reason}") from None
+        except urllib.error.URLError as exc:
+            raise TransferError(f"{exc.reason}") from None
+        length = self.resp.headers.get("Content-Length")
+        self.length = int(length) if length and length.isdigit() else None
+        self.got = 0
+
+    def read(self, n: int = -1) -> bytes:
+        import http.client
+
+        try:
+            if n is None or n < 0:
+                data = self.resp.read()
+            else:
+                parts, want = [], n
+                while want > 0:
+                    part = self.resp.read(want)
+                    if not part:
+                        break
+                    parts.append(part)
+                    want -= len(part)
+                data = b"".join(parts)
+        except (http.client.HTTPException, OSError) as exc:  # IncompleteRead, reset, timeout
+            raise TransferError(f"{type(exc).__name__} after {self.got} bytes: {exc}") from None
+        self.got += len(data)
+        if (n is None or n < 0 or len(data) < n) and self.length is not None and self.got < self.length:
+            raise TransferError(f"connection closed after {self.got} of {self.length} bytes")
+        return data
+
+    def finish(self) -> None:
+        if self.length is not None and self.got < self.length:
+            self.read()  # the rest; raises when it was cut
+
+    def abort(self) -> None:
+        self.resp.close()
+
+
+class _PipeStream:
+    """webdataset's `Pipe` (`pipe:COMMAND`, run by the shell); the command's exit status is checked once its
+    output has been read (a non-zero exit is a `TransferError`), and a stream abandoned half-way kills it."""
+
+    def __init__(self, url: str):
+        from webdataset.gopen import Pipe
+
+        self.cmd = url[len("pipe:"):]
+        self.pipe = Pipe(self.cmd, mode="rb", shell=True, bufsize=_READ_BUFFER, ignore_errors=True)
+        self.read = self.pipe.stream.read
+
+    def finish(self) -> None:
+        while self.pipe.stream.read(_READ_BUFFER):  # the tar's record padding, so the command ends normally
+            pass
+        status = self.pipe.proc.wait()
+        self.pipe.stream.close()
+        if status not in (0, 141):  # 141: the shell's report of SIGPIPE
+            raise TransferError(f"`{self.cmd}` exited with status {status}")
+
+    def abort(self) -> None:
+        if self.pipe.proc.poll() is None:
+            self.pipe.proc.kill()
+        self.pipe.proc.wait()
+        self.pipe.stream.close()
+
+
+class _FsspecStream:
+    def __init__(self, url: str):
+        fs = _fsspec_filesystem(url)
+        try:
+            self.f = fs.open(url, "rb")
+        except FileNotFoundError as exc:
+            raise PermanentTransferError(f"no such object ({exc})") from None
+        except OSError as exc:
+            raise TransferError(f"{type(exc).__name__}: {exc}") from None
+        self.read = self._read
+
+    def _read(self, n: int = -1) -> bytes:
+        try:
+            return self.f.read(n)
+        except OSError as exc:
+            raise TransferError(f"{type(exc).__name__}: {exc}") from None
+
+    def finish(self) -> None:
+        self.f.close()
+
+    def abort(self) -> None:
+        self.f.close()
+
+
+def open_remote(url: str, timeout: float | None = None):
+    """An open remote shard stream with `read`, `finish` (raises `TransferError` if the transfer was incomplete)
+    and `abort`."""
+    scheme = url_scheme(url)
+    if scheme == "pipe":
+        return _PipeStream(url)
+    if scheme == "http":
+        return _HTTPStream(url, _retry_policy()[2] if timeout is None else timeout)
+    return _FsspecStream(url)
+
+
+def _iter_remote(url: str, counter: SkipCounter) -> Iterator[dict]:
+    """The samples of a remote shard, as `iter_shard`. A failed transfer is read again from the start (after
+    1, 2, 4, ... x the back-off), skipping the records already yielded; after the last retry the shard is counted
+    as `unreachable_shard` (its samples yielded so far stay used)."""
+    retries, backoff, _ = _retry_policy()
+    jsonl = url_name(url).endswith((".jsonl", ".json"))
+    done, last = 0, None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        seen, stream = 0, None
+        try:
+            stream = open_remote(url)
+            records = _jsonl_records(stream, url, url_name(url)) if jsonl else _tar_samples(stream, url)
+            try:
+                for record in records:
+                    seen += 1
+                    if seen <= done:
+                        continue
+                    done = seen
+                    if isinstance(record, SkipSample):
+                        counter.add(record.reason, record.detail)
+                    else:
+                        yield record
+            except (TarError, EOFError, lzma.LZMAError, zlib.error) as exc:
+                stream.finish()  # a cut transfer raises here (retried); a complete one is a truncated shard
+                counter.add("truncated_tar", f"{url}: {exc}")
+                stream = None
+                return
+            stream.finish()
+            stream = None
+            return
+        except PermanentTransferError as exc:
+            last = exc
+            break
+        except TransferError as exc:
+            last = exc
+        finally:
+            if stream is not None:
+                stream.abort()
+    tries = f"{attempt + 1} {'try' if attempt == 0 else 'tries'}"
+    counter.add("unreachable_shard", f"{url}: {last} ({tries}; {done} records read)")
 
 
 def iter_shard(url: str, counter: SkipCounter) -> Iterator[dict]:
     """Samples of one shard as dicts {__key__, __url__, ext: bytes}; `.jsonl` files yield one sample per
     line ({__key__, __url__, json: dict}). Failures are counted, never raised.
 
-    Tars are read by `tar_reader.iter_tar_members` (headers parsed by hand over one buffered file: ~5x
+    Local tars are read by `tar_reader.iter_tar_members` (headers parsed by hand over one buffered file: ~5x
     faster than `tarfile`, see bench/bench_data.py); `iter_shard_tarfile` is the previous reader, kept as
-    the reference the tests compare against."""
+    the reference the tests compare against. Remote URLs (`pipe:`, `http(s)://`, fsspec) stream through the same
+    tar reader (`_iter_remote`: retries, `unreachable_shard`)."""
+    if is_remote(url):
+        yield from _iter_remote(url, counter)
+        return
+    url = local_path(url)
     if not os.path.exists(url):
         counter.add("missing_shard", url)
         return
     if url.endswith((".jsonl", ".json")):
         yield from _iter_jsonl(url, counter)
         return
-    current: dict | None = None
     try:
         with _open_shard(url) as f:
-            for name, data in iter_tar_members(f):
-                prefix, suffix = _split_key(name)
-                if prefix is None:
-                    continue
-                if current is not None and current["__key__"] != prefix:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": prefix, "__url__": url}
-                current[suffix] = data
+            yield from _tar_samples(f, url)
     except (TarError, OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
         # a truncated tar: keep what was read before, drop the partial sample it ended in
         counter.add("truncated_tar", f"{url}: {exc}")
         return
+
+
+def _tar_samples(f, url: str) -> Iterator[dict]:
+    """Samples of a tar stream: members grouped by key (raises the reader's errors at a cut)."""
+    current: dict | None = None
+    for name, data in iter_tar_members(f):
+        prefix, suffix = _split_key(name)
+        if prefix is None:
+            continue
+        if current is not None and current["__key__"] != prefix:
+            yield current
+            current = None
+        if current is None:
+            current = {"__key__": prefix, "__url__": url}
+        current[suffix] = data
     if current is not None:
         yield current
 
@@ -239,15 +504,25 @@ def iter_shard_tarfile(url: str, counter: SkipCounter) -> Iterator[dict]:
 
 def _iter_jsonl(url: str, counter: SkipCounter) -> Iterator[dict]:
     with open(url, "rb") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except ValueError as exc:
-                counter.add("malformed_json", f"{url}:{i + 1}: {exc}")
-                continue
-            yield {"__key__": f"{os.path.basename(url)}:{i}", "__url__": url, "json": obj}
+        for record in _jsonl_records(f, url, os.path.basename(url)):
+            if isinstance(record, SkipSample):
+                counter.add(record.reason, record.detail)
+            else:
+                yield record
+
+
+def _jsonl_records(f, url: str, name: str) -> Iterator[dict | SkipSample]:
+    """One sample per non-empty line of a jsonl stream (keys `NAME:LINE`); a malformed line is a `SkipSample` record."""
+    lines = f if hasattr(f, "__iter__") else io.BytesIO(f.read())
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            yield SkipSample("malformed_json", f"{url}:{i + 1}: {exc}")
+            continue
+        yield {"__key__": f"{name}:{i}", "__url__": url, "json": obj}
 
 
 class RawStream:

@@ -12,9 +12,26 @@ image of any mode and size becomes the square views the image tokenizer sees.
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import torch
 from PIL import Image
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def decode_image(sample: dict) -> Image.Image | None:
+    """First image field of a raw webdataset sample -> PIL image (fully loaded), or None if absent/undecodable."""
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            try:
+                img = Image.open(io.BytesIO(sample[ext]))
+                img.load()
+                return img
+            except Exception:  # truncated / corrupt / not an image: the caller counts it
+                return None
+    return None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -35,8 +35,12 @@ def check_system_checkpoint(path: str | Path) -> dict:
         return _check_system_directory(p)
     if not p.is_file():
         raise EvalInputError(f"--ckpt {str(p)!r} does not exist: train one with `make sft` (runs/tiny/sft/last.ckpt)")
+    from synergen_lightning.safe_load import UntrustedCheckpointError, torch_load
+
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=False, mmap=True)  # mmap: a 2B checkpoint is not read twice
+        ckpt = torch_load(p, mmap=True)  # mmap: a 2B checkpoint is not read twice
+    except UntrustedCheckpointError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise EvalInputError(f"--ckpt {str(p)!r} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
     sd = ckpt.get("state_dict") if isinstance(ckpt, dict) else None

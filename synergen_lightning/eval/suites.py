@@ -81,17 +81,23 @@ def geneval_suite(model, prompts: list[dict], seed: int = 0, cfg_scale: float = 
 
 
 # ---------------------------------------------------------------------------------------- understanding
+def _shard_urls(shards: list[str] | str, suite: str) -> list[str]:
+    """Val shards in any URL form of `data.sources.expand_urls` (glob, braces, list file, pipe:, http(s)://, ...)."""
+    from synergen_lightning.data.sources import expand_urls
+
+    try:
+        return expand_urls(shards, f"{suite} val shards")
+    except ValueError as exc:
+        raise EvalInputError(f"{suite}: {exc}; run `make data` or pass --val-shards") from None
+
+
 def load_qa_items(shards: list[str] | str, max_items: int | None = None) -> list[dict]:
     """Val Q/A items {image: PIL, question, answer, kind, key} from shape-world shards (KEY.jpg + KEY.json)."""
-    import glob
-
     from PIL import Image
 
     from synergen_lightning.data.sources import SkipCounter, finite_samples, load_json
 
-    urls = sorted(glob.glob(shards)) if isinstance(shards, str) else list(shards)
-    if not urls:
-        raise EvalInputError(f"understanding: val shards {shards!r} match no file; run `make data` or pass --val-shards")
+    urls = _shard_urls(shards, "understanding")
     counter = SkipCounter()
     items: list[dict] = []
     for sample in finite_samples(urls, counter):
@@ -211,16 +217,12 @@ def fid_suite(model, captions: list[str], reference, inception_weights, seed: in
 
 def load_reference_images(shards: list[str] | str, size: int, max_images: int) -> tuple[list[str], torch.Tensor]:
     """(captions, uint8 [N,3,size,size]) of val shard samples, through the one generation view policy."""
-    import glob
-
     from PIL import Image
 
     from synergen_lightning.data.sources import SkipCounter, finite_samples
     from synergen_lightning.data.views import generation_view, to_uint8_tensor
 
-    urls = sorted(glob.glob(shards)) if isinstance(shards, str) else list(shards)
-    if not urls:
-        raise EvalInputError(f"fid: reference shards {shards!r} match no file; run `make data` or pass --val-shards")
+    urls = _shard_urls(shards, "fid")
     captions, views = [], []
     for sample in finite_samples(urls, SkipCounter()):
         img_bytes = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)

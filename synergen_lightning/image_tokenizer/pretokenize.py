@@ -4,6 +4,9 @@ Views come from `synergen_lightning.data.views`, exactly as training builds them
 - `--task generation`: one view, `generation_view(img, image_size)` (short edge -> size, centre crop);
 - `--task understanding`: `dynamic_tiles(img, image_size, max_tiles, thumbnail)` (tiles row-major, then thumbnail).
 Every other field of the sample is copied unchanged. Undecodable images: the sample is dropped and counted.
+`--in` takes any shard URL form (`synergen_lightning.data.sources.expand_urls`: paths, globs, braces, list files,
+`pipe:`, `http(s)://`, fsspec URLs); each output shard keeps its input's file name. An input shard that cannot be
+read (after retries) writes no output and is counted, so a later run with the same arguments tries it again.
 Resuming: each output shard is written to `NAME.tar.tmp` and renamed when complete; shards whose output already
 exists are skipped, so an interrupted run restarted with the same arguments redoes at most one shard.
 """
@@ -21,7 +24,8 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from synergen_lightning.data.views import dynamic_tiles, generation_view, to_uint8_tensor
+from synergen_lightning.data.sources import SkipCounter, expand_urls, is_remote, iter_shard, local_path, url_name
+from synergen_lightning.data.views import decode_image, dynamic_tiles, generation_view, to_uint8_tensor
 
 
 def sample_views(img, task: str, image_size: int, max_tiles: int, thumbnail: bool):
@@ -51,14 +55,15 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def pretokenize_shard(tokenizer, src: Path, dst: Path, task: str, image_size: int, max_tiles: int, thumbnail: bool,
-                      batch_size: int = 64, device: torch.device | str = "cpu", progress=None, progress_task=None) -> dict:
-    """One shard -> `dst` (via `dst.tmp`, renamed when complete). Returns counts: samples, images, skipped."""
-    from datamodules.image_shards import decode_image  # the same decoder and skip rule as training
-
+def pretokenize_shard(tokenizer, src: str | Path, dst: Path, task: str, image_size: int, max_tiles: int,
+                      thumbnail: bool, batch_size: int = 64, device: torch.device | str = "cpu", progress=None,
+                      progress_task=None) -> dict:
+    """One shard (any URL) -> `dst` (via `dst.tmp`, renamed when complete). Returns counts: samples, images,
+    skipped (undecodable samples), unreachable (1 when the input could not be read: no output is written)."""
     device = torch.device(device)
     tmp = dst.with_name(dst.name + ".tmp")
-    stats = {"samples": 0, "images": 0, "skipped": 0}
+    stats = {"samples": 0, "images": 0, "skipped": 0, "unreachable": 0}
+    counter = SkipCounter()
     pending: list[tuple[dict, list]] = []
 
     def flush(sink):
@@ -73,7 +78,7 @@ def pretokenize_shard(tokenizer, src: Path, dst: Path, task: str, image_size: in
         pending.clear()
 
     with wds.TarWriter(str(tmp)) as sink:
-        for sample in wds.WebDataset(str(src), shardshuffle=False, empty_check=False, handler=wds.warn_and_continue):
+        for sample in iter_shard(str(src), counter):
             sample = {k: v for k, v in sample.items() if k not in ("__url__", "__local_path__", "codes.npy")}
             img = decode_image(sample)
             if img is None:
@@ -85,6 +90,14 @@ def pretokenize_shard(tokenizer, src: Path, dst: Path, task: str, image_size: in
             if sum(len(v) for _, v in pending) >= batch_size:
                 flush(sink)
         flush(sink)
+    lost = counter.counts.get("unreachable_shard", 0) + counter.counts.get("missing_shard", 0)
+    if lost:
+        os.remove(tmp)
+        print(f"pretokenize: {src} could not be read ({next(iter(counter.examples.values()))}); no output written")
+        stats["unreachable"] = 1
+        return stats
+    if counter.counts:
+        print(f"pretokenize: {src}: {dict(counter.counts)} ({next(iter(counter.examples.values()))})")
     os.replace(tmp, dst)  # atomic: a finished shard is either all there or absent
     return stats
 
@@ -101,14 +114,20 @@ def _init_worker(tokenizer_path: str, codebook_size: int | None, device: str) ->
 
 
 def _shard_in_worker(src: str, dst: str, **kw) -> dict:
-    return pretokenize_shard(_WORKER["tokenizer"], Path(src), Path(dst), **kw)
+    return pretokenize_shard(_WORKER["tokenizer"], src, Path(dst), **kw)
 
 
-def _count_samples(shard: Path) -> int:
+def _count_samples(shard: str) -> int | None:
+    """Samples of a local tar (for the progress bar); None for a remote shard (not read twice)."""
     import tarfile
 
-    with tarfile.open(shard) as tar:
-        return len({m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()})
+    if is_remote(shard):
+        return None
+    try:
+        with tarfile.open(local_path(shard)) as tar:
+            return len({m.name.split(".", 1)[0] for m in tar.getmembers() if m.isfile()})
+    except (OSError, tarfile.TarError):
+        return None
 
 
 PRETOKENIZE_STAMP = ".pretokenize.json"  # OUT's tokenizer, checked before resuming
@@ -125,7 +144,8 @@ def _file_identity(path: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="synergen data pretokenize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="VQTokenizer .ckpt or a local Emu3/Chameleon VQ directory")
-    p.add_argument("--in", dest="inp", required=True, help="input shards: a directory, glob or brace pattern")
+    p.add_argument("--in", dest="inp", required=True,
+                   help="input shards: a directory, glob, brace pattern, list file, pipe:COMMAND or http(s)/s3/gs URL")
     p.add_argument("--out", required=True, help="output directory (same shard names)")
     p.add_argument("--task", choices=("generation", "understanding"), default="generation", help="which views to tokenize (default: generation)")
     p.add_argument("--image-size", type=int, default=64, help="view size in pixels; must be divisible by the tokenizer's downsample (default: 64)")
@@ -142,7 +162,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from datamodules.image_shards import expand_shards
     from synergen_lightning.image_tokenizer.protocol import load_image_tokenizer
 
     tokenizer = load_image_tokenizer(args.tokenizer, expected_codebook_size=args.codebook_size)
@@ -151,24 +170,24 @@ def main(argv: list[str] | None = None) -> int:
                 f"use a multiple of {tokenizer.downsample}")
     if isinstance(tokenizer, torch.nn.Module):
         tokenizer.to(args.device)
-    shards = [Path(s) for s in expand_shards(args.inp)]
+    shards = expand_urls(args.inp, "--in")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if len({s.name for s in shards}) != len(shards):
+    if len({url_name(s) for s in shards}) != len(shards):
         p.error("input shards have repeated file names; --out keeps names, so give shards from one directory")
     # resuming keeps finished shards, so they must come from this very tokenizer
     settings = {"tokenizer": _file_identity(args.tokenizer)}
     stamp = out_dir / PRETOKENIZE_STAMP
     previous = json.loads(stamp.read_text()) if stamp.is_file() else None
-    if previous is not None and previous != settings and any((out_dir / s.name).exists() for s in shards):
+    if previous is not None and previous != settings and any((out_dir / url_name(s)).exists() for s in shards):
         p.error(f"--out {out_dir} holds shards pretokenized with another tokenizer ({previous['tokenizer']['path']}, "
                 f"as {stamp} records); resuming would mix the codes of two tokenizers: delete it or choose another --out")
     stamp.write_text(json.dumps(settings))
-    todo = [s for s in shards if not (out_dir / s.name).exists()]
+    todo = [s for s in shards if not (out_dir / url_name(s)).exists()]
     done = len(shards) - len(todo)
     if done:
         print(f"resuming: {done} of {len(shards)} shards already in {out_dir}, skipping them")
-    total = {"samples": 0, "images": 0, "skipped": 0}
+    total = {"samples": 0, "images": 0, "skipped": 0, "unreachable": 0}
     start = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
     kw = dict(task=args.task, image_size=args.image_size, max_tiles=args.max_tiles, thumbnail=args.thumbnail,
@@ -176,11 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     workers = min(args.workers, len(todo))
     with Progress(*columns) as progress:
         counts = {s: _count_samples(s) for s in todo}
-        bar = progress.add_task("samples", total=sum(counts.values()))
+        known = None not in counts.values()  # remote shards are not counted ahead
+        bar = progress.add_task("samples", total=sum(counts.values()) if known else None)
         if workers <= 1:
             for shard in todo:
-                progress.update(bar, description=shard.name)
-                stats = pretokenize_shard(tokenizer, shard, out_dir / shard.name, progress=progress, progress_task=bar, **kw)
+                progress.update(bar, description=url_name(shard))
+                stats = pretokenize_shard(tokenizer, shard, out_dir / url_name(shard), progress=progress,
+                                          progress_task=bar, **kw)
                 for k in total:
                     total[k] += stats[k]
         else:  # shards in parallel processes; the bar moves a shard at a time
@@ -190,13 +211,14 @@ def main(argv: list[str] | None = None) -> int:
             progress.update(bar, description=f"{workers} workers")
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                                      initargs=(args.tokenizer, args.codebook_size, args.device)) as pool:
-                jobs = {pool.submit(_shard_in_worker, str(s), str(out_dir / s.name), **kw): s for s in todo}
+                jobs = {pool.submit(_shard_in_worker, s, str(out_dir / url_name(s)), **kw): s for s in todo}
                 for job in as_completed(jobs):
                     stats = job.result()  # a worker's error surfaces here, naming its shard below
-                    progress.advance(bar, counts[jobs[job]])
+                    progress.advance(bar, counts[jobs[job]] or stats["samples"] + stats["skipped"])
                     for k in total:
                         total[k] += stats[k]
     seconds = time.perf_counter() - start
     print(f"pretokenized {len(todo)} shards ({done} skipped as done): {total['samples']} samples, {total['images']} views, "
-          f"{total['skipped']} undecodable skipped; {total['images'] / max(seconds, 1e-9):.1f} images/s")
+          f"{total['skipped']} undecodable skipped; {total['images'] / max(seconds, 1e-9):.1f} images/s"
+          + (f"; {total['unreachable']} unreadable shard(s) left to a rerun" if total["unreachable"] else ""))
     return 0

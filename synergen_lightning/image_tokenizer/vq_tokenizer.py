@@ -170,7 +170,9 @@ class VQTokenizer(L.LightningModule):
     @classmethod
     def load_frozen(cls, path: str | Path, map_location: str = "cpu") -> "VQTokenizer":
         """Checkpoint -> frozen tokenizer (loss-only parts such as VGG and the discriminator are dropped)."""
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        from synergen_lightning.safe_load import torch_load
+
+        ckpt = torch_load(path, map_location=map_location)
         if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
             raise ValueError(f"{str(path)!r} is not a Lightning checkpoint of VQTokenizer (no hyper_parameters/state_dict)")
         hp = dict(ckpt["hyper_parameters"])
