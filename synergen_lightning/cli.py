@@ -28,6 +28,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("eval", "fid"): ("synergen_lightning.eval.cli:fid_main", "FID / IS / KID (torch-fidelity, local Inception weights) between two image directories"),
     ("eval", "cosine"): ("synergen_lightning.eval.cli:cosine_main", "per-layer cosine of understanding vs generation visual features (paper Fig. 4)"),
     ("eval", "grounding"): ("synergen_lightning.eval.cli:grounding_main", "does the model use its inputs? caption gain and image gain (teacher-forced nats; ~0 = ignored)"),
+    ("eval", "lm-eval"): ("synergen_lightning.eval.cli:lm_eval_main", "lm-eval (EleutherAI harness) with the `synergen` model: MMLU, CMMLU, any text task (extra: lm-eval)"),
     ("import-hf",): ("synergen_lightning.hf_import:main", "convert a local Hugging Face Llama/Qwen2/InternLM2 directory into an MMoE LLM checkpoint"),
     ("generate",): ("synergen_lightning.generation:generate_main", "generate images from text prompts with a trained SynerGenVL checkpoint"),
     ("answer",): ("synergen_lightning.generation:answer_main", "answer a question about an image with a trained SynerGenVL checkpoint"),

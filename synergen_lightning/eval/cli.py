@@ -273,3 +273,13 @@ def grounding_main(argv: list[str] | None = None, model=None) -> int:
     print(text)
     print("grounding: " + markdown_line(block), file=sys.stderr)
     return 0
+
+
+def lm_eval_main(argv: list[str] | None = None) -> int:
+    """`synergen eval lm-eval ARGS`: lm-eval's command line with the `synergen` model registered."""
+    try:
+        from synergen_lightning.eval.lm_eval_adapter import main
+    except ImportError as exc:
+        print(f"synergen eval lm-eval: error: {exc}", file=sys.stderr)
+        return 2
+    return main(argv)
