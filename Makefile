@@ -78,14 +78,15 @@ start_over_if_finished = @if [ -f $(1).done ]; then rm -f $(1).done $(1)*.ckpt; 
 help:  ## list the targets
 	@grep -E '^[a-z0-9_-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
-install: $(VENV)  ## create .venv and install the toolkit (editable, with the dev extra)
+install: $(VENV)  ## create .venv and install the toolkit (editable, with the dev and lm-eval extras)
 
 $(VENV): pyproject.toml
 	python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	# torch 2.14.1 first, so the resolver keeps it (the registry build with CUDA libs runs on CPU too)
 	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PIP) install -q -e ".[dev]"
+	# lm-eval: its adapter's test runs against the real package (it keeps torch and the toolkit's pins)
+	$(PIP) install -q -e ".[dev,lm-eval]"
 	touch $@
 
 data: $(DATA_OK)  ## write the tiny shape world (LEVEL=demo|grid|full): train/val shards, eval prompts, text corpus
