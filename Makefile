@@ -175,7 +175,7 @@ ablations: $(DATA_OK) $(VQ_CKPT) $(BASE_DONE)  ## the paper's Tables 6 and 7 in 
 	$(SYN) ablations run $(ARGS)
 
 EVAL_SUITES ?= geneval,und,text
-eval: $(VENV)  ## report of the latest tiny run (every tiny stage trains one native view of the canvas) -> runs/tiny/eval/report.md (FID: EVAL_SUITES=...,fid FID_WEIGHTS=path.pth)
+eval: $(VENV)  ## report of the latest tiny run (every tiny stage trains one native view of the canvas) -> runs/tiny/eval/report.md (FID: EVAL_SUITES=...,fid FID_WEIGHTS=path.pth; the paper's benchmarks: docs/evaluation.md)
 	@ckpt=$$(ls -t $(SFT_CKPT) $(S2_CKPT) $(S1_CKPT) 2>/dev/null | head -1); \
 	test -n "$$ckpt" || { echo "make eval: no runs/tiny/*/last.ckpt yet; run make stage1 (or make demo) first" >&2; exit 2; }; \
 	$(SYN) eval report --ckpt $$ckpt --data $(DATA) --suite $(EVAL_SUITES) --out runs/tiny/eval --overwrite $(if $(FID_WEIGHTS),--inception-weights $(FID_WEIGHTS))

@@ -103,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from lm_eval.__main__ import cli_evaluate
 
-    sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]
-    cli_evaluate()
+    saved = sys.argv
+    sys.argv = ["lm-eval", *(sys.argv[1:] if argv is None else argv)]  # lm-eval's parser reads sys.argv itself
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
     return 0
