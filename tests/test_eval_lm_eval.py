@@ -147,3 +147,15 @@ def test_missing_checkpoint_is_one_line(tmp_path):
     with pytest.raises(EvalInputError, match="pretrained=.*does not exist") as e:
         SynerGenLM.create_from_arg_string(f"pretrained={tmp_path / 'nope.ckpt'}", {"batch_size": 2, "device": "cpu"})
     assert "\n" not in str(e.value)
+
+
+def test_command_line_names_a_missing_checkpoint(tmp_path, capsys, monkeypatch_module):
+    """`synergen eval lm-eval run ...`: lm-eval's own command line, the adapter's one-line error."""
+    from synergen_lightning.cli import main
+
+    tasks = _tasks(tmp_path)
+    code = main(["eval", "lm-eval", "run", "--model", "synergen", "--model_args", f"pretrained={tmp_path / 'no.ckpt'}",
+                 "--tasks", "synergen_local_mc", "--include_path", str(tasks)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-2].startswith("synergen eval lm-eval: error: pretrained=") and "does not exist" in err[-2]
