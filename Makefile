@@ -78,14 +78,15 @@ start_over_if_finished = @if [ -f $(1).done ]; then rm -f $(1).done $(1)*.ckpt; 
 help:  ## list the targets
 	@grep -E '^[a-z0-9_-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
-install: $(VENV)  ## create .venv and install the toolkit (editable, with the dev extra)
+install: $(VENV)  ## create .venv and install the toolkit (editable, with the dev and lm-eval extras)
 
 $(VENV): pyproject.toml
 	python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	# torch 2.14.1 first, so the resolver keeps it (the registry build with CUDA libs runs on CPU too)
 	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(PIP) install -q -e ".[dev]"
+	# lm-eval: its adapter's test runs against the real package (it keeps torch and the toolkit's pins)
+	$(PIP) install -q -e ".[dev,lm-eval]"
 	touch $@
 
 data: $(DATA_OK)  ## write the tiny shape world (LEVEL=demo|grid|full): train/val shards, eval prompts, text corpus
@@ -174,7 +175,7 @@ ablations: $(DATA_OK) $(VQ_CKPT) $(BASE_DONE)  ## the paper's Tables 6 and 7 in 
 	$(SYN) ablations run $(ARGS)
 
 EVAL_SUITES ?= geneval,und,text
-eval: $(VENV)  ## report of the latest tiny run (every tiny stage trains one native view of the canvas) -> runs/tiny/eval/report.md (FID: EVAL_SUITES=...,fid FID_WEIGHTS=path.pth)
+eval: $(VENV)  ## report of the latest tiny run (every tiny stage trains one native view of the canvas) -> runs/tiny/eval/report.md (FID: EVAL_SUITES=...,fid FID_WEIGHTS=path.pth; the paper's benchmarks: docs/evaluation.md)
 	@ckpt=$$(ls -t $(SFT_CKPT) $(S2_CKPT) $(S1_CKPT) 2>/dev/null | head -1); \
 	test -n "$$ckpt" || { echo "make eval: no runs/tiny/*/last.ckpt yet; run make stage1 (or make demo) first" >&2; exit 2; }; \
 	$(SYN) eval report --ckpt $$ckpt --data $(DATA) --suite $(EVAL_SUITES) --out runs/tiny/eval --overwrite $(if $(FID_WEIGHTS),--inception-weights $(FID_WEIGHTS))

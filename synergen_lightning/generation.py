@@ -160,49 +160,70 @@ def understanding_prompt_ids(tok, n_views: int, tokens_per_view: int, question: 
     return ids + tail, img + [False] * len(tail)
 
 
-@torch.no_grad()
-def answer(model, images, questions: list[str] | str, max_new_tokens: int = 32, max_tiles: int = 1,
-           thumbnail: bool = False, codes: Tensor | None = None) -> list[str]:
-    """Answer each question about its image (PIL images, or pre-encoded `codes` Long[B, h, w], one view each)."""
+def understanding_rows(model, images_per_row: list, questions: list[str], max_tiles: int = 1, thumbnail: bool = False,
+                       codes: Tensor | None = None) -> tuple[list[tuple[list[int], list[bool]]], Tensor]:
+    """The chat prompts of `questions` (ids, image flags) and the codes of their views, in slot order.
+
+    `images_per_row[i]`: one PIL image, a list of them (their views follow each other) or None / [] (a text-only
+    turn, `tok.chat_prompt_ids`). `codes` Long[B, h, w]: pre-encoded views, one per row."""
     from PIL import Image
 
     from synergen_lightning.data.views import dynamic_tiles, to_uint8_tensor
 
-    if isinstance(questions, str):
-        questions = [questions]
-    if isinstance(images, Image.Image):
-        images = [images]
-    model.eval()
-    tok, device = model.text_tokenizer, model.device
+    tok = model.text_tokenizer
     size = model.grid[0] * model.hparams.downsample
-    views_per_row, all_codes = [], []
-    for i in range(len(questions)):
+    built, all_codes = [], []
+    for i, q in enumerate(questions):
         if codes is not None:
-            all_codes.append(codes[i:i + 1].to(device))
+            row_codes = codes[i:i + 1].to(model.device)
         else:
-            views = dynamic_tiles(images[i], size, max_tiles=max_tiles, thumbnail=thumbnail)
-            all_codes.append(model.encode_images(to_uint8_tensor(views)))
-        views_per_row.append(all_codes[-1].shape[0])
-    built = [understanding_prompt_ids(tok, v, model.tokens_per_view, q) for v, q in zip(views_per_row, questions)]
-    _check_context(model, max(len(ids) for ids, _ in built), max_new_tokens, "answer")
-    ids, mask, pos = _left_pad([b[0] for b in built], tok.pad_id, device)
+            imgs = images_per_row[i]
+            imgs = [] if imgs is None else [imgs] if isinstance(imgs, Image.Image) else list(imgs)
+            views = [v for im in imgs for v in dynamic_tiles(im, size, max_tiles=max_tiles, thumbnail=thumbnail)]
+            row_codes = model.encode_images(to_uint8_tensor(views)) if views else \
+                torch.zeros(0, *model.grid, dtype=torch.long, device=model.device)
+        if row_codes.shape[0]:
+            built.append(understanding_prompt_ids(tok, row_codes.shape[0], model.tokens_per_view, q))
+        else:
+            ids = tok.chat_prompt_ids(q)
+            built.append((ids, [False] * len(ids)))
+        all_codes.append(row_codes)
+    return built, torch.cat(all_codes)
+
+
+def _batch_inputs(model, rows: list[tuple[list[int], list[bool]]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Left-padded (ids, attention mask, positions, image mask) of (ids, image flags) rows."""
+    ids, mask, pos = _left_pad([r[0] for r in rows], model.text_tokenizer.pad_id, model.device)
     width = ids.shape[1]
     image_mask = torch.zeros_like(mask)
-    for r, (_, img) in enumerate(built):
+    for r, (_, img) in enumerate(rows):
         image_mask[r, width - len(img):] = torch.tensor(img, dtype=torch.bool)
+    return ids, mask, pos, image_mask
+
+
+@torch.no_grad()
+def decode_rows(model, rows: list[tuple[list[int], list[bool]]], codes: Tensor, max_new_tokens: int = 32,
+                temperature: float = 0.0, generator: torch.Generator | None = None,
+                stop_ids: tuple[int, ...] | None = None) -> list[list[int]]:
+    """KV-cached decoding after each prompt row (ids, image flags; `codes`: its views in slot order), greedy at
+    temperature 0; each row's new ids, cut before its first stop id (default `<|im_end|>`, `</s>`)."""
+    tok, device = model.text_tokenizer, model.device
+    _check_context(model, max(len(r[0]) for r in rows), max_new_tokens, "answer")
+    ids, mask, pos, image_mask = _batch_inputs(model, rows)
     llm = model.llm
     cache = llm.new_kv_cache()
-    embeds = model.embed_inputs(ids, image_mask, torch.cat(all_codes))
+    embeds = model.embed_inputs(ids, image_mask, codes)
     hidden = llm(embeds, image_mask=image_mask, position_ids=pos, attention_mask=mask, kv_cache=cache)
     logits = llm.logits(hidden[:, -1])
     next_pos = pos[:, -1:] + 1
-    stop = torch.tensor([tok.im_end_id, tok.eos_id], device=device)
+    stops = tuple(stop_ids) if stop_ids is not None else (tok.im_end_id, tok.eos_id)
+    stop = torch.tensor(stops, device=device)
     b = ids.shape[0]
     done = torch.zeros(b, dtype=torch.bool, device=device)
     out = []
     for _ in range(max_new_tokens):
-        nxt = sample_logits(logits, temperature=0.0)
-        nxt = torch.where(done, torch.full_like(nxt, tok.eos_id), nxt)
+        nxt = sample_logits(logits, temperature=temperature, generator=generator)
+        nxt = torch.where(done, torch.full_like(nxt, stops[0]), nxt)
         out.append(nxt)
         done = done | torch.isin(nxt, stop)
         if bool(done.all()):
@@ -211,11 +232,54 @@ def answer(model, images, questions: list[str] | str, max_new_tokens: int = 32, 
                      position_ids=next_pos, kv_cache=cache)
         logits = llm.logits(hidden[:, -1])
         next_pos = next_pos + 1
-    answers = []
+    rows_out = []
     for row in torch.stack(out, 1).tolist():
-        cut = next((k for k, t in enumerate(row) if t in (tok.im_end_id, tok.eos_id)), len(row))
-        answers.append(tok.decode(row[:cut]).strip())
-    return answers
+        cut = next((k for k, t in enumerate(row) if t in stops), len(row))
+        rows_out.append(row[:cut])
+    return rows_out
+
+
+@torch.no_grad()
+def score_continuations(model, rows: list[tuple[list[int], list[bool]]], continuations: list[list[int]],
+                        codes: Tensor | None = None) -> list[tuple[float, bool]]:
+    """Teacher-forced (sum of log-probabilities, every token greedy) of each continuation after its prompt row
+    (ids, image flags; `codes`: the views in slot order, None for text only). One forward pass for the batch."""
+    if any(not c for c in continuations):
+        raise ValueError("score_continuations: an empty continuation has no log-likelihood; pass at least one token")
+    # the last token is only a target: the inputs are the prompt and the continuation without its last token
+    full = [(r[0] + list(c[:-1]), r[1] + [False] * (len(c) - 1)) for r, c in zip(rows, continuations)]
+    _check_context(model, max(len(f[0]) for f in full), 0, "loglikelihood")
+    ids, mask, pos, image_mask = _batch_inputs(model, full)
+    if codes is None:
+        codes = torch.zeros(0, *model.grid, dtype=torch.long, device=model.device)
+    embeds = model.embed_inputs(ids, image_mask, codes)
+    hidden = model.llm(embeds, image_mask=image_mask, position_ids=pos, attention_mask=mask)
+    longest = max(map(len, continuations))
+    # left padding: every row ends at the last column, so a continuation's tokens are predicted by its last columns
+    logp = model.llm.logits(hidden[:, ids.shape[1] - longest:]).float().log_softmax(-1)
+    out = []
+    for r, cont in enumerate(continuations):
+        lp = logp[r, longest - len(cont):]
+        target = torch.tensor(cont, device=lp.device)
+        out.append((float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
+    return out
+
+
+@torch.no_grad()
+def answer(model, images, questions: list[str] | str, max_new_tokens: int = 32, max_tiles: int = 1,
+           thumbnail: bool = False, codes: Tensor | None = None) -> list[str]:
+    """Answer each question about its image (PIL images, or pre-encoded `codes` Long[B, h, w], one view each)."""
+    from PIL import Image
+
+    if isinstance(questions, str):
+        questions = [questions]
+    if isinstance(images, Image.Image):
+        images = [images]
+    model.eval()
+    rows, all_codes = understanding_rows(model, images if codes is None else [None] * len(questions), questions,
+                                         max_tiles=max_tiles, thumbnail=thumbnail, codes=codes)
+    tok = model.text_tokenizer
+    return [tok.decode(r).strip() for r in decode_rows(model, rows, all_codes, max_new_tokens=max_new_tokens)]
 
 
 # ---------------------------------------------------------------------------------------- CLI

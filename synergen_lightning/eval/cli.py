@@ -15,11 +15,13 @@ from synergen_lightning.eval.fid import INCEPTION_KEY, EvalInputError
 def _csv_suites(value: str) -> tuple[str, ...]:
     from synergen_lightning.eval.report import SUITES
 
+    if value.strip() == "none":  # external results only
+        return ()
     items = tuple(v.strip() for v in value.split(",") if v.strip())
     bad = [v for v in items if v not in SUITES]
     if bad or not items:
         raise argparse.ArgumentTypeError(f"unknown suite {', '.join(map(repr, bad)) or '(empty)'}; "
-                                         f"choose from {','.join(SUITES)}")
+                                         f"choose from {','.join(SUITES)} (or none: --external results only)")
     return items
 
 
@@ -56,7 +58,11 @@ def report_parser() -> argparse.ArgumentParser:
                     "ignored). Written atomically: a failed run leaves no report.")
     p.add_argument("--ckpt", required=True, help="SynerGenVL checkpoint (e.g. runs/tiny/sft/last.ckpt)")
     p.add_argument("--suite", type=_csv_suites, default=("geneval", "und", "text", "grounding"),
-                   help="comma-separated suites: geneval,und,text,grounding,fid (default: geneval,und,text,grounding)")
+                   help="comma-separated suites: geneval,und,text,grounding,fid (default: geneval,und,text,grounding); "
+                        "none: only the --external results")
+    p.add_argument("--external", type=Path, action="append", default=[],
+                   help="results of the field's evaluators to include (repeat): GenEval's results.jsonl, fid.json of "
+                        "`synergen eval mjhq-fid/coco-fid`, an lm-eval or lmms-eval results JSON")
     p.add_argument("--out", type=Path, required=True, help="report directory")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--data", type=Path, default=Path("data/tiny"),
@@ -115,7 +121,7 @@ def report_main(argv: list[str] | None = None, model=None) -> int:
             fid_reference=a.fid_reference, logdir=a.logdir or Path(a.ckpt).resolve().parent,
             num_geneval=a.num_geneval, num_und=a.num_und, max_tiles=a.max_tiles, thumbnail=a.thumbnail,
             num_grounding=a.num_grounding, num_fid=a.num_fid, max_text=a.max_text,
-            grid_prompts=a.grid_prompt or [], grid_seeds=grid_seeds, seed=a.seed, cfg_scale=a.cfg,
+            grid_prompts=a.grid_prompt or [], external=a.external, grid_seeds=grid_seeds, seed=a.seed, cfg_scale=a.cfg,
             batch_size=a.batch_size, device=a.device,
             progress=not a.no_progress and sys.stderr.isatty())
         inputs.validate()  # every input checked before the model is even loaded
@@ -145,6 +151,8 @@ def report_main(argv: list[str] | None = None, model=None) -> int:
                        + (f" image_gain={g['image_gain_nats']:+.4f}" if g["image_gain_nats"] is not None else ""))
     if "fid" in r:
         summary.append(f"fid={r['fid']['fid']:.2f} is={r['fid']['isc_mean']:.2f} kid={r['fid']['kid_mean']:.4f}")
+    if "external" in r:
+        summary.append(f"external={len(r['external'])} results file(s)")
     print(f"eval report: {' '.join(summary)} -> {out}/report.md ({report['seconds']:.1f}s)")
     return 0
 
@@ -273,3 +281,127 @@ def grounding_main(argv: list[str] | None = None, model=None) -> int:
     print(text)
     print("grounding: " + markdown_line(block), file=sys.stderr)
     return 0
+
+
+def lm_eval_main(argv: list[str] | None = None) -> int:
+    """`synergen eval lm-eval ARGS`: lm-eval's command line with the `synergen` model registered."""
+    try:
+        from synergen_lightning.eval.lm_eval_adapter import main
+    except ImportError as exc:
+        print(f"synergen eval lm-eval: error: {exc}", file=sys.stderr)
+        return 2
+    return main(argv)
+
+
+def _load_checked(a, model):
+    from synergen_lightning.eval.report import check_system_checkpoint, load_system
+
+    if model is not None:
+        return model
+    check_system_checkpoint(a.ckpt)
+    return load_system(a.ckpt, a.device, a.text_tokenizer, a.image_tokenizer)
+
+
+def geneval_official_main(argv: list[str] | None = None, model=None) -> int:
+    """`model`: an already built SynerGenVL (tests); otherwise --ckpt is loaded."""
+    from synergen_lightning.eval.geneval_official import read_metadata, write_layout
+
+    p = argparse.ArgumentParser(
+        prog="synergen eval geneval-official",
+        description="Generate images for GenEval's prompts in the folder layout its official scorer reads: "
+                    "OUT/<N:05d>/metadata.jsonl (the N-th metadata line) and OUT/<N:05d>/samples/<k:04d>.png. "
+                    "Resumable: prompts whose samples exist are skipped (prompt N is drawn with seed SEED+N). Score "
+                    "with GenEval's evaluation/evaluate_images.py OUT, then pass its results.jsonl to "
+                    "`synergen eval report --external`.")
+    p.add_argument("--ckpt", required=True, help="SynerGenVL checkpoint (any form)")
+    p.add_argument("--metadata", type=Path, required=True, help="GenEval's prompts/evaluation_metadata.jsonl")
+    p.add_argument("--out", type=Path, required=True, help="image folder (GenEval's <IMAGE_FOLDER>)")
+    p.add_argument("--samples", type=int, default=4, help="images per prompt (GenEval: 4)")
+    p.add_argument("--cfg", type=float, default=7.5, help="CFG scale (paper: 7.5)")
+    p.add_argument("--seed", type=int, default=0, help="prompt N is drawn with seed SEED+N")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=16, help="rows decoded together (x2 with CFG)")
+    _common(p)
+    a = p.parse_args(argv)
+    try:
+        metadata = read_metadata(a.metadata)  # a malformed line fails before the model loads
+        if a.samples < 1:
+            raise EvalInputError(f"--samples {a.samples} must be >= 1 (GenEval: 4)")
+        model = _load_checked(a, model)
+        res = write_layout(model, metadata, a.out, samples=a.samples, cfg_scale=a.cfg, seed=a.seed,
+                           temperature=a.temperature, batch_size=a.batch_size,
+                           progress=not a.no_progress and sys.stderr.isatty())
+    except EvalInputError as exc:
+        p.error(str(exc))
+    print(f"geneval-official: {res['generated']} prompts generated, {res['skipped']} already done -> {a.out}")
+    return 0
+
+
+def _fid_protocol_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--ckpt", required=True, help="SynerGenVL checkpoint (any form)")
+    p.add_argument("--reference", type=Path, required=True, help="the benchmark's reference image folder")
+    p.add_argument("--out", type=Path, required=True, help="OUT/generated/ (reused by reruns) and OUT/fid.json")
+    p.add_argument("--inception-weights", help=f"torch-fidelity Inception weights (.pth); default: {INCEPTION_KEY} of --config")
+    p.add_argument("--config", type=Path, help=f"a recipe YAML to read {INCEPTION_KEY} from")
+    p.add_argument("--size", type=int, help="reference images: short edge to SIZE, centre crop (default: the model's image size)")
+    p.add_argument("--feature-layer", default="2048", help="Inception feature layer (FID: 2048)")
+    p.add_argument("--cache-dir", type=Path, help="reference feature cache (default: ~/.cache/synergen_lightning/fid)")
+    p.add_argument("--cfg", type=float, default=7.5, help="CFG scale (paper: 7.5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=16)
+    _common(p)
+    return p
+
+
+def _run_fid_protocol(p, a, protocol, items, model) -> int:
+    from synergen_lightning.eval.fid_protocols import reference_paths, run_protocol
+
+    weights = a.inception_weights or _recipe_value(a.config, INCEPTION_KEY)
+    from synergen_lightning.eval.fid import check_inception_weights
+
+    check_inception_weights(weights)
+    reference_paths(items, a.reference, protocol)  # every reference image found before the model loads
+    model = _load_checked(a, model)
+    res = run_protocol(model, protocol, items, a.reference, a.out, weights, size=a.size, layer=a.feature_layer,
+                       cache_dir=a.cache_dir, cfg_scale=a.cfg, seed=a.seed, batch_size=a.batch_size,
+                       temperature=a.temperature, device=a.device, progress=not a.no_progress and sys.stderr.isatty())
+    cats = res.get("per_category") or {}
+    print(f"{protocol} FID {res['fid']:.3f} over {res['num_images']} images"
+          + ("; " + " ".join(f"{c}={v['fid'] if v['fid'] is None else round(v['fid'], 2)}" for c, v in cats.items())
+             if cats else "") + f" -> {a.out}/fid.json")
+    return 0
+
+
+def mjhq_fid_main(argv: list[str] | None = None, model=None) -> int:
+    from synergen_lightning.eval.fid_protocols import read_mjhq_meta
+
+    p = _fid_protocol_parser("synergen eval mjhq-fid", "MJHQ-30K FID, overall and per category: one image per prompt "
+                             "of meta_data.json, against REFERENCE/<category>/<id>.jpg (torch-fidelity, local "
+                             "Inception weights; resize policy in docs/evaluation.md).")
+    p.add_argument("--meta", type=Path, required=True, help="MJHQ-30K's meta_data.json ({id: {category, prompt}})")
+    p.add_argument("--categories", help="comma-separated subset of categories (default: all)")
+    a = p.parse_args(argv)
+    try:
+        cats = [c.strip() for c in a.categories.split(",") if c.strip()] if a.categories else None
+        return _run_fid_protocol(p, a, "mjhq", read_mjhq_meta(a.meta, cats), model)
+    except EvalInputError as exc:
+        p.error(str(exc))
+
+
+def coco_fid_main(argv: list[str] | None = None, model=None) -> int:
+    from synergen_lightning.eval.fid_protocols import read_coco_captions
+
+    p = _fid_protocol_parser("synergen eval coco-fid", "MSCOCO-30K FID: NUM images of a COCO captions file drawn "
+                             "(seeded), one random caption each, generated and compared with those images "
+                             "(REFERENCE/<file_name>) (torch-fidelity, local Inception weights).")
+    p.add_argument("--captions", type=Path, required=True, help="COCO captions annotations (captions_val2014.json)")
+    p.add_argument("--num", type=int, default=30000, help="images drawn (MSCOCO-30K: 30000)")
+    a = p.parse_args(argv)
+    if a.num < 2:
+        p.error(f"--num {a.num} must be >= 2 (MSCOCO-30K: 30000)")
+    try:
+        return _run_fid_protocol(p, a, "coco", read_coco_captions(a.captions, a.num, a.seed), model)
+    except EvalInputError as exc:
+        p.error(str(exc))

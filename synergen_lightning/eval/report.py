@@ -7,7 +7,9 @@
 
 Suites: `geneval` (shape-world GenEval), `und` (val Q/A exact match), `text` (held-out text skill and its
 retention vs the base LLM), `grounding` (does the model use its inputs: caption gain and image gain, teacher-forced
-nats; eval/grounding.py), `fid` (FID / IS / KID with torch-fidelity). Everything is written into a
+nats; eval/grounding.py), `fid` (FID / IS / KID with torch-fidelity); beside them, `external` results files of the
+field's evaluators (GenEval's scorer, `synergen eval mjhq-fid/coco-fid`, lm-eval, lmms-eval; eval/external.py).
+Everything is written into a
 hidden temporary directory next to OUT and renamed to OUT at the end: a failed run leaves no report
 that looks complete.
 """
@@ -107,6 +109,7 @@ class ReportInputs:
     max_tiles: int = 1
     thumbnail: bool = False
     grid_prompts: list[str] = field(default_factory=list)
+    external: list[Path] = field(default_factory=list)
     grid_seeds: tuple[int, ...] = (0, 1, 2, 3)
     seed: int = 0
     cfg_scale: float = 7.5
@@ -121,10 +124,14 @@ class ReportInputs:
         from synergen_lightning.eval.fid import check_inception_weights, load_image_dir, read_prompt_file
 
         bad = [s for s in self.suites if s not in SUITES]
-        if bad or not self.suites:
+        if bad or not (self.suites or self.external):
             raise EvalInputError(f"--suite {','.join(self.suites)!r}: unknown {bad or 'empty'}; choose from {','.join(SUITES)}")
         loaded: dict = {}
-        if "geneval" in self.suites or not self.grid_prompts:
+        if self.external:
+            from synergen_lightning.eval.external import read_external
+
+            loaded["external"] = [read_external(f) for f in self.external]
+        if "geneval" in self.suites or (self.suites and not self.grid_prompts):
             if self.eval_prompts is None or not Path(self.eval_prompts).is_file():
                 raise EvalInputError(f"eval prompts {str(self.eval_prompts)!r} do not exist; run `make data` "
                                      "(data/tiny/eval_prompts.jsonl) or pass --eval-prompts")
@@ -256,6 +263,10 @@ def render_markdown(report: dict) -> str:
                   f"| **{_fmt(f.get('fid'))}** | {_fmt(f.get('isc_mean'))} ± {_fmt(f.get('isc_std'))} | "
                   f"{_fmt(1000 * f['kid_mean'])} ± {_fmt(1000 * f['kid_std'])} | {f['num_generated']} | {f['num_reference']} |",
                   "", f"Inception weights: `{report['inputs'].get('inception_weights')}`", ""]
+    if r.get("external"):
+        from synergen_lightning.eval.external import external_markdown
+
+        lines += external_markdown(r["external"])
     if report.get("grid"):
         lines += ["## Samples", "", f"fixed seeds {report['grid']['seeds']} (columns) for the prompts (rows):", ""]
         lines += [f"{i}. {p}" for i, p in enumerate(report["grid"]["prompts"], 1)]
@@ -315,6 +326,8 @@ def build_report(model, inputs: ReportInputs, out: str | Path, ckpt_name: str = 
             results["fid"] = fid_suite(model, captions, reference, inputs.inception_weights, seed=inputs.seed,
                                        cfg_scale=inputs.cfg_scale, batch_size=inputs.batch_size,
                                        progress=inputs.progress, device=inputs.device)
+        if loaded.get("external"):
+            results["external"] = loaded["external"]
         grid_prompts = inputs.grid_prompts or [p["prompt"] for p in prompts[:6]]
         images = []
         with torch.no_grad():
@@ -322,7 +335,8 @@ def build_report(model, inputs: ReportInputs, out: str | Path, ckpt_name: str = 
             for p in grid_prompts:
                 for s in inputs.grid_seeds:
                     images.append(model.generate_images([p], num=1, cfg_scale=inputs.cfg_scale, seed=s, output="tensor"))
-        save_grid(torch.cat(images), tmp / "samples.png", nrow=len(inputs.grid_seeds))
+        if images:  # external results alone need no sample grid
+            save_grid(torch.cat(images), tmp / "samples.png", nrow=len(inputs.grid_seeds))
         curves = {}
         if inputs.logdir is not None and Path(inputs.logdir).is_dir():
             scalars = read_scalars(inputs.logdir)
@@ -330,7 +344,7 @@ def build_report(model, inputs: ReportInputs, out: str | Path, ckpt_name: str = 
         report = {
             "ckpt": str(ckpt_name), "suites": list(inputs.suites), "device": inputs.device,
             "results": results,
-            "grid": {"file": "samples.png", "prompts": grid_prompts, "seeds": list(inputs.grid_seeds)},
+            "grid": {"file": "samples.png", "prompts": grid_prompts, "seeds": list(inputs.grid_seeds)} if images else None,
             "curves": curves,
             "inputs": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(inputs).items()
                        if k not in ("progress",)},
