@@ -13,7 +13,7 @@ import pytest
 from synergen_lightning import preflight
 from synergen_lightning.cli import main as synergen
 from tests.test_safe_load import craft
-from tests.tiny_world import ROOT, make_tiny_world, project_dir
+from tiny_world import ROOT, make_tiny_world, project_dir
 
 RECIPE = str(ROOT / "recipes/tiny/stage1.yaml")
 
