@@ -135,7 +135,7 @@ def test_synth_same_seed_same_bytes(tmp_path, capsys):
     assert a.keys() == c.keys() and a["train/shard-000000.tar"] != c["train/shard-000000.tar"]
     assert set(a) == {"train/shard-000000.tar", "train/shard-000001.tar", "train/shard-000002.tar",
                       "val/shard-000000.tar", "eval_prompts.jsonl", "text/train.jsonl", "text/val.jsonl",
-                      "text/skill_train.jsonl", "text/skill_val.jsonl", "world.json"}
+                      "text/skill_train.jsonl", "text/skill_val.jsonl", "text/colour_binding.jsonl", "world.json"}
     assert not list(tmp_path.glob(".*partial*"))
 
 
@@ -172,6 +172,30 @@ def test_text_corpus_holds_out_the_skill(tmp_path):
     assert not pairs(skill_train) & pairs(skill_val)  # held-out pairs never seen under any template
     assert any(t.startswith("Q: What color") for t in train_text) and len(val_text) > 10
     assert max(len(t) for t in train_text if t.startswith("Q: which") or t.startswith("Q: is")) < 60
+
+
+def test_colour_binding_lines_ask_the_colour_the_scene_shows(tmp_path):
+    """text/colour_binding.jsonl: one colour question per train scene, in the mirror chat form, whose answer is the
+    colour of the one object in the layout the question names."""
+    out = tmp_path / "b"
+    assert synth_main(["--out", str(out), "--level", "demo", *SMALL]) == 0
+    rows = [json.loads(x)["text"] for x in (out / "text" / "colour_binding.jsonl").read_text().splitlines()]
+    assert len(rows) == 37  # demo scenes stand in distinct cells: every object has a name
+    train_text = (out / "text" / "train.jsonl").read_text()
+    asked = Counter()
+    for row in rows:
+        user, answer = row.split("<|im_end|>\n<|im_start|>assistant\n ")
+        layout, question = user.removeprefix("<|im_start|>user\n").split("\n")
+        answer = answer.removesuffix("<|im_end|>")
+        assert question.startswith("What color is the ") and layout in train_text
+        # the named object is the one whose "COLOUR SHAPE[ in REGION]" the layout holds
+        ref = question.removeprefix("What color is the ").removesuffix("?")
+        shape, _, region = ref.partition(" in the ")
+        hits = [part for part in layout.replace(" and ", ", ").split(", ")
+                if part.split()[2] == shape and (not region or part.endswith(region))]
+        assert len(hits) == 1 and hits[0].split()[1] == answer, (layout, question, answer)
+        asked[answer] += 1
+    assert len(asked) >= 4  # colours vary
 
 
 def test_scene_questions_come_with_a_description_that_answers_them(tmp_path):

@@ -115,6 +115,36 @@ def scene_text_lines(meta: dict, max_captions: int = 3, qa_text: str = "bare") -
     return lines
 
 
+def colour_binding_lines(meta: dict, qa_text: str = "bare") -> list[str]:
+    """One more "What color is the X?" line per scene, about an object picked by the scene's key, in the corpus's form.
+
+    The base LLM reads a shape word after its colour word ("a red circle"), so answering a shape from a colour is the
+    easy copy (find "red", say the word after it) and answering a colour from a shape the hard one (find "circle", say
+    the word before it). In the scene Q/A lines colour questions are too rare for the hard copy to be learnt within the
+    tiny base LLM's steps; the base recipe repeats these lines (`text/colour_binding.jsonl`). Measured in RESULTS.md.
+    """
+    from collections import Counter
+
+    from .language import region_phrase
+
+    objs = meta["objects"]
+    o = objs[int(np.random.default_rng([zlib.crc32(str(meta.get("key", "")).encode()), 41]).integers(len(objs)))]
+    same = [p for p in objs if p["shape"] == o["shape"]]
+    if len(same) == 1:
+        ref = f"the {o['shape']}"
+    elif Counter(p["size"] for p in same)[o["size"]] == 1:
+        ref = f"the {o['size']} {o['shape']}"
+    elif Counter(p["region"] for p in same)[o["region"]] == 1:
+        ref = f"the {o['shape']} {region_phrase(o['region'])}"
+    else:
+        return []  # no name for it that does not give its colour away
+    question = f"What color is {ref}?"
+    if qa_text == "mirror":
+        return [chat_text(f"{layout_text(meta)}\n{question}", o["color"])]
+    prefix = f"{scene_description(meta)}. " if qa_text == "described" else ""
+    return [f"{prefix}Q: {question} A: {o['color']}"]
+
+
 def layout_text(meta: dict) -> str:
     """The scene's objects in raster order (top row first, left to right), the order the image's tokens take:
     "a red circle in the top left and a blue square in the bottom right"."""
