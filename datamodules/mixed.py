@@ -120,8 +120,10 @@ class MixedStream(IterableDataset):
         consumed = Counter(self.cursors.get(lane, {}))
         streams = {}
         for src in self.sources:
+            # fewer shards than lanes: every lane reads them all and keeps every n_lanes-th sample (disjoint lanes)
+            stride = (glane, n_lanes) if len(src.shards) < n_lanes else None
             stream = RawStream(lane_shards(src.shards, glane, n_lanes), f"{self.seed}|{self.epoch}|{glane}|{src.name}",
-                               self.shuffle_buffer, counter, src.name)
+                               self.shuffle_buffer, counter, src.name, sample_stride=stride)
             stream.skip(consumed[src.name])  # resume: replay what this lane already consumed
             streams[src.name] = stream
         ok, fails = Counter(), Counter()
@@ -353,15 +355,15 @@ class MixedDataModule(L.LightningDataModule):
         return DataLoader(stream, batch_size=None, collate_fn=batch_as_is, **self._loader_kwargs())
 
     def _warn_shared_shards(self) -> None:
-        """One line per source with fewer shards than lanes (ranks x workers): every lane then reads the whole source,
-        so a pass over it costs each lane what it would cost one process alone."""
+        """One line per source with fewer shards than lanes (ranks x workers): every lane then reads the whole source
+        and keeps its share of the samples, so a pass over it costs each lane what it would cost one process alone."""
         rank, world = _rank_world()
         lanes = world * max(1, self.num_workers)
         for src in self.sources:
             if len(src.shards) < lanes and rank == 0:
                 log.warning("source %r has %d shards for %d lanes (%d ranks x %d workers): every lane reads all of "
-                            "them; split it into at least %d shards", src.name, len(src.shards), lanes, world,
-                            max(1, self.num_workers), lanes)
+                            "them and keeps 1 sample in %d; split it into at least %d shards to read less",
+                            src.name, len(src.shards), lanes, world, max(1, self.num_workers), lanes, lanes)
 
     # ---- stream state ------------------------------------------------------------------------
     def _prepare_epoch(self, stream: MixedStream) -> None:

@@ -99,6 +99,19 @@ def test_ranks_read_disjoint_shards(world, monkeypatch):
     assert seen[0] and seen[1] and not seen[0] & seen[1], seen
 
 
+def test_ranks_sharing_a_single_file_source_read_disjoint_lines(world, monkeypatch):
+    """One text file for two ranks: each keeps every other line, so the ranks never train on the same line, and
+    together (over enough steps to pass the file) they cover it."""
+    src = [dict(name="txt", urls=str(world / "text.jsonl"), task="text")]
+    seen = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(mixed, "_rank_world", lambda r=rank: (r, 2))
+        seen[rank] = set(keys(run(make_dm(world, src, batch_size={"text": 2}, steps_per_epoch=40))))
+    assert seen[0] and seen[1] and not seen[0] & seen[1], seen
+    lines = (world / "text.jsonl").read_text().splitlines()
+    assert len(seen[0] | seen[1]) == len(lines) == 60
+
+
 def test_workers_split_and_match_the_lane_order(world):
     """Two workers: batch b comes from lane b % 2, the shards of the two lanes are disjoint."""
     src = [dict(name="gen", urls=f"{world}/train/*.tar", task="generation")]

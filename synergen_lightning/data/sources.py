@@ -528,13 +528,18 @@ def _jsonl_records(f, url: str, name: str) -> Iterator[dict | SkipSample]:
 class RawStream:
     """An endless stream of raw samples of one source in one lane: shards drawn with replacement
     (`resampled`) from this lane's partition, read in order, then mixed by a shuffle buffer.
-    Deterministic in (seed string); `skip(n)` replays n samples without decoding them."""
+    Deterministic in (seed string); `skip(n)` replays n samples without decoding them.
+
+    `sample_stride=(lane, n_lanes)`: keep only every n-th sample of each shard, from the lane-th on, so lanes that share
+    a source of fewer shards than lanes still see disjoint samples (a single-file text corpus under DDP). A shard too
+    small to give this lane a sample is then read whole."""
 
     def __init__(self, shards: list[str], seed: str, shuffle_buffer: int, counter: SkipCounter, source: str,
-                 max_empty_shards: int | None = None):
+                 max_empty_shards: int | None = None, sample_stride: tuple[int, int] | None = None):
         if not shards:
             raise ValueError(f"source {source!r}: no shard for this lane")
         self.shards = shards
+        self.stride = sample_stride if sample_stride and sample_stride[1] > 1 else None
         self.rng = random.Random(seed)
         self.buffer_size = max(1, int(shuffle_buffer))
         self.counter = counter
@@ -547,10 +552,16 @@ class RawStream:
         empty_in_row = 0
         while True:
             url = self.rng.choice(self.shards)
-            got = False
-            for sample in iter_shard(url, self.counter):
+            got = seen = False
+            for i, sample in enumerate(iter_shard(url, self.counter)):
+                seen = True
+                if self.stride and i % self.stride[1] != self.stride[0]:
+                    continue
                 got = True
                 yield sample
+            if seen and not got:  # fewer samples than lanes: this lane reads the shard whole from now on
+                self.stride = None
+                continue
             empty_in_row = 0 if got else empty_in_row + 1
             if empty_in_row >= self.max_empty_shards:
                 raise RuntimeError(f"source {self.source!r} yielded no sample from {empty_in_row} shard reads in a row "
@@ -589,7 +600,7 @@ def finite_samples(shards: list[str], counter: SkipCounter) -> Iterator[dict]:
 
 def lane_shards(shards: list[str], lane: int, n_lanes: int) -> list[str]:
     """Disjoint shard partition per lane when there are enough shards; otherwise every lane reads all
-    shards (with its own random order), which is the best a small source can do."""
+    shards and keeps its share of their samples (`RawStream(sample_stride=...)`)."""
     if len(shards) >= n_lanes:
         return shards[lane::n_lanes]
     return list(shards)
