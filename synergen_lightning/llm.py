@@ -4,7 +4,6 @@ check other stages reuse to show they keep the base LLM's text ability."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from synergen_lightning.io import iter_jsonl
 from synergen_lightning.models.mmoe import LLMConfig, LLMConfigDict, MMoETransformer
 from synergen_lightning.text_tokenizer import TextTokenizer, load_or_train
 
@@ -135,13 +135,10 @@ class MMoELLM(L.LightningModule):
 
 def read_skill_jsonl(path: str | Path) -> list[dict]:
     rows = []
-    with Path(path).open() as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                row = json.loads(line)
-                if "prompt" not in row or "answer" not in row:
-                    raise ValueError(f"{path}:{n}: a skill line needs 'prompt' and 'answer' keys, got {sorted(row)}")
-                rows.append(row)
+    for n, row in iter_jsonl(path):
+        if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
+            raise ValueError(f"{path} line {n}: a skill line needs 'prompt' and 'answer' keys; fix or delete that line")
+        rows.append(row)
     return rows
 
 

@@ -17,12 +17,13 @@ line number.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from unittest import mock
 
 import torch
 from torch import Tensor
+
+from synergen_lightning.io import JsonlLineError, iter_jsonl
 
 INCEPTION_KEY = "fid_inception_weights"
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -173,24 +174,24 @@ def read_prompt_file(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise EvalInputError(f"prompt file {str(p)!r} does not exist; pass a .txt (one caption a line) or .jsonl file")
+    if p.suffix.lower() not in (".jsonl", ".json"):
+        prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        prompts = _jsonl_prompts(p)
+    if not prompts:
+        raise EvalInputError(f"prompt file {p} has no prompts")
+    return prompts
+
+
+def _jsonl_prompts(p: Path) -> list[str]:
     prompts = []
-    jsonl = p.suffix.lower() in (".jsonl", ".json")
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if not jsonl:
-                prompts.append(line.strip())
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EvalInputError(f"{p} line {lineno}: not JSON ({exc.msg}); fix or delete that line") from None
+    try:
+        for lineno, row in iter_jsonl(p):
             text = row.get("caption", row.get("prompt")) if isinstance(row, dict) else None
             if not isinstance(text, str) or not text.strip():
                 raise EvalInputError(f"{p} line {lineno}: needs a non-empty string 'caption' or 'prompt' key; "
                                      "fix or delete that line")
             prompts.append(text.strip())
-    if not prompts:
-        raise EvalInputError(f"prompt file {p} has no prompts")
+    except JsonlLineError as exc:
+        raise EvalInputError(str(exc)) from None
     return prompts

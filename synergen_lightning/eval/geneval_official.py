@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from synergen_lightning.eval.fid import EvalInputError
+from synergen_lightning.io import JsonlLineError, iter_jsonl
 
 
 def read_metadata(path: str | Path) -> list[dict]:
@@ -28,18 +29,14 @@ def read_metadata(path: str | Path) -> list[dict]:
     if not p.is_file():
         raise EvalInputError(f"--metadata {str(p)!r} does not exist; pass GenEval's prompts/evaluation_metadata.jsonl")
     rows = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise EvalInputError(f"{p} line {lineno}: not JSON ({exc.msg}); fix or delete that line") from None
+    try:
+        for lineno, row in iter_jsonl(p):
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("tag"), str):
                 raise EvalInputError(f"{p} line {lineno}: needs string 'prompt' and 'tag' keys (GenEval's metadata "
                                      "format); fix or delete that line")
             rows.append(row)
+    except JsonlLineError as exc:
+        raise EvalInputError(str(exc)) from None
     if not rows:
         raise EvalInputError(f"--metadata {p} has no prompts")
     return rows
@@ -91,19 +88,18 @@ def summarize_results(results_jsonl: str | Path) -> dict:
                              "on the generated folder first")
     per_tag: dict[str, list[bool]] = {}
     prompts: dict[str, bool] = {}
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    try:
+        for lineno, row in iter_jsonl(p):
             try:
-                row = json.loads(line)
                 tag, ok = row["tag"], bool(row["correct"])
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            except (KeyError, TypeError) as exc:
                 raise EvalInputError(f"{p} line {lineno}: not a GenEval result line ({type(exc).__name__}); it needs "
                                      "'tag' and 'correct'") from None
             per_tag.setdefault(tag, []).append(ok)
             key = str(row.get("metadata", row.get("prompt")))
             prompts[key] = prompts.get(key, False) or ok
+    except JsonlLineError as exc:
+        raise EvalInputError(f"{exc}: not a GenEval result line") from None
     if not per_tag:
         raise EvalInputError(f"GenEval results {p} are empty")
     scores = {t: sum(v) / len(v) for t, v in per_tag.items()}

@@ -149,19 +149,14 @@ def load_prompts(path: Path) -> list[dict]:
     """Read eval_prompts.jsonl; raise ValueError naming the first malformed line."""
     from .prompts import validate_prompt
 
+    from synergen_lightning.io import iter_jsonl
+
     prompts = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                p = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} line {lineno}: not JSON ({e.msg}); fix or delete that line") from None
-            problem = validate_prompt(p)
-            if problem:
-                raise ValueError(f"{path} line {lineno}: {problem}")
-            prompts.append(p)
+    for lineno, p in iter_jsonl(path):  # a line that is not JSON: JsonlLineError, a ValueError naming it
+        problem = validate_prompt(p)
+        if problem:
+            raise ValueError(f"{path} line {lineno}: {problem}")
+        prompts.append(p)
     if not prompts:
         raise ValueError(f"{path} has no prompts; write it with `synergen data synth`")
     return prompts
