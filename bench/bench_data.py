@@ -34,7 +34,6 @@ from synergen_lightning.data import sources  # noqa: E402
 from synergen_lightning.data.synthetic import write_shards, write_text_jsonl  # noqa: E402
 from synergen_lightning.text_tokenizer import train_bpe  # noqa: E402
 
-
 TARGET_SAMPLES_PER_S = 10_000  # the data loader's target: pretokenized samples/s per worker
 
 

@@ -36,7 +36,6 @@ from common import (  # noqa: E402
     TooLarge,
     check_fits,
     decoder_params,
-    train_flops,
     interleaved,
     load_average,
     machine_info,
@@ -44,6 +43,7 @@ from common import (  # noqa: E402
     probe_in_subprocess,
     ratio,
     set_threads,
+    train_flops,
     write_json,
 )
 from synergen_lightning.distributed import _checkpoint_block, decoder_blocks  # noqa: E402

@@ -22,7 +22,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from synergen_lightning.data.sources import SkipCounter, expand_urls, iter_shard
-from synergen_lightning.data.views import IMAGE_EXTS, decode_image, dynamic_tiles, generation_view, to_rgb, to_uint8_tensor
+from synergen_lightning.data.views import (
+    IMAGE_EXTS,
+    decode_image,
+    dynamic_tiles,
+    generation_view,
+    to_rgb,
+    to_uint8_tensor,
+)
 
 __all__ = ["IMAGE_EXTS", "ImageShardDataModule", "ImageViewStream", "decode_image", "expand_shards", "image_views"]
 

@@ -349,7 +349,7 @@ def answer_main(argv: list[str] | None = None) -> int:
         img = Image.open(a.image)
         img.load()
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"--image {a.image!r} cannot be read ({exc}); pass a PNG/JPEG file")
+        raise SystemExit(f"--image {a.image!r} cannot be read ({exc}); pass a PNG/JPEG file") from None
     model = _load(a.ckpt, a.device, a.text_tokenizer, a.image_tokenizer)
     print(answer(model, [img], [a.question], max_new_tokens=a.max_new_tokens, max_tiles=a.max_tiles,
                  thumbnail=a.thumbnail)[0])

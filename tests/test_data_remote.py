@@ -6,7 +6,6 @@ local run's batches, key for key, and resumes mid-epoch the same."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 

@@ -18,8 +18,6 @@ from synergen_lightning.eval.fid import (
 )
 
 
-
-
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     return write_random_inception_weights(tmp_path_factory.mktemp("inception") / "inception.pth", seed=0)

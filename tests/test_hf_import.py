@@ -6,8 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from synergen_lightning.hf_import import (HFImportError, export_hf, pack_internlm2_wqkv, read_hf_config,
-                                          unpack_internlm2_wqkv)
+from synergen_lightning.hf_import import (
+    HFImportError,
+    export_hf,
+    pack_internlm2_wqkv,
+    read_hf_config,
+    unpack_internlm2_wqkv,
+)
 from synergen_lightning.models.mmoe import MMoETransformer
 
 transformers = pytest.importorskip("transformers")

@@ -11,7 +11,6 @@ transformers = pytest.importorskip("transformers")
 from synergen_lightning.image_tokenizer.protocol import ImageTokenizer, load_image_tokenizer  # noqa: E402
 
 
-
 def _emu3_dir(tmp_path):
     cfg = transformers.Emu3VQVAEConfig(codebook_size=64, embed_dim=4, latent_channels=4, base_channels=32,
                                        channel_multiplier=[1, 2, 2, 2], num_res_blocks=1, attn_resolutions=[],

@@ -15,12 +15,12 @@ command runs or a second rank starts: about 2 minutes on 2 cores.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 

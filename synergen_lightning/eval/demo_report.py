@@ -17,7 +17,6 @@ import json
 import sys
 from pathlib import Path
 
-
 NUM_GRID_IMAGES = 48  # eight of each GenEval category (the eval prompts are round-robin over the six)
 NUM_GRID_ANSWERS = 16
 

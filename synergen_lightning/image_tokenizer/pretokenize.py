@@ -160,7 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1:
         p.error(f"--workers {args.workers}: give 1 or more processes")
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from synergen_lightning.image_tokenizer.protocol import load_image_tokenizer
 

@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from synergen_lightning.models.blocks import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU
 from synergen_lightning.models.chunked_ce import ChunkedLinear
 
-
 # The type of an LLMConfig given as a dict (recipes, `--model.init_args.llm.num_layers 4`): a loose `dict` lets
 # jsonargparse pass command-line values through as strings ('4'); typed values make them arrive as numbers/bools
 LLMConfigDict = dict[str, int | float | bool | None]
