@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from synergen_lightning.data.batch import add_indices
+from synergen_lightning.hf_import import load_hf, read_hf_config
 from synergen_lightning.models.folding import TokenFolder, check_fold, fold_codes
 from synergen_lightning.models.mmoe import LLMConfig, LLMConfigDict, MMoETransformer, Routing
 from synergen_lightning.models.unfolding_head import UnfoldingHead
@@ -95,8 +96,6 @@ def load_base_llm(path: str | Path) -> MMoETransformer:
     """A base LLM: an `MMoELLM` Lightning checkpoint (the tiny base) or a local HF Llama/Qwen2/InternLM2 dir."""
     path = _existing_base_llm(path)
     if path.is_dir():
-        from synergen_lightning.hf_import import load_hf
-
         return load_hf(path, vision_experts=True)
     config, sd, vision, _ = _read_llm_checkpoint(path)
     trunk = MMoETransformer(config, vision_experts=vision)
@@ -108,8 +107,6 @@ def read_base_llm_config(path: str | Path) -> LLMConfig:
     """The LLMConfig of a base LLM without building it (for shapes only)."""
     path = _existing_base_llm(path)
     if path.is_dir():
-        from synergen_lightning.hf_import import read_hf_config
-
         return read_hf_config(path)[0]
     return _read_llm_checkpoint(path)[0]
 

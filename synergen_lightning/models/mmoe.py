@@ -294,13 +294,6 @@ class MMoETransformer(DecoderStack):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    @classmethod
-    def from_hf(cls, hf_dir, vision_experts: bool = True, dtype: torch.dtype = torch.float32) -> MMoETransformer:
-        """Load a local Hugging Face Llama / Qwen2 / InternLM2 directory (see `hf_import`)."""
-        from synergen_lightning.hf_import import load_hf
-
-        return load_hf(hf_dir, vision_experts=vision_experts, dtype=dtype)
-
     @property
     def vocab_size(self) -> int:
         return self.embed_tokens.num_embeddings
