@@ -57,12 +57,15 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from synergen_base.generation import generate_codes as gen_old
+    try:  # a revision's decode path: inference.py, or generation.py in revisions that predate it
+        from synergen_base.inference import generate_codes as gen_old
+    except ModuleNotFoundError:
+        from synergen_base.generation import generate_codes as gen_old
     from synergen_base.system import SynerGenVL as OldVL
 
     import bench_folding as bf
-    from synergen_lightning.generation import _left_pad
-    from synergen_lightning.generation import generate_codes as gen_new
+    from synergen_lightning.inference import _left_pad
+    from synergen_lightning.inference import generate_codes as gen_new
 
     c = dict(bf.FULL, grid=a.grid)
     torch.manual_seed(0)

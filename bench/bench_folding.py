@@ -47,7 +47,7 @@ from common import (  # noqa: E402
     write_json,
 )
 from synergen_lightning.distributed import _checkpoint_block, decoder_blocks  # noqa: E402
-from synergen_lightning.generation import generate_codes  # noqa: E402
+from synergen_lightning.inference import generate_codes  # noqa: E402
 from synergen_lightning.models.mmoe import LLMConfig, MMoETransformer  # noqa: E402
 from synergen_lightning.models.unfolding_head import sample_logits  # noqa: E402
 from synergen_lightning.system import SynerGenVL  # noqa: E402

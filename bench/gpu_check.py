@@ -205,7 +205,7 @@ def section_reduced_2b(device: str) -> dict:
 # ------------------------------------------------------------------------------------------------ generation
 def section_generation(device: str) -> dict:
     import bench_folding as bf
-    from synergen_lightning.generation import generate_codes
+    from synergen_lightning.inference import generate_codes
 
     c = dict(bf.FULL) if device == "cuda" else dict(bf.QUICK)
     torch.manual_seed(0)

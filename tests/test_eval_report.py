@@ -180,7 +180,7 @@ def _reference_layer_features(model, ids, img, codes, k):
 
 def test_layer_cosine_matches_truncated_forward_reference():
     from synergen_lightning.data.sequences import generation_prompt_ids
-    from synergen_lightning.generation import understanding_prompt_ids
+    from synergen_lightning.inference import understanding_prompt_ids
 
     model = _model()
     codes = torch.randint(0, 16, (2, 4, 4))

@@ -21,7 +21,7 @@ from synergen_lightning.eval.grounding import (
     image_gain,
     load_grounding_samples,
 )
-from synergen_lightning.generation import understanding_prompt_ids
+from synergen_lightning.inference import understanding_prompt_ids
 from tests.test_generation import CharTokenizer, GridTokenizer
 from tests.test_system_helpers import SPECIAL, tiny_model
 

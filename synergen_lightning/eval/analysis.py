@@ -44,7 +44,7 @@ def layer_cosine_similarity(model, codes: Tensor, captions: list[str], question:
                             ) -> dict[str, list[float]]:
     """codes Long[N,h,w] (one view per image) + captions -> {"mean": [L], "std": [L], "per_image": [[L] x N]}."""
     from synergen_lightning.data.sequences import generation_prompt_ids
-    from synergen_lightning.generation import understanding_prompt_ids
+    from synergen_lightning.inference import understanding_prompt_ids
 
     if codes.ndim != 3 or codes.shape[0] == 0:
         raise ValueError(f"codes must be Long[N,h,w] with N >= 1, got shape {tuple(codes.shape)}")

@@ -111,7 +111,7 @@ class Harness:
 
     def _rows(self, contexts: list[str], images: list | None, chat: bool):
         """(prompt rows, codes) of a batch: the chat template with the views, or `<s>` + raw text."""
-        from synergen_lightning.generation import understanding_rows
+        from synergen_lightning.inference import understanding_rows
 
         if chat:
             imgs = [_as_images(v) for v in (images or [None] * len(contexts))]
@@ -128,7 +128,7 @@ class Harness:
                  max_new_tokens: int | list[int] | None = None, chat: bool = True, temperature: float = 0.0,
                  seed: int = 0) -> list[str]:
         """One continuation per context, cut before the first of its `until` strings (and `<|im_end|>` / `</s>`)."""
-        from synergen_lightning.generation import decode_rows
+        from synergen_lightning.inference import decode_rows
 
         n = len(contexts)
         untils = until if until and isinstance(until[0], (list, tuple)) else [list(until or [])] * n
@@ -156,7 +156,7 @@ class Harness:
                       chat: bool = False) -> list[tuple[float, bool]]:
         """(log-probability, greedy) of each continuation after its context: raw text (`chat=False`) or as the
         assistant's answer to the context (and its images) in the chat template (`chat=True`)."""
-        from synergen_lightning.generation import score_continuations
+        from synergen_lightning.inference import score_continuations
 
         out = []
         for s in range(0, len(contexts), self.batch_size):
@@ -173,7 +173,7 @@ class Harness:
 
     def score_tokens(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(log-probability, greedy) of token continuations after token contexts (text only), batched."""
-        from synergen_lightning.generation import score_continuations
+        from synergen_lightning.inference import score_continuations
 
         out = []
         for s in range(0, len(pairs), self.batch_size):
