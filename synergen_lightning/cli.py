@@ -79,10 +79,10 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
 
     class SynerGenCLI(LightningCLI):
         def instantiate_trainer(self, **kwargs):
-            # a recipe that keeps the progress bar on and names none gets the step-counting one (callbacks/progress.py)
+            # a recipe that keeps the progress bar on and names none gets the step-counting one (progress.py)
             from lightning.pytorch.callbacks import ProgressBar
 
-            from callbacks.progress import default_progress_bar
+            from synergen_lightning.progress import default_progress_bar
 
             config = self._get(self.config_init, "trainer", default={}) or {}
             given = config.get("callbacks") or []
