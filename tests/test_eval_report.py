@@ -211,7 +211,7 @@ def test_cosine_command_writes_plot(world, tmp_path):
 
 @pytest.mark.slow
 def test_report_fid_suite_with_local_weights(world, logdir, tmp_path):
-    from synergen_lightning.eval.fid import write_random_inception_weights
+    from tests.inception_weights import write_random_inception_weights
 
     weights = write_random_inception_weights(tmp_path / "inc.pth")
     out = tmp_path / "report"

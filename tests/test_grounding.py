@@ -39,7 +39,7 @@ def _model(**kw):
 
 @pytest.fixture(scope="module")
 def code_shards(tmp_path_factory):
-    from synergen_lightning.data.synthetic import write_shards
+    from synthetic_shards import write_shards
 
     d = tmp_path_factory.mktemp("grounding")
     write_shards(d / "val", n_shards=2, per_shard=5, seed=7, prefix="val", image_size=None, codes_shape=(1, 4, 4))
