@@ -3,7 +3,7 @@
 #
 #   make demo                       the whole tiny pipeline on CPU, then generation, scoring and a report
 #   make test                       lint, then the test suite (make test-fast: without the slow end-to-end tests)
-#   make lint                       ruff and the import-layer contracts (pyproject.toml)
+#   make lint                       ruff, and the import-layer contracts (lint-imports; pyproject.toml)
 #   make stage1 DEVICES=2           shard the tiny stage 1 over 2 CPU processes (FSDP2, gloo)
 #   make stage1 DEVICES=2 STRATEGY=ddp   the same with full copies (DDP: faster for a model that fits in one process)
 #   make stage1 RECIPE=recipes/synergen_vl_2b/stage1.yaml DEVICES=8 ARGS="--trainer.num_nodes 1 --trainer.accumulate_grad_batches 32"
@@ -184,8 +184,9 @@ eval: $(VENV)  ## report of the latest tiny run (every tiny stage trains one nat
 geneval-gt: $(DATA_OK)  ## sanity check: the scorer on the world's own renders (expect 1.0)
 	$(SYN) eval geneval --prompts $(DATA)/eval_prompts.jsonl --ground-truth --out runs/geneval_gt.json
 
-lint: $(VENV)  ## ruff check (pyproject.toml [tool.ruff])
+lint: $(VENV)  ## ruff check, and lint-imports: the package's layers import only downward, with no cycles (pyproject.toml)
 	.venv/bin/ruff check .
+	.venv/bin/lint-imports --no-cache
 
 test: lint  ## lint, then the test suite CI runs: every fast test plus the short end-to-end runs (< 10 min on 2 cores)
 	$(PY) -m pytest -q -m "not slow or e2e"
