@@ -2,7 +2,8 @@
 # a real file target: a fresh clone builds exactly what is missing, and repeating a target is free.
 #
 #   make demo                       the whole tiny pipeline on CPU, then generation, scoring and a report
-#   make test                       the test suite (make test-fast: without the slow end-to-end tests)
+#   make test                       lint, then the test suite (make test-fast: without the slow end-to-end tests)
+#   make lint                       ruff, and the import-layer contracts (lint-imports; pyproject.toml)
 #   make stage1 DEVICES=2           shard the tiny stage 1 over 2 CPU processes (FSDP2, gloo)
 #   make stage1 DEVICES=2 STRATEGY=ddp   the same with full copies (DDP: faster for a model that fits in one process)
 #   make stage1 RECIPE=recipes/synergen_vl_2b/stage1.yaml DEVICES=8 ARGS="--trainer.num_nodes 1 --trainer.accumulate_grad_batches 32"
@@ -73,7 +74,7 @@ logged = $(if $(1),@mkdir -p $(dir $(1)) && echo "$(2) (log: $(1))" && { { $(3);
 resume_from = $(if $(wildcard $(1).done),,$(if $(wildcard $(1)last.ckpt),--ckpt_path $(1)last.ckpt))
 start_over_if_finished = @if [ -f $(1).done ]; then rm -f $(1).done $(1)*.ckpt; fi
 
-.PHONY: help install data tokenizer base-llm stage1 stage2 sft demo ablations eval test test-fast test-all bench gpu-check tensorboard geneval-gt clean
+.PHONY: help install data tokenizer base-llm stage1 stage2 sft demo ablations eval lint test test-fast test-all bench gpu-check tensorboard geneval-gt clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9_-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -183,7 +184,11 @@ eval: $(VENV)  ## report of the latest tiny run (every tiny stage trains one nat
 geneval-gt: $(DATA_OK)  ## sanity check: the scorer on the world's own renders (expect 1.0)
 	$(SYN) eval geneval --prompts $(DATA)/eval_prompts.jsonl --ground-truth --out runs/geneval_gt.json
 
-test: $(VENV)  ## the test suite CI runs: every fast test plus the short end-to-end runs (< 10 min on 2 cores)
+lint: $(VENV)  ## ruff check, and lint-imports: the package's layers import only downward, with no cycles (pyproject.toml)
+	.venv/bin/ruff check .
+	.venv/bin/lint-imports --no-cache
+
+test: lint  ## lint, then the test suite CI runs: every fast test plus the short end-to-end runs (< 10 min on 2 cores)
 	$(PY) -m pytest -q -m "not slow or e2e"
 
 test-fast: $(VENV)  ## only the fast tests

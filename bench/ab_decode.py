@@ -33,7 +33,7 @@ def export_revision(rev: str, dest: Path) -> None:
         blob = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "synergen_lightning"], check=True,
                               capture_output=True).stdout
     except subprocess.CalledProcessError as exc:
-        raise SystemExit(f"--rev {rev!r}: git archive failed ({exc.stderr.decode().strip()}); pass a commit of this repo")
+        raise SystemExit(f"--rev {rev!r}: git archive failed ({exc.stderr.decode().strip()}); pass a commit of this repo") from None
     with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
         tar.extractall(dest, filter="data")
     (dest / "synergen_lightning").rename(dest / "synergen_base")
@@ -57,12 +57,15 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    import bench_folding as bf
-    from synergen_base.generation import generate_codes as gen_old
+    try:  # a revision's decode path: inference.py, or generation.py in revisions that predate it
+        from synergen_base.inference import generate_codes as gen_old
+    except ModuleNotFoundError:
+        from synergen_base.generation import generate_codes as gen_old
     from synergen_base.system import SynerGenVL as OldVL
 
-    from synergen_lightning.generation import _left_pad
-    from synergen_lightning.generation import generate_codes as gen_new
+    import bench_folding as bf
+    from synergen_lightning.inference import _left_pad
+    from synergen_lightning.inference import generate_codes as gen_new
 
     c = dict(bf.FULL, grid=a.grid)
     torch.manual_seed(0)

@@ -3,8 +3,8 @@ samples, side by side, through the real MixedDataModule path (tar read, decode /
 sequence building, collate); then the fraction of step time spent waiting on data in a tiny
 SynerGenVL training loop fed by the DataModule. Prints a table and writes JSON.
 
-Pretokenized loading is also measured with the previous reading path (`tarfile` + `np.load`, kept as
-`sources.iter_shard_tarfile`) in the same process, interleaved batch-chunk by batch-chunk with the
+Pretokenized loading is also measured with the previous reading path (`tarfile` + `np.load`:
+bench/tarfile_reader.py) in the same process, interleaved batch-chunk by batch-chunk with the
 current one so that load from other processes hits both alike; `ratio_vs_previous_reader` is the
 speed-up. Target: >= 10,000 pretokenized samples/s per worker (tiny default: 8x8 codes).
 
@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datamodules.mixed import MixedDataModule  # noqa: E402
 from synergen_lightning.data import sources  # noqa: E402
-from synergen_lightning.data.synthetic import write_shards, write_text_jsonl  # noqa: E402
 from synergen_lightning.text_tokenizer import train_bpe  # noqa: E402
-
+from synthetic_shards import write_shards, write_text_jsonl  # noqa: E402
+from tarfile_reader import iter_shard_tarfile  # noqa: E402
 
 TARGET_SAMPLES_PER_S = 10_000  # the data loader's target: pretokenized samples/s per worker
 
@@ -49,7 +49,7 @@ def previous_load_npy(raw: bytes, key: str):
 def previous_reader():
     """Patches the DataModule onto the previous reading path (tarfile + np.load) while active."""
     stack = contextlib.ExitStack()
-    stack.enter_context(mock.patch.object(sources, "iter_shard", sources.iter_shard_tarfile))
+    stack.enter_context(mock.patch.object(sources, "iter_shard", iter_shard_tarfile))
     stack.enter_context(mock.patch("synergen_lightning.data.sequences.load_npy", previous_load_npy))
     return stack
 
@@ -80,7 +80,7 @@ def throughput(dms: dict, n_batches: int, rounds: int = 5) -> dict:
 
 def reader_throughput(shards: list[str], rounds: int = 5) -> dict:
     """Raw reading only (tar members -> codes arrays), previous vs current path, interleaved per round."""
-    paths = {"previous_tarfile_np_load": (sources.iter_shard_tarfile, previous_load_npy),
+    paths = {"previous_tarfile_np_load": (iter_shard_tarfile, previous_load_npy),
              "current": (sources.iter_shard, sources.load_npy)}
     n, secs = dict.fromkeys(paths, 0), dict.fromkeys(paths, 0.0)
     for _ in range(rounds):

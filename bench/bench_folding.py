@@ -36,7 +36,6 @@ from common import (  # noqa: E402
     TooLarge,
     check_fits,
     decoder_params,
-    train_flops,
     interleaved,
     load_average,
     machine_info,
@@ -44,10 +43,11 @@ from common import (  # noqa: E402
     probe_in_subprocess,
     ratio,
     set_threads,
+    train_flops,
     write_json,
 )
 from synergen_lightning.distributed import _checkpoint_block, decoder_blocks  # noqa: E402
-from synergen_lightning.generation import generate_codes  # noqa: E402
+from synergen_lightning.inference import generate_codes  # noqa: E402
 from synergen_lightning.models.mmoe import LLMConfig, MMoETransformer  # noqa: E402
 from synergen_lightning.models.unfolding_head import sample_logits  # noqa: E402
 from synergen_lightning.system import SynerGenVL  # noqa: E402

@@ -21,9 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
-
 import sys
+from pathlib import Path
 
 import torch
 

@@ -147,7 +147,6 @@ def section_tiny_stage1(device: str, work: Path) -> dict:
 def section_reduced_2b(device: str) -> dict:
     from bench_mfu import PRESET_2B, QUICK, build_2b, gen_batch, system_flops
     from common import gemm_variant, interleaved
-
     from synergen_lightning.distributed import parallelize
     from synergen_lightning.plan import ModelSpec, StepShape, estimate
 
@@ -206,8 +205,7 @@ def section_reduced_2b(device: str) -> dict:
 # ------------------------------------------------------------------------------------------------ generation
 def section_generation(device: str) -> dict:
     import bench_folding as bf
-
-    from synergen_lightning.generation import generate_codes
+    from synergen_lightning.inference import generate_codes
 
     c = dict(bf.FULL) if device == "cuda" else dict(bf.QUICK)
     torch.manual_seed(0)
@@ -218,8 +216,8 @@ def section_generation(device: str) -> dict:
     with torch.no_grad():
         for n in (1, 16):
             row = {}
-            for name, fn in (("folded", lambda: generate_codes(folded, [p] * n, None, cfg_scale=None, generator=gen)),
-                             ("unfolded", lambda: bf.unfolded_generate(unfolded, p, c["grid"] ** 2, gen, rows=n))):
+            for name, fn in (("folded", lambda n=n: generate_codes(folded, [p] * n, None, cfg_scale=None, generator=gen)),
+                             ("unfolded", lambda n=n: bf.unfolded_generate(unfolded, p, c["grid"] ** 2, gen, rows=n))):
                 fn() if n == 1 else None  # warm-up once
                 _sync(device)
                 t0 = time.perf_counter()
@@ -237,9 +235,9 @@ def section_generation(device: str) -> dict:
 def section_dcp(device: str, work: Path) -> dict:
     import torch.distributed.checkpoint as dcp
 
+    from memory_check import TINY, spec_of
     from synergen_lightning.distributed import load_sharded_into, load_sharded_state_dict, parallelize
     from synergen_lightning.plan import build_model, scaled_spec
-    from memory_check import TINY, spec_of
 
     ensure_process_group(device)
     spec = spec_of(TINY) if device == "cuda" else scaled_spec(spec_of(TINY), 8)

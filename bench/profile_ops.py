@@ -69,8 +69,7 @@ def profile_llm_decode() -> None:
     """The LLM's decode step as `generate_codes` runs it: cond + uncond rows (left-padded prompts of different
     lengths), one folded image token per step, KV-cached, no per-step attention mask (the cache knows the padding)."""
     import bench_folding as bf
-
-    from synergen_lightning.generation import _left_pad
+    from synergen_lightning.inference import _left_pad
 
     c = dict(bf.FULL)
     model = bf.build_folded(c).eval()

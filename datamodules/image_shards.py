@@ -1,8 +1,9 @@
 """`ImageShardDataModule`: image-only webdataset shards (img2dataset layout, `KEY.jpg` / `.png` / `.webp`) for
 training and validating image tokenizers.
 
-Every decoded image, in any PIL mode, goes through `synergen_lightning.data.views` (the one pixel policy) and
-yields several `size` x `size` views, so the tokenizer sees what the MLLM will feed it:
+The views come from `synergen_lightning.data.image_stream` (shared with `synergen eval tokenizer`): every decoded
+image, in any PIL mode, goes through `synergen_lightning.data.views` (the one pixel policy) and yields several
+`size` x `size` views, so the tokenizer sees what the MLLM will feed it:
 - the generation view (short edge -> size, centre crop),
 - the understanding tiles (`dynamic_tiles` with `max_tiles`; for the tiny world's 128 canvas and size 64: 2x2 tiles),
 - in training only, `random_crops` random size x size crops of the image at its native scale (if it is big enough).
@@ -13,102 +14,15 @@ Batches: `{"pixel_values": uint8 [N, 3, size, size], "n_skipped": int}`.
 
 from __future__ import annotations
 
-import logging
-import random
-
 import lightning as L
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
-from synergen_lightning.data.sources import SkipCounter, expand_urls, iter_shard
-from synergen_lightning.data.views import IMAGE_EXTS, decode_image, dynamic_tiles, generation_view, to_rgb, to_uint8_tensor
+from synergen_lightning.data.image_stream import ImageViewStream, collate_views, expand_shards, image_views
+from synergen_lightning.data.views import IMAGE_EXTS, decode_image
 
-__all__ = ["IMAGE_EXTS", "ImageShardDataModule", "ImageViewStream", "decode_image", "expand_shards", "image_views"]
-
-log = logging.getLogger(__name__)
-
-
-def expand_shards(spec: str | list[str]) -> list[str]:
-    """Any shard URL form of `synergen_lightning.data.sources.expand_urls` (a directory, glob, brace pattern, list
-    file, `pipe:`, `http(s)://`, fsspec URL, or a list of those) -> shard URLs."""
-    try:
-        return expand_urls(spec, "image shards")
-    except ValueError as exc:
-        raise FileNotFoundError(f"no shards match {spec!r} ({exc}); write them first (make data) or fix the path") from None
-
-
-def image_views(img: Image.Image, size: int, max_tiles: int, random_crops: int = 0, rng: random.Random | None = None) -> list[Image.Image]:
-    """Generation view + understanding tiles (+ random native-scale crops) of one image, all size x size RGB."""
-    img = to_rgb(img)
-    views = [generation_view(img, size)]
-    if max_tiles > 1:
-        views += dynamic_tiles(img, size, max_tiles=max_tiles)
-    rng = rng or random.Random()
-    for _ in range(random_crops if min(img.size) >= size else 0):
-        left, top = rng.randint(0, img.width - size), rng.randint(0, img.height - size)
-        views.append(img.crop((left, top, left + size, top + size)))
-    return views
-
-
-class ImageViewStream(IterableDataset):
-    """Streams views of every image in the shards; shards split across workers (and ranks when shuffling)."""
-
-    def __init__(self, shards: list[str], size: int, max_tiles: int, random_crops: int, shuffle: bool, seed: int = 0):
-        self.shards, self.size, self.max_tiles = shards, size, max_tiles
-        self.random_crops, self.shuffle, self.seed = random_crops, shuffle, seed
-        self.epoch = 0
-
-    def _my_shards(self) -> list[str]:
-        shards = list(self.shards)
-        if self.shuffle:
-            random.Random(self.seed + self.epoch).shuffle(shards)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-            shards = shards[rank::world] if len(shards) >= world else shards
-        info = get_worker_info()
-        if info is not None:
-            shards = shards[info.id :: info.num_workers] if len(shards) >= info.num_workers else (shards if info.id == 0 else [])
-        return shards
-
-    def __iter__(self):
-        # torch.initial_seed() differs per worker and per epoch (non-persistent workers are re-created each epoch)
-        rng = random.Random(hash((self.seed, self.epoch, torch.initial_seed())))
-        self.epoch += 1
-        pending = 0
-        buffer: list[torch.Tensor] = []
-        counter = SkipCounter()  # shards lost whole or in part (missing, cut, unreachable): logged once at the end
-        for sample in (s for url in self._my_shards() for s in iter_shard(url, counter)):
-            img = decode_image(sample)
-            if img is None:
-                pending += 1
-                continue
-            views = to_uint8_tensor(image_views(img, self.size, self.max_tiles, self.random_crops if self.shuffle else 0, rng))
-            buffer.extend(views)
-            if self.shuffle and len(buffer) < 512:  # small shuffle buffer across images
-                continue
-            if self.shuffle:
-                rng.shuffle(buffer)
-            while buffer and (not self.shuffle or len(buffer) > 256):
-                yield {"pixel_values": buffer.pop(), "n_skipped": pending}
-                pending = 0
-        if self.shuffle:
-            rng.shuffle(buffer)
-        for view in buffer:
-            yield {"pixel_values": view, "n_skipped": pending}
-            pending = 0
-        if pending:  # skips after the last view still get counted
-            yield {"pixel_values": None, "n_skipped": pending}
-        if counter.counts:
-            log.warning("image shards: skipped %s, e.g. %s", dict(counter.counts), next(iter(counter.examples.values())))
-
-
-def collate_views(items: list[dict]) -> dict:
-    pixels = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
-    return {
-        "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0, 3, 1, 1, dtype=torch.uint8),
-        "n_skipped": sum(int(it["n_skipped"]) for it in items),
-    }
+__all__ = ["IMAGE_EXTS", "ImageShardDataModule", "ImageViewStream", "collate_views", "decode_image", "expand_shards",
+           "image_views"]
 
 
 class ImageShardDataModule(L.LightningDataModule):

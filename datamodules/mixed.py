@@ -27,7 +27,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from synergen_lightning.data.batch import collate
 from synergen_lightning.data.sequences import CODES_EXT, SequenceBuilder
 from synergen_lightning.data.sources import (
-    TASKS, RawStream, SkipCounter, SkipSample, SourceSpec, finite_samples, iter_shard, lane_shards,
+    TASKS,
+    RawStream,
+    SkipCounter,
+    SkipSample,
+    SourceSpec,
+    finite_samples,
+    iter_shard,
+    lane_shards,
 )
 
 log = logging.getLogger(__name__)

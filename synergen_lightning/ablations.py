@@ -278,8 +278,11 @@ def fit_command(stage: StageRun, overrides_yaml: Path) -> list[str]:
     return cmd
 
 
-def _log(msg: str, lock=threading.Lock()) -> None:
-    with lock:
+_LOG_LOCK = threading.Lock()  # the runs' threads print whole lines
+
+
+def _log(msg: str) -> None:
+    with _LOG_LOCK:
         print(f"[ablations {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
@@ -373,7 +376,7 @@ def _prior_row(runs: dict, metrics: tuple[str, ...], lead: int, trail: int) -> l
                 ev = r.get("eval", {})
                 if ev.get("prior_und") is not None:
                     vals = [ev.get(f"prior_{m}") for m in metrics]
-                    return [f"| question-type prior (a constant answer per kind, no image) | " + " | ".join(
+                    return ["| question-type prior (a constant answer per kind, no image) | " + " | ".join(
                         ["–"] * lead + ["–" if v is None else f"{100 * v:.1f}" for v in vals] + ["–"] * trail) + " |"]
     return []
 

@@ -1,4 +1,5 @@
-"""Reading SynerGenVL checkpoints: the one loader behind every command and `SynerGenVL.load_from_checkpoint`.
+"""Reading checkpoints: the one loader behind every command, `system.load_synergen` and
+`SynerGenVL.load_from_checkpoint`.
 
 It reads every form a run or `synergen export` writes:
 
@@ -7,7 +8,8 @@ It reads every form a run or `synergen export` writes:
   read without a process group;
 - an export directory: `model.safetensors` + `config.json` (+ `export.json`), what `synergen export` writes.
 
-The model is rebuilt from the saved hyper-parameters, keeping only the arguments its constructor takes:
+`load_checkpoint_model(path, cls)` rebuilds a model of the class it is given (this module imports no model class)
+from the saved hyper-parameters, keeping only the arguments its constructor takes:
 `synergen fit` (LightningCLI) adds bookkeeping keys of its own (`_class_path`, `_instantiator`, any `_...`), and a
 key a newer or older version saved but this constructor does not know is not an argument either.
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from synergen_lightning.distributed import check_compatible, is_sharded_checkpoint, load_sharded_state_dict
 from synergen_lightning.safe_load import UntrustedCheckpointError, torch_load
 
 EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_INFO = "model.safetensors", "config.json", "export.json"
@@ -27,8 +30,6 @@ EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_INFO = "model.safetensors", "config.json",
 
 def checkpoint_kind(path: str | Path) -> str:
     """'file', 'sharded' or 'export'; a one-line FileNotFoundError naming the path and the forms otherwise."""
-    from synergen_lightning.distributed import is_sharded_checkpoint
-
     p = Path(path)
     if p.is_file():
         return "file"
@@ -63,8 +64,6 @@ def read_checkpoint_meta(path: str | Path) -> dict:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The full model weights of any checkpoint, on CPU (tied LM-head weights restored for exports)."""
-    from synergen_lightning.distributed import load_sharded_state_dict
-
     p = Path(path)
     kind = checkpoint_kind(p)
     if kind == "sharded":
@@ -105,9 +104,9 @@ def constructor_kwargs(cls: type, hparams: dict) -> dict:
     return {k: v for k, v in hparams.items() if not str(k).startswith("_") and (any_kw or k in named)}
 
 
-def model_hparams(path: str | Path, cls: type | None = None) -> dict:
-    """The constructor arguments a checkpoint's model was built with; a one-line error for another kind of model."""
-    cls = cls or _synergen_class()
+def model_hparams(path: str | Path, cls: type) -> dict:
+    """The `cls` constructor arguments a SynerGenVL checkpoint's model was built with; a one-line error for another
+    kind of model."""
     hp = dict(read_checkpoint_meta(path).get("hyper_parameters") or {})
     if "llm" not in hp:
         raise ValueError(f"{str(path)!r} has no SynerGenVL hyper_parameters (llm config): pass a SynerGenVL "
@@ -115,13 +114,10 @@ def model_hparams(path: str | Path, cls: type | None = None) -> dict:
     return constructor_kwargs(cls, hp)
 
 
-def load_synergen(path: str | Path, map_location: str | torch.device | None = "cpu", cls: type | None = None,
-                  strict: bool = True, **overrides):
-    """A SynerGenVL (or `cls`) in eval mode from any checkpoint form (module docstring). `overrides` replace
+def load_checkpoint_model(path: str | Path, cls: type, map_location: str | torch.device | None = "cpu",
+                          strict: bool = True, **overrides):
+    """A `cls` (SynerGenVL or a subclass) in eval mode from any checkpoint form (module docstring). `overrides` replace
     constructor arguments (e.g. `text_tokenizer`, `image_tokenizer` paths); the weights always come from `path`."""
-    from synergen_lightning.distributed import check_compatible
-
-    cls = cls or _synergen_class()
     path = Path(path)
     meta = read_checkpoint_meta(path)
     kwargs = model_hparams(path, cls)
@@ -142,8 +138,3 @@ def load_synergen(path: str | Path, map_location: str | torch.device | None = "c
         model = model.to(map_location)
     return model.eval()
 
-
-def _synergen_class() -> type:
-    from synergen_lightning.system import SynerGenVL
-
-    return SynerGenVL

@@ -35,9 +35,9 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("eval", "mjhq-fid"): ("synergen_lightning.eval.cli:mjhq_fid_main", "MJHQ-30K FID, overall and per category (local meta_data.json and images)"),
     ("eval", "coco-fid"): ("synergen_lightning.eval.cli:coco_fid_main", "MSCOCO-30K FID from a local captions_val2014.json and val images"),
     ("eval", "lm-eval"): ("synergen_lightning.eval.cli:lm_eval_main", "lm-eval (EleutherAI harness) with the `synergen` model: MMLU, CMMLU, any text task (extra: lm-eval)"),
-    ("import-hf",): ("synergen_lightning.hf_import:main", "convert a local Hugging Face Llama/Qwen2/InternLM2 directory into an MMoE LLM checkpoint"),
-    ("generate",): ("synergen_lightning.generation:generate_main", "generate images from text prompts with a trained SynerGenVL checkpoint"),
-    ("answer",): ("synergen_lightning.generation:answer_main", "answer a question about an image with a trained SynerGenVL checkpoint"),
+    ("import-hf",): ("synergen_lightning.llm:import_hf_main", "convert a local Hugging Face Llama/Qwen2/InternLM2 directory into an MMoE LLM checkpoint"),
+    ("generate",): ("synergen_lightning.inference_cli:generate_main", "generate images from text prompts with a trained SynerGenVL checkpoint"),
+    ("answer",): ("synergen_lightning.inference_cli:answer_main", "answer a question about an image with a trained SynerGenVL checkpoint"),
     ("export",): ("synergen_lightning.export:main", "consolidate a sharded (FSDP2) or single-file checkpoint into one safetensors file + config"),
     ("ablations",): ("synergen_lightning.ablations:main", "the paper's ablations in miniature (token folding, progressive alignment) -> docs/ablations.md"),
     ("plan",): ("synergen_lightning.plan:main", "per-GPU memory of a recipe's training step under FSDP2 (meta-device model, measured activations)"),
@@ -79,10 +79,10 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
 
     class SynerGenCLI(LightningCLI):
         def instantiate_trainer(self, **kwargs):
-            # a recipe that keeps the progress bar on and names none gets the step-counting one (callbacks/progress.py)
+            # a recipe that keeps the progress bar on and names none gets the step-counting one (progress.py)
             from lightning.pytorch.callbacks import ProgressBar
 
-            from callbacks.progress import default_progress_bar
+            from synergen_lightning.progress import default_progress_bar
 
             config = self._get(self.config_init, "trainer", default={}) or {}
             given = config.get("callbacks") or []

@@ -4,7 +4,7 @@ CKPT is any checkpoint a run writes: a single-file `.ckpt` (one process, DDP) or
 directory (Lightning DCP: `.metadata`, `*.distcp`, `meta.pt`). DIR gets `model.safetensors` (the full, unsharded
 weights, fp32 unless --dtype), `config.json` (the SynerGenVL constructor arguments: `SynerGenVL(**config)` rebuilds
 the model) and `export.json` (source, step, stage history, the data's hyper-parameters). Every command reads DIR
-back through the one loader, `synergen_lightning.checkpoint.load_synergen` (`load_model` here).
+back through the one loader, `synergen_lightning.system.load_synergen` (`load_model` here).
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from synergen_lightning.checkpoint import (
     EXPORT_INFO,
     EXPORT_WEIGHTS,
     checkpoint_kind,
-    load_synergen,
     model_hparams,
     read_checkpoint_meta,
     read_state_dict,
 )
 from synergen_lightning.distributed import check_compatible, to_dtype
+from synergen_lightning.system import SynerGenVL, load_synergen
 
 __all__ = ["export", "load_export", "load_model", "read_checkpoint_meta"]
 
@@ -43,14 +43,12 @@ def _jsonable(x):
 def export(ckpt: str | Path, out: str | Path, dtype: str | None = None) -> Path:
     from safetensors.torch import save_file
 
-    from synergen_lightning.system import SynerGenVL
-
     ckpt, out = Path(ckpt), Path(out)
     if checkpoint_kind(ckpt) == "export":
         raise ValueError(f"{str(ckpt)!r} is already an export directory: load it directly, or pass the run's "
                          "checkpoint (e.g. runs/tiny/stage1/last.ckpt) to export it again")
     meta = read_checkpoint_meta(ckpt)
-    hp = model_hparams(ckpt)
+    hp = model_hparams(ckpt, SynerGenVL)
     state = read_state_dict(ckpt)
     # rebuild the model from its config on the meta device (no weights, no tokenizer files needed) to check shapes
     with torch.device("meta"):

@@ -9,10 +9,8 @@ The vision FFNs start as copies of the text FFNs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -264,27 +262,3 @@ def export_hf(model: MMoETransformer, out_dir: str | Path, model_type: str = "ll
         cfg.update(attention_bias=False, mlp_bias=False)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     return out_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="synergen import-hf",
-        description="Convert a local Hugging Face Llama/Qwen2/InternLM2 directory (config.json + safetensors) into an "
-                    "MMoELLM checkpoint (vision FFNs initialised as copies of the text FFNs). Loadable with "
-                    "MMoELLM.load_from_checkpoint(CKPT).",
-    )
-    p.add_argument("--hf-dir", required=True, help="local directory with config.json and model.safetensors (no download)")
-    p.add_argument("--out", required=True, help="output checkpoint path (.ckpt)")
-    p.add_argument("--tokenizer-dir", default=None,
-                   help="directory with tokenizer.json to record in the checkpoint (default: --hf-dir if it has one)")
-    args = p.parse_args(argv)
-    from synergen_lightning.llm import MMoELLM
-
-    tok_dir = args.tokenizer_dir or (args.hf_dir if (Path(args.hf_dir) / "tokenizer.json").is_file() else None)
-    llm = MMoELLM.from_hf(args.hf_dir, tokenizer_dir=tok_dir)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    llm.save_checkpoint_file(out)
-    n = sum(p.numel() for p in llm.parameters())
-    print(f"wrote {out}: {n / 1e6:.2f}M parameters, config {asdict(llm.model.config)}")
-    return 0

@@ -1,9 +1,11 @@
 """`MMoELLM`: the MMoE trunk as a LightningModule, for text-only training (the tiny base LLM) and as
 the container of an imported Hugging Face LLM. Also `evaluate_text_skill`, the held-out text-skill
-check other stages reuse to show they keep the base LLM's text ability."""
+check other stages reuse to show they keep the base LLM's text ability, and `synergen import-hf`
+(`import_hf_main`: a local Hugging Face directory -> an MMoELLM checkpoint, through `hf_import`)."""
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from synergen_lightning.hf_import import load_hf
 from synergen_lightning.io import iter_jsonl
 from synergen_lightning.models.mmoe import LLMConfig, LLMConfigDict, MMoETransformer
 from synergen_lightning.text_tokenizer import TextTokenizer, load_or_train
@@ -70,7 +73,7 @@ class MMoELLM(L.LightningModule):
     def from_hf(cls, hf_dir: str | Path, tokenizer_dir: str | None = None, **kwargs) -> MMoELLM:
         """Import a local HF Llama / Qwen2 / InternLM2 directory; with `tokenizer_dir`, the
         embedding and LM head grow to the tokenizer's vocabulary (new rows = mean of old rows)."""
-        trunk = MMoETransformer.from_hf(hf_dir, vision_experts=kwargs.get("vision_experts", True))
+        trunk = load_hf(hf_dir, vision_experts=kwargs.get("vision_experts", True))
         llm = cls(config=asdict(trunk.config), **kwargs)
         llm.model.load_state_dict(trunk.state_dict())
         if tokenizer_dir is not None:
@@ -176,3 +179,25 @@ def evaluate_text_skill(model, tokenizer: TextTokenizer, jsonl: str | Path, max_
             correct += text == str(row["answer"]).strip()
     trunk.train(was_training)
     return correct / len(rows)
+
+
+def import_hf_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="synergen import-hf",
+        description="Convert a local Hugging Face Llama/Qwen2/InternLM2 directory (config.json + safetensors) into an "
+                    "MMoELLM checkpoint (vision FFNs initialised as copies of the text FFNs). Loadable with "
+                    "MMoELLM.load_from_checkpoint(CKPT).",
+    )
+    p.add_argument("--hf-dir", required=True, help="local directory with config.json and model.safetensors (no download)")
+    p.add_argument("--out", required=True, help="output checkpoint path (.ckpt)")
+    p.add_argument("--tokenizer-dir", default=None,
+                   help="directory with tokenizer.json to record in the checkpoint (default: --hf-dir if it has one)")
+    args = p.parse_args(argv)
+    tok_dir = args.tokenizer_dir or (args.hf_dir if (Path(args.hf_dir) / "tokenizer.json").is_file() else None)
+    llm = MMoELLM.from_hf(args.hf_dir, tokenizer_dir=tok_dir)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    llm.save_checkpoint_file(out)
+    n = sum(p.numel() for p in llm.parameters())
+    print(f"wrote {out}: {n / 1e6:.2f}M parameters, config {asdict(llm.model.config)}")
+    return 0

@@ -36,13 +36,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from synergen_lightning.models.chunked_ce import CHUNK_LOGITS
 from synergen_lightning.models.mmoe import LLMConfig

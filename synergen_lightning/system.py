@@ -37,11 +37,23 @@ from lightning.pytorch.utilities import grad_norm, rank_zero_info, rank_zero_war
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from synergen_lightning.checkpoint import load_checkpoint_model, read_checkpoint_meta, read_state_dict
 from synergen_lightning.data.batch import add_indices
-from synergen_lightning.models.folding import TokenFolder, check_fold, fold_codes
+from synergen_lightning.distributed import (
+    is_sharded,
+    is_sharded_checkpoint,
+    load_sharded_into,
+    parallelize,
+    total_grad_norm,
+)
+from synergen_lightning.hf_import import load_hf, read_hf_config
+from synergen_lightning.image_tokenizer import load_image_tokenizer
+from synergen_lightning.inference import answer, generate_images
+from synergen_lightning.models.folding import TokenFolder, check_fold, codebook_patches, fold_codes
 from synergen_lightning.models.mmoe import LLMConfig, LLMConfigDict, MMoETransformer, Routing
 from synergen_lightning.models.unfolding_head import UnfoldingHead
 from synergen_lightning.nonfinite import NonFiniteGuard
+from synergen_lightning.safe_load import torch_load
 from synergen_lightning.stages import (
     PARAMETER_GROUPS,
     StageSchedule,
@@ -50,6 +62,7 @@ from synergen_lightning.stages import (
     optimizer_param_groups,
     validate_groups,
 )
+from synergen_lightning.text_tokenizer import TextTokenizer
 
 SPECIAL_TOKENS = ("boi", "eoi", "uncond")  # their input rows train from stage 1 (group special_token_embeddings)
 
@@ -58,20 +71,8 @@ def _as_tuple(value) -> tuple:
     return tuple(value) if isinstance(value, (list, tuple)) else (value,)
 
 
-def find_trunk(module: nn.Module) -> MMoETransformer:
-    """The MMoETransformer inside a module (e.g. the `MMoELLM` LightningModule), whatever its attribute name."""
-    if isinstance(module, MMoETransformer):
-        return module
-    for m in module.modules():
-        if isinstance(m, MMoETransformer):
-            return m
-    raise ValueError(f"{type(module).__name__} holds no MMoETransformer")
-
-
 def _read_llm_checkpoint(path: Path) -> tuple[LLMConfig, dict, bool, str | None]:
     """(config, trunk state_dict, vision_experts, tokenizer_dir) of an `MMoELLM` checkpoint, read directly (no tokenizer setup)."""
-    from synergen_lightning.safe_load import torch_load
-
     ckpt = torch_load(path, mmap=True)  # mmap: only the config is needed for shapes
     hp = ckpt.get("hyper_parameters") or {}
     if "config" not in hp or "state_dict" not in ckpt:
@@ -95,8 +96,6 @@ def load_base_llm(path: str | Path) -> MMoETransformer:
     """A base LLM: an `MMoELLM` Lightning checkpoint (the tiny base) or a local HF Llama/Qwen2/InternLM2 dir."""
     path = _existing_base_llm(path)
     if path.is_dir():
-        from synergen_lightning.hf_import import load_hf
-
         return load_hf(path, vision_experts=True)
     config, sd, vision, _ = _read_llm_checkpoint(path)
     trunk = MMoETransformer(config, vision_experts=vision)
@@ -108,8 +107,6 @@ def read_base_llm_config(path: str | Path) -> LLMConfig:
     """The LLMConfig of a base LLM without building it (for shapes only)."""
     path = _existing_base_llm(path)
     if path.is_dir():
-        from synergen_lightning.hf_import import read_hf_config
-
         return read_hf_config(path)[0]
     return _read_llm_checkpoint(path)[0]
 
@@ -220,8 +217,6 @@ class SynerGenVL(LightningModule):
         if missing:
             raise ValueError(f"special_token_ids lacks {missing}: give ids for {list(SPECIAL_TOKENS)}")
         if image_tokenizer is not None and codebook_size is None:
-            from synergen_lightning.image_tokenizer import load_image_tokenizer
-
             itok = load_image_tokenizer(image_tokenizer)
             codebook_size, downsample = int(itok.codebook_size), int(itok.downsample)
             self.__dict__["_image_tokenizer"] = itok
@@ -306,8 +301,6 @@ class SynerGenVL(LightningModule):
             if path is None:
                 raise ValueError("this batch has pixel_values but no image_codes, and the model has no image_tokenizer: "
                                  "set model.image_tokenizer or pretokenize the shards")
-            from synergen_lightning.image_tokenizer import load_image_tokenizer
-
             tok = load_image_tokenizer(path)
             self.__dict__["_image_tokenizer"] = tok
         if tok.codebook_size != self.folder.codebook_size:
@@ -438,8 +431,6 @@ class SynerGenVL(LightningModule):
         """FSDP2 sharding under `synergen_lightning.distributed.FSDP2Strategy` (or Lightning's
         ModelParallelStrategy); a no-op for single-device strategies. Runs after `setup`, so the stage's
         `requires_grad` and the loaded weights are in place before sharding (freeze before sharding)."""
-        from synergen_lightning.distributed import is_sharded, parallelize
-
         mesh = getattr(self, "_device_mesh", None)
         if mesh is None or is_sharded(self):
             return
@@ -454,8 +445,6 @@ class SynerGenVL(LightningModule):
         parallelize(self, dp, **getattr(strategy, "parallelize_kwargs", {}))
         pending = self.__dict__.pop("_init_from_after_sharding", None)
         if pending is not None:
-            from synergen_lightning.distributed import load_sharded_into
-
             load_sharded_into(self, pending)
             rank_zero_info(f"{self.stage}: initialised from {pending} (each rank read its own shards)")
 
@@ -479,9 +468,6 @@ class SynerGenVL(LightningModule):
             if not path.exists():
                 raise FileNotFoundError(f"init_from {str(path)!r} does not exist: train the previous stage first "
                                         f"(e.g. `make stage1`) or fix model.init_from")
-            from synergen_lightning.checkpoint import read_state_dict
-            from synergen_lightning.distributed import is_sharded_checkpoint
-
             self._check_init_from_geometry(path)
             if is_sharded_checkpoint(path) and getattr(self, "_device_mesh", None) is not None:
                 # FSDP2: shard first, then every rank reads only its own shards (configure_model)
@@ -545,8 +531,6 @@ class SynerGenVL(LightningModule):
     GEOMETRY_HPARAMS = ("fold", "image_size", "downsample", "codebook_size")
 
     def _check_init_from_geometry(self, path: Path) -> None:
-        from synergen_lightning.checkpoint import read_checkpoint_meta
-
         ckpt = read_checkpoint_meta(path)
         step, of = ckpt.get("global_step"), ckpt.get("synergen_max_steps")
         if isinstance(step, int) and isinstance(of, int) and 0 < of and step < of:
@@ -565,8 +549,6 @@ class SynerGenVL(LightningModule):
 
     def init_code_embed_from_tokenizer(self) -> None:
         """The folder's code embedding from the principal components of each code's decoded pixels."""
-        from synergen_lightning.models.folding import codebook_patches
-
         if self.hparams.get("image_tokenizer") is None and "_image_tokenizer" not in self.__dict__:
             raise ValueError("code_embed_init='codebook' needs model.image_tokenizer (it decodes every code); "
                              "set it or use code_embed_init='random'")
@@ -624,8 +606,6 @@ class SynerGenVL(LightningModule):
         self.log("val/loss_image", self.val_loss_image, on_step=False, on_epoch=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        from synergen_lightning.distributed import is_sharded, total_grad_norm
-
         if is_sharded(self):  # DTensor gradients: Lightning's grad_norm cannot stack them
             total = total_grad_norm(self.parameters())
         else:
@@ -694,25 +674,19 @@ class SynerGenVL(LightningModule):
         """The model of any checkpoint `synergen fit` or `synergen export` writes, in eval mode: a single-file
         `.ckpt` (one process, DDP), a sharded FSDP2 directory or an export directory (synergen_lightning/checkpoint.py).
         Keyword arguments override constructor arguments (e.g. `text_tokenizer`); the weights come from the checkpoint."""
-        from synergen_lightning.checkpoint import load_synergen
-
         if hparams_file is not None:
             raise ValueError(f"hparams_file={str(hparams_file)!r}: a SynerGenVL checkpoint carries its own "
                              "hyper-parameters; pass overrides as keyword arguments (e.g. text_tokenizer=...)")
-        return load_synergen(checkpoint_path, map_location="cpu" if map_location is None else map_location, cls=cls,
-                             strict=True if strict is None else strict, **kwargs)
+        return load_checkpoint_model(checkpoint_path, cls, map_location="cpu" if map_location is None else map_location,
+                                     strict=True if strict is None else strict, **kwargs)
 
-    # ------------------------------------------------------------------ inference (generation.py)
+    # ------------------------------------------------------------------ inference (inference.py)
     def generate_images(self, prompts, num: int = 1, cfg_scale: float = 7.5, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, seed: int | None = None, **kw):
-        from synergen_lightning.generation import generate_images
-
         return generate_images(self, prompts, num=num, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
                                top_p=top_p, seed=seed, **kw)
 
     def answer(self, images, questions, max_new_tokens: int = 32, **kw):
-        from synergen_lightning.generation import answer
-
         return answer(self, images, questions, max_new_tokens=max_new_tokens, **kw)
 
     @property
@@ -731,6 +705,11 @@ class SynerGenVL(LightningModule):
 
 
 def load_text_tokenizer(path: str | Path):
-    from synergen_lightning.text_tokenizer import TextTokenizer
-
     return TextTokenizer(path)
+
+
+def load_synergen(path: str | Path, map_location: str | torch.device | None = "cpu", strict: bool = True,
+                  **overrides) -> SynerGenVL:
+    """A SynerGenVL in eval mode from any checkpoint form (synergen_lightning/checkpoint.py). `overrides` replace
+    constructor arguments (e.g. `text_tokenizer`, `image_tokenizer` paths); the weights always come from `path`."""
+    return load_checkpoint_model(path, SynerGenVL, map_location=map_location, strict=strict, **overrides)

@@ -115,7 +115,7 @@ GEN_PROMPTS, GEN_UNCOND = [[1, 6, 11, 12, 13, 7, 6, 3], [1, 6, 20, 21, 7, 6, 3]]
 def sample_codes(model) -> torch.Tensor:
     """KV-cached CFG sampling of 2 prompts with a fixed seed: code grids (runs the head's `generate` and the
     folder's `fold_patch`, which read their parameters outside a forward)."""
-    from synergen_lightning.generation import generate_codes
+    from synergen_lightning.inference import generate_codes
 
     model.eval()
     g = torch.Generator().manual_seed(1234)

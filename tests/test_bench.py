@@ -18,7 +18,6 @@ import bench_folding  # noqa: E402
 import bench_mfu  # noqa: E402
 import run_all  # noqa: E402
 from common import TooLarge, check_fits, counted_flops, interleaved, ratio, train_flops  # noqa: E402
-
 from synergen_lightning.llm import lm_loss  # noqa: E402
 from synergen_lightning.models.mmoe import LLMConfig, MMoETransformer  # noqa: E402
 

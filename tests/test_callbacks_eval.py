@@ -17,8 +17,6 @@ from synergen_lightning.llm import evaluate_text_skill
 from tests.test_generation import _model
 from tests.test_system_helpers import loader, make_batch
 
-
-
 PROMPTS = [
     {"index": 0, "tag": "single_object", "prompt": "a photo of a circle", "include": [{"class": "circle", "count": 1}],
      "exclude": []},

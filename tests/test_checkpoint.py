@@ -10,9 +10,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from synergen_lightning.checkpoint import constructor_kwargs, load_synergen, read_checkpoint_meta
+from synergen_lightning.checkpoint import constructor_kwargs, read_checkpoint_meta
 from synergen_lightning.export import export
-from synergen_lightning.system import SynerGenVL
+from synergen_lightning.system import SynerGenVL, load_synergen
 from tests.test_system_helpers import make_batch, tiny_model
 
 # what LightningCLI (`synergen fit`) puts into every checkpoint's hyper_parameters besides the model's arguments

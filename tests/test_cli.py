@@ -1,6 +1,7 @@
-import pytest
 import subprocess
 import sys
+
+import pytest
 
 from synergen_lightning import cli
 
@@ -44,7 +45,8 @@ def _raise_wrapped_like_jsonargparse():
 
         check_fold((16, 16), (3, 3))
     except ValueError:
-        raise ValueError("Does not validate against any of the Union subtypes")
+        # implicit chaining (__context__), as jsonargparse raises it
+        raise ValueError("Does not validate against any of the Union subtypes")  # noqa: B904
 
 
 def test_user_error_finds_our_message_under_a_library_wrapper():

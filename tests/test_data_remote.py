@@ -6,13 +6,12 @@ local run's batches, key for key, and resumes mid-epoch the same."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 
 from synergen_lightning.data.sources import SkipCounter, expand_urls, finite_samples, url_name
-from synergen_lightning.data.synthetic import write_shards, write_text_jsonl
 from synergen_lightning.text_tokenizer import train_bpe
+from synthetic_shards import write_shards, write_text_jsonl
 from tests.shard_server import ShardServer
 from tests.test_datamodule_mixed import keys, make_dm, run
 

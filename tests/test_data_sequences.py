@@ -15,9 +15,9 @@ from PIL import Image
 from synergen_lightning.data.batch import collate
 from synergen_lightning.data.sequences import CAPTION_PROMPT, IGNORE, SequenceBuilder, generation_prompt_ids
 from synergen_lightning.data.sources import SkipSample
-from synergen_lightning.data.synthetic import jpeg_bytes, sample_record, write_text_jsonl
 from synergen_lightning.data.views import dynamic_tiles, generation_view, to_uint8_tensor
 from synergen_lightning.text_tokenizer import train_bpe
+from synthetic_shards import jpeg_bytes, sample_record, write_text_jsonl
 
 TPV = 4
 

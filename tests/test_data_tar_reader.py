@@ -9,9 +9,10 @@ import tarfile
 import numpy as np
 import pytest
 
-from synergen_lightning.data.sources import SkipCounter, SkipSample, iter_shard, iter_shard_tarfile, load_npy
-from synergen_lightning.data.synthetic import write_shards
+from synergen_lightning.data.sources import SkipCounter, SkipSample, iter_shard, load_npy
 from synergen_lightning.data.tar_reader import TarError, iter_tar_members
+from synthetic_shards import write_shards
+from tarfile_reader import iter_shard_tarfile
 
 
 def read_both(path):

@@ -12,8 +12,8 @@ import torch
 
 import datamodules.mixed as mixed
 from datamodules.mixed import MixedDataModule
-from synergen_lightning.data.synthetic import write_shards, write_text_jsonl
 from synergen_lightning.text_tokenizer import train_bpe
+from synthetic_shards import write_shards, write_text_jsonl
 
 TPV = 4
 

@@ -22,7 +22,15 @@ from synergen_lightning.distributed import (
     parallelize,
     per_rank_batch_size,
 )
-from tests.distributed_worker import GLOBAL_TASKS, LOGIT_IDS, ParityData, optimizer_state_by_name, sample_codes, spawn, split_batch
+from tests.distributed_worker import (
+    GLOBAL_TASKS,
+    LOGIT_IDS,
+    ParityData,
+    optimizer_state_by_name,
+    sample_codes,
+    spawn,
+    split_batch,
+)
 from tests.test_system_helpers import make_batch, tiny_model
 
 STAGE_SWITCH = {"max_steps": 4, "switch_at": {2: "stage2"}, "gradient_clip_val": 0.05}

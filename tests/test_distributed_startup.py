@@ -167,7 +167,7 @@ def _load_worker(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         result = {"sharded": sharded, "whole": whole, "same": rank != 0 or all(torch.equal(full[k], v) for k, v in saved.items()),
                   "weights": sum(v.numel() * v.element_size() for v in saved.values()) if rank == 0 else None}
-    except BaseException as e:  # noqa: BLE001 - reported to the parent
+    except BaseException:  # noqa: BLE001 - reported to the parent
         import traceback
 
         result = {"error": traceback.format_exc()}

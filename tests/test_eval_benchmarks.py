@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from synergen_lightning.eval.cli import coco_fid_main, geneval_official_main, mjhq_fid_main
-from synergen_lightning.eval.fid import write_random_inception_weights
 from synergen_lightning.eval.geneval_official import read_metadata, summarize_results
+from tests.inception_weights import write_random_inception_weights
 from tests.test_eval_fid import _torchmetrics_fid
 from tests.test_generation import _model
 

@@ -14,10 +14,8 @@ from synergen_lightning.eval.fid import (
     load_image_dir,
     load_inception,
     read_prompt_file,
-    write_random_inception_weights,
 )
-
-
+from tests.inception_weights import write_random_inception_weights
 
 
 @pytest.fixture(scope="module")

@@ -156,7 +156,7 @@ def _requests(Instance, docs, kind):
 def _prompt(model, doc, max_tiles):
     """Unbatched reference inputs: the chat prompt's ids, image flags and the views' codes."""
     from synergen_lightning.data.views import dynamic_tiles, to_uint8_tensor
-    from synergen_lightning.generation import understanding_prompt_ids
+    from synergen_lightning.inference import understanding_prompt_ids
 
     size = model.grid[0] * model.hparams.downsample
     codes = model.encode_images(to_uint8_tensor(dynamic_tiles(doc["image"], size, max_tiles=max_tiles)))

@@ -9,13 +9,11 @@ from PIL import Image
 
 from synergen_lightning.eval.analysis import layer_cosine_similarity
 from synergen_lightning.eval.cli import cosine_main, report_main
-from synergen_lightning.eval.report import _fmt, check_system_checkpoint, read_scalars
 from synergen_lightning.eval.fid import EvalInputError
+from synergen_lightning.eval.report import _fmt, check_system_checkpoint, read_scalars
 from synergen_lightning.llm import evaluate_text_skill
 from synergen_lightning.world.scorer import score_images
 from tests.test_generation import _model
-
-
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +54,7 @@ def test_report_writes_json_md_grid_and_curves(world, logdir, tmp_path):
                                                      "samples.png"]
     rep = json.loads((out / "report.json").read_text())
     # GenEval: the same seeds regenerate the same images; score them independently
-    prompts = [json.loads(l) for l in (world / "eval_prompts.jsonl").read_text().splitlines()[:3]]
+    prompts = [json.loads(line) for line in (world / "eval_prompts.jsonl").read_text().splitlines()[:3]]
     images = model.generate_images([p["prompt"] for p in prompts], num=1, seed=0, batch_size=4)
     assert rep["results"]["geneval"] == score_images(images, prompts)
     # text: the trunk's skill accuracy, computed directly
@@ -182,7 +180,7 @@ def _reference_layer_features(model, ids, img, codes, k):
 
 def test_layer_cosine_matches_truncated_forward_reference():
     from synergen_lightning.data.sequences import generation_prompt_ids
-    from synergen_lightning.generation import understanding_prompt_ids
+    from synergen_lightning.inference import understanding_prompt_ids
 
     model = _model()
     codes = torch.randint(0, 16, (2, 4, 4))
@@ -213,7 +211,7 @@ def test_cosine_command_writes_plot(world, tmp_path):
 
 @pytest.mark.slow
 def test_report_fid_suite_with_local_weights(world, logdir, tmp_path):
-    from synergen_lightning.eval.fid import write_random_inception_weights
+    from tests.inception_weights import write_random_inception_weights
 
     weights = write_random_inception_weights(tmp_path / "inc.pth")
     out = tmp_path / "report"

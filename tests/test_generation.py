@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from synergen_lightning.generation import answer, generate_codes, generate_images, understanding_prompt_ids
+from synergen_lightning.inference import answer, generate_codes, generate_images, understanding_prompt_ids
 from tests.test_system_helpers import SPECIAL, tiny_model
 
 
@@ -112,7 +112,7 @@ def test_none_prompt_draws_from_the_unconditional_prompt():
 
 
 def test_objects_per_image_counts_the_shapes_of_rendered_scenes():
-    from synergen_lightning.generation import objects_per_image
+    from synergen_lightning.eval.demo_report import objects_per_image
     from synergen_lightning.world.scene import render_scene, sample_scene
 
     scenes = [sample_scene(s, canvas=128) for s in range(6)]
@@ -122,14 +122,15 @@ def test_objects_per_image_counts_the_shapes_of_rendered_scenes():
 
 
 def test_caption_floor_scores_the_unconditional_images_with_geneval_seeds(monkeypatch):
+    import synergen_lightning.eval.demo_report as demo_report
     import synergen_lightning.world.scorer as scorer
-    from synergen_lightning.generation import caption_floor
+    from synergen_lightning.eval.demo_report import caption_floor
 
     model = _model()
     prompts = [{"tag": "single_object", "prompt": f"a circle {i}", "include": [{"class": "circle", "count": 1}],
                 "exclude": []} for i in range(5)]
     seen = []
-    monkeypatch.setattr(scorer, "score_images", lambda images, ps: seen.append(images) or scorer.summarize(
+    monkeypatch.setattr(demo_report, "score_images", lambda images, ps: seen.append(images) or scorer.summarize(
         [(p["tag"], True) for p in ps]))
     report = caption_floor(model, prompts, seed=7, batch_size=2)
     assert report["overall"] == 1.0 and report["num_images"] == 5 and "objects_per_image" in report

@@ -21,7 +21,7 @@ from synergen_lightning.eval.grounding import (
     image_gain,
     load_grounding_samples,
 )
-from synergen_lightning.generation import understanding_prompt_ids
+from synergen_lightning.inference import understanding_prompt_ids
 from tests.test_generation import CharTokenizer, GridTokenizer
 from tests.test_system_helpers import SPECIAL, tiny_model
 
@@ -39,7 +39,7 @@ def _model(**kw):
 
 @pytest.fixture(scope="module")
 def code_shards(tmp_path_factory):
-    from synergen_lightning.data.synthetic import write_shards
+    from synthetic_shards import write_shards
 
     d = tmp_path_factory.mktemp("grounding")
     write_shards(d / "val", n_shards=2, per_shard=5, seed=7, prefix="val", image_size=None, codes_shape=(1, 4, 4))

@@ -6,9 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from synergen_lightning.hf_import import (HFImportError, export_hf, pack_internlm2_wqkv, read_hf_config,
-                                          unpack_internlm2_wqkv)
-from synergen_lightning.models.mmoe import MMoETransformer
+from synergen_lightning.hf_import import (
+    HFImportError,
+    export_hf,
+    load_hf,
+    pack_internlm2_wqkv,
+    read_hf_config,
+    unpack_internlm2_wqkv,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -37,7 +42,7 @@ def hf_pair(request, tmp_path_factory):
 
 def test_logits_match_transformers_text_and_all_image(hf_pair):
     kind, hf, path = hf_pair
-    ours = MMoETransformer.from_hf(path).eval()
+    ours = load_hf(path).eval()
     assert ours.config.qkv_bias == (kind == "qwen2") and ours.config.rope_theta == 5000.0
     ids = torch.randint(0, 97, (2, 19))
     with torch.no_grad():
@@ -50,7 +55,7 @@ def test_logits_match_transformers_text_and_all_image(hf_pair):
 
 def test_cached_greedy_decoding_matches_generate(hf_pair):
     kind, hf, path = hf_pair
-    ours = MMoETransformer.from_hf(path).eval()
+    ours = load_hf(path).eval()
     ids = torch.randint(0, 97, (3, 6))
     ref = hf.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)[:, 6:]
     assert torch.equal(ours.generate_greedy(ids, 12), ref)
@@ -58,7 +63,7 @@ def test_cached_greedy_decoding_matches_generate(hf_pair):
 
 def test_export_round_trips_through_transformers(hf_pair, tmp_path):
     kind, hf, path = hf_pair
-    ours = MMoETransformer.from_hf(path).eval()
+    ours = load_hf(path).eval()
     export_hf(ours, tmp_path / "out", model_type=kind)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     ids = torch.randint(0, 97, (2, 9))
@@ -70,7 +75,7 @@ def test_export_round_trips_through_transformers(hf_pair, tmp_path):
 
 def test_tied_embeddings_import(tmp_path):
     hf = make_hf("qwen2", tmp_path, tie_word_embeddings=True)
-    ours = MMoETransformer.from_hf(tmp_path).eval()
+    ours = load_hf(tmp_path).eval()
     assert ours.lm_head.weight is ours.embed_tokens.weight
     ids = torch.randint(0, 97, (1, 7))
     with torch.no_grad():
@@ -106,7 +111,7 @@ def test_internlm2_packed_wqkv_layout(tmp_path):
            "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
            "rms_norm_eps": 1e-5, "rope_theta": 5000.0, "bias": False, "hidden_act": "silu"}
     (dst / "config.json").write_text(json.dumps(cfg))
-    ours = MMoETransformer.from_hf(dst).eval()
+    ours = load_hf(dst).eval()
     ids = torch.randint(0, 97, (2, 11))
     with torch.no_grad():
         torch.testing.assert_close(ours.forward_ids(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
@@ -126,31 +131,31 @@ def _edit_weights(d, fn):
 
 def test_bad_directories_are_refused_with_file_and_tensor(llama_dir, tmp_path):
     with pytest.raises(HFImportError, match="config.json: missing"):
-        MMoETransformer.from_hf(tmp_path)
+        load_hf(tmp_path)
     (llama_dir / "model.safetensors").rename(tmp_path / "w.safetensors")
     with pytest.raises(HFImportError, match="no model.safetensors"):
-        MMoETransformer.from_hf(llama_dir)
+        load_hf(llama_dir)
     (tmp_path / "w.safetensors").rename(llama_dir / "model.safetensors")
 
     cfg = json.loads((llama_dir / "config.json").read_text())
     (llama_dir / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt2")))
     with pytest.raises(HFImportError, match="model_type='gpt2'.*not supported"):
-        MMoETransformer.from_hf(llama_dir)
+        load_hf(llama_dir)
     (llama_dir / "config.json").write_text(json.dumps(cfg))
 
     _edit_weights(llama_dir, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(HFImportError, match=r"missing tensors: layers\.1\.text_ffn\.up_proj\.weight \(HF model\.layers\.1\.mlp\.up_proj\.weight, expected shape \(96, 64\)"):
-        MMoETransformer.from_hf(llama_dir)
+        load_hf(llama_dir)
 
 
 def test_unexpected_and_misshapen_tensors_are_refused(llama_dir):
     _edit_weights(llama_dir, lambda sd: sd.__setitem__("model.layers.0.extra.weight", torch.zeros(2)))
     with pytest.raises(HFImportError, match=r"unexpected tensors.*model\.layers\.0\.extra\.weight.*model\.safetensors"):
-        MMoETransformer.from_hf(llama_dir)
+        load_hf(llama_dir)
     _edit_weights(llama_dir, lambda sd: sd.pop("model.layers.0.extra.weight"))
     _edit_weights(llama_dir, lambda sd: sd.__setitem__("model.norm.weight", torch.ones(65)))
     with pytest.raises(HFImportError, match=r"model\.safetensors: tensor model\.norm\.weight has shape \(65,\), expected \(64,\)"):
-        MMoETransformer.from_hf(llama_dir)
+        load_hf(llama_dir)
 
 
 def test_import_hf_cli_writes_a_loadable_checkpoint(llama_dir, tmp_path):
@@ -159,7 +164,7 @@ def test_import_hf_cli_writes_a_loadable_checkpoint(llama_dir, tmp_path):
 
     assert main(["import-hf", "--hf-dir", str(llama_dir), "--out", str(tmp_path / "llm.ckpt")]) == 0
     llm = MMoELLM.load_from_checkpoint(tmp_path / "llm.ckpt").eval()
-    ref = MMoETransformer.from_hf(llama_dir).eval()
+    ref = load_hf(llama_dir).eval()
     ids = torch.randint(0, 97, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(llm(ids), ref.forward_ids(ids))

@@ -13,10 +13,9 @@ from PIL import Image
 from datamodules.image_shards import ImageShardDataModule, image_views
 from synergen_lightning.image_tokenizer import ImageTokenizer, VQTokenizer, load_image_tokenizer
 from synergen_lightning.image_tokenizer.pretokenize import main as pretokenize_main
-from synergen_lightning.image_tokenizer.toy_shards import write_toy_shards
 from synergen_lightning.image_tokenizer.vq_tokenizer import codebook_stats
 from synergen_lightning.models.vq import VectorQuantizer
-
+from tests.toy_shards import write_toy_shards
 
 SMALL = dict(codebook_size=32, code_dim=4, base_channels=8, channel_multiplier=(1, 2, 2, 2), z_channels=16, warmup_steps=1)
 

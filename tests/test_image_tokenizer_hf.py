@@ -8,8 +8,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from synergen_lightning.image_tokenizer.protocol import ImageTokenizer, load_image_tokenizer  # noqa: E402
-
+from synergen_lightning.image_tokenizer.loading import load_image_tokenizer  # noqa: E402
+from synergen_lightning.image_tokenizer.protocol import ImageTokenizer  # noqa: E402
 
 
 def _emu3_dir(tmp_path):

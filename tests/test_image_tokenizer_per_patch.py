@@ -39,7 +39,7 @@ def test_per_patch_decoder_changes_only_the_patch_of_the_changed_code():
 
 def test_eval_codebook_roundtrip_matches_a_per_code_loop(tmp_path):
     from synergen_lightning.image_tokenizer.evaluate import evaluate_tokenizer
-    from synergen_lightning.image_tokenizer.toy_shards import write_toy_shards
+    from tests.toy_shards import write_toy_shards
 
     write_toy_shards(tmp_path / "val", 3, per_shard=3, seed=2)
     torch.manual_seed(1)

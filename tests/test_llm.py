@@ -40,7 +40,9 @@ def write_toy_corpus(out: Path, n_train: int = 6000, n_val: int = 300, seed: int
     filler = [f"the {rng.choice(COLORS)} {rng.choice(SHAPES)} is next to the {rng.choice(SHAPES)}." for _ in range(n_train // 4)]
     texts = [f"{r['prompt']} {r['answer']}" for r in train] + filler
     rng.shuffle(texts)
-    dump = lambda name, rows: (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    def dump(name, rows):
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
     dump("train.jsonl", [{"text": t} for t in texts])
     dump("val.jsonl", [{"text": f"{r['prompt']} {r['answer']}"} for r in val[: n_val // 2]])
     dump("skill_train.jsonl", train)

@@ -1,4 +1,4 @@
-"""`synergen fit`'s progress bar (callbacks/progress.py): a run bounded by max_steps reads `Epoch 0 · step 3/3`, not
+"""`synergen fit`'s progress bar (synergen_lightning/progress.py): a run bounded by max_steps reads `Epoch 0 · step 3/3`, not
 Lightning's `Epoch 0/-2`; epochs still read `Epoch 1/1`; a recipe's own bar, or none, is left as it is."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import sys
 import pytest
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from callbacks.progress import StepProgressBar
 from synergen_lightning.cli import lightning_cli
+from synergen_lightning.progress import StepProgressBar
 
 BORING = ["--model", "lightning.pytorch.demos.boring_classes.BoringModel",
           "--data", "lightning.pytorch.demos.boring_classes.BoringDataModule",

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from synergen_lightning.cli import main as synergen
-from synergen_lightning.data.synthetic import write_shards
 from synergen_lightning.safe_load import TRUST_ENV, UntrustedCheckpointError, torch_load
+from synthetic_shards import write_shards
 
 
 class _RunsCode:

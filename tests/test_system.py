@@ -51,7 +51,8 @@ def _reference_losses(model, batch):
     conds, targets = [], []
     for v, (b, t), pc in patch_codes:
         if batch["image_loss_mask"][v]:
-            conds.append(hidden[b, t - 1]); targets.append(pc)
+            conds.append(hidden[b, t - 1])
+            targets.append(pc)
     head_logits = model.head(torch.stack(conds), torch.stack(targets))
     loss_image = F.cross_entropy(head_logits.flatten(0, 1), torch.stack(targets).flatten())
     return loss_text, loss_image

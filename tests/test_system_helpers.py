@@ -29,12 +29,14 @@ def make_batch(tasks: list[str], P: int = 4, grid=(4, 4), K: int = 16, seed: int
         if task == "generation":
             toks = [1, 6] + words + [7, 6, 3] + [None] * P + [4, 2]
             sup = [False] * len(toks)
-            views.append(torch.randint(0, K, grid, generator=g)); loss_views.append(True)
+            views.append(torch.randint(0, K, grid, generator=g))
+            loss_views.append(True)
         elif task == "understanding":
             ans = torch.randint(10, VOCAB, (3,), generator=g).tolist()
             toks = [1, 6, 3] + [None] * P + [4] + words + [7, 6] + ans + [7, 2]
             sup = [False] * (len(toks) - 5) + [True] * 5
-            views.append(torch.randint(0, K, grid, generator=g)); loss_views.append(False)
+            views.append(torch.randint(0, K, grid, generator=g))
+            loss_views.append(False)
         else:
             toks = [1] + words + torch.randint(10, VOCAB, (4,), generator=g).tolist() + [2]
             sup = [False] + [True] * (len(toks) - 1)

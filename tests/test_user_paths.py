@@ -15,12 +15,12 @@ command runs or a second rank starts: about 2 minutes on 2 cores.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -186,7 +186,7 @@ def _logits(model) -> tuple[torch.Tensor, torch.Tensor]:
 def test_fit_resume_export_generate_answer_eval(mode, walked):
     from safetensors.torch import load_file
 
-    from synergen_lightning.checkpoint import load_synergen
+    from synergen_lightning.system import load_synergen
 
     result = walked[mode]
     if isinstance(result, BaseException):

@@ -10,10 +10,10 @@ import pytest
 from synergen_lightning.world import CATEGORIES, captions, make_eval_prompts, qa_pairs, render_scene, sample_scene
 from synergen_lightning.world.cli import synth_main
 from synergen_lightning.world.language import OPPOSITE
-from synergen_lightning.world.scene import relative_position
 from synergen_lightning.world.levels import LEVELS, cell_box, get_level, sample_level_scene
 from synergen_lightning.world.prompts import prompt_scene, render_prompt
-from synergen_lightning.world.scorer import detect_objects, evaluate, score_images
+from synergen_lightning.world.scene import relative_position
+from synergen_lightning.world.scorer import detect_objects, score_images
 from synergen_lightning.world.shards import find_world_info, read_world_info
 
 SMALL = ["--num-samples", "60", "--shard-size", "30", "--num-eval-prompts", "36", "--workers", "1", "--no-progress"]

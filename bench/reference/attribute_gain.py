@@ -19,9 +19,9 @@ import tarfile
 
 import torch
 
-from synergen_lightning.checkpoint import load_synergen
 from synergen_lightning.data.sequences import CODES_EXT
 from synergen_lightning.eval import grounding
+from synergen_lightning.system import load_synergen
 from synergen_lightning.world.scene import COLORS, SHAPES
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from datamodules.mixed import MixedDataModule
 from synergen_lightning.data.sequences import generation_prompt_ids
-from synergen_lightning.image_tokenizer.protocol import load_image_tokenizer
+from synergen_lightning.image_tokenizer.loading import load_image_tokenizer
 from synergen_lightning.text_tokenizer import load_or_train
 from synergen_lightning.world import scorer
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from synergen_lightning.image_tokenizer.protocol import load_image_tokenizer
+from synergen_lightning.image_tokenizer.loading import load_image_tokenizer
 from synergen_lightning.world.scene import TEXT_CHARS
 
 CROP = 24  # px around the character's centre (the glyph is ~8 px)

@@ -71,7 +71,7 @@ def answer_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 def init_code_embedding_from_pixels(m: ReferenceVQA, tokenizer_ckpt: Path) -> None:
     """What each code looks like, as its embedding: the decoded pixels of every code (centre of a uniform 3x3 grid),
     projected on their top principal components, each component scaled to unit variance."""
-    from synergen_lightning.image_tokenizer.protocol import load_image_tokenizer
+    from synergen_lightning.image_tokenizer.loading import load_image_tokenizer
     from synergen_lightning.models.folding import codebook_patches
 
     tok = load_image_tokenizer(tokenizer_ckpt)

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from synergen_lightning.data.sources import SkipSample, load_json, load_npy
-from synergen_lightning.data.views import dynamic_tiles, generation_view, to_uint8_tensor, tile_grids
+from synergen_lightning.data.views import dynamic_tiles, generation_view, tile_grids, to_uint8_tensor
 
 CAPTION_PROMPT = "Provide a one-sentence caption for the image"
 GENERATION_PROMPT = "Generate an image of: "

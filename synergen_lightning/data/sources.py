@@ -29,7 +29,6 @@ import lzma
 import os
 import random
 import re
-import tarfile
 import time
 import zlib
 from collections import Counter
@@ -394,8 +393,8 @@ def iter_shard(url: str, counter: SkipCounter) -> Iterator[dict]:
     line ({__key__, __url__, json: dict}). Failures are counted, never raised.
 
     Local tars are read by `tar_reader.iter_tar_members` (headers parsed by hand over one buffered file: ~5x
-    faster than `tarfile`, see bench/bench_data.py); `iter_shard_tarfile` is the previous reader, kept as
-    the reference the tests compare against. Remote URLs (`pipe:`, `http(s)://`, fsspec) stream through the same
+    faster than `tarfile`, see bench/bench_data.py); bench/tarfile_reader.py holds the `tarfile` reader the
+    tests and that benchmark compare it with. Remote URLs (`pipe:`, `http(s)://`, fsspec) stream through the same
     tar reader (`_iter_remote`: retries, `unreachable_shard`)."""
     if is_remote(url):
         yield from _iter_remote(url, counter)
@@ -463,43 +462,6 @@ def _split_key(name: str) -> tuple[str | None, str | None]:
         prefix, suffix = base_plus_ext(name) if dot == slash else (None, None)
         return prefix, None if suffix is None else suffix.lower()
     return name[:dot], name[dot + 1 :].lower()
-
-
-def iter_shard_tarfile(url: str, counter: SkipCounter) -> Iterator[dict]:
-    """The previous tar path (Python's `tarfile` in stream mode), same contract as `iter_shard`.
-    Kept as an independent reference for tests and for the side-by-side figure of bench/bench_data.py."""
-    if not os.path.exists(url):
-        counter.add("missing_shard", url)
-        return
-    if url.endswith((".jsonl", ".json")):
-        yield from _iter_jsonl(url, counter)
-        return
-    current: dict | None = None
-    try:
-        with tarfile.open(url, mode="r|*") as stream:
-            for info in stream:
-                if not info.isreg():
-                    continue
-                prefix, suffix = base_plus_ext(info.name)
-                if prefix is None or os.path.basename(info.name).startswith("__"):
-                    continue
-                data = stream.extractfile(info).read()
-                if len(data) != info.size:  # tarfile's stream mode returns short reads silently
-                    raise EOFError(f"{info.name}: {len(data)} of {info.size} bytes")
-                if current is not None and current["__key__"] != prefix:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": prefix, "__url__": url}
-                current[suffix.lower()] = data
-            # a complete tar ends with two zero blocks after the last member; a cut at a member boundary lacks them
-            if os.path.getsize(url) < stream.offset + 2 * tarfile.BLOCKSIZE:
-                raise EOFError(f"no end-of-archive marker after {stream.offset} bytes")
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        counter.add("truncated_tar", f"{url}: {exc}")
-        return
-    if current is not None:
-        yield current
 
 
 def _iter_jsonl(url: str, counter: SkipCounter) -> Iterator[dict]:

@@ -20,6 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from synergen_lightning.data.sequences import generation_prompt_ids
+from synergen_lightning.data.views import generation_view, to_uint8_tensor
+from synergen_lightning.inference import understanding_prompt_ids
+
 UNDERSTANDING_QUESTION = "Describe the image."
 
 
@@ -43,9 +47,6 @@ def _layer_image_features(model, ids: list[int], img: list[bool], codes: Tensor)
 def layer_cosine_similarity(model, codes: Tensor, captions: list[str], question: str = UNDERSTANDING_QUESTION
                             ) -> dict[str, list[float]]:
     """codes Long[N,h,w] (one view per image) + captions -> {"mean": [L], "std": [L], "per_image": [[L] x N]}."""
-    from synergen_lightning.data.sequences import generation_prompt_ids
-    from synergen_lightning.generation import understanding_prompt_ids
-
     if codes.ndim != 3 or codes.shape[0] == 0:
         raise ValueError(f"codes must be Long[N,h,w] with N >= 1, got shape {tuple(codes.shape)}")
     if len(captions) != codes.shape[0]:
@@ -97,8 +98,6 @@ def plot_layer_similarity(result: dict, path: str | Path, title: str = "understa
 
 def images_to_codes(model, images) -> Tensor:
     """PIL images -> Long[N,h,w] through the generation view (one square view each) and the frozen tokenizer."""
-    from synergen_lightning.data.views import generation_view, to_uint8_tensor
-
     size = model.grid[0] * model.hparams.downsample
     views = to_uint8_tensor([generation_view(im, size) for im in images])
     return model.encode_images(views)

@@ -17,6 +17,15 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from synergen_lightning.checkpoint import read_checkpoint_meta
+from synergen_lightning.eval.grounding import grounding_suite, report_block
+from synergen_lightning.eval.suites import geneval_suite, load_qa_items, text_suite, understanding_suite
+from synergen_lightning.inference import generate_images
+from synergen_lightning.inference_cli import add_checkpoint_args, load_checkpoint
+from synergen_lightning.world.scorer import detect_objects, evaluate, score_images, summarize
+from synergen_lightning.world.shards import find_world_info, read_world_info
 
 NUM_GRID_IMAGES = 48  # eight of each GenEval category (the eval prompts are round-robin over the six)
 NUM_GRID_ANSWERS = 16
@@ -24,8 +33,6 @@ NUM_GRID_ANSWERS = 16
 
 def checkpoint_level(ckpt: str) -> str | None:
     """The shape-world level the checkpoint's last stage trained on (from its data sources' world.json), or None."""
-    from synergen_lightning.world.shards import find_world_info
-
     for source in _data_hparams(ckpt).get("sources") or []:
         info = find_world_info(str(source.get("urls", "")))
         if info:
@@ -35,8 +42,6 @@ def checkpoint_level(ckpt: str) -> str | None:
 
 def _data_hparams(ckpt: str) -> dict:
     """The datamodule settings a checkpoint (file, sharded directory or export) was trained with; {} if unknown."""
-    from synergen_lightning.checkpoint import read_checkpoint_meta
-
     try:
         return read_checkpoint_meta(ckpt).get("datamodule_hyper_parameters") or {}
     except (OSError, ValueError):
@@ -45,8 +50,6 @@ def _data_hparams(ckpt: str) -> dict:
 
 def warn_level_mismatch(ckpt: str, data_dir: str | Path, out=sys.stderr) -> tuple[str | None, str | None]:
     """(trained level, eval level); prints a warning naming both when they differ."""
-    from synergen_lightning.world.shards import read_world_info
-
     info = read_world_info(data_dir)
     eval_level, trained = (info or {}).get("level"), checkpoint_level(ckpt)
     if eval_level and trained and eval_level != trained:
@@ -58,8 +61,6 @@ def warn_level_mismatch(ckpt: str, data_dir: str | Path, out=sys.stderr) -> tupl
 
 def verdicts(images, prompts) -> list[tuple[bool, str, int]]:
     """Per image: (passed, the scorer's reason when not, accepted shapes)."""
-    from synergen_lightning.world.scorer import detect_objects, evaluate
-
     out = []
     for img, p in zip(images, prompts):
         found = detect_objects(img)
@@ -69,14 +70,34 @@ def verdicts(images, prompts) -> list[tuple[bool, str, int]]:
 
 
 def subset_geneval(prompts, passed, n: int) -> dict:
-    from synergen_lightning.world.scorer import summarize
-
     return summarize([(p["tag"], ok) for p, ok in zip(prompts[:n], passed[:n])])
 
 
 def subset_und(items, answers, n: int) -> float:
     pairs = list(zip(items, answers))[:n]
     return sum(a.strip().lower() == it["answer"].strip().lower() for it, a in pairs) / max(len(pairs), 1)
+
+
+def objects_per_image(images) -> float:
+    """Mean number of shapes the shape-world scorer accepts per image (each colour blob counts once; blobs rejected
+    as no shape are not counted: `score_images` reports those as `rejected_per_image`)."""
+    return sum(len(detect_objects(im)) for im in images) / max(len(images), 1)
+
+
+@torch.no_grad()
+def caption_floor(model, prompts: list[dict], seed: int = 0, temperature: float = 1.0, batch_size: int = 16) -> dict:
+    """GenEval of images drawn from the unconditional prompt, scored against `prompts` (same seeds and chunks as
+    `geneval_suite`): what the model scores while ignoring every caption. The scorer passes an item when the asked
+    shapes are among the detected ones, so clutter alone scores here; a conditional score near this floor means
+    the captions do not reach the image."""
+    images = []
+    for k in range(0, len(prompts), batch_size):
+        n = len(prompts[k:k + batch_size])
+        images += generate_images(model, [None] * n, cfg_scale=None, temperature=temperature, seed=seed + k // batch_size,
+                                  batch_size=batch_size)
+    report = score_images(images, prompts)
+    report["objects_per_image"] = objects_per_image(images)
+    return report
 
 
 def save_samples(path: Path, images, prompts, verdict, und_items, und_answers, level: str | None) -> Path:
@@ -161,12 +182,10 @@ def save_curve(path: Path, curve: list[dict], prior: float | None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from synergen_lightning.generation import _common
-
     p = argparse.ArgumentParser(prog="synergen demo report", description=__doc__.split("\n\n")[0] + " Scores the "
                                 "final checkpoint on every eval prompt and val question, and each --curve checkpoint "
                                 "on the first --curve-prompts / --curve-questions of them.")
-    _common(p)
+    add_checkpoint_args(p)
     p.add_argument("--base-llm", required=True, help="the base LLM checkpoint (text.accuracy_base)")
     p.add_argument("--data", default="data/tiny", help="shape-world directory (eval_prompts.jsonl, val/, text/)")
     p.add_argument("--out", default="runs/demo")
@@ -192,8 +211,6 @@ def main(argv: list[str] | None = None) -> int:
                         "caption / image saves over a swapped one; ~0 = the input is ignored); 0 = skip")
     a = p.parse_args(argv)
 
-    from synergen_lightning.eval.suites import geneval_suite, load_qa_items, text_suite, understanding_suite
-    from synergen_lightning.generation import _load, caption_floor
 
     data, out = Path(a.data), Path(a.out)
     prompts_file = data / "eval_prompts.jsonl"
@@ -204,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--curve {c} does not exist; pass the stage checkpoints that exist (or none)")
     out.mkdir(parents=True, exist_ok=True)
     trained_level, level = warn_level_mismatch(a.ckpt, data)
-    model = _load(a.ckpt, a.device, a.text_tokenizer, a.image_tokenizer)
+    model = load_checkpoint(a.ckpt, a.device, a.text_tokenizer, a.image_tokenizer)
     # answer with the views the last stage trained on (max tiles, thumbnail)
     max_tiles, thumbnail = _views(a.ckpt)
 
@@ -220,8 +237,6 @@ def main(argv: list[str] | None = None) -> int:
     text = text_suite(model, data / "text" / "skill_val.jsonl", base_llm=a.base_llm, max_examples=a.text_examples)
     grounding = None
     if a.grounding_items > 0:
-        from synergen_lightning.eval.grounding import grounding_suite, report_block
-
         grounding = report_block(grounding_suite(model, shards=str(data / "val" / "*.tar"), max_items=a.grounding_items,
                                                  max_tiles=max_tiles, thumbnail=thumbnail))
     shown = grid_answers(qa_items, NUM_GRID_ANSWERS)
@@ -231,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     n_gen, n_und = min(a.curve_prompts, len(prompts)), min(a.curve_questions, len(qa_items))
     curve = []
     for c in a.curve:
-        stage_model = _load(c, a.device, a.text_tokenizer, a.image_tokenizer)
+        stage_model = load_checkpoint(c, a.device, a.text_tokenizer, a.image_tokenizer)
         tiles, thumb = _views(c)
         g = geneval_suite(stage_model, prompts[:n_gen], seed=a.seed, cfg_scale=a.cfg, temperature=a.temperature)
         u = understanding_suite(stage_model, qa_items[:n_und], max_new_tokens=8, max_tiles=tiles, thumbnail=thumb)

@@ -6,9 +6,7 @@
 `generated` / `reference` are image directories, uint8 tensors [N,3,H,W] or lists of PIL images.
 The weights file is torch-fidelity's `inception-v3-compat` state dict (the file torch-fidelity itself
 downloads as `weights-inception-2015-12-05-6726825d.pth`); its recipe key is `fid_inception_weights`
-and its flag `--inception-weights`. `write_random_inception_weights` makes a random-init file in the
-same format, for tests and smoke runs (the numbers are then only self-consistent, not comparable
-with published FIDs).
+and its flag `--inception-weights`.
 
 Prompt files for MSCOCO-30K style runs (`read_prompt_file`): `.txt` (one caption per line) or
 `.jsonl` (`{"caption": ...}` or `{"prompt": ...}` per line); a malformed line is an error naming its
@@ -18,7 +16,6 @@ line number.
 from __future__ import annotations
 
 from pathlib import Path
-from unittest import mock
 
 import torch
 from torch import Tensor
@@ -44,21 +41,6 @@ def check_inception_weights(path: str | Path | None) -> Path:
         raise EvalInputError(f"{INCEPTION_KEY} = {str(p)!r} does not exist: point {INCEPTION_KEY} / --inception-weights "
                              "at a local copy of torch-fidelity's weights-inception-2015-12-05-6726825d.pth")
     return p
-
-
-def write_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
-    """A random-init `inception-v3-compat` state dict at `path`, in the format torch-fidelity loads."""
-    from torch_fidelity import feature_extractor_inceptionv3 as fe
-
-    torch.manual_seed(seed)
-    # the constructor always loads weights (from the URL when no path is given): skip that step only
-    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None), \
-            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None):
-        net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), path)
-    return path
 
 
 def load_inception(weights: str | Path, features: tuple[str, ...] = ("2048",)):

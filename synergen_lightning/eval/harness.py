@@ -17,15 +17,16 @@ from pathlib import Path
 
 import torch
 
+from synergen_lightning.checkpoint import read_checkpoint_meta
 from synergen_lightning.eval.fid import EvalInputError
+from synergen_lightning.eval.report import load_system
+from synergen_lightning.inference import decode_rows, score_continuations, understanding_rows
 
 IMAGE_PLACEHOLDER = "<image>"
 
 
 def tile_policy(ckpt: str | Path) -> dict:
     """{"max_tiles", "thumbnail"} the checkpoint's data module trained with (1 view, no thumbnail when unknown)."""
-    from synergen_lightning.checkpoint import read_checkpoint_meta
-
     try:
         hp = read_checkpoint_meta(ckpt).get("datamodule_hyper_parameters") or {}
     except (OSError, ValueError):
@@ -77,8 +78,6 @@ class Harness:
                         text_tokenizer: str | None = None, image_tokenizer: str | None = None, **kw) -> "Harness":
         """Load any checkpoint form (a run's .ckpt, a sharded directory, an export); the tile policy is the
         checkpoint's unless `max_tiles` / `thumbnail` are given."""
-        from synergen_lightning.eval.report import load_system
-
         if pretrained is None or not Path(str(pretrained)).exists():
             raise EvalInputError(f"pretrained={pretrained!r} does not exist: pass a SynerGenVL checkpoint, e.g. "
                                  "--model_args pretrained=runs/tiny/sft/last.ckpt")
@@ -111,8 +110,6 @@ class Harness:
 
     def _rows(self, contexts: list[str], images: list | None, chat: bool):
         """(prompt rows, codes) of a batch: the chat template with the views, or `<s>` + raw text."""
-        from synergen_lightning.generation import understanding_rows
-
         if chat:
             imgs = [_as_images(v) for v in (images or [None] * len(contexts))]
             questions = [c.replace(IMAGE_PLACEHOLDER, "").strip() for c in contexts]
@@ -128,8 +125,6 @@ class Harness:
                  max_new_tokens: int | list[int] | None = None, chat: bool = True, temperature: float = 0.0,
                  seed: int = 0) -> list[str]:
         """One continuation per context, cut before the first of its `until` strings (and `<|im_end|>` / `</s>`)."""
-        from synergen_lightning.generation import decode_rows
-
         n = len(contexts)
         untils = until if until and isinstance(until[0], (list, tuple)) else [list(until or [])] * n
         budgets = max_new_tokens if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
@@ -156,8 +151,6 @@ class Harness:
                       chat: bool = False) -> list[tuple[float, bool]]:
         """(log-probability, greedy) of each continuation after its context: raw text (`chat=False`) or as the
         assistant's answer to the context (and its images) in the chat template (`chat=True`)."""
-        from synergen_lightning.generation import score_continuations
-
         out = []
         for s in range(0, len(contexts), self.batch_size):
             sl = slice(s, s + self.batch_size)
@@ -173,8 +166,6 @@ class Harness:
 
     def score_tokens(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(log-probability, greedy) of token continuations after token contexts (text only), batched."""
-        from synergen_lightning.generation import score_continuations
-
         out = []
         for s in range(0, len(pairs), self.batch_size):
             chunk = pairs[s:s + self.batch_size]

@@ -18,7 +18,12 @@ from pathlib import Path
 
 import torch
 
-from synergen_lightning.eval.fid import EvalInputError
+from synergen_lightning.data.sources import SkipCounter, expand_urls, finite_samples, load_json
+from synergen_lightning.data.views import generation_view, to_uint8_tensor
+from synergen_lightning.eval.fid import EvalInputError, as_uint8_images, check_inception_weights, compute_fidelity
+from synergen_lightning.llm import evaluate_text_skill
+from synergen_lightning.system import load_base_llm
+from synergen_lightning.world.scorer import score_images
 
 
 @contextlib.contextmanager
@@ -66,8 +71,6 @@ def geneval_suite(model, prompts: list[dict], seed: int = 0, cfg_scale: float = 
                   batch_size: int = 16, progress: bool = False, return_images: bool = False) -> dict:
     """One image per shape-world eval prompt (seed fixed per prompt batch) scored by `world.score_images`: accuracies
     plus objects_per_image (accepted shapes) and rejected_per_image (colour blobs the scorer rejects as no shape)."""
-    from synergen_lightning.world.scorer import score_images
-
     if not prompts:
         raise EvalInputError("geneval: no eval prompts; write eval_prompts.jsonl with `synergen data synth`")
     images = []
@@ -83,8 +86,6 @@ def geneval_suite(model, prompts: list[dict], seed: int = 0, cfg_scale: float = 
 # ---------------------------------------------------------------------------------------- understanding
 def _shard_urls(shards: list[str] | str, suite: str) -> list[str]:
     """Val shards in any URL form of `data.sources.expand_urls` (glob, braces, list file, pipe:, http(s)://, ...)."""
-    from synergen_lightning.data.sources import expand_urls
-
     try:
         return expand_urls(shards, f"{suite} val shards")
     except ValueError as exc:
@@ -95,7 +96,6 @@ def load_qa_items(shards: list[str] | str, max_items: int | None = None) -> list
     """Val Q/A items {image: PIL, question, answer, kind, key} from shape-world shards (KEY.jpg + KEY.json)."""
     from PIL import Image
 
-    from synergen_lightning.data.sources import SkipCounter, finite_samples, load_json
 
     urls = _shard_urls(shards, "understanding")
     counter = SkipCounter()
@@ -172,8 +172,6 @@ def text_suite(model, skill_jsonl: str | Path, tokenizer=None, base_llm=None, ba
     """Held-out text skill of the system's trunk, and retention = accuracy / base LLM accuracy.
 
     `base_llm`: an MMoETransformer or a path for `system.load_base_llm`; `base_accuracy` skips running it."""
-    from synergen_lightning.llm import evaluate_text_skill
-
     if not Path(skill_jsonl).is_file():
         raise EvalInputError(f"text: skill file {str(skill_jsonl)!r} does not exist; run `make data` "
                              "(it writes data/tiny/text/skill_val.jsonl) or pass --skill")
@@ -183,8 +181,6 @@ def text_suite(model, skill_jsonl: str | Path, tokenizer=None, base_llm=None, ba
     out = {"accuracy": acc}
     if base_accuracy is None and base_llm is not None:
         if isinstance(base_llm, (str, Path)):
-            from synergen_lightning.system import load_base_llm
-
             base_llm = load_base_llm(base_llm)
         base_llm = base_llm.to(model.device)
         base_accuracy = evaluate_text_skill(base_llm, tok, skill_jsonl, max_examples=max_examples)
@@ -199,8 +195,6 @@ def text_suite(model, skill_jsonl: str | Path, tokenizer=None, base_llm=None, ba
 def fid_suite(model, captions: list[str], reference, inception_weights, seed: int = 0, cfg_scale: float = 7.5,
               batch_size: int = 16, progress: bool = False, device: str = "cpu") -> dict:
     """Generate one image per caption (MSCOCO-30K style) and compare with `reference` images."""
-    from synergen_lightning.eval.fid import as_uint8_images, check_inception_weights, compute_fidelity
-
     check_inception_weights(inception_weights)  # fail before generating anything
     ref = as_uint8_images(reference, "reference images")
     if not captions:
@@ -219,8 +213,6 @@ def load_reference_images(shards: list[str] | str, size: int, max_images: int) -
     """(captions, uint8 [N,3,size,size]) of val shard samples, through the one generation view policy."""
     from PIL import Image
 
-    from synergen_lightning.data.sources import SkipCounter, finite_samples
-    from synergen_lightning.data.views import generation_view, to_uint8_tensor
 
     urls = _shard_urls(shards, "fid")
     captions, views = [], []

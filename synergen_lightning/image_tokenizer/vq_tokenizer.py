@@ -29,8 +29,10 @@ from einops import rearrange
 from torch import Tensor, nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from synergen_lightning.checkpoint import constructor_kwargs
 from synergen_lightning.image_tokenizer.protocol import check_images
 from synergen_lightning.models.vq import VQConfig, VQModel
+from synergen_lightning.safe_load import torch_load
 
 
 class VGGPerceptual(nn.Module):
@@ -170,14 +172,11 @@ class VQTokenizer(L.LightningModule):
     @classmethod
     def load_frozen(cls, path: str | Path, map_location: str = "cpu") -> "VQTokenizer":
         """Checkpoint -> frozen tokenizer (loss-only parts such as VGG and the discriminator are dropped)."""
-        from synergen_lightning.safe_load import torch_load
-
         ckpt = torch_load(path, map_location=map_location)
         if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
             raise ValueError(f"{str(path)!r} is not a Lightning checkpoint of VQTokenizer (no hyper_parameters/state_dict)")
         hp = dict(ckpt["hyper_parameters"])
         hp.update(perceptual_weight=0.0, perceptual_weights=None, adversarial_weight=0.0)
-        from synergen_lightning.checkpoint import constructor_kwargs
 
         model = cls(**constructor_kwargs(cls, hp))  # without the CLI's `_class_path`, `_instantiator`, ...
         model._check_codebook(ckpt)

@@ -120,9 +120,6 @@ class KVCache:
         self.seq_len += self._pending
         self._pending = 0
 
-    def has_padding(self) -> bool:
-        return self.padded
-
     def select_batch(self, index: Tensor) -> None:
         """Keep only the rows `index` (e.g. drop finished sequences, or duplicate for CFG)."""
         self._k = [None if k is None else k.index_select(0, index) for k in self._k]

@@ -20,7 +20,6 @@ from torch import Tensor, nn
 from synergen_lightning.models.blocks import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU
 from synergen_lightning.models.chunked_ce import ChunkedLinear
 
-
 # The type of an LLMConfig given as a dict (recipes, `--model.init_args.llm.num_layers 4`): a loose `dict` lets
 # jsonargparse pass command-line values through as strings ('4'); typed values make them arrive as numbers/bools
 LLMConfigDict = dict[str, int | float | bool | None]
@@ -294,13 +293,6 @@ class MMoETransformer(DecoderStack):
         self.reset_parameters()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-
-    @classmethod
-    def from_hf(cls, hf_dir, vision_experts: bool = True, dtype: torch.dtype = torch.float32) -> MMoETransformer:
-        """Load a local Hugging Face Llama / Qwen2 / InternLM2 directory (see `hf_import`)."""
-        from synergen_lightning.hf_import import load_hf
-
-        return load_hf(hf_dir, vision_experts=vision_experts, dtype=dtype)
 
     @property
     def vocab_size(self) -> int:

@@ -149,9 +149,9 @@ def synth_main(argv: list[str]) -> int:
 
 def load_prompts(path: Path) -> list[dict]:
     """Read eval_prompts.jsonl; raise ValueError naming the first malformed line."""
-    from .prompts import validate_prompt
-
     from synergen_lightning.io import iter_jsonl
+
+    from .prompts import validate_prompt
 
     prompts = []
     for lineno, p in iter_jsonl(path):  # a line that is not JSON: JsonlLineError, a ValueError naming it
@@ -186,7 +186,7 @@ def geneval_main(argv: list[str]) -> int:
     from PIL import Image
 
     from .prompts import render_prompt
-    from .scorer import evaluate, detect_objects, summarize
+    from .scorer import detect_objects, evaluate, summarize
 
     parser = geneval_parser()
     a = parser.parse_args(argv)

@@ -216,8 +216,8 @@ def sample_scene(
 def _place_text(rng, canvas, taken) -> list[TextItem]:
     font = _font(canvas)
     ch = TEXT_CHARS[int(rng.integers(len(TEXT_CHARS)))]
-    l, t, r, b = font.getbbox(ch)
-    side = max(r - l, b - t) + 2
+    left, top, right, bottom = font.getbbox(ch)
+    side = max(right - left, bottom - top) + 2
     box = place_box(rng, side, canvas, taken)
     if box is None:
         return []

@@ -1,5 +1,4 @@
-"""A stand-in for the tiny world's image shards, for tests and for measuring the tokenizer before `make data`
-has run: 128x128 JPEG canvases with flat coloured shapes on a light background and a few tiny characters,
+"""A stand-in for the tiny world's image shards, for the image-tokenizer tests: 128x128 JPEG canvases with flat coloured shapes on a light background and a few tiny characters,
 written in img2dataset layout (`KEY.jpg`, `KEY.txt`, `KEY.json`) with webdataset's TarWriter."""
 
 from __future__ import annotations

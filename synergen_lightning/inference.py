@@ -14,17 +14,18 @@ Classifier-free guidance runs the conditional and unconditional streams as one b
 (InternVL-1.5 tiles) are encoded, folded into the prompt, and the answer is decoded greedily
 (KV-cached) until `<|im_end|>` or `</s>`.
 
-CLI: `synergen generate --ckpt CKPT --prompt TEXT --out DIR`, `synergen answer --ckpt CKPT --image FILE --question TEXT`.
+Pure inference: the functions take the model (a `SynerGenVL`) as an argument and import no Lightning, checkpoint, eval
+or CLI code; `synergen generate` / `synergen answer` are in inference_cli.py.
 """
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
+from PIL import Image
 from torch import Tensor
 
+from synergen_lightning.data.sequences import generation_prompt_ids
+from synergen_lightning.data.views import dynamic_tiles, to_uint8_tensor
 from synergen_lightning.models.folding import unfold_codes
 from synergen_lightning.models.unfolding_head import sample_logits
 
@@ -99,8 +100,6 @@ def generate_images(model, prompts: list[str] | str, num: int = 1, cfg_scale: fl
     """Prompts -> `num` images each (prompt-major order): PIL images (`output="pil"`), float [N,3,H,W]
     in [0,1] (`"tensor"`) or code grids (`"codes"`). `cfg_scale=None` or 1 disables guidance; a `None`
     prompt draws from the unconditional (`<UNCOND>`) prompt, the CFG dropout rows of training."""
-    from synergen_lightning.data.sequences import generation_prompt_ids
-
     if isinstance(prompts, str):
         prompts = [prompts]
     model.eval()
@@ -117,36 +116,8 @@ def generate_images(model, prompts: list[str] | str, num: int = 1, cfg_scale: fl
     images = model.image_tokenizer.decode(codes.to(model.device)).clamp(0, 1).float().cpu()
     if output == "tensor":
         return images
-    from PIL import Image
-
     arr = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(a) for a in arr]
-
-
-def objects_per_image(images) -> float:
-    """Mean number of shapes the shape-world scorer accepts per image (each colour blob counts once; blobs rejected
-    as no shape are not counted: `score_images` reports those as `rejected_per_image`)."""
-    from synergen_lightning.world.scorer import detect_objects
-
-    return sum(len(detect_objects(im)) for im in images) / max(len(images), 1)
-
-
-@torch.no_grad()
-def caption_floor(model, prompts: list[dict], seed: int = 0, temperature: float = 1.0, batch_size: int = 16) -> dict:
-    """GenEval of images drawn from the unconditional prompt, scored against `prompts` (same seeds and chunks as
-    `geneval_suite`): what the model scores while ignoring every caption. The scorer passes an item when the asked
-    shapes are among the detected ones, so clutter alone scores here; a conditional score near this floor means
-    the captions do not reach the image."""
-    from synergen_lightning.world.scorer import score_images
-
-    images = []
-    for k in range(0, len(prompts), batch_size):
-        n = len(prompts[k:k + batch_size])
-        images += generate_images(model, [None] * n, cfg_scale=None, temperature=temperature, seed=seed + k // batch_size,
-                                  batch_size=batch_size)
-    report = score_images(images, prompts)
-    report["objects_per_image"] = objects_per_image(images)
-    return report
 
 
 def understanding_prompt_ids(tok, n_views: int, tokens_per_view: int, question: str) -> tuple[list[int], list[bool]]:
@@ -166,10 +137,6 @@ def understanding_rows(model, images_per_row: list, questions: list[str], max_ti
 
     `images_per_row[i]`: one PIL image, a list of them (their views follow each other) or None / [] (a text-only
     turn, `tok.chat_prompt_ids`). `codes` Long[B, h, w]: pre-encoded views, one per row."""
-    from PIL import Image
-
-    from synergen_lightning.data.views import dynamic_tiles, to_uint8_tensor
-
     tok = model.text_tokenizer
     size = model.grid[0] * model.hparams.downsample
     built, all_codes = [], []
@@ -269,8 +236,6 @@ def score_continuations(model, rows: list[tuple[list[int], list[bool]]], continu
 def answer(model, images, questions: list[str] | str, max_new_tokens: int = 32, max_tiles: int = 1,
            thumbnail: bool = False, codes: Tensor | None = None) -> list[str]:
     """Answer each question about its image (PIL images, or pre-encoded `codes` Long[B, h, w], one view each)."""
-    from PIL import Image
-
     if isinstance(questions, str):
         questions = [questions]
     if isinstance(images, Image.Image):
@@ -280,77 +245,3 @@ def answer(model, images, questions: list[str] | str, max_new_tokens: int = 32, 
                                          max_tiles=max_tiles, thumbnail=thumbnail, codes=codes)
     tok = model.text_tokenizer
     return [tok.decode(r).strip() for r in decode_rows(model, rows, all_codes, max_new_tokens=max_new_tokens)]
-
-
-# ---------------------------------------------------------------------------------------- CLI
-def _load(ckpt: str, device: str, text_tokenizer: str | None, image_tokenizer: str | None):
-    # a .ckpt file (one process, DDP), a sharded FSDP2 directory or an export directory: the one loader reads all
-    from synergen_lightning.checkpoint import load_synergen
-
-    if not Path(ckpt).exists():
-        raise SystemExit(f"--ckpt {ckpt!r} does not exist: train one with `make sft` (or pass runs/.../last.ckpt)")
-    overrides = {k: v for k, v in (("text_tokenizer", text_tokenizer), ("image_tokenizer", image_tokenizer)) if v}
-    try:
-        return load_synergen(ckpt, map_location=device, **overrides)
-    except FileNotFoundError as e:
-        raise SystemExit(f"--ckpt: {e}") from None
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="SynerGenVL checkpoint (e.g. runs/tiny/sft/last.ckpt)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--text-tokenizer", help="override the text tokenizer directory stored in the checkpoint")
-    p.add_argument("--image-tokenizer", help="override the image tokenizer path stored in the checkpoint")
-
-
-def generate_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="synergen generate", description="Generate images from text prompts with a "
-                                "SynerGenVL checkpoint (KV-cached LLM + unfolding head, classifier-free guidance).")
-    _common(p)
-    p.add_argument("--prompt", action="append", required=True, help="caption to draw; repeat for several prompts")
-    p.add_argument("--num", type=int, default=1, help="images per prompt")
-    p.add_argument("--cfg", type=float, default=7.5, help="CFG scale s in l_u + s (l_c - l_u) (paper: 7.5; 1 = off)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy; tiny default: "
-                   "below 1 the background codes win every patch and the canvas comes out empty)")
-    p.add_argument("--top-k", type=int, default=None, help="keep the k likeliest codes (off: truncation drops objects "
-                   "on the tiny default, as temperatures below 1 do)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16, help="rows decoded together (x2 with CFG)")
-    p.add_argument("--out", required=True, help="output directory for PNGs")
-    a = p.parse_args(argv)
-    if a.num < 1:
-        p.error(f"--num {a.num} must be >= 1")
-    model = _load(a.ckpt, a.device, a.text_tokenizer, a.image_tokenizer)
-    images = generate_images(model, a.prompt, num=a.num, cfg_scale=a.cfg, temperature=a.temperature, top_k=a.top_k,
-                             top_p=a.top_p, seed=a.seed, batch_size=a.batch_size)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for k, img in enumerate(images):
-        path = out / f"{k // a.num:03d}_{k % a.num:02d}.png"
-        img.save(path)
-        print(path)
-    return 0
-
-
-def answer_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="synergen answer", description="Answer a question about an image with a "
-                                "SynerGenVL checkpoint (greedy, KV-cached).")
-    _common(p)
-    p.add_argument("--image", required=True, help="image file (any PIL-readable format)")
-    p.add_argument("--question", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--max-tiles", type=int, default=1, help="InternVL-1.5 dynamic tiles (paper: 1/6/12 per stage)")
-    p.add_argument("--thumbnail", action="store_true", help="append a thumbnail view (stage 2 and SFT)")
-    a = p.parse_args(argv)
-    from PIL import Image
-
-    try:
-        img = Image.open(a.image)
-        img.load()
-    except (OSError, ValueError) as exc:
-        raise SystemExit(f"--image {a.image!r} cannot be read ({exc}); pass a PNG/JPEG file")
-    model = _load(a.ckpt, a.device, a.text_tokenizer, a.image_tokenizer)
-    print(answer(model, [img], [a.question], max_new_tokens=a.max_new_tokens, max_tiles=a.max_tiles,
-                 thumbnail=a.thumbnail)[0])
-    return 0
