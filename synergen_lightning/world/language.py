@@ -73,6 +73,19 @@ def captions(scene: Scene, full: bool = False) -> list[str]:
     return out
 
 
+def unambiguous_name(o, objs) -> str | None:
+    """A name for object `o` among `objs` that does not give its colour away ("the circle", "the large circle",
+    "the circle in the top left"), or None when there is none."""
+    same = [p for p in objs if p.shape == o.shape]
+    if len(same) == 1:
+        return f"the {o.shape}"
+    if sum(p.size == o.size for p in same) == 1:
+        return f"the {o.size} {o.shape}"
+    if sum(p.region == o.region for p in same) == 1:
+        return f"the {o.shape} {region_phrase(o.region)}"
+    return None
+
+
 def qa_pairs(scene: Scene, rng: np.random.Generator) -> list[dict]:
     """Understanding questions with their answers; each has a `kind` from QA_KINDS."""
     objs = scene.objects
@@ -81,15 +94,7 @@ def qa_pairs(scene: Scene, rng: np.random.Generator) -> list[dict]:
     by_color = Counter(o.color for o in objs)
 
     o = objs[int(rng.integers(len(objs)))]
-    same = [p for p in objs if p.shape == o.shape]
-    if len(same) == 1:
-        ref = f"the {o.shape}"
-    elif sum(p.size == o.size for p in same) == 1:
-        ref = f"the {o.size} {o.shape}"
-    elif sum(p.region == o.region for p in same) == 1:
-        ref = f"the {o.shape} {region_phrase(o.region)}"
-    else:
-        ref = None  # no unambiguous name without giving the colour away
+    ref = unambiguous_name(o, objs)
     if ref:
         qa.append({"kind": "color", "question": f"What color is {ref}?", "answer": o.color})
     if by_color[o.color] == 1:

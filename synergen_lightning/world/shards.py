@@ -80,7 +80,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shard(args) -> tuple[int, list[str], list[str]]:
-    """Write one shard; return (samples written, text lines of its samples, their colour-binding lines)."""
+    """Write one shard; return (samples written, text lines of its samples, their colour-binding lines (train only))."""
     cfg, split, shard_id, start, stop, path = args
     lines: list[str] = []
     binding: list[str] = []
@@ -91,7 +91,8 @@ def write_shard(args) -> tuple[int, list[str], list[str]]:
             _add(tar, f"{key}.txt", caption.encode())
             _add(tar, f"{key}.json", json.dumps(meta).encode())
             lines += scene_text_lines(meta, qa_text=cfg.scene_qa_text)
-            binding += colour_binding_lines(meta, qa_text=cfg.scene_qa_text)
+            if split == "train":  # the base LLM trains on them; val has no use for them
+                binding += colour_binding_lines(meta, qa_text=cfg.scene_qa_text)
     return stop - start, lines, binding
 
 
@@ -161,13 +162,13 @@ def _write_all(cfg: SynthConfig, root: Path) -> dict:
                 results = pool.imap(write_shard, jobs)
                 for job, (n, lines, bind) in zip(jobs, results):
                     text[job[1]] += lines
-                    binding += bind if job[1] == "train" else []
+                    binding += bind
                     progress.advance(task, n)
         else:
             for job in jobs:
                 n, lines, bind = write_shard(job)
                 text[job[1]] += lines
-                binding += bind if job[1] == "train" else []
+                binding += bind
                 progress.advance(task, n)
 
     prompts = make_eval_prompts(cfg.num_eval_prompts, cfg.seed, cfg.shapes, cfg.colors, cfg.max_objects)

@@ -107,11 +107,20 @@ def scene_text_lines(meta: dict, max_captions: int = 3, qa_text: str = "bare") -
         short = meta["captions"][1:]
         pick = np.random.default_rng(zlib.crc32(str(meta.get("key", layout)).encode())).permutation(len(short))
         lines += [chat_text(GENERATION_PROMPT + short[int(i)], layout) for i in pick[:max_captions]]
-        return lines + [chat_text(f"{layout}\n{p['question']}", p["answer"]) for p in meta["qa"]]
+        return lines + qa_text_lines(meta, meta["qa"], qa_text, layout)
+    return lines + qa_text_lines(meta, meta["qa"], qa_text)
+
+
+def qa_text_lines(meta: dict, pairs: list[dict], qa_text: str, layout: str | None = None) -> list[str]:
+    """A scene's Q/A pairs as corpus lines in the `qa_text` form (see `scene_text_lines`); `layout`: the scene's
+    `layout_text` when the caller has it already."""
+    if qa_text == "mirror":
+        layout = layout or layout_text(meta)
+        return [chat_text(f"{layout}\n{p['question']}", p["answer"]) for p in pairs]
     prefix = f"{scene_description(meta)}. " if qa_text == "described" else ""
-    lines += [f"{prefix}Q: {p['question']} A: {p['answer']}" for p in meta["qa"]]
+    lines = [f"{prefix}Q: {p['question']} A: {p['answer']}" for p in pairs]
     if qa_text == "chat":  # the special tokens are written as text: the tokenizer maps them to their ids
-        lines += [chat_text(p["question"], p["answer"]) for p in meta["qa"]]
+        lines += [chat_text(p["question"], p["answer"]) for p in pairs]
     return lines
 
 
@@ -123,26 +132,15 @@ def colour_binding_lines(meta: dict, qa_text: str = "bare") -> list[str]:
     the word before it). In the scene Q/A lines colour questions are too rare for the hard copy to be learnt within the
     tiny base LLM's steps; the base recipe repeats these lines (`text/colour_binding.jsonl`). Measured in RESULTS.md.
     """
-    from collections import Counter
+    from .language import unambiguous_name
+    from .scene import Scene
 
-    from .language import region_phrase
-
-    objs = meta["objects"]
+    objs = Scene.from_dict(meta).objects
     o = objs[int(np.random.default_rng([zlib.crc32(str(meta.get("key", "")).encode()), 41]).integers(len(objs)))]
-    same = [p for p in objs if p["shape"] == o["shape"]]
-    if len(same) == 1:
-        ref = f"the {o['shape']}"
-    elif Counter(p["size"] for p in same)[o["size"]] == 1:
-        ref = f"the {o['size']} {o['shape']}"
-    elif Counter(p["region"] for p in same)[o["region"]] == 1:
-        ref = f"the {o['shape']} {region_phrase(o['region'])}"
-    else:
-        return []  # no name for it that does not give its colour away
-    question = f"What color is {ref}?"
-    if qa_text == "mirror":
-        return [chat_text(f"{layout_text(meta)}\n{question}", o["color"])]
-    prefix = f"{scene_description(meta)}. " if qa_text == "described" else ""
-    return [f"{prefix}Q: {question} A: {o['color']}"]
+    ref = unambiguous_name(o, objs)
+    if ref is None:
+        return []
+    return qa_text_lines(meta, [{"question": f"What color is {ref}?", "answer": o.color}], qa_text)
 
 
 def layout_text(meta: dict) -> str:
