@@ -34,7 +34,7 @@ from synergen_lightning.data.sources import (
     SourceSpec,
     finite_samples,
     iter_shard,
-    lane_shards,
+    lane_share,
 )
 
 log = logging.getLogger(__name__)
@@ -127,10 +127,9 @@ class MixedStream(IterableDataset):
         consumed = Counter(self.cursors.get(lane, {}))
         streams = {}
         for src in self.sources:
-            # fewer shards than lanes: every lane reads them all and keeps every n_lanes-th sample (disjoint lanes)
-            stride = (glane, n_lanes) if len(src.shards) < n_lanes else None
-            stream = RawStream(lane_shards(src.shards, glane, n_lanes), f"{self.seed}|{self.epoch}|{glane}|{src.name}",
-                               self.shuffle_buffer, counter, src.name, sample_stride=stride)
+            shards, stride = lane_share(src.shards, glane, n_lanes)
+            stream = RawStream(shards, f"{self.seed}|{self.epoch}|{glane}|{src.name}", self.shuffle_buffer, counter,
+                               src.name, sample_stride=stride)
             stream.skip(consumed[src.name])  # resume: replay what this lane already consumed
             streams[src.name] = stream
         ok, fails = Counter(), Counter()
@@ -197,11 +196,9 @@ class ValStream(IterableDataset):
         """This lane's share of a source: its shards when there are enough to go round; otherwise (a small val
         set of one shard, several ranks) every n-th sample, so no rank is left without validation data, which
         under FSDP would leave the other ranks waiting in a collective."""
-        if len(shards) >= n_lanes:
-            yield from finite_samples(shards[lane::n_lanes], counter)
-            return
+        shards, stride = lane_share(shards, lane, n_lanes)
         for i, raw in enumerate(finite_samples(shards, counter)):
-            if i % n_lanes == lane:
+            if stride is None or i % n_lanes == lane:
                 yield raw
 
     def _batches(self, src: SourceSpec, raws, counter: SkipCounter):

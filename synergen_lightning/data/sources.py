@@ -560,12 +560,13 @@ def finite_samples(shards: list[str], counter: SkipCounter) -> Iterator[dict]:
         yield from iter_shard(url, counter)
 
 
-def lane_shards(shards: list[str], lane: int, n_lanes: int) -> list[str]:
-    """Disjoint shard partition per lane when there are enough shards; otherwise every lane reads all
-    shards and keeps its share of their samples (`RawStream(sample_stride=...)`)."""
+def lane_share(shards: list[str], lane: int, n_lanes: int) -> tuple[list[str], tuple[int, int] | None]:
+    """(shards, sample stride) of one lane: a disjoint shard partition when there are enough shards to go round
+    (stride None); otherwise every shard, of which the lane keeps every n_lanes-th sample from the lane-th on
+    (stride (lane, n_lanes)), so lanes still see disjoint samples."""
     if len(shards) >= n_lanes:
-        return shards[lane::n_lanes]
-    return list(shards)
+        return shards[lane::n_lanes], None
+    return list(shards), (lane, n_lanes)
 
 
 def load_json(raw: bytes | dict, key: str) -> dict:
