@@ -6,7 +6,6 @@ check other stages reuse to show they keep the base LLM's text ability, and `syn
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,7 +17,11 @@ from torch import Tensor
 from synergen_lightning.hf_import import load_hf
 from synergen_lightning.io import iter_jsonl
 from synergen_lightning.models.mmoe import LLMConfig, LLMConfigDict, MMoETransformer
+from synergen_lightning.stages import StageSchedule, decay_split
 from synergen_lightning.text_tokenizer import TextTokenizer, load_or_train
+
+# name substrings the base LLM's AdamW never decays, beside every 1-D parameter
+LLM_NO_DECAY = ("embed_tokens",)
 
 TINY_CONFIG = dict(vocab_size=2048, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2,
                    intermediate_size=688, rope_theta=10000.0, max_position_embeddings=1024)
@@ -115,23 +118,14 @@ class MMoELLM(L.LightningModule):
             self.log("val/skill_acc", acc, prog_bar=True)
 
     def configure_optimizers(self):
-        # no weight decay on norms, biases and embeddings (1-D or embedding tables)
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or "embed_tokens" in name else decay).append(p)
+        # no weight decay on norms, biases (1-D) and the embedding table
+        decay, no_decay = decay_split(((n, p) for n, p in self.named_parameters() if p.requires_grad), LLM_NO_DECAY)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}],
                                 lr=self.hparams.lr, betas=tuple(self.hparams.betas), fused=False)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup, floor = min(self.hparams.warmup_steps, total), self.hparams.min_lr_ratio
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
+        schedule = StageSchedule("cosine", min(self.hparams.warmup_steps, total), total,
+                                 min_lr_ratio=self.hparams.min_lr_ratio)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

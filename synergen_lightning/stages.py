@@ -8,6 +8,7 @@ switch can give the newly trainable parameters their own optimizer param group.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 PARAMETER_GROUPS: tuple[str, ...] = (
@@ -69,7 +70,8 @@ def apply_stage(module, stage) -> dict[str, tuple[int, int]]:
 
 
 class StageSchedule:
-    """LR multiplier for one stage's param groups: linear warm-up, then constant or cosine decay.
+    """The toolkit's one LR multiplier (every stage's param groups, the base LLM, the image tokenizer): linear
+    warm-up, then constant or cosine decay to `min_lr_ratio` at `total_steps`.
 
     A callable object (not a lambda) so `LambdaLR.state_dict()` can save it. `start_step` lets a
     stage that starts mid-run (a step-scheduled switch) warm up from its own first step.
@@ -83,8 +85,6 @@ class StageSchedule:
         self.start_step, self.min_lr_ratio = int(start_step), float(min_lr_ratio)
 
     def __call__(self, step: int) -> float:
-        import math
-
         s = step - self.start_step
         if s < 0:  # a stage scheduled later (resume rebuilds its group before its start)
             return 0.0
@@ -97,12 +97,25 @@ class StageSchedule:
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def optimizer_param_groups(named_params: Iterable[tuple[str, "object"]], lr: float, weight_decay: float,
-                           tag: str) -> list[dict]:
-    """Split parameters into decay (matrices) / no-decay (norms, biases, 1-D) AdamW groups named `tag/...`."""
+# name substrings a stage's AdamW never decays, beside every 1-D parameter (biases, norm scales)
+STAGE_NO_DECAY: tuple[str, ...] = ("norm",)
+
+
+def decay_split(named_params: Iterable[tuple[str, "object"]], exclude: Iterable[str] = STAGE_NO_DECAY
+                ) -> tuple[list, list]:
+    """The one weight-decay rule: (decay, no_decay) parameter lists, in the given order. A parameter decays when it
+    is at least 2-D and its name contains none of the `exclude` substrings."""
+    exclude = tuple(exclude)
     decay, no_decay = [], []
     for name, p in named_params:
-        (decay if p.ndim >= 2 and "norm" not in name else no_decay).append(p)
+        (decay if p.ndim >= 2 and not any(e in name for e in exclude) else no_decay).append(p)
+    return decay, no_decay
+
+
+def optimizer_param_groups(named_params: Iterable[tuple[str, "object"]], lr: float, weight_decay: float,
+                           tag: str) -> list[dict]:
+    """Decay (matrices) / no-decay (norms, biases, 1-D) AdamW groups named `tag/...` (`decay_split`)."""
+    decay, no_decay = decay_split(named_params)
     groups = []
     if decay:
         groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "name": f"{tag}/decay"})

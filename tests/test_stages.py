@@ -246,3 +246,90 @@ def test_init_from_an_unfinished_run_warns_with_the_step(tmp_path):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*unfinished run.*")
         _trainer([StageCallback("stage2")], 1).fit(tiny_model(init_from=str(finished), stage="stage2"), loader(_batches(1)))
+
+
+# ---- the one schedule and the one decay rule, against the formulas the base LLM and the tokenizer are defined by
+def _base_llm_formula(step: int, warmup_steps: int, total: int, floor: float) -> float:
+    """Linear warm-up over min(warmup_steps, total) steps, then cosine from 1 to `floor` at `total`."""
+    import math
+
+    warmup = min(warmup_steps, total)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _tokenizer_formula(step: int, warmup_steps: int, total: int, kind: str) -> float:
+    """Linear warm-up, then 1 (constant) or cosine from 1 to 0 at `total`."""
+    import math
+
+    w = min(1.0, (step + 1) / max(1, warmup_steps))
+    if kind == "cosine" and step >= warmup_steps:
+        w = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))))
+    return w
+
+
+def _attach(module, total_steps: int):
+    from types import SimpleNamespace
+
+    module._trainer = SimpleNamespace(estimated_stepping_batches=total_steps)
+    return module
+
+
+def _small_llm(**kw):
+    from synergen_lightning.llm import MMoELLM
+
+    return MMoELLM(config=dict(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                               intermediate_size=64, max_position_embeddings=64), **kw)
+
+
+@pytest.mark.parametrize("warmup,total,floor", [(50, 2000, 0.1), (5, 25, 0.0), (0, 30, 0.25), (40, 10, 0.1), (1, 1, 0.5)])
+def test_base_llm_schedule_is_its_formula_exactly(warmup, total, floor):
+    opt = _attach(_small_llm(warmup_steps=warmup, min_lr_ratio=floor), total).configure_optimizers()
+    schedule = opt["lr_scheduler"]["scheduler"].lr_lambdas[0]
+    assert isinstance(schedule, StageSchedule)
+    for step in range(total + 5):
+        assert schedule(step) == _base_llm_formula(step, warmup, total, floor), step
+
+
+@pytest.mark.parametrize("kind,warmup,total", [("constant", 50, 300), ("constant", 0, 10), ("cosine", 2, 6),
+                                               ("cosine", 0, 20), ("cosine", 30, 10), ("cosine", 7, 200)])
+def test_tokenizer_schedule_is_its_formula_exactly(kind, warmup, total):
+    from synergen_lightning.image_tokenizer.vq_tokenizer import VQTokenizer
+    from tests.test_image_tokenizer import SMALL
+
+    tok = _attach(VQTokenizer(**{**SMALL, "warmup_steps": warmup}, lr_schedule=kind), total)
+    schedule = tok.configure_optimizers()["lr_scheduler"]["scheduler"].lr_lambdas[0]
+    assert isinstance(schedule, StageSchedule)
+    for step in range(total + 5):
+        assert schedule(step) == _tokenizer_formula(step, warmup, total if kind == "cosine" else 0, kind), step
+
+
+def test_base_llm_param_groups_keep_the_embedding_and_1d_parameters_undecayed():
+    llm = _attach(_small_llm(weight_decay=0.1), 10)
+    frozen = next(p for n, p in llm.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n)
+    frozen.requires_grad_(False)  # in neither group
+    groups = llm.configure_optimizers()["optimizer"].param_groups
+    named = [(n, p) for n, p in llm.named_parameters() if p.requires_grad]
+    want_decay = [p for n, p in named if p.ndim >= 2 and "embed_tokens" not in n]
+    want_no_decay = [p for n, p in named if p.ndim < 2 or "embed_tokens" in n]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert [id(p) for p in groups[0]["params"]] == [id(p) for p in want_decay]
+    assert [id(p) for p in groups[1]["params"]] == [id(p) for p in want_no_decay]
+    assert any("embed_tokens" in n for n, _ in named) and any(p.ndim < 2 for _, p in named)
+    assert all("name" not in g for g in groups)
+
+
+def test_stage_groups_decay_matrices_but_not_norms_or_1d_parameters():
+    from synergen_lightning.stages import STAGE_NO_DECAY, decay_split, optimizer_param_groups
+
+    model = tiny_model()
+    named = list(model.named_parameters())
+    decay, no_decay = decay_split(named)
+    assert STAGE_NO_DECAY == ("norm",)
+    assert [id(p) for p in decay] == [id(p) for n, p in named if p.ndim >= 2 and "norm" not in n]
+    assert [id(p) for p in no_decay] == [id(p) for n, p in named if p.ndim < 2 or "norm" in n]
+    groups = optimizer_param_groups(named, 1e-3, 0.05, tag="stage1")
+    assert [(g["name"], g["weight_decay"], len(g["params"])) for g in groups] == [
+        ("stage1/decay", 0.05, len(decay)), ("stage1/no_decay", 0.0, len(no_decay))]

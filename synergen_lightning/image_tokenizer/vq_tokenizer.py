@@ -19,7 +19,6 @@ Batches are dicts with `pixel_values` uint8 [N, 3, S, S] (see datamodules/image_
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import lightning as L
@@ -33,6 +32,7 @@ from synergen_lightning.checkpoint import constructor_kwargs
 from synergen_lightning.image_tokenizer.protocol import check_images
 from synergen_lightning.models.vq import VQConfig, VQModel
 from synergen_lightning.safe_load import torch_load
+from synergen_lightning.stages import StageSchedule
 
 
 class VGGPerceptual(nn.Module):
@@ -266,21 +266,15 @@ class VQTokenizer(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         total = max(1, int(self.trainer.estimated_stepping_batches)) if hp.lr_schedule == "cosine" else 0
-
-        def warmup(step: int) -> float:
-            w = min(1.0, (step + 1) / max(1, hp.warmup_steps))
-            if hp.lr_schedule == "cosine" and step >= hp.warmup_steps:  # cosine decay to 0 at max_steps: the last
-                # few hundred small-lr steps are where PSNR climbs most on a short CPU budget
-                w = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))))
-            return w
-
+        # cosine decays to 0 at max_steps: the last small-lr steps are where PSNR climbs most on a short CPU budget
+        schedule = StageSchedule(hp.lr_schedule, hp.warmup_steps, total)
         params = list(self.vq.parameters())
         opt_g = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
-        sched_g = {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt_g, warmup), "interval": "step"}
+        sched_g = {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt_g, schedule), "interval": "step"}
         if self.discriminator is None:
             return {"optimizer": opt_g, "lr_scheduler": sched_g}
         opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=hp.lr, betas=tuple(hp.betas))
-        sched_d = {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt_d, warmup), "interval": "step"}
+        sched_d = {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt_d, schedule), "interval": "step"}
         return [opt_g, opt_d], [sched_g, sched_d]
 
     # ---- validation ------------------------------------------------------------------------------------------
