@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     from synergen_base.system import SynerGenVL as OldVL
 
     import bench_folding as bf
-    from synergen_lightning.inference import _left_pad
     from synergen_lightning.inference import generate_codes as gen_new
+    from synergen_lightning.models.decoding import left_pad, left_pad_positions
 
     c = dict(bf.FULL, grid=a.grid)
     torch.manual_seed(0)
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("before and after differ on greedy CFG generation: fix that before timing")
 
     def llm_steps(model, steps=32):
-        ids, mask, pos = _left_pad([prompt, uncond], bf.SPECIAL["pad"], "cpu")
+        ids, mask = left_pad([prompt, uncond], bf.SPECIAL["pad"])
+        pos = left_pad_positions(mask)
         cache = model.llm.new_kv_cache()
         model.llm(model.embed_text(ids), image_mask=torch.zeros_like(mask), position_ids=pos, attention_mask=mask,
                   kv_cache=cache)

@@ -69,12 +69,13 @@ def profile_llm_decode() -> None:
     """The LLM's decode step as `generate_codes` runs it: cond + uncond rows (left-padded prompts of different
     lengths), one folded image token per step, KV-cached, no per-step attention mask (the cache knows the padding)."""
     import bench_folding as bf
-    from synergen_lightning.inference import _left_pad
+    from synergen_lightning.models.decoding import left_pad, left_pad_positions
 
     c = dict(bf.FULL)
     model = bf.build_folded(c).eval()
     g = torch.Generator().manual_seed(0)
-    ids, mask, pos = _left_pad([bf.prompt(c, g), [0, 5, 3]], 2, "cpu")
+    ids, mask = left_pad([bf.prompt(c, g), [0, 5, 3]], 2)
+    pos = left_pad_positions(mask)
     d, steps = model.llm.config.hidden_size, 64
     x, col = torch.randn(2, 1, d), torch.ones(2, 1, dtype=torch.bool)
 

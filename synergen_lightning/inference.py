@@ -26,19 +26,8 @@ from torch import Tensor
 
 from synergen_lightning.data.sequences import generation_prompt_ids
 from synergen_lightning.data.views import dynamic_tiles, to_uint8_tensor
+from synergen_lightning.models.decoding import left_pad, left_pad_positions, sample_logits
 from synergen_lightning.models.folding import unfold_codes
-from synergen_lightning.models.unfolding_head import sample_logits
-
-
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = True
-    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), pos.to(device)
 
 
 def _check_context(model, prompt_len: int, extra: int, what: str) -> None:
@@ -64,7 +53,8 @@ def generate_codes(model, prompt_ids: list[list[int]], uncond_ids: list[int] | N
     _check_context(model, max(map(len, rows)), P + 1, "generate")
     pad_id = int(model.hparams.special_token_ids.get("pad", 0))
     eoi_id = int(model.hparams.special_token_ids["eoi"])
-    ids, mask, pos = _left_pad(rows, pad_id, device)
+    ids, mask = left_pad(rows, pad_id, device=device)
+    pos = left_pad_positions(mask)
     llm, head, folder = model.llm, model.head, model.folder
     n = ids.shape[0]
     true_col = torch.ones(n, 1, dtype=torch.bool, device=device)
@@ -160,12 +150,9 @@ def understanding_rows(model, images_per_row: list, questions: list[str], max_ti
 
 def _batch_inputs(model, rows: list[tuple[list[int], list[bool]]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Left-padded (ids, attention mask, positions, image mask) of (ids, image flags) rows."""
-    ids, mask, pos = _left_pad([r[0] for r in rows], model.text_tokenizer.pad_id, model.device)
-    width = ids.shape[1]
-    image_mask = torch.zeros_like(mask)
-    for r, (_, img) in enumerate(rows):
-        image_mask[r, width - len(img):] = torch.tensor(img, dtype=torch.bool)
-    return ids, mask, pos, image_mask
+    ids, mask = left_pad([r[0] for r in rows], model.text_tokenizer.pad_id, device=model.device)
+    image_mask, _ = left_pad([r[1] for r in rows], False, dtype=torch.bool, device=model.device)
+    return ids, mask, left_pad_positions(mask), image_mask
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from synergen_lightning.hf_import import load_hf
 from synergen_lightning.io import iter_jsonl
+from synergen_lightning.models.decoding import left_pad
 from synergen_lightning.models.mmoe import LLMConfig, LLMConfigDict, MMoETransformer
 from synergen_lightning.stages import StageSchedule, decay_split
 from synergen_lightning.text_tokenizer import TextTokenizer, load_or_train
@@ -158,14 +159,8 @@ def evaluate_text_skill(model, tokenizer: TextTokenizer, jsonl: str | Path, max_
     for i in range(0, len(rows), batch_size):
         chunk = rows[i: i + batch_size]
         prompts = [[tokenizer.bos_id] + tokenizer.encode(r["prompt"]) for r in chunk]
-        width = max(map(len, prompts))
-        ids = torch.full((len(prompts), width), tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(prompts), width, dtype=torch.bool)
-        for j, p in enumerate(prompts):  # left padding: every row ends where generation starts
-            ids[j, width - len(p):] = torch.tensor(p)
-            mask[j, width - len(p):] = True
-        out = trunk.generate_greedy(ids.to(device), max_new_tokens, eos_id=tokenizer.eos_id,
-                                    attention_mask=mask.to(device)).cpu()
+        ids, mask = left_pad(prompts, tokenizer.pad_id, device=device)  # every row ends where generation starts
+        out = trunk.generate_greedy(ids, max_new_tokens, eos_id=tokenizer.eos_id, attention_mask=mask).cpu()
         for row, gen in zip(chunk, out.tolist()):
             if tokenizer.eos_id in gen:
                 gen = gen[: gen.index(tokenizer.eos_id)]

@@ -3,8 +3,9 @@ import torch
 from lightning.pytorch import Trainer
 
 from synergen_lightning.head import UnfoldingHeadModule
+from synergen_lightning.models.decoding import sample_logits
 from synergen_lightning.models.mmoe import LLMConfig
-from synergen_lightning.models.unfolding_head import UnfoldingHead, sample_logits
+from synergen_lightning.models.unfolding_head import UnfoldingHead
 
 
 def _head(seed=0, K=17, L=6, condition="first"):

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from synergen_lightning.models.blocks import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU
 from synergen_lightning.models.chunked_ce import ChunkedLinear
+from synergen_lightning.models.decoding import left_pad_positions, sample_logits
 
 # The type of an LLMConfig given as a dict (recipes, `--model.init_args.llm.num_layers 4`): a loose `dict` lets
 # jsonargparse pass command-line values through as strings ('4'); typed values make them arrive as numbers/bools
@@ -382,14 +383,14 @@ class MMoETransformer(DecoderStack):
         b = input_ids.shape[0]
         position_ids = None
         if attention_mask is not None:  # left padding: positions count real tokens only (as HF does)
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            position_ids = left_pad_positions(attention_mask)
         logits = self.logits(self(self.embed(input_ids), position_ids=position_ids,
                                   attention_mask=attention_mask, kv_cache=cache)[:, -1])
         next_pos = (position_ids[:, -1] + 1) if position_ids is not None else torch.full((b,), input_ids.shape[1],
                                                                                           device=input_ids.device)
         out, done = [], torch.zeros(b, dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
-            tok = logits.argmax(-1)
+            tok = sample_logits(logits, temperature=0.0)
             if eos_id is not None:
                 tok = torch.where(done, torch.full_like(tok, eos_id), tok)
                 done = done | (tok == eos_id)

@@ -24,27 +24,8 @@ from torch import Tensor, nn
 
 from synergen_lightning.models.blocks import KVCache
 from synergen_lightning.models.chunked_ce import ChunkedLinear
+from synergen_lightning.models.decoding import sample_logits
 from synergen_lightning.models.mmoe import DecoderStack, LLMConfig
-
-
-def sample_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                  generator: torch.Generator | None = None) -> Tensor:
-    """[B, K] -> Long[B]; temperature 0 is argmax (deterministic)."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
-        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
-        probs = sorted_logits.softmax(-1)
-        # drop tokens once the mass *before* them exceeds top_p (the top token always stays)
-        drop = probs.cumsum(-1) - probs > top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 class UnfoldingHead(nn.Module):
@@ -133,4 +114,4 @@ class UnfoldingHead(nn.Module):
         return torch.stack(out, dim=1)
 
 
-__all__ = ["UnfoldingHead", "KVCache", "sample_logits"]
+__all__ = ["UnfoldingHead", "KVCache"]

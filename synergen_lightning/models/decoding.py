@@ -1,0 +1,50 @@
+"""What every decoding loop shares (pure torch): left padding and the choice of the next token.
+
+    left_pad(rows, pad)          rows of any lengths -> (values [B, W], mask Bool[B, W]), each row right-aligned
+    left_pad_positions(mask)     position ids that count real tokens only (as Hugging Face does)
+    sample_logits(logits, ...)   [B, K] -> Long[B]: greedy at temperature 0, else temperature / top-k / top-p sampling
+
+Left padding puts the last prompt token of every row in the last column, so a batch decodes in lock step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def left_pad(rows: list[list], pad, dtype: torch.dtype = torch.long, device=None) -> tuple[Tensor, Tensor]:
+    """Rows of any lengths -> (values [B, W] of `dtype` with `pad` before each row, mask Bool[B, W] True on the row);
+    W is the longest row."""
+    width = max(map(len, rows))
+    values = torch.full((len(rows), width), pad, dtype=dtype)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        values[i, width - len(r):] = torch.tensor(r, dtype=dtype)
+        mask[i, width - len(r):] = True
+    return values.to(device), mask.to(device)
+
+
+def left_pad_positions(mask: Tensor) -> Tensor:
+    """Bool[B, W] mask of a left-padded batch -> Long[B, W] positions: 0 at each row's first real token (pads at 0)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def sample_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """[B, K] -> Long[B]; temperature 0 is argmax (deterministic)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # drop tokens once the mass *before* them exceeds top_p (the top token always stays)
+        drop = probs.cumsum(-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
