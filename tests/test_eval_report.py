@@ -137,6 +137,21 @@ def test_bad_inputs_leave_no_report(world, logdir, tmp_path, capsys):
     assert not out.exists() and not list(tmp_path.glob(".report.partial-*"))
 
 
+def test_val_shards_take_every_url_form_the_readers_take(world, tmp_path):
+    """The report's input check and its readers expand val shards the same way: braces and list files pass both."""
+    from synergen_lightning.eval.grounding import load_grounding_samples
+    from synergen_lightning.eval.report import ReportInputs
+    from synergen_lightning.eval.suites import load_qa_items
+
+    listed = tmp_path / "val.txt"
+    listed.write_text(str(world / "val" / "shard-000000.tar") + "\n")
+    for shards in (str(world / "val" / "shard-{000000..000000}.tar"), str(listed)):
+        ReportInputs(suites=("und", "grounding"), val_shards=shards, grid_prompts=["a red circle"]).validate()
+        assert len(load_qa_items(shards, 2)) == 2 and len(load_grounding_samples(shards, 1)) == 1
+    with pytest.raises(EvalInputError, match="match no file"):
+        ReportInputs(suites=("grounding",), val_shards=str(tmp_path / "shard-{0..1}.tar"), grid_prompts=["x"]).validate()
+
+
 def test_failure_mid_report_leaves_nothing_that_looks_complete(world, logdir, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("understanding crashed")

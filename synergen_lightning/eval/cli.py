@@ -68,7 +68,8 @@ def report_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=Path("data/tiny"),
                    help="shape-world data root (`make data`): eval_prompts.jsonl, val/shard-*.tar, text/skill_val.jsonl")
     p.add_argument("--eval-prompts", type=Path, help="GenEval prompts (default: DATA/eval_prompts.jsonl)")
-    p.add_argument("--val-shards", help="val shard glob with Q/A (default: DATA/val/shard-*.tar)")
+    p.add_argument("--val-shards", help="val shards with Q/A: a glob, brace pattern, list file, directory or URL "
+                   "(default: DATA/val/shard-*.tar)")
     p.add_argument("--skill", type=Path, help="held-out text skill jsonl (default: DATA/text/skill_val.jsonl)")
     p.add_argument("--base-llm", help="base LLM for text retention (default: the checkpoint's model.base_llm)")
     p.add_argument("--num-geneval", type=int, default=48, help="GenEval prompts used (default: 48)")
@@ -200,7 +201,8 @@ def cosine_main(argv: list[str] | None = None, model=None) -> int:
                                 "per layer. Writes OUT/cosine.json and OUT/cosine.png.")
     p.add_argument("--ckpt", required=True, help="SynerGenVL checkpoint")
     p.add_argument("--val-shards", default="data/tiny/val/shard-*.tar",
-                   help="shard glob with KEY.jpg + KEY.txt captions (default: data/tiny/val/shard-*.tar)")
+                   help="shards with KEY.jpg + KEY.txt captions: a glob, brace pattern, list file, directory or URL "
+                        "(default: data/tiny/val/shard-*.tar)")
     p.add_argument("--num-images", type=int, default=32)
     p.add_argument("--question", default="Describe the image.", help="the understanding prompt's question")
     p.add_argument("--out", type=Path, required=True, help="output directory")
@@ -241,7 +243,7 @@ def grounding_parser() -> argparse.ArgumentParser:
                     "(and writes it to --out).")
     p.add_argument("--ckpt", required=True, help="SynerGenVL checkpoint (.ckpt, sharded directory or export)")
     p.add_argument("--val-shards", default="data/tiny/val/shard-*.tar",
-                   help="val shard glob with KEY.txt captions, KEY.json Q/A and KEY.codes.npy (pretokenized, at the "
+                   help="val shards (a glob, brace pattern, list file, directory or URL) with KEY.txt captions, KEY.json Q/A and KEY.codes.npy (pretokenized, at the "
                         "model's image size) or KEY.jpg (encoded with the image tokenizer) "
                         "(default: data/tiny/val/shard-*.tar)")
     p.add_argument("--max-items", type=int, default=64, help="val samples used: one caption item and one Q/A item "

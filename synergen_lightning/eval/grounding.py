@@ -31,9 +31,9 @@ from torch import Tensor
 
 from synergen_lightning.data.batch import collate
 from synergen_lightning.data.sequences import CODES_EXT, IGNORE, IMAGE_EXTS, SequenceBuilder
-from synergen_lightning.data.sources import SkipCounter, SkipSample, expand_urls, finite_samples, load_json
+from synergen_lightning.data.sources import SkipCounter, SkipSample, finite_samples, load_json
 from synergen_lightning.eval.fid import EvalInputError
-from synergen_lightning.eval.suites import eval_mode
+from synergen_lightning.eval.suites import eval_mode, shard_urls
 
 ZERO_GAIN_HELP = ("a gain of ~0 nats means the model ignores that input (its output comes from the prior); "
                   "clearly > 0 means it reads it")
@@ -223,10 +223,7 @@ def load_grounding_samples(shards: str | list[str], max_items: int = 64) -> list
     (`KEY.codes.npy`) or an image, as raw shard dicts (read by the data room's `finite_samples`)."""
     if max_items < 1:
         raise EvalInputError(f"grounding: max_items {max_items} must be >= 1")
-    try:
-        urls = expand_urls(shards, "grounding val shards")
-    except ValueError as exc:
-        raise EvalInputError(f"{exc}; run `make data` or pass --val-shards") from None
+    urls = shard_urls(shards, "grounding")
     counter = SkipCounter()
     out = []
     for raw in finite_samples(urls, counter):

@@ -84,8 +84,9 @@ def geneval_suite(model, prompts: list[dict], seed: int = 0, cfg_scale: float = 
 
 
 # ---------------------------------------------------------------------------------------- understanding
-def _shard_urls(shards: list[str] | str, suite: str) -> list[str]:
-    """Val shards in any URL form of `data.sources.expand_urls` (glob, braces, list file, pipe:, http(s)://, ...)."""
+def shard_urls(shards: list[str] | str, suite: str) -> list[str]:
+    """Val shards in any URL form of `data.sources.expand_urls` (glob, braces, list file, pipe:, http(s)://, ...);
+    every eval reader and input check expands them here."""
     try:
         return expand_urls(shards, f"{suite} val shards")
     except ValueError as exc:
@@ -97,7 +98,7 @@ def load_qa_items(shards: list[str] | str, max_items: int | None = None) -> list
     from PIL import Image
 
 
-    urls = _shard_urls(shards, "understanding")
+    urls = shard_urls(shards, "understanding")
     counter = SkipCounter()
     items: list[dict] = []
     for sample in finite_samples(urls, counter):
@@ -214,7 +215,7 @@ def load_reference_images(shards: list[str] | str, size: int, max_images: int) -
     from PIL import Image
 
 
-    urls = _shard_urls(shards, "fid")
+    urls = shard_urls(shards, "fid")
     captions, views = [], []
     for sample in finite_samples(urls, SkipCounter()):
         img_bytes = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
