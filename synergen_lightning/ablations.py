@@ -176,11 +176,11 @@ def evaluate_checkpoint(ckpt: str | Path, suites: tuple[str, ...], settings: Eva
     """The shared evaluator (`synergen_lightning.eval.suites`) on one checkpoint -> flat metrics dict."""
     import torch
 
-    from synergen_lightning.eval.report import load_system
     from synergen_lightning.eval.suites import geneval_suite, text_suite, understanding_suite
+    from synergen_lightning.system import load_synergen
 
     torch.manual_seed(settings.seed)
-    model = load_system(ckpt)
+    model = load_synergen(ckpt)
     data = Path(settings.data)
     out: dict = {}
     if "und" in suites:
@@ -223,10 +223,9 @@ def weight_drift(ckpt: str | Path) -> dict[str, float]:
     LLM the checkpoint started from (the evidence for why a text skill survived or not)."""
     import torch
 
-    from synergen_lightning.eval.report import load_system
-    from synergen_lightning.system import load_base_llm
+    from synergen_lightning.system import load_base_llm, load_synergen
 
-    model = load_system(ckpt)
+    model = load_synergen(ckpt)
     base = dict(load_base_llm(model.hparams.base_llm).named_parameters())
     groups = model.parameter_groups()
     out = {}

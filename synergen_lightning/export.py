@@ -4,7 +4,7 @@ CKPT is any checkpoint a run writes: a single-file `.ckpt` (one process, DDP) or
 directory (Lightning DCP: `.metadata`, `*.distcp`, `meta.pt`). DIR gets `model.safetensors` (the full, unsharded
 weights, fp32 unless --dtype), `config.json` (the SynerGenVL constructor arguments: `SynerGenVL(**config)` rebuilds
 the model) and `export.json` (source, step, stage history, the data's hyper-parameters). Every command reads DIR
-back through the one loader, `synergen_lightning.system.load_synergen` (`load_model` here).
+back through the one loader, `synergen_lightning.system.load_synergen`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from synergen_lightning.checkpoint import (
     read_state_dict,
 )
 from synergen_lightning.distributed import check_compatible, to_dtype
-from synergen_lightning.system import SynerGenVL, load_synergen
+from synergen_lightning.system import SynerGenVL
 
-__all__ = ["export", "load_export", "load_model", "read_checkpoint_meta"]
+__all__ = ["export", "read_checkpoint_meta"]
 
 
 def _jsonable(x):
@@ -73,20 +73,6 @@ def export(ckpt: str | Path, out: str | Path, dtype: str | None = None) -> Path:
 def constructor_args(hparams: dict) -> dict:
     """Saved hyper-parameters without the CLI's bookkeeping keys (`_class_path`, `_instantiator`, ...)."""
     return {k: v for k, v in dict(hparams).items() if not str(k).startswith("_")}
-
-
-def load_export(path: str | Path, **overrides):
-    """A SynerGenVL in eval mode from an export directory (config.json + model.safetensors)."""
-    if checkpoint_kind(path) != "export":
-        raise FileNotFoundError(f"{str(path)!r} is not an export directory (no {EXPORT_WEIGHTS}): write one with "
-                                "`synergen export --ckpt CKPT --out DIR`")
-    return load_synergen(path, **overrides)
-
-
-def load_model(ckpt: str | Path, map_location: str | torch.device = "cpu", **overrides):
-    """A SynerGenVL in eval mode from any checkpoint a run or `synergen export` writes (see
-    synergen_lightning/checkpoint.py); `overrides` replace constructor arguments (e.g. tokenizer paths)."""
-    return load_synergen(ckpt, map_location=map_location, **overrides)
 
 
 def main(argv: list[str] | None = None) -> int:

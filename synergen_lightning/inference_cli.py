@@ -16,19 +16,9 @@ from synergen_lightning.inference import answer, generate_images
 from synergen_lightning.system import load_synergen
 
 
-def load_checkpoint(ckpt: str, device: str, text_tokenizer: str | None, image_tokenizer: str | None):
-    """The SynerGenVL of `--ckpt` on `device`: a .ckpt file (one process, DDP), a sharded FSDP2 directory or an
-    export directory (the one loader reads all); a missing file exits with a one-line message."""
-    if not Path(ckpt).exists():
-        raise SystemExit(f"--ckpt {ckpt!r} does not exist: train one with `make sft` (or pass runs/.../last.ckpt)")
-    overrides = {k: v for k, v in (("text_tokenizer", text_tokenizer), ("image_tokenizer", image_tokenizer)) if v}
-    try:
-        return load_synergen(ckpt, map_location=device, **overrides)
-    except FileNotFoundError as e:
-        raise SystemExit(f"--ckpt: {e}") from None
-
-
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """--ckpt (any form `system.load_synergen` reads: .ckpt file, sharded directory, export), --device and the
+    tokenizer overrides the loader takes."""
     p.add_argument("--ckpt", required=True, help="SynerGenVL checkpoint (e.g. runs/tiny/sft/last.ckpt)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--text-tokenizer", help="override the text tokenizer directory stored in the checkpoint")
@@ -53,7 +43,8 @@ def generate_main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.num < 1:
         p.error(f"--num {a.num} must be >= 1")
-    model = load_checkpoint(a.ckpt, a.device, a.text_tokenizer, a.image_tokenizer)
+    model = load_synergen(a.ckpt, map_location=a.device, text_tokenizer=a.text_tokenizer,
+                          image_tokenizer=a.image_tokenizer)
     images = generate_images(model, a.prompt, num=a.num, cfg_scale=a.cfg, temperature=a.temperature, top_k=a.top_k,
                              top_p=a.top_p, seed=a.seed, batch_size=a.batch_size)
     out = Path(a.out)
@@ -80,7 +71,8 @@ def answer_main(argv: list[str] | None = None) -> int:
         img.load()
     except (OSError, ValueError) as exc:
         raise SystemExit(f"--image {a.image!r} cannot be read ({exc}); pass a PNG/JPEG file") from None
-    model = load_checkpoint(a.ckpt, a.device, a.text_tokenizer, a.image_tokenizer)
+    model = load_synergen(a.ckpt, map_location=a.device, text_tokenizer=a.text_tokenizer,
+                          image_tokenizer=a.image_tokenizer)
     print(answer(model, [img], [a.question], max_new_tokens=a.max_new_tokens, max_tiles=a.max_tiles,
                  thumbnail=a.thumbnail)[0])
     return 0

@@ -709,7 +709,11 @@ def load_text_tokenizer(path: str | Path):
 
 
 def load_synergen(path: str | Path, map_location: str | torch.device | None = "cpu", strict: bool = True,
+                  text_tokenizer: str | Path | None = None, image_tokenizer: str | Path | None = None,
                   **overrides) -> SynerGenVL:
-    """A SynerGenVL in eval mode from any checkpoint form (synergen_lightning/checkpoint.py). `overrides` replace
-    constructor arguments (e.g. `text_tokenizer`, `image_tokenizer` paths); the weights always come from `path`."""
-    return load_checkpoint_model(path, SynerGenVL, map_location=map_location, strict=strict, **overrides)
+    """The one loader of a trained SynerGenVL (every command, the eval room, `SynerGenVL.load_from_checkpoint`): eval
+    mode, from any checkpoint form (synergen_lightning/checkpoint.py). `text_tokenizer` / `image_tokenizer` replace the
+    tokenizer paths the checkpoint names (None or "": the checkpoint's); `overrides` replace other constructor
+    arguments. The weights always come from `path`."""
+    tokenizers = {k: v for k, v in (("text_tokenizer", text_tokenizer), ("image_tokenizer", image_tokenizer)) if v}
+    return load_checkpoint_model(path, SynerGenVL, map_location=map_location, strict=strict, **tokenizers, **overrides)

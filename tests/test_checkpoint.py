@@ -64,6 +64,10 @@ def test_every_form_loads_the_same_model_through_every_entry_point(tmp_path):
 def test_overrides_replace_constructor_arguments_and_unknown_ones_are_refused(tmp_path):
     ckpt = _cli_like_checkpoint(tmp_path, tiny_model(stage="stage1"))
     assert load_synergen(ckpt, text_tokenizer="elsewhere/tok").hparams.text_tokenizer == "elsewhere/tok"
+    # the commands pass their unset tokenizer options as None (or ""): the checkpoint's paths stay
+    kept = load_synergen(_cli_like_checkpoint(tmp_path, tiny_model(stage="stage1", text_tokenizer="saved/tok")),
+                         text_tokenizer=None, image_tokenizer="")
+    assert kept.hparams.text_tokenizer == "saved/tok" and kept.hparams.image_tokenizer is None
     with pytest.raises(ValueError, match=r"\['no_such_arg'\] are not SynerGenVL arguments"):
         load_synergen(ckpt, no_such_arg=1)
 

@@ -415,7 +415,7 @@ def test_export_writes_one_consolidated_safetensors(two_rank_run, tmp_path, caps
     from safetensors.torch import load_file
 
     from synergen_lightning.cli import main as synergen
-    from synergen_lightning.export import load_export
+    from synergen_lightning.system import load_synergen
 
     ranks, ckpt = two_rank_run
     assert synergen(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "export")]) == 0
@@ -426,7 +426,7 @@ def test_export_writes_one_consolidated_safetensors(two_rank_run, tmp_path, caps
     assert set(tensors) == set(ranks[0]["state_dict"])
     for k, v in ranks[0]["state_dict"].items():
         assert torch.equal(tensors[k], v), k
-    model = load_export(tmp_path / "export")
+    model = load_synergen(tmp_path / "export")
     ref = tiny_model(stage="stage1")
     ref.load_state_dict(ranks[0]["state_dict"])
     batch = make_batch(GLOBAL_TASKS, seed=3)
@@ -438,10 +438,11 @@ def test_export_writes_one_consolidated_safetensors(two_rank_run, tmp_path, caps
 
 
 @pytest.mark.distributed
-def test_load_model_reads_a_sharded_directory_an_export_and_a_file(two_rank_run, tmp_path):
-    """`export.load_model`: the same weights (same logits) from the 2-process sharded directory, its export, and a
+def test_load_synergen_reads_a_sharded_directory_an_export_and_a_file(two_rank_run, tmp_path):
+    """`system.load_synergen`: the same weights (same logits) from the 2-process sharded directory, its export, and a
     single-file .ckpt of the 1-process reference model."""
-    from synergen_lightning.export import export, load_model
+    from synergen_lightning.export import export
+    from synergen_lightning.system import load_synergen
 
     ranks, ckpt = two_rank_run
     ref = tiny_model(stage="stage1")
@@ -453,11 +454,11 @@ def test_load_model_reads_a_sharded_directory_an_export_and_a_file(two_rank_run,
     with torch.no_grad():
         expected = ref.llm.forward_ids(LOGIT_IDS)
         for source in (ckpt, tmp_path / "export", tmp_path / "one.ckpt"):
-            model = load_model(source)
+            model = load_synergen(source)
             assert not model.training
             torch.testing.assert_close(model.llm.forward_ids(LOGIT_IDS), expected, atol=0, rtol=0, msg=str(source))
     with pytest.raises(FileNotFoundError, match="neither a .ckpt file, a sharded checkpoint directory"):
-        load_model(tmp_path)
+        load_synergen(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- slow

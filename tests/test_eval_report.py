@@ -276,15 +276,15 @@ def test_synergen_eval_report_command_from_disk(world, logdir, tmp_path):
 
 def test_report_accepts_an_export_directory_and_names_a_wrong_one(tmp_path):
     """Multi-process runs save directories: the report loads those through the same loader as `synergen generate`."""
-    from synergen_lightning.eval.report import load_system
     from synergen_lightning.export import export
+    from synergen_lightning.system import load_synergen
 
     model = _model()
     system = tmp_path / "system.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, system)
     export(system, tmp_path / "exported")
     assert check_system_checkpoint(tmp_path / "exported")["hyper_parameters"]["fold"] == list(model.hparams.fold)
-    loaded = load_system(tmp_path / "exported")
+    loaded = load_synergen(tmp_path / "exported")
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     (tmp_path / "empty").mkdir()

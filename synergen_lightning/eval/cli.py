@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from synergen_lightning.eval.fid import INCEPTION_KEY, EvalInputError
+from synergen_lightning.system import load_synergen
 
 
 def _csv_suites(value: str) -> tuple[str, ...]:
@@ -97,7 +98,7 @@ def report_parser() -> argparse.ArgumentParser:
 
 def report_main(argv: list[str] | None = None, model=None) -> int:
     """`model`: an already built SynerGenVL (tests); otherwise --ckpt is loaded."""
-    from synergen_lightning.eval.report import ReportInputs, build_report, check_system_checkpoint, load_system
+    from synergen_lightning.eval.report import ReportInputs, build_report, check_system_checkpoint
 
     parser = report_parser()
     a = parser.parse_args(argv)
@@ -132,7 +133,8 @@ def report_main(argv: list[str] | None = None, model=None) -> int:
 
             warn_level_mismatch(a.ckpt, Path(inputs.eval_prompts).parent)
         if model is None:
-            model = load_system(a.ckpt, a.device, a.text_tokenizer, a.image_tokenizer)
+            model = load_synergen(a.ckpt, map_location=a.device, text_tokenizer=a.text_tokenizer,
+                                  image_tokenizer=a.image_tokenizer)
         out = build_report(model, inputs, a.out, ckpt_name=a.ckpt, overwrite=a.overwrite)
     except EvalInputError as exc:
         parser.error(str(exc))
@@ -193,7 +195,6 @@ def fid_main(argv: list[str] | None = None) -> int:
 def cosine_main(argv: list[str] | None = None, model=None) -> int:
     """Paper Fig. 4 on shape-world val images (or an image directory)."""
     from synergen_lightning.eval.analysis import images_to_codes, layer_cosine_similarity, plot_layer_similarity
-    from synergen_lightning.eval.report import load_system
 
     p = argparse.ArgumentParser(prog="synergen eval cosine", description="Per-layer cosine similarity between "
                                 "understanding and generation visual features (paper Fig. 4): the same images fed as "
@@ -213,8 +214,7 @@ def cosine_main(argv: list[str] | None = None, model=None) -> int:
     from synergen_lightning.eval.suites import load_reference_images
 
     try:
-        if model is None:
-            model = load_system(a.ckpt, a.device, a.text_tokenizer, a.image_tokenizer)
+        model = _load_checked(a, model)
         size = model.grid[0] * model.hparams.downsample
         captions, views = load_reference_images(a.val_shards, size, a.num_images)
     except EvalInputError as exc:
@@ -260,7 +260,6 @@ def grounding_parser() -> argparse.ArgumentParser:
 def grounding_main(argv: list[str] | None = None, model=None) -> int:
     """`model`: an already built SynerGenVL (tests); otherwise --ckpt is loaded."""
     from synergen_lightning.eval.grounding import grounding_suite, load_grounding_samples, markdown_line, report_block
-    from synergen_lightning.eval.report import load_system
 
     p = grounding_parser()
     a = p.parse_args(argv)
@@ -269,8 +268,7 @@ def grounding_main(argv: list[str] | None = None, model=None) -> int:
             p.error(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= 1")
     try:
         samples = load_grounding_samples(a.val_shards, a.max_items)  # bad shards fail before the model loads
-        if model is None:
-            model = load_system(a.ckpt, a.device, a.text_tokenizer, a.image_tokenizer)
+        model = _load_checked(a, model)
         block = report_block(grounding_suite(model, samples, batch_size=a.batch_size, max_tiles=a.max_tiles,
                                              thumbnail=a.thumbnail))
     except EvalInputError as exc:
@@ -296,12 +294,14 @@ def lm_eval_main(argv: list[str] | None = None) -> int:
 
 
 def _load_checked(a, model):
-    from synergen_lightning.eval.report import check_system_checkpoint, load_system
+    """`model` if given (tests), else --ckpt through the one loader once the eval room's check names a wrong kind of
+    checkpoint (EvalInputError)."""
+    from synergen_lightning.eval.report import check_system_checkpoint
 
     if model is not None:
         return model
     check_system_checkpoint(a.ckpt)
-    return load_system(a.ckpt, a.device, a.text_tokenizer, a.image_tokenizer)
+    return load_synergen(a.ckpt, map_location=a.device, text_tokenizer=a.text_tokenizer, image_tokenizer=a.image_tokenizer)
 
 
 def geneval_official_main(argv: list[str] | None = None, model=None) -> int:

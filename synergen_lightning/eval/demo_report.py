@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
-from synergen_lightning.checkpoint import read_checkpoint_meta
+from synergen_lightning.checkpoint import checkpoint_kind, read_checkpoint_meta
 from synergen_lightning.eval.grounding import grounding_suite, report_block
 from synergen_lightning.eval.suites import geneval_suite, load_qa_items, text_suite, understanding_suite
 from synergen_lightning.inference import generate_images
-from synergen_lightning.inference_cli import add_checkpoint_args, load_checkpoint
+from synergen_lightning.inference_cli import add_checkpoint_args
+from synergen_lightning.system import load_synergen
 from synergen_lightning.world.scorer import detect_objects, evaluate, score_images, summarize
 from synergen_lightning.world.shards import find_world_info, read_world_info
 
@@ -210,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="val samples for the grounding block (caption gain / image gain: teacher-forced nats the true "
                         "caption / image saves over a swapped one; ~0 = the input is ignored); 0 = skip")
     a = p.parse_args(argv)
-
-
+    checkpoint_kind(a.ckpt)  # a missing --ckpt stops the command here, in one line, before any work
     data, out = Path(a.data), Path(a.out)
     prompts_file = data / "eval_prompts.jsonl"
     if not prompts_file.is_file():
@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--curve {c} does not exist; pass the stage checkpoints that exist (or none)")
     out.mkdir(parents=True, exist_ok=True)
     trained_level, level = warn_level_mismatch(a.ckpt, data)
-    model = load_checkpoint(a.ckpt, a.device, a.text_tokenizer, a.image_tokenizer)
+    model = load_synergen(a.ckpt, map_location=a.device, text_tokenizer=a.text_tokenizer,
+                          image_tokenizer=a.image_tokenizer)
     # answer with the views the last stage trained on (max tiles, thumbnail)
     max_tiles, thumbnail = _views(a.ckpt)
 
@@ -246,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     n_gen, n_und = min(a.curve_prompts, len(prompts)), min(a.curve_questions, len(qa_items))
     curve = []
     for c in a.curve:
-        stage_model = load_checkpoint(c, a.device, a.text_tokenizer, a.image_tokenizer)
+        stage_model = load_synergen(c, map_location=a.device, text_tokenizer=a.text_tokenizer,
+                                    image_tokenizer=a.image_tokenizer)
         tiles, thumb = _views(c)
         g = geneval_suite(stage_model, prompts[:n_gen], seed=a.seed, cfg_scale=a.cfg, temperature=a.temperature)
         u = understanding_suite(stage_model, qa_items[:n_und], max_new_tokens=8, max_tiles=tiles, thumbnail=thumb)

@@ -19,8 +19,9 @@ import torch
 
 from synergen_lightning.checkpoint import read_checkpoint_meta
 from synergen_lightning.eval.fid import EvalInputError
-from synergen_lightning.eval.report import load_system
+from synergen_lightning.eval.report import check_system_checkpoint
 from synergen_lightning.inference import decode_rows, score_continuations, understanding_rows
+from synergen_lightning.system import load_synergen
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -82,7 +83,9 @@ class Harness:
             raise EvalInputError(f"pretrained={pretrained!r} does not exist: pass a SynerGenVL checkpoint, e.g. "
                                  "--model_args pretrained=runs/tiny/sft/last.ckpt")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = load_system(pretrained, device, text_tokenizer, image_tokenizer)
+        check_system_checkpoint(pretrained)
+        model = load_synergen(pretrained, map_location=device, text_tokenizer=text_tokenizer,
+                              image_tokenizer=image_tokenizer)
         policy = tile_policy(pretrained)
         return cls(model, max_tiles=policy["max_tiles"] if max_tiles is None else int(max_tiles),
                    thumbnail=policy["thumbnail"] if thumbnail is None else _as_bool(thumbnail), **kw)

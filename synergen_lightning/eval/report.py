@@ -78,15 +78,6 @@ def _check_system_directory(p: Path) -> dict:
     return {"hyper_parameters": hp}
 
 
-def load_system(path: str | Path, device: str = "cpu", text_tokenizer: str | None = None,
-                image_tokenizer: str | None = None):
-    from synergen_lightning.system import load_synergen
-
-    check_system_checkpoint(path)
-    overrides = {k: v for k, v in (("text_tokenizer", text_tokenizer), ("image_tokenizer", image_tokenizer)) if v}
-    return load_synergen(path, map_location=device, **overrides)
-
-
 # ---------------------------------------------------------------------------------------- inputs
 @dataclass
 class ReportInputs:
