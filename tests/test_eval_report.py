@@ -290,3 +290,34 @@ def test_report_accepts_an_export_directory_and_names_a_wrong_one(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(EvalInputError, match="neither a sharded checkpoint"):
         check_system_checkpoint(tmp_path / "empty")
+
+
+def test_both_report_commands_answer_on_the_checkpoints_views_and_fail_alike_without_one(world, logdir, tmp_path,
+                                                                                      capsys):
+    """One tile policy (`suites.tile_policy`): the views the checkpoint's last stage trained with unless given; a
+    missing --ckpt is the same one-line error, exit 2, from `eval report` and `demo report`."""
+    from synergen_lightning.cli import main
+    from synergen_lightning.eval.suites import tile_policy
+
+    model = _model()
+    ckpt = tmp_path / "tiled.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "datamodule_hyper_parameters": {"max_tiles": 2, "thumbnail": True}}, ckpt)
+    assert tile_policy(ckpt) == (2, True) and tile_policy(ckpt, 1, False) == (1, False)
+    assert tile_policy(tmp_path / "missing.ckpt") == (1, False)
+    for extra, want in (((), (2, True)), (("--max-tiles", "1", "--no-thumbnail"), (1, False))):
+        argv = _args(world, logdir, tmp_path / f"r{len(extra)}", "--suite", "und", *extra)
+        argv[1] = str(ckpt)
+        assert report_main(argv, model=model) == 0
+        inputs = json.loads((tmp_path / f"r{len(extra)}" / "report.json").read_text())["inputs"]
+        assert (inputs["max_tiles"], inputs["thumbnail"]) == want
+    capsys.readouterr()
+    missing = str(tmp_path / "nope.ckpt")
+    errors = []
+    for cmd in (["eval", "report", "--ckpt", missing, "--out", str(tmp_path / "e")],
+                ["demo", "report", "--ckpt", missing, "--base-llm", missing, "--out", str(tmp_path / "d")]):
+        assert main(cmd) == 2
+        errors.append(capsys.readouterr().err.splitlines()[0].split(": error: ", 1))
+    assert errors[0][0] == "synergen eval report" and errors[1][0] == "synergen demo report"
+    assert errors[0][1] == errors[1][1] and f"'{missing}' does not exist" in errors[0][1]
+    assert not (tmp_path / "e").exists() and not (tmp_path / "d").exists()

@@ -78,9 +78,10 @@ def report_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-grounding", type=int, default=64, help="val samples for the grounding suite (default: 64)")
     p.add_argument("--num-fid", type=int, default=64, help="images per FID set (default: 64; MSCOCO-30K uses 30000)")
     p.add_argument("--max-text", type=int, default=200, help="skill lines used (default: 200)")
-    p.add_argument("--max-tiles", type=int, default=1, help="understanding views: InternVL-1.5 tiles, as the model "
-                   "was trained (the tiny recipes: 1 native view)")
-    p.add_argument("--thumbnail", action="store_true", help="append a thumbnail view (when the model trained with one)")
+    p.add_argument("--max-tiles", type=int, default=None, help="understanding views: InternVL-1.5 tiles (default: "
+                   "what the checkpoint's last stage trained with, as `synergen demo report` uses; 1 when unknown)")
+    p.add_argument("--thumbnail", action=argparse.BooleanOptionalAction, default=None,
+                   help="append a thumbnail view (default: as the checkpoint's last stage trained)")
     p.add_argument("--inception-weights", help=f"local torch-fidelity Inception weights (.pth) for fid; default: the "
                    f"recipe key {INCEPTION_KEY} of --config")
     p.add_argument("--config", type=Path, help=f"a recipe YAML to read {INCEPTION_KEY} from")
@@ -98,7 +99,9 @@ def report_parser() -> argparse.ArgumentParser:
 
 def report_main(argv: list[str] | None = None, model=None) -> int:
     """`model`: an already built SynerGenVL (tests); otherwise --ckpt is loaded."""
+    from synergen_lightning.checkpoint import checkpoint_kind
     from synergen_lightning.eval.report import ReportInputs, build_report, check_system_checkpoint
+    from synergen_lightning.eval.suites import tile_policy
 
     parser = report_parser()
     a = parser.parse_args(argv)
@@ -111,6 +114,9 @@ def report_main(argv: list[str] | None = None, model=None) -> int:
     for name in ("num_geneval", "num_und", "num_grounding", "num_fid", "batch_size"):
         if getattr(a, name) < 1:
             parser.error(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= 1")
+    if model is None:
+        checkpoint_kind(a.ckpt)  # a missing --ckpt stops the command here, in one line, as `synergen demo report` does
+    max_tiles, thumbnail = tile_policy(a.ckpt, a.max_tiles, a.thumbnail)
     try:
         ckpt = check_system_checkpoint(a.ckpt) if model is None else None
         hp = (ckpt or {}).get("hyper_parameters") or (dict(model.hparams) if model is not None else {})
@@ -121,7 +127,7 @@ def report_main(argv: list[str] | None = None, model=None) -> int:
             skill_jsonl=a.skill or a.data / "text" / "skill_val.jsonl",
             base_llm=a.base_llm or hp.get("base_llm"), inception_weights=weights, fid_prompts=a.fid_prompts,
             fid_reference=a.fid_reference, logdir=a.logdir or Path(a.ckpt).resolve().parent,
-            num_geneval=a.num_geneval, num_und=a.num_und, max_tiles=a.max_tiles, thumbnail=a.thumbnail,
+            num_geneval=a.num_geneval, num_und=a.num_und, max_tiles=max_tiles, thumbnail=thumbnail,
             num_grounding=a.num_grounding, num_fid=a.num_fid, max_text=a.max_text,
             grid_prompts=a.grid_prompt or [], external=a.external, grid_seeds=grid_seeds, seed=a.seed, cfg_scale=a.cfg,
             batch_size=a.batch_size, device=a.device,

@@ -19,9 +19,16 @@ from pathlib import Path
 
 import torch
 
-from synergen_lightning.checkpoint import checkpoint_kind, read_checkpoint_meta
+from synergen_lightning.checkpoint import checkpoint_kind
 from synergen_lightning.eval.grounding import grounding_suite, report_block
-from synergen_lightning.eval.suites import geneval_suite, load_qa_items, text_suite, understanding_suite
+from synergen_lightning.eval.suites import (
+    geneval_suite,
+    load_qa_items,
+    text_suite,
+    tile_policy,
+    trained_data_hparams,
+    understanding_suite,
+)
 from synergen_lightning.inference import generate_images
 from synergen_lightning.inference_cli import add_checkpoint_args
 from synergen_lightning.system import load_synergen
@@ -34,19 +41,11 @@ NUM_GRID_ANSWERS = 16
 
 def checkpoint_level(ckpt: str) -> str | None:
     """The shape-world level the checkpoint's last stage trained on (from its data sources' world.json), or None."""
-    for source in _data_hparams(ckpt).get("sources") or []:
+    for source in trained_data_hparams(ckpt).get("sources") or []:
         info = find_world_info(str(source.get("urls", "")))
         if info:
             return info["level"]
     return None
-
-
-def _data_hparams(ckpt: str) -> dict:
-    """The datamodule settings a checkpoint (file, sharded directory or export) was trained with; {} if unknown."""
-    try:
-        return read_checkpoint_meta(ckpt).get("datamodule_hyper_parameters") or {}
-    except (OSError, ValueError):
-        return {}
 
 
 def warn_level_mismatch(ckpt: str, data_dir: str | Path, out=sys.stderr) -> tuple[str | None, str | None]:
@@ -223,8 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     trained_level, level = warn_level_mismatch(a.ckpt, data)
     model = load_synergen(a.ckpt, map_location=a.device, text_tokenizer=a.text_tokenizer,
                           image_tokenizer=a.image_tokenizer)
-    # answer with the views the last stage trained on (max tiles, thumbnail)
-    max_tiles, thumbnail = _views(a.ckpt)
+    max_tiles, thumbnail = tile_policy(a.ckpt)
 
     prompts = [json.loads(line) for line in prompts_file.read_text().splitlines() if line.strip()][: a.num_prompts]
     geneval, images = geneval_suite(model, prompts, seed=a.seed, cfg_scale=a.cfg, temperature=a.temperature,
@@ -249,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     for c in a.curve:
         stage_model = load_synergen(c, map_location=a.device, text_tokenizer=a.text_tokenizer,
                                     image_tokenizer=a.image_tokenizer)
-        tiles, thumb = _views(c)
+        tiles, thumb = tile_policy(c)
         g = geneval_suite(stage_model, prompts[:n_gen], seed=a.seed, cfg_scale=a.cfg, temperature=a.temperature)
         u = understanding_suite(stage_model, qa_items[:n_und], max_new_tokens=8, max_tiles=tiles, thumbnail=thumb)
         curve.append({"stage": Path(c).parent.name, "ckpt": c, "geneval": g["overall"], "und": u["accuracy"],
@@ -289,9 +287,3 @@ def main(argv: list[str] | None = None) -> int:
                           "grounding.image_gain_nats": grounding["image_gain_nats"]} if grounding else {})}, indent=2))
     print(f"wrote {out / 'report.json'}, {out / 'samples.png'} and {out / 'curve.png'}")
     return 0
-
-
-def _views(ckpt: str) -> tuple[int, bool]:
-    """(max_tiles, thumbnail) the checkpoint's last stage trained on (1, False when it does not say)."""
-    hp = _data_hparams(ckpt)
-    return int(hp.get("max_tiles", 1)), bool(hp.get("thumbnail", False))

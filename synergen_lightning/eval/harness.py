@@ -17,22 +17,13 @@ from pathlib import Path
 
 import torch
 
-from synergen_lightning.checkpoint import read_checkpoint_meta
 from synergen_lightning.eval.fid import EvalInputError
 from synergen_lightning.eval.report import check_system_checkpoint
+from synergen_lightning.eval.suites import tile_policy
 from synergen_lightning.inference import decode_rows, score_continuations, understanding_rows
 from synergen_lightning.system import load_synergen
 
 IMAGE_PLACEHOLDER = "<image>"
-
-
-def tile_policy(ckpt: str | Path) -> dict:
-    """{"max_tiles", "thumbnail"} the checkpoint's data module trained with (1 view, no thumbnail when unknown)."""
-    try:
-        hp = read_checkpoint_meta(ckpt).get("datamodule_hyper_parameters") or {}
-    except (OSError, ValueError):
-        hp = {}
-    return {"max_tiles": int(hp.get("max_tiles") or 1), "thumbnail": bool(hp.get("thumbnail") or False)}
 
 
 def _as_bool(value) -> bool:
@@ -86,9 +77,8 @@ class Harness:
         check_system_checkpoint(pretrained)
         model = load_synergen(pretrained, map_location=device, text_tokenizer=text_tokenizer,
                               image_tokenizer=image_tokenizer)
-        policy = tile_policy(pretrained)
-        return cls(model, max_tiles=policy["max_tiles"] if max_tiles is None else int(max_tiles),
-                   thumbnail=policy["thumbnail"] if thumbnail is None else _as_bool(thumbnail), **kw)
+        max_tiles, thumbnail = tile_policy(pretrained, max_tiles, None if thumbnail is None else _as_bool(thumbnail))
+        return cls(model, max_tiles=max_tiles, thumbnail=thumbnail, **kw)
 
     # ------------------------------------------------------------------------------------------------ text
     @property

@@ -6,7 +6,8 @@
     fid_suite(model, captions, reference)   FID / IS / KID of generated vs reference images (torch-fidelity)
 
 Each returns a flat-ish dict of floats; `flatten_metrics` turns it into `eval/...` scalars. Loops show a
-rich progress bar when `progress=True`.
+rich progress bar when `progress=True`. `tile_policy` decides the understanding views of a checkpoint for every
+report and harness.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from synergen_lightning.checkpoint import read_checkpoint_meta
 from synergen_lightning.data.sources import SkipCounter, expand_urls, finite_samples, load_json
 from synergen_lightning.data.views import generation_view, to_uint8_tensor
 from synergen_lightning.eval.fid import EvalInputError, as_uint8_images, check_inception_weights, compute_fidelity
@@ -64,6 +66,23 @@ def eval_mode(model):
             yield model
     finally:
         model.train(was_training)
+
+
+# ---------------------------------------------------------------------------------------- checkpoint settings
+def trained_data_hparams(ckpt: str | Path) -> dict:
+    """The datamodule settings a checkpoint (file, sharded directory or export) was trained with; {} if unknown."""
+    try:
+        return read_checkpoint_meta(ckpt).get("datamodule_hyper_parameters") or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def tile_policy(ckpt: str | Path, max_tiles: int | None = None, thumbnail: bool | None = None) -> tuple[int, bool]:
+    """(max_tiles, thumbnail) of the understanding views: each value given, else what the checkpoint's last stage
+    trained with, else one view and no thumbnail. A model answers best on the views it learnt."""
+    hp = trained_data_hparams(ckpt) if max_tiles is None or thumbnail is None else {}
+    return (int(hp.get("max_tiles") or 1) if max_tiles is None else int(max_tiles),
+            bool(hp.get("thumbnail") or False) if thumbnail is None else bool(thumbnail))
 
 
 # ---------------------------------------------------------------------------------------- GenEval
