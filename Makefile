@@ -13,6 +13,8 @@ SEED    ?= 0
 # the shape world's level (synergen data synth --help): demo (64 px, learnt in minutes), grid or full (128 px)
 LEVEL   ?= demo
 PY      := .venv/bin/python
+# the torch build `make install` installs first, so the resolver keeps it; `make check-extras` checks the extras keep it
+TORCH   := torch==2.14.1 torchvision==0.29.1
 PIP     := .venv/bin/pip
 SYN     := .venv/bin/synergen
 VENV    := .venv/.installed
@@ -74,7 +76,7 @@ logged = $(if $(1),@mkdir -p $(dir $(1)) && echo "$(2) (log: $(1))" && { { $(3);
 resume_from = $(if $(wildcard $(1).done),,$(if $(wildcard $(1)last.ckpt),--ckpt_path $(1)last.ckpt))
 start_over_if_finished = @if [ -f $(1).done ]; then rm -f $(1).done $(1)*.ckpt; fi
 
-.PHONY: help install data tokenizer base-llm stage1 stage2 sft demo ablations eval lint test test-fast test-all bench gpu-check tensorboard geneval-gt clean
+.PHONY: help install check-extras data tokenizer base-llm stage1 stage2 sft demo ablations eval lint test test-fast test-all bench gpu-check tensorboard geneval-gt clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9_-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -85,10 +87,13 @@ $(VENV): pyproject.toml
 	python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	# torch 2.14.1 first, so the resolver keeps it (the registry build with CUDA libs runs on CPU too)
-	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PIP) install -q $(TORCH)
 	# lm-eval: its adapter's test runs against the real package (it keeps torch and the toolkit's pins)
 	$(PIP) install -q -e ".[dev,lm-eval]"
 	touch $@
+
+check-extras: $(VENV)  ## in a fresh virtualenv: installing each optional extra (dev, lm-eval, lmms-eval) changes neither torch nor the toolkit's pins (pip --dry-run; a few minutes)
+	$(PY) bench/check_extras.py --torch "$(TORCH)"
 
 data: $(DATA_OK)  ## write the tiny shape world (LEVEL=demo|grid|full): train/val shards, eval prompts, text corpus
 
@@ -176,10 +181,24 @@ ablations: $(DATA_OK) $(VQ_CKPT) $(BASE_DONE)  ## the paper's Tables 6 and 7 in 
 	$(SYN) ablations run $(ARGS)
 
 EVAL_SUITES ?= geneval,und,text
-eval: $(VENV)  ## report of the latest tiny run (every tiny stage trains one native view of the canvas) -> runs/tiny/eval/report.md (FID: EVAL_SUITES=...,fid FID_WEIGHTS=path.pth; the paper's benchmarks: docs/evaluation.md)
+# the paper's benchmarks through the field's evaluators, each on local copies of its files (docs/evaluation.md):
+# `make eval` prints these commands for the checkpoint it scored
+define PAPER_EVAL
+the paper's benchmarks for CKPT=$$ckpt (local files only; docs/evaluation.md):
+  GenEval:       synergen eval geneval-official --ckpt $$ckpt --metadata geneval/prompts/evaluation_metadata.jsonl --out geneval_images --samples 4 --cfg 7.5
+                 then in GenEval: python evaluation/evaluate_images.py geneval_images --outfile geneval_results.jsonl --model-path OBJECT_DETECTOR_FOLDER
+  MJHQ-30K FID:  synergen eval mjhq-fid --ckpt $$ckpt --meta mjhq/meta_data.json --reference mjhq/mjhq30k_imgs --inception-weights inception.pth --out fid_mjhq
+  COCO-30K FID:  synergen eval coco-fid --ckpt $$ckpt --captions coco/annotations/captions_val2014.json --reference coco/val2014 --num 30000 --inception-weights inception.pth --out fid_coco
+  understanding: lmms-eval --model synergen --model_args pretrained=$$ckpt --batch_size 8 --tasks textvqa_val,gqa,docvqa_val,chartqa,ai2d,mmbench_en_dev,mme,pope --output_path lmms_results
+  text (MMLU):   synergen eval lm-eval run --model synergen --model_args pretrained=$$ckpt --tasks mmlu,cmmlu --num_fewshot 5 --batch_size 8 --output_path lm_eval_results
+  one report:    synergen eval report --ckpt $$ckpt --suite none --out paper_report --external geneval_results.jsonl --external fid_mjhq/fid.json --external fid_coco/fid.json --external lmms_results/*/*_results.json --external lm_eval_results/*/results_*.json
+endef
+export PAPER_EVAL
+eval: $(VENV)  ## report of the latest tiny run (every tiny stage trains one native view of the canvas) -> runs/tiny/eval/report.md, then the commands of the paper's benchmarks for it (FID: EVAL_SUITES=...,fid FID_WEIGHTS=path.pth; docs/evaluation.md)
 	@ckpt=$$(ls -t $(SFT_CKPT) $(S2_CKPT) $(S1_CKPT) 2>/dev/null | head -1); \
 	test -n "$$ckpt" || { echo "make eval: no runs/tiny/*/last.ckpt yet; run make stage1 (or make demo) first" >&2; exit 2; }; \
-	$(SYN) eval report --ckpt $$ckpt --data $(DATA) --suite $(EVAL_SUITES) --out runs/tiny/eval --overwrite $(if $(FID_WEIGHTS),--inception-weights $(FID_WEIGHTS))
+	$(SYN) eval report --ckpt $$ckpt --data $(DATA) --suite $(EVAL_SUITES) --out runs/tiny/eval --overwrite $(if $(FID_WEIGHTS),--inception-weights $(FID_WEIGHTS)) && \
+	echo && echo "$$PAPER_EVAL" | sed "s|\$$ckpt|$$ckpt|g"
 
 geneval-gt: $(DATA_OK)  ## sanity check: the scorer on the world's own renders (expect 1.0)
 	$(SYN) eval geneval --prompts $(DATA)/eval_prompts.jsonl --ground-truth --out runs/geneval_gt.json

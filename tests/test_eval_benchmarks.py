@@ -54,21 +54,21 @@ def test_geneval_official_layout_resumes_and_reads_back(tmp_path, monkeypatch):
     assert sorted(os.listdir(out)) == ["00000", "00001", "00002"]
     walk = _scorer_walk(out)
     assert [(os.path.relpath(p, out), m) for p, m in walk] == [
-        (f"{i:05d}/samples/{k:04d}.png", METADATA[i]) for i in range(3) for k in range(2)]
+        (f"{i:05d}/samples/{k:05d}.png", METADATA[i]) for i in range(3) for k in range(2)]
     # prompt N is drawn with seed SEED+N: the same images as a direct call
     for i, m in enumerate(METADATA):
         want = model.generate_images([m["prompt"]], num=2, cfg_scale=3, seed=5 + i)
         for k in range(2):
-            assert np.array_equal(np.asarray(Image.open(out / f"{i:05d}/samples/{k:04d}.png")), np.asarray(want[k]))
+            assert np.array_equal(np.asarray(Image.open(out / f"{i:05d}/samples/{k:05d}.png")), np.asarray(want[k]))
     # resumable: only the prompt with a missing sample is drawn again, and identically
-    before = (out / "00001/samples/0001.png").read_bytes()
-    (out / "00001/samples/0001.png").unlink()
+    before = (out / "00001/samples/00001.png").read_bytes()
+    (out / "00001/samples/00001.png").unlink()
     calls = []
     real = model.generate_images
     monkeypatch.setattr(model, "generate_images", lambda p, **kw: calls.append(p) or real(p, **kw))
     assert geneval_official_main(args, model=model) == 0
     assert calls == [["a photo of two clocks"]]
-    assert (out / "00001/samples/0001.png").read_bytes() == before
+    assert (out / "00001/samples/00001.png").read_bytes() == before
 
 
 def test_geneval_metadata_and_results(tmp_path):
@@ -189,20 +189,33 @@ def test_report_includes_external_results(tmp_path, capsys):
                                                "cmmlu": {"acc,none": 0.25, "acc_norm,none": 0.26}},
                                    "config": {"model": "synergen", "model_args": "pretrained=ckpt"},
                                    "lm_eval_version": "0.4.13"}))
+    # lmms-eval 0.7's OUT/<model>/<date>_results.json, trimmed (its "N/A" clustered stderr is a string)
+    lmms = tmp_path / "20260101_000000_results.json"
+    lmms.write_text(json.dumps({"results": {
+        "pope": {"alias": "pope", "pope_accuracy,none": 0.8, "pope_accuracy_stderr,none": "N/A"},
+        "textvqa_val": {"alias": "textvqa_val", "exact_match,none": 0.4, "exact_match_stderr,none": 0.01,
+                        "exact_match_stderr_clustered,none": "N/A"}},
+        "config": {"model": "synergen", "model_args": "pretrained=runs/tiny/sft/last.ckpt,device=cpu",
+                   "model_backend": "synergen_lightning.eval.lmms_adapter.SynerGenLMMS (simple)"},
+        "lmms_eval_version": "0.7.3", "n-samples": {"pope": {"original": 9000, "effective": 9000}}}))
     out = tmp_path / "report"
     args = ["--ckpt", "in-memory.ckpt", "--suite", "none", "--out", str(out), "--logdir", str(tmp_path / "nologs"),
-            "--device", "cpu", "--external", str(geneval), "--external", str(fid), "--external", str(harness)]
+            "--device", "cpu", "--external", str(geneval), "--external", str(fid), "--external", str(harness),
+            "--external", str(lmms)]
     assert report_main(args, model=_model()) == 0
     ext = json.loads((out / "report.json").read_text())["results"]["external"]
-    assert [e["kind"] for e in ext] == ["geneval", "fid", "lm-eval"]
+    assert [e["kind"] for e in ext] == ["geneval", "fid", "lm-eval", "lmms-eval"]
     assert ext[0]["overall"] == pytest.approx(2 / 3) and ext[1]["per_category"]["people"]["fid"] == 10.0
     assert ext[2]["tasks"] == {"mmlu": {"acc,none": 0.3}, "cmmlu": {"acc,none": 0.25, "acc_norm,none": 0.26}}
+    assert ext[3]["tasks"] == {"pope": {"pope_accuracy,none": 0.8}, "textvqa_val": {"exact_match,none": 0.4}}
+    assert ext[3]["model"] == "pretrained=runs/tiny/sft/last.ckpt,device=cpu"
     md = (out / "report.md").read_text()
-    for needle in ("## Benchmarks", "| **0.6667** | 1.0000 | 0.0000 | 1.0000 |", "MJHQ-30K FID", "| mmlu | acc,none | 0.3000 |"):
+    for needle in ("## Benchmarks", "| **0.6667** | 1.0000 | 0.0000 | 1.0000 |", "MJHQ-30K FID", "| mmlu | acc,none | 0.3000 |",
+                   "lmms-eval (`", "| textvqa_val | exact_match,none | 0.4000 |"):
         assert needle in md, needle
     assert "samples.png" not in md
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"something": 1}))
     with pytest.raises(SystemExit):
-        report_main([*args[:-6], "--external", str(bad), "--overwrite"], model=_model())
+        report_main([*args[:-8], "--external", str(bad), "--overwrite"], model=_model())
     assert "neither GenEval results" in capsys.readouterr().err

@@ -1,16 +1,18 @@
-"""The lmms-eval adapter (`synergen_lightning/eval/lmms_adapter.py`) against a STAND-IN of lmms-eval, not the real
-package: installing lmms-eval would downgrade protobuf (7.x -> 6.x, which tensorboard uses) and bring ~90 more
-packages, so it stays an optional extra that is not installed here.
+"""The lmms-eval adapter (`synergen_lightning/eval/lmms_adapter.py`) against a STAND-IN of lmms-eval's model API, so
+it runs where the optional lmms-eval extra is not installed (it brings ~90 packages and another protobuf major);
+tests/test_eval_lmms_evaluator.py runs the adapter through the real `lmms-eval` command where the extra is installed.
 
 The stand-in imitates lmms-eval 0.7's model API as its source defines it: `lmms_eval.api.model.lmms` (the abstract
 base: `__init__` sets rank 0 / world size 1, a `cache_hook` and an empty `task_dict`; `create_from_arg_string`
 parses `key=value,...` and adds the evaluator's `batch_size` / `max_batch_size` / `device`),
 `lmms_eval.api.instance.Instance` (request_type, arguments, idx, metadata {task, doc_id, repeats}; `.args` is the
-arguments tuple), `lmms_eval.api.registry.register_model` and `lmms_eval.models.registry_v2.ModelManifest`. The
-test then calls the adapter as lmms-eval's evaluator does for a simple model: `task_dict[task][split][doc_id]` holds
-the docs; generate_until requests carry (context, gen_kwargs, doc_to_visual, doc_id, task, split); multiple-choice
-loglikelihood requests (context, " " + choice, doc_to_visual, doc_id, task, split). Answers and log-likelihoods are
-checked against an unbatched, uncached recomputation with the model's own modules."""
+arguments tuple) and `GenerationResult` (a model output the evaluator keeps as it is: `.text`),
+`lmms_eval.api.registry.register_model` and `lmms_eval.models.registry_v2.ModelManifest`. The test then calls the
+adapter as lmms-eval's evaluator does for a simple model: `task_dict[task][split][doc_id]` holds the docs;
+generate_until requests carry (context, gen_kwargs, doc_to_visual, doc_id, task, split); multiple-choice
+loglikelihood requests (context, " " + choice, doc_to_visual, doc_id, task, split), answered with (loss, greedy) as
+lmms-eval's models answer them. Answers and losses are checked against an unbatched, uncached recomputation with the
+model's own modules."""
 
 from __future__ import annotations
 
@@ -95,6 +97,11 @@ def _stand_in() -> dict[str, types.ModuleType]:
             return cls
         return decorate
 
+    @dataclass
+    class GenerationResult:
+        text: object
+        token_counts: object = None
+
     @dataclass(frozen=True)
     class ModelManifest:
         model_id: str
@@ -108,6 +115,7 @@ def _stand_in() -> dict[str, types.ModuleType]:
     mods["lmms_eval.api.model"].lmms = lmms
     mods["lmms_eval.api.model"].CacheHook = CacheHook
     mods["lmms_eval.api.instance"].Instance = Instance
+    mods["lmms_eval.api.instance"].GenerationResult = GenerationResult
     mods["lmms_eval.api.registry"].register_model = register_model
     mods["lmms_eval.api.registry"].MODEL_REGISTRY = registry
     mods["lmms_eval.models.registry_v2"].ModelManifest = ModelManifest
@@ -193,23 +201,24 @@ def test_generate_until_batched_matches_an_uncached_reference(adapter):
         assert text == tok.decode(new).strip()
 
 
-def test_multiple_choice_loglikelihood_matches_an_unbatched_reference(adapter):
-    from lmms_eval.api.instance import Instance
+def test_multiple_choice_loss_matches_an_unbatched_reference(adapter):
+    """lmms-eval's convention: (mean negative log-likelihood per answer token, greedy), the smallest loss wins."""
+    from lmms_eval.api.instance import GenerationResult, Instance
 
     model, docs = _model(), _docs()
     lm = adapter.SynerGenLMMS(model=model, batch_size=4)
     lm.task_dict = {"local_vqa": {"test": docs}}
     reqs = _requests(Instance, docs, "loglikelihood")
     got = lm.loglikelihood(reqs)
-    assert len(got) == len(reqs) == 9
+    assert len(got) == len(reqs) == 9 and all(isinstance(g, GenerationResult) for g in got)
     tok = model.text_tokenizer
-    for r, (lp, greedy) in zip(reqs, got):
+    for r, (loss, greedy) in zip(reqs, (g.text for g in got)):
         doc = docs[r.args[3]]
         ids, img, codes = _prompt(model, doc, max_tiles=1)
         cont = tok.encode(r.args[1].lstrip())
         logp = _forward(model, ids + cont, img + [False] * len(cont), codes)
         want = [logp[len(ids) - 1 + k] for k in range(len(cont))]
-        assert lp == pytest.approx(sum(float(w[t]) for w, t in zip(want, cont)), abs=1e-4)
+        assert loss == pytest.approx(-sum(float(w[t]) for w, t in zip(want, cont)) / len(cont), abs=1e-4)
         assert greedy == all(int(w.argmax()) == t for w, t in zip(want, cont))
 
 

@@ -128,3 +128,33 @@ def test_a_new_tokenizer_pretokenizes_from_scratch():
     lines = dry_run("data/tiny/codes/.done").splitlines()
     clear = lines.index("rm -rf data/tiny/codes")
     assert clear < next(i for i, line in enumerate(lines) if "data pretokenize" in line)
+
+
+def test_eval_prints_the_paper_benchmarks_for_the_checkpoint_it_scored(tmp_path):
+    """`make eval` scores the latest tiny run, then prints the paper-scale commands for that checkpoint; every
+    `synergen` command among them parses, with each of its options in its --help."""
+    from tests.test_docs import _help
+
+    cwd = _fake_checkout(tmp_path)
+    (cwd / "runs" / "tiny" / "stage2").mkdir(parents=True)
+    (cwd / "runs" / "tiny" / "stage2" / "last.ckpt").touch()
+    result = subprocess.run(["make", "-f", str(ROOT / "Makefile"), "-o", ".venv/.installed", "eval", "SYN=echo"],
+                            cwd=cwd, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith("eval report --ckpt runs/tiny/stage2/last.ckpt")
+    for needle in ("synergen eval geneval-official --ckpt runs/tiny/stage2/last.ckpt", "evaluation/evaluate_images.py",
+                   "synergen eval mjhq-fid", "synergen eval coco-fid",
+                   "lmms-eval --model synergen --model_args pretrained=runs/tiny/stage2/last.ckpt",
+                   "synergen eval lm-eval run --model synergen", "--external lmms_results/*/*_results.json"):
+        assert needle in out, needle
+    assert "$ckpt" not in out
+    commands = re.findall(r"synergen (eval [a-z-]+)(.*)", out)
+    assert len(commands) == 5
+    for command, rest in commands:
+        if command == "eval lm-eval":  # lm-eval's own command line and options
+            continue
+        text = _help(tuple(command.split()))
+        assert text is not None, command
+        missing = [o for o in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest) if o not in text]
+        assert not missing, (command, missing)

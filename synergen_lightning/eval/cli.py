@@ -317,7 +317,7 @@ def geneval_official_main(argv: list[str] | None = None, model=None) -> int:
     p = argparse.ArgumentParser(
         prog="synergen eval geneval-official",
         description="Generate images for GenEval's prompts in the folder layout its official scorer reads: "
-                    "OUT/<N:05d>/metadata.jsonl (the N-th metadata line) and OUT/<N:05d>/samples/<k:04d>.png. "
+                    "OUT/<N:05d>/metadata.jsonl (the N-th metadata line) and OUT/<N:05d>/samples/<k:05d>.png. "
                     "Resumable: prompts whose samples exist are skipped (prompt N is drawn with seed SEED+N). Score "
                     "with GenEval's evaluation/evaluate_images.py OUT, then pass its results.jsonl to "
                     "`synergen eval report --external`.")

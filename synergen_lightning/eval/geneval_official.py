@@ -5,7 +5,7 @@
 writes, for the N-th line of GenEval's `prompts/evaluation_metadata.jsonl`,
 
     DIR/<N:05d>/metadata.jsonl        that line (one JSON object)
-    DIR/<N:05d>/samples/<k:04d>.png   k = 0 .. samples-1
+    DIR/<N:05d>/samples/<k:05d>.png   k = 0 .. samples-1
 
 as GenEval's own generation script does, so its scorer runs on DIR unchanged
 (`python evaluation/evaluate_images.py DIR --outfile results.jsonl --model-path OBJECT_DETECTOR_FOLDER`).
@@ -47,7 +47,7 @@ def prompt_dir(out: str | Path, index: int) -> Path:
 
 
 def sample_path(out: str | Path, index: int, k: int) -> Path:
-    return prompt_dir(out, index) / "samples" / f"{k:04d}.png"
+    return prompt_dir(out, index) / "samples" / f"{k:05d}.png"
 
 
 def is_done(out: str | Path, index: int, samples: int) -> bool:
@@ -72,7 +72,7 @@ def write_layout(model, metadata: list[dict], out: str | Path, samples: int = 4,
             images = model.generate_images([metadata[i]["prompt"]], num=samples, cfg_scale=cfg_scale,
                                            temperature=temperature, seed=seed + i, batch_size=batch_size)
             for k, img in enumerate(images):
-                tmp = d / "samples" / f"{k:04d}.tmp"
+                tmp = d / "samples" / f"{k:05d}.tmp"
                 img.save(tmp, format="PNG")
                 tmp.replace(sample_path(out, i, k))  # a killed run leaves no half-written sample that counts as done
             advance(1)

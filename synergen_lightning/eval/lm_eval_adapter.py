@@ -1,6 +1,6 @@
 """lm-eval (EleutherAI's LM Evaluation Harness) model `synergen`: the text skill kept (MMLU, CMMLU, ...).
 
-    synergen eval lm-eval --model synergen --model_args pretrained=runs/tiny/sft/last.ckpt --tasks mmlu,cmmlu
+    synergen eval lm-eval run --model synergen --model_args pretrained=runs/tiny/sft/last.ckpt --tasks mmlu,cmmlu
 
 `synergen eval lm-eval ARGS` is `lm-eval ARGS` with this adapter registered (lm-eval finds models by import).
 From Python, `lm_eval.simple_evaluate(model=SynerGenLM(pretrained=CKPT), tasks=[...])`.

@@ -12,7 +12,9 @@ the `lmms-eval` command finds it once both are installed. It is a "simple" model
   tiles and thumbnail as its data module trained; `max_tiles` / `thumbnail` in model_args override), the
   question in the model's chat template (`<image>` placeholders dropped: the views come first), greedy decoding
   (`temperature` > 0 samples) up to `max_new_tokens`, cut at `until`.
-- `loglikelihood`: the target's log-probability as the assistant's answer (multiple-choice tasks).
+- `loglikelihood`: (loss, greedy) of the target as the assistant's answer, in lmms-eval's convention: the loss is
+  the mean negative log-likelihood per answer token, as lmms-eval's own models return it, and its multiple-choice
+  scoring picks the option with the smallest.
 - model_args: pretrained, device, batch_size, max_tiles, thumbnail, max_new_tokens (default 128), text_tokenizer,
   image_tokenizer.
 """
@@ -29,6 +31,17 @@ from synergen_lightning.eval.harness import Harness
 
 MODEL_ID = "synergen"
 CLASS_PATH = "synergen_lightning.eval.lmms_adapter.SynerGenLMMS"
+
+try:  # the evaluator passes a GenerationResult's payload through as it is
+    from lmms_eval.api.instance import GenerationResult
+except ImportError:  # pragma: no cover - an lmms-eval without it keeps the model's outputs as they are
+    GenerationResult = None
+
+
+def _as_result(score: tuple[float, bool]):
+    """A (loss, greedy) pair as lmms-eval's evaluator keeps it intact: lmms-eval 0.7 turns any other output that is
+    not a string into its str(), which its multiple-choice scoring cannot read."""
+    return GenerationResult(text=score) if GenerationResult is not None else score
 
 
 def model_manifest():
@@ -95,7 +108,7 @@ class SynerGenLMMS(lmms):
                 self.cache_hook.add_partial("generate_until", (requests[i].args[0], requests[i].args[1]), text)
         return out
 
-    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests) -> list:
         contexts, targets, images = [], [], []
         for r in requests:
             if len(r.args) == 2:  # ("", choice): the unconditional score of a choice (acc_mutual_info)
@@ -110,7 +123,10 @@ class SynerGenLMMS(lmms):
             contexts.append(context)
             targets.append(str(target).lstrip())  # the assistant's answer: no target delimiter in front
             images.append(visuals)
-        return self.harness.loglikelihood(contexts, targets, images, chat=True)
+        scores = self.harness.loglikelihood(contexts, targets, images, chat=True)
+        losses = [(-lp / max(1, len(self.harness.tokenizer.encode(t))), greedy) for (lp, greedy), t in
+                  zip(scores, targets)]
+        return [_as_result(r) for r in losses]
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError("synergen: multi-round generation is not supported; choose a single-turn task")
