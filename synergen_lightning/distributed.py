@@ -160,6 +160,14 @@ def derive_per_rank_batch(strategy, global_batch_size, tokens_per_gpu: int | Non
     if accumulate > 1 and isinstance(getattr(trainer, "val_check_interval", None), int):
         # Lightning counts an int val_check_interval in batches, a recipe in optimizer steps (as max_steps)
         trainer.val_check_interval *= accumulate
+    hp = getattr(dm, "hparams", None)
+    epoch = getattr(hp, "steps_per_epoch", None)
+    if accumulate > 1 and isinstance(epoch, int) and epoch % accumulate:
+        # Lightning steps the optimizer at an epoch's last batch: an epoch ending inside an accumulation would make
+        # an optimizer step of fewer rows than the global batch
+        hp.steps_per_epoch = max(accumulate, epoch - epoch % accumulate)
+        rank_zero_info(f"{name}: the datamodule's steps_per_epoch {epoch} becomes {hp.steps_per_epoch} (batches), "
+                       f"a multiple of the {accumulate} micro-batches of an optimizer step")
     rank_zero_info(f"{name}: global batch {global_batch_size} over {world} ranks -> micro-batch {micro} x "
                    f"{accumulate} accumulated per rank (worst case {worst_case_tokens(micro, int(max_seq_len)):,} "
                    f"tokens of {tokens_per_gpu:,} per GPU)")
@@ -357,7 +365,8 @@ class FSDP2Strategy(ModelParallelStrategy):
                 Unset: the datamodule's batch_size is per rank (global = batch_size x world size).
             tokens_per_gpu: LLM tokens one GPU holds in a forward/backward: the per-rank batch is split into equal
                 micro-batches whose worst case (rows x the datamodule's max_seq_len) fits, and
-                `trainer.accumulate_grad_batches` becomes their number. Unset: one micro-batch per step.
+                `trainer.accumulate_grad_batches` becomes their number (and a datamodule's `steps_per_epoch`, in
+                batches, is rounded down to a multiple of it). Unset: one micro-batch per step.
             shard_size: ranks per FSDP shard group (HSDP: sharded within a group, replicated across groups; e.g.
                 the GPUs of one node, when the model's sharded state fits them). Unset: one group of every rank.
             save_distributed_checkpoint: each rank writes its shard (a DCP directory); false gathers one file on rank 0.
