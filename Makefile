@@ -6,8 +6,9 @@
 #   make lint                       ruff, and the import-layer contracts (lint-imports; pyproject.toml)
 #   make stage1 DEVICES=2           shard the tiny stage 1 over 2 CPU processes (FSDP2, gloo)
 #   make stage1 DEVICES=2 STRATEGY=ddp   the same with full copies (DDP: faster for a model that fits in one process)
-#   make stage1 RECIPE=recipes/synergen_vl_2b/stage1.yaml DEVICES=8 ARGS="--trainer.num_nodes 1 --trainer.accumulate_grad_batches 32"
-#                                   any recipe as written plus ARGS (here: the 2b stage 1 on one 8-GPU node)
+#   make stage1 RECIPE=recipes/synergen_vl_2b/stage1.yaml DEVICES=8 ARGS="--trainer.num_nodes 1"
+#                                   any recipe as written plus ARGS (here: the 2b stage 1 on one 8-GPU node; its
+#                                   global batch stays the recipe's, the accumulation is derived)
 # the training seed of the tokenizer, the base LLM and the stages (the data stay the same); another SEED retrains them
 SEED    ?= 0
 # the shape world's level (synergen data synth --help): demo (64 px, learnt in minutes), grid or full (128 px)
@@ -57,8 +58,8 @@ STRATEGY_CLASS := synergen_lightning.distributed.$(if $(filter ddp,$(STRATEGY)),
 MULTI     := $(filter-out 1,$(DEVICES))
 FIT_FLAGS := --trainer.devices $(DEVICES) $(if $(MULTI),--trainer.strategy.class_path $(STRATEGY_CLASS)) $(ARGS)
 # the tiny stages keep their recipe's batch as the GLOBAL batch at any DEVICES (split over the processes), so
-# the recipe's hyper-parameters hold; an explicit RECIPE runs as written (the 2b recipes: a per-rank batch_size,
-# so their global batch grows with DEVICES; docs/distributed.md)
+# the recipe's hyper-parameters hold; an explicit RECIPE runs as written (the 2b recipes set their own
+# global_batch_size and tokens_per_gpu, so their global batch is the same at any DEVICES; docs/distributed.md)
 TINY_FIT_FLAGS := --trainer.devices $(DEVICES) $(if $(MULTI),--trainer.strategy.class_path $(STRATEGY_CLASS) --trainer.strategy.init_args.global_batch_size datamodule) $(ARGS)
 # usable cores; `nproc` alone obeys OMP_NUM_THREADS, which this Makefile exports as 1 (a sub-make, or make >= 4.4,
 # would then count one core)

@@ -14,6 +14,12 @@ Sections, each recording its own error (one failing path does not hide the other
   unfolded model reading and writing every code (`bench_folding.unfolded_generate`).
 - `dcp_roundtrip`: a sharded (DCP) save of an FSDP2 model and its load, into a fresh sharded model
   (`distributed.load_sharded_into`) and without a process group (`load_sharded_state_dict`): every tensor equal.
+- `flash_attention`: a training forward and backward of the 2b SynerGenVL at reduced depth (16 query heads over 8 KV
+  heads: SDPA's `enable_gqa`) on a right-padded batch of rows of different lengths in bf16, with SDPA restricted to
+  FlashAttention (`torch.nn.attention.sdpa_kernel(SDPBackend.FLASH_ATTENTION)`): whether the kernel accepts every
+  attention call (else SDPA's refusal and its reasons), under FSDP2's bf16 parameters and under autocast over fp32
+  parameters, and how the calls were made (mask, causal, GQA). The CPU has no FlashAttention: the same forward at
+  tiny sizes records its calls and "not measured".
 
 Without CUDA the same script runs at tiny sizes on the CPU (a few steps, fp32; compile is skipped: it takes minutes
 there) and says that the GPU figures are not measured: that run is its test (tests/test_gpu_check.py).
@@ -265,8 +271,111 @@ def section_dcp(device: str, work: Path) -> dict:
             "identical": into == 0.0 and offline == 0.0}
 
 
+# ------------------------------------------------------------------------------------------------ FlashAttention
+FLASH_NOT_MEASURED = "not measured (no CUDA device: the CPU has no FlashAttention kernel)"
+
+
+def right_padded_batch(c: dict, prompt_lens: list[int], device: str) -> dict:
+    """Generation rows (`bench_mfu.gen_batch`) with prompts of different lengths, right-padded to the longest and
+    carrying their attention mask, as `data.batch.collate` gives them."""
+    from bench_mfu import gen_batch
+    from synergen_lightning.data.batch import add_indices
+
+    rows = [gen_batch(c, 1, n, device) for n in prompt_lens]
+    t = max(r["input_ids"].shape[1] for r in rows)
+
+    def pad(x, value):
+        return torch.nn.functional.pad(x, (0, t - x.shape[1]), value=value)
+
+    batch = {"input_ids": torch.cat([pad(r["input_ids"], 0) for r in rows]),
+             "image_mask": torch.cat([pad(r["image_mask"], False) for r in rows]),
+             "labels": torch.cat([pad(r["labels"], -100) for r in rows]),
+             "attention_mask": torch.cat([pad(torch.ones_like(r["image_mask"]), False) for r in rows]),
+             "image_codes": torch.cat([r["image_codes"] for r in rows]),
+             "image_loss_mask": torch.cat([r["image_loss_mask"] for r in rows])}
+    batch["position_ids"] = torch.arange(t, device=device).expand(len(rows), t).clone()
+    return add_indices(batch)
+
+
+@contextlib.contextmanager
+def recorded_sdpa(calls: list):
+    """Record how every `F.scaled_dot_product_attention` call is made (dtype, mask, causal, GQA)."""
+    import torch.nn.functional as F
+
+    plain = F.scaled_dot_product_attention
+
+    def recording(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kw):
+        calls.append({"dtype": str(q.dtype).removeprefix("torch."), "mask": attn_mask is not None,
+                      "is_causal": bool(is_causal), "gqa": bool(kw.get("enable_gqa")), "q_heads": q.shape[1],
+                      "kv_heads": k.shape[1]})
+        return plain(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kw)
+
+    F.scaled_dot_product_attention = recording
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = plain
+
+
+def flash_forward(model, batch: dict, device: str, flash_only: bool) -> dict:
+    """One training forward and backward; with `flash_only`, SDPA may use FlashAttention and nothing else."""
+    import warnings
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    calls: list = []
+    out = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            kernel = sdpa_kernel(SDPBackend.FLASH_ATTENTION) if flash_only else contextlib.nullcontext()
+            with kernel, recorded_sdpa(calls), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = model(batch)["loss"]
+                loss.backward()
+            _sync(device)
+            out["accepted"] = True
+        except RuntimeError as exc:
+            out.update(accepted=False, error=str(exc).splitlines()[0][:300])
+    model.zero_grad(set_to_none=True)
+    reasons = sorted({str(w.message).splitlines()[0][:200] for w in caught if "attention" in str(w.message).lower()})
+    out.update(sdpa_calls=len(calls), calls_with_mask=sum(c["mask"] for c in calls),
+               causal_calls=sum(c["is_causal"] for c in calls), gqa_calls=sum(c["gqa"] for c in calls),
+               dtypes=sorted({c["dtype"] for c in calls}), reasons=reasons[:6])
+    return out
+
+
+def section_flash_attention(device: str) -> dict:
+    from bench_mfu import PRESET_2B, QUICK, build_2b
+    from synergen_lightning.distributed import parallelize
+
+    cuda = device == "cuda"
+    if cuda:  # the 2b widths (16 heads over 8 KV heads), 2 LLM layers and 1 head layer, 32x32 codes per image
+        c, prompt_lens = dict(PRESET_2B, num_layers=2, head_layers=1, grid=32), [40, 7, 23, 12]
+    else:
+        c = dict(PRESET_2B, hidden_size=QUICK["hidden_size"], num_heads=4, num_kv_heads=2,
+                 intermediate_size=QUICK["intermediate_size"], vocab_size=92547, codebook_size=512, grid=16,
+                 head_layers=1, num_layers=2)
+        prompt_lens = [12, 3, 7]
+    batch = right_padded_batch(c, prompt_lens, device)
+    out = {"heads": f"{c['num_heads']} query / {c['num_kv_heads']} KV", "rows": len(prompt_lens),
+           "row_tokens": batch["row_tokens"], "padded_to": int(batch["input_ids"].shape[1])}
+    torch.manual_seed(0)
+    model = build_2b(c, device).train()
+    if not cuda:
+        out["flash_accepted"] = FLASH_NOT_MEASURED
+        out["cpu_forward"] = flash_forward(model, batch, device, flash_only=False)
+        return out
+    out["autocast_fp32_params"] = flash_forward(model, batch, device, flash_only=True)
+    ensure_process_group(device)
+    parallelize(model, None, param_dtype="bfloat16", reduce_dtype="float32", activation_checkpointing=True,
+                check_states=False)
+    out["fsdp_bf16_params"] = flash_forward(model, batch, device, flash_only=True)
+    out["flash_accepted"] = out["fsdp_bf16_params"]["accepted"] and out["autocast_fp32_params"]["accepted"]
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ run
-SECTIONS = ("tiny_stage1", "reduced_2b_step", "generation", "dcp_roundtrip")
+SECTIONS = ("tiny_stage1", "reduced_2b_step", "generation", "dcp_roundtrip", "flash_attention")
 
 
 def run(device: str, out: Path, only: list[str] | None = None) -> dict:
@@ -280,7 +389,8 @@ def run(device: str, out: Path, only: list[str] | None = None) -> dict:
         funcs = {"tiny_stage1": lambda: section_tiny_stage1(device, work / "world"),
                  "reduced_2b_step": lambda: section_reduced_2b(device),
                  "generation": lambda: section_generation(device),
-                 "dcp_roundtrip": lambda: section_dcp(device, work)}
+                 "dcp_roundtrip": lambda: section_dcp(device, work),
+                 "flash_attention": lambda: section_flash_attention(device)}
         for name in SECTIONS:
             if only and name not in only:
                 continue
@@ -328,6 +438,16 @@ def summary(result: dict) -> str:
     rows.append(("DCP save/load", "error" if "error" in d else f"{d.get('tensors')} tensors",
                  d.get("error", "")[:90] or f"identical {d.get('identical')}, {f(d.get('bytes_on_disk'))} B, "
                  f"save {f(d.get('save_s'))} s, load {f(d.get('load_s'))} s"))
+    fa = result.get("flash_attention", {})
+    if fa:
+        detail = fa.get("error", "")[:90]
+        for name in ("fsdp_bf16_params", "autocast_fp32_params", "cpu_forward"):
+            if name in fa:
+                r = fa[name]
+                detail += (f"{name}: {'accepted' if r.get('accepted') else 'refused: ' + r.get('error', '')[:60]} "
+                           f"({r.get('sdpa_calls')} calls, {r.get('calls_with_mask')} with mask, {r.get('gqa_calls')} GQA); ")
+        rows.append(("FlashAttention, padded", "error" if "error" in fa else str(fa.get("flash_accepted"))[:14],
+                     detail.rstrip("; ")))
     width = max(len(a) for a, _, _ in rows)
     lines = [f"gpu-check on {result['device']}" + (f" -- {result['note']}" if result.get("note") else "")]
     lines += [f"  {a:<{width}}  {b:<14}  {c}" for a, b, c in rows]

@@ -55,7 +55,7 @@ def _data(quick: bool, threads: int, out_dir: Path) -> dict:
     args = ["--threads", str(threads), "--out", str(out)]
     if quick:
         args += ["--samples", "64", "--batches", "4", "--jpeg-batches", "1", "--rounds", "2", "--batch-size", "4",
-                 "--demo-steps", "0"]
+                 "--demo-steps", "0", "--replay-samples", "200"]
     bench_data.main(args)
     return json.loads(out.read_text())
 

@@ -7,10 +7,18 @@ collects them from its workers, so the main process sees batches 0, 1, 2, ... of
 Each lane reads its own shard partition (disjoint when there are at least as many shards as lanes),
 resampled with replacement, through a shuffle buffer; everything is seeded by (seed, epoch, lane).
 
+Length buckets (`bucket_batches` > 1): a lane draws the rows of that many of its batches together, sorts each
+task's rows by length and deals them out in order, so every batch (a micro-batch under `tokens_per_gpu`) holds rows
+of similar length and is padded less; the same rows are used, each once, in other batches. The order in which a
+group's batches go out is seeded without the rank, so at a given step every rank trains the same length quantile
+and no rank waits in the collectives for a batch much longer than its own.
+
 Resuming: each batch carries its lane's cursor (samples consumed per source). The DataModule commits
 it when the batch reaches the model (`on_before_batch_transfer`, i.e. after Lightning's prefetch) and
 `state_dict()` puts every rank's cursors in the checkpoint; a resumed run replays each lane's raw stream up to
-its cursor without decoding and continues with the next batch of the epoch.
+its cursor without decoding and continues with the next batch of the epoch. With length buckets a cursor moves
+at the end of a group only: a run resumed inside a group draws the whole group again and goes on with its next
+batch.
 """
 
 from __future__ import annotations
@@ -102,10 +110,11 @@ class MixedStream(IterableDataset):
     """Endless mixed batches for one epoch of `steps_per_epoch` batches (see the module docstring)."""
 
     def __init__(self, sources: list[SourceSpec], builder: SequenceBuilder, batch_size: dict[str, int], steps_per_epoch: int,
-                 num_workers: int, shuffle_buffer: int, seed: int, max_failures: int = 1000):
+                 num_workers: int, shuffle_buffer: int, seed: int, max_failures: int = 1000, bucket_batches: int = 1):
         self.sources, self.builder, self.batch_size = sources, builder, batch_size
         self.steps_per_epoch, self.num_workers = steps_per_epoch, max(1, num_workers)
         self.shuffle_buffer, self.seed, self.max_failures = shuffle_buffer, seed, max_failures
+        self.bucket_batches = max(1, int(bucket_batches))
         self.by_task = {t: [s for s in sources if s.task == t] for t in TASKS if any(s.task == t for s in sources)}
         self.epoch, self.start_batch, self.cursors = 0, 0, {}
 
@@ -133,7 +142,9 @@ class MixedStream(IterableDataset):
             stream.skip(consumed[src.name])  # resume: replay what this lane already consumed
             streams[src.name] = stream
         ok, fails = Counter(), Counter()
-        for b in range(self.start_batch + worker, self.steps_per_epoch, W):
+
+        def draw(b: int) -> tuple[list, list[str]]:
+            """Batch b's rows as drawn (per task, its sources by weight): the same rows with or without buckets."""
             rng = random.Random(f"{self.seed}|{self.epoch}|{glane}|{b}")
             samples, names = [], []
             for task, srcs in self.by_task.items():
@@ -155,12 +166,47 @@ class MixedStream(IterableDataset):
                     names.append(src.name)
                     ok[src.name] += 1
                     got += 1
+            return samples, names
+
+        G = self.bucket_batches
+        group_rows: dict[int, tuple[list, list[str]]] = {}
+        group_start = dict(consumed)  # the cursor of a batch inside a group: where its group began
+        for b in range(self.start_batch + worker, self.steps_per_epoch, W):
+            g = b // W // G  # the lane's batches b, b + W, ... in groups of G
+            members = [j * W + lane for j in range(g * G, (g + 1) * G) if j * W + lane < self.steps_per_epoch]
+            if b not in group_rows:
+                group_start = dict(consumed)
+                drawn = [draw(m) for m in members]  # from the group's first batch, also when resuming inside it
+                group_rows = dict(zip(members, drawn if G == 1 else self._length_buckets(drawn, lane, g)))
+            samples, names = group_rows.pop(b)
             batch = collate(samples, self.builder.tok.pad_id)
             batch["source"] = names  # per row: named in the log of a skipped non-finite step
-            counts, examples = counter.pop_delta()
-            batch["_stream"] = {"epoch": self.epoch, "batch": b, "lane": lane, "consumed": dict(consumed),
+            last = b == members[-1]  # the cursor and the skip counts move when the group is done
+            counts, examples = counter.pop_delta() if last else ({}, {})
+            batch["_stream"] = {"epoch": self.epoch, "batch": b, "lane": lane,
+                                "consumed": dict(consumed) if last else dict(group_start),
                                 "skipped": counts, "examples": examples}
             yield batch
+
+    def _length_buckets(self, drawn: list[tuple[list, list[str]]], lane: int, group: int) -> list[tuple[list, list[str]]]:
+        """The rows of a group's batches dealt out again: each task's rows sorted by length (ties in draw order), the
+        k-th batch of the sorted order taking the k-th run of `batch_size[task]` rows of every task. Which batch of
+        the group gets which run is seeded by (seed, epoch, lane, group), not by rank: every rank's batch at a given
+        step is the same length quantile of its own rows."""
+        rows = {task: [] for task in self.by_task}
+        for samples, names in drawn:
+            for sample, name in zip(samples, names):
+                rows[sample.task].append((sample, name))
+        for task in rows:
+            rows[task].sort(key=lambda row: len(row[0]))  # stable: equal lengths keep the draw order
+        order = list(range(len(drawn)))
+        random.Random(f"{self.seed}|{self.epoch}|{lane}|{group}|buckets").shuffle(order)
+        out = []
+        for k in order:
+            picked = [row for task in self.by_task
+                      for row in rows[task][k * self.batch_size[task]:(k + 1) * self.batch_size[task]]]
+            out.append(([r[0] for r in picked], [r[1] for r in picked]))
+        return out
 
 
 class ValStream(IterableDataset):
@@ -263,6 +309,9 @@ class MixedDataModule(L.LightningDataModule):
         image_input: `pixels` (decode images), `codes` (pretokenized `.codes.npy`), or `auto`: codes when
             the first sample of every image source carries them.
         prefetch_factor: batches prefetched per worker.
+        bucket_batches: length buckets: a lane draws this many of its batches together and deals their rows out
+            again sorted by length, so each batch is padded less (the module docstring); 1 = every batch as drawn.
+            Host memory holds this many built batches per worker.
     """
 
     def __init__(self, sources: list[dict], tokenizer: Any, tokens_per_view: int | None = None,
@@ -270,7 +319,7 @@ class MixedDataModule(L.LightningDataModule):
                  val_sources: list[dict] | None = None, val_max_batches: int | None = None, num_workers: int = 0,
                  shuffle_buffer: int = 1000, seed: int = 0, max_tiles: int = 1, thumbnail: bool = False,
                  min_tiles: int = 1, cfg_dropout: float = 0.1, supervise_generation_text: bool = False,
-                 image_input: str = "auto", prefetch_factor: int = 2):
+                 image_input: str = "auto", prefetch_factor: int = 2, bucket_batches: int = 1):
         super().__init__()
         self.save_hyperparameters(ignore=(["tokenizer"] if not isinstance(tokenizer, str) else [])
                                   + unset_view_args(image_size, tokens_per_view))
@@ -291,12 +340,15 @@ class MixedDataModule(L.LightningDataModule):
             raise ValueError(f"image_input={image_input!r} must be auto, pixels or codes")
         if steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch={steps_per_epoch} must be >= 1")
+        if not isinstance(bucket_batches, int) or bucket_batches < 1:
+            raise ValueError(f"bucket_batches={bucket_batches!r} must be an int >= 1 (1: no length buckets)")
         self._tokenizer_arg = tokenizer
         self.tokenizer = None
         self.num_workers = int(num_workers)
         self.skipped: Counter = Counter()
         self._logged_reasons: set[str] = set()
-        self._state = {"epoch": 0, "batches": 0, "lanes": {}, "num_workers": max(1, self.num_workers)}
+        self._state = {"epoch": 0, "batches": 0, "lanes": {}, "num_workers": max(1, self.num_workers),
+                       "bucket_batches": int(bucket_batches)}
         self._view_args = (image_size, tokens_per_view)  # None: the model's, at setup
         self._builder_kwargs = dict(max_seq_len=max_seq_len,
                                     max_tiles=max_tiles, thumbnail=thumbnail, min_tiles=min_tiles, seed=seed,
@@ -348,7 +400,7 @@ class MixedDataModule(L.LightningDataModule):
         self.setup("fit")
         self._warn_shared_shards()
         stream = MixedStream(self.sources, self.builder, self.batch_size, self.hparams.steps_per_epoch, self.num_workers,
-                             self.hparams.shuffle_buffer, self.hparams.seed)
+                             self.hparams.shuffle_buffer, self.hparams.seed, bucket_batches=self.hparams.bucket_batches)
         return _StreamLoader(stream, self, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader | list:
@@ -377,9 +429,14 @@ class MixedDataModule(L.LightningDataModule):
                         "its stream (samples of its first %d batches may repeat)", st["num_workers"], stream.num_workers,
                         st["epoch"], st["batches"])
             st.update(batches=0, lanes={})
+        if st["batches"] > 0 and st.get("bucket_batches", 1) != stream.bucket_batches:
+            log.warning("bucket_batches changed from %d to %d since the checkpoint: the lanes' groups differ, so epoch %d "
+                        "restarts its stream (samples of its first %d batches may repeat)", st.get("bucket_batches", 1),
+                        stream.bucket_batches, st["epoch"], st["batches"])
+            st.update(batches=0, lanes={})
         if st["batches"] >= stream.steps_per_epoch:
             st.update(epoch=st["epoch"] + 1, batches=0, lanes={})
-        st["num_workers"] = stream.num_workers
+        st["num_workers"], st["bucket_batches"] = stream.num_workers, stream.bucket_batches
         stream.set_start(st["epoch"], st["batches"], {int(k): dict(v) for k, v in st["lanes"].items()})
 
     def _commit(self, meta: dict) -> None:
@@ -409,7 +466,8 @@ class MixedDataModule(L.LightningDataModule):
         st = self._state
         lanes = {int(k): dict(v) for k, v in st["lanes"].items()}
         rank, world = _rank_world()
-        state = {"epoch": st["epoch"], "batches": st["batches"], "num_workers": st["num_workers"], "lanes": lanes,
+        state = {"epoch": st["epoch"], "batches": st["batches"], "num_workers": st["num_workers"],
+                 "bucket_batches": st.get("bucket_batches", 1), "lanes": lanes,
                  "skipped": dict(self.skipped), "seed": self.hparams.seed, "world_size": world}
         by_rank = _gather_from_ranks(lanes)
         if by_rank is not None:
@@ -432,5 +490,6 @@ class MixedDataModule(L.LightningDataModule):
             lanes = state_dict["lanes_by_rank"][rank]
         self._state = {"epoch": int(state_dict["epoch"]), "batches": batches,
                        "num_workers": int(state_dict["num_workers"]),
+                       "bucket_batches": int(state_dict.get("bucket_batches", 1)),
                        "lanes": {int(k): dict(v) for k, v in lanes.items()}}
         self.skipped = Counter(state_dict.get("skipped", {}))

@@ -22,7 +22,8 @@ Two pieces, in torchtitan's shape:
 
 Checkpoints are Lightning's sharded (DCP) directories; `load_sharded_state_dict` reads the model
 weights of one without a process group (export, `init_from`, resuming at another world size is
-done by DCP itself).
+done by DCP itself). After sharding, `load_sharded_into` (a sharded `init_from`) and `load_base_into_sharded`
+(the base LLM) have each rank read only the part of the stored weights that its shards hold.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from synergen_lightning.hf_import import RowSource
 from synergen_lightning.safe_load import torch_load
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -158,6 +160,14 @@ def derive_per_rank_batch(strategy, global_batch_size, tokens_per_gpu: int | Non
     if accumulate > 1 and isinstance(getattr(trainer, "val_check_interval", None), int):
         # Lightning counts an int val_check_interval in batches, a recipe in optimizer steps (as max_steps)
         trainer.val_check_interval *= accumulate
+    hp = getattr(dm, "hparams", None)
+    epoch = getattr(hp, "steps_per_epoch", None)
+    if accumulate > 1 and isinstance(epoch, int) and epoch % accumulate:
+        # Lightning steps the optimizer at an epoch's last batch: an epoch ending inside an accumulation would make
+        # an optimizer step of fewer rows than the global batch
+        hp.steps_per_epoch = max(accumulate, epoch - epoch % accumulate)
+        rank_zero_info(f"{name}: the datamodule's steps_per_epoch {epoch} becomes {hp.steps_per_epoch} (batches), "
+                       f"a multiple of the {accumulate} micro-batches of an optimizer step")
     rank_zero_info(f"{name}: global batch {global_batch_size} over {world} ranks -> micro-batch {micro} x "
                    f"{accumulate} accumulated per rank (worst case {worst_case_tokens(micro, int(max_seq_len)):,} "
                    f"tokens of {tokens_per_gpu:,} per GPU)")
@@ -355,7 +365,8 @@ class FSDP2Strategy(ModelParallelStrategy):
                 Unset: the datamodule's batch_size is per rank (global = batch_size x world size).
             tokens_per_gpu: LLM tokens one GPU holds in a forward/backward: the per-rank batch is split into equal
                 micro-batches whose worst case (rows x the datamodule's max_seq_len) fits, and
-                `trainer.accumulate_grad_batches` becomes their number. Unset: one micro-batch per step.
+                `trainer.accumulate_grad_batches` becomes their number (and a datamodule's `steps_per_epoch`, in
+                batches, is rounded down to a multiple of it). Unset: one micro-batch per step.
             shard_size: ranks per FSDP shard group (HSDP: sharded within a group, replicated across groups; e.g.
                 the GPUs of one node, when the model's sharded state fits them). Unset: one group of every rank.
             save_distributed_checkpoint: each rank writes its shard (a DCP directory); false gathers one file on rank 0.
@@ -520,6 +531,82 @@ def load_sharded_into(model: nn.Module, path: str | Path) -> None:
     state = model.state_dict()  # the sharded parameters (DTensors) and buffers themselves: loaded in place
     check_compatible(sharded_checkpoint_shapes(path), model, str(path))
     dcp.load({"state_dict": state}, checkpoint_id=str(path))
+
+
+def shard_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(this rank's part of a parameter, the first row of the full tensor it holds). FSDP2 shards dim 0, so a rank's
+    part is one row range (under HSDP the same range on every replica); a parameter that is not sharded is all rows."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not isinstance(param, DTensor):
+        return param.data, 0
+    local = param.to_local()
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    if tuple(shape) != tuple(local.shape) or any(offset[1:]) or tuple(shape[1:]) != tuple(param.shape[1:]):
+        raise RuntimeError(f"a shard of shape {tuple(local.shape)} at offset {tuple(offset)} of {tuple(param.shape)} "
+                           "is not a row range: shard_rows reads FSDP2's dim-0 shards only")
+    return local, int(offset[0]) if len(offset) else 0
+
+
+@torch.no_grad()
+def load_base_into_sharded(model: nn.Module, sources: dict[str, RowSource]) -> None:
+    """A base LLM's weights into a SynerGenVL already sharded with `parallelize`, as `SynerGenVL.load_base_weights`
+    puts them into an unsharded one, while each rank reads only the rows its shards hold (`sources`: the base trunk's
+    tensors by key, `hf_import.hf_row_sources` or a memory-mapped .ckpt). The vision FFNs copy the text FFNs' shards;
+    embedding and LM-head rows past the base vocabulary start at the mean of the base rows (one object all-gather of
+    each rank's partial sums); the special-token table copies its rows of the embedding. Every rank calls it."""
+    llm = model.llm
+    vocab, base_vocab = llm.config.vocab_size, sources["embed_tokens.weight"].shape[0]
+    if base_vocab > vocab:
+        raise ValueError(f"base LLM vocab {base_vocab} != the model's {vocab}: "
+                         "build the model from the base LLM's config (leave model.llm unset)")
+    mine = {k: tuple(v.shape) for k, v in llm.state_dict().items() if ".vision_ffn." not in k}
+    theirs = {k: (vocab, *v.shape[1:]) if k in ("embed_tokens.weight", "lm_head.weight") else v.shape
+              for k, v in sources.items() if ".vision_ffn." not in k}
+    tied = llm.config.tie_word_embeddings
+    missing = [k for k in mine if k not in theirs and not (tied and k == "lm_head.weight")]
+    bad = [k for k in theirs if k not in mine or theirs[k] != mine[k]]
+    if missing or bad:
+        raise ValueError(f"base LLM shapes differ from model.llm at {(bad + missing)[:3]}: make model.llm match the "
+                         "base LLM's config.json (or leave it unset to read it from there)")
+    resized: dict[str, tuple[int, torch.Tensor]] = {}  # key -> (first row, sum of its base rows) of this rank
+    for key, param in llm.named_parameters():
+        if ".vision_ffn." in key:
+            continue
+        local, start = shard_rows(param)
+        stop = start + local.shape[0]
+        source = sources[key]
+        if key in ("embed_tokens.weight", "lm_head.weight") and vocab > base_vocab:
+            rows = source.read(start, min(stop, base_vocab)).to(torch.float64)
+            local[: rows.shape[0]].copy_(rows)
+            resized[key] = (start, rows.sum(0))
+        elif stop > start:
+            local.copy_(source.read(start, stop))
+    means = {}
+    if resized:
+        everyone = [resized]
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            everyone = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, resized)
+        for key in resized:
+            parts = dict(sorted({r[key][0]: r[key][1] for r in everyone}.items()))  # replicas hold the same rows
+            means[key] = (sum(parts.values()) / base_vocab).float()
+            local, start = shard_rows(dict(llm.named_parameters())[key])
+            first_new = max(0, base_vocab - start)
+            local[first_new:].copy_(means[key].expand_as(local[first_new:]))
+    for layer in llm.layers:
+        if getattr(layer, "vision_ffn", None) is not None:
+            text = dict(layer.text_ffn.named_parameters())
+            for name, param in layer.vision_ffn.named_parameters():
+                shard_rows(param)[0].copy_(shard_rows(text[name])[0])
+    special = getattr(model, "special_embed", None)
+    if special is not None:
+        embed = sources["embed_tokens.weight"]
+        full = torch.stack([embed.read(i, i + 1)[0].float() if i < base_vocab else means["embed_tokens.weight"]
+                            for i in model.special_ids.tolist()])
+        local, start = shard_rows(special.weight)
+        local.copy_(full[start:start + local.shape[0]])
 
 
 def load_model_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -4,13 +4,17 @@ export the text weights back to the Hugging Face Llama / Qwen2 layout.
 Reads `config.json` and `model.safetensors` (or a sharded `model.safetensors.index.json`); never
 downloads. Every tensor name is checked both ways (missing and unexpected) and every shape is
 checked against what the config implies; errors name the file, the tensor and the expected shape.
-The vision FFNs start as copies of the text FFNs.
+The vision FFNs start as copies of the text FFNs. `hf_row_sources` reads the same tensors by row ranges, so a rank
+of a sharded model reads only the rows of its own shards.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -107,9 +111,8 @@ def read_hf_config(hf_dir: str | Path) -> tuple[LLMConfig, str]:
     return config, model_type
 
 
-def read_hf_tensors(hf_dir: str | Path) -> dict[str, tuple[Tensor, str]]:
-    """All tensors of the safetensors files -> {name: (tensor, file name)}."""
-    hf_dir = Path(hf_dir)
+def _safetensors_files(hf_dir: Path) -> list[str]:
+    """The safetensors files of a HF directory (from its index when it has one), each checked to exist."""
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -121,12 +124,18 @@ def read_hf_tensors(hf_dir: str | Path) -> dict[str, tuple[Tensor, str]]:
         extra = " (found pytorch_model.bin: re-save with save_pretrained(safe_serialization=True))" if list(
             hf_dir.glob("*.bin")) else ""
         raise HFImportError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json{extra}")
-    out: dict[str, tuple[Tensor, str]] = {}
     for name in files:
-        path = hf_dir / name
-        if not path.is_file():
-            raise HFImportError(f"{path}: listed in model.safetensors.index.json but missing")
-        with safe_open(str(path), framework="pt") as f:
+        if not (hf_dir / name).is_file():
+            raise HFImportError(f"{hf_dir / name}: listed in model.safetensors.index.json but missing")
+    return files
+
+
+def read_hf_tensors(hf_dir: str | Path) -> dict[str, tuple[Tensor, str]]:
+    """All tensors of the safetensors files -> {name: (tensor, file name)}."""
+    hf_dir = Path(hf_dir)
+    out: dict[str, tuple[Tensor, str]] = {}
+    for name in _safetensors_files(hf_dir):
+        with safe_open(str(hf_dir / name), framework="pt") as f:
             for key in f.keys():
                 out[key] = (f.get_tensor(key), name)
     return out
@@ -151,50 +160,50 @@ def pack_internlm2_wqkv(q: Tensor, k: Tensor, v: Tensor, config: LLMConfig) -> T
     return rearrange(torch.cat([q, k, v], dim=1), "g s d h -> (g s d) h")
 
 
-def hf_to_state_dict(tensors: dict[str, tuple[Tensor, str]], config: LLMConfig, model_type: str,
-                     hf_dir: Path, expected: dict[str, torch.Size]) -> dict[str, Tensor]:
-    """Map HF names to ours (text side only), strictly: every HF tensor used, every ours found."""
+def _hf_plan(shapes: dict[str, tuple[tuple[int, ...], str]], config: LLMConfig, model_type: str, hf_dir: Path,
+             expected: dict[str, torch.Size]) -> dict[str, tuple[str, int | None]]:
+    """{our key: (HF name, part)} for HF tensors given as {name: (shape, file name)}, strictly: every HF tensor used,
+    every ours found, every shape the config's. part: None = the whole tensor; 0 / 1 / 2 = the q / k / v rows of
+    InternLM2's packed wqkv."""
     top, per_layer = _TOP_MAP[model_type], _LAYER_MAP[model_type]
     layer_re = re.compile(r"model\.layers\.(\d+)\.(.+)$")
-    sd: dict[str, Tensor] = {}
-    source: dict[str, str] = {}
+    q_rows, kv_rows = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    plan: dict[str, tuple[str, int | None]] = {}
     unexpected = []
-    for name, (t, fname) in tensors.items():
+    for name, (shape, fname) in shapes.items():
         if _IGNORED.match(name):
             continue
         m = layer_re.match(name)
         if name in top:
-            ours = [(top[name], t)]
+            ours = [(top[name], None, shape)]
         elif m and m.group(2) in per_layer:
-            ours = [(f"layers.{m.group(1)}.{per_layer[m.group(2)]}", t)]
+            ours = [(f"layers.{m.group(1)}.{per_layer[m.group(2)]}", None, shape)]
         elif m and model_type == "internlm2" and m.group(2) == "attention.wqkv.weight":
             i = m.group(1)
-            want = ((config.num_heads + 2 * config.num_kv_heads) * config.head_dim, config.hidden_size)
-            if tuple(t.shape) != want:
-                raise HFImportError(f"{hf_dir / fname}: tensor {name} has shape {tuple(t.shape)}, expected {want}")
-            q, k, v = unpack_internlm2_wqkv(t, config)
-            ours = [(f"layers.{i}.attn.q_proj.weight", q), (f"layers.{i}.attn.k_proj.weight", k),
-                    (f"layers.{i}.attn.v_proj.weight", v)]
+            want = (q_rows + 2 * kv_rows, config.hidden_size)
+            if tuple(shape) != want:
+                raise HFImportError(f"{hf_dir / fname}: tensor {name} has shape {tuple(shape)}, expected {want}")
+            ours = [(f"layers.{i}.attn.{p}_proj.weight", part, (rows, config.hidden_size))
+                    for part, (p, rows) in enumerate((("q", q_rows), ("k", kv_rows), ("v", kv_rows)))]
         else:
             unexpected.append(f"{name} (in {hf_dir / fname})")
             continue
-        for key, value in ours:
+        for key, part, value_shape in ours:
             if key not in expected:
                 unexpected.append(f"{name} (in {hf_dir / fname}; maps to {key}, which this config does not have)")
                 continue
-            if value.shape != expected[key]:
+            if tuple(value_shape) != tuple(expected[key]):
                 raise HFImportError(
-                    f"{hf_dir / fname}: tensor {name} has shape {tuple(value.shape)}, expected {tuple(expected[key])} "
+                    f"{hf_dir / fname}: tensor {name} has shape {tuple(value_shape)}, expected {tuple(expected[key])} "
                     f"from config.json; the config and the weights disagree"
                 )
-            sd[key] = value
-            source[key] = name
+            plan[key] = (name, part)
     if unexpected:
         raise HFImportError(f"unexpected tensors for model_type={model_type!r}: {', '.join(unexpected[:5])}"
                             + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""))
     if config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)  # tied: the embedding is the head
-    missing = [k for k in expected if k not in sd and not (config.tie_word_embeddings and k == "lm_head.weight")]
+        plan.pop("lm_head.weight", None)  # tied: the embedding is the head
+    missing = [k for k in expected if k not in plan and not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing:
         inv_top = {v: k for k, v in top.items()}
         inv_layer = {v: k for k, v in per_layer.items()}
@@ -210,7 +219,109 @@ def hf_to_state_dict(tensors: dict[str, tuple[Tensor, str]], config: LLMConfig, 
             names.append(f"{k} (HF {hf}, expected shape {tuple(expected[k])})")
         raise HFImportError(f"{hf_dir}: missing tensors: {', '.join(names)}"
                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    return plan
+
+
+def hf_to_state_dict(tensors: dict[str, tuple[Tensor, str]], config: LLMConfig, model_type: str,
+                     hf_dir: Path, expected: dict[str, torch.Size]) -> dict[str, Tensor]:
+    """Map HF names to ours (text side only), strictly: every HF tensor used, every ours found."""
+    plan = _hf_plan({n: (tuple(t.shape), f) for n, (t, f) in tensors.items()}, config, model_type, hf_dir, expected)
+    unpacked: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+    sd: dict[str, Tensor] = {}
+    for key, (name, part) in plan.items():
+        t = tensors[name][0]
+        if part is None:
+            sd[key] = t
+        else:
+            if name not in unpacked:
+                unpacked[name] = unpack_internlm2_wqkv(t, config)
+            sd[key] = unpacked[name][part]
     return sd
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class SafetensorsRows:
+    """Row ranges of the tensors of one safetensors file, read with plain file reads (no mmap): safetensors stores
+    each tensor contiguously, so rows [start, stop) are one byte range, and a rank that holds those rows of a sharded
+    model reads those bytes only."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        self.data_start, self.tensors = 8 + size, header
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name]["shape"])
+
+    def rows(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows [start, stop) of a tensor (of a 1-D tensor: its elements), in the stored dtype."""
+        info = self.tensors[name]
+        dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], list(info["shape"]) or [1]
+        start, stop = max(0, start), min(stop, shape[0])
+        count = max(0, stop - start)
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        if count == 0:
+            return torch.empty((0, *shape[1:]), dtype=dtype)
+        buf = bytearray(count * row_bytes)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + info["data_offsets"][0] + start * row_bytes)
+            if f.readinto(buf) != len(buf):
+                raise HFImportError(f"{self.path}: tensor {name} is cut short (file truncated?)")
+        return torch.frombuffer(buf, dtype=dtype).reshape(count, *shape[1:])
+
+
+@dataclass(frozen=True)
+class RowSource:
+    """One stored tensor readable by row ranges: `read(start, stop)` returns rows [start, stop) of the full tensor of
+    shape `shape` (of a 1-D tensor: its elements)."""
+
+    shape: tuple[int, ...]
+    read: Callable[[int, int], Tensor]
+
+
+def _wqkv_part_reader(file: SafetensorsRows, name: str, config: LLMConfig, part: int) -> Callable[[int, int], Tensor]:
+    """Rows of q (part 0), k (1) or v (2) read straight from InternLM2's packed wqkv (`unpack_internlm2_wqkv`'s
+    layout: per KV group its q heads, its k head, its v head), one file read per contiguous run of packed rows."""
+    q_per_kv, d = config.num_heads // config.num_kv_heads, config.head_dim
+    group = (q_per_kv + 2) * d
+
+    def read(start: int, stop: int) -> Tensor:
+        r = torch.arange(start, stop)
+        if part == 0:
+            packed = r // (q_per_kv * d) * group + r % (q_per_kv * d)
+        else:
+            packed = r // d * group + (q_per_kv + part - 1) * d + r % d
+        if packed.numel() == 0:
+            return file.rows(name, 0, 0)
+        breaks = (torch.nonzero(packed[1:] != packed[:-1] + 1).squeeze(1) + 1).tolist()
+        return torch.cat([file.rows(name, int(run[0]), int(run[-1]) + 1) for run in torch.tensor_split(packed, breaks)])
+
+    return read
+
+
+def hf_row_sources(hf_dir: str | Path) -> tuple[LLMConfig, dict[str, RowSource]]:
+    """(config, {our trunk key: RowSource}) of a local HF directory, checked as `load_hf` checks it (names, shapes,
+    config) while reading no weight: loading them into a sharded model, each rank reads only its own rows. The vision
+    FFNs are not among them (they start as copies of the text FFNs)."""
+    hf_dir = Path(hf_dir)
+    config, model_type = read_hf_config(hf_dir)
+    files = {name: SafetensorsRows(hf_dir / name) for name in _safetensors_files(hf_dir)}
+    shapes = {t: (f.shape(t), name) for name, f in files.items() for t in f.tensors}
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in MMoETransformer(config, vision_experts=False).state_dict().items()}
+    out = {}
+    for key, (name, part) in _hf_plan(shapes, config, model_type, hf_dir, expected).items():
+        file = files[shapes[name][1]]
+        read = (lambda a, b, f=file, n=name: f.rows(n, a, b)) if part is None else _wqkv_part_reader(file, name, config, part)
+        out[key] = RowSource(tuple(expected[key]), read)
+    return config, out
 
 
 def load_hf(hf_dir: str | Path, vision_experts: bool = True, dtype: torch.dtype = torch.float32) -> MMoETransformer:

@@ -42,11 +42,12 @@ from synergen_lightning.data.batch import add_indices
 from synergen_lightning.distributed import (
     is_sharded,
     is_sharded_checkpoint,
+    load_base_into_sharded,
     load_sharded_into,
     parallelize,
     total_grad_norm,
 )
-from synergen_lightning.hf_import import load_hf, read_hf_config
+from synergen_lightning.hf_import import RowSource, hf_row_sources, load_hf, read_hf_config
 from synergen_lightning.image_tokenizer import load_image_tokenizer
 from synergen_lightning.inference import answer, generate_images
 from synergen_lightning.models.folding import TokenFolder, check_fold, codebook_patches, fold_codes
@@ -101,6 +102,16 @@ def load_base_llm(path: str | Path) -> MMoETransformer:
     trunk = MMoETransformer(config, vision_experts=vision)
     trunk.load_state_dict(sd)
     return trunk
+
+
+def base_llm_rows(path: str | Path) -> dict[str, RowSource]:
+    """A base LLM's trunk tensors as row readers, for a sharded model whose ranks each read their own rows: a HF
+    directory by file reads of the row ranges, an `MMoELLM` checkpoint memory-mapped."""
+    path = _existing_base_llm(path)
+    if path.is_dir():
+        return hf_row_sources(path)[1]
+    sd = _read_llm_checkpoint(path)[1]
+    return {k: RowSource(tuple(v.shape), lambda a, b, v=v: v[a:b]) for k, v in sd.items()}
 
 
 def read_base_llm_config(path: str | Path) -> LLMConfig:
@@ -443,6 +454,10 @@ class SynerGenVL(LightningModule):
         if hasattr(strategy, "shard_mesh"):
             dp = strategy.shard_mesh(dp)  # HSDP when the strategy sets a shard_size
         parallelize(self, dp, **getattr(strategy, "parallelize_kwargs", {}))
+        base = self.__dict__.pop("_base_llm_after_sharding", None)
+        if base is not None:
+            load_base_into_sharded(self, base_llm_rows(base))
+            rank_zero_info(f"{self.stage}: trunk initialised from base LLM {base} (each rank read its own rows)")
         pending = self.__dict__.pop("_init_from_after_sharding", None)
         if pending is not None:
             load_sharded_into(self, pending)
@@ -484,7 +499,10 @@ class SynerGenVL(LightningModule):
             raise ValueError(f"stage {stage!r} needs the previous stage's weights: set model.init_from to its checkpoint "
                              "(e.g. runs/tiny/stage1/last.ckpt), or set model.init_from_base_llm: true to start from "
                              "the base LLM on purpose")
-        if hp.get("base_llm"):
+        if hp.get("base_llm") and getattr(self, "_device_mesh", None) is not None:
+            # FSDP2: shard first, then every rank reads only its own rows of the base weights (configure_model)
+            self.__dict__["_base_llm_after_sharding"] = hp.base_llm
+        elif hp.get("base_llm"):
             self.load_base_weights(load_base_llm(hp.base_llm))
             rank_zero_info(f"{stage}: trunk initialised from base LLM {hp.base_llm}")
         if hp.get("code_embed_init", "random") == "codebook":

@@ -347,3 +347,79 @@ def test_fewer_shards_than_lanes_is_one_warning_per_source(world, monkeypatch, c
     dm.train_dataloader()
     lines = [r.getMessage() for r in caplog.records if "lanes" in r.getMessage()]
     assert len(lines) == 4 and all("for 8 lanes (4 ranks x 2 workers)" in ln for ln in lines), lines
+
+
+# ---- length buckets
+@pytest.fixture(scope="module")
+def mixed_lengths(world):
+    """Understanding rows (1 or 2 tiles) and text lines of 2 to 60 phrases: rows of very different lengths per task."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    path = world / "mixed_lengths.jsonl"
+    with path.open("w") as f:
+        for _ in range(80):
+            words = [rng.choice(["red circle", "blue square", "green star"]) for _ in range(rng.choice([2, 4, 30, 60]))]
+            f.write(json.dumps({"text": " ".join(words)}) + "\n")
+    return [dict(name="qa", urls=f"{world}/train/*.tar", task="understanding", format="qa"),
+            dict(name="txt", urls=str(path), task="text")]
+
+
+BUCKET_ARGS = dict(steps_per_epoch=16, batch_size={"understanding": 2, "text": 4}, max_seq_len=256)
+
+
+def padded_tokens(batches) -> int:
+    return sum(b["input_ids"].numel() - sum(b["row_tokens"]) for b in batches)
+
+
+def rows(batches) -> Counter:
+    return Counter((k, tuple(ids[:n].tolist())) for b in batches
+                   for k, ids, n in zip(b["keys"], b["input_ids"], b["row_tokens"]))
+
+
+def test_length_buckets_pad_less_and_use_every_row_once(world, mixed_lengths, monkeypatch):
+    plain = run(make_dm(world, mixed_lengths, **BUCKET_ARGS))
+    bucketed = run(make_dm(world, mixed_lengths, bucket_batches=8, **BUCKET_ARGS))
+    assert rows(bucketed) == rows(plain)  # the same rows, each once, only grouped otherwise
+    for b in bucketed:
+        assert b["task"] == ["understanding"] * 2 + ["text"] * 4  # every batch keeps the per-task rows
+        assert b["source"] == ["qa"] * 2 + ["txt"] * 4
+    assert padded_tokens(bucketed) < 0.6 * padded_tokens(plain), (padded_tokens(bucketed), padded_tokens(plain))
+
+    # 2 ranks: a synchronised step lasts as long as the longer of the ranks' batches; the bucket order is shared
+    step_length = {}
+    for g in (1, 8):
+        lengths = []
+        for rank in range(2):
+            monkeypatch.setattr(mixed, "_rank_world", lambda rank=rank: (rank, 2))
+            lengths.append([b["input_ids"].shape[1] for b in run(make_dm(world, mixed_lengths, bucket_batches=g, **BUCKET_ARGS))])
+        assert lengths[0] != lengths[1]  # each rank its own rows
+        step_length[g] = sum(map(max, zip(*lengths)))
+    assert step_length[8] < 0.8 * step_length[1], step_length
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_inside_a_length_bucket_group(world, mixed_lengths, num_workers):
+    """Resumed after 3 and after 9 batches (inside a group of 4 of a lane's batches): the run goes on with exactly the
+    batches of the uninterrupted one (the last group is cut short by the epoch's end)."""
+    kw = dict(BUCKET_ARGS, steps_per_epoch=14, bucket_batches=4, num_workers=num_workers)
+    full = run(make_dm(world, mixed_lengths, **kw))
+    for stop in (3, 9):
+        dm = make_dm(world, mixed_lengths, **kw)
+        first = run(dm, stop)
+        resumed = make_dm(world, mixed_lengths, **kw)
+        resumed.load_state_dict(dm.state_dict())
+        rest = run(resumed)
+        assert keys(first + rest) == keys(full)
+        for a, b in zip(first + rest, full):
+            assert torch.equal(a["input_ids"], b["input_ids"])
+
+
+def test_changed_bucket_batches_restart_the_epoch_stream(world, mixed_lengths, caplog):
+    dm = make_dm(world, mixed_lengths, bucket_batches=4, **BUCKET_ARGS)
+    run(dm, 3)
+    resumed = make_dm(world, mixed_lengths, bucket_batches=2, **BUCKET_ARGS)
+    resumed.load_state_dict(dm.state_dict())
+    assert len(run(resumed)) == BUCKET_ARGS["steps_per_epoch"]
+    assert "bucket_batches changed from 4 to 2" in caplog.text

@@ -311,17 +311,23 @@ def test_strategy_derives_micro_batch_and_accumulation(strategy_cls):
     class WorldOfFour(strategy_cls):
         world_size = 4
 
+    epochs = []
+
     def derive(global_batch, tokens, accumulate=1):
-        dm = SimpleNamespace(batch_size={"generation": 1, "understanding": 1}, hparams=SimpleNamespace(max_seq_len=1024))
+        dm = SimpleNamespace(batch_size={"generation": 1, "understanding": 1},
+                             hparams=SimpleNamespace(max_seq_len=1024, steps_per_epoch=100))
         trainer = SimpleNamespace(datamodule=dm, accumulate_grad_batches=accumulate)
         strategy = WorldOfFour(global_batch_size=global_batch, tokens_per_gpu=tokens)
         strategy._lightning_module = SimpleNamespace(trainer=trainer)
         derive_per_rank_batch(strategy, strategy.global_batch_size, strategy.tokens_per_gpu)
+        epochs.append(dm.hparams.steps_per_epoch)
         return dm.batch_size, trainer.accumulate_grad_batches
 
     # 96 rows per task over 4 ranks = 24 + 24 rows of up to 1,024 tokens; 8,192 tokens hold 8 rows: 6 micro-batches
     assert derive({"generation": 96, "understanding": 96}, 8192) == ({"generation": 4, "understanding": 4}, 6)
+    assert epochs[-1] == 96  # an epoch of whole optimizer steps: no short step where an epoch ends
     assert derive({"generation": 96, "understanding": 96}, None) == ({"generation": 24, "understanding": 24}, 1)
+    assert epochs[-1] == 100
     with pytest.raises(ValueError, match="both set the accumulation"):
         derive({"generation": 96, "understanding": 96}, 8192, accumulate=4)
     with pytest.raises(ValueError, match="set global_batch_size too"):

@@ -194,3 +194,146 @@ def test_each_rank_reads_about_its_share_of_a_sharded_checkpoint(tmp_path):
         # the reader's overhead per byte is the same either way: a rank reads half of what the whole read reads
         assert 0.4 * r["whole"] < r["sharded"] < 0.6 * r["whole"], ([(q["sharded"], q["whole"]) for q in ranks], weights)
     assert ranks[0]["same"]  # the sharded model holds the checkpoint's weights
+
+
+# the base LLM of BIG as an InternLM2 directory (packed wqkv, bf16, two files) whose vocabulary lacks the special
+# tokens: the model adds their rows, so the load also grows the embedding and LM head
+BASE_VOCAB = 2045
+BIG_SPECIAL = {"bos": 1, "eos": 2, "pad": 0, "boi": 2045, "eoi": 2046, "uncond": 2047, "im_start": 6, "im_end": 7}
+
+
+def write_internlm2_dir(path: Path) -> int:
+    """A random InternLM2-layout HF directory of BIG's trunk; returns its bytes of weights."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from synergen_lightning.hf_import import pack_internlm2_wqkv
+    from synergen_lightning.models.mmoe import LLMConfig, MMoETransformer
+
+    config = LLMConfig(**dict(BIG["llm"], vocab_size=BASE_VOCAB))
+    torch.manual_seed(11)
+    trunk = MMoETransformer(config, vision_experts=False)
+    sd = {k: (v + 0.05 * torch.randn_like(v)).to(torch.bfloat16) for k, v in trunk.state_dict().items()}
+    out = {"model.tok_embeddings.weight": sd["embed_tokens.weight"], "model.norm.weight": sd["norm.weight"],
+           "output.weight": sd["lm_head.weight"]}
+    names = {"attn.o_proj": "attention.wo", "text_ffn.gate_proj": "feed_forward.w1", "text_ffn.up_proj": "feed_forward.w3",
+             "text_ffn.down_proj": "feed_forward.w2", "input_norm": "attention_norm", "post_attn_norm": "ffn_norm"}
+    for i in range(config.num_layers):
+        q, k, v = (sd[f"layers.{i}.attn.{n}_proj.weight"] for n in "qkv")
+        out[f"model.layers.{i}.attention.wqkv.weight"] = pack_internlm2_wqkv(q, k, v, config)
+        for ours, theirs in names.items():
+            out[f"model.layers.{i}.{theirs}.weight"] = sd[f"layers.{i}.{ours}.weight"]
+    path.mkdir(parents=True)
+    keys = sorted(out)
+    files = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for fname, ks in files.items():
+        save_file({k: out[k].contiguous() for k in ks}, str(path / fname))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: f for f, ks in files.items() for k in ks}}))
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "vocab_size": BASE_VOCAB,
+        "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads, "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta,
+        "max_position_embeddings": config.max_position_embeddings, "bias": False, "hidden_act": "silu"}))
+    return sum(v.numel() * v.element_size() for v in out.values())
+
+
+def _base_worker(rank: int, world: int, port: int, hf_dir: str, out: str) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import synergen_lightning.system as system
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    whole_loads = []
+    system.load_base_llm = lambda path: whole_loads.append(path)  # the whole base model: must not be built here
+    try:
+        def fit_start() -> tuple[torch.nn.Module, int]:
+            """What FSDP2Strategy does at the start of a fit: setup (the stage's weights), then configure_model."""
+            torch.manual_seed(0)
+            model = tiny_model(stage="stage1", base_llm=hf_dir, special_token_ids=BIG_SPECIAL, **BIG)
+            model._device_mesh = init_device_mesh("cpu", (world,))
+            before = _bytes_read()
+            model._init_weights_for_fit("stage1")
+            model.configure_model()  # shards, then loads the base weights into the shards
+            return model, _bytes_read() - before
+
+        fit_start()  # warms up the imports and caches: the next start reads the weights alone
+        model, read = fit_start()
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        result = {"read": read, "whole_loads": whole_loads, "state": full if rank == 0 else None}
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        import traceback
+
+        result = {"error": traceback.format_exc()}
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, Path(out, f"rank{rank}.pt"))
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(180)
+def test_each_rank_reads_about_its_share_of_the_base_llm(tmp_path):
+    """The base LLM under FSDP2 (an InternLM2 directory: packed wqkv, two files, a vocabulary the model grows): the
+    model is sharded first, then each of 2 ranks reads about half of the weights' bytes, and the sharded model holds
+    what the one-process load gives (`load_base_weights`)."""
+    import torch.multiprocessing as mp
+
+    from synergen_lightning.system import load_base_llm
+
+    hf_dir = tmp_path / "internlm2"
+    weights = write_internlm2_dir(hf_dir)
+    mp.start_processes(_base_worker, args=(2, free_port(), str(hf_dir), str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert all("error" not in r for r in ranks), [r.get("error") for r in ranks]
+    for r in ranks:
+        assert r["whole_loads"] == []  # no rank builds the whole base model
+        assert 0.4 * weights < r["read"] < 0.6 * weights, ([q["read"] for q in ranks], weights)
+    assert sum(r["read"] for r in ranks) < 1.05 * weights  # every byte about once over the ranks
+
+    torch.manual_seed(0)
+    ref = tiny_model(stage="stage1", base_llm=str(hf_dir), special_token_ids=BIG_SPECIAL, **BIG)
+    ref.load_base_weights(load_base_llm(hf_dir))
+    sharded = ranks[0]["state"]
+    _assert_same_start(sharded, ref.state_dict(), BASE_VOCAB)
+    for part in ("gate_proj", "up_proj", "down_proj"):  # the vision FFNs start as copies of the text FFNs
+        assert torch.equal(sharded[f"llm.layers.1.vision_ffn.{part}.weight"], sharded[f"llm.layers.1.text_ffn.{part}.weight"])
+
+
+def _assert_same_start(a: dict, b: dict, base_vocab: int) -> None:
+    assert a.keys() == b.keys()
+    for key, value in b.items():
+        if key in ("llm.embed_tokens.weight", "llm.lm_head.weight", "special_embed.weight"):
+            torch.testing.assert_close(a[key], value, rtol=0, atol=1e-6)  # the added rows: a mean, up to rounding
+            n = base_vocab if key.startswith("llm.") else 0
+            assert torch.equal(a[key][:n], value[:n]), key
+        else:
+            assert torch.equal(a[key], value), key
+
+
+@pytest.mark.parametrize("kind", ["internlm2", "ckpt"])
+def test_base_llm_row_readers_give_the_whole_load(tmp_path, kind):
+    """One process, unsharded: `load_base_into_sharded` over `base_llm_rows` (an InternLM2 directory read by row
+    ranges, or a memory-mapped MMoELLM checkpoint with vision experts) starts the model as `load_base_weights` does."""
+    from dataclasses import asdict
+
+    from synergen_lightning.distributed import load_base_into_sharded
+    from synergen_lightning.system import base_llm_rows, load_base_llm
+
+    path = tmp_path / "internlm2"
+    write_internlm2_dir(path)
+    if kind == "ckpt":
+        trunk = load_base_llm(path)  # a trunk with vision experts, saved as the tiny base LLM's checkpoint
+        path = tmp_path / "base.ckpt"
+        torch.save({"hyper_parameters": {"config": asdict(trunk.config), "vision_experts": True},
+                    "state_dict": {f"model.{k}": v for k, v in trunk.state_dict().items()}}, path)
+    models = []
+    for load in (lambda m: m.load_base_weights(load_base_llm(path)), lambda m: load_base_into_sharded(m, base_llm_rows(path))):
+        torch.manual_seed(0)
+        model = tiny_model(stage="stage1", special_token_ids=BIG_SPECIAL, **BIG)
+        load(model)
+        models.append(model.state_dict())
+    _assert_same_start(models[1], models[0], BASE_VOCAB)

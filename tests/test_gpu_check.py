@@ -30,6 +30,22 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, capsys):
     assert result["reduced_2b_step"]["plan_bytes"] > 0 and result["reduced_2b_step"]["mfu"] > 0
     assert set(result["generation"]) >= {"images_1", "images_16"}
     assert result["dcp_roundtrip"]["identical"]
+    assert result["flash_attention"]["flash_accepted"] == gpu_check.FLASH_NOT_MEASURED
+
+
+def test_flash_attention_section_on_cpu_says_not_measured_and_records_the_calls(tmp_path):
+    """The right-padded GQA forward runs on the CPU with every SDPA call mask-free and causal (what FlashAttention
+    needs on CUDA); whether the kernel accepts it is not measured there."""
+    import gpu_check
+
+    result = gpu_check.run("cpu", tmp_path / "r.json", only=["flash_attention"])["flash_attention"]
+    assert "error" not in result, result
+    assert result["flash_accepted"] == gpu_check.FLASH_NOT_MEASURED
+    assert len(set(result["row_tokens"])) > 1 and result["padded_to"] == max(result["row_tokens"])  # really padded
+    calls = result["cpu_forward"]
+    assert calls["accepted"] and calls["sdpa_calls"] > 0
+    assert calls["calls_with_mask"] == 0 and calls["causal_calls"] == calls["gqa_calls"] == calls["sdpa_calls"]
+    assert "FlashAttention, padded" in gpu_check.summary({"device": "cpu", "flash_attention": result})
 
 
 def test_gpu_check_records_a_failing_section_and_goes_on(tmp_path, monkeypatch):
