@@ -275,3 +275,26 @@ def test_report_accepts_an_export_directory_and_names_a_wrong_one(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(EvalInputError, match="neither a sharded checkpoint"):
         check_system_checkpoint(tmp_path / "empty")
+
+
+def test_val_shards_take_every_shard_url_form(world, logdir, tmp_path):
+    """`--val-shards` takes what the shard readers take: a brace pattern, locally and over HTTP from a server this test
+    starts (and `pipe:`); the und suite then reads the same items as from the local glob."""
+    from tests.shard_server import ShardServer
+
+    model = _model()
+
+    def und(val_shards: str, name: str) -> dict:
+        out = tmp_path / name
+        assert report_main(_args(world, logdir, out, "--suite", "und", "--val-shards", val_shards), model=model) == 0
+        return json.loads((out / "report.json").read_text())["results"]["und"]
+
+    shards = sorted((world / "val").glob("shard-*.tar"))
+    brace = f"shard-{{000000..{len(shards) - 1:06d}}}.tar"
+    expected = und(str(world / "val" / "shard-*.tar"), "glob")
+    assert expected["num_items"] == 4
+    assert und(f"{world}/val/{brace}", "brace") == expected
+    assert und(f"pipe:cat {world}/val/{brace}", "pipe") == expected
+    with ShardServer(world) as server:
+        assert und(f"{server.url}/val/{brace}", "http") == expected
+        assert server.requests["val/shard-000000.tar"] == 1

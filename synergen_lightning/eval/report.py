@@ -119,8 +119,7 @@ class ReportInputs:
 
     def validate(self) -> dict:
         """Parse and check every input of the chosen suites; returns what was loaded."""
-        import glob
-
+        from synergen_lightning.data.sources import expand_urls
         from synergen_lightning.eval.fid import check_inception_weights, load_image_dir, read_prompt_file
 
         bad = [s for s in self.suites if s not in SUITES]
@@ -142,8 +141,12 @@ class ReportInputs:
             except ValueError as exc:
                 raise EvalInputError(str(exc)) from None
         if "und" in self.suites or "grounding" in self.suites or ("fid" in self.suites and self.fid_reference is None):
-            if not self.val_shards or not glob.glob(str(self.val_shards)):
-                raise EvalInputError(f"val shards {self.val_shards!r} match no file; run `make data` or pass --val-shards")
+            if not self.val_shards:
+                raise EvalInputError("no val shards given; run `make data` or pass --val-shards")
+            try:  # every shard URL form the readers take (braces, list files, pipe:, http(s)://, ...)
+                expand_urls(self.val_shards, "--val-shards")
+            except ValueError as exc:
+                raise EvalInputError(f"{exc}; run `make data` or pass --val-shards") from None
         if "text" in self.suites and (self.skill_jsonl is None or not Path(self.skill_jsonl).is_file()):
             raise EvalInputError(f"skill file {str(self.skill_jsonl)!r} does not exist; run `make data` "
                                  "(data/tiny/text/skill_val.jsonl) or pass --skill")
