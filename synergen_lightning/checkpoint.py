@@ -5,7 +5,7 @@ It reads every form a run or `synergen export` writes:
 
 - a single-file `.ckpt`: what a one-process or a DDP run saves (rank 0 writes the whole model);
 - a sharded checkpoint directory: what an FSDP2 run saves (Lightning DCP: `.metadata`, `*.distcp`, `meta.pt`),
-  read without a process group;
+  read without a process group, its DCP part checked as plain data first (`safe_load.read_sharded_metadata`);
 - an export directory: `model.safetensors` + `config.json` (+ `export.json`), what `synergen export` writes.
 
 `load_checkpoint_model(path, cls)` rebuilds a model of the class it is given (this module imports no model class)
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from synergen_lightning.distributed import check_compatible, is_sharded_checkpoint, load_sharded_state_dict
-from synergen_lightning.safe_load import UntrustedCheckpointError, torch_load
+from synergen_lightning.safe_load import UntrustedCheckpointError, read_sharded_metadata, torch_load
 
 EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_INFO = "model.safetensors", "config.json", "export.json"
 
@@ -57,7 +57,9 @@ def read_checkpoint_meta(path: str | Path) -> dict:
                 "synergen_stage_history": info.get("stage_history"),
                 "datamodule_hyper_parameters": info.get("datamodule_hyper_parameters") or {}}
     if kind == "sharded":
-        return torch_load(p / "meta.pt")
+        meta = torch_load(p / "meta.pt")
+        read_sharded_metadata(p)  # a directory whose DCP part would run code is refused at its first read
+        return meta
     ckpt = _load_file(p)
     return {k: v for k, v in ckpt.items() if k not in ("state_dict", "optimizer_states")}
 

@@ -22,8 +22,9 @@ Two pieces, in torchtitan's shape:
 
 Checkpoints are Lightning's sharded (DCP) directories; `load_sharded_state_dict` reads the model
 weights of one without a process group (export, `init_from`, resuming at another world size is
-done by DCP itself). After sharding, `load_sharded_into` (a sharded `init_from`) and `load_base_into_sharded`
-(the base LLM) have each rank read only the part of the stored weights that its shards hold.
+done by DCP itself); every DCP read of a directory is checked first (`safe_load.read_sharded_metadata`). After
+sharding, `load_sharded_into` (a sharded `init_from`) and `load_base_into_sharded` (the base LLM) have each rank
+read only the part of the stored weights that its shards hold.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from synergen_lightning.hf_import import RowSource
-from synergen_lightning.safe_load import torch_load
+from synergen_lightning.safe_load import read_sharded_metadata, torch_load
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -407,8 +408,10 @@ class FSDP2Strategy(ModelParallelStrategy):
         path = Path(self.broadcast(checkpoint_path))
         module = self.lightning_module
         if is_sharded_checkpoint(path):
-            check_compatible(sharded_checkpoint_shapes(path), module, str(path))
             meta = torch_load(path / "meta.pt")
+            # checks .metadata and every non-tensor entry (the optimizer's param groups) as plain data before
+            # Lightning's DCP load reads them with plain pickle
+            check_compatible(sharded_checkpoint_shapes(path), module, str(path))
             history = meta.get("synergen_stage_history")
             if history and hasattr(module, "stage_history") and [list(x) for x in module.stage_history] != history:
                 module.stage_history = [(int(s), str(n)) for s, n in history]
@@ -497,27 +500,36 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return p.is_dir() and (p / ".metadata").is_file()
 
 
-def read_checkpoint_meta(path: str | Path) -> dict:
-    """The non-tensor part of a checkpoint (hyper_parameters, global_step, callbacks, ...)."""
-    p = Path(path)
-    if is_sharded_checkpoint(p):
-        return torch_load(p / "meta.pt")
-    ckpt = torch_load(p, mmap=True)
-    ckpt.pop("optimizer_states", None)
-    return ckpt
+def checked_reader(path: str | Path):
+    """A DCP `FileSystemReader` of a sharded checkpoint directory that hands DCP the checked metadata
+    (`read_sharded_metadata`) instead of unpickling `.metadata` itself."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    metadata = read_sharded_metadata(path)
+    reader = FileSystemReader(str(path))
+
+    def read_metadata(*args, **kwargs):  # what FileSystemReader.read_metadata does after its pickle.load
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = reader.load_id
+        return metadata
+
+    reader.read_metadata = read_metadata
+    return reader
 
 
 def load_sharded_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The full (unsharded) model state_dict of a sharded DCP checkpoint, on CPU, without a process group."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
     p = Path(path)
     if not is_sharded_checkpoint(p):
         raise FileNotFoundError(f"{str(p)!r} is not a sharded checkpoint directory (no .metadata inside): "
                                 "pass the directory Lightning wrote with FSDP2Strategy (e.g. runs/.../last.ckpt)")
-    keys = [k for k in FileSystemReader(str(p)).read_metadata().state_dict_metadata if k.startswith("state_dict.")]
-    out = _load_state_dict_from_keys(keys=set(keys), checkpoint_id=str(p))
+    reader = checked_reader(p)
+    keys = [k for k in reader.read_metadata().state_dict_metadata if k.startswith("state_dict.")]
+    out = _load_state_dict_from_keys(keys=set(keys), storage_reader=reader)
     sd = out["state_dict"] if "state_dict" in out else {k[len("state_dict."):]: v for k, v in out.items()}
     return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sd.items()}
 
@@ -529,8 +541,9 @@ def load_sharded_into(model: nn.Module, path: str | Path) -> None:
     import torch.distributed.checkpoint as dcp
 
     state = model.state_dict()  # the sharded parameters (DTensors) and buffers themselves: loaded in place
-    check_compatible(sharded_checkpoint_shapes(path), model, str(path))
-    dcp.load({"state_dict": state}, checkpoint_id=str(path))
+    reader = checked_reader(path)
+    check_compatible(_shapes(reader.read_metadata()), model, str(path))
+    dcp.load({"state_dict": state}, storage_reader=reader)
 
 
 def shard_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -609,19 +622,13 @@ def load_base_into_sharded(model: nn.Module, sources: dict[str, RowSource]) -> N
         local.copy_(full[start:start + local.shape[0]])
 
 
-def load_model_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Model weights of a single-file `.ckpt` or a sharded checkpoint directory."""
-    p = Path(path)
-    if is_sharded_checkpoint(p):
-        return load_sharded_state_dict(p)
-    return torch_load(p, mmap=True)["state_dict"]
-
-
 def sharded_checkpoint_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """{parameter name: full shape} of a sharded checkpoint's model, from the DCP metadata (reads no tensor)."""
-    from torch.distributed.checkpoint import FileSystemReader
+    """{parameter name: full shape} of a sharded checkpoint's model, from the checked DCP metadata (reads no tensor)."""
+    return _shapes(read_sharded_metadata(path))
 
-    md = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+
+def _shapes(metadata) -> dict[str, tuple[int, ...]]:
+    md = metadata.state_dict_metadata
     return {k[len("state_dict."):]: tuple(v.size) for k, v in md.items() if k.startswith("state_dict.") and hasattr(v, "size")}
 
 

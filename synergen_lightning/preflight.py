@@ -68,13 +68,17 @@ def _parts(config: dict) -> list[tuple[str, dict]]:
 
 
 def _check_checkpoint(path: Path, key: str, problems: list[str]) -> None:
-    from synergen_lightning.safe_load import UntrustedCheckpointError, torch_load
+    from synergen_lightning.safe_load import UntrustedCheckpointError, read_sharded_metadata, torch_load
 
-    target = path / "meta.pt" if path.is_dir() and (path / ".metadata").is_file() else path
-    if not target.is_file() or target.suffix not in (".ckpt", ".pt", ".pth"):
+    sharded = path.is_dir() and (path / ".metadata").is_file()
+    target = path / "meta.pt" if sharded else path
+    if not sharded and (not target.is_file() or target.suffix not in (".ckpt", ".pt", ".pth")):
         return
     try:
-        torch_load(target, mmap=True)
+        if target.is_file():
+            torch_load(target, mmap=True)
+        if sharded:
+            read_sharded_metadata(path)  # DCP's own pickles: `.metadata` and the non-tensor entries
     except UntrustedCheckpointError as exc:
         problems.append(f"{key}: {exc}")
     except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is the same problem

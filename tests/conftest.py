@@ -13,3 +13,27 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def sharded_checkpoint(tmp_path_factory):
+    """A sharded (DCP) checkpoint directory as `synergen fit` under FSDP2Strategy writes it (`.metadata`, `*.distcp`,
+    `meta.pt`, the optimizer's param groups as non-tensor entries): a tiny SynerGenVL after 2 steps, in one process."""
+    import lightning.pytorch as pl
+
+    from callbacks.stages import StageCallback
+    from synergen_lightning.distributed import FSDP2Strategy
+    from tests.distributed_worker import ParityData
+    from tests.test_system_helpers import tiny_model
+
+    path = tmp_path_factory.mktemp("sharded") / "last.ckpt"
+    trainer = pl.Trainer(accelerator="cpu", devices=1, strategy=FSDP2Strategy(), max_steps=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[StageCallback("stage1")])
+    try:
+        trainer.fit(tiny_model(stage="stage1"), datamodule=ParityData(2))
+        trainer.save_checkpoint(path)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return path

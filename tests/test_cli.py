@@ -24,10 +24,8 @@ def test_console_script_runs():
     assert out.returncode == 0 and "usage: synergen" in out.stdout
 
 
-def test_fit_from_a_sharded_checkpoint_without_fsdp2_names_the_strategy(tmp_path):
-    ckpt = tmp_path / "last.ckpt"
-    ckpt.mkdir()  # a sharded checkpoint is a directory
-    (ckpt / ".metadata").write_bytes(b"")
+def test_fit_from_a_sharded_checkpoint_without_fsdp2_names_the_strategy(tmp_path, sharded_checkpoint):
+    ckpt = sharded_checkpoint  # a sharded checkpoint is a directory (it passes preflight's checks)
     args = ["fit", "--model", "lightning.pytorch.demos.boring_classes.BoringModel",
             "--data", "lightning.pytorch.demos.boring_classes.BoringDataModule",
             "--trainer.max_steps", "1", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",

@@ -1,14 +1,17 @@
 """Shards from anywhere: every URL form (local paths, file://, globs, braces, directories, list files, `pipe:`,
 `http://` from a server this test starts) reads the same samples; cut and dead transfers are retried with back-off,
 then skipped and counted (`unreachable_shard`); a stage-1 MixedDataModule streamed over HTTP and `pipe:` gives the
-local run's batches, key for key, and resumes mid-epoch the same."""
+local run's batches, key for key, and resumes mid-epoch the same, in a Lightning run of the tiny system too (killed
+after a checkpoint and resumed; and with a dead shard, counted once per read)."""
 
 from __future__ import annotations
 
 import shutil
 
+import lightning as L
 import pytest
 
+from datamodules.mixed import MixedDataModule
 from synergen_lightning.data.sources import SkipCounter, expand_urls, finite_samples, url_name
 from synergen_lightning.text_tokenizer import train_bpe
 from synthetic_shards import write_shards, write_text_jsonl
@@ -165,3 +168,93 @@ def test_eval_suites_read_val_shards_over_http(shards, server):
     assert [(i["key"], i["question"]) for i in remote] == [(i["key"], i["question"]) for i in local]
     captions, views = load_reference_images(f"pipe:cat {shards}/train/shard-000000.tar", 16, 3)
     assert len(captions) == 3 and views.shape == (3, 3, 16, 16)
+
+
+# ---------------------------------------------------------------------------------------- a Lightning run over remote shards
+class _Recorder(L.Callback):
+    """The keys and token ids of every step's batch; raises at `crash_at` (a run killed mid-epoch)."""
+
+    def __init__(self, crash_at: int | None = None):
+        self.crash_at, self.keys, self.ids = crash_at, [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.crash_at:
+            raise RuntimeError("simulated crash")
+        self.keys.append(list(batch["keys"]))
+        self.ids.append(batch["input_ids"].tolist())
+
+
+def _system():
+    from tests.test_generation import CharTokenizer, GridTokenizer
+    from tests.test_system_helpers import tiny_model
+
+    model = tiny_model(stage="stage1")
+    model.set_text_tokenizer(CharTokenizer())
+    model.set_image_tokenizer(GridTokenizer())  # 16-px views -> 4x4 codes of the tiny model's 16
+    return model
+
+
+def _dm(sources, steps: int) -> MixedDataModule:
+    """The tiny system's data: an epoch of exactly `steps` batches, so every batch read is trained on."""
+    from tests.test_generation import CharTokenizer
+
+    # image_input given: "auto" would probe each source's first shard at setup, a read outside the training stream
+    return MixedDataModule(sources=sources, tokenizer=CharTokenizer(), image_input="pixels", image_size=16,
+                           tokens_per_view=4, **dict(STAGE1, steps_per_epoch=steps))
+
+
+def _fit(sources, steps: int, root, ckpt_every: int | None = None, crash_at: int | None = None,
+         resume: str | None = None):
+    """`steps` steps of the tiny system on `sources`: (recorder, datamodule, trainer)."""
+    rec = _Recorder(crash_at)
+    callbacks = [rec] + ([L.pytorch.callbacks.ModelCheckpoint(dirpath=root / "ck", every_n_train_steps=ckpt_every,
+                                                              save_top_k=-1)] if ckpt_every else [])
+    dm = _dm(sources, steps)
+    trainer = L.Trainer(accelerator="cpu", max_steps=steps, limit_val_batches=0, logger=False, callbacks=callbacks,
+                        enable_checkpointing=bool(ckpt_every), enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=root)
+    try:
+        trainer.fit(_system(), datamodule=dm, ckpt_path=resume)
+    except RuntimeError as exc:
+        if "simulated crash" not in str(exc):
+            raise
+    return rec, dm, trainer
+
+
+def test_lightning_run_over_http_and_pipe_resumes_and_survives_a_dead_shard(shards, server, tmp_path):
+    """The tiny system trained by Lightning on shards served over HTTP (generation) and `pipe:cat` (understanding):
+    the batches of the local files; killed after a checkpoint and resumed, it sees the uninterrupted run's samples,
+    batch for batch. With 1 shard of the 20 dead (HTTP 503), the run finishes and `unreachable_shard` counts each read
+    of it, as many as the server saw."""
+    d = shards / "train"
+    remote = stage1_sources(f"{server.url}/train/shard-{{000000..000019}}.tar",
+                            f"pipe:cat {d}/shard-{{000000..000019}}.tar")
+    local = stage1_sources(f"{d}/shard-{{000000..000019}}.tar", f"{d}/*.tar")
+    steps = 6
+    before = dict(server.requests)  # the module's server: other tests' requests too
+    full, dm, trainer = _fit(remote, steps, tmp_path / "full")
+    assert trainer.global_step == steps and not dm.skipped
+    dm = _dm(local, steps)
+    dm.setup("fit")
+    from_local = run(dm)
+    assert full.keys == [b["keys"] for b in from_local] and full.ids == [b["input_ids"].tolist() for b in from_local]
+
+    crashed, _, _ = _fit(remote, steps, tmp_path / "a", ckpt_every=3, crash_at=4)
+    ckpt = next((tmp_path / "a" / "ck").glob("*step=3.ckpt"))
+    resumed, _, trainer = _fit(remote, steps, tmp_path / "b", resume=str(ckpt))
+    assert trainer.global_step == steps
+    assert crashed.keys[:3] + resumed.keys == full.keys
+    assert crashed.ids[:3] + resumed.ids == full.ids  # the same rows, captions and questions, not only the same keys
+
+    # a shard the generation source read over HTTP above, dead now: the same seed draws it again at the same point
+    read = sorted(p.split("/")[-1] for p, n in server.requests.items()
+                  if p.startswith("train/shard-") and n > before.get(p, 0))
+    dead = f"dead/train/{read[0]}"
+    urls = [f"{server.url}/{'dead/' if n == read[0] else ''}train/{n}" for n in sorted(p.name for p in d.glob("*.tar"))]
+    dead_before = server.requests[dead]
+    lost, dm, trainer = _fit(stage1_sources(urls, f"pipe:cat {d}/shard-{{000000..000019}}.tar"), steps,
+                             tmp_path / "dead")
+    tries = 1 + 2  # SYNERGEN_SHARD_RETRIES=2 (the autouse fixture)
+    reads_of_dead, rest = divmod(server.requests[dead] - dead_before, tries)
+    assert trainer.global_step == steps and len(lost.keys) == steps
+    assert rest == 0 and reads_of_dead >= 1 and dm.skipped == {"unreachable_shard": reads_of_dead}

@@ -321,3 +321,26 @@ def test_both_report_commands_answer_on_the_checkpoints_views_and_fail_alike_wit
     assert errors[0][0] == "synergen eval report" and errors[1][0] == "synergen demo report"
     assert errors[0][1] == errors[1][1] and f"'{missing}' does not exist" in errors[0][1]
     assert not (tmp_path / "e").exists() and not (tmp_path / "d").exists()
+
+
+def test_val_shards_take_every_shard_url_form(world, logdir, tmp_path):
+    """`--val-shards` takes what the shard readers take: a brace pattern, locally and over HTTP from a server this test
+    starts (and `pipe:`); the und suite then reads the same items as from the local glob."""
+    from tests.shard_server import ShardServer
+
+    model = _model()
+
+    def und(val_shards: str, name: str) -> dict:
+        out = tmp_path / name
+        assert report_main(_args(world, logdir, out, "--suite", "und", "--val-shards", val_shards), model=model) == 0
+        return json.loads((out / "report.json").read_text())["results"]["und"]
+
+    shards = sorted((world / "val").glob("shard-*.tar"))
+    brace = f"shard-{{000000..{len(shards) - 1:06d}}}.tar"
+    expected = und(str(world / "val" / "shard-*.tar"), "glob")
+    assert expected["num_items"] == 4
+    assert und(f"{world}/val/{brace}", "brace") == expected
+    assert und(f"pipe:cat {world}/val/{brace}", "pipe") == expected
+    with ShardServer(world) as server:
+        assert und(f"{server.url}/val/{brace}", "http") == expected
+        assert server.requests["val/shard-000000.tar"] == 1

@@ -11,7 +11,7 @@ import pytest
 
 from synergen_lightning import preflight
 from synergen_lightning.cli import main as synergen
-from tests.test_safe_load import craft
+from tests.test_safe_load import craft, tamper_entry, tamper_metadata
 from tiny_world import ROOT, make_tiny_world, project_dir
 
 RECIPE = str(ROOT / "recipes/tiny/stage1.yaml")
@@ -87,12 +87,15 @@ def test_too_little_disk_for_two_checkpoints(project, capsys, monkeypatch):
     assert f"{sum(p.numel() for p in built.parameters()):,} parameters x 12 bytes" in line
 
 
-def test_checkpoints_that_would_run_code_are_refused_before_the_model(project, capsys):
+def test_checkpoints_that_would_run_code_are_refused_before_the_model(project, capsys, sharded_checkpoint):
     marker = project / "code-ran"
     craft(project / "evil.ckpt", marker)
     craft(project / "evil_dir", marker, sharded=True)
+    tamper_metadata(sharded_checkpoint, project / "evil_metadata", marker)  # DCP's own pickles of a sharded directory
+    tamper_entry(sharded_checkpoint, project / "evil_entry", marker)
+    dcp = [[flag, d] for d in ("evil_metadata", "evil_entry") for flag in ("--ckpt_path", "--model.init_args.init_from")]
     for args in (["--ckpt_path", "evil.ckpt"], ["--ckpt_path", "evil_dir"], ["--model.init_args.init_from", "evil.ckpt"],
-                 ["--model.init_args.base_llm", "evil.ckpt"]):
+                 ["--model.init_args.base_llm", "evil.ckpt"], *dcp):
         (line,) = fit(capsys, *args)
         assert "is refused: loading it would run code (it calls posix.system)" in line and "--trust-checkpoint" in line
     assert not marker.exists()

@@ -69,8 +69,8 @@ def report_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=Path("data/tiny"),
                    help="shape-world data root (`make data`): eval_prompts.jsonl, val/shard-*.tar, text/skill_val.jsonl")
     p.add_argument("--eval-prompts", type=Path, help="GenEval prompts (default: DATA/eval_prompts.jsonl)")
-    p.add_argument("--val-shards", help="val shards with Q/A: a glob, brace pattern, list file, directory or URL "
-                   "(default: DATA/val/shard-*.tar)")
+    p.add_argument("--val-shards", help="val shards with Q/A in any shard URL form: glob, braces, list file, pipe:, "
+                                        "http(s)://, ... (default: DATA/val/shard-*.tar)")
     p.add_argument("--skill", type=Path, help="held-out text skill jsonl (default: DATA/text/skill_val.jsonl)")
     p.add_argument("--base-llm", help="base LLM for text retention (default: the checkpoint's model.base_llm)")
     p.add_argument("--num-geneval", type=int, default=48, help="GenEval prompts used (default: 48)")
