@@ -99,7 +99,7 @@ def test_from_pretrained_reads_the_checkpoints_tile_policy(ckpt, tmp_path):
     plain = tmp_path / "plain.ckpt"
     torch.save({k: v for k, v in torch.load(ckpt, weights_only=False).items() if k != "datamodule_hyper_parameters"},
                plain)
-    assert tile_policy(plain) == {"max_tiles": 1, "thumbnail": False}
+    assert tile_policy(plain) == (1, False)
     h_plain = Harness.from_pretrained(plain, device="cpu")
     assert (h_plain.max_tiles, h_plain.thumbnail) == (1, False)
     assert load_synergen(plain).grid == h.model.grid
