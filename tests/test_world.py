@@ -175,18 +175,30 @@ def test_text_corpus_holds_out_the_skill(tmp_path):
 
 
 def test_colour_binding_lines_ask_the_colour_the_scene_shows(tmp_path):
-    """text/colour_binding.jsonl: one colour question per train scene, in the mirror chat form, whose answer is the
-    colour of the one object in the layout the question names."""
+    """text/colour_binding.jsonl, per train scene in the mirror chat form: a colour question whose answer is the colour
+    of the one object in the layout the question names, and a generation prompt naming every object's colour whose
+    answer is the scene's layout (the same colour-shape pairs, in raster order)."""
+    from synergen_lightning.data.sequences import GENERATION_PROMPT
+
     out = tmp_path / "b"
     assert synth_main(["--out", str(out), "--level", "demo", *SMALL]) == 0
     rows = [json.loads(x)["text"] for x in (out / "text" / "colour_binding.jsonl").read_text().splitlines()]
-    assert len(rows) == 37  # demo scenes stand in distinct cells: every object has a name
     train_text = (out / "text" / "train.jsonl").read_text()
-    asked = Counter()
+    asked, generated = Counter(), 0
+
+    def pairs(phrase: str) -> list[tuple[str, str]]:  # "a red circle in the top left and a blue square ..." -> pairs
+        parts = phrase.replace(" and ", ", ").split(", ")
+        return sorted((p.split()[1], p.split()[2]) for p in parts)
+
     for row in rows:
         user, answer = row.split("<|im_end|>\n<|im_start|>assistant\n ")
-        layout, question = user.removeprefix("<|im_start|>user\n").split("\n")
-        answer = answer.removesuffix("<|im_end|>")
+        user, answer = user.removeprefix("<|im_start|>user\n"), answer.removesuffix("<|im_end|>")
+        if user.startswith(GENERATION_PROMPT):
+            prompt = user.removeprefix(GENERATION_PROMPT)
+            assert answer in train_text and pairs(prompt) == pairs(answer), (prompt, answer)
+            generated += 1
+            continue
+        layout, question = user.split("\n")
         assert question.startswith("What color is the ") and layout in train_text
         # the named object is the one whose "COLOUR SHAPE[ in REGION]" the layout holds
         ref = question.removeprefix("What color is the ").removesuffix("?")
@@ -195,6 +207,7 @@ def test_colour_binding_lines_ask_the_colour_the_scene_shows(tmp_path):
                 if part.split()[2] == shape and (not region or part.endswith(region))]
         assert len(hits) == 1 and hits[0].split()[1] == answer, (layout, question, answer)
         asked[answer] += 1
+    assert sum(asked.values()) == generated == 37  # demo scenes stand in distinct cells: every object has a name
     assert len(asked) >= 4  # colours vary
 
 

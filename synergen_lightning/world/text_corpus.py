@@ -125,12 +125,15 @@ def qa_text_lines(meta: dict, pairs: list[dict], qa_text: str, layout: str | Non
 
 
 def colour_binding_lines(meta: dict, qa_text: str = "bare") -> list[str]:
-    """One more "What color is the X?" line per scene, about an object picked by the scene's key, in the corpus's form.
+    """Lines that bind a colour to its shape, per scene, in the corpus's form: one more "What color is the X?" about an
+    object picked by the scene's key and, in the mirror form, the generation prompt that names every object's colour
+    ("a red circle and a blue square") with the scene's layout as its answer.
 
     The base LLM reads a shape word after its colour word ("a red circle"), so answering a shape from a colour is the
     easy copy (find "red", say the word after it) and answering a colour from a shape the hard one (find "circle", say
     the word before it). In the scene Q/A lines colour questions are too rare for the hard copy to be learnt within the
-    tiny base LLM's steps; the base recipe repeats these lines (`text/colour_binding.jsonl`). Measured in RESULTS.md.
+    tiny base LLM's steps, and half the generation prompts name no colour, so the base LLM learns layouts whose colours
+    it does not copy. The base recipe repeats these lines (`text/colour_binding.jsonl`). Measured in RESULTS.md.
     """
     from .language import unambiguous_name
     from .scene import Scene
@@ -138,9 +141,12 @@ def colour_binding_lines(meta: dict, qa_text: str = "bare") -> list[str]:
     objs = Scene.from_dict(meta).objects
     o = objs[int(np.random.default_rng([zlib.crc32(str(meta.get("key", "")).encode()), 41]).integers(len(objs)))]
     ref = unambiguous_name(o, objs)
-    if ref is None:
-        return []
-    return qa_text_lines(meta, [{"question": f"What color is {ref}?", "answer": o.color}], qa_text)
+    lines = [] if ref is None else qa_text_lines(meta, [{"question": f"What color is {ref}?", "answer": o.color}], qa_text)
+    if qa_text == "mirror":
+        from synergen_lightning.data.sequences import GENERATION_PROMPT
+
+        lines.append(chat_text(GENERATION_PROMPT + meta["captions"][1], layout_text(meta)))
+    return lines
 
 
 def layout_text(meta: dict) -> str:
