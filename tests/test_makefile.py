@@ -138,7 +138,8 @@ def test_eval_prints_the_paper_benchmarks_for_the_checkpoint_it_scored(tmp_path)
     cwd = _fake_checkout(tmp_path)
     (cwd / "runs" / "tiny" / "stage2").mkdir(parents=True)
     (cwd / "runs" / "tiny" / "stage2" / "last.ckpt").touch()
-    result = subprocess.run(["make", "-f", str(ROOT / "Makefile"), "-o", ".venv/.installed", "eval", "SYN=echo"],
+    result = subprocess.run(["make", "--no-print-directory", "-f", str(ROOT / "Makefile"), "-o", ".venv/.installed", "eval",
+                             "SYN=echo"],
                             cwd=cwd, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     out = result.stdout
