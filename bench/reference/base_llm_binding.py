@@ -3,7 +3,9 @@ on the held-out lines of a `--scene-qa-text mirror` corpus (`DATA/text/val.jsonl
 
 - Q/A: "<layout>\\nWhat color is the circle?" -> exact match per question kind (the layout names every answer);
 - generation in words: "Generate an image of: a red circle left of a blue square" -> the layout it writes names the
-  prompt's colours (and, separately, its shapes): the set of colour / shape words must match.
+  prompt's colours (and, separately, its shapes): the set of colour / shape words must match; it pairs each colour
+  with the prompt's shape (colour attribution: the multiset of colour-shape pairs must match the scene's); and it
+  places the objects of a relation prompt in cells that hold the relation.
 
 A frozen trunk passes to the image stream only what it reads itself: a colour it cannot copy in text is a colour the
 progressive stages 1-2 cannot draw or answer.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,7 +24,9 @@ import torch
 
 from synergen_lightning.system import load_base_llm
 from synergen_lightning.text_tokenizer import load_or_train
-from synergen_lightning.world.scene import COLORS, SHAPES
+from synergen_lightning.world.language import plural
+from synergen_lightning.world.prompts import RELATIONS
+from synergen_lightning.world.scene import COLORS, REGION_NAMES, SHAPES
 
 KINDS = (("generation", "generate an image of: "), ("color", "what color"), ("shape", "what shape"),
          ("count", "how many"), ("position", "where is"), ("yes_no", "is there"), ("relation", "is the"))
@@ -33,7 +38,38 @@ def kind_of(user: str) -> str:
 
 
 def words(text: str, vocab) -> set[str]:
-    return {w.rstrip("s") if w.rstrip("s") in vocab else w for w in text.replace(",", " ").split()} & set(vocab)
+    singular = {plural(w): w for w in vocab}
+    return {singular.get(w, w) for w in text.replace(",", " ").split()} & set(vocab)
+
+
+CELLS = {name: (r, c) for r, row in enumerate(REGION_NAMES) for c, name in enumerate(row)}
+_OBJECT = re.compile(rf"({'|'.join(COLORS)}) ({'|'.join(SHAPES)}) (?:in|on|at) the ({'|'.join(sorted(CELLS, key=len, reverse=True))})")
+
+
+def layout_objects(text: str) -> list[tuple[str, str, tuple[int, int]]]:
+    """(colour, shape, (row, col)) of each object a layout names ("a red circle in the top left and ...")."""
+    return [(c, s, CELLS[r]) for c, s, r in _OBJECT.findall(text)]
+
+
+def holds(rel: str, a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Does a cell at `a` stand in relation `rel` to one at `b` (GenEval's rule on a grid: a diagonal counts both ways)."""
+    (ra, ca), (rb, cb) = a, b
+    return {"left of": ca < cb, "right of": ca > cb, "above": ra < rb, "below": ra > rb}[rel]
+
+
+def relation_held(prompt: str, objects) -> bool | None:
+    """For "[colour] X REL [colour] Y": does some X in `objects` stand in REL to some Y? None when not a relation prompt."""
+    rel = next((r for r in RELATIONS if f" {r} " in f" {prompt} "), None)
+    if rel is None:
+        return None
+    left, right = prompt.split(f" {rel} ", 1)
+
+    def matches(phrase):
+        colour = next(iter(words(phrase, COLORS)), None)
+        shape = next(iter(words(phrase, SHAPES)))
+        return [cell for c, s, cell in objects if s == shape and colour in (None, c)]
+
+    return any(holds(rel, a, b) for a in matches(left) for b in matches(right))
 
 
 def main(argv=None) -> None:
@@ -66,6 +102,12 @@ def main(argv=None) -> None:
                 asked = words(prompt, vocab)
                 if asked:
                     hits[name].append(words(out, vocab) == asked)
+            if words(prompt, COLORS) and relation_held(prompt, []) is None:  # names every object's colour
+                pairs = sorted((c, s) for c, s, _ in layout_objects(out))
+                hits["generation: colour-shape pairs"].append(pairs == sorted((c, s) for c, s, _ in layout_objects(truth)))
+            held = relation_held(prompt, layout_objects(out))
+            if held is not None:
+                hits["generation: relation held"].append(held)
         else:
             hits[kind].append(out == truth)
     print(json.dumps({k: {"accuracy": round(sum(v) / len(v), 3), "items": len(v)} for k, v in sorted(hits.items())},
