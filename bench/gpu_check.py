@@ -10,7 +10,7 @@ Sections, each recording its own error (one failing path does not hide the other
   `distributed.parallelize` (bf16 params, activation checkpointing), one AdamW step on generation rows: MFU against
   a bf16 GEMM timed in the same run, peak memory (`torch.cuda.max_memory_allocated`) beside `synergen plan`'s
   estimate of the same shape (`plan.estimate`).
-- `generation`: KV-cached generation of one image and of 16 images, folded (`generation.generate_codes`) vs an
+- `generation`: KV-cached generation of one image and of 16 images, folded (`inference.generate_codes`) vs an
   unfolded model reading and writing every code (`bench_folding.unfolded_generate`).
 - `dcp_roundtrip`: a sharded (DCP) save of an FSDP2 model and its load, into a fresh sharded model
   (`distributed.load_sharded_into`) and without a process group (`load_sharded_state_dict`): every tensor equal.
