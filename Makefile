@@ -46,7 +46,7 @@ SFT_DONE  := $(dir $(SFT_CKPT)).done
 CODES     := $(DATA)/codes
 CODES_OK  := $(CODES)/.done
 DEMO      := runs/demo/report.json
-# the demo's CFG scale: above ~2 a tiny model scatters the fragments of coloured prompts over the canvas (RESULTS.md)
+# the demo's CFG scale: higher, a tiny model scatters the fragments of coloured prompts over the canvas (RESULTS.md)
 DEMO_CFG  ?= 1.5
 SEED_OK   := runs/tiny/.seed-$(SEED)
 

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    try:  # a revision's decode path: inference.py, or generation.py in revisions that predate it
+    try:  # the revision's decode path: inference.py, else generation.py where that revision keeps it
         from synergen_base.inference import generate_codes as gen_old
     except ModuleNotFoundError:
         from synergen_base.generation import generate_codes as gen_old

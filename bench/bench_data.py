@@ -4,9 +4,9 @@ sequence building, collate); then the fraction of step time spent waiting on dat
 SynerGenVL training loop fed by the DataModule; and the rate at which a resumed lane replays its raw stream
 (`RawStream.skip`: shard bytes read, nothing decoded) over the 512² JPEG shards. Prints a table and writes JSON.
 
-Pretokenized loading is also measured with the previous reading path (`tarfile` + `np.load`:
-bench/tarfile_reader.py) in the same process, interleaved batch-chunk by batch-chunk with the
-current one so that load from other processes hits both alike; `ratio_vs_previous_reader` is the
+Pretokenized loading is also measured with the reference reading path (`tarfile` + `np.load`:
+bench/tarfile_reader.py; the `previous_reader` rows) in the same process, interleaved batch-chunk by batch-chunk
+with the product's one so that load from other processes hits both alike; `ratio_vs_previous_reader` is the
 speed-up. Target: >= 10,000 pretokenized samples/s per worker (tiny default: 8x8 codes).
 
     .venv/bin/python bench/bench_data.py --out bench/results_data.json
@@ -40,7 +40,7 @@ TARGET_SAMPLES_PER_S = 10_000  # the data loader's target: pretokenized samples/
 
 
 def previous_load_npy(raw: bytes, key: str):
-    """The previous `.npy` path: np.load parses the header of every sample."""
+    """The reference `.npy` path: np.load parses the header of every sample."""
     try:
         return np.load(io.BytesIO(raw), allow_pickle=False)
     except Exception as exc:  # noqa: BLE001
@@ -48,7 +48,7 @@ def previous_load_npy(raw: bytes, key: str):
 
 
 def previous_reader():
-    """Patches the DataModule onto the previous reading path (tarfile + np.load) while active."""
+    """Patches the DataModule onto the reference reading path (tarfile + np.load) while active."""
     stack = contextlib.ExitStack()
     stack.enter_context(mock.patch.object(sources, "iter_shard", iter_shard_tarfile))
     stack.enter_context(mock.patch("synergen_lightning.data.sequences.load_npy", previous_load_npy))
@@ -80,7 +80,7 @@ def throughput(dms: dict, n_batches: int, rounds: int = 5) -> dict:
 
 
 def reader_throughput(shards: list[str], rounds: int = 5) -> dict:
-    """Raw reading only (tar members -> codes arrays), previous vs current path, interleaved per round."""
+    """Raw reading only (tar members -> codes arrays), reference vs product path, interleaved per round."""
     paths = {"previous_tarfile_np_load": (iter_shard_tarfile, previous_load_npy),
              "current": (sources.iter_shard, sources.load_npy)}
     n, secs = dict.fromkeys(paths, 0), dict.fromkeys(paths, 0.0)
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     }
     rows = throughput({name: (dm(urls, tpv, size, args.batch_size), ctx) for name, (urls, tpv, size, ctx) in settings.items()
                        if name != "jpeg_512"}, args.batches, args.rounds)
-    # JPEG decoding is ~40x slower: fewer batches, measured after (a reference, not a side-by-side pair)
+    # JPEG decoding is far slower: fewer batches, measured after (a reference, not a side-by-side pair)
     jpeg_urls, jpeg_tpv, jpeg_size, _ = settings["jpeg_512"]
     rows = throughput({"jpeg_512": (dm(jpeg_urls, jpeg_tpv, jpeg_size, args.batch_size), contextlib.nullcontext)},
                       args.jpeg_batches, 1) | rows

@@ -3,7 +3,7 @@
 Two models of the SAME LLM configuration (width, depth, heads, FFN), built from the real classes:
   folded    `SynerGenVL`: TokenFolder (m x n codes -> one LLM token) + MMoE LLM + the UnfoldingHead
             (`head_layers` blocks of the LLM's micro-architecture); loss = `forward_losses`, generation =
-            `generation.generate_codes` (KV caches in the LLM and the head, CFG as one batched pass)
+            `inference.generate_codes` (KV caches in the LLM and the head, CFG as one batched pass)
   unfolded  `MMoETransformer` reading and writing every VQ code as one LLM token (Emu3-style: code ids
             appended to the text vocabulary, image tokens routed to the vision FFN), KV-cached decoding
 
@@ -313,8 +313,8 @@ def run(quick: bool = False, threads: int = 1, repeats: int | None = None, warmu
     repeats = repeats or (2 if quick else 3)
     result = {"config": c, "machine": machine_info("cpu", threads), "load_average_before": load_average()}
     for part, fn in (("train", lambda: bench_train(c, repeats, warmup)),
-                     # full size: no warm-up round (each call is thousands of decode steps; the round is ~1 min,
-                     # which keeps `make bench` near 10 min with the narrow-head and batched variants)
+                     # full size: no warm-up round (each call is thousands of decode steps, so an untimed
+                     # round would lengthen `make bench` by a whole round of them)
                      ("generate", lambda: bench_generate(c, repeats, warmup if quick else 0)),
                      ("memory", lambda: bench_memory(c, threads))):
         if part not in parts:

@@ -14,7 +14,7 @@ A configuration too large for the host is skipped with a one-line message (recor
 "skipped"), never crashed. Every ratio is formed inside one benchmark run on one machine; the
 results carry the machine fingerprint and the load average before/after (shared machines are noisy).
 
-    .venv/bin/python bench/run_all.py                # full sizes (~10 min on a quiet 2-core machine)
+    .venv/bin/python bench/run_all.py                # full sizes (minutes)
     .venv/bin/python bench/run_all.py --quick        # tiny sizes, seconds (tests)
 """
 
@@ -160,7 +160,7 @@ def table_rows(results: dict) -> list[dict]:
     d = results.get("data", {}).get("throughput", {})
     if "pretokenized_64x64" in d:
         r = d["pretokenized_64x64"]
-        add("data (issue 5, not folding)", "pretokenized 64x64 samples/s per worker (the data loader's issue 5 target)", r["samples_per_s_per_worker"], "samples/s", ">= 10000",
+        add("data", "pretokenized 64x64 samples/s per worker (the data loader's target)", r["samples_per_s_per_worker"], "samples/s", ">= 10000",
             r["meets_target_wall"], f"x{r['ratio_vs_jpeg_512']:.1f} vs JPEG 512")
     for name, r in (results.get("dataparallel", {}).get("speedup") or {}).items():
         add("dataparallel", f"tiny stage-1 steps/s, 2 processes ({name.split('_')[0].upper()}) vs 1, same global batch",

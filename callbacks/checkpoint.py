@@ -2,8 +2,8 @@
 
 Lightning's `ModelCheckpoint(every_n_train_steps=N, save_last=True)` saves only on its schedule: at the end of
 training it writes `last.ckpt` only if no `last.ckpt` was ever written. A run whose `max_steps` is not a multiple of
-N therefore ends with `last.ckpt` at the last multiple of N, and the steps after it are lost: the tiny stage 2 and SFT
-(300 steps, N = 200) handed step 200 to the next stage and to the demo report. Here a run that ends normally always
+N therefore ends with `last.ckpt` at the last multiple of N, and the steps after it are lost (a 300-step stage with
+N = 200 would hand step 200 to the next stage). Here a run that ends normally always
 saves its final step (the step checkpoint under `filename`, and `last.ckpt`). A run stopped by an exception or Ctrl-C
 is not "finished": it saves nothing more (unless `save_on_exception`), and `--ckpt_path DIR/last.ckpt` resumes it.
 """

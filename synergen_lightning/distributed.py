@@ -17,7 +17,7 @@ Two pieces, in torchtitan's shape:
 
 - `DDPStrategy`: Lightning's DDP with the same `global_batch_size`, for a model that fits on one device
   (the tiny recipes): one gradient all-reduce per step instead of FSDP's gathers per block, so 2 CPU processes
-  train 1.7x faster than one (`make demo` trains its stages this way). The trainable set is fixed when DDP
+  train faster than one (RESULTS.md; `make demo` trains its stages this way). The trainable set is fixed when DDP
   wraps the model: a stage switch inside a run is refused (FSDP2Strategy does it).
 
 Checkpoints are Lightning's sharded (DCP) directories; `load_sharded_state_dict` reads the model
@@ -443,7 +443,7 @@ class DDPStrategy(LightningDDPStrategy):
     def __init__(self, global_batch_size: int | dict[str, int] | str | None = None, tokens_per_gpu: int | None = None,
                  process_group_backend: str | None = None, timeout_minutes: float = 30.0, **ddp_kwargs):
         """Plain data parallelism (every rank a full copy; one bucketed gradient all-reduce per step) for a model
-        that fits on one device: on 2 CPU cores the tiny stages run 1.7x faster than in one process, where FSDP2's
+        that fits on one device: on 2 CPU cores the tiny stages run faster than in one process, where FSDP2's
         per-block gathers over gloo cost more than they save (docs/distributed.md).
 
         Args:

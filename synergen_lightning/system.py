@@ -194,8 +194,8 @@ class SynerGenVL(LightningModule):
             schedule: constant | cosine; unset -> the stage table's (stage 1 constant, later cosine).
             min_lr_ratio: floor of the cosine decay, as a fraction of the peak.
             lr_scale: {parameter group: factor} on the stage lr, e.g. {self_attention: 0.1, text_backbone: 0.1}: the
-                pretrained LLM's parts move slower than the new image-specific ones (measured: stage 2 at one lr of
-                1e-3 dropped the held-out text skill 0.98 -> 0.06).
+                pretrained LLM's parts move slower than the new image-specific ones (measured: stage 2 at one lr for
+                every part loses the held-out text skill; RESULTS.md).
             init_from: the previous stage's checkpoint (weights only) to start from.
             init_from_base_llm: allow stage2 / sft to start from the base LLM without `init_from`
                 (the paper's "S.2 only" ablation); otherwise that is an error.

@@ -13,7 +13,7 @@ Crops are contrast-normalised. Decoded pixels are a function of the codes, so th
 decoded crop shows. Two more rows read the codes themselves: an MLP on the learnt embeddings of the 3x3 code window
 around the character (and the character's offset inside its patch), at 128 px (`codes 128`) and 64 px (`codes 64`).
 
-    python bench/reference/text_legibility.py --demo .     # after `make demo`; ~4 min on one core
+    python bench/reference/text_legibility.py --demo .     # after `make demo`; minutes on one core
 """
 from __future__ import annotations
 

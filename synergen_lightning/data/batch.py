@@ -20,7 +20,7 @@ def collate(samples: list[BuiltSample], pad_id: int) -> dict:
     if not samples:
         raise ValueError("collate got an empty list of samples")
     B, T = len(samples), max(len(s) for s in samples)
-    # pad the Python lists, then one numpy conversion per field (one torch.tensor per row costs ~10x more)
+    # pad the Python lists, then one numpy conversion per field (one torch.tensor per row costs far more)
     pads = [T - len(s) for s in samples]
     input_ids = torch.from_numpy(np.array([s.input_ids + [pad_id] * p for s, p in zip(samples, pads)], dtype=np.int64))
     image_mask = torch.from_numpy(np.array([s.image_mask + [False] * p for s, p in zip(samples, pads)], dtype=np.bool_))

@@ -392,8 +392,8 @@ def iter_shard(url: str, counter: SkipCounter) -> Iterator[dict]:
     """Samples of one shard as dicts {__key__, __url__, ext: bytes}; `.jsonl` files yield one sample per
     line ({__key__, __url__, json: dict}). Failures are counted, never raised.
 
-    Local tars are read by `tar_reader.iter_tar_members` (headers parsed by hand over one buffered file: ~5x
-    faster than `tarfile`, see bench/bench_data.py); bench/tarfile_reader.py holds the `tarfile` reader the
+    Local tars are read by `tar_reader.iter_tar_members` (headers parsed by hand over one buffered file: faster
+    than `tarfile`, see bench/bench_data.py); bench/tarfile_reader.py holds the `tarfile` reader the
     tests and that benchmark compare it with. Remote URLs (`pipe:`, `http(s)://`, fsspec) stream through the same
     tar reader (`_iter_remote`: retries, `unreachable_shard`)."""
     if is_remote(url):

@@ -1,7 +1,7 @@
 """A minimal, fast reader of the tar members webdataset shards are made of (ustar / pax / GNU).
 
 Why not `tarfile`: its stream mode builds a TarInfo per member (header decoding, pax/GNU dispatch,
-many small reads) and was ~60% of pretokenized loading time. A shard only needs (name, bytes) of its
+many small reads), which dominates pretokenized loading time. A shard only needs (name, bytes) of its
 regular files in order, so this reads 512-byte headers and member data straight from one buffered file.
 
 Layout of one member: a 512-byte header (name[0:100], size[124:136] octal or GNU base-256,

@@ -168,7 +168,7 @@ def understanding_suite(model, items: list[dict], max_new_tokens: int = 16, batc
     return {**extra, "accuracy": sum(flat) / len(flat), "num_items": len(flat),
             "per_kind": {k: sum(v) / len(v) for k, v in sorted(per_kind.items())}, "examples": examples,
             # what answering from the question type alone scores, and how often the model gave its most common
-            # answer per kind (1.0 = one answer whatever the image: the demo's SFT said "red" to every colour question)
+            # answer per kind (1.0 = one answer whatever the image, e.g. "red" to every colour question)
             "prior_accuracy": prior["accuracy"], "prior_per_kind": prior["per_kind"],
             "top_answer": {k: c.most_common(1)[0][0] for k, c in sorted(predicted.items())},
             "top_answer_share": {k: c.most_common(1)[0][1] / sum(c.values()) for k, c in sorted(predicted.items())}}

@@ -25,7 +25,7 @@ from synergen_lightning.data.image_stream import ImageViewStream, collate_views,
 from synergen_lightning.image_tokenizer.loading import load_image_tokenizer
 from synergen_lightning.image_tokenizer.vq_tokenizer import codebook_stats
 
-FLAT_STD = 0.02  # [0, 1] pixel units; a code's patch below this is "flat" (measured: ~82% of tiny-world val patches)
+FLAT_STD = 0.02  # [0, 1] pixel units; a code's patch below this is "flat" (most tiny-world val patches are)
 
 
 @torch.no_grad()

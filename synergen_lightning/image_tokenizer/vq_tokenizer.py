@@ -334,7 +334,7 @@ class VQTokenizer(L.LightningModule):
 def clamp_aware(recon: Tensor, x: Tensor) -> Tensor:
     """`recon` with the overshoot past a saturated target replaced by the target: decode() clamps to [0, 1], so a
     pixel predicted at 1.02 for a white (1.0) target is exact and must cost nothing. Plain L2 instead pulls the
-    prediction to 1.0 from both sides, and after the clamp flat white decodes to ~0.997 (measured), which the
+    prediction to 1.0 from both sides, and after the clamp flat white decodes slightly below 1.0, which the
     encoder does not map back to the pure-white code. Gradients for unsaturated targets are unchanged."""
     over = ((x >= 1) & (recon > 1)) | ((x <= -1) & (recon < -1))
     return torch.where(over, x, recon)

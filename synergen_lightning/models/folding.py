@@ -80,11 +80,11 @@ class TokenFolder(nn.Module):
             nn.LayerNorm(in_dim), nn.Linear(in_dim, mlp_hidden_size), nn.GELU(), nn.Linear(mlp_hidden_size, llm_hidden_size)
         )
         # `output_rms`: folded tokens leave through an RMSNorm at this scale (e.g. the text embeddings' RMS, 0.02, or
-        # 0.1). Without it the MLP's output grows freely (measured on the tiny world: norm 49 vs 0.27 for text
-        # embeddings after stage 1), and an image token's residual stream then drowns what attention brings from the
+        # 0.1). Without it the MLP's output grows freely (on the tiny world, far above the text embeddings' norm
+        # after stage 1), and an image token's residual stream then drowns what attention brings from the
         # caption and the other patches. `output_rms_learnable`: the scale is a trainable gain that starts at
-        # `output_rms` (it can grow back: measured 0.44 -> 13 after the first vision FFN), or a fixed constant (a
-        # buffer). None = the paper's plain MLP.
+        # `output_rms` (it can grow large again in training), or a fixed constant (a buffer). None = the paper's
+        # plain MLP.
         self.out_norm = None
         if output_rms is not None:
             if output_rms <= 0:
@@ -129,9 +129,9 @@ class TokenFolder(nn.Module):
     def init_code_embed_from_patches(self, patches: Tensor) -> int:
         """Start the code embedding from what each code looks like: `patches` float[codebook_size, F] (e.g. the
         decoded pixels of each code, `codebook_patches`) -> their top principal components, each scaled to unit
-        variance (the scale of nn.Embedding's N(0, 1) init). Measured with an untrained MLP: the colour of
-        the object in a folded cell is linearly readable from the folder output at 0.85 vs 0.59 with the random
-        table, and stage 1's generation loss does not learn it (0.58 after 400 steps). Dimensions beyond the
+        variance (the scale of nn.Embedding's N(0, 1) init). Why: even through an untrained MLP, the colour of the
+        object in a folded cell is then linearly readable from the folder output, clearly more than with the random
+        table, and stage 1's generation loss does not teach it (RESULTS.md). Dimensions beyond the
         patches' rank (or code_dim) keep their random init. Returns the number of components copied."""
         if patches.ndim != 2 or patches.shape[0] != self.codebook_size:
             raise ValueError(f"code patches of shape {tuple(patches.shape)}: expected [{self.codebook_size}, features], "

@@ -17,8 +17,8 @@ same rules and the same scorer at every level. The levers, easiest first:
   replaced by the scene's layout in words, so the frozen base LLM already plans a scene where `<boi>` stands and
   reads a scene from where the image stands.
 
-`demo` is the tiny default (`make demo`); `full` is the world as it has always been drawn, the hardest level, whose
-rules and bytes do not change.
+`demo` is the tiny default (`make demo`); `full` is the whole world, the hardest level, whose rules and bytes are
+fixed (the same seed gives the same files).
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ Detection, from an RGB image of any size (64x64 generations included):
    *rejected*, never silently: `detect_objects(..., return_rejected=True)` returns them with the
    reason, and `score_images` reports `rejected_per_image` beside `objects_per_image`.
    The three limits are calibrated on real data, not on any model: the world's 128 px renders of
-   the 600 eval prompts and of the 520 val scenes (JPEG as stored), and their VQ round trips
-   through the demo tokenizer (2,412 true objects each), against noise components (images decoded
-   from uniform random codes); the figures are next to the constants;
+   the eval prompts and of the val scenes (JPEG as stored), and their VQ round trips through the
+   demo tokenizer (true objects), against noise components (images decoded from uniform random
+   codes); each constant's comment gives the reason for its value;
 5. position: the box, compared with GenEval's `relative_position`.
 
 Decision (as GenEval's `evaluate`): a prompt passes only when every `include` constraint holds
@@ -40,19 +40,18 @@ from .scene import COLORS, SHAPES, draw_shape, relative_position
 CHROMA_MIN = 40  # object pixels: max - min channel (palette colours have >= 160; background 0)
 MIN_AREA_FRACTION = 0.003  # specks below this fraction of H*W are ignored, not counted (a small triangle is ~0.013)
 TEMPLATE = 24  # side of the grid shape masks are compared on
-# Acceptance limits, calibrated on 2,412 true objects rendered at
-# 128 px (600 eval-prompt scenes + 520 val JPEGs) and the same 2,412 after a VQ round trip through the demo tokenizer,
-# against 13,465 noise components of 300 images decoded from uniform random codes.
-# True objects: area >= 0.0119 of the image (195 px, a VQ'd small triangle); uniform-random-code noise has most of
-# its near-perfect "squares" below that (one 8 px VQ patch = 0.004). Half the true minimum: a 2x margin.
+# Acceptance limits, calibrated on true objects (the world's 128-px renders of the eval-prompt and val scenes, and the
+# same after a VQ round trip through the demo tokenizer) against noise components of images decoded from uniform
+# random codes (module docstring).
+# Area: half the smallest true object (a VQ'd small triangle), a 2x margin; most of the noise's near-perfect
+# "squares" are smaller (one 8 px VQ patch = 0.004 of a 128-px image).
 OBJECT_MIN_AREA_FRACTION = 0.006
-# True objects: box aspect 1.0 in renders, <= 1.333 after VQ (a small triangle losing a patch row, 20 x 15 px);
-# the template match resizes the box to a square, so without this a 8 x 40 bar would be a perfect "square".
+# Aspect: true objects fill a square box, a little less after VQ (a small triangle losing a patch row); the template
+# match resizes the box to a square, so without this a 8 x 40 bar would be a perfect "square".
 MAX_ASPECT = 1.5
-# True objects: shape_distance max 0.040 / 0.053 in renders / val JPEGs, max 0.252 (99.9th pct 0.243) after the VQ
-# round trip (small triangles whose tip patch drifts to another hue); noise components that pass the two tests above
-# (1,068): min 0.128, 1st pct 0.225, 5th pct 0.274, median 0.426. 0.30 keeps a ~20% margin over the worst true
-# object; 94 noise components (0.31 per image) still pass all three, and uniform random codes score GenEval 0.00.
+# Shape distance: a margin over the worst true object after the VQ round trip (small triangles whose tip patch
+# drifts to another hue), below most noise components that pass the two tests above; the few that pass all three do
+# not make images of uniform random codes pass GenEval prompts.
 MAX_SHAPE_DISTANCE = 0.30
 
 

@@ -87,8 +87,8 @@ def scene_text_lines(meta: dict, max_captions: int = 3, qa_text: str = "bare") -
     qa_text="chat": bare, and once more as a chat turn in the MLLM's template (InternLM2's), as an instruction-tuned
         base LLM (the paper's Qwen2-0.5B-Instruct in Table 7) has seen questions asked: it then answers each question
         kind in its own vocabulary before any image training. Without it, progressive stage 1 + 2 (text backbone
-        frozen) answer "1" to every question; with it they match full tuning (the Table 7 ablation). Not the
-        default: the demo's SFT then lost 2.8 text-skill points (target 2).
+        frozen) give one answer to every question; with it they match full tuning (the Table 7 ablation). Not the
+        default: with it the demo's SFT loses more text skill than its target allows.
     qa_text="mirror": the MLLM's two tasks mirrored in text, in its chat template, with the image
         replaced by the scene's layout in words (`layout_text`): generation ("Generate an image of: a red circle left
         of a blue square" -> "a red circle in the top left and a blue square in the top right") and understanding
