@@ -82,3 +82,28 @@ def test_vqa_exact_match_needs_every_answer_token():
     right, answers = answer_hits(logits, labels)
     assert right.tolist() == [True, False]
     assert answers == [(4, 9, 1), (4, 8, 1)]
+
+
+def test_binding_errors_sorts_true_swapped_and_inverted_renders():
+    """binding_errors' outcomes on the world's own renders: a prompt's render is "right"; the render of the prompt
+    with the two colours exchanged is "swapped"; the render of the opposite relation is "inverted"."""
+    from binding_errors import colour_attribution_outcome, position_outcome
+
+    from synergen_lightning.world.prompts import render_prompt
+    from synergen_lightning.world.scorer import detect_objects
+
+    def attr(c1, c2):
+        return {"tag": "color_attr", "prompt": f"a {c1} circle and a {c2} square", "exclude": [],
+                "include": [{"class": "circle", "count": 1, "color": c1}, {"class": "square", "count": 1, "color": c2}]}
+
+    def pos(rel):
+        return {"tag": "position", "prompt": f"a circle {rel} a square", "exclude": [],
+                "include": [{"class": "square", "count": 1}, {"class": "circle", "count": 1, "position": [rel, 0]}]}
+
+    for seed in range(3):
+        asked = attr("red", "blue")
+        assert colour_attribution_outcome(asked, detect_objects(render_prompt(asked, seed))) == "right"
+        assert colour_attribution_outcome(asked, detect_objects(render_prompt(attr("blue", "red"), seed))) == "swapped"
+        for rel, opposite in (("left of", "right of"), ("above", "below")):
+            assert position_outcome(pos(rel), detect_objects(render_prompt(pos(rel), seed))) == "right"
+            assert position_outcome(pos(rel), detect_objects(render_prompt(pos(opposite), seed))) == "inverted"

@@ -3,9 +3,9 @@ on the held-out lines of a `--scene-qa-text mirror` corpus (`DATA/text/val.jsonl
 
 - Q/A: "<layout>\\nWhat color is the circle?" -> exact match per question kind (the layout names every answer);
 - generation in words: "Generate an image of: a red circle left of a blue square" -> the layout it writes names the
-  prompt's colours (and, separately, its shapes): the set of colour / shape words must match; it pairs each colour
-  with the prompt's shape (colour attribution: the multiset of colour-shape pairs must match the scene's); and it
-  places the objects of a relation prompt in cells that hold the relation.
+  prompt's colours (and, separately, its shapes): the set of colour / shape words must match; it gives each colour
+  to the prompt's shape (colour attribution, scenes of several objects: the multiset of colour-shape pairs must
+  match the scene's); and it places the objects of a relation prompt in cells that hold the relation.
 
 A frozen trunk passes to the image stream only what it reads itself: a colour it cannot copy in text is a colour the
 progressive stages 1-2 cannot draw or answer.
@@ -97,12 +97,13 @@ def main(argv=None) -> None:
         out, truth = out.split("<|im_end|>")[0].strip(), truth.split("<|im_end|>")[0].strip()
         kind = kind_of(user)
         if kind == "generation":
-            prompt = user.split("of: ", 1)[1]
+            prompt = user.split("of: ", 1)[1].split("<|im_end|>")[0].strip()
             for name, vocab in (("generation: colours named", COLORS), ("generation: shapes named", SHAPES)):
                 asked = words(prompt, vocab)
                 if asked:
                     hits[name].append(words(out, vocab) == asked)
-            if words(prompt, COLORS) and relation_held(prompt, []) is None:  # names every object's colour
+            # a prompt naming every colour of a scene of several objects: is each colour on its own shape?
+            if words(prompt, COLORS) and relation_held(prompt, []) is None and len(layout_objects(truth)) > 1:
                 pairs = sorted((c, s) for c, s, _ in layout_objects(out))
                 hits["generation: colour-shape pairs"].append(pairs == sorted((c, s) for c, s, _ in layout_objects(truth)))
             held = relation_held(prompt, layout_objects(out))
