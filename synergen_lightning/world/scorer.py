@@ -18,7 +18,7 @@ Detection, from an RGB image of any size (64x64 generations included):
    The three limits are calibrated on real data, not on any model: the world's 128 px renders of
    the eval prompts and of the val scenes (JPEG as stored), and their VQ round trips through the
    demo tokenizer (true objects), against noise components (images decoded from uniform random
-   codes); each constant's comment gives the reason for its value;
+   codes); each constant's comment gives the reason for its value, RESULTS.md the figures;
 5. position: the box, compared with GenEval's `relative_position`.
 
 Decision (as GenEval's `evaluate`): a prompt passes only when every `include` constraint holds
