@@ -1,8 +1,13 @@
-"""The decode path's speed-ups keep the numbers: static KV cache, padding flag, RoPE table, all-image routing."""
+"""The decode path's speed-ups keep the numbers: static KV cache, padding flag, RoPE table, all-image routing, the
+one-token `decode_token` path (same bits and the same sampled codes as the module path)."""
+import contextlib
+
 import torch
 
-from synergen_lightning.models.blocks import KVCache, RotaryEmbedding
+from synergen_lightning.inference import generate_codes
+from synergen_lightning.models.blocks import KVCache, RotaryEmbedding, apply_rope, rope_decode
 from synergen_lightning.models.mmoe import DecoderStack, LLMConfig, MMoETransformer
+from tests.test_system_helpers import SPECIAL, tiny_model
 
 CFG = LLMConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48)
 
@@ -81,3 +86,75 @@ def test_padded_cached_decode_equals_uncached_with_image_tokens():
                    position_ids=torch.cat([pos, pos[:, -1:] + torch.arange(1, 4)], 1),
                    attention_mask=torch.cat([mask, col.expand(2, 3)], 1))
     torch.testing.assert_close(torch.stack(steps, 1), full[:, 6:], rtol=1e-5, atol=1e-5)
+
+
+@contextlib.contextmanager
+def module_path(*stacks):
+    """A no-op forward hook below the blocks: the stacks keep their module-by-module decode (the reference path)."""
+    handles = [s.layers[0].attn.q_proj.register_forward_hook(lambda *a: None) for s in stacks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Weights far from their init (norm gains too), so a one-ulp difference anywhere would show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.2 * noise if "norm" in name else 0.2 * noise)
+    return model.eval()
+
+
+def test_decode_token_equals_the_module_path_bit_for_bit():
+    """One-token cached steps through `decode_token` == the module path: image and text tokens, RoPE from the table
+    and from position ids, a left-padded cache; a hook below a block keeps the module path."""
+    llm = _perturbed(MMoETransformer(CFG))
+    ids = torch.randint(0, 50, (3, 6), generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[False, False, True, True, True, True], [True] * 6, [False, True, True, True, True, True]])
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    steps = torch.randn(5, 3, 1, 32, generator=torch.Generator().manual_seed(2))
+    runs = {}
+    for path in ("fast", "module"):
+        with torch.no_grad(), (contextlib.nullcontext() if path == "fast" else module_path(llm)):
+            cache = llm.new_kv_cache(capacity=12)
+            outs = [llm(llm.embed(ids), image_mask=torch.zeros_like(mask), position_ids=pos, attention_mask=mask,
+                        kv_cache=cache)]
+            img, txt = torch.ones(3, 1, dtype=torch.bool), torch.zeros(3, 1, dtype=torch.bool)
+            for i, x in enumerate(steps):
+                kw = {"position_ids": pos[:, -1:] + 1 + i} if i % 2 else {}  # positions given, or the table's
+                outs.append(llm(x, image_mask=img if i < 3 else txt, kv_cache=cache, **kw))
+            runs[path] = (outs, cache.plain)
+    assert runs["fast"][1] is True and runs["module"][1] is False
+    for a, b in zip(*(runs[p][0] for p in ("fast", "module")), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_generate_codes_same_codes_as_the_module_path():
+    """Sampled codes (temperature 1, fixed seed) of the folded model: the decode fast path in the LLM and the head
+    gives the codes of the module path, with CFG over left-padded prompts, batched rows, top-k and top-p."""
+    model = _perturbed(tiny_model(codebook_size=256, image_size=64, fold=(2, 8), code_dim=32))
+    prompts = [[SPECIAL["bos"], 11, 12, 13, SPECIAL["boi"]], [SPECIAL["bos"], 20, SPECIAL["boi"]],
+               [SPECIAL["bos"], 30, 31, 32, 33, 34, 35, SPECIAL["boi"]]]
+    uncond = [SPECIAL["bos"], SPECIAL["uncond"], SPECIAL["boi"]]
+    cases = [dict(uncond_ids=uncond, cfg_scale=3.0), dict(uncond_ids=None, cfg_scale=None),
+             dict(uncond_ids=uncond, cfg_scale=2.0, top_k=40, top_p=0.9, temperature=0.8)]
+    for kw in cases:
+        codes = {}
+        for path in ("fast", "module"):
+            with contextlib.nullcontext() if path == "fast" else module_path(model.llm, model.head.stack):
+                codes[path] = generate_codes(model, prompts, generator=torch.Generator().manual_seed(3), **kw)
+        assert codes["fast"].shape == (3, 16, 16)
+        assert torch.equal(codes["fast"], codes["module"]), kw
+
+
+def test_rope_decode_equals_apply_rope():
+    g = torch.Generator().manual_seed(0)
+    rot = RotaryEmbedding(64)
+    for b, scale, pos in ((1, 1e-3, 0), (16, 1.0, 7), (3, 40.0, 100)):
+        q = torch.randn(b, 6, 1, 64, generator=g) * scale
+        cos, sin = rot.table(pos, 1, torch.float32)
+        assert torch.equal(rope_decode(q, cos, rot.table(pos, 1, torch.float32, signed=True)[1]), apply_rope(q, cos, sin))

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from synergen_lightning.models.blocks import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU
 from synergen_lightning.models.chunked_ce import ChunkedLinear
@@ -168,9 +169,34 @@ class DecoderBlock(nn.Module):
         out.index_copy_(0, routing.image_idx, self.vision_ffn(flat.index_select(0, routing.image_idx)))
         return out.view(b, t, d)
 
-    def forward(self, x, cos, sin, attn_mask, is_causal, routing: Routing, kv_cache=None, layer_idx=0):
+    def forward(self, x, cos, sin, attn_mask, is_causal, routing: Routing, kv_cache=None, layer_idx=0, decode=False):
+        """`decode` (set by `DecoderStack` when `plain`): one cached token per row, no grad, every row of one modality
+        and `sin` signed (`RotaryEmbedding.table(signed=True)`): runs `decode_token`."""
+        if decode:
+            return self.decode_token(x, cos, sin, attn_mask, kv_cache, layer_idx, routing.all_image)
         x = x + self.attn(self.input_norm(x), cos, sin, attn_mask, is_causal, kv_cache, layer_idx)
         return x + self.ffn(x, routing)
+
+    def plain(self) -> bool:
+        """Whether `decode_token` may read the attention's and FFNs' weights directly: stock modules with no hooks
+        (a swapped module, an FSDP unit or a hook below the block keeps the module path)."""
+        a, f = self.attn, self.vision_ffn
+        mods = (a, a.q_proj, a.k_proj, a.v_proj, a.o_proj, self.text_ffn, self.text_ffn.gate_proj, self.text_ffn.up_proj,
+                self.text_ffn.down_proj)
+        if f is not None:
+            mods += (f, f.gate_proj, f.up_proj, f.down_proj)
+        return all(type(m) in _PLAIN_TYPES and not (m._forward_hooks or m._forward_pre_hooks) for m in mods)
+
+    def decode_token(self, x: Tensor, cos: Tensor, sin_signed: Tensor, attn_mask: Tensor | None, kv_cache: KVCache,
+                     layer_idx: int, image: bool) -> Tensor:
+        """One cached token per row, no grad: the same arithmetic as `forward` in fewer ops (no module calls below
+        the norms, no routing); `image` picks the vision FFN for every row."""
+        x = x + self.attn.decode_token(self.input_norm(x), cos, sin_signed, attn_mask, kv_cache, layer_idx)
+        ffn = self.vision_ffn if image and self.vision_ffn is not None else self.text_ffn
+        return x + ffn.decode_token(self.post_attn_norm(x))
+
+
+_PLAIN_TYPES = (nn.Linear, Attention, SwiGLU)
 
 
 def is_right_padded(attention_mask: Tensor) -> bool:
@@ -225,12 +251,21 @@ class DecoderStack(nn.Module):
             )
         past = kv_cache.seq_len if kv_cache is not None else 0
         device = inputs_embeds.device
+        if not self.vision_experts:
+            routing = Routing(None, None)
+        elif routing is None:
+            routing = Routing.from_mask(image_mask, b * t)
+        if routing.image_idx is not None and routing.image_idx.numel() == 0:
+            routing = Routing(None, None)  # no image token: the dense path, same result, no scatter
+        decode = t == 1 and kv_cache is not None and routing.text_idx is None and self._decodes(kv_cache)
         if position_ids is None and kv_cache is not None:
-            cos, sin = self.rotary.table(past, t, inputs_embeds.dtype)  # decode: a slice of a kept table
+            cos, sin = self.rotary.table(past, t, inputs_embeds.dtype, signed=decode)  # decode: a slice of a kept table
         else:
             if position_ids is None:
                 position_ids = (past + torch.arange(t, device=device)).expand(b, t)
             cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
+            if decode:
+                sin = sin * self.rotary.half_sign.to(sin.dtype)
 
         key_mask = None
         if attention_mask is not None and kv_cache is None and (
@@ -247,18 +282,21 @@ class DecoderStack(nn.Module):
             key_mask = attention_mask.bool()
         attn_mask, is_causal = self._attn_mask(b, t, past, key_mask if padded else None, device)
 
-        if not self.vision_experts:
-            routing = Routing(None, None)
-        elif routing is None:
-            routing = Routing.from_mask(image_mask, b * t)
-        if routing.image_idx is not None and routing.image_idx.numel() == 0:
-            routing = Routing(None, None)  # no image token: the dense path, same result, no scatter
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, attn_mask, is_causal, routing, kv_cache, i)
+            x = layer(x, cos, sin, attn_mask, is_causal, routing, kv_cache, i, decode)
         if kv_cache is not None:
             kv_cache.end_step()
         return self.norm(x)
+
+    def _decodes(self, kv_cache: KVCache) -> bool:
+        """Whether a one-token cached step (every row one modality) runs the blocks' `decode_token`: without grad or
+        global module hooks, and when every block is `plain` (checked at the cache's first such step)."""
+        if torch.is_grad_enabled() or _global_forward_hooks or _global_forward_pre_hooks:
+            return False
+        if kv_cache.plain is None:
+            kv_cache.plain = all(layer.plain() for layer in self.layers)
+        return kv_cache.plain
 
     @staticmethod
     def _attn_mask(b: int, t: int, past: int, key_mask: Tensor | None, device) -> tuple[Tensor | None, bool]:
