@@ -71,7 +71,7 @@ def generate_codes(model, prompt_ids: list[list[int]], uncond_ids: list[int] | N
         patches.append(codes)
         fed = folder.fold_patch(torch.cat([codes, codes]) if use_cfg else codes, i)[:, None].to(embeds.dtype)
         if cache is not None:
-            h = llm(fed, image_mask=true_col, position_ids=next_pos, kv_cache=cache)[:, -1]  # no mask: real token
+            h = llm.decode_step(fed, cache, image=True, position_ids=next_pos)  # no mask: a real token
         else:
             seq, seq_img = torch.cat([seq, fed], 1), torch.cat([seq_img, true_col], 1)
             seq_mask, seq_pos = torch.cat([seq_mask, true_col], 1), torch.cat([seq_pos, next_pos], 1)

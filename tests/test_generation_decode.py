@@ -89,9 +89,10 @@ def test_padded_cached_decode_equals_uncached_with_image_tokens():
 
 
 @contextlib.contextmanager
-def module_path(*stacks):
-    """A no-op forward hook below the blocks: the stacks keep their module-by-module decode (the reference path)."""
-    handles = [s.layers[0].attn.q_proj.register_forward_hook(lambda *a: None) for s in stacks]
+def module_path(*modules):
+    """No-op forward hooks (a stack's: below its first block): every module call runs, the reference path."""
+    handles = [(m.layers[0].attn.q_proj if isinstance(m, DecoderStack) else m).register_forward_hook(lambda *a: None)
+               for m in modules]
     try:
         yield
     finally:
@@ -126,7 +127,10 @@ def test_decode_token_equals_the_module_path_bit_for_bit():
             img, txt = torch.ones(3, 1, dtype=torch.bool), torch.zeros(3, 1, dtype=torch.bool)
             for i, x in enumerate(steps):
                 kw = {"position_ids": pos[:, -1:] + 1 + i} if i % 2 else {}  # positions given, or the table's
-                outs.append(llm(x, image_mask=img if i < 3 else txt, kv_cache=cache, **kw))
+                if i == 2:  # decode_step: the same step without forward's checks
+                    outs.append(llm.decode_step(x, cache, image=True, **kw)[:, None])
+                else:
+                    outs.append(llm(x, image_mask=img if i < 3 else txt, kv_cache=cache, **kw))
             runs[path] = (outs, cache.plain)
     assert runs["fast"][1] is True and runs["module"][1] is False
     for a, b in zip(*(runs[p][0] for p in ("fast", "module")), strict=True):
@@ -145,7 +149,8 @@ def test_generate_codes_same_codes_as_the_module_path():
     for kw in cases:
         codes = {}
         for path in ("fast", "module"):
-            with contextlib.nullcontext() if path == "fast" else module_path(model.llm, model.head.stack):
+            hooked = (model.llm, model.head.stack, model.head.classifier, model.head.code_embed)
+            with contextlib.nullcontext() if path == "fast" else module_path(*hooked):
                 codes[path] = generate_codes(model, prompts, generator=torch.Generator().manual_seed(3), **kw)
         assert codes["fast"].shape == (3, 16, 16)
         assert torch.equal(codes["fast"], codes["module"]), kw

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 RMSNorm = nn.RMSNorm  # re-exported: the one norm of the trunk (weight only, eps from the config)
 
@@ -65,6 +66,13 @@ def rope_decode(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
     """`apply_rope` in 4 ops instead of 7, bit for bit: rotate_half(x) * sin == roll(x, Dh/2) * (sin * half_sign)
     (only signs move; every product and sum is the same)."""
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
+
+
+def is_plain(module: nn.Module, types: tuple[type, ...]) -> bool:
+    """Whether running `module`'s arithmetic directly equals calling it: its type is exactly one of `types` (no subclass,
+    no FSDP wrapper) and no forward hook, its own or a global one, would run."""
+    return type(module) in types and not (module._forward_hooks or module._forward_pre_hooks or _global_forward_hooks
+                                          or _global_forward_pre_hooks)
 
 
 class KVCache:
@@ -189,16 +197,16 @@ class Attention(nn.Module):
 
     def decode_token(self, x: Tensor, cos: Tensor, sin_signed: Tensor, attn_mask: Tensor | None, kv_cache: KVCache,
                      layer_idx: int) -> Tensor:
-        """`forward` of one new token [B, 1, D] with a cache, without grad: the projections' weights read directly
-        (no module calls), q and k rotated together by `rope_decode` (sin_signed: `RotaryEmbedding.table(signed=True)`)."""
+        """`forward` of one new token per row, x [B, D] -> [B, D], with a cache and no grad: the projections' weights
+        read directly (no module calls), q and k rotated together by `rope_decode` (`RotaryEmbedding.table(signed=True)`)."""
         b, d, hq = x.shape[0], self.head_dim, self.num_heads
-        q = F.linear(x, self.q_proj.weight, self.q_proj.bias)
+        q = F.linear(x, self.q_proj.weight, self.q_proj.bias)  # the three products back to back, then the small ops
         k = F.linear(x, self.k_proj.weight, self.k_proj.bias)
-        qk = rope_decode(torch.cat((q, k), -1).view(b, -1, 1, d), cos, sin_signed)  # [B, Hq + Hkv, 1, Dh]
         v = F.linear(x, self.v_proj.weight, self.v_proj.bias).view(b, -1, 1, d)
+        qk = rope_decode(torch.cat((q, k), -1).view(b, -1, 1, d), cos, sin_signed)  # [B, Hq + Hkv, 1, Dh]
         k, v = kv_cache.update(layer_idx, qk[:, hq:], v)
         out = F.scaled_dot_product_attention(qk[:, :hq], k, v, attn_mask=attn_mask, enable_gqa=hq != self.num_kv_heads)
-        return F.linear(out.reshape(b, 1, -1), self.o_proj.weight, self.o_proj.bias)
+        return F.linear(out.reshape(b, -1), self.o_proj.weight, self.o_proj.bias)
 
 
 class SwiGLU(nn.Module):
@@ -214,6 +222,6 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def decode_token(self, x: Tensor) -> Tensor:
-        """`forward` without grad and module calls (the same ops, the product in place)."""
-        gate = F.silu(F.linear(x, self.gate_proj.weight), inplace=True)
-        return F.linear(gate.mul_(F.linear(x, self.up_proj.weight)), self.down_proj.weight)
+        """`forward` without grad and module calls (the same ops; both products first, the rest in place)."""
+        gate, up = F.linear(x, self.gate_proj.weight), F.linear(x, self.up_proj.weight)
+        return F.linear(F.silu(gate, inplace=True).mul_(up), self.down_proj.weight)

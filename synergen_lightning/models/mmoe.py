@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from synergen_lightning.models.blocks import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU
+from synergen_lightning.models.blocks import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU, is_plain
 from synergen_lightning.models.chunked_ce import ChunkedLinear
 from synergen_lightning.models.decoding import left_pad_positions, sample_logits
 
@@ -169,34 +169,33 @@ class DecoderBlock(nn.Module):
         out.index_copy_(0, routing.image_idx, self.vision_ffn(flat.index_select(0, routing.image_idx)))
         return out.view(b, t, d)
 
-    def forward(self, x, cos, sin, attn_mask, is_causal, routing: Routing, kv_cache=None, layer_idx=0, decode=False):
-        """`decode` (set by `DecoderStack` when `plain`): one cached token per row, no grad, every row of one modality
-        and `sin` signed (`RotaryEmbedding.table(signed=True)`): runs `decode_token`."""
-        if decode:
-            return self.decode_token(x, cos, sin, attn_mask, kv_cache, layer_idx, routing.all_image)
+    def forward(self, x, cos, sin, attn_mask, is_causal, routing: Routing, kv_cache=None, layer_idx=0):
         x = x + self.attn(self.input_norm(x), cos, sin, attn_mask, is_causal, kv_cache, layer_idx)
         return x + self.ffn(x, routing)
 
     def plain(self) -> bool:
-        """Whether `decode_token` may read the attention's and FFNs' weights directly: stock modules with no hooks
-        (a swapped module, an FSDP unit or a hook below the block keeps the module path)."""
+        """Whether `DecoderStack` may run `decode_token` instead of calling the block: the block and every module in
+        it of the stock type, with no hooks (an FSDP unit, a swapped module or a hook keeps the module path)."""
         a, f = self.attn, self.vision_ffn
-        mods = (a, a.q_proj, a.k_proj, a.v_proj, a.o_proj, self.text_ffn, self.text_ffn.gate_proj, self.text_ffn.up_proj,
-                self.text_ffn.down_proj)
+        mods = (self, self.input_norm, self.post_attn_norm, a, a.q_proj, a.k_proj, a.v_proj, a.o_proj, self.text_ffn,
+                self.text_ffn.gate_proj, self.text_ffn.up_proj, self.text_ffn.down_proj)
         if f is not None:
             mods += (f, f.gate_proj, f.up_proj, f.down_proj)
-        return all(type(m) in _PLAIN_TYPES and not (m._forward_hooks or m._forward_pre_hooks) for m in mods)
+        return all(is_plain(m, _BLOCK_PARTS) for m in mods)
 
     def decode_token(self, x: Tensor, cos: Tensor, sin_signed: Tensor, attn_mask: Tensor | None, kv_cache: KVCache,
                      layer_idx: int, image: bool) -> Tensor:
-        """One cached token per row, no grad: the same arithmetic as `forward` in fewer ops (no module calls below
-        the norms, no routing); `image` picks the vision FFN for every row."""
-        x = x + self.attn.decode_token(self.input_norm(x), cos, sin_signed, attn_mask, kv_cache, layer_idx)
+        """`forward` of one cached token per row ([B, D] rows), no grad: the same arithmetic with no module calls (each
+        is Python work that the weights streamed by every step evict from the CPU caches) and no routing; `image`:
+        every row takes the vision FFN. `sin_signed`: `RotaryEmbedding.table(signed=True)`."""
+        n1, n2 = self.input_norm, self.post_attn_norm
+        h = F.rms_norm(x, n1.normalized_shape, n1.weight, n1.eps)
+        x = x + self.attn.decode_token(h, cos, sin_signed, attn_mask, kv_cache, layer_idx)
         ffn = self.vision_ffn if image and self.vision_ffn is not None else self.text_ffn
-        return x + ffn.decode_token(self.post_attn_norm(x))
+        return x + ffn.decode_token(F.rms_norm(x, n2.normalized_shape, n2.weight, n2.eps))
 
 
-_PLAIN_TYPES = (nn.Linear, Attention, SwiGLU)
+_BLOCK_PARTS = (DecoderBlock, nn.Linear, nn.RMSNorm, Attention, SwiGLU)
 
 
 def is_right_padded(attention_mask: Tensor) -> bool:
@@ -283,11 +282,32 @@ class DecoderStack(nn.Module):
         attn_mask, is_causal = self._attn_mask(b, t, past, key_mask if padded else None, device)
 
         x = inputs_embeds
+        if decode:
+            return self._decode_layers(x, cos, sin, attn_mask, kv_cache, routing.all_image)[:, None]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, attn_mask, is_causal, routing, kv_cache, i, decode)
+            x = layer(x, cos, sin, attn_mask, is_causal, routing, kv_cache, i)
         if kv_cache is not None:
             kv_cache.end_step()
         return self.norm(x)
+
+    def decode_step(self, x: Tensor, kv_cache: KVCache, image: bool = False, position_ids: Tensor | None = None) -> Tensor:
+        """One new token per row through `kv_cache`: x [B, 1, D] -> final-normed hidden states [B, D]. `image`: every
+        row is an image token (vision FFN), else text; position_ids Long[B, 1], default the cache length.
+
+        Equal to `forward(x, image_mask, position_ids, kv_cache=kv_cache)[:, -1]`; without grad and hooks it runs the
+        blocks' `decode_token` and skips forward's checks and routing (the Python work of every decoded token)."""
+        if not (is_plain(self, _STACKS) and self._decodes(kv_cache)):
+            mask = torch.full(x.shape[:2], image, dtype=torch.bool, device=x.device) if self.vision_experts else None
+            return self(x, image_mask=mask, position_ids=position_ids, kv_cache=kv_cache)[:, -1]
+        past = kv_cache.seq_len
+        if position_ids is None:
+            cos, sin = self.rotary.table(past, 1, x.dtype, signed=True)
+        else:
+            cos, sin = self.rotary(position_ids, x.dtype)
+            sin = sin * self.rotary.half_sign.to(sin.dtype)
+        key_mask = kv_cache.begin_step(1, None, False)
+        attn_mask = None if key_mask is None else self._attn_mask(x.shape[0], 1, past, key_mask, x.device)[0]
+        return self._decode_layers(x, cos, sin, attn_mask, kv_cache, image and self.vision_experts)
 
     def _decodes(self, kv_cache: KVCache) -> bool:
         """Whether a one-token cached step (every row one modality) runs the blocks' `decode_token`: without grad or
@@ -295,8 +315,17 @@ class DecoderStack(nn.Module):
         if torch.is_grad_enabled() or _global_forward_hooks or _global_forward_pre_hooks:
             return False
         if kv_cache.plain is None:
-            kv_cache.plain = all(layer.plain() for layer in self.layers)
+            kv_cache.plain = all(layer.plain() for layer in self.layers) and is_plain(self.norm, (RMSNorm,))
         return kv_cache.plain
+
+    def _decode_layers(self, x: Tensor, cos: Tensor, sin_signed: Tensor, attn_mask: Tensor | None, kv_cache: KVCache,
+                       image: bool) -> Tensor:
+        """[B, 1, D] -> [B, D]: every block's `decode_token` on [B, D] rows, the step closed, the final norm."""
+        x = x.reshape(x.shape[0], -1)
+        for i, layer in enumerate(self.layers):
+            x = layer.decode_token(x, cos, sin_signed, attn_mask, kv_cache, i, image)
+        kv_cache.end_step()
+        return F.rms_norm(x, self.norm.normalized_shape, self.norm.weight, self.norm.eps)
 
     @staticmethod
     def _attn_mask(b: int, t: int, past: int, key_mask: Tensor | None, device) -> tuple[Tensor | None, bool]:
@@ -439,3 +468,6 @@ class MMoETransformer(DecoderStack):
             logits = self.logits(hidden[:, -1])
             next_pos = next_pos + 1
         return torch.stack(out, dim=1) if out else input_ids.new_empty(b, 0)
+
+
+_STACKS = (DecoderStack, MMoETransformer)  # the stock stacks: `decode_step` may skip their __call__

@@ -19,10 +19,13 @@ on the logits (`generate`).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from synergen_lightning.models.blocks import KVCache
+from synergen_lightning.models.blocks import KVCache, is_plain
 from synergen_lightning.models.chunked_ce import ChunkedLinear
 from synergen_lightning.models.decoding import sample_logits
 from synergen_lightning.models.mmoe import DecoderStack, LLMConfig
@@ -93,12 +96,16 @@ class UnfoldingHead(nn.Module):
         x = c = self.cond_proj(h)[:, None]
         out: list[Tensor] = []
         seq = x
+        classify, embed = self.classifier, self.code_embed
+        if is_plain(classify, (ChunkedLinear,)) and is_plain(embed, (nn.Embedding,)) and embed.max_norm is None:
+            classify = partial(F.linear, weight=classify.weight, bias=classify.bias)  # their forward, no module call
+            embed = partial(F.embedding, weight=embed.weight)
         for j in range(self.seq_len):
             if cache is not None:
-                hidden = self.stack(x, kv_cache=cache)[:, -1]
+                hidden = self.stack.decode_step(x, cache)
             else:
                 hidden = self.stack(seq)[:, -1]
-            logits = self.classifier(hidden).float()
+            logits = classify(hidden).float()
             if cfg_scale is not None:
                 cond, uncond = logits[:p], logits[p:]
                 logits = uncond + cfg_scale * (cond - uncond)
@@ -106,7 +113,7 @@ class UnfoldingHead(nn.Module):
             out.append(code)
             if j + 1 < self.seq_len:
                 fed = code.repeat(2) if cfg_scale is not None else code
-                x = (self.code_embed(fed) + self.pos_embed[j + 1])[:, None]
+                x = (embed(fed) + self.pos_embed[j + 1])[:, None]
                 if self.condition == "every":
                     x = x + c
                 if cache is None:
