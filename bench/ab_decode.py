@@ -6,7 +6,13 @@ greedy CFG codes are asserted identical before timing. Measured, CPU time per un
 order of before/after alternating per round): the head's KV-cached decode (1 row; CFG 2 rows) per code, the
 LLM's decode step (CFG rows, left-padded prompts), and `generate_codes` of one image with and without CFG.
 
+`--vs-unfolded` times whole images instead, folded (`generate_codes`) and unfolded (`bench_folding.unfolded_generate`
+of an `MMoETransformer` of the same LLM), before and after, at each of `--batches` (images per batch): each
+revision's folded vs unfolded speed-up and its fraction of the FLOP bound (`bench_folding.analytic_flops`), wall and
+CPU time, from the same rounds; the sampled codes (temperature 1, one seed) of before and after are asserted equal.
+
     .venv/bin/python bench/ab_decode.py --rev REV --grid 32 --rounds 5 --out runs/bench/ab_decode.json
+    .venv/bin/python bench/ab_decode.py --rev REV --grid 64 --vs-unfolded --batches 1,16 --rounds 3
 """
 
 from __future__ import annotations
@@ -46,6 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rev", required=True, help="the 'before' commit (e.g. the parent of the decode changes)")
     p.add_argument("--grid", type=int, default=32, help="code grid of the generated image (bench widths otherwise)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (one untimed first)")
+    p.add_argument("--vs-unfolded", action="store_true", help="whole images, folded vs unfolded, before and after")
+    p.add_argument("--batches", default="1", help="--vs-unfolded: images per batch, comma-separated (e.g. 1,16)")
     p.add_argument("--out", default="runs/bench/ab_decode.json")
     a = p.parse_args(argv)
     if a.grid % 8 or a.grid <= 0:
@@ -82,6 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
         same = torch.equal(gen_new(new, [prompt], uncond, 7.5, temperature=0.0), gen_old(old, [prompt], uncond, 7.5, temperature=0.0))
     if not same:
         raise SystemExit("before and after differ on greedy CFG generation: fix that before timing")
+    if a.vs_unfolded:
+        return vs_unfolded(a, c, prompt, {"before": (old, gen_old), "after": (new, gen_new)})
 
     def llm_steps(model, steps=32):
         ids, mask = left_pad([prompt, uncond], bf.SPECIAL["pad"])
@@ -119,6 +129,67 @@ def main(argv: list[str] | None = None) -> dict:
         b, f = statistics.median(v["before"]), statistics.median(v["after"])
         out["cpu_time"][k] = {"before": b, "after": f, "speedup": b / f, "speedup_of_min": min(v["before"]) / min(v["after"])}
         print(f"{k:22s} before {b:8.4f}  after {f:8.4f}  speed-up {b / f:5.2f}x (of min {min(v['before']) / min(v['after']):5.2f}x)")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=1))
+    print(f"wrote {a.out}")
+    return out
+
+
+def vs_unfolded(a, c: dict, prompt: list[int], folded: dict) -> dict:
+    """Whole images per batch size: folded and unfolded, before and after, one call each per round (the order of
+    before/after alternating per round); round 0's codes of before and after must be equal."""
+    import torch
+    from synergen_base.models import decoding as old_decoding
+    from synergen_base.models import mmoe as old_mmoe
+
+    import bench_folding as bf
+    from common import load_average, stats
+    from synergen_lightning.models.decoding import sample_logits
+
+    torch.manual_seed(0)
+    new_llm = bf.build_unfolded(c).eval()
+    old_llm = old_mmoe.MMoETransformer(old_mmoe.LLMConfig(**vars(new_llm.config))).eval()
+    old_llm.load_state_dict(new_llm.state_dict())
+    unfolded = {"before": (old_llm, old_decoding.sample_logits), "after": (new_llm, sample_logits)}
+    hw, batches = c["grid"] ** 2, [int(b) for b in a.batches.split(",")]
+
+    def call(kind, side, n):
+        seed = torch.Generator().manual_seed(1)
+        if kind == "folded":
+            model, gen = folded[side]
+            return gen(model, [prompt] * n, None, None, generator=seed)
+        llm, sample = unfolded[side]
+        return bf.unfolded_generate(llm, prompt, hw, seed, rows=n, sample=sample)
+
+    wall = {(k, s, n): [] for k in ("folded", "unfolded") for s in ("before", "after") for n in batches}
+    cpu = {key: [] for key in wall}
+    out = {"rev": a.rev, "grid": c["grid"], "rounds": a.rounds, "threads": 1, "load_average_before": load_average()}
+    with torch.no_grad():
+        for r in range(a.rounds):
+            for n in batches:
+                for kind in ("folded", "unfolded"):
+                    codes = {}
+                    for side in ("before", "after") if r % 2 == 0 else ("after", "before"):
+                        t0, c0 = time.perf_counter(), time.process_time()
+                        codes[side] = call(kind, side, n)
+                        wall[kind, side, n].append(time.perf_counter() - t0)
+                        cpu[kind, side, n].append(time.process_time() - c0)
+                    if r == 0 and not torch.equal(codes["before"], codes["after"]):
+                        raise SystemExit(f"{kind} codes at batch {n} differ between before and after")
+                    print(f"round {r} batch {n} {kind}: " + ", ".join(
+                        f"{s} {wall[kind, s, n][-1]:.1f} s" for s in ("before", "after")), flush=True)
+    bound = bf.analytic_flops(c)["generate"]["ratio"]
+    out["flops_ratio"], out["load_average_after"], out["batches"] = bound, load_average(), {}
+    for n in batches:
+        row = {}
+        for side in ("before", "after"):
+            f, u = stats(wall["folded", side, n], cpu["folded", side, n]), stats(wall["unfolded", side, n], cpu["unfolded", side, n])
+            sp, sp_cpu = u["median_s"] / f["median_s"], u["cpu_median_s"] / f["cpu_median_s"]
+            row[side] = {"folded": f, "unfolded": u, "speedup": sp, "speedup_cpu_time": sp_cpu,
+                         "fraction_of_bound": sp / bound, "fraction_of_bound_cpu_time": sp_cpu / bound}
+            print(f"batch {n:2d} {side:6s}: folded {f['median_s']:7.2f} s, unfolded {u['median_s']:7.2f} s -> {sp:.2f}x "
+                  f"= {sp / bound:.2f} of the FLOP bound {bound:.2f}x (CPU time {sp_cpu:.2f}x = {sp_cpu / bound:.2f})")
+        out["batches"][str(n)] = row
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {a.out}")

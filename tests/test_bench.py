@@ -52,8 +52,14 @@ def test_folding_quick_train_and_generate():
     tr, gen = res["train"], res["generate"]
     assert tr["llm_tokens_per_image"] == {"folded": 16, "unfolded": 256}  # 16x16 codes, 2x8 folding
     assert tr["timed"]["folded"]["image_codes_per_s"] > 0 and tr["speedup"]["median"] > 0
-    assert set(gen["timed"]) == {"folded", "folded_cfg", "unfolded", "folded_head_w2", "folded_batch2"}
+    assert set(gen["timed"]) == {"folded", "folded_cfg", "unfolded", "folded_head_w2", "folded_batch2", "unfolded_batch2"}
     assert gen["cfg_cost"]["median"] > 0 and gen["batched"]["images"] == 2 and gen["batched"]["images_per_s"] > 0
+    # folded vs unfolded at batch 1 and 2, each against the FLOP bound: fraction = speed-up / FLOP ratio = FLOP/s ratio
+    for n, b in gen["bound"].items():
+        rate = b["gflops_per_s"]
+        assert b["images"] == int(n) and b["fraction"] == pytest.approx(b["speedup"]["median"] / b["flops_ratio"])
+        assert b["fraction"] == pytest.approx(rate["folded"] / rate["unfolded"])
+    assert set(gen["bound"]) == {"1", "2"} and gen["met"]["bound_fraction"] in (True, False)
     assert "memory" not in res and res["machine"]["torch_threads"] == 1
     # the narrower head (width 64 / 2) runs beside the same-width one; a narrower head costs fewer FLOPs per image
     w2 = tr["narrow_head"]["w2"]
@@ -129,3 +135,18 @@ def test_whole_quick_suite_with_memory_and_data(tmp_path):
     mem = res["folding"]["memory"]
     assert set(mem["step_peak_mib"]) == {"folded", "folded_checkpointed", "unfolded", "unfolded_checkpointed"}
     assert res["data"]["throughput"]["pretokenized_64x64"]["samples_per_s_per_worker"] > 0
+
+
+def test_ab_decode_vs_unfolded_runs_both_revisions_side_by_side(tmp_path):
+    """bench/ab_decode.py --vs-unfolded at an 8x8 grid: HEAD (exported beside the working tree) and the working tree
+    sample the same codes, and each revision gets its folded vs unfolded speed-up and fraction of the FLOP bound."""
+    import ab_decode
+
+    out = ab_decode.main(["--rev", "HEAD", "--grid", "8", "--vs-unfolded", "--batches", "1,2", "--rounds", "1",
+                          "--out", str(tmp_path / "ab.json")])
+    assert set(out["batches"]) == {"1", "2"} and out["flops_ratio"] > 1
+    for row in out["batches"].values():
+        for side in ("before", "after"):
+            r = row[side]
+            assert r["fraction_of_bound"] == pytest.approx(r["speedup"] / out["flops_ratio"])
+    assert json.loads((tmp_path / "ab.json").read_text())["grid"] == 8
