@@ -14,7 +14,7 @@ A configuration too large for the host is skipped with a one-line message (recor
 "skipped"), never crashed. Every ratio is formed inside one benchmark run on one machine; the
 results carry the machine fingerprint and the load average before/after (shared machines are noisy).
 
-    .venv/bin/python bench/run_all.py                # full sizes (minutes)
+    .venv/bin/python bench/run_all.py                # full sizes (tens of minutes)
     .venv/bin/python bench/run_all.py --quick        # tiny sizes, seconds (tests)
 """
 
