@@ -135,7 +135,8 @@ def test_synth_same_seed_same_bytes(tmp_path, capsys):
     assert a.keys() == c.keys() and a["train/shard-000000.tar"] != c["train/shard-000000.tar"]
     assert set(a) == {"train/shard-000000.tar", "train/shard-000001.tar", "train/shard-000002.tar",
                       "val/shard-000000.tar", "eval_prompts.jsonl", "text/train.jsonl", "text/val.jsonl",
-                      "text/skill_train.jsonl", "text/skill_val.jsonl", "text/colour_binding.jsonl", "world.json"}
+                      "text/skill_train.jsonl", "text/skill_val.jsonl", "text/colour_binding.jsonl",
+                      "text/scene_binding.jsonl", "world.json"}
     assert not list(tmp_path.glob(".*partial*"))
 
 
@@ -209,6 +210,61 @@ def test_colour_binding_lines_ask_the_colour_the_scene_shows(tmp_path):
         asked[answer] += 1
     assert sum(asked.values()) == generated == 37  # demo scenes stand in distinct cells: every object has a name
     assert len(asked) >= 4  # colours vary
+
+
+def test_scene_binding_lines_are_answered_by_their_layout(tmp_path):
+    """text/scene_binding.jsonl, per train scene in the mirror chat form: where an object stands, whether a relation
+    holds (yes and no alike), whether a colour-shape pair is present (yes and no alike), and for a two-object scene a
+    relation prompt whose answer is the layout. Every answer is checked against the layout read as a grid (an
+    object's row and column from its region words; "left of" = a smaller column, "above" = a smaller row)."""
+    from synergen_lightning.data.sequences import GENERATION_PROMPT
+
+    out = tmp_path / "s"
+    assert synth_main(["--out", str(out), "--level", "demo", *SMALL]) == 0
+    rows = [json.loads(x)["text"] for x in (out / "text" / "scene_binding.jsonl").read_text().splitlines()]
+    train_text = (out / "text" / "train.jsonl").read_text()
+    row_of = {"top": 0, "bottom": 1}
+    col_of = {"left": 0, "right": 1}
+
+    def objects(layout: str) -> dict[tuple[str, str], tuple[int, int]]:  # (colour, shape) -> (row, col)
+        out = {}
+        for part in layout.replace(" and ", ", ").split(", "):
+            words = part.split()  # "a red circle in the top left"
+            out[(words[1], words[2])] = (row_of[words[-2]], col_of[words[-1]])
+        return out
+
+    def holds(rel, a, b):
+        return {"left of": a[1] < b[1], "right of": a[1] > b[1], "above": a[0] < b[0], "below": a[0] > b[0]}[rel]
+
+    seen = Counter()
+    for row in rows:
+        user, answer = row.split("<|im_end|>\n<|im_start|>assistant\n ")
+        user, answer = user.removeprefix("<|im_start|>user\n"), answer.removesuffix("<|im_end|>")
+        if user.startswith(GENERATION_PROMPT):
+            x_colour, x_shape, *rel, _, y_colour, y_shape = user.removeprefix(GENERATION_PROMPT).split()[1:]
+            rel = " ".join(rel)  # the article before y's colour went to _
+            scene = objects(answer)
+            assert answer in train_text and len(scene) == 2
+            assert holds(rel, scene[(x_colour, x_shape)], scene[(y_colour, y_shape)]), (user, answer)
+            seen["relation prompt"] += 1
+            continue
+        layout, question = user.split("\n")
+        scene = objects(layout)
+        assert layout in train_text
+        words = question.rstrip("?").split()
+        if question.startswith("Where is the "):
+            assert (row_of[answer.split()[0]], col_of[answer.split()[1]]) == scene[(words[3], words[4])]
+            seen["position"] += 1
+        elif question.startswith("Is there "):
+            assert answer == ("yes" if (words[3], words[4]) in scene else "no"), (layout, question, answer)
+            seen[f"exists {answer}"] += 1
+        else:  # "Is the red circle left of the blue square?"
+            a, b = (words[2], words[3]), (words[-2], words[-1])
+            rel = " ".join(words[4:-3])
+            assert answer == ("yes" if holds(rel, scene[a], scene[b]) else "no"), (layout, question, answer)
+            seen[f"relation {answer}"] += 1
+    assert seen["position"] == seen["exists yes"] + seen["exists no"] == 37  # one of each per scene
+    assert min(seen[k] for k in ("exists yes", "exists no", "relation yes", "relation no", "relation prompt")) >= 3, seen
 
 
 def test_scene_questions_come_with_a_description_that_answers_them(tmp_path):

@@ -25,7 +25,7 @@ from .language import captions, conversations, qa_pairs
 from .levels import get_level, sample_level_scene
 from .prompts import make_eval_prompts
 from .scene import COLORS, MAX_OBJECTS, SHAPES, render_scene
-from .text_corpus import colour_binding_lines, make_skill, scene_text_lines, skill_text
+from .text_corpus import colour_binding_lines, make_skill, scene_binding_lines, scene_text_lines, skill_text
 
 SPLITS = {"train": 0, "val": 1}
 
@@ -80,10 +80,12 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shard(args) -> tuple[int, list[str], list[str]]:
-    """Write one shard; return (samples written, text lines of its samples, their colour-binding lines (train only))."""
+    """Write one shard; return (samples written, text lines of its samples, their colour-binding and scene-binding
+    lines (train only))."""
     cfg, split, shard_id, start, stop, path = args
     lines: list[str] = []
     binding: list[str] = []
+    lookups: list[str] = []
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for i in range(start, stop):
             key, jpg, caption, meta = make_sample(cfg, split, i)
@@ -93,7 +95,8 @@ def write_shard(args) -> tuple[int, list[str], list[str]]:
             lines += scene_text_lines(meta, qa_text=cfg.scene_qa_text)
             if split == "train":  # the base LLM trains on them; val has no use for them
                 binding += colour_binding_lines(meta, qa_text=cfg.scene_qa_text)
-    return stop - start, lines, binding
+                lookups += scene_binding_lines(meta, qa_text=cfg.scene_qa_text)
+    return stop - start, lines, binding, lookups
 
 
 def world_info(cfg: SynthConfig) -> dict:
@@ -152,6 +155,7 @@ def _write_all(cfg: SynthConfig, root: Path) -> dict:
             jobs.append((cfg, split, shard_id, start, min(n, start + cfg.shard_size), str(path)))
     text = {"train": [], "val": []}
     binding: list[str] = []
+    lookups: list[str] = []
     from rich.progress import Progress
 
     with Progress(disable=not cfg.progress, transient=True) as progress:
@@ -160,15 +164,17 @@ def _write_all(cfg: SynthConfig, root: Path) -> dict:
             # fork keeps the start cheap; the workers only use numpy and PIL.
             with mp.get_context("fork").Pool(cfg.workers) as pool:
                 results = pool.imap(write_shard, jobs)
-                for job, (n, lines, bind) in zip(jobs, results):
+                for job, (n, lines, bind, look) in zip(jobs, results):
                     text[job[1]] += lines
                     binding += bind
+                    lookups += look
                     progress.advance(task, n)
         else:
             for job in jobs:
-                n, lines, bind = write_shard(job)
+                n, lines, bind, look = write_shard(job)
                 text[job[1]] += lines
                 binding += bind
+                lookups += look
                 progress.advance(task, n)
 
     prompts = make_eval_prompts(cfg.num_eval_prompts, cfg.seed, cfg.shapes, cfg.colors, cfg.max_objects)
@@ -185,10 +191,12 @@ def _write_all(cfg: SynthConfig, root: Path) -> dict:
     n_val_text = _write_jsonl(tdir / "val.jsonl", ({"text": t} for t in text["val"]))
     _write_jsonl(tdir / "skill_train.jsonl", skill_train)
     n_binding = _write_jsonl(tdir / "colour_binding.jsonl", ({"text": t} for t in binding))
+    n_lookups = _write_jsonl(tdir / "scene_binding.jsonl", ({"text": t} for t in lookups))
     _write_jsonl(tdir / "skill_val.jsonl", skill_val)
     return {
         "train": counts["train"], "val": counts["val"],
         "train_shards": sum(j[1] == "train" for j in jobs), "val_shards": sum(j[1] == "val" for j in jobs),
         "eval_prompts": len(prompts), "text_train": n_train_text, "text_val": n_val_text,
         "skill_train": len(skill_train), "skill_val": len(skill_val), "colour_binding": n_binding,
+        "scene_binding": n_lookups,
     }

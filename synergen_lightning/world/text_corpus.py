@@ -149,6 +149,52 @@ def colour_binding_lines(meta: dict, qa_text: str = "bare") -> list[str]:
     return lines
 
 
+def scene_binding_lines(meta: dict, qa_text: str = "bare") -> list[str]:
+    """Lines that look a scene up, per scene, in the corpus's form: where one object stands ("Where is the red
+    circle?"), whether a relation holds between two objects and whether a colour-shape pair is present (each answered
+    yes or no with equal odds: the scene Q/A answer "no" more often), and, in the mirror form, one relation prompt of a
+    two-object scene ("a red circle left of a blue square") with the scene's layout as its answer.
+
+    These are the lookups the MLLM does against an image: the frozen text side of stages 1-2 can only ask the image
+    what the base LLM already asks a layout. In the scene Q/A lines each comes once per scene, too rarely for the tiny
+    base LLM to learn them within its steps; the base recipe repeats these lines (`text/scene_binding.jsonl`).
+    """
+    from .language import OPPOSITE, article
+    from .prompts import RELATIONS
+    from .scene import COLORS, SHAPES, Scene, relative_position
+
+    rng = np.random.default_rng([zlib.crc32(str(meta.get("key", "")).encode()), 43])
+    objs = Scene.from_dict(meta).objects
+    o = objs[int(rng.integers(len(objs)))]
+    pairs = [{"question": f"Where is the {o.color} {o.shape}?", "answer": o.region}]
+    if len(objs) >= 2:
+        i, j = rng.choice(len(objs), size=2, replace=False)
+        a, b = objs[int(i)], objs[int(j)]
+        rels = relative_position(a.bbox, b.bbox)
+        pool = sorted(rels) if rng.random() < 0.5 else [r for r in RELATIONS if r not in rels]
+        rel = pool[int(rng.integers(len(pool)))]
+        pairs.append({"question": f"Is the {a.color} {a.shape} {rel} the {b.color} {b.shape}?",
+                      "answer": "yes" if rel in rels else "no"})
+    present = {(p.color, p.shape) for p in objs}
+    if rng.random() < 0.5:
+        c, s = sorted(present)[int(rng.integers(len(present)))]
+    else:
+        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+        c, s = absent[int(rng.integers(len(absent)))]
+    pairs.append({"question": f"Is there {article(c)} {c} {s}?", "answer": "yes" if (c, s) in present else "no"})
+    lines = qa_text_lines(meta, pairs, qa_text)
+    if qa_text == "mirror" and len(objs) == 2:
+        from synergen_lightning.data.sequences import GENERATION_PROMPT
+
+        a, b = objs
+        rel = sorted(relative_position(a.bbox, b.bbox))
+        if rel:
+            x, r, y = (a, rel[0], b) if rng.random() < 0.5 else (b, OPPOSITE[rel[0]], a)
+            prompt = f"{article(x.color)} {x.color} {x.shape} {r} {article(y.color)} {y.color} {y.shape}"
+            lines.append(chat_text(GENERATION_PROMPT + prompt, layout_text(meta)))
+    return lines
+
+
 def layout_text(meta: dict) -> str:
     """The scene's objects in raster order (top row first, left to right), the order the image's tokens take:
     "a red circle in the top left and a blue square in the bottom right"."""
