@@ -79,7 +79,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard(args) -> tuple[int, list[str], list[str]]:
+def write_shard(args) -> tuple[int, list[str], list[str], list[str]]:
     """Write one shard; return (samples written, text lines of its samples, their colour-binding and scene-binding
     lines (train only))."""
     cfg, split, shard_id, start, stop, path = args

@@ -156,8 +156,9 @@ def scene_binding_lines(meta: dict, qa_text: str = "bare") -> list[str]:
     two-object scene ("a red circle left of a blue square") with the scene's layout as its answer.
 
     These are the lookups the MLLM does against an image: the frozen text side of stages 1-2 can only ask the image
-    what the base LLM already asks a layout. In the scene Q/A lines each comes once per scene, too rarely for the tiny
-    base LLM to learn them within its steps; the base recipe repeats these lines (`text/scene_binding.jsonl`).
+    what the base LLM already asks a layout. In the scene Q/A lines each comes once per scene, too rarely for a tiny
+    base LLM to learn them; a base recipe that trains long enough to learn them repeats these lines
+    (`text/scene_binding.jsonl`; the tiny recipe does not: RESULTS.md).
     """
     from .language import OPPOSITE, article
     from .prompts import RELATIONS
@@ -171,7 +172,8 @@ def scene_binding_lines(meta: dict, qa_text: str = "bare") -> list[str]:
         i, j = rng.choice(len(objs), size=2, replace=False)
         a, b = objs[int(i)], objs[int(j)]
         rels = relative_position(a.bbox, b.bbox)
-        pool = sorted(rels) if rng.random() < 0.5 else [r for r in RELATIONS if r not in rels]
+        holding, failing = sorted(rels), [r for r in RELATIONS if r not in rels]
+        pool = holding if holding and rng.random() < 0.5 else failing  # objects too close to relate: always "no"
         rel = pool[int(rng.integers(len(pool)))]
         pairs.append({"question": f"Is the {a.color} {a.shape} {rel} the {b.color} {b.shape}?",
                       "answer": "yes" if rel in rels else "no"})
