@@ -7,9 +7,9 @@ Sections, each recording its own error (one failing path does not hide the other
   is needed), under FSDP2Strategy on one device, without and with `torch.compile` per block: loss curves (they
   must agree within `LOSS_TOL`) and step times. CUDA: 100 steps in bf16 (bf16-mixed, bf16 params).
 - `reduced_2b_step`: the 2b SynerGenVL (InternLM2-1.8B widths, `bench_mfu.build_2b`) at reduced depth, sharded with
-  `distributed.parallelize` (bf16 params, activation checkpointing, `torch.compile` per block), one AdamW step on generation rows: MFU against
-  a bf16 GEMM timed in the same run, peak memory (`torch.cuda.max_memory_allocated`) beside `synergen plan`'s
-  estimate of the same shape (`plan.estimate`).
+  `distributed.parallelize` (bf16 params, activation checkpointing, `torch.compile` per block), one AdamW step on
+  generation rows: MFU against a bf16 GEMM timed in the same run, peak memory (`torch.cuda.max_memory_allocated`)
+  beside `synergen plan`'s estimate of the same shape (`plan.estimate`).
 - `generation`: KV-cached generation of one image and of 16 images, folded (`inference.generate_codes`) vs an
   unfolded model reading and writing every code (`bench_folding.unfolded_generate`).
 - `dcp_roundtrip`: a sharded (DCP) save of an FSDP2 model and its load, into a fresh sharded model
