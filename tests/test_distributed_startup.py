@@ -265,6 +265,7 @@ def _base_worker(rank: int, world: int, port: int, hf_dir: str, out: str) -> Non
         model, read = fit_start()
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         result = {"read": read, "whole_loads": whole_loads, "state": full if rank == 0 else None}
+        dist.barrier()  # both ranks done with every collective before the group is torn down
     except BaseException:  # noqa: BLE001 - reported to the parent
         import traceback
 
