@@ -257,14 +257,7 @@ class DecoderStack(nn.Module):
         if routing.image_idx is not None and routing.image_idx.numel() == 0:
             routing = Routing(None, None)  # no image token: the dense path, same result, no scatter
         decode = t == 1 and kv_cache is not None and routing.text_idx is None and self._decodes(kv_cache)
-        if position_ids is None and kv_cache is not None:
-            cos, sin = self.rotary.table(past, t, inputs_embeds.dtype, signed=decode)  # decode: a slice of a kept table
-        else:
-            if position_ids is None:
-                position_ids = (past + torch.arange(t, device=device)).expand(b, t)
-            cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
-            if decode:
-                sin = sin * self.rotary.half_sign.to(sin.dtype)
+        cos, sin = self._rope(b, t, past, position_ids, kv_cache is not None, inputs_embeds.dtype, device, decode)
 
         key_mask = None
         if attention_mask is not None and kv_cache is None and (
@@ -300,14 +293,21 @@ class DecoderStack(nn.Module):
             mask = torch.full(x.shape[:2], image, dtype=torch.bool, device=x.device) if self.vision_experts else None
             return self(x, image_mask=mask, position_ids=position_ids, kv_cache=kv_cache)[:, -1]
         past = kv_cache.seq_len
-        if position_ids is None:
-            cos, sin = self.rotary.table(past, 1, x.dtype, signed=True)
-        else:
-            cos, sin = self.rotary(position_ids, x.dtype)
-            sin = sin * self.rotary.half_sign.to(sin.dtype)
+        cos, sin = self._rope(x.shape[0], 1, past, position_ids, True, x.dtype, x.device, signed=True)
         key_mask = kv_cache.begin_step(1, None, False)
         attn_mask = None if key_mask is None else self._attn_mask(x.shape[0], 1, past, key_mask, x.device)[0]
         return self._decode_layers(x, cos, sin, attn_mask, kv_cache, image and self.vision_experts)
+
+    def _rope(self, b: int, t: int, past: int, position_ids: Tensor | None, cached: bool, dtype: torch.dtype, device,
+              signed: bool) -> tuple[Tensor, Tensor]:
+        """(cos, sin) of this step: a slice of the kept table for cached steps at default positions, else computed from
+        `position_ids` (default past + 0..t-1); `signed`: sin in `rope_decode`'s form (for `decode_token`)."""
+        if position_ids is None and cached:
+            return self.rotary.table(past, t, dtype, signed=signed)  # decode: a slice of a kept table
+        if position_ids is None:
+            position_ids = (past + torch.arange(t, device=device)).expand(b, t)
+        cos, sin = self.rotary(position_ids, dtype)
+        return (cos, sin * self.rotary.half_sign.to(sin.dtype)) if signed else (cos, sin)
 
     def _decodes(self, kv_cache: KVCache) -> bool:
         """Whether a one-token cached step (every row one modality) runs the blocks' `decode_token`: without grad or
