@@ -67,7 +67,7 @@ def captions(scene: Scene, full: bool = False) -> list[str]:
         pairs = [(a, r, b) for r in rels] + [(b, OPPOSITE[r], a) for r in rels] if full else [(a, r, b) for r in rels[:1]]
         for x, rel, y in pairs:
             out.append(f"{article(x.shape)} {x.shape} {rel} {article(y.shape)} {y.shape}")
-            out.append(f"{article(x.color)} {x.color} {x.shape} {rel} {article(y.color)} {y.color} {y.shape}")
+            out.append(coloured_relation(x, rel, y))
     if scene.texts:
         out.append(f"{colour_shape}, with a tiny {scene.texts[0].text} written {region_phrase(scene.texts[0].region)}")
     return out
@@ -86,6 +86,36 @@ def unambiguous_name(o, objs) -> str | None:
     return None
 
 
+def coloured_relation(x, rel: str, y) -> str:
+    """"a red circle left of a blue square": the relation caption that names both colours."""
+    return f"{article(x.color)} {x.color} {x.shape} {rel} {article(y.color)} {y.color} {y.shape}"
+
+
+def position_qa(o) -> dict:
+    """"Where is the red circle?" -> its region."""
+    return {"kind": "position", "question": f"Where is the {o.color} {o.shape}?", "answer": o.region}
+
+
+def relation_qa(a, rel: str, b) -> dict:
+    """"Is the red circle left of the blue square?" -> yes / no by GenEval's rule on their boxes."""
+    return {"kind": "relation", "question": f"Is the {a.color} {a.shape} {rel} the {b.color} {b.shape}?",
+            "answer": "yes" if rel in relative_position(a.bbox, b.bbox) else "no"}
+
+
+def presence_qa(color: str, shape: str, objs) -> dict:
+    """"Is there a red circle?" -> yes / no among `objs`."""
+    present = any(o.color == color and o.shape == shape for o in objs)
+    return {"kind": "yes_no", "question": f"Is there {article(color)} {color} {shape}?", "answer": "yes" if present else "no"}
+
+
+def absent_colour_shapes(objs) -> list[tuple[str, str]]:
+    """Every (colour, shape) of the world that no object of `objs` is, in palette order."""
+    from .scene import COLORS, SHAPES
+
+    present = {(o.color, o.shape) for o in objs}
+    return [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+
+
 def qa_pairs(scene: Scene, rng: np.random.Generator) -> list[dict]:
     """Understanding questions with their answers; each has a `kind` from QA_KINDS."""
     objs = scene.objects
@@ -102,24 +132,17 @@ def qa_pairs(scene: Scene, rng: np.random.Generator) -> list[dict]:
     qa.append({"kind": "count", "question": "How many shapes are there?", "answer": str(len(objs))})
     shape = list(by_shape)[int(rng.integers(len(by_shape)))]
     qa.append({"kind": "count", "question": f"How many {plural(shape)} are there?", "answer": str(by_shape[shape])})
-    qa.append({"kind": "position", "question": f"Where is the {o.color} {o.shape}?", "answer": o.region})
+    qa.append(position_qa(o))
     if len(objs) >= 2:
         i, j = rng.choice(len(objs), size=2, replace=False)
-        a, b = objs[int(i)], objs[int(j)]
-        rels = relative_position(a.bbox, b.bbox)
         rel = ["left of", "right of", "above", "below"][int(rng.integers(4))]
-        qa.append({"kind": "relation", "question": f"Is the {a.color} {a.shape} {rel} the {b.color} {b.shape}?",
-                   "answer": "yes" if rel in rels else "no"})
+        qa.append(relation_qa(objs[int(i)], rel, objs[int(j)]))
     # yes/no existence: half the time ask about a (colour, shape) that is absent.
     if rng.random() < 0.5:
-        qa.append({"kind": "yes_no", "question": f"Is there {article(o.color)} {o.color} {o.shape}?", "answer": "yes"})
+        qa.append(presence_qa(o.color, o.shape, objs))
     else:
-        from .scene import COLORS, SHAPES
-
-        present = {(p.color, p.shape) for p in objs}
-        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
-        c, s = absent[int(rng.integers(len(absent)))]
-        qa.append({"kind": "yes_no", "question": f"Is there {article(c)} {c} {s}?", "answer": "no"})
+        absent = absent_colour_shapes(objs)
+        qa.append(presence_qa(*absent[int(rng.integers(len(absent)))], objs))
     if scene.texts:
         qa.append({"kind": "text", "question": "What character is written in the image?", "answer": scene.texts[0].text})
     return qa

@@ -160,30 +160,27 @@ def scene_binding_lines(meta: dict, qa_text: str = "bare") -> list[str]:
     base LLM to learn them; a base recipe that trains long enough to learn them repeats these lines
     (`text/scene_binding.jsonl`; the tiny recipe does not: RESULTS.md).
     """
-    from .language import OPPOSITE, article
+    from .language import OPPOSITE, absent_colour_shapes, coloured_relation, position_qa, presence_qa, relation_qa
     from .prompts import RELATIONS
-    from .scene import COLORS, SHAPES, Scene, relative_position
+    from .scene import Scene, relative_position
 
     rng = np.random.default_rng([zlib.crc32(str(meta.get("key", "")).encode()), 43])
     objs = Scene.from_dict(meta).objects
     o = objs[int(rng.integers(len(objs)))]
-    pairs = [{"question": f"Where is the {o.color} {o.shape}?", "answer": o.region}]
+    pairs = [position_qa(o)]
     if len(objs) >= 2:
         i, j = rng.choice(len(objs), size=2, replace=False)
         a, b = objs[int(i)], objs[int(j)]
         rels = relative_position(a.bbox, b.bbox)
         holding, failing = sorted(rels), [r for r in RELATIONS if r not in rels]
         pool = holding if holding and rng.random() < 0.5 else failing  # objects too close to relate: always "no"
-        rel = pool[int(rng.integers(len(pool)))]
-        pairs.append({"question": f"Is the {a.color} {a.shape} {rel} the {b.color} {b.shape}?",
-                      "answer": "yes" if rel in rels else "no"})
-    present = {(p.color, p.shape) for p in objs}
+        pairs.append(relation_qa(a, pool[int(rng.integers(len(pool)))], b))
     if rng.random() < 0.5:
-        c, s = sorted(present)[int(rng.integers(len(present)))]
+        present = sorted({(p.color, p.shape) for p in objs})
+        pairs.append(presence_qa(*present[int(rng.integers(len(present)))], objs))
     else:
-        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
-        c, s = absent[int(rng.integers(len(absent)))]
-    pairs.append({"question": f"Is there {article(c)} {c} {s}?", "answer": "yes" if (c, s) in present else "no"})
+        absent = absent_colour_shapes(objs)
+        pairs.append(presence_qa(*absent[int(rng.integers(len(absent)))], objs))
     lines = qa_text_lines(meta, pairs, qa_text)
     if qa_text == "mirror" and len(objs) == 2:
         from synergen_lightning.data.sequences import GENERATION_PROMPT
@@ -192,8 +189,7 @@ def scene_binding_lines(meta: dict, qa_text: str = "bare") -> list[str]:
         rel = sorted(relative_position(a.bbox, b.bbox))
         if rel:
             x, r, y = (a, rel[0], b) if rng.random() < 0.5 else (b, OPPOSITE[rel[0]], a)
-            prompt = f"{article(x.color)} {x.color} {x.shape} {r} {article(y.color)} {y.color} {y.shape}"
-            lines.append(chat_text(GENERATION_PROMPT + prompt, layout_text(meta)))
+            lines.append(chat_text(GENERATION_PROMPT + coloured_relation(x, r, y), layout_text(meta)))
     return lines
 
 
