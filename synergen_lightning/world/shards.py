@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import tarfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,8 @@ from .scene import COLORS, MAX_OBJECTS, SHAPES, render_scene
 from .text_corpus import colour_binding_lines, make_skill, scene_binding_lines, scene_text_lines, skill_text
 
 SPLITS = {"train": 0, "val": 1}
+# text/NAME.jsonl: the base LLM's oversampled lines, from the train scenes only (val has no use for them)
+BINDING_FILES = {"colour_binding": colour_binding_lines, "scene_binding": scene_binding_lines}
 
 
 WORLD_FILE = "world.json"  # OUT/world.json: the level and the settings the data was written with
@@ -79,13 +82,12 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shard(args) -> tuple[int, list[str], list[str], list[str]]:
-    """Write one shard; return (samples written, text lines of its samples, their colour-binding and scene-binding
-    lines (train only))."""
+def write_shard(args) -> tuple[int, list[str], dict[str, list[str]]]:
+    """Write one shard; return (samples written, text lines of its samples, their lines of each `BINDING_FILES` file
+    (train only))."""
     cfg, split, shard_id, start, stop, path = args
     lines: list[str] = []
-    binding: list[str] = []
-    lookups: list[str] = []
+    binding: dict[str, list[str]] = {name: [] for name in BINDING_FILES}
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for i in range(start, stop):
             key, jpg, caption, meta = make_sample(cfg, split, i)
@@ -93,10 +95,10 @@ def write_shard(args) -> tuple[int, list[str], list[str], list[str]]:
             _add(tar, f"{key}.txt", caption.encode())
             _add(tar, f"{key}.json", json.dumps(meta).encode())
             lines += scene_text_lines(meta, qa_text=cfg.scene_qa_text)
-            if split == "train":  # the base LLM trains on them; val has no use for them
-                binding += colour_binding_lines(meta, qa_text=cfg.scene_qa_text)
-                lookups += scene_binding_lines(meta, qa_text=cfg.scene_qa_text)
-    return stop - start, lines, binding, lookups
+            if split == "train":
+                for name, make_lines in BINDING_FILES.items():
+                    binding[name] += make_lines(meta, qa_text=cfg.scene_qa_text)
+    return stop - start, lines, binding
 
 
 def world_info(cfg: SynthConfig) -> dict:
@@ -154,28 +156,19 @@ def _write_all(cfg: SynthConfig, root: Path) -> dict:
             path = root / split / f"shard-{shard_id:06d}.tar"
             jobs.append((cfg, split, shard_id, start, min(n, start + cfg.shard_size), str(path)))
     text = {"train": [], "val": []}
-    binding: list[str] = []
-    lookups: list[str] = []
+    binding: dict[str, list[str]] = {name: [] for name in BINDING_FILES}
     from rich.progress import Progress
 
-    with Progress(disable=not cfg.progress, transient=True) as progress:
+    parallel = cfg.workers > 1 and len(jobs) > 1
+    # fork keeps the start cheap; the workers only use numpy and PIL.
+    with Progress(disable=not cfg.progress, transient=True) as progress, \
+            (mp.get_context("fork").Pool(cfg.workers) if parallel else nullcontext()) as pool:
         task = progress.add_task("shape world", total=cfg.num_samples)
-        if cfg.workers > 1 and len(jobs) > 1:
-            # fork keeps the start cheap; the workers only use numpy and PIL.
-            with mp.get_context("fork").Pool(cfg.workers) as pool:
-                results = pool.imap(write_shard, jobs)
-                for job, (n, lines, bind, look) in zip(jobs, results):
-                    text[job[1]] += lines
-                    binding += bind
-                    lookups += look
-                    progress.advance(task, n)
-        else:
-            for job in jobs:
-                n, lines, bind, look = write_shard(job)
-                text[job[1]] += lines
-                binding += bind
-                lookups += look
-                progress.advance(task, n)
+        for job, (n, lines, bind) in zip(jobs, pool.imap(write_shard, jobs) if parallel else map(write_shard, jobs)):
+            text[job[1]] += lines
+            for name, rows in bind.items():
+                binding[name] += rows
+            progress.advance(task, n)
 
     prompts = make_eval_prompts(cfg.num_eval_prompts, cfg.seed, cfg.shapes, cfg.colors, cfg.max_objects)
     _write_jsonl(root / "eval_prompts.jsonl", prompts)
@@ -190,13 +183,11 @@ def _write_all(cfg: SynthConfig, root: Path) -> dict:
     # val.jsonl holds the val scenes' language only: the skill's held-out items live in skill_val.jsonl.
     n_val_text = _write_jsonl(tdir / "val.jsonl", ({"text": t} for t in text["val"]))
     _write_jsonl(tdir / "skill_train.jsonl", skill_train)
-    n_binding = _write_jsonl(tdir / "colour_binding.jsonl", ({"text": t} for t in binding))
-    n_lookups = _write_jsonl(tdir / "scene_binding.jsonl", ({"text": t} for t in lookups))
+    n_binding = {name: _write_jsonl(tdir / f"{name}.jsonl", ({"text": t} for t in rows)) for name, rows in binding.items()}
     _write_jsonl(tdir / "skill_val.jsonl", skill_val)
     return {
         "train": counts["train"], "val": counts["val"],
         "train_shards": sum(j[1] == "train" for j in jobs), "val_shards": sum(j[1] == "val" for j in jobs),
         "eval_prompts": len(prompts), "text_train": n_train_text, "text_val": n_val_text,
-        "skill_train": len(skill_train), "skill_val": len(skill_val), "colour_binding": n_binding,
-        "scene_binding": n_lookups,
+        "skill_train": len(skill_train), "skill_val": len(skill_val), **n_binding,
     }
