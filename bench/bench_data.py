@@ -1,8 +1,8 @@
 """Data-loading benchmark: samples/s per worker for 512² JPEG samples vs pretokenized (`.codes.npy`)
 samples, side by side, through the real MixedDataModule path (tar read, decode / npy load, views,
 sequence building, collate); then the fraction of step time spent waiting on data in a tiny
-SynerGenVL training loop fed by the DataModule; and the rate at which a resumed lane replays its raw stream
-(`RawStream.skip`: shard bytes read, nothing decoded) over the 512² JPEG shards. Prints a table and writes JSON.
+SynerGenVL training loop fed by the DataModule; and what a resumed lane reads and waits before its first sample over
+the 512² JPEG shards, started at its saved position vs replaying its stream. Prints a table and writes JSON.
 
 Pretokenized loading is also measured with the reference reading path (`tarfile` + `np.load`:
 bench/tarfile_reader.py; the `previous_reader` rows) in the same process, interleaved batch-chunk by batch-chunk
@@ -97,17 +97,34 @@ def reader_throughput(shards: list[str], rounds: int = 5) -> dict:
     return out
 
 
-def replay_rate(shards: list[str], samples: int, shuffle_buffer: int) -> dict:
-    """Raw samples per second a resumed lane replays before its first batch (`RawStream.skip`), and the bytes it
-    reads again per sample (the shards' bytes over their samples)."""
+def resume_cost(shards: list[str], samples: int, shuffle_buffer: int) -> dict:
+    """What a resumed lane reads and how long it waits before its first sample, after `samples` were consumed, side by
+    side: started at the saved position (`RawStream.position`: one shard prefix and one shuffle block) and replaying
+    the stream from the epoch's start (a checkpoint that saved only a sample count, `RawStream.skip`)."""
     n_samples = sum(1 for url in shards for _ in sources.iter_shard(url, sources.SkipCounter()))
     per_sample = sum(os.path.getsize(s) for s in shards) / n_samples
-    stream = sources.RawStream(shards, "replay", shuffle_buffer, sources.SkipCounter(), "jpeg")
-    t0 = time.perf_counter()
-    stream.skip(samples)
-    dt = time.perf_counter() - t0
-    return {"samples": samples, "shuffle_buffer": shuffle_buffer, "seconds": dt, "samples_per_s": samples / dt, "bytes_per_sample": per_sample,
-            "mb_per_s": samples * per_sample / dt / 1e6}
+    first = sources.RawStream(shards, "resume", shuffle_buffer, sources.SkipCounter(), "jpeg")
+    first.skip(samples)
+    position = first.position()
+    real, reads = sources.iter_shard, [0]
+
+    def counting(url, counter):
+        for sample in real(url, counter):
+            reads[0] += 1
+            yield sample
+
+    out = {"samples": samples, "shuffle_buffer": shuffle_buffer, "bytes_per_sample": per_sample}
+    sources.iter_shard = counting
+    try:
+        for name, start in (("position", position), ("replay", samples)):
+            reads[0] = 0
+            t0 = time.perf_counter()
+            next(sources.RawStream(shards, "resume", shuffle_buffer, sources.SkipCounter(), "jpeg", start=start))
+            out[name] = {"seconds": time.perf_counter() - t0, "samples_read": reads[0], "mb_read": reads[0] * per_sample / 1e6}
+    finally:
+        sources.iter_shard = real
+    out["ratio_seconds"] = out["replay"]["seconds"] / out["position"]["seconds"]
+    return out
 
 
 def data_wait_fraction(dm: MixedDataModule, tok, steps: int) -> dict:
@@ -148,8 +165,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers for the data-wait measurement")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: one loader worker's share of a CPU)")
     p.add_argument("--out", default="bench/results_data.json", help="JSON output")
-    p.add_argument("--replay-samples", type=int, default=20000, help="samples a resumed lane replays (0 = skip)")
-    p.add_argument("--replay-buffer", type=int, default=5000, help="shuffle buffer of the replay (the 2b recipes')")
+    p.add_argument("--replay-samples", type=int, default=20000, help="samples a lane consumed before its resume (0 = skip)")
+    p.add_argument("--replay-buffer", type=int, default=5000, help="shuffle buffer (block) of the stream (the 2b recipes')")
     p.add_argument("--workdir", default=None, help="where to write the shards (default: a temp dir)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -202,10 +219,13 @@ def main(argv=None) -> int:
           f"current {reader['current']['samples_per_s']:.0f}/s: x{reader['ratio']:.2f}", flush=True)
 
     if args.replay_samples:
-        replay = reader["replay"] = replay_rate(sorted(str(p) for p in (work / "jpeg").glob("*.tar")), args.replay_samples,
-                                                 args.replay_buffer)
-        print(f"{'resume replay, 512² JPEG samples':<40} {replay['samples_per_s']:.0f} samples/s "
-              f"({replay['bytes_per_sample'] / 1e3:.0f} KB each: {replay['mb_per_s']:.0f} MB/s)", flush=True)
+        resume = reader["resume"] = resume_cost(sorted(str(p) for p in (work / "jpeg").glob("*.tar")), args.replay_samples,
+                                                args.replay_buffer)
+        for name in ("position", "replay"):
+            row = resume[name]
+            print(f"{'resume after ' + str(args.replay_samples) + ' samples, ' + name:<40} {row['seconds']:.2f} s to the "
+                  f"first sample, {row['samples_read']} samples ({row['mb_read']:.0f} MB) read", flush=True)
+        print(f"{'resume: replay / position':<40} x{resume['ratio_seconds']:.1f}", flush=True)
     result = {"throughput": rows, "raw_read": reader, "target_samples_per_s_per_worker": TARGET_SAMPLES_PER_S,
               "batch_size": args.batch_size, "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
               "load_average_1_5_15": {"before": load_before, "after": os.getloadavg()}}

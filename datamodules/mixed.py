@@ -13,10 +13,11 @@ of similar length and is padded less; the same rows are used, each once, in othe
 group's batches go out is seeded without the rank, so at a given step every rank trains the same length quantile
 and no rank waits in the collectives for a batch much longer than its own.
 
-Resuming: each batch carries its lane's cursor (samples consumed per source). The DataModule commits
-it when the batch reaches the model (`on_before_batch_transfer`, i.e. after Lightning's prefetch) and
-`state_dict()` puts every rank's cursors in the checkpoint; a resumed run replays each lane's raw stream up to
-its cursor without decoding and continues with the next batch of the epoch. With length buckets a cursor moves
+Resuming: each batch carries its lane's cursor (per source, the raw stream's position: a few integers,
+`RawStream.position`). The DataModule commits it when the batch reaches the model (`on_before_batch_transfer`, i.e.
+after Lightning's prefetch) and `state_dict()` puts every rank's cursors in the checkpoint; a resumed run starts each
+lane's raw streams at their positions (re-reading at most one shard prefix and one shuffle block each) and continues
+with the next batch of the epoch. With length buckets a cursor moves
 at the end of a group only: a run resumed inside a group draws the whole group again and goes on with its next
 batch.
 """
@@ -133,14 +134,17 @@ class MixedStream(IterableDataset):
         glane, n_lanes = rank * W + lane, world * W
         self.builder.epoch = self.epoch
         counter = SkipCounter()
-        consumed = Counter(self.cursors.get(lane, {}))
+        cursor = self.cursors.get(lane, {})
         streams = {}
         for src in self.sources:
             shards, stride = lane_share(src.shards, glane, n_lanes)
-            stream = RawStream(shards, f"{self.seed}|{self.epoch}|{glane}|{src.name}", self.shuffle_buffer, counter,
-                               src.name, sample_stride=stride)
-            stream.skip(consumed[src.name])  # resume: replay what this lane already consumed
-            streams[src.name] = stream
+            # resume: from the position this lane's stream had reached (a sample count from an older checkpoint
+            # is replayed)
+            streams[src.name] = RawStream(shards, f"{self.seed}|{self.epoch}|{glane}|{src.name}", self.shuffle_buffer,
+                                          counter, src.name, sample_stride=stride, start=cursor.get(src.name))
+
+        def positions() -> dict:
+            return {name: stream.position() for name, stream in streams.items()}
         ok, fails = Counter(), Counter()
 
         def draw(b: int) -> tuple[list, list[str]]:
@@ -153,7 +157,6 @@ class MixedStream(IterableDataset):
                 while got < self.batch_size[task]:
                     src = srcs[0] if len(srcs) == 1 else rng.choices(srcs, weights)[0]
                     raw = next(streams[src.name])
-                    consumed[src.name] += 1
                     try:
                         samples.append(self.builder.build(raw, task, src.format, src.options))
                     except SkipSample as exc:
@@ -170,12 +173,12 @@ class MixedStream(IterableDataset):
 
         G = self.bucket_batches
         group_rows: dict[int, tuple[list, list[str]]] = {}
-        group_start = dict(consumed)  # the cursor of a batch inside a group: where its group began
+        group_start = positions()  # the cursor of a batch inside a group: where its group began
         for b in range(self.start_batch + worker, self.steps_per_epoch, W):
             g = b // W // G  # the lane's batches b, b + W, ... in groups of G
             members = [j * W + lane for j in range(g * G, (g + 1) * G) if j * W + lane < self.steps_per_epoch]
             if b not in group_rows:
-                group_start = dict(consumed)
+                group_start = positions()
                 drawn = [draw(m) for m in members]  # from the group's first batch, also when resuming inside it
                 group_rows = dict(zip(members, drawn if G == 1 else self._length_buckets(drawn, lane, g)))
             samples, names = group_rows.pop(b)
@@ -184,7 +187,7 @@ class MixedStream(IterableDataset):
             last = b == members[-1]  # the cursor and the skip counts move when the group is done
             counts, examples = counter.pop_delta() if last else ({}, {})
             batch["_stream"] = {"epoch": self.epoch, "batch": b, "lane": lane,
-                                "consumed": dict(consumed) if last else dict(group_start),
+                                "consumed": positions() if last else group_start,
                                 "skipped": counts, "examples": examples}
             yield batch
 

@@ -1,13 +1,13 @@
 """Shard reading for the streaming DataModules: URL expansion, fault-tolerant tar / jsonl reading,
-resampled shard streams with a shuffle buffer, and the skip counter.
+resampled shard streams shuffled in blocks, and the skip counter.
 
 Every failure the stream can survive (a missing shard, a truncated tar, an undecodable sample, ...)
 becomes `SkipCounter.add(reason, detail)`; the DataModule merges the counts across workers and logs
 each reason once. A source is an error only when it yields nothing at all.
 
-The raw stream of one source in one lane (rank x worker) is a pure function of (seed, epoch, lane):
-resuming replays it up to the number of samples already consumed (reading bytes, decoding nothing),
-so a resumed run continues exactly where the interrupted one stopped.
+The raw stream of one source in one lane (rank x worker) is a pure function of (seed, epoch, lane), and its
+position is a few integers (`RawStream.position`): a resumed run re-reads at most one shard prefix and one shuffle
+block per lane and source, and continues exactly where the interrupted one stopped.
 
 Shard URLs: local paths (and `file://`), globs, brace patterns, list files, a directory (its `*.tar`), webdataset's
 `pipe:COMMAND` (the command's stdout is the shard), `http(s)://` (the standard library), and any other `scheme://`
@@ -489,55 +489,87 @@ def _jsonl_records(f, url: str, name: str) -> Iterator[dict | SkipSample]:
 
 class RawStream:
     """An endless stream of raw samples of one source in one lane: shards drawn with replacement
-    (`resampled`) from this lane's partition, read in order, then mixed by a shuffle buffer.
-    Deterministic in (seed string); `skip(n)` replays n samples without decoding them.
+    (`resampled`) from this lane's partition, read in order, then shuffled in blocks of `shuffle_buffer` samples.
+    Deterministic in (seed string): draw k of a shard and the order of block k are seeded by (seed, k).
+
+    `position()` says where the stream stands in a few integers: the shard draw and sample index where the current
+    block began, the block's number, how many of its samples went out, and the samples emitted in all. A stream
+    started at a position (`start`) re-reads at most one shard prefix and one block, not every consumed sample, and
+    continues exactly where the position was taken. `start` as an int replays that many samples (`skip`).
 
     `sample_stride=(lane, n_lanes)`: keep only every n-th sample of each shard, from the lane-th on, so lanes that share
     a source of fewer shards than lanes still see disjoint samples (a single-file text corpus under DDP). A shard too
-    small to give this lane a sample is then read whole."""
+    small to give this lane a sample is then read whole, and so is every later one."""
 
     def __init__(self, shards: list[str], seed: str, shuffle_buffer: int, counter: SkipCounter, source: str,
-                 max_empty_shards: int | None = None, sample_stride: tuple[int, int] | None = None):
+                 max_empty_shards: int | None = None, sample_stride: tuple[int, int] | None = None,
+                 start: dict | int | None = None):
         if not shards:
             raise ValueError(f"source {source!r}: no shard for this lane")
         self.shards = shards
         self.stride = sample_stride if sample_stride and sample_stride[1] > 1 else None
-        self.rng = random.Random(seed)
-        self.buffer_size = max(1, int(shuffle_buffer))
+        self.seed = seed
+        self.block_size = max(1, int(shuffle_buffer))
         self.counter = counter
         self.source = source
         # a lane that opened this many shards in a row without one sample: the source yields nothing
         self.max_empty_shards = max_empty_shards or max(16, 4 * len(shards))
-        self._it = self._shuffled()
+        self._pos = {"draw": 0, "offset": 0, "block": 0, "taken": 0, "whole": False, "emitted": 0}
+        if isinstance(start, dict):
+            self._pos.update({k: (bool(v) if k == "whole" else int(v)) for k, v in start.items() if k in self._pos})
+            if self._pos["whole"]:
+                self.stride = None
+        self._it = self._blocks(resumed=isinstance(start, dict))
+        if isinstance(start, int) and start > 0:
+            self.skip(start)
 
-    def _samples(self) -> Iterator[dict]:
+    def position(self) -> dict:
+        """Where the stream stands (see the class docstring); `RawStream(..., start=position)` continues from it."""
+        return dict(self._pos)
+
+    def _samples(self, draw: int, offset: int) -> Iterator[tuple[dict, int, int]]:
+        """(sample, draw, index after it) from shard draw `draw` on, the first `offset` samples of its shard skipped."""
         empty_in_row = 0
         while True:
-            url = self.rng.choice(self.shards)
-            got = seen = False
+            url = random.Random(f"{self.seed}|shard|{draw}").choice(self.shards)
+            got, seen = offset > 0, False  # a shard resumed inside gave this lane a sample before
             for i, sample in enumerate(iter_shard(url, self.counter)):
                 seen = True
-                if self.stride and i % self.stride[1] != self.stride[0]:
+                if i < offset or (self.stride and i % self.stride[1] != self.stride[0]):
                     continue
                 got = True
-                yield sample
-            if seen and not got:  # fewer samples than lanes: this lane reads the shard whole from now on
+                yield sample, draw, i + 1
+            offset = 0
+            if seen and not got:  # fewer samples than lanes: this lane reads this shard and every later one whole
                 self.stride = None
                 continue
+            draw += 1
             empty_in_row = 0 if got else empty_in_row + 1
             if empty_in_row >= self.max_empty_shards:
                 raise RuntimeError(f"source {self.source!r} yielded no sample from {empty_in_row} shard reads in a row "
                                    f"(e.g. {url}); check its urls and that the shards are readable tar/jsonl files")
 
-    def _shuffled(self) -> Iterator[dict]:
-        buf: list[dict] = []
-        for sample in self._samples():
-            if len(buf) < self.buffer_size:
-                buf.append(sample)
-                continue
-            i = self.rng.randrange(len(buf))
-            buf[i], sample = sample, buf[i]
-            yield sample
+    def _blocks(self, resumed: bool) -> Iterator[dict]:
+        p = self._pos
+        source = self._samples(p["draw"], p["offset"])
+        while True:
+            # a resumed block was read (and its bad samples counted) before the checkpoint: read it again uncounted
+            enabled = self.counter.enabled
+            self.counter.enabled = enabled and not resumed
+            try:
+                block = [next(source) for _ in range(self.block_size)]
+            finally:
+                self.counter.enabled = enabled
+            resumed = False
+            order = random.Random(f"{self.seed}|block|{p['block']}").sample(range(len(block)), len(block))
+            _, draw, offset = block[-1]
+            for k in range(p["taken"], len(block)):
+                p["emitted"] += 1
+                if k + 1 < len(block):
+                    p["taken"] = k + 1
+                else:  # the block is out: the position moves on to the next one, so a resume reads one block, not two
+                    p.update(draw=draw, offset=offset, block=p["block"] + 1, taken=0, whole=self.stride is None)
+                yield block[order[k]][0]
 
     def __next__(self) -> dict:
         return next(self._it)
@@ -546,6 +578,7 @@ class RawStream:
         return self
 
     def skip(self, n: int) -> None:
+        """Replay `n` samples without counting their failures (a checkpoint that saved a sample count, not a position)."""
         enabled, self.counter.enabled = self.counter.enabled, False
         try:
             for _ in range(n):
