@@ -8,8 +8,9 @@ What is counted, per GPU, at the recipe's world size (`--devices` x `--nodes`) a
   fp32 moments (8 B), each divided by the FSDP shard group (`shard_size`: HSDP shards within a group and replicates
   across groups; unset: every rank). FSDP2's `param_dtype` is only the dtype of the gathered copies.
 - **gathered units**: FSDP2 all-gathers one unit (a decoder block, the embedding, the LM head, ...) at a time and
-  prefetches the next, in `param_dtype`: 2 x the largest unit; in the backward also the unsharded gradient of a
-  unit in `param_dtype` and its `reduce_dtype` copy.
+  prefetches the next, in `param_dtype`; in the backward also the unsharded gradient of a unit in `param_dtype` and its
+  `reduce_dtype` copy. Counted at each peak for the units that run then: the classifier's unit and a block at the
+  loss, two blocks and a block's gradients in the backward.
 - **activations**, derived from measurement, not from a formula: `probe_activations` runs a forward of the same
   model at two tiny widths (the recipe's heads, head_dim 4 and 8, every other width scaled alike; the recipe's
   fold, grid, stage and dtype) on the CPU and counts, with `torch.autograd.graph.saved_tensors_hooks`, the bytes
@@ -422,19 +423,25 @@ def estimate(spec: ModelSpec, shape: StepShape, *, shard: int = 1, param_dtype: 
     ce = max(min(rows, max(1, CHUNK_LOGITS // vocab)) * vocab for rows, vocab in ce_rows.values())
     ce_bytes = ce * CE_BYTES_PER_LOGIT
     largest = max(units, key=lambda u: u[1])
-    largest_trainable = max(u[2] for u in units)
     state = {"params_fp32": 4 * n_params / shard, "grads_fp32": 4 * n_train / shard,
              "adamw_fp32": 8 * n_train / shard}
-    gathered = (2 * largest[1] * gather_b + largest_trainable * (gather_b + rdt.itemsize)) if gather_b else 0
-    transient = {"recomputed_block": working, "chunked_ce": ce_bytes, "fsdp_gathered": gathered}
+    # FSDP2 holds the unit that runs gathered in param_dtype and prefetches the next one; in the backward also the
+    # unit's unsharded gradient in param_dtype and its reduce_dtype copy. At the loss that is the unit of the classifier
+    # computing it (the head's or the LM head's) and the next block; in the backward a block and the one before it.
+    by_name = {name: n for name, n, _ in units}
+    blocks_nt = [(n, t) for name, n, t in units if ".layers." in name]
+    gathered = {"loss": (max(by_name["head"], by_name["llm.lm_head"]) + max(n for n, _ in blocks_nt)) * gather_b,
+                "backward": max(2 * n * gather_b + t * (gather_b + rdt.itemsize) for n, t in blocks_nt) if gather_b else 0}
     # two candidate peaks: the loss (every activation alive, one cross-entropy chunk in flight, few gradients yet) and
-    # the backward (activations, all of the gradients, the recomputed block); FSDP's gathered units on top of either
+    # the backward (activations, all of the gradients, the recomputed block), each with the units gathered then
     a = sum(acts.values())
-    peaks = {"loss": a + ce_bytes, "backward": a + state["grads_fp32"] + working}
-    total = state["params_fp32"] + state["adamw_fp32"] + max(peaks.values()) + gathered
+    peaks = {"loss": a + ce_bytes + gathered["loss"], "backward": a + state["grads_fp32"] + working + gathered["backward"]}
+    peak_at = max(peaks, key=peaks.get)
+    transient = {"recomputed_block": working, "chunked_ce": ce_bytes, "fsdp_gathered": gathered[peak_at]}
+    total = state["params_fp32"] + state["adamw_fp32"] + peaks[peak_at]
     return {"parameters": n_params, "trainable": n_train, "shard": shard, "counts": c,
             "state_bytes": state, "activation_bytes": acts, "transient_bytes": transient,
-            "activation_checkpointing": activation_checkpointing, "compute": compute, "peak_at": max(peaks, key=peaks.get),
+            "activation_checkpointing": activation_checkpointing, "compute": compute, "peak_at": peak_at,
             "largest_unit": {"name": largest[0], "parameters": largest[1]},
             "total_bytes": total, "checkpoint_bytes": 4 * n_params + 8 * n_train, "probe": probe}
 
