@@ -9,6 +9,9 @@ same rules and the same scorer at every level. The levers, easiest first:
 - fewer, larger objects; one background; no characters to read (`text_prob=0`);
 - **full captions**: every caption names every object (the full world also writes "a circle left of a square" for a
   four-object scene, a caption that does not determine its image);
+- **reading_order**: a scene lists its objects in reading order (top row first, left to right), the order the image's
+  tokens take, so every caption names them in the order they are drawn: "a red circle and a blue square" draws the
+  red circle first, and binding each colour to its shape is a copy of the n-th named object into the n-th drawn one;
 - **same_shape_prob**: how often a multi-object scene repeats one shape (in different colours), so counting
   prompts ("three circles") are shown often enough to be learnt;
 - **scene_qa_text="described"**: the base LLM's corpus puts each scene question behind the scene's description, so
@@ -45,6 +48,7 @@ class Level:
     text_prob: float = 0.5  # probability of a tiny character to read
     full_captions: bool = False  # drop phrasings that name only part of the scene
     same_shape_prob: float = 0.0  # multi-object scenes that repeat one shape (counting)
+    reading_order: bool = False  # objects (and so captions) in the order the image's tokens take; grid levels only
     scene_qa_text: str = "bare"  # how the base LLM's corpus holds the scene Q/A (text_corpus.SCENE_QA_TEXT)
 
     def to_dict(self) -> dict:
@@ -55,17 +59,18 @@ class Level:
         chars = "no characters" if self.text_prob == 0 else f"a tiny character in {self.text_prob:.0%} of scenes"
         return (f"{self.canvas} px, 1-{self.max_objects} objects {where}, size {'/'.join(self.sizes)}, "
                 f"{len(self.backgrounds)} background(s), {chars}, "
-                f"{'captions name every object' if self.full_captions else 'some captions name part of the scene'}, "
+                f"{'captions name every object' if self.full_captions else 'some captions name part of the scene'}"
+                f"{' in reading order' if self.reading_order else ''}, "
                 f"base-LLM corpus: {self.scene_qa_text} scene Q/A")
 
 
 LEVELS: dict[str, Level] = {
     "demo": Level("demo", "the tiny default, sized for a 2-core demo: one 4x4-folded token per object slot",
                   canvas=64, max_objects=3, grid=2, sizes=("large",), backgrounds=("white",), text_prob=0.0,
-                  full_captions=True, same_shape_prob=0.3, scene_qa_text="mirror"),
+                  full_captions=True, same_shape_prob=0.3, reading_order=True, scene_qa_text="mirror"),
     "grid": Level("grid", "a 128-px canvas of 4x4 slots, two sizes and backgrounds, still no characters",
                   canvas=128, max_objects=4, grid=4, text_prob=0.0, full_captions=True, same_shape_prob=0.3,
-                  scene_qa_text="described"),
+                  reading_order=True, scene_qa_text="described"),
     "full": Level("full", "the full world: objects anywhere at any offset, tiny characters, partial captions",
                   canvas=128, max_objects=MAX_OBJECTS),
 }
@@ -109,6 +114,8 @@ def sample_level_scene(rng: np.random.Generator, level: Level, max_objects: int 
         all_pairs = [(s, c) for s in shapes for c in colors]
         pairs = [all_pairs[int(i)] for i in rng.choice(len(all_pairs), size=n, replace=False)]
     cells = rng.choice(level.grid * level.grid, size=n, replace=False)
+    if level.reading_order:
+        cells = np.sort(cells)  # the pairs are drawn in random order, so this only fixes which one is named first
     objects = []
     for (shape, color), cell in zip(pairs, cells):
         size = level.sizes[int(rng.integers(len(level.sizes)))]
