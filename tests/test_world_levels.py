@@ -153,3 +153,18 @@ def test_scoring_against_another_level_warns_with_both_names(tmp_path, capsys):
     quiet = _io.StringIO()
     warn_level_mismatch(str(ckpt), tmp_path / "full", out=quiet)
     assert quiet.getvalue() == ""
+
+
+@pytest.mark.parametrize("name", [n for n, lv in LEVELS.items() if lv.grid])
+def test_grid_levels_name_objects_in_reading_order(name):
+    """The n-th object named is the n-th drawn: objects top row first, left to right, so the caption that names every
+    colour ("a red circle and a blue square") lists them in the order of the image's tokens."""
+    level = LEVELS[name]
+    cell = level.canvas // level.grid
+    for seed in range(200):
+        s = sample_level_scene(np.random.default_rng(seed), level)
+        cells = [(o.bbox[1] // cell, o.bbox[0] // cell) for o in s.objects]
+        assert cells == sorted(cells), cells
+        named = captions(s, full=True)[1]
+        at = [named.index(f"{o.color} {o.shape}") for o in s.objects]
+        assert at == sorted(at), (named, cells)
