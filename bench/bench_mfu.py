@@ -22,7 +22,6 @@ counts its FLOPs, and reports "not measured".
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -147,10 +146,8 @@ def gpu_mfu(c: dict, images: int, prompt_len: int, repeats: int, warmup: int, co
 
     from synergen_lightning.distributed import parallelize
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl", rank=0, world_size=1)
+    if not dist.is_initialized():  # one rank: an in-process store, no TCP port
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     torch.manual_seed(0)
     model = build_2b(c, "cuda").train()
     parallelize(model, None, param_dtype="bfloat16", reduce_dtype="float32", activation_checkpointing=False,

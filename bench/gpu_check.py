@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -50,12 +49,6 @@ LOSS_TOL = 0.05  # |compiled - eager| / eager loss, per step (bf16 rounding diff
 NOT_MEASURED = "no CUDA device: the GPU figures are not measured (tiny sizes on the CPU, a smoke test of every path)"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -66,9 +59,8 @@ def ensure_process_group(device: str) -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(_free_port())
-        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+        # one rank: an in-process store, no TCP port another process could take first
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
 # ------------------------------------------------------------------------------------------------ tiny stage 1

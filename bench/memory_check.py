@@ -101,9 +101,8 @@ def probe(spec: ModelSpec, shape: StepShape, checkpointing: bool, compute: str) 
     if compute == "bf16":
         import torch.distributed as dist
 
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        # one rank: an in-process store, no TCP port another process could take first
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     # the same step at a tiny width first: the code it runs is paged in (file-backed pages count in the resident
     # set) and one-off buffers exist before the baseline
     small = scaled_spec(spec, 2)
