@@ -187,7 +187,7 @@ class MixedStream(IterableDataset):
             last = b == members[-1]  # the cursor and the skip counts move when the group is done
             counts, examples = counter.pop_delta() if last else ({}, {})
             batch["_stream"] = {"epoch": self.epoch, "batch": b, "lane": lane,
-                                "consumed": positions() if last else group_start,
+                                "positions": positions() if last else group_start,
                                 "skipped": counts, "examples": examples}
             yield batch
 
@@ -445,7 +445,7 @@ class MixedDataModule(L.LightningDataModule):
     def _commit(self, meta: dict) -> None:
         st = self._state
         st["epoch"], st["batches"] = meta["epoch"], meta["batch"] + 1
-        st["lanes"][meta["lane"]] = meta["consumed"]
+        st["lanes"][meta["lane"]] = meta["positions"]
         self.skipped.update(meta["skipped"])
         for reason, example in meta["examples"].items():
             if reason not in self._logged_reasons:

@@ -69,6 +69,16 @@ class SkipCounter:
         self.counts[reason] += 1
         self.examples.setdefault(reason, detail)
 
+    @contextlib.contextmanager
+    def paused(self, pause: bool = True):
+        """Count nothing inside (when `pause`): reads of a stream that were counted before a checkpoint."""
+        enabled = self.enabled
+        self.enabled = enabled and not pause
+        try:
+            yield
+        finally:
+            self.enabled = enabled
+
     def pop_delta(self) -> tuple[dict, dict]:
         """Counts and new examples since the last call (what a batch carries to the main process)."""
         counts, examples = dict(self.counts), dict(self.examples)
@@ -554,12 +564,8 @@ class RawStream:
         source = self._samples(p["draw"], p["offset"])
         while True:
             # a resumed block was read (and its bad samples counted) before the checkpoint: read it again uncounted
-            enabled = self.counter.enabled
-            self.counter.enabled = enabled and not resumed
-            try:
+            with self.counter.paused(resumed):
                 block = [next(source) for _ in range(self.block_size)]
-            finally:
-                self.counter.enabled = enabled
             resumed = False
             order = random.Random(f"{self.seed}|block|{p['block']}").sample(range(len(block)), len(block))
             _, draw, offset = block[-1]
@@ -579,12 +585,9 @@ class RawStream:
 
     def skip(self, n: int) -> None:
         """Replay `n` samples without counting their failures (a checkpoint that saved a sample count, not a position)."""
-        enabled, self.counter.enabled = self.counter.enabled, False
-        try:
+        with self.counter.paused():
             for _ in range(n):
                 next(self._it)
-        finally:
-            self.counter.enabled = enabled
 
 
 def finite_samples(shards: list[str], counter: SkipCounter) -> Iterator[dict]:
