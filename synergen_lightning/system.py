@@ -138,6 +138,7 @@ class SynerGenVL(LightningModule):
         code_embed_init: str = "random",
         fold_output_rms: float | None = None,
         fold_output_rms_learnable: bool = True,
+        fold_reconstruction_weight: float = 0.0,
         head: dict | None = None,
         image_loss_weight: float = 2.0,
         text_loss: str = "token",
@@ -179,6 +180,10 @@ class SynerGenVL(LightningModule):
                 None (default) = the paper's plain MLP, whose output may grow far above the text embeddings.
             fold_output_rms_learnable: True = that RMSNorm's gain trains (starts at `fold_output_rms`); False = the
                 scale stays `fold_output_rms` (a buffer), so the folder cannot grow image tokens above text ones.
+            fold_reconstruction_weight: > 0 adds this weight times a loss that reads every code of a view back from
+                its folded token (`TokenFolder.reconstruction_loss`, beside the paper's losses): the folded tokens
+                keep what their codes show (an object's colour), which next-patch generation alone lets the folder
+                drop. The read-out belongs to the folder's parameter group. 0 (default): the paper's losses only.
             head: the UnfoldingHead's blocks: {num_layers: 4, hidden_size, num_heads, num_kv_heads,
                 intermediate_size}; unset keys follow the LLM. `condition`: how h_i enters the head, "first"
                 (the first input, default) or "every" (added to every input; `UnfoldingHead`).
@@ -237,6 +242,8 @@ class SynerGenVL(LightningModule):
             raise ValueError(f"image_size {image_size} is not divisible by the tokenizer downsample {downsample}")
         if code_embed_init not in ("random", "codebook"):
             raise ValueError(f"code_embed_init={code_embed_init!r}: use 'random' or 'codebook' (from the image tokenizer's decoded codes)")
+        if fold_reconstruction_weight < 0:
+            raise ValueError(f"fold_reconstruction_weight={fold_reconstruction_weight}: must be >= 0 (0 turns it off)")
         if text_loss not in ("token", "task"):
             raise ValueError(f"text_loss={text_loss!r}: use 'token' (one mean over the batch's text tokens) or 'task'")
         grid = (image_size // downsample, image_size // downsample)
@@ -248,7 +255,8 @@ class SynerGenVL(LightningModule):
 
         self.llm = MMoETransformer(config, vision_experts=True)
         self.folder = TokenFolder(codebook_size, grid, fold, config.hidden_size, code_dim=code_dim,
-                                  output_rms=fold_output_rms, output_rms_learnable=fold_output_rms_learnable)
+                                  output_rms=fold_output_rms, output_rms_learnable=fold_output_rms_learnable,
+                                  reconstruct=fold_reconstruction_weight > 0)
         hc = {"num_layers": 4, "hidden_size": config.hidden_size, "num_heads": config.num_heads,
               "num_kv_heads": config.num_kv_heads, "intermediate_size": config.intermediate_size}
         hc.update(head or {})
@@ -351,11 +359,15 @@ class SynerGenVL(LightningModule):
         special = self.special_embed(match.long().argmax(-1)).to(x.dtype)
         return torch.where(match.any(-1, keepdim=True), special, x)
 
-    def embed_inputs(self, input_ids: Tensor, image_mask: Tensor, codes: Tensor, slots: Tensor | None = None) -> Tensor:
+    def embed_inputs(self, input_ids: Tensor, image_mask: Tensor, codes: Tensor, slots: Tensor | None = None,
+                     folded: Tensor | None = None) -> Tensor:
         """Text embeddings with every image slot filled by the folded views, in slot order. `slots`: the flat [B*T]
-        indices of the image slots when already known (a collated batch's `image_idx`)."""
+        indices of the image slots when already known (a collated batch's `image_idx`); `folded`: the folder's
+        output for `codes` when the caller already has it."""
         x = self.embed_text(input_ids)
-        folded = self.folder(codes).to(x.dtype)  # [N, P, D]; N may be 0 (called via __call__ so FSDP hooks fire)
+        if folded is None:
+            folded = self.folder(codes)  # [N, P, D]; N may be 0 (called via __call__ so FSDP hooks fire)
+        folded = folded.to(x.dtype)
         n_slots = slots.numel() if slots is not None else int(image_mask.sum())
         n_tok = folded.shape[0] * folded.shape[1]
         if n_slots != n_tok:
@@ -392,7 +404,8 @@ class SynerGenVL(LightningModule):
         input_ids, image_mask = batch["input_ids"], batch["image_mask"].bool()
         codes = self.batch_codes(batch)
         slots = batch["image_idx"]
-        embeds = self.embed_inputs(input_ids, image_mask, codes, slots)
+        folded, loss_fold = self.folder(codes, reconstruct=True) if self.folder.recon is not None else (None, None)
+        embeds = self.embed_inputs(input_ids, image_mask, codes, slots, folded)
         hidden = self.llm(embeds, image_mask=image_mask, position_ids=batch.get("position_ids"),
                           attention_mask=batch.get("attention_mask"),
                           routing=Routing.from_indices(batch["text_idx"], slots), right_padded=batch["right_padded"])
@@ -414,8 +427,11 @@ class SynerGenVL(LightningModule):
         # the head's classifier and loss in row chunks: the [codes, codebook] logits never exist at once
         loss_image = self.head(cond.flatten(0, 1), target_codes.flatten(0, 1), reduction="sum") / max(n_img, 1)
         loss = loss_text + self.hparams.image_loss_weight * loss_image
-        return {"loss": loss, "loss_text": loss_text, "loss_image": loss_image, "text_tokens": n_text,
-                "image_codes": n_img}
+        out = {"loss": loss, "loss_text": loss_text, "loss_image": loss_image, "text_tokens": n_text, "image_codes": n_img}
+        if loss_fold is not None:
+            out["loss"] = loss + self.hparams.fold_reconstruction_weight * loss_fold
+            out["loss_fold_reconstruction"] = loss_fold
+        return out
 
     def text_loss_mean(self, token_losses: Tensor, rows: Tensor, tasks: list[str] | None) -> Tensor:
         """L_text from the per-token losses and the batch row of each token (row-major order)."""
@@ -602,6 +618,8 @@ class SynerGenVL(LightningModule):
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
         self.log("train/loss_text", out["loss_text"], prog_bar=True, batch_size=bs)
         self.log("train/loss_image", out["loss_image"], prog_bar=True, batch_size=bs)
+        if "loss_fold_reconstruction" in out:
+            self.log("train/loss_fold_reconstruction", out["loss_fold_reconstruction"], batch_size=bs)
         counts = {"train/text_tokens": float(out["text_tokens"]), "train/image_codes": float(out["image_codes"])}
         tasks = batch.get("task") or []
         real = batch.get("attention_mask")

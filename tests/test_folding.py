@@ -151,3 +151,52 @@ def test_fixed_output_rms_has_no_trainable_gain_and_holds_the_scale_after_traini
         (-folder.fold(codes).pow(2).sum()).backward()
         opt.step()
     torch.testing.assert_close(folder.fold(codes).pow(2).mean(-1).sqrt(), torch.full((3, 4), 0.1), rtol=1e-4, atol=1e-6)
+
+
+def test_reconstruction_loss_is_the_cross_entropy_of_each_code_read_back_against_the_code_table():
+    torch.manual_seed(0)
+    folder = TokenFolder(codebook_size=16, grid=(4, 4), fold=(2, 2), llm_hidden_size=12, code_dim=5, reconstruct=True)
+    codes = torch.randint(0, 16, (3, 4, 4))
+    folded, loss = folder(codes, reconstruct=True)
+    torch.testing.assert_close(folded, folder.fold(codes))
+    # independent reference: per view, patch and slot, the slot's block of the read-out scored against every code
+    total, n = 0.0, 0
+    w, b, table = folder.recon.weight, folder.recon.bias, folder.code_embed.weight
+    for v in range(3):
+        for p, (pi, pj) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+            for slot, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+                z = w[slot * 5:(slot + 1) * 5] @ folded[v, p] + b[slot * 5:(slot + 1) * 5]
+                total = total - torch.log_softmax(table @ z, 0)[codes[v, pi * 2 + r, pj * 2 + c]]
+                n += 1
+    torch.testing.assert_close(loss, total / n)
+    # no views: a zero that still touches the read-out (FSDP: every unit runs every step)
+    _, empty = folder(codes[:0], reconstruct=True)
+    assert float(empty.detach()) == 0.0 and empty.requires_grad
+
+
+def test_reconstruction_makes_every_code_of_a_patch_recoverable_from_its_token():
+    torch.manual_seed(0)
+    folder = TokenFolder(codebook_size=32, grid=(4, 4), fold=(2, 2), llm_hidden_size=32, code_dim=8, output_rms=0.1,
+                         output_rms_learnable=False, reconstruct=True)
+    patches = torch.randint(0, 32, (24, 4))  # a small world: 24 distinct patches, tiled into views at random
+    opt = torch.optim.Adam(folder.parameters(), lr=1e-2)
+    for _ in range(150):
+        pick = patches[torch.randint(0, 24, (16, 4))]  # [16 views, 4 patches, 4 codes]
+        codes = unfold_codes(pick, (4, 4), (2, 2))
+        _, loss = folder(codes, reconstruct=True)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    codes = unfold_codes(patches[torch.arange(24).view(6, 4)], (4, 4), (2, 2))
+    folded, loss = folder(codes, reconstruct=True)
+    z = rearrange(folder.recon(folded), "b p (l d) -> b p l d", l=4)
+    read = (z @ folder.code_embed.weight.T).argmax(-1)
+    assert float(loss) < 0.1 * float(torch.log(torch.tensor(32.0)))
+    assert torch.equal(read, fold_codes(codes, (2, 2)))
+
+
+def test_reconstruction_needs_the_read_out():
+    folder = TokenFolder(codebook_size=16, grid=(4, 4), fold=(2, 2), llm_hidden_size=12, code_dim=5)
+    assert folder.recon is None
+    with pytest.raises(RuntimeError, match="reconstruct=True"):
+        folder(torch.zeros(1, 4, 4, dtype=torch.long), reconstruct=True)

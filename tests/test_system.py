@@ -69,6 +69,26 @@ def test_losses_match_an_independent_loop_implementation():
     assert out["image_codes"] == 2 * 4 * 4 * 4 // 4 * 1  # 2 generation views x 16 codes
 
 
+def test_fold_reconstruction_adds_its_weighted_loss_over_every_view_and_trains_with_the_folder():
+    plain = tiny_model()
+    model = tiny_model(fold_reconstruction_weight=0.5)
+    state = plain.state_dict()
+    result = model.load_state_dict(state, strict=False)  # the same weights, plus the read-out
+    assert result.missing_keys == ["folder.recon.weight", "folder.recon.bias"] and not result.unexpected_keys
+    batch = make_batch(["generation", "understanding", "text", "generation"])
+    out, ref = model.forward_losses(batch), plain.forward_losses(batch)
+    torch.testing.assert_close(out["loss_text"], ref["loss_text"])
+    torch.testing.assert_close(out["loss_image"], ref["loss_image"])
+    # every view of the batch, understanding ones included, is read back
+    expected = model.folder.reconstruction_loss(model.folder.fold(batch["image_codes"]), batch["image_codes"])
+    torch.testing.assert_close(out["loss_fold_reconstruction"], expected)
+    torch.testing.assert_close(out["loss"], ref["loss"] + 0.5 * expected)
+    groups = {n for n, _ in model.parameter_groups()["image_embed_fold"]}
+    assert {"folder.recon.weight", "folder.recon.bias"} <= groups
+    with pytest.raises(ValueError, match="fold_reconstruction_weight=-1"):
+        tiny_model(fold_reconstruction_weight=-1)
+
+
 def test_text_only_batch_still_runs_folder_vision_ffn_and_head():
     model = tiny_model()
     calls = []

@@ -65,6 +65,7 @@ class TokenFolder(nn.Module):
         mlp_hidden_size: int | None = None,
         output_rms: float | None = None,
         output_rms_learnable: bool = True,
+        reconstruct: bool = False,
     ):
         super().__init__()
         grid, fold = tuple(grid), tuple(fold)
@@ -94,13 +95,20 @@ class TokenFolder(nn.Module):
                 nn.init.constant_(self.out_norm.weight, float(output_rms))
             else:
                 self.register_buffer("out_scale", torch.tensor(float(output_rms)))
+        # `reconstruct`: a per-slot linear read-out from each folded token back to its m*n codes, scored against the
+        # folder's own code table (`reconstruction_loss`). Why: next-patch generation needs little of a patch's
+        # colour downstream, so the folder learns to drop it and understanding cannot read it back (docs/levels.md);
+        # the read-out keeps every code of the patch recoverable from its token.
+        self.recon = nn.Linear(llm_hidden_size, fold[0] * fold[1] * code_dim) if reconstruct else None
 
     @property
     def tokens_per_view(self) -> int:
         return (self.grid[0] // self.fold_size[0]) * (self.grid[1] // self.fold_size[1])
 
-    def fold(self, codes: Tensor) -> Tensor:
-        """Long[N, h, w] -> float[N, P, llm_hidden]; N may be 0 (the module still runs, for FSDP)."""
+    def fold(self, codes: Tensor, reconstruct: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Long[N, h, w] -> float[N, P, llm_hidden]; N may be 0 (the module still runs, for FSDP). With
+        `reconstruct` (a folder built with `reconstruct=True`) also the reconstruction loss of these codes (a scalar,
+        the mean cross-entropy per code), computed inside the call so a sharded folder's weights are still gathered."""
         if tuple(codes.shape[-2:]) != self.grid:
             raise ValueError(
                 f"code grid {tuple(codes.shape[-2:])} does not match the folder's grid {self.grid}: "
@@ -114,7 +122,22 @@ class TokenFolder(nn.Module):
         m, n = self.fold_size
         x = self.code_embed(codes) + self.pos_embed
         x = rearrange(x, "b (h m) (w n) d -> b (h w) (m n d)", m=m, n=n)
-        return self._project(x)
+        folded = self._project(x)
+        if not reconstruct:
+            return folded
+        return folded, self.reconstruction_loss(folded, codes)
+
+    def reconstruction_loss(self, folded: Tensor, codes: Tensor) -> Tensor:
+        """Mean cross-entropy of each code of each patch (Long[N, h, w]) read back from its folded token
+        (float[N, P, llm_hidden]) against the code table: 0 with no views, ln(codebook) for an uninformed read-out."""
+        if self.recon is None:
+            raise RuntimeError("this folder has no reconstruction read-out: build it with reconstruct=True")
+        if codes.shape[0] == 0:
+            return folded.sum() * 0.0 + sum(p.sum() for p in self.recon.parameters()) * 0.0
+        m, n = self.fold_size
+        z = rearrange(self.recon(folded.float()), "b p (l d) -> (b p l) d", l=m * n)
+        logits = z @ self.code_embed.weight.float().T
+        return nn.functional.cross_entropy(logits, fold_codes(codes, self.fold_size).reshape(-1))
 
     def _project(self, x: Tensor) -> Tensor:
         x = self.mlp(x)
