@@ -97,10 +97,38 @@ def test_demo_level_questions_answerable_from_the_image():
         s = sample_level_scene(np.random.default_rng(seed), level)
         found = detect_objects(render_scene(s))
         assert sorted((d.shape, d.color) for d in found) == sorted((o.shape, o.color) for o in s.objects)
-        for qa in qa_pairs(s, np.random.default_rng(seed)):
+        for qa in qa_pairs(s, np.random.default_rng(seed), relation_choice=level.relation_choice):
             kinds[qa["kind"]] += 1
     assert set(kinds) == {"color", "shape", "count", "position", "relation", "yes_no"}  # no characters to read
     assert min(kinds.values()) >= 50
+
+
+@pytest.mark.parametrize("name", [n for n, lv in LEVELS.items() if lv.relation_choice])
+def test_relation_choice_questions_name_the_side_the_image_shows_each_side_as_often(name):
+    """The choice form's answer is where the scorer finds the first object from the second on the asked axis, and
+    each axis's two answers are about equally common (the yes/no form's answer is mostly "no")."""
+    level, answers = LEVELS[name], Counter()
+    sides = {"left or right of": ("left", "right"), "above or below": ("above", "below")}
+    for seed in range(300):
+        s = sample_level_scene(np.random.default_rng(seed), level)
+        boxes = {(d.color, d.shape): d.bbox for d in detect_objects(render_scene(s))}
+        for qa in qa_pairs(s, np.random.default_rng(seed), relation_choice=True):
+            if qa["kind"] != "relation":
+                continue
+            q = qa["question"]
+            ask = next(a for a in sides if f" {a} " in q)
+            (ca, sa), (cb, sb) = (part.split()[-2:] for part in q.removeprefix("Is the ").rstrip("?").split(f" {ask} the "))
+            truth = relative_position(boxes[(ca, sa)], boxes[(cb, sb)])
+            assert qa["answer"] in sides[ask] and {"left": "left of", "right": "right of"}.get(qa["answer"], qa["answer"]) in truth, (q, truth)
+            answers[qa["answer"]] += 1
+    assert set(answers) == {"left", "right", "above", "below"}
+    for seed in range(300, 2000):  # the balance over more scenes (answers only, no renders)
+        s = sample_level_scene(np.random.default_rng(seed), level)
+        answers.update(qa["answer"] for qa in qa_pairs(s, np.random.default_rng(seed), relation_choice=True)
+                       if qa["kind"] == "relation")
+    assert 0.4 < answers["left"] / (answers["left"] + answers["right"]) < 0.6
+    assert 0.4 < answers["above"] / (answers["above"] + answers["below"]) < 0.6
+    assert not LEVELS["full"].relation_choice  # the full world keeps its yes/no questions
 
 
 def test_synth_writes_the_level_and_the_demo_default(tmp_path, capsys):

@@ -114,6 +114,7 @@ def main(argv=None) -> None:
     p.add_argument("--kinds", default=None, help="comma-separated question kinds (default: all)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=32, help="Q/A rows per step (the tiny SFT recipe: 48)")
     p.add_argument("--val-every", type=int, default=500, help="steps between val accuracies (a multiple of 100)")
     p.add_argument("--width", type=int, default=128, help="model width (the tiny LLM's: 128)")
     p.add_argument("--layers", type=int, default=4, help="transformer layers (the tiny LLM's: 4)")
@@ -140,13 +141,13 @@ def main(argv=None) -> None:
         dm.setup("fit")
         return iter(dm.train_dataloader())
 
-    train = stream(a.train or str(demo / "data/tiny/codes/train/shard-*.tar"), 32, 1)
+    train = stream(a.train or str(demo / "data/tiny/codes/train/shard-*.tar"), a.batch, 1)
     val_stream = stream(val_urls, 50, 0)
     val = [next(val_stream) for _ in range(10)]
     m = ReferenceVQA(load_or_train(tok_dir).vocab_size, 2048, d=a.width, layers=a.layers, grid=grid, fold=a.fold)
     print(f"{a.image_size}-px views, {grid}x{grid} codes folded {a.fold}x{a.fold} = {(grid // a.fold) ** 2} tokens; "
           f"width {a.width}, {a.layers} layers, {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M parameters, "
-          f"lr {a.lr} {a.schedule}, code embedding {a.code_init}", flush=True)
+          f"lr {a.lr} {a.schedule}, {a.batch} Q/A per step, code embedding {a.code_init}", flush=True)
     if a.code_init == "codebook":
         init_code_embedding_from_pixels(m, demo / "runs/tiny/tokenizer/checkpoints/last.ckpt")
     opt = torch.optim.AdamW(m.parameters(), lr=a.lr, weight_decay=0.01)

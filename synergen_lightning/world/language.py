@@ -102,6 +102,25 @@ def relation_qa(a, rel: str, b) -> dict:
             "answer": "yes" if rel in relative_position(a.bbox, b.bbox) else "no"}
 
 
+# the two sides a choice question offers, per axis ("Is the red circle left or right of the blue square?")
+CHOICE_AXES: dict[str, tuple[str, str]] = {"horizontal": ("left of", "right of"), "vertical": ("above", "below")}
+
+
+def relation_choice_qa(a, b, rng: np.random.Generator) -> dict:
+    """"Is the red circle left or right of the blue square?" -> "left" (GQA's choice form), on an axis along which
+    GenEval's rule relates the two (either, for a diagonal pair). The answer is one of two words, half the time
+    each, where the yes/no form ("Is the red circle left of the blue square?") is mostly "no"."""
+    rels = relative_position(a.bbox, b.bbox)
+    axes = [axis for axis, sides in CHOICE_AXES.items() if rels & set(sides)]
+    if not axes:
+        raise ValueError("the two objects overlap: no side to choose")
+    axis = axes[int(rng.integers(len(axes)))] if len(axes) > 1 else axes[0]
+    first, second = CHOICE_AXES[axis]
+    ask = f"{first.removesuffix(' of')} or {second}"  # "left or right of", "above or below"
+    return {"kind": "relation", "question": f"Is the {a.color} {a.shape} {ask} the {b.color} {b.shape}?",
+            "answer": (first if first in rels else second).removesuffix(" of")}
+
+
 def presence_qa(color: str, shape: str, objs) -> dict:
     """"Is there a red circle?" -> yes / no among `objs`."""
     present = any(o.color == color and o.shape == shape for o in objs)
@@ -116,8 +135,9 @@ def absent_colour_shapes(objs) -> list[tuple[str, str]]:
     return [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
 
 
-def qa_pairs(scene: Scene, rng: np.random.Generator) -> list[dict]:
-    """Understanding questions with their answers; each has a `kind` from QA_KINDS."""
+def qa_pairs(scene: Scene, rng: np.random.Generator, relation_choice: bool = False) -> list[dict]:
+    """Understanding questions with their answers; each has a `kind` from QA_KINDS. `relation_choice`: relation
+    questions in the choice form (`relation_choice_qa`) instead of yes/no."""
     objs = scene.objects
     qa: list[dict] = []
     by_shape = Counter(o.shape for o in objs)
@@ -135,8 +155,11 @@ def qa_pairs(scene: Scene, rng: np.random.Generator) -> list[dict]:
     qa.append(position_qa(o))
     if len(objs) >= 2:
         i, j = rng.choice(len(objs), size=2, replace=False)
-        rel = ["left of", "right of", "above", "below"][int(rng.integers(4))]
-        qa.append(relation_qa(objs[int(i)], rel, objs[int(j)]))
+        if relation_choice:
+            qa.append(relation_choice_qa(objs[int(i)], objs[int(j)], rng))
+        else:
+            rel = ["left of", "right of", "above", "below"][int(rng.integers(4))]
+            qa.append(relation_qa(objs[int(i)], rel, objs[int(j)]))
     # yes/no existence: half the time ask about a (colour, shape) that is absent.
     if rng.random() < 0.5:
         qa.append(presence_qa(o.color, o.shape, objs))

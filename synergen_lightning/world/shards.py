@@ -67,7 +67,7 @@ def make_sample(cfg: SynthConfig, split: str, index: int) -> tuple[str, bytes, s
     render_scene(scene).save(buf, format="JPEG", quality=cfg.jpeg_quality, subsampling=0)
     caps = captions(scene, full=level.full_captions)
     caption = caps[int(rng.integers(len(caps)))]
-    qa = qa_pairs(scene, rng)
+    qa = qa_pairs(scene, rng, relation_choice=level.relation_choice)
     key = f"{index:09d}"
     meta = {"key": key, "split": split, "seed": seed, **scene.to_dict(), "caption": caption,
             "captions": caps, "qa": qa, "conversations": conversations(qa)}
