@@ -14,6 +14,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from .chunked_ce import linear_cross_entropy
+
 
 def check_fold(grid: tuple[int, int], fold: tuple[int, int]) -> None:
     """One-line error when a folding factor does not divide the code grid."""
@@ -135,9 +137,9 @@ class TokenFolder(nn.Module):
         if codes.shape[0] == 0:
             return folded.sum() * 0.0 + sum(p.sum() for p in self.recon.parameters()) * 0.0
         m, n = self.fold_size
-        z = rearrange(self.recon(folded.float()), "b p (l d) -> (b p l) d", l=m * n)
-        logits = z @ self.code_embed.weight.float().T
-        return nn.functional.cross_entropy(logits, fold_codes(codes, self.fold_size).reshape(-1))
+        z = rearrange(self.recon(folded), "b p (l d) -> (b p l) d", l=m * n)
+        # in row chunks, as the head's loss: the [codes, codebook] logits never exist at once
+        return linear_cross_entropy(z, self.code_embed.weight, fold_codes(codes, self.fold_size).reshape(-1))
 
     def _project(self, x: Tensor) -> Tensor:
         x = self.mlp(x)
