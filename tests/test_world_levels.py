@@ -2,6 +2,7 @@
 ground-truth renders pass the scorer, and the full level is the world as it always was."""
 
 import json
+import tarfile
 from collections import Counter
 
 import numpy as np
@@ -103,7 +104,7 @@ def test_demo_level_questions_answerable_from_the_image():
     assert min(kinds.values()) >= 50
 
 
-@pytest.mark.parametrize("name", [n for n, lv in LEVELS.items() if lv.relation_choice])
+@pytest.mark.parametrize("name", [n for n, lv in LEVELS.items() if lv.grid])
 def test_relation_choice_questions_name_the_side_the_image_shows_each_side_as_often(name):
     """The choice form's answer is where the scorer finds the first object from the second on the asked axis, and
     each axis's two answers are about equally common (the yes/no form's answer is mostly "no")."""
@@ -129,6 +130,20 @@ def test_relation_choice_questions_name_the_side_the_image_shows_each_side_as_of
     assert 0.4 < answers["left"] / (answers["left"] + answers["right"]) < 0.6
     assert 0.4 < answers["above"] / (answers["above"] + answers["below"]) < 0.6
     assert not LEVELS["full"].relation_choice  # the full world keeps its yes/no questions
+
+
+def test_synth_asks_relations_in_the_form_asked_for_and_records_it(tmp_path):
+    assert synth_main(["--out", str(tmp_path / "c"), "--relation-questions", "choice", *SMALL]) == 0
+    assert synth_main(["--out", str(tmp_path / "y"), *SMALL]) == 0
+    for name, form, answers in (("c", "choice", {"left", "right", "above", "below"}), ("y", "yes-no", {"yes", "no"})):
+        assert read_world_info(tmp_path / name)["relation_questions"] == form
+        shard = (tmp_path / name / "train" / "shard-000000.tar")
+        with tarfile.open(shard) as tar:
+            metas = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
+        got = {qa["answer"] for meta in metas for qa in meta["qa"] if qa["kind"] == "relation"}
+        assert got and got <= answers
+        corpus = (tmp_path / name / "text" / "train.jsonl").read_text()
+        assert (" or right of the " in corpus or " or below the " in corpus) == (form == "choice")  # the base corpus mirrors it
 
 
 def test_synth_writes_the_level_and_the_demo_default(tmp_path, capsys):

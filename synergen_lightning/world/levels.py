@@ -12,9 +12,10 @@ same rules and the same scorer at every level. The levers, easiest first:
 - **reading_order**: a scene lists its objects in reading order (top row first, left to right), the order the image's
   tokens take, so every caption names them in the order they are drawn: "a red circle and a blue square" draws the
   red circle first, and binding each colour to its shape is a copy of the n-th named object into the n-th drawn one;
-- **relation_choice**: a relation question asks which side ("Is the red circle left or right of the blue square?" ->
-  "left", GQA's choice form) instead of yes/no ("Is the red circle left of the blue square?", mostly "no"): every
-  answer says where one object is from the other, and the two answers are equally common;
+- **relation_choice** (`synergen data synth --relation-questions choice`; no preset sets it): a relation question asks
+  which side ("Is the red circle left or right of the blue square?" -> "left", GQA's choice form) instead of yes/no
+  ("Is the red circle left of the blue square?", mostly "no"): every answer says where one object is from the other,
+  and the two answers are equally common;
 - **same_shape_prob**: how often a multi-object scene repeats one shape (in different colours), so counting
   prompts ("three circles") are shown often enough to be learnt;
 - **scene_qa_text="described"**: the base LLM's corpus puts each scene question behind the scene's description, so
@@ -72,11 +73,10 @@ class Level:
 LEVELS: dict[str, Level] = {
     "demo": Level("demo", "the tiny default, sized for a 2-core demo: one 4x4-folded token per object slot",
                   canvas=64, max_objects=3, grid=2, sizes=("large",), backgrounds=("white",), text_prob=0.0,
-                  full_captions=True, same_shape_prob=0.3, reading_order=True, relation_choice=True,
-                  scene_qa_text="mirror"),
+                  full_captions=True, same_shape_prob=0.3, reading_order=True, scene_qa_text="mirror"),
     "grid": Level("grid", "a 128-px canvas of 4x4 slots, two sizes and backgrounds, still no characters",
                   canvas=128, max_objects=4, grid=4, text_prob=0.0, full_captions=True, same_shape_prob=0.3,
-                  reading_order=True, relation_choice=True, scene_qa_text="described"),
+                  reading_order=True, scene_qa_text="described"),
     "full": Level("full", "the full world: objects anywhere at any offset, tiny characters, partial captions",
                   canvas=128, max_objects=MAX_OBJECTS),
 }

@@ -50,6 +50,7 @@ class SynthConfig:
     text_prob: float = 0.5
     jpeg_quality: int = 95
     scene_qa_text: str = "bare"  # text_corpus.SCENE_QA_TEXT: how the base corpus holds the scene Q/A pairs
+    relation_choice: bool = False  # relation questions in the choice form (language.relation_choice_qa), not yes/no
     shapes: tuple[str, ...] = SHAPES
     colors: tuple[str, ...] = tuple(COLORS)
     workers: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
@@ -67,7 +68,7 @@ def make_sample(cfg: SynthConfig, split: str, index: int) -> tuple[str, bytes, s
     render_scene(scene).save(buf, format="JPEG", quality=cfg.jpeg_quality, subsampling=0)
     caps = captions(scene, full=level.full_captions)
     caption = caps[int(rng.integers(len(caps)))]
-    qa = qa_pairs(scene, rng, relation_choice=level.relation_choice)
+    qa = qa_pairs(scene, rng, relation_choice=cfg.relation_choice)
     key = f"{index:09d}"
     meta = {"key": key, "split": split, "seed": seed, **scene.to_dict(), "caption": caption,
             "captions": caps, "qa": qa, "conversations": conversations(qa)}
@@ -105,7 +106,8 @@ def world_info(cfg: SynthConfig) -> dict:
     """What OUT/world.json records: the level by name, its rules, and the settings that override them."""
     return {"level": cfg.level, "rules": get_level(cfg.level).to_dict(), "canvas": cfg.canvas,
             "max_objects": cfg.max_objects, "text_prob": cfg.text_prob, "shapes": list(cfg.shapes),
-            "colors": list(cfg.colors), "scene_qa_text": cfg.scene_qa_text, "seed": cfg.seed,
+            "colors": list(cfg.colors), "scene_qa_text": cfg.scene_qa_text,
+            "relation_questions": "choice" if cfg.relation_choice else "yes-no", "seed": cfg.seed,
             "num_samples": cfg.num_samples}
 
 
