@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from synergen_lightning.world import CATEGORIES, captions, make_eval_prompts, qa_pairs, render_scene, sample_scene
-from synergen_lightning.world.cli import synth_main
+from synergen_lightning.world.cli import synth_main, synth_parser
 from synergen_lightning.world.language import OPPOSITE
 from synergen_lightning.world.levels import LEVELS, cell_box, get_level, sample_level_scene
 from synergen_lightning.world.prompts import prompt_scene, render_prompt
@@ -98,7 +98,7 @@ def test_demo_level_questions_answerable_from_the_image():
         s = sample_level_scene(np.random.default_rng(seed), level)
         found = detect_objects(render_scene(s))
         assert sorted((d.shape, d.color) for d in found) == sorted((o.shape, o.color) for o in s.objects)
-        for qa in qa_pairs(s, np.random.default_rng(seed), relation_choice=level.relation_choice):
+        for qa in qa_pairs(s, np.random.default_rng(seed)):
             kinds[qa["kind"]] += 1
     assert set(kinds) == {"color", "shape", "count", "position", "relation", "yes_no"}  # no characters to read
     assert min(kinds.values()) >= 50
@@ -129,7 +129,7 @@ def test_relation_choice_questions_name_the_side_the_image_shows_each_side_as_of
                        if qa["kind"] == "relation")
     assert 0.4 < answers["left"] / (answers["left"] + answers["right"]) < 0.6
     assert 0.4 < answers["above"] / (answers["above"] + answers["below"]) < 0.6
-    assert not LEVELS["full"].relation_choice  # the full world keeps its yes/no questions
+    assert synth_parser().get_default("relation_questions") == "yes-no"  # every level, the full world too, asks yes/no
 
 
 def test_synth_asks_relations_in_the_form_asked_for_and_records_it(tmp_path):

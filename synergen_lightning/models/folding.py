@@ -134,12 +134,12 @@ class TokenFolder(nn.Module):
         (float[N, P, llm_hidden]) against the code table: 0 with no views, ln(codebook) for an uninformed read-out."""
         if self.recon is None:
             raise RuntimeError("this folder has no reconstruction read-out: build it with reconstruct=True")
-        if codes.shape[0] == 0:
-            return folded.sum() * 0.0 + sum(p.sum() for p in self.recon.parameters()) * 0.0
         m, n = self.fold_size
         z = rearrange(self.recon(folded), "b p (l d) -> (b p l) d", l=m * n)
-        # in row chunks, as the head's loss: the [codes, codebook] logits never exist at once
-        return linear_cross_entropy(z, self.code_embed.weight, fold_codes(codes, self.fold_size).reshape(-1))
+        targets = fold_codes(codes, self.fold_size).reshape(-1)
+        # in row chunks, as the head's loss: the [codes, codebook] logits never exist at once; a sum over at least
+        # one, as the head's, so no views give 0 with the read-out still in the graph (FSDP: every unit runs)
+        return linear_cross_entropy(z, self.code_embed.weight, targets, reduction="sum") / max(targets.numel(), 1)
 
     def _project(self, x: Tensor) -> Tensor:
         x = self.mlp(x)

@@ -79,10 +79,10 @@ def synth_parser() -> argparse.ArgumentParser:
                         "instruction-tuned base like the paper's Table 7 LLM) or 'mirror' (the MLLM's generation and "
                         "Q/A prompts as chat turns, the image replaced by the scene's layout in words) "
                         "(default: the level's)")
-    p.add_argument("--relation-questions", choices=("yes-no", "choice"), default=None,
+    p.add_argument("--relation-questions", choices=("yes-no", "choice"), default="yes-no",
                    help="how understanding asks a relation: 'yes-no' ('Is the red circle left of the blue square?') "
                         "or 'choice' ('Is the red circle left or right of the blue square?' -> 'left', GQA's form: "
-                        "the answers equally common) (default: the level's)")
+                        "the answers equally common; no level asks it by default) (default: yes-no)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -103,7 +103,6 @@ def synth_main(argv: list[str]) -> int:
     a.max_objects = level.max_objects if a.max_objects is None else a.max_objects
     a.text_prob = level.text_prob if a.text_prob is None else a.text_prob
     a.scene_qa_text = level.scene_qa_text if a.scene_qa_text is None else a.scene_qa_text
-    relation_choice = level.relation_choice if a.relation_questions is None else a.relation_questions == "choice"
     if level.grid:
         if a.text_prob:
             parser.error(f"--text-prob {a.text_prob}: level {a.level!r} draws no characters; use --level full for them")
@@ -143,7 +142,7 @@ def synth_main(argv: list[str]) -> int:
     cfg = SynthConfig(out=a.out, level=a.level, num_samples=a.num_samples, seed=a.seed, shard_size=a.shard_size, canvas=a.canvas,
                       val_fraction=a.val_fraction, num_eval_prompts=a.num_eval_prompts, max_objects=a.max_objects,
                       text_prob=a.text_prob, jpeg_quality=a.jpeg_quality, shapes=a.shapes, colors=a.colors,
-                      relation_choice=relation_choice,
+                      relation_choice=a.relation_questions == "choice",
                       scene_qa_text=a.scene_qa_text, workers=a.workers, progress=not a.no_progress and sys.stderr.isatty())
     s = write_dataset(cfg)
     print(f"synth: level {a.level}, {s['train']} train + {s['val']} val samples ({s['train_shards']} + {s['val_shards']} shards, "

@@ -12,10 +12,6 @@ same rules and the same scorer at every level. The levers, easiest first:
 - **reading_order**: a scene lists its objects in reading order (top row first, left to right), the order the image's
   tokens take, so every caption names them in the order they are drawn: "a red circle and a blue square" draws the
   red circle first, and binding each colour to its shape is a copy of the n-th named object into the n-th drawn one;
-- **relation_choice** (`synergen data synth --relation-questions choice`; no preset sets it): a relation question asks
-  which side ("Is the red circle left or right of the blue square?" -> "left", GQA's choice form) instead of yes/no
-  ("Is the red circle left of the blue square?", mostly "no"): every answer says where one object is from the other,
-  and the two answers are equally common;
 - **same_shape_prob**: how often a multi-object scene repeats one shape (in different colours), so counting
   prompts ("three circles") are shown often enough to be learnt;
 - **scene_qa_text="described"**: the base LLM's corpus puts each scene question behind the scene's description, so
@@ -53,7 +49,6 @@ class Level:
     full_captions: bool = False  # drop phrasings that name only part of the scene
     same_shape_prob: float = 0.0  # multi-object scenes that repeat one shape (counting)
     reading_order: bool = False  # objects (and so captions) in the order the image's tokens take; grid levels only
-    relation_choice: bool = False  # relation questions ask which side ("left or right of"), not yes/no
     scene_qa_text: str = "bare"  # how the base LLM's corpus holds the scene Q/A (text_corpus.SCENE_QA_TEXT)
 
     def to_dict(self) -> dict:
@@ -66,7 +61,6 @@ class Level:
                 f"{len(self.backgrounds)} background(s), {chars}, "
                 f"{'captions name every object' if self.full_captions else 'some captions name part of the scene'}"
                 f"{' in reading order' if self.reading_order else ''}, "
-                f"{'relation questions ask which side, ' if self.relation_choice else ''}"
                 f"base-LLM corpus: {self.scene_qa_text} scene Q/A")
 
 
