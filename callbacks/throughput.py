@@ -51,7 +51,11 @@ def batch_flops(model, batch: dict, training: bool = True, attention: bool = Tru
     llm, ids = model.llm, batch["input_ids"]
     mask = batch.get("attention_mask")
     tokens = int(mask.sum()) if mask is not None else ids.numel()
-    flops = tokens * _stack_flops_per_token(llm, ids.shape[1], skip=("vision_ffn.",), attention=attention)
+    span = ids.shape[1]
+    if "document_ids" in batch:  # packed rows: each token attends within its own sample (token-weighted mean length)
+        lengths = batch["sample_tokens"]
+        span = sum(n * n for n in lengths) / max(sum(lengths), 1)
+    flops = tokens * _stack_flops_per_token(llm, span, skip=("vision_ffn.",), attention=attention)
     labels = batch.get("labels")
     if labels is not None:  # the LM head runs on supervised text positions only
         flops += 6.0 * llm.lm_head.weight.numel() * int((labels[:, 1:] != -100).sum())
@@ -68,13 +72,19 @@ def batch_flops(model, batch: dict, training: bool = True, attention: bool = Tru
     return flops if training else flops / 3
 
 
+def batch_samples(batch: dict) -> int:
+    """Samples of a batch: its rows, or the samples packed into them."""
+    return len(batch["task"]) if "task" in batch else int(batch["input_ids"].shape[0])
+
+
 def batch_tokens(batch: dict) -> int:
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 class SynerGenThroughputMonitor(ThroughputMonitor):
-    """`ThroughputMonitor` counting samples (rows) and items (real tokens), with the model's FLOPs per batch."""
+    """`ThroughputMonitor` counting samples (packed or one per row) and items (real tokens), with the model's FLOPs
+    per batch."""
 
     def __init__(self, available_flops: float | None = None, window_size: int = 20, **kwargs):
         """
@@ -83,7 +93,7 @@ class SynerGenThroughputMonitor(ThroughputMonitor):
                 table for the device and precision; on CPU there is none, so only throughput is logged.
             window_size: batches in the rolling average.
         """
-        super().__init__(batch_size_fn=lambda b: int(b["input_ids"].shape[0]), length_fn=batch_tokens,
+        super().__init__(batch_size_fn=batch_samples, length_fn=batch_tokens,
                          window_size=window_size, **kwargs)
         self._available_flops_override = available_flops
 

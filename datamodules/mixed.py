@@ -13,6 +13,9 @@ of similar length and is padded less; the same rows are used, each once, in othe
 group's batches go out is seeded without the rank, so at a given step every rank trains the same length quantile
 and no rank waits in the collectives for a batch much longer than its own.
 
+Packed rows (`pack_rows`): the batch's samples share rows of up to `max_seq_len` tokens, each attending only to
+itself (`data.batch.collate`); `task`, `keys` and `source` then list samples, not rows.
+
 Resuming: each batch carries its lane's cursor (per source, the raw stream's position: a few integers,
 `RawStream.position`). The DataModule commits it when the batch reaches the model (`on_before_batch_transfer`, i.e.
 after Lightning's prefetch) and `state_dict()` puts every rank's cursors in the checkpoint; a resumed run starts each
@@ -111,8 +114,9 @@ class MixedStream(IterableDataset):
     """Endless mixed batches for one epoch of `steps_per_epoch` batches (see the module docstring)."""
 
     def __init__(self, sources: list[SourceSpec], builder: SequenceBuilder, batch_size: dict[str, int], steps_per_epoch: int,
-                 num_workers: int, shuffle_buffer: int, seed: int, max_failures: int = 1000, bucket_batches: int = 1):
-        self.sources, self.builder, self.batch_size = sources, builder, batch_size
+                 num_workers: int, shuffle_buffer: int, seed: int, max_failures: int = 1000, bucket_batches: int = 1,
+                 pack_len: int | None = None):
+        self.sources, self.builder, self.batch_size, self.pack_len = sources, builder, batch_size, pack_len
         self.steps_per_epoch, self.num_workers = steps_per_epoch, max(1, num_workers)
         self.shuffle_buffer, self.seed, self.max_failures = shuffle_buffer, seed, max_failures
         self.bucket_batches = max(1, int(bucket_batches))
@@ -182,8 +186,8 @@ class MixedStream(IterableDataset):
                 drawn = [draw(m) for m in members]  # from the group's first batch, also when resuming inside it
                 group_rows = dict(zip(members, drawn if G == 1 else self._length_buckets(drawn, lane, g)))
             samples, names = group_rows.pop(b)
-            batch = collate(samples, self.builder.tok.pad_id)
-            batch["source"] = names  # per row: named in the log of a skipped non-finite step
+            batch = collate(samples, self.builder.tok.pad_id, self.pack_len)
+            batch["source"] = [names[i] for i in batch["sample_order"]]  # per sample: named in the log of a skipped non-finite step
             last = b == members[-1]  # the cursor and the skip counts move when the group is done
             counts, examples = counter.pop_delta() if last else ({}, {})
             batch["_stream"] = {"epoch": self.epoch, "batch": b, "lane": lane,
@@ -216,8 +220,10 @@ class ValStream(IterableDataset):
     """Every val shard once (split across lanes, never resampled), per-task batch sizes. Sources take turns batch
     by batch, so a cap on validation batches (`limit_val_batches`, `val_max_batches`) still sees every source."""
 
-    def __init__(self, sources: list[SourceSpec], builder: SequenceBuilder, batch_size: dict[str, int], max_batches: int | None):
+    def __init__(self, sources: list[SourceSpec], builder: SequenceBuilder, batch_size: dict[str, int], max_batches: int | None,
+                 pack_len: int | None = None):
         self.sources, self.builder, self.batch_size, self.max_batches = sources, builder, batch_size, max_batches
+        self.pack_len = pack_len
 
     def __iter__(self):
         info = get_worker_info()
@@ -259,10 +265,10 @@ class ValStream(IterableDataset):
                 counter.add(exc.reason, f"val source {src.name!r}: {exc}")
                 continue
             if len(samples) == self.batch_size.get(src.task, 8):
-                yield collate(samples, self.builder.tok.pad_id)
+                yield collate(samples, self.builder.tok.pad_id, self.pack_len)
                 samples = []
         if samples:
-            yield collate(samples, self.builder.tok.pad_id)
+            yield collate(samples, self.builder.tok.pad_id, self.pack_len)
 
 
 class _StreamLoader(DataLoader):
@@ -315,6 +321,9 @@ class MixedDataModule(L.LightningDataModule):
         bucket_batches: length buckets: a lane draws this many of its batches together and deals their rows out
             again sorted by length, so each batch is padded less (the module docstring); 1 = every batch as drawn.
             Host memory holds this many built batches per worker.
+        pack_rows: samples share rows of up to `max_seq_len` tokens, each attending only to itself (`data.batch.collate`):
+            a batch of short Q/A rows beside long text rows is then not mostly padding. The per-task sample counts
+            of `batch_size` stay; the batch has fewer, fuller rows.
     """
 
     def __init__(self, sources: list[dict], tokenizer: Any, tokens_per_view: int | None = None,
@@ -322,7 +331,7 @@ class MixedDataModule(L.LightningDataModule):
                  val_sources: list[dict] | None = None, val_max_batches: int | None = None, num_workers: int = 0,
                  shuffle_buffer: int = 1000, seed: int = 0, max_tiles: int = 1, thumbnail: bool = False,
                  min_tiles: int = 1, cfg_dropout: float = 0.1, supervise_generation_text: bool = False,
-                 image_input: str = "auto", prefetch_factor: int = 2, bucket_batches: int = 1):
+                 image_input: str = "auto", prefetch_factor: int = 2, bucket_batches: int = 1, pack_rows: bool = False):
         super().__init__()
         self.save_hyperparameters(ignore=(["tokenizer"] if not isinstance(tokenizer, str) else [])
                                   + unset_view_args(image_size, tokens_per_view))
@@ -399,18 +408,22 @@ class MixedDataModule(L.LightningDataModule):
             kw["prefetch_factor"] = self.hparams.prefetch_factor
         return kw
 
+    def _pack_len(self) -> int | None:
+        return self.hparams.max_seq_len if self.hparams.pack_rows else None
+
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         self._warn_shared_shards()
         stream = MixedStream(self.sources, self.builder, self.batch_size, self.hparams.steps_per_epoch, self.num_workers,
-                             self.hparams.shuffle_buffer, self.hparams.seed, bucket_batches=self.hparams.bucket_batches)
+                             self.hparams.shuffle_buffer, self.hparams.seed, bucket_batches=self.hparams.bucket_batches,
+                             pack_len=self._pack_len())
         return _StreamLoader(stream, self, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")
         if not self.val_specs:
             return []
-        stream = ValStream(self.val_specs, self.val_builder, self.batch_size, self.hparams.val_max_batches)
+        stream = ValStream(self.val_specs, self.val_builder, self.batch_size, self.hparams.val_max_batches, self._pack_len())
         return DataLoader(stream, batch_size=None, collate_fn=batch_as_is, **self._loader_kwargs())
 
     def _warn_shared_shards(self) -> None:

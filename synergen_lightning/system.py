@@ -408,7 +408,8 @@ class SynerGenVL(LightningModule):
         embeds = self.embed_inputs(input_ids, image_mask, codes, slots, folded)
         hidden = self.llm(embeds, image_mask=image_mask, position_ids=batch.get("position_ids"),
                           attention_mask=batch.get("attention_mask"),
-                          routing=Routing.from_indices(batch["text_idx"], slots), right_padded=batch["right_padded"])
+                          routing=Routing.from_indices(batch["text_idx"], slots), right_padded=batch["right_padded"],
+                          document_ids=batch.get("document_ids"))
         # text: HF convention, labels[t] is the target of the prediction made at t-1; LM head on supervised rows
         # only, its logits and loss in row chunks (the [N, vocab] logits never exist at once)
         b, t, d = hidden.shape
@@ -418,7 +419,7 @@ class SynerGenVL(LightningModule):
         at = positions + rows  # position p of the [B, T-1] predictions is token p + row of the [B, T] sequence
         token_losses = self.llm.token_losses(hidden.reshape(b * t, d).index_select(0, at),
                                              batch["labels"].reshape(-1).index_select(0, at + 1))
-        loss_text = self.text_loss_mean(token_losses, rows, batch.get("task"))
+        loss_text = self.text_loss_mean(token_losses, batch.get("text_samples", rows), batch.get("task"))
         # image: the head unfolds the hidden state before each patch of every supervised view
         views = batch["loss_views"]
         cond = self.patch_conditions(hidden, image_mask, codes.shape[0], slots).index_select(0, views)
@@ -433,15 +434,15 @@ class SynerGenVL(LightningModule):
             out["loss_fold_reconstruction"] = loss_fold
         return out
 
-    def text_loss_mean(self, token_losses: Tensor, rows: Tensor, tasks: list[str] | None) -> Tensor:
-        """L_text from the per-token losses and the batch row of each token (row-major order)."""
+    def text_loss_mean(self, token_losses: Tensor, samples: Tensor, tasks: list[str] | None) -> Tensor:
+        """L_text from the per-token losses and the sample of each token (`tasks[sample]` its task)."""
         if token_losses.numel() == 0:
             return token_losses.sum()
         if self.hparams.text_loss == "token" or not tasks:
             return token_losses.mean()
         names = sorted(set(tasks))
-        task_of_row = torch.tensor([names.index(t) for t in tasks], device=rows.device)
-        task_of_token = task_of_row[rows]
+        task_of_sample = torch.tensor([names.index(t) for t in tasks], device=samples.device)
+        task_of_token = task_of_sample[samples]
         # sums and counts by index_add (bincount and boolean indexing would read sizes back from the device)
         zeros = torch.zeros(len(names), device=token_losses.device, dtype=token_losses.dtype)
         counts = zeros.index_add(0, task_of_token, torch.ones_like(token_losses))
@@ -623,12 +624,13 @@ class SynerGenVL(LightningModule):
         counts = {"train/text_tokens": float(out["text_tokens"]), "train/image_codes": float(out["image_codes"])}
         tasks = batch.get("task") or []
         real = batch.get("attention_mask")
-        row_tokens = batch.get("row_tokens")  # counted with the batch on the CPU: no read-back from the device
-        if row_tokens is None:
-            row_tokens = real.sum(-1).tolist() if real is not None else [batch["input_ids"].shape[1]] * bs
+        # real tokens per sample, counted with the batch on the CPU: no read-back from the device
+        sample_tokens = batch.get("sample_tokens") or batch.get("row_tokens")
+        if sample_tokens is None:
+            sample_tokens = real.sum(-1).tolist() if real is not None else [batch["input_ids"].shape[1]] * bs
         for task in ("generation", "understanding", "text"):
             counts[f"train/samples_{task}"] = float(sum(t == task for t in tasks))
-            counts[f"train/tokens_{task}"] = float(sum(n for n, t in zip(row_tokens, tasks) if t == task))
+            counts[f"train/tokens_{task}"] = float(sum(n for n, t in zip(sample_tokens, tasks) if t == task))
         self.log_dict(counts, batch_size=bs, reduce_fx="sum")
         return out["loss"]
 

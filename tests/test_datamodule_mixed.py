@@ -399,6 +399,30 @@ def test_length_buckets_pad_less_and_use_every_row_once(world, mixed_lengths, mo
     assert step_length[8] < 0.8 * step_length[1], step_length
 
 
+def test_packed_rows_hold_the_same_samples_in_fewer_fuller_rows(world, mixed_lengths):
+    plain = run(make_dm(world, mixed_lengths, **BUCKET_ARGS))
+    packed = run(make_dm(world, mixed_lengths, pack_rows=True, **BUCKET_ARGS))
+
+    def samples(batch):  # (key, ids) of each sample, read back from its document in the packed rows
+        out = []
+        for r in range(batch["input_ids"].shape[0]):
+            docs = batch["document_ids"][r]
+            for d in range(int(docs.max()) + 1):
+                out.append(tuple(batch["input_ids"][r][docs == d].tolist()))
+        return out
+
+    for p, b in zip(packed, plain, strict=True):
+        assert sorted(p["keys"]) == sorted(b["keys"]) and sorted(p["source"]) == sorted(b["source"])
+        assert dict(zip(p["keys"], p["source"])) == dict(zip(b["keys"], b["source"]))  # each sample keeps its source
+        assert Counter(samples(p)) == Counter(tuple(ids[:n].tolist()) for ids, n in zip(b["input_ids"], b["row_tokens"]))
+        assert p["input_ids"].shape[1] <= 256
+    assert sum(b["input_ids"].shape[0] for b in packed) < sum(b["input_ids"].shape[0] for b in plain)
+    assert padded_tokens(packed) < 0.5 * padded_tokens(plain), (padded_tokens(packed), padded_tokens(plain))
+    val = next(iter(make_dm(world, pack_rows=True, val_sources=[dict(name="v", urls=f"{world}/val/*.tar",
+                                                                        task="understanding", format="qa")]).val_dataloader()))
+    assert "document_ids" in val and val["input_ids"].shape[0] < len(val["keys"])
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_inside_a_length_bucket_group(world, mixed_lengths, num_workers):
     """Resumed after 3 and after 9 batches (inside a group of 4 of a lane's batches): the run goes on with exactly the

@@ -231,6 +231,7 @@ class DecoderStack(nn.Module):
         kv_cache: KVCache | None = None,
         routing: Routing | None = None,
         right_padded: bool | None = None,
+        document_ids: Tensor | None = None,
     ) -> Tensor:
         """inputs_embeds [B, T, D] -> final-normed hidden states [B, T, D].
 
@@ -240,6 +241,8 @@ class DecoderStack(nn.Module):
         position_ids Long[B, T]: RoPE positions, default past_len + 0..T-1. kv_cache: appended to.
         routing / right_padded: what `image_mask` / `attention_mask` imply, when the caller already knows it (a
         collated batch does): read from the masks on the device otherwise.
+        document_ids Long[B, T]: packed rows (several samples in one row, `data.batch.collate(pack_len=...)`): a
+        token attends only to earlier tokens of its own document; padding carries its own id. No KV cache.
         """
         b, t, _ = inputs_embeds.shape
         if image_mask is not None and tuple(image_mask.shape) != (b, t):
@@ -248,6 +251,9 @@ class DecoderStack(nn.Module):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, t)} (new tokens only when using a KV cache)"
             )
+        if document_ids is not None and (kv_cache is not None or tuple(document_ids.shape) != (b, t)):
+            raise ValueError(f"document_ids has shape {tuple(document_ids.shape)}, expected {(b, t)}, and needs no KV "
+                             "cache (packed rows are for training and scoring, not decoding)")
         past = kv_cache.seq_len if kv_cache is not None else 0
         device = inputs_embeds.device
         if not self.vision_experts:
@@ -273,6 +279,9 @@ class DecoderStack(nn.Module):
         elif padded:
             key_mask = attention_mask.bool()
         attn_mask, is_causal = self._attn_mask(b, t, past, key_mask if padded else None, device)
+        if document_ids is not None:  # causal within each document (padding is a document of its own: no NaN rows)
+            same = rearrange(document_ids, "b q -> b 1 q 1") == rearrange(document_ids, "b k -> b 1 1 k")
+            attn_mask, is_causal = same & torch.ones(t, t, dtype=torch.bool, device=device).tril(), False
 
         x = inputs_embeds
         if decode:
