@@ -139,6 +139,7 @@ class SynerGenVL(LightningModule):
         fold_output_rms: float | None = None,
         fold_output_rms_learnable: bool = True,
         fold_reconstruction_weight: float = 0.0,
+        fold_reconstruction_views: int | None = None,
         head: dict | None = None,
         image_loss_weight: float = 2.0,
         text_loss: str = "token",
@@ -184,6 +185,8 @@ class SynerGenVL(LightningModule):
                 its folded token (`TokenFolder.reconstruction_loss`, beside the paper's losses): the folded tokens
                 keep what their codes show (an object's colour), which next-patch generation alone lets the folder
                 drop. The read-out belongs to the folder's parameter group. 0 (default): the paper's losses only.
+            fold_reconstruction_views: that loss reads back at most this many views of a batch (evenly spread): its
+                cost is views x codebook, a large share of a step with many Q/A views. None (default): every view.
             head: the UnfoldingHead's blocks: {num_layers: 4, hidden_size, num_heads, num_kv_heads,
                 intermediate_size}; unset keys follow the LLM. `condition`: how h_i enters the head, "first"
                 (the first input, default) or "every" (added to every input; `UnfoldingHead`).
@@ -256,7 +259,8 @@ class SynerGenVL(LightningModule):
         self.llm = MMoETransformer(config, vision_experts=True)
         self.folder = TokenFolder(codebook_size, grid, fold, config.hidden_size, code_dim=code_dim,
                                   output_rms=fold_output_rms, output_rms_learnable=fold_output_rms_learnable,
-                                  reconstruct=fold_reconstruction_weight > 0)
+                                  reconstruct=fold_reconstruction_weight > 0,
+                                  reconstruct_max_views=fold_reconstruction_views)
         hc = {"num_layers": 4, "hidden_size": config.hidden_size, "num_heads": config.num_heads,
               "num_kv_heads": config.num_kv_heads, "intermediate_size": config.intermediate_size}
         hc.update(head or {})

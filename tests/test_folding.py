@@ -200,3 +200,19 @@ def test_reconstruction_needs_the_read_out():
     assert folder.recon is None
     with pytest.raises(RuntimeError, match="reconstruct=True"):
         folder(torch.zeros(1, 4, 4, dtype=torch.long), reconstruct=True)
+
+
+def test_reconstruction_max_views_reads_back_an_even_spread_of_the_views():
+    torch.manual_seed(0)
+    full = TokenFolder(codebook_size=16, grid=(4, 4), fold=(2, 2), llm_hidden_size=12, code_dim=5, reconstruct=True)
+    capped = TokenFolder(codebook_size=16, grid=(4, 4), fold=(2, 2), llm_hidden_size=12, code_dim=5, reconstruct=True,
+                         reconstruct_max_views=3)
+    capped.load_state_dict(full.state_dict())
+    codes = torch.randint(0, 16, (7, 4, 4))
+    folded, loss = capped(codes, reconstruct=True)
+    torch.testing.assert_close(folded, full.fold(codes))  # every view is still folded
+    _, expected = full(codes[[0, 2, 4]], reconstruct=True)  # views 0, 7//3, 14//3
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(capped(codes[:2], reconstruct=True)[1], full(codes[:2], reconstruct=True)[1])  # under the cap: all
+    with pytest.raises(ValueError, match="reconstruct_max_views=0"):
+        TokenFolder(codebook_size=16, grid=(4, 4), fold=(2, 2), llm_hidden_size=12, reconstruct=True, reconstruct_max_views=0)

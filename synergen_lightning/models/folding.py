@@ -68,6 +68,7 @@ class TokenFolder(nn.Module):
         output_rms: float | None = None,
         output_rms_learnable: bool = True,
         reconstruct: bool = False,
+        reconstruct_max_views: int | None = None,
     ):
         super().__init__()
         grid, fold = tuple(grid), tuple(fold)
@@ -102,6 +103,11 @@ class TokenFolder(nn.Module):
         # colour downstream, so the folder learns to drop it and understanding cannot read it back (docs/levels.md);
         # the read-out keeps every code of the patch recoverable from its token.
         self.recon = nn.Linear(llm_hidden_size, fold[0] * fold[1] * code_dim) if reconstruct else None
+        # `reconstruct_max_views`: the loss reads back at most this many views per call, evenly spread over the batch
+        # (its cost grows with views x codebook, and a batch of many small Q/A views does not need every one)
+        if reconstruct_max_views is not None and reconstruct_max_views < 1:
+            raise ValueError(f"reconstruct_max_views={reconstruct_max_views}: must be >= 1, or None for every view")
+        self.recon_max_views = reconstruct_max_views
 
     @property
     def tokens_per_view(self) -> int:
@@ -110,7 +116,8 @@ class TokenFolder(nn.Module):
     def fold(self, codes: Tensor, reconstruct: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Long[N, h, w] -> float[N, P, llm_hidden]; N may be 0 (the module still runs, for FSDP). With
         `reconstruct` (a folder built with `reconstruct=True`) also the reconstruction loss of these codes (a scalar,
-        the mean cross-entropy per code), computed inside the call so a sharded folder's weights are still gathered."""
+        the mean cross-entropy per code; of at most `reconstruct_max_views` views, evenly spread), computed inside the
+        call so a sharded folder's weights are still gathered."""
         if tuple(codes.shape[-2:]) != self.grid:
             raise ValueError(
                 f"code grid {tuple(codes.shape[-2:])} does not match the folder's grid {self.grid}: "
@@ -127,6 +134,10 @@ class TokenFolder(nn.Module):
         folded = self._project(x)
         if not reconstruct:
             return folded
+        k = self.recon_max_views
+        if k is not None and codes.shape[0] > k:
+            pick = torch.arange(k, device=codes.device) * codes.shape[0] // k
+            return folded, self.reconstruction_loss(folded.index_select(0, pick), codes.index_select(0, pick))
         return folded, self.reconstruction_loss(folded, codes)
 
     def reconstruction_loss(self, folded: Tensor, codes: Tensor) -> Tensor:
