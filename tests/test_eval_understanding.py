@@ -48,3 +48,22 @@ def test_an_oracle_beats_the_prior_and_answers_diversely():
     assert res["accuracy"] == 1.0 > res["prior_accuracy"]
     assert res["per_kind"] == {"color": 1.0, "yes_no": 1.0}
     assert res["top_answer_share"] == {"color": 0.75, "yes_no": 0.5}
+
+
+def test_per_kind_by_objects_separates_reading_one_object_from_finding_one_among_several():
+    """A model that answers right on one-object scenes and wrong elsewhere: the split shows where it fails."""
+    items = _items()
+    for it in items:
+        it["objects"] = 1 if it["image"] % 2 == 0 else 3
+    truth = {it["image"]: it["answer"] if it["objects"] == 1 else "wrong" for it in items}
+
+    class OneObjectReader(torch.nn.Module):
+        def answer(self, images, questions, **kw):
+            return [truth[i] for i in images]
+
+    res = understanding_suite(OneObjectReader(), items, batch_size=3)
+    assert res["per_kind_by_objects"] == {"color": {"1": 1.0, "3": 0.0}, "yes_no": {"1": 1.0, "3": 0.0}}
+    assert res["per_kind"] == {"color": 0.5, "yes_no": 0.5}
+    for it in items:
+        del it["objects"]  # items without a scene size: no split
+    assert understanding_suite(OneObjectReader(), items, batch_size=3)["per_kind_by_objects"] == {}

@@ -262,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         "level": level, "trained_level": trained_level,
         "geneval": geneval,
         "und": {"accuracy": und["accuracy"], "per_kind": und["per_kind"], "questions": und["num_items"],
+                "per_kind_by_objects": und["per_kind_by_objects"],
                 "prior_accuracy": und["prior_accuracy"], "prior_per_kind": und.get("prior_per_kind"),
                 "top_answer": und["top_answer"], "top_answer_share": und["top_answer_share"],
                 "max_tiles": max_tiles, "thumbnail": thumbnail},

@@ -113,7 +113,8 @@ def shard_urls(shards: list[str] | str, suite: str) -> list[str]:
 
 
 def load_qa_items(shards: list[str] | str, max_items: int | None = None) -> list[dict]:
-    """Val Q/A items {image: PIL, question, answer, kind, key} from shape-world shards (KEY.jpg + KEY.json)."""
+    """Val Q/A items {image: PIL, question, answer, kind, key, objects} from shape-world shards (KEY.jpg + KEY.json);
+    `objects`: how many objects the scene shows (None where KEY.json lists none)."""
     from PIL import Image
 
 
@@ -129,9 +130,10 @@ def load_qa_items(shards: list[str] | str, max_items: int | None = None) -> list
         meta = load_json(sample["json"], key)
         image = Image.open(io.BytesIO(img_bytes))
         image.load()
+        objects = len(meta["objects"]) if isinstance(meta.get("objects"), list) else None
         for qa in meta.get("qa") or []:
             items.append({"image": image, "question": qa["question"], "answer": str(qa["answer"]),
-                          "kind": qa.get("kind", "qa"), "key": key})
+                          "kind": qa.get("kind", "qa"), "key": key, "objects": objects})
             if max_items is not None and len(items) >= max_items:
                 return items
     if not items:
@@ -143,11 +145,14 @@ def load_qa_items(shards: list[str] | str, max_items: int | None = None) -> list
 def understanding_suite(model, items: list[dict], max_new_tokens: int = 16, batch_size: int = 16,
                         max_tiles: int = 1, thumbnail: bool = False, progress: bool = False,
                         return_answers: bool = False) -> dict:
-    """Exact match (strip, case-insensitive) of greedy answers; overall and per Q/A kind (`return_answers`: the
-    answer to every item too, under "answers")."""
+    """Exact match (strip, case-insensitive) of greedy answers; overall and per Q/A kind, and per kind and number of
+    objects in the scene where items say it (`objects`: a model that reads one object but cannot find the one a
+    question names among several is right on one-object scenes only); `return_answers`: the answer to every item
+    too, under "answers"."""
     if not items:
         raise EvalInputError("understanding: no Q/A items to evaluate")
     per_kind: dict[str, list[bool]] = defaultdict(list)
+    by_objects: dict[str, dict[int, list[bool]]] = defaultdict(lambda: defaultdict(list))
     predicted: dict[str, Counter] = defaultdict(Counter)
     examples, all_answers = [], []
     with eval_mode(model), progress_bar(progress, "understanding: answering", len(items)) as advance:
@@ -158,6 +163,8 @@ def understanding_suite(model, items: list[dict], max_new_tokens: int = 16, batc
             for it, got in zip(chunk, answers):
                 ok = got.strip().lower() == it["answer"].strip().lower()
                 per_kind[it["kind"]].append(ok)
+                if it.get("objects") is not None:
+                    by_objects[it["kind"]][int(it["objects"])].append(ok)
                 predicted[it["kind"]][got.strip().lower()] += 1
                 if len(examples) < 8:
                     examples.append({"question": it["question"], "answer": it["answer"], "predicted": got})
@@ -167,6 +174,8 @@ def understanding_suite(model, items: list[dict], max_new_tokens: int = 16, batc
     extra = {"answers": all_answers} if return_answers else {}
     return {**extra, "accuracy": sum(flat) / len(flat), "num_items": len(flat),
             "per_kind": {k: sum(v) / len(v) for k, v in sorted(per_kind.items())}, "examples": examples,
+            "per_kind_by_objects": {k: {str(n): sum(v) / len(v) for n, v in sorted(by_n.items())}
+                                    for k, by_n in sorted(by_objects.items())},
             # what answering from the question type alone scores, and how often the model gave its most common
             # answer per kind (1.0 = one answer whatever the image, e.g. "red" to every colour question)
             "prior_accuracy": prior["accuracy"], "prior_per_kind": prior["per_kind"],
