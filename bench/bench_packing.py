@@ -23,9 +23,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import interleaved, machine_info, ratio, set_threads  # noqa: E402
-
 from callbacks.throughput import batch_flops  # noqa: E402
+from common import interleaved, machine_info, ratio, set_threads  # noqa: E402
 from datamodules.mixed import MixedDataModule  # noqa: E402
 from synergen_lightning.system import SynerGenVL  # noqa: E402
 
