@@ -2,8 +2,8 @@
 
 Rows are right-padded to the longest row (already capped at `max_seq_len` by the sequence builder). With
 `pack_len`, short samples share rows of up to `pack_len` tokens (first-fit over the samples longest first): each
-keeps its own positions (from 0) and attends only to itself (`document_ids`), so a batch of 25-token Q/A rows
-beside 128-token text rows is not mostly padding.
+keeps its own positions (from 0) and attends only to itself (`document_ids`), so short samples beside a long one
+do not pay for its length in padding.
 Views go in slot order: row-major over the batch, then by position inside the row.
 """
 
