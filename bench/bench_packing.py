@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from callbacks.throughput import batch_flops  # noqa: E402
 from common import interleaved, machine_info, ratio, set_threads  # noqa: E402
 from datamodules.mixed import MixedDataModule  # noqa: E402
+from synergen_lightning.plan import load_recipe  # noqa: E402
 from synergen_lightning.system import SynerGenVL  # noqa: E402
 
 
@@ -55,11 +55,7 @@ def main() -> None:
     out_path = a.out.resolve() if a.out else None
     os.chdir(a.demo)
     os.environ.setdefault("SYNERGEN_TINY_SHARDS", "data/tiny/codes")
-    text = Path(a.recipe if a.recipe.is_absolute() else Path(__file__).resolve().parents[1] / a.recipe).read_text()
-    # the recipe's ${oc.env:NAME,default} interpolations, resolved as the CLI does
-    from omegaconf import OmegaConf
-
-    recipe = OmegaConf.to_container(OmegaConf.create(yaml.safe_load(text)), resolve=True)
+    recipe = load_recipe([str(a.recipe if a.recipe.is_absolute() else Path(__file__).resolve().parents[1] / a.recipe)])
     variants, shapes = {}, {}
     for und in a.und_rows:
         for pack in (False, True):
