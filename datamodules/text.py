@@ -103,6 +103,15 @@ class TextDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.tokenizer: TextTokenizer | None = None
 
+    @property
+    def batch_size(self) -> int:
+        """Rows per step and process (a data-parallel strategy with `global_batch_size` sets it per rank)."""
+        return int(self.hparams.batch_size)
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        self.hparams.batch_size = int(value)
+
     def prepare_data(self) -> None:
         load_or_train(self.hparams.tokenizer_dir, self.hparams.train_files, self.hparams.bpe_vocab_size)
 
@@ -123,10 +132,10 @@ class TextDataModule(L.LightningDataModule):
             self.val_set = PackedTextDataset(*self._rows(self.hparams.val_files)) if self.hparams.val_files else None
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
                           num_workers=self.hparams.num_workers)
 
     def val_dataloader(self):
         if self.val_set is None:
             return []
-        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.hparams.num_workers)
