@@ -165,6 +165,28 @@ def test_base_llm_recipe_parses_and_builds(tmp_path):
     assert len(cli.datamodule.train_set) > 0
 
 
+def test_a_data_parallel_strategy_splits_the_text_batch(tmp_path):
+    """`make demo` trains the base LLM over 2 processes with `global_batch_size: datamodule`: the recipe's batch is
+    the global one, and each rank's loader yields its share."""
+    from types import SimpleNamespace
+
+    from synergen_lightning.distributed import DDPStrategy, derive_per_rank_batch
+
+    corpus = write_toy_corpus(tmp_path / "text", n_train=200, n_val=10)
+    dm = TextDataModule([str(corpus / "train.jsonl")], None, tokenizer_dir=str(tmp_path / "tok"), bpe_vocab_size=320,
+                        seq_len=32, batch_size=16)
+
+    class WorldOfTwo(DDPStrategy):
+        world_size = 2
+
+    strategy = WorldOfTwo(global_batch_size="datamodule")
+    strategy._lightning_module = SimpleNamespace(trainer=SimpleNamespace(datamodule=dm))
+    derive_per_rank_batch(strategy, strategy.global_batch_size)
+    assert dm.batch_size == dm.hparams.batch_size == 8
+    dm.setup()
+    assert next(iter(dm.train_dataloader()))["input_ids"].shape == (8, 32)
+
+
 def test_train_repeats_oversample_a_file_and_mix_it_into_rows(tmp_path):
     main, skill = tmp_path / "main.jsonl", tmp_path / "skill.jsonl"
     main.write_text("".join(json.dumps({"text": f"the red circle {i}"}) + "\n" for i in range(40)))
