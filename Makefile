@@ -66,8 +66,11 @@ TINY_FIT_FLAGS := --trainer.devices $(DEVICES) $(if $(MULTI),--trainer.strategy.
 NPROC := $(shell env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1)
 # pretokenizing the train shards: one process per core (each encodes whole shards)
 PRETOKENIZE_WORKERS ?= $(NPROC)
-# make demo trains the base LLM and the stages data-parallel over this many CPU processes (one per core, at most 2)
+# make demo trains its stages data-parallel over this many CPU processes (one per core, at most 2)
 DEMO_DEVICES ?= $(if $(filter 1,$(NPROC)),1,2)
+# $(call logged,LOG,WHAT,COMMAND): COMMAND's output goes to LOG when LOG is set (make demo runs two jobs at once, and
+# two progress bars in one terminal garble each other); on failure the log's tail is printed
+logged = $(if $(1),@mkdir -p $(dir $(1)) && echo "$(2) (log: $(1))" && { { $(3); } > $(1) 2>&1 || { tail -40 $(1); exit 1; }; },$(3))
 # Resumable training runs (the base LLM and the stages), checkpoints in DIR. A run stopped half-way (Ctrl-C, a crash, a
 # lost machine) leaves DIR/last.ckpt without DIR/.done: the next make resumes it from there ($(call resume_from,DIR)).
 # A finished run whose recipe or inputs changed starts over ($(call start_over_if_finished,DIR) clears it first).
@@ -101,12 +104,13 @@ $(DATA_OK): $(VENV)
 
 tokenizer: $(VQ_CKPT)  ## train the tiny VQ image tokenizer and print its val figures
 
+# TOKENIZER_LOG=FILE sends the fit's output to FILE (make demo trains it beside the base LLM)
 $(SEED_OK):
 	@rm -f runs/tiny/.seed-*
 	@mkdir -p $(@D) && touch $@
 
 $(VQ_CKPT): $(DATA_OK) $(SEED_OK) recipes/tiny/tokenizer.yaml
-	$(SYN) fit --config recipes/tiny/tokenizer.yaml --seed_everything $(SEED)
+	$(call logged,$(TOKENIZER_LOG),training the image tokenizer,$(SYN) fit --config recipes/tiny/tokenizer.yaml --seed_everything $(SEED))
 	$(SYN) eval tokenizer --tokenizer $@ --shards $(DATA)/val --json runs/tiny/tokenizer/eval.json
 
 base-llm: $(BASE_DONE)  ## pretrain the tiny text-only base LLM (stands in for InternLM2 / Qwen2)
@@ -115,7 +119,7 @@ $(BASE_DONE): $(DATA_OK) $(SEED_OK) recipes/tiny/base_llm.yaml
 	@# starting over: new data may bring new words, so the BPE is trained again too
 	@if [ -f $(@D)/.done ]; then rm -rf runs/tiny/text_tokenizer; fi
 	$(call start_over_if_finished,$(@D)/)
-	$(SYN) fit --config recipes/tiny/base_llm.yaml --seed_everything $(SEED) $(TINY_FIT_FLAGS) $(call resume_from,$(@D)/)
+	$(SYN) fit --config recipes/tiny/base_llm.yaml --seed_everything $(SEED) $(call resume_from,$(@D)/)
 	touch $@
 
 ifdef RECIPE
@@ -137,11 +141,13 @@ endif
 
 # the stages read pretokenized views of the whole canvas (KEY.codes.npy): the frozen tokenizer's encode would otherwise cost a
 # good share of every step; `synergen fit` without SYNERGEN_TINY_SHARDS encodes on the fly from data/tiny instead.
+# PRETOKENIZE_LOG=FILE sends the output to FILE (make demo pretokenizes beside the base LLM's training)
 # the codes of another tokenizer must not survive (pretokenize resumes by skipping shards that exist): start empty
 $(CODES_OK): $(VQ_CKPT)
 	rm -rf $(CODES)
-	$(SYN) data pretokenize --tokenizer $(VQ_CKPT) --in $(DATA)/train --out $(CODES)/train --task generation --image-size $(CANVAS) --workers $(PRETOKENIZE_WORKERS)
-	$(SYN) data pretokenize --tokenizer $(VQ_CKPT) --in $(DATA)/val --out $(CODES)/val --task generation --image-size $(CANVAS)
+	$(call logged,$(PRETOKENIZE_LOG),pretokenizing the $(CANVAS)-px views,\
+	  $(SYN) data pretokenize --tokenizer $(VQ_CKPT) --in $(DATA)/train --out $(CODES)/train --task generation --image-size $(CANVAS) --workers $(PRETOKENIZE_WORKERS) && \
+	  $(SYN) data pretokenize --tokenizer $(VQ_CKPT) --in $(DATA)/val --out $(CODES)/val --task generation --image-size $(CANVAS))
 	touch $@
 
 $(S1_DONE): $(DATA_OK) $(CODES_OK) $(VQ_CKPT) $(BASE_DONE) recipes/tiny/stage1.yaml
@@ -161,10 +167,11 @@ $(SFT_DONE): $(S2_DONE) recipes/tiny/sft.yaml
 
 demo: $(VENV)  ## everything on the tiny default (LEVEL=demo), then scoring -> runs/demo/report.json, samples.png, curve.png
 	@$(MAKE) --no-print-directory $(DATA_OK)
-	@# the image tokenizer (one process), then its codes of the views (one worker per core)
-	@$(MAKE) --no-print-directory $(CODES_OK)
-	@# the base LLM and the stages: data-parallel over DEMO_DEVICES processes (one core each), each recipe's batch
-	@# split between them (data-parallel, the base LLM takes less time than on one core beside the tokenizer: RESULTS.md)
+	@# the base LLM does not depend on the image tokenizer: one core trains it while the other trains the tokenizer
+	@# and then pretokenizes the views with it (one worker: the other core is busy)
+	@$(MAKE) --no-print-directory -j2 $(CODES_OK) $(BASE_DONE) TOKENIZER_LOG=runs/tiny/tokenizer.log \
+	  PRETOKENIZE_LOG=runs/tiny/pretokenize.log PRETOKENIZE_WORKERS=1
+	@# the stages: data-parallel over DEMO_DEVICES processes (one core each), the recipes' batch split between them
 	@$(MAKE) --no-print-directory $(DEMO) DEVICES=$(DEMO_DEVICES) STRATEGY=ddp
 
 $(DEMO): $(SFT_DONE)
