@@ -166,8 +166,8 @@ def test_base_llm_recipe_parses_and_builds(tmp_path):
 
 
 def test_a_data_parallel_strategy_splits_the_text_batch(tmp_path):
-    """`make demo` trains the base LLM over 2 processes with `global_batch_size: datamodule`: the recipe's batch is
-    the global one, and each rank's loader yields its share."""
+    """The base LLM over several processes (`--trainer.strategy.init_args.global_batch_size datamodule`, as the
+    Makefile passes for the stages): the recipe's batch is the global one, and each rank's loader yields its share."""
     from types import SimpleNamespace
 
     from synergen_lightning.distributed import DDPStrategy, derive_per_rank_batch
