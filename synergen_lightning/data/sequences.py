@@ -28,13 +28,12 @@ import torch
 from PIL import Image
 
 from synergen_lightning.data.sources import SkipSample, load_json, load_npy
-from synergen_lightning.data.views import dynamic_tiles, generation_view, tile_grids, to_uint8_tensor
+from synergen_lightning.data.views import IMAGE_EXTS, dynamic_tiles, generation_view, tile_grids, to_uint8_tensor
 
 CAPTION_PROMPT = "Provide a one-sentence caption for the image"
 GENERATION_PROMPT = "Generate an image of: "
 UNCOND_PROMPT_HEAD = "Here is a random image "  # + <UNCOND> + ":"
 IGNORE = -100
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CODES_EXT = "codes.npy"
 
 
