@@ -2,6 +2,7 @@
 makes progress is left alone and leaves no thread behind."""
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -39,11 +40,21 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_script(tmp_path, *args, timeout=60):
     script = tmp_path / "stalls.py"  # a file: Lightning's DDP launcher starts the other rank by running it again
     script.write_text(SCRIPT)
+    # a fresh rendezvous: an earlier test in this process may have left its MASTER_PORT and rank variables behind
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK",
+                                                             "WORLD_SIZE", "NODE_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(PYTHONPATH=str(ROOT), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     return subprocess.run([sys.executable, str(script), *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          timeout=timeout, env=env)
 
 
 def test_a_stalled_run_exits_with_the_stack_of_the_waiting_frame(tmp_path):
