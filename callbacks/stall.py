@@ -60,9 +60,7 @@ class StallWatchdog(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._progress(f"the end of training (step {trainer.global_step}): end-of-run callbacks")
 
-    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._halt()
-
+    # a finished run reaches `teardown`; a failed one reaches `on_exception` only
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._halt()
 

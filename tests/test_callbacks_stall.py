@@ -89,6 +89,26 @@ def test_a_run_that_makes_progress_finishes_and_stops_the_watchdog():
     assert not any(t.name == "StallWatchdog" for t in threading.enumerate())
 
 
+def test_a_run_that_fails_stops_the_watchdog():
+    """An exception reaches `on_exception`, not `teardown`: the watchdog must stop there too, or its thread would end
+    the process (a notebook, a test session) `timeout_s` later."""
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    class FailsAtStep2(BoringModel):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 2:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[StallWatchdog(timeout_s=30, poll_s=0.05)])
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(FailsAtStep2())
+    assert not any(t.name == "StallWatchdog" for t in threading.enumerate())
+
+
 def test_bad_timeouts_are_refused():
     with pytest.raises(ValueError, match=r"StallWatchdog\(timeout_s=0.*both must be > 0"):
         StallWatchdog(timeout_s=0)
