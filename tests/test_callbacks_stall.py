@@ -91,7 +91,7 @@ def test_a_run_that_makes_progress_finishes_and_stops_the_watchdog():
 
 def test_a_run_that_fails_stops_the_watchdog():
     """An exception reaches `on_exception`, not `teardown`: the watchdog must stop there too, or its thread would end
-    the process (a notebook, a test session) `timeout_s` later."""
+    the process (a notebook, a pytest run) `timeout_s` later."""
     import lightning as L
     from lightning.pytorch.demos.boring_classes import BoringModel
 
