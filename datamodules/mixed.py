@@ -298,7 +298,7 @@ class MixedDataModule(L.LightningDataModule):
         sources: list of dicts `{name, urls, task, weight, format, options}`: `urls` a brace pattern, glob,
             list file (.txt), list, `pipe:`, `http(s)://` or fsspec URL (`data.sources.expand_urls`); `task` generation | understanding | text; `weight` > 0 (relative
             within the task); `format` (understanding) caption | conversation | qa; `options` e.g.
-            `caption_ext`, `caption_field`, `prompt`, `qa_field`, `question_key`, `answer_key`, `qa_kinds`, `pairs_per_sample`,
+            `caption_ext`, `caption_field`, `prompt`, `qa_field`, `question_key`, `answer_key`, `qa_kinds`, `qa_kind_weights`, `pairs_per_sample`,
             `conversations_field`, `text_field`.
         tokenizer: a TextTokenizer directory, or a tokenizer object.
         tokens_per_view: folded LLM tokens per image view, `(image_size/downsample)^2 / (m*n)`; unset: the model's.

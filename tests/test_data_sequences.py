@@ -137,6 +137,29 @@ def test_qa_pairs_per_sample_builds_one_conversation_without_answer_leaks(tok):
         builder(tok).build(r, "understanding", "qa", {"pairs_per_sample": 0})
 
 
+def test_qa_kind_weights_ask_a_kind_in_proportion(tok):
+    """`qa_kind_weights` skews the one-pair pick across many samples toward the weighted kinds, in proportion to
+    weight x pairs of the kind; without it the pick is the unweighted one, unchanged."""
+    pairs = [{"question": "How many shapes are there?", "answer": "2", "kind": "count"},
+             {"question": "How many circles are there?", "answer": "1", "kind": "count"},
+             {"question": "Where is the red circle?", "answer": "top left", "kind": "position"},
+             {"question": "Is there a blue square?", "answer": "yes", "kind": "yes_no"}]
+    asked = {"count": 0, "position": 0, "yes_no": 0}
+    n = 800
+    for i in range(n):
+        r = {**raw(key=f"k{i}"), "json": json.dumps({"qa": pairs}).encode()}
+        s = builder(tok).build(r, "understanding", "qa", {"qa_kind_weights": {"position": 4, "count": 0.5}})
+        kind = next(p["kind"] for p in pairs if supervised(s) == tok.chat_answer_ids(p["answer"]))
+        asked[kind] += 1
+    # weights: count 2 x 0.5 = 1, position 4, yes_no 1 -> 1/6, 4/6, 1/6 (binomial sd at n=800 about 0.017)
+    assert abs(asked["position"] / n - 4 / 6) < 0.06 and abs(asked["count"] / n - 1 / 6) < 0.05, asked
+    plain = {**raw(key="k7"), "json": json.dumps({"qa": pairs}).encode()}
+    assert builder(tok).build(plain, "understanding", "qa", {"qa_kind_weights": {}}).input_ids == \
+        builder(tok).build(plain, "understanding", "qa").input_ids
+    with pytest.raises(ValueError, match="qa_kind_weights"):
+        builder(tok).build(plain, "understanding", "qa", {"qa_kind_weights": {"position": -1}})
+
+
 def test_text_fully_supervised(tok):
     s = builder(tok).build({"__key__": "t", "json": {"text": "red circle."}}, "text")
     assert s.input_ids == [tok.bos_id] + tok.encode("red circle.") + [tok.eos_id]

@@ -107,6 +107,30 @@ def _leaks(a: dict, b: dict, q_key: str, a_key: str) -> bool:
     return said(a[a_key], b[q_key]) or said(b[a_key], a[q_key])
 
 
+def _kind_weights(pairs: list[dict], options: dict) -> list[float]:
+    """Pick weight of each Q/A pair: `qa_kind_weights[kind]` (default 1 for kinds it does not name), so a scene's rarer
+    or harder kinds can be asked more often than the scene lists them."""
+    weights = options.get("qa_kind_weights") or {}
+    if not isinstance(weights, dict) or any(isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0
+                                            for w in weights.values()):
+        raise ValueError(f"qa option qa_kind_weights={weights!r} must map question kinds to weights >= 0 "
+                         "(e.g. {position: 3, relation: 2}; unnamed kinds weigh 1)")
+    return [float(weights.get(p.get("kind"), 1.0)) for p in pairs]
+
+
+def _weighted_index(u: float, weights: list[float]) -> int:
+    """The index that u in [0, 1) falls on when [0, 1) is cut in proportion to `weights` (uniform if all are 0)."""
+    total = sum(weights)
+    if total <= 0:
+        return int(u * len(weights))
+    edge = 0.0
+    for i, w in enumerate(weights):
+        edge += w / total
+        if u < edge:
+            return i
+    return len(weights) - 1
+
+
 class SequenceBuilder:
     """Raw webdataset sample (dict of bytes) -> `BuiltSample`. Raises `SkipSample(reason)` for bad input.
 
@@ -329,7 +353,9 @@ class SequenceBuilder:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"qa option pairs_per_sample={k!r} must be an integer >= 1 (1 = one Q/A pair per row)")
         if k == 1:
-            pick = pairs[int(_unit(self.seed, self.epoch, "qa", key) * len(pairs))]
+            u = _unit(self.seed, self.epoch, "qa", key)
+            pick = pairs[_weighted_index(u, _kind_weights(pairs, options)) if options.get("qa_kind_weights")
+                         else int(u * len(pairs))]
             return [("user", str(pick[q_key])), ("assistant", str(pick[a_key]))]
         # several pairs of one image in one conversation: k times the supervision for one image's tokens
         order = sorted(range(len(pairs)), key=lambda i: _unit(self.seed, self.epoch, "qa", key, i))
