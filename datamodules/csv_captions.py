@@ -29,7 +29,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.mixed import _load_tokenizer, follow_model, unset_view_args
+from datamodules.mixed import _load_tokenizer, follow_model, model_question_first, unset_view_args
 from synergen_lightning.data.batch import collate
 from synergen_lightning.data.sequences import BuiltSample, SequenceBuilder
 from synergen_lightning.data.sources import SkipCounter, SkipSample
@@ -155,7 +155,8 @@ class CsvCaptionDataModule(L.LightningDataModule):
         hp = self.hparams
         self.tokenizer = _load_tokenizer(self._tokenizer_arg)
         self.image_size, self.tokens_per_view = follow_model(self, *self._view_args)
-        kw = dict(tokens_per_view=self.tokens_per_view, image_size=self.image_size, max_seq_len=hp.max_seq_len, seed=hp.seed)
+        kw = dict(tokens_per_view=self.tokens_per_view, image_size=self.image_size, max_seq_len=hp.max_seq_len, seed=hp.seed,
+                  question_first=model_question_first(self))
         self.builder = SequenceBuilder(self.tokenizer, cfg_dropout=hp.cfg_dropout, **kw)
         counter = SkipCounter()
         rows = read_captions(Path(hp.root), counter, hp.file_column, hp.caption_column)

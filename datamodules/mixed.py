@@ -104,6 +104,14 @@ def follow_model(datamodule: L.LightningDataModule, image_size: int | None,
     return int(image_size), int(tokens_per_view)
 
 
+def model_question_first(datamodule: L.LightningDataModule) -> bool:
+    """The understanding prompt order of the model the DataModule's Trainer trains (`SynerGenVL.question_first`);
+    image first without one."""
+    trainer = getattr(datamodule, "trainer", None)
+    model = getattr(trainer, "lightning_module", None) if trainer is not None else None
+    return bool(getattr(model, "question_first", False))
+
+
 def batch_as_is(batch: dict) -> dict:
     """The streams yield finished batches (`collate`); the DataLoader's default `default_convert` would
     only walk every key and list of every batch again, for nothing."""
@@ -381,7 +389,8 @@ class MixedDataModule(L.LightningDataModule):
             src.resolve()
         self.tokenizer = _load_tokenizer(self._tokenizer_arg)
         self.image_size, self.tokens_per_view = follow_model(self, *self._view_args)
-        self._builder_kwargs.update(image_size=self.image_size, tokens_per_view=self.tokens_per_view)
+        self._builder_kwargs.update(image_size=self.image_size, tokens_per_view=self.tokens_per_view,
+                                    question_first=model_question_first(self))
         hp = self.hparams
         use_codes = self._resolve_image_input(hp.image_input)
         self.use_codes = use_codes

@@ -110,14 +110,17 @@ def generate_images(model, prompts: list[str] | str, num: int = 1, cfg_scale: fl
     return [Image.fromarray(a) for a in arr]
 
 
-def understanding_prompt_ids(tok, n_views: int, tokens_per_view: int, question: str) -> tuple[list[int], list[bool]]:
-    """`<s><|im_start|>user\\n<boi>[IMG]<eoi>...\\n{question}<|im_end|>\\n<|im_start|>assistant\\n`, as training builds it."""
-    ids = [tok.bos_id, tok.im_start_id] + tok.encode("user\n")
+def understanding_prompt_ids(tok, n_views: int, tokens_per_view: int, question: str, question_first: bool = False
+                             ) -> tuple[list[int], list[bool]]:
+    """`<s><|im_start|>user\\n<boi>[IMG]<eoi>...\\n{question}<|im_end|>\\n<|im_start|>assistant\\n`, as training builds it
+    (`question_first`: `user\\n{question}\\n<boi>[IMG]<eoi>...<|im_end|>`)."""
+    ids = [tok.bos_id, tok.im_start_id] + tok.encode("user\n" + (question + "\n" if question_first else ""))
     img = [False] * len(ids)
     for _ in range(n_views):
         ids += [tok.boi_id] + [tok.pad_id] * tokens_per_view + [tok.eoi_id]
         img += [False] + [True] * tokens_per_view + [False]
-    tail = tok.encode("\n" + question) + [tok.im_end_id] + tok.encode("\n") + [tok.im_start_id] + tok.encode("assistant\n")
+    tail = ([] if question_first else tok.encode("\n" + question)) + [tok.im_end_id] + tok.encode("\n") \
+        + [tok.im_start_id] + tok.encode("assistant\n")
     return ids + tail, img + [False] * len(tail)
 
 
@@ -140,7 +143,8 @@ def understanding_rows(model, images_per_row: list, questions: list[str], max_ti
             row_codes = model.encode_images(to_uint8_tensor(views)) if views else \
                 torch.zeros(0, *model.grid, dtype=torch.long, device=model.device)
         if row_codes.shape[0]:
-            built.append(understanding_prompt_ids(tok, row_codes.shape[0], model.tokens_per_view, q))
+            built.append(understanding_prompt_ids(tok, row_codes.shape[0], model.tokens_per_view, q,
+                                                  question_first=model.question_first))
         else:
             ids = tok.chat_prompt_ids(q)
             built.append((ids, [False] * len(ids)))

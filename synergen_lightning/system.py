@@ -156,6 +156,7 @@ class SynerGenVL(LightningModule):
         init_from_base_llm: bool = False,
         max_context: int | None = None,
         max_nonfinite_steps: int = 5,
+        question_first: bool = False,
     ):
         """
         Args:
@@ -211,6 +212,10 @@ class SynerGenVL(LightningModule):
             max_nonfinite_steps: an optimizer step whose loss or gradient norm is NaN/inf on any rank makes no update
                 (counted as `train/skipped_nonfinite`, logged with the batch's sources); this many in a row stop the
                 run with a checkpoint of the last good state (synergen_lightning/nonfinite.py).
+            question_first: understanding prompts put the question before the image (`user\\n{question}\\n<boi>[IMG]<eoi>`):
+                the image tokens then see the question, so each can mark whether it holds the object asked about, and
+                the answer reads the marked one. False: the paper's image-first template. The training data
+                (`MixedDataModule`) and `answer` follow the model's setting.
         """
         super().__init__()
         # resolve everything that shapes the model once, and save it: load_from_checkpoint then needs
@@ -287,6 +292,11 @@ class SynerGenVL(LightningModule):
     @property
     def tokens_per_view(self) -> int:
         return self.folder.tokens_per_view
+
+    @property
+    def question_first(self) -> bool:
+        """Whether understanding prompts put the question before the image (checkpoints without it: image first)."""
+        return bool(self.hparams.get("question_first", False))
 
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """The model's own partition into the named groups of the stage table (every parameter exactly once)."""

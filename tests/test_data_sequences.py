@@ -160,6 +160,30 @@ def test_qa_kind_weights_ask_a_kind_in_proportion(tok):
         builder(tok).build(plain, "understanding", "qa", {"qa_kind_weights": {"position": -1}})
 
 
+def test_question_first_puts_the_image_after_the_question_exactly_as_answer_prompts_it(tok):
+    """`question_first`: the Q/A and caption turns read `{question}\\n<boi>[IMG]<eoi>`; the training prompt (every id
+    before the first supervised one) is the id list `answer` decodes from, in both orders."""
+    from synergen_lightning.inference import understanding_prompt_ids
+
+    pair = {"question": "Where is the red circle?", "answer": "top left", "kind": "position"}
+    r = {**raw(), "json": json.dumps({"qa": [pair]}).encode()}
+    for question_first in (False, True):
+        s = builder(tok, question_first=question_first).build(r, "understanding", "qa")
+        n = next(i for i, lab in enumerate(s.labels) if lab != IGNORE)
+        ids, img = understanding_prompt_ids(tok, s.n_views, TPV, pair["question"], question_first=question_first)
+        assert (s.input_ids[:n], s.image_mask[:n]) == (ids, img)
+        boi, question = s.input_ids.index(tok.boi_id), s.input_ids.index(tok.encode("user\n" + pair["question"])[-1])
+        assert (boi > question) == question_first
+        assert supervised(s) == tok.chat_answer_ids(pair["answer"])
+    cap = builder(tok, question_first=True).build(raw(), "understanding", "caption")
+    text = tok.decode(cap.input_ids, skip_special_tokens=False)
+    assert text.index("caption") < text.index("<boi>"), text
+    with pytest.raises(SkipSample, match="missing_image"):  # a caption sample still needs its image
+        no_image = raw()
+        no_image.pop("jpg")
+        builder(tok, question_first=True).build(no_image, "understanding", "caption")
+
+
 def test_text_fully_supervised(tok):
     s = builder(tok).build({"__key__": "t", "json": {"text": "red circle."}}, "text")
     assert s.input_ids == [tok.bos_id] + tok.encode("red circle.") + [tok.eos_id]

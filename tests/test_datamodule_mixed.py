@@ -275,6 +275,26 @@ def test_view_geometry_follows_the_model_when_the_recipe_leaves_it_out(world):
     assert (dm.image_size, dm.tokens_per_view) == (16, model.tokens_per_view) == (16, 4)
     batch = run(dm, 1)[0]
     assert batch["pixel_values"].shape[-2:] == (16, 16) and batch["image_mask"].sum(1).tolist() == [4, 4]
+    assert dm.builder.question_first is False
+
+
+def test_understanding_prompt_order_follows_the_model(world):
+    """A model that reads the question first gets Q/A rows whose image slots follow the question's tokens."""
+    from types import SimpleNamespace
+
+    from tests.test_system_helpers import tiny_model
+
+    firsts = {}
+    for question_first in (False, True):
+        dm = MixedDataModule(sources=[dict(name="qa", urls=f"{world}/train/*.tar", task="understanding", format="qa")],
+                             tokenizer=str(world / "tok"), batch_size={"understanding": 3}, steps_per_epoch=1)
+        dm.trainer = SimpleNamespace(lightning_module=tiny_model(image_size=16, downsample=4, fold=(2, 2),
+                                                                 question_first=question_first))
+        dm.setup("fit")
+        batch = run(dm, 1)[0]
+        firsts[question_first] = [int(row.nonzero()[0]) for row in batch["image_mask"]]
+    # the same samples: the image slots start later by each question's length (+ its newline) when it comes first
+    assert all(b > a + 3 for a, b in zip(firsts[False], firsts[True])), firsts
 
 
 TWO_WEIGHTED = lambda d: [  # noqa: E731 - two weighted sources per task: each rank's lanes draw them differently

@@ -5,7 +5,8 @@ Chat template (InternLM2's): `<s><|im_start|>user\\n{user}<|im_end|>\\n<|im_star
 - generation:    user = `Generate an image of: {caption}` (or, with prob. `cfg_dropout`,
                  `Here is a random image <UNCOND>:`), assistant = `<boi>[IMG]<eoi>`; the image codes are
                  supervised through the unfolding head; text only with `supervise_generation_text`.
-- understanding: user = `<boi>[IMG]<eoi>` per tile (tiles, then thumbnail) + `\\n{question}`,
+- understanding: user = `<boi>[IMG]<eoi>` per tile (tiles, then thumbnail) + `\\n{question}` (`question_first`:
+                 `{question}\\n` + the image),
                  assistant = `{answer}`; only answers (+ their `<|im_end|>`, and the final `</s>`) supervised.
                  Formats: `caption` (KEY.txt), `conversation` (LLaVA `conversations` in KEY.json,
                  `<image>` marks the image), `qa` (one Q/A pair of a list in KEY.json, seeded per sample; `pairs_per_sample: k`
@@ -144,11 +145,14 @@ class SequenceBuilder:
         supervise_generation_text: also supervise the text tokens of generation rows.
         use_codes: read `KEY.codes.npy` (pretokenized) instead of decoding the image.
         seed: seeds the per-sample choices (cfg dropout, Q/A pair) together with the sample key and epoch.
+        question_first: an understanding turn whose text does not place the image puts it after the question
+            (`SynerGenVL(question_first=...)`; the data follows the model it trains).
     """
 
     def __init__(self, tokenizer, tokens_per_view: int, image_size: int, max_seq_len: int = 4096, max_tiles: int = 1,
                  thumbnail: bool = False, min_tiles: int = 1, cfg_dropout: float = 0.1,
-                 supervise_generation_text: bool = False, use_codes: bool = False, seed: int = 0):
+                 supervise_generation_text: bool = False, use_codes: bool = False, seed: int = 0,
+                 question_first: bool = False):
         if tokens_per_view < 1:
             raise ValueError(f"tokens_per_view={tokens_per_view} must be >= 1 (fold factor and downsample set it)")
         if image_size < 1:
@@ -164,6 +168,7 @@ class SequenceBuilder:
         self.cfg_dropout = float(cfg_dropout)
         self.supervise_generation_text = bool(supervise_generation_text)
         self.use_codes = bool(use_codes)
+        self.question_first = bool(question_first)
         self.seed = seed
         self.epoch = 0
         self._gen: dict | None = None  # constant generation-row pieces, built on first use
@@ -280,21 +285,22 @@ class SequenceBuilder:
         return BuiltSample(input_ids, image_mask, labels, "generation", key, pixels, codes, True, {"uncond": uncond})
 
     def _understanding(self, raw: dict, key: str, fmt: str, options: dict) -> BuiltSample:
-        if fmt == "caption":
-            turns = [("user", "<image>\n" + options.get("prompt", CAPTION_PROMPT)), ("assistant", self._caption(raw, key, options))]
+        placeholder = options.get("image_placeholder", "<image>")
+        if fmt == "caption":  # the image is required: placed here, a sample without one is skipped below
+            turns = [("user", self._place_image(placeholder, options.get("prompt", CAPTION_PROMPT))),
+                     ("assistant", self._caption(raw, key, options))]
         elif fmt == "conversation":
             turns = self._conversation(raw, key, options)
         elif fmt == "qa":
             turns = self._qa(raw, key, options)
         else:
             raise ValueError(f"unknown understanding format {fmt!r}")
-        placeholder = options.get("image_placeholder", "<image>")
         n_marks = sum(text.count(placeholder) for _, text in turns)
         if n_marks > 1:
             raise SkipSample("bad_conversation", f"{key}: {n_marks} {placeholder} marks for one image")
         has_image = self.has_image(raw)
-        if n_marks == 0 and has_image:  # LLaVA samples without the mark: the image opens the first user turn
-            turns[0] = (turns[0][0], placeholder + "\n" + turns[0][1])
+        if n_marks == 0 and has_image:  # Q/A and LLaVA samples without the mark: the image joins the first user turn
+            turns[0] = (turns[0][0], self._place_image(placeholder, turns[0][1]))
             n_marks = 1
         pixels = codes = None
         if n_marks:
@@ -320,6 +326,10 @@ class SequenceBuilder:
                 s.special(t.im_end_id, True)
         s.special(t.eos_id, True)
         return self._finish(s, "understanding", key, pixels, codes, image_loss=False)
+
+    def _place_image(self, placeholder: str, text: str) -> str:
+        """The user turn's text with the image before it, or after it for a model that reads the question first."""
+        return text + "\n" + placeholder if self.question_first else placeholder + "\n" + text
 
     def _conversation(self, raw: dict, key: str, options: dict) -> list[tuple[str, str]]:
         if "json" not in raw:

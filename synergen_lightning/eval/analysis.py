@@ -57,7 +57,7 @@ def layer_cosine_similarity(model, codes: Tensor, captions: list[str], question:
     sims = []
     try:
         for i in range(codes.shape[0]):
-            u_ids, u_img = understanding_prompt_ids(tok, 1, P, question)
+            u_ids, u_img = understanding_prompt_ids(tok, 1, P, question, question_first=model.question_first)
             g_prompt = generation_prompt_ids(tok, captions[i])  # ends with <boi>
             g_ids = g_prompt + [tok.pad_id] * P + [tok.eoi_id]
             g_img = [False] * len(g_prompt) + [True] * P + [False]

@@ -54,7 +54,8 @@ def _builder(model, tok, cfg_dropout: float = 0.0, use_codes: bool = True) -> Se
     hp = model.hparams
     max_len = hp.get("max_context") or model.llm.config.max_position_embeddings
     return SequenceBuilder(tok, model.tokens_per_view, image_size=model.grid[0] * int(hp.downsample),
-                           max_seq_len=int(max_len), cfg_dropout=cfg_dropout, use_codes=use_codes)
+                           max_seq_len=int(max_len), cfg_dropout=cfg_dropout, use_codes=use_codes,
+                           question_first=model.question_first)
 
 
 def _npy_bytes(codes: Tensor) -> bytes:
@@ -263,7 +264,8 @@ def grounding_items(model, samples: list[dict], max_tiles: int = 1, thumbnail: b
     tok = _text_tokenizer(model)
     hp = model.hparams
     builder = SequenceBuilder(tok, model.tokens_per_view, image_size=model.grid[0] * int(hp.downsample),
-                              max_tiles=max_tiles, thumbnail=thumbnail, use_codes=use_codes)
+                              max_tiles=max_tiles, thumbnail=thumbnail, use_codes=use_codes,
+                              question_first=model.question_first)
 
     def codes_of(raw, task):
         try:
