@@ -279,12 +279,13 @@ def test_report_accepts_an_export_directory_and_names_a_wrong_one(tmp_path):
     from synergen_lightning.export import export
     from synergen_lightning.system import load_synergen
 
-    model = _model()
+    model = _model(question_first=True)
     system = tmp_path / "system.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, system)
     export(system, tmp_path / "exported")
     assert check_system_checkpoint(tmp_path / "exported")["hyper_parameters"]["fold"] == list(model.hparams.fold)
     loaded = load_synergen(tmp_path / "exported")
+    assert loaded.question_first  # the prompt order travels with the weights
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     (tmp_path / "empty").mkdir()

@@ -29,8 +29,8 @@ class GridTokenizer:
         return img[:, None].expand(-1, 3, -1, -1)
 
 
-def _model():
-    m = tiny_model().eval()
+def _model(**kw):
+    m = tiny_model(**kw).eval()
     m.set_text_tokenizer(CharTokenizer())
     m.set_image_tokenizer(GridTokenizer())
     return m
@@ -76,14 +76,19 @@ def test_prompt_longer_than_context_is_an_error():
         generate_images(model, ["x" * 200], output="codes")
 
 
-def test_answer_matches_uncached_greedy_reference():
-    model = _model()
+@pytest.mark.parametrize("question_first", [False, True])
+def test_answer_matches_uncached_greedy_reference(question_first):
+    """`answer` prompts in the model's own order (`question_first`), batched and cached, as the step-by-step
+    uncached greedy decode of that prompt does."""
+    model = _model(question_first=question_first)
     codes = torch.randint(0, 16, (2, 4, 4))
     questions = ["what colour?", "how many shapes are there"]
     got = answer(model, None, questions, max_new_tokens=5, codes=codes)
     tok = CharTokenizer()
     for r, q in enumerate(questions):
-        ids, img = understanding_prompt_ids(tok, 1, model.tokens_per_view, q)
+        ids, img = understanding_prompt_ids(tok, 1, model.tokens_per_view, q, question_first=question_first)
+        before_image = "user\n" + (q + "\n" if question_first else "")  # then <boi> and the image's slots
+        assert img.index(True) == 2 + len(tok.encode(before_image)) + 1
         out = []
         for _ in range(5):
             t = torch.tensor([ids])
