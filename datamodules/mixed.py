@@ -84,14 +84,19 @@ def unset_view_args(image_size: int | None, tokens_per_view: int | None) -> list
     return [name for name, v in zip(VIEW_ARGS, (image_size, tokens_per_view)) if v is None]
 
 
+def trained_model(datamodule: L.LightningDataModule) -> L.LightningModule | None:
+    """The LightningModule the DataModule's Trainer trains; None without a Trainer (a DataModule used on its own)."""
+    trainer = getattr(datamodule, "trainer", None)
+    return getattr(trainer, "lightning_module", None) if trainer is not None else None
+
+
 def follow_model(datamodule: L.LightningDataModule, image_size: int | None,
                  tokens_per_view: int | None) -> tuple[int, int]:
     """(image_size, tokens_per_view) of the data: the values the recipe gives, else the model's (the LightningModule
     of the DataModule's Trainer), so a data recipe need not repeat the model's view geometry. A value the recipe
     gives and the model disagrees with is refused by `SynerGenVL.setup`, before training."""
     if image_size is None or tokens_per_view is None:
-        trainer = getattr(datamodule, "trainer", None)
-        model = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        model = trained_model(datamodule)
         if image_size is None and model is not None:
             image_size = (getattr(model, "hparams", None) or {}).get("image_size")
         if tokens_per_view is None and model is not None:
@@ -107,9 +112,7 @@ def follow_model(datamodule: L.LightningDataModule, image_size: int | None,
 def model_question_first(datamodule: L.LightningDataModule) -> bool:
     """The understanding prompt order of the model the DataModule's Trainer trains (`SynerGenVL.question_first`);
     image first without one."""
-    trainer = getattr(datamodule, "trainer", None)
-    model = getattr(trainer, "lightning_module", None) if trainer is not None else None
-    return bool(getattr(model, "question_first", False))
+    return bool(getattr(trained_model(datamodule), "question_first", False))
 
 
 def batch_as_is(batch: dict) -> dict:

@@ -2,7 +2,6 @@
 makes progress is left alone and leaves no thread behind."""
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from callbacks.stall import EXIT_CODE, StallWatchdog
+from tests.distributed_worker import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,12 +38,6 @@ SCRIPT = textwrap.dedent("""
     trainer.fit(StallsAtStep3())
     print("FINISHED")
 """)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_script(tmp_path, *args, timeout=60):
