@@ -7,6 +7,10 @@
 - **progressive** (paper Table 7, no folding, no dynamic tiles): stage 1 then stage 2 with the MMoE progressive
   parameter sets, against full-parameter tuning in both stages, plus the "S.2 only" row; understanding,
   generation (shape-world GenEval, standing in for MSCOCO FID) and the base LLM's held-out text skill.
+- **head** (Table 6b, beyond the paper, which never gives the unfolding head's width): the tiny stage 1 and 2 recipes
+  as they are (4x4 folding, pretokenized codes when `SYNERGEN_TINY_SHARDS` names them) with the head at the LLM's
+  width, half of it and a quarter; GenEval on the level's 600 eval prompts, the image loss given the caption, and
+  the training step time of each arm (the head is most of a folded step's FLOPs: docs/performance.md).
 
 Every arm is a list of `synergen fit` runs, each the tiny stage recipe + the ablation overrides in
 `recipes/ablations/` + a per-run YAML this driver writes (seed, output folders, steps): improvements to the
@@ -28,11 +32,11 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 RECIPES = Path("recipes/ablations")
-STUDIES = ("folding", "progressive")
+STUDIES = ("folding", "progressive", "head")
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class Arm:
     study: str
     description: str
     stages: tuple[StageRun, ...]
+    eval_overrides: tuple[tuple[str, object], ...] = ()  # EvalSettings fields this arm's evaluation changes
 
 
 # Steps of the full run: shorter than the demo (stage 1 800, stage 2 600) so that `make ablations` (3 seeds of
@@ -86,6 +91,27 @@ ARMS: tuple[Arm, ...] = (
     Arm("s2_only", "progressive", "stage 2 straight from the base LLM (no stage 1); no folding",
         (StageRun("s2", "recipes/tiny/stage2.yaml", ("stage2_data.yaml", "nofold.yaml", "from_base.yaml"), "stage2", S2_STEPS, suites=_NOFOLD_SUITES),)),
 )
+
+# Table 6b: the tiny recipes' stage 1 and 2 at their own steps, the head's width the only change
+HEAD_S1_STEPS, HEAD_S2_STEPS = 400, 300
+HEAD_CANVAS = 64  # the tiny recipes' image size: the demo level's canvas
+_HEAD_SUITES = ("geneval", "grounding")
+_HEAD_EVAL = (("num_geneval", 600),)  # every eval prompt: width arms differ by a few points at most
+
+
+def _head_arm(name: str, override: tuple[str, ...], description: str) -> Arm:
+    return Arm(name, "head", description,
+               (StageRun("s1", "recipes/tiny/stage1.yaml", override, "stage1", HEAD_S1_STEPS, suites=_HEAD_SUITES),
+                StageRun("s2", "recipes/tiny/stage2.yaml", override, "stage2", HEAD_S2_STEPS, init_from="s1",
+                         suites=_HEAD_SUITES)), eval_overrides=_HEAD_EVAL)
+
+
+HEAD_ARMS = (
+    _head_arm("head_x1", (), "the unfolding head at the LLM's width (the tiny recipes' head)"),
+    _head_arm("head_x1_2", ("head_half.yaml",), "the head at half the LLM's width"),
+    _head_arm("head_x1_4", ("head_quarter.yaml",), "the head at a quarter of the LLM's width"),
+)
+ARMS = ARMS + HEAD_ARMS
 ARM_BY_NAME = {a.name: a for a in ARMS}
 
 # The rows of the paper's tables: (study, row label, arm, stage run, paper figures)
@@ -119,9 +145,11 @@ class EvalSettings:
     max_text: int = 200
     cfg: float = 7.5
     seed: int = 0
+    num_grounding: int = 128  # val scenes for the image loss given the caption (suite "grounding")
 
 
-QUICK_EVAL = EvalSettings(und_per_kind=2, num_geneval=2, max_text=4)
+QUICK_EVAL = EvalSettings(und_per_kind=2, num_geneval=2, max_text=4, num_grounding=4)
+SUITES = ("und", "geneval", "text", "grounding")
 NOTES_BEGIN, NOTES_END = "<!-- notes: kept when the table is rewritten -->", "<!-- end notes -->"
 
 
@@ -182,7 +210,8 @@ def evaluate_checkpoint(ckpt: str | Path, suites: tuple[str, ...], settings: Eva
     torch.manual_seed(settings.seed)
     model = load_synergen(ckpt)
     data = Path(settings.data)
-    out: dict = {}
+    out: dict = {"head_width": model.head.config.hidden_size,
+                 "head_params": sum(p.numel() for p in model.head.parameters())}
     if "und" in suites:
         items = load_eval_items(str(data / "val" / "shard-*.tar"), settings.und_per_kind)
         res = understanding_suite(model, items, max_tiles=max_tiles, thumbnail=thumbnail, batch_size=32)
@@ -206,6 +235,14 @@ def evaluate_checkpoint(ckpt: str | Path, suites: tuple[str, ...], settings: Eva
         prompts = [json.loads(x) for x in (data / "eval_prompts.jsonl").read_text().splitlines() if x.strip()]
         res = geneval_suite(model, prompts[: settings.num_geneval], seed=settings.seed, cfg_scale=settings.cfg)
         out["geneval"] = res["overall"]
+    if "grounding" in suites:
+        from synergen_lightning.eval.grounding import grounding_suite
+
+        shards = data / "codes" / "val" if (data / "codes" / "val").is_dir() else data / "val"
+        res = grounding_suite(model, shards=str(shards / "shard-*.tar"), max_items=settings.num_grounding,
+                              max_tiles=max_tiles, thumbnail=thumbnail)
+        out["image_loss"] = res["caption"]["true"]  # nats per code, teacher-forced after the true caption
+        out["caption_gain"] = res["caption_gain"]
     if "text" in suites:
         # the base LLM every arm starts from, scored on the same lines (Table 7's Baseline row)
         res = text_suite(model, data / "text" / "skill_val.jsonl", base_llm=model.hparams.base_llm,
@@ -310,6 +347,8 @@ def run_arm_seed(arm: Arm, seed: int, out: Path, quick: bool, settings: EvalSett
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "log.txt"
     result = {}
+    if arm.eval_overrides and not quick:
+        settings = replace(settings, **dict(arm.eval_overrides))
     for stage in arm.stages:
         sdir = run_dir / stage.name
         train_json, ckpt = sdir / "train.json", sdir / "last.ckpt"
@@ -400,13 +439,13 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _fmt(s: dict | None, pct: bool = True) -> str:
+def _fmt(s: dict | None, pct: bool = True, digits: int = 1) -> str:
     if s is None:
         return "–"
     k = 100 if pct else 1
-    txt = f"{k * s['mean']:.1f}"
+    txt = f"{k * s['mean']:.{digits}f}"
     if s["n"] > 1:
-        txt += f" ± {k * s['sd']:.1f} [{k * s['min']:.1f}–{k * s['max']:.1f}]"
+        txt += f" ± {k * s['sd']:.{digits}f} [{k * s['min']:.{digits}f}–{k * s['max']:.{digits}f}]"
     return txt
 
 
@@ -441,6 +480,12 @@ def verdicts(runs: dict) -> list[str]:
     s1 = summarize(runs, "text_retention", "progressive", "s1")
     if s1:
         lines.append(f"- Progressive S.1 only keeps {100 * s1['mean']:.0f}% of the text skill (paper: 100%, the LLM is frozen).")
+    ref = summarize(runs, "geneval", "head_x1", "s2")
+    for arm in HEAD_ARMS[1:]:
+        got = summarize(runs, "geneval", arm.name, "s2")
+        if ref and got:
+            lines.append(f"- Head {arm.name.removeprefix('head_').replace('_', '/')} width: GenEval after S.2 "
+                         f"{got['mean'] - ref['mean']:+.3f} against the head at the LLM's width.")
     return lines
 
 
@@ -497,6 +542,26 @@ def render_markdown(results: dict) -> str:
         L.append(f"| {stage_lbl} | {strat or '–'} | " + " | ".join(ours) + " | "
                  + " | ".join(_paper(paper, c) for c in ("GQA", "TextVQA", "AI2D", "MMLU", "CMMLU", "MSCOCO FID")) + " |")
     L += _prior_row(runs, ("und", "und_text"), 1, 10)
+    L += ["", "## Table 6b: the unfolding head's width (beyond the paper)", "",
+          f"The tiny stage 1 ({_steps(runs, 'head_x1', 's1', HEAD_S1_STEPS)} steps) and stage 2"
+          f" ({_steps(runs, 'head_x1', 's2', HEAD_S2_STEPS)} steps) recipes as they are, on the level in"
+          " `data/tiny`; only the head's width changes (its depth and condition stay). GenEval on every eval prompt;"
+          " image loss = nats per code after the true caption on val scenes; step time of stage 1, whose"
+          " trainable part is mostly the head, with the arms side by side in one run.", "",
+          "| head | width | parameters | GenEval S.1 | GenEval S.2 | image loss S.2 | S.1 s / step | S.1 speed vs x1 |",
+          "|---|---|---|---|---|---|---|---|"]
+    ref = runs.get("head_x1", {}).get("s1", {})
+    for arm in HEAD_ARMS:
+        s1, s2 = runs.get(arm.name, {}).get("s1", {}), runs.get(arm.name, {}).get("s2", {})
+        if not s1:
+            continue
+        first = next(iter(s1.values()))["eval"]
+        step = statistics.fmean(r["train"]["s_per_step"] for r in s1.values())
+        speed = (f"{statistics.fmean(r['train']['s_per_step'] for r in ref.values()) / step:.2f}x" if ref else "–")
+        loss = summarize(runs, "image_loss", arm.name, "s2")
+        L.append(f"| {arm.name} | {first.get('head_width', '–')} | {first.get('head_params', 0) / 1e6:.2f} M | "
+                 f"{_fmt(summarize(runs, 'geneval', arm.name, 's1'))} | {_fmt(summarize(runs, 'geneval', arm.name, 's2'))} | "
+                 f"{_fmt(loss, pct=False, digits=3)} | {step:.2f} | {speed} |")
     L += ["", "## What the miniature shows", ""] + (verdicts(runs) or ["- (no finished arm yet)"])
     L += ["", "## Arms, commands and run time", "",
           "| arm | stage | what trains | steps | seeds | fit wall s (measured) | s / step | fit quiet estimate s |"
@@ -551,12 +616,28 @@ def write_doc(path: Path, results: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------- CLI
+def _data_canvas(data: Path) -> int | None:
+    """The canvas of the shape world in `data` (its world.json), or None when it records none."""
+    from synergen_lightning.world.shards import read_world_info
+
+    info = read_world_info(data)
+    return None if info is None else int(info["canvas"])
+
+
 def run(seeds: list[int], only: str | None, quick: bool, out: Path, doc: Path, jobs: int, command: str,
         steps_scale: float = 1.0) -> dict:
     for need in ("data/tiny/val", "data/tiny/eval_prompts.jsonl"):
         if not Path(need).exists():
             raise FileNotFoundError(f"ablations: {need} is missing; run `make data` first (the shape world)")
     arms = [a for a in ARMS if only in (None, a.study)]
+    canvas = _data_canvas(Path("data/tiny"))
+    if canvas not in (None, HEAD_CANVAS) and any(a.study == "head" for a in arms):
+        msg = (f"the head study runs the tiny recipes as they are, on {HEAD_CANVAS}-px scenes (the demo level); "
+               f"data/tiny holds {canvas}-px scenes: `make data LEVEL=demo` first")
+        if only == "head":
+            raise ValueError(f"ablations: {msg}")
+        _log(f"skipping the head study: {msg}")
+        arms = [a for a in arms if a.study != "head"]
     settings = QUICK_EVAL if quick else EvalSettings()
     t0, load0 = time.time(), os.getloadavg()
     # longest arms first, so two workers finish together
@@ -586,6 +667,9 @@ def write_results(out: Path, doc: Path, quick: bool, jobs: int, command: str, wa
                                               ("und", "und_text", "und_small", "geneval", "text", "text_retention",
                                                     "drift_self_attention")}
                            for _, _, arm, stage, _ in ROWS if arm}}
+    results["summary"].update({f"{a.name}/{st.name}": {m: summarize(runs, m, a.name, st.name)
+                                                       for m in ("geneval", "image_loss")}
+                               for a in HEAD_ARMS for st in a.stages})
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     write_doc(doc, results)
@@ -597,7 +681,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("run", help="train and evaluate the arms (finished ones are skipped), write results + doc")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every arm (default: 0 1 2)")
-    p.add_argument("--only", choices=STUDIES, help="one study: folding (Table 6) or progressive (Table 7)")
+    p.add_argument("--only", choices=STUDIES,
+                   help="one study: folding (Table 6), progressive (Table 7) or head (Table 6b, the head's width)")
     p.add_argument("--quick", action="store_true",
                    help=f"{QUICK_STEPS} steps per stage and a tiny evaluation: checks the pipeline end to end")
     p.add_argument("--out", type=Path, default=None, help="runs folder (default: runs/ablations; --quick: runs/ablations_quick)")
@@ -607,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="multiply every stage's steps (e.g. 0.5 on a loaded machine); the table reports the steps run")
     e = sub.add_parser("eval", help="evaluate one checkpoint with the ablation settings -> a JSON file")
     e.add_argument("--ckpt", required=True)
-    e.add_argument("--suites", default="und,geneval,text", help="comma-separated: und, geneval, text")
+    e.add_argument("--suites", default="und,geneval,text", help=f"comma-separated: {', '.join(SUITES)}")
     e.add_argument("--max-tiles", type=int, default=1)
     e.add_argument("--thumbnail", action="store_true")
     e.add_argument("--out", type=Path, required=True)
@@ -621,9 +706,9 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(1)
         suites = tuple(s for s in a.suites.split(",") if s)
-        bad = [s for s in suites if s not in ("und", "geneval", "text")]
+        bad = [s for s in suites if s not in SUITES]
         if bad:
-            parser.error(f"--suites {a.suites!r}: unknown {bad}; use und, geneval, text")
+            parser.error(f"--suites {a.suites!r}: unknown {bad}; use {', '.join(SUITES)}")
         if not Path(a.ckpt).is_file():
             parser.error(f"--ckpt {a.ckpt!r} does not exist")
         res = evaluate_checkpoint(a.ckpt, suites, EvalSettings(**json.loads(a.settings)), a.max_tiles, a.thumbnail)

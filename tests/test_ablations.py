@@ -41,7 +41,7 @@ def _stage_cli(stage: abl.StageRun, tmp_path, init_from=None):
     return lightning_cli(args, run=False)
 
 
-@pytest.mark.parametrize("arm,stage", [(a.name, s.name) for a in abl.ARMS for s in a.stages])
+@pytest.mark.parametrize("arm,stage", [(a.name, s.name) for a in abl.ARMS if a.study != "head" for s in a.stages])
 def test_arm_recipes_compose(arm, stage, tiny_base, tmp_path, monkeypatch):
     """The tiny recipe + overrides + run YAML: the fold, view policy and trainable set the table states."""
     monkeypatch.setenv("SYNERGEN_TINY_BASE_LLM", str(tiny_base / "base.ckpt"))
@@ -69,6 +69,46 @@ def test_arm_recipes_compose(arm, stage, tiny_base, tmp_path, monkeypatch):
         assert model.hparams.init_from_base_llm and model.hparams.init_from is None
     tasks = {src.task for src in dm.sources}  # pinned: image data only, as the paper's pretraining ablations
     assert tasks == ({"understanding"} if abl.ARM_BY_NAME[arm].study == "folding" else {"generation", "understanding"})
+
+
+@pytest.mark.parametrize("arm,stage", [(a.name, s.name) for a in abl.HEAD_ARMS for s in a.stages])
+def test_head_arms_change_only_the_head_width(arm, stage, tiny_base, tmp_path, monkeypatch):
+    """Table 6b: each arm is the tiny stage recipe as it is (fold, data, lr, trainable set) with the head at the
+    width the arm names; its depth and condition stay the recipe's."""
+    monkeypatch.setenv("SYNERGEN_TINY_BASE_LLM", str(tiny_base / "base.ckpt"))
+    monkeypatch.setenv("SYNERGEN_TINY_TEXT_TOKENIZER", str(tiny_base / "tok"))
+    monkeypatch.chdir(ROOT)
+    st = next(s for s in abl.ARM_BY_NAME[arm].stages if s.name == stage)
+    cli = _stage_cli(st, tmp_path, init_from=tmp_path / "prev.ckpt" if st.init_from else None)
+    tiny = lightning_cli(["--config", str(ROOT / st.recipe), "--trainer.logger=false"], run=False).model
+    model = cli.model
+    llm_width = model.llm.config.hidden_size
+    import yaml
+
+    tiny_width = yaml.safe_load((ROOT / "recipes/tiny/base_llm.yaml").read_text())["model"]["init_args"]["config"]["hidden_size"]
+    want = {"head_x1": llm_width, "head_x1_2": tiny_width // 2, "head_x1_4": tiny_width // 4}[arm]  # of the tiny LLM
+    assert model.head.config.hidden_size == want
+    assert model.head.config.num_layers == tiny.head.config.num_layers and model.head.condition == tiny.head.condition
+    for key in ("fold", "lr", "schedule", "lr_scale", "image_size", "question_first"):
+        assert model.hparams[key] == tiny.hparams[key], key
+    stage_cb = [c for c in cli.trainer.callbacks if type(c).__name__ == "StageCallback"]
+    assert stage_cb[0].stage["name"] == st.stage and cli.trainer.max_steps == 7
+
+
+def test_head_study_refuses_data_of_another_canvas(tmp_path, monkeypatch):
+    """The head arms run the tiny recipes as they are: on a 128-px level `--only head` names the fix, and a run of
+    every study leaves the head study out."""
+    (tmp_path / "data" / "tiny" / "val").mkdir(parents=True)
+    (tmp_path / "data" / "tiny" / "eval_prompts.jsonl").write_text("")
+    (tmp_path / "data" / "tiny" / "world.json").write_text(json.dumps({"level": "full", "canvas": 128}))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="make data LEVEL=demo"):
+        abl.run([0], "head", True, tmp_path / "out", tmp_path / "doc.md", 1, "test")
+    ran = []
+    monkeypatch.setattr(abl, "run_arm_seed", lambda arm, *a, **k: ran.append(arm.name) or {})
+    monkeypatch.setattr(abl, "write_results", lambda *a, **k: {})
+    abl.run([0], None, True, tmp_path / "out", tmp_path / "doc.md", 1, "test")
+    assert ran and not any(name.startswith("head_") for name in ran)
 
 
 def test_folding_arms_image_token_counts(tiny_base):
