@@ -552,7 +552,7 @@ def render_markdown(results: dict) -> str:
           "|---|---|---|---|---|---|---|---|"]
     ref = runs.get("head_x1", {}).get("s1", {})
     for arm in HEAD_ARMS:
-        s1, s2 = runs.get(arm.name, {}).get("s1", {}), runs.get(arm.name, {}).get("s2", {})
+        s1 = runs.get(arm.name, {}).get("s1", {})
         if not s1:
             continue
         first = next(iter(s1.values()))["eval"]
