@@ -14,6 +14,7 @@ import numpy as np
 from .scene import Scene, relative_position
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")  # GenEval's four
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 QA_KINDS = ("color", "shape", "count", "position", "relation", "yes_no", "text")
 
@@ -102,6 +103,15 @@ def relation_qa(a, rel: str, b) -> dict:
             "answer": "yes" if rel in relative_position(a.bbox, b.bbox) else "no"}
 
 
+def balanced_relation_qa(a, b, rng: np.random.Generator) -> dict:
+    """A yes/no relation question whose answer is "yes" half the time: a relation that holds between `a` and `b`, or
+    one that does not (always one that does not for objects too close to relate)."""
+    holding = sorted(relative_position(a.bbox, b.bbox))
+    failing = [r for r in RELATIONS if r not in holding]
+    pool = holding if holding and rng.random() < 0.5 else failing
+    return relation_qa(a, pool[int(rng.integers(len(pool)))], b)
+
+
 # the two sides a choice question offers, per axis ("Is the red circle left or right of the blue square?")
 CHOICE_AXES: dict[str, tuple[str, str]] = {"horizontal": ("left of", "right of"), "vertical": ("above", "below")}
 
@@ -158,7 +168,7 @@ def qa_pairs(scene: Scene, rng: np.random.Generator, relation_choice: bool = Fal
         if relation_choice:
             qa.append(relation_choice_qa(objs[int(i)], objs[int(j)], rng))
         else:
-            rel = ["left of", "right of", "above", "below"][int(rng.integers(4))]
+            rel = RELATIONS[int(rng.integers(4))]
             qa.append(relation_qa(objs[int(i)], rel, objs[int(j)]))
     # yes/no existence: half the time ask about a (colour, shape) that is absent.
     if rng.random() < 0.5:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from .language import NUMBER_WORDS, OPPOSITE, article, plural
+from .language import NUMBER_WORDS, OPPOSITE, RELATIONS, article, plural
 from .scene import (
     BACKGROUNDS,
     COLORS,
@@ -33,7 +33,6 @@ from .scene import (
 )
 
 CATEGORIES: tuple[str, ...] = ("single_object", "two_objects", "counting", "colors", "position", "color_attr")
-RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 COUNTS = (2, 3, 4)
 
 

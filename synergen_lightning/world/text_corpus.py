@@ -160,8 +160,14 @@ def scene_binding_lines(meta: dict, qa_text: str = "bare") -> list[str]:
     base LLM to learn them; a base recipe that trains long enough to learn them repeats these lines
     (`text/scene_binding.jsonl`; the tiny recipe does not: RESULTS.md).
     """
-    from .language import OPPOSITE, absent_colour_shapes, coloured_relation, position_qa, presence_qa, relation_qa
-    from .prompts import RELATIONS
+    from .language import (
+        OPPOSITE,
+        absent_colour_shapes,
+        balanced_relation_qa,
+        coloured_relation,
+        position_qa,
+        presence_qa,
+    )
     from .scene import Scene, relative_position
 
     rng = np.random.default_rng([zlib.crc32(str(meta.get("key", "")).encode()), 43])
@@ -170,11 +176,7 @@ def scene_binding_lines(meta: dict, qa_text: str = "bare") -> list[str]:
     pairs = [position_qa(o)]
     if len(objs) >= 2:
         i, j = rng.choice(len(objs), size=2, replace=False)
-        a, b = objs[int(i)], objs[int(j)]
-        rels = relative_position(a.bbox, b.bbox)
-        holding, failing = sorted(rels), [r for r in RELATIONS if r not in rels]
-        pool = holding if holding and rng.random() < 0.5 else failing  # objects too close to relate: always "no"
-        pairs.append(relation_qa(a, pool[int(rng.integers(len(pool)))], b))
+        pairs.append(balanced_relation_qa(objs[int(i)], objs[int(j)], rng))
     if rng.random() < 0.5:
         present = sorted({(p.color, p.shape) for p in objs})
         pairs.append(presence_qa(*present[int(rng.integers(len(present)))], objs))
