@@ -10,7 +10,7 @@
 - **head** (Table 6b, beyond the paper, which never gives the unfolding head's width): the tiny stage 1 and 2 recipes
   as they are (4x4 folding, pretokenized codes when `SYNERGEN_TINY_SHARDS` names them) with the head at the LLM's
   width, half of it and a quarter; GenEval on the level's 600 eval prompts, the image loss given the caption, and
-  the training step time of each arm (the head is most of a folded step's FLOPs: docs/performance.md).
+  the training step time of each arm (the head is most of a folded step's FLOPs: RESULTS.md, head width).
 
 Every arm is a list of `synergen fit` runs, each the tiny stage recipe + the ablation overrides in
 `recipes/ablations/` + a per-run YAML this driver writes (seed, output folders, steps): improvements to the
