@@ -15,7 +15,7 @@
 Every arm is a list of `synergen fit` runs, each the tiny stage recipe + the ablation overrides in
 `recipes/ablations/` + a per-run YAML this driver writes (seed, output folders, steps): improvements to the
 tiny recipes reach the ablations. Outputs: `runs/ablations/<arm>/seed<k>/<stage>/` (checkpoint, TensorBoard,
-`train.json`, `eval.json`), `runs/ablations/results.json` and `docs/ablations.md`. Finished stages and
+`train.json`, `eval.json`), `runs/ablations/results.json` and `runs/ablations/ablations.md`. Finished stages and
 evaluations are skipped on a rerun (resumable); an interrupted stage is retrained from its start.
 """
 
@@ -68,7 +68,7 @@ class Arm:
 
 
 # Steps of the full run: shorter than the demo (stage 1 800, stage 2 600) so that `make ablations` (3 seeds of
-# every arm, 2 at a time) fits in 60 min on a quiet 2-core machine; docs/ablations.md states them.
+# every arm, 2 at a time) fits in 60 min on a quiet 2-core machine; the written table states them.
 FOLD_STEPS = 400
 S1_STEPS = 300
 S2_STEPS = 300
@@ -686,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help=f"{QUICK_STEPS} steps per stage and a tiny evaluation: checks the pipeline end to end")
     p.add_argument("--out", type=Path, default=None, help="runs folder (default: runs/ablations; --quick: runs/ablations_quick)")
-    p.add_argument("--doc", type=Path, default=None, help="markdown table (default: docs/ablations.md; --quick: OUT/ablations.md)")
+    p.add_argument("--doc", type=Path, default=None, help="markdown table (default: OUT/ablations.md, beside results.json)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time, one torch thread each (default 2: one per core)")
     p.add_argument("--steps-scale", type=float, default=1.0,
                    help="multiply every stage's steps (e.g. 0.5 on a loaded machine); the table reports the steps run")
@@ -699,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--settings", default="{}", help="EvalSettings fields as JSON")
     t = sub.add_parser("table", help="rewrite results.json and the doc from the finished runs (no training)")
     t.add_argument("--out", type=Path, default=Path("runs/ablations"))
-    t.add_argument("--doc", type=Path, default=Path("docs/ablations.md"))
+    t.add_argument("--doc", type=Path, default=None, help="markdown table (default: OUT/ablations.md)")
     a = parser.parse_args(argv)
     if a.cmd == "eval":
         import torch
@@ -719,6 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(res))
         return 0
     if a.cmd == "table":
+        a.doc = a.doc or a.out / "ablations.md"
         old = json.loads((a.out / "results.json").read_text())["meta"] if (a.out / "results.json").is_file() else {}
         write_results(a.out, a.doc, quick=old.get("quick", False), jobs=old.get("jobs", 2), command=old.get("command", "?"),
                       wall_s=old.get("wall_s", 0.0), loadavg=old.get("loadavg", [0.0]),
@@ -728,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(s < 0 for s in a.seeds):
         parser.error(f"--seeds {a.seeds}: seeds must be >= 0")
     out = a.out or Path("runs/ablations_quick" if a.quick else "runs/ablations")
-    doc = a.doc or (out / "ablations.md" if a.quick else Path("docs/ablations.md"))
+    doc = a.doc or out / "ablations.md"  # under runs/: a run's tables, not a tracked file
     command = "synergen ablations " + " ".join(argv if argv is not None else sys.argv[1:])
     if a.steps_scale <= 0:
         parser.error(f"--steps-scale {a.steps_scale}: must be > 0")

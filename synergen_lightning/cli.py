@@ -39,7 +39,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("generate",): ("synergen_lightning.inference_cli:generate_main", "generate images from text prompts with a trained SynerGenVL checkpoint"),
     ("answer",): ("synergen_lightning.inference_cli:answer_main", "answer a question about an image with a trained SynerGenVL checkpoint"),
     ("export",): ("synergen_lightning.export:main", "consolidate a sharded (FSDP2) or single-file checkpoint into one safetensors file + config"),
-    ("ablations",): ("synergen_lightning.ablations:main", "the paper's ablations in miniature (token folding, progressive alignment) -> docs/ablations.md"),
+    ("ablations",): ("synergen_lightning.ablations:main", "the paper's ablations in miniature (token folding, progressive alignment, the head's width) -> runs/ablations/"),
     ("plan",): ("synergen_lightning.plan:main", "per-GPU memory of a recipe's training step under FSDP2 (meta-device model, measured activations)"),
     ("demo", "report"): ("synergen_lightning.eval.demo_report:main", "score a trained tiny SynerGenVL (GenEval, Q/A, text skill) into report.json + a sample grid"),
 }

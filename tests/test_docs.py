@@ -46,9 +46,9 @@ DATE = re.compile(r"\b20\d\d-\d\d-\d\d\b")
 COMMIT = re.compile(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*\d)[0-9a-f]{7,40}\b")
 RUNS = re.compile(r"\bruns/([A-Za-z0-9_-]+)")
 MARKDOWN = re.compile(r"(?<![\w.-])((?:[\w-]+/)*[\w-]+\.md)\b")
-# markdown files the product writes: `make ablations` -> docs/ablations.md, `make bench` -> bench/results.md, and the
-# --quick / --doc outputs of `synergen ablations run`
-WRITTEN_MD = {"docs/ablations.md", "ablations.md", "bench/results.md", "results.md", "report.md"}
+# markdown files the product writes: `make ablations` -> runs/ablations/ablations.md (or --doc), `make bench` ->
+# bench/results.md, the reports' report.md
+WRITTEN_MD = {"ablations.md", "bench/results.md", "results.md", "report.md"}
 
 
 def _docstrings(tree: ast.AST) -> list[tuple[int, str]]:
