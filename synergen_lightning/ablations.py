@@ -96,7 +96,9 @@ ARMS: tuple[Arm, ...] = (
 HEAD_S1_STEPS, HEAD_S2_STEPS = 400, 300
 HEAD_CANVAS = 64  # the tiny recipes' image size: the demo level's canvas
 _HEAD_SUITES = ("geneval", "grounding")
-_HEAD_EVAL = (("num_geneval", 600),)  # every eval prompt: width arms differ by a few points at most
+# every eval prompt (width arms differ by a few points at most), at make demo's CFG (Makefile DEMO_CFG): at 7.5 the
+# tiny model's images degrade
+_HEAD_EVAL = (("num_geneval", 600), ("cfg", 1.5))
 
 
 def _head_arm(name: str, override: tuple[str, ...], description: str) -> Arm:
@@ -545,7 +547,8 @@ def render_markdown(results: dict) -> str:
     L += ["", "## Table 6b: the unfolding head's width (beyond the paper)", "",
           f"The tiny stage 1 ({_steps(runs, 'head_x1', 's1', HEAD_S1_STEPS)} steps) and stage 2"
           f" ({_steps(runs, 'head_x1', 's2', HEAD_S2_STEPS)} steps) recipes as they are, on the level in"
-          " `data/tiny`; only the head's width changes (its depth and condition stay). GenEval on every eval prompt;"
+          " `data/tiny`; only the head's width changes (its depth and condition stay). GenEval on every eval prompt"
+          " at CFG 1.5 (`make demo`'s);"
           " image loss = nats per code after the true caption on val scenes; step time of stage 1, whose"
           " trainable part is mostly the head, with the arms side by side in one run.", "",
           "| head | width | parameters | GenEval S.1 | GenEval S.2 | image loss S.2 | S.1 s / step | S.1 speed vs x1 |",
