@@ -109,8 +109,8 @@ def _head_arm(name: str, override: tuple[str, ...], description: str) -> Arm:
 
 
 HEAD_ARMS = (
-    _head_arm("head_x1", (), "the unfolding head at the LLM's width (the tiny recipes' head)"),
-    _head_arm("head_x1_2", ("head_half.yaml",), "the head at half the LLM's width"),
+    _head_arm("head_x1", ("head_full.yaml",), "the unfolding head at the LLM's width"),
+    _head_arm("head_x1_2", (), "the head at half the LLM's width (the tiny recipes' head)"),
     _head_arm("head_x1_4", ("head_quarter.yaml",), "the head at a quarter of the LLM's width"),
 )
 ARMS = ARMS + HEAD_ARMS
