@@ -553,14 +553,17 @@ def render_markdown(results: dict) -> str:
           " trainable part is mostly the head, with the arms side by side in one run.", "",
           "| head | width | parameters | GenEval S.1 | GenEval S.2 | image loss S.2 | S.1 s / step | S.1 speed vs x1 |",
           "|---|---|---|---|---|---|---|---|"]
-    ref = runs.get("head_x1", {}).get("s1", {})
+    def s1_step(arm_name: str) -> float | None:  # stage 1's mean s/step over the finished seeds
+        s1 = runs.get(arm_name, {}).get("s1", {})
+        return statistics.fmean(r["train"]["s_per_step"] for r in s1.values()) if s1 else None
+
+    ref_step = s1_step("head_x1")
     for arm in HEAD_ARMS:
-        s1 = runs.get(arm.name, {}).get("s1", {})
-        if not s1:
+        step = s1_step(arm.name)
+        if step is None:
             continue
-        first = next(iter(s1.values()))["eval"]
-        step = statistics.fmean(r["train"]["s_per_step"] for r in s1.values())
-        speed = (f"{statistics.fmean(r['train']['s_per_step'] for r in ref.values()) / step:.2f}x" if ref else "–")
+        first = next(iter(runs[arm.name]["s1"].values()))["eval"]
+        speed = f"{ref_step / step:.2f}x" if ref_step else "–"
         loss = summarize(runs, "image_loss", arm.name, "s2")
         L.append(f"| {arm.name} | {first.get('head_width', '–')} | {first.get('head_params', 0) / 1e6:.2f} M | "
                  f"{_fmt(summarize(runs, 'geneval', arm.name, 's1'))} | {_fmt(summarize(runs, 'geneval', arm.name, 's2'))} | "
