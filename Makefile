@@ -77,21 +77,27 @@ logged = $(if $(1),@mkdir -p $(dir $(1)) && echo "$(2) (log: $(1))" && { { $(3);
 resume_from = $(if $(wildcard $(1).done),,$(if $(wildcard $(1)last.ckpt),--ckpt_path $(1)last.ckpt))
 start_over_if_finished = @if [ -f $(1).done ]; then rm -f $(1).done $(1)*.ckpt; fi
 
-.PHONY: help install check-extras data tokenizer base-llm stage1 stage2 sft demo ablations eval lint test test-fast test-all bench gpu-check tensorboard geneval-gt clean
+.PHONY: help install constraints check-extras data tokenizer base-llm stage1 stage2 sft demo ablations eval lint test test-fast test-all bench gpu-check tensorboard geneval-gt clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9_-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
-install: $(VENV)  ## create .venv and install the toolkit (editable, with the dev and lm-eval extras)
+install: $(VENV)  ## create .venv and install the toolkit (editable, with the dev and lm-eval extras) at the versions of constraints.txt
 
-$(VENV): pyproject.toml
+# every package at the version of constraints.txt, so a fresh install gets the package set the figures in RESULTS.md
+# were measured with (only torch is pinned in pyproject.toml; a library's numerics can move the tiny chain's figures)
+$(VENV): pyproject.toml constraints.txt
 	python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	# torch 2.14.1 first, so the resolver keeps it (the registry build with CUDA libs runs on CPU too)
-	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -c constraints.txt $(TORCH)
 	# lm-eval: its adapter's test runs against the real package (it keeps torch and the toolkit's pins)
-	$(PIP) install -q -e ".[dev,lm-eval]"
+	$(PIP) install -q -c constraints.txt -e ".[dev,lm-eval]"
 	touch $@
+
+constraints: $(VENV)  ## rewrite constraints.txt from the installed packages (after upgrading one on purpose)
+	{ sed -n '/^#/p' constraints.txt; $(PIP) freeze --exclude-editable | grep -v '^-e'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 check-extras: $(VENV)  ## in a fresh virtualenv: installing each optional extra (dev, lm-eval, lmms-eval) changes neither torch nor the toolkit's pins (pip --dry-run; a few minutes)
 	$(PY) bench/check_extras.py --torch "$(TORCH)"

@@ -159,3 +159,29 @@ def test_eval_prints_the_paper_benchmarks_for_the_checkpoint_it_scored(tmp_path)
         assert text is not None, command
         missing = [o for o in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", rest) if o not in text]
         assert not missing, (command, missing)
+
+
+def test_install_pins_every_package_at_the_constraints_versions():
+    """A fresh `make install` resolves to constraints.txt: torch at the Makefile's build, and every dependency of the
+    toolkit and of its installed extras pinned, so two installs train on the same package set."""
+    import tomllib
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    makefile = (ROOT / "Makefile").read_text()
+    torch_spec = re.search(r"^TORCH\s*:=\s*(.+)$", makefile, re.M).group(1).split()
+    for spec in torch_spec:
+        name, version = spec.split("==")
+        assert pins[name] == version, f"constraints.txt has {name}=={pins[name]}, the Makefile installs {spec}"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["dev"],
+              *project["optional-dependencies"]["lm-eval"]]
+    for req in wanted:
+        name = re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", req).group(0)).lower()
+        assert name in pins, f"{req} is not pinned in constraints.txt: run `make constraints`"
+    pip_installs = [line for line in dry_run(".venv/.installed").splitlines() if " install " in line and "pip" in line
+                    and "--upgrade pip" not in line]
+    assert pip_installs and all("-c constraints.txt" in line for line in pip_installs), pip_installs
