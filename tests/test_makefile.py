@@ -42,6 +42,7 @@ def test_demo_pretokenizes_beside_the_base_llm_and_trains_stages_on_every_core()
 def _fake_checkout(tmp_path: Path) -> Path:
     """Just the files the Makefile's rules name as prerequisites, for `make -f ROOT/Makefile -n` in tmp_path."""
     (tmp_path / "pyproject.toml").touch()
+    (tmp_path / "constraints.txt").touch()
     (tmp_path / "recipes" / "tiny").mkdir(parents=True)
     for name in ("tokenizer", "base_llm", "stage1", "stage2", "sft"):
         (tmp_path / "recipes" / "tiny" / f"{name}.yaml").touch()
