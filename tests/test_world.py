@@ -175,71 +175,93 @@ def test_text_corpus_holds_out_the_skill(tmp_path):
     assert max(len(t) for t in train_text if t.startswith("Q: which") or t.startswith("Q: is")) < 60
 
 
-def test_colour_binding_lines_ask_the_colour_the_scene_shows(tmp_path):
-    """text/colour_binding.jsonl, per train scene in the mirror chat form: a colour question whose answer is the colour
-    of the one object in the layout the question names, and a generation prompt naming every object's colour whose
-    answer is the scene's layout (the same colour-shape pairs, in raster order)."""
+def layout_objects(layout: str) -> list[tuple[str, str, int, int]]:
+    """(colour, shape, row, col) of each object of a demo scene in words: the mirror layout ("a red circle in the top
+    left and ...") or the cells form's image words ("<boi> redcircle empty ...<eoi>", raster order over 2x2 cells)."""
+    from synergen_lightning.world.scene import COLORS
+
+    if layout.startswith("<boi>"):
+        words = layout.removeprefix("<boi>").removesuffix("<eoi>").split()
+        assert len(words) == 4, layout
+        found = []
+        for k, w in enumerate(words):
+            if w != "empty":
+                colour = next(c for c in COLORS if w.startswith(c))
+                found.append((colour, w.removeprefix(colour), k // 2, k % 2))
+        return found
+    found = []
+    for part in layout.replace(" and ", ", ").split(", "):
+        words = part.split()  # "a red circle in the top left"
+        found.append((words[1], words[2], {"top": 0, "bottom": 1}[words[-2]], {"left": 0, "right": 1}[words[-1]]))
+    return found
+
+
+def chat_turn(row: str) -> tuple[str, str]:
+    """(user, assistant) of a corpus chat line; the assistant's leading space (a word answer) dropped."""
+    user, answer = row.split("<|im_end|>\n<|im_start|>assistant\n")
+    return user.removeprefix("<|im_start|>user\n"), answer.removesuffix("<|im_end|>").removeprefix(" ")
+
+
+@pytest.mark.parametrize("form", ["mirror", "cells"])
+def test_colour_binding_lines_ask_the_colour_the_scene_shows(tmp_path, form):
+    """text/colour_binding.jsonl, per train scene in the mirror and the cells chat forms: a colour question whose answer
+    is the colour of the one object in the scene's words the question names, and a generation prompt naming every
+    object's colour whose answer is the scene in words (the same colour-shape pairs, in raster order)."""
     from synergen_lightning.data.sequences import GENERATION_PROMPT
 
     out = tmp_path / "b"
-    assert synth_main(["--out", str(out), "--level", "demo", *SMALL]) == 0
+    assert synth_main(["--out", str(out), "--level", "demo", "--scene-qa-text", form, *SMALL]) == 0
     rows = [json.loads(x)["text"] for x in (out / "text" / "colour_binding.jsonl").read_text().splitlines()]
     train_text = (out / "text" / "train.jsonl").read_text()
     asked, generated = Counter(), 0
 
-    def pairs(phrase: str) -> list[tuple[str, str]]:  # "a red circle in the top left and a blue square ..." -> pairs
+    def pairs(phrase: str) -> list[tuple[str, str]]:  # "a red circle and a blue square" -> pairs
         parts = phrase.replace(" and ", ", ").split(", ")
         return sorted((p.split()[1], p.split()[2]) for p in parts)
 
+    regions = {(0, 0): "top left", (0, 1): "top right", (1, 0): "bottom left", (1, 1): "bottom right"}
     for row in rows:
-        user, answer = row.split("<|im_end|>\n<|im_start|>assistant\n ")
-        user, answer = user.removeprefix("<|im_start|>user\n"), answer.removesuffix("<|im_end|>")
+        user, answer = chat_turn(row)
         if user.startswith(GENERATION_PROMPT):
             prompt = user.removeprefix(GENERATION_PROMPT)
-            assert answer in train_text and pairs(prompt) == pairs(answer), (prompt, answer)
+            assert answer in train_text and pairs(prompt) == sorted((c, s) for c, s, _, _ in layout_objects(answer))
             generated += 1
             continue
         layout, question = user.split("\n")
         assert question.startswith("What color is the ") and layout in train_text
-        # the named object is the one whose "COLOUR SHAPE[ in REGION]" the layout holds
+        # the named object: its shape, and its region where the shape alone does not name one
         ref = question.removeprefix("What color is the ").removesuffix("?")
         shape, _, region = ref.partition(" in the ")
-        hits = [part for part in layout.replace(" and ", ", ").split(", ")
-                if part.split()[2] == shape and (not region or part.endswith(region))]
-        assert len(hits) == 1 and hits[0].split()[1] == answer, (layout, question, answer)
+        hits = [c for c, s, r, k in layout_objects(layout) if s == shape and (not region or regions[r, k] == region)]
+        assert hits == [answer], (layout, question, answer)
         asked[answer] += 1
     assert sum(asked.values()) == generated == 37  # demo scenes stand in distinct cells: every object has a name
     assert len(asked) >= 4  # colours vary
 
 
-def test_scene_binding_lines_are_answered_by_their_layout(tmp_path):
-    """text/scene_binding.jsonl, per train scene in the mirror chat form: where an object stands, whether a relation
-    holds (yes and no alike), whether a colour-shape pair is present (yes and no alike), and for a two-object scene a
-    relation prompt whose answer is the layout. Every answer is checked against the layout read as a grid (an
-    object's row and column from its region words; "left of" = a smaller column, "above" = a smaller row)."""
+@pytest.mark.parametrize("form", ["mirror", "cells"])
+def test_scene_binding_lines_are_answered_by_their_layout(tmp_path, form):
+    """text/scene_binding.jsonl, per train scene in the mirror and the cells chat forms: where an object stands,
+    whether a relation holds (yes and no alike), whether a colour-shape pair is present (yes and no alike), and for a
+    two-object scene a relation prompt whose answer is the scene in words. Every answer is checked against the scene
+    read as a grid (an object's row and column from its region words or its cell; "left of" = a smaller column,
+    "above" = a smaller row)."""
     from synergen_lightning.data.sequences import GENERATION_PROMPT
 
     out = tmp_path / "s"
-    assert synth_main(["--out", str(out), "--level", "demo", *SMALL]) == 0
+    assert synth_main(["--out", str(out), "--level", "demo", "--scene-qa-text", form, *SMALL]) == 0
     rows = [json.loads(x)["text"] for x in (out / "text" / "scene_binding.jsonl").read_text().splitlines()]
     train_text = (out / "text" / "train.jsonl").read_text()
-    row_of = {"top": 0, "bottom": 1}
-    col_of = {"left": 0, "right": 1}
 
     def objects(layout: str) -> dict[tuple[str, str], tuple[int, int]]:  # (colour, shape) -> (row, col)
-        out = {}
-        for part in layout.replace(" and ", ", ").split(", "):
-            words = part.split()  # "a red circle in the top left"
-            out[(words[1], words[2])] = (row_of[words[-2]], col_of[words[-1]])
-        return out
+        return {(c, s): (r, k) for c, s, r, k in layout_objects(layout)}
 
     def holds(rel, a, b):
         return {"left of": a[1] < b[1], "right of": a[1] > b[1], "above": a[0] < b[0], "below": a[0] > b[0]}[rel]
 
     seen = Counter()
     for row in rows:
-        user, answer = row.split("<|im_end|>\n<|im_start|>assistant\n ")
-        user, answer = user.removeprefix("<|im_start|>user\n"), answer.removesuffix("<|im_end|>")
+        user, answer = chat_turn(row)
         if user.startswith(GENERATION_PROMPT):
             x_colour, x_shape, *rel, _, y_colour, y_shape = user.removeprefix(GENERATION_PROMPT).split()[1:]
             rel = " ".join(rel)  # the article before y's colour went to _
@@ -253,7 +275,8 @@ def test_scene_binding_lines_are_answered_by_their_layout(tmp_path):
         assert layout in train_text
         words = question.rstrip("?").split()
         if question.startswith("Where is the "):
-            assert (row_of[answer.split()[0]], col_of[answer.split()[1]]) == scene[(words[3], words[4])]
+            row, col = answer.split()
+            assert ({"top": 0, "bottom": 1}[row], {"left": 0, "right": 1}[col]) == scene[(words[3], words[4])]
             seen["position"] += 1
         elif question.startswith("Is there "):
             assert answer == ("yes" if (words[3], words[4]) in scene else "no"), (layout, question, answer)
@@ -419,3 +442,57 @@ def test_synth_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk on fire"):
         synth_main(["--out", str(tmp_path / "o"), *SMALL])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("level", ["demo", "grid"])
+def test_cells_corpus_writes_one_word_where_each_folded_image_token_stands(tmp_path, level):
+    """--scene-qa-text cells: a generation line is, token for token, the MLLM's generation sequence with each image
+    slot (one 4x4-folded token per 32-px cell, 8-px codes) holding one word that names what that cell shows; an
+    understanding line holds the same words where the image stands."""
+    import tarfile
+
+    from synergen_lightning.data.sequences import generation_prompt_ids
+    from synergen_lightning.text_tokenizer import train_bpe
+    from synergen_lightning.world.text_corpus import scene_text_lines
+
+    out = tmp_path / "t"
+    assert synth_main(["--out", str(out), "--level", level, "--scene-qa-text", "cells", *SMALL]) == 0
+    tok = train_bpe([out / "text" / "train.jsonl"], 600, tmp_path / "tok")
+    tar = tarfile.open(next((out / "train").glob("shard-*.tar")))
+    metas = [json.load(tar.extractfile(m)) for m in tar.getmembers() if m.name.endswith(".json")]
+    seen = Counter()
+    for meta in metas:
+        canvas = meta["canvas"]
+        slots = (canvas // 8 // 4) ** 2  # the image's folded tokens in raster order
+        side = canvas // int(slots ** 0.5)
+        words = ["empty"] * slots
+        for o in meta["objects"]:  # the cell whose box holds the object's box
+            x0, y0, x1, y1 = o["bbox"]
+            (cell,) = [k for k in range(slots) if (k % int(slots ** 0.5)) * side <= x0 and x1 <= (k % int(slots ** 0.5) + 1) * side
+                       and (k // int(slots ** 0.5)) * side <= y0 and y1 <= (k // int(slots ** 0.5) + 1) * side]
+            words[cell] = o["color"] + o["shape"]
+        image = "<boi> " + " ".join(words) + "<eoi>"
+        for line in scene_text_lines(meta, qa_text="cells"):
+            if not line.startswith("<|im_start|>"):
+                continue
+            user, assistant = line.split("<|im_start|>assistant\n")
+            if "Generate an image of: " in user:
+                caption = user.split("Generate an image of: ", 1)[1].split("<|im_end|>")[0]
+                assert assistant == f"{image}<|im_end|>", (line, image)
+                ids = [tok.bos_id] + tok.encode(line)
+                prompt = generation_prompt_ids(tok, caption)  # up to and including <boi>
+                assert ids[:len(prompt)] == prompt
+                assert ids[len(prompt) + slots:] == [tok.eoi_id, tok.im_end_id]
+                seen["generation"] += 1
+            else:
+                assert user.startswith(f"<|im_start|>user\n{image}\n"), (line, image)
+                seen["understanding"] += 1
+    assert seen["generation"] and seen["understanding"], seen
+
+
+def test_cells_corpus_refuses_a_scene_off_the_grid(tmp_path):
+    from synergen_lightning.world.text_corpus import image_words
+
+    meta = {"key": "k", "canvas": 128, "grid": 4, "objects": [{"shape": "circle", "color": "red", "center": [40.0, 21.5]}]}
+    with pytest.raises(ValueError, match="grid level"):
+        image_words(meta)

@@ -151,7 +151,7 @@ def test_synth_writes_the_level_and_the_demo_default(tmp_path, capsys):
     assert "level demo" in capsys.readouterr().out
     info = read_world_info(tmp_path / "d")
     assert info["level"] == "demo" and info["canvas"] == 64 and info["rules"]["grid"] == 2
-    assert info["scene_qa_text"] == "mirror"  # the base LLM reads the MLLM's tasks with the image in words
+    assert info["scene_qa_text"] == "cells"  # the base LLM reads the MLLM's tasks with the image as one word per token
     corpus = (tmp_path / "d" / "text" / "train.jsonl").read_text()
     assert "\\nWhat color is" in corpus and "Generate an image of: " in corpus and "Q: What color" not in corpus
     assert find_world_info(str(tmp_path / "d" / "codes" / "train" / "shard-*.tar")) == info  # pretokenized copies

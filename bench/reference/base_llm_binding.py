@@ -1,5 +1,6 @@
 """Does the tiny base LLM bind attributes in text, before any image training? Greedy answers of a text-only base LLM
-on the held-out lines of a `--scene-qa-text mirror` corpus (`DATA/text/val.jsonl`):
+on the held-out lines of a `--scene-qa-text mirror` or `cells` corpus (`DATA/text/val.jsonl`; the scene in words is
+a layout, "a red circle in the top left and ...", or one word per cell, "<boi> redcircle empty ...<eoi>"):
 
 - Q/A: "<layout>\\nWhat color is the circle?" -> exact match per question kind (the layout names every answer);
 - generation in words: "Generate an image of: a red circle left of a blue square" -> the layout it writes names the
@@ -10,7 +11,7 @@ on the held-out lines of a `--scene-qa-text mirror` corpus (`DATA/text/val.jsonl
 A frozen trunk passes to the image stream only what it reads itself: a colour it cannot copy in text is a colour the
 progressive stages 1-2 cannot draw or answer.
 
-    python bench/reference/base_llm_binding.py --demo .      # after `make demo` (the demo level's corpus is mirror)
+    python bench/reference/base_llm_binding.py --demo .      # after `make demo` (the demo level's corpus is cells)
 """
 from __future__ import annotations
 
@@ -37,7 +38,22 @@ def kind_of(user: str) -> str:
     return next((k for k, marker in KINDS if marker in u), "other")
 
 
+_CELL_WORD = re.compile(rf"^(?:({'|'.join(COLORS)})({'|'.join(SHAPES)})|empty)$")
+
+
+def cell_objects(text: str) -> list[tuple[str, str, tuple[int, int]]] | None:
+    """(colour, shape, (row, col)) of the objects of the cells form's image words, in raster order over a square grid;
+    None for text that is not one word per cell."""
+    cells = text.replace("<boi>", " ").replace("<eoi>", " ").split()
+    found = [_CELL_WORD.match(w) for w in cells]
+    side = int(len(cells) ** 0.5)
+    if not cells or side * side != len(cells) or not all(found):
+        return None
+    return [(m[1], m[2], divmod(k, side)) for k, m in enumerate(found) if m[1]]
+
+
 def words(text: str, vocab) -> set[str]:
+    text = re.sub(rf"\b({'|'.join(COLORS)})({'|'.join(SHAPES)})\b", r"\1 \2", text)  # a cell word: colour, shape
     singular = {plural(w): w for w in vocab}
     return {singular.get(w, w) for w in text.replace(",", " ").split()} & set(vocab)
 
@@ -47,8 +63,10 @@ _OBJECT = re.compile(rf"({'|'.join(COLORS)}) ({'|'.join(SHAPES)}) (?:in|on|at) t
 
 
 def layout_objects(text: str) -> list[tuple[str, str, tuple[int, int]]]:
-    """(colour, shape, (row, col)) of each object a layout names ("a red circle in the top left and ...")."""
-    return [(c, s, CELLS[r]) for c, s, r in _OBJECT.findall(text)]
+    """(colour, shape, (row, col)) of each object a scene in words names: a layout ("a red circle in the top left and
+    ...") or the cells form's image words."""
+    cells = cell_objects(text)
+    return cells if cells is not None else [(c, s, CELLS[r]) for c, s, r in _OBJECT.findall(text)]
 
 
 def holds(rel: str, a: tuple[int, int], b: tuple[int, int]) -> bool:
@@ -87,7 +105,7 @@ def main(argv=None) -> None:
     lines = [json.loads(x)["text"] for x in open(a.val or demo / "data/tiny/text/val.jsonl")]
     chats = [x for x in lines if x.startswith("<|im_start|>user") and "<|im_start|>assistant\n" in x][: a.max_lines]
     if not chats:
-        raise SystemExit("no chat lines in the corpus: synthesize it with `synergen data synth --scene-qa-text mirror`")
+        raise SystemExit("no chat lines in the corpus: synthesize it with `synergen data synth --scene-qa-text cells`")
     hits = defaultdict(list)
     for line in chats:
         user, truth = line.split("<|im_start|>assistant\n", 1)

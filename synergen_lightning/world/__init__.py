@@ -31,10 +31,10 @@ Generated images for `synergen eval geneval` are named `{index:05d}_{sample}.png
 Text corpus (`text/`): `train.jsonl` / `val.jsonl` lines `{"text": "..."}` (captions, "Q: ... A: ..."
 lines, and in train only the skill's training items); `skill_train.jsonl` / `skill_val.jsonl` lines
 `{"prompt": "Q: which is larger, 37 or 52? A:", "answer": "52"}`; score with `score_text_skill`;
-`colour_binding.jsonl`: per train scene one more "What color is the X?" line and, in the mirror form, a generation
-prompt naming every colour with its layout; `scene_binding.jsonl`: per train scene a "Where is the X?", a relation
-and a presence question (yes and no alike) and, in the mirror form, a two-object scene's relation prompt with its
-layout; the base recipe oversamples both.
+`colour_binding.jsonl`: per train scene one more "What color is the X?" line and, in the mirror and cells forms, a
+generation prompt naming every colour with the scene in words; `scene_binding.jsonl`: per train scene a "Where is the
+X?", a relation and a presence question (yes and no alike) and, in those forms, a two-object scene's relation prompt
+with the scene in words; the base recipe oversamples both.
 Held-out items are number pairs never seen in training under any template; `python -m
 synergen_lightning.world.skill_check` trains an independent tiny char-level transformer on the skill
 and reports held-out exact match (a learnability yardstick for the base LLM).

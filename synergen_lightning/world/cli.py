@@ -76,9 +76,10 @@ def synth_parser() -> argparse.ArgumentParser:
                    help="the base LLM corpus's scene Q/A lines: 'bare' ('Q: What color is the circle? A: red', "
                         "the answer a guess), 'described' (behind the scene's description, as reading "
                         "comprehension), 'chat' (bare + the same pairs as chat turns: an "
-                        "instruction-tuned base like the paper's Table 7 LLM) or 'mirror' (the MLLM's generation and "
-                        "Q/A prompts as chat turns, the image replaced by the scene's layout in words) "
-                        "(default: the level's)")
+                        "instruction-tuned base like the paper's Table 7 LLM), 'mirror' (the MLLM's generation and "
+                        "Q/A prompts as chat turns, the image replaced by the scene's layout in words) or 'cells' (as "
+                        "mirror, the image as one word per 32-px cell where each folded image token stands: "
+                        "'<boi> redcircle empty ...<eoi>'; grid levels) (default: the level's)")
     p.add_argument("--relation-questions", choices=("yes-no", "choice"), default="yes-no",
                    help="how understanding asks a relation: 'yes-no' ('Is the red circle left of the blue square?') "
                         "or 'choice' ('Is the red circle left or right of the blue square?' -> 'left', GQA's form: "

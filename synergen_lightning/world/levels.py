@@ -16,9 +16,10 @@ same rules and the same scorer at every level. The levers, easiest first:
   prompts ("three circles") are shown often enough to be learnt;
 - **scene_qa_text="described"**: the base LLM's corpus puts each scene question behind the scene's description, so
   colour and shape words carry meaning the trunk must keep (with bare questions they are interchangeable guesses);
-  **"mirror"** (the demo level's) also writes the MLLM's two tasks in text, in its chat template, with the image
-  replaced by the scene's layout in words, so the frozen base LLM already plans a scene where `<boi>` stands and
-  reads a scene from where the image stands.
+  **"mirror"** also writes the MLLM's two tasks in text, in its chat template, with the image replaced by the scene's
+  layout in words, so the frozen base LLM already plans a scene where `<boi>` stands and reads a scene from where the
+  image stands; **"cells"** (the demo level's) writes the image as one word per grid cell ("redcircle", "empty")
+  where each folded image token stands, so the frozen base LLM predicts each cell where the MLLM draws it.
 
 `demo` is the tiny default (`make demo`); `full` is the whole world, the hardest level, whose rules and bytes are
 fixed (the same seed gives the same files).
@@ -67,7 +68,7 @@ class Level:
 LEVELS: dict[str, Level] = {
     "demo": Level("demo", "the tiny default, sized for a 2-core demo: one 4x4-folded token per object slot",
                   canvas=64, max_objects=3, grid=2, sizes=("large",), backgrounds=("white",), text_prob=0.0,
-                  full_captions=True, same_shape_prob=0.3, reading_order=True, scene_qa_text="mirror"),
+                  full_captions=True, same_shape_prob=0.3, reading_order=True, scene_qa_text="cells"),
     "grid": Level("grid", "a 128-px canvas of 4x4 slots, two sizes and backgrounds, still no characters",
                   canvas=128, max_objects=4, grid=4, text_prob=0.0, full_captions=True, same_shape_prob=0.3,
                   reading_order=True, scene_qa_text="described"),

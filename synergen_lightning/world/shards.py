@@ -95,10 +95,11 @@ def write_shard(args) -> tuple[int, list[str], dict[str, list[str]]]:
             _add(tar, f"{key}.jpg", jpg)
             _add(tar, f"{key}.txt", caption.encode())
             _add(tar, f"{key}.json", json.dumps(meta).encode())
-            lines += scene_text_lines(meta, qa_text=cfg.scene_qa_text)
+            text_meta = {**meta, "grid": get_level(cfg.level).grid}  # the cells form writes one word per grid cell
+            lines += scene_text_lines(text_meta, qa_text=cfg.scene_qa_text)
             if split == "train":
                 for name, make_lines in BINDING_FILES.items():
-                    binding[name] += make_lines(meta, qa_text=cfg.scene_qa_text)
+                    binding[name] += make_lines(text_meta, qa_text=cfg.scene_qa_text)
     return stop - start, lines, binding
 
 

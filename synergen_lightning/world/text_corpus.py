@@ -74,7 +74,12 @@ def scene_description(meta: dict) -> str:
     return text
 
 
-SCENE_QA_TEXT = ("bare", "described", "chat", "mirror")
+SCENE_QA_TEXT = ("bare", "described", "chat", "mirror", "cells")
+# the forms that write the MLLM's two tasks as chat turns, the image in words
+MIRRORED = ("mirror", "cells")
+# a grid level's cell side in pixels: 4x4 codes of the 8-px image tokenizer, one 4x4-folded LLM token (levels.py)
+CELL_PX = 32
+EMPTY_CELL = "empty"
 
 
 def scene_text_lines(meta: dict, max_captions: int = 3, qa_text: str = "bare") -> list[str]:
@@ -95,27 +100,42 @@ def scene_text_lines(meta: dict, max_captions: int = 3, qa_text: str = "bare") -
         (the layout, then the question -> the answer). The base LLM then plans the scene where `<boi>` will stand
         and reads the scene from where the image will stand, so its frozen attention already looks where the image
         stream has to look (what it copies, and what not: bench/reference/base_llm_binding.py).
+    qa_text="cells": as "mirror", with the image written as the MLLM holds it: `<boi>`, one word per 32-px cell of a
+        grid level in raster order ("redcircle", "empty"), `<eoi>` (`image_words`). Each word stands exactly where
+        the image's folded token for that cell stands, so the frozen base LLM's state where a token is drawn already
+        predicts that cell's colour and shape, and its state over an image token already reads one cell.
     """
     if qa_text not in SCENE_QA_TEXT:
         raise ValueError(f"qa_text={qa_text!r}: use one of {', '.join(SCENE_QA_TEXT)}")
     lines = list(meta["captions"][:max_captions])
-    if qa_text == "mirror":
-        from synergen_lightning.data.sequences import GENERATION_PROMPT
-
-        layout = layout_text(meta)
+    if qa_text in MIRRORED:
+        layout = scene_in_words(meta, qa_text)
         # short captions (relations included), a fixed pick per scene: the training prompts are these phrasings
         short = meta["captions"][1:]
         pick = np.random.default_rng(zlib.crc32(str(meta.get("key", layout)).encode())).permutation(len(short))
-        lines += [chat_text(GENERATION_PROMPT + short[int(i)], layout) for i in pick[:max_captions]]
+        lines += [generation_chat_text(short[int(i)], layout, qa_text) for i in pick[:max_captions]]
         return lines + qa_text_lines(meta, meta["qa"], qa_text, layout)
     return lines + qa_text_lines(meta, meta["qa"], qa_text)
+
+
+def scene_in_words(meta: dict, qa_text: str) -> str:
+    """The image of a mirrored form (`MIRRORED`) in words: the layout ("mirror") or the image words ("cells")."""
+    return image_words(meta) if qa_text == "cells" else layout_text(meta)
+
+
+def generation_chat_text(caption: str, scene: str, qa_text: str) -> str:
+    """A generation turn of a mirrored form: the MLLM's generation prompt, the scene in words as the answer. The image
+    words follow "assistant\n" directly, as `<boi>` does in the MLLM's sequence."""
+    from synergen_lightning.data.sequences import GENERATION_PROMPT
+
+    return chat_text(GENERATION_PROMPT + caption, scene, space=qa_text != "cells")
 
 
 def qa_text_lines(meta: dict, pairs: list[dict], qa_text: str, layout: str | None = None) -> list[str]:
     """A scene's Q/A pairs as corpus lines in the `qa_text` form (see `scene_text_lines`); `layout`: the scene's
     `layout_text` when the caller has it already."""
-    if qa_text == "mirror":
-        layout = layout or layout_text(meta)
+    if qa_text in MIRRORED:
+        layout = layout or scene_in_words(meta, qa_text)
         return [chat_text(f"{layout}\n{p['question']}", p["answer"]) for p in pairs]
     prefix = f"{scene_description(meta)}. " if qa_text == "described" else ""
     lines = [f"{prefix}Q: {p['question']} A: {p['answer']}" for p in pairs]
@@ -142,10 +162,8 @@ def colour_binding_lines(meta: dict, qa_text: str = "bare") -> list[str]:
     o = objs[int(np.random.default_rng([zlib.crc32(str(meta.get("key", "")).encode()), 41]).integers(len(objs)))]
     ref = unambiguous_name(o, objs)
     lines = [] if ref is None else qa_text_lines(meta, [{"question": f"What color is {ref}?", "answer": o.color}], qa_text)
-    if qa_text == "mirror":
-        from synergen_lightning.data.sequences import GENERATION_PROMPT
-
-        lines.append(chat_text(GENERATION_PROMPT + meta["captions"][1], layout_text(meta)))
+    if qa_text in MIRRORED:
+        lines.append(generation_chat_text(meta["captions"][1], scene_in_words(meta, qa_text), qa_text))
     return lines
 
 
@@ -184,14 +202,12 @@ def scene_binding_lines(meta: dict, qa_text: str = "bare") -> list[str]:
         absent = absent_colour_shapes(objs)
         pairs.append(presence_qa(*absent[int(rng.integers(len(absent)))], objs))
     lines = qa_text_lines(meta, pairs, qa_text)
-    if qa_text == "mirror" and len(objs) == 2:
-        from synergen_lightning.data.sequences import GENERATION_PROMPT
-
+    if qa_text in MIRRORED and len(objs) == 2:
         a, b = objs
         rel = sorted(relative_position(a.bbox, b.bbox))
         if rel:
             x, r, y = (a, rel[0], b) if rng.random() < 0.5 else (b, OPPOSITE[rel[0]], a)
-            lines.append(chat_text(GENERATION_PROMPT + coloured_relation(x, r, y), layout_text(meta)))
+            lines.append(generation_chat_text(coloured_relation(x, r, y), scene_in_words(meta, qa_text), qa_text))
     return lines
 
 
@@ -204,7 +220,27 @@ def layout_text(meta: dict) -> str:
     return join_and([f"{article(o['color'])} {o['color']} {o['shape']} {region_phrase(o['region'])}" for o in objs])
 
 
-def chat_text(user: str, assistant: str) -> str:
+def image_words(meta: dict) -> str:
+    """A grid-level scene as the MLLM's image stands in its sequence, one word per grid cell in raster order (the
+    order of the image's folded tokens when a cell is one folded token, as the 32-px cells of the demo and grid levels
+    are): "<boi> redcircle empty empty bluesquare<eoi>" for a red circle top left and a blue square bottom right of
+    the demo level's 2x2 cells. The grid is `meta["grid"]` (the level's, added by the writer), else 32-px cells."""
+    canvas = int(meta["canvas"])
+    grid = int(meta.get("grid") or canvas // CELL_PX)
+    side = canvas / grid
+    words = [EMPTY_CELL] * (grid * grid)
+    for o in meta["objects"]:
+        cx, cy = o["center"]
+        col, row = int(cx // side), int(cy // side)
+        if (cx - col * side, cy - row * side) != (side / 2, side / 2):
+            raise ValueError(f"scene {meta.get('key')}: an object centred at {o['center']} is not centred in a cell of "
+                             f"a {grid}x{grid} grid; the 'cells' corpus form needs a grid level (--level demo or grid)")
+        words[row * grid + col] = f"{o['color']}{o['shape']}"
+    return "<boi> " + " ".join(words) + "<eoi>"
+
+
+def chat_text(user: str, assistant: str, space: bool = True) -> str:
     """One chat turn as corpus text (without <s> / </s>: packing adds them). Tokenized whole, it gives the ids the
-    MLLM's `TextTokenizer.encode_chat` builds piece by piece; the space makes the answer start a word, as a piece does."""
-    return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n {assistant}<|im_end|>"
+    MLLM's `TextTokenizer.encode_chat` builds piece by piece; the space makes the answer start a word, as a piece does
+    (`space=False`: an answer that starts with a special token, as `<boi>` does)."""
+    return f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{' ' if space else ''}{assistant}<|im_end|>"
