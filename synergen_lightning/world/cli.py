@@ -78,7 +78,7 @@ def synth_parser() -> argparse.ArgumentParser:
                         "comprehension), 'chat' (bare + the same pairs as chat turns: an "
                         "instruction-tuned base like the paper's Table 7 LLM), 'mirror' (the MLLM's generation and "
                         "Q/A prompts as chat turns, the image replaced by the scene's layout in words) or 'cells' (as "
-                        "mirror, the image as one word per 32-px cell where each folded image token stands: "
+                        "mirror, the image as one word per grid cell, where each folded image token stands: "
                         "'<boi> redcircle empty ...<eoi>'; grid levels) (default: the level's)")
     p.add_argument("--relation-questions", choices=("yes-no", "choice"), default="yes-no",
                    help="how understanding asks a relation: 'yes-no' ('Is the red circle left of the blue square?') "

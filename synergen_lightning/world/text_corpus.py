@@ -100,9 +100,9 @@ def scene_text_lines(meta: dict, max_captions: int = 3, qa_text: str = "bare") -
         (the layout, then the question -> the answer). The base LLM then plans the scene where `<boi>` will stand
         and reads the scene from where the image will stand, so its frozen attention already looks where the image
         stream has to look (what it copies, and what not: bench/reference/base_llm_binding.py).
-    qa_text="cells": as "mirror", with the image written as the MLLM holds it: `<boi>`, one word per 32-px cell of a
-        grid level in raster order ("redcircle", "empty"), `<eoi>` (`image_words`). Each word stands exactly where
-        the image's folded token for that cell stands, so the frozen base LLM's state where a token is drawn already
+    qa_text="cells": as "mirror", with the image written as the MLLM holds it: `<boi>`, one word per cell of a grid
+        level in raster order ("redcircle", "empty"), `<eoi>` (`image_words`). On the demo and grid levels a cell is
+        32 px, one 4x4-folded image token, so each word stands exactly where the image's token for that cell stands, so the frozen base LLM's state where a token is drawn already
         predicts that cell's colour and shape, and its state over an image token already reads one cell.
     """
     if qa_text not in SCENE_QA_TEXT:
@@ -125,15 +125,15 @@ def scene_in_words(meta: dict, qa_text: str) -> str:
 
 def generation_chat_text(caption: str, scene: str, qa_text: str) -> str:
     """A generation turn of a mirrored form: the MLLM's generation prompt, the scene in words as the answer. The image
-    words follow "assistant\n" directly, as `<boi>` does in the MLLM's sequence."""
+    words follow the assistant header directly, as `<boi>` does in the MLLM's sequence."""
     from synergen_lightning.data.sequences import GENERATION_PROMPT
 
     return chat_text(GENERATION_PROMPT + caption, scene, space=qa_text != "cells")
 
 
 def qa_text_lines(meta: dict, pairs: list[dict], qa_text: str, layout: str | None = None) -> list[str]:
-    """A scene's Q/A pairs as corpus lines in the `qa_text` form (see `scene_text_lines`); `layout`: the scene's
-    `layout_text` when the caller has it already."""
+    """A scene's Q/A pairs as corpus lines in the `qa_text` form (see `scene_text_lines`); `layout`: the scene in words
+    (`scene_in_words`) when the caller has it already."""
     if qa_text in MIRRORED:
         layout = layout or scene_in_words(meta, qa_text)
         return [chat_text(f"{layout}\n{p['question']}", p["answer"]) for p in pairs]
