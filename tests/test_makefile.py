@@ -167,11 +167,13 @@ def test_install_pins_every_package_at_the_constraints_versions():
     toolkit and of its installed extras pinned, so two installs train on the same package set."""
     import tomllib
 
+    from check_extras import canonical, requirement_name
+
     pins = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
         if line and not line.startswith("#"):
             name, version = line.split("==")
-            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+            pins[canonical(name)] = version
     makefile = (ROOT / "Makefile").read_text()
     torch_spec = re.search(r"^TORCH\s*:=\s*(.+)$", makefile, re.M).group(1).split()
     for spec in torch_spec:
@@ -181,8 +183,7 @@ def test_install_pins_every_package_at_the_constraints_versions():
     wanted = [*project["dependencies"], *project["optional-dependencies"]["dev"],
               *project["optional-dependencies"]["lm-eval"]]
     for req in wanted:
-        name = re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", req).group(0)).lower()
-        assert name in pins, f"{req} is not pinned in constraints.txt: run `make constraints`"
+        assert requirement_name(req) in pins, f"{req} is not pinned in constraints.txt: run `make constraints`"
     pip_installs = [line for line in dry_run(".venv/.installed").splitlines() if " install " in line and "pip" in line
                     and "--upgrade pip" not in line]
     assert pip_installs and all("-c constraints.txt" in line for line in pip_installs), pip_installs

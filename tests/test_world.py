@@ -463,13 +463,13 @@ def test_cells_corpus_writes_one_word_where_each_folded_image_token_stands(tmp_p
     seen = Counter()
     for meta in metas:
         canvas = meta["canvas"]
-        slots = (canvas // 8 // 4) ** 2  # the image's folded tokens in raster order
-        side = canvas // int(slots ** 0.5)
+        per_row = canvas // 8 // 4  # folded tokens per row of the image: 8-px codes, 4x4 folding
+        slots, side = per_row ** 2, canvas // per_row  # the image's folded tokens in raster order, each a cell
         words = ["empty"] * slots
         for o in meta["objects"]:  # the cell whose box holds the object's box
             x0, y0, x1, y1 = o["bbox"]
-            (cell,) = [k for k in range(slots) if (k % int(slots ** 0.5)) * side <= x0 and x1 <= (k % int(slots ** 0.5) + 1) * side
-                       and (k // int(slots ** 0.5)) * side <= y0 and y1 <= (k // int(slots ** 0.5) + 1) * side]
+            (cell,) = [k for k in range(slots) if (k % per_row) * side <= x0 and x1 <= (k % per_row + 1) * side
+                       and (k // per_row) * side <= y0 and y1 <= (k // per_row + 1) * side]
             words[cell] = o["color"] + o["shape"]
         image = "<boi> " + " ".join(words) + "<eoi>"
         for line in scene_text_lines(meta, qa_text="cells"):

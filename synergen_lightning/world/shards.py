@@ -89,13 +89,14 @@ def write_shard(args) -> tuple[int, list[str], dict[str, list[str]]]:
     cfg, split, shard_id, start, stop, path = args
     lines: list[str] = []
     binding: dict[str, list[str]] = {name: [] for name in BINDING_FILES}
+    grid = get_level(cfg.level).grid  # the cells form writes one word per grid cell
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for i in range(start, stop):
             key, jpg, caption, meta = make_sample(cfg, split, i)
             _add(tar, f"{key}.jpg", jpg)
             _add(tar, f"{key}.txt", caption.encode())
             _add(tar, f"{key}.json", json.dumps(meta).encode())
-            text_meta = {**meta, "grid": get_level(cfg.level).grid}  # the cells form writes one word per grid cell
+            text_meta = {**meta, "grid": grid}
             lines += scene_text_lines(text_meta, qa_text=cfg.scene_qa_text)
             if split == "train":
                 for name, make_lines in BINDING_FILES.items():
