@@ -47,7 +47,7 @@ class StageRun:
     recipe: str  # the tiny recipe it layers on
     overrides: tuple[str, ...]  # files in recipes/ablations/, applied in order
     stage: str  # the StageCallback stage (what trains)
-    steps: int  # max_steps of the full run (--quick: QUICK_STEPS)
+    steps: int | None  # max_steps of the full run (--quick: QUICK_STEPS); None: the recipe's own
     init_from: str | None = None  # name of an earlier StageRun of the same arm
     suites: tuple[str, ...] = ("und",)
     max_tiles: int = 1  # understanding views at evaluation: as the stage trained
@@ -56,6 +56,21 @@ class StageRun:
 
     def configs(self) -> list[str]:
         return [self.recipe] + [str(RECIPES / o) for o in self.overrides]
+
+    def full_steps(self) -> int:
+        """max_steps of the full run: `steps`, or the recipe's own `trainer.max_steps`."""
+        return self.steps if self.steps is not None else int(recipe_value(self.recipe, "trainer.max_steps"))
+
+
+def recipe_value(recipe: str | Path, key: str):
+    """A literal of a recipe (dotted `key`, e.g. "trainer.max_steps"), read where `synergen fit` reads it: relative to
+    the working directory (the checkout's root, where make runs). A KeyError names the recipe and key."""
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.select(OmegaConf.load(recipe), key, default=None)
+    if value is None:
+        raise KeyError(f"{recipe} sets no {key}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -92,9 +107,15 @@ ARMS: tuple[Arm, ...] = (
         (StageRun("s2", "recipes/tiny/stage2.yaml", ("stage2_data.yaml", "nofold.yaml", "from_base.yaml"), "stage2", S2_STEPS, suites=_NOFOLD_SUITES),)),
 )
 
-# Table 6b: the tiny recipes' stage 1 and 2 at their own steps, the head's width the only change
-HEAD_S1_STEPS, HEAD_S2_STEPS = 400, 300
-HEAD_CANVAS = 64  # the tiny recipes' image size: the demo level's canvas
+# Table 6b: the tiny recipes' stage 1 and 2 as they are (their own steps and canvas), the head's width the only change
+HEAD_RECIPES = ("recipes/tiny/stage1.yaml", "recipes/tiny/stage2.yaml")
+
+
+def head_canvas() -> int:
+    """The canvas the head study's recipes train on (the tiny recipes' image size: the demo level's)."""
+    return int(recipe_value(HEAD_RECIPES[0], "model.init_args.image_size"))
+
+
 _HEAD_SUITES = ("geneval", "grounding")
 # every eval prompt (width arms differ by a few points at most), at make demo's CFG (Makefile DEMO_CFG): at 7.5 the
 # tiny model's images degrade
@@ -103,8 +124,8 @@ _HEAD_EVAL = (("num_geneval", 600), ("cfg", 1.5))
 
 def _head_arm(name: str, override: tuple[str, ...], description: str) -> Arm:
     return Arm(name, "head", description,
-               (StageRun("s1", "recipes/tiny/stage1.yaml", override, "stage1", HEAD_S1_STEPS, suites=_HEAD_SUITES),
-                StageRun("s2", "recipes/tiny/stage2.yaml", override, "stage2", HEAD_S2_STEPS, init_from="s1",
+               (StageRun("s1", HEAD_RECIPES[0], override, "stage1", None, suites=_HEAD_SUITES),
+                StageRun("s2", HEAD_RECIPES[1], override, "stage2", None, init_from="s1",
                          suites=_HEAD_SUITES)), eval_overrides=_HEAD_EVAL)
 
 
@@ -354,7 +375,7 @@ def run_arm_seed(arm: Arm, seed: int, out: Path, quick: bool, settings: EvalSett
     for stage in arm.stages:
         sdir = run_dir / stage.name
         train_json, ckpt = sdir / "train.json", sdir / "last.ckpt"
-        steps = QUICK_STEPS if quick else max(1, round(stage.steps * steps_scale))
+        steps = QUICK_STEPS if quick else max(1, round(stage.full_steps() * steps_scale))
         if not (train_json.is_file() and ckpt.is_file()):
             if sdir.exists():  # an interrupted fit: start the stage again from its beginning
                 _log(f"{arm.name}/seed{seed}/{stage.name}: unfinished earlier run, retraining from the start")
@@ -491,10 +512,12 @@ def verdicts(runs: dict) -> list[str]:
     return lines
 
 
-def _steps(runs: dict, arm: str, stage: str, default: int) -> str:
-    """Steps the finished runs of an arm's stage took (the recipe default when none has finished)."""
+def _steps(runs: dict, arm: str, stage: str) -> str:
+    """Steps the finished runs of an arm's stage took (the stage's full steps when none has finished)."""
     got = sorted({r["train"]["steps"] for r in runs.get(arm, {}).get(stage, {}).values()})
-    return "/".join(map(str, got)) if got else str(default)
+    if got:
+        return "/".join(map(str, got))
+    return str(next(st for st in ARM_BY_NAME[arm].stages if st.name == stage).full_steps())
 
 
 def render_markdown(results: dict) -> str:
@@ -511,7 +534,7 @@ def render_markdown(results: dict) -> str:
          " ||W - W_base|| / ||W_base|| over the self-attention weights, in %.", "",
          "## Table 6: token folding at equal context", "",
          "Both arms: the tiny stage-2 recipe from the base LLM (no stage 1), understanding data only (captions + Q/A,"
-         f" batch 32), {_steps(runs, 'fold_off', 'und', FOLD_STEPS)} steps (the paper: a subset of the S.2 understanding data), zero-shot val Q/A.", "",
+         f" batch 32), {_steps(runs, 'fold_off', 'und')} steps (the paper: a subset of the S.2 understanding data), zero-shot val Q/A.", "",
          "| model | LLM tokens / image | Q/A all | tiny characters | small objects | count | colour | shape |"
          " paper TextVQA | paper DocVQA | paper ChartQA | paper GQA |",
          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -524,8 +547,8 @@ def render_markdown(results: dict) -> str:
                  + " | " + " | ".join(_paper(paper, c) for c in ("TextVQA", "DocVQA", "ChartQA", "GQA")) + " |")
     L += _prior_row(runs, ("und", "und_text", "und_small", "und_count", "und_color", "und_shape"), 1, 4)
     L += ["", "## Table 7: progressive alignment against full tuning", "",
-          f"No folding, one 64-px view (64 LLM tokens) in both stages. S.1 = the tiny stage-1 recipe ({_steps(runs, 'progressive', 's1', S1_STEPS)} steps),"
-          f" S.2 = the tiny stage-2 recipe ({_steps(runs, 'progressive', 's2', S2_STEPS)} steps), same data / lr / schedule in both strategies; only the"
+          f"No folding, one 64-px view (64 LLM tokens) in both stages. S.1 = the tiny stage-1 recipe ({_steps(runs, 'progressive', 's1')} steps),"
+          f" S.2 = the tiny stage-2 recipe ({_steps(runs, 'progressive', 's2')} steps), same data / lr / schedule in both strategies; only the"
           " trainable set differs (Full: every parameter; Progressive: image-specific, then + self-attention).", "",
           "| stage | strategy | Q/A all | tiny characters | GenEval | text skill | text kept | attention change |"
           " paper GQA | paper TextVQA | paper AI2D | paper MMLU | paper CMMLU | paper MSCOCO FID ↓ |",
@@ -545,8 +568,8 @@ def render_markdown(results: dict) -> str:
                  + " | ".join(_paper(paper, c) for c in ("GQA", "TextVQA", "AI2D", "MMLU", "CMMLU", "MSCOCO FID")) + " |")
     L += _prior_row(runs, ("und", "und_text"), 1, 10)
     L += ["", "## Table 6b: the unfolding head's width (beyond the paper)", "",
-          f"The tiny stage 1 ({_steps(runs, 'head_x1', 's1', HEAD_S1_STEPS)} steps) and stage 2"
-          f" ({_steps(runs, 'head_x1', 's2', HEAD_S2_STEPS)} steps) recipes as they are, on the level in"
+          f"The tiny stage 1 ({_steps(runs, 'head_x1', 's1')} steps) and stage 2"
+          f" ({_steps(runs, 'head_x1', 's2')} steps) recipes as they are, on the level in"
           " `data/tiny`; only the head's width changes (its depth and condition stay). GenEval on every eval prompt"
           " at CFG 1.5 (`make demo`'s);"
           " image loss = nats per code after the true caption on val scenes; step time of stage 1, whose"
@@ -587,7 +610,7 @@ def render_markdown(results: dict) -> str:
             ev_wall = statistics.fmean(c["wall_s"] for c in costs) if costs else None
             q_ev = statistics.fmean(c["cpu_s"] or c["wall_s"] for c in costs) if costs else None
             # make ablations: the recipe's steps (the fit cost scales with steps), 3 seeds
-            total += 3 * (q_fit * st.steps / trains[0]["steps"] + (q_ev or 0.0))
+            total += 3 * (q_fit * st.full_steps() / trains[0]["steps"] + (q_ev or 0.0))
             L.append(f"| {arm.name} | {st.name} | {st.stage} | {trains[0]['steps']} | {len(trains)} | {wall:.0f} | "
                      f"{statistics.fmean(t['s_per_step'] for t in trains):.2f} | {q_fit:.0f} | "
                      f"{'–' if ev_wall is None else f'{ev_wall:.0f}'} | {'–' if q_ev is None else f'{q_ev:.0f}'} |")
@@ -637,8 +660,8 @@ def run(seeds: list[int], only: str | None, quick: bool, out: Path, doc: Path, j
             raise FileNotFoundError(f"ablations: {need} is missing; run `make data` first (the shape world)")
     arms = [a for a in ARMS if only in (None, a.study)]
     canvas = _data_canvas(Path("data/tiny"))
-    if canvas not in (None, HEAD_CANVAS) and any(a.study == "head" for a in arms):
-        msg = (f"the head study runs the tiny recipes as they are, on {HEAD_CANVAS}-px scenes (the demo level); "
+    if any(a.study == "head" for a in arms) and canvas not in (None, head_canvas()):
+        msg = (f"the head study runs the tiny recipes as they are, on {head_canvas()}-px scenes (the demo level); "
                f"data/tiny holds {canvas}-px scenes: `make data LEVEL=demo` first")
         if only == "head":
             raise ValueError(f"ablations: {msg}")
@@ -647,7 +670,7 @@ def run(seeds: list[int], only: str | None, quick: bool, out: Path, doc: Path, j
     settings = QUICK_EVAL if quick else EvalSettings()
     t0, load0 = time.time(), os.getloadavg()
     # longest arms first, so two workers finish together
-    work = sorted(((a, s) for s in seeds for a in arms), key=lambda x: -sum(st.steps for st in x[0].stages))
+    work = sorted(((a, s) for s in seeds for a in arms), key=lambda x: -sum(st.full_steps() for st in x[0].stages))
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futures = [pool.submit(run_arm_seed, a, s, out, quick, settings, steps_scale) for a, s in work]
         errors = [f.exception() for f in futures if f.exception() is not None]

@@ -101,6 +101,7 @@ def test_head_study_refuses_data_of_another_canvas(tmp_path, monkeypatch):
     (tmp_path / "data" / "tiny" / "val").mkdir(parents=True)
     (tmp_path / "data" / "tiny" / "eval_prompts.jsonl").write_text("")
     (tmp_path / "data" / "tiny" / "world.json").write_text(json.dumps({"level": "full", "canvas": 128}))
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")  # the harness reads the recipes where make runs it
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match="make data LEVEL=demo"):
         abl.run([0], "head", True, tmp_path / "out", tmp_path / "doc.md", 1, "test")
@@ -109,6 +110,20 @@ def test_head_study_refuses_data_of_another_canvas(tmp_path, monkeypatch):
     monkeypatch.setattr(abl, "write_results", lambda *a, **k: {})
     abl.run([0], None, True, tmp_path / "out", tmp_path / "doc.md", 1, "test")
     assert ran and not any(name.startswith("head_") for name in ran)
+
+
+def test_head_arms_train_the_tiny_recipes_at_their_own_steps_and_canvas(monkeypatch):
+    """Table 6b runs stage 1 and 2 as `make demo` does: its steps and canvas are the recipes' own values."""
+    import yaml
+
+    monkeypatch.chdir(ROOT)
+    recipes = [yaml.safe_load((ROOT / st.recipe).read_text()) for st in abl.ARM_BY_NAME["head_x1"].stages]
+    for arm in abl.ARMS:
+        if arm.study == "head":
+            assert [st.full_steps() for st in arm.stages] == [r["trainer"]["max_steps"] for r in recipes]
+    assert abl.head_canvas() == recipes[0]["model"]["init_args"]["image_size"]
+    with pytest.raises(KeyError, match="sets no trainer.nothing"):
+        abl.recipe_value(abl.HEAD_RECIPES[0], "trainer.nothing")
 
 
 def test_folding_arms_image_token_counts(tiny_base):
@@ -226,7 +241,7 @@ def test_quick_pipeline_end_to_end(tmp_path):
                         "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
-    head_runs = abl._data_canvas(ROOT / "data" / "tiny") in (None, abl.HEAD_CANVAS)  # the head study: demo level only
+    head_runs = abl._data_canvas(ROOT / "data" / "tiny") in (None, abl.head_canvas())  # the head study: demo level only
     assert set(res["runs"]) == {a.name for a in abl.ARMS if head_runs or a.study != "head"}
     for arm in abl.ARMS:
         for st in arm.stages:
