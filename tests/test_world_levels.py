@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from synergen_lightning.world import CATEGORIES, captions, make_eval_prompts, qa_pairs, render_scene, sample_scene
-from synergen_lightning.world.cli import synth_main, synth_parser
+from synergen_lightning.world.cli import synth_main
 from synergen_lightning.world.language import OPPOSITE
 from synergen_lightning.world.levels import LEVELS, cell_box, get_level, sample_level_scene
 from synergen_lightning.world.prompts import prompt_scene, render_prompt
@@ -129,12 +129,13 @@ def test_relation_choice_questions_name_the_side_the_image_shows_each_side_as_of
                        if qa["kind"] == "relation")
     assert 0.4 < answers["left"] / (answers["left"] + answers["right"]) < 0.6
     assert 0.4 < answers["above"] / (answers["above"] + answers["below"]) < 0.6
-    assert synth_parser().get_default("relation_questions") == "yes-no"  # every level, the full world too, asks yes/no
+    # the demo level asks the choice form; every other level, the full world too, yes/no
+    assert {n: lv.relation_questions for n, lv in LEVELS.items()} == {"demo": "choice", "grid": "yes-no", "full": "yes-no"}
 
 
 def test_synth_asks_relations_in_the_form_asked_for_and_records_it(tmp_path):
-    assert synth_main(["--out", str(tmp_path / "c"), "--relation-questions", "choice", *SMALL]) == 0
-    assert synth_main(["--out", str(tmp_path / "y"), *SMALL]) == 0
+    assert synth_main(["--out", str(tmp_path / "c"), *SMALL]) == 0  # the demo level's form
+    assert synth_main(["--out", str(tmp_path / "y"), "--relation-questions", "yes-no", *SMALL]) == 0
     for name, form, answers in (("c", "choice", {"left", "right", "above", "below"}), ("y", "yes-no", {"yes", "no"})):
         assert read_world_info(tmp_path / name)["relation_questions"] == form
         shard = (tmp_path / name / "train" / "shard-000000.tar")

@@ -16,7 +16,9 @@ caption `KEY.txt`)::
      "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}
 
 Pixels: bbox is exclusive at x1/y1; regions are the cells of a 3x3 grid ("top left" ... "center" ...
-"bottom right"); relations follow GenEval's `relative_position` (box centres, threshold 0.1).
+"bottom right"); relations follow GenEval's `relative_position` (box centres, threshold 0.1) and are asked
+yes/no ("Is the red circle left of the blue square?") or, on the demo level, as a choice ("... left or right of
+...?" -> "left"; `--relation-questions`, recorded in `world.json`).
 
 Eval prompt (`eval_prompts.jsonl`, GenEval's metadata schema plus `index`)::
 
@@ -34,7 +36,7 @@ lines, and in train only the skill's training items); `skill_train.jsonl` / `ski
 `colour_binding.jsonl`: per train scene one more "What color is the X?" line and, in the mirror and cells forms, a
 generation prompt naming every colour with the scene in words; `scene_binding.jsonl`: per train scene a "Where is the
 X?", a relation and a presence question (yes and no alike) and, in those forms, a two-object scene's relation prompt
-with the scene in words; the base recipe oversamples both.
+with the scene in words; the tiny base recipe oversamples `colour_binding.jsonl`.
 Held-out items are number pairs never seen in training under any template; `python -m
 synergen_lightning.world.skill_check` trains an independent tiny char-level transformer on the skill
 and reports held-out exact match (a learnability yardstick for the base LLM).

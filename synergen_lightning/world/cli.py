@@ -80,10 +80,10 @@ def synth_parser() -> argparse.ArgumentParser:
                         "Q/A prompts as chat turns, the image replaced by the scene's layout in words) or 'cells' (as "
                         "mirror, the image as one word per grid cell, where each folded image token stands: "
                         "'<boi> redcircle empty ...<eoi>'; grid levels) (default: the level's)")
-    p.add_argument("--relation-questions", choices=("yes-no", "choice"), default="yes-no",
-                   help="how understanding asks a relation: 'yes-no' ('Is the red circle left of the blue square?') "
-                        "or 'choice' ('Is the red circle left or right of the blue square?' -> 'left', GQA's form: "
-                        "the answers equally common; no level asks it by default) (default: yes-no)")
+    p.add_argument("--relation-questions", choices=("yes-no", "choice"), default=None,
+                   help="how understanding asks a relation: 'yes-no' ('Is the red circle left of the blue square?', "
+                        "mostly 'no') or 'choice' ('Is the red circle left or right of the blue square?' -> 'left', "
+                        "GQA's form: the answers equally common) (default: the level's; the demo level asks 'choice')")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -104,6 +104,7 @@ def synth_main(argv: list[str]) -> int:
     a.max_objects = level.max_objects if a.max_objects is None else a.max_objects
     a.text_prob = level.text_prob if a.text_prob is None else a.text_prob
     a.scene_qa_text = level.scene_qa_text if a.scene_qa_text is None else a.scene_qa_text
+    a.relation_questions = level.relation_questions if a.relation_questions is None else a.relation_questions
     if level.grid:
         if a.text_prob:
             parser.error(f"--text-prob {a.text_prob}: level {a.level!r} draws no characters; use --level full for them")

@@ -19,7 +19,10 @@ same rules and the same scorer at every level. The levers, easiest first:
   **"mirror"** also writes the MLLM's two tasks in text, in its chat template, with the image replaced by the scene's
   layout in words, so the frozen base LLM already plans a scene where `<boi>` stands and reads a scene from where the
   image stands; **"cells"** (the demo level's) writes the image as one word per grid cell ("redcircle", "empty")
-  where each folded image token stands, so the frozen base LLM predicts each cell where the MLLM draws it.
+  where each folded image token stands, so the frozen base LLM predicts each cell where the MLLM draws it;
+- **relation_questions="choice"** (the demo level's): "Is the red circle left or right of the blue square?" -> "left"
+  (GQA's form), whose answers are equally common, where the yes/no form ("Is the red circle left of the blue
+  square?") is mostly "no" and a model that always says "no" sits at its prior.
 
 `demo` is the tiny default (`make demo`); `full` is the whole world, the hardest level, whose rules and bytes are
 fixed (the same seed gives the same files).
@@ -51,6 +54,7 @@ class Level:
     same_shape_prob: float = 0.0  # multi-object scenes that repeat one shape (counting)
     reading_order: bool = False  # objects (and so captions) in the order the image's tokens take; grid levels only
     scene_qa_text: str = "bare"  # how the base LLM's corpus holds the scene Q/A (text_corpus.SCENE_QA_TEXT)
+    relation_questions: str = "yes-no"  # "yes-no" or "choice" (GQA's "left or right of", language.relation_choice_qa)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,13 +66,14 @@ class Level:
                 f"{len(self.backgrounds)} background(s), {chars}, "
                 f"{'captions name every object' if self.full_captions else 'some captions name part of the scene'}"
                 f"{' in reading order' if self.reading_order else ''}, "
-                f"base-LLM corpus: {self.scene_qa_text} scene Q/A")
+                f"base-LLM corpus: {self.scene_qa_text} scene Q/A, relations asked {self.relation_questions}")
 
 
 LEVELS: dict[str, Level] = {
     "demo": Level("demo", "the tiny default, sized for a 2-core demo: one 4x4-folded token per object slot",
                   canvas=64, max_objects=3, grid=2, sizes=("large",), backgrounds=("white",), text_prob=0.0,
-                  full_captions=True, same_shape_prob=0.3, reading_order=True, scene_qa_text="cells"),
+                  full_captions=True, same_shape_prob=0.3, reading_order=True, scene_qa_text="cells",
+                  relation_questions="choice"),
     "grid": Level("grid", "a 128-px canvas of 4x4 slots, two sizes and backgrounds, still no characters",
                   canvas=128, max_objects=4, grid=4, text_prob=0.0, full_captions=True, same_shape_prob=0.3,
                   reading_order=True, scene_qa_text="described"),
