@@ -133,6 +133,7 @@ HEAD_ARMS = (
     _head_arm("head_x1", ("head_full.yaml",), "the unfolding head at the LLM's width"),
     _head_arm("head_x1_2", (), "the head at half the LLM's width (the tiny recipes' head)"),
     _head_arm("head_x1_4", ("head_quarter.yaml",), "the head at a quarter of the LLM's width"),
+    _head_arm("head_x1_2_d4", ("head_deep.yaml",), "the tiny recipes' head with 4 layers instead of 2"),
 )
 ARMS = ARMS + HEAD_ARMS
 ARM_BY_NAME = {a.name: a for a in ARMS}
@@ -233,7 +234,7 @@ def evaluate_checkpoint(ckpt: str | Path, suites: tuple[str, ...], settings: Eva
     torch.manual_seed(settings.seed)
     model = load_synergen(ckpt)
     data = Path(settings.data)
-    out: dict = {"head_width": model.head.config.hidden_size,
+    out: dict = {"head_width": model.head.config.hidden_size, "head_depth": model.head.config.num_layers,
                  "head_params": sum(p.numel() for p in model.head.parameters())}
     if "und" in suites:
         items = load_eval_items(str(data / "val" / "shard-*.tar"), settings.und_per_kind)
@@ -507,8 +508,8 @@ def verdicts(runs: dict) -> list[str]:
     for arm in HEAD_ARMS[1:]:
         got = summarize(runs, "geneval", arm.name, "s2")
         if ref and got:
-            lines.append(f"- Head {arm.name.removeprefix('head_').replace('_', '/')} width: GenEval after S.2 "
-                         f"{got['mean'] - ref['mean']:+.3f} against the head at the LLM's width.")
+            lines.append(f"- Head {arm.name}: GenEval after S.2 {got['mean'] - ref['mean']:+.3f} against the head at "
+                         "the LLM's width.")
     return lines
 
 
@@ -570,12 +571,12 @@ def render_markdown(results: dict) -> str:
     L += ["", "## Table 6b: the unfolding head's width (beyond the paper)", "",
           f"The tiny stage 1 ({_steps(runs, 'head_x1', 's1')} steps) and stage 2"
           f" ({_steps(runs, 'head_x1', 's2')} steps) recipes as they are, on the level in"
-          " `data/tiny`; only the head's width changes (its depth and condition stay). GenEval on every eval prompt"
+          " `data/tiny`; only the head's width or depth changes (its condition stays). GenEval on every eval prompt"
           " at CFG 1.5 (`make demo`'s);"
           " image loss = nats per code after the true caption on val scenes; step time of stage 1, whose"
           " trainable part is mostly the head, with the arms side by side in one run.", "",
-          "| head | width | parameters | GenEval S.1 | GenEval S.2 | image loss S.2 | S.1 s / step | S.1 speed vs x1 |",
-          "|---|---|---|---|---|---|---|---|"]
+          "| head | width | depth | parameters | GenEval S.1 | GenEval S.2 | image loss S.2 | S.1 s / step | S.1 speed vs x1 |",
+          "|---|---|---|---|---|---|---|---|---|"]
     def s1_step(arm_name: str) -> float | None:  # stage 1's mean s/step over the finished seeds
         s1 = runs.get(arm_name, {}).get("s1", {})
         return statistics.fmean(r["train"]["s_per_step"] for r in s1.values()) if s1 else None
@@ -588,7 +589,8 @@ def render_markdown(results: dict) -> str:
         first = next(iter(runs[arm.name]["s1"].values()))["eval"]
         speed = f"{ref_step / step:.2f}x" if ref_step else "–"
         loss = summarize(runs, "image_loss", arm.name, "s2")
-        L.append(f"| {arm.name} | {first.get('head_width', '–')} | {first.get('head_params', 0) / 1e6:.2f} M | "
+        L.append(f"| {arm.name} | {first.get('head_width', '–')} | {first.get('head_depth', '–')} | "
+                 f"{first.get('head_params', 0) / 1e6:.2f} M | "
                  f"{_fmt(summarize(runs, 'geneval', arm.name, 's1'))} | {_fmt(summarize(runs, 'geneval', arm.name, 's2'))} | "
                  f"{_fmt(loss, pct=False, digits=3)} | {step:.2f} | {speed} |")
     L += ["", "## What the miniature shows", ""] + (verdicts(runs) or ["- (no finished arm yet)"])

@@ -72,9 +72,9 @@ def test_arm_recipes_compose(arm, stage, tiny_base, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("arm,stage", [(a.name, s.name) for a in abl.HEAD_ARMS for s in a.stages])
-def test_head_arms_change_only_the_head_width(arm, stage, tiny_base, tmp_path, monkeypatch):
+def test_head_arms_change_only_the_head_width_or_depth(arm, stage, tiny_base, tmp_path, monkeypatch):
     """Table 6b: each arm is the tiny stage recipe as it is (fold, data, lr, trainable set) with the head at the
-    width the arm names; its depth and condition stay the recipe's."""
+    width and depth the arm names; its condition stays the recipe's."""
     monkeypatch.setenv("SYNERGEN_TINY_BASE_LLM", str(tiny_base / "base.ckpt"))
     monkeypatch.setenv("SYNERGEN_TINY_TEXT_TOKENIZER", str(tiny_base / "tok"))
     monkeypatch.chdir(ROOT)
@@ -86,9 +86,11 @@ def test_head_arms_change_only_the_head_width(arm, stage, tiny_base, tmp_path, m
     import yaml
 
     tiny_width = yaml.safe_load((ROOT / "recipes/tiny/base_llm.yaml").read_text())["model"]["init_args"]["config"]["hidden_size"]
-    want = {"head_x1": llm_width, "head_x1_2": tiny_width // 2, "head_x1_4": tiny_width // 4}[arm]  # of the tiny LLM
+    want = {"head_x1": llm_width, "head_x1_2": tiny_width // 2, "head_x1_4": tiny_width // 4,  # of the tiny LLM
+            "head_x1_2_d4": tiny_width // 2}[arm]
     assert model.head.config.hidden_size == want
-    assert model.head.config.num_layers == tiny.head.config.num_layers and model.head.condition == tiny.head.condition
+    depth = 4 if arm == "head_x1_2_d4" else tiny.head.config.num_layers
+    assert model.head.config.num_layers == depth and model.head.condition == tiny.head.condition
     for key in ("fold", "lr", "schedule", "lr_scale", "image_size", "question_first"):
         assert model.hparams[key] == tiny.hparams[key], key
     stage_cb = [c for c in cli.trainer.callbacks if type(c).__name__ == "StageCallback"]
