@@ -184,7 +184,7 @@ $(DEMO): $(SFT_DONE)
 	$(SYN) demo report --ckpt $(SFT_CKPT) --curve $(S1_CKPT) $(S2_CKPT) --base-llm $(BASE_CKPT) --data $(DATA) --out runs/demo --cfg $(DEMO_CFG)
 	@cat $@
 
-ablations: $(DATA_OK) $(VQ_CKPT) $(BASE_DONE) $(CODES_OK)  ## the paper's Tables 6 and 7 in miniature on the full level (make ablations LEVEL=full), the head's width (Table 6b) on the demo level (ARGS="--only head") -> runs/ablations/results.json + ablations.md (ARGS="--seeds 0 --only folding" or --quick)
+ablations: $(DATA_OK) $(VQ_CKPT) $(BASE_DONE) $(CODES_OK)  ## the paper's Tables 6 and 7 in miniature on the full level (make ablations LEVEL=full); Table 7 (ARGS="--only progressive") and the head's width and depth (Table 6b, ARGS="--only head") on the demo level -> runs/ablations/results.json + ablations.md (ARGS="--seeds 0 --only folding" or --quick)
 	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) ablations run $(ARGS)
 
 EVAL_SUITES ?= geneval,und,text
