@@ -9,7 +9,8 @@
   generation (shape-world GenEval, standing in for MSCOCO FID) and the base LLM's held-out text skill.
 - **head** (Table 6b, beyond the paper, which never gives the unfolding head's width): the tiny stage 1 and 2 recipes
   as they are (4x4 folding, pretokenized codes when `SYNERGEN_TINY_SHARDS` names them) with the head at the LLM's
-  width, half of it and a quarter; GenEval on the level's 600 eval prompts, the image loss given the caption, and
+  width, half of it (the tiny default) and a quarter, and the half-width head 4 layers deep instead of 2; GenEval
+  on the level's 600 eval prompts, the image loss given the caption, and
   the training step time of each arm (the head is most of a folded step's FLOPs: RESULTS.md, head width).
 
 Every arm is a list of `synergen fit` runs, each the tiny stage recipe + the ablation overrides in
@@ -107,7 +108,8 @@ ARMS: tuple[Arm, ...] = (
         (StageRun("s2", "recipes/tiny/stage2.yaml", ("stage2_data.yaml", "nofold.yaml", "from_base.yaml"), "stage2", S2_STEPS, suites=_NOFOLD_SUITES),)),
 )
 
-# Table 6b: the tiny recipes' stage 1 and 2 as they are (their own steps and canvas), the head's width the only change
+# Table 6b: the tiny recipes' stage 1 and 2 as they are (their own steps and canvas), the head's width or depth the
+# only change
 HEAD_RECIPES = ("recipes/tiny/stage1.yaml", "recipes/tiny/stage2.yaml")
 
 
@@ -568,7 +570,7 @@ def render_markdown(results: dict) -> str:
         L.append(f"| {stage_lbl} | {strat or '–'} | " + " | ".join(ours) + " | "
                  + " | ".join(_paper(paper, c) for c in ("GQA", "TextVQA", "AI2D", "MMLU", "CMMLU", "MSCOCO FID")) + " |")
     L += _prior_row(runs, ("und", "und_text"), 1, 10)
-    L += ["", "## Table 6b: the unfolding head's width (beyond the paper)", "",
+    L += ["", "## Table 6b: the unfolding head's width and depth (beyond the paper)", "",
           f"The tiny stage 1 ({_steps(runs, 'head_x1', 's1')} steps) and stage 2"
           f" ({_steps(runs, 'head_x1', 's2')} steps) recipes as they are, on the level in"
           " `data/tiny`; only the head's width or depth changes (its condition stays). GenEval on every eval prompt"
@@ -713,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="train and evaluate the arms (finished ones are skipped), write results + doc")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every arm (default: 0 1 2)")
     p.add_argument("--only", choices=STUDIES,
-                   help="one study: folding (Table 6), progressive (Table 7) or head (Table 6b, the head's width)")
+                   help="one study: folding (Table 6), progressive (Table 7) or head (Table 6b, the head's width and depth)")
     p.add_argument("--quick", action="store_true",
                    help=f"{QUICK_STEPS} steps per stage and a tiny evaluation: checks the pipeline end to end")
     p.add_argument("--out", type=Path, default=None, help="runs folder (default: runs/ablations; --quick: runs/ablations_quick)")
