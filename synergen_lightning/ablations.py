@@ -664,8 +664,9 @@ def run(seeds: list[int], only: str | None, quick: bool, out: Path, doc: Path, j
             raise FileNotFoundError(f"ablations: {need} is missing; run `make data` first (the shape world)")
     arms = [a for a in ARMS if only in (None, a.study)]
     canvas = _data_canvas(Path("data/tiny"))
-    if any(a.study == "head" for a in arms) and canvas not in (None, head_canvas()):
-        msg = (f"the head study runs the tiny recipes as they are, on {head_canvas()}-px scenes (the demo level); "
+    want = head_canvas() if any(a.study == "head" for a in arms) else None
+    if want is not None and canvas not in (None, want):
+        msg = (f"the head study runs the tiny recipes as they are, on {want}-px scenes (the demo level); "
                f"data/tiny holds {canvas}-px scenes: `make data LEVEL=demo` first")
         if only == "head":
             raise ValueError(f"ablations: {msg}")

@@ -102,8 +102,9 @@ def scene_text_lines(meta: dict, max_captions: int = 3, qa_text: str = "bare") -
         stream has to look (what it copies, and what not: bench/reference/base_llm_binding.py).
     qa_text="cells": as "mirror", with the image written as the MLLM holds it: `<boi>`, one word per cell of a grid
         level in raster order ("redcircle", "empty"), `<eoi>` (`image_words`). On the demo and grid levels a cell is
-        32 px, one 4x4-folded image token, so each word stands exactly where the image's token for that cell stands, so the frozen base LLM's state where a token is drawn already
-        predicts that cell's colour and shape, and its state over an image token already reads one cell.
+        32 px, one 4x4-folded image token, so each word stands exactly where the image's token for that cell stands:
+        the frozen base LLM's state where a token is drawn already predicts that cell's colour and shape, and its
+        state over an image token already reads one cell.
     """
     if qa_text not in SCENE_QA_TEXT:
         raise ValueError(f"qa_text={qa_text!r}: use one of {', '.join(SCENE_QA_TEXT)}")
