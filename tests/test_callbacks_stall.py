@@ -16,7 +16,7 @@ from tests.distributed_worker import free_port
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
     import lightning as L
     from lightning.pytorch.demos.boring_classes import BoringModel
     from callbacks.stall import StallWatchdog
@@ -31,10 +31,13 @@ SCRIPT = textwrap.dedent("""
         time.sleep(60)
 
     devices = int(sys.argv[2])
+    # ranks after 0 wait twice as long, so the rank that waits in a collective fires first every time; were the
+    # stalled rank first, its exit would close the group's connections and rank 0 would end with a gloo error
+    timeout = float(sys.argv[1]) * (2 if int(os.environ.get("LOCAL_RANK", 0)) > 0 else 1)
     trainer = L.Trainer(max_steps=6, logger=False, accelerator="cpu", devices=devices,
                         strategy="ddp" if devices > 1 else "auto", enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[StallWatchdog(timeout_s=float(sys.argv[1]), poll_s=0.1)])
+                        callbacks=[StallWatchdog(timeout_s=timeout, poll_s=0.1)])
     trainer.fit(StallsAtStep3())
     print("FINISHED")
 """)
@@ -61,11 +64,11 @@ def test_a_stalled_run_exits_with_the_stack_of_the_waiting_frame(tmp_path):
 
 
 def test_a_rank_that_stalls_stops_the_whole_ddp_group(tmp_path):
-    """Rank 1 stops in its step 3; rank 0 waits for it in the gradient all-reduce. Both watchdogs fire: the
-    command ends (instead of hanging) and the log holds both ranks' stacks: rank 1 in its own code, rank 0 in
-    the backward pass that waits for the all-reduce."""
-    r = run_script(tmp_path, 3, 2, 1, timeout=120)
-    assert r.returncode != 0 and "FINISHED" not in r.stdout
+    """Rank 1 stops in its step 3; rank 0 waits for it in the gradient all-reduce. Both watchdogs fire (rank 0's
+    first, rank 1's later): the command ends (instead of hanging) and the log holds both ranks' stacks: rank 1 in
+    its own code, rank 0 in the backward pass that waits for the all-reduce."""
+    r = run_script(tmp_path, 2, 2, 1, timeout=120)
+    assert r.returncode == EXIT_CODE and "FINISHED" not in r.stdout, r.stderr[-3000:]
     assert "StallWatchdog (rank 1" in r.stderr and "StallWatchdog (rank 0" in r.stderr, r.stderr[-3000:]
     # the two processes share the log, so their lines may interleave: rank 1's own frame and rank 0's wait are both there
     assert "wait_for_a_peer_that_never_comes" in r.stderr and "_engine_run_backward" in r.stderr
