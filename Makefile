@@ -11,7 +11,8 @@
 #                                   global batch stays the recipe's, the accumulation is derived)
 # the training seed of the tokenizer, the base LLM and the stages (the data stay the same); another SEED retrains them
 SEED    ?= 0
-# the shape world's level (synergen data synth --help): demo (64 px, learnt in minutes), grid or full (128 px)
+# the shape world's level (synergen data synth --help): demo (64 px, learnt in minutes), grid, read (Table 6's
+# characters) or full (128 px)
 LEVEL   ?= demo
 PY      := .venv/bin/python
 # the torch build `make install` installs first, so the resolver keeps it; `make check-extras` checks the extras keep it
@@ -102,7 +103,7 @@ constraints: $(VENV)  ## rewrite constraints.txt from the installed packages (af
 check-extras: $(VENV)  ## in a fresh virtualenv: installing each optional extra (dev, lm-eval, lmms-eval) changes neither torch nor the toolkit's pins (pip --dry-run; a few minutes)
 	$(PY) bench/check_extras.py --torch "$(TORCH)"
 
-data: $(DATA_OK)  ## write the tiny shape world (LEVEL=demo|grid|full): train/val shards, eval prompts, text corpus
+data: $(DATA_OK)  ## write the tiny shape world (LEVEL=demo|grid|read|full): train/val shards, eval prompts, text corpus
 
 $(DATA_OK): $(VENV)
 	$(SYN) data synth --level $(LEVEL) --out $(DATA) --overwrite
@@ -184,7 +185,7 @@ $(DEMO): $(SFT_DONE)
 	$(SYN) demo report --ckpt $(SFT_CKPT) --curve $(S1_CKPT) $(S2_CKPT) --base-llm $(BASE_CKPT) --data $(DATA) --out runs/demo --cfg $(DEMO_CFG)
 	@cat $@
 
-ablations: $(DATA_OK) $(VQ_CKPT) $(BASE_DONE) $(CODES_OK)  ## the paper's Tables 6 and 7 in miniature on the full level (make ablations LEVEL=full); Table 7 (ARGS="--only progressive") and the head's width and depth (Table 6b, ARGS="--only head") on the demo level -> runs/ablations/results.json + ablations.md (ARGS="--seeds 0 --only folding" or --quick)
+ablations: $(DATA_OK) $(VQ_CKPT) $(BASE_DONE) $(CODES_OK)  ## the paper's Tables 6 and 7 in miniature: Table 6 on the reading level (make ablations LEVEL=read ARGS="--only folding"), Table 7 (ARGS="--only progressive") and the head's width and depth (Table 6b, ARGS="--only head") on the demo level -> runs/ablations/results.json + ablations.md (ARGS="--seeds 0 --only folding" or --quick)
 	SYNERGEN_TINY_SHARDS=$(CODES) $(SYN) ablations run $(ARGS)
 
 EVAL_SUITES ?= geneval,und,text

@@ -114,6 +114,23 @@ def test_head_study_refuses_data_of_another_canvas(tmp_path, monkeypatch):
     assert ran and not any(name.startswith("head_") for name in ran)
 
 
+def test_folding_study_refuses_data_without_its_views(tmp_path, monkeypatch):
+    """The folding arms compare native 64-px tiles of a 128-px canvas with that canvas downsampled: on the 64-px demo
+    level `--only folding` names the reading level, and a run of every study leaves the folding study out."""
+    (tmp_path / "data" / "tiny" / "val").mkdir(parents=True)
+    (tmp_path / "data" / "tiny" / "eval_prompts.jsonl").write_text("")
+    (tmp_path / "data" / "tiny" / "world.json").write_text(json.dumps({"level": "demo", "canvas": 64}))
+    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="make ablations LEVEL=read"):
+        abl.run([0], "folding", True, tmp_path / "out", tmp_path / "doc.md", 1, "test")
+    ran = []
+    monkeypatch.setattr(abl, "run_arm_seed", lambda arm, *a, **k: ran.append(arm.name) or {})
+    monkeypatch.setattr(abl, "write_results", lambda *a, **k: {})
+    abl.run([0], None, True, tmp_path / "out", tmp_path / "doc.md", 1, "test")
+    assert ran and not any(name.startswith("fold_") for name in ran) and any(n.startswith("head_") for n in ran)
+
+
 def test_head_arms_train_the_tiny_recipes_at_their_own_steps_and_canvas(monkeypatch):
     """Table 6b runs stage 1 and 2 as `make demo` does: its steps and canvas are the recipes' own values."""
     import yaml

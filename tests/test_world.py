@@ -397,7 +397,7 @@ def test_skill_items_and_scoring():
     (["--canvas", "16"], "--canvas 16"),
     (["--canvas", "40", "--level", "full"], "too small: small shapes would be 6 px"),
     (["--canvas", "40"], "needs a multiple of 16"),
-    (["--level", "nightmare"], "--level 'nightmare' is not a level; choose one of: demo, grid, full"),
+    (["--level", "nightmare"], "--level 'nightmare' is not a level; choose one of: demo, grid, read, full"),
     (["--text-prob", "0.5"], "level 'demo' draws no characters"),
     (["--max-objects", "1"], "two-object and counting prompts need at least 2"),
     (["--shapes", "circle,hexagon"], "unknown shape 'hexagon'"),

@@ -17,6 +17,8 @@ from synergen_lightning.world.scene import relative_position
 from synergen_lightning.world.scorer import detect_objects, score_images
 from synergen_lightning.world.shards import find_world_info, read_world_info
 
+# sha256 of the first 50 scenes' records of the levels without characters, before characters could be drawn in a cell
+PINNED_DIGESTS = {"demo": "3379d3eb336f1197", "grid": "144e1b35afc717b0"}
 SMALL = ["--num-samples", "60", "--shard-size", "30", "--num-eval-prompts", "36", "--workers", "1", "--no-progress"]
 
 
@@ -35,7 +37,7 @@ def test_grid_levels_put_each_object_in_one_folded_cell(name):
     shapes_per_scene, same_shape = Counter(), 0
     for seed in range(300):
         s = sample_level_scene(np.random.default_rng(seed), level)
-        assert s.canvas == level.canvas and not s.texts and s.background in level.backgrounds
+        assert s.canvas == level.canvas and len(s.texts) == (level.text_prob == 1) and s.background in level.backgrounds
         assert 1 <= len(s.objects) <= level.max_objects
         assert len({(o.shape, o.color) for o in s.objects}) == len(s.objects)
         cells = set()
@@ -49,6 +51,47 @@ def test_grid_levels_put_each_object_in_one_folded_cell(name):
         same_shape += len(s.objects) >= 2 and len({o.shape for o in s.objects}) == 1
     # counting is shown: with same_shape_prob 0.3 at least ~1 in 5 multi-object scenes repeats one shape
     assert same_shape > 0.15 * sum(v for k, v in shapes_per_scene.items() if k >= 2)
+
+
+def test_read_level_puts_one_character_in_a_cell_of_its_own_near_its_centre():
+    """Table 6's reading level: a character in every scene, in a cell no object takes, off the cell's centre by at
+    most the level's jitter (so the 8-px codebook cannot keep one exact patch per character), every character shown,
+    and the scene asks what it reads."""
+    level = LEVELS["read"]
+    cell, jitter = level.canvas // level.grid, level.text_jitter_px
+    shown, offsets = Counter(), set()
+    for seed in range(300):
+        s = sample_level_scene(np.random.default_rng(seed), level)
+        (t,) = s.texts
+        col, row = int(t.center[0] // cell), int(t.center[1] // cell)
+        assert all((o.bbox[0] // cell, o.bbox[1] // cell) != (col, row) for o in s.objects)
+        dx, dy = t.center[0] - (col + 0.5) * cell, t.center[1] - (row + 0.5) * cell
+        assert max(abs(dx), abs(dy)) <= jitter
+        x0, y0, x1, y1 = t.bbox
+        assert col * cell <= x0 < x1 <= (col + 1) * cell and row * cell <= y0 < y1 <= (row + 1) * cell  # in its cell
+        assert t.font_px == level.text_font_px and t.text in level.text_chars
+        shown[t.text] += 1
+        offsets.add((dx, dy))
+        assert {"kind": "text", "question": "What character is written in the image?",
+                "answer": t.text} in qa_pairs(s, np.random.default_rng(seed))
+        assert type(s).from_dict(json.loads(json.dumps(s.to_dict()))) == s  # the glyph size survives the shard's JSON
+    assert set(shown) == set(level.text_chars) and len(offsets) > 50
+    # the glyph is drawn where the record says: dark pixels inside its box, none of the text colour elsewhere
+    img = np.asarray(render_scene(s), dtype=np.int32)
+    dark = (img.max(axis=2) < 128)
+    x0, y0, x1, y1 = s.texts[0].bbox
+    assert dark[y0:y1, x0:x1].sum() >= 8 and dark.sum() == dark[y0:y1, x0:x1].sum()
+
+
+def test_levels_without_characters_draw_the_same_scenes_as_before_characters_could_be_drawn():
+    """The character draw is skipped where a level has none: the demo and grid levels' scenes (and so their data and
+    every figure measured on them) depend only on the seed, pinned here by a digest of their records."""
+    import hashlib
+
+    digest = {name: hashlib.sha256(json.dumps([sample_level_scene(np.random.default_rng(seed), LEVELS[name]).to_dict()
+                                               for seed in range(50)]).encode()).hexdigest()[:16]
+              for name in ("demo", "grid")}
+    assert digest == PINNED_DIGESTS, digest
 
 
 def test_full_captions_name_every_object():
@@ -130,7 +173,8 @@ def test_relation_choice_questions_name_the_side_the_image_shows_each_side_as_of
     assert 0.4 < answers["left"] / (answers["left"] + answers["right"]) < 0.6
     assert 0.4 < answers["above"] / (answers["above"] + answers["below"]) < 0.6
     # the demo level asks the choice form; every other level, the full world too, yes/no
-    assert {n: lv.relation_questions for n, lv in LEVELS.items()} == {"demo": "choice", "grid": "yes-no", "full": "yes-no"}
+    assert {n: lv.relation_questions for n, lv in LEVELS.items()} == {"demo": "choice", "grid": "yes-no", "read": "choice",
+                                                                       "full": "yes-no"}
 
 
 def test_synth_asks_relations_in_the_form_asked_for_and_records_it(tmp_path):

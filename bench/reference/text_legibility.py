@@ -1,6 +1,6 @@
-"""How much of the shape world's tiny character survives each image input (the Table 6 ablation, RESULTS.md).
+"""How much of the shape world's character survives each image input (the Table 6 ablation, RESULTS.md).
 
-The `text` question asks for an 8-px character. Before asking whether a model reads it, this asks whether the input
+The `text` question asks for a character a few px tall (the `read` and `full` levels). Before asking whether a model reads it, this asks whether the input
 still holds it. A small CNN classifies the character from a 24x24 crop around it. It is trained on the train scenes and
 scored on the val scenes, once per input form:
 
@@ -13,7 +13,7 @@ Crops are contrast-normalised. Decoded pixels are a function of the codes, so th
 decoded crop shows. Two more rows read the codes themselves: an MLP on the learnt embeddings of the 3x3 code window
 around the character (and the character's offset inside its patch), at 128 px (`codes 128`) and 64 px (`codes 64`).
 
-    python bench/reference/text_legibility.py --demo .     # after `make demo`; minutes on one core
+    python bench/reference/text_legibility.py --demo .     # after `make tokenizer LEVEL=read`; minutes on one core
 """
 from __future__ import annotations
 
@@ -144,7 +144,8 @@ def main(argv=None) -> None:
     tokenizer = load_image_tokenizer(demo / "runs/tiny/tokenizer/checkpoints/last.ckpt")
     x_tr, y_tr, c_tr = load_characters(sorted((demo / "data/tiny/train").glob("shard-*.tar")), a.train_limit)
     x_va, y_va, c_va = load_characters(sorted((demo / "data/tiny/val").glob("shard-*.tar")), 10**9)
-    print(f"{len(y_tr)} train / {len(y_va)} val characters, {len(TEXT_CHARS)} classes (chance {1 / len(TEXT_CHARS):.3f})")
+    shown = len(set(y_tr.tolist()))  # the level's alphabet (the read level shows 10 of the 26)
+    print(f"{len(y_tr)} train / {len(y_va)} val characters, {shown} classes (chance {1 / shown:.3f})")
     forms_tr, forms_va = input_forms(x_tr, tokenizer), input_forms(x_va, tokenizer)
     for name in forms_tr:
         acc_tr, acc_va = classifier_accuracy(pixel_probe, crops(forms_tr[name], c_tr), y_tr, crops(forms_va[name], c_va),

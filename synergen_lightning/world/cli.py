@@ -106,10 +106,12 @@ def synth_main(argv: list[str]) -> int:
     a.scene_qa_text = level.scene_qa_text if a.scene_qa_text is None else a.scene_qa_text
     a.relation_questions = level.relation_questions if a.relation_questions is None else a.relation_questions
     if level.grid:
-        if a.text_prob:
-            parser.error(f"--text-prob {a.text_prob}: level {a.level!r} draws no characters; use --level full for them")
-        if a.max_objects > level.grid ** 2:
-            parser.error(f"--max-objects {a.max_objects}: level {a.level!r} has {level.grid ** 2} cells; use at most that")
+        if a.text_prob and not level.text_prob:
+            parser.error(f"--text-prob {a.text_prob}: level {a.level!r} draws no characters; use --level read or "
+                         "--level full for them")
+        if a.max_objects + (a.text_prob > 0) > level.grid ** 2:
+            parser.error(f"--max-objects {a.max_objects}: level {a.level!r} has {level.grid ** 2} cells"
+                         f"{' (one for its character)' if a.text_prob else ''}; use fewer")
         if a.canvas % (8 * level.grid):
             parser.error(f"--canvas {a.canvas}: level {a.level!r} needs a multiple of {8 * level.grid} "
                          f"(its {level.grid}x{level.grid} cells on the 8-px code grid); e.g. --canvas {level.canvas}")

@@ -34,7 +34,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .scene import BACKGROUNDS, COLORS, MAX_OBJECTS, SHAPES, SIZES, Scene, make_object, sample_scene
+from .scene import (BACKGROUNDS, COLORS, MAX_OBJECTS, SHAPES, SIZES, TEXT_CHARS, Scene, TextItem, text_font, make_object,
+                    region_of, sample_scene)
 
 # box side as a fraction of the grid cell (a 32-px cell holds a 24-px large or a 16-px small object)
 GRID_FILL: dict[str, float] = {"large": 0.75, "small": 0.5}
@@ -55,13 +56,18 @@ class Level:
     reading_order: bool = False  # objects (and so captions) in the order the image's tokens take; grid levels only
     scene_qa_text: str = "bare"  # how the base LLM's corpus holds the scene Q/A (text_corpus.SCENE_QA_TEXT)
     relation_questions: str = "yes-no"  # "yes-no" or "choice" (GQA's "left or right of", language.relation_choice_qa)
+    text_chars: str = TEXT_CHARS  # the characters a scene may show
+    text_font_px: int | None = None  # a grid level's glyph size in px (a character in a cell of its own)
+    text_jitter_px: int = 0  # the character's offset from its cell's centre: up to this many px each way
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def describe(self) -> str:
         where = f"centred in a {self.grid}x{self.grid} grid" if self.grid else "anywhere"
-        chars = "no characters" if self.text_prob == 0 else f"a tiny character in {self.text_prob:.0%} of scenes"
+        chars = ("no characters" if self.text_prob == 0 else
+                 f"a {'tiny ' if self.text_font_px is None else f'{self.text_font_px}-px '}character "
+                 f"({len(self.text_chars)} kinds) in {self.text_prob:.0%} of scenes")
         return (f"{self.canvas} px, 1-{self.max_objects} objects {where}, size {'/'.join(self.sizes)}, "
                 f"{len(self.backgrounds)} background(s), {chars}, "
                 f"{'captions name every object' if self.full_captions else 'some captions name part of the scene'}"
@@ -77,6 +83,11 @@ LEVELS: dict[str, Level] = {
     "grid": Level("grid", "a 128-px canvas of 4x4 slots, two sizes and backgrounds, still no characters",
                   canvas=128, max_objects=4, grid=4, text_prob=0.0, full_captions=True, same_shape_prob=0.3,
                   reading_order=True, scene_qa_text="described"),
+    "read": Level("read", "Table 6's reading level: the grid level plus a character in a cell of its own, legible in "
+                          "native 64-px tiles and not in the canvas downsampled to 64 px",
+                  canvas=128, max_objects=3, grid=4, backgrounds=("white",), text_prob=1.0, full_captions=True,
+                  same_shape_prob=0.3, reading_order=True, scene_qa_text="described", relation_questions="choice",
+                  text_chars="ACEHKMPRTX", text_font_px=10, text_jitter_px=6),
     "full": Level("full", "the full world: objects anywhere at any offset, tiny characters, partial captions",
                   canvas=128, max_objects=MAX_OBJECTS),
 }
@@ -127,4 +138,22 @@ def sample_level_scene(rng: np.random.Generator, level: Level, max_objects: int 
         size = level.sizes[int(rng.integers(len(level.sizes)))]
         objects.append(make_object(shape, color, size, cell_box(int(cell), level.grid, canvas, size), canvas))
     background = level.backgrounds[int(rng.integers(len(level.backgrounds)))]
-    return Scene(canvas, background, objects, [])
+    texts = []
+    if text_prob > 0 and rng.random() < text_prob:  # no draw at levels without characters: their bytes stay
+        free = [c for c in range(level.grid * level.grid) if c not in set(int(x) for x in cells)]
+        cell = free[int(rng.integers(len(free)))]
+        ch = level.text_chars[int(rng.integers(len(level.text_chars)))]
+        jitter = level.text_jitter_px
+        texts = [cell_text(ch, cell, level, canvas, tuple(int(v) for v in rng.integers(-jitter, jitter + 1, size=2)))]
+    return Scene(canvas, background, objects, texts)
+
+
+def cell_text(ch: str, cell: int, level: Level, canvas: int, offset: tuple[int, int] = (0, 0)) -> TextItem:
+    """Character `ch` in grid cell `cell`, `offset` px from its centre, drawn at the level's glyph size."""
+    c = canvas // level.grid
+    row, col = divmod(cell, level.grid)
+    center = (col * c + c / 2 + offset[0], row * c + c / 2 + offset[1])
+    font_px = level.text_font_px or max(8, canvas // 16)
+    left, top, right, bottom = text_font(canvas, font_px).getbbox(ch, anchor="mm")
+    bbox = (int(center[0] + left), int(center[1] + top), int(center[0] + right), int(center[1] + bottom))
+    return TextItem(ch, center, bbox, region_of(center, canvas), level.text_font_px)

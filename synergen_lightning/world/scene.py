@@ -63,6 +63,14 @@ class TextItem:
     center: tuple[float, float]
     bbox: tuple[int, int, int, int]
     region: str = ""
+    font_px: int | None = None  # None: the canvas's tiny default (`text_font`); a grid level sets its own
+
+
+def _text_dict(t: TextItem) -> dict:
+    d = _jsonable(asdict(t))
+    if d["font_px"] is None:
+        del d["font_px"]  # the full world's records keep their bytes
+    return d
 
 
 @dataclass
@@ -77,7 +85,7 @@ class Scene:
             "canvas": self.canvas,
             "background": self.background,
             "objects": [_jsonable(asdict(o)) for o in self.objects],
-            "texts": [_jsonable(asdict(t)) for t in self.texts],
+            "texts": [_text_dict(t) for t in self.texts],
         }
 
     @classmethod
@@ -175,9 +183,9 @@ def make_object(shape: str, color: str, size: str, box, canvas: int) -> ShapeObj
     return ShapeObject(shape, color, size, center, tuple(int(v) for v in box), region_of(center, canvas))
 
 
-def _font(canvas: int):
+def text_font(canvas: int, font_px: int | None = None):
     # Glyphs ~5 px tall at 128: legible only at full resolution (the high-resolution understanding task).
-    return ImageFont.load_default(size=max(8, canvas // 16))
+    return ImageFont.load_default(size=font_px or max(8, canvas // 16))
 
 
 def sample_scene(
@@ -214,7 +222,7 @@ def sample_scene(
 
 
 def _place_text(rng, canvas, taken) -> list[TextItem]:
-    font = _font(canvas)
+    font = text_font(canvas)
     ch = TEXT_CHARS[int(rng.integers(len(TEXT_CHARS)))]
     left, top, right, bottom = font.getbbox(ch)
     side = max(right - left, bottom - top) + 2
@@ -254,7 +262,6 @@ def render_scene(scene: Scene) -> Image.Image:
     if scene.texts:
         # Text is drawn at the final resolution so the glyphs stay crisp (and tiny).
         draw = ImageDraw.Draw(img)
-        font = _font(scene.canvas)
         for t in scene.texts:
-            draw.text(t.center, t.text, fill=TEXT_COLOR, font=font, anchor="mm")
+            draw.text(t.center, t.text, fill=TEXT_COLOR, font=text_font(scene.canvas, t.font_px), anchor="mm")
     return img
