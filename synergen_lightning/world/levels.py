@@ -24,6 +24,11 @@ same rules and the same scorer at every level. The levers, easiest first:
   (GQA's form), whose answers are equally common, where the yes/no form ("Is the red circle left of the blue
   square?") is mostly "no" and a model that always says "no" sits at its prior.
 
+- **characters in a cell of their own** (the `read` level, Table 6's): a glyph about 7x8 px, a few px off its cell's
+  centre, so the 8-px patch codebook cannot keep one exact patch per character and position: its codes name the
+  character in native 64-px tiles far more often than in the canvas downsampled to 64 px
+  (`bench/reference/text_legibility.py`).
+
 `demo` is the tiny default (`make demo`); `full` is the whole world, the hardest level, whose rules and bytes are
 fixed (the same seed gives the same files).
 """
@@ -34,8 +39,20 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .scene import (BACKGROUNDS, COLORS, MAX_OBJECTS, SHAPES, SIZES, TEXT_CHARS, Scene, TextItem, text_font, make_object,
-                    region_of, sample_scene)
+from .scene import (
+    BACKGROUNDS,
+    COLORS,
+    MAX_OBJECTS,
+    SHAPES,
+    SIZES,
+    TEXT_CHARS,
+    Scene,
+    TextItem,
+    make_object,
+    region_of,
+    sample_scene,
+    text_font,
+)
 
 # box side as a fraction of the grid cell (a 32-px cell holds a 24-px large or a 16-px small object)
 GRID_FILL: dict[str, float] = {"large": 0.75, "small": 0.5}
