@@ -3,8 +3,8 @@
 - **folding** (paper Table 6, on the `read` level): no folding (one 64-px view of the 128-px canvas, 8x8 = 64 LLM
   tokens) against 2x4 folding with InternVL-1.5 dynamic tiles (2x2 native-resolution 64-px tiles + thumbnail, 5 x 8
   = 40 LLM tokens), both trained from the base LLM on understanding data only (every parameter, the SFT settings),
-  scored on val Q/A per kind; `text` (the level's characters, legible in native tiles and not after the 2x
-  downsample) and questions about small objects are the reading columns.
+  scored on val Q/A per kind; `text` (the level's characters, whose codes lose detail after the 2x downsample)
+  and questions about small objects are the reading columns.
 - **progressive** (paper Table 7, no folding, no dynamic tiles): stage 1 then stage 2 with the MMoE progressive
   parameter sets, against full-parameter tuning in both stages, plus the "S.2 only" row; understanding,
   generation (shape-world GenEval, standing in for MSCOCO FID) and the base LLM's held-out text skill.
@@ -86,7 +86,8 @@ class Arm:
 
 # Steps of the full run, so that each study (3 seeds of its arms, 2 at a time) fits in about half an hour on a quiet
 # 2-core machine; the written table states them. The folding arms train every parameter (the SFT settings,
-# folding_train.yaml): in 400 steps neither arm answered above the question-type prior, from 600 on both do.
+# folding_train.yaml): with stage 2's parameter set neither arm answered above the question-type prior in 400 steps;
+# with every parameter both do from about 600 (RESULTS.md, Table 6 on the reading level).
 FOLD_STEPS = 800
 S1_STEPS = 300
 S2_STEPS = 300

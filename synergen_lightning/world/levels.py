@@ -27,7 +27,7 @@ same rules and the same scorer at every level. The levers, easiest first:
 - **characters in a cell of their own** (the `read` level, Table 6's): a glyph about 7x8 px, a few px off its cell's
   centre, so the 8-px patch codebook cannot keep one exact patch per character and position: its codes name the
   character in native 64-px tiles far more often than in the canvas downsampled to 64 px
-  (`bench/reference/text_legibility.py`).
+  (`bench/reference/text_legibility.py`); the offsets also make the native glyph slow to learn to read (RESULTS.md).
 
 `demo` is the tiny default (`make demo`); `full` is the whole world, the hardest level, whose rules and bytes are
 fixed (the same seed gives the same files).
@@ -100,8 +100,8 @@ LEVELS: dict[str, Level] = {
     "grid": Level("grid", "a 128-px canvas of 4x4 slots, two sizes and backgrounds, still no characters",
                   canvas=128, max_objects=4, grid=4, text_prob=0.0, full_captions=True, same_shape_prob=0.3,
                   reading_order=True, scene_qa_text="described"),
-    "read": Level("read", "Table 6's reading level: the grid level plus a character in a cell of its own, legible in "
-                          "native 64-px tiles and not in the canvas downsampled to 64 px",
+    "read": Level("read", "Table 6's reading level: the grid level plus a ~7x8-px character in a cell of its own, a "
+                          "few px off its centre",
                   canvas=128, max_objects=3, grid=4, backgrounds=("white",), text_prob=1.0, full_captions=True,
                   same_shape_prob=0.3, reading_order=True, scene_qa_text="described", relation_questions="choice",
                   text_chars="ACEHKMPRTX", text_font_px=10, text_jitter_px=6),
