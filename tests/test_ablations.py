@@ -97,37 +97,33 @@ def test_head_arms_change_only_the_head_width_or_depth(arm, stage, tiny_base, tm
     assert stage_cb[0].stage["name"] == st.stage and cli.trainer.max_steps == 7
 
 
-def test_head_study_refuses_data_of_another_canvas(tmp_path, monkeypatch):
-    """The head arms run the tiny recipes as they are: on a 128-px level `--only head` names the fix, and a run of
-    every study leaves the head study out."""
+def _arms_run_on(tmp_path, monkeypatch, world: dict, only: str, fix: str) -> list[str]:
+    """`--only ONLY` on a data/tiny of `world` must fail naming `fix`; the arms a run of every study then trains."""
     (tmp_path / "data" / "tiny" / "val").mkdir(parents=True)
     (tmp_path / "data" / "tiny" / "eval_prompts.jsonl").write_text("")
-    (tmp_path / "data" / "tiny" / "world.json").write_text(json.dumps({"level": "full", "canvas": 128}))
+    (tmp_path / "data" / "tiny" / "world.json").write_text(json.dumps(world))
     (tmp_path / "recipes").symlink_to(ROOT / "recipes")  # the harness reads the recipes where make runs it
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="make data LEVEL=demo"):
-        abl.run([0], "head", True, tmp_path / "out", tmp_path / "doc.md", 1, "test")
+    with pytest.raises(ValueError, match=fix):
+        abl.run([0], only, True, tmp_path / "out", tmp_path / "doc.md", 1, "test")
     ran = []
     monkeypatch.setattr(abl, "run_arm_seed", lambda arm, *a, **k: ran.append(arm.name) or {})
     monkeypatch.setattr(abl, "write_results", lambda *a, **k: {})
     abl.run([0], None, True, tmp_path / "out", tmp_path / "doc.md", 1, "test")
+    return ran
+
+
+def test_head_study_refuses_data_of_another_canvas(tmp_path, monkeypatch):
+    """The head arms run the tiny recipes as they are: on a 128-px level `--only head` names the fix, and a run of
+    every study leaves the head study out."""
+    ran = _arms_run_on(tmp_path, monkeypatch, {"level": "full", "canvas": 128}, "head", "make data LEVEL=demo")
     assert ran and not any(name.startswith("head_") for name in ran)
 
 
 def test_folding_study_refuses_data_without_its_views(tmp_path, monkeypatch):
     """The folding arms compare native 64-px tiles of a 128-px canvas with that canvas downsampled: on the 64-px demo
     level `--only folding` names the reading level, and a run of every study leaves the folding study out."""
-    (tmp_path / "data" / "tiny" / "val").mkdir(parents=True)
-    (tmp_path / "data" / "tiny" / "eval_prompts.jsonl").write_text("")
-    (tmp_path / "data" / "tiny" / "world.json").write_text(json.dumps({"level": "demo", "canvas": 64}))
-    (tmp_path / "recipes").symlink_to(ROOT / "recipes")
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(ValueError, match="make ablations LEVEL=read"):
-        abl.run([0], "folding", True, tmp_path / "out", tmp_path / "doc.md", 1, "test")
-    ran = []
-    monkeypatch.setattr(abl, "run_arm_seed", lambda arm, *a, **k: ran.append(arm.name) or {})
-    monkeypatch.setattr(abl, "write_results", lambda *a, **k: {})
-    abl.run([0], None, True, tmp_path / "out", tmp_path / "doc.md", 1, "test")
+    ran = _arms_run_on(tmp_path, monkeypatch, {"level": "demo", "canvas": 64}, "folding", "make ablations LEVEL=read")
     assert ran and not any(name.startswith("fold_") for name in ran) and any(n.startswith("head_") for n in ran)
 
 
