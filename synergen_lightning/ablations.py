@@ -672,22 +672,20 @@ def run(seeds: list[int], only: str | None, quick: bool, out: Path, doc: Path, j
             raise FileNotFoundError(f"ablations: {need} is missing; run `make data` first (the shape world)")
     arms = [a for a in ARMS if only in (None, a.study)]
     canvas = _data_canvas(Path("data/tiny"))
-    want = head_canvas() if any(a.study == "head" for a in arms) else None
-    if want is not None and canvas not in (None, want):
-        msg = (f"the head study runs the tiny recipes as they are, on {want}-px scenes (the demo level); "
-               f"data/tiny holds {canvas}-px scenes: `make data LEVEL=demo` first")
-        if only == "head":
+    # a study that needs another canvas than data/tiny's: an error when it was asked for alone, else left out
+    for study, want, what, fix in (
+            ("head", head_canvas, "runs the tiny recipes as they are, on {}-px scenes (the demo level)",
+             "`make data LEVEL=demo` first"),
+            ("folding", lambda: FOLDING_CANVAS,
+             "compares 2x2 native 64-px tiles with the canvas downsampled to 64 px, on {}-px scenes",
+             "`make ablations LEVEL=read` (Table 6's reading level)")):
+        if not any(a.study == study for a in arms) or canvas in (None, want()):
+            continue
+        msg = f"the {study} study {what.format(want())}; data/tiny holds {canvas}-px scenes: {fix}"
+        if only == study:
             raise ValueError(f"ablations: {msg}")
-        _log(f"skipping the head study: {msg}")
-        arms = [a for a in arms if a.study != "head"]
-    if any(a.study == "folding" for a in arms) and canvas not in (None, FOLDING_CANVAS):
-        msg = (f"the folding study compares 2x2 native 64-px tiles with the canvas downsampled to 64 px, on "
-               f"{FOLDING_CANVAS}-px scenes; data/tiny holds {canvas}-px scenes: `make ablations LEVEL=read` "
-               "(Table 6's reading level)")
-        if only == "folding":
-            raise ValueError(f"ablations: {msg}")
-        _log(f"skipping the folding study: {msg}")
-        arms = [a for a in arms if a.study != "folding"]
+        _log(f"skipping the {study} study: {msg}")
+        arms = [a for a in arms if a.study != study]
     settings = QUICK_EVAL if quick else EvalSettings()
     t0, load0 = time.time(), os.getloadavg()
     # longest arms first, so two workers finish together

@@ -172,9 +172,9 @@ def test_relation_choice_questions_name_the_side_the_image_shows_each_side_as_of
                        if qa["kind"] == "relation")
     assert 0.4 < answers["left"] / (answers["left"] + answers["right"]) < 0.6
     assert 0.4 < answers["above"] / (answers["above"] + answers["below"]) < 0.6
-    # the demo level asks the choice form; every other level, the full world too, yes/no
-    assert {n: lv.relation_questions for n, lv in LEVELS.items()} == {"demo": "choice", "grid": "yes-no", "read": "choice",
-                                                                       "full": "yes-no"}
+    # the demo and read levels ask the choice form; grid and the full world yes/no
+    assert {n: lv.relation_questions for n, lv in LEVELS.items()} == {"demo": "choice", "grid": "yes-no",
+                                                                       "read": "choice", "full": "yes-no"}
 
 
 def test_synth_asks_relations_in_the_form_asked_for_and_records_it(tmp_path):

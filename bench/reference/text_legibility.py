@@ -1,8 +1,8 @@
 """How much of the shape world's character survives each image input (the Table 6 ablation, RESULTS.md).
 
-The `text` question asks for a character a few px tall (the `read` and `full` levels). Before asking whether a model reads it, this asks whether the input
-still holds it. A small CNN classifies the character from a 24x24 crop around it. It is trained on the train scenes and
-scored on the val scenes, once per input form:
+The `text` question asks for a character a few px tall (the `read` and `full` levels). Before asking whether a model
+reads it, this asks whether the input still holds it. A small CNN classifies the character from a 24x24 crop around
+it. It is trained on the train scenes and scored on the val scenes, once per input form:
 
 - `original 128`: the stored JPEG;
 - `VQ 128`: its round trip through the image tokenizer at 128 px (what the folded tiles carry);

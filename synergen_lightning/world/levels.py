@@ -157,7 +157,8 @@ def sample_level_scene(rng: np.random.Generator, level: Level, max_objects: int 
     background = level.backgrounds[int(rng.integers(len(level.backgrounds)))]
     texts = []
     if text_prob > 0 and rng.random() < text_prob:  # no draw at levels without characters: their bytes stay
-        free = [c for c in range(level.grid * level.grid) if c not in set(int(x) for x in cells)]
+        taken = {int(x) for x in cells}
+        free = [c for c in range(level.grid * level.grid) if c not in taken]
         cell = free[int(rng.integers(len(free)))]
         ch = level.text_chars[int(rng.integers(len(level.text_chars)))]
         jitter = level.text_jitter_px
@@ -170,7 +171,6 @@ def cell_text(ch: str, cell: int, level: Level, canvas: int, offset: tuple[int, 
     c = canvas // level.grid
     row, col = divmod(cell, level.grid)
     center = (col * c + c / 2 + offset[0], row * c + c / 2 + offset[1])
-    font_px = level.text_font_px or max(8, canvas // 16)
-    left, top, right, bottom = text_font(canvas, font_px).getbbox(ch, anchor="mm")
+    left, top, right, bottom = text_font(canvas, level.text_font_px).getbbox(ch, anchor="mm")
     bbox = (int(center[0] + left), int(center[1] + top), int(center[0] + right), int(center[1] + bottom))
     return TextItem(ch, center, bbox, region_of(center, canvas), level.text_font_px)
