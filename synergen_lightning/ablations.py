@@ -3,8 +3,8 @@
 - **folding** (paper Table 6, on the `read` level): no folding (one 64-px view of the 128-px canvas, 8x8 = 64 LLM
   tokens) against 2x4 folding with InternVL-1.5 dynamic tiles (2x2 native-resolution 64-px tiles + thumbnail, 5 x 8
   = 40 LLM tokens), both trained from the base LLM on understanding data only (every parameter, the SFT settings),
-  scored on val Q/A per kind; `text` (the level's characters, whose codes lose detail after the 2x downsample)
-  and questions about small objects are the reading columns.
+  scored on val Q/A per kind; `text` (the level's fine print, legible in native tiles and not after the 2x
+  downsample, docs/levels.md) and questions about small objects are the reading columns.
 - **progressive** (paper Table 7, no folding, no dynamic tiles): stage 1 then stage 2 with the MMoE progressive
   parameter sets, against full-parameter tuning in both stages, plus the "S.2 only" row; understanding,
   generation (shape-world GenEval, standing in for MSCOCO FID) and the base LLM's held-out text skill.

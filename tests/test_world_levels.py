@@ -13,7 +13,7 @@ from synergen_lightning.world.cli import synth_main
 from synergen_lightning.world.language import OPPOSITE
 from synergen_lightning.world.levels import LEVELS, cell_box, get_level, sample_level_scene
 from synergen_lightning.world.prompts import prompt_scene, render_prompt
-from synergen_lightning.world.scene import relative_position
+from synergen_lightning.world.scene import FINE_GLYPHS, FINE_INK, relative_position
 from synergen_lightning.world.scorer import detect_objects, score_images
 from synergen_lightning.world.shards import find_world_info, read_world_info
 
@@ -53,34 +53,65 @@ def test_grid_levels_put_each_object_in_one_folded_cell(name):
     assert same_shape > 0.15 * sum(v for k, v in shapes_per_scene.items() if k >= 2)
 
 
-def test_read_level_puts_one_character_in_a_cell_of_its_own_near_its_centre():
-    """Table 6's reading level: a character in every scene, in a cell no object takes, off the cell's centre by at
-    most the level's jitter (so the 8-px codebook cannot keep one exact patch per character), every character shown,
-    and the scene asks what it reads."""
+def test_read_level_puts_one_fine_print_character_on_the_code_grid_in_a_cell_of_its_own():
+    """Table 6's reading level: a character in every scene, in a cell no object takes, as one 8x8 glyph on the 8-px
+    code grid (one image-tokenizer patch) in an ink of the level's range, every character shown, drawn where the
+    record says, and asked about."""
     level = LEVELS["read"]
-    cell, jitter = level.canvas // level.grid, level.text_jitter_px
-    shown, offsets = Counter(), set()
+    cell = level.canvas // level.grid
+    shown, inks = Counter(), set()
     for seed in range(300):
         s = sample_level_scene(np.random.default_rng(seed), level)
         (t,) = s.texts
-        col, row = int(t.center[0] // cell), int(t.center[1] // cell)
-        assert all((o.bbox[0] // cell, o.bbox[1] // cell) != (col, row) for o in s.objects)
-        dx, dy = t.center[0] - (col + 0.5) * cell, t.center[1] - (row + 0.5) * cell
-        assert max(abs(dx), abs(dy)) <= jitter
         x0, y0, x1, y1 = t.bbox
-        assert col * cell <= x0 < x1 <= (col + 1) * cell and row * cell <= y0 < y1 <= (row + 1) * cell  # in its cell
-        assert t.font_px == level.text_font_px and t.text in level.text_chars
+        assert (x1 - x0, y1 - y0) == (8, 8) and x0 % 8 == 0 and y0 % 8 == 0 and t.style == "fine"
+        col, row = x0 // cell, y0 // cell
+        assert (x1 - 1) // cell == col and (y1 - 1) // cell == row  # inside one cell
+        assert all((o.bbox[0] // cell, o.bbox[1] // cell) != (col, row) for o in s.objects)
+        assert t.text in level.text_chars and FINE_INK[0] <= t.ink <= FINE_INK[1]
         shown[t.text] += 1
-        offsets.add((dx, dy))
+        inks.add(t.ink)
         assert {"kind": "text", "question": "What character is written in the image?",
                 "answer": t.text} in qa_pairs(s, np.random.default_rng(seed))
-        assert type(s).from_dict(json.loads(json.dumps(s.to_dict()))) == s  # the glyph size survives the shard's JSON
-    assert set(shown) == set(level.text_chars) and len(offsets) > 50
-    # the glyph is drawn where the record says: dark pixels inside its box, none of the text colour elsewhere
+        assert type(s).from_dict(json.loads(json.dumps(s.to_dict()))) == s  # style and ink survive the shard's JSON
+    assert set(shown) == set(level.text_chars) and len(inks) > 50
+    # the glyph's pixels are its bitmap in its ink, and the character changes no pixel outside its box
     img = np.asarray(render_scene(s), dtype=np.int32)
-    dark = (img.max(axis=2) < 128)
-    x0, y0, x1, y1 = s.texts[0].bbox
-    assert dark[y0:y1, x0:x1].sum() >= 8 and dark.sum() == dark[y0:y1, x0:x1].sum()
+    bare = np.asarray(render_scene(type(s)(s.canvas, s.background, s.objects, [])), dtype=np.int32)
+    changed = (img != bare).any(axis=2)
+    assert changed.sum() == changed[y0:y1, x0:x1].sum() == FINE_GLYPHS[t.text].sum()
+    assert (img[y0:y1, x0:x1][FINE_GLYPHS[t.text]] == t.ink).all()
+
+
+def test_fine_print_is_legible_at_full_resolution_and_not_after_a_2x_downsample():
+    """One scene with each of the ten characters: at 128 px any two differ in at least 6 pixels by more than the
+    lightest ink's contrast; the no-folding arm's 64-px view (`dynamic_tiles`, bicubic) and a box filter leave them at
+    most 12 grey levels apart, where the same character in the level's darkest and lightest ink is 40+ apart."""
+    from itertools import combinations
+
+    from PIL import Image
+
+    from synergen_lightning.data.views import dynamic_tiles
+
+    level = LEVELS["read"]
+    base = sample_level_scene(np.random.default_rng(0), level).to_dict()
+
+    def views(ch: str, ink: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        img = render_scene(type(sample_scene(0)).from_dict({**base, "texts": [{**base["texts"][0], "text": ch,
+                                                                                "ink": ink}]}))
+        (bicubic,) = dynamic_tiles(img, 64)
+        return np.asarray(img, dtype=np.int32), {"bicubic": np.asarray(bicubic, dtype=np.int32),
+                                                 "box": np.asarray(img.resize((64, 64), Image.BOX), dtype=np.int32)}
+
+    for ink in FINE_INK:
+        natives, smalls = zip(*(views(ch, ink) for ch in level.text_chars))
+        for a, b in combinations(natives, 2):
+            assert (np.abs(a - b).max(axis=2) >= 255 - FINE_INK[1]).sum() >= 6
+        for filt in ("bicubic", "box"):
+            assert max(np.abs(a[filt] - b[filt]).max() for a, b in combinations(smalls, 2)) <= 12, (filt, ink)
+    for ch in level.text_chars:
+        dark, light = views(ch, FINE_INK[0])[1], views(ch, FINE_INK[1])[1]
+        assert all(np.abs(dark[f] - light[f]).max() >= 40 for f in dark)
 
 
 def test_levels_without_characters_draw_the_same_scenes_as_before_characters_could_be_drawn():

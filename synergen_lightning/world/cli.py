@@ -66,7 +66,7 @@ def synth_parser() -> argparse.ArgumentParser:
                    help=f"objects per scene, 2..{MAX_OBJECTS} (default: the level's)")
     p.add_argument("--text-prob", type=float, default=None,
                    help="probability a scene carries a tiny character to read (default: the level's; "
-                        "only levels without a grid draw characters)")
+                        "of the grid levels only read draws characters)")
     p.add_argument("--shapes", type=_csv("shape", SHAPES), default=SHAPES,
                    help=f"comma-separated subset of {','.join(SHAPES)}")
     p.add_argument("--colors", type=_csv("color", tuple(COLORS)), default=tuple(COLORS),

@@ -24,10 +24,12 @@ same rules and the same scorer at every level. The levers, easiest first:
   (GQA's form), whose answers are equally common, where the yes/no form ("Is the red circle left of the blue
   square?") is mostly "no" and a model that always says "no" sits at its prior.
 
-- **characters in a cell of their own** (the `read` level, Table 6's): a glyph about 7x8 px, a few px off its cell's
-  centre, so the 8-px patch codebook cannot keep one exact patch per character and position: its codes name the
-  character in native 64-px tiles far more often than in the canvas downsampled to 64 px
-  (`bench/reference/text_legibility.py`); the offsets also make the native glyph slow to learn to read (RESULTS.md).
+- **fine print** (the `read` level, Table 6's): in every scene one of ten 8x8-px glyphs on the 8-px code grid, in a
+  cell no object takes. The glyphs share one coarse outline of 2x2-px blocks and differ only in 1-px detail inside
+  them (`scene.FINE_GLYPHS`), so each is one exact patch of the image tokenizer at full resolution and a 2x
+  downsample turns all ten into the same grey outline; the ink's grey varies per scene, which the native glyph shrugs
+  off and which buries the downsample's small residue: the character is legible in native 64-px tiles and not in the
+  canvas downsampled to 64 px (`bench/reference/text_legibility.py` measures both).
 
 `demo` is the tiny default (`make demo`); `full` is the whole world, the hardest level, whose rules and bytes are
 fixed (the same seed gives the same files).
@@ -42,6 +44,9 @@ import numpy as np
 from .scene import (
     BACKGROUNDS,
     COLORS,
+    FINE_CHARS,
+    FINE_GLYPH_PX,
+    FINE_INK,
     MAX_OBJECTS,
     SHAPES,
     SIZES,
@@ -74,8 +79,7 @@ class Level:
     scene_qa_text: str = "bare"  # how the base LLM's corpus holds the scene Q/A (text_corpus.SCENE_QA_TEXT)
     relation_questions: str = "yes-no"  # "yes-no" or "choice" (GQA's "left or right of", language.relation_choice_qa)
     text_chars: str = TEXT_CHARS  # the characters a scene may show
-    text_font_px: int | None = None  # a grid level's glyph size in px (a character in a cell of its own)
-    text_jitter_px: int = 0  # the character's offset from its cell's centre: up to this many px each way
+    text_style: str | None = None  # None: the tiny font; "fine": FINE_GLYPHS on the code grid (grid levels)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,7 +87,7 @@ class Level:
     def describe(self) -> str:
         where = f"centred in a {self.grid}x{self.grid} grid" if self.grid else "anywhere"
         chars = ("no characters" if self.text_prob == 0 else
-                 f"a {'tiny ' if self.text_font_px is None else f'{self.text_font_px}-px '}character "
+                 f"a {'tiny' if self.text_style is None else self.text_style + '-print'} character "
                  f"({len(self.text_chars)} kinds) in {self.text_prob:.0%} of scenes")
         return (f"{self.canvas} px, 1-{self.max_objects} objects {where}, size {'/'.join(self.sizes)}, "
                 f"{len(self.backgrounds)} background(s), {chars}, "
@@ -100,11 +104,11 @@ LEVELS: dict[str, Level] = {
     "grid": Level("grid", "a 128-px canvas of 4x4 slots, two sizes and backgrounds, still no characters",
                   canvas=128, max_objects=4, grid=4, text_prob=0.0, full_captions=True, same_shape_prob=0.3,
                   reading_order=True, scene_qa_text="described"),
-    "read": Level("read", "Table 6's reading level: the grid level plus a ~7x8-px character in a cell of its own, a "
-                          "few px off its centre",
+    "read": Level("read", "Table 6's reading level: the grid level plus an 8x8-px fine-print character in a cell "
+                          "of its own, legible at 128 px and not at 64",
                   canvas=128, max_objects=3, grid=4, backgrounds=("white",), text_prob=1.0, full_captions=True,
                   same_shape_prob=0.3, reading_order=True, scene_qa_text="described", relation_questions="choice",
-                  text_chars="ACEHKMPRTX", text_font_px=10, text_jitter_px=6),
+                  text_chars=FINE_CHARS, text_style="fine"),
     "full": Level("full", "the full world: objects anywhere at any offset, tiny characters, partial captions",
                   canvas=128, max_objects=MAX_OBJECTS),
 }
@@ -161,16 +165,24 @@ def sample_level_scene(rng: np.random.Generator, level: Level, max_objects: int 
         free = [c for c in range(level.grid * level.grid) if c not in taken]
         cell = free[int(rng.integers(len(free)))]
         ch = level.text_chars[int(rng.integers(len(level.text_chars)))]
-        jitter = level.text_jitter_px
-        texts = [cell_text(ch, cell, level, canvas, tuple(int(v) for v in rng.integers(-jitter, jitter + 1, size=2)))]
+        texts = [cell_text(ch, cell, level, canvas)]
+        if level.text_style == "fine":
+            texts[0].ink = int(rng.integers(FINE_INK[0], FINE_INK[1] + 1))
     return Scene(canvas, background, objects, texts)
 
 
-def cell_text(ch: str, cell: int, level: Level, canvas: int, offset: tuple[int, int] = (0, 0)) -> TextItem:
-    """Character `ch` in grid cell `cell`, `offset` px from its centre, drawn at the level's glyph size."""
+def cell_text(ch: str, cell: int, level: Level, canvas: int) -> TextItem:
+    """Character `ch` in grid cell `cell`: a fine-print glyph on the 8-px code grid nearest the cell's centre (one
+    image-tokenizer patch), or the tiny font's glyph centred in the cell."""
     c = canvas // level.grid
     row, col = divmod(cell, level.grid)
-    center = (col * c + c / 2 + offset[0], row * c + c / 2 + offset[1])
-    left, top, right, bottom = text_font(canvas, level.text_font_px).getbbox(ch, anchor="mm")
-    bbox = (int(center[0] + left), int(center[1] + top), int(center[0] + right), int(center[1] + bottom))
-    return TextItem(ch, center, bbox, region_of(center, canvas), level.text_font_px)
+    if level.text_style == "fine":
+        g = FINE_GLYPH_PX
+        x0, y0 = col * c + (c - g) // 2 // g * g, row * c + (c - g) // 2 // g * g
+        bbox = (x0, y0, x0 + g, y0 + g)
+        center = (x0 + g / 2, y0 + g / 2)
+    else:
+        center = (col * c + c / 2, row * c + c / 2)
+        left, top, right, bottom = text_font(canvas).getbbox(ch, anchor="mm")
+        bbox = (int(center[0] + left), int(center[1] + top), int(center[0] + right), int(center[1] + bottom))
+    return TextItem(ch, center, bbox, region_of(center, canvas), level.text_style)

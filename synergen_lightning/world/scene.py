@@ -9,6 +9,7 @@ object, which is what the programmatic scorer (`scorer.py`) relies on.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -31,6 +32,39 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (255, 255, 255), "light
 TEXT_COLOR = (30, 30, 30)  # achromatic: the scorer's colour segmentation ignores it
 # Characters that stay distinct in PIL's default font at small sizes (no O/0, I/1, S/5, Z/2).
 TEXT_CHARS = "346789ABCDEFGHKLMNPRTUVWXY"
+
+# Fine print (the `read` level's characters): ten 8x8-px glyphs, one 8-px image-tokenizer patch each, that share one
+# coarse outline (FINE_LAYOUT: X dark, . blank, h half) made of 2x2-px blocks and differ only in which diagonal each
+# half block fills. Any symmetric 2x downsample (bicubic, bilinear, box) averages each 2x2 block to the same grey, so
+# all ten become one grey outline (a few grey levels apart: the filters' side lobes); at full resolution they differ
+# in at least 3 blocks (the half-block patterns are Hamming(7,4) code words, minimum distance 3). The side lobes leave
+# a residue (<= 12 grey levels) that a noiseless world keeps exact, and a model learns to read it in a few hundred steps;
+# the ink's grey, drawn per scene from FINE_INK, varies the downsampled outline far more than the residue does.
+FINE_CHARS = "ACEHKMPRTX"
+FINE_INK = (30, 130)  # grey level of the fine print's ink, uniform per scene (white paper: 255)
+FINE_LAYOUT = ("XhXh", "h..h", "h..X", "XhhX")
+FINE_GLYPH_PX = 8
+
+
+def _fine_glyphs() -> dict[str, np.ndarray]:
+    parity = np.array([[1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 1, 1]])  # Hamming(7,4): 4 data bits + 3 parity bits
+    words = [tuple(d) + tuple(np.array(d) @ parity % 2) for d in itertools.product((0, 1), repeat=4)]
+    words = [w for w in words if 0 < sum(w) < 7][:len(FINE_CHARS)]  # not the all-blank or all-anti-diagonal word
+    glyphs = {}
+    for ch, word in zip(FINE_CHARS, words):
+        g, bits = np.zeros((FINE_GLYPH_PX, FINE_GLYPH_PX), bool), iter(word)
+        for r, row in enumerate(FINE_LAYOUT):
+            for c, kind in enumerate(row):
+                block = g[2 * r:2 * r + 2, 2 * c:2 * c + 2]
+                if kind == "X":
+                    block[:] = True
+                elif kind == "h":
+                    block[:] = np.eye(2, dtype=bool)[:, ::-1] if next(bits) else np.eye(2, dtype=bool)
+        glyphs[ch] = g
+    return glyphs
+
+
+FINE_GLYPHS: dict[str, np.ndarray] = _fine_glyphs()
 
 GAP_FRACTION = 0.04
 MIN_CANVAS, MAX_CANVAS = 32, 1024
@@ -63,13 +97,15 @@ class TextItem:
     center: tuple[float, float]
     bbox: tuple[int, int, int, int]
     region: str = ""
-    font_px: int | None = None  # None: the canvas's tiny default (`text_font`); a grid level sets its own
+    style: str | None = None  # None: the canvas's tiny font (`text_font`); "fine": a FINE_GLYPHS bitmap at bbox
+    ink: int | None = None  # grey level of a fine-print glyph (None: TEXT_COLOR)
 
 
 def _text_dict(t: TextItem) -> dict:
     d = _jsonable(asdict(t))
-    if d["font_px"] is None:
-        del d["font_px"]  # the full world's records keep their bytes
+    for key in ("style", "ink"):
+        if d[key] is None:
+            del d[key]  # the full world's records keep their bytes
     return d
 
 
@@ -183,9 +219,9 @@ def make_object(shape: str, color: str, size: str, box, canvas: int) -> ShapeObj
     return ShapeObject(shape, color, size, center, tuple(int(v) for v in box), region_of(center, canvas))
 
 
-def text_font(canvas: int, font_px: int | None = None):
+def text_font(canvas: int):
     # Glyphs ~5 px tall at 128: legible only at full resolution (the high-resolution understanding task).
-    return ImageFont.load_default(size=font_px or max(8, canvas // 16))
+    return ImageFont.load_default(size=max(8, canvas // 16))
 
 
 def sample_scene(
@@ -259,9 +295,13 @@ def render_scene(scene: Scene) -> Image.Image:
     for o in scene.objects:
         draw_shape(draw, o.shape, tuple(v * s for v in o.bbox), COLORS[o.color])
     img = big.reduce(s)
-    if scene.texts:
-        # Text is drawn at the final resolution so the glyphs stay crisp (and tiny).
-        draw = ImageDraw.Draw(img)
-        for t in scene.texts:
-            draw.text(t.center, t.text, fill=TEXT_COLOR, font=text_font(scene.canvas, t.font_px), anchor="mm")
+    # Text is drawn at the final resolution so the glyphs stay crisp (and tiny).
+    draw = ImageDraw.Draw(img)
+    for t in scene.texts:
+        if t.style == "fine":
+            ink = TEXT_COLOR if t.ink is None else (t.ink,) * 3
+            for y, x in zip(*np.nonzero(FINE_GLYPHS[t.text])):
+                draw.point((t.bbox[0] + int(x), t.bbox[1] + int(y)), fill=ink)
+        else:
+            draw.text(t.center, t.text, fill=TEXT_COLOR, font=text_font(scene.canvas), anchor="mm")
     return img
