@@ -542,8 +542,8 @@ def render_markdown(results: dict) -> str:
          "## Table 6: token folding at equal context", "",
          "Both arms: from the base LLM (no stage 1), every parameter trains with the tiny SFT settings (question"
          " first, code embedding from the codebook, `recipes/ablations/folding_train.yaml`), understanding data only"
-         f" (captions + Q/A, half the rows the reading question, batch 32), {_steps(runs, 'fold_off', 'und')} steps (the paper: a subset of the S.2 understanding"
-         " data), zero-shot val Q/A.", "",
+         f" (captions + Q/A, half the rows the reading question, batch 32), {_steps(runs, 'fold_off', 'und')} steps"
+         " (the paper: a subset of the S.2 understanding data), zero-shot val Q/A.", "",
          "| model | LLM tokens / image | Q/A all | tiny characters | small objects | count | colour | shape |"
          " paper TextVQA | paper DocVQA | paper ChartQA | paper GQA |",
          "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -49,7 +49,7 @@ FINE_GLYPH_PX = 8
 def _fine_glyphs() -> dict[str, np.ndarray]:
     parity = np.array([[1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 1, 1]])  # Hamming(7,4): 4 data bits + 3 parity bits
     words = [tuple(d) + tuple(np.array(d) @ parity % 2) for d in itertools.product((0, 1), repeat=4)]
-    words = [w for w in words if 0 < sum(w) < 7][:len(FINE_CHARS)]  # not the all-blank or all-anti-diagonal word
+    words = [w for w in words if 0 < sum(w) < 7][:len(FINE_CHARS)]  # not the two words of one diagonal everywhere
     glyphs = {}
     for ch, word in zip(FINE_CHARS, words):
         g, bits = np.zeros((FINE_GLYPH_PX, FINE_GLYPH_PX), bool), iter(word)
