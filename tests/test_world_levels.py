@@ -13,7 +13,7 @@ from synergen_lightning.world.cli import synth_main
 from synergen_lightning.world.language import OPPOSITE
 from synergen_lightning.world.levels import LEVELS, cell_box, get_level, sample_level_scene
 from synergen_lightning.world.prompts import prompt_scene, render_prompt
-from synergen_lightning.world.scene import FINE_GLYPHS, FINE_INK, relative_position
+from synergen_lightning.world.scene import FINE_GLYPHS, FINE_INK, Scene, relative_position
 from synergen_lightning.world.scorer import detect_objects, score_images
 from synergen_lightning.world.shards import find_world_info, read_world_info
 
@@ -97,8 +97,7 @@ def test_fine_print_is_legible_at_full_resolution_and_not_after_a_2x_downsample(
     base = sample_level_scene(np.random.default_rng(0), level).to_dict()
 
     def views(ch: str, ink: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        img = render_scene(type(sample_scene(0)).from_dict({**base, "texts": [{**base["texts"][0], "text": ch,
-                                                                                "ink": ink}]}))
+        img = render_scene(Scene.from_dict({**base, "texts": [{**base["texts"][0], "text": ch, "ink": ink}]}))
         (bicubic,) = dynamic_tiles(img, 64)
         return np.asarray(img, dtype=np.int32), {"bicubic": np.asarray(bicubic, dtype=np.int32),
                                                  "box": np.asarray(img.resize((64, 64), Image.BOX), dtype=np.int32)}

@@ -1,8 +1,9 @@
 """How much of the shape world's character survives each image input (the Table 6 ablation, RESULTS.md).
 
 The `text` question asks for a character a few px tall (the `read` level's 8x8 fine print, the `full` level's font).
-Before asking whether a model reads it, this asks whether the input still holds it. A small CNN classifies the character from a 24x24 crop around
-it. It is trained on the train scenes and scored on the val scenes, once per input form:
+Before asking whether a model reads it, this asks whether the input still holds it. A small CNN classifies the
+character from a 24x24 crop around it. It is trained on the train scenes and scored on the val scenes, once per input
+form:
 
 - `original 128`: the stored JPEG;
 - `VQ 128`: its round trip through the image tokenizer at 128 px (what the folded tiles carry);
@@ -11,8 +12,9 @@ it. It is trained on the train scenes and scored on the val scenes, once per inp
 
 Crops are contrast-normalised, so the pixel rows see through the fine print's ink and its downsample's small residue:
 they bound what any input holds, not what the codes keep. Decoded pixels are a function of the codes, so the codes may
-hold a little more than the decoded crop shows. Two more rows read the codes themselves: an MLP on the learnt embeddings of the 3x3 code window
-around the character (and the character's offset inside its patch), at 128 px (`codes 128`) and 64 px (`codes 64`).
+hold a little more than the decoded crop shows. Two more rows read the codes themselves: an MLP on the learnt
+embeddings of the 3x3 code window around the character (and the character's offset inside its patch), at 128 px
+(`codes 128`) and 64 px (`codes 64`).
 
     python bench/reference/text_legibility.py --demo .     # after `make tokenizer LEVEL=read`; minutes on one core
 """

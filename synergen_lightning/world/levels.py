@@ -165,24 +165,24 @@ def sample_level_scene(rng: np.random.Generator, level: Level, max_objects: int 
         free = [c for c in range(level.grid * level.grid) if c not in taken]
         cell = free[int(rng.integers(len(free)))]
         ch = level.text_chars[int(rng.integers(len(level.text_chars)))]
-        texts = [cell_text(ch, cell, level, canvas)]
-        if level.text_style == "fine":
-            texts[0].ink = int(rng.integers(FINE_INK[0], FINE_INK[1] + 1))
+        ink = int(rng.integers(FINE_INK[0], FINE_INK[1] + 1)) if level.text_style == "fine" else None
+        texts = [cell_text(ch, cell, level, canvas, ink)]
     return Scene(canvas, background, objects, texts)
 
 
-def cell_text(ch: str, cell: int, level: Level, canvas: int) -> TextItem:
-    """Character `ch` in grid cell `cell`: a fine-print glyph on the 8-px code grid nearest the cell's centre (one
-    image-tokenizer patch), or the tiny font's glyph centred in the cell."""
+def cell_text(ch: str, cell: int, level: Level, canvas: int, ink: int | None = None) -> TextItem:
+    """Character `ch` in grid cell `cell`: a fine-print glyph in grey `ink` on the 8-px code grid nearest the cell's
+    centre (one image-tokenizer patch), or the tiny font's glyph centred in the cell."""
     c = canvas // level.grid
     row, col = divmod(cell, level.grid)
     if level.text_style == "fine":
         g = FINE_GLYPH_PX
-        x0, y0 = col * c + (c - g) // 2 // g * g, row * c + (c - g) // 2 // g * g
+        off = (c - g) // 2 // g * g  # the glyph's corner in its cell, rounded down to the code grid
+        x0, y0 = col * c + off, row * c + off
         bbox = (x0, y0, x0 + g, y0 + g)
         center = (x0 + g / 2, y0 + g / 2)
     else:
         center = (col * c + c / 2, row * c + c / 2)
         left, top, right, bottom = text_font(canvas).getbbox(ch, anchor="mm")
         bbox = (int(center[0] + left), int(center[1] + top), int(center[0] + right), int(center[1] + bottom))
-    return TextItem(ch, center, bbox, region_of(center, canvas), level.text_style)
+    return TextItem(ch, center, bbox, region_of(center, canvas), level.text_style, ink)

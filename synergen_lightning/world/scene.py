@@ -38,8 +38,8 @@ TEXT_CHARS = "346789ABCDEFGHKLMNPRTUVWXY"
 # half block fills. Any symmetric 2x downsample (bicubic, bilinear, box) averages each 2x2 block to the same grey, so
 # all ten become one grey outline (a few grey levels apart: the filters' side lobes); at full resolution they differ
 # in at least 3 blocks (the half-block patterns are Hamming(7,4) code words, minimum distance 3). The side lobes leave
-# a residue (<= 12 grey levels) that a noiseless world keeps exact, and a model learns to read it in a few hundred steps;
-# the ink's grey, drawn per scene from FINE_INK, varies the downsampled outline far more than the residue does.
+# a residue (<= 12 grey levels) that a noiseless world keeps exact, and a model learns to read it in a few hundred
+# steps; the ink's grey, drawn per scene from FINE_INK, varies the downsampled outline far more than the residue does.
 FINE_CHARS = "ACEHKMPRTX"
 FINE_INK = (30, 130)  # grey level of the fine print's ink, uniform per scene (white paper: 255)
 FINE_LAYOUT = ("XhXh", "h..h", "h..X", "XhhX")
