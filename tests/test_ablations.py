@@ -69,6 +69,10 @@ def test_arm_recipes_compose(arm, stage, tiny_base, tmp_path, monkeypatch):
         assert model.hparams.init_from_base_llm and model.hparams.init_from is None
     tasks = {src.task for src in dm.sources}  # pinned: image data only, as the paper's pretraining ablations
     assert tasks == ({"understanding"} if abl.ARM_BY_NAME[arm].study == "folding" else {"generation", "understanding"})
+    if stage == "read":  # the folding arms' first stage asks the reading question alone, in the arm's views
+        assert [(s.format, s.options) for s in dm.sources] == [("qa", {"qa_kinds": ["text"]})]
+    elif abl.ARM_BY_NAME[arm].study == "folding":
+        assert {s.format for s in dm.sources} == {"caption", "qa"}
 
 
 @pytest.mark.parametrize("arm,stage", [(a.name, s.name) for a in abl.HEAD_ARMS for s in a.stages])
