@@ -34,7 +34,7 @@ def build(und_rows: int, pack: bool, recipe: dict) -> tuple[SynerGenVL, MixedDat
     data["batch_size"] = dict(data["batch_size"], understanding=und_rows)
     data.update(pack_rows=pack, num_workers=0, val_sources=None)
     model_args = dict(recipe["model"]["init_args"], init_from=None, init_from_base_llm=True)  # weights do not change the time
-    model = SynerGenVL(**model_args)
+    model = SynerGenVL.from_paths(**model_args)
     data.update(image_size=model.hparams.image_size, tokens_per_view=model.tokens_per_view)
     dm = MixedDataModule(**data)
     dm.setup("fit")

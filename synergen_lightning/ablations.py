@@ -302,7 +302,8 @@ def weight_drift(ckpt: str | Path) -> dict[str, float]:
     LLM the checkpoint started from (the evidence for why a text skill survived or not)."""
     import torch
 
-    from synergen_lightning.system import load_base_llm, load_synergen
+    from synergen_lightning.model_parts import load_base_llm
+    from synergen_lightning.system import load_synergen
 
     model = load_synergen(ckpt)
     base = dict(load_base_llm(model.hparams.base_llm).named_parameters())

@@ -71,6 +71,25 @@ def _resolve(argv: list[str]):
     return None, argv
 
 
+def resolve_system_parts(model) -> None:
+    """A SynerGenVL recipe's model (a class_path / init_args namespace), with what its files hold filled into its
+    init args (`model_parts.resolve_model_parts`): the constructor then reads no file. Other models: unchanged."""
+    if model is None or not model.get("class_path"):
+        return
+    module_name, _, class_name = str(model["class_path"]).rpartition(".")
+    from synergen_lightning.system import SynerGenVL
+
+    if not issubclass(getattr(importlib.import_module(module_name), class_name), SynerGenVL):
+        return
+    from synergen_lightning.model_parts import resolve_model_parts
+
+    init_args = model["init_args"]
+    given = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args)
+    for key, value in resolve_model_parts(given).items():
+        if value is not given.get(key):
+            init_args[key] = value
+
+
 def lightning_cli(args: list[str] | None = None, run: bool = True):
     """LightningCLI with OmegaConf recipes; model and data are chosen by `class_path`."""
     from lightning.pytorch import LightningDataModule, LightningModule
@@ -107,10 +126,12 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
 
         def before_instantiate_classes(self) -> None:
             # before any model is built: every input of the recipe, the outputs, the disk (synergen_lightning/preflight.py)
+            config = self.config[self.subcommand] if self.subcommand else self.config
             if self.subcommand == "fit":
                 from synergen_lightning.preflight import preflight
 
-                preflight(self.config[self.subcommand].as_dict())
+                preflight(config.as_dict())
+            resolve_system_parts(config.get("model"))
 
         def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
             # Lightning's own checkpoint read (`--ckpt_path`) as plain data too, unless the user trusts the file

@@ -86,7 +86,7 @@ def llm_config_of(args: dict) -> LLMConfig:
         if not base or not Path(str(base)).exists():
             raise ValueError(f"the recipe gives no model.init_args.llm and its base_llm {base!r} does not exist: build "
                              "it first (`make base-llm` for the tiny recipes) or write the llm sizes into the recipe")
-        from synergen_lightning.system import read_base_llm_config
+        from synergen_lightning.model_parts import read_base_llm_config
 
         cfg = read_base_llm_config(base)
     return cfg

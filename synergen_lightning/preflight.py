@@ -176,7 +176,7 @@ def estimated_parameters(config: dict) -> int | None:
                             codebook_size=args.get("codebook_size") or 16384)
                 if args.get("llm") is not None:
                     args["base_llm"] = None
-                m = SynerGenVL(**{k: v for k, v in args.items() if not k.startswith("_")})
+                m = SynerGenVL.from_paths(**{k: v for k, v in args.items() if not k.startswith("_")})
             elif cls.endswith("MMoELLM") and args.get("config"):
                 from synergen_lightning.models.mmoe import LLMConfig, MMoETransformer
 

@@ -47,14 +47,13 @@ from synergen_lightning.distributed import (
     parallelize,
     total_grad_norm,
 )
-from synergen_lightning.hf_import import RowSource, hf_row_sources, load_hf, read_hf_config
 from synergen_lightning.image_tokenizer import load_image_tokenizer
 from synergen_lightning.inference import answer, generate_images
+from synergen_lightning.model_parts import base_llm_rows, load_base_llm, load_text_tokenizer, resolve_model_parts
 from synergen_lightning.models.folding import TokenFolder, check_fold, codebook_patches, fold_codes
 from synergen_lightning.models.mmoe import LLMConfig, LLMConfigDict, MMoETransformer, Routing
 from synergen_lightning.models.unfolding_head import UnfoldingHead
 from synergen_lightning.nonfinite import NonFiniteGuard
-from synergen_lightning.safe_load import torch_load
 from synergen_lightning.stages import (
     PARAMETER_GROUPS,
     StageSchedule,
@@ -63,63 +62,12 @@ from synergen_lightning.stages import (
     optimizer_param_groups,
     validate_groups,
 )
-from synergen_lightning.text_tokenizer import TextTokenizer
 
 SPECIAL_TOKENS = ("boi", "eoi", "uncond")  # their input rows train from stage 1 (group special_token_embeddings)
 
 
 def _as_tuple(value) -> tuple:
     return tuple(value) if isinstance(value, (list, tuple)) else (value,)
-
-
-def _read_llm_checkpoint(path: Path) -> tuple[LLMConfig, dict, bool, str | None]:
-    """(config, trunk state_dict, vision_experts, tokenizer_dir) of an `MMoELLM` checkpoint, read directly (no tokenizer setup)."""
-    ckpt = torch_load(path, mmap=True)  # mmap: only the config is needed for shapes
-    hp = ckpt.get("hyper_parameters") or {}
-    if "config" not in hp or "state_dict" not in ckpt:
-        raise ValueError(f"{str(path)!r} is not an MMoELLM checkpoint (no hyper_parameters.config / state_dict); "
-                         "pass the base LLM's .ckpt or a local HF model directory")
-    prefix = next((k[: -len("embed_tokens.weight")] for k in ckpt["state_dict"] if k.endswith("embed_tokens.weight")), "")
-    sd = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    return LLMConfig(**hp["config"]), sd, bool(hp.get("vision_experts", True)), hp.get("tokenizer_dir")
-
-
-def _existing_base_llm(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"base LLM {str(path)!r} does not exist: run `make base-llm` for the tiny default "
-                                "or set model.base_llm (the 2b recipes read SYNERGEN_BASE_LLM, the tiny ones "
-                                "SYNERGEN_TINY_BASE_LLM) to an MMoELLM .ckpt or a local HF Llama/Qwen2/InternLM2 directory")
-    return path
-
-
-def load_base_llm(path: str | Path) -> MMoETransformer:
-    """A base LLM: an `MMoELLM` Lightning checkpoint (the tiny base) or a local HF Llama/Qwen2/InternLM2 dir."""
-    path = _existing_base_llm(path)
-    if path.is_dir():
-        return load_hf(path, vision_experts=True)
-    config, sd, vision, _ = _read_llm_checkpoint(path)
-    trunk = MMoETransformer(config, vision_experts=vision)
-    trunk.load_state_dict(sd)
-    return trunk
-
-
-def base_llm_rows(path: str | Path) -> dict[str, RowSource]:
-    """A base LLM's trunk tensors as row readers, for a sharded model whose ranks each read their own rows: a HF
-    directory by file reads of the row ranges, an `MMoELLM` checkpoint memory-mapped."""
-    path = _existing_base_llm(path)
-    if path.is_dir():
-        return hf_row_sources(path)[1]
-    sd = _read_llm_checkpoint(path)[1]
-    return {k: RowSource(tuple(v.shape), lambda a, b, v=v: v[a:b]) for k, v in sd.items()}
-
-
-def read_base_llm_config(path: str | Path) -> LLMConfig:
-    """The LLMConfig of a base LLM without building it (for shapes only)."""
-    path = _existing_base_llm(path)
-    if path.is_dir():
-        return read_hf_config(path)[0]
-    return _read_llm_checkpoint(path)[0]
 
 
 class SynerGenVL(LightningModule):
@@ -160,16 +108,17 @@ class SynerGenVL(LightningModule):
     ):
         """
         Args:
-            llm: LLMConfig fields of the trunk (vocab_size, hidden_size, num_layers, ...). Leave unset to
-                read them from `base_llm`.
+            llm: LLMConfig fields of the trunk (vocab_size, hidden_size, num_layers, ...). A recipe may leave them
+                unset: `from_paths` (and `synergen fit`) reads them from `base_llm` before the model is built.
             base_llm: the base LLM whose weights start the trunk: an `MMoELLM` .ckpt (tiny default) or a
                 local HF Llama/Qwen2/InternLM2 directory. Loaded at fit start (not by load_from_checkpoint).
             text_tokenizer: directory (or tokenizer.json) of the `TextTokenizer`; gives the special-token ids
                 and is used by `generate_images` / `answer`.
-            special_token_ids: {"boi", "eoi", "uncond", ...} ids, if no text_tokenizer is given (tests).
+            special_token_ids: {"boi", "eoi", "uncond", ...} ids; `from_paths` reads them from `text_tokenizer`.
             image_tokenizer: frozen image tokenizer (VQTokenizer .ckpt or Emu3/Chameleon HF dir); encodes
                 `pixel_values` when a batch has no `image_codes`, decodes generated codes.
-            codebook_size: VQ codebook size; read from `image_tokenizer` when unset (and checked against it).
+            codebook_size: VQ codebook size; `from_paths` reads it (and `downsample`) from `image_tokenizer`; checked
+                against it at fit start.
             image_size: side of every image view in pixels (generation views and understanding tiles).
             downsample: the image tokenizer's spatial downsample; code grid = image_size / downsample.
             fold: (m, n) token folding: m rows x n columns of codes -> one LLM token (paper: 2x8).
@@ -218,34 +167,16 @@ class SynerGenVL(LightningModule):
                 (`MixedDataModule`) and `answer` follow the model's setting.
         """
         super().__init__()
-        # resolve everything that shapes the model once, and save it: load_from_checkpoint then needs
-        # neither the base LLM nor the tokenizers on disk
-        if llm is None:
-            if base_llm is None:
-                raise ValueError("SynerGenVL needs `llm` (LLMConfig fields) or `base_llm` (a checkpoint or HF dir)")
-            llm = asdict(read_base_llm_config(base_llm))
+        # the resolved parts are saved with the weights: load_from_checkpoint needs neither the base LLM nor the
+        # tokenizers on disk
+        if llm is None or special_token_ids is None or codebook_size is None:
+            raise ValueError("SynerGenVL needs `llm`, `special_token_ids` and `codebook_size`: build it with "
+                             "SynerGenVL.from_paths(...), which reads them from `base_llm`, `text_tokenizer` and "
+                             "`image_tokenizer` (`synergen fit` does that before it builds the model)")
         config = LLMConfig(**llm)
-        if special_token_ids is None:
-            if text_tokenizer is None and base_llm is not None and Path(base_llm).is_file():
-                # the tiny base LLM checkpoint names the tokenizer it was trained with
-                text_tokenizer = _read_llm_checkpoint(Path(base_llm))[3]
-            if text_tokenizer is None:
-                raise ValueError("SynerGenVL needs `text_tokenizer` (a TextTokenizer directory) or `special_token_ids`")
-            tok = load_text_tokenizer(text_tokenizer)
-            self.__dict__["_text_tokenizer"] = tok
-            special_token_ids = {name: int(getattr(tok, f"{name}_id")) for name in
-                                 ("bos", "eos", "pad", "boi", "eoi", "uncond", "im_start", "im_end")}
-            if tok.vocab_size > config.vocab_size:  # e.g. InternLM2's 92,544 + <boi> <eoi> <UNCOND>
-                config.vocab_size = tok.vocab_size
         missing = [s for s in SPECIAL_TOKENS if s not in special_token_ids]
         if missing:
             raise ValueError(f"special_token_ids lacks {missing}: give ids for {list(SPECIAL_TOKENS)}")
-        if image_tokenizer is not None and codebook_size is None:
-            itok = load_image_tokenizer(image_tokenizer)
-            codebook_size, downsample = int(itok.codebook_size), int(itok.downsample)
-            self.__dict__["_image_tokenizer"] = itok
-        if codebook_size is None:
-            raise ValueError("SynerGenVL needs `codebook_size` or an `image_tokenizer` to read it from")
         if image_size % downsample:
             raise ValueError(f"image_size {image_size} is not divisible by the tokenizer downsample {downsample}")
         if code_embed_init not in ("random", "codebook"):
@@ -287,6 +218,12 @@ class SynerGenVL(LightningModule):
         # task's absent loss must not enter the mean as a 0
         self.val_loss_text, self.val_loss_image = MeanMetric(), MeanMetric()
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+
+    @classmethod
+    def from_paths(cls, **init_args) -> "SynerGenVL":
+        """The model a recipe's init args describe: what `base_llm`, `text_tokenizer` and `image_tokenizer` hold is
+        read first (`model_parts.resolve_model_parts`), then the constructor builds from it."""
+        return cls(**resolve_model_parts(init_args))
 
     # ------------------------------------------------------------------ structure
     @property
@@ -754,10 +691,6 @@ class SynerGenVL(LightningModule):
 
     def set_text_tokenizer(self, tokenizer) -> None:
         self.__dict__["_text_tokenizer"] = tokenizer
-
-
-def load_text_tokenizer(path: str | Path):
-    return TextTokenizer(path)
 
 
 def load_synergen(path: str | Path, map_location: str | torch.device | None = "cpu", strict: bool = True,

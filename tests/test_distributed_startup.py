@@ -283,7 +283,7 @@ def test_each_rank_reads_about_its_share_of_the_base_llm(tmp_path):
     what the one-process load gives (`load_base_weights`)."""
     import torch.multiprocessing as mp
 
-    from synergen_lightning.system import load_base_llm
+    from synergen_lightning.model_parts import load_base_llm
 
     hf_dir = tmp_path / "internlm2"
     weights = write_internlm2_dir(hf_dir)
@@ -322,7 +322,7 @@ def test_base_llm_row_readers_give_the_whole_load(tmp_path, kind):
     from dataclasses import asdict
 
     from synergen_lightning.distributed import load_base_into_sharded
-    from synergen_lightning.system import base_llm_rows, load_base_llm
+    from synergen_lightning.model_parts import base_llm_rows, load_base_llm
 
     path = tmp_path / "internlm2"
     write_internlm2_dir(path)

@@ -259,7 +259,7 @@ def test_synergen_eval_report_command_from_disk(world, logdir, tmp_path):
     vq_path = _lightning_ckpt(vq, tmp_path / "vq.ckpt")
     llm = dict(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                intermediate_size=64, max_position_embeddings=256)
-    model = SynerGenVL(llm=llm, text_tokenizer=str(tmp_path / "text_tokenizer"), image_tokenizer=str(vq_path),
+    model = SynerGenVL.from_paths(llm=llm, text_tokenizer=str(tmp_path / "text_tokenizer"), image_tokenizer=str(vq_path),
                        image_size=16 * vq.downsample // 4, fold=(2, 2), code_dim=8, head=HEAD)
     ckpt = _lightning_ckpt(model, tmp_path / "system.ckpt")
     out = tmp_path / "report"

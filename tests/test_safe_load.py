@@ -86,7 +86,8 @@ def test_every_command_refuses_a_checkpoint_that_would_run_code(evil, capsys):
 
 def test_the_python_entry_points_refuse_it_too(evil):
     from synergen_lightning.image_tokenizer import load_image_tokenizer
-    from synergen_lightning.system import SynerGenVL, load_base_llm
+    from synergen_lightning.model_parts import load_base_llm
+    from synergen_lightning.system import SynerGenVL
 
     for load in (SynerGenVL.load_from_checkpoint, load_image_tokenizer, load_base_llm, torch_load):
         with pytest.raises(UntrustedCheckpointError, match="refused: loading it would run code"):
@@ -96,9 +97,9 @@ def test_the_python_entry_points_refuse_it_too(evil):
 
 def test_trust_checkpoint_loads_it_anyway(evil, capsys):
     """The explicit opt-in: the code runs (the user trusted the file); the file is no model, so the command fails."""
-    with pytest.raises(TypeError):
-        synergen(["--trust-checkpoint", "export", "--ckpt", evil["ckpt"], "--out", "x"])
+    code = synergen(["--trust-checkpoint", "export", "--ckpt", evil["ckpt"], "--out", "x"])
     assert evil["marker"].exists()
+    assert code == 2 and "SynerGenVL needs `llm`" in capsys.readouterr().err
 
 
 def test_no_unconditional_unsafe_load_in_the_product():

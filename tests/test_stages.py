@@ -207,7 +207,7 @@ def test_init_from_a_checkpoint_with_another_fold_is_an_error(tmp_path):
 def test_a_data_tokenizer_other_than_the_models_is_an_error(tmp_path):
     from types import SimpleNamespace
 
-    from synergen_lightning.system import load_text_tokenizer
+    from synergen_lightning.model_parts import load_text_tokenizer
     from synergen_lightning.text_tokenizer import train_bpe
 
     dirs = {}

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from synergen_lightning.system import load_base_llm
+from synergen_lightning.model_parts import load_base_llm
 from synergen_lightning.text_tokenizer import load_or_train
 from synergen_lightning.world.language import plural
 from synergen_lightning.world.prompts import RELATIONS

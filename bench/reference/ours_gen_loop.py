@@ -63,7 +63,7 @@ def main(argv=None) -> None:
 
         base = read_checkpoint_meta(demo / "runs/tiny/base_llm/last.ckpt")["hyper_parameters"]["config"]
         shape = {"base_llm": None, "llm": {**base, "num_kv_heads": a.kv_heads}}
-    m = SynerGenVL(**{"base_llm": str(demo / "runs/tiny/base_llm/last.ckpt"), **shape}, text_tokenizer=tok,
+    m = SynerGenVL.from_paths(**{"base_llm": str(demo / "runs/tiny/base_llm/last.ckpt"), **shape}, text_tokenizer=tok,
                    image_tokenizer=str(demo / "runs/tiny/tokenizer/checkpoints/last.ckpt"), codebook_size=2048,
                    image_size=a.image_size, downsample=8, fold=(a.fold, a.fold), code_dim=64, fold_output_rms=0.1,
                    fold_output_rms_learnable=False, head={"num_layers": a.head_layers, "condition": a.head_condition})

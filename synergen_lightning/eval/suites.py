@@ -24,7 +24,7 @@ from synergen_lightning.data.sources import SkipCounter, expand_urls, finite_sam
 from synergen_lightning.data.views import generation_view, to_uint8_tensor
 from synergen_lightning.eval.fid import EvalInputError, as_uint8_images, check_inception_weights, compute_fidelity
 from synergen_lightning.llm import evaluate_text_skill
-from synergen_lightning.system import load_base_llm
+from synergen_lightning.model_parts import load_base_llm
 from synergen_lightning.world.scorer import score_images
 
 
@@ -200,7 +200,7 @@ def text_suite(model, skill_jsonl: str | Path, tokenizer=None, base_llm=None, ba
                max_examples: int | None = None) -> dict:
     """Held-out text skill of the system's trunk, and retention = accuracy / base LLM accuracy.
 
-    `base_llm`: an MMoETransformer or a path for `system.load_base_llm`; `base_accuracy` skips running it."""
+    `base_llm`: an MMoETransformer or a path for `model_parts.load_base_llm`; `base_accuracy` skips running it."""
     if not Path(skill_jsonl).is_file():
         raise EvalInputError(f"text: skill file {str(skill_jsonl)!r} does not exist; run `make data` "
                              "(it writes data/tiny/text/skill_val.jsonl) or pass --skill")

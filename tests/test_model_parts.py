@@ -1,0 +1,85 @@
+"""`model_parts.resolve_model_parts`: a recipe's paths become the constructor's parts (the base LLM's shape, the
+text tokenizer's ids, the codebook), read here and checked against the files read directly; the constructor reads
+no file and names the resolver when a part is missing; `synergen fit`'s CLI resolves before it builds the model."""
+
+import json
+
+import lightning
+import pytest
+import torch
+
+from synergen_lightning.cli import lightning_cli
+from synergen_lightning.image_tokenizer.vq_tokenizer import VQTokenizer
+from synergen_lightning.llm import MMoELLM
+from synergen_lightning.model_parts import resolve_model_parts
+from synergen_lightning.system import SynerGenVL
+from synergen_lightning.text_tokenizer import train_bpe
+from tests.test_image_tokenizer import SMALL
+from tests.test_system_helpers import HEAD
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A text tokenizer, a base LLM checkpoint naming it, and an image tokenizer checkpoint, as `make` writes them."""
+    d = tmp_path_factory.mktemp("parts")
+    corpus = d / "corpus.jsonl"
+    corpus.write_text("".join(f'{{"text": "a red circle left of {i} blue squares"}}\n' for i in range(200)))
+    train_bpe([corpus], 300, d / "tok")
+    llm = MMoELLM(config=dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                              intermediate_size=64), tokenizer_dir=str(d / "tok"))
+    llm.save_checkpoint_file(d / "base.ckpt")
+    vq = VQTokenizer(**SMALL)
+    torch.save({"state_dict": vq.state_dict(), "hyper_parameters": dict(vq.hparams),
+                "pytorch-lightning_version": lightning.__version__}, d / "vq.ckpt")
+    return d
+
+
+def test_parts_come_from_the_files(files):
+    base = torch.load(files / "base.ckpt", weights_only=False)["hyper_parameters"]
+    tok = json.loads((files / "tok" / "tokenizer.json").read_text())
+    ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    got = resolve_model_parts({"base_llm": str(files / "base.ckpt"), "image_tokenizer": str(files / "vq.ckpt")})
+    assert got["text_tokenizer"] == base["tokenizer_dir"] == str(files / "tok")  # named by the base checkpoint
+    for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+        assert got["llm"][field] == base["config"][field], field
+    assert got["special_token_ids"]["boi"] == ids["<boi>"] and got["special_token_ids"]["uncond"] == ids["<UNCOND>"]
+    assert (got["codebook_size"], got["downsample"]) == (SMALL["codebook_size"], 2 ** (len(SMALL["channel_multiplier"]) - 1))
+
+
+def test_a_wider_tokenizer_widens_the_vocabulary_and_given_parts_are_kept(files):
+    small = dict(vocab_size=100, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    got = resolve_model_parts({"llm": small, "text_tokenizer": str(files / "tok"), "codebook_size": 32,
+                               "image_tokenizer": str(files / "nowhere.ckpt")})
+    tok = json.loads((files / "tok" / "tokenizer.json").read_text())
+    words = set(tok["model"]["vocab"].values()) | {t["id"] for t in tok["added_tokens"]}
+    assert got["llm"]["vocab_size"] == len(words) > 100 == small["vocab_size"]  # a copy: the caller's dict unchanged
+    assert got["codebook_size"] == 32  # given: the image tokenizer is not read (it does not exist)
+
+
+@pytest.mark.parametrize("args,names", [({}, "`base_llm`"),
+                                        ({"llm": {"vocab_size": 8}}, "`text_tokenizer`"),
+                                        ({"llm": {"vocab_size": 8}, "special_token_ids": {}}, "`image_tokenizer`")])
+def test_a_missing_part_names_its_argument(args, names):
+    with pytest.raises(ValueError, match=names):
+        resolve_model_parts(args)
+
+
+def test_the_constructor_reads_no_file(files):
+    with pytest.raises(ValueError, match="SynerGenVL.from_paths"):
+        SynerGenVL(base_llm=str(files / "base.ckpt"), image_tokenizer=str(files / "vq.ckpt"))
+    model = SynerGenVL.from_paths(base_llm=str(files / "base.ckpt"), image_tokenizer=str(files / "vq.ckpt"),
+                                  image_size=16, fold=(2, 2), code_dim=8, head=HEAD)
+    base = torch.load(files / "base.ckpt", weights_only=False)["hyper_parameters"]["config"]
+    assert model.llm.config.vocab_size == base["vocab_size"] and model.hparams.text_tokenizer == str(files / "tok")
+
+
+def test_the_cli_resolves_a_recipe_before_it_builds_the_model(files, tmp_path):
+    recipe = {"model": {"class_path": "synergen_lightning.system.SynerGenVL",
+                        "init_args": {"base_llm": str(files / "base.ckpt"), "image_tokenizer": str(files / "vq.ckpt"),
+                                      "image_size": 16, "fold": [2, 2], "code_dim": 8, "head": HEAD}},
+              "data": {"class_path": "lightning.pytorch.demos.boring_classes.BoringDataModule"},
+              "trainer": {"logger": False, "default_root_dir": str(tmp_path)}}
+    (tmp_path / "r.yaml").write_text(json.dumps(recipe))
+    cli = lightning_cli(["--config", str(tmp_path / "r.yaml")], run=False)
+    assert cli.model.hparams.llm["hidden_size"] == 32 and cli.model.hparams.codebook_size == SMALL["codebook_size"]
+    assert cli.model.hparams.special_token_ids == resolve_model_parts(recipe["model"]["init_args"])["special_token_ids"]
