@@ -43,7 +43,8 @@ from common import (  # noqa: E402
     write_json,
 )
 from synergen_lightning.llm import lm_loss  # noqa: E402
-from synergen_lightning.models.mmoe import LLMConfig, MMoETransformer  # noqa: E402
+from synergen_lightning.models.config import LLMConfig
+from synergen_lightning.models.mmoe import MMoETransformer  # noqa: E402
 
 TARGET_CPU, TARGET_GPU = 0.40, 0.45
 MID = dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1376, vocab_size=4096,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from lightning.pytorch import LightningModule
 
-from synergen_lightning.models.mmoe import LLMConfig
+from synergen_lightning.models.config import LLMConfig
 from synergen_lightning.models.unfolding_head import UnfoldingHead
 
 

@@ -23,7 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from synergen_lightning.models.mmoe import LLMConfig, MMoETransformer
+from synergen_lightning.models.config import LLMConfig
+from synergen_lightning.models.mmoe import MMoETransformer
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "internlm2": "InternLM2ForCausalLM"}
 

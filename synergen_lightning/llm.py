@@ -16,8 +16,9 @@ from torch import Tensor
 
 from synergen_lightning.hf_import import load_hf
 from synergen_lightning.io import iter_jsonl
+from synergen_lightning.models.config import LLMConfig, LLMConfigDict
 from synergen_lightning.models.decoding import left_pad
-from synergen_lightning.models.mmoe import LLMConfig, LLMConfigDict, MMoETransformer
+from synergen_lightning.models.mmoe import MMoETransformer
 from synergen_lightning.stages import StageSchedule, decay_split
 from synergen_lightning.text_tokenizer import TextTokenizer, load_or_train
 

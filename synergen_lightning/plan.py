@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from synergen_lightning.models.chunked_ce import CHUNK_LOGITS
-from synergen_lightning.models.mmoe import LLMConfig
+from synergen_lightning.models.config import LLMConfig
 
 GiB = 2**30
 # bytes in flight per logit of one chunk of the chunked cross-entropy: the fp32 logits and the log-sum-exp's two fp32

@@ -178,7 +178,8 @@ def estimated_parameters(config: dict) -> int | None:
                     args["base_llm"] = None
                 m = SynerGenVL.from_paths(**{k: v for k, v in args.items() if not k.startswith("_")})
             elif cls.endswith("MMoELLM") and args.get("config"):
-                from synergen_lightning.models.mmoe import LLMConfig, MMoETransformer
+                from synergen_lightning.models.config import LLMConfig
+                from synergen_lightning.models.mmoe import MMoETransformer
 
                 m = MMoETransformer(LLMConfig(**args["config"]), vision_experts=bool(args.get("vision_experts", True)))
             else:

@@ -50,8 +50,9 @@ from synergen_lightning.distributed import (
 from synergen_lightning.image_tokenizer import load_image_tokenizer
 from synergen_lightning.inference import answer, generate_images
 from synergen_lightning.model_parts import base_llm_rows, load_base_llm, load_text_tokenizer, resolve_model_parts
+from synergen_lightning.models.config import LLMConfig, LLMConfigDict
 from synergen_lightning.models.folding import TokenFolder, check_fold, codebook_patches, fold_codes
-from synergen_lightning.models.mmoe import LLMConfig, LLMConfigDict, MMoETransformer, Routing
+from synergen_lightning.models.mmoe import MMoETransformer, Routing
 from synergen_lightning.models.unfolding_head import UnfoldingHead
 from synergen_lightning.nonfinite import NonFiniteGuard
 from synergen_lightning.stages import (

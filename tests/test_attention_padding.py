@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from synergen_lightning.models.mmoe import DecoderStack, LLMConfig
+from synergen_lightning.models.config import LLMConfig
+from synergen_lightning.models.mmoe import DecoderStack
 from synergen_lightning.models.mmoe import is_right_padded as right_padded
 from tests.distributed_worker import split_batch
 from tests.test_system_helpers import make_batch, tiny_model

@@ -19,7 +19,8 @@ import bench_mfu  # noqa: E402
 import run_all  # noqa: E402
 from common import TooLarge, check_fits, counted_flops, interleaved, ratio, train_flops  # noqa: E402
 from synergen_lightning.llm import lm_loss  # noqa: E402
-from synergen_lightning.models.mmoe import LLMConfig, MMoETransformer  # noqa: E402
+from synergen_lightning.models.config import LLMConfig  # noqa: E402
+from synergen_lightning.models.mmoe import MMoETransformer  # noqa: E402
 
 HUGE = {"hidden_size": 1 << 16, "intermediate_size": 1 << 18, "num_heads": 512, "num_kv_heads": 512}
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from synergen_lightning.models.chunked_ce import ChunkedLinear, linear_cross_entropy, plain_linear_cross_entropy
-from synergen_lightning.models.mmoe import LLMConfig
+from synergen_lightning.models.config import LLMConfig
 from synergen_lightning.models.unfolding_head import UnfoldingHead
 
 CODEBOOK = 32768  # Emu3's codebook: the classifier the 2b recipes train

@@ -209,7 +209,8 @@ def write_internlm2_dir(path: Path) -> int:
     from safetensors.torch import save_file
 
     from synergen_lightning.hf_import import pack_internlm2_wqkv
-    from synergen_lightning.models.mmoe import LLMConfig, MMoETransformer
+    from synergen_lightning.models.config import LLMConfig
+    from synergen_lightning.models.mmoe import MMoETransformer
 
     config = LLMConfig(**dict(BIG["llm"], vocab_size=BASE_VOCAB))
     torch.manual_seed(11)

@@ -6,7 +6,8 @@ import torch
 
 from synergen_lightning.inference import generate_codes
 from synergen_lightning.models.blocks import KVCache, RotaryEmbedding, apply_rope, rope_decode
-from synergen_lightning.models.mmoe import DecoderStack, LLMConfig, MMoETransformer
+from synergen_lightning.models.config import LLMConfig
+from synergen_lightning.models.mmoe import DecoderStack, MMoETransformer
 from tests.test_system_helpers import SPECIAL, tiny_model
 
 CFG = LLMConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48)

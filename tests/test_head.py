@@ -3,8 +3,8 @@ import torch
 from lightning.pytorch import Trainer
 
 from synergen_lightning.head import UnfoldingHeadModule
+from synergen_lightning.models.config import LLMConfig
 from synergen_lightning.models.decoding import sample_logits
-from synergen_lightning.models.mmoe import LLMConfig
 from synergen_lightning.models.unfolding_head import UnfoldingHead
 
 

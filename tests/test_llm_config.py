@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from synergen_lightning.cli import lightning_cli
-from synergen_lightning.models.mmoe import LLMConfig
+from synergen_lightning.models.config import LLMConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = dict(vocab_size=100, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)

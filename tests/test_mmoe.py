@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from synergen_lightning.models.blocks import KVCache
-from synergen_lightning.models.mmoe import DecoderStack, LLMConfig, MMoETransformer
+from synergen_lightning.models.config import LLMConfig
+from synergen_lightning.models.mmoe import DecoderStack, MMoETransformer
 
 
 def tiny(**kw):

@@ -27,8 +27,9 @@ from torch import Tensor, nn
 
 from synergen_lightning.models.blocks import KVCache, is_plain
 from synergen_lightning.models.chunked_ce import ChunkedLinear
+from synergen_lightning.models.config import LLMConfig
 from synergen_lightning.models.decoding import sample_logits
-from synergen_lightning.models.mmoe import DecoderStack, LLMConfig
+from synergen_lightning.models.mmoe import DecoderStack
 
 
 class UnfoldingHead(nn.Module):
