@@ -50,7 +50,7 @@ from synergen_lightning.distributed import (
 from synergen_lightning.image_tokenizer import load_image_tokenizer
 from synergen_lightning.inference import answer, generate_images
 from synergen_lightning.model_parts import base_llm_rows, load_base_llm, load_text_tokenizer, resolve_model_parts
-from synergen_lightning.models.config import LLMConfig, LLMConfigDict
+from synergen_lightning.models.config import HeadConfigDict, LLMConfig, LLMConfigDict
 from synergen_lightning.models.folding import TokenFolder, check_fold, codebook_patches, fold_codes
 from synergen_lightning.models.mmoe import MMoETransformer, Routing
 from synergen_lightning.models.unfolding_head import UnfoldingHead
@@ -89,7 +89,7 @@ class SynerGenVL(LightningModule):
         fold_output_rms_learnable: bool = True,
         fold_reconstruction_weight: float = 0.0,
         fold_reconstruction_views: int | None = None,
-        head: dict | None = None,
+        head: HeadConfigDict | None = None,
         image_loss_weight: float = 2.0,
         text_loss: str = "token",
         stage: str = "stage1",

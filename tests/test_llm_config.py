@@ -39,3 +39,24 @@ def test_2b_cli_num_layers_override_arrives_as_an_int(capsys):
     llm = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["llm"]
     assert llm["num_layers"] == 4 and type(llm["num_layers"]) is int
     assert llm["rope_theta"] == 5e5 and llm["hidden_size"] == 2048 and llm["tie_word_embeddings"] is False
+
+
+def test_the_recipe_types_name_every_field():
+    """A recipe's `llm` is checked against `LLMConfigDict`: it must name exactly LLMConfig's fields."""
+    from dataclasses import fields
+
+    from synergen_lightning.models.config import LLMConfigDict
+
+    assert set(LLMConfigDict.__annotations__) == {f.name for f in fields(LLMConfig)}
+
+
+@pytest.mark.parametrize("override,error", [
+    (["--model.init_args.llm.num_layer", "4"], "num_layer"),  # misspelt key
+    (["--model.init_args.head", "{num_layers: four}"], "four"),
+    (["--model.init_args.head", "{condition: all}"], "first', 'every"),
+    (["--model.init_args.head", "{num_layer: 2}"], "num_layer"),
+])
+def test_a_bad_size_in_a_recipe_fails_at_parse_naming_it(override, error, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        lightning_cli(["fit", "--config", str(ROOT / "recipes/synergen_vl_2b/stage1.yaml"), "--print_config"] + override)
+    assert exit_.value.code == 2 and error in capsys.readouterr().err

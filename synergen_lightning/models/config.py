@@ -5,10 +5,36 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
+from typing import Literal, TypedDict
 
-# The type of an LLMConfig given as a dict (recipes, `--model.init_args.llm.num_layers 4`): a loose `dict` lets
-# jsonargparse pass command-line values through as strings ('4'); typed values make them arrive as numbers/bools
-LLMConfigDict = dict[str, int | float | bool | None]
+
+# An LLMConfig or a head's sizes as recipes write them (`llm: {...}`, `--model.init_args.llm.num_layers 4`): typed
+# dicts, so jsonargparse checks every key and value against these (a misspelt key or `num_layers: four` fails with
+# the recipe key) and hands over numbers and flags, while checkpoints keep plain dicts (weights-only loadable)
+class LLMConfigDict(TypedDict, total=False):
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    rope_theta: float
+    rms_norm_eps: float
+    qkv_bias: bool
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    head_dim: int | None
+
+
+class HeadConfigDict(TypedDict, total=False):
+    """The unfolding head's blocks (unset keys follow the LLM) and how h_i enters them (`UnfoldingHead`)."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    condition: Literal["first", "every"]
 
 
 @dataclass
