@@ -33,7 +33,7 @@ def make_tiny_world(root: Path, num_samples: int = 120) -> Path:
                          str(num_samples // 2), "--num-eval-prompts", "4", "--workers", "1", "--no-progress"]) == 0
         train_bpe(["data/tiny/text/train.jsonl"], 512, "runs/tiny/text_tokenizer")
         os.makedirs("runs/tiny/base_llm")
-        MMoELLM(config=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64),
+        MMoELLM.from_paths(config=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64),
                 tokenizer_dir="runs/tiny/text_tokenizer").save_checkpoint_file("runs/tiny/base_llm/last.ckpt")
         vq = VQTokenizer(**yaml.safe_load((ROOT / "recipes/tiny/tokenizer.yaml").read_text())["model"]["init_args"])
         os.makedirs("runs/tiny/tokenizer/checkpoints")

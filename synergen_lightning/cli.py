@@ -71,21 +71,24 @@ def _resolve(argv: list[str]):
     return None, argv
 
 
-def resolve_system_parts(model) -> None:
-    """A SynerGenVL recipe's model (a class_path / init_args namespace), with what its files hold filled into its
-    init args (`model_parts.resolve_model_parts`): the constructor then reads no file. Other models: unchanged."""
+def resolve_recipe_parts(model) -> None:
+    """A recipe's model (a class_path / init_args namespace), with what its files hold filled into its init args: a
+    SynerGenVL's trunk shape, special-token ids and codebook (`model_parts.resolve_model_parts`), an MMoELLM's
+    vocabulary (`llm.resolve_llm_parts`). The constructors then read no file. Other models: unchanged."""
     if model is None or not model.get("class_path"):
         return
     module_name, _, class_name = str(model["class_path"]).rpartition(".")
+    from synergen_lightning.llm import MMoELLM, resolve_llm_parts
+    from synergen_lightning.model_parts import resolve_model_parts
     from synergen_lightning.system import SynerGenVL
 
-    if not issubclass(getattr(importlib.import_module(module_name), class_name), SynerGenVL):
+    cls = getattr(importlib.import_module(module_name), class_name)
+    resolve = resolve_model_parts if issubclass(cls, SynerGenVL) else resolve_llm_parts if issubclass(cls, MMoELLM) else None
+    if resolve is None:
         return
-    from synergen_lightning.model_parts import resolve_model_parts
-
     init_args = model["init_args"]
     given = init_args.as_dict() if hasattr(init_args, "as_dict") else dict(init_args)
-    for key, value in resolve_model_parts(given).items():
+    for key, value in resolve(given).items():
         if value is not given.get(key):
             init_args[key] = value
 
@@ -131,7 +134,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
                 from synergen_lightning.preflight import preflight
 
                 preflight(config.as_dict())
-            resolve_system_parts(config.get("model"))
+            resolve_recipe_parts(config.get("model"))
 
         def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
             # Lightning's own checkpoint read (`--ckpt_path`) as plain data too, unless the user trusts the file

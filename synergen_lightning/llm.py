@@ -29,6 +29,17 @@ TINY_CONFIG = dict(vocab_size=2048, hidden_size=256, num_layers=4, num_heads=8, 
                    intermediate_size=688, rope_theta=10000.0, max_position_embeddings=1024)
 
 
+def resolve_llm_parts(init_args: dict) -> dict:
+    """`MMoELLM`'s constructor arguments (a copy) with `config.vocab_size` set to the text tokenizer's, the BPE
+    trained into `tokenizer_dir` from `bpe_train_files` first when that directory has none: the constructor then
+    reads no file."""
+    args = dict(init_args)
+    if args.get("tokenizer_dir") is not None:
+        tok = load_or_train(args["tokenizer_dir"], args.get("bpe_train_files"), args.get("bpe_vocab_size", 2048))
+        args["config"] = {**(args.get("config") or {}), "vocab_size": tok.vocab_size}
+    return args
+
+
 def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Next-token CE in the HF convention: `labels[t]` is the target of the prediction at t-1."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
@@ -55,8 +66,9 @@ class MMoELLM(L.LightningModule):
             config: LLMConfig fields (vocab_size, hidden_size, num_layers, num_heads, num_kv_heads,
                 intermediate_size, rope_theta, rms_norm_eps, qkv_bias, tie_word_embeddings, ...);
                 missing keys take the tiny defaults.
-            tokenizer_dir: directory with tokenizer.json; sets vocab_size to the tokenizer's.
-            bpe_train_files: if tokenizer_dir has no tokenizer.json, train a BPE there on these files.
+            tokenizer_dir: directory with tokenizer.json; `from_paths` (and `synergen fit`) sets vocab_size to the
+                tokenizer's before the model is built. Loaded on first use (text-skill checks).
+            bpe_train_files: if tokenizer_dir has no tokenizer.json, `from_paths` trains a BPE there on these files.
             bpe_vocab_size: vocabulary size of that BPE.
             vision_experts: build the vision FFNs (False: a plain dense Llama).
             lr: peak AdamW learning rate; linear warmup for `warmup_steps`, cosine to lr * min_lr_ratio.
@@ -65,15 +77,36 @@ class MMoELLM(L.LightningModule):
         """
         super().__init__()
         cfg = dict(TINY_CONFIG, **(config or {}))
-        self.tokenizer: TextTokenizer | None = None
-        if tokenizer_dir is not None:
-            self.tokenizer = load_or_train(tokenizer_dir, bpe_train_files, bpe_vocab_size)
-            cfg["vocab_size"] = self.tokenizer.vocab_size
+        self._tokenizer: TextTokenizer | None = None
         self.model = MMoETransformer(LLMConfig(**cfg), vision_experts=vision_experts)
         self.save_hyperparameters()
         self.hparams["config"] = asdict(self.model.config)  # the resolved config, so checkpoints rebuild it
 
     # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_paths(cls, **init_args) -> MMoELLM:
+        """The model a recipe's init args describe, its vocabulary read from `tokenizer_dir` first
+        (`resolve_llm_parts`)."""
+        return cls(**resolve_llm_parts(init_args))
+
+    @property
+    def tokenizer(self) -> TextTokenizer | None:
+        """The text tokenizer of `tokenizer_dir`, loaded on first use (None without one)."""
+        if self._tokenizer is None and self.hparams.get("tokenizer_dir") is not None:
+            self._tokenizer = TextTokenizer(self.hparams.tokenizer_dir)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: TextTokenizer | None) -> None:
+        self._tokenizer = tokenizer
+
+    def setup(self, stage: str) -> None:
+        tok = self.tokenizer
+        if tok is not None and tok.vocab_size > self.model.config.vocab_size:
+            raise ValueError(f"tokenizer_dir {self.hparams.tokenizer_dir!r} has {tok.vocab_size} tokens but the model's "
+                             f"vocab_size is {self.model.config.vocab_size}: build it with MMoELLM.from_paths(...), "
+                             "which reads the vocabulary from the tokenizer (`synergen fit` does)")
+
     @classmethod
     def from_hf(cls, hf_dir: str | Path, tokenizer_dir: str | None = None, **kwargs) -> MMoELLM:
         """Import a local HF Llama / Qwen2 / InternLM2 directory; with `tokenizer_dir`, the

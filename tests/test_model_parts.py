@@ -1,6 +1,7 @@
 """`model_parts.resolve_model_parts`: a recipe's paths become the constructor's parts (the base LLM's shape, the
 text tokenizer's ids, the codebook), read here and checked against the files read directly; the constructor reads
-no file and names the resolver when a part is missing; `synergen fit`'s CLI resolves before it builds the model."""
+no file and names the resolver when a part is missing; `synergen fit`'s CLI resolves before it builds the model;
+the base LLM (`MMoELLM`) reads its tokenizer's vocabulary the same way."""
 
 import json
 
@@ -25,7 +26,7 @@ def files(tmp_path_factory):
     corpus = d / "corpus.jsonl"
     corpus.write_text("".join(f'{{"text": "a red circle left of {i} blue squares"}}\n' for i in range(200)))
     train_bpe([corpus], 300, d / "tok")
-    llm = MMoELLM(config=dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+    llm = MMoELLM.from_paths(config=dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                               intermediate_size=64), tokenizer_dir=str(d / "tok"))
     llm.save_checkpoint_file(d / "base.ckpt")
     vq = VQTokenizer(**SMALL)
@@ -83,3 +84,18 @@ def test_the_cli_resolves_a_recipe_before_it_builds_the_model(files, tmp_path):
     cli = lightning_cli(["--config", str(tmp_path / "r.yaml")], run=False)
     assert cli.model.hparams.llm["hidden_size"] == 32 and cli.model.hparams.codebook_size == SMALL["codebook_size"]
     assert cli.model.hparams.special_token_ids == resolve_model_parts(recipe["model"]["init_args"])["special_token_ids"]
+
+
+def test_the_base_llm_reads_its_tokenizer_before_it_is_built(files, tmp_path):
+    """MMoELLM: the constructor touches no file (its tokenizer loads on first use); `from_paths` trains the BPE into
+    an empty `tokenizer_dir` and takes its vocabulary; a model narrower than its tokenizer is refused at fit start."""
+    sizes = dict(hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=64)
+    MMoELLM(config={**sizes, "vocab_size": 50}, tokenizer_dir=str(tmp_path / "nowhere"))
+    assert not (tmp_path / "nowhere").exists()
+    llm = MMoELLM.from_paths(config=sizes, tokenizer_dir=str(tmp_path / "tok"), bpe_train_files=[str(files / "corpus.jsonl")],
+                             bpe_vocab_size=300)
+    vocab = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert llm.model.config.vocab_size == llm.tokenizer.vocab_size >= len(vocab)
+    narrow = MMoELLM(config={**sizes, "vocab_size": 50}, tokenizer_dir=str(tmp_path / "tok"))
+    with pytest.raises(ValueError, match=r"has \d+ tokens but the model's vocab_size is 50: .*MMoELLM.from_paths"):
+        narrow.setup("fit")

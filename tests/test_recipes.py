@@ -24,7 +24,7 @@ def tiny_base(tmp_path_factory):
     corpus = d / "corpus.jsonl"
     corpus.write_text("".join(f'{{"text": "a red circle left of {i} blue squares"}}\n' for i in range(200)))
     train_bpe([corpus], 300, d / "tok")
-    llm = MMoELLM(config=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64),
+    llm = MMoELLM.from_paths(config=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64),
                   tokenizer_dir=str(d / "tok"))
     llm.save_checkpoint_file(d / "base.ckpt")
     return d

@@ -280,7 +280,7 @@ def _attach(module, total_steps: int):
 def _small_llm(**kw):
     from synergen_lightning.llm import MMoELLM
 
-    return MMoELLM(config=dict(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+    return MMoELLM.from_paths(config=dict(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
                                intermediate_size=64, max_position_embeddings=64), **kw)
 
 
