@@ -565,7 +565,9 @@ def render_markdown(results: dict) -> str:
         if study != "folding":
             continue
         st = next(s for s in ARM_BY_NAME[arm].stages if s.name == stage)
-        L.append(f"| {label} | {st.image_tokens} | " + " | ".join(_fmt(summarize(runs, m, arm, stage)) for m in
+        asked = ("und_text",) if stage == "read" else None  # the reading stage asks nothing else: no other column
+        L.append(f"| {label} | {st.image_tokens} | " + " | ".join(
+                 _fmt(summarize(runs, m, arm, stage)) if asked is None or m in asked else "–" for m in
                  ("und", "und_text", "und_small", "und_count", "und_color", "und_shape"))
                  + " | " + " | ".join(_paper(paper, c) for c in ("TextVQA", "DocVQA", "ChartQA", "GQA")) + " |")
     L += _prior_row(runs, ("und", "und_text", "und_small", "und_count", "und_color", "und_shape"), 1, 4)

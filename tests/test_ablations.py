@@ -191,6 +191,7 @@ def test_summary_table_and_notes_kept(tmp_path):
             ("fold_off", "und", 1): {"und": 0.5, "und_text": 0.3, "und_small": 0.4},
             ("fold_on", "und", 0): {"und": 0.6, "und_text": 0.5, "und_small": 0.5, "prior_und": 0.375,
                                     "prior_und_text": 0.125, "prior_und_small": 0.25, "prior_und_count": 0.5},
+            ("fold_on", "read", 0): {"und": 0.1, "und_text": 0.7, "und_small": 0.0},
             ("full", "s2", 0): {"und": 0.2, "geneval": 0.1, "text": 0.3, "text_base": 0.9, "text_retention": 1 / 3},
             ("progressive", "s2", 0): {"und": 0.2, "geneval": 0.1, "text": 0.8, "text_base": 0.9, "text_retention": 0.8 / 0.9,
                                        "und_top_answer": {"color": "1"}, "und_top_answer_share": {"color": 1.0}}}
@@ -209,6 +210,8 @@ def test_summary_table_and_notes_kept(tmp_path):
     assert f"from `{tmp_path / 'results.json'}`" in text  # names the results it was written from
     assert "| w/o token folding | 64 | 45.0 ± 7.1 [40.0–50.0] | 20.0 ± 14.1 [10.0–30.0] |" in text
     assert "+30.0 points with folding (per seed: +40.0)" in text  # tiny characters: mean diff; seed-0 pair
+    # the reading stage asks the reading question only: its other columns stay empty
+    assert "| w/ token folding, after the reading stage alone | 40 | – | 70.0 | – | – | – | – | – | – | – | – |" in text
     # the prior row of each table: the recorded values in the table's columns, '–' where none was recorded
     assert "| question-type prior (a constant answer per kind, no image) | – | 37.5 | 12.5 | 25.0 | 50.0 | – | – | – | – | – | – |" in text
     assert "| question-type prior (a constant answer per kind, no image) | – | 37.5 | 12.5 | – | – | – | – | – | – | – | – | – | – |" in text
