@@ -266,6 +266,8 @@ def test_quick_pipeline_end_to_end(tmp_path):
     head_runs = abl._data_canvas(ROOT / "data" / "tiny") in (None, abl.head_canvas())  # the head study: demo level only
     assert set(res["runs"]) == {a.name for a in abl.ARMS if head_runs or a.study != "head"}
     for arm in abl.ARMS:
+        if arm.study == "head" and not head_runs:
+            continue
         for st in arm.stages:
             ev = res["runs"][arm.name][st.name]["0"]["eval"]
             if "und" in st.suites:
