@@ -15,6 +15,23 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A tiny text tokenizer (`tok/`, trained on `corpus.jsonl`) + base LLM checkpoint (`base.ckpt`, naming it), as
+    `make base-llm` writes them."""
+    from synergen_lightning.llm import MMoELLM
+    from synergen_lightning.text_tokenizer import train_bpe
+
+    d = tmp_path_factory.mktemp("tiny")
+    corpus = d / "corpus.jsonl"
+    corpus.write_text("".join(f'{{"text": "a red circle left of {i} blue squares"}}\n' for i in range(200)))
+    train_bpe([corpus], 300, d / "tok")
+    llm = MMoELLM.from_paths(config=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64),
+                             tokenizer_dir=str(d / "tok"))
+    llm.save_checkpoint_file(d / "base.ckpt")
+    return d
+
+
 @pytest.fixture(scope="session")
 def sharded_checkpoint(tmp_path_factory):
     """A sharded (DCP) checkpoint directory as `synergen fit` under FSDP2Strategy writes it (`.metadata`, `*.distcp`,

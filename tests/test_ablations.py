@@ -16,22 +16,6 @@ from synergen_lightning.system import SynerGenVL
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    """A tiny text tokenizer + base LLM checkpoint standing in for `make base-llm`'s outputs."""
-    from synergen_lightning.llm import MMoELLM
-    from synergen_lightning.text_tokenizer import train_bpe
-
-    d = tmp_path_factory.mktemp("tiny")
-    corpus = d / "corpus.jsonl"
-    corpus.write_text("".join(f'{{"text": "a red circle left of {i} blue squares"}}\n' for i in range(200)))
-    train_bpe([corpus], 300, d / "tok")
-    llm = MMoELLM.from_paths(config=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64),
-                  tokenizer_dir=str(d / "tok"))
-    llm.save_checkpoint_file(d / "base.ckpt")
-    return d
-
-
 def _stage_cli(stage: abl.StageRun, tmp_path, init_from=None):
     run_yaml = tmp_path / f"{stage.name}.yaml"
     run_yaml.write_text(json.dumps(abl.run_overrides(tmp_path, stage, seed=3, steps=7, init_from=init_from)))

@@ -41,15 +41,6 @@ def test_2b_cli_num_layers_override_arrives_as_an_int(capsys):
     assert llm["rope_theta"] == 5e5 and llm["hidden_size"] == 2048 and llm["tie_word_embeddings"] is False
 
 
-def test_the_recipe_types_name_every_field():
-    """A recipe's `llm` is checked against `LLMConfigDict`: it must name exactly LLMConfig's fields."""
-    from dataclasses import fields
-
-    from synergen_lightning.models.config import LLMConfigDict
-
-    assert set(LLMConfigDict.__annotations__) == {f.name for f in fields(LLMConfig)}
-
-
 @pytest.mark.parametrize("override,error", [
     (["--model.init_args.llm.num_layer", "4"], "num_layer"),  # misspelt key
     (["--model.init_args.head", "{num_layers: four}"], "four"),

@@ -14,25 +14,17 @@ from synergen_lightning.image_tokenizer.vq_tokenizer import VQTokenizer
 from synergen_lightning.llm import MMoELLM
 from synergen_lightning.model_parts import resolve_model_parts
 from synergen_lightning.system import SynerGenVL
-from synergen_lightning.text_tokenizer import train_bpe
 from tests.test_image_tokenizer import SMALL
 from tests.test_system_helpers import HEAD
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A text tokenizer, a base LLM checkpoint naming it, and an image tokenizer checkpoint, as `make` writes them."""
-    d = tmp_path_factory.mktemp("parts")
-    corpus = d / "corpus.jsonl"
-    corpus.write_text("".join(f'{{"text": "a red circle left of {i} blue squares"}}\n' for i in range(200)))
-    train_bpe([corpus], 300, d / "tok")
-    llm = MMoELLM.from_paths(config=dict(vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                              intermediate_size=64), tokenizer_dir=str(d / "tok"))
-    llm.save_checkpoint_file(d / "base.ckpt")
+def files(tiny_base):
+    """The base LLM, its text tokenizer and an image tokenizer checkpoint, as `make` writes them."""
     vq = VQTokenizer(**SMALL)
     torch.save({"state_dict": vq.state_dict(), "hyper_parameters": dict(vq.hparams),
-                "pytorch-lightning_version": lightning.__version__}, d / "vq.ckpt")
-    return d
+                "pytorch-lightning_version": lightning.__version__}, tiny_base / "vq.ckpt")
+    return tiny_base
 
 
 def test_parts_come_from_the_files(files):

@@ -14,22 +14,6 @@ TINY = ["stage1", "stage2", "sft"]
 SPECIALS = '{"bos": 1, "eos": 2, "pad": 0, "boi": 92544, "eoi": 92545, "uncond": 92546, "im_start": 92543, "im_end": 92542}'
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    """A tiny text tokenizer + base LLM checkpoint standing in for `make base-llm`'s outputs."""
-    from synergen_lightning.llm import MMoELLM
-    from synergen_lightning.text_tokenizer import train_bpe
-
-    d = tmp_path_factory.mktemp("tiny")
-    corpus = d / "corpus.jsonl"
-    corpus.write_text("".join(f'{{"text": "a red circle left of {i} blue squares"}}\n' for i in range(200)))
-    train_bpe([corpus], 300, d / "tok")
-    llm = MMoELLM.from_paths(config=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64),
-                  tokenizer_dir=str(d / "tok"))
-    llm.save_checkpoint_file(d / "base.ckpt")
-    return d
-
-
 def _cli(recipe, extra=()):
     return lightning_cli(["--config", str(ROOT / recipe), *extra], run=False)
 

@@ -5,25 +5,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Literal, TypedDict
-
-
-# An LLMConfig or a head's sizes as recipes write them (`llm: {...}`, `--model.init_args.llm.num_layers 4`): typed
-# dicts, so jsonargparse checks every key and value against these (a misspelt key or `num_layers: four` fails with
-# the recipe key) and hands over numbers and flags, while checkpoints keep plain dicts (weights-only loadable)
-class LLMConfigDict(TypedDict, total=False):
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    intermediate_size: int
-    rope_theta: float
-    rms_norm_eps: float
-    qkv_bias: bool
-    tie_word_embeddings: bool
-    max_position_embeddings: int
-    head_dim: int | None
+from typing import Literal, TypedDict, get_type_hints
 
 
 class HeadConfigDict(TypedDict, total=False):
@@ -109,3 +91,9 @@ class LLMConfig:  # Llama / Qwen2 micro-architecture
             if not isinstance(v, bool):
                 raise bad(name, v, "true or false", "true")
             setattr(self, name, v)
+
+
+# An LLMConfig or a head's sizes as recipes write them (`llm: {...}`, `--model.init_args.llm.num_layers 4`): typed
+# dicts, so jsonargparse checks every key and value (a misspelt key or `num_layers: four` fails naming the recipe key)
+# and hands over numbers and flags, while checkpoints keep plain dicts (weights-only loadable)
+LLMConfigDict = TypedDict("LLMConfigDict", get_type_hints(LLMConfig), total=False)
