@@ -88,8 +88,8 @@ class Arm:
 # 2-core machine; the written table states them. The folding arms train every parameter (the SFT settings,
 # folding_train.yaml): with stage 2's parameter set neither arm answered above the question-type prior in 400 steps.
 # They first read alone (folding_read.yaml) and then train on the mix: mixed from the first step, neither arm read
-# the fine print in 1,000 steps, and 300 reading steps started reading on two seeds of three (RESULTS.md, Table 6 on
-# the reading level).
+# the fine print in 1,000 steps; 300 reading steps started reading on two seeds of three, 500 on all three (the
+# folded arm's shape answers then stay at their prior in the shorter mix) (RESULTS.md, Table 6 on the reading level).
 READ_STEPS = 500
 FOLD_STEPS = 500
 S1_STEPS = 300
