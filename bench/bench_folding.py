@@ -50,7 +50,7 @@ from common import (  # noqa: E402
 )
 from synergen_lightning.distributed import _checkpoint_block, decoder_blocks  # noqa: E402
 from synergen_lightning.inference import generate_codes  # noqa: E402
-from synergen_lightning.models.config import LLMConfig
+from synergen_lightning.models.config import LLMConfig  # noqa: E402
 from synergen_lightning.models.decoding import sample_logits  # noqa: E402
 from synergen_lightning.models.mmoe import MMoETransformer  # noqa: E402
 from synergen_lightning.system import SynerGenVL  # noqa: E402

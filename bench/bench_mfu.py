@@ -43,7 +43,7 @@ from common import (  # noqa: E402
     write_json,
 )
 from synergen_lightning.llm import lm_loss  # noqa: E402
-from synergen_lightning.models.config import LLMConfig
+from synergen_lightning.models.config import LLMConfig  # noqa: E402
 from synergen_lightning.models.mmoe import MMoETransformer  # noqa: E402
 
 TARGET_CPU, TARGET_GPU = 0.40, 0.45

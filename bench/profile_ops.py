@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import interleaved, ratio  # noqa: E402
 from synergen_lightning.llm import lm_loss  # noqa: E402
-from synergen_lightning.models.config import LLMConfig
+from synergen_lightning.models.config import LLMConfig  # noqa: E402
 from synergen_lightning.models.mmoe import MMoETransformer  # noqa: E402
 
 

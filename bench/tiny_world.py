@@ -34,7 +34,7 @@ def make_tiny_world(root: Path, num_samples: int = 120) -> Path:
         train_bpe(["data/tiny/text/train.jsonl"], 512, "runs/tiny/text_tokenizer")
         os.makedirs("runs/tiny/base_llm")
         MMoELLM.from_paths(config=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64),
-                tokenizer_dir="runs/tiny/text_tokenizer").save_checkpoint_file("runs/tiny/base_llm/last.ckpt")
+                           tokenizer_dir="runs/tiny/text_tokenizer").save_checkpoint_file("runs/tiny/base_llm/last.ckpt")
         vq = VQTokenizer(**yaml.safe_load((ROOT / "recipes/tiny/tokenizer.yaml").read_text())["model"]["init_args"])
         os.makedirs("runs/tiny/tokenizer/checkpoints")
         torch.save({"hyper_parameters": dict(vq.hparams), "state_dict": vq.state_dict()},

@@ -55,7 +55,7 @@ def save_tiny_checkpoint(root: Path, datamodule_hp: dict | None = POLICY) -> Pat
     llm = dict(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                intermediate_size=64, max_position_embeddings=256)
     model = SynerGenVL.from_paths(llm=llm, text_tokenizer=str(root / "text_tokenizer"), image_tokenizer=str(root / "vq.ckpt"),
-                       image_size=16 * vq.downsample // 4, fold=(2, 2), code_dim=8, head=HEAD)
+                                  image_size=16 * vq.downsample // 4, fold=(2, 2), code_dim=8, head=HEAD)
     ckpt = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), **version}
     if datamodule_hp is not None:
         ckpt["datamodule_hyper_parameters"] = dict(datamodule_hp)

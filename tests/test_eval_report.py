@@ -260,7 +260,7 @@ def test_synergen_eval_report_command_from_disk(world, logdir, tmp_path):
     llm = dict(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                intermediate_size=64, max_position_embeddings=256)
     model = SynerGenVL.from_paths(llm=llm, text_tokenizer=str(tmp_path / "text_tokenizer"), image_tokenizer=str(vq_path),
-                       image_size=16 * vq.downsample // 4, fold=(2, 2), code_dim=8, head=HEAD)
+                                  image_size=16 * vq.downsample // 4, fold=(2, 2), code_dim=8, head=HEAD)
     ckpt = _lightning_ckpt(model, tmp_path / "system.ckpt")
     out = tmp_path / "report"
     rc = main(["eval", "report", "--ckpt", str(ckpt), "--data", str(world), "--out", str(out), "--logdir", str(logdir),

@@ -86,9 +86,9 @@ def test_training_reduces_loss_and_logs(tmp_path):
     dm = TextDataModule([str(corpus / "train.jsonl")], [str(corpus / "val.jsonl")], tokenizer_dir=str(tmp_path / "tok"),
                         bpe_vocab_size=320, seq_len=32, batch_size=8)
     model = MMoELLM.from_paths(config=dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128),
-                    tokenizer_dir=str(tmp_path / "tok"), bpe_train_files=[str(corpus / "train.jsonl")],
-                    bpe_vocab_size=320, lr=3e-3, warmup_steps=5,
-                    skill_eval_jsonl=str(corpus / "skill_val.jsonl"), skill_eval_max=4)
+                               tokenizer_dir=str(tmp_path / "tok"), bpe_train_files=[str(corpus / "train.jsonl")],
+                               bpe_vocab_size=320, lr=3e-3, warmup_steps=5,
+                               skill_eval_jsonl=str(corpus / "skill_val.jsonl"), skill_eval_max=4)
     assert model.model.vocab_size == model.tokenizer.vocab_size <= 320
     trainer = L.Trainer(max_steps=25, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         val_check_interval=25, check_val_every_n_epoch=None, limit_val_batches=1, enable_model_summary=False)
@@ -110,7 +110,7 @@ def test_skill_eval_scores_an_oracle(tmp_path, monkeypatch):
 
     tok = train_bpe([corpus / "train.jsonl"], 300, tmp_path / "tok")
     model = MMoELLM.from_paths(config=dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32),
-                    tokenizer_dir=str(tmp_path / "tok"))
+                               tokenizer_dir=str(tmp_path / "tok"))
     rows = [json.loads(line) for line in (corpus / "skill_val.jsonl").read_text().splitlines()]
     answers = [" " + r["answer"] for r in rows[:3]] + [" wrong"]
     scripted = [tok.encode(a) + [tok.eos_id, 5, 5] for a in answers]
@@ -137,7 +137,7 @@ def test_tiny_base_llm_learns_the_held_out_skill(tmp_path):
     dm = TextDataModule([str(corpus / "train.jsonl")], None, tokenizer_dir=str(tmp_path / "tok"),
                         bpe_vocab_size=m["bpe_vocab_size"], seq_len=d["seq_len"], batch_size=d["batch_size"])
     model = MMoELLM.from_paths(config=m["config"], tokenizer_dir=str(tmp_path / "tok"), bpe_train_files=[str(corpus / "train.jsonl")],
-                    bpe_vocab_size=m["bpe_vocab_size"], lr=m["lr"], warmup_steps=m["warmup_steps"])
+                               bpe_vocab_size=m["bpe_vocab_size"], lr=m["lr"], warmup_steps=m["warmup_steps"])
     trainer = L.Trainer(max_steps=recipe["trainer"]["max_steps"], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False,
                         gradient_clip_val=recipe["trainer"]["gradient_clip_val"])

@@ -281,7 +281,7 @@ def _small_llm(**kw):
     from synergen_lightning.llm import MMoELLM
 
     return MMoELLM.from_paths(config=dict(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
-                               intermediate_size=64, max_position_embeddings=64), **kw)
+                                          intermediate_size=64, max_position_embeddings=64), **kw)
 
 
 @pytest.mark.parametrize("warmup,total,floor", [(50, 2000, 0.1), (5, 25, 0.0), (0, 30, 0.25), (40, 10, 0.1), (1, 1, 0.5)])

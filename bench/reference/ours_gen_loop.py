@@ -64,9 +64,9 @@ def main(argv=None) -> None:
         base = read_checkpoint_meta(demo / "runs/tiny/base_llm/last.ckpt")["hyper_parameters"]["config"]
         shape = {"base_llm": None, "llm": {**base, "num_kv_heads": a.kv_heads}}
     m = SynerGenVL.from_paths(**{"base_llm": str(demo / "runs/tiny/base_llm/last.ckpt"), **shape}, text_tokenizer=tok,
-                   image_tokenizer=str(demo / "runs/tiny/tokenizer/checkpoints/last.ckpt"), codebook_size=2048,
-                   image_size=a.image_size, downsample=8, fold=(a.fold, a.fold), code_dim=64, fold_output_rms=0.1,
-                   fold_output_rms_learnable=False, head={"num_layers": a.head_layers, "condition": a.head_condition})
+                              image_tokenizer=str(demo / "runs/tiny/tokenizer/checkpoints/last.ckpt"), codebook_size=2048,
+                              image_size=a.image_size, downsample=8, fold=(a.fold, a.fold), code_dim=64, fold_output_rms=0.1,
+                              fold_output_rms_learnable=False, head={"num_layers": a.head_layers, "condition": a.head_condition})
     if not a.kv_heads:
         m._init_weights_for_fit("stage1")  # what `fit` does first: trunk from the base LLM, vision FFNs as its copies
     if a.init == "random":
