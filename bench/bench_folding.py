@@ -197,9 +197,10 @@ def train_steps(c: dict, checkpointing: bool = False, divisor: int = 1):
 
 @torch.no_grad()
 def unfolded_generate(llm: MMoETransformer, prompt_ids: list[int], n_codes: int, generator: torch.Generator,
-                      rows: int = 1, sample=sample_logits) -> torch.Tensor:
+                      rows: int = 1, sample=sample_logits, compile: bool = False) -> torch.Tensor:
     """One code per LLM step, KV-cached (the unfolded baseline's decoding), sampled among the code logits; `rows`
-    images of the same prompt decoded together. `sample`: the sampler (another revision's, in bench/ab_decode.py)."""
+    images of the same prompt decoded together. `sample`: the sampler (another revision's, in bench/ab_decode.py).
+    `compile`: the LLM's decode step as the folded side's `generate_codes(compile=True)` runs it."""
     device = llm.embed_tokens.weight.device
     cache = llm.new_kv_cache()
     ids = torch.tensor([prompt_ids] * rows, device=device)
@@ -211,7 +212,7 @@ def unfolded_generate(llm: MMoETransformer, prompt_ids: list[int], n_codes: int,
         out.append(code)
         x = llm.embed_tokens((code + TEXT_VOCAB)[:, None])  # sampled ids: no range check, as the folded head's embedding
         if hasattr(llm, "decode_step"):  # the decode path generate_codes takes; older revisions (ab_decode.py): forward
-            h = llm.decode_step(x, cache, image=True)
+            h = llm.decode_step(x, cache, image=True, **({"compile": True} if compile else {}))
         else:
             h = llm(x, image_mask=is_image, kv_cache=cache)[:, -1]
     return torch.stack(out, 1)

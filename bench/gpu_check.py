@@ -11,7 +11,9 @@ Sections, each recording its own error (one failing path does not hide the other
   generation rows: MFU against a bf16 GEMM timed in the same run, peak memory (`torch.cuda.max_memory_allocated`)
   beside `synergen plan`'s estimate of the same shape (`plan.estimate`).
 - `generation`: KV-cached generation of one image and of 16 images, folded (`inference.generate_codes`) vs an
-  unfolded model reading and writing every code (`bench_folding.unfolded_generate`).
+  unfolded model reading and writing every code (`bench_folding.unfolded_generate`); on CUDA also both compiled
+  (`generate_codes(compile=True)`: the head's patch and the LLM's step as graphs), with where their codes first
+  part from the eager ones.
 - `dcp_roundtrip`: a sharded (DCP) save of an FSDP2 model and its load, into a fresh sharded model
   (`distributed.load_sharded_into`) and without a process group (`load_sharded_state_dict`): every tensor equal.
 - `flash_attention`: a training forward and backward of the 2b SynerGenVL at reduced depth (16 query heads over 8 KV
@@ -209,23 +211,46 @@ def section_generation(device: str) -> dict:
     c = dict(bf.FULL) if device == "cuda" else dict(bf.QUICK)
     torch.manual_seed(0)
     folded, unfolded = bf.build_folded(c).to(device).eval(), bf.build_unfolded(c).to(device).eval()
-    gen = torch.Generator(device=device).manual_seed(0)
     p = bf.prompt(c, torch.Generator().manual_seed(0))
     out = {"config": {k: c[k] for k in ("hidden_size", "num_layers", "head_layers", "codebook_size", "grid")}}
+    seed = lambda: torch.Generator(device=device).manual_seed(0)  # noqa: E731  (every variant draws the same codes)
+    # compiled decoding (head patch and LLM step as graphs) on CUDA only: on the CPU its build takes a minute and
+    # tests/test_generation_decode.py checks it against the eager path
+    modes = (False, True) if device == "cuda" else (False,)
     with torch.no_grad():
         for n in (1, 16):
             row = {}
-            for name, fn in (("folded", lambda n=n: generate_codes(folded, [p] * n, None, cfg_scale=None, generator=gen)),
-                             ("unfolded", lambda n=n: bf.unfolded_generate(unfolded, p, c["grid"] ** 2, gen, rows=n))):
-                fn() if n == 1 else None  # warm-up once
-                _sync(device)
-                t0 = time.perf_counter()
-                codes = fn()
-                _sync(device)
-                row[f"{name}_s"] = time.perf_counter() - t0
-                row[f"{name}_codes"] = int(codes.numel())
-            row["speedup"] = row["unfolded_s"] / row["folded_s"]
-            row["folded_images_per_s"] = n / row["folded_s"]
+            for compile in modes:
+                tag = "_compiled" if compile else ""
+                for name, fn in (("folded", lambda n=n, k=compile: generate_codes(folded, [p] * n, None, cfg_scale=None,
+                                                                                 generator=seed(), compile=k)),
+                                 ("unfolded", lambda n=n, k=compile: bf.unfolded_generate(unfolded, p, c["grid"] ** 2, seed(),
+                                                                                          rows=n, compile=k))):
+                    try:
+                        first = fn() if n == 1 or compile else None  # warm-up (graphs built) once
+                        _sync(device)
+                        t0 = time.perf_counter()
+                        codes = fn()
+                        _sync(device)
+                    except Exception as exc:  # noqa: BLE001 -- a compile failure is recorded, eager figures kept
+                        if not compile:
+                            raise
+                        row[f"{name}_compiled_error"] = f"{type(exc).__name__}: {exc}"[:300]
+                        break
+                    row[f"{name}{tag}_s"] = time.perf_counter() - t0
+                    row[f"{name}_codes"] = int(codes.numel())
+                    if compile:  # where compiled and eager codes part (None: never); the fused kernels round
+                        # differently, so a long unfolded image may flip one draw and differ from there on
+                        diff = (codes != row.pop(f"_{name}_eager_codes")).flatten(1).any(0).nonzero()
+                        row[f"{name}_compiled_first_differing_code"] = int(diff[0]) if len(diff) else None
+                    else:
+                        row[f"_{name}_eager_codes"] = codes
+                    del first
+                if f"unfolded{tag}_s" in row and f"folded{tag}_s" in row:
+                    row[f"speedup{tag}"] = row[f"unfolded{tag}_s"] / row[f"folded{tag}_s"]
+                    row[f"folded{tag}_images_per_s"] = n / row[f"folded{tag}_s"]
+            for k in [k for k in row if k.startswith("_")]:
+                del row[k]
             out[f"images_{n}"] = row
     return out
 
@@ -426,7 +451,10 @@ def summary(result: dict) -> str:
         row = g.get(f"images_{n}", {})
         rows.append((f"generation, {n} image(s)", "error" if "error" in g else "",
                      g.get("error", "")[:90] or f"folded {f(row.get('folded_s'))} s vs unfolded "
-                     f"{f(row.get('unfolded_s'))} s ({f(row.get('speedup'))}x)"))
+                     f"{f(row.get('unfolded_s'))} s ({f(row.get('speedup'))}x)" + (
+                         f"; compiled {f(row.get('folded_compiled_s'))} s vs {f(row.get('unfolded_compiled_s'))} s "
+                         f"({f(row.get('speedup_compiled'))}x), codes part at {row.get('folded_compiled_first_differing_code')}"
+                         f"/{row.get('unfolded_compiled_first_differing_code')}" if "speedup_compiled" in row else "")))
     d = result.get("dcp_roundtrip", {})
     rows.append(("DCP save/load", "error" if "error" in d else f"{d.get('tensors')} tensors",
                  d.get("error", "")[:90] or f"identical {d.get('identical')}, {f(d.get('bytes_on_disk'))} B, "

@@ -40,11 +40,14 @@ def _check_context(model, prompt_len: int, extra: int, what: str) -> None:
 @torch.no_grad()
 def generate_codes(model, prompt_ids: list[list[int]], uncond_ids: list[int] | None = None, cfg_scale: float | None = 7.5,
                    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                   generator: torch.Generator | None = None, use_cache: bool = True) -> Tensor:
+                   generator: torch.Generator | None = None, use_cache: bool = True, compile: bool = False) -> Tensor:
     """Prompt ids (each ending with `<boi>`) -> code grids Long[R, h, w].
 
     With `cfg_scale` (and `uncond_ids`), the unconditional prompt runs beside every row in the same
     batch. `use_cache=False` recomputes the whole sequence at every patch (the test reference).
+    `compile`: the head's patch and the LLM's decode step run as `torch.compile`d graphs (built on the first
+    call, seconds to a minute, then reused; on the CPU it needs a C++ compiler): the per-step work of small
+    ops, which bounds one-image decoding, goes (RESULTS.md, decoding against its FLOP bound).
     """
     device = model.device
     use_cfg = cfg_scale is not None and uncond_ids is not None
@@ -67,11 +70,11 @@ def generate_codes(model, prompt_ids: list[list[int]], uncond_ids: list[int] | N
     patches = []
     for i in range(P):
         codes = head.generate(h, cfg_scale=cfg_scale if use_cfg else None, temperature=temperature, top_k=top_k,
-                              top_p=top_p, generator=generator, use_cache=use_cache)  # [R, m*n]
+                              top_p=top_p, generator=generator, use_cache=use_cache, compile=compile)  # [R, m*n]
         patches.append(codes)
         fed = folder.fold_patch(torch.cat([codes, codes]) if use_cfg else codes, i)[:, None].to(embeds.dtype)
         if cache is not None:
-            h = llm.decode_step(fed, cache, image=True, position_ids=next_pos)  # no mask: a real token
+            h = llm.decode_step(fed, cache, image=True, position_ids=next_pos, compile=compile)  # a real token: no mask
         else:
             seq, seq_img = torch.cat([seq, fed], 1), torch.cat([seq_img, true_col], 1)
             seq_mask, seq_pos = torch.cat([seq_mask, true_col], 1), torch.cat([seq_pos, next_pos], 1)
@@ -86,10 +89,11 @@ def generate_codes(model, prompt_ids: list[list[int]], uncond_ids: list[int] | N
 @torch.no_grad()
 def generate_images(model, prompts: list[str] | str, num: int = 1, cfg_scale: float | None = 7.5, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None, batch_size: int = 16,
-                    output: str = "pil", use_cache: bool = True):
+                    output: str = "pil", use_cache: bool = True, compile: bool = False):
     """Prompts -> `num` images each (prompt-major order): PIL images (`output="pil"`), float [N,3,H,W]
     in [0,1] (`"tensor"`) or code grids (`"codes"`). `cfg_scale=None` or 1 disables guidance; a `None`
-    prompt draws from the unconditional (`<UNCOND>`) prompt, the CFG dropout rows of training."""
+    prompt draws from the unconditional (`<UNCOND>`) prompt, the CFG dropout rows of training. `compile`: as
+    `generate_codes` (the same codes, faster once the graphs are built)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     model.eval()
@@ -99,7 +103,7 @@ def generate_images(model, prompts: list[str] | str, num: int = 1, cfg_scale: fl
     generator = torch.Generator(device=model.device)
     generator.manual_seed(seed if seed is not None else torch.seed())
     grids = [generate_codes(model, rows[i:i + batch_size], uncond, cfg_scale, temperature, top_k, top_p, generator,
-                            use_cache) for i in range(0, len(rows), batch_size)]
+                            use_cache, compile) for i in range(0, len(rows), batch_size)]
     codes = torch.cat(grids)
     if output == "codes":
         return codes

@@ -39,6 +39,8 @@ def generate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="rows decoded together (x2 with CFG)")
+    p.add_argument("--compile", action="store_true", help="decode through torch.compile'd graphs: the same images, "
+                   "faster per image once built (a minute on a CPU, which needs a C++ compiler); for many images")
     p.add_argument("--out", required=True, help="output directory for PNGs")
     a = p.parse_args(argv)
     if a.num < 1:
@@ -46,7 +48,7 @@ def generate_main(argv: list[str] | None = None) -> int:
     model = load_synergen(a.ckpt, map_location=a.device, text_tokenizer=a.text_tokenizer,
                           image_tokenizer=a.image_tokenizer)
     images = generate_images(model, a.prompt, num=a.num, cfg_scale=a.cfg, temperature=a.temperature, top_k=a.top_k,
-                             top_p=a.top_p, seed=a.seed, batch_size=a.batch_size)
+                             top_p=a.top_p, seed=a.seed, batch_size=a.batch_size, compile=a.compile)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for k, img in enumerate(images):

@@ -164,3 +164,47 @@ def test_rope_decode_equals_apply_rope():
         q = torch.randn(b, 6, 1, 64, generator=g) * scale
         cos, sin = rot.table(pos, 1, torch.float32)
         assert torch.equal(rope_decode(q, cos, rot.table(pos, 1, torch.float32, signed=True)[1]), apply_rope(q, cos, sin))
+
+
+def test_reserve_grows_the_cache_keeping_its_tokens_and_writes_in_place_when_there_is_room():
+    cache = KVCache(2)
+    like = torch.zeros(3, 8)
+    ks, vs = cache.reserve(5, like, kv_heads=2, head_dim=4)
+    assert [tuple(k.shape) for k in ks + vs] == [(3, 2, 16, 4)] * 4  # no capacity given: 16 first
+    k = torch.randn(3, 2, 5, 4)
+    cache.begin_step(5)
+    for layer in range(2):
+        cache.update(layer, k, -k)
+    cache.end_step()
+    ptr = cache._k[0].data_ptr()
+    assert cache.reserve(11, like, 2, 4)[0][0].data_ptr() == ptr  # 16 slots hold 5 + 11
+    ks, vs = cache.reserve(12, like, 2, 4)  # 17 > 16: doubled, the 5 cached tokens copied over
+    assert ks[0].shape[2] == 32 and torch.equal(ks[1][:, :, :5], k) and torch.equal(vs[0][:, :, :5], -k)
+    sized = KVCache(1, capacity=40)
+    assert sized.reserve(1, like, 2, 4)[0][0].shape[2] == 40  # a known final length: allocated once
+
+
+def test_compiled_decoding_draws_the_eager_codes():
+    """`generate_codes(compile=True)`: the head's patch as one graph and the LLM's step as a graph dynamic in the cache
+    length give the eager path's sampled codes (CFG over left-padded prompts, top-k, top-p, temperature); the compiled
+    LLM step alone keeps its hidden states over a cache that grows (no capacity). Tiny shapes: the graphs build in
+    seconds."""
+    model = _perturbed(tiny_model(codebook_size=64))
+    prompts = [[SPECIAL["bos"], 11, 12, 13, SPECIAL["boi"]], [SPECIAL["bos"], 20, SPECIAL["boi"]]]
+    uncond = [SPECIAL["bos"], SPECIAL["uncond"], SPECIAL["boi"]]
+    kw = dict(uncond_ids=uncond, cfg_scale=2.0, top_k=40, top_p=0.9, temperature=0.8)
+    codes = [generate_codes(model, prompts, generator=torch.Generator().manual_seed(3), compile=c, **kw)
+             for c in (False, True)]
+    assert len(codes[0].unique()) > 4 and torch.equal(codes[0], codes[1])  # sampled, and the same draws
+    llm = _perturbed(MMoETransformer(CFG))
+    ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[False, False, True, True, True], [True] * 5])
+    steps = torch.randn(20, 2, 1, 32, generator=torch.Generator().manual_seed(2))
+    outs = {}
+    with torch.no_grad():
+        for c in (False, True):
+            cache = llm.new_kv_cache()  # 16 slots, then doubled mid-way: the compiled step sees new storage
+            llm(llm.embed(ids), position_ids=(mask.long().cumsum(-1) - 1).clamp(min=0), attention_mask=mask,
+                kv_cache=cache)
+            outs[c] = torch.stack([llm.decode_step(x, cache, image=True, compile=c) for x in steps])
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-5)

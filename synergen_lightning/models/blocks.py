@@ -129,6 +129,21 @@ class KVCache:
         self._mask = self._grow(self._mask, key_mask, self.seq_len, dim=1)
         return self._mask[:, : self.seq_len + new_tokens]
 
+    def reserve(self, new_tokens: int, like: Tensor, kv_heads: int, head_dim: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Room for `new_tokens` more tokens in every layer; returns the per-layer key and value storage
+        [B, kv_heads, capacity, head_dim] (`like`: a tensor of the batch's rows, device and dtype). A one-token decode
+        step (`Attention.decode_token`) then writes in place and allocates nothing, so it can run as a compiled graph."""
+        need, kept = self.seq_len + new_tokens, self.seq_len
+        for bufs in (self._k, self._v):
+            for i, buf in enumerate(bufs):
+                if buf is None or buf.shape[2] < need:
+                    size = max(need, 2 * (buf.shape[2] if buf is not None else 0), self.capacity or 16)
+                    grown = like.new_empty(like.shape[0], kv_heads, size, head_dim)
+                    if buf is not None and kept:
+                        grown.narrow(2, 0, kept).copy_(buf.narrow(2, 0, kept))
+                    bufs[i] = grown
+        return self._k, self._v
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write this step's k/v [B, Hkv, T, Dh] for `layer` in place; return all keys/values so far."""
         start, end = self.seq_len, self.seq_len + k.shape[2]
@@ -195,17 +210,21 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=gqa)
         return self.o_proj(rearrange(out, "b h t d -> b t (h d)"))
 
-    def decode_token(self, x: Tensor, cos: Tensor, sin_signed: Tensor, attn_mask: Tensor | None, kv_cache: KVCache,
-                     layer_idx: int) -> Tensor:
-        """`forward` of one new token per row, x [B, D] -> [B, D], with a cache and no grad: the projections' weights
-        read directly (no module calls), q and k rotated together by `rope_decode` (`RotaryEmbedding.table(signed=True)`)."""
+    def decode_token(self, x: Tensor, cos: Tensor, sin_signed: Tensor, attn_mask: Tensor | None, k_cache: Tensor,
+                     v_cache: Tensor, past: int) -> Tensor:
+        """`forward` of one new token per row, x [B, D] -> [B, D], no grad: its key and value written at index `past` of
+        this layer's cache storage (`KVCache.reserve`), attention over the `past + 1` cached tokens; the projections'
+        weights read directly (no module calls), q and k rotated together by `rope_decode`
+        (`RotaryEmbedding.table(signed=True)`)."""
         b, d, hq = x.shape[0], self.head_dim, self.num_heads
         q = F.linear(x, self.q_proj.weight, self.q_proj.bias)  # the three products back to back, then the small ops
         k = F.linear(x, self.k_proj.weight, self.k_proj.bias)
         v = F.linear(x, self.v_proj.weight, self.v_proj.bias).view(b, -1, 1, d)
         qk = rope_decode(torch.cat((q, k), -1).view(b, -1, 1, d), cos, sin_signed)  # [B, Hq + Hkv, 1, Dh]
-        k, v = kv_cache.update(layer_idx, qk[:, hq:], v)
-        out = F.scaled_dot_product_attention(qk[:, :hq], k, v, attn_mask=attn_mask, enable_gqa=hq != self.num_kv_heads)
+        k_cache.narrow(2, past, 1).copy_(qk[:, hq:])
+        v_cache.narrow(2, past, 1).copy_(v)
+        out = F.scaled_dot_product_attention(qk[:, :hq], k_cache.narrow(2, 0, past + 1), v_cache.narrow(2, 0, past + 1),
+                                             attn_mask=attn_mask, enable_gqa=hq != self.num_kv_heads)
         return F.linear(out.reshape(b, -1), self.o_proj.weight, self.o_proj.bias)
 
 

@@ -3,11 +3,15 @@
     left_pad(rows, pad)          rows of any lengths -> (values [B, W], mask Bool[B, W]), each row right-aligned
     left_pad_positions(mask)     position ids that count real tokens only (as Hugging Face does)
     sample_logits(logits, ...)   [B, K] -> Long[B]: greedy at temperature 0, else temperature / top-k / top-p sampling
+    sample_uniforms(...)         the U[0, 1) draws sample_logits consumes, drawn ahead (one per row and step)
+    compiled(fn, **options)      torch.compile(fn, **options), built once per function and options
 
 Left padding puts the last prompt token of every row in the last column, so a batch decodes in lock step.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -30,9 +34,30 @@ def left_pad_positions(mask: Tensor) -> Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+@functools.cache
+def compiled(fn, **options):
+    """`torch.compile(fn, **options)`, one per plain function and options (`fn` takes its module as an argument, so
+    the compiled code reads the weights of whichever module it is given: dynamo guards on the module's structure,
+    and recompiles for another)."""
+    return torch.compile(fn, **options)
+
+
+def sample_uniforms(rows: int, steps: int, temperature: float, generator: torch.Generator | None = None,
+                    device=None) -> Tensor | None:
+    """float[rows, steps] of U[0, 1) for `steps` calls of `sample_logits` (None at temperature 0: greedy draws nothing).
+    Drawn ahead so a decoding loop holds no generator and captures as one graph (`torch.compile`)."""
+    if temperature <= 0:
+        return None
+    return torch.rand(rows, steps, generator=generator, device=device)
+
+
 def sample_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                  generator: torch.Generator | None = None) -> Tensor:
-    """[B, K] -> Long[B]; temperature 0 is argmax (deterministic)."""
+                  generator: torch.Generator | None = None, uniform: Tensor | None = None) -> Tensor:
+    """[B, K] -> Long[B]; temperature 0 is argmax (deterministic).
+
+    A draw is the inverse of the cumulative distribution at one uniform per row (`uniform` float[B] in [0, 1), else
+    drawn from `generator`): the same distribution as `torch.multinomial`, which draws K exponentials per row (over 10x
+    the time of the rest of sampling at a 4,096-code vocabulary, `bench/profile_ops.py head`)."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float()
@@ -48,5 +73,10 @@ def sample_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = 
         drop = probs.cumsum(-1) - probs > top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if uniform is None:
+        uniform = torch.rand(logits.shape[0], generator=generator, device=logits.device)
+    cdf = logits.softmax(-1).cumsum(-1)
+    # the first token whose cumulative mass passes u * total: a token of zero mass never is (its cdf equals the one
+    # before it); the clamp covers u * total rounding onto the last value
+    pick = torch.searchsorted(cdf, (uniform.reshape(-1, 1) * cdf[:, -1:]).contiguous(), right=True)
+    return pick.squeeze(-1).clamp(max=logits.shape[-1] - 1)

@@ -20,7 +20,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 from synergen_lightning.models.blocks import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU, is_plain
 from synergen_lightning.models.chunked_ce import ChunkedLinear
 from synergen_lightning.models.config import LLMConfig
-from synergen_lightning.models.decoding import left_pad_positions, sample_logits
+from synergen_lightning.models.decoding import compiled, left_pad_positions, sample_logits
 
 
 @dataclass
@@ -106,14 +106,15 @@ class DecoderBlock(nn.Module):
             mods += (f, f.gate_proj, f.up_proj, f.down_proj)
         return all(is_plain(m, _BLOCK_PARTS) for m in mods)
 
-    def decode_token(self, x: Tensor, cos: Tensor, sin_signed: Tensor, attn_mask: Tensor | None, kv_cache: KVCache,
-                     layer_idx: int, image: bool) -> Tensor:
+    def decode_token(self, x: Tensor, cos: Tensor, sin_signed: Tensor, attn_mask: Tensor | None, k_cache: Tensor,
+                     v_cache: Tensor, past: int, image: bool) -> Tensor:
         """`forward` of one cached token per row ([B, D] rows), no grad: the same arithmetic with no module calls (each
         is Python work that the weights streamed by every step evict from the CPU caches) and no routing; `image`:
-        every row takes the vision FFN. `sin_signed`: `RotaryEmbedding.table(signed=True)`."""
+        every row takes the vision FFN. `sin_signed`: `RotaryEmbedding.table(signed=True)`; the cache storage and
+        `past` as `Attention.decode_token` takes them."""
         n1, n2 = self.input_norm, self.post_attn_norm
         h = F.rms_norm(x, n1.normalized_shape, n1.weight, n1.eps)
-        x = x + self.attn.decode_token(h, cos, sin_signed, attn_mask, kv_cache, layer_idx)
+        x = x + self.attn.decode_token(h, cos, sin_signed, attn_mask, k_cache, v_cache, past)
         ffn = self.vision_ffn if image and self.vision_ffn is not None else self.text_ffn
         return x + ffn.decode_token(F.rms_norm(x, n2.normalized_shape, n2.weight, n2.eps))
 
@@ -208,19 +209,22 @@ class DecoderStack(nn.Module):
 
         x = inputs_embeds
         if decode:
-            return self._decode_layers(x, cos, sin, attn_mask, kv_cache, routing.all_image)[:, None]
+            return self._decode(x, cos, sin, attn_mask, kv_cache, routing.all_image)[:, None]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, attn_mask, is_causal, routing, kv_cache, i)
         if kv_cache is not None:
             kv_cache.end_step()
         return self.norm(x)
 
-    def decode_step(self, x: Tensor, kv_cache: KVCache, image: bool = False, position_ids: Tensor | None = None) -> Tensor:
+    def decode_step(self, x: Tensor, kv_cache: KVCache, image: bool = False, position_ids: Tensor | None = None,
+                    compile: bool = False) -> Tensor:
         """One new token per row through `kv_cache`: x [B, 1, D] -> final-normed hidden states [B, D]. `image`: every
         row is an image token (vision FFN), else text; position_ids Long[B, 1], default the cache length.
 
         Equal to `forward(x, image_mask, position_ids, kv_cache=kv_cache)[:, -1]`; without grad and hooks it runs the
-        blocks' `decode_token` and skips forward's checks and routing (the Python work of every decoded token)."""
+        blocks' `decode_token` and skips forward's checks and routing (the Python work of every decoded token).
+        `compile`: those layers as one `torch.compile`d graph (dynamic in the cache length: one graph for every
+        step), built on the first call; the module path (grad, hooks, FSDP) stays eager."""
         if not (is_plain(self, _STACKS) and self._decodes(kv_cache)):
             mask = torch.full(x.shape[:2], image, dtype=torch.bool, device=x.device) if self.vision_experts else None
             return self(x, image_mask=mask, position_ids=position_ids, kv_cache=kv_cache)[:, -1]
@@ -228,7 +232,7 @@ class DecoderStack(nn.Module):
         cos, sin = self._rope(x.shape[0], 1, past, position_ids, True, x.dtype, x.device, signed=True)
         key_mask = kv_cache.begin_step(1, None, False)
         attn_mask = None if key_mask is None else self._attn_mask(x.shape[0], 1, past, key_mask, x.device)[0]
-        return self._decode_layers(x, cos, sin, attn_mask, kv_cache, image and self.vision_experts)
+        return self._decode(x, cos, sin, attn_mask, kv_cache, image and self.vision_experts, compile)
 
     def _rope(self, b: int, t: int, past: int, position_ids: Tensor | None, cached: bool, dtype: torch.dtype, device,
               signed: bool) -> tuple[Tensor, Tensor]:
@@ -250,13 +254,24 @@ class DecoderStack(nn.Module):
             kv_cache.plain = all(layer.plain() for layer in self.layers) and is_plain(self.norm, (RMSNorm,))
         return kv_cache.plain
 
-    def _decode_layers(self, x: Tensor, cos: Tensor, sin_signed: Tensor, attn_mask: Tensor | None, kv_cache: KVCache,
-                       image: bool) -> Tensor:
-        """[B, 1, D] -> [B, D]: every block's `decode_token` on [B, D] rows, the step closed, the final norm."""
-        x = x.reshape(x.shape[0], -1)
-        for i, layer in enumerate(self.layers):
-            x = layer.decode_token(x, cos, sin_signed, attn_mask, kv_cache, i, image)
+    def _decode(self, x: Tensor, cos: Tensor, sin_signed: Tensor, attn_mask: Tensor | None, kv_cache: KVCache,
+                image: bool, compile: bool = False) -> Tensor:
+        """[B, 1, D] -> [B, D]: room made in the cache, `_decode_layers` (compiled or not), the step closed."""
+        c, rows = self.config, x.reshape(x.shape[0], -1)
+        dev = rows.device.type  # under autocast the keys come out of the projections in the autocast dtype
+        like = rows.to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else rows
+        k_caches, v_caches = kv_cache.reserve(1, like, c.num_kv_heads, c.head_dim)
+        run = compiled(DecoderStack._decode_layers, dynamic=True) if compile else DecoderStack._decode_layers
+        out = run(self, rows, cos, sin_signed, attn_mask, k_caches, v_caches, kv_cache.seq_len, image)
         kv_cache.end_step()
+        return out
+
+    def _decode_layers(self, x: Tensor, cos: Tensor, sin_signed: Tensor, attn_mask: Tensor | None,
+                       k_caches: list[Tensor], v_caches: list[Tensor], past: int, image: bool) -> Tensor:
+        """[B, D] rows -> [B, D]: every block's `decode_token` on the cache storage, then the final norm. Tensors and
+        ints only (no cache object): the function `torch.compile` captures."""
+        for i, layer in enumerate(self.layers):
+            x = layer.decode_token(x, cos, sin_signed, attn_mask, k_caches[i], v_caches[i], past, image)
         return F.rms_norm(x, self.norm.normalized_shape, self.norm.weight, self.norm.eps)
 
     @staticmethod

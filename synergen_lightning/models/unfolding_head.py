@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from synergen_lightning.models.blocks import KVCache, is_plain
 from synergen_lightning.models.chunked_ce import ChunkedLinear
 from synergen_lightning.models.config import LLMConfig
-from synergen_lightning.models.decoding import sample_logits
+from synergen_lightning.models.decoding import compiled, sample_logits, sample_uniforms
 from synergen_lightning.models.mmoe import DecoderStack
 
 
@@ -82,17 +82,36 @@ class UnfoldingHead(nn.Module):
 
     @torch.no_grad()
     def generate(self, h: Tensor, cfg_scale: float | None = None, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, generator: torch.Generator | None = None, use_cache: bool = True) -> Tensor:
+                 top_p: float | None = None, generator: torch.Generator | None = None, use_cache: bool = True,
+                 compile: bool = False) -> Tensor:
         """h [P, cond_dim] -> codes Long[P, L].
 
         With `cfg_scale`, h holds the conditional rows then the unconditional rows ([2P, cond_dim]):
         both streams run as one batch, logits are guided `l_u + s (l_c - l_u)`, and the sampled code is
         fed to both. `use_cache=False` recomputes the whole prefix each step (the reference for tests).
+        `compile`: the L cached steps as one `torch.compile`d graph (fixed shapes: built once per batch size and
+        sampling settings, then reused; a CUDA graph on a GPU), the uniforms of every step drawn from `generator`
+        beforehand either way.
         """
         rows = h.shape[0]
-        p = rows // 2 if cfg_scale is not None else rows
         if cfg_scale is not None and rows % 2:
             raise ValueError(f"CFG needs conditional and unconditional rows stacked ([2P, D]), got {rows} rows")
+        p = rows // 2 if cfg_scale is not None else rows
+        uniforms = sample_uniforms(p, self.seq_len, temperature, generator, h.device)
+        if not (use_cache and compile):
+            return self._decode(h, uniforms, cfg_scale, temperature, top_k, top_p, use_cache)
+        self.stack.rotary.table(0, self.seq_len, h.dtype, signed=True)  # the RoPE table exists before capture
+        # fixed shapes: on a GPU the graph is also replayed as a CUDA graph, whose outputs the next replay overwrites
+        mode = "reduce-overhead" if h.is_cuda else None
+        codes = compiled(UnfoldingHead._decode, fullgraph=True, dynamic=False, mode=mode)(
+            self, h, uniforms, cfg_scale, temperature, top_k, top_p)
+        return codes.clone() if h.is_cuda else codes
+
+    def _decode(self, h: Tensor, uniforms: Tensor | None, cfg_scale: float | None, temperature: float,
+                top_k: int | None, top_p: float | None, use_cache: bool = True) -> Tensor:
+        """`generate` after its checks, with the step uniforms drawn ([P, L] or None when greedy): no generator and
+        no host sync, so one graph."""
+        p = h.shape[0] // 2 if cfg_scale is not None else h.shape[0]
         cache = self.stack.new_kv_cache(capacity=self.seq_len) if use_cache else None  # static: written in place
         x = c = self.cond_proj(h)[:, None]
         out: list[Tensor] = []
@@ -110,7 +129,7 @@ class UnfoldingHead(nn.Module):
             if cfg_scale is not None:
                 cond, uncond = logits[:p], logits[p:]
                 logits = uncond + cfg_scale * (cond - uncond)
-            code = sample_logits(logits, temperature, top_k, top_p, generator)
+            code = sample_logits(logits, temperature, top_k, top_p, uniform=None if uniforms is None else uniforms[:, j])
             out.append(code)
             if j + 1 < self.seq_len:
                 fed = code.repeat(2) if cfg_scale is not None else code
