@@ -1,7 +1,8 @@
 """Op-level profiles (docs/benchmarks.md; torch.profiler, one thread): where the time goes.
 
     .venv/bin/python bench/profile_ops.py mfu     # MFU step: width 512, 8 layers, 1,024 tokens
-    .venv/bin/python bench/profile_ops.py head    # UnfoldingHead.generate: CPU per code, aten calls per code
+    .venv/bin/python bench/profile_ops.py head    # UnfoldingHead.generate: CPU per code, aten calls, and compiled
+    .venv/bin/python bench/profile_ops.py sample  # drawing one code of 4,096: torch.multinomial vs sample_logits
     .venv/bin/python bench/profile_ops.py llm     # the LLM's KV-cached decode step in generate_codes (CFG: 2 rows)
     .venv/bin/python bench/profile_ops.py hf      # ours vs ours-without-vision-experts vs transformers Qwen2 (CPU time)
 """
@@ -64,6 +65,36 @@ def profile_head() -> None:
             model.head.generate(h, generator=g)
     print(f"aten calls per code: {sum(e.count for e in p.key_averages() if e.key.startswith('aten::')) / steps:.0f}")
     top(p, per=steps)
+    t0 = time.perf_counter()
+    first = model.head.generate(h, generator=torch.Generator().manual_seed(1), compile=True)
+    built = time.perf_counter() - t0
+    same = torch.equal(first, model.head.generate(h, generator=torch.Generator().manual_seed(1)))
+    c0 = time.process_time()
+    for _ in range(n):
+        model.head.generate(h, generator=g, compile=True)
+    print(f"compiled (generate(compile=True)): {(time.process_time() - c0) / steps * 1e3:.2f} ms CPU per code; graph "
+          f"built in {built:.1f} s (first call); the eager path's codes: {same}")
+
+
+def profile_sampling(rows=(1, 16), vocab: int = 4096, n: int = 2000) -> None:
+    """One draw per row among `vocab` codes: torch.multinomial over the softmax (an exponential per code) vs
+    `sample_logits` (the inverse CDF at one uniform), interleaved, CPU time per call."""
+    from synergen_lightning.models.decoding import sample_logits
+
+    g = torch.Generator().manual_seed(0)
+    for b in rows:
+        logits = torch.randn(b, vocab, generator=g)
+        fns = {"multinomial": lambda x=logits: torch.multinomial(x.softmax(-1), 1, generator=g),
+               "sample_logits": lambda x=logits: sample_logits(x, 1.0, generator=g)}
+        spent = dict.fromkeys(fns, 0.0)
+        for _ in range(3):
+            for name, fn in fns.items():
+                c0 = time.process_time()
+                for _ in range(n):
+                    fn()
+                spent[name] += time.process_time() - c0
+        print(f"batch {b:2d}: " + ", ".join(f"{k} {v / (3 * n) * 1e6:.1f} us" for k, v in spent.items()) +
+              f" per draw of {vocab} codes ({spent['multinomial'] / spent['sample_logits']:.1f}x)")
 
 
 def profile_llm_decode() -> None:
@@ -133,11 +164,12 @@ def ours_vs_hf(repeats: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["mfu", "head", "llm", "hf"])
+    p.add_argument("what", choices=["mfu", "head", "llm", "hf", "sample"])
     p.add_argument("--repeats", type=int, default=15, help="hf: interleaved repeats")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    {"mfu": profile_mfu, "head": profile_head, "llm": profile_llm_decode, "hf": lambda: ours_vs_hf(a.repeats)}[a.what]()
+    {"mfu": profile_mfu, "head": profile_head, "llm": profile_llm_decode, "hf": lambda: ours_vs_hf(a.repeats),
+     "sample": profile_sampling}[a.what]()
 
 
 if __name__ == "__main__":

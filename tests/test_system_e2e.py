@@ -1,5 +1,6 @@
 """End to end on a miniature shape world: stage1 -> stage2 -> sft through the shipped tiny recipes (a few
-steps each, chained checkpoints), then `synergen generate`, `synergen answer` and `synergen demo report`."""
+steps each, chained checkpoints), then `synergen generate` (eager and `--compile`), `synergen answer` and `synergen
+demo report`."""
 
 import json
 from pathlib import Path
@@ -32,6 +33,11 @@ def test_tiny_stage_chain_generate_answer_report(tmp_path, monkeypatch):
     assert synergen(["generate", "--ckpt", "runs/tiny/sft/last.ckpt", "--prompt", "a red circle", "--num", "2",
                      "--out", "gen", "--device", "cpu"]) == 0
     assert sorted(p.name for p in Path("gen").iterdir()) == ["000_00.png", "000_01.png"]
+    # compiled decoding: the same seed draws the same images
+    assert synergen(["generate", "--ckpt", "runs/tiny/sft/last.ckpt", "--prompt", "a red circle", "--num", "2",
+                     "--out", "gen_compiled", "--device", "cpu", "--compile"]) == 0
+    for name in ("000_00.png", "000_01.png"):
+        assert (Path("gen") / name).read_bytes() == (Path("gen_compiled") / name).read_bytes(), name
     assert synergen(["answer", "--ckpt", "runs/tiny/sft/last.ckpt", "--image", "gen/000_00.png", "--question",
                      "How many shapes are there?", "--device", "cpu"]) == 0
     assert synergen(["demo", "report", "--ckpt", "runs/tiny/sft/last.ckpt", "--base-llm", "runs/tiny/base_llm/last.ckpt",

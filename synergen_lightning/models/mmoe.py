@@ -259,7 +259,7 @@ class DecoderStack(nn.Module):
         """[B, 1, D] -> [B, D]: room made in the cache, `_decode_layers` (compiled or not), the step closed."""
         c, rows = self.config, x.reshape(x.shape[0], -1)
         dev = rows.device.type  # under autocast the keys come out of the projections in the autocast dtype
-        like = rows.to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else rows
+        like = rows[:, :0].to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else rows
         k_caches, v_caches = kv_cache.reserve(1, like, c.num_kv_heads, c.head_dim)
         run = compiled(DecoderStack._decode_layers, dynamic=True) if compile else DecoderStack._decode_layers
         out = run(self, rows, cos, sin_signed, attn_mask, k_caches, v_caches, kv_cache.seq_len, image)
