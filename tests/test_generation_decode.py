@@ -208,3 +208,18 @@ def test_compiled_decoding_draws_the_eager_codes():
                 kv_cache=cache)
             outs[c] = torch.stack([llm.decode_step(x, cache, image=True, compile=c) for x in steps])
     torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-5)
+
+
+def test_decoding_under_bf16_autocast_draws_the_module_paths_codes():
+    """GPU generation runs under autocast: the fast path's cache (one dtype, `reserve`) and the module path's (keys and
+    values each in the dtype they come out in) give the same sampled codes, CFG over left-padded prompts."""
+    model = _perturbed(tiny_model(codebook_size=64))
+    prompts = [[SPECIAL["bos"], 11, 12, SPECIAL["boi"]], [SPECIAL["bos"], 20, 21, 22, 23, SPECIAL["boi"]]]
+    uncond = [SPECIAL["bos"], SPECIAL["uncond"], SPECIAL["boi"]]
+    codes = {}
+    for path in ("fast", "module"):
+        hooked = (model.llm, model.head.stack, model.head.classifier, model.head.code_embed)
+        with torch.autocast("cpu", dtype=torch.bfloat16), \
+                (contextlib.nullcontext() if path == "fast" else module_path(*hooked)):
+            codes[path] = generate_codes(model, prompts, uncond, 2.0, generator=torch.Generator().manual_seed(0))
+    assert len(codes["fast"].unique()) > 4 and torch.equal(codes["fast"], codes["module"])

@@ -258,9 +258,9 @@ class DecoderStack(nn.Module):
                 image: bool, compile: bool = False) -> Tensor:
         """[B, 1, D] -> [B, D]: room made in the cache, `_decode_layers` (compiled or not), the step closed."""
         c, rows = self.config, x.reshape(x.shape[0], -1)
-        dev = rows.device.type  # under autocast the keys come out of the projections in the autocast dtype
-        like = rows[:, :0].to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else rows
-        k_caches, v_caches = kv_cache.reserve(1, like, c.num_kv_heads, c.head_dim)
+        # storage in the stream's dtype: under autocast the rotated keys come out in it (RoPE's tables are), and
+        # attention casts keys and values to the autocast dtype as the module path's mixed-dtype cache does
+        k_caches, v_caches = kv_cache.reserve(1, rows, c.num_kv_heads, c.head_dim)
         run = compiled(DecoderStack._decode_layers, dynamic=True) if compile else DecoderStack._decode_layers
         out = run(self, rows, cos, sin_signed, attn_mask, k_caches, v_caches, kv_cache.seq_len, image)
         kv_cache.end_step()
