@@ -20,6 +20,9 @@ or CLI code; `synergen generate` / `synergen answer` are in inference_cli.py.
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import torch
 from PIL import Image
 from torch import Tensor
@@ -28,6 +31,13 @@ from synergen_lightning.data.sequences import generation_prompt_ids
 from synergen_lightning.data.views import dynamic_tiles, to_uint8_tensor
 from synergen_lightning.models.decoding import left_pad, left_pad_positions, sample_logits
 from synergen_lightning.models.folding import unfold_codes
+
+
+def _check_compiler(device: torch.device) -> None:
+    """`torch.compile` builds C++ kernels on the CPU: say so before its build fails deep inside."""
+    if device.type == "cpu" and not (os.environ.get("CXX") or any(map(shutil.which, ("g++", "c++", "clang++")))):
+        raise RuntimeError("compiled decoding on the CPU needs a C++ compiler (torch.compile builds C++ kernels) and none "
+                           "was found (g++, c++, clang++ or $CXX): install one, or decode without --compile / compile=True")
 
 
 def _check_context(model, prompt_len: int, extra: int, what: str) -> None:
@@ -50,6 +60,8 @@ def generate_codes(model, prompt_ids: list[list[int]], uncond_ids: list[int] | N
     ops, which bounds one-image decoding, goes (RESULTS.md, decoding against its FLOP bound).
     """
     device = model.device
+    if compile:
+        _check_compiler(device)
     use_cfg = cfg_scale is not None and uncond_ids is not None
     rows = list(prompt_ids) + ([list(uncond_ids)] * len(prompt_ids) if use_cfg else [])
     P, R = model.tokens_per_view, len(prompt_ids)

@@ -2,6 +2,7 @@
 one-token `decode_token` path (same bits and the same sampled codes as the module path)."""
 import contextlib
 
+import pytest
 import torch
 
 from synergen_lightning.inference import generate_codes
@@ -223,3 +224,14 @@ def test_decoding_under_bf16_autocast_draws_the_module_paths_codes():
                 (contextlib.nullcontext() if path == "fast" else module_path(*hooked)):
             codes[path] = generate_codes(model, prompts, uncond, 2.0, generator=torch.Generator().manual_seed(0))
     assert len(codes["fast"].unique()) > 4 and torch.equal(codes["fast"], codes["module"])
+
+
+def test_compiled_decoding_without_a_cpp_compiler_says_what_to_do(monkeypatch):
+    import synergen_lightning.inference as inference
+
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(inference.shutil, "which", lambda name: None)
+    model = tiny_model()
+    with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler.*without --compile"):
+        generate_codes(model, [[SPECIAL["bos"], 11, SPECIAL["boi"]]], compile=True)
+    assert generate_codes(model, [[SPECIAL["bos"], 11, SPECIAL["boi"]]], None, None).shape == (1, 4, 4)  # eager runs
