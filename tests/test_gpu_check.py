@@ -29,6 +29,10 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, capsys):
     assert result["tiny_stage1"]["eager"]["steps"] == 3 and "skipped" in result["tiny_stage1"]["compiled"]
     assert result["reduced_2b_step"]["plan_bytes"] > 0 and result["reduced_2b_step"]["mfu"] > 0
     assert set(result["generation"]) >= {"images_1", "images_16"}
+    row = result["generation"]["images_1"]  # compiled decoding runs on the CPU too, and draws the eager codes here
+    assert row["speedup_compiled"] > 0 and "folded_compiled_error" not in row, row
+    assert row["folded_compiled_first_differing_code"] is None, row
+    assert "compiled" in gpu_check.summary(result)
     assert result["dcp_roundtrip"]["identical"]
     assert result["flash_attention"]["flash_accepted"] == gpu_check.FLASH_NOT_MEASURED
 
