@@ -171,7 +171,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data_"))
+    if args.workdir is None:  # a temp dir of our own, removed when the run ends
+        with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
+            return run(args, Path(tmp))
+    return run(args, Path(args.workdir))
+
+
+def run(args, work: Path) -> int:
     per_shard = 64
     n_shards = max(1, args.samples // per_shard)
     print(f"writing {n_shards * per_shard} samples per set to {work} ...", flush=True)
