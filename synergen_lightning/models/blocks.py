@@ -99,15 +99,19 @@ class KVCache:
     def __len__(self) -> int:
         return self.seq_len
 
+    def _room(self, buf: Tensor | None, like: Tensor, shape: list[int], kept: int, need: int, dim: int) -> Tensor:
+        """`buf` if it holds `need` entries along `dim`, else new storage of `shape` (that dim resized) in `like`'s
+        dtype and device, sized max(need, twice the old, capacity or 16), the first `kept` entries of `buf` copied."""
+        if buf is not None and buf.shape[dim] >= need:
+            return buf
+        shape[dim] = max(need, 2 * (buf.shape[dim] if buf is not None else 0), self.capacity or 16)
+        grown = like.new_empty(shape)
+        if buf is not None and kept:
+            grown.narrow(dim, 0, kept).copy_(buf.narrow(dim, 0, kept))
+        return grown
+
     def _grow(self, buf: Tensor | None, new: Tensor, start: int, dim: int) -> Tensor:
-        need = start + new.shape[dim]
-        if buf is None or buf.shape[dim] < need:
-            shape = list(new.shape)
-            shape[dim] = max(need, 2 * (buf.shape[dim] if buf is not None else 0), self.capacity or 16)
-            grown = new.new_empty(shape)
-            if buf is not None and start:
-                grown.narrow(dim, 0, start).copy_(buf.narrow(dim, 0, start))
-            buf = grown
+        buf = self._room(buf, new, list(new.shape), start, start + new.shape[dim], dim)
         buf.narrow(dim, start, new.shape[dim]).copy_(new)
         return buf
 
@@ -133,15 +137,11 @@ class KVCache:
         """Room for `new_tokens` more tokens in every layer; returns the per-layer key and value storage
         [B, kv_heads, capacity, head_dim] (`like`: a tensor of the batch's rows, device and dtype). A one-token decode
         step (`Attention.decode_token`) then writes in place and allocates nothing, so it can run as a compiled graph."""
-        need, kept = self.seq_len + new_tokens, self.seq_len
+        need = self.seq_len + new_tokens
         for bufs in (self._k, self._v):
             for i, buf in enumerate(bufs):
-                if buf is None or buf.shape[2] < need:
-                    size = max(need, 2 * (buf.shape[2] if buf is not None else 0), self.capacity or 16)
-                    grown = like.new_empty(like.shape[0], kv_heads, size, head_dim)
-                    if buf is not None and kept:
-                        grown.narrow(2, 0, kept).copy_(buf.narrow(2, 0, kept))
-                    bufs[i] = grown
+                if buf is None or buf.shape[2] < need:  # else room already: nothing to do on the step's hot path
+                    bufs[i] = self._room(buf, like, [like.shape[0], kv_heads, 0, head_dim], self.seq_len, need, dim=2)
         return self._k, self._v
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
