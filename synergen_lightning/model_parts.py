@@ -87,24 +87,32 @@ def resolve_model_parts(init_args: dict) -> dict:
       (e.g. InternLM2's 92,544 + `<boi>` `<eoi>` `<UNCOND>`);
     - `codebook_size` and `downsample`: from `image_tokenizer`.
     A missing part names the argument that would give it."""
-    args = dict(init_args)
+    return resolve_model_parts_and_tokenizers(init_args)[0]
+
+
+def resolve_model_parts_and_tokenizers(init_args: dict) -> tuple[dict, dict]:
+    """`resolve_model_parts`, and the tokenizers it loaded on the way ({"text_tokenizer": ..., "image_tokenizer": ...},
+    those it read): `SynerGenVL.from_paths` hands them to the model, which would otherwise load them again."""
+    args, loaded = dict(init_args), {}
     base_llm, text_tokenizer = args.get("base_llm"), args.get("text_tokenizer")
+    base_file = base_llm is not None and Path(base_llm).is_file()
+    base_ckpt = _read_llm_checkpoint(Path(base_llm)) if base_file else None  # read once: shape and tokenizer name
     if args.get("llm") is None:
         if base_llm is None:
             raise ValueError("SynerGenVL needs `llm` (LLMConfig fields) or `base_llm` (a checkpoint or HF dir)")
-        args["llm"] = asdict(read_base_llm_config(base_llm))
+        args["llm"] = asdict(base_ckpt[0] if base_ckpt is not None else read_base_llm_config(base_llm))
     if args.get("special_token_ids") is None:
-        if text_tokenizer is None and base_llm is not None and Path(base_llm).is_file():
-            text_tokenizer = args["text_tokenizer"] = _read_llm_checkpoint(Path(base_llm))[3]
+        if text_tokenizer is None and base_ckpt is not None:
+            text_tokenizer = args["text_tokenizer"] = base_ckpt[3]
         if text_tokenizer is None:
             raise ValueError("SynerGenVL needs `text_tokenizer` (a TextTokenizer directory) or `special_token_ids`")
-        tok = load_text_tokenizer(text_tokenizer)
+        tok = loaded["text_tokenizer"] = load_text_tokenizer(text_tokenizer)
         args["special_token_ids"] = {name: int(getattr(tok, f"{name}_id")) for name in SPECIAL_TOKEN_NAMES}
         if tok.vocab_size > int(args["llm"]["vocab_size"]):
             args["llm"] = {**args["llm"], "vocab_size": tok.vocab_size}
     if args.get("image_tokenizer") is not None and args.get("codebook_size") is None:
-        itok = load_image_tokenizer(args["image_tokenizer"])
+        itok = loaded["image_tokenizer"] = load_image_tokenizer(args["image_tokenizer"])
         args["codebook_size"], args["downsample"] = int(itok.codebook_size), int(itok.downsample)
     if args.get("codebook_size") is None:
         raise ValueError("SynerGenVL needs `codebook_size` or an `image_tokenizer` to read it from")
-    return args
+    return args, loaded

@@ -49,7 +49,12 @@ from synergen_lightning.distributed import (
 )
 from synergen_lightning.image_tokenizer import load_image_tokenizer
 from synergen_lightning.inference import answer, generate_images
-from synergen_lightning.model_parts import base_llm_rows, load_base_llm, load_text_tokenizer, resolve_model_parts
+from synergen_lightning.model_parts import (
+    base_llm_rows,
+    load_base_llm,
+    load_text_tokenizer,
+    resolve_model_parts_and_tokenizers,
+)
 from synergen_lightning.models.config import HeadConfigDict, LLMConfig, LLMConfigDict
 from synergen_lightning.models.folding import TokenFolder, check_fold, codebook_patches, fold_codes
 from synergen_lightning.models.mmoe import MMoETransformer, Routing
@@ -223,8 +228,15 @@ class SynerGenVL(LightningModule):
     @classmethod
     def from_paths(cls, **init_args) -> "SynerGenVL":
         """The model a recipe's init args describe: what `base_llm`, `text_tokenizer` and `image_tokenizer` hold is
-        read first (`model_parts.resolve_model_parts`), then the constructor builds from it."""
-        return cls(**resolve_model_parts(init_args))
+        read first (`model_parts.resolve_model_parts`), then the constructor builds from it; the tokenizers read on
+        the way are kept (not loaded a second time)."""
+        args, loaded = resolve_model_parts_and_tokenizers(init_args)
+        model = cls(**args)
+        if "text_tokenizer" in loaded:
+            model.set_text_tokenizer(loaded["text_tokenizer"])
+        if "image_tokenizer" in loaded:
+            model.set_image_tokenizer(loaded["image_tokenizer"])
+        return model
 
     # ------------------------------------------------------------------ structure
     @property
