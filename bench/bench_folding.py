@@ -212,6 +212,7 @@ def unfolded_generate(llm: MMoETransformer, prompt_ids: list[int], n_codes: int,
         out.append(code)
         x = llm.embed_tokens((code + TEXT_VOCAB)[:, None])  # sampled ids: no range check, as the folded head's embedding
         if hasattr(llm, "decode_step"):  # the decode path generate_codes takes; older revisions (ab_decode.py): forward
+            # `compile` passed only when set: revisions before it have decode_step without that argument
             h = llm.decode_step(x, cache, image=True, **({"compile": True} if compile else {}))
         else:
             h = llm(x, image_mask=is_image, kv_cache=cache)[:, -1]
