@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     import bench_folding as bf
     from synergen_lightning.inference import generate_codes as gen_new
     from synergen_lightning.models.decoding import left_pad, left_pad_positions
+    from synergen_lightning.state_keys import flat_key
 
     c = dict(bf.FULL, grid=a.grid)
     torch.manual_seed(0)
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     old = OldVL(llm=vars(bf.llm_config(c)), special_token_ids=bf.SPECIAL, codebook_size=c["codebook_size"],
                 image_size=a.grid * 8, downsample=8, fold=tuple(c["fold"]), code_dim=c["hidden_size"],
                 head=bf.head_config(c), stage="full").eval()
-    old.load_state_dict(new.state_dict())
+    theirs = set(old.state_dict())  # a revision whose system holds the pure modules directly: the flat key layout
+    old.load_state_dict({k if k in theirs else flat_key(k): v for k, v in new.state_dict().items()})
     d, g = c["hidden_size"], torch.Generator().manual_seed(0)
     prompt, uncond = bf.prompt(c, g), [bf.SPECIAL["bos"], bf.SPECIAL["uncond"], bf.SPECIAL["boi"]]
     h1, h2 = torch.randn(1, d), torch.randn(2, d)
@@ -101,19 +103,21 @@ def main(argv: list[str] | None = None) -> dict:
     def llm_steps(model, steps=32):
         ids, mask = left_pad([prompt, uncond], bf.SPECIAL["pad"])
         pos = left_pad_positions(mask)
-        cache = model.llm.new_kv_cache()
-        model.llm(model.embed_text(ids), image_mask=torch.zeros_like(mask), position_ids=pos, attention_mask=mask,
-                  kv_cache=cache)
+        trunk = bf.pure(model.llm)
+        cache = trunk.new_kv_cache()
+        trunk(model.embed_text(ids), image_mask=torch.zeros_like(mask), position_ids=pos, attention_mask=mask,
+              kv_cache=cache)
         x, col, nxt = torch.randn(2, 1, d), torch.ones(2, 1, dtype=torch.bool), pos[:, -1:] + 1
         kw = {} if model is new else {"attention_mask": col}  # as each revision's generate_codes calls it
         for _ in range(steps):
-            model.llm(x, image_mask=col, position_ids=nxt, kv_cache=cache, **kw)
+            trunk(x, image_mask=col, position_ids=nxt, kv_cache=cache, **kw)
             nxt = nxt + 1
 
-    L = new.head.seq_len
+    L = new.head.model.seq_len
     tasks = {
-        "head_ms_per_code": (lambda m: [m.head.generate(h1, generator=g) for _ in range(8)], 1e3 / (8 * L)),
-        "head_cfg_ms_per_code": (lambda m: [m.head.generate(h2, cfg_scale=7.5, generator=g) for _ in range(8)], 1e3 / (8 * L)),
+        "head_ms_per_code": (lambda m: [bf.pure(m.head).generate(h1, generator=g) for _ in range(8)], 1e3 / (8 * L)),
+        "head_cfg_ms_per_code": (lambda m: [bf.pure(m.head).generate(h2, cfg_scale=7.5, generator=g) for _ in range(8)],
+                                 1e3 / (8 * L)),
         "llm_cfg_ms_per_step": (llm_steps, 1e3 / 32),
         "generate_image_s": (lambda m: gen[id(m)](m, [prompt], None, None, generator=g), 1.0),
         "generate_image_cfg_s": (lambda m: gen[id(m)](m, [prompt], uncond, 7.5, generator=g), 1.0),

@@ -128,6 +128,12 @@ def build_folded(c: dict, divisor: int = 1) -> SynerGenVL:
     return model
 
 
+def pure(component):
+    """The pure module of a system component (`model.llm` / `model.head`); the module itself where a revision's
+    system holds it directly (`ab_decode.py --rev`)."""
+    return getattr(component, "model", component)
+
+
 def build_unfolded(c: dict) -> MMoETransformer:
     cfg = llm_config(c)
     cfg.vocab_size = TEXT_VOCAB + c["codebook_size"]  # code k is token TEXT_VOCAB + k
@@ -237,10 +243,10 @@ def bench_train(c: dict, repeats: int, warmup: int) -> dict:
                           "flops_ratio": analytic_flops(c, div)["train"]["ratio"],
                           "flops_ratio_paper_2b": analytic_flops(PAPER_2B, div)["train"]["ratio"],
                           "head_share_of_folded_flops": analytic_flops(c, div)["head_share_of_folded_train"],
-                          "head_params": sum(p.numel() for p in model.head.parameters())}
+                          "head_params": sum(p.numel() for p in model.head.model.parameters())}
               for div, model in narrow_models.items()}
     return {"timed": timed, "speedup": r, "target": TARGETS["train_speedup"], "met": r["median"] >= TARGETS["train_speedup"],
-            "narrow_head": narrow, "head_params": sum(p.numel() for p in folded.head.parameters()),
+            "narrow_head": narrow, "head_params": sum(p.numel() for p in folded.head.model.parameters()),
             "flops_per_image": flops["train"], "flops_ratio_paper_2b": analytic_flops(PAPER_2B)["train"]["ratio"],
             "head_share_of_folded_flops": flops["head_share_of_folded_train"],
             "llm_tokens_per_image": {"folded": folded.tokens_per_view, "unfolded": c["grid"] ** 2},

@@ -130,9 +130,9 @@ def system_flops(model, c: dict, images: int, prompt_len: int) -> float:
 
     p = model.tokens_per_view
     t = prompt_len + 2 + p + 1
-    llm = train_flops(model.llm.config, images, t, logits_rows=images)
-    head_cfg = model.head.config
-    head = train_flops(Cfg(**{**vars(head_cfg), "head_dim": head_cfg.head_dim}), images * p, model.head.seq_len)
+    llm = train_flops(model.llm.model.config, images, t, logits_rows=images)
+    head_cfg = model.head.model.config
+    head = train_flops(Cfg(**{**vars(head_cfg), "head_dim": head_cfg.head_dim}), images * p, model.head.model.seq_len)
     folder = 6 * sum(m.weight.numel() for m in model.folder.mlp if isinstance(m, torch.nn.Linear)) * images * p
     return llm + head + folder
 

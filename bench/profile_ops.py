@@ -52,26 +52,26 @@ def profile_head() -> None:
     import bench_folding as bf
 
     model = bf.build_folded(dict(bf.FULL)).eval()
-    h, g, n = torch.randn(1, model.llm.config.hidden_size), torch.Generator().manual_seed(0), 16
-    model.head.generate(h, generator=g)
+    h, g, n = torch.randn(1, model.llm.model.config.hidden_size), torch.Generator().manual_seed(0), 16
+    model.head.model.generate(h, generator=g)
     c0 = time.process_time()
     for _ in range(n):
-        model.head.generate(h, generator=g)
-    steps = n * model.head.seq_len
+        model.head.model.generate(h, generator=g)
+    steps = n * model.head.model.seq_len
     print(f"head decode: {(time.process_time() - c0) / steps * 1e3:.2f} ms CPU per code "
-          f"({model.head.config.num_layers} blocks, width {model.head.config.hidden_size})")
+          f"({model.head.model.config.num_layers} blocks, width {model.head.model.config.hidden_size})")
     with profile(activities=[ProfilerActivity.CPU]) as p:
         for _ in range(n):
-            model.head.generate(h, generator=g)
+            model.head.model.generate(h, generator=g)
     print(f"aten calls per code: {sum(e.count for e in p.key_averages() if e.key.startswith('aten::')) / steps:.0f}")
     top(p, per=steps)
     t0 = time.perf_counter()
-    first = model.head.generate(h, generator=torch.Generator().manual_seed(1), compile=True)
+    first = model.head.model.generate(h, generator=torch.Generator().manual_seed(1), compile=True)
     built = time.perf_counter() - t0
-    same = torch.equal(first, model.head.generate(h, generator=torch.Generator().manual_seed(1)))
+    same = torch.equal(first, model.head.model.generate(h, generator=torch.Generator().manual_seed(1)))
     c0 = time.process_time()
     for _ in range(n):
-        model.head.generate(h, generator=g, compile=True)
+        model.head.model.generate(h, generator=g, compile=True)
     print(f"compiled (generate(compile=True)): {(time.process_time() - c0) / steps * 1e3:.2f} ms CPU per code; graph "
           f"built in {built:.1f} s (first call); the eager path's codes: {same}")
 
@@ -108,24 +108,25 @@ def profile_llm_decode() -> None:
     g = torch.Generator().manual_seed(0)
     ids, mask = left_pad([bf.prompt(c, g), [0, 5, 3]], 2)
     pos = left_pad_positions(mask)
-    d, steps = model.llm.config.hidden_size, 64
+    d, steps = model.llm.model.config.hidden_size, 64
     x, col = torch.randn(2, 1, d), torch.ones(2, 1, dtype=torch.bool)
 
     @torch.no_grad()
     def run():
-        cache = model.llm.new_kv_cache(capacity=ids.shape[1] + steps)
-        model.llm(model.embed_text(ids), image_mask=torch.zeros_like(mask), position_ids=pos, attention_mask=mask,
-                  kv_cache=cache)
+        trunk = model.llm.model
+        cache = trunk.new_kv_cache(capacity=ids.shape[1] + steps)
+        trunk(model.embed_text(ids), image_mask=torch.zeros_like(mask), position_ids=pos, attention_mask=mask,
+              kv_cache=cache)
         nxt = pos[:, -1:] + 1
         for _ in range(steps):
-            model.llm(x, image_mask=col, position_ids=nxt, kv_cache=cache)
+            trunk(x, image_mask=col, position_ids=nxt, kv_cache=cache)
             nxt = nxt + 1
 
     run()
     c0 = time.process_time()
     run()
     print(f"LLM decode: {(time.process_time() - c0) / steps * 1e3:.2f} ms CPU per step incl. prefill share "
-          f"({model.llm.config.num_layers} MMoE blocks, width {d}, 2 rows)")
+          f"({model.llm.model.config.num_layers} MMoE blocks, width {d}, 2 rows)")
     with profile(activities=[ProfilerActivity.CPU]) as p:
         run()
     print(f"aten calls per step: {sum(e.count for e in p.key_averages() if e.key.startswith('aten::')) / steps:.0f}")

@@ -41,14 +41,14 @@ def _stack_flops_per_token(stack, seq_len: int, skip=(), attention: bool = True)
 
 def flops_per_token(model, seq_len: int) -> float:
     """Training FLOPs per LLM token of a SynerGenVL (trunk with one expert, causal attention, LM head)."""
-    llm = model.llm
+    llm = model.llm.model
     return _stack_flops_per_token(llm, seq_len, skip=("vision_ffn.",)) + 6.0 * llm.lm_head.weight.numel()
 
 
 def batch_flops(model, batch: dict, training: bool = True, attention: bool = True) -> float:
     """FLOPs of one training step (or forward only, `training=False`) of `SynerGenVL.forward_losses` on `batch`
     (`attention=False`: the weight matmuls alone, what a FLOP counter sees where SDPA is not counted)."""
-    llm, ids = model.llm, batch["input_ids"]
+    llm, ids = model.llm.model, batch["input_ids"]
     mask = batch.get("attention_mask")
     tokens = int(mask.sum()) if mask is not None else ids.numel()
     span = ids.shape[1]
@@ -63,7 +63,7 @@ def batch_flops(model, batch: dict, training: bool = True, attention: bool = Tru
     flops += 6.0 * _params(model.folder.mlp) * image_slots
     loss_mask = batch.get("image_loss_mask")
     if loss_mask is not None and image_slots:
-        head = model.head
+        head = model.head.model
         patches = int(loss_mask.sum()) * model.tokens_per_view
         codes = head.seq_len
         per_patch = (6.0 * _params(head.cond_proj) + codes * _stack_flops_per_token(head.stack, codes, attention=attention)

@@ -253,8 +253,9 @@ def evaluate_checkpoint(ckpt: str | Path, suites: tuple[str, ...], settings: Eva
     torch.manual_seed(settings.seed)
     model = load_synergen(ckpt)
     data = Path(settings.data)
-    out: dict = {"head_width": model.head.config.hidden_size, "head_depth": model.head.config.num_layers,
-                 "head_params": sum(p.numel() for p in model.head.parameters())}
+    head = model.head.model
+    out: dict = {"head_width": head.config.hidden_size, "head_depth": head.config.num_layers,
+                 "head_params": sum(p.numel() for p in head.parameters())}
     if "und" in suites:
         items = load_eval_items(str(data / "val" / "shard-*.tar"), settings.und_per_kind)
         res = understanding_suite(model, items, max_tiles=max_tiles, thumbnail=thumbnail, batch_size=32)
@@ -313,7 +314,7 @@ def weight_drift(ckpt: str | Path) -> dict[str, float]:
     for g in ("self_attention", "text_backbone"):
         num = den = 0.0
         for name, p in groups[g]:
-            ref = base.get(name.removeprefix("llm."))
+            ref = base.get(name.removeprefix("llm.model."))
             if ref is None or ref.shape != p.shape:
                 continue
             num += float(torch.sum((p.detach() - ref.detach()) ** 2))

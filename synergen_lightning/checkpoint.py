@@ -24,6 +24,7 @@ import torch
 
 from synergen_lightning.distributed import check_compatible, is_sharded_checkpoint, load_sharded_state_dict
 from synergen_lightning.safe_load import UntrustedCheckpointError, read_sharded_metadata, torch_load
+from synergen_lightning.state_keys import current_keys
 
 EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_INFO = "model.safetensors", "config.json", "export.json"
 
@@ -65,23 +66,24 @@ def read_checkpoint_meta(path: str | Path) -> dict:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The full model weights of any checkpoint, on CPU (tied LM-head weights restored for exports)."""
+    """The full model weights of any checkpoint, on CPU, in the component key layout (`state_keys`; tied LM-head
+    weights restored for exports)."""
     p = Path(path)
     kind = checkpoint_kind(p)
     if kind == "sharded":
-        return load_sharded_state_dict(p)
+        return current_keys(load_sharded_state_dict(p))
     if kind == "export":
         from safetensors.torch import load_file
 
-        state = load_file(str(p / EXPORT_WEIGHTS))
+        state = current_keys(load_file(str(p / EXPORT_WEIGHTS)))
         llm = (read_checkpoint_meta(p)["hyper_parameters"] or {}).get("llm") or {}
-        if llm.get("tie_word_embeddings") and "llm.lm_head.weight" not in state:
-            state["llm.lm_head.weight"] = state["llm.embed_tokens.weight"]  # safetensors keeps one copy
+        if llm.get("tie_word_embeddings") and "llm.model.lm_head.weight" not in state:
+            state["llm.model.lm_head.weight"] = state["llm.model.embed_tokens.weight"]  # safetensors keeps one copy
         return state
     ckpt = _load_file(p)
     if not isinstance(ckpt.get("state_dict"), dict):
         raise ValueError(f"{str(p)!r} has no state_dict: not a Lightning checkpoint; pass a run's last.ckpt")
-    return ckpt["state_dict"]
+    return current_keys(ckpt["state_dict"])
 
 
 def _load_file(p: Path) -> dict:
@@ -104,6 +106,14 @@ def constructor_kwargs(cls: type, hparams: dict) -> dict:
     named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
     any_kw = any(p.kind == p.VAR_KEYWORD for p in params)
     return {k: v for k, v in hparams.items() if not str(k).startswith("_") and (any_kw or k in named)}
+
+
+def save_own_hyperparameters(module, own_args: dict) -> None:
+    """`module.save_hyperparameters()` for exactly `own_args` (its constructor's arguments, from `locals()` at the top
+    of `__init__`): Lightning's frame inspection would also collect the arguments of an enclosing LightningModule's
+    constructor, and those would overwrite a component's own (the system's `lr` in place of the trunk's)."""
+    module.save_hyperparameters(dict(own_args))
+    module._hparams_name = "kwargs"  # loaded back as keyword arguments, as `save_hyperparameters()` saves them
 
 
 def model_hparams(path: str | Path, cls: type) -> dict:

@@ -42,6 +42,7 @@ from torch import nn
 
 from synergen_lightning.hf_import import RowSource
 from synergen_lightning.safe_load import read_sharded_metadata, torch_load
+from synergen_lightning.state_keys import current_keys, flat_key, is_flat
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -180,11 +181,22 @@ def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
+def trunk_of(model: nn.Module) -> nn.Module:
+    """The pure MMoE trunk of a SynerGenVL (inside its `llm` component)."""
+    return model.llm.model
+
+
+def head_of(model: nn.Module) -> nn.Module | None:
+    """The pure unfolding head of a SynerGenVL (inside its `head` component), if it has one."""
+    head = getattr(model, "head", None)
+    return None if head is None else head.model
+
+
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of a SynerGenVL: LLM layers, then the unfolding head's layers."""
-    blocks = list(model.llm.layers)
-    if getattr(model, "head", None) is not None:
-        blocks += list(model.head.stack.layers)
+    blocks = list(trunk_of(model).layers)
+    if head_of(model) is not None:
+        blocks += list(head_of(model).stack.layers)
     return blocks
 
 
@@ -274,8 +286,8 @@ def parallelize(
 
     Units: every LLM decoder block and every head block (one all-gather each, freed after use),
     the text embedding (with the LM head when tied), the LM head, the folder, the special-token
-    table, the head's embeddings, the LLM trunk (its final norm) and the model root (the rest).
-    `head.generate` and `folder.fold_patch` gather like forwards, so sampling runs on a sharded model
+    table, the pure head (`head.model`: its embeddings and classifier), the pure trunk (`llm.model`: its final norm)
+    and the model root (the rest). `UnfoldingHead.generate` and `folder.fold_patch` gather like forwards, so sampling runs on a sharded model
     (every rank calls it: the gathers are collectives). Frozen parameters may sit inside
     any unit (FSDP2 shards them and never reduces a gradient for them). Call after `requires_grad`
     is set for the stage and the weights are loaded (Lightning: `setup` before `configure_model`).
@@ -284,8 +296,9 @@ def parallelize(
 
     if is_sharded(model):
         raise RuntimeError(f"{type(model).__name__} is already sharded: parallelize() runs once per model")
-    if not hasattr(model, "llm") or not hasattr(model.llm, "layers"):
-        raise TypeError(f"parallelize() expects a SynerGenVL-like model (llm.layers, head.stack.layers), got {type(model).__name__}")
+    if not hasattr(getattr(getattr(model, "llm", None), "model", None), "layers"):
+        raise TypeError(f"parallelize() expects a SynerGenVL-like model (llm.model.layers, head.model.stack.layers), "
+                        f"got {type(model).__name__}")
     group = mesh.get_group() if mesh is not None and mesh.ndim == 1 else None  # HSDP (2-D): every rank
     if check_states:
         check_same_weights(model, group)
@@ -302,7 +315,7 @@ def parallelize(
     for block in blocks:
         shard(block, reshard_after_forward=reshard_after_forward)
         units += 1
-    llm = model.llm
+    llm, head = trunk_of(model), head_of(model)
     if llm.config.tie_word_embeddings:  # one weight, one unit
         shard([llm.embed_tokens, llm.lm_head], reshard_after_forward=reshard_after_forward)
         units += 1
@@ -314,10 +327,10 @@ def parallelize(
         if getattr(model, name, None) is not None:
             shard(getattr(model, name), reshard_after_forward=reshard_after_forward)
             units += 1
-    if getattr(model, "head", None) is not None:
-        shard(model.head, reshard_after_forward=reshard_after_forward)
+    if head is not None:
+        shard(head, reshard_after_forward=reshard_after_forward)
         units += 1
-    # the LLM trunk as a unit of its own (its final norm): generation and answering call `model.llm(...)` without
+    # the LLM trunk as a unit of its own (its final norm): generation and answering call `model.llm.model(...)` without
     # entering the root, so nothing they use may be left to the root
     shard(llm, reshard_after_forward=reshard_after_forward)
     units += 1
@@ -325,7 +338,7 @@ def parallelize(
     units += 1
     # methods other than forward that read a unit's own parameters directly (pos_embed, code_embed, mlp,
     # cond_proj, classifier): FSDP gathers around them as around a forward (sample grids, evaluation, generation)
-    for module, method in ((getattr(model, "head", None), "generate"), (getattr(model, "folder", None), "fold_patch")):
+    for module, method in ((head, "generate"), (getattr(model, "folder", None), "fold_patch")):
         if module is not None and hasattr(module, method):
             register_fsdp_forward_method(module, method)
     n_params = sum(p.numel() for p in model.parameters())
@@ -411,7 +424,12 @@ class FSDP2Strategy(ModelParallelStrategy):
             meta = torch_load(path / "meta.pt")
             # checks .metadata and every non-tensor entry (the optimizer's param groups) as plain data before
             # Lightning's DCP load reads them with plain pickle
-            check_compatible(sharded_checkpoint_shapes(path), module, str(path))
+            shapes = sharded_checkpoint_shapes(path)
+            if is_flat(shapes):
+                raise ValueError(f"{str(path)!r} keeps the trunk and head weights in the flat key layout "
+                                 "(synergen_lightning/state_keys.py), which an FSDP2 resume cannot read with its "
+                                 f"optimizer state: start a new run from its weights with model.init_from: {path}")
+            check_compatible(shapes, module, str(path))
             history = meta.get("synergen_stage_history")
             if history and hasattr(module, "stage_history") and [list(x) for x in module.stage_history] != history:
                 module.stage_history = [(int(s), str(n)) for s, n in history]
@@ -427,7 +445,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         module = self.lightning_module
         if is_sharded(module) and hasattr(module, "_get_fsdp_state"):
             # settle FSDP's root now (weights materialized): callbacks and evaluation may call a submodule
-            # (model.llm.forward_ids, sampling) before any step enters the root, and FSDP2 would make the first
+            # (the trunk's forward_ids, sampling) before any step enters the root, and FSDP2 would make the first
             # unit called a root and then refuse the real one ("requires running forward through the root
             # module first"). FSDP2 has no public call for this (torch 2.14): its lazy init is idempotent.
             module._get_fsdp_state()._lazy_init()
@@ -542,7 +560,10 @@ def load_sharded_into(model: nn.Module, path: str | Path) -> None:
 
     state = model.state_dict()  # the sharded parameters (DTensors) and buffers themselves: loaded in place
     reader = checked_reader(path)
-    check_compatible(_shapes(reader.read_metadata()), model, str(path))
+    shapes = _shapes(reader.read_metadata())
+    check_compatible(current_keys(shapes), model, str(path))
+    if is_flat(shapes):  # DCP reads by key: ask for the keys the checkpoint was saved under
+        state = {flat_key(k): v for k, v in state.items()}
     dcp.load({"state_dict": state}, storage_reader=reader)
 
 
@@ -569,7 +590,7 @@ def load_base_into_sharded(model: nn.Module, sources: dict[str, RowSource]) -> N
     tensors by key, `hf_import.hf_row_sources` or a memory-mapped .ckpt). The vision FFNs copy the text FFNs' shards;
     embedding and LM-head rows past the base vocabulary start at the mean of the base rows (one object all-gather of
     each rank's partial sums); the special-token table copies its rows of the embedding. Every rank calls it."""
-    llm = model.llm
+    llm = trunk_of(model)
     vocab, base_vocab = llm.config.vocab_size, sources["embed_tokens.weight"].shape[0]
     if base_vocab > vocab:
         raise ValueError(f"base LLM vocab {base_vocab} != the model's {vocab}: "

@@ -56,8 +56,8 @@ def export(ckpt: str | Path, out: str | Path, dtype: str | None = None) -> Path:
     check_compatible(state, model, str(ckpt))
     dt = to_dtype(dtype)
     tensors = {k: (v.to(dt) if dt is not None and v.is_floating_point() else v).contiguous() for k, v in state.items()}
-    if model.llm.config.tie_word_embeddings:  # safetensors refuses shared storage: keep one copy
-        tensors.pop("llm.lm_head.weight", None)
+    if model.llm.model.config.tie_word_embeddings:  # safetensors refuses shared storage: keep one copy
+        tensors.pop("llm.model.lm_head.weight", None)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / EXPORT_WEIGHTS), metadata={"format": "pt", "source": str(ckpt)})
     (out / EXPORT_CONFIG).write_text(json.dumps(_jsonable(hp), indent=2))

@@ -41,7 +41,7 @@ def _check_compiler(device: torch.device) -> None:
 
 
 def _check_context(model, prompt_len: int, extra: int, what: str) -> None:
-    limit = model.hparams.get("max_context") or model.llm.config.max_position_embeddings
+    limit = model.hparams.get("max_context") or model.llm.model.config.max_position_embeddings
     if prompt_len + extra > limit:
         raise ValueError(f"{what}: prompt of {prompt_len} tokens + {extra} to generate = {prompt_len + extra} exceeds the "
                          f"context of {limit} tokens; shorten the prompt (or raise model.max_context if RoPE allows)")
@@ -70,7 +70,7 @@ def generate_codes(model, prompt_ids: list[list[int]], uncond_ids: list[int] | N
     eoi_id = int(model.hparams.special_token_ids["eoi"])
     ids, mask = left_pad(rows, pad_id, device=device)
     pos = left_pad_positions(mask)
-    llm, head, folder = model.llm, model.head, model.folder
+    llm, head, folder = model.llm.model, model.head.model, model.folder
     n = ids.shape[0]
     true_col = torch.ones(n, 1, dtype=torch.bool, device=device)
     cache = llm.new_kv_cache(capacity=ids.shape[1] + P + 1) if use_cache else None  # static: written in place
@@ -184,7 +184,7 @@ def decode_rows(model, rows: list[tuple[list[int], list[bool]]], codes: Tensor, 
     tok, device = model.text_tokenizer, model.device
     _check_context(model, max(len(r[0]) for r in rows), max_new_tokens, "answer")
     ids, mask, pos, image_mask = _batch_inputs(model, rows)
-    llm = model.llm
+    llm = model.llm.model
     cache = llm.new_kv_cache()
     embeds = model.embed_inputs(ids, image_mask, codes)
     hidden = llm(embeds, image_mask=image_mask, position_ids=pos, attention_mask=mask, kv_cache=cache)
@@ -227,10 +227,10 @@ def score_continuations(model, rows: list[tuple[list[int], list[bool]]], continu
     if codes is None:
         codes = torch.zeros(0, *model.grid, dtype=torch.long, device=model.device)
     embeds = model.embed_inputs(ids, image_mask, codes)
-    hidden = model.llm(embeds, image_mask=image_mask, position_ids=pos, attention_mask=mask)
+    hidden = model.llm.model(embeds, image_mask=image_mask, position_ids=pos, attention_mask=mask)
     longest = max(map(len, continuations))
     # left padding: every row ends at the last column, so a continuation's tokens are predicted by its last columns
-    logp = model.llm.logits(hidden[:, ids.shape[1] - longest:]).float().log_softmax(-1)
+    logp = model.llm.model.logits(hidden[:, ids.shape[1] - longest:]).float().log_softmax(-1)
     out = []
     for r, cont in enumerate(continuations):
         lp = logp[r, longest - len(cont):]

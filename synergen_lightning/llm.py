@@ -1,5 +1,7 @@
-"""`MMoELLM`: the MMoE trunk as a LightningModule, for text-only training (the tiny base LLM) and as
-the container of an imported Hugging Face LLM. Also `evaluate_text_skill`, the held-out text-skill
+"""`MMoELLM`: the MMoE trunk as a LightningModule. On its own it trains text only (the tiny base LLM) and holds an
+imported Hugging Face LLM; inside `SynerGenVL` it is the `llm` component: the system calls its pure
+`MMoETransformer` (`.model`), takes its parameter groups (`parameter_groups`: vision FFNs, self-attention, the
+rest) for the stage table and logs its validation metric (`val_loss`). Also `evaluate_text_skill`, the held-out text-skill
 check other stages reuse to show they keep the base LLM's text ability, and `synergen import-hf`
 (`import_hf_main`: a local Hugging Face directory -> an MMoELLM checkpoint, through `hf_import`)."""
 
@@ -12,14 +14,16 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
+from synergen_lightning.checkpoint import save_own_hyperparameters
 from synergen_lightning.hf_import import load_hf
 from synergen_lightning.io import iter_jsonl
 from synergen_lightning.models.config import LLMConfig, LLMConfigDict
 from synergen_lightning.models.decoding import left_pad
 from synergen_lightning.models.mmoe import MMoETransformer
-from synergen_lightning.stages import StageSchedule, decay_split
+from synergen_lightning.stages import PARAMETER_GROUPS, StageSchedule, decay_split
 from synergen_lightning.text_tokenizer import TextTokenizer, load_or_train
 
 # name substrings the base LLM's AdamW never decays, beside every 1-D parameter
@@ -75,12 +79,25 @@ class MMoELLM(L.LightningModule):
             skill_eval_jsonl: {"prompt","answer"} lines scored by greedy decoding at each validation.
             skill_eval_max: at most this many of them.
         """
+        own_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         cfg = dict(TINY_CONFIG, **(config or {}))
         self._tokenizer: TextTokenizer | None = None
         self.model = MMoETransformer(LLMConfig(**cfg), vision_experts=vision_experts)
-        self.save_hyperparameters()
+        save_own_hyperparameters(self, own_args)
         self.hparams["config"] = asdict(self.model.config)  # the resolved config, so checkpoints rebuild it
+        # token-weighted mean of the next-token loss over a validation epoch (the system logs it as val/loss_text)
+        self.val_loss = MeanMetric()
+
+    def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
+        """The trunk's parameters in the stage table's groups (names relative to this module): the vision FFNs,
+        the self-attention, and everything else (embeddings, text FFNs, norms, LM head) as the text backbone."""
+        groups: dict[str, list] = {"vision_ffn": [], "self_attention": [], "text_backbone": []}
+        for name, p in self.named_parameters():
+            g = "vision_ffn" if ".vision_ffn." in name else "self_attention" if ".attn." in name else "text_backbone"
+            groups[g].append((name, p))
+        assert set(groups) <= set(PARAMETER_GROUPS)
+        return groups
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -137,6 +154,12 @@ class MMoELLM(L.LightningModule):
                       attention_mask=batch.get("attention_mask"))
         return lm_loss(logits, batch.get("labels", batch["input_ids"]))
 
+    @staticmethod
+    def supervised_tokens(batch: dict) -> int:
+        """How many next-token targets `lm_loss` averages over in `batch`."""
+        labels = batch.get("labels", batch["input_ids"])
+        return int((labels[:, 1:] != -100).sum())
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
@@ -144,7 +167,8 @@ class MMoELLM(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.log("val/loss", self._loss(batch), prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        self.val_loss.update(self._loss(batch), weight=self.supervised_tokens(batch))
+        self.log("val/loss", self.val_loss, prog_bar=True, on_step=False, on_epoch=True)
 
     def on_validation_epoch_end(self) -> None:
         if self.hparams.skill_eval_jsonl and self.tokenizer is not None and not self.trainer.sanity_checking:

@@ -280,9 +280,10 @@ def scaled_spec(spec: ModelSpec, head_dim: int) -> ModelSpec:
 def saved_bytes(model, batch: dict, compute: str = "fp32") -> dict:
     """Bytes autograd saves for the backward in one forward of `model` on `batch`, by region (REGIONS), each
     storage counted once and parameters not at all; and the element size of the residual stream."""
-    region_of: dict[int, str] = {id(b): "llm_layer" for b in model.llm.layers}
-    region_of.update({id(b): "head_layer" for b in model.head.stack.layers})
-    region_of.update({id(model.head): "head", id(model.folder): "folder", id(model.llm.lm_head): "text_loss"})
+    trunk, head = model.llm.model, model.head.model
+    region_of: dict[int, str] = {id(b): "llm_layer" for b in trunk.layers}
+    region_of.update({id(b): "head_layer" for b in head.stack.layers})
+    region_of.update({id(head): "head", id(model.folder): "folder", id(trunk.lm_head): "text_loss"})
     stack: list[str] = ["other"]
     stream: dict[str, int] = {}
 
@@ -373,16 +374,17 @@ def fsdp_units(model) -> list[tuple[str, int, int]]:
         taken.update(id(p) for p in ps)
         units.append((name, sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)))
 
-    for i, b in enumerate(model.llm.layers):
-        unit(f"llm.layers.{i}", [b])
-    for i, b in enumerate(model.head.stack.layers):
-        unit(f"head.stack.layers.{i}", [b])
-    unit("llm.embed_tokens", [model.llm.embed_tokens])
-    unit("llm.lm_head", [model.llm.lm_head])
+    trunk, head = model.llm.model, model.head.model
+    for i, b in enumerate(trunk.layers):
+        unit(f"llm.model.layers.{i}", [b])
+    for i, b in enumerate(head.stack.layers):
+        unit(f"head.model.stack.layers.{i}", [b])
+    unit("llm.model.embed_tokens", [trunk.embed_tokens])
+    unit("llm.model.lm_head", [trunk.lm_head])
     unit("folder", [model.folder])
     unit("special_embed", [model.special_embed])
-    unit("head", [model.head])
-    unit("llm", [model.llm])
+    unit("head.model", [head])
+    unit("llm.model", [trunk])
     unit("root", [model])
     return units
 
@@ -430,7 +432,7 @@ def estimate(spec: ModelSpec, shape: StepShape, *, shard: int = 1, param_dtype: 
     # computing it (the head's or the LM head's) and the next block; in the backward a block and the one before it.
     by_name = {name: n for name, n, _ in units}
     blocks_nt = [(n, t) for name, n, t in units if ".layers." in name]
-    gathered = {"loss": (max(by_name["head"], by_name["llm.lm_head"]) + max(n for n, _ in blocks_nt)) * gather_b,
+    gathered = {"loss": (max(by_name["head.model"], by_name["llm.model.lm_head"]) + max(n for n, _ in blocks_nt)) * gather_b,
                 "backward": max(2 * n * gather_b + t * (gather_b + rdt.itemsize) for n, t in blocks_nt) if gather_b else 0}
     # two candidate peaks: the loss (every activation alive, one cross-entropy chunk in flight, few gradients yet) and
     # the backward (activations, all of the gradients, the recomputed block), each with the units gathered then

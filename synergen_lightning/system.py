@@ -1,4 +1,17 @@
-"""`SynerGenVL`: the frozen image tokenizer + the MMoE LLM + the TokenFolder + the UnfoldingHead.
+"""`SynerGenVL`: the frozen image tokenizer + the MMoE LLM + the TokenFolder + the unfolding head.
+
+The system holds three component LightningModules, each fit/validate-able on its own and each owning its parameter
+groups and its validation metric, with the pure-torch modules inside them:
+
+    llm              MMoELLM (llm.py)               .model: MMoETransformer     groups vision_ffn, self_attention,
+                                                                                text_backbone; metric val_loss
+    head             UnfoldingHeadModule (head.py)  .model: UnfoldingHead       group unfolding_head; metric val_loss
+    image_tokenizer  the frozen tokenizer: a VQTokenizer LightningModule (image_tokenizer/vq_tokenizer.py) or an
+                     HF adapter; loaded from its own path on first use, never a submodule (not trained, not
+                     checkpointed with the system)
+
+and owns what joins them: the `folder` (TokenFolder, group image_embed_fold) and the special-token table
+(group special_token_embeddings). The stage table (stages.py) freezes and unfreezes by those groups.
 
 One `training_step` serves mixed generation / understanding / text batches (the batch contract of
 docs/architecture.md):
@@ -35,7 +48,6 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import grad_norm, rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from synergen_lightning.checkpoint import load_checkpoint_model, read_checkpoint_meta, read_state_dict
 from synergen_lightning.data.batch import add_indices
@@ -47,8 +59,10 @@ from synergen_lightning.distributed import (
     parallelize,
     total_grad_norm,
 )
+from synergen_lightning.head import UnfoldingHeadModule
 from synergen_lightning.image_tokenizer import load_image_tokenizer
 from synergen_lightning.inference import answer, generate_images
+from synergen_lightning.llm import MMoELLM
 from synergen_lightning.model_parts import (
     base_llm_rows,
     load_base_llm,
@@ -58,7 +72,6 @@ from synergen_lightning.model_parts import (
 from synergen_lightning.models.config import HeadConfigDict, LLMConfig, LLMConfigDict
 from synergen_lightning.models.folding import TokenFolder, check_fold, codebook_patches, fold_codes
 from synergen_lightning.models.mmoe import MMoETransformer, Routing
-from synergen_lightning.models.unfolding_head import UnfoldingHead
 from synergen_lightning.nonfinite import NonFiniteGuard
 from synergen_lightning.stages import (
     PARAMETER_GROUPS,
@@ -68,6 +81,7 @@ from synergen_lightning.stages import (
     optimizer_param_groups,
     validate_groups,
 )
+from synergen_lightning.state_keys import current_keys
 
 SPECIAL_TOKENS = ("boi", "eoi", "uncond")  # their input rows train from stage 1 (group special_token_embeddings)
 
@@ -198,7 +212,7 @@ class SynerGenVL(LightningModule):
         self.hparams.update({"text_tokenizer": text_tokenizer, "llm": asdict(config), "special_token_ids": dict(special_token_ids),
                              "codebook_size": codebook_size, "downsample": downsample, "fold": list(fold)})
 
-        self.llm = MMoETransformer(config, vision_experts=True)
+        self.llm = MMoELLM(config=asdict(config), vision_experts=True)
         self.folder = TokenFolder(codebook_size, grid, fold, config.hidden_size, code_dim=code_dim,
                                   output_rms=fold_output_rms, output_rms_learnable=fold_output_rms_learnable,
                                   reconstruct=fold_reconstruction_weight > 0,
@@ -206,23 +220,18 @@ class SynerGenVL(LightningModule):
         hc = {"num_layers": 4, "hidden_size": config.hidden_size, "num_heads": config.num_heads,
               "num_kv_heads": config.num_kv_heads, "intermediate_size": config.intermediate_size}
         hc.update(head or {})
-        condition = hc.pop("condition", "first")
-        head_config = LLMConfig(vocab_size=codebook_size, rms_norm_eps=config.rms_norm_eps,
-                                rope_theta=config.rope_theta, **hc)
-        self.head = UnfoldingHead(codebook_size, fold[0] * fold[1], config.hidden_size, head_config, condition)
+        self.head = UnfoldingHeadModule(codebook_size, fold, cond_dim=config.hidden_size,
+                                        rms_norm_eps=config.rms_norm_eps, rope_theta=config.rope_theta, **hc)
         self.register_buffer("special_ids", torch.tensor([special_token_ids[s] for s in SPECIAL_TOKENS]),
                              persistent=False)
         self.special_embed = nn.Embedding(len(SPECIAL_TOKENS), config.hidden_size)
         with torch.no_grad():
-            if not self.llm.embed_tokens.weight.is_meta:
-                self.special_embed.weight.copy_(self.llm.embed_tokens.weight[self.special_ids])
+            if not self.llm.model.embed_tokens.weight.is_meta:
+                self.special_embed.weight.copy_(self.llm.model.embed_tokens.weight[self.special_ids])
         self.grid, self.fold_size = grid, fold
         self.stage = get_stage(stage)["name"]
         self.stage_history: list[tuple[int, str]] = [(0, self.stage)]  # (first step, stage): switches inside a run
         self._stage_applied = False
-        # validation losses as token-weighted means over the epoch: a val batch holds one task, and the other
-        # task's absent loss must not enter the mean as a 0
-        self.val_loss_text, self.val_loss_image = MeanMetric(), MeanMetric()
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
 
     @classmethod
@@ -249,24 +258,19 @@ class SynerGenVL(LightningModule):
         return bool(self.hparams.get("question_first", False))
 
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        """The model's own partition into the named groups of the stage table (every parameter exactly once)."""
+        """The partition into the named groups of the stage table (every parameter exactly once): the components'
+        own groups under their prefixes, and the system's folder and special-token table."""
         groups: dict[str, list] = {g: [] for g in PARAMETER_GROUPS}
-        for name, p in self.named_parameters():
-            if name.startswith("folder."):
-                g = "image_embed_fold"
-            elif name.startswith("head."):
-                g = "unfolding_head"
-            elif name.startswith("special_embed."):
-                g = "special_token_embeddings"
-            elif ".vision_ffn." in name:
-                g = "vision_ffn"
-            elif ".attn." in name:
-                g = "self_attention"
-            elif name.startswith("llm."):
-                g = "text_backbone"
-            else:
-                raise RuntimeError(f"parameter {name!r} belongs to no group: extend SynerGenVL.parameter_groups")
-            groups[g].append((name, p))
+        for prefix, component in (("llm.", self.llm), ("head.", self.head)):
+            for g, members in component.parameter_groups().items():
+                groups[g] += [(prefix + n, p) for n, p in members]
+        groups["image_embed_fold"] += [("folder." + n, p) for n, p in self.folder.named_parameters()]
+        groups["special_token_embeddings"] += [("special_embed." + n, p) for n, p in self.special_embed.named_parameters()]
+        placed = {n for members in groups.values() for n, _ in members}
+        stray = [n for n, _ in self.named_parameters() if n not in placed]
+        if stray or len(placed) != sum(len(m) for m in groups.values()):
+            raise RuntimeError(f"parameters {stray[:3]} belong to no group (or one to two): extend "
+                               "SynerGenVL.parameter_groups or the component's")
         return groups
 
     def param_counts(self) -> dict[str, int]:
@@ -318,7 +322,7 @@ class SynerGenVL(LightningModule):
     # ------------------------------------------------------------------ forward pieces
     def embed_text(self, input_ids: Tensor) -> Tensor:
         """Text embedding, with <boi>/<eoi>/<UNCOND> taken from `special_embed` (always runs, for FSDP)."""
-        x = self.llm.embed(input_ids)
+        x = self.llm.model.embed(input_ids)
         match = input_ids[..., None] == self.special_ids
         special = self.special_embed(match.long().argmax(-1)).to(x.dtype)
         return torch.where(match.any(-1, keepdim=True), special, x)
@@ -370,7 +374,7 @@ class SynerGenVL(LightningModule):
         slots = batch["image_idx"]
         folded, loss_fold = self.folder(codes, reconstruct=True) if self.folder.recon is not None else (None, None)
         embeds = self.embed_inputs(input_ids, image_mask, codes, slots, folded)
-        hidden = self.llm(embeds, image_mask=image_mask, position_ids=batch.get("position_ids"),
+        hidden = self.llm.model(embeds, image_mask=image_mask, position_ids=batch.get("position_ids"),
                           attention_mask=batch.get("attention_mask"),
                           routing=Routing.from_indices(batch["text_idx"], slots), right_padded=batch["right_padded"],
                           document_ids=batch.get("document_ids"))
@@ -381,7 +385,7 @@ class SynerGenVL(LightningModule):
         n_text = positions.numel()
         rows = positions // max(t - 1, 1)
         at = positions + rows  # position p of the [B, T-1] predictions is token p + row of the [B, T] sequence
-        token_losses = self.llm.token_losses(hidden.reshape(b * t, d).index_select(0, at),
+        token_losses = self.llm.model.token_losses(hidden.reshape(b * t, d).index_select(0, at),
                                              batch["labels"].reshape(-1).index_select(0, at + 1))
         loss_text = self.text_loss_mean(token_losses, batch.get("text_samples", rows), batch.get("task"))
         # image: the head unfolds the hidden state before each patch of every supervised view
@@ -559,12 +563,13 @@ class SynerGenVL(LightningModule):
     @torch.no_grad()
     def load_base_weights(self, base: MMoETransformer) -> None:
         """Copy a base LLM into the trunk; vision FFNs start as copies of the text FFNs; special rows re-copied."""
-        if base.config.vocab_size < self.llm.config.vocab_size:  # tokenizer added <boi> <eoi> <UNCOND>
-            base.resize_token_embeddings(self.llm.config.vocab_size)
-        if base.config.vocab_size != self.llm.config.vocab_size:
-            raise ValueError(f"base LLM vocab {base.config.vocab_size} != the model's {self.llm.config.vocab_size}: "
+        trunk = self.llm.model
+        if base.config.vocab_size < trunk.config.vocab_size:  # tokenizer added <boi> <eoi> <UNCOND>
+            base.resize_token_embeddings(trunk.config.vocab_size)
+        if base.config.vocab_size != trunk.config.vocab_size:
+            raise ValueError(f"base LLM vocab {base.config.vocab_size} != the model's {trunk.config.vocab_size}: "
                              "build the model from the base LLM's config (leave model.llm unset)")
-        mine = {k: tuple(v.shape) for k, v in self.llm.state_dict().items()}
+        mine = {k: tuple(v.shape) for k, v in trunk.state_dict().items()}
         bad = [k for k, v in base.state_dict().items() if k in mine and tuple(v.shape) != mine[k]]
         if bad:
             raise ValueError(f"base LLM shapes differ from model.llm at {bad[:3]}: make model.llm match the base "
@@ -572,9 +577,9 @@ class SynerGenVL(LightningModule):
         sd = base.state_dict()
         if not base.vision_experts:
             sd = {k: v for k, v in sd.items() if ".vision_ffn." not in k}
-        self.llm.load_state_dict(sd, strict=base.vision_experts)
-        self.llm.init_vision_experts_from_text()
-        self.special_embed.weight.copy_(self.llm.embed_tokens.weight[self.special_ids])
+        trunk.load_state_dict(sd, strict=base.vision_experts)
+        trunk.init_vision_experts_from_text()
+        self.special_embed.weight.copy_(trunk.embed_tokens.weight[self.special_ids])
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self(batch)
@@ -602,10 +607,12 @@ class SynerGenVL(LightningModule):
         out = self(batch)
         bs = batch["input_ids"].shape[0]
         self.log("val/loss", out["loss"], batch_size=bs, sync_dist=True)
-        self.val_loss_text.update(out["loss_text"].detach(), weight=out["text_tokens"])
-        self.val_loss_image.update(out["loss_image"].detach(), weight=out["image_codes"])
-        self.log("val/loss_text", self.val_loss_text, on_step=False, on_epoch=True)
-        self.log("val/loss_image", self.val_loss_image, on_step=False, on_epoch=True)
+        # the components' metrics, token- and code-weighted over the epoch: a val batch holds one task, and the other
+        # task's absent loss must not enter the mean as a 0
+        self.llm.val_loss.update(out["loss_text"].detach(), weight=out["text_tokens"])
+        self.head.val_loss.update(out["loss_image"].detach(), weight=out["image_codes"])
+        self.log("val/loss_text", self.llm.val_loss, on_step=False, on_epoch=True)
+        self.log("val/loss_image", self.head.val_loss, on_step=False, on_epoch=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         if is_sharded(self):  # DTensor gradients: Lightning's grad_norm cannot stack them
@@ -662,7 +669,10 @@ class SynerGenVL(LightningModule):
             checkpoint["synergen_max_steps"] = int(self.trainer.max_steps)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Resuming a run: restore the stage (and its switches) before the optimizer is rebuilt."""
+        """Resuming a run: restore the stage (and its switches) before the optimizer is rebuilt; a flat-layout
+        state dict (state_keys.py) is mapped to this model's keys before Lightning loads it."""
+        if isinstance(checkpoint.get("state_dict"), dict):
+            checkpoint["state_dict"] = current_keys(checkpoint["state_dict"])
         history = checkpoint.get("synergen_stage_history")
         if history:
             self.stage_history = [(int(s), str(n)) for s, n in history]

@@ -162,7 +162,7 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
                                    "steps": sorted({float(st["step"]) for st in opt.state.values() if "step" in st})}
             if scenario.get("record_logits"):  # the restored model's text logits, before any resumed step
                 with torch.no_grad():
-                    record["start_logits"] = pl_module.llm.forward_ids(LOGIT_IDS).detach().clone()
+                    record["start_logits"] = pl_module.llm.model.forward_ids(LOGIT_IDS).detach().clone()
             if scenario.get("record_optimizer"):  # full (unsharded) Adam state and lr per parameter name
                 record["start_opt"]["by_name"] = optimizer_state_by_name(pl_module, opt)
                 record["start_opt"]["scheduler"] = trainer.lr_scheduler_configs[0].scheduler.state_dict()
@@ -193,7 +193,7 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
     class UnfreezeBehindTheStrategy(Callback):  # what a hand-written callback might do mid-run
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == scenario.get("unfreeze_at"):
-                pl_module.llm.layers[0].attn.q_proj.weight.requires_grad_(True)
+                pl_module.llm.model.layers[0].attn.q_proj.weight.requires_grad_(True)
 
     # constant LR: a cosine schedule depends on max_steps, which a resumed run changes
     model = tiny_model(stage=scenario.get("stage", "stage1"), lr=scenario.get("lr", 3e-3), schedule="constant",

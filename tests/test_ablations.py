@@ -70,15 +70,15 @@ def test_head_arms_change_only_the_head_width_or_depth(arm, stage, tiny_base, tm
     cli = _stage_cli(st, tmp_path, init_from=tmp_path / "prev.ckpt" if st.init_from else None)
     tiny = lightning_cli(["--config", str(ROOT / st.recipe), "--trainer.logger=false"], run=False).model
     model = cli.model
-    llm_width = model.llm.config.hidden_size
+    llm_width = model.llm.model.config.hidden_size
     import yaml
 
     tiny_width = yaml.safe_load((ROOT / "recipes/tiny/base_llm.yaml").read_text())["model"]["init_args"]["config"]["hidden_size"]
     want = {"head_x1": llm_width, "head_x1_2": tiny_width // 2, "head_x1_4": tiny_width // 4,  # of the tiny LLM
             "head_x1_2_d4": tiny_width // 2}[arm]
-    assert model.head.config.hidden_size == want
-    depth = 4 if arm == "head_x1_2_d4" else tiny.head.config.num_layers
-    assert model.head.config.num_layers == depth and model.head.condition == tiny.head.condition
+    assert model.head.model.config.hidden_size == want
+    depth = 4 if arm == "head_x1_2_d4" else tiny.head.model.config.num_layers
+    assert model.head.model.config.num_layers == depth and model.head.model.condition == tiny.head.model.condition
     for key in ("fold", "lr", "schedule", "lr_scale", "image_size", "question_first"):
         assert model.hparams[key] == tiny.hparams[key], key
     stage_cb = [c for c in cli.trainer.callbacks if type(c).__name__ == "StageCallback"]

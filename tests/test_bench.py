@@ -75,7 +75,7 @@ def test_narrow_head_flops_count_the_built_head():
 
     c = dict(bench_folding.QUICK)
     model = bench_folding.build_folded(c, divisor=2)
-    assert model.head.config.hidden_size == 32 and model.head.config.head_dim == 32
+    assert model.head.model.config.hidden_size == 32 and model.head.model.config.head_dim == 32
     h, codes = torch.randn(16, 64), torch.randint(0, c["codebook_size"], (16, 16))
     with FlopCounterMode(display=False) as fc:
         model.head(h, codes)

@@ -60,7 +60,7 @@ def test_grid_layout_matches_a_manual_paste():
 
 def test_grid_logger_and_evaluator_write_tensorboard(tmp_path):
     model = _model()
-    base = copy.deepcopy(model.llm)  # the "base LLM" before training: retention starts at exactly 1
+    base = copy.deepcopy(model.llm.model)  # the "base LLM" before training: retention starts at exactly 1
     skill = _skill(tmp_path, base, model.text_tokenizer)
     base_acc = evaluate_text_skill(base, model.text_tokenizer, skill)
     assert base_acc == 0.75
@@ -126,14 +126,14 @@ def test_batch_flops_match_torch_flop_counter():
     assert weight_matmuls > 0
     # the chunked classifiers recompute their logits in the backward (models/chunked_ce.py): hardware work that
     # the model's FLOPs (the MFU convention, like activation checkpointing's recompute) leave out
-    recompute = 2 * out["text_tokens"] * model.llm.lm_head.in_features * model.llm.lm_head.out_features \
-        + 2 * out["image_codes"] * model.head.classifier.in_features * model.head.classifier.out_features
+    recompute = 2 * out["text_tokens"] * model.llm.model.lm_head.in_features * model.llm.model.lm_head.out_features \
+        + 2 * out["image_codes"] * model.head.model.classifier.in_features * model.head.model.classifier.out_features
     # weight matmuls (forward + both backward matmuls) against our count without attention
     assert batch_flops(model, batch, attention=False) == pytest.approx(weight_matmuls - recompute, rel=1e-6)
     T = batch["input_ids"].shape[1]
     assert batch_flops(model, batch) > batch_flops(model, batch, attention=False)
     assert batch_flops(model, batch, training=False) == pytest.approx(batch_flops(model, batch) / 3)
-    assert flops_per_token(model, T) > 6 * sum(p.numel() for n, p in model.llm.layers.named_parameters()
+    assert flops_per_token(model, T) > 6 * sum(p.numel() for n, p in model.llm.model.layers.named_parameters()
                                                if ".vision_ffn." not in n)
 
 

@@ -34,7 +34,7 @@ def _cli_like_checkpoint(tmp_path, model: SynerGenVL, **extra_hp):
 
 def _logits(model: SynerGenVL) -> torch.Tensor:
     with torch.no_grad():
-        return model.llm.forward_ids(make_batch(["text", "text"], seed=5)["input_ids"])
+        return model.llm.model.forward_ids(make_batch(["text", "text"], seed=5)["input_ids"])
 
 
 def test_constructor_kwargs_keep_only_the_constructors_arguments():
@@ -83,3 +83,41 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
     torch.save({"hyper_parameters": {"config": {}}, "state_dict": {}}, tmp_path / "llm.ckpt")
     with pytest.raises(ValueError, match="has no SynerGenVL hyper_parameters"):
         load_synergen(tmp_path / "llm.ckpt")
+
+
+def test_state_keys_map_the_flat_layout_both_ways():
+    from synergen_lightning.state_keys import current_key, current_keys, flat_key, is_flat
+
+    keys = list(tiny_model().state_dict())
+    flat = [flat_key(k) for k in keys]
+    assert "llm.layers.0.attn.q_proj.weight" in flat and "head.classifier.weight" in flat
+    others = [k for k in keys if not k.startswith(("llm.", "head."))]
+    assert "special_embed.weight" in others and [k for k in flat if not k.startswith(("llm.", "head."))] == others
+    assert [current_key(k) for k in flat] == keys and not is_flat(keys) and is_flat(flat)
+    assert list(current_keys(dict.fromkeys(flat))) == keys
+
+
+def test_a_flat_layout_checkpoint_loads_exports_starts_a_stage_and_resumes(tmp_path):
+    """A checkpoint whose trunk and head keys lack the `.model` level (state_keys.py) loads through every reader:
+    `load_synergen`, `export`, a next stage's `init_from`, and Lightning's resume (`on_load_checkpoint`)."""
+    from synergen_lightning.state_keys import flat_key
+
+    model = tiny_model(stage="stage1")
+    ckpt = _cli_like_checkpoint(tmp_path, model)
+    raw = torch.load(ckpt, weights_only=False)
+    raw["state_dict"] = {flat_key(k): v for k, v in raw["state_dict"].items()}
+    assert "llm.norm.weight" in raw["state_dict"]
+    flat = tmp_path / "flat.ckpt"
+    torch.save(raw, flat)
+    expected = _logits(model)
+    torch.testing.assert_close(_logits(load_synergen(flat)), expected, atol=0, rtol=0)
+    export(flat, tmp_path / "export")
+    torch.testing.assert_close(_logits(load_synergen(tmp_path / "export")), expected, atol=0, rtol=0)
+    nxt = tiny_model(stage="stage2", init_from=str(flat))
+    nxt._init_weights_for_fit("stage2")
+    torch.testing.assert_close(_logits(nxt), expected, atol=0, rtol=0)
+    resumed = tiny_model(stage="stage1")
+    checkpoint = {"state_dict": dict(raw["state_dict"])}
+    resumed.on_load_checkpoint(checkpoint)
+    resumed.load_state_dict(checkpoint["state_dict"])
+    torch.testing.assert_close(_logits(resumed.eval()), expected, atol=0, rtol=0)

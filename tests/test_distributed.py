@@ -119,7 +119,7 @@ def test_two_processes_match_one_process_through_a_stage_switch(two_rank_run):
     assert frozen and all(".attn." not in n for n in frozen)
     for n in frozen:
         assert torch.equal(full[n], start[n]), n
-    moved = [n for n in full if n.startswith("llm.layers.0.attn.") and not torch.equal(full[n], start[n])]
+    moved = [n for n in full if n.startswith("llm.model.layers.0.attn.") and not torch.equal(full[n], start[n])]
     assert moved, "attention weights did not change after the stage switch under FSDP2"
     assert ranks[0]["frozen_checked"] == ranks[1]["frozen_checked"] > 0
 
@@ -176,7 +176,7 @@ def test_ddp_refuses_to_change_the_trainable_set_inside_a_run(tmp_path):
                                            r"FSDP2Strategy"):
         spawn(1, dict(DDP_RUN, switch_at={2: "stage2"}), tmp_path / "switch", timeout=240)
     with pytest.raises(RuntimeError, match=r"trainable set changed after DDP wrapped the model \(1 parameters, "
-                                           r"e.g. \['llm.layers.0.attn.q_proj.weight'\]\)"):
+                                           r"e.g. \['llm.model.layers.0.attn.q_proj.weight'\]\)"):
         spawn(1, dict(DDP_RUN, unfreeze_at=1), tmp_path / "unfreeze", timeout=240)
 
 
@@ -212,8 +212,8 @@ def test_sharded_checkpoint_reloads_at_world_size_one(two_rank_run):
     # logits themselves
     ids = batch["input_ids"][:, :6]
     with torch.no_grad():
-        la = model.llm.forward_ids(ids)
-        lb = ref.llm.forward_ids(ids)
+        la = model.llm.model.forward_ids(ids)
+        lb = ref.llm.model.forward_ids(ids)
     torch.testing.assert_close(la, lb, atol=0, rtol=0)
 
 
@@ -458,11 +458,11 @@ def test_load_synergen_reads_a_sharded_directory_an_export_and_a_file(two_rank_r
     trainer.strategy.connect(ref)
     trainer.save_checkpoint(tmp_path / "one.ckpt")
     with torch.no_grad():
-        expected = ref.llm.forward_ids(LOGIT_IDS)
+        expected = ref.llm.model.forward_ids(LOGIT_IDS)
         for source in (ckpt, tmp_path / "export", tmp_path / "one.ckpt"):
             model = load_synergen(source)
             assert not model.training
-            torch.testing.assert_close(model.llm.forward_ids(LOGIT_IDS), expected, atol=0, rtol=0, msg=str(source))
+            torch.testing.assert_close(model.llm.model.forward_ids(LOGIT_IDS), expected, atol=0, rtol=0, msg=str(source))
     with pytest.raises(FileNotFoundError, match="neither a .ckpt file, a sharded checkpoint directory"):
         load_synergen(tmp_path)
 
@@ -495,7 +495,7 @@ def test_resume_from_a_two_process_checkpoint_at_world_size(world, two_rank_run,
     model = tiny_model(stage="stage1")
     model.load_state_dict(saved[0]["state_dict"])
     with torch.no_grad():
-        expected = model.llm.forward_ids(LOGIT_IDS)
+        expected = model.llm.model.forward_ids(LOGIT_IDS)
     for r in ranks:
         torch.testing.assert_close(r["start_logits"], expected, atol=1e-6, rtol=0)
     assert [b[2] for b in ranks[0]["batches"]] == [int(split_batch(b, 0, world)["input_ids"].sum())
@@ -506,7 +506,7 @@ def test_resume_from_a_two_process_checkpoint_at_world_size(world, two_rank_run,
     assert ranks[0]["start_opt"]["steps"] == [2.0, 4.0]
     assert [g[0] for g in ranks[0]["start_opt"]["groups"]] == ["stage1/decay", "stage1/no_decay", "stage2/decay"]
     assert_same_optimizer_state(ranks[0]["start_opt"]["by_name"], ref["opt_at"])
-    assert all(not rg for n, rg in ranks[0]["requires_grad"].items() if n.startswith("llm.embed_tokens"))
+    assert all(not rg for n, rg in ranks[0]["requires_grad"].items() if n.startswith("llm.model.embed_tokens"))
     assert all(rg for n, rg in ranks[0]["requires_grad"].items() if ".attn." in n)
     for name, ref_w in ref["state_dict"].items():
         torch.testing.assert_close(ranks[0]["state_dict"][name], ref_w, atol=2e-5, rtol=1e-4,
@@ -668,7 +668,7 @@ def test_init_from_a_sharded_checkpoint_loads_after_sharding(two_rank_run, tmp_p
     model = tiny_model(stage="stage2")
     model.load_state_dict(load_sharded_state_dict(ckpt))
     with torch.no_grad():
-        want = model.llm.forward_ids(LOGIT_IDS)
+        want = model.llm.model.forward_ids(LOGIT_IDS)
     for r in ranks:
         torch.testing.assert_close(r["start_logits"], want, atol=1e-5, rtol=1e-5)
 

@@ -77,8 +77,8 @@ def test_parallelize_sends_no_cpu_tensor_to_a_cuda_mesh(fake_two_ranks):
 def test_ranks_with_different_weights_are_refused(fake_two_ranks):
     _, state = fake_two_ranks
     model = tiny_model(stage="stage1")
-    state["peer"] = lambda fp: [(n, s + (1e-3 if n == "head.classifier.weight" else 0.0), v) for n, s, v in fp]
-    with pytest.raises(ValueError, match="different weights.*head.classifier.weight.*seed_everything"):
+    state["peer"] = lambda fp: [(n, s + (1e-3 if n == "head.model.classifier.weight" else 0.0), v) for n, s, v in fp]
+    with pytest.raises(ValueError, match="different weights.*head.model.classifier.weight.*seed_everything"):
         parallelize(model, _CudaMesh())
 
 
@@ -302,15 +302,15 @@ def test_each_rank_reads_about_its_share_of_the_base_llm(tmp_path):
     sharded = ranks[0]["state"]
     _assert_same_start(sharded, ref.state_dict(), BASE_VOCAB)
     for part in ("gate_proj", "up_proj", "down_proj"):  # the vision FFNs start as copies of the text FFNs
-        assert torch.equal(sharded[f"llm.layers.1.vision_ffn.{part}.weight"], sharded[f"llm.layers.1.text_ffn.{part}.weight"])
+        assert torch.equal(sharded[f"llm.model.layers.1.vision_ffn.{part}.weight"], sharded[f"llm.model.layers.1.text_ffn.{part}.weight"])
 
 
 def _assert_same_start(a: dict, b: dict, base_vocab: int) -> None:
     assert a.keys() == b.keys()
     for key, value in b.items():
-        if key in ("llm.embed_tokens.weight", "llm.lm_head.weight", "special_embed.weight"):
+        if key in ("llm.model.embed_tokens.weight", "llm.model.lm_head.weight", "special_embed.weight"):
             torch.testing.assert_close(a[key], value, rtol=0, atol=1e-6)  # the added rows: a mean, up to rounding
-            n = base_vocab if key.startswith("llm.") else 0
+            n = base_vocab if key.startswith("llm.model.") else 0
             assert torch.equal(a[key][:n], value[:n]), key
         else:
             assert torch.equal(a[key], value), key

@@ -60,7 +60,7 @@ def _reference_loglikelihood(model, context, continuation):
     tok = model.text_tokenizer
     ctx, cont = [tok.bos_id] + tok.encode(context), tok.encode(" " + continuation)
     with torch.no_grad():
-        logp = model.llm.forward_ids(torch.tensor([ctx + cont])).float().log_softmax(-1)[0]
+        logp = model.llm.model.forward_ids(torch.tensor([ctx + cont])).float().log_softmax(-1)[0]
     return sum(float(logp[len(ctx) - 1 + k, t]) for k, t in enumerate(cont))
 
 
@@ -109,7 +109,7 @@ def test_generation_matches_the_trunks_greedy_decode(results):
     hits = 0
     for s in samples:
         ids = torch.tensor([[tok.bos_id] + tok.encode(s["doc"]["prompt"])])
-        new = model.llm.generate_greedy(ids, 6, eos_id=tok.eos_id)[0].tolist()
+        new = model.llm.model.generate_greedy(ids, 6, eos_id=tok.eos_id)[0].tolist()
         stops = [k for k, t in enumerate(new) if t in (tok.im_end_id, tok.eos_id)]
         text = tok.decode(new[: stops[0] if stops else len(new)]).split("\n")[0]
         assert s["resps"][0][0] == text
@@ -135,7 +135,7 @@ def test_rolling_loglikelihood_is_the_sum_over_the_text(results):
         for end in range(0, len(ids), L):
             target = ids[end: end + L]
             full = ([tok.bos_id] + ids)[max(0, end + len(target) - L): end + len(target)]
-            logp = model.llm.forward_ids(torch.tensor([full])).float().log_softmax(-1)[0]
+            logp = model.llm.model.forward_ids(torch.tensor([full])).float().log_softmax(-1)[0]
             want += sum(float(logp[len(full) - len(target) + k, t]) for k, t in enumerate(target))
     assert math.isfinite(got) and got == pytest.approx(want, rel=1e-4)
 

@@ -176,8 +176,8 @@ def _prompt(model, doc, max_tiles):
 def _forward(model, ids, img, codes):
     ids_t, img_t = torch.tensor([ids]), torch.tensor([img])
     with torch.no_grad():
-        h = model.llm(model.embed_inputs(ids_t, img_t, codes), image_mask=img_t)
-        return model.llm.logits(h)[0].float().log_softmax(-1)
+        h = model.llm.model(model.embed_inputs(ids_t, img_t, codes), image_mask=img_t)
+        return model.llm.model.logits(h)[0].float().log_softmax(-1)
 
 
 def test_generate_until_batched_matches_an_uncached_reference(adapter):

@@ -58,7 +58,7 @@ def test_report_writes_json_md_grid_and_curves(world, logdir, tmp_path):
     images = model.generate_images([p["prompt"] for p in prompts], num=1, seed=0, batch_size=4)
     assert rep["results"]["geneval"] == score_images(images, prompts)
     # text: the trunk's skill accuracy, computed directly
-    assert rep["results"]["text"]["accuracy"] == evaluate_text_skill(model.llm, model.text_tokenizer,
+    assert rep["results"]["text"]["accuracy"] == evaluate_text_skill(model.llm.model, model.text_tokenizer,
                                                                      world / "text" / "skill_val.jsonl", max_examples=3)
     und = rep["results"]["und"]
     assert und["num_items"] == 4 and 0.0 <= und["accuracy"] <= 1.0 and und["examples"]
@@ -88,7 +88,7 @@ def test_read_scalars_from_event_files(logdir):
 
 def test_text_retention_against_the_base_llm(world, logdir, tmp_path):
     model = _model()
-    base = copy.deepcopy(model.llm)
+    base = copy.deepcopy(model.llm.model)
     with torch.no_grad():  # a "base" that differs from the trunk
         for p in base.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -99,7 +99,7 @@ def test_text_retention_against_the_base_llm(world, logdir, tmp_path):
     base_acc = evaluate_text_skill(base, model.text_tokenizer, skill, max_examples=5)
     assert res["base_accuracy"] == base_acc
     assert res["retention"] == (res["accuracy"] / base_acc if base_acc > 0 else None)
-    assert text_suite(model, skill, base_llm=copy.deepcopy(model.llm), max_examples=5).get("retention") in (1.0, None)
+    assert text_suite(model, skill, base_llm=copy.deepcopy(model.llm.model), max_examples=5).get("retention") in (1.0, None)
 
 
 def _fails(capsys, argv, model, match):
@@ -186,10 +186,10 @@ def test_wrong_checkpoint_kind_is_named(tmp_path, capsys, world, logdir):
 def _reference_layer_features(model, ids, img, codes, k):
     """Hidden states after layer k by the model's own forward: a copy truncated to k layers, no final norm."""
     m = copy.deepcopy(model)
-    m.llm.layers = m.llm.layers[:k]
-    m.llm.norm = torch.nn.Identity()
+    m.llm.model.layers = m.llm.model.layers[:k]
+    m.llm.model.norm = torch.nn.Identity()
     ids_t, img_t = torch.tensor([ids]), torch.tensor([img])
-    h = m.llm(m.embed_inputs(ids_t, img_t, codes), image_mask=img_t)
+    h = m.llm.model(m.embed_inputs(ids_t, img_t, codes), image_mask=img_t)
     return h[0][img_t[0]].mean(0)
 
 
@@ -201,7 +201,7 @@ def test_layer_cosine_matches_truncated_forward_reference():
     codes = torch.randint(0, 16, (2, 4, 4))
     captions = ["a red circle", "two squares"]
     res = layer_cosine_similarity(model, codes, captions)
-    L = model.llm.config.num_layers
+    L = model.llm.model.config.num_layers
     assert len(res["mean"]) == L and len(res["per_image"]) == 2
     tok, P = model.text_tokenizer, model.tokens_per_view
     for i in range(2):

@@ -63,7 +63,7 @@ def test_seed_determinism_and_images():
 def test_cfg_is_one_batched_pass_per_step():
     model = _model()
     sizes = []
-    hook = model.llm.register_forward_hook(lambda m, i, o: sizes.append(o.shape[0]))
+    hook = model.llm.model.register_forward_hook(lambda m, i, o: sizes.append(o.shape[0]))
     generate_images(model, ["a", "b", "c"], num=1, cfg_scale=7.5, seed=0, output="codes")
     hook.remove()
     P = model.tokens_per_view
@@ -92,8 +92,8 @@ def test_answer_matches_uncached_greedy_reference(question_first):
         out = []
         for _ in range(5):
             t = torch.tensor([ids])
-            hidden = model.llm(model.embed_inputs(t, torch.tensor([img]), codes[r:r + 1]), image_mask=torch.tensor([img]))
-            nxt = int(model.llm.logits(hidden[:, -1]).argmax(-1))
+            hidden = model.llm.model(model.embed_inputs(t, torch.tensor([img]), codes[r:r + 1]), image_mask=torch.tensor([img]))
+            nxt = int(model.llm.model.logits(hidden[:, -1]).argmax(-1))
             if nxt in (tok.im_end_id, tok.eos_id):
                 break
             out.append(nxt)
@@ -110,7 +110,7 @@ def test_none_prompt_draws_from_the_unconditional_prompt():
     got = generate_images(model, [None] * 4, cfg_scale=None, temperature=1.0, seed=0, output="codes")
     assert torch.equal(got, ref)
     seen = []  # the prefill is the <UNCOND> prompt itself
-    hook = model.llm.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(i[0][:, -len(uncond):].tolist()))
+    hook = model.llm.model.embed_tokens.register_forward_hook(lambda m, i, o: seen.append(i[0][:, -len(uncond):].tolist()))
     generate_images(model, [None], cfg_scale=None, temperature=1.0, seed=0, output="codes")
     hook.remove()
     assert seen[0] == [uncond]

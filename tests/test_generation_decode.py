@@ -151,7 +151,7 @@ def test_generate_codes_same_codes_as_the_module_path():
     for kw in cases:
         codes = {}
         for path in ("fast", "module"):
-            hooked = (model.llm, model.head.stack, model.head.classifier, model.head.code_embed)
+            hooked = (model.llm.model, model.head.model.stack, model.head.model.classifier, model.head.model.code_embed)
             with contextlib.nullcontext() if path == "fast" else module_path(*hooked):
                 codes[path] = generate_codes(model, prompts, generator=torch.Generator().manual_seed(3), **kw)
         assert codes["fast"].shape == (3, 16, 16)
@@ -219,7 +219,7 @@ def test_decoding_under_bf16_autocast_draws_the_module_paths_codes():
     uncond = [SPECIAL["bos"], SPECIAL["uncond"], SPECIAL["boi"]]
     codes = {}
     for path in ("fast", "module"):
-        hooked = (model.llm, model.head.stack, model.head.classifier, model.head.code_embed)
+        hooked = (model.llm.model, model.head.model.stack, model.head.model.classifier, model.head.model.code_embed)
         with torch.autocast("cpu", dtype=torch.bfloat16), \
                 (contextlib.nullcontext() if path == "fast" else module_path(*hooked)):
             codes[path] = generate_codes(model, prompts, uncond, 2.0, generator=torch.Generator().manual_seed(0))

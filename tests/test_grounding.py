@@ -92,8 +92,8 @@ def _reference_answer_loss(model, items, image_of):
             ans = tok.encode(it["answer"])
             ids = torch.tensor([prompt + ans])
             mask = torch.tensor([img + [False] * len(ans)])
-            hidden = model.llm(model.embed_inputs(ids, mask, items[image_of[i]]["codes"]), image_mask=mask)
-            logits = model.llm.logits(hidden[0, len(prompt) - 1:-1])
+            hidden = model.llm.model(model.embed_inputs(ids, mask, items[image_of[i]]["codes"]), image_mask=mask)
+            logits = model.llm.model.logits(hidden[0, len(prompt) - 1:-1])
             total += float(F.cross_entropy(logits.float(), torch.tensor(ans), reduction="sum"))
             n += len(ans)
     return total / n

@@ -90,10 +90,18 @@ def test_head_module_learns_a_mapping():
     codes = torch.randint(0, K, (P, L))
     module = UnfoldingHeadModule(codebook_size=K, fold=(2, 2), cond_dim=16, hidden_size=32, num_layers=2, num_heads=4,
                                  num_kv_heads=2, intermediate_size=64, lr=1e-2)
-    before = module.head.loss(h, codes).item()
+    before = module.model.loss(h, codes).item()
     loader = torch.utils.data.DataLoader([{"h": h, "codes": codes}], batch_size=None)
-    Trainer(max_steps=60, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False).fit(module, loader)
-    after = module.head.loss(h, codes).item()
+    trainer = Trainer(max_steps=60, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, loader)
+    after = module.model.loss(h, codes).item()
     assert after < 0.3 * before
     assert (module.generate(h, temperature=0.0) == codes).float().mean() > 0.8
+    # validation on its own: the code-weighted loss over two batches of unequal size, and the greedy code accuracy
+    halves = [{"h": h[:8], "codes": codes[:8]}, {"h": h[8:], "codes": codes[8:]}]
+    metrics = trainer.validate(module, torch.utils.data.DataLoader(halves, batch_size=None), verbose=False)[0]
+    assert metrics["val/loss_image"] == pytest.approx(after, rel=1e-4)
+    logits = module(h, codes)
+    assert 0.8 < metrics["val/code_accuracy"] <= 1.0
+    assert (logits.argmax(-1) == codes).float().mean().item() > 0.8

@@ -103,6 +103,25 @@ def test_training_reduces_loss_and_logs(tmp_path):
     assert 0.0 <= float(m["val/skill_acc"]) <= 1.0
 
 
+def test_validation_loss_is_the_token_weighted_mean_over_batches():
+    """val/loss weighs each batch by its supervised tokens: a batch of mostly padding counts for little."""
+    torch.manual_seed(0)
+    model = MMoELLM(config=dict(vocab_size=50, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2,
+                                intermediate_size=64))
+    full = {"input_ids": torch.randint(0, 50, (4, 12))}
+    padded = {"input_ids": torch.randint(0, 50, (1, 12))}
+    padded["labels"] = padded["input_ids"].clone()
+    padded["labels"][:, 4:] = -100
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    got = trainer.validate(model, torch.utils.data.DataLoader([full, padded], batch_size=None), verbose=False)[0]
+    with torch.no_grad():
+        losses = [model._loss(b).item() for b in (full, padded)]
+    weights = [4 * 11, 3]
+    want = sum(x * w for x, w in zip(losses, weights)) / sum(weights)
+    assert got["val/loss"] == pytest.approx(want, rel=1e-5)
+    assert abs(want - sum(losses) / 2) > 1e-3  # a mean per batch would differ
+
+
 def test_skill_eval_scores_an_oracle(tmp_path, monkeypatch):
     """evaluate_text_skill against a model whose greedy output is scripted: exact match, strip, eos."""
     corpus = write_toy_corpus(tmp_path / "text", n_train=50, n_val=4)

@@ -63,7 +63,7 @@ def test_the_constructor_reads_no_file(files):
     model = SynerGenVL.from_paths(base_llm=str(files / "base.ckpt"), image_tokenizer=str(files / "vq.ckpt"),
                                   image_size=16, fold=(2, 2), code_dim=8, head=HEAD)
     base = torch.load(files / "base.ckpt", weights_only=False)["hyper_parameters"]["config"]
-    assert model.llm.config.vocab_size == base["vocab_size"] and model.hparams.text_tokenizer == str(files / "tok")
+    assert model.llm.model.config.vocab_size == base["vocab_size"] and model.hparams.text_tokenizer == str(files / "tok")
     # the tokenizers the resolver read are the model's (not loaded again on first use)
     assert {"_text_tokenizer", "_image_tokenizer"} <= set(model.__dict__)
     assert model.image_tokenizer.codebook_size == SMALL["codebook_size"] and model.text_tokenizer.boi_id == model.hparams.special_token_ids["boi"]

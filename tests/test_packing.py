@@ -101,7 +101,7 @@ def test_packed_hidden_states_equal_each_sample_alone():
     batch = collate(samples, 0, pack_len=64)
     codes = batch["image_codes"]
     embeds = model.embed_inputs(batch["input_ids"], batch["image_mask"], codes)
-    hidden = model.llm(embeds, image_mask=batch["image_mask"], position_ids=batch["position_ids"],
+    hidden = model.llm.model(embeds, image_mask=batch["image_mask"], position_ids=batch["position_ids"],
                        attention_mask=batch["attention_mask"], document_ids=batch["document_ids"])
     starts = {}
     for j, r in enumerate(batch["sample_rows"]):
@@ -114,7 +114,7 @@ def test_packed_hidden_states_equal_each_sample_alone():
         e = model.embed_inputs(alone["input_ids"], alone["image_mask"], codes[v:v + n_views] if n_views else
                                torch.zeros(0, *GRID, dtype=torch.long))
         v += n_views
-        h = model.llm(e, image_mask=alone["image_mask"])
+        h = model.llm.model(e, image_mask=alone["image_mask"])
         r, start = starts[j]
         torch.testing.assert_close(hidden[r, start:start + len(s)], h[0], msg=s.key)
 
@@ -123,7 +123,7 @@ def test_document_ids_refuse_a_kv_cache_and_a_wrong_shape():
     model = tiny_model()
     x = torch.zeros(2, 5, 32)
     with pytest.raises(ValueError, match="document_ids has shape"):
-        model.llm(x, document_ids=torch.zeros(2, 4, dtype=torch.long))
+        model.llm.model(x, document_ids=torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="no KV cache"):
-        model.llm(x, document_ids=torch.zeros(2, 5, dtype=torch.long), kv_cache=model.llm.new_kv_cache())
+        model.llm.model(x, document_ids=torch.zeros(2, 5, dtype=torch.long), kv_cache=model.llm.model.new_kv_cache())
 

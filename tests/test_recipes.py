@@ -64,7 +64,7 @@ def test_2b_recipes_carry_table8_and_build_on_meta(stage):
     assert (data.hparams.max_seq_len, data.hparams.max_tiles, data.hparams.thumbnail) == (seq, tiles, thumb)
     assert data.hparams.cfg_dropout == 0.1 and cli.config.trainer.max_steps == steps
     assert model.fold_size == (2, 8) and model.grid == (64, 64) and model.tokens_per_view == 256
-    assert model.head.config.num_layers == 4 and model.hparams.codebook_size == 32768
+    assert model.head.model.config.num_layers == 4 and model.hparams.codebook_size == 32768
     # the recipe's per-rank batch x ranks is within 2% of the paper's per-task global batch
     import yaml
 

@@ -31,7 +31,7 @@ class _RunsCode:
 
 def craft(path, marker, sharded: bool = False):
     """A checkpoint-shaped pickle that runs code when loaded: a .ckpt file, or a sharded directory's meta.pt."""
-    payload = {"state_dict": {"llm.x": torch.zeros(1)}, "hyper_parameters": {"llm": {}, "hook": _RunsCode(marker)},
+    payload = {"state_dict": {"llm.model.x": torch.zeros(1)}, "hyper_parameters": {"llm": {}, "hook": _RunsCode(marker)},
                "global_step": 1}
     if sharded:
         path.mkdir()
@@ -124,7 +124,7 @@ def tamper_metadata(genuine, path, marker):
     return path
 
 
-def tamper_entry(genuine, path, marker, key="state_dict.llm.norm.weight"):
+def tamper_entry(genuine, path, marker, key="state_dict.llm.model.norm.weight"):
     """A genuine sharded checkpoint whose model weight `key` became a non-tensor entry (appended to its shard file) whose
     pickle runs code: DCP would load it with `torch.load(weights_only=False)`."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex

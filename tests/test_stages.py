@@ -41,30 +41,30 @@ def test_apply_stage_counts():
 
 def test_stage1_text_logits_bit_identical_to_base_llm_after_training():
     model = tiny_model()
-    base = copy.deepcopy(model.llm)  # the base LLM as loaded
+    base = copy.deepcopy(model.llm.model)  # the base LLM as loaded
     img_before = model.folder.mlp[1].weight.detach().clone()
-    vis_before = model.llm.layers[0].vision_ffn.up_proj.weight.detach().clone()
+    vis_before = model.llm.model.layers[0].vision_ffn.up_proj.weight.detach().clone()
     _trainer([StageCallback("stage1"), FrozenParameterGuard(every_n_steps=2)], 6).fit(model, loader(_batches(6)))
     assert not torch.equal(model.folder.mlp[1].weight, img_before)  # image-specific parameters trained
-    assert not torch.equal(model.llm.layers[0].vision_ffn.up_proj.weight, vis_before)
+    assert not torch.equal(model.llm.model.layers[0].vision_ffn.up_proj.weight, vis_before)
     ids = torch.randint(8, 64, (3, 12))
     model.eval()
     with torch.no_grad():
-        system_logits = model.llm.logits(model.llm(model.embed_text(ids), image_mask=torch.zeros_like(ids, dtype=torch.bool)))
+        system_logits = model.llm.model.logits(model.llm.model(model.embed_text(ids), image_mask=torch.zeros_like(ids, dtype=torch.bool)))
         base_logits = base.forward_ids(ids)
     assert torch.equal(system_logits, base_logits)
 
 
 def test_stage_switch_mid_run_adds_param_group_with_stage_lr():
     model = tiny_model(lr={"stage1": 3e-3, "stage2": 1e-3})
-    attn_before = model.llm.layers[1].attn.q_proj.weight.detach().clone()
+    attn_before = model.llm.model.layers[1].attn.q_proj.weight.detach().clone()
     seen = {}
 
     class Spy(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             opt = trainer.optimizers[0]
             seen[trainer.global_step] = ([g.get("name") for g in opt.param_groups], [g["lr"] for g in opt.param_groups],
-                                         model.llm.layers[1].attn.q_proj.weight.detach().clone())
+                                         model.llm.model.layers[1].attn.q_proj.weight.detach().clone())
 
     trainer = _trainer([StageCallback("stage1", switch_at={3: "stage2"}), FrozenParameterGuard(every_n_steps=1), Spy()], 6)
     trainer.fit(model, loader(_batches(6)))
@@ -83,7 +83,7 @@ def test_stage_switch_mid_run_adds_param_group_with_stage_lr():
     assert not torch.equal(w6, attn_before)  # attention trains after the switch
     assert model.stage == "stage2"
     # the text backbone stayed frozen throughout (the guard also checked it every step)
-    assert not model.llm.embed_tokens.weight.requires_grad
+    assert not model.llm.model.embed_tokens.weight.requires_grad
 
 
 def test_guard_fails_loudly_when_a_frozen_parameter_changes():
@@ -92,7 +92,7 @@ def test_guard_fails_loudly_when_a_frozen_parameter_changes():
     class Vandal(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             with torch.no_grad():
-                pl_module.llm.norm.weight[0] += 1e-6
+                pl_module.llm.model.norm.weight[0] += 1e-6
 
     with pytest.raises(RuntimeError, match="FrozenParameterGuard: 1 frozen parameter"):
         _trainer([StageCallback("stage1"), Vandal(), FrozenParameterGuard(every_n_steps=1)], 2).fit(model, loader(_batches(2)))
@@ -117,7 +117,7 @@ def test_stage_chain_loads_previous_checkpoint_and_fresh_optimizer(tmp_path):
     model2 = tiny_model(init_from=str(ckpt), stage="stage2")
     _trainer([StageCallback("stage2"), FrozenParameterGuard()], 0 + 1).fit(model2, loader(_batches(1)))
     # stage-1 weights arrived (the stage-2 step only moves trainable groups a little)
-    torch.testing.assert_close(model2.llm.embed_tokens.weight, model.llm.embed_tokens.weight, rtol=0, atol=0)
+    torch.testing.assert_close(model2.llm.model.embed_tokens.weight, model.llm.model.embed_tokens.weight, rtol=0, atol=0)
 
 
 def test_schedule_warmup_and_cosine():
@@ -147,7 +147,7 @@ def test_resume_after_a_switch_restores_stage_and_optimizer_groups(tmp_path):
     t2.fit(resumed, loader(_batches(6)), ckpt_path=ckpt)
     assert resumed.stage_history == [(0, "stage1"), (2, "stage2")] and resumed.stage == "stage2"
     assert [g["name"] for g in t2.optimizers[0].param_groups] == names
-    assert resumed.llm.layers[0].attn.q_proj.weight.requires_grad
+    assert resumed.llm.model.layers[0].attn.q_proj.weight.requires_grad
     assert t2.global_step == 6
 
 

@@ -15,17 +15,75 @@ def test_parameter_groups_cover_every_parameter_once():
     assert all(".vision_ffn." in n for n, _ in groups["vision_ffn"])
     assert all(".attn." in n for n, _ in groups["self_attention"])
     assert {n for n, _ in groups["special_token_embeddings"]} == {"special_embed.weight"}
-    assert "llm.embed_tokens.weight" in {n for n, _ in groups["text_backbone"]}
+    assert "llm.model.embed_tokens.weight" in {n for n, _ in groups["text_backbone"]}
     # vision FFNs start as copies of the text FFNs
-    layer = model.llm.layers[0]
+    layer = model.llm.model.layers[0]
     assert torch.equal(layer.vision_ffn.up_proj.weight, layer.text_ffn.up_proj.weight)
+
+
+def test_the_system_holds_the_component_lightning_modules_and_their_groups():
+    """The trunk and the head are LightningModules with the pure modules inside; the system's groups are theirs under
+    their prefixes plus its own folder and special table, and its val metrics are the components' own."""
+    from lightning.pytorch import LightningModule
+
+    from synergen_lightning.head import UnfoldingHeadModule
+    from synergen_lightning.llm import MMoELLM
+    from synergen_lightning.models.mmoe import MMoETransformer
+    from synergen_lightning.models.unfolding_head import UnfoldingHead
+
+    model = tiny_model()
+    assert isinstance(model.llm, MMoELLM) and isinstance(model.llm.model, MMoETransformer)
+    assert isinstance(model.head, UnfoldingHeadModule) and isinstance(model.head.model, UnfoldingHead)
+    # the frozen image tokenizer (a VQTokenizer LightningModule) is held, never a submodule: not trained, not saved
+    from synergen_lightning.image_tokenizer.vq_tokenizer import VQTokenizer
+    from tests.test_image_tokenizer import SMALL
+
+    keys = set(model.state_dict())
+    vq = VQTokenizer(**{**SMALL, "codebook_size": 16})
+    model.set_image_tokenizer(vq)
+    assert model.image_tokenizer is vq and not vq.training and not any(p.requires_grad for p in vq.parameters())
+    assert [n for n, m in model.named_modules() if isinstance(m, LightningModule)] == ["", "llm", "head"]
+    assert set(model.state_dict()) == keys
+    groups = model.parameter_groups()
+    for prefix, component in (("llm.", model.llm), ("head.", model.head)):
+        for g, members in component.parameter_groups().items():
+            assert [prefix + n for n, _ in members] == [n for n, _ in groups[g]]
+    assert [n for n, _ in groups["image_embed_fold"]] == ["folder." + n for n, _ in model.folder.named_parameters()]
+    # each component saves its own constructor arguments only (not the system's, which Lightning's frame inspection
+    # would add and let override: the system's lr in place of the component's)
+    import inspect
+
+    for component in (model.llm, model.head):
+        assert set(component.hparams) == set(inspect.signature(type(component)).parameters)
+    assert model.head.hparams.lr == inspect.signature(UnfoldingHeadModule).parameters["lr"].default != model.hparams.lr
+    # the head config the system gives its component: the LLM's norm epsilon and RoPE base
+    assert model.head.model.config.rms_norm_eps == model.llm.model.config.rms_norm_eps
+    assert model.head.model.config.rope_theta == model.llm.model.config.rope_theta
+
+
+def test_validation_logs_the_components_metrics_weighted_by_tokens_and_codes():
+    """val/loss_text and val/loss_image are the trunk's and the head's MeanMetrics: over batches with different
+    counts, the token- (code-) weighted mean of the per-batch losses, as an independent sum computes it."""
+    from lightning.pytorch import Trainer
+
+    model = tiny_model(stage="sft")
+    batches = [make_batch(["text", "generation"], seed=1), make_batch(["understanding"], seed=2)]
+    with torch.no_grad():
+        outs = [model(b) for b in batches]
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    got = trainer.validate(model, torch.utils.data.DataLoader(batches, batch_size=None, collate_fn=lambda b: b),
+                           verbose=False)[0]
+    for key, count in (("loss_text", "text_tokens"), ("loss_image", "image_codes")):
+        weights = [float(o[count]) for o in outs]
+        want = sum(float(o[key]) * w for o, w in zip(outs, weights)) / sum(weights)
+        assert got[f"val/{key}"] == pytest.approx(want, rel=1e-5), key
 
 
 def _reference_losses(model, batch):
     """Independent loops: per view / per patch, full-vocabulary logits, HF-style shifted CE."""
     codes = batch["image_codes"]
     m, n = model.fold_size
-    x = model.llm.embed_tokens(batch["input_ids"]).clone()
+    x = model.llm.model.embed_tokens(batch["input_ids"]).clone()
     for b in range(x.shape[0]):
         for t in range(x.shape[1]):
             tok = int(batch["input_ids"][b, t])
@@ -44,9 +102,9 @@ def _reference_losses(model, batch):
                 x[b, t] = model.folder.mlp(torch.cat([emb[v, r, c] for r, c in cells]))
                 patch_codes.append((v, (b, t), torch.stack([codes[v, r, c] for r, c in cells])))
                 k += 1
-    hidden = model.llm(x, image_mask=batch["image_mask"], position_ids=batch["position_ids"],
+    hidden = model.llm.model(x, image_mask=batch["image_mask"], position_ids=batch["position_ids"],
                        attention_mask=batch["attention_mask"])
-    logits = model.llm.logits(hidden)
+    logits = model.llm.model.logits(hidden)
     loss_text = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
     conds, targets = [], []
     for v, (b, t), pc in patch_codes:
@@ -92,7 +150,7 @@ def test_fold_reconstruction_adds_its_weighted_loss_over_every_view_and_trains_w
 def test_text_only_batch_still_runs_folder_vision_ffn_and_head():
     model = tiny_model()
     calls = []
-    for name, mod in [("folder", model.folder), ("head", model.head), ("vision", model.llm.layers[0].vision_ffn)]:
+    for name, mod in [("folder", model.folder), ("head", model.head), ("vision", model.llm.model.layers[0].vision_ffn)]:
         mod.register_forward_hook(lambda m, i, o, name=name: calls.append(name))
     batch = make_batch(["text", "text"])
     out = model.forward_losses(batch)
@@ -100,8 +158,8 @@ def test_text_only_batch_still_runs_folder_vision_ffn_and_head():
     assert {"folder", "head", "vision"} <= set(calls)
     assert out["loss_image"].item() == 0.0 and out["image_codes"] == 0
     # they are in the autograd graph (zero gradients, not None): FSDP's reduce-scatter runs on every rank
-    assert model.head.classifier.weight.grad is not None
-    assert model.llm.layers[0].vision_ffn.up_proj.weight.grad is not None
+    assert model.head.model.classifier.weight.grad is not None
+    assert model.llm.model.layers[0].vision_ffn.up_proj.weight.grad is not None
 
 
 def test_bad_inputs_are_one_line_errors():

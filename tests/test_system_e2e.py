@@ -29,7 +29,7 @@ def test_tiny_stage_chain_generate_answer_report(tmp_path, monkeypatch):
         assert Path(f"runs/tiny/{stage}/last.ckpt").is_file()
     s1 = torch.load("runs/tiny/stage1/last.ckpt", weights_only=False)["state_dict"]
     base = torch.load("runs/tiny/base_llm/last.ckpt", weights_only=False)["state_dict"]
-    assert torch.equal(s1["llm.embed_tokens.weight"], base["model.embed_tokens.weight"])  # frozen in stage 1
+    assert torch.equal(s1["llm.model.embed_tokens.weight"], base["model.embed_tokens.weight"])  # frozen in stage 1
     assert synergen(["generate", "--ckpt", "runs/tiny/sft/last.ckpt", "--prompt", "a red circle", "--num", "2",
                      "--out", "gen", "--device", "cpu"]) == 0
     assert sorted(p.name for p in Path("gen").iterdir()) == ["000_00.png", "000_01.png"]

@@ -166,16 +166,16 @@ def _logits(model) -> tuple[torch.Tensor, torch.Tensor]:
     from synergen_lightning.models.folding import fold_codes
 
     g = torch.Generator().manual_seed(0)
-    n_img, vocab = model.tokens_per_view, model.llm.config.vocab_size
+    n_img, vocab = model.tokens_per_view, model.llm.model.config.vocab_size
     ids = torch.randint(10, vocab, (1, 6 + n_img + 4), generator=g)
     mask = torch.zeros_like(ids, dtype=torch.bool)
     mask[0, 6:6 + n_img] = True
     codes = torch.randint(0, model.folder.codebook_size, (1, *model.grid), generator=g)
     with torch.no_grad():
-        hidden = model.llm(model.embed_inputs(ids, mask, codes), image_mask=mask)
+        hidden = model.llm.model(model.embed_inputs(ids, mask, codes), image_mask=mask)
         cond = model.patch_conditions(hidden, mask, 1)
         head = model.head(cond.flatten(0, 1), fold_codes(codes, model.fold_size).flatten(0, 1))
-        return model.llm.logits(hidden), head
+        return model.llm.model.logits(hidden), head
 
 
 @pytest.mark.slow

@@ -53,7 +53,7 @@ def features(model, scenes: list[tuple[dict, bytes]], batch_size: int = 32) -> d
     out: dict[str, list[torch.Tensor]] = {}
     layer_out: dict[int, torch.Tensor] = {}
     hooks = [layer.register_forward_hook(lambda mod, inp, o, i=i: layer_out.__setitem__(i, o[0] if isinstance(o, tuple) else o))
-             for i, layer in enumerate(model.llm.layers)]
+             for i, layer in enumerate(model.llm.model.layers)]
     try:
         for k in range(0, len(scenes), batch_size):
             chunk = scenes[k:k + batch_size]
@@ -64,7 +64,7 @@ def features(model, scenes: list[tuple[dict, bytes]], batch_size: int = 32) -> d
             codes, slots = model.batch_codes(batch), batch["image_idx"]
             image_mask = batch["image_mask"].bool()
             embeds = model.embed_inputs(batch["input_ids"], image_mask, codes, slots)
-            hidden = model.llm(embeds, image_mask=image_mask, position_ids=batch.get("position_ids"),
+            hidden = model.llm.model(embeds, image_mask=image_mask, position_ids=batch.get("position_ids"),
                                attention_mask=batch.get("attention_mask"),
                                routing=Routing.from_indices(batch["text_idx"], slots), right_padded=batch["right_padded"])
             # the object's token: the folded patch with the most distinct codes (the others are background)

@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     if not a.kv_heads:
         m._init_weights_for_fit("stage1")  # what `fit` does first: trunk from the base LLM, vision FFNs as its copies
     if a.init == "random":
-        for mod in m.llm.modules():
+        for mod in m.llm.model.modules():
             if isinstance(mod, (nn.Linear, nn.Embedding)):
                 mod.reset_parameters()
     if a.resume:

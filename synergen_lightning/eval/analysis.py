@@ -30,12 +30,12 @@ UNDERSTANDING_QUESTION = "Describe the image."
 def _layer_image_features(model, ids: list[int], img: list[bool], codes: Tensor) -> Tensor:
     """Mean-pooled image-token hidden states after each layer: [num_layers, D] for one sequence."""
     captured: list[Tensor] = []
-    hooks = [layer.register_forward_hook(lambda m, i, o: captured.append(o)) for layer in model.llm.layers]
+    hooks = [layer.register_forward_hook(lambda m, i, o: captured.append(o)) for layer in model.llm.model.layers]
     try:
         input_ids = torch.tensor([ids], device=model.device)
         image_mask = torch.tensor([img], device=model.device)
         embeds = model.embed_inputs(input_ids, image_mask, codes.to(model.device))
-        model.llm(embeds, image_mask=image_mask)
+        model.llm.model(embeds, image_mask=image_mask)
     finally:
         for h in hooks:
             h.remove()

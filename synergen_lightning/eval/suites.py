@@ -206,7 +206,7 @@ def text_suite(model, skill_jsonl: str | Path, tokenizer=None, base_llm=None, ba
                              "(it writes data/tiny/text/skill_val.jsonl) or pass --skill")
     tok = tokenizer or model.text_tokenizer
     with eval_mode(model):
-        acc = evaluate_text_skill(model.llm, tok, skill_jsonl, max_examples=max_examples)
+        acc = evaluate_text_skill(model.llm.model, tok, skill_jsonl, max_examples=max_examples)
     out = {"accuracy": acc}
     if base_accuracy is None and base_llm is not None:
         if isinstance(base_llm, (str, Path)):
