@@ -121,3 +121,26 @@ def test_a_flat_layout_checkpoint_loads_exports_starts_a_stage_and_resumes(tmp_p
     resumed.on_load_checkpoint(checkpoint)
     resumed.load_state_dict(checkpoint["state_dict"])
     torch.testing.assert_close(_logits(resumed.eval()), expected, atol=0, rtol=0)
+
+
+def test_a_flat_layout_sharded_checkpoint_loads_whole_and_in_place(tmp_path, sharded_checkpoint):
+    """A sharded (DCP) checkpoint of the flat key layout: read whole (`load_synergen`) and loaded in place by key
+    (`load_sharded_into`, what a sharded `init_from` runs after sharding), both equal to the component-layout one."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    from synergen_lightning.distributed import load_sharded_into, load_sharded_state_dict
+    from synergen_lightning.state_keys import flat_key
+
+    flat = tmp_path / "flat.ckpt"
+    state = {flat_key(k): v for k, v in load_sharded_state_dict(sharded_checkpoint).items()}
+    assert "llm.norm.weight" in state
+    dcp.save({"state_dict": state}, checkpoint_id=str(flat))  # one process, no process group
+    shutil.copy(sharded_checkpoint / "meta.pt", flat / "meta.pt")
+    expected = _logits(load_synergen(sharded_checkpoint))
+    torch.testing.assert_close(_logits(load_synergen(flat)), expected, atol=0, rtol=0)
+    model = tiny_model(stage="stage1")
+    assert not torch.equal(_logits(model), expected)
+    load_sharded_into(model, flat)
+    torch.testing.assert_close(_logits(model.eval()), expected, atol=0, rtol=0)
