@@ -17,7 +17,6 @@ from torchmetrics import MeanMetric
 from synergen_lightning.checkpoint import save_own_hyperparameters
 from synergen_lightning.models.config import LLMConfig
 from synergen_lightning.models.unfolding_head import UnfoldingHead
-from synergen_lightning.stages import PARAMETER_GROUPS
 
 
 class UnfoldingHeadModule(LightningModule):
@@ -59,7 +58,6 @@ class UnfoldingHeadModule(LightningModule):
 
     def parameter_groups(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
         """Every parameter of the head in the stage table's `unfolding_head` group (names relative to this module)."""
-        assert "unfolding_head" in PARAMETER_GROUPS
         return {"unfolding_head": list(self.named_parameters())}
 
     def forward(self, h: Tensor, codes: Tensor, reduction: str | None = None) -> Tensor:
