@@ -287,8 +287,8 @@ def parallelize(
     Units: every LLM decoder block and every head block (one all-gather each, freed after use),
     the text embedding (with the LM head when tied), the LM head, the folder, the special-token
     table, the pure head (`head.model`: its embeddings and classifier), the pure trunk (`llm.model`: its final norm)
-    and the model root (the rest). `UnfoldingHead.generate` and `folder.fold_patch` gather like forwards, so sampling runs on a sharded model
-    (every rank calls it: the gathers are collectives). Frozen parameters may sit inside
+    and the model root (the rest). `UnfoldingHead.generate` and `folder.fold_patch` gather like forwards, so
+    sampling runs on a sharded model (every rank calls it: the gathers are collectives). Frozen parameters may sit inside
     any unit (FSDP2 shards them and never reduces a gradient for them). Call after `requires_grad`
     is set for the stage and the weights are loaded (Lightning: `setup` before `configure_model`).
     """
@@ -330,8 +330,8 @@ def parallelize(
     if head is not None:
         shard(head, reshard_after_forward=reshard_after_forward)
         units += 1
-    # the LLM trunk as a unit of its own (its final norm): generation and answering call `model.llm.model(...)` without
-    # entering the root, so nothing they use may be left to the root
+    # the LLM trunk as a unit of its own (its final norm): generation and answering call `model.llm.model(...)`
+    # without entering the root, so nothing they use may be left to the root
     shard(llm, reshard_after_forward=reshard_after_forward)
     units += 1
     shard(model)  # root: whatever is left; entered through model.__call__ (training / validation steps)
