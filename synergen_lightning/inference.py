@@ -41,7 +41,7 @@ def _check_compiler(device: torch.device) -> None:
 
 
 def _check_context(model, prompt_len: int, extra: int, what: str) -> None:
-    limit = model.hparams.get("max_context") or model.llm.model.config.max_position_embeddings
+    limit = model.context_limit
     if prompt_len + extra > limit:
         raise ValueError(f"{what}: prompt of {prompt_len} tokens + {extra} to generate = {prompt_len + extra} exceeds the "
                          f"context of {limit} tokens; shorten the prompt (or raise model.max_context if RoPE allows)")

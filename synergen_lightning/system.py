@@ -253,6 +253,11 @@ class SynerGenVL(LightningModule):
         return self.folder.tokens_per_view
 
     @property
+    def context_limit(self) -> int:
+        """The longest sequence the model may see: `max_context`, else the LLM's `max_position_embeddings`."""
+        return int(self.hparams.get("max_context") or self.llm.model.config.max_position_embeddings)
+
+    @property
     def question_first(self) -> bool:
         """Whether understanding prompts put the question before the image (checkpoints without it: image first)."""
         return bool(self.hparams.get("question_first", False))

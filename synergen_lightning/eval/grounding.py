@@ -51,10 +51,8 @@ def _text_tokenizer(model):
 
 def _builder(model, tok, cfg_dropout: float = 0.0, use_codes: bool = True) -> SequenceBuilder:
     """The training sequence builder at the model's view size (cfg_dropout 1.0: always the `<UNCOND>` prompt)."""
-    hp = model.hparams
-    max_len = hp.get("max_context") or model.llm.model.config.max_position_embeddings
-    return SequenceBuilder(tok, model.tokens_per_view, image_size=model.grid[0] * int(hp.downsample),
-                           max_seq_len=int(max_len), cfg_dropout=cfg_dropout, use_codes=use_codes,
+    return SequenceBuilder(tok, model.tokens_per_view, image_size=model.grid[0] * int(model.hparams.downsample),
+                           max_seq_len=model.context_limit, cfg_dropout=cfg_dropout, use_codes=use_codes,
                            question_first=model.question_first)
 
 

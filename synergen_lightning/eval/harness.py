@@ -87,7 +87,7 @@ class Harness:
 
     @property
     def max_length(self) -> int:
-        return int(self.model.hparams.get("max_context") or self.model.llm.model.config.max_position_embeddings)
+        return self.model.context_limit
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """Raw-text ids (`<s>` + context, continuation); the space before a word belongs to the continuation, and
