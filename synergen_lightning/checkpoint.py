@@ -108,11 +108,12 @@ def constructor_kwargs(cls: type, hparams: dict) -> dict:
     return {k: v for k, v in hparams.items() if not str(k).startswith("_") and (any_kw or k in named)}
 
 
-def save_own_hyperparameters(module, own_args: dict) -> None:
-    """`module.save_hyperparameters()` for exactly `own_args` (its constructor's arguments, from `locals()` at the top
-    of `__init__`): Lightning's frame inspection would also collect the arguments of an enclosing LightningModule's
-    constructor, and those would overwrite a component's own (the system's `lr` in place of the trunk's)."""
-    module.save_hyperparameters(dict(own_args))
+def save_own_hyperparameters(module, init_locals: dict) -> None:
+    """`module.save_hyperparameters()` for exactly its constructor's arguments (`init_locals`: `dict(locals())` taken
+    first thing in `__init__`): Lightning's frame inspection would also collect the arguments of an enclosing
+    LightningModule's constructor, and those would overwrite a component's own (the system's `lr` in place of the
+    trunk's)."""
+    module.save_hyperparameters({k: v for k, v in init_locals.items() if k not in ("self", "__class__")})
     module._hparams_name = "kwargs"  # loaded back as keyword arguments, as `save_hyperparameters()` saves them
 
 

@@ -46,9 +46,9 @@ class UnfoldingHeadModule(LightningModule):
             rms_norm_eps / rope_theta: the blocks' norm epsilon and RoPE base (the system passes the LLM's).
             lr / weight_decay: AdamW settings for head-only training.
         """
-        own_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        init_locals = dict(locals())
         super().__init__()
-        save_own_hyperparameters(self, own_args)
+        save_own_hyperparameters(self, init_locals)
         config = LLMConfig(vocab_size=codebook_size, hidden_size=hidden_size, num_layers=num_layers,
                            num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
                            rms_norm_eps=rms_norm_eps, rope_theta=rope_theta)

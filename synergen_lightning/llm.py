@@ -79,12 +79,12 @@ class MMoELLM(L.LightningModule):
             skill_eval_jsonl: {"prompt","answer"} lines scored by greedy decoding at each validation.
             skill_eval_max: at most this many of them.
         """
-        own_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        init_locals = dict(locals())
         super().__init__()
         cfg = dict(TINY_CONFIG, **(config or {}))
         self._tokenizer: TextTokenizer | None = None
         self.model = MMoETransformer(LLMConfig(**cfg), vision_experts=vision_experts)
-        save_own_hyperparameters(self, own_args)
+        save_own_hyperparameters(self, init_locals)
         self.hparams["config"] = asdict(self.model.config)  # the resolved config, so checkpoints rebuild it
         # token-weighted mean of the next-token loss over a validation epoch (the system logs it as val/loss_text)
         self.val_loss = MeanMetric()
