@@ -218,7 +218,7 @@ def section_generation(device: str) -> dict:
     # same code as for 16, its graphs built in seconds), so the GPU run meets only CUDA's problems
     with torch.no_grad():
         for n in (1, 16):
-            row = {}
+            row, eager_codes = {}, {}
             for compile in (False, True) if device == "cuda" or n == 1 else (False,):
                 tag = "_compiled" if compile else ""
                 for name, fn in (("folded", lambda n=n, k=compile: generate_codes(folded, [p] * n, None, cfg_scale=None,
@@ -240,16 +240,14 @@ def section_generation(device: str) -> dict:
                     row[f"{name}_codes"] = int(codes.numel())
                     if compile:  # where compiled and eager codes part (None: never); the fused kernels round
                         # differently, so a long unfolded image may flip one draw and differ from there on
-                        diff = (codes != row.pop(f"_{name}_eager_codes")).flatten(1).any(0).nonzero()
+                        diff = (codes != eager_codes[name]).flatten(1).any(0).nonzero()
                         row[f"{name}_compiled_first_differing_code"] = int(diff[0]) if len(diff) else None
                     else:
-                        row[f"_{name}_eager_codes"] = codes
+                        eager_codes[name] = codes
                     del first
                 if f"unfolded{tag}_s" in row and f"folded{tag}_s" in row:
                     row[f"speedup{tag}"] = row[f"unfolded{tag}_s"] / row[f"folded{tag}_s"]
                     row[f"folded{tag}_images_per_s"] = n / row[f"folded{tag}_s"]
-            for k in [k for k in row if k.startswith("_")]:
-                del row[k]
             out[f"images_{n}"] = row
     return out
 
