@@ -37,6 +37,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 
+def pure(component):
+    """The pure module of a system component (`model.llm` / `model.head`); the module itself where the revision's
+    system holds it directly."""
+    return getattr(component, "model", component)
+
+
 def export_revision(rev: str, dest: Path) -> None:
     """`git archive REV synergen_lightning` -> dest/synergen_base, every import renamed."""
     try:
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     def llm_steps(model, steps=32):
         ids, mask = left_pad([prompt, uncond], bf.SPECIAL["pad"])
         pos = left_pad_positions(mask)
-        trunk = bf.pure(model.llm)
+        trunk = pure(model.llm)
         cache = trunk.new_kv_cache()
         trunk(model.embed_text(ids), image_mask=torch.zeros_like(mask), position_ids=pos, attention_mask=mask,
               kv_cache=cache)
@@ -115,8 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     L = new.head.model.seq_len
     tasks = {
-        "head_ms_per_code": (lambda m: [bf.pure(m.head).generate(h1, generator=g) for _ in range(8)], 1e3 / (8 * L)),
-        "head_cfg_ms_per_code": (lambda m: [bf.pure(m.head).generate(h2, cfg_scale=7.5, generator=g) for _ in range(8)],
+        "head_ms_per_code": (lambda m: [pure(m.head).generate(h1, generator=g) for _ in range(8)], 1e3 / (8 * L)),
+        "head_cfg_ms_per_code": (lambda m: [pure(m.head).generate(h2, cfg_scale=7.5, generator=g) for _ in range(8)],
                                  1e3 / (8 * L)),
         "llm_cfg_ms_per_step": (llm_steps, 1e3 / 32),
         "generate_image_s": (lambda m: gen[id(m)](m, [prompt], None, None, generator=g), 1.0),

@@ -128,12 +128,6 @@ def build_folded(c: dict, divisor: int = 1) -> SynerGenVL:
     return model
 
 
-def pure(component):
-    """The pure module of a system component (`model.llm` / `model.head`); the module itself where a revision's
-    system holds it directly (`ab_decode.py --rev`)."""
-    return getattr(component, "model", component)
-
-
 def build_unfolded(c: dict) -> MMoETransformer:
     cfg = llm_config(c)
     cfg.vocab_size = TEXT_VOCAB + c["codebook_size"]  # code k is token TEXT_VOCAB + k
