@@ -12,13 +12,22 @@ activation checkpointing per block as `distributed.parallelize` applies it; "bf1
 `distributed.parallelize` (FSDP2, world size 1, gloo, bf16 params, fp32 reduce) under bf16 autocast, as the 2b
 recipes run.
 
-    .venv/bin/python bench/memory_check.py --config '{"hidden_size": 64, ...}' --out runs/bench/memory_check.json
+A second, independent count, at world sizes the CPU cannot launch (`--world N`, `--shard-size S` for HSDP): one
+process stands for one rank of N, with torch's fake process group (every collective returns at once; the all-gathered
+units and reduce-scatter buffers are still allocated, at their real sizes) and the model sharded by
+`distributed.parallelize` over that mesh; torch's `FSDPMemTracker` counts the live tensor bytes through the second
+step, as `torch.cuda.max_memory_allocated` does. At world size 1 the two counts agree within a few percent
+(`tests/test_plan.py`).
+
+    .venv/bin/python bench/memory_check.py --num-layers 4 --seq-len 1024 --out runs/bench/memory_check.json
     .venv/bin/python bench/memory_check.py --preset 2b --num-layers 2 --gen-rows 1 --und-rows 1 --seq-len 1024 --compute bf16
+    .venv/bin/python bench/memory_check.py --world 64 --shard-size 8 --compute bf16 --seq-len 1024
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -31,7 +40,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from synergen_lightning.plan import ModelSpec, StepShape, build_model, estimate, probe_batch, scaled_spec  # noqa: E402
+from synergen_lightning.plan import (  # noqa: E402
+    ModelSpec,
+    StepShape,
+    build_model,
+    estimate,
+    probe_activations,
+    probe_batch,
+    scaled_spec,
+)
 
 # InternLM2-1.8B widths with the 2b recipe's head, fold and Emu3 codebook (recipes/synergen_vl_2b/stage1.yaml)
 PRESET_2B = dict(llm=dict(vocab_size=92547, hidden_size=2048, num_layers=24, num_heads=16, num_kv_heads=8,
@@ -72,13 +89,14 @@ def live_tensor_bytes() -> int:
     return sum(seen.values())
 
 
-def _training_step(spec: ModelSpec, batch: dict, checkpointing: bool, compute: str):
+def _training_step(spec: ModelSpec, batch: dict, checkpointing: bool, compute: str, mesh=None):
+    """The model and one training step; sharded with FSDP2 under bf16 or over `mesh` (fp32 params unless bf16)."""
     from synergen_lightning.distributed import _checkpoint_block, decoder_blocks, parallelize
 
     torch.manual_seed(0)
     model = build_model(spec, "cpu").train()
-    if compute == "bf16":
-        parallelize(model, None, param_dtype="bfloat16", reduce_dtype="float32",
+    if compute == "bf16" or mesh is not None:
+        parallelize(model, mesh, param_dtype="bfloat16" if compute == "bf16" else None, reduce_dtype="float32",
                     activation_checkpointing=checkpointing, check_states=False)
     elif checkpointing:
         for block in decoder_blocks(model):
@@ -92,6 +110,7 @@ def _training_step(spec: ModelSpec, batch: dict, checkpointing: bool, compute: s
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    step.optimizer = opt
     return model, step
 
 
@@ -126,25 +145,60 @@ def probe(spec: ModelSpec, shape: StepShape, checkpointing: bool, compute: str) 
             "rss_above_baseline_before_step": before - base, "step_s": time.perf_counter() - t0, "first_step_s": first}
 
 
-def measure(spec: dict, shape: dict, checkpointing: bool, compute: str = "fp32", timeout: float = 900) -> dict:
-    """Run `probe` in a fresh process (the allocator setting must be in place before Python starts)."""
+def probe_tracked(spec: ModelSpec, shape: StepShape, checkpointing: bool, compute: str, world: int,
+                  shard_size: int | None) -> dict:
+    """(child process) the peak tensor bytes of one rank of `world` in the second step, counted by FSDPMemTracker."""
+    import torch.distributed as dist
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from synergen_lightning.distributed import hsdp_mesh
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    mesh = hsdp_mesh("cpu", world, shard_size) or init_device_mesh("cpu", (world,))
+    batch = probe_batch(spec, shape)
+    model, step = _training_step(spec, batch, checkpointing, compute, mesh)
+    tracker = FSDPMemTracker(model, step.optimizer)
+    tracker.track_inputs(tuple(v for v in batch.values() if isinstance(v, torch.Tensor)))
+    t0 = time.perf_counter()
+    with tracker:
+        step()  # AdamW's moments come to exist
+        tracker.reset_mod_stats()
+        step()
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+    return {"measured_peak_bytes": peak["Total"], "step_s": (time.perf_counter() - t0) / 2,
+            "by_kind": {getattr(k, "value", str(k)): v for k, v in peak.items() if k != "Total"}}
+
+
+def measure(spec: dict, shape: dict, checkpointing: bool, compute: str = "fp32", timeout: float = 900,
+            world: int | None = None, shard_size: int | None = None) -> dict:
+    """Run `probe` in a fresh process (the allocator setting must be in place before Python starts), or with a
+    `world` size `probe_tracked` (a process group is per process)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", json.dumps({"spec": spec, "shape": shape,
                                                                                    "checkpointing": checkpointing,
-                                                                                   "compute": compute})]
+                                                                                   "compute": compute, "world": world,
+                                                                                   "shard_size": shard_size})]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def compare(spec: dict, shape: dict, checkpointing: bool, compute: str = "fp32") -> dict:
-    """The plan's estimate and the measured peak of one configuration (world size 1)."""
-    measured = measure(spec, shape, checkpointing, compute)
-    est = estimate(spec_of(spec), StepShape(**shape), shard=1, param_dtype="bfloat16" if compute == "bf16" else None,
-                   compute=compute, activation_checkpointing=checkpointing)
+def compare(spec: dict, shape: dict, checkpointing: bool, compute: str = "fp32", world: int | None = None,
+            shard_size: int | None = None, probe: dict | None = None) -> dict:
+    """The plan's estimate and the measured peak of one configuration: world size 1 in the resident set, or one rank
+    of `world` (FSDP2 over every rank, or HSDP groups of `shard_size`) counted by FSDPMemTracker."""
+    measured = measure(spec, shape, checkpointing, compute, world=world, shard_size=shard_size)
+    shard = min(shard_size or world, world) if world else 1
+    est = estimate(spec_of(spec), StepShape(**shape), shard=shard, param_dtype="bfloat16" if compute == "bf16" else None,
+                   compute=compute, activation_checkpointing=checkpointing, fsdp=compute == "bf16" or world is not None,
+                   probe=probe)
     planned = est["total_bytes"]
-    return {"spec": spec, "shape": shape, "checkpointing": checkpointing, "compute": compute,
+    return {"spec": spec, "shape": shape, "checkpointing": checkpointing, "compute": compute, "world": world,
+            "shard_size": shard_size, "method": "fsdp_mem_tracker" if world else "resident_set",
             "planned_bytes": planned, "measured_bytes": measured["measured_peak_bytes"],
             "ratio": planned / measured["measured_peak_bytes"], "measured": measured,
             "plan": {k: est[k] for k in ("state_bytes", "activation_bytes", "transient_bytes", "parameters", "trainable")}}
@@ -156,16 +210,28 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--preset", choices=["tiny", "2b"], default="tiny")
     p.add_argument("--num-layers", type=int, default=None, help="LLM depth instead of the preset's")
     p.add_argument("--head-layers", type=int, default=None, help="head depth instead of the preset's")
+    p.add_argument("--stage", choices=["stage1", "stage2", "sft"], nargs="+", default=None,
+                   help="what trains (synergen_lightning/stages.py) instead of the preset's stage1; several: each")
     p.add_argument("--gen-rows", type=int, default=1)
     p.add_argument("--und-rows", type=int, default=1)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--compute", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--compute", choices=["fp32", "bf16"], nargs="+", default=["fp32"], help="several: each")
     p.add_argument("--checkpointing", choices=["on", "off", "both"], default="both")
+    p.add_argument("--world", type=int, nargs="+", default=None,
+                   help="one rank of this many under FSDP2, counted by FSDPMemTracker over a fake process group "
+                        "(default: world size 1, measured in the resident set); several: each")
+    p.add_argument("--shard-size", type=int, default=None, help="with --world: HSDP groups of this many ranks")
     p.add_argument("--out", default="runs/bench/memory_check.json")
     a = p.parse_args(argv)
+    if a.shard_size and not a.world:
+        p.error("--shard-size needs --world (the world size the HSDP groups divide)")
+    if a.world is not None and min(a.world) < 1:
+        p.error(f"--world {min(a.world)}: give a positive world size")
     if a.probe:
         args = json.loads(a.probe)
-        print(json.dumps(probe(spec_of(args["spec"]), StepShape(**args["shape"]), args["checkpointing"], args["compute"])))
+        common = (spec_of(args["spec"]), StepShape(**args["shape"]), args["checkpointing"], args["compute"])
+        got = probe_tracked(*common, args["world"], args["shard_size"]) if args.get("world") else probe(*common)
+        print(json.dumps(got))
         return None
     spec = json.loads(json.dumps(PRESET_2B if a.preset == "2b" else TINY))
     if a.num_layers:
@@ -173,13 +239,22 @@ def main(argv: list[str] | None = None) -> dict | None:
     if a.head_layers:
         spec["head"]["num_layers"] = a.head_layers
     shape = {"gen_rows": a.gen_rows, "und_rows": a.und_rows, "seq_len": a.seq_len}
-    rows = []
-    for ac in ((True, False) if a.checkpointing == "both" else (a.checkpointing == "on",)):
-        r = compare(spec, shape, ac, a.compute)
+    rows, probes = [], {}
+    for stage, compute, world, ac in itertools.product(a.stage or [spec["stage"]], a.compute, a.world or [None],
+                                                       (True, False) if a.checkpointing == "both"
+                                                       else (a.checkpointing == "on",)):
+        spec["stage"] = stage
+        if (stage, compute) not in probes:  # the activations' probe depends on what trains and the dtype only
+            probes[stage, compute] = probe_activations(spec_of(spec), compute)
+        r = compare(spec, shape, ac, compute, world, a.shard_size, probe=probes[stage, compute])
         rows.append(r)
-        print(f"activation checkpointing {'on ' if ac else 'off'}: planned {r['planned_bytes'] / 2**30:.3f} GiB, "
-              f"measured {r['measured_bytes'] / 2**30:.3f} GiB (plan / measured {r['ratio']:.3f}; "
-              f"step {r['measured']['step_s']:.1f} s)", flush=True)
+        where = f"one rank of {world} ({r['method']}), " if world else ""
+        print(f"{stage} {compute}, {where}activation checkpointing {'on ' if ac else 'off'}: planned "
+              f"{r['planned_bytes'] / 2**30:.3f} GiB, measured {r['measured_bytes'] / 2**30:.3f} GiB "
+              f"(plan / measured {r['ratio']:.3f}; step {r['measured']['step_s']:.1f} s)", flush=True)
+    if len(rows) > 1:
+        ratios = [r["ratio"] for r in rows]
+        print(f"{len(rows)} configurations: plan / measured from {min(ratios):.3f} to {max(ratios):.3f}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(rows, indent=1))
     print(f"wrote {a.out}")

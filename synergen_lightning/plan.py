@@ -8,9 +8,11 @@ What is counted, per GPU, at the recipe's world size (`--devices` x `--nodes`) a
   fp32 moments (8 B), each divided by the FSDP shard group (`shard_size`: HSDP shards within a group and replicates
   across groups; unset: every rank). FSDP2's `param_dtype` is only the dtype of the gathered copies.
 - **gathered units**: FSDP2 all-gathers one unit (a decoder block, the embedding, the LM head, ...) at a time and
-  prefetches the next, in `param_dtype`; in the backward also the unsharded gradient of a unit in `param_dtype` and its
-  `reduce_dtype` copy. Counted at each peak for the units that run then: the classifier's unit and a block at the
-  loss, two blocks and a block's gradients in the backward.
+  prefetches the next, in `param_dtype` (fp32 when none is set); in the backward also the unsharded gradient of a unit
+  in `param_dtype` and its `reduce_dtype` copy. Across ranks the next unit's flat all-gather output lives beside the
+  current unit's parameters (one block more). Counted at each peak for the units that run then: the classifier's unit
+  and a block at the loss, two blocks (three across ranks) and a block's gradients in the backward. A recipe whose
+  strategy does not shard (`auto`, DDP) holds the whole model on every GPU and gathers nothing.
 - **activations**, derived from measurement, not from a formula: `probe_activations` runs a forward of the same
   model at two tiny widths (the recipe's heads, head_dim 4 and 8, every other width scaled alike; the recipe's
   fold, grid, stage and dtype) on the CPU and counts, with `torch.autograd.graph.saved_tensors_hooks`, the bytes
@@ -22,14 +24,16 @@ What is counted, per GPU, at the recipe's world size (`--devices` x `--nodes`) a
   bf16 autocast (what FSDP2's `param_dtype: bfloat16` with `precision: bf16-mixed` computes in).
   With activation checkpointing a block keeps only its input (the residual stream, width x the measured dtype) and
   the backward recomputes one block at a time.
-- **the peak**, the larger of two moments: the loss (every activation alive plus one chunk of the chunked
-  cross-entropy, `models/chunked_ce.py`: at most 2^26 logits at `CE_BYTES_PER_LOGIT` each; few gradients exist yet)
-  and the backward (every activation and every gradient counted at once, which overstates a little, plus with
-  checkpointing the one block recomputed at a time). Without checkpointing the gradients of a block's activations
-  take the place of the activations they free.
+- **the peak**, the largest of three moments: the loss (every activation alive plus one chunk of the chunked
+  cross-entropy, `models/chunked_ce.py`: at most 2^26 logits at `CE_BYTES_PER_LOGIT` each; few gradients exist yet),
+  the start of the backward (every activation, the head's and the LM head's gradients, the largest block recomputed
+  with checkpointing) and its end (the trunk's first block: every gradient, the activations outside the blocks and
+  that block's). Without checkpointing the gradients of a block's activations take the place of the activations
+  they free.
 - **checkpoint on disk** (a DCP directory): fp32 weights of every parameter + AdamW's moments of the trainable ones.
 
-The sum is checked against measured peaks on the CPU (`tests/test_plan.py`; method in `bench/memory_check.py`).
+The sum is checked against measured peaks on the CPU (`tests/test_plan.py`; method in `bench/memory_check.py`): the
+resident set of one process, and torch's `FSDPMemTracker` for one rank of 8 or 64 over a fake process group.
 The CUDA caching allocator adds fragmentation on top: `--margin` (default 20%) is the headroom asked for.
 """
 
@@ -47,9 +51,9 @@ from synergen_lightning.models.chunked_ce import CHUNK_LOGITS
 from synergen_lightning.models.config import LLMConfig
 
 GiB = 2**30
-# bytes in flight per logit of one chunk of the chunked cross-entropy: the fp32 logits and the log-sum-exp's two fp32
-# temporaries (forward), or the fp32 logits, their difference to the log-sum-exp and its exp (backward)
-CE_BYTES_PER_LOGIT = 12
+# bytes in flight per logit of one chunk of the chunked cross-entropy's backward (its largest moment): two fp32
+# tensors of the chunk's shape alive at once (the logits minus the log-sum-exp, then their exp); tests/test_chunked_ce.py
+CE_BYTES_PER_LOGIT = 8
 REGIONS = ("llm_layer", "head_layer", "head", "folder", "text_loss", "other")
 # what each measured figure is per
 UNITS = {"llm_layer_text": "LLM text token x LLM layer", "llm_layer_image": "LLM image token x LLM layer",
@@ -220,7 +224,11 @@ def strategy_settings(config: dict) -> dict:
     precision = str(trainer.get("precision", "32-true"))
     param_dtype = args.get("param_dtype")
     bf16 = precision.startswith("bf16") or param_dtype in ("bfloat16", "bf16")
-    return {"param_dtype": param_dtype, "reduce_dtype": args.get("reduce_dtype", "float32"),
+    # FSDP2Strategy or Lightning's ModelParallelStrategy shard; any other strategy (auto, ddp) keeps the whole model
+    fsdp = isinstance(strategy, dict) and str(strategy.get("class_path", "")).rsplit(".", 1)[-1] in (
+        "FSDP2Strategy", "ModelParallelStrategy")
+    return {"strategy": strategy if isinstance(strategy, str) or strategy is None else strategy.get("class_path"),
+            "fsdp": fsdp, "param_dtype": param_dtype, "reduce_dtype": args.get("reduce_dtype", "float32"),
             "activation_checkpointing": bool(args.get("activation_checkpointing", False)),
             "shard_size": args.get("shard_size"), "reshard_after_forward": args.get("reshard_after_forward", True),
             "precision": precision, "compute": "bf16" if bf16 else "fp32"}
@@ -391,8 +399,9 @@ def fsdp_units(model) -> list[tuple[str, int, int]]:
 
 def estimate(spec: ModelSpec, shape: StepShape, *, shard: int = 1, param_dtype: str | None = None,
              reduce_dtype: str | None = "float32", compute: str = "fp32", activation_checkpointing: bool = False,
-             probe: dict | None = None) -> dict:
-    """Per-GPU bytes of one training step of `spec` on a micro-batch of `shape` (module docstring: the method)."""
+             probe: dict | None = None, fsdp: bool = True) -> dict:
+    """Per-GPU bytes of one training step of `spec` on a micro-batch of `shape` (module docstring: the method).
+    `fsdp=False`: the model is not sharded (one device, or DDP replicas), so no unit is gathered."""
     from synergen_lightning.distributed import to_dtype
 
     model = build_model(spec, "meta")
@@ -404,7 +413,8 @@ def estimate(spec: ModelSpec, shape: StepShape, *, shard: int = 1, param_dtype: 
     c = shape.counts(spec)
     llm_layers, head_layers = spec.llm["num_layers"], spec.head["num_layers"]
     pdt = to_dtype(param_dtype)
-    gather_b = pdt.itemsize if pdt is not None else 0
+    # FSDP2 gathers a unit in param_dtype, or in the parameters' own fp32 when none is set (at world size 1 too)
+    gather_b = (pdt.itemsize if pdt is not None else 4) if fsdp else 0
     rdt = to_dtype(reduce_dtype) or torch.float32
     # one block's saved activations (the largest of an LLM block and a head block at this micro-batch)
     llm_block = per["llm_layer_text"] * c["llm_text"] + per["llm_layer_image"] * c["llm_image"]
@@ -432,18 +442,37 @@ def estimate(spec: ModelSpec, shape: StepShape, *, shard: int = 1, param_dtype: 
     # computing it (the head's or the LM head's) and the next block; in the backward a block and the one before it.
     by_name = {name: n for name, n, _ in units}
     blocks_nt = [(n, t) for name, n, t in units if ".layers." in name]
-    gathered = {"loss": (max(by_name["head.model"], by_name["llm.model.lm_head"]) + max(n for n, _ in blocks_nt)) * gather_b,
-                "backward": max(2 * n * gather_b + t * (gather_b + rdt.itemsize) for n, t in blocks_nt) if gather_b else 0}
-    # two candidate peaks: the loss (every activation alive, one cross-entropy chunk in flight, few gradients yet) and
-    # the backward (activations, all of the gradients, the recomputed block), each with the units gathered then
+    llm_nt = [(n, t) for name, n, t in units if name.startswith("llm.model.layers.")]
+
+    # across ranks a unit arrives as one flat all-gather output, copied into its parameters: the next unit's output
+    # is alive beside them (one block more than on one rank, where nothing is all-gathered)
+    copies = 3 if shard > 1 else 2
+
+    def backward_gathered(block_units):
+        return max(copies * n * gather_b + t * (gather_b + rdt.itemsize) for n, t in block_units) if gather_b else 0
+
+    gathered = {"loss": (max(by_name["head.model"], by_name["llm.model.lm_head"])
+                         + (copies - 1) * max(n for n, _ in blocks_nt)) * gather_b,
+                "backward": backward_gathered(blocks_nt), "end of the backward": backward_gathered(llm_nt)}
+    # three candidate peaks, each with the units gathered then. The loss: every activation alive, one cross-entropy
+    # chunk in flight. In the backward the gradients grow as the activations go: at its start the head's and the LM
+    # head's gradients beside every activation and the largest block recomputed; at its end (the trunk's first block)
+    # every gradient beside the activations outside the blocks and that block's.
     a = sum(acts.values())
-    peaks = {"loss": a + ce_bytes + gathered["loss"], "backward": a + state["grads_fp32"] + working + gathered["backward"]}
+    early = sum(t for name, _, t in units if name in ("head.model", "llm.model.lm_head") or name.startswith("head.model.stack."))
+    first_block = (stream * spec.llm["hidden_size"] * c["llm_tokens"]) if activation_checkpointing else llm_block
+    recomputed = {"loss": 0, "backward": working, "end of the backward": llm_block if activation_checkpointing else 0}
+    peaks = {"loss": a + ce_bytes,
+             "backward": a + 4 * early / shard,
+             "end of the backward": a - blocks + first_block + state["grads_fp32"]}
+    peaks = {k: v + recomputed[k] + gathered[k] for k, v in peaks.items()}
     peak_at = max(peaks, key=peaks.get)
-    transient = {"recomputed_block": working, "chunked_ce": ce_bytes, "fsdp_gathered": gathered[peak_at]}
+    transient = {"recomputed_block": recomputed[peak_at], "chunked_ce": ce_bytes if peak_at == "loss" else 0,
+                 "fsdp_gathered": gathered[peak_at]}
     total = state["params_fp32"] + state["adamw_fp32"] + peaks[peak_at]
     return {"parameters": n_params, "trainable": n_train, "shard": shard, "counts": c,
             "state_bytes": state, "activation_bytes": acts, "transient_bytes": transient,
-            "activation_checkpointing": activation_checkpointing, "compute": compute, "peak_at": peak_at,
+            "activation_checkpointing": activation_checkpointing, "compute": compute, "fsdp": fsdp, "peak_at": peak_at,
             "largest_unit": {"name": largest[0], "parameters": largest[1]},
             "total_bytes": total, "checkpoint_bytes": 4 * n_params + 8 * n_train, "probe": probe}
 
@@ -463,13 +492,13 @@ def plan_recipe(configs: list[str], devices: int, nodes: int = 1, *, num_layers:
         shape = StepShape(gen_rows=int(micro_batch.get("generation", 0)), und_rows=int(micro_batch.get("understanding", 0)),
                           text_rows=int(micro_batch.get("text", 0)), seq_len=shape.seq_len, views_per_row=shape.views_per_row)
     world = devices * nodes
-    shard = min(int(settings["shard_size"] or world), world)
+    shard = min(int(settings["shard_size"] or world), world) if settings["fsdp"] else 1
     probe = probe_activations(spec, settings["compute"])
     out = {}
     for ac in (False, True):
         out["with_ac" if ac else "without_ac"] = estimate(
             spec, shape, shard=shard, param_dtype=settings["param_dtype"], reduce_dtype=settings["reduce_dtype"],
-            compute=settings["compute"], activation_checkpointing=ac, probe=probe)
+            compute=settings["compute"], activation_checkpointing=ac, probe=probe, fsdp=settings["fsdp"])
     chosen = out["with_ac" if settings["activation_checkpointing"] else "without_ac"]
     return {"recipe": configs, "world_size": world, "fsdp_shard": shard, "batch_plan": batch,
             "micro_batch": asdict(shape), "model": asdict(spec), "settings": settings, "estimates": out,
@@ -486,9 +515,11 @@ def report(plan: dict, gpu_gb: float, margin: float) -> tuple[str, bool]:
     s, est = plan["settings"], plan["recipe_estimate"]
     m = plan["micro_batch"]
     c = est["counts"]
+    sharding = (f"FSDP2 shard group {plan['fsdp_shard']}; params {s['param_dtype'] or 'fp32'}, reduce {s['reduce_dtype']}"
+                if s["fsdp"] else f"not sharded: trainer.strategy {s['strategy'] or 'auto'} keeps the whole model on "
+                "every GPU")
     lines = [f"synergen plan: {' + '.join(plan['recipe'])} at {plan['world_size']} GPU(s) "
-             f"(FSDP2 shard group {plan['fsdp_shard']}; {s['precision']}, params {s['param_dtype'] or 'fp32'}, "
-             f"reduce {s['reduce_dtype']}; stage {plan['model']['stage']})",
+             f"({sharding}; {s['precision']}; stage {plan['model']['stage']})",
              f"  model: {est['parameters']:,} parameters, {est['trainable']:,} trainable; LLM {plan['model']['llm']['num_layers']} "
              f"layers x {plan['model']['llm']['hidden_size']}, head {plan['model']['head']['num_layers']} layers",
              f"  micro-batch: {m['gen_rows']} generation + {m['und_rows']} understanding + {m['text_rows']} text rows x "
@@ -502,6 +533,8 @@ def report(plan: dict, gpu_gb: float, margin: float) -> tuple[str, bool]:
         lines.append(f"    {label:<32}{_gb(sum(e['activation_bytes'].values())):>12}   "
                      f"(peak at the {e['peak_at']}: total {_gb(e['total_bytes'])})")
     lines.append(f"  checkpoint on disk (weights + AdamW moments): {_gb(est['checkpoint_bytes'])}")
+    if not s["fsdp"] and plan["world_size"] > 1:
+        lines.append("  not counted: DDP's gradient buckets at more than one GPU (about the gradients' size again)")
     budget = gpu_gb * 1e9
     fits = est["total_bytes"] * (1 + margin) <= budget
     ac = "on" if s["activation_checkpointing"] else "off"
@@ -509,7 +542,9 @@ def report(plan: dict, gpu_gb: float, margin: float) -> tuple[str, bool]:
                  f"per GPU; with a {margin:.0%} margin {_gb(est['total_bytes'] * (1 + margin))} of {gpu_gb:g} GB")
     if not fits:
         over = est["total_bytes"] * (1 + margin) - budget
-        hint = ("turn activation checkpointing on (trainer.strategy.init_args.activation_checkpointing: true)"
+        hint = ("shard with FSDP2 and checkpoint activations (trainer.strategy as in recipes/synergen_vl_2b/stage1.yaml)"
+                if not s["fsdp"] else
+                "turn activation checkpointing on (trainer.strategy.init_args.activation_checkpointing: true)"
                 if not s["activation_checkpointing"] else "lower trainer.strategy.init_args.tokens_per_gpu")
         lines.append(f"WARNING: over {gpu_gb:g} GB with the {margin:.0%} margin by {_gb(over)}: {hint}, "
                      "or shard over more GPUs (shard_size)")

@@ -80,6 +80,33 @@ def test_saved_bytes_per_logit_at_the_real_codebook(autocast):
     assert chunked < 0.01, chunked  # x [N, D] and a float per row: D*4/V + 12/V bytes per logit
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_peak_of_forward_and_backward_is_what_the_plan_counts(autocast):
+    """Counted by torch's MemTracker (an independent count of live tensors): beside the inputs and their gradients,
+    one chunk's logits cost at most `plan.CE_BYTES_PER_LOGIT` bytes each, and the classifier's gradient one chunk's
+    product [V, D] in the compute dtype, cast into the fp32 sum as it is added (an fp32 copy of the product, 4 more
+    bytes per classifier weight, fails this under bf16 autocast)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from synergen_lightning.plan import CE_BYTES_PER_LOGIT
+
+    n, d, v, chunk_rows = 512, 256, 4096, 64
+    x, w, t = _inputs(n=n, d=d, v=v, ignore=False)
+    tracker = MemTracker()
+    tracker.track_external(x, w, t)
+    with tracker:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = linear_cross_entropy(x, w, t, "sum", chunk_logits=chunk_rows * v)
+        loss.backward()
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    c = 2 if autocast else 4  # bytes per element in the compute dtype
+    inputs_and_grads = 2 * (x.nbytes + w.nbytes) + t.nbytes
+    weight_copy = v * d * c if c != 4 else 0  # the classifier in the compute dtype
+    bound = (inputs_and_grads + weight_copy + v * d * c + CE_BYTES_PER_LOGIT * chunk_rows * v
+             + c * (n + chunk_rows) * d)  # the input's gradient and one chunk of the input in the compute dtype
+    assert peak <= bound, (peak, bound)
+
+
 def test_chunked_linear_keeps_the_linear_state_dict():
     lin = torch.nn.Linear(8, 50, bias=False)
     chunked = ChunkedLinear(8, 50, bias=False)

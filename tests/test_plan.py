@@ -19,12 +19,49 @@ sys.path.insert(0, str(ROOT / "bench"))
     (4, {"gen_rows": 1, "und_rows": 1, "seq_len": 300}, True, "bf16"),
 ])
 def test_plan_within_15_percent_of_measured_peak(layers, shape, checkpointing, compute):
-    from memory_check import TINY, compare
+    from memory_check import compare
+
+    r = compare(_tiny(layers), shape, checkpointing, compute)
+    assert 0.85 <= r["ratio"] <= 1.15, (r["planned_bytes"], r["measured_bytes"], r["plan"], r["measured"])
+
+
+def _tiny(layers: int, stage: str = "stage1") -> dict:
+    from memory_check import TINY
 
     spec = json.loads(json.dumps(TINY))
-    spec["llm"]["num_layers"] = layers
-    r = compare(spec, shape, checkpointing, compute)
+    spec["llm"]["num_layers"], spec["stage"] = layers, stage
+    return spec
+
+
+@pytest.mark.parametrize("world, shard_size, stage, shape, checkpointing, compute", [
+    # FSDP2 in fp32 gathers fp32 units
+    (8, None, "stage1", {"gen_rows": 2, "und_rows": 1, "seq_len": 1024}, True, "fp32"),
+    # every parameter trains: the gradients grow through the backward as the activations go
+    (8, None, "sft", {"gen_rows": 1, "und_rows": 1, "seq_len": 300}, True, "bf16"),
+    # HSDP: sharded within groups of 8, replicated across 8 groups
+    (64, 8, "stage2", {"gen_rows": 1, "und_rows": 1, "seq_len": 300}, False, "bf16"),
+    (64, None, "stage1", {"gen_rows": 2, "und_rows": 1, "seq_len": 1024}, True, "bf16"),
+])
+def test_plan_within_15_percent_of_fsdp_mem_tracker_at_scale(world, shard_size, stage, shape, checkpointing, compute):
+    """One rank of a world the CPU cannot launch: a fake process group in one process, the model sharded by
+    `distributed.parallelize`, its live tensors counted by torch's FSDPMemTracker (bench/memory_check.py --world)."""
+    from memory_check import compare
+
+    r = compare(_tiny(4, stage), shape, checkpointing, compute, world=world, shard_size=shard_size)
+    assert r["method"] == "fsdp_mem_tracker"
+    assert r["plan"]["state_bytes"]["params_fp32"] == 4 * r["plan"]["parameters"] / (shard_size or world)
     assert 0.85 <= r["ratio"] <= 1.15, (r["planned_bytes"], r["measured_bytes"], r["plan"], r["measured"])
+
+
+def test_tracker_and_resident_set_agree_at_world_size_one():
+    """The two measurements the plan is checked against count the same step alike: torch's FSDPMemTracker (live
+    tensors, over a one-rank fake process group) and the resident set of a fresh process (gloo, one rank)."""
+    from memory_check import measure
+
+    spec, shape = _tiny(4), {"gen_rows": 1, "und_rows": 1, "seq_len": 1024}
+    tracked = measure(spec, shape, True, "bf16", world=1)["measured_peak_bytes"]
+    resident = measure(spec, shape, True, "bf16")["measured_peak_bytes"]
+    assert abs(tracked / resident - 1) < 0.06, (tracked, resident)
 
 
 def test_plan_2b_stage1_fits_80gb_and_warns_without_checkpointing(capsys, tmp_path):
@@ -47,6 +84,30 @@ def test_plan_2b_stage1_fits_80gb_and_warns_without_checkpointing(capsys, tmp_pa
                      "--nodes", "32"]) == 0
     text = capsys.readouterr().out  # 27 rows per task and rank: micro-batches of 3 + 3 rows
     assert "256 GPU(s)" in text and "3 generation + 3 understanding" in text and "WARNING" not in text
+
+
+def test_plan_of_an_unsharded_recipe_keeps_the_whole_model_per_gpu(capsys, tmp_path):
+    """The tiny recipes train without FSDP (`strategy: auto`): at 2 GPUs each holds the whole model (DDP), and the
+    plan says so instead of dividing by a shard group that does not exist; the same recipe under FSDP2Strategy shards."""
+    import yaml
+
+    recipe = yaml.safe_load((ROOT / "recipes/tiny/stage1.yaml").read_text())
+    recipe["model"]["init_args"]["llm"] = {"vocab_size": 512, "hidden_size": 128, "num_layers": 2, "num_heads": 4,
+                                           "num_kv_heads": 2, "intermediate_size": 352}
+    plans = {}
+    for name, strategy in (("auto", "auto"), ("fsdp2", {"class_path": "synergen_lightning.distributed.FSDP2Strategy"})):
+        recipe["trainer"]["strategy"] = strategy
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        assert synergen(["plan", "--config", str(path), "--devices", "2", "--json", str(tmp_path / f"{name}.json")]) == 0
+        plans[name] = (json.loads((tmp_path / f"{name}.json").read_text()), capsys.readouterr().out)
+    (auto, auto_text), (fsdp, fsdp_text) = plans["auto"], plans["fsdp2"]
+    assert auto["fsdp_shard"] == 1 and not auto["recipe_estimate"]["fsdp"]
+    assert "not sharded: trainer.strategy auto" in auto_text and "DDP's gradient buckets" in auto_text
+    assert fsdp["fsdp_shard"] == 2 and "FSDP2 shard group 2" in fsdp_text
+    est_a, est_f = auto["recipe_estimate"], fsdp["recipe_estimate"]
+    assert est_a["state_bytes"]["params_fp32"] == 2 * est_f["state_bytes"]["params_fp32"] == 4 * est_a["parameters"]
+    assert est_a["transient_bytes"]["fsdp_gathered"] == 0 < est_f["transient_bytes"]["fsdp_gathered"]
 
 
 def test_plan_bad_input_names_the_fix(capsys):

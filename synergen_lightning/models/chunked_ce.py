@@ -69,7 +69,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if grad_x is not None:
                     grad_x[s:s + chunk] = grad @ w
                 if grad_w is not None:
-                    grad_w += (grad.t() @ xc).float()
+                    grad_w.add_(grad.t() @ xc)  # cast into the fp32 sum as it adds: no fp32 copy of [V, D]
         return (None if grad_x is None else grad_x.to(x.dtype), None if grad_w is None else grad_w.to(weight.dtype),
                 None, None, None, None)
 
