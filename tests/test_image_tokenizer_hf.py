@@ -52,6 +52,30 @@ def test_emu3_adapter_uses_preprocessor_mean_std(tmp_path):
     assert torch.equal(tok.encode(images), torch.stack(ref))
 
 
+def test_emu3_adapter_takes_images_and_codes_from_any_device():
+    """As VQTokenizer: inputs go to the tokenizer's device (a GPU in training, a CPU batch or code grid in scripts).
+    The meta device stands in for the GPU: a CPU input meeting it unmoved raises."""
+    from torch import nn
+
+    from synergen_lightning.image_tokenizer.hf_adapters import Emu3VQTokenizer
+
+    class Stub(nn.Module):
+        dtype = torch.float32
+
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(1))
+
+        def decode(self, codes):
+            assert codes.device == self.weight.device, codes.device
+            return torch.zeros(codes.shape[0], 3, 8 * codes.shape[1], 8 * codes.shape[2], device=codes.device)
+
+    tok = Emu3VQTokenizer(Stub(), torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1), codebook_size=64, downsample=8)
+    tok.to("meta")
+    assert tok.to_model_range(torch.rand(2, 3, 16, 16)).device.type == "meta"
+    assert tok.decode(torch.zeros(2, 2, 2, dtype=torch.long)).shape == (2, 3, 16, 16)
+
+
 def test_chameleon_adapter_matches_transformers(tmp_path):
     cfg = transformers.ChameleonVQVAEConfig(embed_dim=8, num_embeddings=32, latent_channels=8, resolution=32,
                                             base_channels=32, channel_multiplier=[1, 2, 2], num_res_blocks=1,

@@ -57,8 +57,9 @@ class _HFVQBase(nn.Module):
         self.codebook_size, self.downsample = int(codebook_size), int(downsample)
 
     def to_model_range(self, images: Tensor) -> Tensor:
+        """Images in [0, 1] on any device -> the model's input on its device (as VQTokenizer takes them)."""
         check_images(images, self.downsample)
-        return ((images - self.mean) / self.std).to(self.model.dtype)
+        return ((images.to(self.mean.device) - self.mean) / self.std).to(self.model.dtype)
 
     def from_model_range(self, pixels: Tensor) -> Tensor:
         return (pixels.float() * self.std + self.mean).clamp(0, 1)
@@ -75,7 +76,8 @@ class Emu3VQTokenizer(_HFVQBase):
     @torch.no_grad()
     def decode(self, codes: Tensor) -> Tensor:
         _check_codes(codes, self.codebook_size)
-        return self.from_model_range(self.model.decode(codes))  # 3-D codes: first decoded frame
+        # 3-D codes: first decoded frame; codes from any device, as VQTokenizer takes them
+        return self.from_model_range(self.model.decode(codes.to(self.mean.device)))
 
 
 class ChameleonVQTokenizer(_HFVQBase):
