@@ -193,7 +193,8 @@ def compare(spec: dict, shape: dict, checkpointing: bool, compute: str = "fp32",
     of `world` (FSDP2 over every rank, or HSDP groups of `shard_size`) counted by FSDPMemTracker."""
     measured = measure(spec, shape, checkpointing, compute, world=world, shard_size=shard_size)
     shard = min(shard_size or world, world) if world else 1
-    est = estimate(spec_of(spec), StepShape(**shape), shard=shard, param_dtype="bfloat16" if compute == "bf16" else None,
+    est = estimate(spec_of(spec), StepShape(**shape), shard=shard,
+                   param_dtype="bfloat16" if compute == "bf16" else None,
                    compute=compute, activation_checkpointing=checkpointing, fsdp=compute == "bf16" or world is not None,
                    probe=probe)
     planned = est["total_bytes"]

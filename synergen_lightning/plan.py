@@ -10,7 +10,8 @@ What is counted, per GPU, at the recipe's world size (`--devices` x `--nodes`) a
 - **gathered units**: FSDP2 all-gathers one unit (a decoder block, the embedding, the LM head, ...) at a time and
   prefetches the next, in `param_dtype` (fp32 when none is set); in the backward also the unsharded gradient of a unit
   in `param_dtype` and its `reduce_dtype` copy. Across ranks the next unit's flat all-gather output lives beside the
-  current unit's parameters (one block more). Counted at each peak for the units that run then: the classifier's unit
+  current unit's parameters (one block more), and the previous block's reduce-scatter input is still in flight during
+  a block's backward. Counted at each peak for the units that run then: the classifier's unit
   and a block at the loss, two blocks (three across ranks) and a block's gradients in the backward. A recipe whose
   strategy does not shard (`auto`, DDP) holds the whole model on every GPU and gathers nothing.
 - **activations**, derived from measurement, not from a formula: `probe_activations` runs a forward of the same
@@ -52,7 +53,8 @@ from synergen_lightning.models.config import LLMConfig
 
 GiB = 2**30
 # bytes in flight per logit of one chunk of the chunked cross-entropy's backward (its largest moment): two fp32
-# tensors of the chunk's shape alive at once (the logits minus the log-sum-exp, then their exp); tests/test_chunked_ce.py
+# tensors of the chunk's shape alive at once (the logits minus the log-sum-exp, then their exp);
+# tests/test_chunked_ce.py holds the code to it
 CE_BYTES_PER_LOGIT = 8
 REGIONS = ("llm_layer", "head_layer", "head", "folder", "text_loss", "other")
 # what each measured figure is per
@@ -445,11 +447,13 @@ def estimate(spec: ModelSpec, shape: StepShape, *, shard: int = 1, param_dtype: 
     llm_nt = [(n, t) for name, n, t in units if name.startswith("llm.model.layers.")]
 
     # across ranks a unit arrives as one flat all-gather output, copied into its parameters: the next unit's output
-    # is alive beside them (one block more than on one rank, where nothing is all-gathered)
-    copies = 3 if shard > 1 else 2
+    # is alive beside them (one block more than on one rank, where nothing is all-gathered); and the previous block's
+    # reduce-scatter input (its gradients in reduce_dtype) is still in flight during a block's backward
+    copies, in_flight = (3, 1) if shard > 1 else (2, 0)
 
     def backward_gathered(block_units):
-        return max(copies * n * gather_b + t * (gather_b + rdt.itemsize) for n, t in block_units) if gather_b else 0
+        return max(copies * n * gather_b + t * (gather_b + (1 + in_flight) * rdt.itemsize)
+                   for n, t in block_units) if gather_b else 0
 
     gathered = {"loss": (max(by_name["head.model"], by_name["llm.model.lm_head"])
                          + (copies - 1) * max(n for n, _ in blocks_nt)) * gather_b,
@@ -459,7 +463,8 @@ def estimate(spec: ModelSpec, shape: StepShape, *, shard: int = 1, param_dtype: 
     # head's gradients beside every activation and the largest block recomputed; at its end (the trunk's first block)
     # every gradient beside the activations outside the blocks and that block's.
     a = sum(acts.values())
-    early = sum(t for name, _, t in units if name in ("head.model", "llm.model.lm_head") or name.startswith("head.model.stack."))
+    early = sum(t for name, _, t in units
+                if name in ("head.model", "llm.model.lm_head") or name.startswith("head.model.stack."))
     first_block = (stream * spec.llm["hidden_size"] * c["llm_tokens"]) if activation_checkpointing else llm_block
     recomputed = {"loss": 0, "backward": working, "end of the backward": llm_block if activation_checkpointing else 0}
     peaks = {"loss": a + ce_bytes,
@@ -546,8 +551,8 @@ def report(plan: dict, gpu_gb: float, margin: float) -> tuple[str, bool]:
                 if not s["fsdp"] else
                 "turn activation checkpointing on (trainer.strategy.init_args.activation_checkpointing: true)"
                 if not s["activation_checkpointing"] else "lower trainer.strategy.init_args.tokens_per_gpu")
-        lines.append(f"WARNING: over {gpu_gb:g} GB with the {margin:.0%} margin by {_gb(over)}: {hint}, "
-                     "or shard over more GPUs (shard_size)")
+        more = ", or shard over more GPUs (shard_size)" if s["fsdp"] else ""
+        lines.append(f"WARNING: over {gpu_gb:g} GB with the {margin:.0%} margin by {_gb(over)}: {hint}{more}")
     return "\n".join(lines), fits
 
 
