@@ -235,4 +235,3 @@ def test_compiled_decoding_without_a_cpp_compiler_says_what_to_do(monkeypatch):
     with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler.*without --compile"):
         generate_codes(model, [[SPECIAL["bos"], 11, SPECIAL["boi"]]], compile=True)
     assert generate_codes(model, [[SPECIAL["bos"], 11, SPECIAL["boi"]]], None, None).shape == (1, 4, 4)  # eager runs
-

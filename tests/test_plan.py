@@ -12,6 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 
+def _tiny(layers: int, stage: str = "stage1") -> dict:
+    from memory_check import TINY
+
+    spec = json.loads(json.dumps(TINY))
+    spec["llm"]["num_layers"], spec["stage"] = layers, stage
+    return spec
+
+
 @pytest.mark.parametrize("layers, shape, checkpointing, compute", [
     (2, {"gen_rows": 1, "und_rows": 1, "seq_len": 1024}, True, "fp32"),
     (4, {"gen_rows": 2, "und_rows": 1, "seq_len": 300}, False, "fp32"),
@@ -23,14 +31,6 @@ def test_plan_within_15_percent_of_measured_peak(layers, shape, checkpointing, c
 
     r = compare(_tiny(layers), shape, checkpointing, compute)
     assert 0.85 <= r["ratio"] <= 1.15, (r["planned_bytes"], r["measured_bytes"], r["plan"], r["measured"])
-
-
-def _tiny(layers: int, stage: str = "stage1") -> dict:
-    from memory_check import TINY
-
-    spec = json.loads(json.dumps(TINY))
-    spec["llm"]["num_layers"], spec["stage"] = layers, stage
-    return spec
 
 
 @pytest.mark.parametrize("world, shard_size, stage, shape, checkpointing, compute", [
