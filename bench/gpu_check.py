@@ -161,7 +161,8 @@ def section_reduced_2b(device: str) -> dict:
         images, prompt_len, layers = 2, 8, 2
     torch.manual_seed(0)
     model = build_2b(c, device).train()
-    spec = ModelSpec(llm=dict(model.hparams.llm), head={**model.head.model.config.__dict__, "num_layers": c["head_layers"]},
+    spec = ModelSpec(llm=dict(model.hparams.llm),
+                     head={**model.head.model.config.__dict__, "num_layers": c["head_layers"]},
                      codebook_size=c["codebook_size"], image_size=c["grid"] * 8, downsample=8, fold=tuple(c["fold"]),
                      code_dim=c["hidden_size"], stage="full")
     spec.head = {k: spec.head[k] for k in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")}

@@ -45,6 +45,7 @@ from synergen_lightning.plan import (  # noqa: E402
     StepShape,
     build_model,
     estimate,
+    fsdp_shard,
     probe_activations,
     probe_batch,
     scaled_spec,
@@ -90,7 +91,8 @@ def live_tensor_bytes() -> int:
 
 
 def _training_step(spec: ModelSpec, batch: dict, checkpointing: bool, compute: str, mesh=None):
-    """The model and one training step; sharded with FSDP2 under bf16 or over `mesh` (fp32 params unless bf16)."""
+    """The model, one training step and its optimizer; sharded with FSDP2 under bf16 or over `mesh` (fp32 params
+    unless bf16)."""
     from synergen_lightning.distributed import _checkpoint_block, decoder_blocks, parallelize
 
     torch.manual_seed(0)
@@ -110,8 +112,7 @@ def _training_step(spec: ModelSpec, batch: dict, checkpointing: bool, compute: s
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step.optimizer = opt
-    return model, step
+    return model, step, opt
 
 
 def probe(spec: ModelSpec, shape: StepShape, checkpointing: bool, compute: str) -> dict:
@@ -126,12 +127,12 @@ def probe(spec: ModelSpec, shape: StepShape, checkpointing: bool, compute: str) 
     # set) and one-off buffers exist before the baseline
     small = scaled_spec(spec, 2)
     warm = StepShape(gen_rows=1, und_rows=1, seq_len=small.tokens_per_view + 8)
-    model, step = _training_step(small, probe_batch(small, warm), checkpointing, compute)
+    model, step, _ = _training_step(small, probe_batch(small, warm), checkpointing, compute)
     step(), step()
     del model, step
     batch = probe_batch(spec, shape)
     base = _rss("VmRSS")
-    model, step = _training_step(spec, batch, checkpointing, compute)
+    model, step, _ = _training_step(spec, batch, checkpointing, compute)
     t0 = time.perf_counter()
     step()
     first = time.perf_counter() - t0
@@ -159,8 +160,8 @@ def probe_tracked(spec: ModelSpec, shape: StepShape, checkpointing: bool, comput
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     mesh = hsdp_mesh("cpu", world, shard_size) or init_device_mesh("cpu", (world,))
     batch = probe_batch(spec, shape)
-    model, step = _training_step(spec, batch, checkpointing, compute, mesh)
-    tracker = FSDPMemTracker(model, step.optimizer)
+    model, step, opt = _training_step(spec, batch, checkpointing, compute, mesh)
+    tracker = FSDPMemTracker(model, opt)
     tracker.track_inputs(tuple(v for v in batch.values() if isinstance(v, torch.Tensor)))
     t0 = time.perf_counter()
     with tracker:
@@ -192,7 +193,7 @@ def compare(spec: dict, shape: dict, checkpointing: bool, compute: str = "fp32",
     """The plan's estimate and the measured peak of one configuration: world size 1 in the resident set, or one rank
     of `world` (FSDP2 over every rank, or HSDP groups of `shard_size`) counted by FSDPMemTracker."""
     measured = measure(spec, shape, checkpointing, compute, world=world, shard_size=shard_size)
-    shard = min(shard_size or world, world) if world else 1
+    shard = fsdp_shard(world, shard_size) if world else 1
     est = estimate(spec_of(spec), StepShape(**shape), shard=shard,
                    param_dtype="bfloat16" if compute == "bf16" else None,
                    compute=compute, activation_checkpointing=checkpointing, fsdp=compute == "bf16" or world is not None,

@@ -194,10 +194,8 @@ def head_of(model: nn.Module) -> nn.Module | None:
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of a SynerGenVL: LLM layers, then the unfolding head's layers."""
-    blocks = list(trunk_of(model).layers)
-    if head_of(model) is not None:
-        blocks += list(head_of(model).stack.layers)
-    return blocks
+    head = head_of(model)
+    return list(trunk_of(model).layers) + (list(head.stack.layers) if head is not None else [])
 
 
 def _checkpoint_block(block: nn.Module) -> None:

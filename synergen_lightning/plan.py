@@ -219,6 +219,12 @@ def recipe_shape(config: dict, devices: int, nodes: int, tokens_per_gpu: int | N
     return shape, plan
 
 
+def fsdp_shard(world: int, shard_size: int | None) -> int:
+    """The ranks a parameter is sharded over: HSDP's `shard_size`, or every rank when unset or larger
+    (`distributed.hsdp_mesh`)."""
+    return min(int(shard_size or world), world)
+
+
 def strategy_settings(config: dict) -> dict:
     trainer = config.get("trainer") or {}
     strategy = trainer.get("strategy")
@@ -497,7 +503,7 @@ def plan_recipe(configs: list[str], devices: int, nodes: int = 1, *, num_layers:
         shape = StepShape(gen_rows=int(micro_batch.get("generation", 0)), und_rows=int(micro_batch.get("understanding", 0)),
                           text_rows=int(micro_batch.get("text", 0)), seq_len=shape.seq_len, views_per_row=shape.views_per_row)
     world = devices * nodes
-    shard = min(int(settings["shard_size"] or world), world) if settings["fsdp"] else 1
+    shard = fsdp_shard(world, settings["shard_size"]) if settings["fsdp"] else 1
     probe = probe_activations(spec, settings["compute"])
     out = {}
     for ac in (False, True):

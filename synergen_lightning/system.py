@@ -380,9 +380,9 @@ class SynerGenVL(LightningModule):
         folded, loss_fold = self.folder(codes, reconstruct=True) if self.folder.recon is not None else (None, None)
         embeds = self.embed_inputs(input_ids, image_mask, codes, slots, folded)
         hidden = self.llm.model(embeds, image_mask=image_mask, position_ids=batch.get("position_ids"),
-                          attention_mask=batch.get("attention_mask"),
-                          routing=Routing.from_indices(batch["text_idx"], slots), right_padded=batch["right_padded"],
-                          document_ids=batch.get("document_ids"))
+                                attention_mask=batch.get("attention_mask"),
+                                routing=Routing.from_indices(batch["text_idx"], slots),
+                                right_padded=batch["right_padded"], document_ids=batch.get("document_ids"))
         # text: HF convention, labels[t] is the target of the prediction made at t-1; LM head on supervised rows
         # only, its logits and loss in row chunks (the [N, vocab] logits never exist at once)
         b, t, d = hidden.shape
@@ -391,7 +391,7 @@ class SynerGenVL(LightningModule):
         rows = positions // max(t - 1, 1)
         at = positions + rows  # position p of the [B, T-1] predictions is token p + row of the [B, T] sequence
         token_losses = self.llm.model.token_losses(hidden.reshape(b * t, d).index_select(0, at),
-                                             batch["labels"].reshape(-1).index_select(0, at + 1))
+                                                   batch["labels"].reshape(-1).index_select(0, at + 1))
         loss_text = self.text_loss_mean(token_losses, batch.get("text_samples", rows), batch.get("task"))
         # image: the head unfolds the hidden state before each patch of every supervised view
         views = batch["loss_views"]
