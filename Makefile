@@ -78,7 +78,7 @@ logged = $(if $(1),@mkdir -p $(dir $(1)) && echo "$(2) (log: $(1))" && { { $(3);
 resume_from = $(if $(wildcard $(1).done),,$(if $(wildcard $(1)last.ckpt),--ckpt_path $(1)last.ckpt))
 start_over_if_finished = @if [ -f $(1).done ]; then rm -f $(1).done $(1)*.ckpt; fi
 
-.PHONY: help install constraints check-extras data tokenizer base-llm stage1 stage2 sft demo ablations eval lint test test-fast test-all bench gpu-check tensorboard geneval-gt clean
+.PHONY: help install constraints check-extras wheelhouse data tokenizer base-llm stage1 stage2 sft demo ablations eval lint test test-fast test-all bench gpu-check tensorboard geneval-gt clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9_-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -102,6 +102,9 @@ constraints: $(VENV)  ## rewrite constraints.txt from the installed packages (af
 
 check-extras: $(VENV)  ## in a fresh virtualenv: installing each optional extra (dev, lm-eval, lmms-eval) changes neither torch nor the toolkit's pins (pip --dry-run; a few minutes)
 	$(PY) bench/check_extras.py --torch "$(TORCH)"
+
+wheelhouse: $(VENV)  ## the wheels a torch GPU image lacks (jsonargparse, omegaconf, webdataset, ...) into wheelhouse/, for an offline node (docs/distributed.md)
+	$(PY) bench/wheelhouse.py --out wheelhouse
 
 data: $(DATA_OK)  ## write the tiny shape world (LEVEL=demo|grid|read|full): train/val shards, eval prompts, text corpus
 

@@ -23,10 +23,15 @@ Sections, each recording its own error (one failing path does not hide the other
   parameters, and how the calls were made (mask, causal, GQA). The CPU has no FlashAttention: the same forward at
   tiny sizes records its calls and "not measured".
 
-Without CUDA the same script runs at tiny sizes on the CPU (a few steps, fp32; compile is skipped: it takes minutes
-there) and says that the GPU figures are not measured: that run is its test (tests/test_gpu_check.py).
+Without CUDA the same script runs at tiny sizes on the CPU (a few steps, fp32; compile is off unless `--compile on`:
+it takes minutes there) and says that the GPU figures are not measured: that run is its test (tests/test_gpu_check.py).
+The JSON is rewritten after every section, and no section begins once `--budget-s` is spent, so a run stopped from
+outside, or one that meets a slow compiler, still leaves the figures it measured.
 
-    .venv/bin/python bench/gpu_check.py [--out runs/gpu_check/results.json] [--device cpu]
+    .venv/bin/python bench/gpu_check.py [--out runs/gpu_check/results.json] [--device cpu] [--compile on]
+
+On a GPU node without internet whose Python already holds torch and lightning: docs/distributed.md, "Offline GPU
+nodes".
 """
 
 from __future__ import annotations
@@ -125,13 +130,13 @@ def tiny_stage1(work: Path, device: str, steps: int, compile: bool) -> dict:
             "compile": compile}
 
 
-def section_tiny_stage1(device: str, work: Path) -> dict:
+def section_tiny_stage1(device: str, work: Path, compile: bool) -> dict:
     from tiny_world import make_tiny_world
 
     make_tiny_world(work, num_samples=120)
     steps = 100 if device == "cuda" else 3
     out = {"eager": tiny_stage1(work, device, steps, compile=False)}
-    if device == "cuda":
+    if compile:
         out["compiled"] = tiny_stage1(work, device, steps, compile=True)
         a, b = out["eager"]["losses"], out["compiled"]["losses"]
         worst = max(abs(x - y) / max(abs(x), 1e-6) for x, y in zip(a, b)) if a and len(a) == len(b) else None
@@ -139,12 +144,12 @@ def section_tiny_stage1(device: str, work: Path) -> dict:
         out["losses_match"] = worst is not None and worst <= LOSS_TOL
         out["compile_speedup"] = out["eager"]["median_step_s"] / out["compiled"]["median_step_s"]
     else:
-        out["compiled"] = {"skipped": "torch.compile per block takes minutes on a CPU (RESULTS.md); GPU only"}
+        out["compiled"] = {"skipped": "torch.compile per block takes minutes on a CPU (RESULTS.md): --compile on"}
     return out
 
 
 # ------------------------------------------------------------------------------------------------ reduced 2b step
-def section_reduced_2b(device: str) -> dict:
+def section_reduced_2b(device: str, compile: bool) -> dict:
     from bench_mfu import PRESET_2B, QUICK, build_2b, gen_batch, system_flops
     from common import gemm_variant, interleaved
     from synergen_lightning.distributed import parallelize
@@ -167,9 +172,9 @@ def section_reduced_2b(device: str) -> dict:
                      code_dim=c["hidden_size"], stage="full")
     spec.head = {k: spec.head[k] for k in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")}
     dtype = "bfloat16" if cuda else None
-    # compiled per block on CUDA, as the 2b recipes run; on the CPU compiling takes minutes and measures nothing
+    # compiled per block, as the 2b recipes run (by default on CUDA only: on the CPU compiling takes minutes)
     parallelize(model, None, param_dtype=dtype, reduce_dtype="float32", activation_checkpointing=True,
-                compile=cuda, check_states=False)
+                compile=compile, check_states=False)
     batch = gen_batch(c, images, prompt_len, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
@@ -180,7 +185,7 @@ def section_reduced_2b(device: str) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # compiles (CUDA); AdamW's moments exist from here on, as in a run
+    step()  # compiles; AdamW's moments exist from here on, as in a run
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -192,7 +197,7 @@ def section_reduced_2b(device: str) -> dict:
     shape = StepShape(gen_rows=images, und_rows=0, seq_len=batch["input_ids"].shape[1])
     plan = estimate(spec, shape, shard=1, param_dtype=dtype, compute="bf16" if cuda else "fp32",
                     activation_checkpointing=True)
-    out = {"compiled": cuda, "llm_layers": layers, "head_layers": c["head_layers"], "hidden_size": c["hidden_size"], "images": images,
+    out = {"compiled": compile, "llm_layers": layers, "head_layers": c["head_layers"], "hidden_size": c["hidden_size"], "images": images,
            "seq_len": shape.seq_len, "step_s": timed["train_step"]["median_s"], "flops_per_step": flops,
            "gemm_peak_tflops": gemm_flops / timed["gemm_peak"]["median_s"] / 1e12, "mfu": mfu,
            "plan_bytes": plan["total_bytes"]}
@@ -391,24 +396,39 @@ def section_flash_attention(device: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ run
-SECTIONS = ("tiny_stage1", "reduced_2b_step", "generation", "dcp_roundtrip", "flash_attention")
+# cheap sections and the targets' figures (MFU, memory against the plan) first: a run stopped early keeps them
+SECTIONS = ("reduced_2b_step", "dcp_roundtrip", "flash_attention", "tiny_stage1", "generation")
 
 
-def run(device: str, out: Path, only: list[str] | None = None) -> dict:
+def run(device: str, out: Path, only: list[str] | None = None, compile: bool | None = None,
+        budget_s: float | None = None) -> dict:
+    """Run the sections in order, writing `out` after each one (a run killed from outside keeps what it measured);
+    once `budget_s` seconds are spent, the sections not yet begun are recorded as skipped. `compile` (default: on
+    CUDA only) compiles the tiny stage 1 and the reduced 2b step per block."""
     from common import machine_info
 
-    result = {"device": device, "machine": machine_info(device), "gpu_measured": device == "cuda"}
+    compile = device == "cuda" if compile is None else compile
+    import lightning
+
+    result = {"device": device, "machine": machine_info(device), "gpu_measured": device == "cuda",
+              "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
+                           "lightning": lightning.__version__}}
     if device != "cuda":
         result["note"] = NOT_MEASURED
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = Path(tmp)
-        funcs = {"tiny_stage1": lambda: section_tiny_stage1(device, work / "world"),
-                 "reduced_2b_step": lambda: section_reduced_2b(device),
+        funcs = {"tiny_stage1": lambda: section_tiny_stage1(device, work / "world", compile),
+                 "reduced_2b_step": lambda: section_reduced_2b(device, compile),
                  "generation": lambda: section_generation(device),
                  "dcp_roundtrip": lambda: section_dcp(device, work),
                  "flash_attention": lambda: section_flash_attention(device)}
         for name in SECTIONS:
             if only and name not in only:
+                continue
+            if budget_s is not None and time.perf_counter() - start > budget_s:
+                result[name] = {"skipped": f"the budget of {budget_s:.0f} s was spent before it began (--budget-s)"}
                 continue
             t0 = time.perf_counter()
             try:
@@ -419,56 +439,83 @@ def run(device: str, out: Path, only: list[str] | None = None) -> dict:
             result[name]["section_s"] = time.perf_counter() - t0
             if device == "cuda":
                 torch.cuda.empty_cache()
-    out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1, default=str))
     out.write_text(json.dumps(result, indent=1, default=str))
     return result
 
 
-def summary(result: dict) -> str:
-    def f(v, fmt="{:.3g}"):
-        return "-" if v is None else fmt.format(v)
+def _f(v, fmt="{:.3g}") -> str:
+    return "-" if v is None else fmt.format(v)
 
+
+def _tiny_rows(s: dict) -> list:
+    e, c = s.get("eager", {}), s.get("compiled", {})
+    losses = e.get("losses") or [None]
+    return [("tiny stage 1, eager", f"{e.get('steps')} steps",
+             f"median step {_f(e.get('median_step_s'))} s, loss {_f(losses[0])} -> {_f(losses[-1])}"),
+            ("tiny stage 1, compiled", c.get("skipped", "")[:40] or f"{c.get('steps')} steps",
+             "" if "skipped" in c else f"median step {_f(c.get('median_step_s'))} s, losses match "
+             f"{s.get('losses_match')} (max rel diff {_f(s.get('max_rel_loss_diff'))})")]
+
+
+def _reduced_2b_rows(r: dict) -> list:
+    gib = lambda v: v and v / 2**30  # noqa: E731
+    return [("reduced 2b step (AC)", f"{r.get('llm_layers')} layers",
+             f"step {_f(r.get('step_s'))} s, MFU {_f(r.get('mfu'), '{:.1%}')}, peak "
+             f"{_f(gib(r.get('peak_memory_bytes')))} GiB vs plan {_f(gib(r.get('plan_bytes')))} GiB")]
+
+
+def _generation_rows(g: dict) -> list:
     rows = []
-    s = result.get("tiny_stage1", {})
-    if "error" in s:
-        rows.append(("tiny stage 1", "error", s["error"][:90]))
-    else:
-        e, c = s.get("eager", {}), s.get("compiled", {})
-        rows.append(("tiny stage 1, eager", f"{e.get('steps')} steps", f"median step {f(e.get('median_step_s'))} s, "
-                     f"loss {f(e['losses'][0] if e.get('losses') else None)} -> {f(e['losses'][-1] if e.get('losses') else None)}"))
-        rows.append(("tiny stage 1, compiled", c.get("skipped", "")[:40] or f"{c.get('steps')} steps",
-                     "" if "skipped" in c else f"median step {f(c.get('median_step_s'))} s, losses match "
-                     f"{s.get('losses_match')} (max rel diff {f(s.get('max_rel_loss_diff'))})"))
-    r = result.get("reduced_2b_step", {})
-    rows.append(("reduced 2b step (AC)", "error" if "error" in r else f"{r.get('llm_layers')} layers",
-                 r.get("error", "")[:90] or f"step {f(r.get('step_s'))} s, MFU {f(r.get('mfu'), '{:.1%}')}, peak "
-                 f"{f(r.get('peak_memory_bytes') and r['peak_memory_bytes'] / 2**30)} GiB vs plan "
-                 f"{f(r.get('plan_bytes') and r['plan_bytes'] / 2**30)} GiB"))
-    g = result.get("generation", {})
     for n in (1, 16):
         row = g.get(f"images_{n}", {})
-        rows.append((f"generation, {n} image(s)", "error" if "error" in g else "",
-                     g.get("error", "")[:90] or f"folded {f(row.get('folded_s'))} s vs unfolded "
-                     f"{f(row.get('unfolded_s'))} s ({f(row.get('speedup'))}x)" + (
-                         f"; compiled {f(row.get('folded_compiled_s'))} s vs {f(row.get('unfolded_compiled_s'))} s "
-                         f"({f(row.get('speedup_compiled'))}x), codes part at {row.get('folded_compiled_first_differing_code')}"
-                         f"/{row.get('unfolded_compiled_first_differing_code')}" if "speedup_compiled" in row else "")))
-    d = result.get("dcp_roundtrip", {})
-    rows.append(("DCP save/load", "error" if "error" in d else f"{d.get('tensors')} tensors",
-                 d.get("error", "")[:90] or f"identical {d.get('identical')}, {f(d.get('bytes_on_disk'))} B, "
-                 f"save {f(d.get('save_s'))} s, load {f(d.get('load_s'))} s"))
-    fa = result.get("flash_attention", {})
-    if fa:
-        detail = fa.get("error", "")[:90]
-        for name in ("fsdp_bf16_params", "autocast_fp32_params", "cpu_forward"):
-            if name in fa:
-                r = fa[name]
-                detail += (f"{name}: {'accepted' if r.get('accepted') else 'refused: ' + r.get('error', '')[:60]} "
-                           f"({r.get('sdpa_calls')} calls, {r.get('calls_with_mask')} with mask, {r.get('gqa_calls')} GQA); ")
-        rows.append(("FlashAttention, padded", "error" if "error" in fa else str(fa.get("flash_accepted"))[:14],
-                     detail.rstrip("; ")))
-    width = max(len(a) for a, _, _ in rows)
-    lines = [f"gpu-check on {result['device']}" + (f" -- {result['note']}" if result.get("note") else "")]
+        compiled = (f"; compiled {_f(row.get('folded_compiled_s'))} s vs {_f(row.get('unfolded_compiled_s'))} s "
+                    f"({_f(row.get('speedup_compiled'))}x), codes part at "
+                    f"{row.get('folded_compiled_first_differing_code')}/{row.get('unfolded_compiled_first_differing_code')}"
+                    if "speedup_compiled" in row else "")
+        rows.append((f"generation, {n} image(s)", "", f"folded {_f(row.get('folded_s'))} s vs unfolded "
+                     f"{_f(row.get('unfolded_s'))} s ({_f(row.get('speedup'))}x)" + compiled))
+    return rows
+
+
+def _dcp_rows(d: dict) -> list:
+    return [("DCP save/load", f"{d.get('tensors')} tensors", f"identical {d.get('identical')}, "
+             f"{_f(d.get('bytes_on_disk'))} B, save {_f(d.get('save_s'))} s, load {_f(d.get('load_s'))} s")]
+
+
+def _flash_rows(fa: dict) -> list:
+    detail = ""
+    for name in ("fsdp_bf16_params", "autocast_fp32_params", "cpu_forward"):
+        if name in fa:
+            r = fa[name]
+            detail += (f"{name}: {'accepted' if r.get('accepted') else 'refused: ' + r.get('error', '')[:60]} "
+                       f"({r.get('sdpa_calls')} calls, {r.get('calls_with_mask')} with mask, {r.get('gqa_calls')} GQA); ")
+    return [("FlashAttention, padded", str(fa.get("flash_accepted"))[:14], detail.rstrip("; "))]
+
+
+SUMMARY_ROWS = {"reduced_2b_step": ("reduced 2b step", _reduced_2b_rows), "dcp_roundtrip": ("DCP save/load", _dcp_rows),
+                "flash_attention": ("FlashAttention", _flash_rows), "tiny_stage1": ("tiny stage 1", _tiny_rows),
+                "generation": ("generation", _generation_rows)}
+
+
+def summary(result: dict) -> str:
+    """A few lines per section run: its figures, or its error, or why it was skipped."""
+    rows = []
+    for name in SECTIONS:
+        if name not in result:
+            continue
+        label, section_rows = SUMMARY_ROWS[name]
+        s = result[name]
+        if "error" in s:
+            rows.append((label, "error", s["error"][:90]))
+        elif "skipped" in s:
+            rows.append((label, "skipped", s["skipped"][:90]))
+        else:
+            rows += section_rows(s)
+    width = max((len(a) for a, _, _ in rows), default=0)
+    v = result.get("versions", {})
+    on = f"{result['device']}" + "".join(f", {k} {v[k]}" for k in ("torch", "cuda", "lightning") if v.get(k))
+    lines = [f"gpu-check on {on}" + (f" -- {result['note']}" if result.get("note") else "")]
     lines += [f"  {a:<{width}}  {b:<14}  {c}" for a, b, c in rows]
     return "\n".join(lines)
 
@@ -478,7 +525,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="auto: cuda when available, else the CPU smoke run at tiny sizes")
     p.add_argument("--only", default=None, help=f"comma-separated sections of {','.join(SECTIONS)}")
-    p.add_argument("--out", default="runs/gpu_check/results.json")
+    p.add_argument("--out", default="runs/gpu_check/results.json", help="the JSON, rewritten after every section")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile per block in tiny_stage1 and reduced_2b_step (auto: on CUDA only; on the CPU "
+                        "it takes minutes); generation compiles its decoding in every mode")
+    p.add_argument("--budget-s", type=float, default=420.0,
+                   help="no section begins after this many seconds (the rest are recorded as skipped), so that a "
+                        "run fits a fixed GPU slot; 0: no limit")
     a = p.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -487,7 +540,8 @@ def main(argv: list[str] | None = None) -> dict:
     if only and set(only) - set(SECTIONS):
         raise SystemExit(f"--only {a.only!r}: unknown section(s) {sorted(set(only) - set(SECTIONS))}; use {','.join(SECTIONS)}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    result = run(device, Path(a.out), only)
+    compile = None if a.compile == "auto" else a.compile == "on"
+    result = run(device, Path(a.out), only, compile=compile, budget_s=a.budget_s or None)
     print(summary(result))
     print(f"wrote {a.out}")
     with contextlib.suppress(Exception):

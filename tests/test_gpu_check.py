@@ -63,3 +63,28 @@ def test_gpu_check_records_a_failing_section_and_goes_on(tmp_path, monkeypatch):
     assert result["generation"]["error"] == "RuntimeError: CUDA path broke"
     assert result["dcp_roundtrip"]["identical"]
     assert "error" in gpu_check.summary(result) and json.loads((tmp_path / "r.json").read_text())["generation"]["error"]
+
+
+def test_gpu_check_writes_after_every_section_and_skips_what_its_budget_cannot_begin(tmp_path, monkeypatch):
+    """A run cut off from outside keeps the sections it finished; past `budget_s` no section begins."""
+    import time
+
+    import gpu_check
+
+    out = tmp_path / "r.json"
+    seen = {}
+
+    def second(device):
+        seen.update(json.loads(out.read_text()))  # the first section is on disk before the second begins
+        time.sleep(0.3)
+        return {"figure": 2}
+
+    monkeypatch.setattr(gpu_check, "section_dcp", lambda device, work: {"figure": 1})
+    monkeypatch.setattr(gpu_check, "section_flash_attention", second)
+    monkeypatch.setattr(gpu_check, "section_generation", lambda device: pytest.fail("began after the budget"))
+    result = gpu_check.run("cpu", out, only=["dcp_roundtrip", "flash_attention", "generation"], budget_s=0.2)
+    assert seen["dcp_roundtrip"]["figure"] == 1 and "flash_attention" not in seen
+    assert result["flash_attention"]["figure"] == 2 and "budget" in result["generation"]["skipped"]
+    assert json.loads(out.read_text())["generation"] == result["generation"]
+    printed = gpu_check.summary(result)
+    assert "skipped" in printed and "reduced 2b" not in printed  # sections not asked for print nothing
