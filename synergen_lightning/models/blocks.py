@@ -177,6 +177,9 @@ class Attention(nn.Module):
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        # a bool fixed here: compiled under FSDP2 (dynamic=True) the head counts are symbols, and SDPA's enable_gqa
+        # refuses a symbolic bool (a graph break that leaves the block uncompiled)
+        self.enable_gqa = bool(num_heads != num_kv_heads)
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
@@ -192,7 +195,7 @@ class Attention(nn.Module):
         kv_cache: KVCache | None = None,
         layer_idx: int = 0,
     ) -> Tensor:
-        gqa = self.num_heads != self.num_kv_heads
+        gqa = self.enable_gqa
         if kv_cache is not None and x.shape[1] == 1:
             # one decoded token: plain views (einops' per-call pattern dispatch costs a visible share of a decode step)
             b, d = x.shape[0], self.head_dim
@@ -224,7 +227,7 @@ class Attention(nn.Module):
         k_cache.narrow(2, past, 1).copy_(qk[:, hq:])
         v_cache.narrow(2, past, 1).copy_(v)
         out = F.scaled_dot_product_attention(qk[:, :hq], k_cache.narrow(2, 0, past + 1), v_cache.narrow(2, 0, past + 1),
-                                             attn_mask=attn_mask, enable_gqa=hq != self.num_kv_heads)
+                                             attn_mask=attn_mask, enable_gqa=self.enable_gqa)
         return F.linear(out.reshape(b, -1), self.o_proj.weight, self.o_proj.bias)
 
 
