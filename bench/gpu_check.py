@@ -47,6 +47,7 @@ import traceback
 from pathlib import Path
 
 import torch
+import torch._dynamo
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -94,6 +95,24 @@ class LossRecorder:
         return _Recorder()
 
 
+def fresh_dynamo() -> None:
+    """Compile caches and counters emptied, so that `dynamo_counts` counts one section."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def dynamo_counts() -> dict:
+    """Since `fresh_dynamo`: the graphs compiled, the graph breaks met (a break leaves part of a block, or all of it,
+    eager) and the CUDA graphs inductor declined (`mode="reduce-overhead"` then runs the kernels one by one)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+            "break_reasons": sorted(k.splitlines()[0][:160] for k in counters["graph_break"])[:4],
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+
+
 def tiny_stage1(work: Path, device: str, steps: int, compile: bool) -> dict:
     from synergen_lightning.cli import lightning_cli
 
@@ -114,6 +133,7 @@ def tiny_stage1(work: Path, device: str, steps: int, compile: bool) -> dict:
         args += ["--data.init_args.batch_size", json.dumps({"generation": 4, "understanding": 4})]
     here = os.getcwd()
     os.chdir(work)  # the recipe reads data/tiny and runs/tiny/... relative to the project
+    fresh_dynamo()
     try:
         cli = lightning_cli(args[1:], run=False)
         recorder = LossRecorder()
@@ -127,7 +147,7 @@ def tiny_stage1(work: Path, device: str, steps: int, compile: bool) -> dict:
     steady = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else None
     return {"steps": len(recorder.losses), "losses": recorder.losses, "first_step_s": times[0] if times else None,
             "median_step_s": steady, "fit_wall_s": wall, "precision": "bf16-mixed" if bf16 else "32-true",
-            "compile": compile}
+            "compile": compile, **(dynamo_counts() if compile else {})}
 
 
 def section_tiny_stage1(device: str, work: Path, compile: bool) -> dict:
@@ -165,6 +185,7 @@ def section_reduced_2b(device: str, compile: bool) -> dict:
                  codebook_size=512, grid=16, head_layers=1, num_layers=2)
         images, prompt_len, layers = 2, 8, 2
     torch.manual_seed(0)
+    fresh_dynamo()
     model = build_2b(c, device).train()
     spec = ModelSpec(llm=dict(model.hparams.llm),
                      head={**model.head.model.config.__dict__, "num_layers": c["head_layers"]},
@@ -200,7 +221,7 @@ def section_reduced_2b(device: str, compile: bool) -> dict:
     out = {"compiled": compile, "llm_layers": layers, "head_layers": c["head_layers"], "hidden_size": c["hidden_size"], "images": images,
            "seq_len": shape.seq_len, "step_s": timed["train_step"]["median_s"], "flops_per_step": flops,
            "gemm_peak_tflops": gemm_flops / timed["gemm_peak"]["median_s"] / 1e12, "mfu": mfu,
-           "plan_bytes": plan["total_bytes"]}
+           "plan_bytes": plan["total_bytes"], **(dynamo_counts() if compile else {})}
     if cuda:
         peak = torch.cuda.max_memory_allocated()
         out.update(peak_memory_bytes=peak, plan_over_measured=plan["total_bytes"] / peak)
@@ -216,6 +237,7 @@ def section_generation(device: str) -> dict:
 
     c = dict(bf.FULL) if device == "cuda" else dict(bf.QUICK)
     torch.manual_seed(0)
+    fresh_dynamo()
     folded, unfolded = bf.build_folded(c).to(device).eval(), bf.build_unfolded(c).to(device).eval()
     p = bf.prompt(c, torch.Generator().manual_seed(0))
     out = {"config": {k: c[k] for k in ("hidden_size", "num_layers", "head_layers", "codebook_size", "grid")}}
@@ -255,6 +277,7 @@ def section_generation(device: str) -> dict:
                     row[f"speedup{tag}"] = row[f"unfolded{tag}_s"] / row[f"folded{tag}_s"]
                     row[f"folded{tag}_images_per_s"] = n / row[f"folded{tag}_s"]
             out[f"images_{n}"] = row
+    out["compiled_decoding"] = dynamo_counts()
     return out
 
 
@@ -455,14 +478,18 @@ def _tiny_rows(s: dict) -> list:
              f"median step {_f(e.get('median_step_s'))} s, loss {_f(losses[0])} -> {_f(losses[-1])}"),
             ("tiny stage 1, compiled", c.get("skipped", "")[:40] or f"{c.get('steps')} steps",
              "" if "skipped" in c else f"median step {_f(c.get('median_step_s'))} s, losses match "
-             f"{s.get('losses_match')} (max rel diff {_f(s.get('max_rel_loss_diff'))})")]
+             f"{s.get('losses_match')} (max rel diff {_f(s.get('max_rel_loss_diff'))}), {_graphs(c)}")]
+
+
+def _graphs(r: dict) -> str:
+    return f"{r.get('graphs')} graphs, {r.get('graph_breaks')} graph breaks" if "graphs" in r else "eager"
 
 
 def _reduced_2b_rows(r: dict) -> list:
     gib = lambda v: v and v / 2**30  # noqa: E731
     return [("reduced 2b step (AC)", f"{r.get('llm_layers')} layers",
              f"step {_f(r.get('step_s'))} s, MFU {_f(r.get('mfu'), '{:.1%}')}, peak "
-             f"{_f(gib(r.get('peak_memory_bytes')))} GiB vs plan {_f(gib(r.get('plan_bytes')))} GiB")]
+             f"{_f(gib(r.get('peak_memory_bytes')))} GiB vs plan {_f(gib(r.get('plan_bytes')))} GiB, {_graphs(r)}")]
 
 
 def _generation_rows(g: dict) -> list:
@@ -475,6 +502,9 @@ def _generation_rows(g: dict) -> list:
                     if "speedup_compiled" in row else "")
         rows.append((f"generation, {n} image(s)", "", f"folded {_f(row.get('folded_s'))} s vs unfolded "
                      f"{_f(row.get('unfolded_s'))} s ({_f(row.get('speedup'))}x)" + compiled))
+    d = g.get("compiled_decoding")
+    if d:
+        rows.append(("compiled decoding", "", f"{_graphs(d)}, {d.get('cudagraph_skips')} CUDA graphs declined"))
     return rows
 
 

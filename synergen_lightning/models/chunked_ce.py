@@ -103,7 +103,9 @@ class ChunkedLinear(nn.Linear):
             raise ValueError("ChunkedLinear's loss path has no bias term; build it with bias=False")
         lead = x.shape[:-1]
         losses = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, targets.reshape(-1), reduction=reduction)
-        return losses.view(lead) if reduction == "none" else losses
+        # rows given flat (the model's callers) get their losses as computed, not a view: FSDP2 warns of a unit's
+        # output that is a view (an in-place op on it would skip the backward's gather)
+        return losses.view(lead) if reduction == "none" and len(lead) > 1 else losses
 
 
 def plain_linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, reduction: str = "mean",
