@@ -32,6 +32,8 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, capsys):
     row = result["generation"]["images_1"]  # compiled decoding runs on the CPU too, and draws the eager codes here
     assert row["speedup_compiled"] > 0 and "folded_compiled_error" not in row, row
     assert row["folded_compiled_first_differing_code"] is None, row
+    decoding = result["generation"]["compiled_decoding"]  # the head's patch and the LLM's step, each whole
+    assert decoding["graphs"] >= 2 and decoding["graph_breaks"] == 0, decoding
     assert "compiled" in gpu_check.summary(result)
     assert result["dcp_roundtrip"]["identical"]
     assert result["flash_attention"]["flash_accepted"] == gpu_check.FLASH_NOT_MEASURED
