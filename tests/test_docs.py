@@ -256,7 +256,7 @@ def test_every_quoted_synergen_command_parses():
                 if second and words == (first,):
                     rest = f"{second} {rest}"
                 sub = re.match(r"\s*([a-z][a-z-]*)\b", rest)
-                if sub and sub.group(1) == "lm-eval" and importlib.util.find_spec("lm_eval") is None:
+                if "lm-eval" in (*words, sub and sub.group(1)) and importlib.util.find_spec("lm_eval") is None:
                     continue  # its options come with the lm-eval extra (tests/test_eval_lm_eval.py skips likewise)
                 if sub and (words, sub.group(1)) not in helps:
                     helps[words, sub.group(1)] = _help(words, sub.group(1))
