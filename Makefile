@@ -78,7 +78,7 @@ logged = $(if $(1),@mkdir -p $(dir $(1)) && echo "$(2) (log: $(1))" && { { $(3);
 resume_from = $(if $(wildcard $(1).done),,$(if $(wildcard $(1)last.ckpt),--ckpt_path $(1)last.ckpt))
 start_over_if_finished = @if [ -f $(1).done ]; then rm -f $(1).done $(1)*.ckpt; fi
 
-.PHONY: help install constraints check-extras wheelhouse data tokenizer base-llm stage1 stage2 sft demo ablations eval lint test test-fast test-all bench gpu-check tensorboard geneval-gt clean
+.PHONY: help install constraints check-extras wheelhouse check-oldest-torch data tokenizer base-llm stage1 stage2 sft demo ablations eval lint test test-fast test-all bench gpu-check tensorboard geneval-gt clean
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9_-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -105,6 +105,15 @@ check-extras: $(VENV)  ## in a fresh virtualenv: installing each optional extra 
 
 wheelhouse: $(VENV)  ## the wheels a torch GPU image lacks (jsonargparse, omegaconf, webdataset, ...) into wheelhouse/, for an offline node (docs/distributed.md)
 	$(PY) bench/wheelhouse.py --out wheelhouse
+
+# the oldest torch pyproject.toml admits, as GPU images ship it; OLDEST_PYTHON=python3.12 for the images' Python
+OLDEST_TORCH  := torch==2.11.0 torchvision==0.26.0
+OLDEST_PYTHON ?= python3
+check-oldest-torch: wheelhouse  ## the fast tests in .venv-oldest: the oldest torch (2.11), the image's packages, the toolkit from the wheelhouse as on an offline node (minutes, ~5 GB)
+	rm -rf .venv-oldest && $(OLDEST_PYTHON) -m venv .venv-oldest
+	.venv-oldest/bin/pip install -q $(OLDEST_TORCH) $$($(PY) bench/wheelhouse.py --image) pytest pytest-timeout transformers
+	.venv-oldest/bin/pip install -q --no-index --no-deps --target .venv-oldest/wheelhouse-site wheelhouse/*.whl
+	PYTHONPATH=$(CURDIR)/.venv-oldest/wheelhouse-site:$(CURDIR) .venv-oldest/bin/python -m pytest -q -p no:cacheprovider -m "not slow or e2e"
 
 data: $(DATA_OK)  ## write the tiny shape world (LEVEL=demo|grid|read|full): train/val shards, eval prompts, text corpus
 
