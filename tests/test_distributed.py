@@ -596,10 +596,11 @@ def one_rank_group():
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("checkpointing", [True, False])
-def test_compiled_blocks_trace_whole_without_graph_breaks(one_rank_group, checkpointing):
+@pytest.mark.parametrize("checkpointing, bf16", [(True, False), (False, False), (True, True)])
+def test_compiled_blocks_trace_whole_without_graph_breaks(one_rank_group, checkpointing, bf16):
     """Every block `parallelize` compiles under FSDP2 (dynamic in the sequence length, checkpointed or not) traces as
-    whole graphs through training steps of generation, understanding and text rows at two lengths. A graph break
+    whole graphs through training steps of generation, understanding and text rows at two lengths (in fp32, and as
+    the 2b recipes run: bf16 parameters under bf16 autocast). A graph break
     still trains, so no loss comparison sees it, but runs the block eagerly in part or in whole: under FSDP2 a
     block's int attributes are symbols, and a symbolic bool handed to SDPA's `enable_gqa` left every block
     uncompiled. Dynamo's eager backend: the tracing alone, in seconds."""
@@ -613,9 +614,12 @@ def test_compiled_blocks_trace_whole_without_graph_breaks(one_rank_group, checkp
     torch.manual_seed(0)
     model = tiny_model()
     assert model.hparams.llm["num_heads"] != model.hparams.llm["num_kv_heads"]  # grouped KV heads, as in the 2b
-    parallelize(model, None, activation_checkpointing=checkpointing, compile="eager", check_states=False)
+    parallelize(model, None, param_dtype="bfloat16" if bf16 else None, activation_checkpointing=checkpointing,
+                compile="eager", check_states=False)
     for tasks in (["generation", "understanding", "text"], ["understanding", "generation"]):
-        model(add_indices(make_batch(tasks, seed=len(tasks))))["loss"].backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(add_indices(make_batch(tasks, seed=len(tasks))))["loss"]
+        loss.backward()
     assert counters["stats"]["unique_graphs"] > 0  # the blocks were compiled
     assert not counters["graph_break"], dict(counters["graph_break"])
     torch._dynamo.reset()
