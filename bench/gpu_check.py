@@ -476,9 +476,9 @@ def _tiny_rows(s: dict) -> list:
     losses = e.get("losses") or [None]
     return [("tiny stage 1, eager", f"{e.get('steps')} steps",
              f"median step {_f(e.get('median_step_s'))} s, loss {_f(losses[0])} -> {_f(losses[-1])}"),
-            ("tiny stage 1, compiled", c.get("skipped", "")[:40] or f"{c.get('steps')} steps",
-             "" if "skipped" in c else f"median step {_f(c.get('median_step_s'))} s, losses match "
-             f"{s.get('losses_match')} (max rel diff {_f(s.get('max_rel_loss_diff'))}), {_graphs(c)}")]
+            ("tiny stage 1, compiled", "skipped", c["skipped"][:90]) if "skipped" in c else
+            ("tiny stage 1, compiled", f"{c.get('steps')} steps", f"median step {_f(c.get('median_step_s'))} s, "
+             f"losses match {s.get('losses_match')} (max rel diff {_f(s.get('max_rel_loss_diff'))}), {_graphs(c)}")]
 
 
 def _graphs(r: dict) -> str:
@@ -520,7 +520,9 @@ def _flash_rows(fa: dict) -> list:
             r = fa[name]
             detail += (f"{name}: {'accepted' if r.get('accepted') else 'refused: ' + r.get('error', '')[:60]} "
                        f"({r.get('sdpa_calls')} calls, {r.get('calls_with_mask')} with mask, {r.get('gqa_calls')} GQA); ")
-    return [("FlashAttention, padded", str(fa.get("flash_accepted"))[:14], detail.rstrip("; "))]
+    accepted = fa.get("flash_accepted")
+    status = "not measured" if isinstance(accepted, str) else "accepted" if accepted else "refused"
+    return [("FlashAttention, padded", status, detail.rstrip("; "))]
 
 
 SUMMARY_ROWS = {"reduced_2b_step": ("reduced 2b step", _reduced_2b_rows), "dcp_roundtrip": ("DCP save/load", _dcp_rows),
