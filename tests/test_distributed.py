@@ -600,10 +600,10 @@ def one_rank_group():
 def test_compiled_blocks_trace_whole_without_graph_breaks(one_rank_group, checkpointing, bf16):
     """Every block `parallelize` compiles under FSDP2 (dynamic in the sequence length, checkpointed or not) traces as
     whole graphs through training steps of generation, understanding and text rows at two lengths (in fp32, and as
-    the 2b recipes run: bf16 parameters under bf16 autocast). A graph break
-    still trains, so no loss comparison sees it, but runs the block eagerly in part or in whole: under FSDP2 a
-    block's int attributes are symbols, and a symbolic bool handed to SDPA's `enable_gqa` left every block
-    uncompiled. Dynamo's eager backend: the tracing alone, in seconds."""
+    the 2b recipes run: bf16 parameters under bf16 autocast). A graph break still trains, so no loss comparison sees
+    it, but runs the block eagerly in part or in whole: under FSDP2 a block's int attributes are symbols, and a
+    symbolic bool handed to SDPA's `enable_gqa` left every block uncompiled. Dynamo's eager backend: the tracing
+    alone, in seconds."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
