@@ -104,14 +104,17 @@ check-extras: $(VENV)  ## in a fresh virtualenv: installing each optional extra 
 	$(PY) bench/check_extras.py --torch "$(TORCH)"
 
 wheelhouse: $(VENV)  ## the wheels a torch GPU image lacks (jsonargparse, omegaconf, webdataset, ...) into wheelhouse/, for an offline node (docs/distributed.md)
-	$(PY) bench/wheelhouse.py --out wheelhouse
+	$(PY) bench/wheelhouse.py
 
 # the oldest torch pyproject.toml admits, as GPU images ship it; OLDEST_PYTHON=python3.12 for the images' Python
 OLDEST_TORCH  := torch==2.11.0 torchvision==0.26.0
 OLDEST_PYTHON ?= python3
-check-oldest-torch: wheelhouse  ## the fast tests in .venv-oldest: the oldest torch (2.11), the image's packages, the toolkit from the wheelhouse as on an offline node (minutes, ~5 GB)
+check-oldest-torch: wheelhouse  ## make test's suite in .venv-oldest: the oldest torch (2.11), the image's packages, the toolkit's others from the wheelhouse as on an offline node (several GB to download)
 	rm -rf .venv-oldest && $(OLDEST_PYTHON) -m venv .venv-oldest
-	.venv-oldest/bin/pip install -q $(OLDEST_TORCH) $$($(PY) bench/wheelhouse.py --image) pytest pytest-timeout transformers
+	@# the pins of constraints.txt but torch's own (torch 2.11 brings its CUDA libraries and triton)
+	grep -v -E '^((torch|torchvision|triton)==|nvidia-|cuda-)' constraints.txt > .venv-oldest/constraints.txt
+	.venv-oldest/bin/pip install -q -c .venv-oldest/constraints.txt $(OLDEST_TORCH) $$($(PY) bench/wheelhouse.py --image) \
+		pytest pytest-timeout transformers
 	.venv-oldest/bin/pip install -q --no-index --no-deps --target .venv-oldest/wheelhouse-site wheelhouse/*.whl
 	PYTHONPATH=$(CURDIR)/.venv-oldest/wheelhouse-site:$(CURDIR) .venv-oldest/bin/python -m pytest -q -p no:cacheprovider -m "not slow or e2e"
 
@@ -239,7 +242,7 @@ test-all: $(VENV)  ## every test, the slow end-to-end ones included
 bench: $(VENV)  ## every benchmark side by side -> bench/results.json + bench/results.md (QUICK=1: tiny sizes)
 	$(PY) bench/run_all.py $(if $(QUICK),--quick) --out bench/results.json
 
-gpu-check: $(VENV)  ## on one GPU (< 8 min): tiny stage 1 bf16 FSDP2 +/- compile, reduced-depth 2b step (MFU, memory vs synergen plan), generation, DCP round trip -> runs/gpu_check/results.json (CPU: tiny smoke run)
+gpu-check: $(VENV)  ## on one GPU (< 8 min): reduced-depth 2b step (MFU, memory vs synergen plan), DCP round trip, FlashAttention, tiny stage 1 bf16 FSDP2 +/- compile, generation -> runs/gpu_check/results.json (CPU: tiny smoke run)
 	$(PY) bench/gpu_check.py --out runs/gpu_check/results.json
 
 tensorboard: $(VENV)  ## TensorBoard over every run (losses, lr, throughput, sample grids, evals)

@@ -1,19 +1,12 @@
 """`make gpu-check`: the GPU figures of the toolkit in one run (< 8 minutes on one GPU) -> runs/gpu_check/results.json.
 
-Sections, each recording its own error (one failing path does not hide the others):
+Sections, in the order they run (cheap ones and the targets' figures first), each recording its own error (one
+failing path does not hide the others):
 
-- `tiny_stage1`: the tiny chain's stage 1 (`recipes/tiny/stage1.yaml` through the CLI's `lightning_cli`) on a tiny
-  synthetic world written here (`synergen data synth`, an untrained base LLM and VQ tokenizer: nothing of the demo
-  is needed), under FSDP2Strategy on one device, without and with `torch.compile` per block: loss curves (they
-  must agree within `LOSS_TOL`) and step times. CUDA: 100 steps in bf16 (bf16-mixed, bf16 params).
 - `reduced_2b_step`: the 2b SynerGenVL (InternLM2-1.8B widths, `bench_mfu.build_2b`) at reduced depth, sharded with
   `distributed.parallelize` (bf16 params, activation checkpointing, `torch.compile` per block), one AdamW step on
   generation rows: MFU against a bf16 GEMM timed in the same run, peak memory (`torch.cuda.max_memory_allocated`)
   beside `synergen plan`'s estimate of the same shape (`plan.estimate`).
-- `generation`: KV-cached generation of one image and of 16 images, folded (`inference.generate_codes`) vs an
-  unfolded model reading and writing every code (`bench_folding.unfolded_generate`), eager and compiled
-  (`generate_codes(compile=True)`: the head's patch and the LLM's step as graphs; a CUDA graph for the head on a GPU),
-  with where the compiled codes first part from the eager ones.
 - `dcp_roundtrip`: a sharded (DCP) save of an FSDP2 model and its load, into a fresh sharded model
   (`distributed.load_sharded_into`) and without a process group (`load_sharded_state_dict`): every tensor equal.
 - `flash_attention`: a training forward and backward of the 2b SynerGenVL at reduced depth (16 query heads over 8 KV
@@ -22,6 +15,14 @@ Sections, each recording its own error (one failing path does not hide the other
   attention call (else SDPA's refusal and its reasons), under FSDP2's bf16 parameters and under autocast over fp32
   parameters, and how the calls were made (mask, causal, GQA). The CPU has no FlashAttention: the same forward at
   tiny sizes records its calls and "not measured".
+- `tiny_stage1`: the tiny chain's stage 1 (`recipes/tiny/stage1.yaml` through the CLI's `lightning_cli`) on a tiny
+  synthetic world written here (`synergen data synth`, an untrained base LLM and VQ tokenizer: nothing of the demo
+  is needed), under FSDP2Strategy on one device, without and with `torch.compile` per block: loss curves (they
+  must agree within `LOSS_TOL`) and step times. CUDA: 100 steps in bf16 (bf16-mixed, bf16 params).
+- `generation`: KV-cached generation of one image and of 16 images, folded (`inference.generate_codes`) vs an
+  unfolded model reading and writing every code (`bench_folding.unfolded_generate`), eager and compiled
+  (`generate_codes(compile=True)`: the head's patch and the LLM's step as graphs; a CUDA graph for the head on a GPU),
+  with where the compiled codes first part from the eager ones.
 
 Without CUDA the same script runs at tiny sizes on the CPU (a few steps, fp32; compile is off unless `--compile on`:
 it takes minutes there) and says that the GPU figures are not measured: that run is its test (tests/test_gpu_check.py).
@@ -48,6 +49,7 @@ from pathlib import Path
 
 import torch
 import torch._dynamo
+from torch._dynamo.utils import counters
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -97,8 +99,6 @@ class LossRecorder:
 
 def fresh_dynamo() -> None:
     """Compile caches and counters emptied, so that `dynamo_counts` counts one section."""
-    from torch._dynamo.utils import counters
-
     torch._dynamo.reset()
     counters.clear()
 
@@ -106,8 +106,6 @@ def fresh_dynamo() -> None:
 def dynamo_counts() -> dict:
     """Since `fresh_dynamo`: the graphs compiled, the graph breaks met (a break leaves part of a block, or all of it,
     eager) and the CUDA graphs inductor declined (`mode="reduce-overhead"` then runs the kernels one by one)."""
-    from torch._dynamo.utils import counters
-
     return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
             "break_reasons": sorted(k.splitlines()[0][:160] for k in counters["graph_break"])[:4],
             "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
@@ -191,7 +189,8 @@ def section_reduced_2b(device: str, compile: bool) -> dict:
                      head={**model.head.model.config.__dict__, "num_layers": c["head_layers"]},
                      codebook_size=c["codebook_size"], image_size=c["grid"] * 8, downsample=8, fold=tuple(c["fold"]),
                      code_dim=c["hidden_size"], stage="full")
-    spec.head = {k: spec.head[k] for k in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")}
+    spec.head = {k: spec.head[k]
+                 for k in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")}
     dtype = "bfloat16" if cuda else None
     # compiled per block, as the 2b recipes run (by default on CUDA only: on the CPU compiling takes minutes)
     parallelize(model, None, param_dtype=dtype, reduce_dtype="float32", activation_checkpointing=True,
@@ -210,7 +209,7 @@ def section_reduced_2b(device: str, compile: bool) -> dict:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    m, k, n = (8192, c["hidden_size"], c["intermediate_size"]) if cuda else (512, c["hidden_size"], c["intermediate_size"])
+    m, k, n = (8192 if cuda else 512), c["hidden_size"], c["intermediate_size"]
     gemm, gemm_flops = gemm_variant(m, k, n, torch.bfloat16 if cuda else torch.float32, device, inner=20 if cuda else 2)
     timed = interleaved({"train_step": step, "gemm_peak": gemm}, 5 if cuda else 2, 1, device=device)
     flops = system_flops(model, c, images, prompt_len)
@@ -218,9 +217,9 @@ def section_reduced_2b(device: str, compile: bool) -> dict:
     shape = StepShape(gen_rows=images, und_rows=0, seq_len=batch["input_ids"].shape[1])
     plan = estimate(spec, shape, shard=1, param_dtype=dtype, compute="bf16" if cuda else "fp32",
                     activation_checkpointing=True)
-    out = {"compiled": compile, "llm_layers": layers, "head_layers": c["head_layers"], "hidden_size": c["hidden_size"], "images": images,
-           "seq_len": shape.seq_len, "step_s": timed["train_step"]["median_s"], "flops_per_step": flops,
-           "gemm_peak_tflops": gemm_flops / timed["gemm_peak"]["median_s"] / 1e12, "mfu": mfu,
+    out = {"compiled": compile, "llm_layers": layers, "head_layers": c["head_layers"], "hidden_size": c["hidden_size"],
+           "images": images, "seq_len": shape.seq_len, "step_s": timed["train_step"]["median_s"],
+           "flops_per_step": flops, "gemm_peak_tflops": gemm_flops / timed["gemm_peak"]["median_s"] / 1e12, "mfu": mfu,
            "plan_bytes": plan["total_bytes"], **(dynamo_counts() if compile else {})}
     if cuda:
         peak = torch.cuda.max_memory_allocated()
@@ -251,8 +250,8 @@ def section_generation(device: str) -> dict:
                 tag = "_compiled" if compile else ""
                 for name, fn in (("folded", lambda n=n, k=compile: generate_codes(folded, [p] * n, None, cfg_scale=None,
                                                                                  generator=seed(), compile=k)),
-                                 ("unfolded", lambda n=n, k=compile: bf.unfolded_generate(unfolded, p, c["grid"] ** 2, seed(),
-                                                                                          rows=n, compile=k))):
+                                 ("unfolded", lambda n=n, k=compile: bf.unfolded_generate(
+                                     unfolded, p, c["grid"] ** 2, seed(), rows=n, compile=k))):
                     try:
                         first = fn() if n == 1 or compile else None  # warm-up (graphs built) once
                         _sync(device)
@@ -439,6 +438,7 @@ def run(device: str, out: Path, only: list[str] | None = None, compile: bool | N
     if device != "cuda":
         result["note"] = NOT_MEASURED
     out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))  # the machine and versions, before any section
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = Path(tmp)
@@ -452,18 +452,17 @@ def run(device: str, out: Path, only: list[str] | None = None, compile: bool | N
                 continue
             if budget_s is not None and time.perf_counter() - start > budget_s:
                 result[name] = {"skipped": f"the budget of {budget_s:.0f} s was spent before it began (--budget-s)"}
-                continue
-            t0 = time.perf_counter()
-            try:
-                result[name] = funcs[name]()
-            except Exception as exc:  # noqa: BLE001 -- recorded; the other sections still run
-                result[name] = {"error": f"{type(exc).__name__}: {exc}",
-                                "traceback": traceback.format_exc().splitlines()[-8:]}
-            result[name]["section_s"] = time.perf_counter() - t0
-            if device == "cuda":
-                torch.cuda.empty_cache()
+            else:
+                t0 = time.perf_counter()
+                try:
+                    result[name] = funcs[name]()
+                except Exception as exc:  # noqa: BLE001 -- recorded; the other sections still run
+                    result[name] = {"error": f"{type(exc).__name__}: {exc}",
+                                    "traceback": traceback.format_exc().splitlines()[-8:]}
+                result[name]["section_s"] = time.perf_counter() - t0
+                if device == "cuda":
+                    torch.cuda.empty_cache()
             out.write_text(json.dumps(result, indent=1, default=str))
-    out.write_text(json.dumps(result, indent=1, default=str))
     return result
 
 
@@ -498,7 +497,8 @@ def _generation_rows(g: dict) -> list:
         row = g.get(f"images_{n}", {})
         compiled = (f"; compiled {_f(row.get('folded_compiled_s'))} s vs {_f(row.get('unfolded_compiled_s'))} s "
                     f"({_f(row.get('speedup_compiled'))}x), codes part at "
-                    f"{row.get('folded_compiled_first_differing_code')}/{row.get('unfolded_compiled_first_differing_code')}"
+                    f"{row.get('folded_compiled_first_differing_code')}/"
+                    f"{row.get('unfolded_compiled_first_differing_code')}"
                     if "speedup_compiled" in row else "")
         rows.append((f"generation, {n} image(s)", "", f"folded {_f(row.get('folded_s'))} s vs unfolded "
                      f"{_f(row.get('unfolded_s'))} s ({_f(row.get('speedup'))}x)" + compiled))
@@ -519,7 +519,8 @@ def _flash_rows(fa: dict) -> list:
         if name in fa:
             r = fa[name]
             detail += (f"{name}: {'accepted' if r.get('accepted') else 'refused: ' + r.get('error', '')[:60]} "
-                       f"({r.get('sdpa_calls')} calls, {r.get('calls_with_mask')} with mask, {r.get('gqa_calls')} GQA); ")
+                       f"({r.get('sdpa_calls')} calls, {r.get('calls_with_mask')} with mask, "
+                       f"{r.get('gqa_calls')} GQA); ")
     accepted = fa.get("flash_accepted")
     status = "not measured" if isinstance(accepted, str) else "accepted" if accepted else "refused"
     return [("FlashAttention, padded", status, detail.rstrip("; "))]
@@ -562,15 +563,19 @@ def main(argv: list[str] | None = None) -> dict:
                    help="torch.compile per block in tiny_stage1 and reduced_2b_step (auto: on CUDA only; on the CPU "
                         "it takes minutes); generation compiles its decoding in every mode")
     p.add_argument("--budget-s", type=float, default=420.0,
-                   help="no section begins after this many seconds (the rest are recorded as skipped), so that a "
-                        "run fits a fixed GPU slot; 0: no limit")
+                   help="no section begins after this many seconds (the rest are recorded as skipped; one begun "
+                        "runs to its end), for a fixed GPU slot; 0: no limit")
     a = p.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); use --device auto")
+        raise SystemExit("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); "
+                         "use --device auto")
+    if a.budget_s < 0:
+        raise SystemExit(f"--budget-s {a.budget_s}: must be >= 0 (0: no limit)")
     only = [s.strip() for s in a.only.split(",")] if a.only else None
     if only and set(only) - set(SECTIONS):
-        raise SystemExit(f"--only {a.only!r}: unknown section(s) {sorted(set(only) - set(SECTIONS))}; use {','.join(SECTIONS)}")
+        raise SystemExit(f"--only {a.only!r}: unknown section(s) {sorted(set(only) - set(SECTIONS))}; "
+                         f"use {','.join(SECTIONS)}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     compile = None if a.compile == "auto" else a.compile == "on"
     result = run(device, Path(a.out), only, compile=compile, budget_s=a.budget_s or None)

@@ -30,10 +30,11 @@ WHEELHOUSE = ("jsonargparse", "docstring-parser", "typeshed-client", "omegaconf"
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(ROOT / "wheelhouse"), help="the folder the wheels go to (emptied of old wheels)")
+    p.add_argument("--out", default=str(ROOT / "wheelhouse"),
+                   help="the folder the wheels go to (emptied of old wheels)")
     p.add_argument("--image", action="store_true",
-                   help="print the packages a GPU image is expected to hold, and nothing else (`make check-oldest-torch` "
-                        "installs them beside the oldest torch)")
+                   help="print the packages a GPU image is expected to hold, and nothing else "
+                        "(`make check-oldest-torch` installs them beside the oldest torch)")
     a = p.parse_args(argv)
     if a.image:
         print(" ".join(sorted(IMAGE_HOLDS - {"torch", "torchvision"})))

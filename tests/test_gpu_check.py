@@ -19,7 +19,7 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, capsys):
     import gpu_check
 
     out = tmp_path / "results.json"
-    result = gpu_check.main(["--device", "cpu", "--out", str(out)])
+    result = gpu_check.main(["--device", "cpu", "--out", str(out), "--budget-s", "0"])
     printed = capsys.readouterr().out
     assert gpu_check.NOT_MEASURED in printed and "DCP save/load" in printed
     saved = json.loads(out.read_text())
@@ -34,7 +34,7 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, capsys):
     assert row["folded_compiled_first_differing_code"] is None, row
     decoding = result["generation"]["compiled_decoding"]  # the head's patch and the LLM's step, each whole
     assert decoding["graphs"] >= 2 and decoding["graph_breaks"] == 0, decoding
-    assert "compiled" in gpu_check.summary(result)
+    assert "0 graph breaks, 0 CUDA graphs declined" in gpu_check.summary(result)  # the compiled decoding's row
     assert result["dcp_roundtrip"]["identical"]
     assert result["flash_attention"]["flash_accepted"] == gpu_check.FLASH_NOT_MEASURED
 
@@ -68,25 +68,30 @@ def test_gpu_check_records_a_failing_section_and_goes_on(tmp_path, monkeypatch):
 
 
 def test_gpu_check_writes_after_every_section_and_skips_what_its_budget_cannot_begin(tmp_path, monkeypatch):
-    """A run cut off from outside keeps the sections it finished; past `budget_s` no section begins."""
-    import time
+    """A run cut off from outside keeps the sections it finished; past `budget_s` no section begins. The clock is
+    the test's: the second section takes 10 s of it."""
+    import types
 
     import gpu_check
 
     out = tmp_path / "r.json"
-    seen = {}
+    seen, clock = {}, [0.0]
 
     def second(device):
         seen.update(json.loads(out.read_text()))  # the first section is on disk before the second begins
-        time.sleep(0.3)
+        clock[0] += 10.0
         return {"figure": 2}
 
+    monkeypatch.setattr(gpu_check, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     monkeypatch.setattr(gpu_check, "section_dcp", lambda device, work: {"figure": 1})
     monkeypatch.setattr(gpu_check, "section_flash_attention", second)
     monkeypatch.setattr(gpu_check, "section_generation", lambda device: pytest.fail("began after the budget"))
-    result = gpu_check.run("cpu", out, only=["dcp_roundtrip", "flash_attention", "generation"], budget_s=0.2)
+    result = gpu_check.run("cpu", out, only=["dcp_roundtrip", "flash_attention", "generation"], budget_s=5.0)
     assert seen["dcp_roundtrip"]["figure"] == 1 and "flash_attention" not in seen
-    assert result["flash_attention"]["figure"] == 2 and "budget" in result["generation"]["skipped"]
+    assert result["flash_attention"]["figure"] == 2 and result["flash_attention"]["section_s"] == 10.0
+    assert "budget" in result["generation"]["skipped"]
     assert json.loads(out.read_text())["generation"] == result["generation"]
     printed = gpu_check.summary(result)
     assert "skipped" in printed and "reduced 2b" not in printed  # sections not asked for print nothing
+    with pytest.raises(SystemExit, match="--budget-s -1.0: must be >= 0"):
+        gpu_check.main(["--device", "cpu", "--budget-s", "-1", "--out", str(out)])

@@ -105,7 +105,7 @@ class ChunkedLinear(nn.Linear):
         losses = linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.weight, targets.reshape(-1), reduction=reduction)
         # rows given flat (the model's callers) get their losses as computed, not a view: FSDP2 warns of a unit's
         # output that is a view (an in-place op on it would skip the backward's gather)
-        return losses.view(lead) if reduction == "none" and len(lead) > 1 else losses
+        return losses.view(lead) if reduction == "none" and len(lead) != 1 else losses
 
 
 def plain_linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, reduction: str = "mean",
