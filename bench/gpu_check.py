@@ -427,18 +427,22 @@ def run(device: str, out: Path, only: list[str] | None = None, compile: bool | N
     """Run the sections in order, writing `out` after each one (a run killed from outside keeps what it measured);
     once `budget_s` seconds are spent, the sections not yet begun are recorded as skipped. `compile` (default: on
     CUDA only) compiles the tiny stage 1 and the reduced 2b step per block."""
+    import lightning
+
     from common import machine_info
 
     compile = device == "cuda" if compile is None else compile
-    import lightning
-
     result = {"device": device, "machine": machine_info(device), "gpu_measured": device == "cuda",
               "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
                            "lightning": lightning.__version__}}
     if device != "cuda":
         result["note"] = NOT_MEASURED
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))  # the machine and versions, before any section
+
+    def save():
+        out.write_text(json.dumps(result, indent=1, default=str))
+
+    save()  # the machine and versions, before any section
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = Path(tmp)
@@ -462,7 +466,7 @@ def run(device: str, out: Path, only: list[str] | None = None, compile: bool | N
                 result[name]["section_s"] = time.perf_counter() - t0
                 if device == "cuda":
                     torch.cuda.empty_cache()
-            out.write_text(json.dumps(result, indent=1, default=str))
+            save()
     return result
 
 

@@ -28,7 +28,8 @@ WHEELHOUSE = ("jsonargparse", "docstring-parser", "typeshed-client", "omegaconf"
               "torch-fidelity")
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> Path | None:
+    """Download the wheels and return their folder; with `--image`, print the image's packages and return None."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "wheelhouse"),
                    help="the folder the wheels go to (emptied of old wheels)")
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> Path:
     a = p.parse_args(argv)
     if a.image:
         print(" ".join(sorted(IMAGE_HOLDS - {"torch", "torchvision"})))
-        return Path(a.out)
+        return None
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.whl"):
