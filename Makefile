@@ -100,7 +100,7 @@ constraints: $(VENV)  ## rewrite constraints.txt from the installed packages (af
 	{ sed -n '/^#/p' constraints.txt; $(PIP) freeze --exclude-editable | grep -v '^-e'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
-check-extras: $(VENV)  ## in a fresh virtualenv: installing each optional extra (dev, lm-eval, lmms-eval) changes neither torch nor the toolkit's pins (pip --dry-run; a few minutes)
+check-extras: $(VENV)  ## in a fresh virtualenv: installing each optional extra (dev, lm-eval, lmms-eval, hf) changes neither torch nor the toolkit's pins (pip --dry-run; a few minutes)
 	$(PY) bench/check_extras.py --torch "$(TORCH)"
 
 wheelhouse: $(VENV)  ## the wheels a torch GPU image lacks (jsonargparse, omegaconf, webdataset, ...) into wheelhouse/, for an offline node (docs/distributed.md)
@@ -242,7 +242,7 @@ test-all: $(VENV)  ## every test, the slow end-to-end ones included
 bench: $(VENV)  ## every benchmark side by side -> bench/results.json + bench/results.md (QUICK=1: tiny sizes)
 	$(PY) bench/run_all.py $(if $(QUICK),--quick) --out bench/results.json
 
-gpu-check: $(VENV)  ## on one GPU (< 8 min): reduced-depth 2b step (MFU, memory vs synergen plan), DCP round trip, FlashAttention, tiny stage 1 bf16 FSDP2 +/- compile, generation -> runs/gpu_check/results.json (CPU: tiny smoke run)
+gpu-check: $(VENV)  ## on one GPU (< 8 min): reduced-depth 2b step (MFU, memory vs synergen plan), DCP round trip, FlashAttention, tiny stage 1 bf16 FSDP2 +/- compile, the 2b recipes chained on stand-ins, generation -> runs/gpu_check/results.json (CPU: tiny smoke run)
 	$(PY) bench/gpu_check.py --out runs/gpu_check/results.json
 
 tensorboard: $(VENV)  ## TensorBoard over every run (losses, lr, throughput, sample grids, evals)

@@ -19,6 +19,11 @@ failing path does not hide the others):
   synthetic world written here (`synergen data synth`, an untrained base LLM and VQ tokenizer: nothing of the demo
   is needed), under FSDP2Strategy on one device, without and with `torch.compile` per block: loss curves (they
   must agree within `LOSS_TOL`) and step times. CUDA: 100 steps in bf16 (bf16-mixed, bf16 params).
+- `recipes_2b`: the three 2b recipes as shipped (`recipes/synergen_vl_2b/*.yaml` through the CLI's `lightning_cli`),
+  chained by `model.init_from`, on stand-ins of their models and data (`standins_2b`: reduced widths, the recipes'
+  vocabulary, codebook, folding, strategy and data module), 2 steps each on one device, then `synergen export`,
+  `generate` and `answer` from the SFT checkpoint on the device. CUDA: bf16 and the recipes' 512-px views (Emu3's
+  VQ-VAE through transformers where it is installed, else the toolkit's VQTokenizer of the same codebook).
 - `generation`: KV-cached generation of one image and of 16 images, folded (`inference.generate_codes`) vs an
   unfolded model reading and writing every code (`bench_folding.unfolded_generate`), eager and compiled
   (`generate_codes(compile=True)`: the head's patch and the LLM's step as graphs; a CUDA graph for the head on a GPU),
@@ -42,6 +47,7 @@ import contextlib
 import json
 import os
 import sys
+import tarfile
 import tempfile
 import time
 import traceback
@@ -163,6 +169,75 @@ def section_tiny_stage1(device: str, work: Path, compile: bool) -> dict:
         out["compile_speedup"] = out["eager"]["median_step_s"] / out["compiled"]["median_step_s"]
     else:
         out["compiled"] = {"skipped": "torch.compile per block takes minutes on a CPU (RESULTS.md): --compile on"}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the 2b recipes
+def section_recipes_2b(device: str, work: Path) -> dict:
+    """The three 2b recipes as shipped, chained (`model.init_from`), on stand-ins of their models and data
+    (`standins_2b`: reduced widths, the recipes' vocabulary, codebook, folding, strategy and data module), 2 steps
+    each on one device, then export, generate and answer from the SFT checkpoint. CUDA: bf16 as the recipes, the
+    recipes' 512-px views; CPU: fp32, 128-px views."""
+    import io
+
+    import standins_2b as s2b
+    from synergen_lightning.checkpoint import read_checkpoint_meta
+    from synergen_lightning.cli import lightning_cli
+    from synergen_lightning.cli import main as synergen
+
+    try:
+        import transformers  # noqa: F401 -- Emu3's VQ-VAE is read through it, as the recipes read Emu3
+        kind = "emu3"
+    except ImportError:
+        kind = "vq"
+    cuda = device == "cuda"
+    image_size = 512 if cuda else 128
+    root = s2b.make_2b_standins(work / "standins_2b", image_tokenizer=kind)
+    project = work / "project_2b"
+    project.mkdir()
+    saved_env = {k: os.environ.get(k) for k in s2b.env(root)}
+    os.environ.update(s2b.env(root))
+    here = os.getcwd()
+    os.chdir(project)  # the recipes write and read runs/synergen_vl_2b/... relative to the project
+    out = {"image_tokenizer": kind, "image_size": image_size, "widths": s2b.WIDTHS}
+    try:
+        for stage in s2b.STAGES:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            cli = lightning_cli(s2b.fit_args(stage, "gpu" if cuda else "cpu", 1, image_size=image_size)[1:], run=False)
+            recorder = LossRecorder()
+            cli.trainer.callbacks.append(recorder)
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            ckpt = Path(f"runs/synergen_vl_2b/{stage}/last.ckpt")
+            out[stage] = {"losses": recorder.losses, "fit_wall_s": time.perf_counter() - t0,
+                          "global_step": read_checkpoint_meta(ckpt)["global_step"], "sharded": ckpt.is_dir(),
+                          "accumulate_grad_batches": cli.trainer.accumulate_grad_batches,
+                          "precision": cli.trainer.precision,
+                          "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+            del cli
+        # which parts of the trunk each stage changed, from the checkpoints: stage 1 the vision FFN only, stage 2 the
+        # attention too, SFT the text FFN too
+        out["trained_parts"] = s2b.trained_parts(root, project)
+        out["stages_train_as_the_paper"] = out["trained_parts"] == s2b.PROGRESSIVE_ALIGNMENT
+        sft, scene = "runs/synergen_vl_2b/sft/last.ckpt", root / "scene.jpg"
+        with tarfile.open(root / "data/und_s2/shard-000000.tar") as tar:  # one of the understanding images
+            scene.write_bytes(tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith(".jpg"))).read())
+        printed = io.StringIO()
+        commands = {"export": ["export", "--ckpt", sft, "--out", "exports/sft"],
+                    "generate": ["generate", "--ckpt", "exports/sft", "--prompt", "a red box", "--num", "2",
+                                 "--out", "generated", "--device", device],
+                    "answer": ["answer", "--ckpt", sft, "--image", str(scene), "--question", "What colour is the box?",
+                               "--max-new-tokens", "4", "--device", device]}
+        for name, args in commands.items():
+            with contextlib.redirect_stdout(printed):
+                out[f"{name}_exit"] = synergen(args)
+        out["generated"] = sorted(p.name for p in Path("generated").glob("*.png"))
+        out["answer_printed"] = bool(printed.getvalue().strip())
+    finally:
+        os.chdir(here)
+        for k, v in saved_env.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
     return out
 
 
@@ -419,7 +494,7 @@ def section_flash_attention(device: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ run
 # cheap sections and the targets' figures (MFU, memory against the plan) first: a run stopped early keeps them
-SECTIONS = ("reduced_2b_step", "dcp_roundtrip", "flash_attention", "tiny_stage1", "generation")
+SECTIONS = ("reduced_2b_step", "dcp_roundtrip", "flash_attention", "tiny_stage1", "recipes_2b", "generation")
 
 
 def run(device: str, out: Path, only: list[str] | None = None, compile: bool | None = None,
@@ -450,6 +525,7 @@ def run(device: str, out: Path, only: list[str] | None = None, compile: bool | N
                  "reduced_2b_step": lambda: section_reduced_2b(device, compile),
                  "generation": lambda: section_generation(device),
                  "dcp_roundtrip": lambda: section_dcp(device, work),
+                 "recipes_2b": lambda: section_recipes_2b(device, work),
                  "flash_attention": lambda: section_flash_attention(device)}
         for name in SECTIONS:
             if only and name not in only:
@@ -495,6 +571,26 @@ def _reduced_2b_rows(r: dict) -> list:
              f"{_f(gib(r.get('peak_memory_bytes')))} GiB vs plan {_f(gib(r.get('plan_bytes')))} GiB, {_graphs(r)}")]
 
 
+def _recipes_2b_rows(r: dict) -> list:
+    gib = lambda v: v and v / 2**30  # noqa: E731
+    rows = []
+    for stage in ("stage1", "stage2", "sft"):
+        st = r.get(stage, {})
+        losses = st.get("losses") or [None]
+        rows.append((f"2b recipe {stage} (stand-ins)", f"{st.get('global_step')} steps",
+                     f"loss {_f(losses[0])} -> {_f(losses[-1])}, accumulate {st.get('accumulate_grad_batches')}, "
+                     f"{st.get('precision')}, peak {_f(gib(st.get('peak_memory_bytes')))} GiB, "
+                     f"{r.get('image_size')}-px views, {r.get('image_tokenizer')} tokenizer"))
+    changed = "; ".join(f"{stage}: {', '.join(p for p, c in parts.items() if c) or 'none'}"
+                        for stage, parts in (r.get("trained_parts") or {}).items())
+    rows.append(("2b recipes: what each stage trained", "",
+                 f"as the paper's stages: {r.get('stages_train_as_the_paper')} ({changed})"))
+    rows.append(("2b recipes: export, generate, answer", "", f"exit {r.get('export_exit')}, {r.get('generate_exit')}, "
+                 f"{r.get('answer_exit')}; {len(r.get('generated', []))} images, answer printed "
+                 f"{r.get('answer_printed')}"))
+    return rows
+
+
 def _generation_rows(g: dict) -> list:
     rows = []
     for n in (1, 16):
@@ -532,6 +628,7 @@ def _flash_rows(fa: dict) -> list:
 
 SUMMARY_ROWS = {"reduced_2b_step": ("reduced 2b step", _reduced_2b_rows), "dcp_roundtrip": ("DCP save/load", _dcp_rows),
                 "flash_attention": ("FlashAttention", _flash_rows), "tiny_stage1": ("tiny stage 1", _tiny_rows),
+                "recipes_2b": ("2b recipes (stand-ins)", _recipes_2b_rows),
                 "generation": ("generation", _generation_rows)}
 
 

@@ -2,6 +2,7 @@
 are not measured (on CUDA the same script measures them)."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -37,6 +38,15 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, capsys):
     assert "0 graph breaks, 0 CUDA graphs declined" in gpu_check.summary(result)  # the compiled decoding's row
     assert result["dcp_roundtrip"]["identical"]
     assert result["flash_attention"]["flash_accepted"] == gpu_check.FLASH_NOT_MEASURED
+    recipes = result["recipes_2b"]  # the 2b recipes chained on stand-ins, then the user's commands on the device
+    for stage in ("stage1", "stage2", "sft"):
+        assert recipes[stage]["global_step"] == 2 and recipes[stage]["sharded"], (stage, recipes[stage])
+        assert recipes[stage]["losses"] and all(math.isfinite(v) for v in recipes[stage]["losses"]), recipes[stage]
+    assert recipes["stages_train_as_the_paper"], recipes["trained_parts"]
+    assert recipes["sft"]["accumulate_grad_batches"] == 2  # SFT's 16,384-token rows: 2 micro-batches in 32,768 tokens
+    assert (recipes["export_exit"], recipes["generate_exit"], recipes["answer_exit"]) == (0, 0, 0), recipes
+    assert len(recipes["generated"]) == 2 and recipes["answer_printed"]
+    assert "2b recipes: export, generate, answer" in gpu_check.summary(result)
 
 
 def test_flash_attention_section_on_cpu_says_not_measured_and_records_the_calls(tmp_path):

@@ -6,16 +6,17 @@ processes and FSDP2 over 2 processes, on a miniature shape world with the shippe
 
 and the exported model's logits equal the checkpoint's. A one-process or DDP run writes a single-file `last.ckpt`
 whose `hyper_parameters` carry LightningCLI's own keys (`_class_path`, `_instantiator`); an FSDP2 run writes a
-sharded `last.ckpt/` directory.
+sharded `last.ckpt/` directory. Beside them, the paper-scale user's path: the 2b recipes as shipped, stage 1 -> stage
+2 -> SFT under FSDP2 (2 processes, then SFT on one) on stand-ins of their models and data, then export, generate and
+answer.
 
-Each command is a few steps or items; the start-up of a command (~5 s of imports) is most of the cost. The three
-modes' chains run side by side, at most `SLOTS` processes at a time, so both cores stay busy while a one-process
-command runs or a second rank starts: about 2 minutes on 2 cores.
+Each command is a few steps or items; the start-up of a command (~5 s of imports) is most of the cost. The chains
+run side by side, at most `SLOTS` processes at a time, so both cores stay busy while a one-process command runs or a
+second rank starts: about 2.5 minutes on 2 cores.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -42,6 +43,8 @@ MODES = {"one_process": []} | {
 QUICK = ["--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
          "--data.init_args.num_workers", "0", "--data.init_args.shuffle_buffer", "16"]
 BATCH = {"stage1": '{"generation": 2, "understanding": 2}', "stage2": '{"generation": 2, "understanding": 2, "text": 2}'}
+RECIPES_2B_IMAGE_SIZE = 128  # 16x16 codes a view: Emu3's encoder of the recipes' 512-px views is slow on 2 cores
+RECIPES_2B_RANKS = {"stage1": 2, "stage2": 2, "sft": 1}
 SLOTS = 4  # synergen processes at once (a 2-rank fit takes 2): ~0.5-1 GB each
 
 
@@ -65,26 +68,51 @@ class _Slots:
 SLOT = _Slots(SLOTS)
 
 
-# one multi-process command at a time: two launched together can be given the same rendezvous port (EADDRINUSE)
-MULTI_RANK = threading.Lock()
+def rendezvous_ports(n: int) -> list[int]:
+    """`n` distinct ports, free now and below the ephemeral range (no connection is given one): each chain's
+    multi-process commands rendezvous on their own, so chains launch side by side without the race of two launchers
+    picking the same free port."""
+    import random
+    import socket
+
+    try:
+        ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    rng, ports = random.Random(), []
+    while len(ports) < n:
+        port = rng.randrange(max(ephemeral - 12000, 1024), ephemeral)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        if port not in ports:
+            ports.append(port)
+    return ports
 
 
 # set in this process by earlier in-process distributed tests; a command must pick its own rendezvous
 DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE")
 
 
-def _env() -> dict:
+def _env(extra: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items()  # the recipes' own defaults, and no inherited rendezvous
            if not k.startswith("SYNERGEN_") and k not in DIST_ENV}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(extra or {}))
     return env
 
 
-def synergen(cwd: Path, *args: str, ranks: int = 1, timeout: float = 300) -> str:
-    """`synergen ARGS` in `cwd`; its output, or a failure with the command and the tail of its output."""
+def synergen(cwd: Path, *args: str, ranks: int = 1, port: int | None = None, timeout: float = 300,
+             env: dict | None = None) -> str:
+    """`synergen ARGS` in `cwd` (with `env` added to the environment; `ranks` > 1 rendezvous on `port`); its output, or
+    a failure with the command and the tail of its output."""
     shown = f"`synergen {' '.join(args)}` (in {cwd})"
-    with SLOT.take(ranks), (MULTI_RANK if ranks > 1 else contextlib.nullcontext()):
-        proc = subprocess.Popen([*SYNERGEN, *args], cwd=cwd, env=_env(), stdout=subprocess.PIPE,
+    if ranks > 1:
+        assert port is not None, "a multi-process command needs its chain's rendezvous port"
+        env = {**(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    with SLOT.take(ranks):
+        proc = subprocess.Popen([*SYNERGEN, *args], cwd=cwd, env=_env(env), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         try:
             out, _ = proc.communicate(timeout=timeout)
@@ -96,7 +124,7 @@ def synergen(cwd: Path, *args: str, ranks: int = 1, timeout: float = 300) -> str
     return out
 
 
-def user_path(world: Path, run: Path, mode: str) -> dict:
+def user_path(world: Path, run: Path, mode: str, port: int) -> dict:
     """The whole path in a fresh project directory; what the checks need."""
     from synergen_lightning.checkpoint import read_checkpoint_meta
 
@@ -108,12 +136,12 @@ def user_path(world: Path, run: Path, mode: str) -> dict:
     for max_steps, resume in ((1, []), (2, ["--ckpt_path", str(s1)])):
         synergen(run, "fit", "--config", str(ROOT / "recipes/tiny/stage1.yaml"), *flags, *QUICK,
                  "--trainer.max_steps", str(max_steps), f"--data.init_args.batch_size={BATCH['stage1']}", *resume,
-                 ranks=ranks)
+                 ranks=ranks, port=port)
         steps.append(read_checkpoint_meta(s1)["global_step"])
     s1_meta = read_checkpoint_meta(s1)
     # stage 2 from stage 1 (model.init_from: runs/tiny/stage1/last.ckpt in the recipe)
     synergen(run, "fit", "--config", str(ROOT / "recipes/tiny/stage2.yaml"), *flags, *QUICK,
-             "--trainer.max_steps", "1", f"--data.init_args.batch_size={BATCH['stage2']}", ranks=ranks)
+             "--trainer.max_steps", "1", f"--data.init_args.batch_size={BATCH['stage2']}", ranks=ranks, port=port)
     # export, beside generate / answer / the text report from the checkpoint; then generate / answer from the export
     ckpt_cmds = [("generate", "--ckpt", str(s2), "--prompt", "a red circle", "--num", "1", "--out", "gen_ckpt",
                   "--device", "cpu"),
@@ -147,11 +175,50 @@ def world(tmp_path_factory) -> Path:
 def walked(world, tmp_path_factory, request) -> dict:
     """The selected modes' paths, side by side; a mode's failure is raised by its own test."""
     root = tmp_path_factory.mktemp("paths")
-    modes = [m for m in MODES if any(getattr(item, "callspec", None) and item.callspec.params.get("mode") == m
-                                     for item in request.session.items if item.module is request.module)]
-    with ThreadPoolExecutor(len(modes)) as pool:
-        futures = {mode: pool.submit(user_path, world, root / mode, mode) for mode in modes}
-        return {mode: f.exception() or f.result() for mode, f in futures.items()}
+    items = [item for item in request.session.items if item.module is request.module]
+    ports = dict(zip([*MODES, "recipes_2b"], rendezvous_ports(len(MODES) + 1)))
+    paths = {m: (user_path, world, root / m, m, ports[m]) for m in MODES
+             if any(getattr(item, "callspec", None) and item.callspec.params.get("mode") == m for item in items)}
+    if any(item.originalname == "test_the_2b_recipes_chain_trains_what_each_stage_says" for item in items):
+        paths["recipes_2b"] = (recipes_2b_path, root / "standins_2b", root / "recipes_2b", ports["recipes_2b"])
+    with ThreadPoolExecutor(len(paths)) as pool:  # side by side: a chain's start-ups leave the cores to the others
+        futures = {name: pool.submit(*path) for name, path in paths.items()}
+        return {name: f.exception() or f.result() for name, f in futures.items()}
+
+
+def recipes_2b_path(standins: Path, run: Path, port: int) -> dict:
+    """The 2b recipes as shipped (`recipes/synergen_vl_2b/{stage1,stage2,sft}.yaml`), chained by their
+    `model.init_from`, under their FSDP2Strategy (stages 1 and 2 over 2 processes), on stand-ins of InternLM2, its tokenizer, Emu3's
+    VQ-VAE and the shards they name (`bench/standins_2b.py`: reduced widths and 128-px views, the recipes' vocabulary,
+    codebook and folding); then export, generate and answer from the SFT checkpoint."""
+    import importlib.util
+    import tarfile
+
+    from standins_2b import STAGES, env, fit_args, make_2b_standins
+
+    # Emu3's VQ-VAE is read through transformers; without it, the toolkit's VQTokenizer of Emu3's codebook
+    kind = "emu3" if importlib.util.find_spec("transformers") else "vq"
+    variables = env(make_2b_standins(standins, image_tokenizer=kind))
+    run.mkdir(parents=True)
+    # stages 1 and 2 on 2 ranks; SFT on one process reads stage 2's 2-rank shards and accumulates 2 micro-batches
+    fits = {stage: synergen(run, *fit_args(stage, "cpu", RECIPES_2B_RANKS[stage], image_size=RECIPES_2B_IMAGE_SIZE),
+                            ranks=RECIPES_2B_RANKS[stage], port=port, env=variables) for stage in STAGES}
+    sft = "runs/synergen_vl_2b/sft/last.ckpt"
+    with tarfile.open(standins / "data/und_s2/shard-000000.tar") as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        (run / "scene.jpg").write_bytes(tar.extractfile(member).read())
+
+    def export_then_generate():
+        synergen(run, "export", "--ckpt", sft, "--out", "exports/sft", env=variables)
+        return synergen(run, "generate", "--ckpt", "exports/sft", "--prompt", "a red box on a white background",
+                        "--num", "2", "--out", "generated", "--device", "cpu", env=variables)
+
+    with ThreadPoolExecutor(2) as pool:
+        generated = pool.submit(export_then_generate)
+        answer = synergen(run, "answer", "--ckpt", sft, "--image", str(run / "scene.jpg"), "--question",
+                          "What colour is the box?", "--max-new-tokens", "4", "--device", "cpu", env=variables)
+        generated.result()
+    return {"standins": standins, "run": run, "fits": fits, "answer": answer}
 
 
 def _raw_state(ckpt: Path) -> dict:
@@ -210,3 +277,36 @@ def test_fit_resume_export_generate_answer_eval(mode, walked):
     text_exp, head_exp = _logits(load_synergen(run / "exports/stage2"))
     torch.testing.assert_close(text_exp, text_ckpt, atol=1e-6, rtol=0)
     torch.testing.assert_close(head_exp, head_ckpt, atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+def test_the_2b_recipes_chain_trains_what_each_stage_says(walked):
+    """Each stage of the 2b chain ends at its last step in a sharded checkpoint written by all its ranks, starts from
+    the previous stage's, and trains what progressive alignment says: stage 1 the image parts only (the trunk's attention
+    and text FFN keep the base LLM's weights), stage 2 the attention too, SFT everything."""
+    from PIL import Image
+
+    from standins_2b import STAGES, trained_parts
+    from synergen_lightning.checkpoint import read_checkpoint_meta
+
+    result = walked["recipes_2b"]
+    if isinstance(result, BaseException):
+        raise result
+    run = result["run"]
+    for stage in STAGES:
+        ckpt = run / f"runs/synergen_vl_2b/{stage}/last.ckpt"
+        assert ckpt.is_dir() and read_checkpoint_meta(ckpt)["global_step"] == 2, stage
+        shards = {f"__{rank}_0.distcp" for rank in range(RECIPES_2B_RANKS[stage])}  # every rank's
+        assert {p.name for p in ckpt.iterdir() if p.suffix == ".distcp"} == shards, stage
+    assert "stage2: initialised from runs/synergen_vl_2b/stage1/last.ckpt" in result["fits"]["stage2"]
+    assert "sft: initialised from runs/synergen_vl_2b/stage2/last.ckpt" in result["fits"]["sft"]
+    assert trained_parts(result["standins"], run) == {
+        "stage1": {"attention": False, "text_ffn": False, "vision_ffn": True},
+        "stage2": {"attention": True, "text_ffn": False, "vision_ffn": True},
+        "sft": {"attention": True, "text_ffn": True, "vision_ffn": True}}
+    pngs = sorted((run / "generated").glob("*.png"))
+    assert len(pngs) == 2 and all(Image.open(p).size == (RECIPES_2B_IMAGE_SIZE,) * 2 for p in pngs)
+    assert result["answer"].strip()
