@@ -237,7 +237,10 @@ def section_recipes_2b(device: str, work: Path) -> dict:
     finally:
         os.chdir(here)
         for k, v in saved_env.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return out
 
 

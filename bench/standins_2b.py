@@ -8,7 +8,7 @@ a small machine needs (one node, the reduced widths, a small global batch, a few
 recipes' strategy (FSDP2, HSDP groups, bf16 on CUDA, activation checkpointing, micro-batches by `tokens_per_gpu`),
 callbacks, data module and stage chain (`model.init_from`) run as on the cluster.
 
-Used by tests/test_user_paths.py (the chain through `synergen`, FSDP2 over 2 CPU processes) and `make gpu-check`.
+Used by tests/test_user_paths.py (the chain through `synergen`, FSDP2 on 2 CPU processes) and `make gpu-check`.
 """
 
 from __future__ import annotations
@@ -155,18 +155,27 @@ def _write_tokenizer(out: Path, data: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ models
 def _write_internlm2(path: Path) -> None:
-    """InternLM2's layout: `model.tok_embeddings`, packed `attention.wqkv`, `output`, bf16, two files + index."""
+    """The recipes' trunk (vocabulary, RoPE, norms) at `WIDTHS`, in InternLM2's layout."""
     import yaml
+
+    from synergen_lightning.models.config import LLMConfig
+
+    recipe = yaml.safe_load((ROOT / "recipes/synergen_vl_2b/stage1.yaml").read_text())["model"]["init_args"]["llm"]
+    write_internlm2_dir(path, LLMConfig(**dict(recipe, **WIDTHS)))
+
+
+def write_internlm2_dir(path: Path, config, seed: int = 0, noise: float = 0.0) -> int:
+    """A random trunk of `config` (an `LLMConfig`; `noise`: the std of Gaussian noise added to every weight) as an
+    InternLM2 Hugging Face directory: `model.tok_embeddings`, packed `attention.wqkv`, `output`, bf16, two safetensors
+    files and their index. Returns the bytes of its weights."""
     from safetensors.torch import save_file
 
     from synergen_lightning.hf_import import pack_internlm2_wqkv
-    from synergen_lightning.models.config import LLMConfig
     from synergen_lightning.models.mmoe import MMoETransformer
 
-    recipe = yaml.safe_load((ROOT / "recipes/synergen_vl_2b/stage1.yaml").read_text())["model"]["init_args"]["llm"]
-    config = LLMConfig(**dict(recipe, **WIDTHS))
-    torch.manual_seed(0)
-    sd = {k: v.to(torch.bfloat16) for k, v in MMoETransformer(config, vision_experts=False).state_dict().items()}
+    torch.manual_seed(seed)
+    sd = {k: (v + noise * torch.randn_like(v) if noise else v).to(torch.bfloat16)
+          for k, v in MMoETransformer(config, vision_experts=False).state_dict().items()}
     out = {"model.tok_embeddings.weight": sd["embed_tokens.weight"], "model.norm.weight": sd["norm.weight"],
            "output.weight": sd["lm_head.weight"]}
     names = {"attn.o_proj": "attention.wo", "text_ffn.gate_proj": "feed_forward.w1",
@@ -191,7 +200,8 @@ def _write_internlm2(path: Path) -> None:
         "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
         "num_key_value_heads": config.num_kv_heads, "rms_norm_eps": config.rms_norm_eps,
         "rope_theta": config.rope_theta, "max_position_embeddings": config.max_position_embeddings, "bias": False,
-        "hidden_act": "silu", "tie_word_embeddings": False}))
+        "hidden_act": "silu", "tie_word_embeddings": config.tie_word_embeddings}))
+    return sum(v.numel() * v.element_size() for v in out.values())
 
 
 def _write_emu3(path: Path) -> None:

@@ -204,40 +204,10 @@ BIG_SPECIAL = {"bos": 1, "eos": 2, "pad": 0, "boi": 2045, "eoi": 2046, "uncond":
 
 def write_internlm2_dir(path: Path) -> int:
     """A random InternLM2-layout HF directory of BIG's trunk; returns its bytes of weights."""
-    import json
-
-    from safetensors.torch import save_file
-
-    from synergen_lightning.hf_import import pack_internlm2_wqkv
+    from standins_2b import write_internlm2_dir as write
     from synergen_lightning.models.config import LLMConfig
-    from synergen_lightning.models.mmoe import MMoETransformer
 
-    config = LLMConfig(**dict(BIG["llm"], vocab_size=BASE_VOCAB))
-    torch.manual_seed(11)
-    trunk = MMoETransformer(config, vision_experts=False)
-    sd = {k: (v + 0.05 * torch.randn_like(v)).to(torch.bfloat16) for k, v in trunk.state_dict().items()}
-    out = {"model.tok_embeddings.weight": sd["embed_tokens.weight"], "model.norm.weight": sd["norm.weight"],
-           "output.weight": sd["lm_head.weight"]}
-    names = {"attn.o_proj": "attention.wo", "text_ffn.gate_proj": "feed_forward.w1", "text_ffn.up_proj": "feed_forward.w3",
-             "text_ffn.down_proj": "feed_forward.w2", "input_norm": "attention_norm", "post_attn_norm": "ffn_norm"}
-    for i in range(config.num_layers):
-        q, k, v = (sd[f"layers.{i}.attn.{n}_proj.weight"] for n in "qkv")
-        out[f"model.layers.{i}.attention.wqkv.weight"] = pack_internlm2_wqkv(q, k, v, config)
-        for ours, theirs in names.items():
-            out[f"model.layers.{i}.{theirs}.weight"] = sd[f"layers.{i}.{ours}.weight"]
-    path.mkdir(parents=True)
-    keys = sorted(out)
-    files = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
-    for fname, ks in files.items():
-        save_file({k: out[k].contiguous() for k in ks}, str(path / fname))
-    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: f for f, ks in files.items() for k in ks}}))
-    (path / "config.json").write_text(json.dumps({
-        "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2", "vocab_size": BASE_VOCAB,
-        "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads, "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta,
-        "max_position_embeddings": config.max_position_embeddings, "bias": False, "hidden_act": "silu"}))
-    return sum(v.numel() * v.element_size() for v in out.values())
+    return write(path, LLMConfig(**dict(BIG["llm"], vocab_size=BASE_VOCAB)), seed=11, noise=0.05)
 
 
 def _base_worker(rank: int, world: int, port: int, hf_dir: str, out: str) -> None:
