@@ -19,15 +19,15 @@ failing path does not hide the others):
   synthetic world written here (`synergen data synth`, an untrained base LLM and VQ tokenizer: nothing of the demo
   is needed), under FSDP2Strategy on one device, without and with `torch.compile` per block: loss curves (they
   must agree within `LOSS_TOL`) and step times. CUDA: 100 steps in bf16 (bf16-mixed, bf16 params).
+- `generation`: KV-cached generation of one image and of 16 images, folded (`inference.generate_codes`) vs an
+  unfolded model reading and writing every code (`bench_folding.unfolded_generate`), eager and compiled
+  (`generate_codes(compile=True)`: the head's patch and the LLM's step as graphs; a CUDA graph for the head on a GPU),
+  with where the compiled codes first part from the eager ones.
 - `recipes_2b`: the three 2b recipes as shipped (`recipes/synergen_vl_2b/*.yaml` through the CLI's `lightning_cli`),
   chained by `model.init_from`, on stand-ins of their models and data (`standins_2b`: reduced widths, the recipes'
   vocabulary, codebook, folding, strategy and data module), 2 steps each on one device, then `synergen export`,
   `generate` and `answer` from the SFT checkpoint on the device. CUDA: bf16 and the recipes' 512-px views (Emu3's
   VQ-VAE through transformers where it is installed, else the toolkit's VQTokenizer of the same codebook).
-- `generation`: KV-cached generation of one image and of 16 images, folded (`inference.generate_codes`) vs an
-  unfolded model reading and writing every code (`bench_folding.unfolded_generate`), eager and compiled
-  (`generate_codes(compile=True)`: the head's patch and the LLM's step as graphs; a CUDA graph for the head on a GPU),
-  with where the compiled codes first part from the eager ones.
 
 Without CUDA the same script runs at tiny sizes on the CPU (a few steps, fp32; compile is off unless `--compile on`:
 it takes minutes there) and says that the GPU figures are not measured: that run is its test (tests/test_gpu_check.py).
@@ -81,7 +81,7 @@ def ensure_process_group(device: str) -> None:
 
 # ------------------------------------------------------------------------------------------------ tiny stage 1
 class LossRecorder:
-    """A Lightning callback: the loss and wall time of every optimizer step."""
+    """A Lightning callback: the loss and wall time of every training batch (micro-batch)."""
 
     def __new__(cls):
         from lightning.pytorch.callbacks import Callback
@@ -98,7 +98,8 @@ class LossRecorder:
                 _sync(pl_module.device.type)
                 self.times.append(time.perf_counter() - self._t)
                 loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-                self.losses.append(float(loss))
+                # one entry per micro-batch, at its full scale (Lightning hands on the loss divided by the accumulation)
+                self.losses.append(float(loss) * trainer.accumulate_grad_batches)
 
         return _Recorder()
 
@@ -178,6 +179,7 @@ def section_recipes_2b(device: str, work: Path) -> dict:
     (`standins_2b`: reduced widths, the recipes' vocabulary, codebook, folding, strategy and data module), 2 steps
     each on one device, then export, generate and answer from the SFT checkpoint. CUDA: bf16 as the recipes, the
     recipes' 512-px views; CPU: fp32, 128-px views."""
+    import gc
     import io
 
     import standins_2b as s2b
@@ -185,22 +187,17 @@ def section_recipes_2b(device: str, work: Path) -> dict:
     from synergen_lightning.cli import lightning_cli
     from synergen_lightning.cli import main as synergen
 
-    try:
-        import transformers  # noqa: F401 -- Emu3's VQ-VAE is read through it, as the recipes read Emu3
-        kind = "emu3"
-    except ImportError:
-        kind = "vq"
+    kind = s2b.image_tokenizer_kind()
     cuda = device == "cuda"
     image_size = 512 if cuda else 128
     root = s2b.make_2b_standins(work / "standins_2b", image_tokenizer=kind)
     project = work / "project_2b"
     project.mkdir()
-    saved_env = {k: os.environ.get(k) for k in s2b.env(root)}
-    os.environ.update(s2b.env(root))
-    here = os.getcwd()
-    os.chdir(project)  # the recipes write and read runs/synergen_vl_2b/... relative to the project
+    saved_env, here = {k: os.environ.get(k) for k in s2b.env(root)}, os.getcwd()
     out = {"image_tokenizer": kind, "image_size": image_size, "widths": s2b.WIDTHS}
     try:
+        os.environ.update(s2b.env(root))
+        os.chdir(project)  # the recipes write and read runs/synergen_vl_2b/... relative to the project
         for stage in s2b.STAGES:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -215,7 +212,10 @@ def section_recipes_2b(device: str, work: Path) -> dict:
                           "accumulate_grad_batches": cli.trainer.accumulate_grad_batches,
                           "precision": cli.trainer.precision,
                           "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None}
-            del cli
+            del cli, recorder
+            gc.collect()  # the stage's model and optimizer gone before the next stage's peak is counted
+            if cuda:
+                torch.cuda.empty_cache()
         # which parts of the trunk each stage changed, from the checkpoints: stage 1 the vision FFN only, stage 2 the
         # attention too, SFT the text FFN too
         out["trained_parts"] = s2b.trained_parts(root, project)
@@ -223,17 +223,17 @@ def section_recipes_2b(device: str, work: Path) -> dict:
         sft, scene = "runs/synergen_vl_2b/sft/last.ckpt", root / "scene.jpg"
         with tarfile.open(root / "data/und_s2/shard-000000.tar") as tar:  # one of the understanding images
             scene.write_bytes(tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith(".jpg"))).read())
-        printed = io.StringIO()
         commands = {"export": ["export", "--ckpt", sft, "--out", "exports/sft"],
                     "generate": ["generate", "--ckpt", "exports/sft", "--prompt", "a red box", "--num", "2",
                                  "--out", "generated", "--device", device],
                     "answer": ["answer", "--ckpt", sft, "--image", str(scene), "--question", "What colour is the box?",
                                "--max-new-tokens", "4", "--device", device]}
         for name, args in commands.items():
+            printed = io.StringIO()
             with contextlib.redirect_stdout(printed):
                 out[f"{name}_exit"] = synergen(args)
         out["generated"] = sorted(p.name for p in Path("generated").glob("*.png"))
-        out["answer_printed"] = bool(printed.getvalue().strip())
+        out["answer"] = printed.getvalue().strip()[-200:]  # what `synergen answer` printed (an untrained model's)
     finally:
         os.chdir(here)
         for k, v in saved_env.items():
@@ -497,7 +497,8 @@ def section_flash_attention(device: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ run
 # cheap sections and the targets' figures (MFU, memory against the plan) first: a run stopped early keeps them
-SECTIONS = ("reduced_2b_step", "dcp_roundtrip", "flash_attention", "tiny_stage1", "recipes_2b", "generation")
+# (the 2b recipes' chain on stand-ins last: a check of the recipes' wiring on the device, not a figure)
+SECTIONS = ("reduced_2b_step", "dcp_roundtrip", "flash_attention", "tiny_stage1", "generation", "recipes_2b")
 
 
 def run(device: str, out: Path, only: list[str] | None = None, compile: bool | None = None,
@@ -539,7 +540,7 @@ def run(device: str, out: Path, only: list[str] | None = None, compile: bool | N
                 t0 = time.perf_counter()
                 try:
                     result[name] = funcs[name]()
-                except Exception as exc:  # noqa: BLE001 -- recorded; the other sections still run
+                except (Exception, SystemExit) as exc:  # noqa: BLE001 -- recorded (a CLI's exit too); the rest run
                     result[name] = {"error": f"{type(exc).__name__}: {exc}",
                                     "traceback": traceback.format_exc().splitlines()[-8:]}
                 result[name]["section_s"] = time.perf_counter() - t0
@@ -589,8 +590,7 @@ def _recipes_2b_rows(r: dict) -> list:
     rows.append(("2b recipes: what each stage trained", "",
                  f"as the paper's stages: {r.get('stages_train_as_the_paper')} ({changed})"))
     rows.append(("2b recipes: export, generate, answer", "", f"exit {r.get('export_exit')}, {r.get('generate_exit')}, "
-                 f"{r.get('answer_exit')}; {len(r.get('generated', []))} images, answer printed "
-                 f"{r.get('answer_printed')}"))
+                 f"{r.get('answer_exit')}; {len(r.get('generated', []))} images, answer {r.get('answer', '')[:40]!r}"))
     return rows
 
 

@@ -1,12 +1,13 @@
-"""Stand-ins for what the 2b recipes read, so that `synergen fit --config recipes/synergen_vl_2b/{stage1,stage2,sft}.yaml`
-runs as shipped on a machine without the paper's models and data: an InternLM2-layout Hugging Face directory (packed
-`wqkv`, two safetensors files, the recipe's 92,544-token vocabulary) at reduced widths, a `tokenizer.json`, a random
-Emu3 VQ-VAE directory (32,768 codes, downsample 8, as Emu3-VisionTokenizer) and webdataset shards for every source
-the recipes name (img2dataset layout: JPEGs of several aspect ratios with captions or LLaVA conversations, listed in
-`shards.txt`). The recipes read them through their environment variables (`env`); `fit_args` adds the few overrides
-a small machine needs (one node, the reduced widths, a small global batch, a few steps), and nothing else: the
-recipes' strategy (FSDP2, HSDP groups, bf16 on CUDA, activation checkpointing, micro-batches by `tokens_per_gpu`),
-callbacks, data module and stage chain (`model.init_from`) run as on the cluster.
+"""Stand-ins for what the 2b recipes read, so that `synergen fit --config recipes/synergen_vl_2b/STAGE.yaml` runs as
+shipped on a machine without the paper's models and data: an InternLM2-layout Hugging Face directory (packed `wqkv`,
+two safetensors files, the recipe's 92,544-token vocabulary) at reduced widths, a `tokenizer.json`, a random Emu3
+VQ-VAE directory (32,768 codes, downsample 8, in Emu3-VisionTokenizer's published layout) and webdataset shards for every source the
+recipes name (img2dataset layout: JPEGs of several aspect ratios with captions or LLaVA conversations, listed in
+`shards.txt`). The recipes read them through their environment variables (`env`); `fit_args` overrides what a small
+machine needs (devices and one node, the reduced widths and view size, a global batch of 2 + 2 rows, a few steps, one
+data worker; fp32 on the CPU). The recipes' strategy (FSDP2, bf16 on CUDA, activation checkpointing, micro-batches by
+`tokens_per_gpu`), callbacks, data module and stage chain (`model.init_from`) run as on the cluster; their HSDP groups
+of 8 do not form on 1 or 2 ranks.
 
 Used by tests/test_user_paths.py (the chain through `synergen`, FSDP2 on 2 CPU processes) and `make gpu-check`.
 """
@@ -35,13 +36,23 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), 
 def env(root: Path) -> dict[str, str]:
     """The recipes' environment variables, pointing at the stand-ins under `root`."""
     vq = root / "models/emu3_vq"
-    return {"SYNERGEN_BASE_LLM": str(root / "models/internlm2"), "SYNERGEN_TEXT_TOKENIZER": str(root / "models/tokenizer"),
+    return {"SYNERGEN_BASE_LLM": str(root / "models/internlm2"),
+            "SYNERGEN_TEXT_TOKENIZER": str(root / "models/tokenizer"),
             "SYNERGEN_EMU3_TOKENIZER": str(vq / "vq.ckpt" if (vq / "vq.ckpt").exists() else vq),
             "SYNERGEN_DATA": str(root / "data")}
 
 
+def image_tokenizer_kind() -> str:
+    """"emu3" where transformers has Emu3's VQ-VAE (the `hf` extra), else "vq"."""
+    try:
+        import transformers
+    except ImportError:
+        return "vq"
+    return "emu3" if hasattr(transformers, "Emu3VQVAE") else "vq"
+
+
 def make_2b_standins(root: Path, samples_per_source: int = 8, image_tokenizer: str = "emu3") -> Path:
-    """Write every stand-in under `root` (about 25 MB, mostly the base LLM's 92,544-row embeddings).
+    """Write every stand-in under `root` (mostly the base LLM's 92,544-row embeddings, in bf16).
     `image_tokenizer`: "emu3" (a Hugging Face Emu3 VQ-VAE directory, read through transformers as the recipes'
     Emu3-VisionTokenizer is) or "vq" (the toolkit's own `VQTokenizer` checkpoint of the same codebook and downsampling,
     for a Python without transformers)."""
@@ -205,14 +216,36 @@ def write_internlm2_dir(path: Path, config, seed: int = 0, noise: float = 0.0) -
 
 
 def _write_emu3(path: Path) -> None:
-    """A random Emu3 VQ-VAE of Emu3-VisionTokenizer's codebook and downsampling, a few channels wide."""
+    """A random Emu3 VQ-VAE of Emu3-VisionTokenizer's codebook and downsampling, a few channels wide, in that
+    repository's published layout (what the recipes' `/models/Emu3-VisionTokenizer` holds)."""
     import transformers
 
     cfg = transformers.Emu3VQVAEConfig(codebook_size=32768, embed_dim=4, latent_channels=4, base_channels=32,
                                        channel_multiplier=[1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[],
                                        temporal_downsample_factor=4, hidden_size=32)
     torch.manual_seed(0)
-    transformers.Emu3VQVAE(cfg).eval().save_pretrained(path)
+    write_published_emu3_dir(transformers.Emu3VQVAE(cfg).eval(), path)
+
+
+def write_published_emu3_dir(model, path: Path) -> Path:
+    """`model` (a `transformers.Emu3VQVAE`) as BAAI/Emu3-VisionTokenizer publishes its VQ-VAE: the remote-code
+    config's keys (`ch`, `ch_mult`, `z_channels`, ...) and one `model.safetensors` of the same weight names
+    (transformers' conversion of that checkpoint renames nothing inside the VQ-VAE)."""
+    from safetensors.torch import save_file
+
+    c = model.config
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["Emu3VisionVQModel"], "model_type": "Emu3VisionVQ",
+        "auto_map": {"AutoConfig": "configuration_emu3visionvq.Emu3VisionVQConfig",
+                     "AutoModel": "modeling_emu3visionvq.Emu3VisionVQModel"},
+        "ch": c.base_channels, "ch_mult": list(c.channel_multiplier), "codebook_size": c.codebook_size,
+        "double_z": c.double_latent, "dropout": 0.0, "embed_dim": c.embed_dim, "in_channels": c.in_channels,
+        "out_channels": c.out_channels, "num_res_blocks": c.num_res_blocks,
+        "attn_resolutions": list(c.attn_resolutions), "temporal_downsample_factor": c.temporal_downsample_factor,
+        "z_channels": c.latent_channels}))
+    return path
 
 
 def _write_vq(path: Path) -> None:

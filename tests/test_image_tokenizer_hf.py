@@ -8,6 +8,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from standins_2b import write_published_emu3_dir  # noqa: E402  (BAAI/Emu3-VisionTokenizer's layout)
 from synergen_lightning.image_tokenizer.loading import load_image_tokenizer  # noqa: E402
 from synergen_lightning.image_tokenizer.protocol import ImageTokenizer  # noqa: E402
 
@@ -38,6 +39,31 @@ def test_emu3_adapter_matches_transformers(tmp_path):
     recon = tok.decode(codes)
     assert recon.shape == (2, 3, 32, 48)
     torch.testing.assert_close(recon, ((ref_pixels + 1) / 2).clamp(0, 1))
+
+
+def test_emu3_adapter_reads_the_published_vision_tokenizer_layout(tmp_path):
+    model, _ = _emu3_dir(tmp_path)
+    tok = load_image_tokenizer(write_published_emu3_dir(model, tmp_path / "published"), expected_codebook_size=64)
+    assert (tok.codebook_size, tok.downsample) == (64, 8)
+    images = torch.rand(2, 3, 32, 48)
+    with torch.no_grad():
+        ref = torch.stack(model.encode(images * 2 - 1, image_sizes=torch.tensor([[32, 48]] * 2)).image_tokens)
+        ref_pixels = model.decode(ref)
+    codes = tok.encode(images)
+    assert torch.equal(codes, ref) and len(codes.unique()) > 1
+    torch.testing.assert_close(tok.decode(codes), ((ref_pixels + 1) / 2).clamp(0, 1))
+
+
+def test_emu3_published_layout_with_other_weights_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, _ = _emu3_dir(tmp_path)
+    path = write_published_emu3_dir(model, tmp_path / "published")
+    state = load_file(str(path / "model.safetensors"))
+    state["encoder.extra.weight"] = state.pop(next(k for k in state if k.startswith("encoder.")))
+    save_file(state, str(path / "model.safetensors"))
+    with pytest.raises(ValueError, match="does not match transformers' Emu3VQVAE"):
+        load_image_tokenizer(path)
 
 
 def test_emu3_adapter_uses_preprocessor_mean_std(tmp_path):
@@ -105,5 +131,5 @@ def test_hf_adapter_refusals(tmp_path):
         tok.decode(torch.full((1, 2, 2), 64))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match="'llama'"):
+    with pytest.raises(ValueError, match="'llama'.*'Emu3VisionVQ'"):
         load_image_tokenizer(tmp_path / "other")

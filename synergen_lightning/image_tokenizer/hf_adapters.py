@@ -2,7 +2,11 @@
 
 transformers is an optional extra: it is imported only here, only when such a directory is loaded.
 
-- `Emu3VQTokenizer` (the paper's tokenizer, 32,768 codes, downsample 8) wraps `transformers.Emu3VQVAE`.
+- `Emu3VQTokenizer` (the paper's tokenizer, 32,768 codes, downsample 8) wraps `transformers.Emu3VQVAE`. It reads
+  transformers' layout (`model_type: emu3_vqgan`, e.g. the `vqmodel` of an Emu3 `-hf` checkpoint saved alone) and
+  BAAI/Emu3-VisionTokenizer as published (remote code, `model_type: Emu3VisionVQ`): transformers' own conversion
+  of that checkpoint renames no weight inside the VQ-VAE, so its weights load as they are and only its config's
+  keys are mapped (`EMU3_PUBLISHED_CONFIG`).
   Emu3's VQ-VAE is a video model with a temporal axis compressed by `temporal_downsample_factor` (4).
   A single image is handled the way transformers (and Emu3) do it: the image is repeated
   `temporal_downsample_factor` times along time, which encodes to exactly one temporal code slice
@@ -33,8 +37,40 @@ def _import_transformers():
     try:
         import transformers
     except ImportError as err:  # optional extra
-        raise ImportError("loading a Hugging Face VQ directory needs transformers: pip install 'transformers>=4.45'") from err
+        raise ImportError("loading a Hugging Face VQ directory needs transformers: pip install -e '.[hf]' "
+                          "(transformers>=4.48)") from err
     return transformers
+
+
+# BAAI/Emu3-VisionTokenizer's config.json key -> transformers.Emu3VQVAEConfig's
+EMU3_PUBLISHED_CONFIG = {"codebook_size": "codebook_size", "embed_dim": "embed_dim", "z_channels": "latent_channels",
+                         "double_z": "double_latent", "in_channels": "in_channels", "out_channels": "out_channels",
+                         "temporal_downsample_factor": "temporal_downsample_factor", "ch": "base_channels",
+                         "ch_mult": "channel_multiplier", "num_res_blocks": "num_res_blocks",
+                         "attn_resolutions": "attn_resolutions"}
+
+
+def _load_published_emu3(path: Path, cfg: dict, transformers) -> nn.Module:
+    """BAAI/Emu3-VisionTokenizer's own layout (remote code, not run here) into `transformers.Emu3VQVAE`."""
+    from safetensors.torch import load_file
+
+    if not hasattr(transformers, "Emu3VQVAE"):
+        raise ImportError(f"transformers {transformers.__version__} has no Emu3VQVAE: "
+                          "pip install -U 'transformers>=4.48'")
+    kwargs = {ours: cfg[theirs] for theirs, ours in EMU3_PUBLISHED_CONFIG.items() if theirs in cfg}
+    # its attention blocks sit at the deepest level (and the middle), one head over that level's channels
+    kwargs.update(hidden_size=kwargs.get("base_channels", 256) * list(kwargs.get("channel_multiplier", [4]))[-1],
+                  num_attention_heads=1)
+    model = transformers.Emu3VQVAE(transformers.Emu3VQVAEConfig(**kwargs))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{str(path)!r} (Emu3-VisionTokenizer layout) has no *.safetensors weights")
+    state = {k: v for f in files for k, v in load_file(str(f)).items()}
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{str(path)!r} does not match transformers' Emu3VQVAE of its config: missing "
+                         f"{result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]}")
+    return model.eval()
 
 
 def _mean_std(path: Path) -> tuple[Tensor, Tensor]:
@@ -107,8 +143,9 @@ def load_hf_vq(path: str | Path) -> nn.Module:
     cfg = json.loads((path / "config.json").read_text())
     model_type = cfg.get("model_type")
     mean, std = _mean_std(path)
-    if model_type == "emu3_vqgan":
-        model = transformers.Emu3VQVAE.from_pretrained(path, local_files_only=True)
+    if model_type in ("emu3_vqgan", "Emu3VisionVQ"):
+        model = (transformers.Emu3VQVAE.from_pretrained(path, local_files_only=True) if model_type == "emu3_vqgan"
+                 else _load_published_emu3(path, cfg, transformers))
         c = model.config
         return Emu3VQTokenizer(model, mean, std, c.codebook_size, 2 ** (len(c.channel_multiplier) - 1))
     if model_type == "chameleon_vqgan":
@@ -118,4 +155,5 @@ def load_hf_vq(path: str | Path) -> nn.Module:
     if model_type in ("emu3", "chameleon"):
         raise ValueError(f"{str(path)!r} is a full {model_type} model; save its VQ part on its own "
                          f"(model.model.vqmodel.save_pretrained(DIR)) and pass that directory")
-    raise ValueError(f"{str(path)!r} has model_type {model_type!r}; supported: 'emu3_vqgan', 'chameleon_vqgan'")
+    raise ValueError(f"{str(path)!r} has model_type {model_type!r}; supported: 'emu3_vqgan', 'Emu3VisionVQ' "
+                     "(BAAI/Emu3-VisionTokenizer), 'chameleon_vqgan'")
