@@ -45,7 +45,7 @@ def test_gpu_check_runs_every_section_on_cpu(tmp_path, capsys):
     assert recipes["stages_train_as_the_paper"], recipes["trained_parts"]
     assert recipes["sft"]["accumulate_grad_batches"] == 2  # SFT's 16,384-token rows: 2 micro-batches in 32,768 tokens
     assert (recipes["export_exit"], recipes["generate_exit"], recipes["answer_exit"]) == (0, 0, 0), recipes
-    assert len(recipes["generated"]) == 2 and recipes["answer_printed"]
+    assert len(recipes["generated"]) == 2 and isinstance(recipes["answer"], str)  # an untrained model may say nothing
     assert "2b recipes: export, generate, answer" in gpu_check.summary(result)
 
 
