@@ -1,9 +1,9 @@
 """Stand-ins for what the 2b recipes read, so that `synergen fit --config recipes/synergen_vl_2b/STAGE.yaml` runs as
-shipped on a machine without the paper's models and data: an InternLM2-layout Hugging Face directory (packed `wqkv`,
-two safetensors files, the recipe's 92,544-token vocabulary) at reduced widths, a `tokenizer.json`, a random Emu3
-VQ-VAE directory (32,768 codes, downsample 8, in Emu3-VisionTokenizer's published layout) and webdataset shards for every source the
-recipes name (img2dataset layout: JPEGs of several aspect ratios with captions or LLaVA conversations, listed in
-`shards.txt`). The recipes read them through their environment variables (`env`); `fit_args` overrides what a small
+shipped on a machine without the paper's models and data: an InternLM2-layout Hugging Face directory (packed `wqkv`, two
+safetensors files, the recipe's 92,544-token vocabulary) at reduced widths, a `tokenizer.json`, a random Emu3 VQ-VAE
+directory (32,768 codes, downsample 8, in Emu3-VisionTokenizer's published layout) and webdataset shards for every
+source the recipes name (img2dataset layout: JPEGs of several aspect ratios with captions or LLaVA conversations, listed
+in `shards.txt`). The recipes read them through their environment variables (`env`); `fit_args` overrides what a small
 machine needs (devices and one node, the reduced widths and view size, a global batch of 2 + 2 rows, a few steps, one
 data worker; fp32 on the CPU). The recipes' strategy (FSDP2, bf16 on CUDA, activation checkpointing, micro-batches by
 `tokens_per_gpu`), callbacks, data module and stage chain (`model.init_from`) run as on the cluster; their HSDP groups

@@ -6,9 +6,9 @@ processes and FSDP2 over 2 processes, on a miniature shape world with the shippe
 
 and the exported model's logits equal the checkpoint's. A one-process or DDP run writes a single-file `last.ckpt`
 whose `hyper_parameters` carry LightningCLI's own keys (`_class_path`, `_instantiator`); an FSDP2 run writes a
-sharded `last.ckpt/` directory. Beside them, the paper-scale user's path: the 2b recipes as shipped, stage 1 -> stage
-2 -> SFT under FSDP2 (2 processes, then SFT on one) on stand-ins of their models and data, then export, generate and
-answer.
+sharded `last.ckpt/` directory. Beside them, in `make test-all`, the paper-scale user's path: the 2b recipes as
+shipped, stage 1 -> stage 2 -> SFT under FSDP2 (2 processes, then SFT on one) on stand-ins of their models and data,
+then export, generate and answer (`make test` runs that chain in one process through tests/test_gpu_check.py).
 
 Each command is a few steps or items; the start-up of a command (~5 s of imports) is most of the cost. The chains
 run side by side, at most `SLOTS` processes at a time, so both cores stay busy while a one-process command runs or a
@@ -17,6 +17,7 @@ second rank starts: a few minutes on 2 cores.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -68,35 +69,9 @@ class _Slots:
 SLOT = _Slots(SLOTS)
 
 
-def rendezvous_ports(n: int) -> list[int]:
-    """`n` distinct ports, free now and below the ephemeral range (no connection is given one): each chain's
-    multi-process commands rendezvous on their own, so chains launch side by side without the race of two launchers
-    picking the same free port."""
-    import random
-    import socket
-
-    try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2])
-    except (OSError, ValueError):
-        low, high = 32768, 60999
-    # a band outside the ephemeral range: below it, else above it
-    band = (max(low - 12000, 1024), low) if low - 1024 >= 4000 else (high + 1, min(high + 12000, 65535) + 1)
-    if band[1] - band[0] < 4000:
-        pytest.skip(f"no port band outside the ephemeral range {low}-{high} for the chains' rendezvous")
-    rng, ports = random.Random(), []
-    for _ in range(1000):
-        if len(ports) == n:
-            break
-        port = rng.randrange(*band)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("", port))
-            except OSError:
-                continue
-        if port not in ports:
-            ports.append(port)
-    assert len(ports) == n, f"found {len(ports)} of {n} free ports in {band}"
-    return ports
+# one command that starts a process group at a time: two launched together can be given the same rendezvous port
+# (EADDRINUSE), and on 2 cores two multi-process fits side by side take longer than one after the other
+RENDEZVOUS = threading.Lock()
 
 
 # set in this process by earlier in-process distributed tests; a command must pick its own rendezvous
@@ -110,15 +85,12 @@ def _env(extra: dict | None = None) -> dict:
     return env
 
 
-def synergen(cwd: Path, *args: str, ranks: int = 1, port: int | None = None, timeout: float = 300,
+def synergen(cwd: Path, *args: str, ranks: int = 1, group: bool = False, timeout: float = 300,
              env: dict | None = None) -> str:
-    """`synergen ARGS` in `cwd` (with `env` added to the environment; a fit's process group, on 1 or more ranks,
-    rendezvous on `port`); its output, or a failure with the command and the tail of its output."""
+    """`synergen ARGS` in `cwd` (with `env` added to the environment; `ranks` processes, or one that starts a process
+    group when `group`); its output, or a failure with the command and the tail of its output."""
     shown = f"`synergen {' '.join(args)}` (in {cwd})"
-    assert ranks == 1 or port is not None, "a multi-process command needs its chain's rendezvous port"
-    if port is not None:
-        env = {**(env or {}), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    with SLOT.take(ranks):
+    with SLOT.take(ranks), (RENDEZVOUS if ranks > 1 or group else contextlib.nullcontext()):
         proc = subprocess.Popen([*SYNERGEN, *args], cwd=cwd, env=_env(env), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         try:
@@ -131,7 +103,7 @@ def synergen(cwd: Path, *args: str, ranks: int = 1, port: int | None = None, tim
     return out
 
 
-def user_path(world: Path, run: Path, mode: str, port: int) -> dict:
+def user_path(world: Path, run: Path, mode: str) -> dict:
     """The whole path in a fresh project directory; what the checks need."""
     from synergen_lightning.checkpoint import read_checkpoint_meta
 
@@ -143,13 +115,12 @@ def user_path(world: Path, run: Path, mode: str, port: int) -> dict:
     for max_steps, resume in ((1, []), (2, ["--ckpt_path", str(s1)])):
         synergen(run, "fit", "--config", str(ROOT / "recipes/tiny/stage1.yaml"), *flags, *QUICK,
                  "--trainer.max_steps", str(max_steps), f"--data.init_args.batch_size={BATCH['stage1']}", *resume,
-                 ranks=ranks, port=port if ranks > 1 else None)
+                 ranks=ranks)
         steps.append(read_checkpoint_meta(s1)["global_step"])
     s1_meta = read_checkpoint_meta(s1)
     # stage 2 from stage 1 (model.init_from: runs/tiny/stage1/last.ckpt in the recipe)
     synergen(run, "fit", "--config", str(ROOT / "recipes/tiny/stage2.yaml"), *flags, *QUICK,
-             "--trainer.max_steps", "1", f"--data.init_args.batch_size={BATCH['stage2']}", ranks=ranks,
-             port=port if ranks > 1 else None)
+             "--trainer.max_steps", "1", f"--data.init_args.batch_size={BATCH['stage2']}", ranks=ranks)
     # export, beside generate / answer / the text report from the checkpoint; then generate / answer from the export
     ckpt_cmds = [("generate", "--ckpt", str(s2), "--prompt", "a red circle", "--num", "1", "--out", "gen_ckpt",
                   "--device", "cpu"),
@@ -184,21 +155,20 @@ def walked(world, tmp_path_factory, request) -> dict:
     """The selected modes' paths, side by side; a mode's failure is raised by its own test."""
     root = tmp_path_factory.mktemp("paths")
     items = [item for item in request.session.items if item.module is request.module]
-    ports = dict(zip([*MODES, "recipes_2b"], rendezvous_ports(len(MODES) + 1)))
-    paths = {m: (user_path, world, root / m, m, ports[m]) for m in MODES
+    paths = {m: (user_path, world, root / m, m) for m in MODES
              if any(getattr(item, "callspec", None) and item.callspec.params.get("mode") == m for item in items)}
     if any(item.originalname == "test_the_2b_recipes_chain_trains_what_each_stage_says" for item in items):
-        paths["recipes_2b"] = (recipes_2b_path, root / "standins_2b", root / "recipes_2b", ports["recipes_2b"])
+        paths["recipes_2b"] = (recipes_2b_path, root / "standins_2b", root / "recipes_2b")
     with ThreadPoolExecutor(len(paths)) as pool:  # side by side: a chain's start-ups leave the cores to the others
         futures = {name: pool.submit(*path) for name, path in paths.items()}
         return {name: f.exception() or f.result() for name, f in futures.items()}
 
 
-def recipes_2b_path(standins: Path, run: Path, port: int) -> dict:
+def recipes_2b_path(standins: Path, run: Path) -> dict:
     """The 2b recipes as shipped (`recipes/synergen_vl_2b/{stage1,stage2,sft}.yaml`), chained by their
-    `model.init_from`, under their FSDP2Strategy (stages 1 and 2 over 2 processes), on stand-ins of InternLM2, its tokenizer, Emu3's
-    VQ-VAE and the shards they name (`bench/standins_2b.py`: reduced widths and 128-px views, the recipes' vocabulary,
-    codebook and folding); then export, generate and answer from the SFT checkpoint."""
+    `model.init_from`, under their FSDP2Strategy (stages 1 and 2 over 2 processes), on stand-ins of InternLM2, its
+    tokenizer, Emu3's VQ-VAE and the shards they name (`bench/standins_2b.py`: reduced widths and 128-px views, the
+    recipes' vocabulary, codebook and folding); then export, generate and answer from the SFT checkpoint."""
     import tarfile
 
     from standins_2b import STAGES, env, fit_args, image_tokenizer_kind, make_2b_standins
@@ -211,7 +181,7 @@ def recipes_2b_path(standins: Path, run: Path, port: int) -> dict:
     for stage in STAGES:
         ranks = RECIPES_2B_RANKS[stage]
         fits[stage] = synergen(run, *fit_args(stage, "cpu", ranks, image_size=RECIPES_2B_IMAGE_SIZE), ranks=ranks,
-                               port=port, env=variables)
+                               group=True, env=variables)  # FSDP2 starts a process group on one rank too
     sft = "runs/synergen_vl_2b/sft/last.ckpt"
     with tarfile.open(standins / "data/und_s2/shard-000000.tar") as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
@@ -225,7 +195,7 @@ def recipes_2b_path(standins: Path, run: Path, port: int) -> dict:
     with ThreadPoolExecutor(2) as pool:
         generated = pool.submit(export_then_generate)
         synergen(run, "answer", "--ckpt", sft, "--image", str(run / "scene.jpg"), "--question",
-                          "What colour is the box?", "--max-new-tokens", "4", "--device", "cpu", env=variables)
+                 "What colour is the box?", "--max-new-tokens", "4", "--device", "cpu", env=variables)
         generated.result()
     return {"standins": standins, "run": run, "fits": fits}
 
@@ -288,14 +258,13 @@ def test_fit_resume_export_generate_answer_eval(mode, walked):
     torch.testing.assert_close(head_exp, head_ckpt, atol=1e-6, rtol=0)
 
 
-@pytest.mark.slow
-@pytest.mark.e2e
+@pytest.mark.slow  # `make test-all`: a minute more than CI's budget allows beside the tiny chains
 @pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_the_2b_recipes_chain_trains_what_each_stage_says(walked):
-    """Each stage of the 2b chain ends at its last step in a sharded checkpoint written by all its ranks, starts
-    from the previous stage's, and trains what progressive alignment says: stage 1 the image parts only (the trunk's attention
-    and text FFN keep the base LLM's weights), stage 2 the attention too, SFT everything."""
+    """Each stage of the 2b chain ends at its last step in a sharded checkpoint written by all its ranks, starts from
+    the previous stage's, and trains what progressive alignment says: stage 1 the image parts only (the trunk's
+    attention and text FFN keep the base LLM's weights), stage 2 the attention too, SFT everything."""
     from PIL import Image
 
     from standins_2b import STAGES, trained_parts

@@ -2,9 +2,9 @@
 
 It recognises:
 - a Lightning checkpoint (`*.ckpt`) of our `VQTokenizer`;
-- a local Hugging Face directory (`config.json`) holding an Emu3 VQ-VAE, the paper's tokenizer (BAAI/Emu3-VisionTokenizer
-  as published, `model_type: Emu3VisionVQ`, or transformers' `emu3_vqgan`), or a Chameleon VQ-VAE
-  (`model_type: chameleon_vqgan`); see `hf_adapters.py`.
+- a local Hugging Face directory (`config.json`) holding an Emu3 VQ-VAE, the paper's tokenizer
+  (BAAI/Emu3-VisionTokenizer as published, `model_type: Emu3VisionVQ`, or transformers' `emu3_vqgan`), or a
+  Chameleon VQ-VAE (`model_type: chameleon_vqgan`); see `hf_adapters.py`.
 """
 
 from __future__ import annotations
