@@ -47,7 +47,6 @@ import contextlib
 import json
 import os
 import sys
-import tarfile
 import tempfile
 import time
 import traceback
@@ -118,9 +117,38 @@ def dynamo_counts() -> dict:
             "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
 
 
-def tiny_stage1(work: Path, device: str, steps: int, compile: bool) -> dict:
+@contextlib.contextmanager
+def in_project(path: Path, env: dict[str, str] | None = None):
+    """The block runs in `path` (recipes read and write relative to the project) with `env` set; both restored."""
+    env = env or {}
+    saved, here = {k: os.environ.get(k) for k in env}, os.getcwd()
+    try:
+        os.environ.update(env)
+        os.chdir(path)
+        yield
+    finally:
+        os.chdir(here)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def recorded_fit(args: list[str]):
+    """`synergen fit ARGS` (ARGS without "fit") built as the CLI builds it, fitted with a `LossRecorder`:
+    (trainer, recorder, seconds of the fit)."""
     from synergen_lightning.cli import lightning_cli
 
+    cli = lightning_cli(args, run=False)
+    recorder = LossRecorder()
+    cli.trainer.callbacks.append(recorder)
+    t0 = time.perf_counter()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli.trainer, recorder, time.perf_counter() - t0
+
+
+def tiny_stage1(work: Path, device: str, steps: int, compile: bool) -> dict:
     bf16 = device == "cuda"
     args = ["fit", "--config", str(ROOT / "recipes/tiny/stage1.yaml"), "--seed_everything", "0",
             "--trainer.accelerator", "gpu" if device == "cuda" else "cpu", "--trainer.devices", "1",
@@ -136,18 +164,9 @@ def tiny_stage1(work: Path, device: str, steps: int, compile: bool) -> dict:
         args += ["--trainer.strategy.init_args.param_dtype", "bfloat16"]
     else:
         args += ["--data.init_args.batch_size", json.dumps({"generation": 4, "understanding": 4})]
-    here = os.getcwd()
-    os.chdir(work)  # the recipe reads data/tiny and runs/tiny/... relative to the project
-    fresh_dynamo()
-    try:
-        cli = lightning_cli(args[1:], run=False)
-        recorder = LossRecorder()
-        cli.trainer.callbacks.append(recorder)
-        t0 = time.perf_counter()
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        wall = time.perf_counter() - t0
-    finally:
-        os.chdir(here)
+    with in_project(work):  # the recipe reads data/tiny and runs/tiny/... relative to the project
+        fresh_dynamo()
+        _, recorder, wall = recorded_fit(args[1:])
     times = recorder.times
     steady = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else None
     return {"steps": len(recorder.losses), "losses": recorder.losses, "first_step_s": times[0] if times else None,
@@ -184,7 +203,6 @@ def section_recipes_2b(device: str, work: Path) -> dict:
 
     import standins_2b as s2b
     from synergen_lightning.checkpoint import read_checkpoint_meta
-    from synergen_lightning.cli import lightning_cli
     from synergen_lightning.cli import main as synergen
 
     kind = s2b.image_tokenizer_kind()
@@ -193,26 +211,20 @@ def section_recipes_2b(device: str, work: Path) -> dict:
     root = s2b.make_2b_standins(work / "standins_2b", image_tokenizer=kind)
     project = work / "project_2b"
     project.mkdir()
-    saved_env, here = {k: os.environ.get(k) for k in s2b.env(root)}, os.getcwd()
     out = {"image_tokenizer": kind, "image_size": image_size, "widths": s2b.WIDTHS}
-    try:
-        os.environ.update(s2b.env(root))
-        os.chdir(project)  # the recipes write and read runs/synergen_vl_2b/... relative to the project
+    with in_project(project, s2b.env(root)):  # the recipes write and read runs/synergen_vl_2b/... relative to it
         for stage in s2b.STAGES:
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            cli = lightning_cli(s2b.fit_args(stage, "gpu" if cuda else "cpu", 1, image_size=image_size)[1:], run=False)
-            recorder = LossRecorder()
-            cli.trainer.callbacks.append(recorder)
-            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            trainer, recorder, _ = recorded_fit(s2b.fit_args(stage, "gpu" if cuda else "cpu", 1,
+                                                             image_size=image_size)[1:])
             ckpt = Path(f"runs/synergen_vl_2b/{stage}/last.ckpt")
             out[stage] = {"losses": recorder.losses, "fit_wall_s": time.perf_counter() - t0,
                           "global_step": read_checkpoint_meta(ckpt)["global_step"], "sharded": ckpt.is_dir(),
-                          "accumulate_grad_batches": cli.trainer.accumulate_grad_batches,
-                          "precision": cli.trainer.precision,
+                          "accumulate_grad_batches": trainer.accumulate_grad_batches, "precision": trainer.precision,
                           "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None}
-            del cli, recorder
+            del trainer, recorder
             gc.collect()  # the stage's model and optimizer gone before the next stage's peak is counted
             if cuda:
                 torch.cuda.empty_cache()
@@ -220,27 +232,13 @@ def section_recipes_2b(device: str, work: Path) -> dict:
         # attention too, SFT the text FFN too
         out["trained_parts"] = s2b.trained_parts(root, project)
         out["stages_train_as_the_paper"] = out["trained_parts"] == s2b.PROGRESSIVE_ALIGNMENT
-        sft, scene = "runs/synergen_vl_2b/sft/last.ckpt", root / "scene.jpg"
-        with tarfile.open(root / "data/und_s2/shard-000000.tar") as tar:  # one of the understanding images
-            scene.write_bytes(tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith(".jpg"))).read())
-        commands = {"export": ["export", "--ckpt", sft, "--out", "exports/sft"],
-                    "generate": ["generate", "--ckpt", "exports/sft", "--prompt", "a red box", "--num", "2",
-                                 "--out", "generated", "--device", device],
-                    "answer": ["answer", "--ckpt", sft, "--image", str(scene), "--question", "What colour is the box?",
-                               "--max-new-tokens", "4", "--device", device]}
-        for name, args in commands.items():
+        scene = s2b.understanding_image(root, root / "scene.jpg")
+        for name, args in s2b.user_commands(scene, device).items():
             printed = io.StringIO()
             with contextlib.redirect_stdout(printed):
                 out[f"{name}_exit"] = synergen(args)
         out["generated"] = sorted(p.name for p in Path("generated").glob("*.png"))
         out["answer"] = printed.getvalue().strip()[-200:]  # what `synergen answer` printed (an untrained model's)
-    finally:
-        os.chdir(here)
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return out
 
 
@@ -568,22 +566,24 @@ def _graphs(r: dict) -> str:
     return f"{r.get('graphs')} graphs, {r.get('graph_breaks')} graph breaks" if "graphs" in r else "eager"
 
 
+def _gib(v):
+    return v and v / 2**30
+
+
 def _reduced_2b_rows(r: dict) -> list:
-    gib = lambda v: v and v / 2**30  # noqa: E731
     return [("reduced 2b step (AC)", f"{r.get('llm_layers')} layers",
              f"step {_f(r.get('step_s'))} s, MFU {_f(r.get('mfu'), '{:.1%}')}, peak "
-             f"{_f(gib(r.get('peak_memory_bytes')))} GiB vs plan {_f(gib(r.get('plan_bytes')))} GiB, {_graphs(r)}")]
+             f"{_f(_gib(r.get('peak_memory_bytes')))} GiB vs plan {_f(_gib(r.get('plan_bytes')))} GiB, {_graphs(r)}")]
 
 
 def _recipes_2b_rows(r: dict) -> list:
-    gib = lambda v: v and v / 2**30  # noqa: E731
     rows = []
     for stage in ("stage1", "stage2", "sft"):
         st = r.get(stage, {})
         losses = st.get("losses") or [None]
         rows.append((f"2b recipe {stage} (stand-ins)", f"{st.get('global_step')} steps",
                      f"loss {_f(losses[0])} -> {_f(losses[-1])}, accumulate {st.get('accumulate_grad_batches')}, "
-                     f"{st.get('precision')}, peak {_f(gib(st.get('peak_memory_bytes')))} GiB, "
+                     f"{st.get('precision')}, peak {_f(_gib(st.get('peak_memory_bytes')))} GiB, "
                      f"{r.get('image_size')}-px views, {r.get('image_tokenizer')} tokenizer"))
     changed = "; ".join(f"{stage}: {', '.join(p for p, c in parts.items() if c) or 'none'}"
                         for stage, parts in (r.get("trained_parts") or {}).items())

@@ -84,6 +84,28 @@ def fit_args(stage: str, accelerator: str, devices: int, steps: int = 2, image_s
             "--data.init_args.num_workers", "1", "--data.init_args.shuffle_buffer", "8"]
 
 
+def understanding_image(root: Path, out: Path) -> Path:
+    """The first JPEG of the stage-2 understanding shard, written to `out`: an image to ask `synergen answer` about."""
+    with tarfile.open(root / "data/und_s2/shard-000000.tar") as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
+        out.write_bytes(tar.extractfile(member).read())
+    return out
+
+
+SFT_CHECKPOINT = "runs/synergen_vl_2b/sft/last.ckpt"
+
+
+def user_commands(scene: Path, device: str) -> dict[str, list[str]]:
+    """What a user runs after the chain, from the project: `synergen export` of the SFT checkpoint into
+    `exports/sft`, `generate` of 2 images from the export into `generated/`, `answer` about `scene` from the checkpoint.
+    """
+    return {"export": ["export", "--ckpt", SFT_CHECKPOINT, "--out", "exports/sft"],
+            "generate": ["generate", "--ckpt", "exports/sft", "--prompt", "a red box on a white background", "--num",
+                         "2", "--out", "generated", "--device", device],
+            "answer": ["answer", "--ckpt", SFT_CHECKPOINT, "--image", str(scene), "--question",
+                       "What colour is the box?", "--max-new-tokens", "4", "--device", device]}
+
+
 # what `trained_parts` finds when each stage trains what the paper's progressive alignment says
 PROGRESSIVE_ALIGNMENT = {"stage1": {"attention": False, "text_ffn": False, "vision_ffn": True},
                          "stage2": {"attention": True, "text_ffn": False, "vision_ffn": True},

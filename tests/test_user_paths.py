@@ -169,33 +169,26 @@ def recipes_2b_path(standins: Path, run: Path) -> dict:
     `model.init_from`, under their FSDP2Strategy (stages 1 and 2 over 2 processes), on stand-ins of InternLM2, its
     tokenizer, Emu3's VQ-VAE and the shards they name (`bench/standins_2b.py`: reduced widths and 128-px views, the
     recipes' vocabulary, codebook and folding); then export, generate and answer from the SFT checkpoint."""
-    import tarfile
-
-    from standins_2b import STAGES, env, fit_args, image_tokenizer_kind, make_2b_standins
+    import standins_2b as s2b
 
     # Emu3's VQ-VAE is read through transformers; without it, the toolkit's VQTokenizer of Emu3's codebook
-    variables = env(make_2b_standins(standins, image_tokenizer=image_tokenizer_kind()))
+    variables = s2b.env(s2b.make_2b_standins(standins, image_tokenizer=s2b.image_tokenizer_kind()))
     run.mkdir(parents=True)
     # stages 1 and 2 on 2 ranks; SFT on one process reads stage 2's 2-rank shards and accumulates 2 micro-batches
     fits = {}
-    for stage in STAGES:
+    for stage in s2b.STAGES:
         ranks = RECIPES_2B_RANKS[stage]
-        fits[stage] = synergen(run, *fit_args(stage, "cpu", ranks, image_size=RECIPES_2B_IMAGE_SIZE), ranks=ranks,
+        fits[stage] = synergen(run, *s2b.fit_args(stage, "cpu", ranks, image_size=RECIPES_2B_IMAGE_SIZE), ranks=ranks,
                                group=True, env=variables)  # FSDP2 starts a process group on one rank too
-    sft = "runs/synergen_vl_2b/sft/last.ckpt"
-    with tarfile.open(standins / "data/und_s2/shard-000000.tar") as tar:
-        member = next(m for m in tar.getmembers() if m.name.endswith(".jpg"))
-        (run / "scene.jpg").write_bytes(tar.extractfile(member).read())
+    commands = s2b.user_commands(s2b.understanding_image(standins, run / "scene.jpg"), "cpu")
 
     def export_then_generate():
-        synergen(run, "export", "--ckpt", sft, "--out", "exports/sft", env=variables)
-        return synergen(run, "generate", "--ckpt", "exports/sft", "--prompt", "a red box on a white background",
-                        "--num", "2", "--out", "generated", "--device", "cpu", env=variables)
+        synergen(run, *commands["export"], env=variables)
+        return synergen(run, *commands["generate"], env=variables)
 
     with ThreadPoolExecutor(2) as pool:
         generated = pool.submit(export_then_generate)
-        synergen(run, "answer", "--ckpt", sft, "--image", str(run / "scene.jpg"), "--question",
-                 "What colour is the box?", "--max-new-tokens", "4", "--device", "cpu", env=variables)
+        synergen(run, *commands["answer"], env=variables)
         generated.result()
     return {"standins": standins, "run": run, "fits": fits}
 
