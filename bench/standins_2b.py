@@ -273,12 +273,7 @@ def write_published_emu3_dir(model, path: Path) -> Path:
 def _write_vq(path: Path) -> None:
     """The tiny recipes' `VQTokenizer` (8x8 pixel patches) with Emu3's 32,768 codes, untrained, as one .ckpt file:
     the recipes' `image_tokenizer` takes either kind. `env` names the file inside `path`."""
-    import yaml
+    from tiny_world import write_untrained_vq
 
-    from synergen_lightning.image_tokenizer.vq_tokenizer import VQTokenizer
-
-    args = yaml.safe_load((ROOT / "recipes/tiny/tokenizer.yaml").read_text())["model"]["init_args"]
     torch.manual_seed(0)
-    vq = VQTokenizer(**dict(args, codebook_size=32768))
-    path.mkdir(parents=True, exist_ok=True)
-    torch.save({"hyper_parameters": dict(vq.hparams), "state_dict": vq.state_dict()}, path / "vq.ckpt")
+    write_untrained_vq(path / "vq.ckpt", codebook_size=32768)

@@ -15,13 +15,25 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ("data", "runs/tiny/text_tokenizer", "runs/tiny/base_llm", "runs/tiny/tokenizer")
 
 
+def write_untrained_vq(path: Path, **overrides) -> Path:
+    """An untrained `VQTokenizer` of the tiny recipe (`recipes/tiny/tokenizer.yaml`'s arguments, with `overrides`),
+    saved at `path` as the checkpoint a recipe's `image_tokenizer` reads."""
+    import yaml
+
+    from synergen_lightning.image_tokenizer.vq_tokenizer import VQTokenizer
+
+    args = yaml.safe_load((ROOT / "recipes/tiny/tokenizer.yaml").read_text())["model"]["init_args"]
+    vq = VQTokenizer(**dict(args, **overrides))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"hyper_parameters": dict(vq.hparams), "state_dict": vq.state_dict()}, path)
+    return path
+
+
 def make_tiny_world(root: Path, num_samples: int = 120) -> Path:
     """Build the artefacts under `root`; also `root/scene.png`, one val scene to ask questions about."""
-    import yaml
     from PIL import Image
 
     from synergen_lightning.cli import main as synergen
-    from synergen_lightning.image_tokenizer.vq_tokenizer import VQTokenizer
     from synergen_lightning.llm import MMoELLM
     from synergen_lightning.text_tokenizer import train_bpe
 
@@ -35,10 +47,7 @@ def make_tiny_world(root: Path, num_samples: int = 120) -> Path:
         os.makedirs("runs/tiny/base_llm")
         MMoELLM.from_paths(config=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64),
                            tokenizer_dir="runs/tiny/text_tokenizer").save_checkpoint_file("runs/tiny/base_llm/last.ckpt")
-        vq = VQTokenizer(**yaml.safe_load((ROOT / "recipes/tiny/tokenizer.yaml").read_text())["model"]["init_args"])
-        os.makedirs("runs/tiny/tokenizer/checkpoints")
-        torch.save({"hyper_parameters": dict(vq.hparams), "state_dict": vq.state_dict()},
-                   "runs/tiny/tokenizer/checkpoints/last.ckpt")
+        write_untrained_vq(Path("runs/tiny/tokenizer/checkpoints/last.ckpt"))
         with tarfile.open(sorted(Path("data/tiny/val").glob("*.tar"))[0]) as tar:
             member = next(m for m in tar.getmembers() if m.name.endswith((".jpg", ".png")))
             Image.open(io.BytesIO(tar.extractfile(member).read())).save("scene.png")
