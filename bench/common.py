@@ -7,6 +7,7 @@ A ratio is only ever formed between variants timed in the same call on the same 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -20,6 +21,24 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def in_project(path: Path, env: dict[str, str] | None = None):
+    """The block runs in `path` (recipes read and write relative to the project) with `env` set; both restored."""
+    env = env or {}
+    saved, here = {k: os.environ.get(k) for k in env}, os.getcwd()
+    try:
+        os.environ.update(env)
+        os.chdir(path)
+        yield
+    finally:
+        os.chdir(here)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class TooLarge(Exception):

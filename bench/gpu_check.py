@@ -60,6 +60,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from common import in_project  # noqa: E402  (bench/ on the path above)
+
 LOSS_TOL = 0.05  # |compiled - eager| / eager loss, per step (bf16 rounding differs between the two)
 NOT_MEASURED = "no CUDA device: the GPU figures are not measured (tiny sizes on the CPU, a smoke test of every path)"
 
@@ -115,24 +117,6 @@ def dynamo_counts() -> dict:
     return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
             "break_reasons": sorted(k.splitlines()[0][:160] for k in counters["graph_break"])[:4],
             "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
-
-
-@contextlib.contextmanager
-def in_project(path: Path, env: dict[str, str] | None = None):
-    """The block runs in `path` (recipes read and write relative to the project) with `env` set; both restored."""
-    env = env or {}
-    saved, here = {k: os.environ.get(k) for k in env}, os.getcwd()
-    try:
-        os.environ.update(env)
-        os.chdir(path)
-        yield
-    finally:
-        os.chdir(here)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def recorded_fit(args: list[str]):

@@ -9,7 +9,7 @@ import os
 import tarfile
 from pathlib import Path
 
-import torch
+from common import in_project
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ("data", "runs/tiny/text_tokenizer", "runs/tiny/base_llm", "runs/tiny/tokenizer")
@@ -24,8 +24,7 @@ def write_untrained_vq(path: Path, **overrides) -> Path:
 
     args = yaml.safe_load((ROOT / "recipes/tiny/tokenizer.yaml").read_text())["model"]["init_args"]
     vq = VQTokenizer(**dict(args, **overrides))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"hyper_parameters": dict(vq.hparams), "state_dict": vq.state_dict()}, path)
+    vq.save_checkpoint_file(path)
     return path
 
 
@@ -38,9 +37,7 @@ def make_tiny_world(root: Path, num_samples: int = 120) -> Path:
     from synergen_lightning.text_tokenizer import train_bpe
 
     root.mkdir(parents=True, exist_ok=True)
-    here = os.getcwd()
-    os.chdir(root)  # the base LLM names its tokenizer by the relative path the runs use
-    try:
+    with in_project(root):  # the base LLM names its tokenizer by the relative path the runs use
         assert synergen(["data", "synth", "--out", "data/tiny", "--num-samples", str(num_samples), "--shard-size",
                          str(num_samples // 2), "--num-eval-prompts", "4", "--workers", "1", "--no-progress"]) == 0
         train_bpe(["data/tiny/text/train.jsonl"], 512, "runs/tiny/text_tokenizer")
@@ -51,8 +48,6 @@ def make_tiny_world(root: Path, num_samples: int = 120) -> Path:
         with tarfile.open(sorted(Path("data/tiny/val").glob("*.tar"))[0]) as tar:
             member = next(m for m in tar.getmembers() if m.name.endswith((".jpg", ".png")))
             Image.open(io.BytesIO(tar.extractfile(member).read())).save("scene.png")
-    finally:
-        os.chdir(here)
     return root
 
 

@@ -1,7 +1,6 @@
-"""Multi-process runs for tests/test_distributed*.py: spawned CPU (gloo) workers, each a Lightning Trainer
-under `FSDP2Strategy` (`DDPStrategy` when the scenario has "ddp"), the rendezvous on a free localhost port.
-Every worker writes what it saw
-to `out/rank{r}.pt`; the parent compares ranks and world sizes.
+"""Multi-process runs for tests/test_distributed*.py: CPU (gloo) workers started by `start_ranks`, each a Lightning
+Trainer under `FSDP2Strategy` (`DDPStrategy` when the scenario has "ddp"), the rendezvous on a free localhost port.
+Every worker writes what it saw to `out/rank{r}.pt`; the parent compares ranks and world sizes.
 """
 
 from __future__ import annotations
@@ -85,6 +84,18 @@ class ParityData(pl.LightningDataModule):
 
 def _as_is(batch):
     return batch
+
+
+def start_ranks(fn, args: tuple, nprocs: int, join: bool = True):
+    """`torch.multiprocessing.start_processes`, each rank forked from a fork server that imported torch, Lightning
+    and the toolkit once (the server starts clean: no threads, no process group), where a spawned rank re-imports
+    them (5-10 s a process on 2 cores). Ranks get their rendezvous through `args`, not the parent's environment."""
+    import multiprocessing
+
+    import torch.multiprocessing as mp
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["tests.distributed_worker"])
+    return mp.start_processes(fn, args=args, nprocs=nprocs, join=join, start_method="forkserver")
 
 
 def free_port() -> int:
@@ -235,8 +246,7 @@ def spawn(world: int, scenario: dict, out: Path, timeout: float = 120.0) -> list
     import torch.multiprocessing as mp
 
     out.mkdir(parents=True, exist_ok=True)
-    ctx = mp.start_processes(_worker, args=(world, free_port(), str(out), scenario), nprocs=world, join=False,
-                             start_method="spawn")
+    ctx = start_ranks(_worker, (world, free_port(), str(out), scenario), world, join=False)
     deadline = time.time() + timeout
     try:
         while not ctx.join(timeout=max(0.1, min(1.0, deadline - time.time()))):

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -75,10 +76,10 @@ def test_a_bad_recipe_input_is_one_line_not_a_traceback(tmp_path):
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny" / "stage1.yaml"
     cmd = [sys.executable, "-m", "synergen_lightning.cli", "fit", "--config", str(recipe), "--trainer.max_steps", "1"]
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("SYNERGEN_")}
-    short = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    with ThreadPoolExecutor(2) as pool:  # the two commands side by side: each is mostly its start-up
+        short, full = pool.map(lambda e: subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=e,
+                                                        timeout=120), [env, {**env, "SYNERGEN_TRACEBACK": "1"}])
     assert short.returncode == 2, short.stderr[-2000:]
     assert "synergen fit: error: model.init_args.base_llm: base LLM 'runs/tiny/base_llm/last.ckpt' does not exist" in short.stderr
     assert "Traceback" not in short.stderr
-    full = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env={**env, "SYNERGEN_TRACEBACK": "1"},
-                          timeout=120)
     assert full.returncode != 0 and "Traceback" in full.stderr and "PreflightError: model.init_args.base_llm: base LLM" in full.stderr

@@ -338,11 +338,9 @@ def _resume_worker(rank: int, world_size: int, port: int, d: str, out: str) -> N
 def test_two_rank_resume_continues_every_rank_stream(world, tmp_path):
     """2 gloo ranks, two weighted sources per task, a checkpoint after 3 batches holding rank 0's copy of the state:
     on every rank the resumed run's batches are those of the uninterrupted run."""
-    import torch.multiprocessing as mp
+    from tests.distributed_worker import free_port, start_ranks
 
-    from tests.distributed_worker import free_port
-
-    mp.start_processes(_resume_worker, args=(2, free_port(), str(world), str(tmp_path)), nprocs=2, start_method="spawn")
+    start_ranks(_resume_worker, (2, free_port(), str(world), str(tmp_path)), 2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert all("error" not in r for r in ranks), [r.get("error") for r in ranks]
     assert ranks[0]["full"] != ranks[1]["full"]  # the ranks read different streams

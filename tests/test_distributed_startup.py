@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from synergen_lightning.distributed import check_same_weights, parallelize, weight_fingerprint
-from tests.distributed_worker import free_port
+from tests.distributed_worker import free_port, start_ranks
 from tests.test_system_helpers import tiny_model
 
 TENSOR_COLLECTIVES = ("broadcast", "all_reduce", "reduce", "all_gather", "all_gather_into_tensor", "gather",
@@ -115,9 +115,7 @@ def _check_worker(rank: int, world: int, port: int, out: str) -> None:
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
 def test_two_gloo_ranks_compare_their_weights(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.start_processes(_check_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    start_ranks(_check_worker, (2, free_port(), str(tmp_path)), 2)
     for r in range(2):
         same, different = (tmp_path / f"rank{r}.txt").read_text().split("\n")
         assert same == "ok"
@@ -182,10 +180,7 @@ def test_each_rank_reads_about_its_share_of_a_sharded_checkpoint(tmp_path):
     """init_from a sharded checkpoint under FSDP2 at the world size that saved it: shard first, then each of 2 ranks
     reads about half of the bytes that reading the whole model takes, and the model holds the checkpoint's weights.
     (DCP reads whole stored chunks: at another world size a rank reads the saved shards that overlap its own.)"""
-    import torch.multiprocessing as mp
-
-    mp.start_processes(_load_worker, args=(2, free_port(), str(tmp_path / "ckpt"), str(tmp_path)), nprocs=2,
-                       start_method="spawn")
+    start_ranks(_load_worker, (2, free_port(), str(tmp_path / "ckpt"), str(tmp_path)), 2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert all("error" not in r for r in ranks), [r.get("error") for r in ranks]
     weights = ranks[0]["weights"]
@@ -252,13 +247,11 @@ def test_each_rank_reads_about_its_share_of_the_base_llm(tmp_path):
     """The base LLM under FSDP2 (an InternLM2 directory: packed wqkv, two files, a vocabulary the model grows): the
     model is sharded first, then each of 2 ranks reads about half of the weights' bytes, and the sharded model holds
     what the one-process load gives (`load_base_weights`)."""
-    import torch.multiprocessing as mp
-
     from synergen_lightning.model_parts import load_base_llm
 
     hf_dir = tmp_path / "internlm2"
     weights = write_internlm2_dir(hf_dir)
-    mp.start_processes(_base_worker, args=(2, free_port(), str(hf_dir), str(tmp_path)), nprocs=2, start_method="spawn")
+    start_ranks(_base_worker, (2, free_port(), str(hf_dir), str(tmp_path)), 2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert all("error" not in r for r in ranks), [r.get("error") for r in ranks]
     for r in ranks:

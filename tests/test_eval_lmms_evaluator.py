@@ -51,7 +51,7 @@ def save_tiny_checkpoint(root: Path, datamodule_hp: dict | None = POLICY) -> Pat
     torch.manual_seed(0)
     vq = VQTokenizer(**SMALL)
     version = {"pytorch-lightning_version": lightning.__version__}
-    torch.save({"state_dict": vq.state_dict(), "hyper_parameters": dict(vq.hparams), **version}, root / "vq.ckpt")
+    vq.save_checkpoint_file(root / "vq.ckpt")
     llm = dict(vocab_size=tok.vocab_size, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                intermediate_size=64, max_position_embeddings=256)
     model = SynerGenVL.from_paths(llm=llm, text_tokenizer=str(root / "text_tokenizer"), image_tokenizer=str(root / "vq.ckpt"),

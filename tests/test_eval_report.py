@@ -169,7 +169,7 @@ def test_wrong_checkpoint_kind_is_named(tmp_path, capsys, world, logdir):
 
     tok = VQTokenizer(**SMALL)
     path = tmp_path / "tokenizer.ckpt"
-    torch.save({"state_dict": tok.state_dict(), "hyper_parameters": dict(tok.hparams)}, path)
+    tok.save_checkpoint_file(path)
     with pytest.raises(EvalInputError, match=r"is an image-tokenizer \(VQTokenizer\) checkpoint, not a SynerGenVL"):
         check_system_checkpoint(path)
     argv = _args(world, logdir, tmp_path / "r", "--suite", "text")

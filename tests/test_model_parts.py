@@ -5,7 +5,6 @@ the base LLM (`MMoELLM`) reads its tokenizer's vocabulary the same way."""
 
 import json
 
-import lightning
 import pytest
 import torch
 
@@ -22,8 +21,7 @@ from tests.test_system_helpers import HEAD
 def files(tiny_base):
     """The base LLM, its text tokenizer and an image tokenizer checkpoint, as `make` writes them."""
     vq = VQTokenizer(**SMALL)
-    torch.save({"state_dict": vq.state_dict(), "hyper_parameters": dict(vq.hparams),
-                "pytorch-lightning_version": lightning.__version__}, tiny_base / "vq.ckpt")
+    vq.save_checkpoint_file(tiny_base / "vq.ckpt")
     return tiny_base
 
 

@@ -140,8 +140,7 @@ def test_synergen_fit_stage1_on_a_csv_folder(tmp_path, monkeypatch):
     MMoELLM.from_paths(config=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64),
                        tokenizer_dir="runs/tiny/text_tokenizer").save_checkpoint_file("runs/tiny/base_llm/last.ckpt")
     vq = VQTokenizer(**yaml.safe_load((ROOT / "recipes/tiny/tokenizer.yaml").read_text())["model"]["init_args"])
-    os.makedirs("runs/tiny/tokenizer/checkpoints")
-    torch.save({"hyper_parameters": dict(vq.hparams), "state_dict": vq.state_dict()}, "runs/tiny/tokenizer/checkpoints/last.ckpt")
+    vq.save_checkpoint_file("runs/tiny/tokenizer/checkpoints/last.ckpt")
     # the user's recipe, as in the docs; batch_size = every row, so each step (= one epoch) meets the corrupt file
     Path("my_data.yaml").write_text(yaml.safe_dump({"data": {
         "class_path": "datamodules.csv_captions.CsvCaptionDataModule",

@@ -169,6 +169,12 @@ class VQTokenizer(L.LightningModule):
             raise ValueError(f"codes must be Long [B, h, w]; got shape {tuple(codes.shape)}")
         return (self.vq.decode_codes(codes.to(self.device).long()).float() + 1).div(2).clamp(0, 1)
 
+    def save_checkpoint_file(self, path: str | Path) -> None:
+        """A checkpoint `load_frozen(path)` and the recipes' `image_tokenizer` read, without a Trainer."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": self.state_dict(), "hyper_parameters": dict(self.hparams),
+                    "pytorch-lightning_version": L.__version__}, str(path))
+
     @classmethod
     def load_frozen(cls, path: str | Path, map_location: str = "cpu") -> "VQTokenizer":
         """Checkpoint -> frozen tokenizer (loss-only parts such as VGG and the discriminator are dropped)."""
