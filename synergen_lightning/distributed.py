@@ -29,8 +29,10 @@ read only the part of the stored weights that its shards hold.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import weakref
 from pathlib import Path
 
 import torch
@@ -270,6 +272,39 @@ def hsdp_mesh(device_type: str, world_size: int, shard_size: int | None):
     return init_device_mesh(device_type, (world_size // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
 
 
+# models sharded by `parallelize` whose units free their gathered weights after each forward (ZeRO-3), and those
+# of them inside `gathered_for_decoding` now (an inner block leaves the gathering to the outer one)
+_RESHARDS_AFTER_FORWARD: weakref.WeakSet = weakref.WeakSet()
+_GATHERED: weakref.WeakSet = weakref.WeakSet()
+
+
+@contextlib.contextmanager
+def gathered_for_decoding(model: nn.Module):
+    """Decoding on a model sharded by `parallelize` (sample grids, the end-of-stage evaluation): each unit's weights
+    are all-gathered at its first use and kept until the block ends, instead of gathered and freed again at every
+    decoding step (a collective per unit and step, thousands of steps per image); FSDP2's own switch for evaluation,
+    `set_reshard_after_forward`. Every rank enters it (the gathers are collectives); while it lasts a rank holds the
+    units it used whole, in param_dtype. On exit every unit is resharded and resharding after forward is back on.
+    Any other model passes through unchanged."""
+    if model not in _RESHARDS_AFTER_FORWARD or model in _GATHERED:
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    # not the root: decoding enters the units directly, never the root's forward
+    units = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    _GATHERED.add(model)
+    try:
+        yield
+    finally:
+        _GATHERED.discard(model)
+        for unit in units:
+            unit.set_reshard_after_forward(True, recurse=False)
+            unit.reshard()
+
+
 def parallelize(
     model: nn.Module,
     mesh=None,
@@ -334,6 +369,8 @@ def parallelize(
     units += 1
     shard(model)  # root: whatever is left; entered through model.__call__ (training / validation steps)
     units += 1
+    if reshard_after_forward:
+        _RESHARDS_AFTER_FORWARD.add(model)
     # methods other than forward that read a unit's own parameters directly (pos_embed, code_embed, mlp,
     # cond_proj, classifier): FSDP gathers around them as around a forward (sample grids, evaluation, generation)
     for module, method in ((head, "generate"), (getattr(model, "folder", None), "fold_patch")):

@@ -5,6 +5,7 @@ Every worker writes what it saw to `out/rank{r}.pt`; the parent compares ranks a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -133,6 +134,47 @@ def sample_codes(model) -> torch.Tensor:
     return generate_codes(model, GEN_PROMPTS, GEN_UNCOND, cfg_scale=3.0, temperature=1.0, generator=g)
 
 
+@contextlib.contextmanager
+def counted_all_gathers():
+    """[n]: the all-gathers FSDP2 issues inside the block (torch 2.14 calls `all_gather_single`, 2.11
+    `all_gather_into_tensor`)."""
+    import torch.distributed as dist
+
+    n, saved = [0], {}
+    for name in ("all_gather_single", "all_gather_into_tensor"):
+        if hasattr(dist, name):
+            saved[name] = fn = getattr(dist, name)
+
+            def counting(*args, _fn=fn, **kwargs):
+                n[0] += 1
+                return _fn(*args, **kwargs)
+
+            setattr(dist, name, counting)
+    try:
+        yield n
+    finally:
+        for name, fn in saved.items():
+            setattr(dist, name, fn)
+
+
+def decode_both_ways(model) -> dict:
+    """`sample_codes` on a sharded model as it was (a gather per unit and decoding step) and inside `eval_mode` (each
+    unit gathered once for the block), with the all-gathers each took, and whether every parameter is a shard after."""
+    from torch.distributed.tensor import DTensor
+
+    from synergen_lightning.eval.suites import eval_mode
+
+    was_training = model.training
+    with counted_all_gathers() as per_step:
+        codes_per_step = sample_codes(model)
+    model.train(was_training)
+    with counted_all_gathers() as gathered, eval_mode(model):
+        codes_gathered = sample_codes(model)
+    return {"codes_per_step": codes_per_step, "codes_gathered": codes_gathered, "gathers_per_step": per_step[0],
+            "gathers_gathered": gathered[0], "training_after": model.training,
+            "sharded_after": all(isinstance(p, DTensor) for p in model.parameters())}
+
+
 def optimizer_state_by_name(model, optimizer) -> dict[str, dict]:
     """{parameter name: {exp_avg, exp_avg_sq, step (full tensors), lr, weight_decay, group}} of an optimizer,
     sharded (DTensor) or not, so runs at different world sizes compare by name."""
@@ -161,6 +203,8 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
             self._t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == scenario.get("decode_at"):  # mid-run, as a sample grid: training goes on after
+                record["decoded_mid_run"] = decode_both_ways(pl_module)
             record.setdefault("step_s", []).append(time.perf_counter() - self._t0)  # the first one includes compile
             record["loss"].append(float(outputs["loss"]))
             # which batch each step trained on (a resumed run must continue the data, not repeat it)
@@ -228,6 +272,9 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
     record["frozen_checked"] = len(guard._sums)
     record["requires_grad"] = {n: p.requires_grad for n, p in model.named_parameters()}
     record["global_step"] = trainer.global_step
+    from torch.distributed.fsdp import FSDPModule
+
+    record["fsdp_units"] = sum(isinstance(m, FSDPModule) for m in model.modules())
     record["skipped_nonfinite"] = model.nonfinite.skipped
     if scenario.get("save"):
         trainer.save_checkpoint(scenario["save"])

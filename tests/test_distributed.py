@@ -87,7 +87,7 @@ def assert_same_optimizer_state(got: dict, ref: dict) -> None:
 @pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp2")
-    scenario = dict(STAGE_SWITCH, save=str(out / "ckpt"), generate=True)
+    scenario = dict(STAGE_SWITCH, save=str(out / "ckpt"), generate=True, decode_at=1)
     return spawn(2, scenario, out / "results", timeout=240), out / "ckpt"
 
 
@@ -191,6 +191,23 @@ def test_sampling_runs_on_the_sharded_model(two_rank_run):
     ref = sample_codes(model)
     assert ref.shape == (2, 4, 4)
     assert torch.equal(ranks[0]["generated"], ref) and torch.equal(ranks[1]["generated"], ref)
+
+
+@pytest.mark.distributed
+def test_decoding_in_eval_mode_gathers_each_unit_once_and_training_goes_on(two_rank_run):
+    """`eval_mode` (sample grids, the end-of-stage evaluation) on the sharded model mid-run, after step 1: the same
+    codes as decoding that gathers at every step, at most one all-gather per FSDP unit instead of one per unit and
+    step, every parameter a shard again after; the run's later losses still equal the 1-process run's
+    (test_two_processes_match_one_process_through_a_stage_switch)."""
+    ranks, _ = two_rank_run
+    for r in ranks:
+        d = r["decoded_mid_run"]
+        assert torch.equal(d["codes_gathered"], d["codes_per_step"])
+        assert d["training_after"] and d["sharded_after"]
+        units = r["fsdp_units"]
+        # the per-step path gathers the trunk's units at each LLM step and the head's at each code
+        assert 0 < d["gathers_gathered"] <= units and d["gathers_per_step"] > 3 * units, (
+            d["gathers_gathered"], units, d["gathers_per_step"])
 
 
 @pytest.mark.distributed

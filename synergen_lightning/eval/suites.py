@@ -22,6 +22,7 @@ import torch
 from synergen_lightning.checkpoint import read_checkpoint_meta
 from synergen_lightning.data.sources import SkipCounter, expand_urls, finite_samples, load_json
 from synergen_lightning.data.views import generation_view, to_uint8_tensor
+from synergen_lightning.distributed import gathered_for_decoding
 from synergen_lightning.eval.fid import EvalInputError, as_uint8_images, check_inception_weights, compute_fidelity
 from synergen_lightning.llm import evaluate_text_skill
 from synergen_lightning.model_parts import load_base_llm
@@ -58,11 +59,12 @@ def _chunks(items: list, size: int):
 
 @contextlib.contextmanager
 def eval_mode(model):
-    """model.eval() inside, the previous train/eval mode restored after (callbacks run mid-training)."""
+    """model.eval() and no grad inside, the previous train/eval mode restored after (callbacks run mid-training); a
+    model sharded by FSDP2 keeps each unit's weights gathered for the whole block (`gathered_for_decoding`)."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), gathered_for_decoding(model):
             yield model
     finally:
         model.train(was_training)
