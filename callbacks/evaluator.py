@@ -26,6 +26,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from synergen_lightning.eval.suites import (
+    eval_mode,
     flatten_metrics,
     geneval_suite,
     load_qa_items,
@@ -105,7 +106,6 @@ class PeriodicEvaluator(Callback):
             results["und"].pop("examples", None)
         if self._grounding_samples:
             from synergen_lightning.eval.grounding import grounding_items, grounding_suite
-            from synergen_lightning.eval.suites import eval_mode
 
             if self._grounding_items is None:
                 with eval_mode(pl_module):
@@ -125,8 +125,10 @@ class PeriodicEvaluator(Callback):
         step = trainer.global_step
         if any(s == step for s, _ in self.history):
             return
-        # every rank runs the (seeded, identical) forward passes: a sharded (FSDP) model needs all ranks
-        metrics = flatten_metrics(self.evaluate(pl_module))
+        # every rank runs the (seeded, identical) forward passes: a sharded (FSDP) model needs all ranks; one
+        # eval_mode around every suite gathers a sharded model's weights once for all of them
+        with eval_mode(pl_module):
+            metrics = flatten_metrics(self.evaluate(pl_module))
         self.history.append((step, metrics))
         if not trainer.is_global_zero:
             return
