@@ -158,7 +158,7 @@ def counted_all_gathers():
 
 
 def decode_both_ways(model) -> dict:
-    """`sample_codes` on a sharded model as it was (a gather per unit and decoding step) and inside `eval_mode` (each
+    """`sample_codes` on a sharded model outside `eval_mode` (a gather per unit and decoding step) and inside it (each
     unit gathered once for the block), with the all-gathers each took, and whether every parameter is a shard after."""
     from torch.distributed.tensor import DTensor
 
