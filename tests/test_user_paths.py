@@ -10,9 +10,9 @@ sharded `last.ckpt/` directory. Beside them, in `make test-all`, the paper-scale
 shipped, stage 1 -> stage 2 -> SFT under FSDP2 (2 processes, then SFT on one) on stand-ins of their models and data,
 then export, generate and answer (`make test` runs that chain in one process through tests/test_gpu_check.py).
 
-Each command is a few steps or items; the start-up of a command (several seconds of imports) is most of the cost. The chains
-run side by side, at most `SLOTS` processes at a time, so both cores stay busy while a one-process command runs or a
-second rank starts: a few minutes on 2 cores.
+Each command is a few steps or items; the start-up of a command (several seconds of imports) is most of the cost.
+The chains run side by side, at most `SLOTS` processes at a time, so both cores stay busy while a one-process command
+runs or a second rank starts: a few minutes on 2 cores.
 """
 
 from __future__ import annotations
