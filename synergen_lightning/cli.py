@@ -61,6 +61,13 @@ def _usage() -> str:
     return "\n".join(lines + tail)
 
 
+def _group_usage(group: str) -> str:
+    """`synergen eval --help`: the group's commands, each with its one-line help."""
+    lines = [f"usage: synergen {group} <command> [options]", "", "Commands (each has --help):"]
+    lines += [f"  {' '.join(w):<22} {h}" for w, (_, h) in COMMANDS.items() if w[0] == group]
+    return "\n".join(lines)
+
+
 def _resolve(argv: list[str]):
     """Longest registered command-word prefix of argv -> (function, rest of argv)."""
     for n in (2, 1):
@@ -229,6 +236,13 @@ def _run(argv: list[str]) -> int:
         lightning_cli(None if argv == sys.argv[1:] else argv)
         return 0
     func, rest = _resolve(argv)
+    is_group = any(len(w) > 1 and w[0] == argv[0] for w in COMMANDS)
+    if func is None and is_group and argv[1:2] in ([], ["-h"], ["--help"]):
+        # a group alone asks for a command (exit 2); with --help it lists them
+        asked = bool(argv[1:])
+        print(_group_usage(argv[0]) if asked else f"synergen {argv[0]}: name a command\n\n{_group_usage(argv[0])}",
+              file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     if func is None:
         group = [" ".join(w) for w in COMMANDS if w[0] == argv[0]]
         hint = f" Did you mean one of: {', '.join(group)}?" if group else ""

@@ -20,6 +20,16 @@ def test_unknown_command_names_the_choices(capsys):
     assert "unknown command 'data synthh'" in err and "data synth" in err
 
 
+@pytest.mark.parametrize("ask", [["--help"], ["-h"], []])
+def test_a_command_group_lists_its_commands(capsys, ask):
+    assert cli.main(["eval", *ask]) == (0 if ask else 2)
+    captured = capsys.readouterr()
+    text = captured.out if ask else captured.err
+    group = [" ".join(w) for w in cli.COMMANDS if w[0] == "eval"]
+    assert len(group) > 5 and all(name in text for name in group)
+    assert "data synth" not in text and "unknown command" not in text
+
+
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "synergen_lightning.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage: synergen" in out.stdout
