@@ -72,7 +72,7 @@ def answer_main(argv: list[str] | None = None) -> int:
         img = Image.open(a.image)
         img.load()
     except (OSError, ValueError) as exc:
-        raise SystemExit(f"--image {a.image!r} cannot be read ({exc}); pass a PNG/JPEG file") from None
+        raise ValueError(f"--image {a.image!r} cannot be read ({exc}); pass a PNG/JPEG file") from None
     model = load_synergen(a.ckpt, map_location=a.device, text_tokenizer=a.text_tokenizer,
                           image_tokenizer=a.image_tokenizer)
     print(answer(model, [img], [a.question], max_new_tokens=a.max_new_tokens, max_tiles=a.max_tiles,

@@ -30,6 +30,14 @@ def test_a_command_group_lists_its_commands(capsys, ask):
     assert "data synth" not in text and "unknown command" not in text
 
 
+def test_an_unreadable_image_to_answer_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "scene.png"
+    bad.write_bytes(b"not a png")
+    assert cli.main(["answer", "--ckpt", str(tmp_path / "last.ckpt"), "--image", str(bad), "--question", "q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"synergen answer: error: --image {str(bad)!r} cannot be read") and "Traceback" not in err
+
+
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "synergen_lightning.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage: synergen" in out.stdout
