@@ -2,6 +2,8 @@
 
     synergen generate --ckpt CKPT --prompt TEXT --out DIR
     synergen answer --ckpt CKPT --image FILE --question TEXT
+
+torch, Lightning and the model are imported after the arguments parse, so `--help` answers at once.
 """
 
 from __future__ import annotations
@@ -9,20 +11,24 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-from PIL import Image
-
-from synergen_lightning.inference import answer, generate_images
-from synergen_lightning.system import load_synergen
-
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     """--ckpt (any form `system.load_synergen` reads: .ckpt file, sharded directory, export), --device and the
     tokenizer overrides the loader takes."""
     p.add_argument("--ckpt", required=True, help="SynerGenVL checkpoint (e.g. runs/tiny/sft/last.ckpt)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", type=device_arg, help="where the model runs (auto: cuda when available, "
+                   "else cpu)")
     p.add_argument("--text-tokenizer", help="override the text tokenizer directory stored in the checkpoint")
     p.add_argument("--image-tokenizer", help="override the image tokenizer path stored in the checkpoint")
+
+
+def device_arg(device: str) -> str:
+    """--device: "auto" is cuda when available, else cpu (argparse converts the default only after --help)."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def generate_main(argv: list[str] | None = None) -> int:
@@ -45,6 +51,9 @@ def generate_main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.num < 1:
         p.error(f"--num {a.num} must be >= 1")
+    from synergen_lightning.inference import generate_images
+    from synergen_lightning.system import load_synergen
+
     model = load_synergen(a.ckpt, map_location=a.device, text_tokenizer=a.text_tokenizer,
                           image_tokenizer=a.image_tokenizer)
     images = generate_images(model, a.prompt, num=a.num, cfg_scale=a.cfg, temperature=a.temperature, top_k=a.top_k,
@@ -68,6 +77,11 @@ def answer_main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tiles", type=int, default=1, help="InternVL-1.5 dynamic tiles (paper: 1/6/12 per stage)")
     p.add_argument("--thumbnail", action="store_true", help="append a thumbnail view (stage 2 and SFT)")
     a = p.parse_args(argv)
+    from PIL import Image
+
+    from synergen_lightning.inference import answer
+    from synergen_lightning.system import load_synergen
+
     try:
         img = Image.open(a.image)
         img.load()

@@ -3,6 +3,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 from synergen_lightning import cli
 
@@ -36,6 +37,21 @@ def test_an_unreadable_image_to_answer_is_one_line(tmp_path, capsys):
     assert cli.main(["answer", "--ckpt", str(tmp_path / "last.ckpt"), "--image", str(bad), "--question", "q"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"synergen answer: error: --image {str(bad)!r} cannot be read") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["generate", "answer"])
+def test_inference_help_answers_without_loading_torch(command):
+    """`synergen generate --help` prints at once: torch and Lightning (seconds of imports) load after parsing."""
+    code = ("import sys\nfrom synergen_lightning import cli\ntry:\n    cli.main([%r, '--help'])\nexcept SystemExit:\n"
+            "    pass\nprint(sorted({'torch', 'lightning'} & set(sys.modules)))" % command)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and "--device" in out.stdout and out.stdout.strip().endswith("[]"), out
+
+
+def test_device_auto_is_cpu_without_cuda():
+    from synergen_lightning.inference_cli import device_arg
+
+    assert device_arg("auto") == ("cuda" if torch.cuda.is_available() else "cpu") and device_arg("cuda:1") == "cuda:1"
 
 
 def test_console_script_runs():
