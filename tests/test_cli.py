@@ -39,11 +39,13 @@ def test_an_unreadable_image_to_answer_is_one_line(tmp_path, capsys):
     assert err.startswith(f"synergen answer: error: --image {str(bad)!r} cannot be read") and "Traceback" not in err
 
 
-@pytest.mark.parametrize("command", ["generate", "answer"])
-def test_inference_help_answers_without_loading_torch(command):
-    """`synergen generate --help` prints at once: torch and Lightning (seconds of imports) load after parsing."""
-    code = ("import sys\nfrom synergen_lightning import cli\ntry:\n    cli.main([%r, '--help'])\nexcept SystemExit:\n"
-            "    pass\nprint(sorted({'torch', 'lightning'} & set(sys.modules)))" % command)
+@pytest.mark.parametrize(("command", "not_loaded"), [
+    (["generate"], {"torch", "lightning"}), (["answer"], {"torch", "lightning"}),
+    (["eval", "report"], {"lightning"}), (["eval", "grounding"], {"lightning"}), (["eval", "mjhq-fid"], {"lightning"})])
+def test_help_answers_before_the_model_loads(command, not_loaded):
+    """`--help` prints at once: Lightning (seconds of imports), and for generate/answer torch too, load after parsing."""
+    code = ("import sys\nfrom synergen_lightning import cli\ntry:\n    cli.main(%r)\nexcept SystemExit:\n"
+            "    pass\nprint(sorted(%r & set(sys.modules)))" % ([*command, "--help"], not_loaded))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and "--device" in out.stdout and out.stdout.strip().endswith("[]"), out
 

@@ -7,10 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from synergen_lightning.eval.fid import INCEPTION_KEY, EvalInputError
-from synergen_lightning.system import load_synergen
+from synergen_lightning.inference_cli import device_arg
 
 
 def _csv_suites(value: str) -> tuple[str, ...]:
@@ -42,7 +40,7 @@ def _recipe_value(config: Path | None, key: str):
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto: cuda when available, else cpu")
     p.add_argument("--text-tokenizer", help="override the text tokenizer directory stored in the checkpoint")
     p.add_argument("--image-tokenizer", help="override the image tokenizer path stored in the checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -99,12 +97,12 @@ def report_parser() -> argparse.ArgumentParser:
 
 def report_main(argv: list[str] | None = None, model=None) -> int:
     """`model`: an already built SynerGenVL (tests); otherwise --ckpt is loaded."""
+    parser = report_parser()
+    a = parser.parse_args(argv)
     from synergen_lightning.checkpoint import checkpoint_kind
     from synergen_lightning.eval.report import ReportInputs, build_report, check_system_checkpoint
     from synergen_lightning.eval.suites import tile_policy
 
-    parser = report_parser()
-    a = parser.parse_args(argv)
     try:
         grid_seeds = tuple(int(s) for s in a.grid_seeds.split(",") if s.strip())
     except ValueError:
@@ -139,6 +137,8 @@ def report_main(argv: list[str] | None = None, model=None) -> int:
 
             warn_level_mismatch(a.ckpt, Path(inputs.eval_prompts).parent)
         if model is None:
+            from synergen_lightning.system import load_synergen
+
             model = load_synergen(a.ckpt, map_location=a.device, text_tokenizer=a.text_tokenizer,
                                   image_tokenizer=a.image_tokenizer)
         out = build_report(model, inputs, a.out, ckpt_name=a.ckpt, overwrite=a.overwrite)
@@ -167,8 +167,6 @@ def report_main(argv: list[str] | None = None, model=None) -> int:
 
 
 def fid_main(argv: list[str] | None = None) -> int:
-    from synergen_lightning.eval.fid import compute_fidelity
-
     p = argparse.ArgumentParser(prog="synergen eval fid", description="FID / IS / KID (torch-fidelity) between a "
                                 "directory of generated images and a directory of reference images (each one size). "
                                 "Nothing is downloaded: the Inception weights come from a local file.")
@@ -178,9 +176,11 @@ def fid_main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, help=f"a recipe YAML to read {INCEPTION_KEY} from")
     p.add_argument("--metrics", default="fid,isc,kid", help="comma-separated subset of fid,isc,kid")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto: cuda when available, else cpu")
     p.add_argument("--out", type=Path, help="also write the metrics JSON here")
     a = p.parse_args(argv)
+    from synergen_lightning.eval.fid import compute_fidelity
+
     metrics = {m.strip() for m in a.metrics.split(",") if m.strip()}
     if not metrics or metrics - {"fid", "isc", "kid"}:
         p.error(f"--metrics {a.metrics!r}: choose from fid,isc,kid")
@@ -200,8 +200,6 @@ def fid_main(argv: list[str] | None = None) -> int:
 
 def cosine_main(argv: list[str] | None = None, model=None) -> int:
     """Paper Fig. 4 on shape-world val images (or an image directory)."""
-    from synergen_lightning.eval.analysis import images_to_codes, layer_cosine_similarity, plot_layer_similarity
-
     p = argparse.ArgumentParser(prog="synergen eval cosine", description="Per-layer cosine similarity between "
                                 "understanding and generation visual features (paper Fig. 4): the same images fed as "
                                 "understanding input and as generation target; mean-pooled image-token hidden states "
@@ -217,6 +215,7 @@ def cosine_main(argv: list[str] | None = None, model=None) -> int:
     a = p.parse_args(argv)
     if a.num_images < 1:
         p.error(f"--num-images {a.num_images} must be >= 1")
+    from synergen_lightning.eval.analysis import images_to_codes, layer_cosine_similarity, plot_layer_similarity
     from synergen_lightning.eval.suites import load_reference_images
 
     try:
@@ -236,9 +235,11 @@ def cosine_main(argv: list[str] | None = None, model=None) -> int:
     return 0
 
 
-def grounding_parser() -> argparse.ArgumentParser:
-    from synergen_lightning.eval.grounding import ZERO_GAIN_HELP
+ZERO_GAIN_HELP = ("a gain of ~0 nats means the model ignores that input (its output comes from the prior); "
+                  "clearly > 0 means it reads it")
 
+
+def grounding_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="synergen eval grounding",
         description="Does the model use its inputs? Teacher-forced losses on val shard samples, each through the "
@@ -265,10 +266,10 @@ def grounding_parser() -> argparse.ArgumentParser:
 
 def grounding_main(argv: list[str] | None = None, model=None) -> int:
     """`model`: an already built SynerGenVL (tests); otherwise --ckpt is loaded."""
-    from synergen_lightning.eval.grounding import grounding_suite, load_grounding_samples, markdown_line, report_block
-
     p = grounding_parser()
     a = p.parse_args(argv)
+    from synergen_lightning.eval.grounding import grounding_suite, load_grounding_samples, markdown_line, report_block
+
     for name in ("max_items", "batch_size", "max_tiles"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= 1")
@@ -303,6 +304,7 @@ def _load_checked(a, model):
     """`model` if given (tests), else --ckpt through the one loader once the eval room's check names a wrong kind of
     checkpoint (EvalInputError)."""
     from synergen_lightning.eval.report import check_system_checkpoint
+    from synergen_lightning.system import load_synergen
 
     if model is not None:
         return model
@@ -312,8 +314,6 @@ def _load_checked(a, model):
 
 def geneval_official_main(argv: list[str] | None = None, model=None) -> int:
     """`model`: an already built SynerGenVL (tests); otherwise --ckpt is loaded."""
-    from synergen_lightning.eval.geneval_official import read_metadata, write_layout
-
     p = argparse.ArgumentParser(
         prog="synergen eval geneval-official",
         description="Generate images for GenEval's prompts in the folder layout its official scorer reads: "
@@ -331,6 +331,8 @@ def geneval_official_main(argv: list[str] | None = None, model=None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="rows decoded together (x2 with CFG)")
     _common(p)
     a = p.parse_args(argv)
+    from synergen_lightning.eval.geneval_official import read_metadata, write_layout
+
     try:
         metadata = read_metadata(a.metadata)  # a malformed line fails before the model loads
         if a.samples < 1:
@@ -383,14 +385,14 @@ def _run_fid_protocol(p, a, protocol, items, model) -> int:
 
 
 def mjhq_fid_main(argv: list[str] | None = None, model=None) -> int:
-    from synergen_lightning.eval.fid_protocols import read_mjhq_meta
-
     p = _fid_protocol_parser("synergen eval mjhq-fid", "MJHQ-30K FID, overall and per category: one image per prompt "
                              "of meta_data.json, against REFERENCE/<category>/<id>.jpg (torch-fidelity, local "
                              "Inception weights; resize policy in docs/evaluation.md).")
     p.add_argument("--meta", type=Path, required=True, help="MJHQ-30K's meta_data.json ({id: {category, prompt}})")
     p.add_argument("--categories", help="comma-separated subset of categories (default: all)")
     a = p.parse_args(argv)
+    from synergen_lightning.eval.fid_protocols import read_mjhq_meta
+
     try:
         cats = [c.strip() for c in a.categories.split(",") if c.strip()] if a.categories else None
         return _run_fid_protocol(p, a, "mjhq", read_mjhq_meta(a.meta, cats), model)
@@ -399,14 +401,14 @@ def mjhq_fid_main(argv: list[str] | None = None, model=None) -> int:
 
 
 def coco_fid_main(argv: list[str] | None = None, model=None) -> int:
-    from synergen_lightning.eval.fid_protocols import read_coco_captions
-
     p = _fid_protocol_parser("synergen eval coco-fid", "MSCOCO-30K FID: NUM images of a COCO captions file drawn "
                              "(seeded), one random caption each, generated and compared with those images "
                              "(REFERENCE/<file_name>) (torch-fidelity, local Inception weights).")
     p.add_argument("--captions", type=Path, required=True, help="COCO captions annotations (captions_val2014.json)")
     p.add_argument("--num", type=int, default=30000, help="images drawn (MSCOCO-30K: 30000)")
     a = p.parse_args(argv)
+    from synergen_lightning.eval.fid_protocols import read_coco_captions
+
     if a.num < 2:
         p.error(f"--num {a.num} must be >= 2 (MSCOCO-30K: 30000)")
     try:

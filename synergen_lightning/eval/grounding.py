@@ -35,9 +35,6 @@ from synergen_lightning.data.sources import SkipCounter, SkipSample, finite_samp
 from synergen_lightning.eval.fid import EvalInputError
 from synergen_lightning.eval.suites import eval_mode, shard_urls
 
-ZERO_GAIN_HELP = ("a gain of ~0 nats means the model ignores that input (its output comes from the prior); "
-                  "clearly > 0 means it reads it")
-
 
 # ---------------------------------------------------------------------------------------- helpers
 def _text_tokenizer(model):
