@@ -99,6 +99,17 @@ def generate_codes(model, prompt_ids: list[list[int]], uncond_ids: list[int] | N
 
 
 @torch.no_grad()
+def generation_arg_errors(num: int = 1, batch_size: int = 1, temperature: float = 1.0, top_k: int | None = None,
+                          top_p: float | None = None) -> list[tuple[str, object, str]]:
+    """(argument, value, what it must be) for each value no draw can use: a negative temperature or top_p > 1 would
+    otherwise act as greedy or as no truncation without a word."""
+    rules = [("num", num, num >= 1, ">= 1"), ("batch_size", batch_size, batch_size >= 1, ">= 1"),
+             ("temperature", temperature, temperature >= 0, ">= 0 (0: greedy)"),
+             ("top_k", top_k, top_k is None or top_k >= 1, ">= 1 (or unset: off)"),
+             ("top_p", top_p, top_p is None or 0 < top_p <= 1, "in (0, 1] (or unset: off)")]
+    return [(name, value, f"must be {rule}") for name, value, ok, rule in rules if not ok]
+
+
 def generate_images(model, prompts: list[str] | str, num: int = 1, cfg_scale: float | None = 7.5, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None, batch_size: int = 16,
                     output: str = "pil", use_cache: bool = True, compile: bool = False):
@@ -106,6 +117,9 @@ def generate_images(model, prompts: list[str] | str, num: int = 1, cfg_scale: fl
     in [0,1] (`"tensor"`) or code grids (`"codes"`). `cfg_scale=None` or 1 disables guidance; a `None`
     prompt draws from the unconditional (`<UNCOND>`) prompt, the CFG dropout rows of training. `compile`: as
     `generate_codes` (the same codes, faster once the graphs are built)."""
+    errors = generation_arg_errors(num, batch_size, temperature, top_k, top_p)
+    if errors:
+        raise ValueError("; ".join(f"{name}={value} {rule}" for name, value, rule in errors))
     if isinstance(prompts, str):
         prompts = [prompts]
     model.eval()

@@ -49,11 +49,12 @@ def generate_main(argv: list[str] | None = None) -> int:
                    "faster per image once built (a minute on a CPU, which needs a C++ compiler); for many images")
     p.add_argument("--out", required=True, help="output directory for PNGs")
     a = p.parse_args(argv)
-    if a.num < 1:
-        p.error(f"--num {a.num} must be >= 1")
-    from synergen_lightning.inference import generate_images
+    from synergen_lightning.inference import generate_images, generation_arg_errors
     from synergen_lightning.system import load_synergen
 
+    errors = generation_arg_errors(a.num, a.batch_size, a.temperature, a.top_k, a.top_p)  # before the model loads
+    if errors:
+        p.error("; ".join(f"--{name.replace('_', '-')} {value} {rule}" for name, value, rule in errors))
     model = load_synergen(a.ckpt, map_location=a.device, text_tokenizer=a.text_tokenizer,
                           image_tokenizer=a.image_tokenizer)
     images = generate_images(model, a.prompt, num=a.num, cfg_scale=a.cfg, temperature=a.temperature, top_k=a.top_k,
@@ -77,6 +78,9 @@ def answer_main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tiles", type=int, default=1, help="InternVL-1.5 dynamic tiles (paper: 1/6/12 per stage)")
     p.add_argument("--thumbnail", action="store_true", help="append a thumbnail view (stage 2 and SFT)")
     a = p.parse_args(argv)
+    for name in ("max_new_tokens", "max_tiles"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= 1")
     from PIL import Image
 
     from synergen_lightning.inference import answer

@@ -56,6 +56,15 @@ def test_device_auto_is_cpu_without_cuda():
     assert device_arg("auto") == ("cuda" if torch.cuda.is_available() else "cpu") and device_arg("cuda:1") == "cuda:1"
 
 
+def test_generation_values_no_draw_can_use_stop_before_the_checkpoint_loads(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["generate", "--ckpt", str(tmp_path / "missing.ckpt"), "--prompt", "a", "--out", str(tmp_path),
+                  "--temperature", "-1", "--top-p", "1.5"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--temperature -1.0 must be >= 0" in err and "--top-p 1.5 must be in (0, 1]" in err
+    assert "missing.ckpt" not in err
+
+
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "synergen_lightning.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage: synergen" in out.stdout

@@ -76,6 +76,15 @@ def test_prompt_longer_than_context_is_an_error():
         generate_images(model, ["x" * 200], output="codes")
 
 
+@pytest.mark.parametrize(("kw", "named"), [({"temperature": -1.0}, "temperature=-1.0"), ({"top_p": 1.5}, "top_p=1.5"),
+                                           ({"top_k": 0}, "top_k=0"), ({"batch_size": 0}, "batch_size=0"),
+                                           ({"num": 0}, "num=0")])
+def test_a_value_no_draw_can_use_is_an_error_naming_it(kw, named):
+    """A negative temperature would draw greedily and top_p > 1 truncate nothing, both without a word."""
+    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+        generate_images(_model(), ["a"], **kw)
+
+
 @pytest.mark.parametrize("question_first", [False, True])
 def test_answer_matches_uncached_greedy_reference(question_first):
     """`answer` prompts in the model's own order (`question_first`), batched and cached, as the step-by-step
