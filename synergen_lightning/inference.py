@@ -98,7 +98,6 @@ def generate_codes(model, prompt_ids: list[list[int]], uncond_ids: list[int] | N
     return unfold_codes(torch.stack(patches, dim=1)[:R], model.grid, model.fold_size)
 
 
-@torch.no_grad()
 def generation_arg_errors(num: int = 1, batch_size: int = 1, temperature: float = 1.0, top_k: int | None = None,
                           top_p: float | None = None) -> list[tuple[str, object, str]]:
     """(argument, value, what it must be) for each value no draw can use: a negative temperature or top_p > 1 would
@@ -110,6 +109,7 @@ def generation_arg_errors(num: int = 1, batch_size: int = 1, temperature: float 
     return [(name, value, f"must be {rule}") for name, value, ok, rule in rules if not ok]
 
 
+@torch.no_grad()
 def generate_images(model, prompts: list[str] | str, num: int = 1, cfg_scale: float | None = 7.5, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None, batch_size: int = 16,
                     output: str = "pil", use_cache: bool = True, compile: bool = False):
