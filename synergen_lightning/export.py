@@ -4,7 +4,8 @@ CKPT is any checkpoint a run writes: a single-file `.ckpt` (one process, DDP) or
 directory (Lightning DCP: `.metadata`, `*.distcp`, `meta.pt`). DIR gets `model.safetensors` (the full, unsharded
 weights, fp32 unless --dtype), `config.json` (the SynerGenVL constructor arguments: `SynerGenVL(**config)` rebuilds
 the model) and `export.json` (source, step, stage history, the data's hyper-parameters). Every command reads DIR
-back through the one loader, `synergen_lightning.system.load_synergen`.
+back through the one loader, `synergen_lightning.system.load_synergen`. torch, Lightning and the model load when an
+export runs, so `--help` answers at once.
 """
 
 from __future__ import annotations
@@ -13,21 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from synergen_lightning.checkpoint import (
-    EXPORT_CONFIG,
-    EXPORT_INFO,
-    EXPORT_WEIGHTS,
-    checkpoint_kind,
-    model_hparams,
-    read_checkpoint_meta,
-    read_state_dict,
-)
-from synergen_lightning.distributed import check_compatible, to_dtype
-from synergen_lightning.system import SynerGenVL
-
-__all__ = ["export", "read_checkpoint_meta"]
+__all__ = ["export"]
 
 
 def _jsonable(x):
@@ -41,7 +28,20 @@ def _jsonable(x):
 
 
 def export(ckpt: str | Path, out: str | Path, dtype: str | None = None) -> Path:
+    import torch
     from safetensors.torch import save_file
+
+    from synergen_lightning.checkpoint import (
+        EXPORT_CONFIG,
+        EXPORT_INFO,
+        EXPORT_WEIGHTS,
+        checkpoint_kind,
+        model_hparams,
+        read_checkpoint_meta,
+        read_state_dict,
+    )
+    from synergen_lightning.distributed import check_compatible, to_dtype
+    from synergen_lightning.system import SynerGenVL
 
     ckpt, out = Path(ckpt), Path(out)
     if checkpoint_kind(ckpt) == "export":
@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="cast floating-point weights (default: as trained, fp32 master weights)")
     args = parser.parse_args(argv)
+    from synergen_lightning.checkpoint import EXPORT_INFO
+
     path = export(args.ckpt, args.out, args.dtype)
     info = json.loads((Path(args.out) / EXPORT_INFO).read_text())
     print(f"wrote {path} ({info['tensors']} tensors, {info['parameters']:,} parameters, step {info['global_step']}) "
