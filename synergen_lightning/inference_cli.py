@@ -9,6 +9,7 @@ torch, Lightning and the model are imported after the arguments parse, so `--hel
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 
@@ -47,7 +48,8 @@ def generate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16, help="rows decoded together (x2 with CFG)")
     p.add_argument("--compile", action="store_true", help="decode through torch.compile'd graphs: the same images, "
                    "faster per image once built (a minute on a CPU, which needs a C++ compiler); for many images")
-    p.add_argument("--out", required=True, help="output directory for PNGs")
+    p.add_argument("--out", required=True, help="output directory: PROMPT_SAMPLE.png (000_00.png, ...) and "
+                   "metadata.jsonl (each file's prompt and settings)")
     a = p.parse_args(argv)
     from synergen_lightning.inference import generate_images, generation_arg_errors
     from synergen_lightning.system import load_synergen
@@ -61,10 +63,16 @@ def generate_main(argv: list[str] | None = None) -> int:
                              top_p=a.top_p, seed=a.seed, batch_size=a.batch_size, compile=a.compile)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    settings = {"ckpt": a.ckpt, "seed": a.seed, "cfg": a.cfg, "temperature": a.temperature, "top_k": a.top_k,
+                "top_p": a.top_p}
+    lines = []
     for k, img in enumerate(images):
         path = out / f"{k // a.num:03d}_{k % a.num:02d}.png"
         img.save(path)
+        lines.append(json.dumps({"file": path.name, "prompt": a.prompt[k // a.num], "sample": k % a.num, **settings}))
         print(path)
+    # which prompt and settings drew each file (GenEval's folders keep a metadata.jsonl likewise)
+    (out / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return 0
 
 

@@ -32,7 +32,10 @@ def test_tiny_stage_chain_generate_answer_report(tmp_path, monkeypatch):
     assert torch.equal(s1["llm.model.embed_tokens.weight"], base["model.embed_tokens.weight"])  # frozen in stage 1
     assert synergen(["generate", "--ckpt", "runs/tiny/sft/last.ckpt", "--prompt", "a red circle", "--num", "2",
                      "--out", "gen", "--device", "cpu"]) == 0
-    assert sorted(p.name for p in Path("gen").iterdir()) == ["000_00.png", "000_01.png"]
+    assert sorted(p.name for p in Path("gen").iterdir()) == ["000_00.png", "000_01.png", "metadata.jsonl"]
+    drawn = [json.loads(line) for line in Path("gen/metadata.jsonl").read_text().splitlines()]
+    assert [(d["file"], d["prompt"], d["sample"], d["seed"]) for d in drawn] == [
+        ("000_00.png", "a red circle", 0, 0), ("000_01.png", "a red circle", 1, 0)]
     # compiled decoding: the same seed draws the same images
     assert synergen(["generate", "--ckpt", "runs/tiny/sft/last.ckpt", "--prompt", "a red circle", "--num", "2",
                      "--out", "gen_compiled", "--device", "cpu", "--compile"]) == 0

@@ -235,7 +235,7 @@ def test_fit_resume_export_generate_answer_eval(mode, walked):
     assert result["s1"].is_dir() == (mode == "fsdp2")  # FSDP2 writes a sharded directory, the others one file
     assert "_class_path" in result["s1_hparams"]  # what made loaders that rebuilt SynerGenVL(**hparams) fail
     for name in ("ckpt", "export"):
-        assert sorted(p.name for p in (run / f"gen_{name}").iterdir()) == ["000_00.png"]
+        assert sorted(p.name for p in (run / f"gen_{name}").iterdir()) == ["000_00.png", "metadata.jsonl"]
     assert all(out.strip() for out in result["answers"])
     assert (run / "report/report.json").is_file()
 
