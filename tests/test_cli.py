@@ -51,7 +51,7 @@ def test_help_answers_before_the_model_loads(command, not_loaded):
     assert out.returncode == 0 and "--ckpt" in out.stdout and out.stdout.strip().endswith("[]"), out
 
 
-def test_device_auto_is_cpu_without_cuda():
+def test_device_auto_is_cuda_when_available_else_cpu():
     from synergen_lightning.inference_cli import device_arg
 
     assert device_arg("auto") == ("cuda" if torch.cuda.is_available() else "cpu") and device_arg("cuda:1") == "cuda:1"
