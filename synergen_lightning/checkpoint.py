@@ -117,6 +117,16 @@ def save_own_hyperparameters(module, init_locals: dict) -> None:
     module._hparams_name = "kwargs"  # loaded back as keyword arguments, as `save_hyperparameters()` saves them
 
 
+def save_checkpoint_file(module, path: str | Path) -> None:
+    """`module`'s weights and hyper-parameters as a Lightning checkpoint file (what `load_from_checkpoint` and the
+    recipes read), written without a Trainer."""
+    import lightning as L
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": L.__version__}, str(path))
+
+
 def model_hparams(path: str | Path, cls: type) -> dict:
     """The `cls` constructor arguments a SynerGenVL checkpoint's model was built with; a one-line error for another
     kind of model."""

@@ -32,6 +32,13 @@ def device_arg(device: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_at_least_one(p: argparse.ArgumentParser, a: argparse.Namespace, *names: str) -> None:
+    """Stop with the parser's one-line error for each named integer option below 1."""
+    for name in names:
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= 1")
+
+
 def generate_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="synergen generate", description="Generate images from text prompts with a "
                                 "SynerGenVL checkpoint (KV-cached LLM + unfolding head, classifier-free guidance).")
@@ -86,9 +93,7 @@ def answer_main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tiles", type=int, default=1, help="InternVL-1.5 dynamic tiles (paper: 1/6/12 per stage)")
     p.add_argument("--thumbnail", action="store_true", help="append a thumbnail view (stage 2 and SFT)")
     a = p.parse_args(argv)
-    for name in ("max_new_tokens", "max_tiles"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= 1")
+    check_at_least_one(p, a, "max_new_tokens", "max_tiles")
     from PIL import Image
 
     from synergen_lightning.inference import answer

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from synergen_lightning.checkpoint import save_own_hyperparameters
+from synergen_lightning.checkpoint import save_checkpoint_file, save_own_hyperparameters
 from synergen_lightning.hf_import import load_hf
 from synergen_lightning.io import iter_jsonl
 from synergen_lightning.models.config import LLMConfig, LLMConfigDict
@@ -139,8 +139,7 @@ class MMoELLM(L.LightningModule):
 
     def save_checkpoint_file(self, path: str | Path) -> None:
         """A checkpoint `MMoELLM.load_from_checkpoint(path)` reads, without a Trainer."""
-        torch.save({"state_dict": self.state_dict(), "hyper_parameters": dict(self.hparams),
-                    "pytorch-lightning_version": L.__version__}, str(path))
+        save_checkpoint_file(self, path)
 
     # ---- forward / training -------------------------------------------------------------------
     def forward(self, input_ids: Tensor, image_mask=None, position_ids=None, attention_mask=None, kv_cache=None) -> Tensor:

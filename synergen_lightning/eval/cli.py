@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from synergen_lightning.eval.fid import INCEPTION_KEY, EvalInputError
-from synergen_lightning.inference_cli import device_arg
+from synergen_lightning.inference_cli import check_at_least_one, device_arg
 
 
 def _csv_suites(value: str) -> tuple[str, ...]:
@@ -109,9 +109,7 @@ def report_main(argv: list[str] | None = None, model=None) -> int:
         parser.error(f"--grid-seeds {a.grid_seeds!r}: comma-separated integers, e.g. 0,1,2,3")
     if not grid_seeds:
         parser.error("--grid-seeds is empty; give at least one seed, e.g. 0")
-    for name in ("num_geneval", "num_und", "num_grounding", "num_fid", "batch_size"):
-        if getattr(a, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= 1")
+    check_at_least_one(parser, a, "num_geneval", "num_und", "num_grounding", "num_fid", "batch_size")
     if model is None:
         checkpoint_kind(a.ckpt)  # a missing --ckpt stops the command here, in one line, as `synergen demo report` does
     max_tiles, thumbnail = tile_policy(a.ckpt, a.max_tiles, a.thumbnail)
@@ -270,9 +268,7 @@ def grounding_main(argv: list[str] | None = None, model=None) -> int:
     a = p.parse_args(argv)
     from synergen_lightning.eval.grounding import grounding_suite, load_grounding_samples, markdown_line, report_block
 
-    for name in ("max_items", "batch_size", "max_tiles"):
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= 1")
+    check_at_least_one(p, a, "max_items", "batch_size", "max_tiles")
     try:
         samples = load_grounding_samples(a.val_shards, a.max_items)  # bad shards fail before the model loads
         model = _load_checked(a, model)

@@ -28,7 +28,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from synergen_lightning.checkpoint import constructor_kwargs
+from synergen_lightning.checkpoint import constructor_kwargs, save_checkpoint_file
 from synergen_lightning.image_tokenizer.protocol import check_images
 from synergen_lightning.models.vq import VQConfig, VQModel
 from synergen_lightning.safe_load import torch_load
@@ -171,9 +171,7 @@ class VQTokenizer(L.LightningModule):
 
     def save_checkpoint_file(self, path: str | Path) -> None:
         """A checkpoint `load_frozen(path)` and the recipes' `image_tokenizer` read, without a Trainer."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"state_dict": self.state_dict(), "hyper_parameters": dict(self.hparams),
-                    "pytorch-lightning_version": L.__version__}, str(path))
+        save_checkpoint_file(self, path)
 
     @classmethod
     def load_frozen(cls, path: str | Path, map_location: str = "cpu") -> "VQTokenizer":
