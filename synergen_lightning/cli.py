@@ -1,6 +1,6 @@
 """The `synergen` command.
 
-`synergen fit|validate|test|predict --config recipes/X.yaml` is LightningCLI (OmegaConf interpolation
+`synergen fit|validate --config recipes/X.yaml` is LightningCLI (OmegaConf interpolation
 in recipes, any LightningModule / DataModule / callback plugged by `class_path`). Every other
 sub-command lives in the room that owns it and is registered in `COMMANDS` below as
 "module:function"; the function receives the remaining argv and owns its own argparse `--help`.
@@ -18,7 +18,13 @@ import sys
 import traceback
 from pathlib import Path
 
-LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_SUBCOMMANDS = ("fit", "validate")
+# LightningCLI's other two subcommands: no module here has a test split or a predict step; what does their job
+INSTEAD_OF = {
+    "test": "`synergen validate --config RECIPE --ckpt_path CKPT` (the val losses) or `synergen eval report --ckpt "
+            "CKPT` (the benchmarks)",
+    "predict": "`synergen generate` (images from prompts) or `synergen answer` (a question about an image)",
+}
 
 # command words -> (entry point "module:function", one-line help)
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
@@ -51,7 +57,7 @@ def _usage() -> str:
         "",
         "Training (LightningCLI; `synergen fit --help` lists every key of a recipe):",
         "  fit --config recipes/tiny/stage1.yaml [--trainer.max_steps 100 ...]",
-        "  validate | test | predict --config ...",
+        "  validate --config ... --ckpt_path CKPT      (the val losses of a checkpoint)",
         "",
         "Other commands (each has --help):",
     ]
@@ -235,6 +241,9 @@ def _run(argv: list[str]) -> int:
         # from the shell LightningCLI reads sys.argv itself (given both, it warns on every run that they may differ)
         lightning_cli(None if argv == sys.argv[1:] else argv)
         return 0
+    if argv[0] in INSTEAD_OF:
+        print(f"synergen {argv[0]}: not a synergen command; use {INSTEAD_OF[argv[0]]}", file=sys.stderr)
+        return 2
     func, rest = _resolve(argv)
     is_group = any(len(w) > 1 and w[0] == argv[0] for w in COMMANDS)
     if func is None and is_group and argv[1:2] in ([], ["-h"], ["--help"]):

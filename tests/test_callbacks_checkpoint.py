@@ -13,9 +13,14 @@ from callbacks.checkpoint import FinalCheckpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _recipe_checkpoint_args(recipe: str = "recipes/tiny/stage1.yaml") -> dict:
+    callbacks = yaml.safe_load((ROOT / recipe).read_text())["trainer"]["callbacks"]
+    return next(c["init_args"] for c in callbacks if c["class_path"] == "callbacks.checkpoint.FinalCheckpoint")
+
+
 def _fit(tmp_path, max_steps: int, every: int, model=None) -> Path:
-    ck = FinalCheckpoint(dirpath=tmp_path, filename="step-{step}", save_last=True, every_n_train_steps=every,
-                         enable_version_counter=False)
+    """A run with the tiny stage 1 recipe's checkpointing, saving every `every` steps into `tmp_path`."""
+    ck = FinalCheckpoint(**dict(_recipe_checkpoint_args(), dirpath=tmp_path, every_n_train_steps=every))
     trainer = L.Trainer(max_steps=max_steps, callbacks=[ck], logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, accelerator="cpu")
     trainer.fit(model or BoringModel())
@@ -24,7 +29,7 @@ def _fit(tmp_path, max_steps: int, every: int, model=None) -> Path:
 
 @pytest.mark.parametrize("max_steps, every", [(5, 3), (6, 3), (2, 200)])
 def test_last_checkpoint_is_the_final_step(tmp_path, max_steps, every):
-    """300 steps saved every 200 used to end with last.ckpt at step 200 (the tiny stage 2 and SFT)."""
+    """A run of 300 steps saved every 200 (the tiny stage 2 and SFT) ends with last.ckpt at step 300, not 200."""
     model = BoringModel()
     out = _fit(tmp_path, max_steps, every, model)
     last = torch.load(out / "last.ckpt", weights_only=False)
@@ -32,7 +37,8 @@ def test_last_checkpoint_is_the_final_step(tmp_path, max_steps, every):
     # it holds the final weights, not those of the last scheduled save
     for name, value in model.state_dict().items():
         torch.testing.assert_close(last["state_dict"][name], value, rtol=0, atol=0)
-    assert (out / f"step-step={max_steps}.ckpt").is_file()
+    # the step checkpoints are named by their zero-padded step (they sort by step), the step named once
+    assert (out / f"step-{max_steps:07d}.ckpt").is_file()
 
 
 def test_an_interrupted_run_saves_no_final_step(tmp_path):

@@ -21,6 +21,15 @@ def test_unknown_command_names_the_choices(capsys):
     assert "unknown command 'data synthh'" in err and "data synth" in err
 
 
+@pytest.mark.parametrize("word, instead", [("test", "synergen validate"), ("predict", "synergen generate")])
+def test_lightnings_test_and_predict_point_to_the_commands_that_do_their_job(capsys, word, instead):
+    """No module has a test split or a predict step: LightningCLI would build the model, then fail in the trainer."""
+    assert cli.main([word, "--config", "recipes/tiny/stage1.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"synergen {word}: not a synergen command") and instead in err
+    assert word not in cli._usage().split("Other commands")[0]
+
+
 @pytest.mark.parametrize("ask", [["--help"], ["-h"], []])
 def test_a_command_group_lists_its_commands(capsys, ask):
     assert cli.main(["eval", *ask]) == (0 if ask else 2)
