@@ -6,12 +6,18 @@ N therefore ends with `last.ckpt` at the last multiple of N, and the steps after
 N = 200 would hand step 200 to the next stage). Here a run that ends normally always
 saves its final step (the step checkpoint under `filename`, and `last.ckpt`). A run stopped by an exception or Ctrl-C
 is not "finished": it saves nothing more (unless `save_on_exception`), and `--ckpt_path DIR/last.ckpt` resumes it.
+
+Lightning warns at every start that the checkpoint directory is not empty, which the recipes' own logger has made
+true (they log into it): here the warning names the checkpoints a new run would overwrite, and a resumed run gets none.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 class FinalCheckpoint(ModelCheckpoint):
@@ -25,3 +31,16 @@ class FinalCheckpoint(ModelCheckpoint):
             if self.save_last:
                 self._save_last_checkpoint(trainer, candidates)
         super().on_train_end(trainer, pl_module)
+
+    def _ModelCheckpoint__warn_if_dir_not_empty(self, dirpath) -> None:
+        """Lightning's warning at `setup` (any file in the directory): replaced by `on_fit_start`'s."""
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if not (trainer.is_global_zero and trainer.ckpt_path is None and self.save_top_k != 0 and self.dirpath):
+            return
+        found = sorted(p.name for p in Path(self.dirpath).glob(f"*{self.FILE_EXTENSION}"))
+        if found:
+            rank_zero_warn(f"{self.dirpath} already holds checkpoints ({', '.join(found[:3])}"
+                           f"{', ...' if len(found) > 3 else ''}): this run overwrites those of the same name. To go "
+                           f"on from one, pass --ckpt_path {Path(self.dirpath) / 'last.ckpt'}; to keep them, move them")

@@ -134,7 +134,7 @@ class PeriodicEvaluator(Callback):
             return
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-        rank_zero_info("eval @ step %d: %s" % (step, ", ".join(f"{k}={v:.3f}" for k, v in sorted(metrics.items()))))
+        rank_zero_info(headline(step, metrics))
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
@@ -144,3 +144,12 @@ class PeriodicEvaluator(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.log_on_train_end:
             self._run(trainer, pl_module)
+
+
+def headline(step: int, metrics: dict[str, float]) -> str:
+    """The console's line: each suite's own figures (`eval/SUITE/NAME`); the breakdowns by question kind and object
+    count (a few dozen more) go to the loggers only."""
+    top = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.count("/") == 2}
+    more = len(metrics) - len(top)
+    return (f"eval @ step {step}: " + ", ".join(f"{k}={v:.3f}" for k, v in sorted(top.items()))
+            + (f" (+{more} per kind and object count in the loggers)" if more else ""))

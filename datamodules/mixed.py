@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import random
+import warnings
 from collections import Counter
 from typing import Any
 
@@ -426,6 +427,9 @@ class MixedDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         self._warn_shared_shards()
+        # Lightning cautions every IterableDataset with a length that each worker may yield all of it: this stream's
+        # workers take disjoint lanes (`MixedStream.__iter__`), and its length counts the batches of all of them
+        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
         stream = MixedStream(self.sources, self.builder, self.batch_size, self.hparams.steps_per_epoch, self.num_workers,
                              self.hparams.shuffle_buffer, self.hparams.seed, bucket_batches=self.hparams.bucket_batches,
                              pack_len=self._pack_len())

@@ -106,8 +106,20 @@ def resolve_recipe_parts(model) -> None:
             init_args[key] = value
 
 
+def quiet_lightning_notices() -> None:
+    """Drop two lines Lightning prints on every run that a user cannot act on: its advert for a cloud logger, and the
+    FutureWarning its own pytree helper triggers under torch >= 2.10 (`isinstance(treespec, LeafSpec)`)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: not str(record.msg).startswith("💡 Tip:"))
+
+
 def lightning_cli(args: list[str] | None = None, run: bool = True):
     """LightningCLI with OmegaConf recipes; model and data are chosen by `class_path`."""
+    quiet_lightning_notices()
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
     from lightning.pytorch.strategies import ModelParallelStrategy

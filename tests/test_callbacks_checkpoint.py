@@ -18,12 +18,12 @@ def _recipe_checkpoint_args(recipe: str = "recipes/tiny/stage1.yaml") -> dict:
     return next(c["init_args"] for c in callbacks if c["class_path"] == "callbacks.checkpoint.FinalCheckpoint")
 
 
-def _fit(tmp_path, max_steps: int, every: int, model=None) -> Path:
+def _fit(tmp_path, max_steps: int, every: int, model=None, ckpt_path=None) -> Path:
     """A run with the tiny stage 1 recipe's checkpointing, saving every `every` steps into `tmp_path`."""
     ck = FinalCheckpoint(**dict(_recipe_checkpoint_args(), dirpath=tmp_path, every_n_train_steps=every))
     trainer = L.Trainer(max_steps=max_steps, callbacks=[ck], logger=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, accelerator="cpu")
-    trainer.fit(model or BoringModel())
+    trainer.fit(model or BoringModel(), ckpt_path=ckpt_path)
     return tmp_path
 
 
@@ -64,3 +64,23 @@ def test_every_shipped_recipe_keeps_its_final_step():
         assert "lightning.pytorch.callbacks.ModelCheckpoint" not in paths, f"{recipe}: use callbacks.checkpoint.FinalCheckpoint"
         checkpointing += "callbacks.checkpoint.FinalCheckpoint" in paths
     assert checkpointing >= 8  # tiny tokenizer, base LLM, 3 stages; 2b's 3 stages
+
+
+def test_only_a_new_run_over_old_checkpoints_is_warned(tmp_path, recwarn):
+    """The recipes log into their checkpoint directory: its config and event files are no reason to warn, a second
+    run over the first one's checkpoints is, and a resumed run is not."""
+    def warnings_about_the_directory():
+        found = [str(w.message) for w in recwarn if str(tmp_path) in str(w.message)]
+        recwarn.clear()
+        return found
+
+    (tmp_path / "config.yaml").write_text("seed_everything: 0\n")
+    (tmp_path / "events.out.tfevents.0").write_bytes(b"")
+    _fit(tmp_path, 2, 200)
+    assert warnings_about_the_directory() == []
+    _fit(tmp_path, 2, 200)
+    assert warnings_about_the_directory() == [
+        f"{tmp_path} already holds checkpoints (last.ckpt, step-0000002.ckpt): this run overwrites those of the same "
+        f"name. To go on from one, pass --ckpt_path {tmp_path / 'last.ckpt'}; to keep them, move them"]
+    _fit(tmp_path, 3, 200, ckpt_path=tmp_path / "last.ckpt")
+    assert warnings_about_the_directory() == []

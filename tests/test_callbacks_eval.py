@@ -9,10 +9,11 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.flop_counter import FlopCounterMode
 
-from callbacks.evaluator import PeriodicEvaluator
+from callbacks.evaluator import PeriodicEvaluator, headline
 from callbacks.sample_grid import SampleGridLogger
 from callbacks.throughput import SynerGenThroughputMonitor, batch_flops, flops_per_token
 from synergen_lightning.eval.grid import image_grid
+from synergen_lightning.eval.suites import flatten_metrics
 from synergen_lightning.llm import evaluate_text_skill
 from tests.test_generation import _model
 from tests.test_system_helpers import loader, make_batch
@@ -111,6 +112,15 @@ def test_evaluator_refuses_missing_inputs(tmp_path):
     cb = PeriodicEvaluator(every_n_steps=2, eval_prompts=str(tmp_path / "missing.jsonl"))
     with pytest.raises(FileNotFoundError, match="missing.jsonl.*does not exist"):
         cb.setup(None, None, "fit")
+
+
+def test_the_console_line_holds_each_suites_figures_and_counts_the_breakdowns():
+    metrics = flatten_metrics({"geneval": {"overall": 0.5, "colors": 0.25},
+                               "und": {"accuracy": 0.75, "per_kind": {"count": 1.0, "shape": 0.5},
+                                       "per_kind_by_objects": {"count": {"1": 1.0, "2": 0.0}}}})
+    assert headline(7, metrics) == ("eval @ step 7: geneval/colors=0.250, geneval/overall=0.500, und/accuracy=0.750 "
+                                    "(+4 per kind and object count in the loggers)")
+    assert headline(7, {"eval/text/accuracy": 1.0}) == "eval @ step 7: text/accuracy=1.000"
 
 
 def test_batch_flops_match_torch_flop_counter():
