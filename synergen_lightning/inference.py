@@ -110,16 +110,18 @@ def generation_arg_errors(num: int = 1, batch_size: int = 1, temperature: float 
 
 
 @torch.no_grad()
-def generate_images(model, prompts: list[str] | str, num: int = 1, cfg_scale: float | None = 7.5, temperature: float = 1.0,
-                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None, batch_size: int = 16,
-                    output: str = "pil", use_cache: bool = True, compile: bool = False):
-    """Prompts -> `num` images each (prompt-major order): PIL images (`output="pil"`), float [N,3,H,W]
-    in [0,1] (`"tensor"`) or code grids (`"codes"`). `cfg_scale=None` or 1 disables guidance; a `None`
-    prompt draws from the unconditional (`<UNCOND>`) prompt, the CFG dropout rows of training. `compile`: as
-    `generate_codes` (the same codes, faster once the graphs are built)."""
+def generated_batches(model, prompts: list[str] | str, num: int = 1, cfg_scale: float | None = 7.5,
+                      temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                      seed: int | None = None, batch_size: int = 16, output: str = "pil", use_cache: bool = True,
+                      compile: bool = False):
+    """`generate_images`, yielded a batch of `batch_size` rows at a time in the same order and with the same draws:
+    each batch is decoded to pixels as soon as its codes are drawn, so memory holds one batch of images (a 512-px VQ
+    decoder keeps about a GB of activations per image), and a caller can write and count them as they come."""
     errors = generation_arg_errors(num, batch_size, temperature, top_k, top_p)
     if errors:
         raise ValueError("; ".join(f"{name}={value} {rule}" for name, value, rule in errors))
+    if output not in ("pil", "tensor", "codes"):
+        raise ValueError(f"output={output!r}: use 'pil', 'tensor' or 'codes'")
     if isinstance(prompts, str):
         prompts = [prompts]
     model.eval()
@@ -128,16 +130,31 @@ def generate_images(model, prompts: list[str] | str, num: int = 1, cfg_scale: fl
     uncond = generation_prompt_ids(tok, None) if cfg_scale not in (None, 1.0) else None
     generator = torch.Generator(device=model.device)
     generator.manual_seed(seed if seed is not None else torch.seed())
-    grids = [generate_codes(model, rows[i:i + batch_size], uncond, cfg_scale, temperature, top_k, top_p, generator,
-                            use_cache, compile) for i in range(0, len(rows), batch_size)]
-    codes = torch.cat(grids)
-    if output == "codes":
-        return codes
-    images = model.image_tokenizer.decode(codes.to(model.device)).clamp(0, 1).float().cpu()
-    if output == "tensor":
-        return images
-    arr = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    return [Image.fromarray(a) for a in arr]
+    for i in range(0, len(rows), batch_size):
+        codes = generate_codes(model, rows[i:i + batch_size], uncond, cfg_scale, temperature, top_k, top_p, generator,
+                               use_cache, compile)
+        if output == "codes":
+            yield codes
+            continue
+        images = model.image_tokenizer.decode(codes.to(model.device)).clamp(0, 1).float().cpu()
+        if output == "tensor":
+            yield images
+            continue
+        arr = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        yield [Image.fromarray(a) for a in arr]
+
+
+def generate_images(model, prompts: list[str] | str, num: int = 1, cfg_scale: float | None = 7.5, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None, batch_size: int = 16,
+                    output: str = "pil", use_cache: bool = True, compile: bool = False):
+    """Prompts -> `num` images each (prompt-major order): PIL images (`output="pil"`), float [N,3,H,W]
+    in [0,1] (`"tensor"`) or code grids (`"codes"`). `cfg_scale=None` or 1 disables guidance; a `None`
+    prompt draws from the unconditional (`<UNCOND>`) prompt, the CFG dropout rows of training. `compile`: as
+    `generate_codes` (the same codes, faster once the graphs are built). Rows are drawn and decoded `batch_size` at
+    a time (`generated_batches`)."""
+    batches = list(generated_batches(model, prompts, num, cfg_scale, temperature, top_k, top_p, seed, batch_size,
+                                     output, use_cache, compile))
+    return [image for batch in batches for image in batch] if output == "pil" else torch.cat(batches)
 
 
 def understanding_prompt_ids(tok, n_views: int, tokens_per_view: int, question: str, question_first: bool = False

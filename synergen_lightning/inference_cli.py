@@ -56,9 +56,11 @@ def generate_main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="decode through torch.compile'd graphs: the same images, "
                    "faster per image once built (a minute on a CPU, which needs a C++ compiler); for many images")
     p.add_argument("--out", required=True, help="output directory: PROMPT_SAMPLE.png (000_00.png, ...) and "
-                   "metadata.jsonl (each file's prompt and settings)")
+                   "metadata.jsonl (each file's prompt and settings), written batch by batch")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    from synergen_lightning.inference import generate_images, generation_arg_errors
+    from synergen_lightning.inference import generated_batches, generation_arg_errors
+    from synergen_lightning.progress import progress_bar
     from synergen_lightning.system import load_synergen
 
     errors = generation_arg_errors(a.num, a.batch_size, a.temperature, a.top_k, a.top_p)  # before the model loads
@@ -66,20 +68,26 @@ def generate_main(argv: list[str] | None = None) -> int:
         p.error("; ".join(f"--{name.replace('_', '-')} {value} {rule}" for name, value, rule in errors))
     model = load_synergen(a.ckpt, map_location=a.device, text_tokenizer=a.text_tokenizer,
                           image_tokenizer=a.image_tokenizer)
-    images = generate_images(model, a.prompt, num=a.num, cfg_scale=a.cfg, temperature=a.temperature, top_k=a.top_k,
-                             top_p=a.top_p, seed=a.seed, batch_size=a.batch_size, compile=a.compile)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = {"ckpt": a.ckpt, "seed": a.seed, "cfg": a.cfg, "temperature": a.temperature, "top_k": a.top_k,
                 "top_p": a.top_p}
-    lines = []
-    for k, img in enumerate(images):
-        path = out / f"{k // a.num:03d}_{k % a.num:02d}.png"
-        img.save(path)
-        lines.append(json.dumps({"file": path.name, "prompt": a.prompt[k // a.num], "sample": k % a.num, **settings}))
-        print(path)
-    # which prompt and settings drew each file (GenEval's folders keep a metadata.jsonl likewise)
-    (out / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    batches = generated_batches(model, a.prompt, num=a.num, cfg_scale=a.cfg, temperature=a.temperature, top_k=a.top_k,
+                                top_p=a.top_p, seed=a.seed, batch_size=a.batch_size, compile=a.compile)
+    total, k = len(a.prompt) * a.num, 0
+    # which prompt and settings drew each file (GenEval's folders keep a metadata.jsonl likewise), a line per file
+    # as it is written: a run stopped half-way leaves every finished image described
+    with (out / "metadata.jsonl").open("w") as meta, progress_bar(not a.no_progress, "generating", total) as advance:
+        for images in batches:
+            for img in images:
+                path = out / f"{k // a.num:03d}_{k % a.num:02d}.png"
+                img.save(path)
+                meta.write(json.dumps({"file": path.name, "prompt": a.prompt[k // a.num], "sample": k % a.num,
+                                       **settings}) + "\n")
+                k += 1
+            meta.flush()
+            advance(len(images))
+    print(f"{total} images and metadata.jsonl in {out}")
     return 0
 
 

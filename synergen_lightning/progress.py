@@ -7,9 +7,13 @@ Lightning's `RichProgressBar` writes `Epoch {epoch}/{max_epochs - 1}`; a run bou
 length) and Lightning's `Epoch 0/9` when epochs bound the run. `synergen fit` adds it whenever the recipe keeps the
 progress bar on and names none of its own (synergen_lightning/cli.py); recipes may also name it as
 `callbacks.progress.StepProgressBar`.
+
+`progress_bar` is the bar of the commands' own loops (generation, evaluation suites).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
@@ -38,3 +42,26 @@ class StepProgressBar(RichProgressBar):
 def default_progress_bar() -> ProgressBar:
     """Lightning's choice (Rich where installed, else tqdm, whose description has no epoch bound), step-counted."""
     return StepProgressBar() if _RICH_AVAILABLE else TQDMProgressBar()
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, description: str, total: int):
+    """Yields advance(n); a rich progress bar when enabled, a no-op otherwise."""
+    if not enabled:
+        yield lambda n=1: None
+        return
+    from rich.errors import LiveError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   transient=True)
+    try:
+        bar.start()
+    except LiveError:  # another live display (e.g. an older rich under Lightning's RichProgressBar): no bar
+        yield lambda n=1: None
+        return
+    try:
+        task = bar.add_task(description, total=total)
+        yield lambda n=1: bar.advance(task, n)
+    finally:
+        bar.stop()

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -73,6 +74,31 @@ def test_generation_values_no_draw_can_use_stop_before_the_checkpoint_loads(tmp_
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "--temperature -1.0 must be >= 0" in err and "--top-p 1.5 must be in (0, 1]" in err
     assert "missing.ckpt" not in err
+
+
+def test_generate_writes_and_describes_each_batch_as_it_is_drawn(tmp_path, monkeypatch):
+    """A run stopped in its second batch leaves the first batch's images, each with its metadata line."""
+    import synergen_lightning.inference as inference
+    import synergen_lightning.system as system
+    from tests.test_generation import _model
+
+    monkeypatch.setattr(system, "load_synergen", lambda *a, **k: _model())
+    draw, calls = inference.generate_codes, []
+
+    def stops_in_batch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "generate_codes", stops_in_batch_two)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["generate", "--ckpt", "any.ckpt", "--prompt", "a red circle", "--prompt", "a square", "--num", "2",
+                  "--batch-size", "2", "--out", str(tmp_path), "--no-progress", "--device", "cpu"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000_00.png", "000_01.png", "metadata.jsonl"]
+    lines = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert [(m["file"], m["prompt"], m["sample"]) for m in lines] == [("000_00.png", "a red circle", 0),
+                                                                     ("000_01.png", "a red circle", 1)]
 
 
 def test_console_script_runs():

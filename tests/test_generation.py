@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -58,6 +59,23 @@ def test_seed_determinism_and_images():
     assert torch.equal(a, b) and not torch.equal(a, c)
     imgs = generate_images(model, ["a red circle", "a square"], num=1, seed=0)
     assert len(imgs) == 2 and imgs[0].size == (16, 16)
+
+
+def test_images_are_decoded_a_batch_at_a_time_and_equal_one_decode_of_all_codes():
+    """Pixels of at most `batch_size` images exist at once (a 512-px VQ decoder holds about a GB per image); the
+    images are those of the drawn codes decoded together, in prompt-major order."""
+    model = _model()
+    decoded = []
+    decode = model.image_tokenizer.decode
+    model.image_tokenizer.decode = lambda codes: decoded.append(len(codes)) or decode(codes)
+    kwargs = dict(num=3, seed=5, batch_size=2)
+    images = generate_images(model, ["a red circle", "a square"], output="tensor", **kwargs)
+    assert decoded == [2, 2, 2]
+    codes = generate_images(model, ["a red circle", "a square"], output="codes", **kwargs)
+    torch.testing.assert_close(images, decode(codes).clamp(0, 1).float(), rtol=0, atol=0)
+    pil = generate_images(model, ["a red circle", "a square"], **kwargs)
+    as_pixels = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in pil])
+    assert torch.equal(as_pixels, (images * 255).round().to(torch.uint8))
 
 
 def test_cfg_is_one_batched_pass_per_step():

@@ -135,7 +135,8 @@ def generate_missing(model, items: list[dict], gen_dir: str | Path, cfg_scale: f
                      batch_size: int = 16, temperature: float = 1.0, progress: bool = False) -> int:
     """Write `gen_dir/[<category>/]<id>.png` for every item that lacks it; returns how many were generated.
     Chunk k (items k*B .. (k+1)*B-1 in the given order) is drawn with seed `seed + k`, so a rerun reproduces it."""
-    from synergen_lightning.eval.suites import eval_mode, progress_bar
+    from synergen_lightning.eval.suites import eval_mode
+    from synergen_lightning.progress import progress_bar
 
     gen_dir = Path(gen_dir)
     todo = [k for k in range(0, len(items), batch_size)

@@ -58,7 +58,8 @@ def is_done(out: str | Path, index: int, samples: int) -> bool:
 def write_layout(model, metadata: list[dict], out: str | Path, samples: int = 4, cfg_scale: float = 7.5,
                  seed: int = 0, temperature: float = 1.0, batch_size: int = 16, progress: bool = False) -> dict:
     """Generate `samples` images per metadata line into GenEval's layout; prompts already complete are skipped."""
-    from synergen_lightning.eval.suites import eval_mode, progress_bar
+    from synergen_lightning.eval.suites import eval_mode
+    from synergen_lightning.progress import progress_bar
 
     if samples < 1:
         raise EvalInputError(f"--samples {samples} must be >= 1 (GenEval: 4)")

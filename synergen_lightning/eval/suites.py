@@ -26,30 +26,8 @@ from synergen_lightning.distributed import gathered_for_decoding
 from synergen_lightning.eval.fid import EvalInputError, as_uint8_images, check_inception_weights, compute_fidelity
 from synergen_lightning.llm import evaluate_text_skill
 from synergen_lightning.model_parts import load_base_llm
+from synergen_lightning.progress import progress_bar
 from synergen_lightning.world.scorer import score_images
-
-
-@contextlib.contextmanager
-def progress_bar(enabled: bool, description: str, total: int):
-    """Yields advance(n); a rich progress bar when enabled, a no-op otherwise."""
-    if not enabled:
-        yield lambda n=1: None
-        return
-    from rich.errors import LiveError
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   transient=True)
-    try:
-        bar.start()
-    except LiveError:  # another live display (e.g. an older rich under Lightning's RichProgressBar): no bar
-        yield lambda n=1: None
-        return
-    try:
-        task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
-    finally:
-        bar.stop()
 
 
 def _chunks(items: list, size: int):
