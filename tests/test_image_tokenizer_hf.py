@@ -2,6 +2,7 @@
 compared with calling transformers directly."""
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -39,6 +40,53 @@ def test_emu3_adapter_matches_transformers(tmp_path):
     recon = tok.decode(codes)
     assert recon.shape == (2, 3, 32, 48)
     torch.testing.assert_close(recon, ((ref_pixels + 1) / 2).clamp(0, 1))
+
+
+def test_emu3_adapter_holds_one_calls_activations_whatever_the_batch(tmp_path, monkeypatch):
+    """A batch runs `PIXELS_PER_CALL` pixels per call of the model (Emu3 holds ~4 / 10 GiB per 512-px view encoding /
+    decoding: bench/tokenizer_memory.py): the codes and pixels of transformers' one call over the whole batch, the
+    activation peak of one call's views (MemTracker over real tensors)."""
+    from synergen_lightning.image_tokenizer.hf_adapters import Emu3VQTokenizer
+    from tokenizer_memory import activation_peak
+
+    model, path = _emu3_dir(tmp_path)
+    tok = load_image_tokenizer(path)
+    monkeypatch.setattr(Emu3VQTokenizer, "PIXELS_PER_CALL", 2 * 32 * 32)  # two 32-px views per call
+    images = torch.rand(6, 3, 32, 32)
+    calls = []
+    encode, decode = model.encode, model.decode
+    monkeypatch.setattr(tok.model, "encode", lambda x, **kw: calls.append(("encode", len(x))) or encode(x, **kw))
+    monkeypatch.setattr(tok.model, "decode", lambda c: calls.append(("decode", len(c))) or decode(c))
+    codes = tok.encode(images)
+    pixels = tok.decode(codes)
+    assert calls == [("encode", 2)] * 3 + [("decode", 2)] * 3
+    with torch.no_grad():
+        ref = torch.stack(encode(images * 2 - 1, image_sizes=torch.tensor([[32, 32]] * 6)).image_tokens)
+        ref_pixels = ((decode(ref) + 1) / 2).clamp(0, 1)
+    assert torch.equal(codes, ref)
+    torch.testing.assert_close(pixels, ref_pixels)
+
+    sizes = torch.tensor([[32, 32]] * 6)
+    for ours, whole, x in ((tok.encode, lambda v: encode(v * 2 - 1, image_sizes=sizes), images),
+                           (tok.decode, decode, codes)):
+        one_call, batch, unsplit = (activation_peak(partial(ours, x[:2])), activation_peak(partial(ours, x)),
+                                    activation_peak(partial(whole, x)))
+        assert one_call <= batch < 1.5 * one_call  # one call's activations (and the batch's outputs)
+        assert unsplit > 2.5 * one_call  # what one call over the six views holds
+        assert unsplit == pytest.approx(mem_tracker_peak(partial(whole, x), tok.model), rel=0.02)
+
+
+def mem_tracker_peak(call, model) -> int:
+    """torch's MemTracker's count of the same peak (activations, temporaries, outputs), for one call of `model`."""
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with torch.no_grad(), tracker:
+        call()
+    peak = tracker.get_tracker_snapshot("peak")
+    weights = (_MemRefType.PARAM, _MemRefType.BUFFER, "Total")
+    return sum(v for device in peak.values() for k, v in device.items() if k not in weights)
 
 
 def test_emu3_adapter_reads_the_published_vision_tokenizer_layout(tmp_path):

@@ -85,6 +85,11 @@ def _mean_std(path: Path) -> tuple[Tensor, Tensor]:
 
 
 class _HFVQBase(nn.Module):
+    # pixels per call of the wrapped model, whatever batch a caller hands in (training's online tokenization,
+    # generation, pretokenize, eval): its fp32 activations grow with the pixels of a call, and Emu3's VQ-VAE holds
+    # about 4 GiB encoding and 10 GiB decoding one 512-px view (RESULTS.md; bench/tokenizer_memory.py)
+    PIXELS_PER_CALL = 512 * 512
+
     def __init__(self, model: nn.Module, mean: Tensor, std: Tensor, codebook_size: int, downsample: int):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
@@ -100,29 +105,37 @@ class _HFVQBase(nn.Module):
     def from_model_range(self, pixels: Tensor) -> Tensor:
         return (pixels.float() * self.std + self.mean).clamp(0, 1)
 
+    def views_per_call(self, height: int, width: int) -> int:
+        """Views of `height` x `width` pixels in one call of the wrapped model (`PIXELS_PER_CALL`; at least one)."""
+        return max(1, self.PIXELS_PER_CALL // (height * width))
+
 
 class Emu3VQTokenizer(_HFVQBase):
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
         x = self.to_model_range(images)
-        sizes = torch.tensor([x.shape[-2:]] * x.shape[0])
-        out = self.model.encode(x, image_sizes=sizes)  # 4-D input: repeated along time inside transformers
-        return torch.stack(out.image_tokens).long()
+        codes = []
+        for views in x.split(self.views_per_call(*x.shape[-2:])):
+            sizes = torch.tensor([views.shape[-2:]] * views.shape[0])
+            out = self.model.encode(views, image_sizes=sizes)  # 4-D input: repeated along time inside transformers
+            codes.append(torch.stack(out.image_tokens).long())
+        return torch.cat(codes)
 
     @torch.no_grad()
     def decode(self, codes: Tensor) -> Tensor:
         _check_codes(codes, self.codebook_size)
         # 3-D codes: first decoded frame; codes from any device, as VQTokenizer takes them
-        return self.from_model_range(self.model.decode(codes.to(self.mean.device)))
+        n = self.views_per_call(codes.shape[-2] * self.downsample, codes.shape[-1] * self.downsample)
+        return torch.cat([self.from_model_range(self.model.decode(grids)) for grids in codes.to(self.mean.device).split(n)])
 
 
 class ChameleonVQTokenizer(_HFVQBase):
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
         x = self.to_model_range(images)
-        out = self.model.encode(x)
         h, w = x.shape[-2] // self.downsample, x.shape[-1] // self.downsample
-        return rearrange(out.image_tokens, "(b h w) -> b h w", b=x.shape[0], h=h, w=w).long()
+        return torch.cat([rearrange(self.model.encode(views).image_tokens, "(b h w) -> b h w", b=views.shape[0], h=h,
+                                    w=w).long() for views in x.split(self.views_per_call(*x.shape[-2:]))])
 
     def decode(self, codes: Tensor) -> Tensor:
         raise NotImplementedError("transformers' ChameleonVQVAE has no decoder (Chameleon checkpoints ship encoder weights only); "
