@@ -115,8 +115,9 @@ def generated_batches(model, prompts: list[str] | str, num: int = 1, cfg_scale: 
                       seed: int | None = None, batch_size: int = 16, output: str = "pil", use_cache: bool = True,
                       compile: bool = False):
     """`generate_images`, yielded a batch of `batch_size` rows at a time in the same order and with the same draws:
-    each batch is decoded to pixels as soon as its codes are drawn, so memory holds one batch of images (a 512-px VQ
-    decoder keeps about a GB of activations per image), and a caller can write and count them as they come."""
+    each batch is decoded to pixels as soon as its codes are drawn, so memory holds one batch of images (Emu3's
+    decoder holds 10 GiB of activations per 512-px image: RESULTS.md), and a caller can write and count them as they
+    come."""
     errors = generation_arg_errors(num, batch_size, temperature, top_k, top_p)
     if errors:
         raise ValueError("; ".join(f"{name}={value} {rule}" for name, value, rule in errors))

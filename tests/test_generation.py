@@ -62,7 +62,7 @@ def test_seed_determinism_and_images():
 
 
 def test_images_are_decoded_a_batch_at_a_time_and_equal_one_decode_of_all_codes():
-    """Pixels of at most `batch_size` images exist at once (a 512-px VQ decoder holds about a GB per image); the
+    """Pixels of at most `batch_size` images exist at once (Emu3's decoder holds 10 GiB per 512-px image); the
     images are those of the drawn codes decoded together, in prompt-major order."""
     model = _model()
     decoded = []
