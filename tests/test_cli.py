@@ -77,7 +77,8 @@ def test_generation_values_no_draw_can_use_stop_before_the_checkpoint_loads(tmp_
 
 
 def test_generate_writes_and_describes_each_batch_as_it_is_drawn(tmp_path, monkeypatch):
-    """A run stopped in its second batch leaves the first batch's images, each with its metadata line."""
+    """A run stopped in its second batch leaves the first batch's images, each with its metadata line; `--compile`
+    reaches the decoder (whose compiled codes tests/test_generation_decode.py holds to the eager ones)."""
     import synergen_lightning.inference as inference
     import synergen_lightning.system as system
     from tests.test_generation import _model
@@ -85,16 +86,17 @@ def test_generate_writes_and_describes_each_batch_as_it_is_drawn(tmp_path, monke
     monkeypatch.setattr(system, "load_synergen", lambda *a, **k: _model())
     draw, calls = inference.generate_codes, []
 
-    def stops_in_batch_two(*args, **kwargs):
-        calls.append(1)
+    def stops_in_batch_two(*args):
+        calls.append(args[-1])  # generate_codes' `compile`
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return draw(*args, **kwargs)
+        return draw(*args[:-1], False)
 
     monkeypatch.setattr(inference, "generate_codes", stops_in_batch_two)
     with pytest.raises(KeyboardInterrupt):
         cli.main(["generate", "--ckpt", "any.ckpt", "--prompt", "a red circle", "--prompt", "a square", "--num", "2",
-                  "--batch-size", "2", "--out", str(tmp_path), "--no-progress", "--device", "cpu"])
+                  "--batch-size", "2", "--out", str(tmp_path), "--no-progress", "--device", "cpu", "--compile"])
+    assert calls == [True, True]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["000_00.png", "000_01.png", "metadata.jsonl"]
     lines = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
     assert [(m["file"], m["prompt"], m["sample"]) for m in lines] == [("000_00.png", "a red circle", 0),
