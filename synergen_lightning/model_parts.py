@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from synergen_lightning.hf_import import RowSource, hf_row_sources, load_hf, read_hf_config
-from synergen_lightning.image_tokenizer import load_image_tokenizer
+from synergen_lightning.image_tokenizer.loading import load_image_tokenizer
 from synergen_lightning.models.config import LLMConfig
 from synergen_lightning.models.mmoe import MMoETransformer
 from synergen_lightning.safe_load import torch_load

@@ -60,7 +60,7 @@ from synergen_lightning.distributed import (
     total_grad_norm,
 )
 from synergen_lightning.head import UnfoldingHeadModule
-from synergen_lightning.image_tokenizer import load_image_tokenizer
+from synergen_lightning.image_tokenizer.loading import load_image_tokenizer
 from synergen_lightning.inference import answer, generate_images
 from synergen_lightning.llm import MMoELLM
 from synergen_lightning.model_parts import (

@@ -51,14 +51,16 @@ def test_an_unreadable_image_to_answer_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize(("command", "not_loaded"), [
     (["generate"], {"torch", "lightning"}), (["answer"], {"torch", "lightning"}), (["export"], {"torch", "lightning"}),
-    (["eval", "report"], {"lightning"}), (["eval", "grounding"], {"lightning"}), (["eval", "mjhq-fid"], {"lightning"})])
+    (["eval", "report"], {"lightning"}), (["eval", "grounding"], {"lightning"}), (["eval", "mjhq-fid"], {"lightning"}),
+    (["data", "pretokenize"], {"lightning"}), (["eval", "tokenizer"], {"lightning"})])
 def test_help_answers_before_the_model_loads(command, not_loaded):
     """`--help` prints at once: Lightning (seconds of imports), and for generate/answer/export torch too, load after
     parsing."""
     code = ("import sys\nfrom synergen_lightning import cli\ntry:\n    cli.main(%r)\nexcept SystemExit:\n"
             "    pass\nprint(sorted(%r & set(sys.modules)))" % ([*command, "--help"], not_loaded))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0 and "--ckpt" in out.stdout and out.stdout.strip().endswith("[]"), out
+    option = "--tokenizer" if command[-1] in ("pretokenize", "tokenizer") else "--ckpt"
+    assert out.returncode == 0 and option in out.stdout and out.stdout.strip().endswith("[]"), out
 
 
 def test_device_auto_is_cuda_when_available_else_cpu():

@@ -19,17 +19,17 @@ from pathlib import Path
 
 import torch
 from einops import rearrange
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from synergen_lightning.data.image_stream import ImageViewStream, collate_views, expand_shards
-from synergen_lightning.image_tokenizer.loading import load_image_tokenizer
-from synergen_lightning.image_tokenizer.vq_tokenizer import codebook_stats
 
 FLAT_STD = 0.02  # [0, 1] pixel units; a code's patch below this is "flat" (most tiny-world val patches are)
 
 
 @torch.no_grad()
 def evaluate_tokenizer(tokenizer, val_shards, size: int = 64, max_tiles: int = 4, batch_size: int = 64) -> dict:
+    from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure  # seconds: after --help
+
+    from synergen_lightning.image_tokenizer.vq_tokenizer import codebook_stats
 
     stream = ImageViewStream(expand_shards(val_shards), size, max_tiles, random_crops=0, shuffle=False)
     loader = torch.utils.data.DataLoader(stream, batch_size=batch_size, collate_fn=collate_views)
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tiles", type=int, default=4, help="understanding tiles per image (default: 4)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
+    from synergen_lightning.image_tokenizer.loading import load_image_tokenizer  # Lightning: after --help
+
     result = evaluate_tokenizer(load_image_tokenizer(args.tokenizer), args.shards, args.image_size, args.max_tiles)
     for k, v in result.items():
         print(f"{k:<18} {v:.4f}" if isinstance(v, float) else f"{k:<18} {v}")

@@ -26,7 +26,6 @@ import webdataset as wds
 
 from synergen_lightning.data.sources import SkipCounter, expand_urls, is_remote, iter_shard, local_path, url_name
 from synergen_lightning.data.views import decode_image, dynamic_tiles, generation_view, to_uint8_tensor
-from synergen_lightning.image_tokenizer.loading import load_image_tokenizer
 
 
 def sample_views(img, task: str, image_size: int, max_tiles: int, thumbnail: bool):
@@ -107,6 +106,8 @@ _WORKER: dict = {}  # the tokenizer of a --workers process, loaded once by _init
 
 
 def _init_worker(tokenizer_path: str, codebook_size: int | None, device: str) -> None:
+    from synergen_lightning.image_tokenizer.loading import load_image_tokenizer
+
     torch.set_num_threads(1)  # one process per core: intra-op threads would only compete
     tok = load_image_tokenizer(tokenizer_path, expected_codebook_size=codebook_size)
     _WORKER["tokenizer"] = tok.to(device) if isinstance(tok, torch.nn.Module) else tok
@@ -167,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+
+    from synergen_lightning.image_tokenizer.loading import load_image_tokenizer  # Lightning: after --help
 
     tokenizer = load_image_tokenizer(args.tokenizer, expected_codebook_size=args.codebook_size)
     if args.image_size % tokenizer.downsample:
