@@ -47,7 +47,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("export",): ("synergen_lightning.export:main", "consolidate a sharded (FSDP2) or single-file checkpoint into one safetensors file + config"),
     ("ablations",): ("synergen_lightning.ablations:main", "the paper's ablations in miniature (token folding, progressive alignment, the head's width) -> runs/ablations/"),
     ("plan",): ("synergen_lightning.plan:main", "per-GPU memory of a recipe's training step under FSDP2 (meta-device model, measured activations)"),
-    ("demo", "report"): ("synergen_lightning.eval.demo_report:main", "score a trained tiny SynerGenVL (GenEval, Q/A, text skill) into report.json + a sample grid"),
+    ("demo", "report"): ("synergen_lightning.eval.cli:demo_report_main", "score a trained tiny SynerGenVL (GenEval, Q/A, text skill) into report.json + a sample grid"),
 }
 
 

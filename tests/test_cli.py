@@ -52,7 +52,8 @@ def test_an_unreadable_image_to_answer_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize(("command", "not_loaded"), [
     (["generate"], {"torch", "lightning"}), (["answer"], {"torch", "lightning"}), (["export"], {"torch", "lightning"}),
     (["eval", "report"], {"lightning"}), (["eval", "grounding"], {"lightning"}), (["eval", "mjhq-fid"], {"lightning"}),
-    (["data", "pretokenize"], {"lightning"}), (["eval", "tokenizer"], {"lightning"})])
+    (["data", "pretokenize"], {"lightning"}), (["eval", "tokenizer"], {"lightning"}),
+    (["demo", "report"], {"lightning"})])
 def test_help_answers_before_the_model_loads(command, not_loaded):
     """`--help` prints at once: Lightning (seconds of imports), and for generate/answer/export torch too, load after
     parsing."""

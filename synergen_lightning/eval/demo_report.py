@@ -30,7 +30,6 @@ from synergen_lightning.eval.suites import (
     understanding_suite,
 )
 from synergen_lightning.inference import generate_images
-from synergen_lightning.inference_cli import add_checkpoint_args
 from synergen_lightning.system import load_synergen
 from synergen_lightning.world.scorer import detect_objects, evaluate, score_images, summarize
 from synergen_lightning.world.shards import find_world_info, read_world_info
@@ -181,35 +180,8 @@ def save_curve(path: Path, curve: list[dict], prior: float | None) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="synergen demo report", description=__doc__.split("\n\n")[0] + " Scores the "
-                                "final checkpoint on every eval prompt and val question, and each --curve checkpoint "
-                                "on the first --curve-prompts / --curve-questions of them.")
-    add_checkpoint_args(p)
-    p.add_argument("--base-llm", required=True, help="the base LLM checkpoint (text.accuracy_base)")
-    p.add_argument("--data", default="data/tiny", help="shape-world directory (eval_prompts.jsonl, val/, text/)")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--curve", nargs="*", default=[], metavar="CKPT",
-                   help="earlier stage checkpoints, in training order (e.g. runs/tiny/stage1/last.ckpt "
-                        "runs/tiny/stage2/last.ckpt): the learning curve; named by their directory")
-    p.add_argument("--curve-prompts", type=int, default=120, help="eval prompts per curve point (default: 120)")
-    p.add_argument("--curve-questions", type=int, default=140, help="val questions per curve point (default: 140)")
-    p.add_argument("--num-prompts", type=int, default=None, help="first N eval prompts (default: all)")
-    p.add_argument("--cfg", type=float, default=7.5, help="CFG scale (paper: 7.5)")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="sampling temperature; above 1 the tiny model scatters more blobs and GenEval rises by clutter "
-                        "alone (geneval.objects_per_image / rejected_per_image show it), so compare scores at one "
-                        "temperature")
-    p.add_argument("--caption-floor", action="store_true",
-                   help="also score images drawn from the unconditional prompt against the eval prompts "
-                        "(geneval_uncond_floor: the score of a model that ignores captions; one more GenEval pass)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--und-questions", type=int, default=500, help="val Q/A pairs to answer")
-    p.add_argument("--text-examples", type=int, default=500, help="held-out text-skill items")
-    p.add_argument("--grounding-items", type=int, default=64,
-                   help="val samples for the grounding block (caption gain / image gain: teacher-forced nats the true "
-                        "caption / image saves over a swapped one; ~0 = the input is ignored); 0 = skip")
-    a = p.parse_args(argv)
+def run(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
+    """`synergen demo report` with its parsed arguments (`eval.cli.demo_report_parser`); `p` reports bad ones."""
     checkpoint_kind(a.ckpt)  # a missing --ckpt stops the command here, in one line, before any work
     data, out = Path(a.data), Path(a.out)
     prompts_file = data / "eval_prompts.jsonl"
