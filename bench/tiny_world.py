@@ -5,7 +5,6 @@ tiny recipes as a user does: `data/tiny` (a few scenes of the shape world), `run
 from __future__ import annotations
 
 import io
-import os
 import tarfile
 from pathlib import Path
 
@@ -41,7 +40,6 @@ def make_tiny_world(root: Path, num_samples: int = 120) -> Path:
         assert synergen(["data", "synth", "--out", "data/tiny", "--num-samples", str(num_samples), "--shard-size",
                          str(num_samples // 2), "--num-eval-prompts", "4", "--workers", "1", "--no-progress"]) == 0
         train_bpe(["data/tiny/text/train.jsonl"], 512, "runs/tiny/text_tokenizer")
-        os.makedirs("runs/tiny/base_llm")
         MMoELLM.from_paths(config=dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64),
                            tokenizer_dir="runs/tiny/text_tokenizer").save_checkpoint_file("runs/tiny/base_llm/last.ckpt")
         write_untrained_vq(Path("runs/tiny/tokenizer/checkpoints/last.ckpt"))

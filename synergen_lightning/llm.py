@@ -241,8 +241,7 @@ def import_hf_main(argv: list[str] | None = None) -> int:
     tok_dir = args.tokenizer_dir or (args.hf_dir if (Path(args.hf_dir) / "tokenizer.json").is_file() else None)
     llm = MMoELLM.from_hf(args.hf_dir, tokenizer_dir=tok_dir)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    llm.save_checkpoint_file(out)
+    llm.save_checkpoint_file(out)  # creates the directory
     n = sum(p.numel() for p in llm.parameters())
     print(f"wrote {out}: {n / 1e6:.2f}M parameters, config {asdict(llm.model.config)}")
     return 0

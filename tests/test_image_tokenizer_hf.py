@@ -45,7 +45,8 @@ def test_emu3_adapter_matches_transformers(tmp_path):
 def test_emu3_adapter_holds_one_calls_activations_whatever_the_batch(tmp_path, monkeypatch):
     """A batch runs `PIXELS_PER_CALL` pixels per call of the model (Emu3 holds ~4 / 10 GiB per 512-px view encoding /
     decoding: bench/tokenizer_memory.py): the codes and pixels of transformers' one call over the whole batch, the
-    activation peak of one call's views (MemTracker over real tensors)."""
+    activation peak of one call's views (bench/tokenizer_memory.py's count over real tensors; MemTracker agrees on
+    one call)."""
     from synergen_lightning.image_tokenizer.hf_adapters import Emu3VQTokenizer
     from tokenizer_memory import activation_peak
 

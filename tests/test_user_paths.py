@@ -46,8 +46,8 @@ QUICK = ["--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "f
 BATCH = {"stage1": '{"generation": 2, "understanding": 2}', "stage2": '{"generation": 2, "understanding": 2, "text": 2}'}
 RECIPES_2B_IMAGE_SIZE = 128  # 16x16 codes a view: Emu3's encoder of the recipes' 512-px views is slow on 2 CPUs
 RECIPES_2B_RANKS = {"stage1": 2, "stage2": 2, "sft": 1}
-# Lightning's lines on every run that a user cannot act on: an advert, a deprecation inside Lightning, a caveat the mixed
-# stream's lanes answer, and "directory not empty" for a directory only the run's own logger had written to
+# Lightning's lines on every run that a user cannot act on: an advert, a deprecation inside Lightning, a caveat the
+# mixed stream's lanes answer, and "directory not empty" for a directory only the run's own logger had written to
 LIGHTNING_NOISE = ("💡 Tip", "LeafSpec", "IterableDataset` has `__len__`", "exists and is not empty")
 SLOTS = 4  # synergen processes at once (a 2-rank fit takes 2): ~0.5-1 GB each
 

@@ -126,7 +126,8 @@ class Emu3VQTokenizer(_HFVQBase):
         _check_codes(codes, self.codebook_size)
         # 3-D codes: first decoded frame; codes from any device, as VQTokenizer takes them
         n = self.views_per_call(codes.shape[-2] * self.downsample, codes.shape[-1] * self.downsample)
-        return torch.cat([self.from_model_range(self.model.decode(grids)) for grids in codes.to(self.mean.device).split(n)])
+        grids = codes.to(self.mean.device).split(n)
+        return torch.cat([self.from_model_range(self.model.decode(g)) for g in grids])
 
 
 class ChameleonVQTokenizer(_HFVQBase):
