@@ -702,8 +702,9 @@ def check_compatible(state: dict, model: nn.Module, source: str) -> None:
 
 
 def total_grad_norm(params) -> torch.Tensor | None:
-    """L2 norm of all gradients, sharded (DTensor) or not: each rank sums the squares of its own shards,
-    one all-reduce adds them up (Lightning's `grad_norm` stacks DTensors and fails under FSDP2)."""
+    """L2 norm of all gradients, sharded (DTensor) or not, on the gradients' device: each rank sums the squares of its
+    own shards, one all-reduce adds them up (Lightning's `grad_norm` stacks DTensors and fails under FSDP2, and
+    returns a CPU tensor, one host read per parameter, that NCCL cannot all-reduce)."""
     from torch.distributed.tensor import DTensor
 
     local_sq, sharded_sq, group, seen = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64), None, False
@@ -720,6 +721,8 @@ def total_grad_norm(params) -> torch.Tensor | None:
             local_sq = local_sq.to(g.device) + g.detach().double().pow(2).sum()
     if not seen:
         return None
-    for pg in group or []:
+    if group is None:  # nothing sharded (one device, DDP): the norm stays on the gradients' device
+        return local_sq.sqrt().float()
+    for pg in group:
         dist.all_reduce(sharded_sq, group=pg)
     return (local_sq.to(sharded_sq.device) + sharded_sq).sqrt().float()

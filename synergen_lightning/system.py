@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import grad_norm, rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from synergen_lightning.checkpoint import load_checkpoint_model, read_checkpoint_meta, read_state_dict
@@ -620,10 +620,7 @@ class SynerGenVL(LightningModule):
         self.log("val/loss_image", self.head.val_loss, on_step=False, on_epoch=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        if is_sharded(self):  # DTensor gradients: Lightning's grad_norm cannot stack them
-            total = total_grad_norm(self.parameters())
-        else:
-            total = grad_norm(self, norm_type=2).get("grad_2.0_norm_total")
+        total = total_grad_norm(self.parameters())  # on the gradients' device, sharded or not
         if total is not None:
             self.log("train/grad_norm", total)
         # a NaN/inf loss or gradient on any rank: no update this step (every rank agrees; nonfinite.py)

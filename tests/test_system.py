@@ -301,3 +301,21 @@ def test_online_tokenization_runs_outside_autocast_a_few_views_per_call():
     assert [n for n, _ in tok.calls] == [model.ENCODE_VIEWS, model.ENCODE_VIEWS, 3]
     assert not any(on for _, on in tok.calls)
     assert torch.equal(codes, tok.encode(pixels.float() / 255.0))  # fp32, in one call: the pretokenized codes
+
+
+def test_an_fp32_model_trains_a_batch_of_both_tasks_under_bf16_autocast():
+    """`precision: bf16-mixed` without FSDP2's bf16 parameters (one GPU, DDP): fp32 weights under bf16 autocast. A
+    batch of both tasks routes text and image tokens to their experts by index, the norm in fp32 and the experts in
+    bf16; the loss is the fp32 model's to bf16's precision and every gradient is finite."""
+    from synergen_lightning.data.batch import add_indices
+
+    batch = add_indices(make_batch(["generation", "understanding", "text", "generation"], seed=1))
+    model = tiny_model(stage="full")
+    with torch.no_grad():
+        reference = model.forward_losses(batch)["loss"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.forward_losses(batch)["loss"]
+    loss.backward()
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(reference.item(), rel=0.02)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
