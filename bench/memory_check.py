@@ -90,6 +90,28 @@ def live_tensor_bytes() -> int:
     return sum(seen.values())
 
 
+def mem_tracker_peak(call, model) -> int:
+    """torch's `MemTracker`'s peak of the tensors one call of `model` creates (activations, temporaries, outputs; not
+    its weights), on any device (meta included). The tracker hooks every parameter's gradient, so frozen
+    parameters require one for the call (which runs under `no_grad`) and are frozen again after it."""
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    tracker = MemTracker()
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    tracker.track_external(model)
+    try:
+        with torch.no_grad(), tracker:
+            call()
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+    peak = tracker.get_tracker_snapshot("peak")
+    weights = (_MemRefType.PARAM, _MemRefType.BUFFER, "Total")
+    return sum(v for device in peak.values() for k, v in device.items() if k not in weights)
+
+
 def _training_step(spec: ModelSpec, batch: dict, checkpointing: bool, compute: str, mesh=None):
     """The model, one training step and its optimizer; sharded with FSDP2 under bf16 or over `mesh` (fp32 params
     unless bf16)."""

@@ -1,6 +1,7 @@
 """Activation memory of the image tokenizer's calls: Emu3's VQ-VAE (the 2b recipes' tokenizer) at its published shape,
 encoding and decoding views of the recipes' 512 px, counted on the meta device (nothing is allocated or computed:
-every op's tensors with their real sizes) by `LiveBytes`: the bytes of live tensor storages, as
+every op's tensors with their real sizes) by `synergen_lightning.plan.LiveBytes` (what `synergen plan` counts the
+recipe's tokenizer with): the bytes of live tensor storages, as
 `torch.cuda.max_memory_allocated` counts them (torch's `MemTracker` agrees on one call, and refuses a module called
 twice, as the adapter calls its model).
 
@@ -17,48 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import weakref
-from collections.abc import Callable
+import sys
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-from torch.utils.weak import WeakIdKeyDictionary
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from synergen_lightning.plan import activation_peak  # noqa: E402
 
 GiB = 2**30
-
-
-class LiveBytes(TorchDispatchMode):
-    """Counts the storages the ops under it create (each once, until its last tensor is freed): `live` bytes now,
-    `peak` the most at once."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen = WeakIdKeyDictionary()
-
-    def _freed(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage() not in self.seen:
-                storage = t.untyped_storage()
-                self.seen[storage] = nbytes = storage.nbytes()
-                self.live += nbytes
-                weakref.finalize(storage, self._freed, nbytes)
-        self.peak = max(self.peak, self.live)
-        return out
-
-
-def activation_peak(call: Callable[[], object]) -> int:
-    """Peak bytes of the tensors `call` creates (activations, temporaries and its outputs; not the weights it reads),
-    on whatever device they live (meta included)."""
-    with torch.no_grad(), LiveBytes() as counter:
-        call()
-    return counter.peak
 
 
 def emu3(device: str = "meta", **config) -> torch.nn.Module:

@@ -31,6 +31,13 @@ What is counted, per GPU, at the recipe's world size (`--devices` x `--nodes`) a
   with checkpointing) and its end (the trunk's first block: every gradient, the activations outside the blocks and
   that block's). Without checkpointing the gradients of a block's activations take the place of the activations
   they free.
+- **the image tokenizer** the recipe names (`model.init_args.image_tokenizer`), built on the meta device from its
+  configuration alone (a checkpoint's hyperparameters, a directory's config.json): its fp32 weights sit on every GPU
+  once the model is set up, and encoding a micro-batch's views online (shards that hold pixels, not codes) is a
+  fourth moment: `SynerGenVL.ENCODE_VIEWS` views through the tokenizer's own `encode` (an adapter splits them into
+  its calls), counted by `LiveBytes` (the bytes of live tensor storages, as `torch.cuda.max_memory_allocated` counts),
+  beside the model state and the gradients of earlier micro-batches (gradient accumulation). A path that does not
+  exist here is reported as not counted.
 - **checkpoint on disk** (a DCP directory): fp32 weights of every parameter + AdamW's moments of the trainable ones.
 
 The sum is checked against measured peaks on the CPU (`tests/test_plan.py`; method in `bench/memory_check.py`): the
@@ -43,10 +50,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 from synergen_lightning.models.chunked_ce import CHUNK_LOGITS
 from synergen_lightning.models.config import LLMConfig
@@ -379,6 +391,62 @@ def probe_activations(spec: ModelSpec, compute: str = "fp32") -> dict:
             "probe_bytes_per_unit": [a, b], "compute": compute, "units": UNITS}
 
 
+# ------------------------------------------------------------------------------------------------ image tokenizer
+class LiveBytes(TorchDispatchMode):
+    """Counts the storages the ops under it create (each once, until its last tensor is freed): `live` bytes now,
+    `peak` the most at once. On the meta device nothing is allocated or computed, and the sizes are the real ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = WeakIdKeyDictionary()
+
+    def _freed(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in tree_leaves((args, kwargs)):  # made before the count began (weights, inputs): a view of one is free
+            if isinstance(t, torch.Tensor) and t.untyped_storage() not in self.seen:
+                self.seen[t.untyped_storage()] = 0
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage() not in self.seen:
+                storage = t.untyped_storage()
+                self.seen[storage] = nbytes = storage.nbytes()
+                self.live += nbytes
+                weakref.finalize(storage, self._freed, nbytes)
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def activation_peak(call: Callable[[], object]) -> int:
+    """Peak bytes of the tensors `call` creates (activations, temporaries and its outputs; not the weights it reads),
+    on whatever device they live (meta included)."""
+    with torch.no_grad(), LiveBytes() as counter:
+        call()
+    return counter.peak
+
+
+def tokenizer_memory(path: str | None, image_size: int) -> dict:
+    """The recipe's image tokenizer on one GPU: its weights, and one online encoding of a micro-batch's views
+    (`SynerGenVL.ENCODE_VIEWS` at a time, through the tokenizer's own `encode`), built and run on the meta device."""
+    from synergen_lightning.image_tokenizer.loading import build_image_tokenizer
+    from synergen_lightning.system import SynerGenVL
+
+    if not path:
+        return {"path": None, "counted": False, "why": "the recipe names no image tokenizer (pretokenized shards)"}
+    if not Path(path).exists():
+        return {"path": str(path), "counted": False,
+                "why": f"{path} does not exist here: point model.init_args.image_tokenizer at a local copy (only its "
+                       "config.json or checkpoint hyperparameters are read) to count it"}
+    tok = build_image_tokenizer(path)
+    weights = sum(t.numel() * t.element_size() for t in (*tok.parameters(), *tok.buffers()))
+    views = SynerGenVL.ENCODE_VIEWS
+    images = torch.zeros(views, 3, image_size, image_size, device="meta")
+    return {"path": str(path), "counted": True, "weights_bytes": weights, "views": views,
+            "encode_bytes": activation_peak(lambda: tok.encode(images))}
+
+
 # ------------------------------------------------------------------------------------------------ estimate
 def fsdp_units(model) -> list[tuple[str, int, int]]:
     """(unit, parameters, trainable parameters) of `distributed.parallelize`'s units."""
@@ -407,9 +475,10 @@ def fsdp_units(model) -> list[tuple[str, int, int]]:
 
 def estimate(spec: ModelSpec, shape: StepShape, *, shard: int = 1, param_dtype: str | None = None,
              reduce_dtype: str | None = "float32", compute: str = "fp32", activation_checkpointing: bool = False,
-             probe: dict | None = None, fsdp: bool = True) -> dict:
+             probe: dict | None = None, fsdp: bool = True, tokenizer: dict | None = None) -> dict:
     """Per-GPU bytes of one training step of `spec` on a micro-batch of `shape` (module docstring: the method).
-    `fsdp=False`: the model is not sharded (one device, or DDP replicas), so no unit is gathered."""
+    `fsdp=False`: the model is not sharded (one device, or DDP replicas), so no unit is gathered. `tokenizer`:
+    `tokenizer_memory`'s count of the image tokenizer, when it is counted."""
     from synergen_lightning.distributed import to_dtype
 
     model = build_model(spec, "meta")
@@ -477,10 +546,18 @@ def estimate(spec: ModelSpec, shape: StepShape, *, shard: int = 1, param_dtype: 
              "backward": a + 4 * early / shard,
              "end of the backward": a - blocks + first_block + state["grads_fp32"]}
     peaks = {k: v + recomputed[k] + gathered[k] for k, v in peaks.items()}
+    encoding = 0
+    if tokenizer and tokenizer.get("counted"):
+        # fp32 weights on every GPU (not a submodule: never sharded); encoding comes before the forward, beside the
+        # gradients that earlier micro-batches of an accumulation left
+        state["image_tokenizer"] = tokenizer["weights_bytes"]
+        encoding = tokenizer["encode_bytes"]
+        peaks["online tokenization"] = encoding + state["grads_fp32"]
     peak_at = max(peaks, key=peaks.get)
-    transient = {"recomputed_block": recomputed[peak_at], "chunked_ce": ce_bytes if peak_at == "loss" else 0,
-                 "fsdp_gathered": gathered[peak_at]}
-    total = state["params_fp32"] + state["adamw_fp32"] + peaks[peak_at]
+    transient = {"recomputed_block": recomputed.get(peak_at, 0), "chunked_ce": ce_bytes if peak_at == "loss" else 0,
+                 "fsdp_gathered": gathered.get(peak_at, 0), "tokenizer_encode": encoding if peak_at ==
+                 "online tokenization" else 0}
+    total = state["params_fp32"] + state["adamw_fp32"] + state.get("image_tokenizer", 0) + peaks[peak_at]
     return {"parameters": n_params, "trainable": n_train, "shard": shard, "counts": c,
             "state_bytes": state, "activation_bytes": acts, "transient_bytes": transient,
             "activation_checkpointing": activation_checkpointing, "compute": compute, "fsdp": fsdp, "peak_at": peak_at,
@@ -505,15 +582,17 @@ def plan_recipe(configs: list[str], devices: int, nodes: int = 1, *, num_layers:
     world = devices * nodes
     shard = fsdp_shard(world, settings["shard_size"]) if settings["fsdp"] else 1
     probe = probe_activations(spec, settings["compute"])
+    tokenizer = tokenizer_memory(args.get("image_tokenizer"), spec.image_size)
     out = {}
     for ac in (False, True):
         out["with_ac" if ac else "without_ac"] = estimate(
             spec, shape, shard=shard, param_dtype=settings["param_dtype"], reduce_dtype=settings["reduce_dtype"],
-            compute=settings["compute"], activation_checkpointing=ac, probe=probe, fsdp=settings["fsdp"])
+            compute=settings["compute"], activation_checkpointing=ac, probe=probe, fsdp=settings["fsdp"],
+            tokenizer=tokenizer)
     chosen = out["with_ac" if settings["activation_checkpointing"] else "without_ac"]
     return {"recipe": configs, "world_size": world, "fsdp_shard": shard, "batch_plan": batch,
-            "micro_batch": asdict(shape), "model": asdict(spec), "settings": settings, "estimates": out,
-            "recipe_estimate": chosen}
+            "micro_batch": asdict(shape), "model": asdict(spec), "settings": settings, "image_tokenizer": tokenizer,
+            "estimates": out, "recipe_estimate": chosen}
 
 
 # ------------------------------------------------------------------------------------------------ CLI
@@ -543,6 +622,12 @@ def report(plan: dict, gpu_gb: float, margin: float) -> tuple[str, bool]:
         e = plan["estimates"][key]
         lines.append(f"    {label:<32}{_gb(sum(e['activation_bytes'].values())):>12}   "
                      f"(peak at the {e['peak_at']}: total {_gb(e['total_bytes'])})")
+    tok = plan["image_tokenizer"]
+    if tok["counted"]:
+        lines.append(f"    {'online tokenization':<32}{_gb(tok['encode_bytes']):>12}   ({tok['views']} views of "
+                     f"{plan['model']['image_size']} px through the image tokenizer's encode, before the forward)")
+    else:
+        lines.append(f"  not counted: the image tokenizer ({tok['why']})")
     lines.append(f"  checkpoint on disk (weights + AdamW moments): {_gb(est['checkpoint_bytes'])}")
     if not s["fsdp"] and plan["world_size"] > 1:
         lines.append("  not counted: DDP's gradient buckets at more than one GPU (about the gradients' size again)")

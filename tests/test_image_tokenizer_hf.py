@@ -9,8 +9,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from memory_check import mem_tracker_peak  # noqa: E402
 from standins_2b import write_published_emu3_dir  # noqa: E402  (BAAI/Emu3-VisionTokenizer's layout)
-from synergen_lightning.image_tokenizer.loading import load_image_tokenizer  # noqa: E402
+from synergen_lightning.image_tokenizer.loading import build_image_tokenizer, load_image_tokenizer  # noqa: E402
 from synergen_lightning.image_tokenizer.protocol import ImageTokenizer  # noqa: E402
 
 
@@ -45,10 +46,10 @@ def test_emu3_adapter_matches_transformers(tmp_path):
 def test_emu3_adapter_holds_one_calls_activations_whatever_the_batch(tmp_path, monkeypatch):
     """A batch runs `PIXELS_PER_CALL` pixels per call of the model (Emu3 holds ~4 / 10 GiB per 512-px view encoding /
     decoding: bench/tokenizer_memory.py): the codes and pixels of transformers' one call over the whole batch, the
-    activation peak of one call's views (bench/tokenizer_memory.py's count over real tensors; MemTracker agrees on
+    activation peak of one call's views (`plan.activation_peak`'s count over real tensors; MemTracker agrees on
     one call)."""
     from synergen_lightning.image_tokenizer.hf_adapters import Emu3VQTokenizer
-    from tokenizer_memory import activation_peak
+    from synergen_lightning.plan import activation_peak
 
     model, path = _emu3_dir(tmp_path)
     tok = load_image_tokenizer(path)
@@ -75,19 +76,6 @@ def test_emu3_adapter_holds_one_calls_activations_whatever_the_batch(tmp_path, m
         assert one_call <= batch < 1.5 * one_call  # one call's activations (and the batch's outputs)
         assert unsplit > 2.5 * one_call  # what one call over the six views holds
         assert unsplit == pytest.approx(mem_tracker_peak(partial(whole, x), tok.model), rel=0.02)
-
-
-def mem_tracker_peak(call, model) -> int:
-    """torch's MemTracker's count of the same peak (activations, temporaries, outputs), for one call of `model`."""
-    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
-
-    tracker = MemTracker()
-    tracker.track_external(model)
-    with torch.no_grad(), tracker:
-        call()
-    peak = tracker.get_tracker_snapshot("peak")
-    weights = (_MemRefType.PARAM, _MemRefType.BUFFER, "Total")
-    return sum(v for device in peak.values() for k, v in device.items() if k not in weights)
 
 
 def test_emu3_adapter_reads_the_published_vision_tokenizer_layout(tmp_path):
@@ -182,3 +170,20 @@ def test_hf_adapter_refusals(tmp_path):
     (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="'llama'.*'Emu3VisionVQ'"):
         load_image_tokenizer(tmp_path / "other")
+
+
+def test_built_from_config_alone_the_adapters_have_the_loaded_ones_shapes(tmp_path):
+    """`build_image_tokenizer` (what `synergen plan` counts) builds each layout on the meta device from its config
+    alone: the same kind of adapter, codebook, downsample and every tensor's shape and dtype as the loaded one."""
+    emu3, path = _emu3_dir(tmp_path)
+    cfg = transformers.ChameleonVQVAEConfig(embed_dim=8, num_embeddings=32, latent_channels=8, resolution=32,
+                                            base_channels=32, channel_multiplier=[1, 2, 2], num_res_blocks=1,
+                                            attn_resolutions=[])
+    transformers.ChameleonVQVAE(cfg).save_pretrained(tmp_path / "cham")
+    for d in (path, write_published_emu3_dir(emu3, tmp_path / "published"), tmp_path / "cham"):
+        loaded, built = load_image_tokenizer(d), build_image_tokenizer(d)
+        assert type(built) is type(loaded)
+        assert (built.codebook_size, built.downsample) == (loaded.codebook_size, loaded.downsample)
+        shapes = {k: (v.shape, v.dtype, v.device.type) for k, v in built.state_dict(keep_vars=True).items()}
+        assert shapes == {k: (v.shape, v.dtype, "meta") for k, v in loaded.state_dict(keep_vars=True).items()}
+        assert all(t.device.type == "meta" for t in built.buffers())  # the adapter's mean and std too

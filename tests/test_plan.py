@@ -100,6 +100,7 @@ def test_plan_2b_stage1_fits_80gb_and_warns_without_checkpointing(capsys, tmp_pa
                      "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "WARNING" not in text and "activation checkpointing on" in text
+    assert "not counted: the image tokenizer (/models/Emu3-VisionTokenizer does not exist here" in text
     plan = json.loads(out.read_text())
     est = plan["recipe_estimate"]
     assert plan["fits"] and plan["fsdp_shard"] == 8 and est["activation_checkpointing"]
@@ -145,3 +146,80 @@ def test_plan_bad_input_names_the_fix(capsys):
     assert "recipes/nope.yaml" in capsys.readouterr().err
     assert synergen(["plan", "--config", str(ROOT / "recipes/synergen_vl_2b/stage1.yaml"), "--devices", "0"]) == 2
     assert "--devices 0" in capsys.readouterr().err
+
+
+def _tiny_recipe(tmp_path: Path, image_tokenizer: str) -> Path:
+    import yaml
+
+    recipe = yaml.safe_load((ROOT / "recipes/tiny/stage1.yaml").read_text())
+    recipe["model"]["init_args"]["llm"] = {"vocab_size": 512, "hidden_size": 128, "num_layers": 2, "num_heads": 4,
+                                           "num_kv_heads": 2, "intermediate_size": 352}
+    recipe["model"]["init_args"]["image_tokenizer"] = image_tokenizer
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_plan_counts_the_recipes_image_tokenizer_as_measured(capsys, tmp_path):
+    """The tokenizer the recipe names, built on the meta device from its checkpoint's hyperparameters: the weights
+    of the tokenizer as loaded, and the peak torch's MemTracker measures while it encodes a micro-batch's views on
+    real tensors; both are on every GPU's bill."""
+    import torch
+
+    from memory_check import mem_tracker_peak
+    from synergen_lightning.image_tokenizer.loading import load_image_tokenizer
+    from synergen_lightning.system import SynerGenVL
+    from tiny_world import write_untrained_vq
+
+    ckpt = write_untrained_vq(tmp_path / "vq.ckpt")
+    out = tmp_path / "plan.json"
+    assert synergen(["plan", "--config", str(_tiny_recipe(tmp_path, str(ckpt))), "--devices", "1", "--json",
+                     str(out)]) == 0
+    text = capsys.readouterr().out
+    plan = json.loads(out.read_text())
+    counted, est = plan["image_tokenizer"], plan["recipe_estimate"]
+    tok = load_image_tokenizer(ckpt)
+    weights = sum(t.numel() * t.element_size() for t in (*tok.parameters(), *tok.buffers()))
+    assert counted["weights_bytes"] == est["state_bytes"]["image_tokenizer"] == weights
+    size = plan["model"]["image_size"]
+    images = torch.rand(SynerGenVL.ENCODE_VIEWS, 3, size, size)
+    measured = mem_tracker_peak(lambda: tok.encode(images), tok)
+    assert counted["views"] == SynerGenVL.ENCODE_VIEWS and counted["encode_bytes"] == pytest.approx(measured, rel=0.05)
+    assert "image_tokenizer" in text and "online tokenization" in text
+
+
+def test_plan_counts_emu3_at_its_published_shape_from_its_config_alone(capsys, tmp_path, monkeypatch):
+    """The 2b recipes' Emu3 directory needs only its config.json (BAAI/Emu3-VisionTokenizer's keys): its fp32
+    weights (about 1 GiB) join every GPU's total, and the online encoding of a micro-batch (the adapter's calls of
+    one 512-px view) holds what MemTracker counts for one call of transformers' Emu3VQVAE on the meta device."""
+    import torch
+
+    from memory_check import mem_tracker_peak
+
+    transformers = pytest.importorskip("transformers")
+    c = transformers.Emu3VQVAEConfig()
+    emu3 = tmp_path / "emu3"
+    emu3.mkdir()
+    (emu3 / "config.json").write_text(json.dumps({
+        "model_type": "Emu3VisionVQ", "ch": c.base_channels, "ch_mult": list(c.channel_multiplier),
+        "codebook_size": c.codebook_size, "double_z": c.double_latent, "embed_dim": c.embed_dim,
+        "in_channels": c.in_channels, "out_channels": c.out_channels, "num_res_blocks": c.num_res_blocks,
+        "attn_resolutions": list(c.attn_resolutions), "temporal_downsample_factor": c.temporal_downsample_factor,
+        "z_channels": c.latent_channels}))
+    monkeypatch.setenv("SYNERGEN_EMU3_TOKENIZER", str(emu3))
+    out = tmp_path / "plan.json"
+    assert synergen(["plan", "--config", str(ROOT / "recipes/synergen_vl_2b/stage1.yaml"), "--devices", "8",
+                     "--json", str(out)]) == 0
+    assert "online tokenization" in capsys.readouterr().out
+    plan = json.loads(out.read_text())
+    counted, est = plan["image_tokenizer"], plan["recipe_estimate"]
+    with torch.device("meta"):
+        model = transformers.Emu3VQVAE(c)
+    # the model's parameters and buffers, and the adapter's mean and std (3 + 3 fp32 floats)
+    assert counted["weights_bytes"] == sum(t.nbytes for t in (*model.parameters(), *model.buffers())) + 24
+    assert 1.0 * 2**30 < counted["weights_bytes"] < 1.1 * 2**30
+    one_view = mem_tracker_peak(lambda: model.encode(torch.zeros(1, 3, 512, 512, device="meta"),
+                                                      image_sizes=torch.tensor([[512, 512]])), model)
+    # the adapter's calls hold one view's activations; the micro-batch's views in the model's range and codes besides
+    assert one_view < counted["encode_bytes"] < 1.03 * one_view
+    assert est["state_bytes"]["image_tokenizer"] == counted["weights_bytes"] and est["peak_at"] == "backward"

@@ -50,10 +50,8 @@ EMU3_PUBLISHED_CONFIG = {"codebook_size": "codebook_size", "embed_dim": "embed_d
                          "attn_resolutions": "attn_resolutions"}
 
 
-def _load_published_emu3(path: Path, cfg: dict, transformers) -> nn.Module:
-    """BAAI/Emu3-VisionTokenizer's own layout (remote code, not run here) into `transformers.Emu3VQVAE`."""
-    from safetensors.torch import load_file
-
+def _published_emu3_config(cfg: dict, transformers):
+    """BAAI/Emu3-VisionTokenizer's own config.json (remote code, not run here) as `transformers.Emu3VQVAEConfig`."""
     if not hasattr(transformers, "Emu3VQVAE"):
         raise ImportError(f"transformers {transformers.__version__} has no Emu3VQVAE: "
                           "pip install -U 'transformers>=4.48'")
@@ -61,7 +59,14 @@ def _load_published_emu3(path: Path, cfg: dict, transformers) -> nn.Module:
     # its attention blocks sit at the deepest level (and the middle), one head over that level's channels
     kwargs.update(hidden_size=kwargs.get("base_channels", 256) * list(kwargs.get("channel_multiplier", [4]))[-1],
                   num_attention_heads=1)
-    model = transformers.Emu3VQVAE(transformers.Emu3VQVAEConfig(**kwargs))
+    return transformers.Emu3VQVAEConfig(**kwargs)
+
+
+def _load_published_emu3(path: Path, cfg: dict, transformers) -> nn.Module:
+    """BAAI/Emu3-VisionTokenizer's own layout into `transformers.Emu3VQVAE`."""
+    from safetensors.torch import load_file
+
+    model = transformers.Emu3VQVAE(_published_emu3_config(cfg, transformers))
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{str(path)!r} (Emu3-VisionTokenizer layout) has no *.safetensors weights")
@@ -150,24 +155,50 @@ def _check_codes(codes: Tensor, codebook_size: int) -> None:
         raise ValueError(f"code ids must lie in [0, {codebook_size}); got min {int(codes.min())}, max {int(codes.max())}")
 
 
+def _model_type(path: Path) -> tuple[dict, str]:
+    """The directory's config.json and its model_type, refused unless this module supports it."""
+    cfg = json.loads((path / "config.json").read_text())
+    model_type = cfg.get("model_type")
+    if model_type in ("emu3", "chameleon"):
+        raise ValueError(f"{str(path)!r} is a full {model_type} model; save its VQ part on its own "
+                         f"(model.model.vqmodel.save_pretrained(DIR)) and pass that directory")
+    if model_type not in ("emu3_vqgan", "Emu3VisionVQ", "chameleon_vqgan"):
+        raise ValueError(f"{str(path)!r} has model_type {model_type!r}; supported: 'emu3_vqgan', 'Emu3VisionVQ' "
+                         "(BAAI/Emu3-VisionTokenizer), 'chameleon_vqgan'")
+    return cfg, model_type
+
+
+def _adapter(model: nn.Module, path: Path) -> nn.Module:
+    mean, std = _mean_std(path)
+    c = model.config
+    downsample = 2 ** (len(c.channel_multiplier) - 1)
+    if isinstance(model, _import_transformers().ChameleonVQVAE):
+        return ChameleonVQTokenizer(model, mean, std, c.num_embeddings, downsample)
+    return Emu3VQTokenizer(model, mean, std, c.codebook_size, downsample)
+
+
 def load_hf_vq(path: str | Path) -> nn.Module:
     """Local HF directory -> Emu3VQTokenizer or ChameleonVQTokenizer (nothing is downloaded)."""
     path = Path(path)
     transformers = _import_transformers()
-    cfg = json.loads((path / "config.json").read_text())
-    model_type = cfg.get("model_type")
-    mean, std = _mean_std(path)
-    if model_type in ("emu3_vqgan", "Emu3VisionVQ"):
-        model = (transformers.Emu3VQVAE.from_pretrained(path, local_files_only=True) if model_type == "emu3_vqgan"
-                 else _load_published_emu3(path, cfg, transformers))
-        c = model.config
-        return Emu3VQTokenizer(model, mean, std, c.codebook_size, 2 ** (len(c.channel_multiplier) - 1))
-    if model_type == "chameleon_vqgan":
-        model = transformers.ChameleonVQVAE.from_pretrained(path, local_files_only=True)
-        c = model.config
-        return ChameleonVQTokenizer(model, mean, std, c.num_embeddings, 2 ** (len(c.channel_multiplier) - 1))
-    if model_type in ("emu3", "chameleon"):
-        raise ValueError(f"{str(path)!r} is a full {model_type} model; save its VQ part on its own "
-                         f"(model.model.vqmodel.save_pretrained(DIR)) and pass that directory")
-    raise ValueError(f"{str(path)!r} has model_type {model_type!r}; supported: 'emu3_vqgan', 'Emu3VisionVQ' "
-                     "(BAAI/Emu3-VisionTokenizer), 'chameleon_vqgan'")
+    cfg, model_type = _model_type(path)
+    if model_type == "Emu3VisionVQ":
+        return _adapter(_load_published_emu3(path, cfg, transformers), path)
+    model_class = transformers.Emu3VQVAE if model_type == "emu3_vqgan" else transformers.ChameleonVQVAE
+    return _adapter(model_class.from_pretrained(path, local_files_only=True), path)
+
+
+def build_hf_vq(path: str | Path, device: str | torch.device = "meta") -> nn.Module:
+    """The adapter `load_hf_vq(path)` returns, built from config.json alone on `device` (no weight is read; on the
+    meta device nothing is allocated): what `synergen plan` counts."""
+    path = Path(path)
+    transformers = _import_transformers()
+    cfg, model_type = _model_type(path)
+    if model_type == "Emu3VisionVQ":
+        model_class, config = transformers.Emu3VQVAE, _published_emu3_config(cfg, transformers)
+    else:
+        model_class = transformers.Emu3VQVAE if model_type == "emu3_vqgan" else transformers.ChameleonVQVAE
+        config = model_class.config_class.from_pretrained(path)
+    with torch.device(device):
+        model = model_class(config)
+    return _adapter(model, path).to(device).eval().requires_grad_(False)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from synergen_lightning.image_tokenizer.hf_adapters import load_hf_vq
+from synergen_lightning.image_tokenizer.hf_adapters import build_hf_vq, load_hf_vq
 from synergen_lightning.image_tokenizer.protocol import ImageTokenizer
 from synergen_lightning.image_tokenizer.vq_tokenizer import VQTokenizer
 
@@ -35,3 +35,16 @@ def load_image_tokenizer(path: str | Path, expected_codebook_size: int | None = 
     if isinstance(tok, torch.nn.Module):
         tok.eval().requires_grad_(False)
     return tok
+
+
+def build_image_tokenizer(path: str | Path) -> ImageTokenizer:
+    """The tokenizer `load_image_tokenizer(path)` returns, built on the meta device from its configuration alone
+    (a checkpoint's hyperparameters, a directory's config.json; no weight is read, nothing is allocated): its
+    shapes, for counting memory (`synergen plan`)."""
+    path = Path(path)
+    if path.is_file():
+        return VQTokenizer.load_frozen(path, weights=False)
+    if (path / "config.json").exists():
+        return build_hf_vq(path, "meta")
+    raise FileNotFoundError(f"image tokenizer {str(path)!r} is neither a checkpoint file nor a directory with "
+                            "config.json; pass a VQTokenizer .ckpt or a local Emu3/Chameleon VQ directory")

@@ -19,6 +19,7 @@ Batches are dicts with `pixel_values` uint8 [N, 3, S, S] (see datamodules/image_
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -174,18 +175,21 @@ class VQTokenizer(L.LightningModule):
         save_checkpoint_file(self, path)
 
     @classmethod
-    def load_frozen(cls, path: str | Path, map_location: str = "cpu") -> "VQTokenizer":
-        """Checkpoint -> frozen tokenizer (loss-only parts such as VGG and the discriminator are dropped)."""
-        ckpt = torch_load(path, map_location=map_location)
+    def load_frozen(cls, path: str | Path, map_location: str = "cpu", *, weights: bool = True) -> "VQTokenizer":
+        """Checkpoint -> frozen tokenizer (loss-only parts such as VGG and the discriminator are dropped).
+        `weights=False`: built from the checkpoint's hyperparameters alone on the meta device (nothing allocated)."""
+        ckpt = torch_load(path, map_location=map_location, mmap=not weights)
         if "hyper_parameters" not in ckpt or "state_dict" not in ckpt:
             raise ValueError(f"{str(path)!r} is not a Lightning checkpoint of VQTokenizer (no hyper_parameters/state_dict)")
         hp = dict(ckpt["hyper_parameters"])
         hp.update(perceptual_weight=0.0, perceptual_weights=None, adversarial_weight=0.0)
 
-        model = cls(**constructor_kwargs(cls, hp))  # without the CLI's `_class_path`, `_instantiator`, ...
+        with torch.device("meta") if not weights else nullcontext():
+            model = cls(**constructor_kwargs(cls, hp))  # without the CLI's `_class_path`, `_instantiator`, ...
         model._check_codebook(ckpt)
-        state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("vq.")}
-        model.load_state_dict(state, strict=False)
+        if weights:
+            state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("vq.")}
+            model.load_state_dict(state, strict=False)
         return model.eval().requires_grad_(False)
 
     def _check_codebook(self, checkpoint: dict) -> None:
