@@ -41,7 +41,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("eval", "mjhq-fid"): ("synergen_lightning.eval.cli:mjhq_fid_main", "MJHQ-30K FID, overall and per category (local meta_data.json and images)"),
     ("eval", "coco-fid"): ("synergen_lightning.eval.cli:coco_fid_main", "MSCOCO-30K FID from a local captions_val2014.json and val images"),
     ("eval", "lm-eval"): ("synergen_lightning.eval.cli:lm_eval_main", "lm-eval (EleutherAI harness) with the `synergen` model: MMLU, CMMLU, any text task (extra: lm-eval)"),
-    ("import-hf",): ("synergen_lightning.llm:import_hf_main", "convert a local Hugging Face Llama/Qwen2/InternLM2 directory into an MMoE LLM checkpoint"),
+    ("import-hf",): ("synergen_lightning.export:import_hf_main", "convert a local Hugging Face Llama/Qwen2/InternLM2 directory into an MMoE LLM checkpoint"),
     ("generate",): ("synergen_lightning.inference_cli:generate_main", "generate images from text prompts with a trained SynerGenVL checkpoint"),
     ("answer",): ("synergen_lightning.inference_cli:answer_main", "answer a question about an image with a trained SynerGenVL checkpoint"),
     ("export",): ("synergen_lightning.export:main", "consolidate a sharded (FSDP2) or single-file checkpoint into one safetensors file + config"),

@@ -1,4 +1,7 @@
-"""`synergen export --ckpt CKPT --out DIR`: one consolidated safetensors file + config for inference.
+"""Conversion commands: `synergen export` (a run's checkpoint out, for inference) and `synergen import-hf` (a local
+Hugging Face LLM in, as an MMoELLM checkpoint: `import_hf_main`, through `hf_import`).
+
+`synergen export --ckpt CKPT --out DIR`: one consolidated safetensors file + config for inference.
 
 CKPT is any checkpoint a run writes: a single-file `.ckpt` (one process, DDP) or a sharded FSDP2 checkpoint
 directory (Lightning DCP: `.metadata`, `*.distcp`, `meta.pt`). DIR gets `model.safetensors` (the full, unsharded
@@ -11,6 +14,7 @@ export runs, so `--help` answers at once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -91,4 +95,27 @@ def main(argv: list[str] | None = None) -> int:
     info = json.loads((Path(args.out) / EXPORT_INFO).read_text())
     print(f"wrote {path} ({info['tensors']} tensors, {info['parameters']:,} parameters, step {info['global_step']}) "
           f"and {Path(args.out) / 'config.json'}")
+    return 0
+
+
+def import_hf_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="synergen import-hf",
+        description="Convert a local Hugging Face Llama/Qwen2/InternLM2 directory (config.json + safetensors) into an "
+                    "MMoELLM checkpoint (vision FFNs initialised as copies of the text FFNs). Loadable with "
+                    "MMoELLM.load_from_checkpoint(CKPT).",
+    )
+    p.add_argument("--hf-dir", required=True, help="local directory with config.json and model.safetensors (no download)")
+    p.add_argument("--out", required=True, help="output checkpoint path (.ckpt)")
+    p.add_argument("--tokenizer-dir", default=None,
+                   help="directory with tokenizer.json to record in the checkpoint (default: --hf-dir if it has one)")
+    args = p.parse_args(argv)
+    from synergen_lightning.llm import MMoELLM  # Lightning: after parsing, so --help answers at once
+
+    tok_dir = args.tokenizer_dir or (args.hf_dir if (Path(args.hf_dir) / "tokenizer.json").is_file() else None)
+    llm = MMoELLM.from_hf(args.hf_dir, tokenizer_dir=tok_dir)
+    out = Path(args.out)
+    llm.save_checkpoint_file(out)  # creates the directory
+    n = sum(p.numel() for p in llm.parameters())
+    print(f"wrote {out}: {n / 1e6:.2f}M parameters, config {dataclasses.asdict(llm.model.config)}")
     return 0

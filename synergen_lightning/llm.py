@@ -2,12 +2,11 @@
 imported Hugging Face LLM; inside `SynerGenVL` it is the `llm` component: the system calls its pure
 `MMoETransformer` (`.model`), takes its parameter groups (`parameter_groups`: vision FFNs, self-attention, the
 rest) for the stage table and logs its validation metric (`val_loss`). Also `evaluate_text_skill`, the held-out text-skill
-check other stages reuse to show they keep the base LLM's text ability, and `synergen import-hf`
-(`import_hf_main`: a local Hugging Face directory -> an MMoELLM checkpoint, through `hf_import`)."""
+check other stages reuse to show they keep the base LLM's text ability (`synergen import-hf`, a Hugging Face
+directory -> an MMoELLM checkpoint, is in export.py)."""
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict
 from pathlib import Path
 
@@ -224,24 +223,3 @@ def evaluate_text_skill(model, tokenizer: TextTokenizer, jsonl: str | Path, max_
             correct += text == str(row["answer"]).strip()
     trunk.train(was_training)
     return correct / len(rows)
-
-
-def import_hf_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="synergen import-hf",
-        description="Convert a local Hugging Face Llama/Qwen2/InternLM2 directory (config.json + safetensors) into an "
-                    "MMoELLM checkpoint (vision FFNs initialised as copies of the text FFNs). Loadable with "
-                    "MMoELLM.load_from_checkpoint(CKPT).",
-    )
-    p.add_argument("--hf-dir", required=True, help="local directory with config.json and model.safetensors (no download)")
-    p.add_argument("--out", required=True, help="output checkpoint path (.ckpt)")
-    p.add_argument("--tokenizer-dir", default=None,
-                   help="directory with tokenizer.json to record in the checkpoint (default: --hf-dir if it has one)")
-    args = p.parse_args(argv)
-    tok_dir = args.tokenizer_dir or (args.hf_dir if (Path(args.hf_dir) / "tokenizer.json").is_file() else None)
-    llm = MMoELLM.from_hf(args.hf_dir, tokenizer_dir=tok_dir)
-    out = Path(args.out)
-    llm.save_checkpoint_file(out)  # creates the directory
-    n = sum(p.numel() for p in llm.parameters())
-    print(f"wrote {out}: {n / 1e6:.2f}M parameters, config {asdict(llm.model.config)}")
-    return 0

@@ -53,14 +53,14 @@ def test_an_unreadable_image_to_answer_is_one_line(tmp_path, capsys):
     (["generate"], {"torch", "lightning"}), (["answer"], {"torch", "lightning"}), (["export"], {"torch", "lightning"}),
     (["eval", "report"], {"lightning"}), (["eval", "grounding"], {"lightning"}), (["eval", "mjhq-fid"], {"lightning"}),
     (["data", "pretokenize"], {"lightning"}), (["eval", "tokenizer"], {"lightning"}),
-    (["demo", "report"], {"lightning"})])
+    (["demo", "report"], {"lightning"}), (["import-hf"], {"lightning"})])
 def test_help_answers_before_the_model_loads(command, not_loaded):
     """`--help` prints at once: Lightning (seconds of imports), and for generate/answer/export torch too, load after
     parsing."""
     code = ("import sys\nfrom synergen_lightning import cli\ntry:\n    cli.main(%r)\nexcept SystemExit:\n"
             "    pass\nprint(sorted(%r & set(sys.modules)))" % ([*command, "--help"], not_loaded))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    option = "--tokenizer" if command[-1] in ("pretokenize", "tokenizer") else "--ckpt"
+    option = {"pretokenize": "--tokenizer", "tokenizer": "--tokenizer", "import-hf": "--hf-dir"}.get(command[-1], "--ckpt")
     assert out.returncode == 0 and option in out.stdout and out.stdout.strip().endswith("[]"), out
 
 
