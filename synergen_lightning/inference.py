@@ -76,7 +76,9 @@ def generate_codes(model, prompt_ids: list[list[int]], uncond_ids: list[int] | N
     cache = llm.new_kv_cache(capacity=ids.shape[1] + P + 1) if use_cache else None  # static: written in place
     embeds = model.embed_text(ids)
     hidden = llm(embeds, image_mask=torch.zeros_like(mask), position_ids=pos, attention_mask=mask, kv_cache=cache)
-    h = hidden[:, -1]
+    # in the strides of every later step's h (a [1, D] slice keeps the row stride T*D, which `contiguous` leaves):
+    # the compiled head (dynamic=False) is specialised on them and would build its graph twice
+    h = hidden[:, -1].clone(memory_format=torch.contiguous_format)
     next_pos = pos[:, -1:] + 1
     seq, seq_img, seq_mask, seq_pos = embeds, torch.zeros_like(mask), mask, pos  # the uncached reference's inputs
     patches = []

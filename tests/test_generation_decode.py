@@ -188,15 +188,21 @@ def test_reserve_grows_the_cache_keeping_its_tokens_and_writes_in_place_when_the
 def test_compiled_decoding_draws_the_eager_codes():
     """`generate_codes(compile=True)`: the head's patch as one graph and the LLM's step as a graph dynamic in the cache
     length give the eager path's sampled codes (CFG over left-padded prompts, top-k, top-p, temperature); the compiled
-    LLM step alone keeps its hidden states over a cache that grows (no capacity). Tiny shapes: the graphs build in
+    LLM step alone keeps its hidden states over a cache that grows (no capacity). Each of the two graphs is built
+    once: the first patch's condition comes in the strides of every later one. Tiny shapes: the graphs build in
     seconds."""
+    from torch._dynamo.utils import counters
+
     model = _perturbed(tiny_model(codebook_size=64))
     prompts = [[SPECIAL["bos"], 11, 12, 13, SPECIAL["boi"]], [SPECIAL["bos"], 20, SPECIAL["boi"]]]
     uncond = [SPECIAL["bos"], SPECIAL["uncond"], SPECIAL["boi"]]
     kw = dict(uncond_ids=uncond, cfg_scale=2.0, top_k=40, top_p=0.9, temperature=0.8)
+    torch._dynamo.reset()
+    counters.clear()
     codes = [generate_codes(model, prompts, generator=torch.Generator().manual_seed(3), compile=c, **kw)
              for c in (False, True)]
     assert len(codes[0].unique()) > 4 and torch.equal(codes[0], codes[1])  # sampled, and the same draws
+    assert counters["stats"]["unique_graphs"] == 2  # the head's patch and the LLM's step, no recompile
     llm = _perturbed(MMoETransformer(CFG))
     ids = torch.randint(0, 50, (2, 5), generator=torch.Generator().manual_seed(1))
     mask = torch.tensor([[False, False, True, True, True], [True] * 5])
