@@ -242,7 +242,7 @@ test-all: $(VENV)  ## every test, the slow end-to-end ones included
 bench: $(VENV)  ## every benchmark side by side -> bench/results.json + bench/results.md (QUICK=1: tiny sizes)
 	$(PY) bench/run_all.py $(if $(QUICK),--quick) --out bench/results.json
 
-gpu-check: $(VENV)  ## on one GPU (< 8 min): reduced-depth 2b step (MFU, memory vs synergen plan), DCP round trip, FlashAttention, tiny stage 1 bf16 FSDP2 +/- compile, generation, the 2b recipes chained on stand-ins -> runs/gpu_check/results.json (CPU: tiny smoke run)
+gpu-check: $(VENV)  ## on one GPU (< 8 min): reduced-depth 2b step (MFU, memory vs synergen plan), DCP round trip, FlashAttention, tiny stage 1 bf16 FSDP2 +/- compile, the 2b recipes chained on stand-ins, generation -> runs/gpu_check/results.json (CPU: tiny smoke run)
 	$(PY) bench/gpu_check.py --out runs/gpu_check/results.json
 
 tensorboard: $(VENV)  ## TensorBoard over every run (losses, lr, throughput, sample grids, evals)

@@ -19,20 +19,21 @@ failing path does not hide the others):
   synthetic world written here (`synergen data synth`, an untrained base LLM and VQ tokenizer: nothing of the demo
   is needed), under FSDP2Strategy on one device, without and with `torch.compile` per block: loss curves (they
   must agree within `LOSS_TOL`) and step times. CUDA: 100 steps in bf16 (bf16-mixed, bf16 params).
-- `generation`: KV-cached generation of one image and of 16 images, folded (`inference.generate_codes`) vs an
-  unfolded model reading and writing every code (`bench_folding.unfolded_generate`), eager and compiled
-  (`generate_codes(compile=True)`: the head's patch and the LLM's step as graphs; a CUDA graph for the head on a GPU),
-  with where the compiled codes first part from the eager ones.
 - `recipes_2b`: the three 2b recipes as shipped (`recipes/synergen_vl_2b/*.yaml` through the CLI's `lightning_cli`),
   chained by `model.init_from`, on stand-ins of their models and data (`standins_2b`: reduced widths, the recipes'
   vocabulary, codebook, folding, strategy and data module), 2 steps each on one device, then `synergen export`,
   `generate` and `answer` from the SFT checkpoint on the device. CUDA: bf16 and the recipes' 512-px views (Emu3's
   VQ-VAE through transformers where it is installed, else the toolkit's VQTokenizer of the same codebook).
+- `generation`: KV-cached generation of one image and of 16 images, folded (`inference.generate_codes`) vs an
+  unfolded model reading and writing every code (`bench_folding.unfolded_generate`), eager and compiled
+  (`generate_codes(compile=True)`: the head's patch and the LLM's step as graphs; a CUDA graph for the head on a GPU),
+  with where the compiled codes first part from the eager ones.
 
 Without CUDA the same script runs at tiny sizes on the CPU (a few steps, fp32; compile is off unless `--compile on`:
 it takes minutes there) and says that the GPU figures are not measured: that run is its test (tests/test_gpu_check.py).
-The JSON is rewritten after every section, and no section begins once `--budget-s` is spent, so a run stopped from
-outside, or one that meets a slow compiler, still leaves the figures it measured.
+The JSON is rewritten after every section; when `--budget-s` is spent, the section running is stopped (keeping what it
+had measured: a section records its figures as it goes) and the rest are skipped, so a run with a fixed GPU slot, or
+one that meets a slow compiler, still leaves the figures it measured.
 
     .venv/bin/python bench/gpu_check.py [--out runs/gpu_check/results.json] [--device cpu] [--compile on]
 
@@ -44,8 +45,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -158,31 +161,39 @@ def tiny_stage1(work: Path, device: str, steps: int, compile: bool) -> dict:
             "compile": compile, **(dynamo_counts() if compile else {})}
 
 
-def section_tiny_stage1(device: str, work: Path, compile: bool) -> dict:
+def section_tiny_stage1(device: str, work: Path, compile: bool, out: dict | None = None) -> dict:
     from tiny_world import make_tiny_world
+
+    out = {} if out is None else out  # filled as it goes: a section stopped at the budget keeps what it measured
 
     make_tiny_world(work, num_samples=120)
     steps = 100 if device == "cuda" else 3
-    out = {"eager": tiny_stage1(work, device, steps, compile=False)}
+    out["eager"] = tiny_stage1(work, device, steps, compile=False)
     if compile:
-        out["compiled"] = tiny_stage1(work, device, steps, compile=True)
+        try:
+            out["compiled"] = tiny_stage1(work, device, steps, compile=True)
+        except BudgetSpent:
+            raise
+        except Exception as exc:  # noqa: BLE001 -- a compile failure is recorded, the eager figures kept
+            out["compiled"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            return out
         a, b = out["eager"]["losses"], out["compiled"]["losses"]
         worst = max(abs(x - y) / max(abs(x), 1e-6) for x, y in zip(a, b)) if a and len(a) == len(b) else None
         out["max_rel_loss_diff"] = worst
         out["losses_match"] = worst is not None and worst <= LOSS_TOL
-        out["compile_speedup"] = out["eager"]["median_step_s"] / out["compiled"]["median_step_s"]
+        eager_s, compiled_s = out["eager"]["median_step_s"], out["compiled"]["median_step_s"]
+        out["compile_speedup"] = eager_s / compiled_s if eager_s and compiled_s else None
     else:
         out["compiled"] = {"skipped": "torch.compile per block takes minutes on a CPU (RESULTS.md): --compile on"}
     return out
 
 
 # ------------------------------------------------------------------------------------------------ the 2b recipes
-def section_recipes_2b(device: str, work: Path) -> dict:
+def section_recipes_2b(device: str, work: Path, out: dict | None = None) -> dict:
     """The three 2b recipes as shipped, chained (`model.init_from`), on stand-ins of their models and data
     (`standins_2b`: reduced widths, the recipes' vocabulary, codebook, folding, strategy and data module), 2 steps
     each on one device, then export, generate and answer from the SFT checkpoint. CUDA: bf16 as the recipes, the
     recipes' 512-px views; CPU: fp32, 128-px views."""
-    import gc
     import io
 
     import standins_2b as s2b
@@ -195,7 +206,8 @@ def section_recipes_2b(device: str, work: Path) -> dict:
     root = s2b.make_2b_standins(work / "standins_2b", image_tokenizer=kind)
     project = work / "project_2b"
     project.mkdir()
-    out = {"image_tokenizer": kind, "image_size": image_size, "widths": s2b.WIDTHS}
+    out = {} if out is None else out  # filled as it goes: a section stopped at the budget keeps what it measured
+    out.update(image_tokenizer=kind, image_size=image_size, widths=s2b.WIDTHS)
     with in_project(project, s2b.env(root)):  # the recipes write and read runs/synergen_vl_2b/... relative to it
         for stage in s2b.STAGES:
             if cuda:
@@ -242,30 +254,49 @@ def section_reduced_2b(device: str, compile: bool) -> dict:
                  num_kv_heads=QUICK["num_kv_heads"], intermediate_size=QUICK["intermediate_size"], vocab_size=92547,
                  codebook_size=512, grid=16, head_layers=1, num_layers=2)
         images, prompt_len, layers = 2, 8, 2
-    torch.manual_seed(0)
-    fresh_dynamo()
-    model = build_2b(c, device).train()
+    dtype = "bfloat16" if cuda else None
+    batch = gen_batch(c, images, prompt_len, device)
+
+    def built(compiled: bool):
+        """The model sharded with `parallelize` (compiled per block: FSDP2Strategy's `compile: true`), its optimizer
+        and one training step."""
+        torch.manual_seed(0)
+        fresh_dynamo()
+        model = build_2b(c, device).train()
+        parallelize(model, None, param_dtype=dtype, reduce_dtype="float32", activation_checkpointing=True,
+                    compile=compiled, check_states=False)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+        def step():
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+                loss = model(batch)["loss"]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step()  # compiles; AdamW's moments exist from here on, as in a run
+        return model, step
+
+    out = {}
+    try:  # by default compiled on CUDA only (on the CPU compiling takes minutes)
+        model, step = built(compile)
+    except BudgetSpent:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- a compile failure is recorded and the step measured uncompiled
+        if not compile:
+            raise
+        out["compile_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        compile = False
+        model, step = built(compile)
     spec = ModelSpec(llm=dict(model.hparams.llm),
                      head={**model.head.model.config.__dict__, "num_layers": c["head_layers"]},
                      codebook_size=c["codebook_size"], image_size=c["grid"] * 8, downsample=8, fold=tuple(c["fold"]),
                      code_dim=c["hidden_size"], stage="full")
     spec.head = {k: spec.head[k]
                  for k in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size")}
-    dtype = "bfloat16" if cuda else None
-    # compiled per block, as the 2b recipes run (by default on CUDA only: on the CPU compiling takes minutes)
-    parallelize(model, None, param_dtype=dtype, reduce_dtype="float32", activation_checkpointing=True,
-                compile=compile, check_states=False)
-    batch = gen_batch(c, images, prompt_len, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-
-    def step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
-            loss = model(batch)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    step()  # compiles; AdamW's moments exist from here on, as in a run
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -277,10 +308,11 @@ def section_reduced_2b(device: str, compile: bool) -> dict:
     shape = StepShape(gen_rows=images, und_rows=0, seq_len=batch["input_ids"].shape[1])
     plan = estimate(spec, shape, shard=1, param_dtype=dtype, compute="bf16" if cuda else "fp32",
                     activation_checkpointing=True)
-    out = {"compiled": compile, "llm_layers": layers, "head_layers": c["head_layers"], "hidden_size": c["hidden_size"],
-           "images": images, "seq_len": shape.seq_len, "step_s": timed["train_step"]["median_s"],
-           "flops_per_step": flops, "gemm_peak_tflops": gemm_flops / timed["gemm_peak"]["median_s"] / 1e12, "mfu": mfu,
-           "plan_bytes": plan["total_bytes"], **(dynamo_counts() if compile else {})}
+    out |= {"compiled": compile, "llm_layers": layers, "head_layers": c["head_layers"],
+            "hidden_size": c["hidden_size"], "images": images, "seq_len": shape.seq_len,
+            "step_s": timed["train_step"]["median_s"], "flops_per_step": flops,
+            "gemm_peak_tflops": gemm_flops / timed["gemm_peak"]["median_s"] / 1e12, "mfu": mfu,
+            "plan_bytes": plan["total_bytes"], **(dynamo_counts() if compile else {})}
     if cuda:
         peak = torch.cuda.max_memory_allocated()
         out.update(peak_memory_bytes=peak, plan_over_measured=plan["total_bytes"] / peak)
@@ -290,7 +322,7 @@ def section_reduced_2b(device: str, compile: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ generation
-def section_generation(device: str) -> dict:
+def section_generation(device: str, out: dict | None = None) -> dict:
     import bench_folding as bf
     from synergen_lightning.inference import generate_codes
 
@@ -299,13 +331,14 @@ def section_generation(device: str) -> dict:
     fresh_dynamo()
     folded, unfolded = bf.build_folded(c).to(device).eval(), bf.build_unfolded(c).to(device).eval()
     p = bf.prompt(c, torch.Generator().manual_seed(0))
-    out = {"config": {k: c[k] for k in ("hidden_size", "num_layers", "head_layers", "codebook_size", "grid")}}
+    out = {} if out is None else out  # filled as it goes: a section stopped at the budget keeps what it measured
+    out["config"] = {k: c[k] for k in ("hidden_size", "num_layers", "head_layers", "codebook_size", "grid")}
     seed = lambda: torch.Generator(device=device).manual_seed(0)  # noqa: E731  (every variant draws the same codes)
     # compiled decoding (head patch and LLM step as graphs) too; on the CPU for one image at these tiny sizes (the
     # same code as for 16, its graphs built in seconds), so the GPU run meets only CUDA's problems
     with torch.no_grad():
         for n in (1, 16):
-            row, eager_codes = {}, {}
+            row, eager_codes = out.setdefault(f"images_{n}", {}), {}
             for compile in (False, True) if device == "cuda" or n == 1 else (False,):
                 tag = "_compiled" if compile else ""
                 for name, fn in (("folded", lambda n=n, k=compile: generate_codes(folded, [p] * n, None, cfg_scale=None,
@@ -319,7 +352,7 @@ def section_generation(device: str) -> dict:
                         codes = fn()
                         _sync(device)
                     except Exception as exc:  # noqa: BLE001 -- a compile failure is recorded, eager figures kept
-                        if not compile:
+                        if not compile or isinstance(exc, BudgetSpent):
                             raise
                         row[f"{name}_compiled_error"] = f"{type(exc).__name__}: {exc}"[:300]
                         break
@@ -335,7 +368,6 @@ def section_generation(device: str) -> dict:
                 if f"unfolded{tag}_s" in row and f"folded{tag}_s" in row:
                     row[f"speedup{tag}"] = row[f"unfolded{tag}_s"] / row[f"folded{tag}_s"]
                     row[f"folded{tag}_images_per_s"] = n / row[f"folded{tag}_s"]
-            out[f"images_{n}"] = row
     out["compiled_decoding"] = dynamo_counts()
     return out
 
@@ -478,16 +510,40 @@ def section_flash_attention(device: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ run
-# cheap sections and the targets' figures (MFU, memory against the plan) first: a run stopped early keeps them
-# (the 2b recipes' chain on stand-ins last: a check of the recipes' wiring on the device, not a figure)
-SECTIONS = ("reduced_2b_step", "dcp_roundtrip", "flash_attention", "tiny_stage1", "generation", "recipes_2b")
+# cheap sections and the targets' figures (MFU, memory against the plan) first: a run stopped early keeps them; the 2b
+# recipes' chain before generation (whether the recipes launch on the device outweighs decoding's figures)
+SECTIONS = ("reduced_2b_step", "dcp_roundtrip", "flash_attention", "tiny_stage1", "recipes_2b", "generation")
+
+
+class BudgetSpent(Exception):
+    """Raised in the section still running when `--budget-s` is spent."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float | None):
+    """Raise `BudgetSpent` in the main thread once `seconds` have passed (None: never)."""
+    if seconds is None:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise BudgetSpent("stopped when the budget was spent (--budget-s); the figures above were measured")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-3))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def run(device: str, out: Path, only: list[str] | None = None, compile: bool | None = None,
         budget_s: float | None = None) -> dict:
     """Run the sections in order, writing `out` after each one (a run killed from outside keeps what it measured);
-    once `budget_s` seconds are spent, the sections not yet begun are recorded as skipped. `compile` (default: on
-    CUDA only) compiles the tiny stage 1 and the reduced 2b step per block."""
+    once `budget_s` seconds are spent, the section running stops with what it had measured and those not yet begun
+    are recorded as skipped. `compile` (default: on CUDA only) compiles the tiny stage 1 and the reduced 2b step per
+    block."""
     import lightning
 
     from common import machine_info
@@ -507,25 +563,29 @@ def run(device: str, out: Path, only: list[str] | None = None, compile: bool | N
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         work = Path(tmp)
-        funcs = {"tiny_stage1": lambda: section_tiny_stage1(device, work / "world", compile),
-                 "reduced_2b_step": lambda: section_reduced_2b(device, compile),
-                 "generation": lambda: section_generation(device),
-                 "dcp_roundtrip": lambda: section_dcp(device, work),
-                 "recipes_2b": lambda: section_recipes_2b(device, work),
-                 "flash_attention": lambda: section_flash_attention(device)}
+        # each takes the dict it fills as it goes (sections built in one piece return theirs)
+        funcs = {"tiny_stage1": lambda part: section_tiny_stage1(device, work / "world", compile, part),
+                 "reduced_2b_step": lambda part: section_reduced_2b(device, compile),
+                 "generation": lambda part: section_generation(device, part),
+                 "dcp_roundtrip": lambda part: section_dcp(device, work),
+                 "recipes_2b": lambda part: section_recipes_2b(device, work, part),
+                 "flash_attention": lambda part: section_flash_attention(device)}
         for name in SECTIONS:
             if only and name not in only:
                 continue
-            if budget_s is not None and time.perf_counter() - start > budget_s:
+            left = None if budget_s is None else budget_s - (time.perf_counter() - start)
+            if left is not None and left <= 0:
                 result[name] = {"skipped": f"the budget of {budget_s:.0f} s was spent before it began (--budget-s)"}
             else:
-                t0 = time.perf_counter()
+                t0, part = time.perf_counter(), {}
                 try:
-                    result[name] = funcs[name]()
+                    with deadline(left):
+                        result[name] = funcs[name](part)
                 except (Exception, SystemExit) as exc:  # noqa: BLE001 -- recorded (a CLI's exit too); the rest run
-                    result[name] = {"error": f"{type(exc).__name__}: {exc}",
+                    result[name] = {**part, "error": f"{type(exc).__name__}: {exc}",
                                     "traceback": traceback.format_exc().splitlines()[-8:]}
                 result[name]["section_s"] = time.perf_counter() - t0
+                gc.collect()  # the section's models (Lightning and FSDP2 hold reference cycles) before the next
                 if device == "cuda":
                     torch.cuda.empty_cache()
             save()
@@ -651,8 +711,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="torch.compile per block in tiny_stage1 and reduced_2b_step (auto: on CUDA only; on the CPU "
                         "it takes minutes); generation compiles its decoding in every mode")
     p.add_argument("--budget-s", type=float, default=420.0,
-                   help="no section begins after this many seconds (the rest are recorded as skipped; one begun "
-                        "runs to its end), for a fixed GPU slot; 0: no limit")
+                   help="after this many seconds the section running stops, keeping what it measured, and the rest "
+                        "are recorded as skipped (for a fixed GPU slot: leave a minute for start-up and the summary); "
+                        "0: no limit")
     a = p.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     if device == "cuda" and not torch.cuda.is_available():

@@ -67,7 +67,7 @@ def test_flash_attention_section_on_cpu_says_not_measured_and_records_the_calls(
 def test_gpu_check_records_a_failing_section_and_goes_on(tmp_path, monkeypatch):
     import gpu_check
 
-    def boom(device):
+    def boom(device, out=None):
         raise RuntimeError("CUDA path broke")
 
     monkeypatch.setattr(gpu_check, "section_generation", boom)
@@ -95,7 +95,7 @@ def test_gpu_check_writes_after_every_section_and_skips_what_its_budget_cannot_b
     monkeypatch.setattr(gpu_check, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     monkeypatch.setattr(gpu_check, "section_dcp", lambda device, work: {"figure": 1})
     monkeypatch.setattr(gpu_check, "section_flash_attention", second)
-    monkeypatch.setattr(gpu_check, "section_generation", lambda device: pytest.fail("began after the budget"))
+    monkeypatch.setattr(gpu_check, "section_generation", lambda device, out: pytest.fail("began after the budget"))
     result = gpu_check.run("cpu", out, only=["dcp_roundtrip", "flash_attention", "generation"], budget_s=5.0)
     assert seen["dcp_roundtrip"]["figure"] == 1 and "flash_attention" not in seen
     assert result["flash_attention"]["figure"] == 2 and result["flash_attention"]["section_s"] == 10.0
@@ -105,3 +105,26 @@ def test_gpu_check_writes_after_every_section_and_skips_what_its_budget_cannot_b
     assert "skipped" in printed and "reduced 2b" not in printed  # sections not asked for print nothing
     with pytest.raises(SystemExit, match="--budget-s -1.0: must be >= 0"):
         gpu_check.main(["--device", "cpu", "--budget-s", "-1", "--out", str(out)])
+
+
+def test_gpu_check_stops_the_section_running_when_the_budget_is_spent_keeping_its_figures(tmp_path, monkeypatch):
+    """A section that would run past the GPU slot is stopped when `budget_s` is spent, with the figures it had recorded
+    as it went; the sections after it are skipped and the JSON is written."""
+    import time
+
+    import gpu_check
+
+    def endless(device, work, out):
+        out["stage1"] = {"losses": [1.0]}  # a figure measured before the budget ran out
+        while True:
+            time.sleep(0.01)
+
+    monkeypatch.setattr(gpu_check, "section_recipes_2b", endless)
+    monkeypatch.setattr(gpu_check, "section_generation", lambda device, out: pytest.fail("began after the budget"))
+    t0 = time.perf_counter()
+    result = gpu_check.run("cpu", tmp_path / "r.json", only=["recipes_2b", "generation"], budget_s=0.5)
+    assert time.perf_counter() - t0 < 10
+    stopped = result["recipes_2b"]
+    assert stopped["stage1"] == {"losses": [1.0]} and stopped["error"].startswith("BudgetSpent: stopped when the budget")
+    assert "budget" in result["generation"]["skipped"]
+    assert json.loads((tmp_path / "r.json").read_text())["recipes_2b"]["stage1"] == {"losses": [1.0]}
