@@ -5,8 +5,9 @@ failing path does not hide the others):
 
 - `reduced_2b_step`: the 2b SynerGenVL (InternLM2-1.8B widths, `bench_mfu.build_2b`) at reduced depth, sharded with
   `distributed.parallelize` (bf16 params, activation checkpointing, `torch.compile` per block), one AdamW step on
-  generation rows: MFU against a bf16 GEMM timed in the same run, peak memory (`torch.cuda.max_memory_allocated`)
-  beside `synergen plan`'s estimate of the same shape (`plan.estimate`).
+  generation rows: MFU against a bf16 GEMM timed in the same run (model FLOPs, `bench_mfu.system_flops`: the
+  recomputation of activation checkpointing is not counted, as MFU is defined), peak memory
+  (`torch.cuda.max_memory_allocated`) beside `synergen plan`'s estimate of the same shape (`plan.estimate`).
 - `dcp_roundtrip`: a sharded (DCP) save of an FSDP2 model and its load, into a fresh sharded model
   (`distributed.load_sharded_into`) and without a process group (`load_sharded_state_dict`): every tensor equal.
 - `flash_attention`: a training forward and backward of the 2b SynerGenVL at reduced depth (16 query heads over 8 KV
