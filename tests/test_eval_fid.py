@@ -146,3 +146,34 @@ def test_fid_command_names_the_recipe_key(tmp_path, capsys):
         fid_main(["--generated", str(tmp_path / "a"), "--reference", str(tmp_path / "b"), "--config", str(recipe)])
     assert e.value.code == 2
     assert f"{INCEPTION_KEY} = '{tmp_path / 'missing.pth'}' does not exist" in capsys.readouterr().err
+
+
+def test_inception_features_runs_the_network_where_torch_fidelity_sends_the_batches(monkeypatch):
+    """torch-fidelity moves each batch with `.cuda()` (the current CUDA device) but not a network it is handed:
+    `inception_features` puts the network on the device first and makes an indexed device current around it."""
+    import contextlib
+
+    import torch_fidelity.utils
+
+    from synergen_lightning.eval import fid, fid_protocols
+
+    moved, entered, seen, fidelity_device = [], [], {}, fid.fidelity_device
+
+    class Net(torch.nn.Module):
+        def to(self, device):
+            moved.append(device)
+            return self
+
+    def features(dataset, net, batch_size, cuda, *flags):
+        seen.update(moved=list(moved), entered=list(entered), cuda=cuda)
+        return {"2048": torch.zeros(len(dataset), 4)}
+
+    monkeypatch.setattr(fid, "load_inception", lambda weights, layers: Net())
+    monkeypatch.setattr(fid, "fidelity_device", lambda device: contextlib.nullcontext(entered.append(device)))
+    monkeypatch.setattr(torch_fidelity.utils, "get_featuresdict_from_dataset", features)
+    out = fid_protocols.inception_features(torch.zeros(3, 3, 8, 8, dtype=torch.uint8), "w.pth", device="cuda:1")
+    assert seen == {"moved": ["cuda:1"], "entered": ["cuda:1"], "cuda": True} and out.shape == (3, 4)
+    current = fidelity_device("cuda:1")  # the real context: cuda:1 current while torch-fidelity runs
+    assert isinstance(current, torch.cuda.device) and current.idx == 1
+    assert isinstance(fidelity_device("cuda"), contextlib.nullcontext)
+    assert isinstance(fidelity_device("cpu"), contextlib.nullcontext)

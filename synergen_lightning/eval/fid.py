@@ -15,6 +15,7 @@ line number.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -49,6 +50,14 @@ def load_inception(weights: str | Path, features: tuple[str, ...] = ("2048",)):
 
     return FeatureExtractorInceptionV3("inception-v3-compat", list(features),
                                        feature_extractor_weights_path=str(check_inception_weights(weights)))
+
+
+def fidelity_device(device: str):
+    """A context in which torch-fidelity runs on `device`: it moves batches and its own extractor with `.cuda()`,
+    which is the current CUDA device, so `cuda:1` is made current for it (nothing to do for `cuda` or the CPU)."""
+    if device.startswith("cuda:"):
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------- images
@@ -136,13 +145,14 @@ def compute_fidelity(generated, reference, inception_weights: str | Path | None,
         raise EvalInputError(f"KID needs at least 2 images per set, got {gen.shape[0]} generated / {ref.shape[0]} reference")
     if fid and n < 2:
         raise EvalInputError(f"FID needs at least 2 images per set, got {gen.shape[0]} generated / {ref.shape[0]} reference")
-    metrics = torch_fidelity.calculate_metrics(
-        input1=_UInt8Images(gen), input2=_UInt8Images(ref), fid=fid, isc=isc, kid=kid,
-        feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(weights),
-        feature_layer_fid=feature_layer_fid, kid_subset_size=min(kid_subset_size, n), batch_size=batch_size,
-        cuda=device.startswith("cuda"), cache=False, verbose=False, save_cpu_ram=True,
-        isc_splits=min(10, gen.shape[0]),
-    )
+    with fidelity_device(device):
+        metrics = torch_fidelity.calculate_metrics(
+            input1=_UInt8Images(gen), input2=_UInt8Images(ref), fid=fid, isc=isc, kid=kid,
+            feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(weights),
+            feature_layer_fid=feature_layer_fid, kid_subset_size=min(kid_subset_size, n), batch_size=batch_size,
+            cuda=device.startswith("cuda"), cache=False, verbose=False, save_cpu_ram=True,
+            isc_splits=min(10, gen.shape[0]),
+        )
     names = {"frechet_inception_distance": "fid", "inception_score_mean": "isc_mean", "inception_score_std": "isc_std",
              "kernel_inception_distance_mean": "kid_mean", "kernel_inception_distance_std": "kid_std"}
     out = {names[k]: float(v) for k, v in metrics.items() if k in names}

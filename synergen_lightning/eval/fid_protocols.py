@@ -166,10 +166,13 @@ def inception_features(images: torch.Tensor, weights: str | Path, layer: str = "
     """float64 [N, F] features of uint8 [N,3,H,W] images: torch-fidelity's Inception and feature extraction."""
     from torch_fidelity.utils import get_featuresdict_from_dataset
 
-    from synergen_lightning.eval.fid import _UInt8Images, load_inception
+    from synergen_lightning.eval.fid import _UInt8Images, fidelity_device, load_inception
 
-    net = load_inception(weights, (layer,))
-    feats = get_featuresdict_from_dataset(_UInt8Images(images), net, batch_size, device.startswith("cuda"), True, False)
+    cuda = device.startswith("cuda")
+    # torch-fidelity moves each batch with `.cuda()` but not a network it is handed: the network goes there first
+    net = load_inception(weights, (layer,)).to(device)
+    with fidelity_device(device):
+        feats = get_featuresdict_from_dataset(_UInt8Images(images), net, batch_size, cuda, True, False)
     return feats[layer].double().numpy()
 
 
