@@ -65,10 +65,15 @@ TINY_FIT_FLAGS := --trainer.devices $(DEVICES) $(if $(MULTI),--trainer.strategy.
 # usable cores; `nproc` alone obeys OMP_NUM_THREADS, which this Makefile exports as 1 (a sub-make, or make >= 4.4,
 # would then count one core)
 NPROC := $(shell env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 1)
-# pretokenizing the train shards: one process per core (each encodes whole shards)
-PRETOKENIZE_WORKERS ?= $(NPROC)
-# make demo trains its stages data-parallel over this many CPU processes (one per core, at most 2)
-DEMO_DEVICES ?= $(if $(filter 1,$(NPROC)),1,2)
+# visible NVIDIA GPUs (0 without nvidia-smi): the tiny recipes' `accelerator: auto` puts their processes on them
+GPUS ?= $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+ON_GPU := $(filter-out 0,$(GPUS))
+# pretokenizing the train shards: one process per core (each encodes whole shards); with GPUs at most 4 per GPU
+# (each holds a CUDA context and the tokenizer; `data pretokenize` spreads them over the GPUs)
+PRETOKENIZE_WORKERS ?= $(if $(ON_GPU),$(shell n=$$(( $(GPUS) * 4 )); [ $$n -lt $(NPROC) ] && echo $$n || echo $(NPROC)),$(NPROC))
+# make demo trains its stages data-parallel over this many CPU processes (one per core, at most 2); on a machine with
+# a GPU, on one GPU (the tiny models gain nothing from more, and 2 processes would each ask for a GPU)
+DEMO_DEVICES ?= $(if $(ON_GPU),1,$(if $(filter 1,$(NPROC)),1,2))
 # $(call logged,LOG,WHAT,COMMAND): COMMAND's output goes to LOG when LOG is set (make demo runs two jobs at once, and
 # two progress bars in one terminal garble each other); on failure the log's tail is printed
 logged = $(if $(1),@mkdir -p $(dir $(1)) && echo "$(2) (log: $(1))" && { { $(3); } > $(1) 2>&1 || { tail -40 $(1); exit 1; }; },$(3))

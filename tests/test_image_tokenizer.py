@@ -427,3 +427,15 @@ def test_encoder_noise_perturbs_only_the_encoder_input():
     tok.hparams.encoder_noise = 0.0
     tok.training_step(batch, 0)
     assert torch.equal(seen[1], x)
+
+
+def test_pretokenize_workers_take_the_gpus_in_turn(monkeypatch):
+    """`--workers N --device cuda`: worker i encodes on GPU i mod the GPUs (one GPU would hold every worker's CUDA
+    context and tokenizer); an indexed device or the CPU is every worker's."""
+    from synergen_lightning.image_tokenizer.pretokenize import worker_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [worker_device("cuda", i) for i in range(5)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert worker_device("cuda:1", 2) == "cuda:1" and worker_device("cpu", 2) == "cpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert worker_device("cuda", 3) == "cuda"

@@ -12,8 +12,9 @@ CORES = len(os.sched_getaffinity(0))
 
 
 def dry_run(*targets: str, **env: str) -> str:
+    """`make -n -B TARGETS` with `env`, on a machine without GPUs unless `GPUS` is given."""
     result = subprocess.run(["make", "-n", "-B", *targets], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, **env}, timeout=60)
+                            env={**os.environ, "GPUS": "0", **env}, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -37,6 +38,18 @@ def test_demo_pretokenizes_beside_the_base_llm_and_trains_stages_on_every_core()
     assert "fit --config recipes/tiny/base_llm.yaml" in side_by_side
     assert "fit --config recipes/tiny/tokenizer.yaml" in side_by_side
     assert f"DEVICES={min(CORES, 2)} STRATEGY=ddp" in out[end:].splitlines()[0]
+
+
+def test_on_a_gpu_machine_the_demo_trains_on_one_gpu_and_pretokenizes_a_few_workers_per_gpu():
+    """The tiny recipes' `accelerator: auto` takes the GPU where there is one: the demo's 2 data-parallel CPU
+    processes would each ask for a GPU (Lightning refuses 2 devices on a 1-GPU machine), so it trains on one; the
+    pretokenize workers, which `data pretokenize` spreads over the GPUs, are at most 4 per GPU."""
+    out = dry_run("demo", OMP_NUM_THREADS="1", GPUS="1")
+    assert "DEVICES=1 STRATEGY=ddp" in out[out.index("make --no-print-directory runs/demo/report.json"):].splitlines()[0]
+    out = dry_run("data/tiny/codes/.done", GPUS="1")
+    assert re.findall(r"--in data/tiny/train .*--workers (\d+)", out) == [str(min(CORES, 4))]
+    out = dry_run("data/tiny/codes/.done", GPUS="0")
+    assert re.findall(r"--in data/tiny/train .*--workers (\d+)", out) == [str(CORES)]
 
 
 def _fake_checkout(tmp_path: Path) -> Path:

@@ -105,16 +105,28 @@ def pretokenize_shard(tokenizer, src: str | Path, dst: Path, task: str, image_si
 _WORKER: dict = {}  # the tokenizer of a --workers process, loaded once by _init_worker
 
 
-def _init_worker(tokenizer_path: str, codebook_size: int | None, device: str) -> None:
+def worker_device(device: str, index: int) -> str:
+    """The device of the `index`-th worker: `cuda` spreads the workers over the visible GPUs in turn (one GPU for
+    all would hold every worker's CUDA context and tokenizer); an indexed device or the CPU is kept."""
+    if device == "cuda" and torch.cuda.device_count() > 1:
+        return f"cuda:{index % torch.cuda.device_count()}"
+    return device
+
+
+def _init_worker(tokenizer_path: str, codebook_size: int | None, device: str, started) -> None:
     from synergen_lightning.image_tokenizer.loading import load_image_tokenizer
 
     torch.set_num_threads(1)  # one process per core: intra-op threads would only compete
+    with started.get_lock():  # this worker's number, in the order the workers start
+        index, started.value = started.value, started.value + 1
+    device = worker_device(device, index)
     tok = load_image_tokenizer(tokenizer_path, expected_codebook_size=codebook_size)
     _WORKER["tokenizer"] = tok.to(device) if isinstance(tok, torch.nn.Module) else tok
+    _WORKER["device"] = device
 
 
 def _shard_in_worker(src: str, dst: str, **kw) -> dict:
-    return pretokenize_shard(_WORKER["tokenizer"], src, Path(dst), **kw)
+    return pretokenize_shard(_WORKER["tokenizer"], src, Path(dst), **dict(kw, device=_WORKER["device"]))
 
 
 def _count_samples(shard: str) -> int | None:
@@ -155,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64, help="views per encode call (default: 64)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if available)")
     p.add_argument("--workers", type=int, default=1,
-                   help="processes, one shard each at a time (default: 1); on a CPU use one per core")
+                   help="processes, one shard each at a time (default: 1); on a CPU use one per core; with --device "
+                        "cuda they take the visible GPUs in turn, each holding a CUDA context and the tokenizer")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error(f"--workers {args.workers}: give 1 or more processes")
@@ -175,8 +188,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.image_size % tokenizer.downsample:
         p.error(f"--image-size {args.image_size} is not divisible by the tokenizer's downsample {tokenizer.downsample}; "
                 f"use a multiple of {tokenizer.downsample}")
-    if isinstance(tokenizer, torch.nn.Module):
-        tokenizer.to(args.device)
     shards = expand_urls(args.inp, "--in")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -205,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         known = None not in counts.values()  # remote shards are not counted ahead
         bar = progress.add_task("samples", total=sum(counts.values()) if known else None)
         if workers <= 1:
+            if isinstance(tokenizer, torch.nn.Module):  # workers load their own, each on its device
+                tokenizer.to(args.device)
             for shard in todo:
                 progress.update(bar, description=url_name(shard))
                 stats = pretokenize_shard(tokenizer, shard, out_dir / url_name(shard), progress=progress,
@@ -216,8 +229,10 @@ def main(argv: list[str] | None = None) -> int:
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
             progress.update(bar, description=f"{workers} workers")
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                     initargs=(args.tokenizer, args.codebook_size, args.device)) as pool:
+            spawn = mp.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_init_worker,
+                                     initargs=(args.tokenizer, args.codebook_size, args.device,
+                                               spawn.Value("i", 0))) as pool:
                 jobs = {pool.submit(_shard_in_worker, s, str(out_dir / url_name(s)), **kw): s for s in todo}
                 for job in as_completed(jobs):
                     stats = job.result()  # a worker's error surfaces here, naming its shard below
