@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from synergen_lightning.distributed import resharded
 from synergen_lightning.stages import StageSchedule, apply_stage, get_stage, optimizer_param_groups
 
 
@@ -88,7 +89,9 @@ class StageCallback(Callback):
         spec = self.switch_at[step]
         if hasattr(pl_module, "stage_history"):
             pl_module.stage_history.append((step, spec["name"]))
-        before = {id(p) for p in pl_module.parameters() if p.requires_grad}
+        # the sharded parameters (those the optimizer holds) are the ones re-flagged and added, not units a
+        # validation left whole
+        before = {id(p) for p in resharded(pl_module).parameters() if p.requires_grad}
         self._apply(trainer, pl_module, spec)
         new = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad and id(p) not in before]
         if not trainer.optimizers:
@@ -162,12 +165,13 @@ class FrozenParameterGuard(Callback):
         self._sums: dict[str, int] = {}
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._sums = {n: _checksum(p) for n, p in pl_module.named_parameters() if not p.requires_grad}
+        # the sharded parameters, each rank its shard (not units a sanity check or validation left whole)
+        self._sums = {n: _checksum(p) for n, p in resharded(pl_module).named_parameters() if not p.requires_grad}
         rank_zero_info(f"FrozenParameterGuard: watching {len(self._sums)} frozen tensors "
                        f"({sum(p.numel() for n, p in pl_module.named_parameters() if n in self._sums):,} values)")
 
     def verify(self, pl_module: LightningModule) -> int:
-        changed = [n for n, p in pl_module.named_parameters()
+        changed = [n for n, p in resharded(pl_module).named_parameters()
                    if n in self._sums and not p.requires_grad and _checksum(p) != self._sums[n]]
         if changed:
             raise RuntimeError(f"FrozenParameterGuard: {len(changed)} frozen parameter(s) changed during training, "

@@ -183,6 +183,19 @@ def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
+def resharded(module: nn.Module) -> nn.Module:
+    """`module` with every FSDP2 unit holding its sharded parameters again (a no-op for a module that is not sharded):
+    with resharding after forward off (`reshard_after_forward: false`, decoding in `gathered_for_decoding`) a no-grad
+    forward leaves units whole until their next backward, and `named_parameters()` then yields the gathered
+    param_dtype tensors in place of the fp32 shards. Callers that read or re-flag parameters go through it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    return module
+
+
 def trunk_of(model: nn.Module) -> nn.Module:
     """The pure MMoE trunk of a SynerGenVL (inside its `llm` component)."""
     return model.llm.model

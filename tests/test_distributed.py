@@ -758,3 +758,28 @@ def test_hsdp_mesh_needs_a_divisor_of_the_world_size():
     assert hsdp_mesh("cpu", 1, 8) is None  # a one-GPU try of a recipe that shards by node
     with pytest.raises(ValueError, match="shard_size 3 does not divide the world size 8"):
         hsdp_mesh("cpu", 8, 3)
+
+
+def test_callbacks_read_the_shards_after_a_no_grad_forward_left_units_whole(one_rank_group):
+    """With resharding after forward off (`reshard_after_forward: false`, or decoding in `gathered_for_decoding`), a
+    no-grad forward such as a validation leaves FSDP2 units whole: `named_parameters()` then yields the gathered bf16
+    copies. The frozen-parameter guard checksums the fp32 shards all the same (it saw a change that was none, and a
+    stage switch re-flagged and added to the optimizer the transient copies): `distributed.resharded` first."""
+    from torch.distributed.tensor import DTensor
+
+    from callbacks.stages import FrozenParameterGuard
+    from synergen_lightning.data.batch import add_indices
+    from synergen_lightning.stages import apply_stage
+
+    torch.manual_seed(0)
+    model = tiny_model()
+    apply_stage(model, "stage1")
+    parallelize(model, None, param_dtype="bfloat16", reshard_after_forward=False, check_states=False)
+    guard = FrozenParameterGuard()
+    guard.on_train_start(None, model)
+    assert guard._sums and all(isinstance(p, DTensor) for p in model.parameters())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(add_indices(make_batch(["generation", "understanding"], seed=1)))
+    assert not all(isinstance(p, DTensor) for p in model.parameters())  # units left whole, in bf16
+    assert guard.verify(model) == len(guard._sums)  # nothing changed, and nothing is reported
+    assert all(isinstance(p, DTensor) for p in model.parameters())
