@@ -623,8 +623,11 @@ class SynerGenVL(LightningModule):
         total = total_grad_norm(self.parameters())  # on the gradients' device, sharded or not
         if total is not None:
             self.log("train/grad_norm", total)
-        # a NaN/inf loss or gradient on any rank: no update this step (every rank agrees; nonfinite.py)
-        self.nonfinite.check(self, total)
+        # a NaN/inf loss or gradient on any rank: no update this step (every rank agrees; nonfinite.py). Under fp16's
+        # GradScaler (precision 16-mixed) an inf gradient is the scaler's own overflow signal: it skips the step and
+        # lowers its scale, often several steps in a row at the start, so only the loss counts there
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        self.nonfinite.check(self, total if scaler is None else None)
         self.log("train/skipped_nonfinite", float(self.nonfinite.skipped))
 
     def stage_settings(self, spec: dict) -> dict:

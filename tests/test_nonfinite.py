@@ -82,3 +82,22 @@ def test_too_many_in_a_row_stop_with_one_line_and_the_last_good_state(tmp_path):
 def test_max_nonfinite_steps_must_be_positive():
     with pytest.raises(ValueError, match="max_nonfinite_steps 0 must be >= 1"):
         tiny_model(max_nonfinite_steps=0)
+
+
+def test_under_fp16s_grad_scaler_an_inf_gradient_is_the_scalers_to_skip(monkeypatch):
+    """precision 16-mixed: GradScaler's overflow steps (inf gradients, often several in a row while it finds its
+    scale) are the scaler's to skip, not non-finite steps that stop the run; without a scaler they are counted."""
+    import types
+
+    from synergen_lightning.system import SynerGenVL
+    from tests.test_system_helpers import tiny_model
+
+    for scaler, skipped in ((torch.amp.GradScaler("cpu"), 0), (None, 1)):
+        model = tiny_model()
+        fake = types.SimpleNamespace(precision_plugin=types.SimpleNamespace(scaler=scaler), world_size=1, global_step=3)
+        monkeypatch.setattr(SynerGenVL, "trainer", property(lambda self, fake=fake: fake))
+        monkeypatch.setattr(model, "log", lambda *args, **kwargs: None)
+        first = next(p for p in model.parameters() if p.requires_grad)
+        first.grad = torch.full_like(first, float("inf"))
+        model.on_before_optimizer_step(None)
+        assert model.nonfinite.skipped == skipped and (first.grad is None) == bool(skipped), scaler
