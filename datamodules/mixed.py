@@ -31,6 +31,7 @@ import logging
 import random
 import warnings
 from collections import Counter
+from itertools import islice
 from typing import Any
 
 import lightning as L
@@ -230,20 +231,43 @@ class MixedStream(IterableDataset):
 
 class ValStream(IterableDataset):
     """Every val shard once (split across lanes, never resampled), per-task batch sizes. Sources take turns batch
-    by batch, so a cap on validation batches (`limit_val_batches`, `val_max_batches`) still sees every source."""
+    by batch, so a cap on validation batches (`limit_val_batches`, `val_max_batches`) still sees every source.
+
+    `per_rank` (over several ranks): every rank runs exactly that many batches, its workers together; a worker whose
+    share runs out reads it again (the whole source where its share is empty). Ranks whose shares differ would
+    otherwise run different numbers of batches, and under FSDP2 the rank that finishes first waits in a collective
+    that the others, still in a forward, never join."""
 
     def __init__(self, sources: list[SourceSpec], builder: SequenceBuilder, batch_size: dict[str, int], max_batches: int | None,
-                 pack_len: int | None = None):
+                 pack_len: int | None = None, per_rank: int | None = None):
         self.sources, self.builder, self.batch_size, self.max_batches = sources, builder, batch_size, max_batches
-        self.pack_len = pack_len
+        self.pack_len, self.per_rank = pack_len, per_rank
 
     def __iter__(self):
         info = get_worker_info()
         W, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         rank, world = _rank_world()
         glane, n_lanes = rank * W + worker, world * W
-        counter, n = SkipCounter(), 0
-        turns = [self._batches(src, self._lane_samples(src.shards, glane, n_lanes, counter), counter)
+        counter = SkipCounter()
+        if self.per_rank is None or world == 1:
+            yield from islice(self._pass(glane, n_lanes, counter), self.max_batches)
+        else:  # this worker's part of the rank's batches, its share read as often as it takes
+            quota, n, lane, lanes = -(-self.per_rank // W), 0, glane, n_lanes
+            while n < quota:
+                got = 0
+                for batch in islice(self._pass(lane, lanes, counter if n == 0 else SkipCounter()), quota - n):
+                    yield batch
+                    n, got = n + 1, got + 1
+                if got == 0:
+                    if lanes == 1:
+                        break  # no source holds a valid sample: the rank runs none (as every rank then)
+                    lane, lanes = 0, 1  # an empty share: the whole source
+        if counter.counts:
+            log.warning("validation skipped %s", dict(counter.counts))
+
+    def _pass(self, lane: int, n_lanes: int, counter: SkipCounter):
+        """One pass over `lane`'s share of every source, the sources taking turns batch by batch."""
+        turns = [self._batches(src, self._lane_samples(src.shards, lane, n_lanes, counter), counter)
                  for src in self.sources]
         while turns:
             for batches in list(turns):
@@ -252,17 +276,12 @@ class ValStream(IterableDataset):
                     turns.remove(batches)
                     continue
                 yield batch
-                n += 1
-                if self.max_batches is not None and n >= self.max_batches:
-                    return
-        if counter.counts:
-            log.warning("validation skipped %s", dict(counter.counts))
 
     @staticmethod
     def _lane_samples(shards: list[str], lane: int, n_lanes: int, counter: SkipCounter):
         """This lane's share of a source: its shards when there are enough to go round; otherwise (a small val
-        set of one shard, several ranks) every n-th sample, so no rank is left without validation data, which
-        under FSDP would leave the other ranks waiting in a collective."""
+        set of one shard, several ranks) every n-th sample (empty when there are fewer samples than lanes:
+        `per_rank` then reads the whole source)."""
         shards, stride = lane_share(shards, lane, n_lanes)
         for i, raw in enumerate(finite_samples(shards, counter)):
             if stride is None or i % n_lanes == lane:
@@ -439,8 +458,26 @@ class MixedDataModule(L.LightningDataModule):
         self.setup("validate")
         if not self.val_specs:
             return []
-        stream = ValStream(self.val_specs, self.val_builder, self.batch_size, self.hparams.val_max_batches, self._pack_len())
+        stream = ValStream(self.val_specs, self.val_builder, self.batch_size, self.hparams.val_max_batches, self._pack_len(),
+                           per_rank=self._val_batches_per_rank())
         return DataLoader(stream, batch_size=None, collate_fn=batch_as_is, **self._loader_kwargs())
+
+    def _val_batches_per_rank(self) -> int | None:
+        """Over several ranks, the validation batches every rank runs: the cap (`val_max_batches`, the trainer's
+        `limit_val_batches` as a count), or None (and a warning) when there is none."""
+        rank, world = _rank_world()
+        if world == 1:
+            return None
+        limit = getattr(getattr(self, "trainer", None), "limit_val_batches", None)
+        caps = [c for c in (self.hparams.val_max_batches, limit) if isinstance(c, int) and not isinstance(c, bool)]
+        if caps:
+            return min(caps)
+        if rank == 0:
+            log.warning("validation over %d ranks has no cap on its batches: ranks whose share of the val shards "
+                        "differs run different numbers of batches, and under FSDP2 the first to finish waits in a "
+                        "collective the others never join; set trainer.limit_val_batches to a count (every rank then "
+                        "runs exactly that many)", world)
+        return None
 
     def _warn_shared_shards(self) -> None:
         """One line per source with fewer shards than lanes (ranks x workers): every lane then reads the whole source

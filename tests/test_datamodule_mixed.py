@@ -465,3 +465,28 @@ def test_changed_bucket_batches_restart_the_epoch_stream(world, mixed_lengths, c
     resumed.load_state_dict(dm.state_dict())
     assert len(run(resumed)) == BUCKET_ARGS["steps_per_epoch"]
     assert "bucket_batches changed from 4 to 2" in caplog.text
+
+
+@pytest.mark.parametrize("urls", ["val/val-000000.tar", "val/*.tar"], ids=["one-shard", "two-shards"])
+def test_capped_validation_runs_as_many_batches_on_every_rank(world, monkeypatch, urls, caplog):
+    """Ranks whose share of the val samples differs (uncapped, a batch apart or more: here 7 ranks over 5 or 10
+    samples, some with none of their own) run the same number of batches when validation is capped: under FSDP2 the rank that finished first
+    would wait in a collective the others, still in a forward, never join. A share that runs out is read again, an
+    empty one is the whole source; without a cap rank 0 says so."""
+    import logging
+    import types
+
+    src = [dict(name="v", urls=f"{world}/{urls}", task="understanding", format="qa")]
+    counts = []
+    for rank in range(7):
+        monkeypatch.setattr(mixed, "_rank_world", lambda r=rank: (r, 7))
+        dm = make_dm(world, val_sources=src)
+        dm.trainer = types.SimpleNamespace(limit_val_batches=3)  # the trainer's cap, as a count
+        counts.append(len(list(dm.val_dataloader())))
+    assert counts == [3] * 7
+    monkeypatch.setattr(mixed, "_rank_world", lambda: (6, 7))
+    assert len(list(make_dm(world, val_sources=src, val_max_batches=2).val_dataloader())) == 2
+    monkeypatch.setattr(mixed, "_rank_world", lambda: (0, 7))
+    with caplog.at_level(logging.WARNING):
+        list(make_dm(world, val_sources=src).val_dataloader())
+    assert "has no cap on its batches" in caplog.text
