@@ -1,8 +1,8 @@
 """Every user path, as a user walks it: the `synergen` command in subprocesses, for one process, DDP over 2
 processes and FSDP2 over 2 processes, on a miniature shape world with the shipped tiny recipes:
 
-    fit stage 1 (stopped after 1 step) -> fit again with --ckpt_path (resumes to step 2) -> fit stage 2 from it
-    -> export -> generate and answer from the checkpoint and from the export -> eval report --suite text
+    fit stage 1 (stopped after 1 step) -> fit again with --ckpt_path (resumes to step 2) -> fit stage 2 from it (and
+    validate) -> export -> generate and answer from the checkpoint and from the export -> eval report --suite text
 
 and the exported model's logits equal the checkpoint's. A one-process or DDP run writes a single-file `last.ckpt`
 whose `hyper_parameters` carry LightningCLI's own keys (`_class_path`, `_instantiator`); an FSDP2 run writes a
@@ -122,9 +122,11 @@ def user_path(world: Path, run: Path, mode: str) -> dict:
         fit_outputs.append(out)
         steps.append(read_checkpoint_meta(s1)["global_step"])
     s1_meta = read_checkpoint_meta(s1)
-    # stage 2 from stage 1 (model.init_from: runs/tiny/stage1/last.ckpt in the recipe)
+    # stage 2 from stage 1 (model.init_from: runs/tiny/stage1/last.ckpt in the recipe), validating at its step: every
+    # rank runs the same 2 val batches (under FSDP2 each forward is a collective)
     synergen(run, "fit", "--config", str(ROOT / "recipes/tiny/stage2.yaml"), *flags, *QUICK,
-             "--trainer.max_steps", "1", f"--data.init_args.batch_size={BATCH['stage2']}", ranks=ranks)
+             "--trainer.max_steps", "1", f"--data.init_args.batch_size={BATCH['stage2']}",
+             "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "1", ranks=ranks)
     # export, beside generate / answer / the text report from the checkpoint; then generate / answer from the export
     ckpt_cmds = [("generate", "--ckpt", str(s2), "--prompt", "a red circle", "--num", "1", "--out", "gen_ckpt",
                   "--device", "cpu"),
@@ -245,6 +247,8 @@ def test_fit_resume_export_generate_answer_eval(mode, walked):
         assert sorted(p.name for p in (run / f"gen_{name}").iterdir()) == ["000_00.png", "metadata.jsonl"]
     assert all(out.strip() for out in result["answers"])
     assert (run / "report/report.json").is_file()
+    events = b"".join(p.read_bytes() for p in (run / "runs/tiny/stage2").glob("events.out.tfevents.*"))
+    assert b"val/loss" in events  # stage 2 validated, on every rank
 
     # the export holds the run's weights, and its model computes the checkpoint model's logits
     exported = load_file(str(run / "exports/stage2/model.safetensors"))
