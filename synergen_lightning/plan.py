@@ -567,8 +567,8 @@ def estimate(spec: ModelSpec, shape: StepShape, *, shard: int = 1, param_dtype: 
         peaks["online tokenization"] = encoding + state["grads_fp32"]
     peak_at = max(peaks, key=peaks.get)
     transient = {"recomputed_block": recomputed.get(peak_at, 0), "chunked_ce": ce_bytes if peak_at == "loss" else 0,
-                 "fsdp_gathered": gathered.get(peak_at, 0), "tokenizer_encode": encoding if peak_at ==
-                 "online tokenization" else 0}
+                 "fsdp_gathered": gathered.get(peak_at, 0),
+                 "tokenizer_encode": encoding if peak_at == "online tokenization" else 0}
     total = state["params_fp32"] + state["adamw_fp32"] + state.get("image_tokenizer", 0) + peaks[peak_at]
     return {"parameters": n_params, "trainable": n_train, "shard": shard, "counts": c,
             "state_bytes": state, "activation_bytes": acts, "transient_bytes": transient,
