@@ -88,12 +88,12 @@ class DecoderBlock(nn.Module):
         b, t, d = h.shape
         flat = h.reshape(b * t, d)
         text = self.text_ffn(flat.index_select(0, routing.text_idx))
-        image = self.vision_ffn(flat.index_select(0, routing.image_idx))
         # in the experts' dtype, not the norm's: under autocast the norm may give fp32 (CUDA's autocast always does;
         # so does an fp32 model under bf16-mixed) while the experts' matmuls give bf16, and index_copy_ takes one dtype
         out = text.new_empty(b * t, text.shape[-1])
         out.index_copy_(0, routing.text_idx, text)
-        out.index_copy_(0, routing.image_idx, image.to(text.dtype))
+        del text  # copied: freed before the other expert runs
+        out.index_copy_(0, routing.image_idx, self.vision_ffn(flat.index_select(0, routing.image_idx)).to(out.dtype))
         return out.view(b, t, d)
 
     def forward(self, x, cos, sin, attn_mask, is_causal, routing: Routing, kv_cache=None, layer_idx=0):
