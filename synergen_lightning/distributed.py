@@ -269,12 +269,13 @@ def check_same_weights(module: nn.Module, group=None) -> None:
                          "a random seed per process under torchrun/SLURM) and load the same checkpoint on every rank")
 
 
-def hsdp_mesh(device_type: str, world_size: int, shard_size: int | None):
+def hsdp_mesh(device_type: str, world_size: int, shard_size: int | None, timeout=None):
     """The mesh `parallelize` shards over: None or at least the world size = one FSDP group of every rank; a divisor of
     the world size (e.g. the GPUs of one node) = HSDP, a (replicate, shard) mesh: parameters are sharded within
     each group of `shard_size` ranks and replicated across groups, so the per-block gathers and reduce-scatters
     stay inside a group (a node's NVLink) and only the all-reduce of each unit's gradient shard (1/shard_size of
-    it) crosses the groups."""
+    it) crosses the groups. `timeout` (a timedelta): the collective timeout of both dimensions' groups, which torch
+    creates with the backend's default (NCCL: 10 minutes) whatever the world group was given."""
     from torch.distributed.device_mesh import init_device_mesh
 
     if shard_size is None or shard_size >= world_size:  # fewer ranks than a group (e.g. one GPU): plain FSDP
@@ -282,7 +283,13 @@ def hsdp_mesh(device_type: str, world_size: int, shard_size: int | None):
     if shard_size < 1 or world_size % shard_size:
         raise ValueError(f"shard_size {shard_size} does not divide the world size {world_size} (devices x num_nodes): "
                          "use the GPUs per node (e.g. 8), another divisor, or leave it unset to shard over every rank")
-    return init_device_mesh(device_type, (world_size // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+    mesh = init_device_mesh(device_type, (world_size // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+    if timeout is not None:
+        # `set_timeout` in newer torch, `_set_pg_timeout` in older ones
+        set_timeout = getattr(dist, "set_timeout", None) or dist.distributed_c10d._set_pg_timeout
+        for dim in range(mesh.ndim):
+            set_timeout(timeout, mesh.get_group(dim))
+    return mesh
 
 
 # models sharded by `parallelize` whose units free their gathered weights after each forward (ZeRO-3), and those
@@ -448,7 +455,7 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def shard_mesh(self, mesh):
         """The mesh `SynerGenVL.configure_model` shards over: the data-parallel mesh, or the HSDP mesh of `shard_size`."""
-        return hsdp_mesh(mesh.device_type, mesh.size(), self.shard_size) or mesh
+        return hsdp_mesh(mesh.device_type, mesh.size(), self.shard_size, timeout=self._timeout) or mesh
 
     def setup_environment(self) -> None:
         # pure FSDP: one data-parallel dimension over all ranks (the parent's "auto" is nodes x 1 and

@@ -783,3 +783,29 @@ def test_callbacks_read_the_shards_after_a_no_grad_forward_left_units_whole(one_
     assert not all(isinstance(p, DTensor) for p in model.parameters())  # units left whole, in bf16
     assert guard.verify(model) == len(guard._sums)  # nothing changed, and nothing is reported
     assert all(isinstance(p, DTensor) for p in model.parameters())
+
+
+def test_hsdp_groups_take_the_strategys_collective_timeout(monkeypatch):
+    """torch creates a device mesh's groups with the backend's default timeout (NCCL: 10 minutes), whatever the world
+    group was given: both HSDP dimensions get the strategy's `timeout_minutes`, so a rank slower than 10 minutes
+    (a slow shard, a resume re-reading shard prefixes) does not abort the job. One rank of 8 over a fake group."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from synergen_lightning.distributed import FSDP2Strategy
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    set_to = []
+    monkeypatch.setattr(dist, "set_timeout", lambda timeout, group: set_to.append((timeout, group.size())),
+                        raising=False)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=8)
+    try:
+        mesh = FSDP2Strategy(shard_size=4, timeout_minutes=45).shard_mesh(init_device_mesh("cpu", (8,)))
+        assert mesh.shape == (2, 4) and mesh.mesh_dim_names == ("replicate", "shard")
+        assert set_to == [(timedelta(minutes=45), 2), (timedelta(minutes=45), 4)]
+    finally:
+        dist.destroy_process_group()
