@@ -135,6 +135,9 @@ class MixedStream(IterableDataset):
         self.bucket_batches = max(1, int(bucket_batches))
         self.by_task = {t: [s for s in sources if s.task == t] for t in TASKS if any(s.task == t for s in sources)}
         self.epoch, self.start_batch, self.cursors = 0, 0, {}
+        # read in the process that builds the stream: a worker started by spawn or forkserver (Python 3.14's default
+        # on Linux) has no process group and would take every rank for rank 0, all reading rank 0's lanes
+        self.rank_world = _rank_world()
 
     def set_start(self, epoch: int, start_batch: int, cursors: dict) -> None:
         self.epoch, self.start_batch, self.cursors = epoch, start_batch, cursors
@@ -145,7 +148,7 @@ class MixedStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker = info.id if info is not None else 0
-        rank, world = _rank_world()
+        rank, world = self.rank_world
         W = self.num_workers
         lane = (self.start_batch + worker) % W
         glane, n_lanes = rank * W + lane, world * W
@@ -242,11 +245,12 @@ class ValStream(IterableDataset):
                  pack_len: int | None = None, per_rank: int | None = None):
         self.sources, self.builder, self.batch_size, self.max_batches = sources, builder, batch_size, max_batches
         self.pack_len, self.per_rank = pack_len, per_rank
+        self.rank_world = _rank_world()  # in the building process, as MixedStream's
 
     def __iter__(self):
         info = get_worker_info()
         W, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        rank, world = _rank_world()
+        rank, world = self.rank_world
         glane, n_lanes = rank * W + worker, world * W
         counter = SkipCounter()
         if self.per_rank is None or world == 1:

@@ -490,3 +490,18 @@ def test_capped_validation_runs_as_many_batches_on_every_rank(world, monkeypatch
     with caplog.at_level(logging.WARNING):
         list(make_dm(world, val_sources=src).val_dataloader())
     assert "has no cap on its batches" in caplog.text
+
+
+def test_streams_take_their_rank_where_they_are_built_not_in_their_workers(world, monkeypatch):
+    """A DataLoader worker started by spawn or forkserver (Python 3.14's default on Linux) has no process group, and
+    would take every rank for rank 0 (every rank reading rank 0's lanes, the same batches): the streams read rank
+    and world in the process that builds them."""
+    from itertools import islice
+
+    def first_keys(built_as, iterated_as):
+        monkeypatch.setattr(mixed, "_rank_world", lambda: built_as)
+        loader = make_dm(world).train_dataloader()
+        monkeypatch.setattr(mixed, "_rank_world", lambda: iterated_as)  # what a spawned worker would see
+        return keys(list(islice(iter(loader), 3)))
+
+    assert first_keys((1, 2), (0, 1)) == first_keys((1, 2), (1, 2)) != first_keys((0, 2), (0, 2))

@@ -55,13 +55,18 @@ class ImageViewStream(IterableDataset):
         self.shards, self.size, self.max_tiles = shards, size, max_tiles
         self.random_crops, self.shuffle, self.seed = random_crops, shuffle, seed
         self.epoch = 0
+        # read in the process that builds the stream: a worker started by spawn or forkserver (Python 3.14's default
+        # on Linux) has no process group and would read rank 0's shards on every rank
+        dist = torch.distributed
+        initialized = dist.is_available() and dist.is_initialized()
+        self.rank_world = (dist.get_rank(), dist.get_world_size()) if initialized else (0, 1)
 
     def _my_shards(self) -> list[str]:
         shards = list(self.shards)
         if self.shuffle:
             random.Random(self.seed + self.epoch).shuffle(shards)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        rank, world = self.rank_world
+        if world > 1:
             shards = shards[rank::world] if len(shards) >= world else shards
         info = get_worker_info()
         if info is not None:
