@@ -497,16 +497,19 @@ class MixedDataModule(L.LightningDataModule):
     # ---- stream state ------------------------------------------------------------------------
     def _prepare_epoch(self, stream: MixedStream) -> None:
         st = self._state
+        # a changed lane layout keeps the epoch's batch count (Lightning's loop resumes at that batch, and an epoch's
+        # last checkpoint goes on to the next epoch) and reads every lane's stream afresh
         if st["batches"] > 0 and st["num_workers"] != stream.num_workers:
-            log.warning("num_workers changed from %d to %d since the checkpoint: the lanes differ, so epoch %d restarts "
-                        "its stream (samples of its first %d batches may repeat)", st["num_workers"], stream.num_workers,
-                        st["epoch"], st["batches"])
-            st.update(batches=0, lanes={})
+            log.warning("num_workers changed from %d to %d since the checkpoint: the lanes differ, so epoch %d goes on "
+                        "from batch %d with every lane's stream read afresh (samples of the epoch's first batches may "
+                        "repeat)", st["num_workers"], stream.num_workers, st["epoch"], st["batches"])
+            st.update(lanes={})
         if st["batches"] > 0 and st.get("bucket_batches", 1) != stream.bucket_batches:
             log.warning("bucket_batches changed from %d to %d since the checkpoint: the lanes' groups differ, so epoch %d "
-                        "restarts its stream (samples of its first %d batches may repeat)", st.get("bucket_batches", 1),
-                        stream.bucket_batches, st["epoch"], st["batches"])
-            st.update(batches=0, lanes={})
+                        "goes on from batch %d with every lane's stream read afresh (samples of the epoch's first "
+                        "batches may repeat)", st.get("bucket_batches", 1), stream.bucket_batches, st["epoch"],
+                        st["batches"])
+            st.update(lanes={})
         if st["batches"] >= stream.steps_per_epoch:
             st.update(epoch=st["epoch"] + 1, batches=0, lanes={})
         st["num_workers"], st["bucket_batches"] = stream.num_workers, stream.bucket_batches
@@ -555,10 +558,11 @@ class MixedDataModule(L.LightningDataModule):
         batches, lanes = int(state_dict["batches"]), state_dict["lanes"]
         saved_world = int(state_dict.get("world_size", world))
         if saved_world != world and batches > 0:
-            log.warning("the world size changed from %d to %d since the checkpoint: the lanes differ, so epoch %d "
-                        "restarts its stream (samples of its first %d batches may repeat)", saved_world, world,
-                        int(state_dict["epoch"]), batches)
-            batches, lanes = 0, {}
+            # the epoch's batch count stays (Lightning's loop resumes at that batch); the lanes start afresh
+            log.warning("the world size changed from %d to %d since the checkpoint: the lanes differ, so epoch %d goes "
+                        "on from batch %d with every lane's stream read afresh (samples of the epoch's first batches "
+                        "may repeat)", saved_world, world, int(state_dict["epoch"]), batches)
+            lanes = {}
         elif "lanes_by_rank" in state_dict:
             lanes = state_dict["lanes_by_rank"][rank]
         self._state = {"epoch": int(state_dict["epoch"]), "batches": batches,

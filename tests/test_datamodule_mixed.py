@@ -348,15 +348,27 @@ def test_two_rank_resume_continues_every_rank_stream(world, tmp_path):
         assert r["resumed"] == r["full"]
 
 
-def test_resume_at_another_world_size_restarts_the_epoch_stream(world, monkeypatch, caplog):
+def test_resume_at_another_world_size_goes_on_from_the_epochs_batch_with_fresh_lanes(world, monkeypatch, caplog):
+    """Lightning's loop resumes at the checkpoint's batch whatever the world size: the stream goes on from there (its
+    lanes, which differ, read afresh), so the epoch ends where Lightning's does, and an epoch's last checkpoint goes
+    on to the next epoch instead of replaying it."""
     dm = make_dm(world)
     run(dm, 3)
     state = dm.state_dict()
     monkeypatch.setattr(mixed, "_rank_world", lambda: (0, 2))
     resumed = make_dm(world)
     resumed.load_state_dict(state)
-    assert "world size changed from 1 to 2" in caplog.text
-    assert resumed.state_dict()["batches"] == 0 and resumed.state_dict()["epoch"] == 0
+    assert "world size changed from 1 to 2" in caplog.text and "goes on from batch 3" in caplog.text
+    assert (resumed.state_dict()["batches"], resumed.state_dict()["epoch"], resumed.state_dict()["lanes"]) == (3, 0, {})
+    assert len(run(resumed)) == 6 - 3  # the rest of the epoch (steps_per_epoch 6)
+    monkeypatch.setattr(mixed, "_rank_world", lambda: (0, 1))
+    done = make_dm(world)
+    run(done)  # a whole epoch
+    monkeypatch.setattr(mixed, "_rank_world", lambda: (0, 2))
+    nxt = make_dm(world)
+    nxt.load_state_dict(done.state_dict())
+    run(nxt, 1)
+    assert nxt.state_dict()["epoch"] == 1  # the next epoch, not the finished one again
 
 
 def test_fewer_shards_than_lanes_is_one_warning_per_source(world, monkeypatch, caplog):
@@ -458,12 +470,12 @@ def test_resume_inside_a_length_bucket_group(world, mixed_lengths, num_workers):
             assert torch.equal(a["input_ids"], b["input_ids"])
 
 
-def test_changed_bucket_batches_restart_the_epoch_stream(world, mixed_lengths, caplog):
+def test_changed_bucket_batches_go_on_from_the_epochs_batch(world, mixed_lengths, caplog):
     dm = make_dm(world, mixed_lengths, bucket_batches=4, **BUCKET_ARGS)
     run(dm, 3)
     resumed = make_dm(world, mixed_lengths, bucket_batches=2, **BUCKET_ARGS)
     resumed.load_state_dict(dm.state_dict())
-    assert len(run(resumed)) == BUCKET_ARGS["steps_per_epoch"]
+    assert len(run(resumed)) == BUCKET_ARGS["steps_per_epoch"] - 3
     assert "bucket_batches changed from 4 to 2" in caplog.text
 
 
