@@ -6,7 +6,8 @@ processes and FSDP2 over 2 processes, on a miniature shape world with the shippe
 
 and the exported model's logits equal the checkpoint's. A one-process or DDP run writes a single-file `last.ckpt`
 whose `hyper_parameters` carry LightningCLI's own keys (`_class_path`, `_instantiator`); an FSDP2 run writes a
-sharded `last.ckpt/` directory. Beside them, in `make test-all`, the paper-scale user's path: the 2b recipes as
+sharded `last.ckpt/` directory. The DDP path reads its checkpoint through the export (the file is the one a
+one-process run writes, which the one-process path's commands read directly). Beside them, in `make test-all`, the paper-scale user's path: the 2b recipes as
 shipped, stage 1 -> stage 2 -> SFT under FSDP2 (2 processes, then SFT on one) on stand-ins of their models and data,
 then export, generate and answer (`make test` runs that chain in one process through tests/test_gpu_check.py).
 
@@ -127,8 +128,10 @@ def user_path(world: Path, run: Path, mode: str) -> dict:
     synergen(run, "fit", "--config", str(ROOT / "recipes/tiny/stage2.yaml"), *flags, *QUICK,
              "--trainer.max_steps", "1", f"--data.init_args.batch_size={BATCH['stage2']}",
              "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "1", ranks=ranks)
-    # export, beside generate / answer / the text report from the checkpoint; then generate / answer from the export
-    ckpt_cmds = [("generate", "--ckpt", str(s2), "--prompt", "a red circle", "--num", "1", "--out", "gen_ckpt",
+    # export, beside generate / answer / the text report from the checkpoint; then generate / answer from the export.
+    # A DDP run's checkpoint is the single file a one-process run writes (whose path runs those commands on it): it is
+    # read through the export
+    ckpt_cmds = [] if mode == "ddp" else [("generate", "--ckpt", str(s2), "--prompt", "a red circle", "--num", "1", "--out", "gen_ckpt",
                   "--device", "cpu"),
                  ("answer", "--ckpt", str(s2), "--image", str(world / "scene.png"), "--question",
                   "How many shapes are there?", "--max-new-tokens", "4", "--device", "cpu"),
@@ -146,10 +149,10 @@ def user_path(world: Path, run: Path, mode: str) -> dict:
 
     with ThreadPoolExecutor(1 + len(ckpt_cmds)) as pool:
         from_export = pool.submit(export_then_use)
-        outs = list(pool.map(lambda a: synergen(run, *a), ckpt_cmds))
-        outs += from_export.result()
+        outs = dict(zip(ckpt_cmds, pool.map(lambda a: synergen(run, *a), ckpt_cmds)))
+        outs |= dict(zip(export_cmds, from_export.result()))
     return {"steps": steps, "fit_outputs": fit_outputs, "s1": s1, "s1_hparams": s1_meta["hyper_parameters"], "s2": s2,
-            "answers": outs[1::3]}
+            "answers": [out for cmd, out in outs.items() if cmd[0] == "answer"], "from_checkpoint": bool(ckpt_cmds)}
 
 
 @pytest.fixture(scope="module")
@@ -243,10 +246,11 @@ def test_fit_resume_export_generate_answer_eval(mode, walked):
         assert not [line for line in out.splitlines() if any(n in line for n in LIGHTNING_NOISE)], out[-3000:]
     assert result["s1"].is_dir() == (mode == "fsdp2")  # FSDP2 writes a sharded directory, the others one file
     assert "_class_path" in result["s1_hparams"]  # what made loaders that rebuilt SynerGenVL(**hparams) fail
-    for name in ("ckpt", "export"):
+    for name in ("ckpt", "export") if result["from_checkpoint"] else ("export",):
         assert sorted(p.name for p in (run / f"gen_{name}").iterdir()) == ["000_00.png", "metadata.jsonl"]
+    assert len(result["answers"]) == (2 if result["from_checkpoint"] else 1)
     assert all(out.strip() for out in result["answers"])
-    assert (run / "report/report.json").is_file()
+    assert (run / "report/report.json").is_file() == result["from_checkpoint"]
     events = b"".join(p.read_bytes() for p in (run / "runs/tiny/stage2").glob("events.out.tfevents.*"))
     assert b"val/loss" in events  # stage 2 validated, on every rank
 
