@@ -50,14 +50,9 @@ from synergen_lightning.data.sources import (
     iter_shard,
     lane_share,
 )
+from synergen_lightning.data.sources import rank_world as _rank_world
 
 log = logging.getLogger(__name__)
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _gather_from_ranks(value: Any) -> list | None:

@@ -48,6 +48,7 @@ The CUDA caching allocator adds fragmentation on top: `--margin` (default 20%) i
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import weakref
@@ -361,7 +362,7 @@ def probe_activations(spec: ModelSpec, compute: str = "fp32") -> dict:
     key = (json.dumps(asdict(spec), sort_keys=True), compute)
     if key not in _PROBES:
         _PROBES[key] = measure_activations(spec, compute)
-    return json.loads(json.dumps(_PROBES[key]))
+    return copy.deepcopy(_PROBES[key])
 
 
 _PROBES: dict[tuple[str, str], dict] = {}

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from synergen_lightning.data.sources import SkipCounter, expand_urls, iter_shard
+from synergen_lightning.data.sources import SkipCounter, expand_urls, iter_shard, rank_world
 from synergen_lightning.data.views import decode_image, dynamic_tiles, generation_view, to_rgb, to_uint8_tensor
 
 log = logging.getLogger(__name__)
@@ -57,9 +57,7 @@ class ImageViewStream(IterableDataset):
         self.epoch = 0
         # read in the process that builds the stream: a worker started by spawn or forkserver (Python 3.14's default
         # on Linux) has no process group and would read rank 0's shards on every rank
-        dist = torch.distributed
-        initialized = dist.is_available() and dist.is_initialized()
-        self.rank_world = (dist.get_rank(), dist.get_world_size()) if initialized else (0, 1)
+        self.rank_world = rank_world()
 
     def _my_shards(self) -> list[str]:
         shards = list(self.shards)

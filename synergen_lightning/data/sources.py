@@ -596,6 +596,16 @@ def finite_samples(shards: list[str], counter: SkipCounter) -> Iterator[dict]:
         yield from iter_shard(url, counter)
 
 
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process's group; (0, 1) without one. A stream reads it where it is built: a
+    DataLoader worker started by spawn or forkserver has no process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def lane_share(shards: list[str], lane: int, n_lanes: int) -> tuple[list[str], tuple[int, int] | None]:
     """(shards, sample stride) of one lane: a disjoint shard partition when there are enough shards to go round
     (stride None); otherwise every shard, of which the lane keeps every n_lanes-th sample from the lane-th on
