@@ -1,6 +1,7 @@
 """VQ model, VQTokenizer LightningModule, ImageShardDataModule and pretokenize on tiny self-made shards."""
 
 import io
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -87,6 +88,76 @@ def test_undecodable_samples_are_skipped_and_counted(tmp_path):
     assert sum(b["n_skipped"] for b in batches) == 5
     assert sum(len(b["pixel_values"]) for b in batches) == 15 * 5  # generation view + 2x2 tiles per good image
     assert batches[0]["pixel_values"].dtype == torch.uint8
+
+
+def _rank_batches(shards: Path, rank: int, workers: int, **kwargs) -> list[dict]:
+    """One epoch of rank `rank` of 2, as that rank's DataLoader gives it."""
+    from synergen_lightning.data.image_stream import ImageViewStream, collate_views
+
+    stream = ImageViewStream(sorted(map(str, shards.glob("*.tar"))), 32, 4, 1, shuffle=True, **kwargs)
+    stream.rank_world = (rank, 2)  # as read in a rank's process
+    loader = torch.utils.data.DataLoader(stream, batch_size=kwargs.get("batch_size", 1), num_workers=workers,
+                                         collate_fn=collate_views)
+    return list(loader)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_every_rank_trains_the_same_number_of_batches_from_shards_of_unequal_length(tmp_path, workers):
+    """Over 2 ranks a rank's epoch is `epoch_batches` full batches of its own shards, however long they are (one
+    rank holding 1 image, the other 12), so no rank ends its epoch while another still trains."""
+    write_toy_shards(tmp_path / "s", 13, per_shard=12, seed=3)  # shard 0: 12 images, shard 1: 1 image
+    epochs = {rank: _rank_batches(tmp_path / "s", rank, workers, epoch_batches=5, batch_size=4) for rank in (0, 1)}
+    for rank, batches in epochs.items():
+        assert [len(b["pixel_values"]) for b in batches] == [4] * 5, rank
+    one_pass = {rank: sum(len(b["pixel_values"]) for b in _rank_batches(tmp_path / "s", rank, 0, batch_size=4))
+                for rank in (0, 1)}
+    assert sorted(one_pass.values()) == [6, 72]  # 5 views + 1 random crop per image: the ranks' passes differ
+
+
+def test_a_rank_whose_shards_hold_no_decodable_image_says_so(tmp_path):
+    write_toy_shards(tmp_path / "s", 4, per_shard=2, corrupt_every=1)
+    with pytest.raises(ValueError, match="no decodable image in the 1 image shard"):
+        _rank_batches(tmp_path / "s", 0, 0, epoch_batches=2, batch_size=4)
+
+
+def test_the_image_datamodule_gives_ranks_the_runs_length_as_their_epoch(tmp_path):
+    from types import SimpleNamespace
+
+    write_toy_shards(tmp_path / "s", 4, per_shard=2)
+    dm = ImageShardDataModule(str(tmp_path / "s"), str(tmp_path / "s"), size=32, batch_size=4, num_workers=0)
+    dm.trainer = SimpleNamespace(world_size=2, max_steps=30, accumulate_grad_batches=2)
+    dm.setup("fit")
+    assert dm.train_set.epoch_batches == 60
+    dm.trainer = SimpleNamespace(world_size=2, max_steps=-1, accumulate_grad_batches=1)
+    with pytest.raises(ValueError, match="set trainer.max_steps .* or data.init_args.batches_per_epoch"):
+        dm.setup("fit")
+    dm.trainer = SimpleNamespace(world_size=1, max_steps=30, accumulate_grad_batches=1)
+    dm.setup("fit")
+    assert dm.train_set.epoch_batches is None  # one process: an epoch is one pass
+
+
+def _gather_views(rank: int, store_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from synergen_lightning.image_tokenizer.vq_tokenizer import views_on_rank_zero
+
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
+    try:
+        mine = [torch.full((n, 3, 4, 4), 10 * rank + i, dtype=torch.uint8) for i, n in enumerate((2, 1))]
+        got = views_on_rank_zero(mine)
+        none = views_on_rank_zero([] if rank == 1 else mine[:1])  # a rank that kept no view
+        torch.save({"got": got, "none": none}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rfid_sees_the_views_of_every_rank(tmp_path):
+    """Over 2 ranks (each validates its own shards) rank 0 holds every rank's views for the rFID, in rank order."""
+    torch.multiprocessing.spawn(_gather_views, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r1 == {"got": None, "none": None}
+    assert r0["got"][:, 0, 0, 0].tolist() == [0, 0, 1, 10, 10, 11] and r0["got"].shape[1:] == (3, 4, 4)
+    assert r0["none"][:, 0, 0, 0].tolist() == [0, 0]
 
 
 def test_missing_shards_error_names_the_path(tmp_path):

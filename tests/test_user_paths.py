@@ -295,3 +295,33 @@ def test_the_2b_recipes_chain_trains_what_each_stage_says(walked):
         "sft": {"attention": True, "text_ffn": True, "vision_ffn": True}}
     pngs = sorted((run / "generated").glob("*.png"))
     assert len(pngs) == 2 and all(Image.open(p).size == (RECIPES_2B_IMAGE_SIZE,) * 2 for p in pngs)
+
+
+@pytest.mark.slow  # `make test-all`
+@pytest.mark.e2e
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+def test_the_tokenizer_trains_over_two_ranks_on_shards_of_unequal_length_then_is_evaluated(tmp_path):
+    """`synergen fit` of the tiny tokenizer recipe under DDP on 2 processes, one rank's shard holding 1 image and the
+    other's 12, validating at every epoch end: the ranks' epochs end at the same step (a rank that ran out of
+    shards first would enter validation's collectives while the other still trains), then `synergen eval tokenizer`
+    measures the checkpoint it wrote."""
+    import json
+
+    from tests.toy_shards import write_toy_shards
+
+    write_toy_shards(tmp_path / "train", 13, per_shard=12, seed=1)
+    write_toy_shards(tmp_path / "val", 4, per_shard=2, seed=2)
+    out = synergen(tmp_path, "fit", "--config", str(ROOT / "recipes/tiny/tokenizer.yaml"), "--trainer.devices", "2",
+                   "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.max_steps", "6",
+                   "--trainer.val_check_interval", "null", "--trainer.check_val_every_n_epoch", "1",
+                   "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", "runs",
+                   "--data.init_args.train_shards", "train", "--data.init_args.val_shards", "val",
+                   "--data.init_args.num_workers", "0", "--data.init_args.batch_size", "4", ranks=2)
+    assert "`max_steps=6` reached" in out
+    ckpt = tmp_path / "runs/tokenizer/checkpoints/last.ckpt"
+    assert torch.load(ckpt, weights_only=False)["global_step"] == 6
+    synergen(tmp_path, "eval", "tokenizer", "--tokenizer", str(ckpt), "--shards", "val", "--image-size", "64",
+             "--json", "tok.json")
+    figures = json.loads((tmp_path / "tok.json").read_text())
+    assert figures["views"] == 4 * 5 and 0 < figures["codebook_usage"] <= 1

@@ -49,52 +49,97 @@ def image_views(img: Image.Image, size: int, max_tiles: int, random_crops: int =
 
 
 class ImageViewStream(IterableDataset):
-    """Streams views of every image in the shards; shards split across workers (and ranks when shuffling)."""
+    """Streams views of every image in the shards, split across ranks and dataloader workers.
 
-    def __init__(self, shards: list[str], size: int, max_tiles: int, random_crops: int, shuffle: bool, seed: int = 0):
+    `epoch_batches` (training over several ranks): each rank's workers cycle through the rank's shards, reshuffled
+    every pass, and together yield exactly `epoch_batches` batches of `batch_size` views per epoch, the same on every
+    rank. Shards differ in length, so one pass would end a rank's epoch while another still trains, and the first
+    rank would then wait forever in a collective (the epoch-end checkpoint) that the others call at another step."""
+
+    def __init__(self, shards: list[str], size: int, max_tiles: int, random_crops: int, shuffle: bool, seed: int = 0,
+                 epoch_batches: int | None = None, batch_size: int = 1):
+        if epoch_batches is not None and (int(epoch_batches) < 1 or int(batch_size) < 1):
+            raise ValueError(f"epoch_batches {epoch_batches} and batch_size {batch_size} must be >= 1")
         self.shards, self.size, self.max_tiles = shards, size, max_tiles
         self.random_crops, self.shuffle, self.seed = random_crops, shuffle, seed
+        self.epoch_batches, self.batch_size = epoch_batches, int(batch_size)
         self.epoch = 0
         # read in the process that builds the stream: a worker started by spawn or forkserver (Python 3.14's default
         # on Linux) has no process group and would read rank 0's shards on every rank
         self.rank_world = rank_world()
 
     def _my_shards(self) -> list[str]:
+        """This rank's and worker's shards: a fixed split (the same permutation on every rank when shuffling)."""
         shards = list(self.shards)
         if self.shuffle:
-            random.Random(self.seed + self.epoch).shuffle(shards)
+            random.Random(self.seed).shuffle(shards)
         rank, world = self.rank_world
         if world > 1:
             shards = shards[rank::world] if len(shards) >= world else shards
         info = get_worker_info()
-        if info is not None:
-            shards = shards[info.id :: info.num_workers] if len(shards) >= info.num_workers else (shards if info.id == 0 else [])
+        if info is not None and info.num_workers > 1:
+            if len(shards) >= info.num_workers:
+                shards = shards[info.id :: info.num_workers]
+            elif self.epoch_batches is None:  # one pass: a shard read by two workers would be seen twice
+                shards = shards if info.id == 0 else []
         return shards
+
+    def _quota(self) -> int | None:
+        """Views this worker yields this epoch: its share of `epoch_batches` (None: one pass over its shards)."""
+        if self.epoch_batches is None:
+            return None
+        info = get_worker_info()
+        workers, wid = (info.num_workers, info.id) if info is not None else (1, 0)
+        return (self.epoch_batches // workers + (wid < self.epoch_batches % workers)) * self.batch_size
+
+    def _views(self, rng: random.Random, counter: SkipCounter):
+        """(views of one image, samples skipped before it), pass after pass when `epoch_batches` is set."""
+        shards = self._my_shards()
+        while True:
+            if self.shuffle:  # a new order each pass and epoch (rng differs per worker and epoch)
+                rng.shuffle(shards)
+            pending, decoded = 0, False
+            for sample in (s for url in shards for s in iter_shard(url, counter)):
+                img = decode_image(sample)
+                if img is None:
+                    pending += 1
+                    continue
+                decoded = True
+                crops = self.random_crops if self.shuffle else 0
+                yield to_uint8_tensor(image_views(img, self.size, self.max_tiles, crops, rng)), pending
+                pending = 0
+            if pending:
+                yield [], pending
+            if self.epoch_batches is None:
+                return
+            if not decoded:  # another pass would find none either
+                raise ValueError(f"no decodable image in the {len(shards)} image shard(s) of this rank and worker "
+                                 f"({', '.join(shards[:3]) or 'none'}: {pending} undecodable samples, shards skipped "
+                                 f"{dict(counter.counts)}): fix the shards or the train_shards pattern")
 
     def __iter__(self):
         # torch.initial_seed() differs per worker and per epoch (non-persistent workers are re-created each epoch)
         rng = random.Random(hash((self.seed, self.epoch, torch.initial_seed())))
         self.epoch += 1
-        pending = 0
+        quota = self._quota()
+        pending, sent = 0, 0
         buffer: list[torch.Tensor] = []
         counter = SkipCounter()  # shards lost whole or in part (missing, cut, unreachable): logged once at the end
-        for sample in (s for url in self._my_shards() for s in iter_shard(url, counter)):
-            img = decode_image(sample)
-            if img is None:
-                pending += 1
-                continue
-            views = to_uint8_tensor(image_views(img, self.size, self.max_tiles, self.random_crops if self.shuffle else 0, rng))
+        for views, skipped in self._views(rng, counter):
+            pending += skipped
             buffer.extend(views)
             if self.shuffle and len(buffer) < 512:  # small shuffle buffer across images
                 continue
             if self.shuffle:
                 rng.shuffle(buffer)
-            while buffer and (not self.shuffle or len(buffer) > 256):
+            while buffer and (not self.shuffle or len(buffer) > 256) and sent != quota:
                 yield {"pixel_values": buffer.pop(), "n_skipped": pending}
-                pending = 0
+                pending, sent = 0, sent + 1
+            if sent == quota:
+                break
         if self.shuffle:
             rng.shuffle(buffer)
-        for view in buffer:
+        for view in buffer[: None if quota is None else quota - sent]:
             yield {"pixel_values": view, "n_skipped": pending}
             pending = 0
         if pending:  # skips after the last view still get counted

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
@@ -298,7 +299,7 @@ class VQTokenizer(L.LightningModule):
         real, fake = (x.float() + 1) / 2, (recon.float().clamp(-1, 1) + 1) / 2
         self.val_psnr(fake, real)
         self.val_ssim(fake, real)
-        self.log("val/recon_l1", F.l1_loss(fake, real), prog_bar=False, batch_size=x.shape[0])
+        self.log("val/recon_l1", F.l1_loss(fake, real), prog_bar=False, batch_size=x.shape[0], sync_dist=True)
         self.log_dict({"val/psnr": self.val_psnr, "val/ssim": self.val_ssim}, prog_bar=True, batch_size=x.shape[0])
         self._val_code_counts += torch.bincount(codes.flatten(), minlength=self.codebook_size)
         if batch_idx == 0:
@@ -311,8 +312,9 @@ class VQTokenizer(L.LightningModule):
         counts = self.all_gather(self._val_code_counts)
         counts = counts.sum(0) if counts.ndim == 2 else counts
         usage, perplexity = codebook_stats(counts)
-        self.log("val/codebook_usage", usage, prog_bar=True, sync_dist=False)
-        self.log("val/perplexity", perplexity, sync_dist=False)
+        # the same on every rank (counts gathered above): the mean over ranks is that value
+        self.log("val/codebook_usage", usage, prog_bar=True, sync_dist=True)
+        self.log("val/perplexity", perplexity, sync_dist=True)
         self._log_rfid()
 
     def _log_grid(self, real: Tensor, fake: Tensor) -> None:
@@ -334,9 +336,24 @@ class VQTokenizer(L.LightningModule):
             return
         if not Path(path).is_file():
             raise FileNotFoundError(f"fid_inception_weights {path!r} does not exist; give a local Inception weights file or set it to null")
-        if not self._fid_real:
-            return
-        self.log("val/rfid", rfid(torch.cat(self._fid_real), torch.cat(self._fid_fake), path))
+        # every rank validated its own shards: the FID of all their views (not a mean of per-rank FIDs), on rank 0
+        real, fake = views_on_rank_zero(self._fid_real), views_on_rank_zero(self._fid_fake)
+        if real is not None and len(real):
+            self.log("val/rfid", rfid(real, fake, path), rank_zero_only=True)
+
+
+def views_on_rank_zero(chunks: list[Tensor]) -> Tensor | None:
+    """The uint8 views [N, 3, H, W] every rank kept, concatenated on rank 0 in rank order (None on the other ranks;
+    a collective: every rank calls it); in one process this process's own."""
+    local = torch.cat(chunks) if chunks else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return local
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(local, parts, dst=0)
+    if parts is None:
+        return None
+    parts = [p for p in parts if len(p)]
+    return torch.cat(parts) if parts else local
 
 
 def clamp_aware(recon: Tensor, x: Tensor) -> Tensor:
