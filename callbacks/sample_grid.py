@@ -10,6 +10,7 @@ noise. Recipe lines (callbacks of the trainer):
 from __future__ import annotations
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 from synergen_lightning.eval.grid import image_grid
@@ -51,20 +52,20 @@ class SampleGridLogger(Callback):
 
     def _log(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = trainer.global_step
-        if step in self.logged_steps:
+        if step in self.logged_steps:  # later micro-batches of the step (gradient accumulation), or the end of training
             return
-        grid = self.make_grid(pl_module)  # on every rank: a sharded (FSDP) model needs all ranks in the forward
-        if not trainer.is_global_zero:
-            self.logged_steps.append(step)
-            return
-        experiment = getattr(trainer.logger, "experiment", None)
-        if experiment is None or not hasattr(experiment, "add_image"):
-            rank_zero_warn("SampleGridLogger: the trainer has no TensorBoard logger; no grid logged")
-            return
-        experiment.add_image(self.tag, grid, global_step=step)
-        experiment.add_text(f"{self.tag}/prompts", " | ".join(f"row {i}: {p}" for i, p in enumerate(self.prompts)),
-                            global_step=step)
+        # every rank takes the same branches: under FSDP each grid is a sharded generation that all ranks run together
         self.logged_steps.append(step)
+        board = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        if board is None:
+            if len(self.logged_steps) == 1:
+                rank_zero_warn("SampleGridLogger: the trainer has no TensorBoard logger; no grid logged")
+            return
+        grid = self.make_grid(pl_module)
+        if trainer.is_global_zero:
+            board.experiment.add_image(self.tag, grid, global_step=step)
+            board.experiment.add_text(f"{self.tag}/prompts",
+                                      " | ".join(f"row {i}: {p}" for i, p in enumerate(self.prompts)), global_step=step)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step

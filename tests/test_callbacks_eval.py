@@ -106,6 +106,28 @@ def test_grids_are_reproducible_for_fixed_seeds():
     assert not torch.equal(a[:, :, :18], a[:, :, 18:36])  # the two seeds differ
 
 
+@pytest.mark.parametrize("board", [True, False], ids=["tensorboard", "csv logger"])
+def test_every_rank_draws_the_same_grids_under_accumulation_and_at_the_end(tmp_path, monkeypatch, board):
+    """A grid is a generation every rank runs together (FSDP gathers): each rank draws at the same steps, once per
+    step whatever the micro-batches and the end of training, and none draws where nothing would log it."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    drawn = {0: [], 1: []}
+    for rank in (0, 1):
+        cb = SampleGridLogger(prompts=["a red circle"], every_n_steps=2)
+        trainer = SimpleNamespace(global_step=0, is_global_zero=rank == 0, loggers=[
+            TensorBoardLogger(tmp_path / str(rank)) if board else CSVLogger(tmp_path / str(rank))])
+        monkeypatch.setattr(cb, "make_grid", lambda module, r=rank, t=trainer: drawn[r].append(t.global_step)
+                            or torch.zeros(3, 4, 4))
+        for step in (1, 1, 2, 2, 3, 3, 4, 4):  # two micro-batches a step
+            trainer.global_step = step
+            cb.on_train_batch_end(trainer, None, None, None, 0)
+        cb.on_train_end(trainer, None)
+    assert drawn == ({0: [2, 4], 1: [2, 4]} if board else {0: [], 1: []})
+
+
 def test_evaluator_refuses_missing_inputs(tmp_path):
     with pytest.raises(ValueError, match="nothing to run"):
         PeriodicEvaluator(every_n_steps=2)
