@@ -114,9 +114,33 @@ def test_every_rank_trains_the_same_number_of_batches_from_shards_of_unequal_len
     assert sorted(one_pass.values()) == [6, 72]  # 5 views + 1 random crop per image: the ranks' passes differ
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_and_workers_share_fewer_shards_than_they_are_without_repeating_a_sample(tmp_path, workers):
+    """One shard of 5 images over 2 ranks (x 2 workers): one pass of validation sees every image once across the
+    lanes, and in training the ranks' batches are their own (not the same views drawn alike on every rank)."""
+    import hashlib
+
+    write_toy_shards(tmp_path / "s", 5, per_shard=5, seed=4)
+    from synergen_lightning.data.image_stream import ImageViewStream
+
+    def views(rank: int, world: int, shuffle: bool, **kw) -> list[str]:
+        stream = ImageViewStream([str(tmp_path / "s/shard-000000.tar")], 32, 4, 1, shuffle=shuffle, **kw)
+        stream.rank_world = (rank, world)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers if world > 1 else 0)
+        return [hashlib.sha1(v["pixel_values"].numpy().tobytes()).hexdigest() for v in loader
+                if v["pixel_values"] is not None]
+
+    everything = views(0, 1, False)
+    assert len(everything) == 5 * 5
+    per_rank = [views(rank, 2, False) for rank in (0, 1)]
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(everything)
+    trained = [views(rank, 2, True, epoch_batches=4, batch_size=2) for rank in (0, 1)]
+    assert len(trained[0]) == len(trained[1]) == 8 and trained[0] != trained[1]
+
+
 def test_a_rank_whose_shards_hold_no_decodable_image_says_so(tmp_path):
     write_toy_shards(tmp_path / "s", 4, per_shard=2, corrupt_every=1)
-    with pytest.raises(ValueError, match="no decodable image in the 1 image shard"):
+    with pytest.raises(ValueError, match="no decodable image in lane 0 of 2"):
         _rank_batches(tmp_path / "s", 0, 0, epoch_batches=2, batch_size=4)
 
 

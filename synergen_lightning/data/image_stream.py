@@ -68,21 +68,24 @@ class ImageViewStream(IterableDataset):
         # on Linux) has no process group and would read rank 0's shards on every rank
         self.rank_world = rank_world()
 
-    def _my_shards(self) -> list[str]:
-        """This rank's and worker's shards: a fixed split (the same permutation on every rank when shuffling)."""
+    def _lane(self) -> tuple[int, int]:
+        """(this rank's and dataloader worker's lane, lanes in all)."""
+        rank, world = self.rank_world
+        info = get_worker_info()
+        workers, wid = (info.num_workers, info.id) if info is not None else (1, 0)
+        return rank * workers + wid, world * workers
+
+    def _my_shards(self) -> tuple[list[tuple[int, str]], int, int]:
+        """This lane's (shard index, shard) and which samples of them it keeps (lane, lanes): whole shards when
+        there are at least as many as lanes (the same permutation on every rank when shuffling), else every lane
+        reads every shard and keeps sample j of shard k where (k + j) % lanes == lane."""
         shards = list(self.shards)
         if self.shuffle:
             random.Random(self.seed).shuffle(shards)
-        rank, world = self.rank_world
-        if world > 1:
-            shards = shards[rank::world] if len(shards) >= world else shards
-        info = get_worker_info()
-        if info is not None and info.num_workers > 1:
-            if len(shards) >= info.num_workers:
-                shards = shards[info.id :: info.num_workers]
-            elif self.epoch_batches is None:  # one pass: a shard read by two workers would be seen twice
-                shards = shards if info.id == 0 else []
-        return shards
+        lane, lanes = self._lane()
+        if len(shards) >= lanes:
+            return list(enumerate(shards))[lane::lanes], 0, 1
+        return list(enumerate(shards)), lane, lanes
 
     def _quota(self) -> int | None:
         """Views this worker yields this epoch: its share of `epoch_batches` (None: one pass over its shards)."""
@@ -94,32 +97,38 @@ class ImageViewStream(IterableDataset):
 
     def _views(self, rng: random.Random, counter: SkipCounter):
         """(views of one image, samples skipped before it), pass after pass when `epoch_batches` is set."""
-        shards = self._my_shards()
+        shards, lane, lanes = self._my_shards()
         while True:
-            if self.shuffle:  # a new order each pass and epoch (rng differs per worker and epoch)
+            if self.shuffle:  # a new order each pass and epoch (rng differs per lane and epoch)
                 rng.shuffle(shards)
             pending, decoded = 0, False
-            for sample in (s for url in shards for s in iter_shard(url, counter)):
-                img = decode_image(sample)
-                if img is None:
-                    pending += 1
-                    continue
-                decoded = True
-                crops = self.random_crops if self.shuffle else 0
-                yield to_uint8_tensor(image_views(img, self.size, self.max_tiles, crops, rng)), pending
-                pending = 0
+            for k, url in shards:
+                for j, sample in enumerate(iter_shard(url, counter)):
+                    if (k + j) % lanes != lane:
+                        continue
+                    img = decode_image(sample)
+                    if img is None:
+                        pending += 1
+                        continue
+                    decoded = True
+                    crops = self.random_crops if self.shuffle else 0
+                    yield to_uint8_tensor(image_views(img, self.size, self.max_tiles, crops, rng)), pending
+                    pending = 0
             if pending:
                 yield [], pending
             if self.epoch_batches is None:
                 return
             if not decoded:  # another pass would find none either
-                raise ValueError(f"no decodable image in the {len(shards)} image shard(s) of this rank and worker "
-                                 f"({', '.join(shards[:3]) or 'none'}: {pending} undecodable samples, shards skipped "
-                                 f"{dict(counter.counts)}): fix the shards or the train_shards pattern")
+                named = ", ".join(url for _, url in shards[:3]) or "none"
+                raise ValueError("no decodable image in lane {} of {} (rank x dataloader worker)".format(*self._lane()) +
+                                 f" of the {len(shards)} image shard(s) ({named}: {pending} undecodable samples, shards "
+                                 f"skipped {dict(counter.counts)}): fix the shards or the train_shards pattern, or use "
+                                 "fewer workers")
 
     def __iter__(self):
-        # torch.initial_seed() differs per worker and per epoch (non-persistent workers are re-created each epoch)
-        rng = random.Random(hash((self.seed, self.epoch, torch.initial_seed())))
+        # torch.initial_seed() differs per worker and per epoch (non-persistent workers are re-created each epoch), not
+        # per rank (every rank is seeded alike): the lane makes each rank's views its own
+        rng = random.Random(hash((self.seed, self.epoch, torch.initial_seed(), self._lane())))
         self.epoch += 1
         quota = self._quota()
         pending, sent = 0, 0
