@@ -137,10 +137,37 @@ def model_hparams(path: str | Path, cls: type) -> dict:
     return constructor_kwargs(cls, hp)
 
 
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def inference_dtype(name: str | torch.dtype | None, device: str | torch.device | None) -> torch.dtype | None:
+    """The parameters' dtype for inference: "auto" is bf16 on a GPU that has it (half the weight and KV-cache memory
+    and traffic; FlashAttention) and fp32 elsewhere; "bf16" / "fp32" as named; None keeps the checkpoint's fp32."""
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        cuda = torch.device(device or "cpu").type == "cuda"
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of auto, bf16, fp32")
+    return DTYPES[name]
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model` with its floating parameters in `dtype` and its buffers as they are: RoPE's frequencies and other
+    fp32 constants keep their precision (as FSDP2's `param_dtype` leaves buffers)."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return model
+
+
 def load_checkpoint_model(path: str | Path, cls: type, map_location: str | torch.device | None = "cpu",
-                          strict: bool = True, **overrides):
+                          strict: bool = True, dtype: str | torch.dtype | None = None, **overrides):
     """A `cls` (SynerGenVL or a subclass) in eval mode from any checkpoint form (module docstring). `overrides` replace
-    constructor arguments (e.g. `text_tokenizer`, `image_tokenizer` paths); the weights always come from `path`."""
+    constructor arguments (e.g. `text_tokenizer`, `image_tokenizer` paths); the weights always come from `path`.
+    `dtype` (`inference_dtype`): the parameters' dtype on `map_location` (the image tokenizer keeps its own)."""
+    dtype = inference_dtype(dtype, map_location if isinstance(map_location, (str, torch.device)) else None)
     path = Path(path)
     meta = read_checkpoint_meta(path)
     kwargs = model_hparams(path, cls)
@@ -157,6 +184,8 @@ def load_checkpoint_model(path: str | Path, cls: type, map_location: str | torch
     history = meta.get("synergen_stage_history")
     if history and hasattr(model, "on_load_checkpoint"):
         model.on_load_checkpoint({"synergen_stage_history": history})
+    if dtype is not None:  # before the move: the GPU holds only the cast copy
+        cast_parameters(model, dtype)
     if isinstance(map_location, (str, torch.device)):
         model = model.to(map_location)
     return model.eval()

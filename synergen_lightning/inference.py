@@ -29,7 +29,8 @@ from torch import Tensor
 
 from synergen_lightning.data.sequences import generation_prompt_ids
 from synergen_lightning.data.views import dynamic_tiles, to_uint8_tensor
-from synergen_lightning.models.decoding import left_pad, left_pad_positions, sample_logits
+from synergen_lightning.models.chunked_ce import CHUNK_LOGITS
+from synergen_lightning.models.decoding import STOP_CHECK_EVERY, left_pad, left_pad_positions, sample_logits
 from synergen_lightning.models.folding import unfold_codes
 
 
@@ -219,26 +220,26 @@ def decode_rows(model, rows: list[tuple[list[int], list[bool]]], codes: Tensor, 
     _check_context(model, max(len(r[0]) for r in rows), max_new_tokens, "answer")
     ids, mask, pos, image_mask = _batch_inputs(model, rows)
     llm = model.llm.model
-    cache = llm.new_kv_cache()
+    cache = llm.new_kv_cache(capacity=ids.shape[1] + max_new_tokens)  # static: no regrowth copy while decoding
     embeds = model.embed_inputs(ids, image_mask, codes)
     hidden = llm(embeds, image_mask=image_mask, position_ids=pos, attention_mask=mask, kv_cache=cache)
     logits = llm.logits(hidden[:, -1])
     next_pos = pos[:, -1:] + 1
     stops = tuple(stop_ids) if stop_ids is not None else (tok.im_end_id, tok.eos_id)
     stop = torch.tensor(stops, device=device)
-    b = ids.shape[0]
-    done = torch.zeros(b, dtype=torch.bool, device=device)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     out = []
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         nxt = sample_logits(logits, temperature=temperature, generator=generator)
         nxt = torch.where(done, torch.full_like(nxt, stops[0]), nxt)
         out.append(nxt)
         done = done | torch.isin(nxt, stop)
-        if bool(done.all()):
+        # the one read-back: whether every row has stopped, every STOP_CHECK_EVERY tokens (a GPU runs ahead meanwhile)
+        if step % STOP_CHECK_EVERY == STOP_CHECK_EVERY - 1 and bool(done.all()):
             break
-        hidden = llm(model.embed_text(nxt[:, None]), image_mask=torch.zeros(b, 1, dtype=torch.bool, device=device),
-                     position_ids=next_pos, kv_cache=cache)
-        logits = llm.logits(hidden[:, -1])
+        # sampled ids lie in the vocabulary: no range check (a read-back) per token
+        x = model.embed_text(nxt[:, None], check=False)
+        logits = llm.logits(llm.decode_step(x, cache, image=False, position_ids=next_pos))
         next_pos = next_pos + 1
     rows_out = []
     for row in torch.stack(out, 1).tolist():
@@ -261,15 +262,20 @@ def score_continuations(model, rows: list[tuple[list[int], list[bool]]], continu
     if codes is None:
         codes = torch.zeros(0, *model.grid, dtype=torch.long, device=model.device)
     embeds = model.embed_inputs(ids, image_mask, codes)
-    hidden = model.llm.model(embeds, image_mask=image_mask, position_ids=pos, attention_mask=mask)
-    longest = max(map(len, continuations))
-    # left padding: every row ends at the last column, so a continuation's tokens are predicted by its last columns
-    logp = model.llm.model.logits(hidden[:, ids.shape[1] - longest:]).float().log_softmax(-1)
+    llm = model.llm.model
+    hidden = llm(embeds, image_mask=image_mask, position_ids=pos, attention_mask=mask)
+    # left padding: every row ends at the last column, so a continuation's tokens are predicted by its last columns.
+    # The [tokens, vocabulary] logits never exist at once (a 32k-token window of a 92k vocabulary is 12 GB in fp32):
+    # the log-likelihood through the chunked cross-entropy, the greedy check chunk by chunk
+    rows_per_chunk = max(1, CHUNK_LOGITS // llm.config.vocab_size)
     out = []
     for r, cont in enumerate(continuations):
-        lp = logp[r, longest - len(cont):]
-        target = torch.tensor(cont, device=lp.device)
-        out.append((float(lp.gather(-1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
+        h = hidden[r, ids.shape[1] - len(cont):]
+        target = torch.tensor(cont, device=h.device)
+        logprob = -llm.token_losses(h, target).sum()
+        greedy = torch.stack([(llm.logits(h[s:s + rows_per_chunk]).argmax(-1) == target[s:s + rows_per_chunk]).all()
+                              for s in range(0, len(cont), rows_per_chunk)]).all()
+        out.append((float(logprob), bool(greedy)))
     return out
 
 

@@ -325,9 +325,10 @@ class SynerGenVL(LightningModule):
         return torch.cat(codes)
 
     # ------------------------------------------------------------------ forward pieces
-    def embed_text(self, input_ids: Tensor) -> Tensor:
-        """Text embedding, with <boi>/<eoi>/<UNCOND> taken from `special_embed` (always runs, for FSDP)."""
-        x = self.llm.model.embed(input_ids)
+    def embed_text(self, input_ids: Tensor, check: bool = True) -> Tensor:
+        """Text embedding, with <boi>/<eoi>/<UNCOND> taken from `special_embed` (always runs, for FSDP). `check`: the
+        ids' range check (a read-back; off for ids the model sampled itself)."""
+        x = self.llm.model.embed(input_ids, check=check)
         match = input_ids[..., None] == self.special_ids
         special = self.special_embed(match.long().argmax(-1)).to(x.dtype)
         return torch.where(match.any(-1, keepdim=True), special, x)
@@ -723,10 +724,12 @@ class SynerGenVL(LightningModule):
 
 def load_synergen(path: str | Path, map_location: str | torch.device | None = "cpu", strict: bool = True,
                   text_tokenizer: str | Path | None = None, image_tokenizer: str | Path | None = None,
-                  **overrides) -> SynerGenVL:
+                  dtype: str | torch.dtype | None = None, **overrides) -> SynerGenVL:
     """The one loader of a trained SynerGenVL (every command, the eval room, `SynerGenVL.load_from_checkpoint`): eval
     mode, from any checkpoint form (synergen_lightning/checkpoint.py). `text_tokenizer` / `image_tokenizer` replace the
     tokenizer paths the checkpoint names (None or "": the checkpoint's); `overrides` replace other constructor
-    arguments. The weights always come from `path`."""
+    arguments. The weights always come from `path`. `dtype`: "auto" (bf16 on a GPU that has it, else fp32), "bf16",
+    "fp32", or None (fp32): the parameters' dtype (`checkpoint.inference_dtype`)."""
     tokenizers = {k: v for k, v in (("text_tokenizer", text_tokenizer), ("image_tokenizer", image_tokenizer)) if v}
-    return load_checkpoint_model(path, SynerGenVL, map_location=map_location, strict=strict, **tokenizers, **overrides)
+    return load_checkpoint_model(path, SynerGenVL, map_location=map_location, strict=strict, dtype=dtype,
+                                 **tokenizers, **overrides)

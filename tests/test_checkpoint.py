@@ -72,6 +72,32 @@ def test_overrides_replace_constructor_arguments_and_unknown_ones_are_refused(tm
         load_synergen(ckpt, no_such_arg=1)
 
 
+def test_bf16_inference_casts_the_parameters_only_and_decodes(tmp_path, monkeypatch):
+    """`dtype="bf16"` (what `--dtype auto` picks on a GPU with bf16): bf16 parameters, fp32 buffers (RoPE's
+    frequencies lose their precision in bf16), the fp32 model's logits within bf16's rounding, and decoding runs."""
+    from synergen_lightning.checkpoint import inference_dtype
+    from tests.test_generation import CharTokenizer, GridTokenizer
+
+    model = tiny_model(stage="full")
+    ckpt = _cli_like_checkpoint(tmp_path, model)
+    half = load_synergen(ckpt, dtype="bf16")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert {b.dtype for b in half.buffers() if b.is_floating_point()} == {torch.float32}
+    expected = _logits(model)
+    torch.testing.assert_close(_logits(half).float(), expected, atol=0.05 * float(expected.abs().max()), rtol=0)
+    half.set_text_tokenizer(CharTokenizer())
+    half.set_image_tokenizer(GridTokenizer())
+    images = half.generate_images(["a red circle"], num=2, cfg_scale=2.0, temperature=1.0, seed=0, output="tensor")
+    assert images.shape[0] == 2 and images.dtype == torch.float32 and bool(torch.isfinite(images).all())
+
+    assert inference_dtype("auto", "cpu") == torch.float32 and inference_dtype("fp32", "cuda") == torch.float32
+    for supported, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, s=supported, **k: s)
+        assert inference_dtype("auto", "cuda:0") == dtype
+    with pytest.raises(ValueError, match="dtype 'fp16' is not one of auto, bf16, fp32"):
+        load_synergen(ckpt, dtype="fp16")
+
+
 def test_bad_checkpoints_are_one_line_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"'.*nope' does not exist: pass a run's last.ckpt"):
         load_synergen(tmp_path / "nope")

@@ -224,6 +224,22 @@ def test_cosine_command_writes_plot(world, tmp_path):
     assert Image.open(out / "cosine.png").size[0] > 100
 
 
+def test_fid_keeps_generated_images_as_uint8_in_host_memory(monkeypatch):
+    """What the FID sees: each chunk's images as uint8 on the CPU, as `generate_images` drew them (30k fp32 512-px
+    images kept whole would be 94 GB)."""
+    from synergen_lightning.eval import suites
+
+    seen = {}
+    monkeypatch.setattr(suites, "check_inception_weights", lambda path: path)
+    monkeypatch.setattr(suites, "compute_fidelity", lambda gen, ref, *a, **k: seen.update(gen=gen) or {})
+    model, captions = _model(), ["a red circle", "two blue squares", "a green triangle"]
+    suites.fid_suite(model, captions, torch.zeros(2, 3, 16, 16, dtype=torch.uint8), "inc.pth", seed=3, batch_size=2)
+    expected = torch.cat([model.generate_images(captions[i:i + 2], num=1, seed=3 + k, batch_size=2, output="tensor")
+                          for k, i in enumerate((0, 2))])
+    assert seen["gen"].dtype == torch.uint8 and seen["gen"].device.type == "cpu"
+    assert torch.equal(seen["gen"], (expected.clamp(0, 1) * 255).round().to(torch.uint8))
+
+
 @pytest.mark.slow
 def test_report_fid_suite_with_local_weights(world, logdir, tmp_path):
     from tests.inception_weights import write_random_inception_weights

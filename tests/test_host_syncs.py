@@ -75,3 +75,21 @@ def test_add_indices_matches_the_masks():
     sup = (batch["labels"][:, 1:] != -100).reshape(-1)
     assert torch.equal(torch.nonzero(sup).squeeze(1), batch["text_positions"])
     assert batch["row_tokens"] == batch["attention_mask"].sum(-1).tolist() and batch["right_padded"] is True
+
+
+def test_answer_decoding_reads_back_once_per_eight_tokens():
+    """Answering (KV-cached greedy decoding after an image prompt) reads nothing back per token but whether every
+    row has stopped, every `STOP_CHECK_EVERY` tokens: a GPU runs ahead of the CPU meanwhile."""
+    from synergen_lightning.inference import decode_rows, understanding_rows
+    from synergen_lightning.models.decoding import STOP_CHECK_EVERY
+    from tests.test_generation import _model
+
+    model = _model()
+    codes = torch.randint(0, 16, (2, 4, 4))
+    rows, all_codes = understanding_rows(model, [None, None], ["what colour?", "how many"], codes=codes)
+    syncs = {}
+    for tokens in (8, 24):
+        with SyncCounter() as counter:
+            decode_rows(model, rows, all_codes, max_new_tokens=tokens, stop_ids=(-1,))  # no row ever stops
+        syncs[tokens] = sum(counter.ops.values())
+    assert syncs[24] - syncs[8] == 16 // STOP_CHECK_EVERY, syncs

@@ -128,7 +128,8 @@ def user_path(world: Path, run: Path, mode: str) -> dict:
     synergen(run, "fit", "--config", str(ROOT / "recipes/tiny/stage2.yaml"), *flags, *QUICK,
              "--trainer.max_steps", "1", f"--data.init_args.batch_size={BATCH['stage2']}",
              "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "1", ranks=ranks)
-    # export, beside generate / answer / the text report from the checkpoint; then generate / answer from the export.
+    # export, beside generate / answer / the text report from the checkpoint; then generate / answer from the export
+    # in bf16 (what `--dtype auto` gives on a GPU).
     # A DDP run's checkpoint is the single file a one-process run writes (whose path runs those commands on it): it is
     # read through the export
     ckpt_cmds = [] if mode == "ddp" else [("generate", "--ckpt", str(s2), "--prompt", "a red circle", "--num", "1", "--out", "gen_ckpt",
@@ -138,9 +139,9 @@ def user_path(world: Path, run: Path, mode: str) -> dict:
                  ("eval", "report", "--ckpt", str(s2), "--suite", "text", "--max-text", "4", "--out", "report",
                   "--device", "cpu", "--no-progress")]
     export_cmds = [("generate", "--ckpt", "exports/stage2", "--prompt", "a red circle", "--num", "1",
-                    "--out", "gen_export", "--device", "cpu"),
+                    "--out", "gen_export", "--device", "cpu", "--dtype", "bf16"),
                    ("answer", "--ckpt", "exports/stage2", "--image", str(world / "scene.png"), "--question",
-                    "How many shapes are there?", "--max-new-tokens", "4", "--device", "cpu")]
+                    "How many shapes are there?", "--max-new-tokens", "4", "--device", "cpu", "--dtype", "bf16")]
 
     def export_then_use():
         synergen(run, "export", "--ckpt", str(s2), "--out", "exports/stage2")

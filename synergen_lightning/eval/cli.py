@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from synergen_lightning.eval.fid import INCEPTION_KEY, EvalInputError
-from synergen_lightning.inference_cli import add_checkpoint_args, check_at_least_one, device_arg
+from synergen_lightning.inference_cli import add_checkpoint_args, add_dtype_arg, check_at_least_one, device_arg
 
 
 def _csv_suites(value: str) -> tuple[str, ...]:
@@ -41,6 +41,7 @@ def _recipe_value(config: Path | None, key: str):
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", type=device_arg, help="auto: cuda when available, else cpu")
+    add_dtype_arg(p)
     p.add_argument("--text-tokenizer", help="override the text tokenizer directory stored in the checkpoint")
     p.add_argument("--image-tokenizer", help="override the image tokenizer path stored in the checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -138,7 +139,7 @@ def report_main(argv: list[str] | None = None, model=None) -> int:
             from synergen_lightning.system import load_synergen
 
             model = load_synergen(a.ckpt, map_location=a.device, text_tokenizer=a.text_tokenizer,
-                                  image_tokenizer=a.image_tokenizer)
+                                  image_tokenizer=a.image_tokenizer, dtype=a.dtype)
         out = build_report(model, inputs, a.out, ckpt_name=a.ckpt, overwrite=a.overwrite)
     except EvalInputError as exc:
         parser.error(str(exc))
@@ -305,7 +306,8 @@ def _load_checked(a, model):
     if model is not None:
         return model
     check_system_checkpoint(a.ckpt)
-    return load_synergen(a.ckpt, map_location=a.device, text_tokenizer=a.text_tokenizer, image_tokenizer=a.image_tokenizer)
+    return load_synergen(a.ckpt, map_location=a.device, text_tokenizer=a.text_tokenizer, image_tokenizer=a.image_tokenizer,
+                         dtype=a.dtype)
 
 
 def geneval_official_main(argv: list[str] | None = None, model=None) -> int:

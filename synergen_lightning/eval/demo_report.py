@@ -193,7 +193,7 @@ def run(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     trained_level, level = warn_level_mismatch(a.ckpt, data)
     model = load_synergen(a.ckpt, map_location=a.device, text_tokenizer=a.text_tokenizer,
-                          image_tokenizer=a.image_tokenizer)
+                          image_tokenizer=a.image_tokenizer, dtype=a.dtype)
     max_tiles, thumbnail = tile_policy(a.ckpt)
 
     prompts = [json.loads(line) for line in prompts_file.read_text().splitlines() if line.strip()][: a.num_prompts]
@@ -218,7 +218,7 @@ def run(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
     curve = []
     for c in a.curve:
         stage_model = load_synergen(c, map_location=a.device, text_tokenizer=a.text_tokenizer,
-                                    image_tokenizer=a.image_tokenizer)
+                                    image_tokenizer=a.image_tokenizer, dtype=a.dtype)
         tiles, thumb = tile_policy(c)
         g = geneval_suite(stage_model, prompts[:n_gen], seed=a.seed, cfg_scale=a.cfg, temperature=a.temperature)
         u = understanding_suite(stage_model, qa_items[:n_und], max_new_tokens=8, max_tiles=tiles, thumbnail=thumb)

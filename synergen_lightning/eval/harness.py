@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from synergen_lightning.checkpoint import inference_dtype
 from synergen_lightning.eval.fid import EvalInputError
 from synergen_lightning.eval.report import check_system_checkpoint
 from synergen_lightning.eval.suites import tile_policy
@@ -67,16 +68,22 @@ class Harness:
 
     @classmethod
     def from_pretrained(cls, pretrained: str | Path, device: str | None = None, max_tiles=None, thumbnail=None,
-                        text_tokenizer: str | None = None, image_tokenizer: str | None = None, **kw) -> "Harness":
+                        text_tokenizer: str | None = None, image_tokenizer: str | None = None, dtype: str = "auto",
+                        **kw) -> "Harness":
         """Load any checkpoint form (a run's .ckpt, a sharded directory, an export); the tile policy is the
-        checkpoint's unless `max_tiles` / `thumbnail` are given."""
+        checkpoint's unless `max_tiles` / `thumbnail` are given. `dtype`: the parameters' (auto: bf16 on a GPU that
+        has it, else fp32; `checkpoint.inference_dtype`)."""
         if pretrained is None or not Path(str(pretrained)).exists():
             raise EvalInputError(f"pretrained={pretrained!r} does not exist: pass a SynerGenVL checkpoint, e.g. "
                                  "--model_args pretrained=runs/tiny/sft/last.ckpt")
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         check_system_checkpoint(pretrained)
+        try:
+            dtype = inference_dtype(dtype, device)
+        except ValueError as exc:
+            raise EvalInputError(f"{exc}: e.g. --model_args pretrained=...,dtype=bf16") from None
         model = load_synergen(pretrained, map_location=device, text_tokenizer=text_tokenizer,
-                              image_tokenizer=image_tokenizer)
+                              image_tokenizer=image_tokenizer, dtype=dtype)
         max_tiles, thumbnail = tile_policy(pretrained, max_tiles, None if thumbnail is None else _as_bool(thumbnail))
         return cls(model, max_tiles=max_tiles, thumbnail=thumbnail, **kw)
 

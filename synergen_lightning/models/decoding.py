@@ -16,6 +16,8 @@ import functools
 import torch
 from torch import Tensor
 
+# decoded tokens between the checks whether every row has stopped (each check waits for the GPU to catch up)
+STOP_CHECK_EVERY = 8
 
 def left_pad(rows: list[list], pad, dtype: torch.dtype = torch.long, device=None) -> tuple[Tensor, Tensor]:
     """Rows of any lengths -> (values [B, W] of `dtype` with `pad` before each row, mask Bool[B, W] True on the row);

@@ -20,7 +20,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 from synergen_lightning.models.blocks import Attention, KVCache, RMSNorm, RotaryEmbedding, SwiGLU, is_plain
 from synergen_lightning.models.chunked_ce import ChunkedLinear
 from synergen_lightning.models.config import LLMConfig
-from synergen_lightning.models.decoding import compiled, left_pad_positions, sample_logits
+from synergen_lightning.models.decoding import STOP_CHECK_EVERY, compiled, left_pad_positions, sample_logits
 
 
 @dataclass
@@ -330,9 +330,10 @@ class MMoETransformer(DecoderStack):
         if self.vision_experts:
             self.init_vision_experts_from_text()
 
-    def embed(self, input_ids: Tensor) -> Tensor:
-        """Long[B, T] -> [B, T, D]; raises on ids outside [0, vocab_size) before the embedding does."""
-        if input_ids.numel():
+    def embed(self, input_ids: Tensor, check: bool = True) -> Tensor:
+        """Long[B, T] -> [B, T, D]; raises on ids outside [0, vocab_size) before the embedding does (`check`: a
+        read-back of their min and max; off for ids the model sampled itself)."""
+        if check and input_ids.numel():
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.vocab_size:
                 bad = lo if lo < 0 else hi
@@ -397,7 +398,7 @@ class MMoETransformer(DecoderStack):
     def generate_greedy(self, input_ids: Tensor, max_new_tokens: int, eos_id: int | None = None,
                         attention_mask: Tensor | None = None) -> Tensor:
         """KV-cached greedy decoding of text; returns the new tokens Long[B, <=max_new_tokens]."""
-        cache = self.new_kv_cache()
+        cache = self.new_kv_cache(capacity=input_ids.shape[1] + max_new_tokens)
         b = input_ids.shape[0]
         position_ids = None
         if attention_mask is not None:  # left padding: positions count real tokens only (as HF does)
@@ -407,16 +408,16 @@ class MMoETransformer(DecoderStack):
         next_pos = (position_ids[:, -1] + 1) if position_ids is not None else torch.full((b,), input_ids.shape[1],
                                                                                           device=input_ids.device)
         out, done = [], torch.zeros(b, dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             tok = sample_logits(logits, temperature=0.0)
             if eos_id is not None:
                 tok = torch.where(done, torch.full_like(tok, eos_id), tok)
                 done = done | (tok == eos_id)
             out.append(tok)
-            if eos_id is not None and bool(done.all()):
+            if eos_id is not None and step % STOP_CHECK_EVERY == STOP_CHECK_EVERY - 1 and bool(done.all()):
                 break
-            hidden = self(self.embed(tok[:, None]), position_ids=next_pos[:, None], kv_cache=cache)
-            logits = self.logits(hidden[:, -1])
+            logits = self.logits(self.decode_step(self.embed(tok[:, None], check=False), cache,
+                                                  position_ids=next_pos[:, None]))
             next_pos = next_pos + 1
         return torch.stack(out, dim=1) if out else input_ids.new_empty(b, 0)
 
