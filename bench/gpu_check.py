@@ -323,17 +323,26 @@ def section_reduced_2b(device: str, compile: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ generation
+# the parameters' dtype of the generation section on the CPU, on a GPU: `inference_dtype("auto", device)`
+GENERATION_DTYPE = {False: torch.float32, True: torch.bfloat16}
+
+
 def section_generation(device: str, out: dict | None = None) -> dict:
     import bench_folding as bf
+    from synergen_lightning.checkpoint import cast_parameters
     from synergen_lightning.inference import generate_codes
 
     c = dict(bf.FULL) if device == "cuda" else dict(bf.QUICK)
     torch.manual_seed(0)
     fresh_dynamo()
     folded, unfolded = bf.build_folded(c).to(device).eval(), bf.build_unfolded(c).to(device).eval()
+    dtype = GENERATION_DTYPE[device == "cuda"]
+    for model in (folded, unfolded):  # as the inference commands load a model there (`--dtype auto`)
+        cast_parameters(model, dtype)
     p = bf.prompt(c, torch.Generator().manual_seed(0))
     out = {} if out is None else out  # filled as it goes: a section stopped at the budget keeps what it measured
     out["config"] = {k: c[k] for k in ("hidden_size", "num_layers", "head_layers", "codebook_size", "grid")}
+    out["dtype"] = str(dtype).removeprefix("torch.")
     seed = lambda: torch.Generator(device=device).manual_seed(0)  # noqa: E731  (every variant draws the same codes)
     # compiled decoding (head patch and LLM step as graphs) too; on the CPU for one folded image at these tiny sizes
     # (the same code as for 16 and for the unfolded model's step, its graphs built in seconds), so the GPU run meets
