@@ -53,6 +53,8 @@ from synergen_lightning.data.sources import (
 from synergen_lightning.data.sources import rank_world as _rank_world
 
 log = logging.getLogger(__name__)
+# below this many shards per lane, an uneven split weighs some shards' samples visibly more (k + 1 over k)
+OVERWEIGHT_WARN_SHARDS_PER_LANE = 8
 
 
 def _gather_from_ranks(value: Any) -> list | None:
@@ -479,15 +481,29 @@ class MixedDataModule(L.LightningDataModule):
         return None
 
     def _warn_shared_shards(self) -> None:
-        """One line per source with fewer shards than lanes (ranks x workers): every lane then reads the whole source
-        and keeps its share of the samples, so a pass over it costs each lane what it would cost one process alone."""
+        """One line per source whose shards do not go evenly round the lanes (ranks x workers):
+        - fewer shards than lanes: every lane reads the whole source and keeps its share of the samples, so a pass
+          over it costs each lane what it would cost one process alone;
+        - a few shards per lane, not the same number for all: every lane draws as many samples, so a shard of a lane
+          holding k shards is drawn (k + 1) / k as often as one of a lane holding k + 1 (twice, for 1 and 2)."""
         rank, world = _rank_world()
-        lanes = world * max(1, self.num_workers)
+        workers = max(1, self.num_workers)
+        lanes = world * workers
         for src in self.sources:
-            if len(src.shards) < lanes and rank == 0:
+            n = len(src.shards)
+            if rank != 0:
+                continue
+            if n < lanes:
                 log.warning("source %r has %d shards for %d lanes (%d ranks x %d workers): every lane reads all of "
                             "them and keeps 1 sample in %d; split it into at least %d shards to read less",
-                            src.name, len(src.shards), lanes, world, max(1, self.num_workers), lanes, lanes)
+                            src.name, n, lanes, world, workers, lanes, lanes)
+            elif n % lanes and n // lanes < OVERWEIGHT_WARN_SHARDS_PER_LANE:
+                k = n // lanes
+                log.warning("source %r has %d shards for %d lanes (%d ranks x %d workers): %d lanes hold %d shard(s) "
+                            "and %d hold %d, and every lane draws as many samples, so a shard of the first kind is "
+                            "drawn %.2gx as often as one of the second; split it into a multiple of %d shards (or many "
+                            "more) to weigh its samples alike", src.name, n, lanes, world, workers, lanes - n % lanes, k,
+                            n % lanes, k + 1, (k + 1) / k, lanes)
 
     # ---- stream state ------------------------------------------------------------------------
     def _prepare_epoch(self, stream: MixedStream) -> None:

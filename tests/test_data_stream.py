@@ -79,11 +79,14 @@ def test_resume_reads_a_bounded_prefix_where_a_replay_reads_everything(shards, m
     assert at_position <= PER_SHARD + block + 1 < consumed <= reads.n
 
 
-def test_a_lane_too_small_for_its_stride_reads_whole_and_remembers_it(shards):
-    """Lane 1 of 3 gets no sample of the 1-sample shard: from then on it reads every shard whole, and a position
-    taken after that keeps reading whole."""
+def test_a_lane_too_small_for_its_stride_reads_whole_and_remembers_it(shards, caplog):
+    """Lane 1 of 3 gets no sample of the 1-sample shard: from then on it reads every shard whole (and says so once),
+    and a position taken after that keeps reading whole."""
     s = RawStream(shards["with_tiny"], "s|0", 3, SkipCounter(), "src", sample_stride=(1, 3))
-    ids(s, 200)
+    with caplog.at_level("WARNING", logger="synergen_lightning.data.sources"):
+        ids(s, 200)
+    said = [r.getMessage() for r in caplog.records if "too few samples" in r.getMessage()]
+    assert len(said) == 1 and "give lane 1 of 3 one: this lane reads it and every later shard whole" in said[0]
     pos = s.position()
     assert pos["whole"]
     tail = ids(s, 30)

@@ -379,6 +379,21 @@ def test_fewer_shards_than_lanes_is_one_warning_per_source(world, monkeypatch, c
     assert len(lines) == 4 and all("for 8 lanes (4 ranks x 2 workers)" in ln for ln in lines), lines
 
 
+@pytest.mark.parametrize(("world_size", "warned"), [(3, True), (2, False), (4, False)])
+def test_shards_split_unevenly_over_few_lanes_are_one_warning_per_source(world, monkeypatch, caplog, world_size,
+                                                                         warned):
+    """4 shards over 3 lanes: two lanes hold 1 shard, one holds 2, and each lane draws as many samples, so the
+    first two shards' samples weigh twice as much as the others'; said once per source (over 2 or 4 lanes: even)."""
+    monkeypatch.setattr(mixed, "_rank_world", lambda: (0, world_size))
+    src = [dict(name="gen", urls=f"{world}/train/*.tar", task="generation")]
+    make_dm(world, src, batch_size={"generation": 3}).train_dataloader()
+    lines = [r.getMessage() for r in caplog.records if "lanes" in r.getMessage()]
+    expected = ["source 'gen' has 4 shards for 3 lanes (3 ranks x 1 workers): 2 lanes hold 1 shard(s) and 1 hold 2, "
+                "and every lane draws as many samples, so a shard of the first kind is drawn 2x as often as one of "
+                "the second; split it into a multiple of 3 shards (or many more) to weigh its samples alike"]
+    assert lines == (expected if warned else []), lines
+
+
 # ---- length buckets
 @pytest.fixture(scope="module")
 def mixed_lengths(world):

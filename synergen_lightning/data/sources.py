@@ -551,6 +551,9 @@ class RawStream:
                 yield sample, draw, i + 1
             offset = 0
             if seen and not got:  # fewer samples than lanes: this lane reads this shard and every later one whole
+                log.warning("source %r: shard %s holds too few samples to give lane %d of %d one: this lane reads it "
+                            "and every later shard whole, so its samples are other lanes' too; split the source into "
+                            "at least as many shards as lanes (ranks x workers)", self.source, url, *self.stride)
                 self.stride = None
                 continue
             draw += 1
