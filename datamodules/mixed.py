@@ -236,7 +236,8 @@ class ValStream(IterableDataset):
     `per_rank` (over several ranks): every rank runs exactly that many batches, its workers together; a worker whose
     share runs out reads it again (the whole source where its share is empty). Ranks whose shares differ would
     otherwise run different numbers of batches, and under FSDP2 the rank that finishes first waits in a collective
-    that the others, still in a forward, never join."""
+    that the others, still in a forward, never join. Batches read again carry `val_repeat: True`: they run (the
+    collectives stay paired) but weigh nothing in the validation metrics, which count each sample once."""
 
     def __init__(self, sources: list[SourceSpec], builder: SequenceBuilder, batch_size: dict[str, int], max_batches: int | None,
                  pack_len: int | None = None, per_rank: int | None = None):
@@ -253,12 +254,13 @@ class ValStream(IterableDataset):
         if self.per_rank is None or world == 1:
             yield from islice(self._pass(glane, n_lanes, counter), self.max_batches)
         else:  # this worker's part of the rank's batches, its share read as often as it takes
-            quota, n, lane, lanes = -(-self.per_rank // W), 0, glane, n_lanes
+            quota, n, lane, lanes, first = -(-self.per_rank // W), 0, glane, n_lanes, True
             while n < quota:
                 got = 0
-                for batch in islice(self._pass(lane, lanes, counter if n == 0 else SkipCounter()), quota - n):
-                    yield batch
+                for batch in islice(self._pass(lane, lanes, counter if first else SkipCounter()), quota - n):
+                    yield batch if first else {**batch, "val_repeat": True}
                     n, got = n + 1, got + 1
+                first = False
                 if got == 0:
                     if lanes == 1:
                         break  # no source holds a valid sample: the rank runs none (as every rank then)

@@ -48,6 +48,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from synergen_lightning.checkpoint import load_checkpoint_model, read_checkpoint_meta, read_state_dict
 from synergen_lightning.data.batch import add_indices
@@ -233,6 +234,7 @@ class SynerGenVL(LightningModule):
         self.stage_history: list[tuple[int, str]] = [(0, self.stage)]  # (first step, stage): switches inside a run
         self._stage_applied = False
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self.val_loss = MeanMetric()  # row-weighted over the epoch and every rank
 
     @classmethod
     def from_paths(cls, **init_args) -> "SynerGenVL":
@@ -611,12 +613,15 @@ class SynerGenVL(LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self(batch)
-        bs = batch["input_ids"].shape[0]
-        self.log("val/loss", out["loss"], batch_size=bs, sync_dist=True)
+        # a batch a rank reads again to run as many batches as the others (`ValStream`, capped validation over
+        # several ranks) runs for the collectives and weighs nothing: each sample counts once
+        weight = 0.0 if batch.get("val_repeat") else 1.0
+        self.val_loss.update(out["loss"].detach(), weight=batch["input_ids"].shape[0] * weight)
+        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True)
         # the components' metrics, token- and code-weighted over the epoch: a val batch holds one task, and the other
         # task's absent loss must not enter the mean as a 0
-        self.llm.val_loss.update(out["loss_text"].detach(), weight=out["text_tokens"])
-        self.head.val_loss.update(out["loss_image"].detach(), weight=out["image_codes"])
+        self.llm.val_loss.update(out["loss_text"].detach(), weight=out["text_tokens"] * weight)
+        self.head.val_loss.update(out["loss_image"].detach(), weight=out["image_codes"] * weight)
         self.log("val/loss_text", self.llm.val_loss, on_step=False, on_epoch=True)
         self.log("val/loss_image", self.head.val_loss, on_step=False, on_epoch=True)
 

@@ -519,6 +519,39 @@ def test_capped_validation_runs_as_many_batches_on_every_rank(world, monkeypatch
     assert "has no cap on its batches" in caplog.text
 
 
+def test_capped_validation_counts_each_sample_once_over_the_ranks(world, monkeypatch):
+    """7 ranks over 5 val samples, 3 batches each: the batches a rank reads again to keep pace are marked
+    `val_repeat` (they run, and weigh nothing in the metrics); the unmarked ones hold each sample once."""
+    import types
+
+    src = [dict(name="v", urls=f"{world}/val/val-000000.tar", task="understanding", format="qa")]
+    counted, ran = [], []
+    for rank in range(7):
+        monkeypatch.setattr(mixed, "_rank_world", lambda r=rank: (r, 7))
+        dm = make_dm(world, val_sources=src, batch_size={"generation": 1, "understanding": 1, "text": 1})
+        dm.trainer = types.SimpleNamespace(limit_val_batches=3)
+        for b in dm.val_dataloader():
+            ran += b["keys"]
+            counted += [] if b.get("val_repeat") else b["keys"]
+    assert len(ran) == 21 and len(set(ran)) == 5  # every rank ran 3 batches, most of them read again
+    assert sorted(counted) == sorted(set(ran))  # the counted ones: each sample once
+
+
+def test_a_repeated_val_batch_runs_and_weighs_nothing():
+    from synergen_lightning.data.batch import add_indices
+    from tests.test_system_helpers import make_batch, tiny_model
+
+    model = tiny_model(stage="full").eval()
+    first = add_indices(make_batch(["generation", "understanding"], seed=1))
+    again = {**add_indices(make_batch(["text", "generation"], seed=2)), "val_repeat": True}
+    with torch.no_grad():
+        model.validation_step(first, 0)
+        alone = [m.compute().clone() for m in (model.val_loss, model.llm.val_loss, model.head.val_loss)]
+        model.validation_step(again, 1)
+    assert [m.compute() for m in (model.val_loss, model.llm.val_loss, model.head.val_loss)] == alone
+    assert torch.isclose(alone[0], model(first)["loss"].detach())
+
+
 def test_streams_take_their_rank_where_they_are_built_not_in_their_workers(world, monkeypatch):
     """A DataLoader worker started by spawn or forkserver (Python 3.14's default on Linux) has no process group, and
     would take every rank for rank 0 (every rank reading rank 0's lanes, the same batches): the streams read rank
