@@ -32,7 +32,14 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.mixed import _load_tokenizer, follow_model, model_question_first, unset_view_args
 from synergen_lightning.data.batch import collate
 from synergen_lightning.data.sequences import BuiltSample, SequenceBuilder
-from synergen_lightning.data.sources import SkipCounter, SkipSample
+from synergen_lightning.data.sources import (
+    SkipCounter,
+    SkipSample,
+    gather_from_ranks,
+    rank_world,
+    restored_skips,
+    skip_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +213,8 @@ class CsvCaptionDataModule(L.LightningDataModule):
         return sum(self.skipped.values())
 
     def state_dict(self) -> dict:
-        return {"skipped": dict(self.skipped)}
+        """The skip counts, summed over the ranks and each rank's (every rank calls it; one copy is saved)."""
+        return skip_state(self.skipped, gather_from_ranks(dict(self.skipped)))
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.skipped = Counter(state_dict.get("skipped", {}))
+        self.skipped = restored_skips(state_dict, *rank_world())

@@ -35,7 +35,6 @@ from itertools import islice
 from typing import Any
 
 import lightning as L
-import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from synergen_lightning.data.batch import collate
@@ -47,23 +46,17 @@ from synergen_lightning.data.sources import (
     SkipSample,
     SourceSpec,
     finite_samples,
+    gather_from_ranks,
     iter_shard,
     lane_share,
+    restored_skips,
+    skip_state,
 )
 from synergen_lightning.data.sources import rank_world as _rank_world
 
 log = logging.getLogger(__name__)
 # below this many shards per lane, an uneven split weighs some shards' samples visibly more (k + 1 over k)
 OVERWEIGHT_WARN_SHARDS_PER_LANE = 8
-
-
-def _gather_from_ranks(value: Any) -> list | None:
-    """Every rank's `value`, in rank order (a collective: every rank calls it); None in a single process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return None
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
 
 
 def _load_tokenizer(tokenizer: Any):
@@ -557,10 +550,11 @@ class MixedDataModule(L.LightningDataModule):
         rank, world = _rank_world()
         state = {"epoch": st["epoch"], "batches": st["batches"], "num_workers": st["num_workers"],
                  "bucket_batches": st.get("bucket_batches", 1), "lanes": lanes,
-                 "skipped": dict(self.skipped), "seed": self.hparams.seed, "world_size": world}
-        by_rank = _gather_from_ranks(lanes)
+                 "seed": self.hparams.seed, "world_size": world}
+        by_rank = gather_from_ranks((lanes, dict(self.skipped)))
         if by_rank is not None:
-            state["lanes_by_rank"] = dict(enumerate(by_rank))
+            state["lanes_by_rank"] = {r: lanes_r for r, (lanes_r, _) in enumerate(by_rank)}
+        state.update(skip_state(self.skipped, None if by_rank is None else [s for _, s in by_rank]))
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -582,4 +576,4 @@ class MixedDataModule(L.LightningDataModule):
                        "num_workers": int(state_dict["num_workers"]),
                        "bucket_batches": int(state_dict.get("bucket_batches", 1)),
                        "lanes": {int(k): dict(v) for k, v in lanes.items()}}
-        self.skipped = Counter(state_dict.get("skipped", {}))
+        self.skipped = restored_skips(state_dict, rank, world)

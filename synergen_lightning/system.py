@@ -608,6 +608,11 @@ class SynerGenVL(LightningModule):
         for task in ("generation", "understanding", "text"):
             counts[f"train/samples_{task}"] = float(sum(t == task for t in tasks))
             counts[f"train/tokens_{task}"] = float(sum(n for n, t in zip(sample_tokens, tasks) if t == task))
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:  # the micro-batch's counts over every rank: one all-reduce
+            summed = trainer.strategy.reduce(torch.tensor(list(counts.values()), dtype=torch.float64,
+                                                          device=self.device), reduce_op="sum")
+            counts = dict(zip(counts, summed))
         self.log_dict(counts, batch_size=bs, reduce_fx="sum")
         return out["loss"]
 

@@ -319,13 +319,15 @@ def _resume_worker(rank: int, world_size: int, port: int, d: str, out: str) -> N
         full = keys(run(make_dm(Path(d), **kw)))
         dm = make_dm(Path(d), **kw)
         first = run(dm, 3)
+        dm.skipped.update({"undecodable": rank + 1})  # what this rank's lanes skipped
         state = dm.state_dict()  # every rank calls it; the checkpoint keeps rank 0's copy
         if rank == 0:
             torch.save(state, Path(out) / "state.pt")
         dist.barrier()
         resumed = make_dm(Path(d), **kw)
         resumed.load_state_dict(torch.load(Path(out) / "state.pt", weights_only=False))
-        result = {"full": full, "resumed": keys(first) + keys(run(resumed))}
+        result = {"full": full, "resumed": keys(first) + keys(run(resumed)), "saved_skips": state["skipped"],
+                  "restored_skips": dict(resumed.skipped)}
     except BaseException:  # noqa: BLE001 - reported to the parent
         result = {"error": traceback.format_exc()}
     finally:
@@ -337,15 +339,30 @@ def _resume_worker(rank: int, world_size: int, port: int, d: str, out: str) -> N
 @pytest.mark.timeout(180)
 def test_two_rank_resume_continues_every_rank_stream(world, tmp_path):
     """2 gloo ranks, two weighted sources per task, a checkpoint after 3 batches holding rank 0's copy of the state:
-    on every rank the resumed run's batches are those of the uninterrupted run."""
+    on every rank the resumed run's batches are those of the uninterrupted run, and its skip counts its own (the
+    checkpoint's `skipped` their sum)."""
     from tests.distributed_worker import free_port, start_ranks
 
     start_ranks(_resume_worker, (2, free_port(), str(world), str(tmp_path)), 2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert all("error" not in r for r in ranks), [r.get("error") for r in ranks]
     assert ranks[0]["full"] != ranks[1]["full"]  # the ranks read different streams
-    for r in ranks:
+    for rank, r in enumerate(ranks):
         assert r["resumed"] == r["full"]
+        assert r["restored_skips"] == {"undecodable": rank + 1} and r["saved_skips"] == {"undecodable": 3}
+
+
+def test_skip_counts_keep_their_total_at_another_world_size():
+    from collections import Counter
+
+    from synergen_lightning.data.sources import restored_skips, skip_state
+
+    state = skip_state(Counter(), [{"undecodable": 1}, {"undecodable": 2, "no_caption": 1}])
+    assert state["skipped"] == {"undecodable": 3, "no_caption": 1}
+    assert restored_skips(state, 1, 2) == Counter({"undecodable": 2, "no_caption": 1})
+    at_three = [restored_skips(state, r, 3) for r in range(3)]  # rank 0 carries the sum
+    assert sum(at_three, Counter()) == Counter(state["skipped"]) and at_three[1] == at_three[2] == Counter()
+    assert restored_skips(skip_state(Counter(a=2), None), 0, 1) == Counter(a=2)
 
 
 def test_resume_at_another_world_size_goes_on_from_the_epochs_batch_with_fresh_lanes(world, monkeypatch, caplog):

@@ -55,6 +55,7 @@ def reference_fit(scenario: dict) -> dict:
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             rec["loss"].append(float(outputs["loss"]))
+            rec.setdefault("samples_generation", []).append(float(trainer.callback_metrics["train/samples_generation"]))
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             rec["grad_norm"].append(float(torch.sqrt(sum(p.grad.double().pow(2).sum() for p in pl_module.parameters()
@@ -138,6 +139,8 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     two = [(a + b) / 2 for a, b in zip(ranks[0]["loss"], ranks[1]["loss"])]
     torch.testing.assert_close(torch.tensor(two), torch.tensor(ref["loss"]), atol=1e-5, rtol=0)
     assert abs(ranks[0]["loss"][0] - ranks[1]["loss"][0]) > 1e-3  # the ranks really saw different rows
+    for r in ranks:  # the logged counts are the step's over both ranks, as the one process's
+        assert r["samples_generation"] == ref["samples_generation"] == [2.0] * len(ref["loss"])
     for r in ranks:  # after DDP's all-reduce each rank holds the global gradient
         torch.testing.assert_close(torch.tensor(r["grad_norm"]), torch.tensor(ref["grad_norm"]), rtol=1e-4, atol=1e-6)
     assert min(ref["grad_norm"]) > DDP_RUN["gradient_clip_val"]  # clipping was active

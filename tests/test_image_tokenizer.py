@@ -184,6 +184,15 @@ def test_rfid_sees_the_views_of_every_rank(tmp_path):
     assert r0["none"][:, 0, 0, 0].tolist() == [0, 0]
 
 
+def test_the_skip_count_is_carried_across_a_resume():
+    model, resumed, checkpoint = VQTokenizer(**SMALL), VQTokenizer(**SMALL), {}
+    model._log_skipped({"n_skipped": 3})
+    model._log_skipped({"n_skipped": 2})
+    model.on_save_checkpoint(checkpoint)
+    resumed.on_load_checkpoint(checkpoint)
+    assert checkpoint["synergen_skipped_samples"] == resumed._skipped_total == 5
+
+
 def test_missing_shards_error_names_the_path(tmp_path):
     dm = ImageShardDataModule(str(tmp_path / "nope-*.tar"), str(tmp_path / "nope-*.tar"))
     with pytest.raises(FileNotFoundError, match="nope-"):

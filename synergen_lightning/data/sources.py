@@ -609,6 +609,37 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def gather_from_ranks(value):
+    """Every rank's `value`, in rank order (a collective: every rank calls it); None in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def skip_state(skipped: Counter, by_rank: list | None) -> dict:
+    """A checkpoint's skip counts: `skipped` summed over the ranks (`by_rank`: every rank's, from
+    `gather_from_ranks`; None in one process) and each rank's own under `skipped_by_rank`."""
+    if by_rank is None:
+        return {"skipped": dict(skipped)}
+    total: Counter = Counter()
+    for counts in by_rank:
+        total.update(counts)
+    return {"skipped": dict(total), "skipped_by_rank": dict(enumerate(map(dict, by_rank)))}
+
+
+def restored_skips(state: dict, rank: int, world: int) -> Counter:
+    """This rank's skip counts from `skip_state`'s: its own at the same world size; otherwise rank 0 carries the sum
+    (the total over the ranks stays what it was)."""
+    by_rank = state.get("skipped_by_rank")
+    if by_rank is not None and len(by_rank) == world:
+        return Counter(by_rank.get(rank, by_rank.get(str(rank), {})))
+    return Counter(state.get("skipped", {})) if rank == 0 else Counter()
+
+
 def lane_share(shards: list[str], lane: int, n_lanes: int) -> tuple[list[str], tuple[int, int] | None]:
     """(shards, sample stride) of one lane: a disjoint shard partition when there are enough shards to go round
     (stride None); otherwise every shard, of which the lane keeps every n_lanes-th sample from the lane-th on

@@ -14,7 +14,8 @@ Validation logs to TensorBoard: `val/psnr`, `val/ssim` (torchmetrics), `val/code
 used over the val epoch), `val/perplexity`, a reconstruction grid (input row above output row), and `val/rfid`
 through torch-fidelity when `fid_inception_weights` names a local Inception file (a one-line notice otherwise).
 Batches are dicts with `pixel_values` uint8 [N, 3, S, S] (see datamodules/image_shards.py) and optionally
-`n_skipped` (undecodable samples dropped by the loader, logged cumulatively as `data/skipped`).
+`n_skipped` (undecodable samples dropped by the loader, logged cumulatively over every rank as `data/skipped`,
+the count carried across a resume).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from synergen_lightning.checkpoint import constructor_kwargs, save_checkpoint_file
+from synergen_lightning.data.sources import gather_from_ranks
 from synergen_lightning.image_tokenizer.protocol import check_images
 from synergen_lightning.models.vq import VQConfig, VQModel
 from synergen_lightning.safe_load import torch_load
@@ -199,8 +201,15 @@ class VQTokenizer(L.LightningModule):
             raise ValueError(f"checkpoint codebook has {weight.shape[0]} codes but this model/recipe has codebook_size "
                              f"{self.codebook_size}; set codebook_size: {weight.shape[0]} or use a matching checkpoint")
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # every rank calls it (one copy is saved): the samples skipped on all of them
+        counts = gather_from_ranks(self._skipped_total)
+        checkpoint["synergen_skipped_samples"] = sum(counts) if counts is not None else self._skipped_total
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._check_codebook(checkpoint)
+        # rank 0 carries the run's count on: `data/skipped`, summed over the ranks, goes on from it
+        self._skipped_total = int(checkpoint.get("synergen_skipped_samples", 0)) if self.global_rank == 0 else 0
 
     # ---- training ------------------------------------------------------------------------------------------
     def _pixels(self, batch: dict) -> Tensor:
@@ -209,7 +218,8 @@ class VQTokenizer(L.LightningModule):
     def _log_skipped(self, batch: dict) -> None:
         if "n_skipped" in batch:
             self._skipped_total += int(batch["n_skipped"])
-            self.log("data/skipped", float(self._skipped_total), on_step=True, on_epoch=False)
+            self.log("data/skipped", float(self._skipped_total), on_step=True, on_epoch=False, sync_dist=True,
+                     reduce_fx="sum")  # over every rank
 
     def _generator_loss(self, x: Tensor, recon: Tensor, q_losses: dict[str, Tensor], use_gan: bool) -> tuple[Tensor, dict]:
         if self.hparams.clamp_aware_loss:
