@@ -5,7 +5,8 @@ training it writes `last.ckpt` only if no `last.ckpt` was ever written. A run wh
 N therefore ends with `last.ckpt` at the last multiple of N, and the steps after it are lost (a 300-step stage with
 N = 200 would hand step 200 to the next stage). Here a run that ends normally always
 saves its final step (the step checkpoint under `filename`, and `last.ckpt`). A run stopped by an exception or Ctrl-C
-is not "finished": it saves nothing more (unless `save_on_exception`), and `--ckpt_path DIR/last.ckpt` resumes it.
+is not "finished": it saves nothing more (unless `save_on_exception`, in one process only: over several ranks the
+rank that raised would wait alone in the save's collectives), and `--ckpt_path DIR/last.ckpt` resumes it.
 
 Lightning warns at every start that the checkpoint directory is not empty, which the recipes' own logger has made
 true (they log into it): here the warning names the checkpoints a new run would overwrite, and a resumed run gets none.
@@ -13,6 +14,7 @@ true (they log into it): here the warning names the checkpoints a new run would 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from lightning.pytorch import LightningModule, Trainer
@@ -31,6 +33,15 @@ class FinalCheckpoint(ModelCheckpoint):
             if self.save_last:
                 self._save_last_checkpoint(trainer, candidates)
         super().on_train_end(trainer, pl_module)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if trainer.world_size > 1 and self._should_save_on_exception(trainer):
+            # the other ranks are elsewhere (training, or stopped): a save's broadcast and shard writes would wait
+            # for them forever; the last scheduled checkpoint stands
+            warnings.warn(f"FinalCheckpoint: no checkpoint on {type(exception).__name__} over {trainer.world_size} "
+                          f"ranks (save_on_exception works in one process); resume from the last saved one")
+            return
+        super().on_exception(trainer, pl_module, exception)
 
     def _ModelCheckpoint__warn_if_dir_not_empty(self, dirpath) -> None:
         """Lightning's warning at `setup` (any file in the directory): replaced by `on_fit_start`'s."""

@@ -18,6 +18,7 @@ of the stage table) and a `stage` attribute that the callback sets.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -173,9 +174,17 @@ class FrozenParameterGuard(Callback):
     def verify(self, pl_module: LightningModule) -> int:
         changed = [n for n, p in resharded(pl_module).named_parameters()
                    if n in self._sums and not p.requires_grad and _checksum(p) != self._sums[n]]
-        if changed:
-            raise RuntimeError(f"FrozenParameterGuard: {len(changed)} frozen parameter(s) changed during training, "
-                               f"e.g. {changed[:5]}: something updates parameters outside the stage's trainable groups")
+        # under FSDP each rank checks its own shards: every rank learns of a change on any (one all-reduce) and
+        # stops, rather than the others waiting in the next collective for the rank that raised
+        anywhere = len(changed)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            count = torch.tensor([anywhere], dtype=torch.long, device=pl_module.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            anywhere = int(count.item())
+        if anywhere:
+            here = f"e.g. {changed[:5]}" if changed else "in another rank's shards"
+            raise RuntimeError(f"FrozenParameterGuard: frozen parameter(s) changed during training ({here}): "
+                               "something updates parameters outside the stage's trainable groups")
         return len(self._sums)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.mixed import _load_tokenizer, follow_model, model_question_first, unset_view_args
@@ -181,7 +182,8 @@ class CsvCaptionDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: CsvCaptionRows, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers,
-                          collate_fn=CollateCounting(self.tokenizer.pad_id), persistent_workers=False)
+                          collate_fn=CollateCounting(self.tokenizer.pad_id), persistent_workers=False,
+                          pin_memory=torch.cuda.is_available())  # an asynchronous copy to the GPU
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import shutil
 import weakref
 from pathlib import Path
 
@@ -404,6 +405,14 @@ def parallelize(
     return units
 
 
+def _remove(path: Path) -> None:
+    """Remove a file or a directory tree, if there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 class FSDP2Strategy(ModelParallelStrategy):
     def __init__(
         self,
@@ -452,6 +461,28 @@ class FSDP2Strategy(ModelParallelStrategy):
                                    "reshard_after_forward": reshard_after_forward}
         to_dtype(param_dtype), to_dtype(reduce_dtype)  # fail at construction on a typo
         self.global_batch_size, self.tokens_per_gpu, self.shard_size = global_batch_size, tokens_per_gpu, shard_size
+
+    def save_checkpoint(self, checkpoint: dict, filepath, storage_options=None) -> None:
+        """A sharded checkpoint is written beside its path (`PATH.partial`) and moved into place by rank 0 once every
+        rank's shard is on disk: a save cut short (preemption, the stall watchdog, an OOM) leaves the previous
+        checkpoint whole. Written in place, each rank overwrites its own shard file and a resume would read a mix
+        of two steps without a word. (Between the two renames, microseconds, the checkpoint is at `PATH.old`.)"""
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        partial, old = path.with_name(path.name + ".partial"), path.with_name(path.name + ".old")
+        if self.global_rank == 0:
+            _remove(partial)  # what a save cut short left
+        self.barrier("synergen_checkpoint_start")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("synergen_checkpoint_written")
+        if self.global_rank == 0:
+            _remove(old)
+            if path.exists():
+                path.rename(old)
+            partial.rename(path)
+            _remove(old)
+        self.barrier("synergen_checkpoint_in_place")
 
     def shard_mesh(self, mesh):
         """The mesh `SynerGenVL.configure_model` shards over: the data-parallel mesh, or the HSDP mesh of `shard_size`."""

@@ -246,6 +246,14 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
                 g = next(p for p in pl_module.parameters() if p.grad is not None).grad
                 (g.to_local() if hasattr(g, "to_local") else g).view(-1)[0] = float("inf")
 
+    class FrozenShardVandal(Callback):  # one rank's shard of a frozen weight changes: every rank must stop
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            at = scenario.get("vandal_at") or {}
+            if at and rank == at["rank"] and trainer.global_step == at["step"]:
+                w = pl_module.llm.model.layers[0].attn.q_proj.weight
+                with torch.no_grad():
+                    (w.to_local() if hasattr(w, "to_local") else w).view(-1)[0] += 1.0
+
     class UnfreezeBehindTheStrategy(Callback):  # what a hand-written callback might do mid-run
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == scenario.get("unfreeze_at"):
@@ -256,7 +264,7 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
                        init_from=scenario.get("init_from"))
     guard = FrozenParameterGuard(every_n_steps=1)
     callbacks = [StageCallback(scenario.get("stage", "stage1"), switch_at=scenario.get("switch_at")), guard, Rec(),
-                 UnfreezeBehindTheStrategy(), InfGradient()]
+                 UnfreezeBehindTheStrategy(), InfGradient(), FrozenShardVandal()]
     trainer = pl.Trainer(
         accelerator="cpu", devices=world, num_nodes=1, callbacks=callbacks,
         strategy=DDPStrategy(**scenario["ddp"]) if "ddp" in scenario else FSDP2Strategy(**scenario.get("strategy", {})),

@@ -55,6 +55,26 @@ def test_an_interrupted_run_saves_no_final_step(tmp_path):
     assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 3
 
 
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_save_on_exception_saves_in_one_process_only(tmp_path, monkeypatch, world_size):
+    """Over several ranks the rank that raised would wait alone in the save's collectives: it saves nothing and
+    says so; one process saves as Lightning does."""
+    from types import SimpleNamespace
+
+    saved = []
+    cb = FinalCheckpoint(dirpath=tmp_path, filename="last", save_on_exception=True)
+    monkeypatch.setattr(cb, "_monitor_candidates", lambda trainer: {})
+    monkeypatch.setattr(cb, "_save_checkpoint", lambda trainer, path: saved.append(path))
+    monkeypatch.setattr(cb, "_save_last_checkpoint", lambda trainer, candidates: None)
+    trainer = SimpleNamespace(world_size=world_size, fast_dev_run=False, sanity_checking=False, global_step=4)
+    if world_size > 1:
+        with pytest.warns(UserWarning, match="no checkpoint on RuntimeError over 2 ranks"):
+            cb.on_exception(trainer, None, RuntimeError("boom"))
+    else:
+        cb.on_exception(trainer, None, RuntimeError("boom"))
+    assert len(saved) == (world_size == 1)
+
+
 def test_every_shipped_recipe_keeps_its_final_step():
     recipes = sorted((ROOT / "recipes").rglob("*.yaml"))
     checkpointing = 0

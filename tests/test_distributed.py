@@ -7,6 +7,8 @@ the 1-process reference is a plain single-device Trainer (no FSDP), so parity ch
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -181,6 +183,17 @@ def test_ddp_refuses_to_change_the_trainable_set_inside_a_run(tmp_path):
     with pytest.raises(RuntimeError, match=r"trainable set changed after DDP wrapped the model \(1 parameters, "
                                            r"e.g. \['llm.model.layers.0.attn.q_proj.weight'\]\)"):
         spawn(1, dict(DDP_RUN, unfreeze_at=1), tmp_path / "unfreeze", timeout=240)
+
+
+@pytest.mark.slow  # `make test-all`
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_a_frozen_shard_changed_on_one_rank_stops_every_rank_with_the_guards_error(tmp_path):
+    """Under FSDP2 each rank checks its own shards of the frozen weights: rank 1's changes, and rank 0 stops with
+    the guard's error too (it would otherwise wait in the next collective for the rank that stopped)."""
+    with pytest.raises(RuntimeError, match=r"rank 0 of 2 failed: .*frozen parameter\(s\) changed during training "
+                                           r"\(in another rank's shards\)"):
+        spawn(2, {"max_steps": 3, "vandal_at": {"rank": 1, "step": 1}}, tmp_path, timeout=240)
 
 
 @pytest.mark.distributed
@@ -396,6 +409,31 @@ def test_trainer_accumulates_the_derived_micro_batches():
             torch.distributed.destroy_process_group()
     assert (trainer.accumulate_grad_batches, model.rows, model.steps) == (3, [4] * 12, 4)
     assert model.validated_at == [2, 4] and trainer.val_check_interval == 6
+
+
+def test_a_sharded_save_cut_short_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    """Each rank writes its shard beside the checkpoint and rank 0 moves the whole into place: a save that stops
+    half-way (preemption) leaves the previous step's checkpoint as it was, not its shards mixed with the new ones."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from synergen_lightning.distributed import FSDP2Strategy
+
+    def dcp_save(self, checkpoint, filepath, storage_options=None):  # as Lightning's: shards, then meta.pt
+        path = Path(filepath)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "__0_0.distcp").write_text(str(checkpoint["step"]))
+        if checkpoint.get("preempted"):
+            raise KeyboardInterrupt
+        (path / "meta.pt").write_text(str(checkpoint["step"]))
+
+    monkeypatch.setattr(ModelParallelStrategy, "save_checkpoint", dcp_save)
+    strategy, last = FSDP2Strategy(), tmp_path / "last.ckpt"
+    strategy.save_checkpoint({"step": 2}, last)
+    with pytest.raises(KeyboardInterrupt):
+        strategy.save_checkpoint({"step": 4, "preempted": True}, last)
+    assert (last / "__0_0.distcp").read_text() == (last / "meta.pt").read_text() == "2"
+    strategy.save_checkpoint({"step": 6}, last)
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"] and (last / "meta.pt").read_text() == "6"
 
 
 def test_fsdp_requested_with_an_unconfigured_model_is_refused(tmp_path):

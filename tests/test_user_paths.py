@@ -299,7 +299,6 @@ def test_the_2b_recipes_chain_trains_what_each_stage_says(walked):
 
 
 @pytest.mark.slow  # `make test-all`
-@pytest.mark.e2e
 @pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_the_tokenizer_trains_over_two_ranks_on_shards_of_unequal_length_then_is_evaluated(tmp_path):
