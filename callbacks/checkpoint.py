@@ -39,7 +39,8 @@ class FinalCheckpoint(ModelCheckpoint):
             # the other ranks are elsewhere (training, or stopped): a save's broadcast and shard writes would wait
             # for them forever; the last scheduled checkpoint stands
             warnings.warn(f"FinalCheckpoint: no checkpoint on {type(exception).__name__} over {trainer.world_size} "
-                          f"ranks (save_on_exception works in one process); resume from the last saved one")
+                          f"ranks (save_on_exception works in one process); resume from the last saved one",
+                          stacklevel=2)
             return
         super().on_exception(trainer, pl_module, exception)
 
