@@ -14,7 +14,9 @@ against `torch.utils.flop_counter.FlopCounterMode` in tests.
 
 `SynerGenThroughputMonitor` sets `pl_module.flops_per_batch` from each batch, so Lightning logs
 train|validate/{batches,samples,items}_per_sec (items = real tokens) and, when the device's peak is
-known (Lightning's table for CUDA, or `available_flops`), device/mfu. Recipe lines (trainer callbacks):
+known (Lightning's table for CUDA, or `available_flops`), device/mfu. Over several ranks these are rank 0's figures
+(the global ones: rank 0's times the world size, Lightning's convention; ranks whose packed or bucketed batches
+differ in length differ a little). Recipe lines (trainer callbacks):
 
     - class_path: callbacks.throughput.SynerGenThroughputMonitor
       init_args: {window_size: 20}          # available_flops: 989.0e12 for an H100 in bf16; CPU: none -> no MFU
@@ -78,6 +80,8 @@ def batch_samples(batch: dict) -> int:
 
 
 def batch_tokens(batch: dict) -> int:
+    if batch.get("row_tokens") is not None:  # counted by the collate on the CPU: no read-back from the GPU
+        return int(sum(batch["row_tokens"]))
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
@@ -104,9 +108,13 @@ class SynerGenThroughputMonitor(ThroughputMonitor):
             for throughput in self._throughputs.values():
                 throughput.available_flops = self._available_flops_override
 
+    # Lightning's monitor measures on rank 0 and scales by the world size (its convention): the other ranks need no
+    # count (each costs a few read-backs from the GPU)
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int) -> None:
-        pl_module.flops_per_batch = batch_flops(pl_module, batch)
+        if trainer.is_global_zero:
+            pl_module.flops_per_batch = batch_flops(pl_module, batch)
 
     def on_validation_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int,
                                   dataloader_idx: int = 0) -> None:
-        pl_module.flops_per_batch = batch_flops(pl_module, batch, training=False)
+        if trainer.is_global_zero:
+            pl_module.flops_per_batch = batch_flops(pl_module, batch, training=False)

@@ -128,6 +128,16 @@ def test_every_rank_draws_the_same_grids_under_accumulation_and_at_the_end(tmp_p
     assert drawn == ({0: [2, 4], 1: [2, 4]} if board else {0: [], 1: []})
 
 
+def test_tokens_of_a_batch_come_from_the_collates_counts_as_from_its_mask():
+    from callbacks.throughput import batch_tokens
+    from synergen_lightning.data.batch import add_indices
+
+    batch = add_indices(make_batch(["generation", "understanding", "text"], seed=3))
+    batch["attention_mask"][0, -3:] = False
+    batch["row_tokens"] = batch["attention_mask"].sum(-1).tolist()
+    assert batch_tokens(batch) == int(batch["attention_mask"].sum()) == batch_tokens({**batch, "row_tokens": None})
+
+
 def test_evaluator_refuses_missing_inputs(tmp_path):
     with pytest.raises(ValueError, match="nothing to run"):
         PeriodicEvaluator(every_n_steps=2)
