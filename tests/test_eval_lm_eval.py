@@ -140,6 +140,20 @@ def test_rolling_loglikelihood_is_the_sum_over_the_text(results):
     assert math.isfinite(got) and got == pytest.approx(want, rel=1e-4)
 
 
+def test_model_args_dtype_sets_the_parameters_dtype(tmp_path):
+    from synergen_lightning.eval.fid import EvalInputError
+    from synergen_lightning.eval.lm_eval_adapter import SynerGenLM
+    from tests.test_checkpoint import _cli_like_checkpoint
+    from tests.test_system_helpers import tiny_model
+
+    ckpt = _cli_like_checkpoint(tmp_path, tiny_model(stage="full"))
+    for arg, dtype in (("bf16", torch.bfloat16), ("auto", torch.float32)):  # auto on a CPU: fp32
+        lm = SynerGenLM.create_from_arg_string(f"pretrained={ckpt},dtype={arg}", {"batch_size": 2, "device": "cpu"})
+        assert {p.dtype for p in lm.harness.model.parameters()} == {dtype}
+    with pytest.raises(EvalInputError, match="dtype 'half' is not one of auto, bf16, fp32: e.g. --model_args"):
+        SynerGenLM.create_from_arg_string(f"pretrained={ckpt},dtype=half", {"batch_size": 2, "device": "cpu"})
+
+
 def test_missing_checkpoint_is_one_line(tmp_path):
     from synergen_lightning.eval.fid import EvalInputError
     from synergen_lightning.eval.lm_eval_adapter import SynerGenLM

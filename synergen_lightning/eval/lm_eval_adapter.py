@@ -30,7 +30,7 @@ class SynerGenLM(LM):
 
     def __init__(self, pretrained: str | None = None, model=None, device: str | None = None, batch_size=8,
                  max_gen_toks: int = 256, text_tokenizer: str | None = None, image_tokenizer: str | None = None,
-                 **kwargs):
+                 dtype: str = "auto", **kwargs):
         super().__init__()
         bs = 8 if str(batch_size).startswith("auto") else int(batch_size)
         if model is not None:
@@ -38,7 +38,7 @@ class SynerGenLM(LM):
         else:
             self.harness = Harness.from_pretrained(pretrained, device=device, batch_size=bs,
                                                    max_new_tokens=int(max_gen_toks), text_tokenizer=text_tokenizer,
-                                                   image_tokenizer=image_tokenizer)
+                                                   image_tokenizer=image_tokenizer, dtype=dtype)
         self.pretrained = str(pretrained) if pretrained is not None else "in-memory"
         self._device = self.harness.model.device
 

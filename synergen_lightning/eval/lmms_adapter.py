@@ -59,7 +59,7 @@ class SynerGenLMMS(lmms):
 
     def __init__(self, pretrained: str | None = None, model=None, device: str | None = None, batch_size=1,
                  max_tiles=None, thumbnail=None, max_new_tokens: int = 128, text_tokenizer: str | None = None,
-                 image_tokenizer: str | None = None, **kwargs):
+                 image_tokenizer: str | None = None, dtype: str = "auto", **kwargs):
         self.pretrained = str(pretrained) if pretrained is not None else "in-memory"  # names lmms-eval's cache
         super().__init__()
         bs = 1 if str(batch_size).startswith("auto") else int(batch_size)
@@ -70,7 +70,7 @@ class SynerGenLMMS(lmms):
             self.harness = Harness.from_pretrained(pretrained, device=device, max_tiles=max_tiles,
                                                    thumbnail=thumbnail, batch_size=bs,
                                                    max_new_tokens=int(max_new_tokens), text_tokenizer=text_tokenizer,
-                                                   image_tokenizer=image_tokenizer)
+                                                   image_tokenizer=image_tokenizer, dtype=dtype)
         self._rank, self._world_size = 0, 1
 
     @property
