@@ -150,9 +150,10 @@ $(BASE_DONE): $(DATA_OK) $(SEED_OK) recipes/tiny/base_llm.yaml
 	touch $@
 
 ifdef RECIPE
-# an explicit recipe (paper scale, an ablation, your own): run it as given
+# an explicit recipe (paper scale, an ablation, your own): run it as given, going on from the run's last checkpoint
+# when there is one (`--ckpt_path last`: a preempted run resumes; FORCE=1 starts over)
 stage1 stage2 sft: $(VENV)
-	$(SYN) fit --config $(RECIPE) $(FIT_FLAGS)
+	$(SYN) fit --config $(RECIPE) $(if $(FORCE),,--ckpt_path last) $(FIT_FLAGS)
 else
 stage1: $(S1_DONE)  ## stage 1: image-specific parameters only (text logits stay bit-identical)
 stage2: $(S2_DONE)  ## stage 2: + self-attention, from stage 1

@@ -22,7 +22,12 @@ from pathlib import Path
 
 import torch
 
-from synergen_lightning.distributed import check_compatible, is_sharded_checkpoint, load_sharded_state_dict
+from synergen_lightning.distributed import (
+    check_compatible,
+    is_sharded_checkpoint,
+    load_sharded_into,
+    load_sharded_state_dict,
+)
 from synergen_lightning.safe_load import UntrustedCheckpointError, read_sharded_metadata, torch_load
 from synergen_lightning.state_keys import current_keys
 
@@ -177,10 +182,15 @@ def load_checkpoint_model(path: str | Path, cls: type, map_location: str | torch
                          "(e.g. text_tokenizer, image_tokenizer)")
     kwargs.update(overrides)
     model = cls(**kwargs)
-    state = read_state_dict(path)
-    if strict:
-        check_compatible(state, model, str(path))
-    model.load_state_dict(state, strict=strict)
+    if strict and checkpoint_kind(path) == "sharded":
+        # read into the model's own tensors: no second full copy of the weights in host memory
+        load_sharded_into(model, path, collective=False)
+    else:
+        state = read_state_dict(path)
+        if strict:
+            check_compatible(state, model, str(path))
+        model.load_state_dict(state, strict=strict)
+        del state
     history = meta.get("synergen_stage_history")
     if history and hasattr(model, "on_load_checkpoint"):
         model.on_load_checkpoint({"synergen_stage_history": history})

@@ -107,13 +107,16 @@ def resolve_recipe_parts(model) -> None:
 
 
 def quiet_lightning_notices() -> None:
-    """Drop two lines Lightning prints on every run that a user cannot act on: its advert for a cloud logger, and the
-    FutureWarning its own pytree helper triggers under torch >= 2.10 (`isinstance(treespec, LeafSpec)`)."""
+    """Drop lines Lightning prints that a user cannot act on: its advert for a cloud logger, the FutureWarning its own
+    pytree helper triggers under torch >= 2.10 (`isinstance(treespec, LeafSpec)`), and its hint on a first start with
+    `--ckpt_path last`."""
     import logging
     import warnings
 
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
+    # `--ckpt_path last` (`make stage1 RECIPE=...`) on a run's first start: there is nothing to resume, as expected
+    warnings.filterwarnings("ignore", message=r'.*ckpt_path="last"\) is set, but there is no last checkpoint')
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(lambda record: not str(record.msg).startswith("💡 Tip:"))
 
@@ -173,8 +176,17 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
             return kwargs
 
         def before_fit(self) -> None:
-            # a sharded (directory) checkpoint only loads under FSDP2; say so instead of an IsADirectoryError
+            from lightning.pytorch.callbacks import ModelCheckpoint
+
             ckpt = self.config[self.subcommand].get("ckpt_path")
+            if ckpt == "last":  # as Lightning resolves it: the newest last*.ckpt of the run's checkpoint callbacks
+                found = [p for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
+                         for p in cb._find_last_checkpoints(self.trainer)]
+                ckpt = max(found, key=os.path.getmtime) if found else None
+            # a resumed run takes every weight from its checkpoint: the stage's `init_from` / `base_llm` are not read
+            # (reading them costs a whole checkpoint per replica, and the previous stage's files may be gone)
+            self.model.__dict__["_resuming"] = bool(ckpt)
+            # a sharded (directory) checkpoint only loads under FSDP2; say so instead of an IsADirectoryError
             if ckpt and Path(str(ckpt)).is_dir() and not isinstance(self.trainer.strategy, ModelParallelStrategy):
                 raise SystemExit(f"--ckpt_path {ckpt!r} is a sharded (FSDP2) checkpoint directory: resume it with "
                                  "--trainer.strategy.class_path synergen_lightning.distributed.FSDP2Strategy "

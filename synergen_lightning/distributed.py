@@ -638,10 +638,11 @@ def load_sharded_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sd.items()}
 
 
-def load_sharded_into(model: nn.Module, path: str | Path) -> None:
+def load_sharded_into(model: nn.Module, path: str | Path, collective: bool = True) -> None:
     """Load the model weights of a sharded (DCP) checkpoint into a model already sharded with `parallelize`: each
     rank reads only the byte ranges of its own shards (the whole checkpoint once over all ranks, not once per rank).
-    Every rank calls it (DCP plans the reads with collectives)."""
+    Every rank calls it (DCP plans the reads with collectives). `collective=False`: this process alone reads the
+    whole checkpoint into an unsharded model, in place (whatever process group exists)."""
     import torch.distributed.checkpoint as dcp
 
     state = model.state_dict()  # the sharded parameters (DTensors) and buffers themselves: loaded in place
@@ -650,7 +651,7 @@ def load_sharded_into(model: nn.Module, path: str | Path) -> None:
     check_compatible(current_keys(shapes), model, str(path))
     if is_flat(shapes):  # DCP reads by key: ask for the keys the checkpoint was saved under
         state = {flat_key(k): v for k, v in state.items()}
-    dcp.load({"state_dict": state}, storage_reader=reader)
+    dcp.load({"state_dict": state}, storage_reader=reader, no_dist=not collective)
 
 
 def shard_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -45,7 +45,10 @@ def export(ckpt: str | Path, out: str | Path, dtype: str | None = None) -> Path:
         read_state_dict,
     )
     from synergen_lightning.distributed import check_compatible, to_dtype
+    from synergen_lightning.io import atomic_directory
     from synergen_lightning.system import SynerGenVL
+
+    export_files = {EXPORT_WEIGHTS, EXPORT_CONFIG, EXPORT_INFO}
 
     ckpt, out = Path(ckpt), Path(out)
     if checkpoint_kind(ckpt) == "export":
@@ -62,15 +65,20 @@ def export(ckpt: str | Path, out: str | Path, dtype: str | None = None) -> Path:
     tensors = {k: (v.to(dt) if dt is not None and v.is_floating_point() else v).contiguous() for k, v in state.items()}
     if model.llm.model.config.tie_word_embeddings:  # safetensors refuses shared storage: keep one copy
         tensors.pop("llm.model.lm_head.weight", None)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / EXPORT_WEIGHTS), metadata={"format": "pt", "source": str(ckpt)})
-    (out / EXPORT_CONFIG).write_text(json.dumps(_jsonable(hp), indent=2))
-    (out / EXPORT_INFO).write_text(json.dumps({
-        "source": str(ckpt), "sharded": ckpt.is_dir(), "global_step": meta.get("global_step"),
-        "stage_history": meta.get("synergen_stage_history"), "tensors": len(tensors),
-        "parameters": int(sum(v.numel() for v in tensors.values())), "dtype": dtype or "as trained",
-        "datamodule_hyper_parameters": _jsonable(constructor_args(meta.get("datamodule_hyper_parameters") or {}))},
-        indent=2))
+    others = sorted(p.name for p in out.iterdir() if p.name not in export_files) if out.is_dir() else []
+    if others or (out.exists() and not out.is_dir()):
+        raise ValueError(f"--out {str(out)!r} holds other files than an export ({', '.join(others[:3]) or 'a file'}): "
+                         "pick a new directory (an export replaces its directory whole)")
+    # all or nothing: a crash mid-write leaves the previous export as it was, never new weights beside its old config
+    with atomic_directory(out) as tmp:
+        save_file(tensors, str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt", "source": str(ckpt)})
+        (tmp / EXPORT_CONFIG).write_text(json.dumps(_jsonable(hp), indent=2))
+        (tmp / EXPORT_INFO).write_text(json.dumps({
+            "source": str(ckpt), "sharded": ckpt.is_dir(), "global_step": meta.get("global_step"),
+            "stage_history": meta.get("synergen_stage_history"), "tensors": len(tensors),
+            "parameters": int(sum(v.numel() for v in tensors.values())), "dtype": dtype or "as trained",
+            "datamodule_hyper_parameters": _jsonable(constructor_args(meta.get("datamodule_hyper_parameters") or {}))},
+            indent=2))
     return out / EXPORT_WEIGHTS
 
 

@@ -90,10 +90,13 @@ def check_inputs(config: dict) -> list[str]:
     from synergen_lightning.data.sources import expand_urls
 
     problems: list[str] = []
+    # a resumed run (`--ckpt_path`) takes its weights from its checkpoint, not from the stage's `init_from` (which
+    # may be gone); "last" with nothing to resume starts afresh, and then the model names a missing one
+    resuming = bool(config.get("ckpt_path"))
     for where, args in _parts(config):
         for name, value in args.items():
             key = f"{where}.{name}"
-            if value is None or value == "":
+            if value is None or value == "" or (resuming and name == "init_from"):
                 continue
             if name in INPUTS and isinstance(value, (str, os.PathLike)):
                 what, fix = INPUTS[name]

@@ -98,6 +98,31 @@ def test_bf16_inference_casts_the_parameters_only_and_decodes(tmp_path, monkeypa
         load_synergen(ckpt, dtype="fp16")
 
 
+def test_an_export_replaces_its_directory_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A crash while the weights are written leaves the previous export as it was (not new weights beside its old
+    config); a directory holding other files is refused, not emptied."""
+    import safetensors.torch
+
+    first = _cli_like_checkpoint(tmp_path / "a", tiny_model(stage="stage1"))
+    export(first, tmp_path / "export")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "export").iterdir()}
+
+    def dies(tensors, path, metadata=None):
+        open(path, "wb").write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies)
+    with pytest.raises(KeyboardInterrupt):
+        export(_cli_like_checkpoint(tmp_path / "b", tiny_model(stage="full")), tmp_path / "export")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "export").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if "partial" in p.name] == []
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="holds other files than an export \\(notes.txt\\): pick a new directory"):
+        export(first, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
 def test_bad_checkpoints_are_one_line_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"'.*nope' does not exist: pass a run's last.ckpt"):
         load_synergen(tmp_path / "nope")

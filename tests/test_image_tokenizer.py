@@ -306,14 +306,25 @@ def test_pretokenize_writes_codes_resumes_and_skips_broken(trained, tmp_path, ca
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
     (out / "shard-000001.tar").unlink()
     (out / "shard-000001.tar.tmp").write_bytes(b"partial")
-    assert pretokenize_main(["--tokenizer", str(ckpt), "--in", str(src), "--out", str(out), "--image-size", "32",
-                             "--task", "understanding", "--max-tiles", "4", "--thumbnail"]) == 0
+    # other views into the same --out would mix two geometries: refused, naming what differs
+    with pytest.raises(SystemExit) as e:
+        pretokenize_main(["--tokenizer", str(ckpt), "--in", str(src), "--out", str(out), "--image-size", "32",
+                          "--task", "understanding", "--max-tiles", "4", "--thumbnail"])
+    assert e.value.code == 2 and ("other views (--task generation there, understanding now, --thumbnail False there, "
+                                  "True now;") in capsys.readouterr().err
+    assert pretokenize_main(["--tokenizer", str(ckpt), "--in", str(src), "--out", str(out), "--image-size", "32"]) == 0
     assert "resuming: 2 of 3 shards" in capsys.readouterr().out
     assert not (out / "shard-000001.tar.tmp").exists()
     for name in ("shard-000000.tar", "shard-000002.tar"):
         assert (out / name).stat().st_mtime_ns == mtimes[name]
     redone = _read(out / "shard-000001.tar")
-    assert {np.load(io.BytesIO(s["codes.npy"])).shape for s in redone.values()} == {(5, 4, 4)}  # 2x2 tiles of the 128 canvas + thumbnail
+    assert {np.load(io.BytesIO(s["codes.npy"])).shape for s in redone.values()} == {(1, 4, 4)}
+
+    # understanding views (2x2 tiles of the 128 canvas + a thumbnail) into a directory of their own
+    assert pretokenize_main(["--tokenizer", str(ckpt), "--in", str(src), "--out", str(tmp_path / "und"),
+                             "--image-size", "32", "--task", "understanding", "--max-tiles", "4", "--thumbnail"]) == 0
+    tiles = _read(tmp_path / "und" / "shard-000001.tar")
+    assert {np.load(io.BytesIO(s["codes.npy"])).shape for s in tiles.values()} == {(5, 4, 4)}
 
     # a tokenizer trained again at the same path: resuming would keep the old tokenizer's codes, so it is refused
     (out / "shard-000001.tar").unlink()

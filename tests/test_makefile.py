@@ -122,6 +122,23 @@ def test_a_finished_stage_says_so_and_force_trains_it_again(tmp_path):
     assert not (cwd / "runs/tiny/stage1/.done").exists() and not (cwd / "runs/tiny/stage1/last.ckpt").exists()
 
 
+def test_an_explicit_recipe_goes_on_from_its_last_checkpoint_unless_forced(tmp_path):
+    """`make stage1 RECIPE=...` again after a preemption resumes the run (`--ckpt_path last`: its own last
+    checkpoint, or a fresh start when there is none) instead of training from step 0 over it; FORCE=1 starts over."""
+    cwd, recipe = _fake_checkout(tmp_path), "recipes/synergen_vl_2b/stage1.yaml"
+    (cwd / ".venv").mkdir()
+    (cwd / ".venv/.installed").touch()
+
+    def fit_line(*args):  # in a scratch checkout: FORCE=1 removes runs/tiny/stage1's checkpoints even under -n
+        r = subprocess.run(["make", "-f", str(ROOT / "Makefile"), "-n", "stage1", f"RECIPE={recipe}", *args], cwd=cwd,
+                           capture_output=True, text=True, timeout=60, env={**os.environ, "GPUS": "0"})
+        assert r.returncode == 0, r.stderr
+        return next(ln for ln in r.stdout.splitlines() if "fit --config" in ln)
+
+    assert f"fit --config {recipe} --ckpt_path last --trainer.devices 8" in fit_line("DEVICES=8")
+    assert "--ckpt_path" not in fit_line("FORCE=1")
+
+
 def test_level_and_seed_reach_every_step():
     out = dry_run("demo", "runs/tiny/sft/.done", "data/tiny/codes/.done", LEVEL="full", SEED="1")
     assert "data synth --level full --out data/tiny" in out

@@ -116,7 +116,9 @@ def user_path(world: Path, run: Path, mode: str) -> dict:
     s1, s2 = run / "runs/tiny/stage1/last.ckpt", run / "runs/tiny/stage2/last.ckpt"
     steps, fit_outputs = [], []
     # stage 1, stopped after its first step, then resumed from its last.ckpt to step 2
-    for max_steps, resume in ((1, []), (2, ["--ckpt_path", str(s1)])):
+    # the multi-process modes as `make stage1 RECIPE=...` runs them: `--ckpt_path last` (nothing to resume the first time)
+    last = ["--ckpt_path", "last"] if ranks > 1 else []
+    for max_steps, resume in ((1, last), (2, last or ["--ckpt_path", str(s1)])):
         out = synergen(run, "fit", "--config", str(ROOT / "recipes/tiny/stage1.yaml"), *flags, *QUICK,
                        "--trainer.max_steps", str(max_steps), f"--data.init_args.batch_size={BATCH['stage1']}",
                        *resume, ranks=ranks)
@@ -128,6 +130,13 @@ def user_path(world: Path, run: Path, mode: str) -> dict:
     synergen(run, "fit", "--config", str(ROOT / "recipes/tiny/stage2.yaml"), *flags, *QUICK,
              "--trainer.max_steps", "1", f"--data.init_args.batch_size={BATCH['stage2']}",
              "--trainer.limit_val_batches", "2", "--trainer.val_check_interval", "1", ranks=ranks)
+    stage2_resumed = None
+    if mode == "one_process":  # stage 2 resumed to step 2 with stage 1's run moved away: its init_from is not read
+        (run / "runs/tiny/stage1").rename(run / "runs/tiny/stage1.moved")
+        stage2_resumed = synergen(run, "fit", "--config", str(ROOT / "recipes/tiny/stage2.yaml"), *QUICK,
+                                  "--trainer.max_steps", "2", f"--data.init_args.batch_size={BATCH['stage2']}",
+                                  "--ckpt_path", "last")
+        (run / "runs/tiny/stage1.moved").rename(run / "runs/tiny/stage1")
     # export, beside generate / answer / the text report from the checkpoint; then generate / answer from the export
     # in bf16 (what `--dtype auto` gives on a GPU).
     # A DDP run's checkpoint is the single file a one-process run writes (whose path runs those commands on it): it is
@@ -152,7 +161,7 @@ def user_path(world: Path, run: Path, mode: str) -> dict:
         from_export = pool.submit(export_then_use)
         outs = dict(zip(ckpt_cmds, pool.map(lambda a: synergen(run, *a), ckpt_cmds)))
         outs |= dict(zip(export_cmds, from_export.result()))
-    return {"steps": steps, "fit_outputs": fit_outputs, "s1": s1, "s1_hparams": s1_meta["hyper_parameters"], "s2": s2,
+    return {"steps": steps, "fit_outputs": fit_outputs, "stage2_resumed": stage2_resumed, "s1": s1, "s1_hparams": s1_meta["hyper_parameters"], "s2": s2,
             "answers": [out for cmd, out in outs.items() if cmd[0] == "answer"], "from_checkpoint": bool(ckpt_cmds)}
 
 
@@ -236,6 +245,7 @@ def _logits(model) -> tuple[torch.Tensor, torch.Tensor]:
 def test_fit_resume_export_generate_answer_eval(mode, walked):
     from safetensors.torch import load_file
 
+    from synergen_lightning.checkpoint import read_checkpoint_meta
     from synergen_lightning.system import load_synergen
 
     result = walked[mode]
@@ -243,6 +253,9 @@ def test_fit_resume_export_generate_answer_eval(mode, walked):
         raise result
     run = result["s2"].parents[3]
     assert result["steps"] == [1, 2]  # the resumed run went on from step 1
+    if mode == "one_process":  # stage 2 went on to step 2 from its own checkpoint, its stage-1 init_from moved away
+        assert "stage2: resuming: the weights come from the checkpoint" in result["stage2_resumed"]
+        assert read_checkpoint_meta(result["s2"])["global_step"] == 2
     for out in result["fit_outputs"]:  # none of Lightning's lines a user cannot act on (cli.quiet_lightning_notices)
         assert not [line for line in out.splitlines() if any(n in line for n in LIGHTNING_NOISE)], out[-3000:]
     assert result["s1"].is_dir() == (mode == "fsdp2")  # FSDP2 writes a sharded directory, the others one file

@@ -193,13 +193,22 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     if len({url_name(s) for s in shards}) != len(shards):
         p.error("input shards have repeated file names; --out keeps names, so give shards from one directory")
-    # resuming keeps finished shards, so they must come from this very tokenizer
-    settings = {"tokenizer": _file_identity(args.tokenizer)}
+    # resuming keeps finished shards, so they must come from this very tokenizer and these views
+    views = {"task": args.task, "image_size": args.image_size, "max_tiles": args.max_tiles, "thumbnail": args.thumbnail}
+    settings = {"tokenizer": _file_identity(args.tokenizer), "views": views}
     stamp = out_dir / PRETOKENIZE_STAMP
     previous = json.loads(stamp.read_text()) if stamp.is_file() else None
-    if previous is not None and previous != settings and any((out_dir / url_name(s)).exists() for s in shards):
-        p.error(f"--out {out_dir} holds shards pretokenized with another tokenizer ({previous['tokenizer']['path']}, "
-                f"as {stamp} records); resuming would mix the codes of two tokenizers: delete it or choose another --out")
+    if previous is not None and any((out_dir / url_name(s)).exists() for s in shards):
+        if previous["tokenizer"] != settings["tokenizer"]:
+            p.error(f"--out {out_dir} holds shards pretokenized with another tokenizer ({previous['tokenizer']['path']},"
+                    f" as {stamp} records); resuming would mix the codes of two tokenizers: delete it or choose "
+                    "another --out")
+        changed = {k: (v, views[k]) for k, v in previous.get("views", views).items() if views.get(k) != v}
+        if changed:
+            p.error(f"--out {out_dir} holds shards pretokenized with other views ("
+                    + ", ".join(f"--{k.replace('_', '-')} {old} there, {new} now" for k, (old, new) in changed.items())
+                    + f"; {stamp}); resuming would mix two view geometries: give the same options, delete it, or "
+                    "choose another --out")
     stamp.write_text(json.dumps(settings))
     todo = [s for s in shards if not (out_dir / url_name(s)).exists()]
     done = len(shards) - len(todo)
