@@ -499,8 +499,8 @@ class MixedDataModule(L.LightningDataModule):
                 log.warning("source %r has %d shards for %d lanes (%d ranks x %d workers): %d lanes hold %d shard(s) "
                             "and %d hold %d, and every lane draws as many samples, so a shard of the first kind is "
                             "drawn %.2gx as often as one of the second; split it into a multiple of %d shards (or many "
-                            "more) to weigh its samples alike", src.name, n, lanes, world, workers, lanes - n % lanes, k,
-                            n % lanes, k + 1, (k + 1) / k, lanes)
+                            "more) to weigh its samples alike", src.name, n, lanes, world, workers,
+                            lanes - n % lanes, k, n % lanes, k + 1, (k + 1) / k, lanes)
 
     # ---- stream state ------------------------------------------------------------------------
     def _prepare_epoch(self, stream: MixedStream) -> None:

@@ -207,7 +207,8 @@ def run_fit(rank: int, world: int, scenario: dict) -> dict:
                 record["decoded_mid_run"] = decode_both_ways(pl_module)
             record.setdefault("step_s", []).append(time.perf_counter() - self._t0)  # the first one includes compile
             record["loss"].append(float(outputs["loss"]))
-            record.setdefault("samples_generation", []).append(float(trainer.callback_metrics["train/samples_generation"]))
+            logged = float(trainer.callback_metrics["train/samples_generation"])
+            record.setdefault("samples_generation", []).append(logged)
             # which batch each step trained on (a resumed run must continue the data, not repeat it)
             record.setdefault("batches", []).append((trainer.current_epoch, batch_idx, int(batch["input_ids"].sum())))
 

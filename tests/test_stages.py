@@ -94,7 +94,8 @@ def test_guard_fails_loudly_when_a_frozen_parameter_changes():
             with torch.no_grad():
                 pl_module.llm.model.norm.weight[0] += 1e-6
 
-    with pytest.raises(RuntimeError, match=r"FrozenParameterGuard: frozen parameter\(s\) changed during training \(e.g. \['"):
+    with pytest.raises(RuntimeError,
+                       match=r"FrozenParameterGuard: frozen parameter\(s\) changed during training \(e.g. \['"):
         _trainer([StageCallback("stage1"), Vandal(), FrozenParameterGuard(every_n_steps=1)], 2).fit(model, loader(_batches(2)))
 
 

@@ -116,7 +116,7 @@ def user_path(world: Path, run: Path, mode: str) -> dict:
     s1, s2 = run / "runs/tiny/stage1/last.ckpt", run / "runs/tiny/stage2/last.ckpt"
     steps, fit_outputs = [], []
     # stage 1, stopped after its first step, then resumed from its last.ckpt to step 2
-    # the multi-process modes as `make stage1 RECIPE=...` runs them: `--ckpt_path last` (nothing to resume the first time)
+    # the multi-process modes as `make stage1 RECIPE=...` runs them: `--ckpt_path last` (nothing to resume at first)
     last = ["--ckpt_path", "last"] if ranks > 1 else []
     for max_steps, resume in ((1, last), (2, last or ["--ckpt_path", str(s1)])):
         out = synergen(run, "fit", "--config", str(ROOT / "recipes/tiny/stage1.yaml"), *flags, *QUICK,
@@ -161,7 +161,8 @@ def user_path(world: Path, run: Path, mode: str) -> dict:
         from_export = pool.submit(export_then_use)
         outs = dict(zip(ckpt_cmds, pool.map(lambda a: synergen(run, *a), ckpt_cmds)))
         outs |= dict(zip(export_cmds, from_export.result()))
-    return {"steps": steps, "fit_outputs": fit_outputs, "stage2_resumed": stage2_resumed, "s1": s1, "s1_hparams": s1_meta["hyper_parameters"], "s2": s2,
+    return {"steps": steps, "fit_outputs": fit_outputs, "stage2_resumed": stage2_resumed, "s1": s1,
+            "s1_hparams": s1_meta["hyper_parameters"], "s2": s2,
             "answers": [out for cmd, out in outs.items() if cmd[0] == "answer"], "from_checkpoint": bool(ckpt_cmds)}
 
 

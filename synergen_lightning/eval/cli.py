@@ -306,8 +306,8 @@ def _load_checked(a, model):
     if model is not None:
         return model
     check_system_checkpoint(a.ckpt)
-    return load_synergen(a.ckpt, map_location=a.device, text_tokenizer=a.text_tokenizer, image_tokenizer=a.image_tokenizer,
-                         dtype=a.dtype)
+    return load_synergen(a.ckpt, map_location=a.device, text_tokenizer=a.text_tokenizer,
+                         image_tokenizer=a.image_tokenizer, dtype=a.dtype)
 
 
 def geneval_official_main(argv: list[str] | None = None, model=None) -> int:

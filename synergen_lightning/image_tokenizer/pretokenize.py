@@ -200,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = json.loads(stamp.read_text()) if stamp.is_file() else None
     if previous is not None and any((out_dir / url_name(s)).exists() for s in shards):
         if previous["tokenizer"] != settings["tokenizer"]:
-            p.error(f"--out {out_dir} holds shards pretokenized with another tokenizer ({previous['tokenizer']['path']},"
-                    f" as {stamp} records); resuming would mix the codes of two tokenizers: delete it or choose "
-                    "another --out")
+            p.error(f"--out {out_dir} holds shards pretokenized with another tokenizer "
+                    f"({previous['tokenizer']['path']}, as {stamp} records); resuming would mix the codes of two "
+                    "tokenizers: delete it or choose another --out")
         changed = {k: (v, views[k]) for k, v in previous.get("views", views).items() if views.get(k) != v}
         if changed:
             p.error(f"--out {out_dir} holds shards pretokenized with other views ("
