@@ -122,9 +122,9 @@ class ImageViewStream(IterableDataset):
                 lane, lanes = self._lane()
                 named = ", ".join(url for _, url in shards[:3]) or "none"
                 raise ValueError(f"no decodable image in lane {lane} of {lanes} (rank x dataloader worker) of the "
-                                 f"{len(shards)} image shard(s) ({named}: {pending} undecodable samples, shards skipped "
-                                 f"{dict(counter.counts)}): fix the shards or the train_shards pattern, or use fewer "
-                                 "workers")
+                                 f"{len(shards)} image shard(s) ({named}: {pending} undecodable samples, shards "
+                                 f"skipped {dict(counter.counts)}): fix the shards or the train_shards pattern, or use "
+                                 "fewer workers")
 
     def __iter__(self):
         # torch.initial_seed() differs per worker and per epoch (non-persistent workers are re-created each epoch), not
