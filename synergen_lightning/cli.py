@@ -183,8 +183,8 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
                 found = [p for cb in self.trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)
                          for p in cb._find_last_checkpoints(self.trainer)]
                 ckpt = max(found, key=os.path.getmtime) if found else None
-            # a resumed run takes every weight from its checkpoint: the stage's `init_from` / `base_llm` are not read
-            # (reading them costs a whole checkpoint per replica, and the previous stage's files may be gone)
+            # a resumed run takes every weight from its checkpoint: the stage's `init_from` / `base_llm` weights are not
+            # loaded (that costs a whole checkpoint per replica, and the previous stage's files may be gone)
             self.model.__dict__["_resuming"] = bool(ckpt)
             # a sharded (directory) checkpoint only loads under FSDP2; say so instead of an IsADirectoryError
             if ckpt and Path(str(ckpt)).is_dir() and not isinstance(self.trainer.strategy, ModelParallelStrategy):

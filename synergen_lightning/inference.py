@@ -265,7 +265,7 @@ def score_continuations(model, rows: list[tuple[list[int], list[bool]]], continu
     llm = model.llm.model
     hidden = llm(embeds, image_mask=image_mask, position_ids=pos, attention_mask=mask)
     # left padding: every row ends at the last column, so a continuation's tokens are predicted by its last columns.
-    # The [tokens, vocabulary] logits never exist at once (a 32k-token window of a 92k vocabulary is 12 GB in fp32):
+    # The [tokens, vocabulary] logits never exist at once (for a long rolling window they outgrow the model itself):
     # the log-likelihood through the chunked cross-entropy, the greedy check chunk by chunk
     rows_per_chunk = max(1, CHUNK_LOGITS // llm.config.vocab_size)
     out = []

@@ -472,7 +472,7 @@ class SynerGenVL(LightningModule):
     def _init_weights_for_fit(self, stage: str) -> None:
         hp = self.hparams
         if self.__dict__.get("_resuming"):  # `synergen fit --ckpt_path`: the checkpoint holds every weight
-            rank_zero_info(f"{stage}: resuming: the weights come from the checkpoint (init_from / base_llm not read)")
+            rank_zero_info(f"{stage}: resuming: the weights come from the checkpoint (init_from / base_llm not loaded)")
             return
         if hp.get("init_from"):
             path = Path(hp.init_from)

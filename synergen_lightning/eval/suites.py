@@ -208,7 +208,7 @@ def fid_suite(model, captions: list[str], reference, inception_weights, seed: in
     ref = as_uint8_images(reference, "reference images")
     if not captions:
         raise EvalInputError("fid: no captions to generate from")
-    # uint8 in host memory, filled in place: 30k fp32 512-px images would be 94 GB (on the GPU, where they are drawn)
+    # uint8 in host memory, filled in place: a 30k-image protocol's fp32 images would not fit the GPU that draws them
     gen, done = None, 0
     with eval_mode(model), progress_bar(progress, "fid: generating", len(captions)) as advance:
         for k, chunk in enumerate(_chunks(captions, batch_size)):
