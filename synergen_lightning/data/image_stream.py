@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from synergen_lightning.data.sources import SkipCounter, expand_urls, iter_shard, rank_world
+from synergen_lightning.data.sources import SkipCounter, expand_urls, iter_shard, lane_share, rank_world
 from synergen_lightning.data.views import decode_image, dynamic_tiles, generation_view, to_rgb, to_uint8_tensor
 
 log = logging.getLogger(__name__)
@@ -75,17 +75,14 @@ class ImageViewStream(IterableDataset):
         workers, wid = (info.num_workers, info.id) if info is not None else (1, 0)
         return rank * workers + wid, world * workers
 
-    def _my_shards(self) -> tuple[list[tuple[int, str]], int, int]:
-        """This lane's (shard index, shard) and which samples of them it keeps (lane, lanes): whole shards when
-        there are at least as many as lanes (the same permutation on every rank when shuffling), else every lane
-        reads every shard and keeps sample j of shard k where (k + j) % lanes == lane."""
+    def _my_shards(self) -> tuple[list[str], tuple[int, int] | None]:
+        """This lane's shards and sample stride (`lane_share`, as the mixed streams split theirs): whole shards when
+        there are at least as many as lanes (the same permutation on every rank when shuffling), else every shard,
+        of which the lane keeps every lanes-th sample."""
         shards = list(self.shards)
         if self.shuffle:
             random.Random(self.seed).shuffle(shards)
-        lane, lanes = self._lane()
-        if len(shards) >= lanes:
-            return list(enumerate(shards))[lane::lanes], 0, 1
-        return list(enumerate(shards)), lane, lanes
+        return lane_share(shards, *self._lane())
 
     def _quota(self) -> int | None:
         """Views this worker yields this epoch: its share of `epoch_batches` (None: one pass over its shards)."""
@@ -97,30 +94,31 @@ class ImageViewStream(IterableDataset):
 
     def _views(self, rng: random.Random, counter: SkipCounter):
         """(views of one image, samples skipped before it), pass after pass when `epoch_batches` is set."""
-        shards, lane, lanes = self._my_shards()
+        shards, stride = self._my_shards()
         while True:
-            if self.shuffle:  # a new order each pass and epoch (rng differs per lane and epoch)
+            # a new order each pass and epoch (rng differs per lane and epoch); strided lanes keep one order, in which
+            # their samples partition the whole sequence
+            if self.shuffle and stride is None:
                 rng.shuffle(shards)
             pending, decoded = 0, False
-            for k, url in shards:
-                for j, sample in enumerate(iter_shard(url, counter)):
-                    if (k + j) % lanes != lane:
-                        continue
-                    img = decode_image(sample)
-                    if img is None:
-                        pending += 1
-                        continue
-                    decoded = True
-                    crops = self.random_crops if self.shuffle else 0
-                    yield to_uint8_tensor(image_views(img, self.size, self.max_tiles, crops, rng)), pending
-                    pending = 0
+            for i, sample in enumerate(s for url in shards for s in iter_shard(url, counter)):
+                if stride is not None and i % stride[1] != stride[0]:
+                    continue
+                img = decode_image(sample)
+                if img is None:
+                    pending += 1
+                    continue
+                decoded = True
+                crops = self.random_crops if self.shuffle else 0
+                yield to_uint8_tensor(image_views(img, self.size, self.max_tiles, crops, rng)), pending
+                pending = 0
             if pending:
                 yield [], pending
             if self.epoch_batches is None:
                 return
             if not decoded:  # another pass would find none either
                 lane, lanes = self._lane()
-                named = ", ".join(url for _, url in shards[:3]) or "none"
+                named = ", ".join(shards[:3]) or "none"
                 raise ValueError(f"no decodable image in lane {lane} of {lanes} (rank x dataloader worker) of the "
                                  f"{len(shards)} image shard(s) ({named}: {pending} undecodable samples, shards "
                                  f"skipped {dict(counter.counts)}): fix the shards or the train_shards pattern, or use "
