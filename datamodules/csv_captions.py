@@ -36,11 +36,11 @@ from synergen_lightning.data.sequences import BuiltSample, SequenceBuilder
 from synergen_lightning.data.sources import (
     SkipCounter,
     SkipSample,
-    gather_from_ranks,
     rank_world,
     restored_skips,
     skip_state,
 )
+from synergen_lightning.distributed import gather_from_ranks
 
 log = logging.getLogger(__name__)
 

@@ -47,13 +47,13 @@ from synergen_lightning.data.sources import (
     SkipSample,
     SourceSpec,
     finite_samples,
-    gather_from_ranks,
     iter_shard,
     lane_share,
     restored_skips,
     skip_state,
 )
 from synergen_lightning.data.sources import rank_world as _rank_world
+from synergen_lightning.distributed import gather_from_ranks
 
 log = logging.getLogger(__name__)
 # below this many shards per lane, an uneven split weighs some shards' samples visibly more (k + 1 over k)
@@ -484,12 +484,12 @@ class MixedDataModule(L.LightningDataModule):
         - a few shards per lane, not the same number for all: every lane draws as many samples, so a shard of a lane
           holding k shards is drawn (k + 1) / k as often as one of a lane holding k + 1 (twice, for 1 and 2)."""
         rank, world = _rank_world()
+        if rank != 0:
+            return
         workers = max(1, self.num_workers)
         lanes = world * workers
         for src in self.sources:
             n = len(src.shards)
-            if rank != 0:
-                continue
             if n < lanes:
                 log.warning("source %r has %d shards for %d lanes (%d ranks x %d workers): every lane reads all of "
                             "them and keeps 1 sample in %d; split it into at least %d shards to read less",

@@ -197,6 +197,15 @@ def resharded(module: nn.Module) -> nn.Module:
     return module
 
 
+def gather_from_ranks(value):
+    """Every rank's `value`, in rank order (a collective: every rank calls it); None in a single process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def trunk_of(model: nn.Module) -> nn.Module:
     """The pure MMoE trunk of a SynerGenVL (inside its `llm` component)."""
     return model.llm.model
@@ -706,10 +715,7 @@ def load_base_into_sharded(model: nn.Module, sources: dict[str, RowSource]) -> N
             local.copy_(source.read(start, stop))
     means = {}
     if resized:
-        everyone = [resized]
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            everyone = [None] * dist.get_world_size()
-            dist.all_gather_object(everyone, resized)
+        everyone = gather_from_ranks(resized) or [resized]
         for key in resized:
             parts = dict(sorted({r[key][0]: r[key][1] for r in everyone}.items()))  # replicas hold the same rows
             means[key] = (sum(parts.values()) / base_vocab).float()

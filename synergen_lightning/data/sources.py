@@ -609,20 +609,9 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def gather_from_ranks(value):
-    """Every rank's `value`, in rank order (a collective: every rank calls it); None in a single process."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return None
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
-
-
 def skip_state(skipped: Counter, by_rank: list | None) -> dict:
     """A checkpoint's skip counts: `skipped` summed over the ranks (`by_rank`: every rank's, from
-    `gather_from_ranks`; None in one process) and each rank's own under `skipped_by_rank`."""
+    `distributed.gather_from_ranks`; None in one process) and each rank's own under `skipped_by_rank`."""
     if by_rank is None:
         return {"skipped": dict(skipped)}
     total: Counter = Counter()

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from synergen_lightning.checkpoint import constructor_kwargs, save_checkpoint_file
-from synergen_lightning.data.sources import gather_from_ranks
+from synergen_lightning.distributed import gather_from_ranks
 from synergen_lightning.image_tokenizer.protocol import check_images
 from synergen_lightning.models.vq import VQConfig, VQModel
 from synergen_lightning.safe_load import torch_load
