@@ -126,7 +126,7 @@ def test_every_rank_draws_the_same_grids_under_accumulation_and_at_the_end(tmp_p
             cb.on_train_batch_end(trainer, None, None, None, 0)
         cb.on_train_end(trainer, None)
         # closed as a Trainer closes its loggers: an open SummaryWriter's thread would go on flushing for the rest of
-        # the test session
+        # the pytest run
         trainer.loggers[0].finalize("success")
     assert drawn == ({0: [2, 4], 1: [2, 4]} if board else {0: [], 1: []})
 
