@@ -8,6 +8,10 @@ saves its final step (the step checkpoint under `filename`, and `last.ckpt`). A 
 is not "finished": it saves nothing more (unless `save_on_exception`, in one process only: over several ranks the
 rank that raised would wait alone in the save's collectives), and `--ckpt_path DIR/last.ckpt` resumes it.
 
+The recipes keep `last.ckpt` alone (`save_top_k: 0`): with no monitor, the default `save_top_k: 1` keeps the latest
+step's checkpoint beside it, the same weights written twice at every save (at 2b scale, tens of GB each);
+`save_top_k: -1` keeps every step's checkpoint as well.
+
 Lightning warns at every start that the checkpoint directory is not empty, which the recipes' own logger has made
 true (they log into it): here the warning names the checkpoints a new run would overwrite, and a resumed run gets none.
 """
@@ -49,7 +53,8 @@ class FinalCheckpoint(ModelCheckpoint):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        if not (trainer.is_global_zero and trainer.ckpt_path is None and self.save_top_k != 0 and self.dirpath):
+        if not (trainer.is_global_zero and trainer.ckpt_path is None and (self.save_top_k != 0 or self.save_last)
+                and self.dirpath):
             return
         found = sorted(p.name for p in Path(self.dirpath).glob(f"*{self.FILE_EXTENSION}"))
         if found:

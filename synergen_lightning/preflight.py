@@ -8,6 +8,9 @@ Checked, on the parsed config (the recipe with its overrides and environment var
 - every checkpoint it reads (`init_from`, `--ckpt_path`, a `.ckpt` base LLM or image tokenizer) loads as plain data
   (synergen_lightning/safe_load.py);
 - the output directories (`trainer.default_root_dir`, a callback's `dirpath`, a logger's `save_dir`) are writable;
+- pretokenized shards (a source directory holding `synergen data pretokenize`'s stamp) were made by the model's image
+  tokenizer: its stamp names the tokenizer's path, size and modification time, and codes of another tokenizer (or of
+  this one before it was trained again) would train on a code space the model never decodes;
 - the disk under the checkpoint directory holds two checkpoints of the model's estimated size (weights + AdamW state:
   12 bytes a parameter, the parameters counted on the meta device).
 
@@ -131,6 +134,45 @@ def check_inputs(config: dict) -> list[str]:
     return problems
 
 
+def check_image_codes(config: dict) -> list[str]:
+    """Sources whose pretokenize stamp names another image tokenizer than the model's `image_tokenizer` (module
+    docstring). A copy of the tokenizer elsewhere (same size, another path) passes."""
+    import json
+
+    from synergen_lightning.data.sources import expand_urls, is_remote
+    from synergen_lightning.image_tokenizer.pretokenize import PRETOKENIZE_STAMP, file_identity
+
+    tokenizer = ((config.get("model") or {}).get("init_args") or {}).get("image_tokenizer")
+    if not isinstance(tokenizer, (str, os.PathLike)) or not Path(tokenizer).exists():
+        return []  # none, or missing: check_inputs says so
+    ours = file_identity(tokenizer)
+    data = (config.get("data") or {}).get("init_args") or {}
+    problems, seen = [], set()
+    for key in SOURCES:
+        for i, src in enumerate(data.get(key) or []):
+            if not (isinstance(src, dict) and src.get("urls")):
+                continue
+            try:
+                urls = expand_urls(src["urls"], src.get("name", f"{key}[{i}]"))
+            except ValueError:
+                continue  # check_inputs says so
+            for stamp in {Path(u).parent / PRETOKENIZE_STAMP for u in urls if not is_remote(u)} - seen:
+                seen.add(stamp)
+                if not stamp.is_file():
+                    continue
+                theirs = json.loads(stamp.read_text()).get("tokenizer") or {}
+                same_file = theirs.get("path") == ours["path"]
+                if theirs.get("size") != ours["size"] or (same_file and theirs.get("mtime_ns") != ours["mtime_ns"]):
+                    ours_named = f"model.init_args.image_tokenizer {str(tokenizer)!r}"
+                    made_by = (f"{ours_named} before it last changed" if same_file
+                               else f"image tokenizer {theirs.get('path')!r}, not by {ours_named}")
+                    problems.append(
+                        f"data.init_args.{key}[{i}]: the codes in {str(stamp.parent)!r} were made by {made_by} "
+                        f"({stamp}): pretokenize them again with it (`synergen data pretokenize`; make does so when "
+                        "the tokenizer changes) or point image_tokenizer at the one that made them")
+    return problems
+
+
 def _nearest_existing(path: Path) -> Path:
     path = path.absolute()
     while not path.exists() and path != path.parent:
@@ -211,7 +253,7 @@ def check_disk(config: dict) -> list[str]:
 
 def preflight(config: dict) -> None:
     """Raise `PreflightError` with one line per problem of a `fit` config (module docstring)."""
-    problems = check_inputs(config) + check_outputs(config)
+    problems = check_inputs(config) + check_outputs(config) + check_image_codes(config)
     if not problems:
         problems = check_disk(config)  # the estimate needs the inputs (e.g. the base LLM's config)
     if problems:

@@ -37,8 +37,17 @@ def test_last_checkpoint_is_the_final_step(tmp_path, max_steps, every):
     # it holds the final weights, not those of the last scheduled save
     for name, value in model.state_dict().items():
         torch.testing.assert_close(last["state_dict"][name], value, rtol=0, atol=0)
-    # the step checkpoints are named by their zero-padded step (they sort by step), the step named once
-    assert (out / f"step-{max_steps:07d}.ckpt").is_file()
+    assert [p.name for p in out.iterdir()] == ["last.ckpt"]  # the recipes keep it alone
+
+
+def test_the_recipes_write_each_checkpoint_once(tmp_path, monkeypatch):
+    """A save writes last.ckpt and nothing else: no step file holding the same weights a second time."""
+    written = []
+    save = L.Trainer.save_checkpoint
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", lambda self, path, *a, **k: (written.append(Path(path).name),
+                                                                                    save(self, path, *a, **k)))
+    _fit(tmp_path, 7, 3)
+    assert written == ["last.ckpt"] * 3  # steps 3, 6 and the final 7
 
 
 def test_an_interrupted_run_saves_no_final_step(tmp_path):
@@ -100,7 +109,7 @@ def test_only_a_new_run_over_old_checkpoints_is_warned(tmp_path, recwarn):
     assert warnings_about_the_directory() == []
     _fit(tmp_path, 2, 200)
     assert warnings_about_the_directory() == [
-        f"{tmp_path} already holds checkpoints (last.ckpt, step-0000002.ckpt): this run overwrites those of the same "
+        f"{tmp_path} already holds checkpoints (last.ckpt): this run overwrites those of the same "
         f"name. To go on from one, pass --ckpt_path {tmp_path / 'last.ckpt'}; to keep them, move them"]
     _fit(tmp_path, 3, 200, ckpt_path=tmp_path / "last.ckpt")
     assert warnings_about_the_directory() == []

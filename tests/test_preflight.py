@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 
@@ -65,6 +66,45 @@ def test_a_missing_eval_file_is_named(project, capsys):
     assert lines == [next(ln for ln in lines if "eval_prompts" in ln)]
     assert lines[0].startswith("trainer.callbacks[6].init_args.eval_prompts: eval prompts "
                                "'data/tiny/eval_prompts.jsonl' does not exist: run `make data`")
+
+
+def test_codes_pretokenized_by_another_image_tokenizer_are_refused(project, capsys):
+    """A source directory's pretokenize stamp names the tokenizer that made its codes: another one (or this one
+    trained again since) stops the run with the directory, both tokenizers and the fix; a copy elsewhere passes."""
+    import json
+    import os
+
+    from synergen_lightning.image_tokenizer.pretokenize import PRETOKENIZE_STAMP, file_identity
+
+    data = project / "data"
+    shared = data.resolve()
+    data.unlink()
+    shutil.copytree(shared, data)
+    tokenizer = Path("runs/tiny/tokenizer/checkpoints/last.ckpt")
+    copy = project / "elsewhere.ckpt"
+    shutil.copy2(tokenizer, copy)
+    config = {"model": {"init_args": {"image_tokenizer": str(tokenizer)}},
+              "data": {"init_args": {"sources": [{"name": "gen", "urls": "data/tiny/train/shard-*.tar"}]}}}
+    stamp = data / "tiny/train" / PRETOKENIZE_STAMP
+
+    def made_by(path):
+        stamp.write_text(json.dumps({"tokenizer": file_identity(path), "views": {}}))
+
+    for same in (tokenizer, copy):
+        made_by(same)
+        assert preflight.check_image_codes(config) == []
+    made_by(project / "data/tiny/eval_prompts.jsonl")  # any other file: another size
+    lines = fit(capsys)
+    assert lines == [f"data.init_args.sources[0]: the codes in 'data/tiny/train' were made by image tokenizer "
+                     f"{str((project / 'data/tiny/eval_prompts.jsonl').resolve())!r}, not by "
+                     f"model.init_args.image_tokenizer '{tokenizer}' ({stamp.relative_to(project)}): pretokenize them "
+                     "again with it (`synergen data pretokenize`; make does so when the tokenizer changes) or point "
+                     "image_tokenizer at the one that made them"]
+    config["model"]["init_args"]["image_tokenizer"] = str(copy)
+    made_by(copy)
+    os.utime(copy, ns=(0, 0))  # trained again after the codes were made
+    assert [ln.split(" were made by ")[1].split(" (")[0] for ln in preflight.check_image_codes(config)] == [
+        f"model.init_args.image_tokenizer {str(copy)!r} before it last changed"]
 
 
 def test_an_output_directory_that_is_not_writable(project, capsys):

@@ -145,9 +145,9 @@ def _count_samples(shard: str) -> int | None:
 PRETOKENIZE_STAMP = ".pretokenize.json"  # OUT's tokenizer, checked before resuming
 
 
-def _file_identity(path: str) -> dict:
-    """The tokenizer as a resume check sees it: its resolved path, size and modification time (a retrained
-    checkpoint at the same path differs)."""
+def file_identity(path: str) -> dict:
+    """The tokenizer as the resume check and `synergen fit`'s preflight see it: its resolved path, size and
+    modification time (a retrained checkpoint at the same path differs)."""
     p = Path(path).resolve()
     st = p.stat()
     return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("input shards have repeated file names; --out keeps names, so give shards from one directory")
     # resuming keeps finished shards, so they must come from this very tokenizer and these views
     views = {"task": args.task, "image_size": args.image_size, "max_tiles": args.max_tiles, "thumbnail": args.thumbnail}
-    settings = {"tokenizer": _file_identity(args.tokenizer), "views": views}
+    settings = {"tokenizer": file_identity(args.tokenizer), "views": views}
     stamp = out_dir / PRETOKENIZE_STAMP
     previous = json.loads(stamp.read_text()) if stamp.is_file() else None
     if previous is not None and any((out_dir / url_name(s)).exists() for s in shards):
