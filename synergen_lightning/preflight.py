@@ -152,11 +152,13 @@ def check_image_codes(config: dict) -> list[str]:
         for i, src in enumerate(data.get(key) or []):
             if not (isinstance(src, dict) and src.get("urls")):
                 continue
+            urls = [src["urls"]] if isinstance(src["urls"], str) else list(src["urls"])
+            local = [u for u in map(str, urls) if not is_remote(u)]  # a remote source's stamp is not fetched
             try:
-                urls = expand_urls(src["urls"], src.get("name", f"{key}[{i}]"))
+                local = expand_urls(local, src.get("name", key)) if local else []
             except ValueError:
                 continue  # check_inputs says so
-            for stamp in {Path(u).parent / PRETOKENIZE_STAMP for u in urls if not is_remote(u)} - seen:
+            for stamp in {Path(u).parent / PRETOKENIZE_STAMP for u in local} - seen:
                 seen.add(stamp)
                 if not stamp.is_file():
                     continue
