@@ -10,6 +10,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+OWN_PROCESS_CHILD = "SYNERGEN_TEST_OWN_PROCESS"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """A test marked `own_process` runs in a fresh interpreter (its pass or failure reported here): tests that fake
+    CUDA (CUDA's autocast switched on without a GPU, fake cuda tensors) leave torch's native state corrupt for the
+    rest of a process (it aborts later, in a garbage collection or at exit)."""
+    if pyfuncitem.get_closest_marker("own_process") is None or os.environ.get(OWN_PROCESS_CHILD):
+        return None
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", pyfuncitem.nodeid],
+                       cwd=pyfuncitem.config.rootpath, env={**os.environ, OWN_PROCESS_CHILD: "1"}, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, f"{pyfuncitem.nodeid} in its own process:\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}"
+    return True
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

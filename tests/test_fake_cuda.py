@@ -12,6 +12,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from synergen_lightning.data.batch import add_indices
 from tests.test_system_helpers import make_batch, tiny_model
 
+# each test in a fresh interpreter: the fake cuda state corrupts the process that ran it (tests/conftest.py)
+pytestmark = pytest.mark.own_process
+
 CUDA = torch.device("cuda", 0)
 # the fake mode's refusal of a cuda:0 tensor meeting a CPU one (torch 2.14 raises a subclass of RuntimeError, 2.11 a
 # RuntimeError; both name the two devices)
