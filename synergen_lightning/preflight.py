@@ -162,7 +162,12 @@ def check_image_codes(config: dict) -> list[str]:
                 seen.add(stamp)
                 if not stamp.is_file():
                     continue
-                theirs = json.loads(stamp.read_text()).get("tokenizer") or {}
+                try:
+                    theirs = json.loads(stamp.read_text()).get("tokenizer") or {}
+                except (OSError, ValueError, AttributeError):
+                    problems.append(f"data.init_args.{key}[{i}]: {str(stamp)!r} is not the JSON `synergen data "
+                                    "pretokenize` writes: pretokenize the directory again, or delete the file")
+                    continue
                 same_file = theirs.get("path") == ours["path"]
                 if theirs.get("size") != ours["size"] or (same_file and theirs.get("mtime_ns") != ours["mtime_ns"]):
                     ours_named = f"model.init_args.image_tokenizer {str(tokenizer)!r}"
