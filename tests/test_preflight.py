@@ -101,9 +101,9 @@ def test_codes_pretokenized_by_another_image_tokenizer_are_refused(project, caps
                      "again with it (`synergen data pretokenize`; make does so when the tokenizer changes) or point "
                      "image_tokenizer at the one that made them"]
     stamp.write_text("{not json")
-    assert preflight.check_image_codes(config) == [f"data.init_args.sources[0]: {str(stamp.relative_to(project))!r} is not the JSON "
-                                                   "`synergen data pretokenize` writes: pretokenize the directory "
-                                                   "again, or delete the file"]
+    assert preflight.check_image_codes(config) == [
+        f"data.init_args.sources[0]: {str(stamp.relative_to(project))!r} is not the JSON `synergen data pretokenize` "
+        "writes: pretokenize the directory again, or delete the file"]
     config["model"]["init_args"]["image_tokenizer"] = str(copy)
     made_by(copy)
     os.utime(copy, ns=(0, 0))  # trained again after the codes were made
