@@ -10,7 +10,8 @@ Checked, on the parsed config (the recipe with its overrides and environment var
 - the output directories (`trainer.default_root_dir`, a callback's `dirpath`, a logger's `save_dir`) are writable;
 - pretokenized shards (a source directory holding `synergen data pretokenize`'s stamp) were made by the model's image
   tokenizer: its stamp names the tokenizer's path, size and modification time, and codes of another tokenizer (or of
-  this one before it was trained again) would train on a code space the model never decodes;
+  this one before it was trained again) would train on a code space the model never decodes; and at the run's view
+  size (`image_size`: the data's, else the model's), since a code grid of another size fits no image slot;
 - the disk under the checkpoint directory holds two checkpoints of the model's estimated size (weights + AdamW state:
   12 bytes a parameter, the parameters counted on the meta device).
 
@@ -89,7 +90,29 @@ def _check_checkpoint(path: Path, key: str, problems: list[str]) -> None:
                         "last.ckpt")
 
 
-def check_inputs(config: dict) -> list[str]:
+SourceURLs = list[tuple[str, "list[str] | None", "str | None"]]
+
+
+def expand_sources(config: dict) -> SourceURLs:
+    """(recipe key, its shard URLs or None, the problem or None) of every `sources` / `val_sources` entry
+    that names `urls`: expanded once, for `check_inputs` (they exist) and `check_image_codes` (their stamps)."""
+    from synergen_lightning.data.sources import expand_urls
+
+    out = []
+    for where, args in _parts(config):
+        for name in sorted(SOURCES):
+            listed = args.get(name)
+            for i, src in enumerate(listed if isinstance(listed, (list, tuple)) else []):
+                if isinstance(src, dict) and src.get("urls"):
+                    key = f"{where}.{name}[{i}]"
+                    try:
+                        out.append((key, expand_urls(src["urls"], src.get("name", key)), None))
+                    except ValueError as exc:
+                        out.append((key, None, f"{key}: {exc}"))
+    return out
+
+
+def check_inputs(config: dict, sources: SourceURLs | None = None) -> list[str]:
     from synergen_lightning.data.sources import expand_urls
 
     problems: list[str] = []
@@ -117,13 +140,7 @@ def check_inputs(config: dict) -> list[str]:
                     expand_urls(value, key)
                 except ValueError as exc:
                     problems.append(f"{key}: {exc}")
-            elif name in SOURCES and isinstance(value, (list, tuple)):
-                for i, src in enumerate(value):
-                    if isinstance(src, dict) and src.get("urls"):
-                        try:
-                            expand_urls(src["urls"], src.get("name", f"{key}[{i}]"))
-                        except ValueError as exc:
-                            problems.append(f"{key}[{i}]: {exc}")
+    problems += [problem for *_, problem in (expand_sources(config) if sources is None else sources) if problem]
     ckpt = config.get("ckpt_path")
     if ckpt and str(ckpt) not in LIGHTNING_CKPT_ALIASES:
         if not Path(ckpt).exists():
@@ -134,49 +151,50 @@ def check_inputs(config: dict) -> list[str]:
     return problems
 
 
-def check_image_codes(config: dict) -> list[str]:
-    """Sources whose pretokenize stamp names another image tokenizer than the model's `image_tokenizer` (module
-    docstring). A copy of the tokenizer elsewhere (same size, another path) passes."""
-    import json
+def check_image_codes(config: dict, sources: SourceURLs | None = None) -> list[str]:
+    """Sources whose pretokenize stamp names another image tokenizer than the model's `image_tokenizer`, or views of
+    another size than the data's `image_size` (module docstring). A copy of the tokenizer elsewhere (same size,
+    another path) passes."""
+    from synergen_lightning.data.sources import is_remote
+    from synergen_lightning.image_tokenizer.pretokenize import PRETOKENIZE_STAMP, file_identity, read_stamp
 
-    from synergen_lightning.data.sources import expand_urls, is_remote
-    from synergen_lightning.image_tokenizer.pretokenize import PRETOKENIZE_STAMP, file_identity
-
-    tokenizer = ((config.get("model") or {}).get("init_args") or {}).get("image_tokenizer")
+    model = (config.get("model") or {}).get("init_args") or {}
+    data = (config.get("data") or {}).get("init_args") or {}
+    tokenizer = model.get("image_tokenizer")
     if not isinstance(tokenizer, (str, os.PathLike)) or not Path(tokenizer).exists():
         return []  # none, or missing: check_inputs says so
     ours = file_identity(tokenizer)
-    data = (config.get("data") or {}).get("init_args") or {}
+    image_size = data.get("image_size") or model.get("image_size")  # the data's views follow the model's when unset
     problems, seen = [], set()
-    for key in SOURCES:
-        for i, src in enumerate(data.get(key) or []):
-            if not (isinstance(src, dict) and src.get("urls")):
-                continue
-            urls = [src["urls"]] if isinstance(src["urls"], str) else list(src["urls"])
-            local = [u for u in map(str, urls) if not is_remote(u)]  # a remote source's stamp is not fetched
+    for key, urls, _ in expand_sources(config) if sources is None else sources:
+        if not key.startswith("data.init_args.") or urls is None:
+            continue  # another part's sources, or missing ones (check_inputs says so)
+        # a remote source's stamp is not fetched
+        for folder in {Path(u).parent for u in urls if not is_remote(u)} - seen:
+            seen.add(folder)
+            stamp = folder / PRETOKENIZE_STAMP
             try:
-                local = expand_urls(local, src.get("name", key)) if local else []
-            except ValueError:
-                continue  # check_inputs says so
-            for stamp in {Path(u).parent / PRETOKENIZE_STAMP for u in local} - seen:
-                seen.add(stamp)
-                if not stamp.is_file():
-                    continue
-                try:
-                    theirs = json.loads(stamp.read_text()).get("tokenizer") or {}
-                except (OSError, ValueError, AttributeError):
-                    problems.append(f"data.init_args.{key}[{i}]: {str(stamp)!r} is not the JSON `synergen data "
-                                    "pretokenize` writes: pretokenize the directory again, or delete the file")
-                    continue
-                same_file = theirs.get("path") == ours["path"]
-                if theirs.get("size") != ours["size"] or (same_file and theirs.get("mtime_ns") != ours["mtime_ns"]):
-                    ours_named = f"model.init_args.image_tokenizer {str(tokenizer)!r}"
-                    made_by = (f"{ours_named} before it last changed" if same_file
-                               else f"image tokenizer {theirs.get('path')!r}, not by {ours_named}")
-                    problems.append(
-                        f"data.init_args.{key}[{i}]: the codes in {str(stamp.parent)!r} were made by {made_by} "
-                        f"({stamp}): pretokenize them again with it (`synergen data pretokenize`; make does so when "
-                        "the tokenizer changes) or point image_tokenizer at the one that made them")
+                made = read_stamp(folder)
+            except ValueError as exc:
+                problems.append(f"{key}: {exc}: pretokenize the directory again, or delete the file")
+                continue
+            if made is None:
+                continue
+            theirs, views = made["tokenizer"], made.get("views") or {}
+            same_file = theirs.get("path") == ours["path"]
+            if theirs.get("size") != ours["size"] or (same_file and theirs.get("mtime_ns") != ours["mtime_ns"]):
+                ours_named = f"model.init_args.image_tokenizer {str(tokenizer)!r}"
+                made_by = (f"{ours_named} before it last changed" if same_file
+                           else f"image tokenizer {theirs.get('path')!r}, not by {ours_named}")
+                problems.append(
+                    f"{key}: the codes in {str(folder)!r} were made by {made_by} ({stamp}): pretokenize them again "
+                    "with it (`synergen data pretokenize`; make does so when the tokenizer changes) or point "
+                    "image_tokenizer at the one that made them")
+            elif image_size and views.get("image_size") not in (None, image_size):
+                problems.append(
+                    f"{key}: the codes in {str(folder)!r} are of {views['image_size']}-px views ({stamp}), the run "
+                    f"reads {image_size}-px views: pretokenize them again with `--image-size {image_size}`, or set "
+                    f"image_size to {views['image_size']}")
     return problems
 
 
@@ -260,7 +278,8 @@ def check_disk(config: dict) -> list[str]:
 
 def preflight(config: dict) -> None:
     """Raise `PreflightError` with one line per problem of a `fit` config (module docstring)."""
-    problems = check_inputs(config) + check_outputs(config) + check_image_codes(config)
+    sources = expand_sources(config)
+    problems = check_inputs(config, sources) + check_outputs(config) + check_image_codes(config, sources)
     if not problems:
         problems = check_disk(config)  # the estimate needs the inputs (e.g. the base LLM's config)
     if problems:

@@ -335,6 +335,14 @@ def test_pretokenize_writes_codes_resumes_and_skips_broken(trained, tmp_path, ca
     assert e.value.code == 2 and "pretokenized with another tokenizer" in capsys.readouterr().err
     assert not (out / "shard-000001.tar").exists()
 
+    # a damaged stamp: the shards already there have no known tokenizer, so resuming is refused, naming the file
+    (out / ".pretokenize.json").write_text('["not the stamp"]')
+    with pytest.raises(SystemExit) as e:
+        pretokenize_main(["--tokenizer", str(ckpt), "--in", str(src), "--out", str(out), "--image-size", "32"])
+    assert e.value.code == 2 and (f"--out {out}: {str(out / '.pretokenize.json')!r} is not the JSON `synergen data "
+                                  "pretokenize` writes (no `tokenizer` and `views` entries): delete it with the "
+                                  "shards beside it, or choose another --out") in capsys.readouterr().err
+
 
 def test_pretokenize_workers_write_the_same_shards(trained, tmp_path, capsys):
     """`--workers 2` (one process per shard, as make demo runs it on 2 cores) writes byte-identical codes and

@@ -103,7 +103,19 @@ def test_codes_pretokenized_by_another_image_tokenizer_are_refused(project, caps
     stamp.write_text("{not json")
     assert preflight.check_image_codes(config) == [
         f"data.init_args.sources[0]: {str(stamp.relative_to(project))!r} is not the JSON `synergen data pretokenize` "
-        "writes: pretokenize the directory again, or delete the file"]
+        "writes (Expecting property name enclosed in double quotes: line 1 column 2 (char 1)): pretokenize the "
+        "directory again, or delete the file"]
+    # codes of the model's tokenizer at another view size: their grid fits no image slot of the run
+    stamp.write_text(json.dumps({"tokenizer": file_identity(tokenizer), "views": {"image_size": 128}}))
+    lines = fit(capsys)
+    assert lines == [f"data.init_args.sources[0]: the codes in 'data/tiny/train' are of 128-px views "
+                     f"({stamp.relative_to(project)}), the run reads 64-px views: pretokenize them again with "
+                     "`--image-size 64`, or set image_size to 128"]
+    config["model"]["init_args"]["image_size"] = 64
+    assert len(preflight.check_image_codes(config)) == 1
+    config["data"]["init_args"]["image_size"] = 128  # the data's own view size, where it sets one
+    assert preflight.check_image_codes(config) == []
+    del config["data"]["init_args"]["image_size"]
     config["model"]["init_args"]["image_tokenizer"] = str(copy)
     made_by(copy)
     os.utime(copy, ns=(0, 0))  # trained again after the codes were made

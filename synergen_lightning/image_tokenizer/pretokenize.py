@@ -153,6 +153,22 @@ def file_identity(path: str) -> dict:
     return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def read_stamp(out_dir: str | Path) -> dict | None:
+    """The stamp of a pretokenized directory (its tokenizer's `file_identity` and the views), None when it has none;
+    one that is not the JSON this command writes raises `ValueError` naming the file (callers add the fix)."""
+    stamp = Path(out_dir) / PRETOKENIZE_STAMP
+    if not stamp.is_file():
+        return None
+    try:
+        data = json.loads(stamp.read_text())
+        if not (isinstance(data, dict) and isinstance(data.get("tokenizer"), dict)
+                and isinstance(data.get("views", {}), dict)):
+            raise ValueError("no `tokenizer` and `views` entries")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{str(stamp)!r} is not the JSON `synergen data pretokenize` writes ({exc})") from None
+    return data
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="synergen data pretokenize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", required=True, help="VQTokenizer .ckpt or a local Emu3/Chameleon VQ directory")
@@ -197,11 +213,14 @@ def main(argv: list[str] | None = None) -> int:
     views = {"task": args.task, "image_size": args.image_size, "max_tiles": args.max_tiles, "thumbnail": args.thumbnail}
     settings = {"tokenizer": file_identity(args.tokenizer), "views": views}
     stamp = out_dir / PRETOKENIZE_STAMP
-    previous = json.loads(stamp.read_text()) if stamp.is_file() else None
+    try:
+        previous = read_stamp(out_dir)
+    except ValueError as exc:  # the tokenizer of the shards already there is unknown
+        p.error(f"--out {out_dir}: {exc}: delete it with the shards beside it, or choose another --out")
     if previous is not None and any((out_dir / url_name(s)).exists() for s in shards):
         if previous["tokenizer"] != settings["tokenizer"]:
             p.error(f"--out {out_dir} holds shards pretokenized with another tokenizer "
-                    f"({previous['tokenizer']['path']}, as {stamp} records); resuming would mix the codes of two "
+                    f"({previous['tokenizer'].get('path')}, as {stamp} records); resuming would mix the codes of two "
                     "tokenizers: delete it or choose another --out")
         changed = {k: (v, views[k]) for k, v in previous.get("views", views).items() if views.get(k) != v}
         if changed:
