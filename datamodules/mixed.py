@@ -4,8 +4,10 @@ into mixed batches, one sub-batch per task (the paper's per-task global batch), 
 Streaming model: the data is cut into *lanes*, one per (rank, dataloader worker). Lane `l` of a rank
 produces the batches `b` with `b % num_workers == l`, which is the order in which a DataLoader
 collects them from its workers, so the main process sees batches 0, 1, 2, ... of the epoch in order.
-Each lane reads its own shard partition (disjoint when there are at least as many shards as lanes),
-resampled with replacement, through a shuffle buffer; everything is seeded by (seed, epoch, lane).
+Each lane reads its slots of the source's shard rounds (`ShardSchedule`: every round a permutation of all the
+shards, each read once by one lane, so every shard weighs alike however many lanes there are), through a shuffle
+buffer; everything is seeded by (seed, epoch, lane). A source of fewer shards than lanes is read by every lane, each
+keeping its share of the samples.
 
 Length buckets (`bucket_batches` > 1): a lane draws the rows of that many of its batches together, sorts each
 task's rows by length and deals them out in order, so every batch (a micro-batch under `tokens_per_gpu`) holds rows
@@ -56,8 +58,6 @@ from synergen_lightning.data.sources import rank_world as _rank_world
 from synergen_lightning.distributed import gather_from_ranks
 
 log = logging.getLogger(__name__)
-# below this many shards per lane, an uneven split weighs some shards' samples visibly more (k + 1 over k)
-OVERWEIGHT_WARN_SHARDS_PER_LANE = 8
 
 
 def _load_tokenizer(tokenizer: Any):
@@ -148,11 +148,11 @@ class MixedStream(IterableDataset):
         cursor = self.cursors.get(lane, {})
         streams = {}
         for src in self.sources:
-            shards, stride = lane_share(src.shards, glane, n_lanes)
+            # the source's shard schedule is seeded without the lane (every lane takes its slots of the same rounds);
             # resume: from the position this lane's stream had reached (a sample count from an older checkpoint
             # is replayed)
-            streams[src.name] = RawStream(shards, f"{self.seed}|{self.epoch}|{glane}|{src.name}", self.shuffle_buffer,
-                                          counter, src.name, sample_stride=stride, start=cursor.get(src.name))
+            streams[src.name] = RawStream(src.shards, f"{self.seed}|{self.epoch}|{src.name}", self.shuffle_buffer,
+                                          counter, src.name, lane=(glane, n_lanes), start=cursor.get(src.name))
 
         def positions() -> dict:
             return {name: stream.position() for name, stream in streams.items()}
@@ -478,11 +478,8 @@ class MixedDataModule(L.LightningDataModule):
         return None
 
     def _warn_shared_shards(self) -> None:
-        """One line per source whose shards do not go evenly round the lanes (ranks x workers):
-        - fewer shards than lanes: every lane reads the whole source and keeps its share of the samples, so a pass
-          over it costs each lane what it would cost one process alone;
-        - a few shards per lane, not the same number for all: every lane draws as many samples, so a shard of a lane
-          holding k shards is drawn (k + 1) / k as often as one of a lane holding k + 1 (twice, for 1 and 2)."""
+        """One line per source of fewer shards than lanes (ranks x workers): every lane reads the whole source and
+        keeps its share of the samples, so a pass over it costs each lane what it would cost one process alone."""
         rank, world = _rank_world()
         if rank != 0:
             return
@@ -494,13 +491,6 @@ class MixedDataModule(L.LightningDataModule):
                 log.warning("source %r has %d shards for %d lanes (%d ranks x %d workers): every lane reads all of "
                             "them and keeps 1 sample in %d; split it into at least %d shards to read less",
                             src.name, n, lanes, world, workers, lanes, lanes)
-            elif n % lanes and n // lanes < OVERWEIGHT_WARN_SHARDS_PER_LANE:
-                k = n // lanes
-                log.warning("source %r has %d shards for %d lanes (%d ranks x %d workers): %d lanes hold %d shard(s) "
-                            "and %d hold %d, and every lane draws as many samples, so a shard of the first kind is "
-                            "drawn %.2gx as often as one of the second; split it into a multiple of %d shards (or many "
-                            "more) to weigh its samples alike", src.name, n, lanes, world, workers,
-                            lanes - n % lanes, k, n % lanes, k + 1, (k + 1) / k, lanes)
 
     # ---- stream state ------------------------------------------------------------------------
     def _prepare_epoch(self, stream: MixedStream) -> None:

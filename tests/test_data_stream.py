@@ -39,13 +39,13 @@ class ReadCounter:
         monkeypatch.setattr(sources, "iter_shard", counting)
 
 
-@pytest.mark.parametrize("kind,stride", [("plain", None), ("with_missing", None), ("with_tiny", (1, 3))])
+@pytest.mark.parametrize("kind,lane", [("plain", (0, 1)), ("with_missing", (2, 3)), ("with_tiny", (1, 5))])
 @pytest.mark.parametrize("block", [1, 4, 7])
 @pytest.mark.parametrize("consumed", [0, 3, 17, 123])
-def test_a_stream_started_at_a_position_continues_it(shards, monkeypatch, kind, stride, block, consumed):
+def test_a_stream_started_at_a_position_continues_it(shards, monkeypatch, kind, lane, block, consumed):
     urls = shards[kind]
     first_counter = SkipCounter()
-    first = RawStream(urls, "s|0", block, first_counter, "src", sample_stride=stride)
+    first = RawStream(urls, "s|0", block, first_counter, "src", lane=lane)
     ids(first, consumed)
     pos = first.position()
     counted_at_position = sum(first_counter.counts.values())
@@ -53,11 +53,11 @@ def test_a_stream_started_at_a_position_continues_it(shards, monkeypatch, kind, 
 
     reads = ReadCounter(monkeypatch)
     resumed_counter = SkipCounter()
-    resumed = RawStream(urls, "s|0", block, resumed_counter, "src", sample_stride=stride, start=pos)
+    resumed = RawStream(urls, "s|0", block, resumed_counter, "src", lane=lane, start=pos)
     got = [ids(resumed, 1)[0]]
     # to its first sample: at most the prefix of one shard and one block (shards of a strided lane hold more raw
     # samples per kept one), never the `consumed` samples a replay would read
-    per_kept = stride[1] if stride else 1
+    per_kept = lane[1] if len(urls) < lane[1] else 1
     assert reads.n <= PER_SHARD + (block + 1) * per_kept * PER_SHARD, (reads.n, consumed)
     got += ids(resumed, 39)
     assert got == expected
@@ -80,16 +80,16 @@ def test_resume_reads_a_bounded_prefix_where_a_replay_reads_everything(shards, m
 
 
 def test_a_lane_too_small_for_its_stride_reads_whole_and_remembers_it(shards, caplog):
-    """Lane 1 of 3 gets no sample of the 1-sample shard: from then on it reads every shard whole (and says so once),
+    """Lane 1 of 5 (4 shards: each lane keeps every 5th sample) gets no sample of the 1-sample shard: from then on it reads every shard whole (and says so once),
     and a position taken after that keeps reading whole."""
-    s = RawStream(shards["with_tiny"], "s|0", 3, SkipCounter(), "src", sample_stride=(1, 3))
+    s = RawStream(shards["with_tiny"], "s|0", 3, SkipCounter(), "src", lane=(1, 5))
     with caplog.at_level("WARNING", logger="synergen_lightning.data.sources"):
         ids(s, 200)
     said = [r.getMessage() for r in caplog.records if "too few samples" in r.getMessage()]
-    assert len(said) == 1 and "give lane 1 of 3 one: this lane reads it and every later shard whole" in said[0]
+    assert len(said) == 1 and "give lane 1 of 5 one: this lane reads it and every later shard whole" in said[0]
     pos = s.position()
     assert pos["whole"]
     tail = ids(s, 30)
-    assert ids(RawStream(shards["with_tiny"], "s|0", 3, SkipCounter(), "src", sample_stride=(1, 3), start=pos), 30) == tail
-    # whole reads keep every sample index, not only 1, 4, 7
-    assert {int(key.rsplit("_", 1)[1]) % 3 for _, key in tail} == {0, 1, 2}
+    assert ids(RawStream(shards["with_tiny"], "s|0", 3, SkipCounter(), "src", lane=(1, 5), start=pos), 30) == tail
+    # whole reads keep every sample index, not only 1 and 6
+    assert {int(key.rsplit("_", 1)[1]) % 5 for _, key in tail} == {0, 1, 2, 3, 4}

@@ -396,19 +396,29 @@ def test_fewer_shards_than_lanes_is_one_warning_per_source(world, monkeypatch, c
     assert len(lines) == 4 and all("for 8 lanes (4 ranks x 2 workers)" in ln for ln in lines), lines
 
 
-@pytest.mark.parametrize(("world_size", "warned"), [(3, True), (2, False), (4, False)])
-def test_shards_split_unevenly_over_few_lanes_are_one_warning_per_source(world, monkeypatch, caplog, world_size,
-                                                                         warned):
-    """4 shards over 3 lanes: two lanes hold 1 shard, one holds 2, and each lane draws as many samples, so the
-    first two shards' samples weigh twice as much as the others'; said once per source (over 2 or 4 lanes: even)."""
-    monkeypatch.setattr(mixed, "_rank_world", lambda: (0, world_size))
+def test_shards_that_do_not_divide_among_the_lanes_weigh_alike(world, monkeypatch):
+    """4 shards of 10 samples over 3 ranks: each rank consumes 120 samples, 12 shard reads, so 36 reads in all, 9
+    rounds of the 4 shards: every shard gives exactly 90 samples (a fixed partition would give two lanes one shard
+    each and read those twice as often as the other two)."""
     src = [dict(name="gen", urls=f"{world}/train/*.tar", task="generation")]
-    make_dm(world, src, batch_size={"generation": 3}).train_dataloader()
-    lines = [r.getMessage() for r in caplog.records if "lanes" in r.getMessage()]
-    expected = ["source 'gen' has 4 shards for 3 lanes (3 ranks x 1 workers): 2 lanes hold 1 shard(s) and 1 hold 2, "
-                "and every lane draws as many samples, so a shard of the first kind is drawn 2x as often as one of "
-                "the second; split it into a multiple of 3 shards (or many more) to weigh its samples alike"]
-    assert lines == (expected if warned else []), lines
+    per_shard: Counter = Counter()
+    for rank in range(3):
+        monkeypatch.setattr(mixed, "_rank_world", lambda r=rank: (r, 3))
+        dm = make_dm(world, src, batch_size={"generation": 3}, steps_per_epoch=40)
+        per_shard.update(k.split("_")[0] for k in keys(run(dm)))
+    assert per_shard == dict.fromkeys(per_shard, 90) and len(per_shard) == 4, per_shard
+
+
+def test_the_lanes_of_a_round_read_different_shards(world, monkeypatch):
+    """2 ranks, 4 shards: the first round's 4 reads (2 per rank, 20 samples each) cover every shard once."""
+    src = [dict(name="gen", urls=f"{world}/train/*.tar", task="generation")]
+    seen = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(mixed, "_rank_world", lambda r=rank: (r, 2))
+        batches = run(make_dm(world, src, batch_size={"generation": 4}), n=5)
+        seen[rank] = Counter(k.split("_")[0] for k in keys(batches))
+    assert sorted(seen[0].values()) == sorted(seen[1].values()) == [10, 10] and not set(seen[0]) & set(seen[1])
+    assert len(set(seen[0]) | set(seen[1])) == 4
 
 
 # ---- length buckets

@@ -76,7 +76,7 @@ class ImageViewStream(IterableDataset):
         return rank * workers + wid, world * workers
 
     def _my_shards(self) -> tuple[list[str], tuple[int, int] | None]:
-        """This lane's shards and sample stride (`lane_share`, as the mixed streams split theirs): whole shards when
+        """This lane's shards and sample stride (`lane_share`, as validation splits a source): whole shards when
         there are at least as many as lanes (the same permutation on every rank when shuffling), else every shard,
         of which the lane keeps every lanes-th sample."""
         shards = list(self.shards)

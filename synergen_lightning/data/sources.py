@@ -497,28 +497,56 @@ def _jsonl_records(f, url: str, name: str) -> Iterator[dict | SkipSample]:
         yield {"__key__": f"{name}:{i}", "__url__": url, "json": obj}
 
 
+class ShardSchedule:
+    """The shard each draw of one lane reads. With at least as many shards as lanes, draw k of lane l takes slot
+    `k * n_lanes + l` of an endless run of rounds, each a permutation of all the shards seeded by the source's seed
+    alone: in every round each shard is read once, by one lane, so every shard weighs alike whether or not the lanes
+    divide the shards evenly, and lanes reading the same round read different shards. With fewer shards than lanes,
+    each lane draws among all of them (with replacement, seeded per lane) and keeps every n_lanes-th sample of each
+    (`stride`), so the lanes still read disjoint samples."""
+
+    def __init__(self, shards: list[str], seed: str, lane: int = 0, n_lanes: int = 1):
+        if not 0 <= lane < n_lanes:
+            raise ValueError(f"lane {lane} of {n_lanes}: a lane is 0 .. n_lanes - 1")
+        self.shards, self.seed, self.lane, self.n_lanes = list(shards), seed, lane, n_lanes
+        self.stride = (lane, n_lanes) if len(self.shards) < n_lanes else None
+        self._round: tuple[int, list[str]] = (-1, [])
+
+    def __call__(self, draw: int) -> str:
+        if self.stride is not None:
+            return random.Random(f"{self.seed}|lane|{self.lane}|shard|{draw}").choice(self.shards)
+        r, slot = divmod(draw * self.n_lanes + self.lane, len(self.shards))
+        if self._round[0] != r:
+            order = list(self.shards)
+            random.Random(f"{self.seed}|round|{r}").shuffle(order)
+            self._round = (r, order)
+        return self._round[1][slot]
+
+
 class RawStream:
-    """An endless stream of raw samples of one source in one lane: shards drawn with replacement
-    (`resampled`) from this lane's partition, read in order, then shuffled in blocks of `shuffle_buffer` samples.
-    Deterministic in (seed string): draw k of a shard and the order of block k are seeded by (seed, k).
+    """An endless stream of raw samples of one source in one lane: shards drawn by the source's `ShardSchedule`,
+    read in order, then shuffled in blocks of `shuffle_buffer` samples. Deterministic in (seed string, lane): the
+    shards of the draws and the order of block k are seeded by them.
 
     `position()` says where the stream stands in a few integers: the shard draw and sample index where the current
     block began, the block's number, how many of its samples went out, and the samples emitted in all. A stream
     started at a position (`start`) re-reads at most one shard prefix and one block, not every consumed sample, and
     continues exactly where the position was taken. `start` as an int replays that many samples (`skip`).
 
-    `sample_stride=(lane, n_lanes)`: keep only every n-th sample of each shard, from the lane-th on, so lanes that share
-    a source of fewer shards than lanes still see disjoint samples (a single-file text corpus under DDP). A shard too
-    small to give this lane a sample is then read whole, and so is every later one."""
+    `shards` are the source's, all of them, and `lane` (this lane, lanes in all) picks this stream's draws. With
+    fewer shards than lanes, each shard gives this lane only every n_lanes-th sample, from the lane-th on, so lanes that
+    share a source still see disjoint samples (a single-file text corpus under DDP). A shard too small to give this
+    lane a sample is then read whole, and so is every later one."""
 
     def __init__(self, shards: list[str], seed: str, shuffle_buffer: int, counter: SkipCounter, source: str,
-                 max_empty_shards: int | None = None, sample_stride: tuple[int, int] | None = None,
+                 max_empty_shards: int | None = None, lane: tuple[int, int] = (0, 1),
                  start: dict | int | None = None):
         if not shards:
-            raise ValueError(f"source {source!r}: no shard for this lane")
+            raise ValueError(f"source {source!r}: no shard")
         self.shards = shards
-        self.stride = sample_stride if sample_stride and sample_stride[1] > 1 else None
-        self.seed = seed
+        self.schedule = ShardSchedule(shards, seed, *lane)
+        self.stride = self.schedule.stride
+        self.seed = f"{seed}|lane|{lane[0]}"
         self.block_size = max(1, int(shuffle_buffer))
         self.counter = counter
         self.source = source
@@ -529,7 +557,9 @@ class RawStream:
             self._pos.update({k: (bool(v) if k == "whole" else int(v)) for k, v in start.items() if k in self._pos})
             if self._pos["whole"]:
                 self.stride = None
-        self._it = self._blocks(resumed=isinstance(start, dict))
+        # a position inside a block (`taken` > 0) was taken after that block was read and its failures counted; at
+        # `taken` 0 the block is still to be read (a stream not yet drawn from, or one at a block's end)
+        self._it = self._blocks(resumed=isinstance(start, dict) and self._pos["taken"] > 0)
         if isinstance(start, int) and start > 0:
             self.skip(start)
 
@@ -541,7 +571,7 @@ class RawStream:
         """(sample, draw, index after it) from shard draw `draw` on, the first `offset` samples of its shard skipped."""
         empty_in_row = 0
         while True:
-            url = random.Random(f"{self.seed}|shard|{draw}").choice(self.shards)
+            url = self.schedule(draw)
             got, seen = offset > 0, False  # a shard resumed inside gave this lane a sample before
             for i, sample in enumerate(iter_shard(url, self.counter)):
                 seen = True
@@ -630,9 +660,9 @@ def restored_skips(state: dict, rank: int, world: int) -> Counter:
 
 
 def lane_share(shards: list[str], lane: int, n_lanes: int) -> tuple[list[str], tuple[int, int] | None]:
-    """(shards, sample stride) of one lane: a disjoint shard partition when there are enough shards to go round
-    (stride None); otherwise every shard, of which the lane keeps every n_lanes-th sample from the lane-th on
-    (stride (lane, n_lanes)), so lanes still see disjoint samples."""
+    """(shards, sample stride) of one lane for a pass over a source (validation, the image stream): a disjoint shard
+    partition when there are enough shards to go round (stride None); otherwise every shard, of which the lane keeps
+    every n_lanes-th sample from the lane-th on (stride (lane, n_lanes)), so lanes still see disjoint samples."""
     if len(shards) >= n_lanes:
         return shards[lane::n_lanes], None
     return list(shards), (lane, n_lanes)
