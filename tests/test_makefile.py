@@ -175,6 +175,7 @@ def test_eval_prints_the_paper_benchmarks_for_the_checkpoint_it_scored(tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert out.startswith("eval report --ckpt runs/tiny/stage2/last.ckpt")
+    assert "--cfg 1.5" in out.splitlines()[0]  # the tiny models' CFG, as make demo scores them
     for needle in ("synergen eval geneval-official --ckpt runs/tiny/stage2/last.ckpt", "evaluation/evaluate_images.py",
                    "synergen eval mjhq-fid", "synergen eval coco-fid",
                    "lmms-eval --model synergen --model_args pretrained=runs/tiny/stage2/last.ckpt",
