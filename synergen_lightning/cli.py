@@ -150,11 +150,42 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
 
             from synergen_lightning.safe_load import refusal, trusted
 
+            subcommand = self.config.get("subcommand")
+            recipe_stage = self._recipe_stage(subcommand) if subcommand == "fit" else None
             try:
                 super()._parse_ckpt_path()
             except pickle.UnpicklingError as exc:
                 if not trusted():
                     raise refusal(self.config[self.config.subcommand].get("ckpt_path"), exc) from None
+            if recipe_stage is not None:
+                self._check_resumed_stage(recipe_stage)
+
+        def _recipe_stage(self, subcommand: str) -> str | None:
+            """The stage a SynerGenVL recipe trains, as given (before --ckpt_path's hyper-parameters replace it)."""
+            model = self.config[subcommand].get("model")
+            if model is None or not str(model.get("class_path", "")).endswith("SynerGenVL"):
+                return None
+            stage = (model.get("init_args") or {}).get("stage")
+            return stage if isinstance(stage, str) else None
+
+        def _check_resumed_stage(self, recipe_stage: str) -> None:
+            # --ckpt_path resumes a run with its own hyper-parameters: another stage's checkpoint would quietly train
+            # that stage on, under this recipe's name and directory
+            from synergen_lightning.checkpoint import read_checkpoint_meta
+
+            ckpt = self.config["fit"].get("ckpt_path")
+            if not ckpt or str(ckpt) in ("last", "best", "hpc", "registry"):
+                return  # an alias resumes this recipe's own run
+            try:
+                theirs = (read_checkpoint_meta(ckpt).get("hyper_parameters") or {}).get("stage")
+            except Exception:  # noqa: BLE001 - missing or unreadable: the preflight names it
+                return
+            if isinstance(theirs, str) and theirs != recipe_stage:
+                raise ValueError(
+                    f"--ckpt_path {str(ckpt)!r} is a checkpoint of a {theirs!r} run and the recipe trains "
+                    f"{recipe_stage!r}: resuming would train {theirs!r} on. To start {recipe_stage!r} from its "
+                    f"weights, pass it as --model.init_args.init_from {ckpt} (and leave --ckpt_path out); to resume "
+                    f"that run, use its {theirs!r} recipe")
 
         def before_instantiate_classes(self) -> None:
             # before any model is built: every input of the recipe, the outputs, the disk (synergen_lightning/preflight.py)

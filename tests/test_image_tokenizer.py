@@ -246,6 +246,20 @@ def test_val_psnr_equals_protocol_round_trip(trained):
     assert f * res["roundtrip_flat"] + (1 - f) * res["roundtrip_detail"] == pytest.approx(res["roundtrip_stable"])
 
 
+def test_another_models_checkpoint_is_refused_as_an_image_tokenizer(trained, tmp_path):
+    """A Lightning checkpoint of another model (here: the tokenizer's hyperparameters beside an LLM's weights) would
+    build a tokenizer of random weights; it is refused, naming the file and the weight it lacks."""
+    ckpt, *_ = trained
+    theirs = torch.load(ckpt, weights_only=False)
+    other = tmp_path / "llm.ckpt"
+    torch.save({"hyper_parameters": theirs["hyper_parameters"], "state_dict": {"llm.model.embed.weight": torch.zeros(4, 2)}},
+               other)
+    with pytest.raises(ValueError, match=rf"^'{other}' is not a VQTokenizer checkpoint: it lacks (\d+) of the "
+                                         r"tokenizer's \1 weights \(e\.g\. vq\."):
+        load_image_tokenizer(other)
+    assert load_image_tokenizer(ckpt).codebook_size == 32  # the tokenizer's own checkpoint loads
+
+
 def test_checkpoint_with_other_codebook_size_is_refused(trained):
     ckpt, *_ = trained
     with pytest.raises(ValueError, match="codebook_size 32 but the recipe expects 64"):

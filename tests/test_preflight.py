@@ -143,6 +143,19 @@ def test_too_little_disk_for_two_checkpoints(project, capsys, monkeypatch):
     assert f"{sum(p.numel() for p in built.parameters()):,} parameters x 12 bytes" in line
 
 
+def test_resuming_another_stages_checkpoint_is_refused(project, capsys):
+    """--ckpt_path resumes with the checkpoint's hyper-parameters: a stage-2 checkpoint under the stage-1 recipe would
+    train stage 2 on in stage 1's directory. Refused in one line pointing at init_from."""
+    import torch
+
+    torch.save({"hyper_parameters": {"_class_path": "synergen_lightning.system.SynerGenVL", "stage": "stage2"},
+                "state_dict": {}}, "s2.ckpt")
+    assert fit(capsys, "--ckpt_path", "s2.ckpt") == [
+        "--ckpt_path 's2.ckpt' is a checkpoint of a 'stage2' run and the recipe trains 'stage1': resuming would train "
+        "'stage2' on. To start 'stage1' from its weights, pass it as --model.init_args.init_from s2.ckpt (and leave "
+        "--ckpt_path out); to resume that run, use its 'stage2' recipe"]
+
+
 def test_checkpoints_that_would_run_code_are_refused_before_the_model(project, capsys, sharded_checkpoint):
     marker = project / "code-ran"
     craft(project / "evil.ckpt", marker)

@@ -189,6 +189,15 @@ class VQTokenizer(L.LightningModule):
 
         with torch.device("meta") if not weights else nullcontext():
             model = cls(**constructor_kwargs(cls, hp))  # without the CLI's `_class_path`, `_instantiator`, ...
+        # another model's checkpoint builds a default tokenizer from hyperparameters it does not have: only its
+        # weights tell it apart, and without them the tokenizer would encode with random ones
+        wanted = [k for k in model.state_dict() if k.startswith("vq.")]
+        missing = [k for k in wanted if k not in ckpt["state_dict"]]
+        if missing:
+            raise ValueError(f"{str(path)!r} is not a VQTokenizer checkpoint: it lacks {len(missing)} of the "
+                             f"tokenizer's {len(wanted)} weights (e.g. {missing[0]}); pass the image tokenizer's "
+                             "checkpoint (`make tokenizer`: runs/tiny/tokenizer/checkpoints/last.ckpt) or an HF VQ "
+                             "directory")
         model._check_codebook(ckpt)
         if weights:
             state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("vq.")}
