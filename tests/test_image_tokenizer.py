@@ -349,6 +349,22 @@ def test_pretokenize_writes_codes_resumes_and_skips_broken(trained, tmp_path, ca
     assert e.value.code == 2 and "pretokenized with another tokenizer" in capsys.readouterr().err
     assert not (out / "shard-000001.tar").exists()
 
+    # a shard cut short and a file that is no tar: no output, counted, so they are not taken for done
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    data = (src / "shard-000000.tar").read_bytes()
+    (broken / "cut-000000.tar").write_bytes(data[: len(data) // 2 + 100])
+    (broken / "junk-000001.tar").write_bytes(b"not a tar" * 200)
+    assert pretokenize_main(["--tokenizer", str(ckpt), "--in", str(broken), "--out", str(tmp_path / "fromb"),
+                             "--image-size", "32"]) == 0
+    said = capsys.readouterr().out
+    assert "pretokenized 2 shards" in said and "2 shard(s) not read whole, no output written" in said
+    assert said.count("could not be read whole") == 2 and not list((tmp_path / "fromb").glob("*.tar*"))
+    # the codes beside their inputs would take the inputs' names
+    with pytest.raises(SystemExit) as e:
+        pretokenize_main(["--tokenizer", str(ckpt), "--in", str(src), "--out", str(src), "--image-size", "32"])
+    assert e.value.code == 2 and f"--out {src} is where the input shards are" in capsys.readouterr().err
+
     # a damaged stamp: the shards already there have no known tokenizer, so resuming is refused, naming the file
     (out / ".pretokenize.json").write_text('["not the stamp"]')
     with pytest.raises(SystemExit) as e:
@@ -391,7 +407,7 @@ def test_pretokenize_reads_shards_over_http_and_pipe(trained, tmp_path, capsys, 
                                         "--out", str(tmp_path / "http")]) == 0
         assert pretokenize_main(args + ["--in", f"{server.url}/dead/src/shard-000000.tar",
                                         "--out", str(tmp_path / "dead")]) == 0
-    assert "1 unreadable shard(s) left to a rerun" in capsys.readouterr().out
+    assert "1 shard(s) not read whole, no output written" in capsys.readouterr().out
     assert not list((tmp_path / "dead").glob("*.tar"))
     assert pretokenize_main(args + ["--in", f"pipe:cat {src}/shard-{{000000..000001}}.tar",
                                     "--out", str(tmp_path / "pipe")]) == 0

@@ -6,7 +6,8 @@ Views come from `synergen_lightning.data.views`, exactly as training builds them
 Every other field of the sample is copied unchanged. Undecodable images: the sample is dropped and counted.
 `--in` takes any shard URL form (`synergen_lightning.data.sources.expand_urls`: paths, globs, braces, list files,
 `pipe:`, `http(s)://`, fsspec URLs); each output shard keeps its input's file name. An input shard that cannot be
-read (after retries) writes no output and is counted, so a later run with the same arguments tries it again.
+read whole (missing, cut short, not a tar, unreachable after retries) writes no output and is counted, so a later run
+with the same arguments tries it again.
 Resuming: each output shard is written to `NAME.tar.tmp` and renamed when complete; shards whose output already
 exists are skipped, so an interrupted run restarted with the same arguments redoes at most one shard.
 """
@@ -90,10 +91,12 @@ def pretokenize_shard(tokenizer, src: str | Path, dst: Path, task: str, image_si
             if sum(len(v) for _, v in pending) >= batch_size:
                 flush(sink)
         flush(sink)
-    lost = counter.counts.get("unreachable_shard", 0) + counter.counts.get("missing_shard", 0)
+    # a shard read only in part (cut short, not a tar, unreachable) would pass for done and its rest be lost
+    lost = sum(counter.counts.get(k, 0) for k in ("unreachable_shard", "missing_shard", "truncated_tar"))
     if lost:
         os.remove(tmp)
-        print(f"pretokenize: {src} could not be read ({next(iter(counter.examples.values()))}); no output written")
+        print(f"pretokenize: {src} could not be read whole ({next(iter(counter.examples.values()))}); no output "
+              "written")
         stats["unreachable"] = 1
         return stats
     if counter.counts:
@@ -207,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     shards = expand_urls(args.inp, "--in")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    inputs = {Path(local_path(s)).resolve().parent for s in shards if not is_remote(s)}
+    if out_dir.resolve() in inputs:
+        p.error(f"--out {out_dir} is where the input shards are: the codes would take their names; choose another "
+                "--out")
     if len({url_name(s) for s in shards}) != len(shards):
         p.error("input shards have repeated file names; --out keeps names, so give shards from one directory")
     # resuming keeps finished shards, so they must come from this very tokenizer and these views
@@ -270,5 +277,6 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - start
     print(f"pretokenized {len(todo)} shards ({done} skipped as done): {total['samples']} samples, {total['images']} views, "
           f"{total['skipped']} undecodable skipped; {total['images'] / max(seconds, 1e-9):.1f} images/s"
-          + (f"; {total['unreachable']} unreadable shard(s) left to a rerun" if total["unreachable"] else ""))
+          + (f"; {total['unreachable']} shard(s) not read whole, no output written (named above): repair or drop "
+             "them, or rerun for the unreachable ones" if total["unreachable"] else ""))
     return 0
