@@ -52,7 +52,8 @@ def generate_main(argv: list[str] | None = None) -> int:
     add_checkpoint_args(p)
     p.add_argument("--prompt", action="append", required=True, help="caption to draw; repeat for several prompts")
     p.add_argument("--num", type=int, default=1, help="images per prompt")
-    p.add_argument("--cfg", type=float, default=7.5, help="CFG scale s in l_u + s (l_c - l_u) (paper: 7.5; 1 = off)")
+    p.add_argument("--cfg", type=float, default=7.5, help="CFG scale s in l_u + s (l_c - l_u) (default 7.5, the paper's "
+                   "for the 2B; the tiny models draw best at 1.5; 1 = off)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy; tiny default: "
                    "below 1 the background codes win every patch and the canvas comes out empty)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k likeliest codes (off: truncation drops objects "
@@ -64,6 +65,8 @@ def generate_main(argv: list[str] | None = None) -> int:
                    "faster per image once built (a minute on a CPU, which needs a C++ compiler); for many images")
     p.add_argument("--out", required=True, help="output directory: PROMPT_SAMPLE.png (000_00.png, ...) and "
                    "metadata.jsonl (each file's prompt and settings), written batch by batch")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run's images and metadata.jsonl in "
+                   "--out (without it such an --out is refused: its old images would stay beside the new ones)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     from synergen_lightning.inference import generated_batches, generation_arg_errors
@@ -73,9 +76,17 @@ def generate_main(argv: list[str] | None = None) -> int:
     errors = generation_arg_errors(a.num, a.batch_size, a.temperature, a.top_k, a.top_p)  # before the model loads
     if errors:
         p.error("; ".join(f"--{name.replace('_', '-')} {value} {rule}" for name, value, rule in errors))
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} is a file: give a directory for the images")
+    earlier = sorted(out.glob("[0-9]*_[0-9]*.png")) + [f for f in (out / "metadata.jsonl",) if f.exists()]
+    if earlier and not a.overwrite:
+        p.error(f"--out {out} holds an earlier run's images ({len(earlier)} files, e.g. {earlier[0].name}): add "
+                "--overwrite to replace them, or choose another --out")
     model = load_synergen(a.ckpt, map_location=a.device, text_tokenizer=a.text_tokenizer,
                           image_tokenizer=a.image_tokenizer, dtype=a.dtype)
-    out = Path(a.out)
+    for f in earlier:
+        f.unlink()
     out.mkdir(parents=True, exist_ok=True)
     settings = {"ckpt": a.ckpt, "seed": a.seed, "cfg": a.cfg, "temperature": a.temperature, "top_k": a.top_k,
                 "top_p": a.top_p}

@@ -43,3 +43,47 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise JsonlLineError(f"{path} line {lineno}: not JSON ({exc.msg}); fix or delete that line") from None
+
+
+def path_identity(path: str | Path) -> dict:
+    """A file's or directory's resolved path, size and newest modification time (a directory: over its files), so
+    a checkpoint written again at the same path reads as another one."""
+    p = Path(path).resolve()
+    files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else []
+    stats = [f.stat() for f in files]
+    return {"path": str(p), "size": sum(st.st_size for st in stats),
+            "mtime_ns": max((st.st_mtime_ns for st in stats), default=0)}
+
+
+MADE_BY = ".made_by.json"
+
+
+class MadeByError(ValueError):
+    """An output folder made by another checkpoint or settings (`check_made_by`)."""
+
+
+def check_made_by(out: str | Path, record: dict, what: str) -> None:
+    """Resumable outputs keep what made them: `out/.made_by.json` holds `record` (the checkpoint's `path_identity`
+    and the settings that change the outputs). A rerun with another record would mix two models' or settings'
+    `what` in one folder, and a folder of files without a record is of unknown origin: both raise an error naming
+    the difference and the fix (`MadeByError`). Writes the record when `out` starts empty."""
+    out = Path(out)
+    stamp = out / MADE_BY
+    if stamp.is_file():
+        try:
+            theirs = json.loads(stamp.read_text())
+        except ValueError:
+            theirs = None
+        if not isinstance(theirs, dict):
+            raise MadeByError(f"{str(stamp)!r} is not the record this command writes: delete {out} or choose another "
+                             "--out")
+        changed = [f"{k} {theirs.get(k)!r} there, {v!r} now" for k, v in record.items() if theirs.get(k) != v]
+        if changed:
+            raise MadeByError(f"{out} holds {what} made with other settings ({'; '.join(changed)}): resuming would mix "
+                             f"them; delete it or choose another --out")
+        return
+    if out.is_dir() and any(out.iterdir()):
+        raise MadeByError(f"{out} holds files but no record of what made them ({MADE_BY}): resuming could mix another "
+                         f"model's {what} with these; delete it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(record, indent=1))

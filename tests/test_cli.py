@@ -79,7 +79,7 @@ def test_generation_values_no_draw_can_use_stop_before_the_checkpoint_loads(tmp_
     assert "missing.ckpt" not in err
 
 
-def test_generate_writes_and_describes_each_batch_as_it_is_drawn(tmp_path, monkeypatch):
+def test_generate_writes_and_describes_each_batch_as_it_is_drawn(tmp_path, monkeypatch, capsys):
     """A run stopped in its second batch leaves the first batch's images, each with its metadata line; `--compile`
     reaches the decoder (whose compiled codes tests/test_generation_decode.py holds to the eager ones)."""
     import synergen_lightning.inference as inference
@@ -104,6 +104,19 @@ def test_generate_writes_and_describes_each_batch_as_it_is_drawn(tmp_path, monke
     lines = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
     assert [(m["file"], m["prompt"], m["sample"]) for m in lines] == [("000_00.png", "a red circle", 0),
                                                                      ("000_01.png", "a red circle", 1)]
+
+    # the same --out again: the earlier images would stay beside (and among) the new ones, so it is refused; with
+    # --overwrite they are replaced
+    again = ["generate", "--ckpt", "any.ckpt", "--prompt", "a square", "--out", str(tmp_path), "--no-progress",
+             "--device", "cpu"]
+    with pytest.raises(SystemExit) as e:
+        cli.main(again)
+    assert e.value.code == 2 and f"--out {tmp_path} holds an earlier run's images (3 files, e.g. 000_00.png): add " \
+                                 "--overwrite" in capsys.readouterr().err
+    assert cli.main(again + ["--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["000_00.png", "metadata.jsonl"]
+    assert [json.loads(line)["prompt"] for line in (tmp_path / "metadata.jsonl").read_text().splitlines()] == [
+        "a square"]
 
 
 def test_console_script_runs():

@@ -6,6 +6,7 @@ report's external-results section."""
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,14 +45,14 @@ def _scorer_walk(imagedir):
     return sorted(found, key=lambda x: x[0])
 
 
-def test_geneval_official_layout_resumes_and_reads_back(tmp_path, monkeypatch):
+def test_geneval_official_layout_resumes_and_reads_back(tmp_path, monkeypatch, capsys):
     meta = tmp_path / "evaluation_metadata.jsonl"
     meta.write_text("".join(json.dumps(m) + "\n" for m in METADATA))
     model, out = _model(), tmp_path / "images"
     args = ["--ckpt", "in-memory", "--metadata", str(meta), "--out", str(out), "--samples", "2", "--seed", "5",
             "--cfg", "3", "--no-progress"]
     assert geneval_official_main(args, model=model) == 0
-    assert sorted(os.listdir(out)) == ["00000", "00001", "00002"]
+    assert sorted(os.listdir(out)) == [".made_by.json", "00000", "00001", "00002"]  # GenEval reads the digit folders
     walk = _scorer_walk(out)
     assert [(os.path.relpath(p, out), m) for p, m in walk] == [
         (f"{i:05d}/samples/{k:05d}.png", METADATA[i]) for i in range(3) for k in range(2)]
@@ -69,6 +70,16 @@ def test_geneval_official_layout_resumes_and_reads_back(tmp_path, monkeypatch):
     assert geneval_official_main(args, model=model) == 0
     assert calls == [["a photo of two clocks"]]
     assert (out / "00001/samples/00001.png").read_bytes() == before
+
+    # another CFG scale, or another metadata file at the same --out, would mix two runs' samples: refused
+    with pytest.raises(SystemExit):
+        geneval_official_main([*args[:-2], "2", "--no-progress"], model=model)
+    assert "holds GenEval samples made with other settings (cfg_scale 3.0 there, 2.0 now)" in capsys.readouterr().err
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps(dict(m, prompt=m["prompt"] + "!")) + "\n" for m in METADATA))
+    with pytest.raises(SystemExit):
+        geneval_official_main([*args[:2], "--metadata", str(other), *args[4:]], model=model)
+    assert f"{out / '00000'} holds the samples of" in capsys.readouterr().err
 
 
 def test_geneval_metadata_and_results(tmp_path):
@@ -108,7 +119,7 @@ def _generated(paths):
     return torch.from_numpy(np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])).permute(0, 3, 1, 2)
 
 
-def test_mjhq_fid_overall_and_per_category_match_torchmetrics(tmp_path, weights, monkeypatch):
+def test_mjhq_fid_overall_and_per_category_match_torchmetrics(tmp_path, weights, monkeypatch, capsys):
     g = torch.Generator().manual_seed(0)
     meta, ref = {}, tmp_path / "mjhq30k_imgs"
     for c, cat in enumerate(("animals", "people")):
@@ -142,6 +153,13 @@ def test_mjhq_fid_overall_and_per_category_match_torchmetrics(tmp_path, weights,
     assert mjhq_fid_main(args, model=model) == 0
     again = json.loads((out / "fid.json").read_text())
     assert again["generated_now"] == 0 and again["fid"] == pytest.approx(res["fid"], rel=1e-9)
+    # another checkpoint at the same --out: its images would be scored as this one's; refused, naming it
+    ckpt = tmp_path / "other.ckpt"
+    ckpt.write_bytes(b"weights")
+    with pytest.raises(SystemExit):
+        mjhq_fid_main(["--ckpt", str(ckpt), *args[2:]], model=model)
+    assert f"holds generated images made with other settings (checkpoint {{'path': '{Path.cwd() / 'in-memory'}'" \
+           in capsys.readouterr().err
 
 
 def test_coco_fid_from_a_captions_file(tmp_path, weights, capsys):

@@ -316,7 +316,8 @@ def geneval_official_main(argv: list[str] | None = None, model=None) -> int:
         prog="synergen eval geneval-official",
         description="Generate images for GenEval's prompts in the folder layout its official scorer reads: "
                     "OUT/<N:05d>/metadata.jsonl (the N-th metadata line) and OUT/<N:05d>/samples/<k:05d>.png. "
-                    "Resumable: prompts whose samples exist are skipped (prompt N is drawn with seed SEED+N). Score "
+                    "Resumable: prompts whose samples exist are skipped (prompt N is drawn with seed SEED+N); OUT "
+                    "records the checkpoint and settings, and another checkpoint's or settings' run is refused. Score "
                     "with GenEval's evaluation/evaluate_images.py OUT, then pass its results.jsonl to "
                     "`synergen eval report --external`.")
     p.add_argument("--ckpt", required=True, help="SynerGenVL checkpoint (any form)")
@@ -330,16 +331,19 @@ def geneval_official_main(argv: list[str] | None = None, model=None) -> int:
     _common(p)
     a = p.parse_args(argv)
     from synergen_lightning.eval.geneval_official import read_metadata, write_layout
+    from synergen_lightning.io import MadeByError, check_made_by, path_identity
 
     try:
         metadata = read_metadata(a.metadata)  # a malformed line fails before the model loads
         if a.samples < 1:
             raise EvalInputError(f"--samples {a.samples} must be >= 1 (GenEval: 4)")
+        check_made_by(a.out, {"checkpoint": path_identity(a.ckpt), "samples": a.samples, "cfg_scale": a.cfg,
+                              "seed": a.seed, "temperature": a.temperature}, "GenEval samples")
         model = _load_checked(a, model)
         res = write_layout(model, metadata, a.out, samples=a.samples, cfg_scale=a.cfg, seed=a.seed,
                            temperature=a.temperature, batch_size=a.batch_size,
                            progress=not a.no_progress and sys.stderr.isatty())
-    except EvalInputError as exc:
+    except (EvalInputError, MadeByError) as exc:
         p.error(str(exc))
     print(f"geneval-official: {res['generated']} prompts generated, {res['skipped']} already done -> {a.out}")
     return 0
@@ -371,6 +375,14 @@ def _run_fid_protocol(p, a, protocol, items, model) -> int:
 
     check_inception_weights(weights)
     reference_paths(items, a.reference, protocol)  # every reference image found before the model loads
+    from synergen_lightning.io import MadeByError, check_made_by, path_identity
+
+    # what sets the generated images' distribution (a subset of the prompts, or another seed, may resume)
+    try:
+        check_made_by(a.out / "generated", {"checkpoint": path_identity(a.ckpt), "cfg_scale": a.cfg,
+                                            "temperature": a.temperature}, "generated images")
+    except MadeByError as exc:
+        p.error(str(exc))
     model = _load_checked(a, model)
     res = run_protocol(model, protocol, items, a.reference, a.out, weights, size=a.size, layer=a.feature_layer,
                        cache_dir=a.cache_dir, cfg_scale=a.cfg, seed=a.seed, batch_size=a.batch_size,

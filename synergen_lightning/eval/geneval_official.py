@@ -65,6 +65,11 @@ def write_layout(model, metadata: list[dict], out: str | Path, samples: int = 4,
         raise EvalInputError(f"--samples {samples} must be >= 1 (GenEval: 4)")
     out = Path(out)
     todo = [i for i in range(len(metadata)) if not is_done(out, i, samples)]
+    for i in sorted(set(range(len(metadata))) - set(todo)):  # a done folder must hold this metadata's prompt
+        stored = (prompt_dir(out, i) / "metadata.jsonl").read_text().strip()
+        if json.loads(stored or "null") != metadata[i]:
+            raise EvalInputError(f"{prompt_dir(out, i)} holds the samples of {stored[:80]!r}, not of line {i + 1} of "
+                                 "this metadata: another metadata file's folder; delete it or choose another --out")
     with eval_mode(model), progress_bar(progress, "geneval: generating", len(todo)) as advance:
         for i in todo:
             d = prompt_dir(out, i)
