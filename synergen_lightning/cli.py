@@ -152,11 +152,15 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
 
             subcommand = self.config.get("subcommand")
             recipe_stage = self._recipe_stage(subcommand) if subcommand == "fit" else None
+            ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
             try:
                 super()._parse_ckpt_path()
             except pickle.UnpicklingError as exc:
                 if not trusted():
-                    raise refusal(self.config[self.config.subcommand].get("ckpt_path"), exc) from None
+                    raise refusal(ckpt, exc) from None
+            except Exception as exc:  # noqa: BLE001 - a file that is no checkpoint fails in many ways inside torch
+                raise ValueError(f"--ckpt_path {str(ckpt)!r} is not a readable checkpoint ({type(exc).__name__}: "
+                                 f"{str(exc)[:200]}); pass a run's last.ckpt (file or sharded directory)") from None
             if recipe_stage is not None:
                 self._check_resumed_stage(recipe_stage)
 
@@ -256,6 +260,9 @@ def user_error(exc: BaseException) -> BaseException | None:
             where = traceback.extract_tb(e.__traceback__)[-1].filename
             if str(Path(where).resolve()).startswith(OWN_CODE):
                 return e
+        # the file system's own refusals name the path the user gave (a file where a directory goes, no permission)
+        if isinstance(e, OSError) and getattr(e, "filename", None) is not None:
+            return e
     return None
 
 

@@ -31,12 +31,21 @@ def add_dtype_arg(p: argparse.ArgumentParser) -> None:
 
 
 def device_arg(device: str) -> str:
-    """--device: "auto" is cuda when available, else cpu (argparse converts the default only after --help)."""
-    if device != "auto":
-        return device
+    """--device: "auto" is cuda when available, else cpu (argparse converts the default only after --help); a name
+    torch does not know, or a GPU this machine does not have, is the option's one-line error."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{device!r} is not a torch device: give auto, cpu, cuda or cuda:N") from None
+    if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
+        seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise argparse.ArgumentTypeError(f"{device!r}: {seen} CUDA GPU(s) visible here; give cpu, or auto (cuda "
+                                         "when there is one)")
+    return device
 
 
 def check_at_least_one(p: argparse.ArgumentParser, a: argparse.Namespace, *names: str) -> None:

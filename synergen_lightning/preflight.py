@@ -76,8 +76,8 @@ def _check_checkpoint(path: Path, key: str, problems: list[str]) -> None:
 
     sharded = path.is_dir() and (path / ".metadata").is_file()
     target = path / "meta.pt" if sharded else path
-    if not sharded and (not target.is_file() or target.suffix not in (".ckpt", ".pt", ".pth")):
-        return
+    if not sharded and not target.is_file():
+        return  # a model directory (HF, an export): read by its loader
     try:
         if target.is_file():
             torch_load(target, mmap=True)

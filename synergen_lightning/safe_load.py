@@ -60,7 +60,13 @@ def trusted() -> bool:
 
 def refusal(path: str | Path, exc: BaseException | None, what: str | None = None) -> UntrustedCheckpointError:
     found = re.search(r"GLOBAL ([\w.]+)", str(exc)) or re.search(r"Unsupported global: ([^\s]+)", str(exc))
-    what = what or (f"it calls {found.group(1)}" if found else "it holds objects that are not plain data")
+    if what is None and found is None:  # no callable named: bytes that are no plain-data pickle (or not one at all)
+        reason = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
+        return UntrustedCheckpointError(
+            f"checkpoint {str(path)!r} is not plain data ({reason.group(1).strip() if reason else type(exc).__name__}): "
+            f"not a checkpoint (pass a run's last.ckpt), or one that would run code while loading (if you trust its "
+            f"source, load it with `synergen {TRUST_FLAG} ...` or {TRUST_ENV}=1)")
+    what = what or f"it calls {found.group(1)}"
     return UntrustedCheckpointError(
         f"checkpoint {str(path)!r} is refused: loading it would run code ({what}); if you trust its source, load it "
         f"with `synergen {TRUST_FLAG} ...` or {TRUST_ENV}=1")

@@ -64,10 +64,16 @@ def test_help_answers_before_the_model_loads(command, not_loaded):
     assert out.returncode == 0 and option in out.stdout and out.stdout.strip().endswith("[]"), out
 
 
-def test_device_auto_is_cuda_when_available_else_cpu():
+def test_device_auto_is_cuda_when_available_else_cpu(capsys):
     from synergen_lightning.inference_cli import device_arg
 
-    assert device_arg("auto") == ("cuda" if torch.cuda.is_available() else "cpu") and device_arg("cuda:1") == "cuda:1"
+    assert device_arg("auto") == ("cuda" if torch.cuda.is_available() else "cpu") and device_arg("cpu") == "cpu"
+    # a name torch does not know, and a GPU that is not there: the option's one-line error, before any model loads
+    for device, said in (("gpu", "'gpu' is not a torch device: give auto, cpu, cuda or cuda:N"),
+                         ("cuda:99", f"'cuda:99': {torch.cuda.device_count()} CUDA GPU(s) visible here; give cpu")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["answer", "--ckpt", "missing.ckpt", "--image", "x.png", "--question", "?", "--device", device])
+        assert e.value.code == 2 and f"argument --device: {said}" in capsys.readouterr().err
 
 
 def test_generation_values_no_draw_can_use_stop_before_the_checkpoint_loads(tmp_path, capsys):
@@ -152,6 +158,17 @@ def test_user_error_finds_our_message_under_a_library_wrapper():
         _raise_wrapped_like_jsonargparse()
     cause = cli.user_error(caught.value)
     assert cause is not None and "3x3 does not divide the code grid 16x16" in str(cause)
+
+
+def test_a_file_in_the_way_of_an_output_is_one_line(tmp_path, capsys):
+    """The file system's own refusal (here: `--out` under a file) names the path: one line, no traceback."""
+    (tmp_path / "taken").write_text("a file")
+    text = tmp_path / "text.jsonl"
+    text.write_text('{"text": "a red circle"}\n')
+    code = cli.main(["data", "train-bpe", "--text", str(text), "--vocab-size", "300", "--out", str(tmp_path / "taken/tok")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("synergen data train-bpe: error: [Errno 20] Not a directory: ") and \
+        "taken/tok" in err and "Traceback" not in err
 
 
 def test_user_error_leaves_library_and_runtime_errors_alone():

@@ -387,8 +387,10 @@ def test_pretokenize_workers_write_the_same_shards(trained, tmp_path, capsys):
     for shard in sorted((tmp_path / "one").glob("*.tar")):
         one, two = _read(shard), _read(tmp_path / "two" / shard.name)
         assert one.keys() == two.keys() and all(one[k]["codes.npy"] == two[k]["codes.npy"] for k in one)
-    with pytest.raises(SystemExit):
-        pretokenize_main(args + ["--out", str(tmp_path / "bad"), "--workers", "0"])
+    for option in ("--workers", "--batch-size", "--image-size"):
+        with pytest.raises(SystemExit):
+            pretokenize_main(args + ["--out", str(tmp_path / "bad"), option, "0"])
+        assert f"{option} 0 must be >= 1" in capsys.readouterr().err
 
 
 def test_pretokenize_reads_shards_over_http_and_pipe(trained, tmp_path, capsys, monkeypatch):

@@ -189,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="processes, one shard each at a time (default: 1); on a CPU use one per core; with --device "
                         "cuda they take the visible GPUs in turn, each holding a CUDA context and the tokenizer")
     args = p.parse_args(argv)
-    if args.workers < 1:
-        p.error(f"--workers {args.workers}: give 1 or more processes")
+    for name in ("workers", "batch_size", "image_size", "max_tiles"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
 
     from rich.progress import (
         BarColumn,
