@@ -297,8 +297,20 @@ def print_config_with_plan(argv: list[str]) -> int:
     return int(code)
 
 
+def check_config_files(argv: list[str]) -> None:
+    """Each `--config FILE` of a Lightning command read as YAML first: jsonargparse's error names no file."""
+    from synergen_lightning.io import check_yaml
+
+    for i, arg in enumerate(argv):
+        path = argv[i + 1] if arg in ("--config", "-c") and i + 1 < len(argv) else \
+            arg.split("=", 1)[1] if arg.startswith("--config=") else None
+        if path and Path(path).is_file():
+            check_yaml(path)
+
+
 def _run(argv: list[str]) -> int:
     if argv[0] in LIGHTNING_SUBCOMMANDS:
+        check_config_files(argv)
         if argv[0] == "fit" and any(a.startswith("--print_config") for a in argv):
             return print_config_with_plan(argv)
         # from the shell LightningCLI reads sys.argv itself (given both, it warns on every run that they may differ)

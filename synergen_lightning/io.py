@@ -87,3 +87,16 @@ def check_made_by(out: str | Path, record: dict, what: str) -> None:
                          f"model's {what} with these; delete it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(record, indent=1))
+
+
+def check_yaml(path: str | Path, option: str = "--config") -> None:
+    """A recipe file that is not YAML: a ValueError naming the file, the line and what the parser met there."""
+    import yaml
+
+    try:
+        yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{option} {str(path)!r} is not valid YAML ({getattr(exc, 'problem', None) or exc}{where}): "
+                         "fix that line") from None

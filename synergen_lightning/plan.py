@@ -83,10 +83,13 @@ def load_recipe(paths: list[str]) -> dict:
     with `${oc.env:...}` interpolations resolved."""
     from omegaconf import OmegaConf
 
+    from synergen_lightning.io import check_yaml
+
     merged = OmegaConf.create({})
     for p in paths:
         if not Path(p).is_file():
             raise FileNotFoundError(f"--config {p!r} does not exist: give a recipe file, e.g. recipes/synergen_vl_2b/stage1.yaml")
+        check_yaml(p)
         merged = OmegaConf.merge(merged, OmegaConf.load(p))
     return OmegaConf.to_container(merged, resolve=True)
 

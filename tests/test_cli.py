@@ -171,6 +171,16 @@ def test_a_file_in_the_way_of_an_output_is_one_line(tmp_path, capsys):
         "taken/tok" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", [["fit"], ["plan", "--devices", "1"]])
+def test_a_recipe_that_is_not_yaml_is_named_with_its_line(tmp_path, capsys, command):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  class_path: x\n   init_args: [\n")
+    assert cli.main([command[0], "--config", str(bad), *command[1:]]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"synergen {command[0]}: error: --config '{bad}' is not valid YAML (mapping values are not allowed here at "
+        "line 3, column 13): fix that line")
+
+
 def test_user_error_leaves_library_and_runtime_errors_alone():
     import json
 

@@ -146,6 +146,12 @@ def test_geneval_cli_scores_named_images(tmp_path, capsys):
     assert rep["overall"] == 0.5 and all(rep[c] == 0.5 for c in CATEGORIES)
     assert rep["num_images"] == 24 and rep["skipped_files"] == 1
     assert "overall=0.5000" in capsys.readouterr().out
+    # `synergen generate`'s metadata.jsonl says which prompt drew each file: one drawn for another prompt is refused
+    (img_dir / "metadata.jsonl").write_text(json.dumps({"file": "00000_0.png", "prompt": prompts[0]["prompt"]}) + "\n"
+                                            + json.dumps({"file": "00001_0.png", "prompt": "a red circle!"}) + "\n")
+    with pytest.raises(SystemExit):
+        geneval_main(["--images", str(img_dir), "--prompts", str(tmp_path / "p.jsonl")])
+    assert "00001_0.png was drawn for 'a red circle!'" in capsys.readouterr().err
 
 
 def test_geneval_cli_ground_truth(tmp_path, capsys):

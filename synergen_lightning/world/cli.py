@@ -173,6 +173,17 @@ def load_prompts(path: Path) -> list[dict]:
     return prompts
 
 
+def _drawn_prompts(images: Path) -> dict[str, str]:
+    """{file name: the prompt it was drawn for} from the metadata.jsonl `synergen generate` writes ({} without one)."""
+    from synergen_lightning.io import iter_jsonl
+
+    meta = images / "metadata.jsonl"
+    if not meta.is_file():
+        return {}
+    return {str(row["file"]): str(row["prompt"]) for _, row in iter_jsonl(meta)
+            if isinstance(row, dict) and "file" in row and "prompt" in row}
+
+
 def geneval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="synergen eval geneval",
@@ -233,6 +244,12 @@ def geneval_main(argv: list[str]) -> int:
             named.append((idx, f))
         if not named:
             parser.error(f"--images {a.images} has no images named {{index:05d}}_{{sample}}.png; generate some first")
+        drawn_for = _drawn_prompts(a.images)  # `synergen generate` records each file's prompt
+        for idx, f in named:
+            if f.name in drawn_for and drawn_for[f.name] != prompts[idx]["prompt"]:
+                parser.error(f"{f.name} was drawn for {drawn_for[f.name]!r} ({a.images / 'metadata.jsonl'}) but is "
+                             f"scored as prompt {idx} of {a.prompts}, {prompts[idx]['prompt']!r}: generate the "
+                             "prompts file's prompts in its order (a --prompt per line)")
         for idx, f in named:
             try:
                 img = Image.open(f)
