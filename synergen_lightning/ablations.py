@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 RECIPES = Path("recipes/ablations")
@@ -757,12 +757,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps-scale", type=float, default=1.0,
                    help="multiply every stage's steps (e.g. 0.5 on a loaded machine); the table reports the steps run")
     e = sub.add_parser("eval", help="evaluate one checkpoint with the ablation settings -> a JSON file")
-    e.add_argument("--ckpt", required=True)
+    e.add_argument("--ckpt", required=True, help="the arm's checkpoint (any form synergen fit or export writes)")
     e.add_argument("--suites", default="und,geneval,text", help=f"comma-separated: {', '.join(SUITES)}")
-    e.add_argument("--max-tiles", type=int, default=1)
-    e.add_argument("--thumbnail", action="store_true")
-    e.add_argument("--out", type=Path, required=True)
-    e.add_argument("--settings", default="{}", help="EvalSettings fields as JSON")
+    e.add_argument("--max-tiles", type=int, default=1, help="dynamic tiles per understanding image (default: 1)")
+    e.add_argument("--thumbnail", action="store_true", help="append a whole-image thumbnail view when > 1 tile")
+    e.add_argument("--out", type=Path, required=True, help="the scores' JSON file")
+    known = ", ".join(f"{f.name} ({f.default!r})" for f in fields(EvalSettings))
+    e.add_argument("--settings", default="{}", help=f"EvalSettings fields as a JSON object; fields (default): {known}")
     t = sub.add_parser("table", help="rewrite results.json and the doc from the finished runs (no training)")
     t.add_argument("--out", type=Path, default=Path("runs/ablations"))
     t.add_argument("--doc", type=Path, default=None, help="markdown table (default: OUT/ablations.md)")
@@ -777,7 +778,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--suites {a.suites!r}: unknown {bad}; use {', '.join(SUITES)}")
         if not Path(a.ckpt).is_file():
             parser.error(f"--ckpt {a.ckpt!r} does not exist")
-        res = evaluate_checkpoint(a.ckpt, suites, EvalSettings(**json.loads(a.settings)), a.max_tiles, a.thumbnail)
+        try:
+            settings = EvalSettings(**json.loads(a.settings))
+        except (ValueError, TypeError) as exc:  # not JSON, not an object, or an unknown field
+            parser.error(f"--settings {a.settings!r}: {exc}; give a JSON object of EvalSettings fields "
+                         f"({', '.join(f.name for f in fields(EvalSettings))})")
+        res = evaluate_checkpoint(a.ckpt, suites, settings, a.max_tiles, a.thumbnail)
         a.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = a.out.with_suffix(".tmp")
         tmp.write_text(json.dumps(res, indent=1))

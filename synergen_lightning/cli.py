@@ -61,7 +61,8 @@ def _usage() -> str:
         "",
         "Other commands (each has --help):",
     ]
-    tail = ["", "Any command: --trust-checkpoint loads checkpoints that would run code (only from a source you trust)."]
+    tail = ["", "Any command: --trust-checkpoint loads checkpoints that would run code (only from a source you trust).",
+            "synergen --version: the installed version."]
     for words, (_, help_) in COMMANDS.items():
         lines.append(f"  {' '.join(words):<18} {help_}")
     return "\n".join(lines + tail)
@@ -344,6 +345,14 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[TRUST_ENV] = "1"
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"synergen {version('synergen-lightning')}")
+        except PackageNotFoundError:  # run from a checkout on PYTHONPATH, not installed
+            print("synergen (not installed: run from a checkout)")
         return 0
     try:
         return _run(argv)

@@ -60,16 +60,18 @@ def generate_main(argv: list[str] | None = None) -> int:
                                 "SynerGenVL checkpoint (KV-cached LLM + unfolding head, classifier-free guidance).")
     add_checkpoint_args(p)
     p.add_argument("--prompt", action="append", required=True, help="caption to draw; repeat for several prompts")
-    p.add_argument("--num", type=int, default=1, help="images per prompt")
+    p.add_argument("--num", type=int, default=1, help="images per prompt (default: 1)")
     p.add_argument("--cfg", type=float, default=7.5, help="CFG scale s in l_u + s (l_c - l_u) (default 7.5, the paper's "
                    "for the 2B; the tiny models draw best at 1.5; 1 = off)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy; tiny default: "
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1; 0 = greedy; tiny default: "
                    "below 1 the background codes win every patch and the canvas comes out empty)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k likeliest codes (off: truncation drops objects "
                    "on the tiny default, as temperatures below 1 do)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16, help="rows decoded together (x2 with CFG)")
+    p.add_argument("--top-p", type=float, default=None, help="keep the likeliest codes up to this probability mass "
+                   "(off by default)")
+    p.add_argument("--seed", type=int, default=0, help="the draws' seed: the same seed and settings give the same "
+                   "images (default: 0)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows decoded together, x2 with CFG (default: 16)")
     p.add_argument("--compile", action="store_true", help="decode through torch.compile'd graphs: the same images, "
                    "faster per image once built (a minute on a CPU, which needs a C++ compiler); for many images")
     p.add_argument("--out", required=True, help="output directory: PROMPT_SAMPLE.png (000_00.png, ...) and "
@@ -123,8 +125,8 @@ def answer_main(argv: list[str] | None = None) -> int:
                                 "SynerGenVL checkpoint (greedy, KV-cached).")
     add_checkpoint_args(p)
     p.add_argument("--image", required=True, help="image file (any PIL-readable format)")
-    p.add_argument("--question", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--question", required=True, help="the question, as the model was trained to read it")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in text tokens (default: 32)")
     p.add_argument("--max-tiles", type=int, default=1, help="InternVL-1.5 dynamic tiles (paper: 1/6/12 per stage)")
     p.add_argument("--thumbnail", action="store_true", help="append a thumbnail view (stage 2 and SFT)")
     a = p.parse_args(argv)

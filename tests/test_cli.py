@@ -128,6 +128,11 @@ def test_generate_writes_and_describes_each_batch_as_it_is_drawn(tmp_path, monke
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "synergen_lightning.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage: synergen" in out.stdout
+    version = subprocess.run([sys.executable, "-m", "synergen_lightning.cli", "--version"], capture_output=True,
+                             text=True)
+    from importlib.metadata import version as installed
+
+    assert version.returncode == 0 and version.stdout == f"synergen {installed('synergen-lightning')}\n"
 
 
 def test_fit_from_a_sharded_checkpoint_without_fsdp2_names_the_strategy(tmp_path, sharded_checkpoint):

@@ -435,7 +435,8 @@ def demo_report_parser() -> argparse.ArgumentParser:
     add_checkpoint_args(p)
     p.add_argument("--base-llm", required=True, help="the base LLM checkpoint (text.accuracy_base)")
     p.add_argument("--data", default="data/tiny", help="shape-world directory (eval_prompts.jsonl, val/, text/)")
-    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--out", default="runs/demo", help="report directory: report.json, samples.png, curve.png "
+                   "(default: runs/demo)")
     p.add_argument("--curve", nargs="*", default=[], metavar="CKPT",
                    help="earlier stage checkpoints, in training order (e.g. runs/tiny/stage1/last.ckpt "
                         "runs/tiny/stage2/last.ckpt): the learning curve; named by their directory")
