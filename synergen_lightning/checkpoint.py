@@ -80,7 +80,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if kind == "export":
         from safetensors.torch import load_file
 
-        state = current_keys(load_file(str(p / EXPORT_WEIGHTS)))
+        try:
+            state = current_keys(load_file(str(p / EXPORT_WEIGHTS)))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+            raise ValueError(f"{str(p / EXPORT_WEIGHTS)!r} cannot be read ({type(exc).__name__}: {str(exc)[:160]}): "
+                             "export the checkpoint again with `synergen export`") from None
         llm = (read_checkpoint_meta(p)["hyper_parameters"] or {}).get("llm") or {}
         if llm.get("tie_word_embeddings") and "llm.model.lm_head.weight" not in state:
             state["llm.model.lm_head.weight"] = state["llm.model.embed_tokens.weight"]  # safetensors keeps one copy

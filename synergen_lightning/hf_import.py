@@ -74,7 +74,12 @@ def read_hf_config(hf_dir: str | Path) -> tuple[LLMConfig, str]:
         raise HFImportError(f"{hf_dir}: not a directory; pass the local folder that holds config.json and *.safetensors")
     if not path.is_file():
         raise HFImportError(f"{path}: missing; a Hugging Face model directory needs config.json (save it with save_pretrained)")
-    cfg = json.loads(path.read_text())
+    try:
+        cfg = json.loads(path.read_text())
+    except ValueError as exc:
+        raise HFImportError(f"{path}: not JSON ({exc}); save the model again with save_pretrained") from None
+    if not isinstance(cfg, dict):
+        raise HFImportError(f"{path}: not a JSON object; save the model again with save_pretrained")
     model_type = cfg.get("model_type", "")
     archs = cfg.get("architectures") or []
     if model_type not in SUPPORTED:

@@ -32,7 +32,7 @@ def add_dtype_arg(p: argparse.ArgumentParser) -> None:
 
 def device_arg(device: str) -> str:
     """--device: "auto" is cuda when available, else cpu (argparse converts the default only after --help); a name
-    torch does not know, or a GPU this machine does not have, is the option's one-line error."""
+    torch does not know, or a GPU that is not visible, is the option's one-line error."""
     import torch
 
     if device == "auto":

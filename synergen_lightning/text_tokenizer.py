@@ -138,7 +138,17 @@ def train_bpe(text_files, vocab_size: int, out_dir: str | Path, min_frequency: i
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS.values()),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tok.train_from_iterator(iter_corpus_text(text_files), trainer=trainer)
+    texts = [0]
+
+    def counted():
+        for text in iter_corpus_text(text_files):
+            texts[0] += 1
+            yield text
+
+    tok.train_from_iterator(counted(), trainer=trainer)
+    if not texts[0]:  # a vocabulary of bytes and specials alone would pass for a tokenizer
+        raise ValueError(f"the corpus {[str(f) for f in text_files]} holds no text: give .jsonl files of "
+                         "{'text': ...} lines or .txt files with text")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))

@@ -102,6 +102,9 @@ def test_missing_weights_name_the_recipe_key(tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(EvalInputError, match=f"set {INCEPTION_KEY}"):
         compute_fidelity(gen, ref, None)
+    (tmp_path / "notes.pth").write_text("not weights")
+    with pytest.raises(EvalInputError, match="are not torch-fidelity's Inception weights"):
+        compute_fidelity(gen, ref, tmp_path / "notes.pth")
 
 
 def test_empty_and_mixed_size_image_dirs(tmp_path):

@@ -307,6 +307,11 @@ def test_report_accepts_an_export_directory_and_names_a_wrong_one(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(EvalInputError, match="neither a sharded checkpoint"):
         check_system_checkpoint(tmp_path / "empty")
+    # a cut-short weights file: named, with the fix
+    weights = tmp_path / "exported" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(ValueError, match=r"model.safetensors' cannot be read \(.*\): export the checkpoint again"):
+        load_synergen(tmp_path / "exported")
 
 
 def test_both_report_commands_answer_on_the_checkpoints_views_and_fail_alike_without_one(world, logdir, tmp_path,

@@ -142,6 +142,10 @@ def test_bad_directories_are_refused_with_file_and_tensor(llama_dir, tmp_path):
     with pytest.raises(HFImportError, match="model_type='gpt2'.*not supported"):
         load_hf(llama_dir)
     (llama_dir / "config.json").write_text(json.dumps(cfg))
+    (llama_dir / "config.json").write_text("{not json")
+    with pytest.raises(HFImportError, match=r"config.json: not JSON \(Expecting property name"):
+        load_hf(llama_dir)
+    (llama_dir / "config.json").write_text(json.dumps(cfg))
 
     _edit_weights(llama_dir, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(HFImportError, match=r"missing tensors: layers\.1\.text_ffn\.up_proj\.weight \(HF model\.layers\.1\.mlp\.up_proj\.weight, expected shape \(96, 64\)"):

@@ -82,6 +82,9 @@ def test_train_bpe_cli(tmp_path):
     (tmp_path / "c.txt").write_text("\n".join(CORPUS))
     assert main(["data", "train-bpe", "--text", str(tmp_path / "c.txt"), "--vocab-size", "300", "--out", str(tmp_path / "o")]) == 0
     assert TextTokenizer(tmp_path / "o").decode(TextTokenizer(tmp_path / "o").encode(CORPUS[0])) == CORPUS[0]
+    (tmp_path / "empty.txt").write_text("\n\n")
+    assert main(["data", "train-bpe", "--text", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "e")]) == 2
+    assert not (tmp_path / "e").exists()
 
 
 def test_chat_answer_reuses_the_corpus_word_token(tok):

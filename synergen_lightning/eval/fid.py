@@ -16,6 +16,9 @@ line number.
 from __future__ import annotations
 
 import contextlib
+import os
+import pickle
+import traceback
 from pathlib import Path
 
 import torch
@@ -48,8 +51,24 @@ def load_inception(weights: str | Path, features: tuple[str, ...] = ("2048",)):
     """torch-fidelity's InceptionV3 with local weights (uint8 [N,3,H,W] in -> tuple of features out)."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    return FeatureExtractorInceptionV3("inception-v3-compat", list(features),
-                                       feature_extractor_weights_path=str(check_inception_weights(weights)))
+    path = check_inception_weights(weights)
+    with reading_inception_weights(path):
+        return FeatureExtractorInceptionV3("inception-v3-compat", list(features), feature_extractor_weights_path=str(path))
+
+
+@contextlib.contextmanager
+def reading_inception_weights(path: Path):
+    """torch-fidelity loads the weights file itself: a file that is no torch checkpoint fails inside `torch.load`
+    with one of several errors, turned here into one line naming the file."""
+    try:
+        yield
+    except (RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as exc:
+        frames = traceback.extract_tb(exc.__traceback__)
+        if not any(f.filename.endswith(os.path.join("torch", "serialization.py")) for f in frames):
+            raise
+        raise EvalInputError(f"--inception-weights {str(path)!r} are not torch-fidelity's Inception weights "
+                             f"({type(exc).__name__}: {str(exc)[:160]}); pass its pt_inception-2015-12-05 .pth "
+                             "file") from None
 
 
 def fidelity_device(device: str):
@@ -145,7 +164,7 @@ def compute_fidelity(generated, reference, inception_weights: str | Path | None,
         raise EvalInputError(f"KID needs at least 2 images per set, got {gen.shape[0]} generated / {ref.shape[0]} reference")
     if fid and n < 2:
         raise EvalInputError(f"FID needs at least 2 images per set, got {gen.shape[0]} generated / {ref.shape[0]} reference")
-    with fidelity_device(device):
+    with fidelity_device(device), reading_inception_weights(weights):
         metrics = torch_fidelity.calculate_metrics(
             input1=_UInt8Images(gen), input2=_UInt8Images(ref), fid=fid, isc=isc, kid=kid,
             feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(weights),
