@@ -245,3 +245,16 @@ def test_periodic_evaluator_logs_grounding_gains_from_image_shards(tmp_path):
     assert metrics["eval/grounding/caption_gain_vs_uncond"] == pytest.approx(direct["caption_gain_vs_uncond"], abs=1e-6)
     assert metrics["eval/grounding/image_gain"] == pytest.approx(direct["image_gain"], abs=1e-6)
     assert cb._grounding_items is not None and len(cb._grounding_items[0]) == 4
+
+
+def test_a_sample_whose_view_cannot_be_read_is_skipped_and_counted(code_shards, caplog):
+    """As training does: the sample is dropped, the count and an example are logged, the other samples are scored."""
+    model = _model(codebook_size=512)
+    samples = load_grounding_samples(str(code_shards / "val" / "*.tar"), 10)
+    samples[3] = dict(samples[3], **{"codes.npy": b"not an array"})
+    with caplog.at_level("WARNING", logger="synergen_lightning.eval.grounding"):
+        captions, qa = grounding_items(model, samples)
+    assert len(captions) == len(qa) == 9 and samples[3]["__key__"] not in {q["key"] for q in qa}
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert said.startswith("grounding: skipped 1 of 10 val samples {'bad_codes': 1}, e.g. bad_codes: "
+                           f"{samples[3]['__key__']}: ")

@@ -22,6 +22,7 @@ images as the caption items.
 from __future__ import annotations
 
 import io
+import logging
 import time
 from collections import defaultdict
 
@@ -34,6 +35,8 @@ from synergen_lightning.data.sequences import CODES_EXT, IGNORE, IMAGE_EXTS, Seq
 from synergen_lightning.data.sources import SkipCounter, SkipSample, finite_samples, load_json
 from synergen_lightning.eval.fid import EvalInputError
 from synergen_lightning.eval.suites import eval_mode, shard_urls
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -263,10 +266,7 @@ def grounding_items(model, samples: list[dict], max_tiles: int = 1, thumbnail: b
                               question_first=model.question_first)
 
     def codes_of(raw, task):
-        try:
-            pixels, codes = builder.views(raw, raw["__key__"], task)
-        except SkipSample as exc:
-            raise EvalInputError(f"grounding: {exc}") from None
+        pixels, codes = builder.views(raw, raw["__key__"], task)  # SkipSample: an undecodable image or bad codes
         if codes is None:
             try:
                 with torch.no_grad():
@@ -277,15 +277,25 @@ def grounding_items(model, samples: list[dict], max_tiles: int = 1, thumbnail: b
                                      "shards (synergen data pretokenize)") from None
         return codes
 
-    captions, qa = [], []
+    captions, qa, skipped = [], [], SkipCounter()
     for i, raw in enumerate(samples):
-        gen = codes_of(raw, "generation")
+        try:
+            gen = codes_of(raw, "generation")
+            und = gen if use_codes or not raw["_qa"] else codes_of(raw, "understanding")
+        except SkipSample as exc:  # skipped and counted, as training skips it
+            skipped.add(exc.reason, str(exc))
+            continue
         captions.append((gen[0], raw["_caption"]))
         if raw["_qa"]:
             pick = raw["_qa"][i % len(raw["_qa"])]
-            und = gen if use_codes else codes_of(raw, "understanding")
             qa.append({"question": pick["question"], "answer": str(pick["answer"]), "kind": pick.get("kind", "qa"),
                        "codes": und, "key": raw["__key__"]})
+    if skipped.counts:
+        log.warning("grounding: skipped %d of %d val samples %s, e.g. %s", sum(skipped.counts.values()), len(samples),
+                    dict(skipped.counts), next(iter(skipped.examples.values())))
+    if not captions:
+        raise EvalInputError(f"grounding: every val sample was skipped ({dict(skipped.counts)}, e.g. "
+                             f"{next(iter(skipped.examples.values()))}); fix the val shards")
     return captions, qa
 
 
