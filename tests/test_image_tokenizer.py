@@ -138,6 +138,26 @@ def test_ranks_and_workers_share_fewer_shards_than_they_are_without_repeating_a_
     assert len(trained[0]) == len(trained[1]) == 8 and trained[0] != trained[1]
 
 
+def test_cycling_ranks_read_every_shard_alike_when_they_do_not_divide_the_shards(tmp_path, monkeypatch):
+    """3 shards over 2 ranks: a fixed split would read one rank's single shard twice as often as each of the other
+    rank's two; the shared rounds read every shard alike (counts within one of each other)."""
+    from collections import Counter
+
+    import synergen_lightning.data.image_stream as image_stream
+
+    write_toy_shards(tmp_path / "s", 6, per_shard=2, seed=5)
+    reads, real = Counter(), image_stream.iter_shard
+
+    def counting(url, counter):
+        reads[Path(url).name] += 1
+        return real(url, counter)
+
+    monkeypatch.setattr(image_stream, "iter_shard", counting)
+    for rank in (0, 1):
+        _rank_batches(tmp_path / "s", rank, 0, epoch_batches=40, batch_size=4)
+    assert len(reads) == 3 and max(reads.values()) - min(reads.values()) <= 1, reads
+
+
 def test_a_rank_whose_shards_hold_no_decodable_image_says_so(tmp_path):
     write_toy_shards(tmp_path / "s", 4, per_shard=2, corrupt_every=1)
     with pytest.raises(ValueError, match="no decodable image in lane 0 of 2"):

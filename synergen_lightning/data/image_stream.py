@@ -20,7 +20,14 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from synergen_lightning.data.sources import SkipCounter, expand_urls, iter_shard, lane_share, rank_world
+from synergen_lightning.data.sources import (
+    ShardSchedule,
+    SkipCounter,
+    expand_urls,
+    iter_shard,
+    lane_share,
+    rank_world,
+)
 from synergen_lightning.data.views import decode_image, dynamic_tiles, generation_view, to_rgb, to_uint8_tensor
 
 log = logging.getLogger(__name__)
@@ -51,8 +58,8 @@ def image_views(img: Image.Image, size: int, max_tiles: int, random_crops: int =
 class ImageViewStream(IterableDataset):
     """Streams views of every image in the shards, split across ranks and dataloader workers.
 
-    `epoch_batches` (training over several ranks): each rank's workers cycle through the rank's shards, reshuffled
-    every pass, and together yield exactly `epoch_batches` batches of `batch_size` views per epoch, the same on every
+    `epoch_batches` (training over several ranks): each rank's workers cycle through the shards, in rounds shared by
+    every lane (`ShardSchedule`: each shard read alike), and together yield exactly `epoch_batches` batches of `batch_size` views per epoch, the same on every
     rank. Shards differ in length, so one pass would end a rank's epoch while another still trains, and the first
     rank would then wait forever in a collective (the epoch-end checkpoint) that the others call at another step."""
 
@@ -92,13 +99,26 @@ class ImageViewStream(IterableDataset):
         workers, wid = (info.num_workers, info.id) if info is not None else (1, 0)
         return (self.epoch_batches // workers + (wid < self.epoch_batches % workers)) * self.batch_size
 
+    def _schedule(self) -> ShardSchedule:
+        """The shard rounds the lanes share when they cycle (`epoch_batches`): a fixed split over lanes would read a
+        lane of k shards (k + 1) / k as often as one of k + 1. Seeded by the seed, the epoch and the DataLoader's base
+        seed of this epoch (a worker's torch seed less its id), which every worker of a rank shares."""
+        info = get_worker_info()
+        base = torch.initial_seed() - (info.id if info is not None else 0)
+        return ShardSchedule(self.shards, f"{self.seed}|{self.epoch}|{base}", *self._lane())
+
     def _views(self, rng: random.Random, counter: SkipCounter):
         """(views of one image, samples skipped before it), pass after pass when `epoch_batches` is set."""
         shards, stride = self._my_shards()
+        cycling = self.shuffle and stride is None and self.epoch_batches is not None
+        schedule, per_pass, passes = (self._schedule() if cycling else None), len(shards), 0
         while True:
+            if cycling:  # this lane's next slots of the shared rounds: every shard is read alike
+                shards = [schedule(d) for d in range(passes * per_pass, (passes + 1) * per_pass)]
+                passes += 1
             # a new order each pass and epoch (rng differs per lane and epoch); strided lanes keep one order, in which
             # their samples partition the whole sequence
-            if self.shuffle and stride is None:
+            elif self.shuffle and stride is None:
                 rng.shuffle(shards)
             pending, decoded = 0, False
             for i, sample in enumerate(s for url in shards for s in iter_shard(url, counter)):
