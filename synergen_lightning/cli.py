@@ -331,7 +331,8 @@ def _run(argv: list[str]) -> int:
     if func is None:
         group = [" ".join(w) for w in COMMANDS if w[0] == argv[0]]
         hint = f" Did you mean one of: {', '.join(group)}?" if group else ""
-        print(f"synergen: unknown command {' '.join(argv[:2])!r}.{hint}\n\n{_usage()}", file=sys.stderr)
+        asked = " ".join(argv[:2] if argv[0] in {w[0] for w in COMMANDS if len(w) > 1} else argv[:1])
+        print(f"synergen: unknown command {asked!r}.{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     return int(func(rest) or 0)
 

@@ -102,10 +102,12 @@ def generate_codes(model, prompt_ids: list[list[int]], uncond_ids: list[int] | N
 
 
 def generation_arg_errors(num: int = 1, batch_size: int = 1, temperature: float = 1.0, top_k: int | None = None,
-                          top_p: float | None = None) -> list[tuple[str, object, str]]:
+                          top_p: float | None = None, cfg: float = 1.0) -> list[tuple[str, object, str]]:
     """(argument, value, what it must be) for each value no draw can use: a negative temperature or top_p > 1 would
-    otherwise act as greedy or as no truncation without a word."""
+    otherwise act as greedy or as no truncation without a word, and a negative CFG scale steers away from the
+    prompt."""
     rules = [("num", num, num >= 1, ">= 1"), ("batch_size", batch_size, batch_size >= 1, ">= 1"),
+             ("cfg", cfg, cfg >= 0, ">= 0 (1: off)"),
              ("temperature", temperature, temperature >= 0, ">= 0 (0: greedy)"),
              ("top_k", top_k, top_k is None or top_k >= 1, ">= 1 (or unset: off)"),
              ("top_p", top_p, top_p is None or 0 < top_p <= 1, "in (0, 1] (or unset: off)")]
@@ -121,7 +123,7 @@ def generated_batches(model, prompts: list[str] | str, num: int = 1, cfg_scale: 
     each batch is decoded to pixels as soon as its codes are drawn, so memory holds one batch of images (Emu3's
     decoder holds 10 GiB of activations per 512-px image: RESULTS.md), and a caller can write and count them as they
     come."""
-    errors = generation_arg_errors(num, batch_size, temperature, top_k, top_p)
+    errors = generation_arg_errors(num, batch_size, temperature, top_k, top_p, 1.0 if cfg_scale is None else cfg_scale)
     if errors:
         raise ValueError("; ".join(f"{name}={value} {rule}" for name, value, rule in errors))
     if output not in ("pil", "tensor", "codes"):

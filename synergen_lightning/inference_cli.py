@@ -84,7 +84,8 @@ def generate_main(argv: list[str] | None = None) -> int:
     from synergen_lightning.progress import progress_bar
     from synergen_lightning.system import load_synergen
 
-    errors = generation_arg_errors(a.num, a.batch_size, a.temperature, a.top_k, a.top_p)  # before the model loads
+    # before the model loads
+    errors = generation_arg_errors(a.num, a.batch_size, a.temperature, a.top_k, a.top_p, a.cfg)
     if errors:
         p.error("; ".join(f"--{name.replace('_', '-')} {value} {rule}" for name, value, rule in errors))
     out = Path(a.out)

@@ -687,6 +687,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("devices", "nodes"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name} {getattr(a, name)}: give a positive count")
+    if a.margin < 0:
+        raise ValueError(f"--margin {a.margin}: give the headroom as a fraction >= 0 (0.2: 20%)")
     ac = None if a.activation_checkpointing is None else a.activation_checkpointing == "on"
     plan = plan_recipe(a.config, a.devices, a.nodes, num_layers=a.num_layers, head_layers=a.head_layers,
                        tokens_per_gpu=a.tokens_per_gpu, max_seq_len=a.max_seq_len, activation_checkpointing=ac)

@@ -20,6 +20,8 @@ def test_unknown_command_names_the_choices(capsys):
     assert cli.main(["data", "synthh"]) == 2
     err = capsys.readouterr().err
     assert "unknown command 'data synthh'" in err and "data synth" in err
+    assert cli.main(["genrate", "--ckpt", "x.ckpt"]) == 2  # a command of one word is quoted without its options
+    assert "unknown command 'genrate'." in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("word, instead", [("test", "synergen validate"), ("predict", "synergen generate")])
@@ -79,9 +81,10 @@ def test_device_auto_is_cuda_when_available_else_cpu(capsys):
 def test_generation_values_no_draw_can_use_stop_before_the_checkpoint_loads(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["generate", "--ckpt", str(tmp_path / "missing.ckpt"), "--prompt", "a", "--out", str(tmp_path),
-                  "--temperature", "-1", "--top-p", "1.5"])
+                  "--temperature", "-1", "--top-p", "1.5", "--cfg", "-3"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "--temperature -1.0 must be >= 0" in err and "--top-p 1.5 must be in (0, 1]" in err
+    assert "--cfg -3.0 must be >= 0 (1: off)" in err
     assert "missing.ckpt" not in err
 
 
