@@ -171,6 +171,9 @@ def test_geneval_cli_bad_input(tmp_path, capsys):
         geneval_main(["--prompts", str(tmp_path / "bad2.jsonl"), "--ground-truth"])
     assert "line 1: unknown tag 'colours'" in capsys.readouterr().err
     (tmp_path / "p.jsonl").write_text(good + "\n")
+    with pytest.raises(SystemExit):
+        geneval_main(["--prompts", str(tmp_path / "p.jsonl")])
+    assert "give --images DIR (the generated images), or --ground-truth" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as e:
         geneval_main(["--images", str(tmp_path / "empty"), "--prompts", str(tmp_path / "p.jsonl")])

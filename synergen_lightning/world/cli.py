@@ -228,7 +228,9 @@ def geneval_main(argv: list[str]) -> int:
             image = render_prompt(p, seed=i, canvas=canvas, level=level)
             results.append((p["tag"], evaluate(detect_objects(image), p)[0]))
     else:
-        if a.images is None or not a.images.is_dir():
+        if a.images is None:
+            parser.error("give --images DIR (the generated images), or --ground-truth to score the world's renders")
+        if not a.images.is_dir():
             parser.error(f"--images {a.images} is not a directory; pass the directory of generated images")
         files = sorted(a.images.iterdir())
         named = []
