@@ -47,7 +47,8 @@ SFT_DONE  := $(dir $(SFT_CKPT)).done
 CODES     := $(DATA)/codes
 CODES_OK  := $(CODES)/.done
 DEMO      := runs/demo/report.json
-# the demo's (and make eval's) CFG scale: higher, a tiny model scatters the fragments of coloured prompts over the canvas (RESULTS.md)
+# the demo's (and make eval's) CFG scale: higher, a tiny model scatters the fragments of coloured prompts over the
+# canvas (RESULTS.md)
 DEMO_CFG  ?= 1.5
 SEED_OK   := runs/tiny/.seed-$(SEED)
 
@@ -226,7 +227,8 @@ export PAPER_EVAL
 eval: $(VENV)  ## report of the latest tiny run (every tiny stage trains one native view of the canvas) -> runs/tiny/eval/report.md, then the commands of the paper's benchmarks for it (FID: EVAL_SUITES=...,fid FID_WEIGHTS=path.pth; docs/evaluation.md)
 	@ckpt=$$(ls -t $(SFT_CKPT) $(S2_CKPT) $(S1_CKPT) 2>/dev/null | head -1); \
 	test -n "$$ckpt" || { echo "make eval: no runs/tiny/*/last.ckpt yet; run make stage1 (or make demo) first" >&2; exit 2; }; \
-	$(SYN) eval report --ckpt $$ckpt --data $(DATA) --suite $(EVAL_SUITES) --out runs/tiny/eval --overwrite --cfg $(DEMO_CFG) $(if $(FID_WEIGHTS),--inception-weights $(FID_WEIGHTS)) && \
+	$(SYN) eval report --ckpt $$ckpt --data $(DATA) --suite $(EVAL_SUITES) --out runs/tiny/eval --overwrite \
+	  --cfg $(DEMO_CFG) $(if $(FID_WEIGHTS),--inception-weights $(FID_WEIGHTS)) && \
 	echo && echo "$$PAPER_EVAL" | sed "s|\$$ckpt|$$ckpt|g"
 
 geneval-gt: $(DATA_OK)  ## sanity check: the scorer on the world's own renders (expect 1.0)

@@ -61,10 +61,10 @@ def generate_main(argv: list[str] | None = None) -> int:
     add_checkpoint_args(p)
     p.add_argument("--prompt", action="append", required=True, help="caption to draw; repeat for several prompts")
     p.add_argument("--num", type=int, default=1, help="images per prompt (default: 1)")
-    p.add_argument("--cfg", type=float, default=7.5, help="CFG scale s in l_u + s (l_c - l_u) (default 7.5, the paper's "
-                   "for the 2B; the tiny models draw best at 1.5; 1 = off)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1; 0 = greedy; tiny default: "
-                   "below 1 the background codes win every patch and the canvas comes out empty)")
+    p.add_argument("--cfg", type=float, default=7.5, help="CFG scale s in l_u + s (l_c - l_u) (default 7.5, the "
+                   "paper's for the 2B; the tiny models draw best at 1.5; 1 = off)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1; 0 = greedy; "
+                   "tiny default: below 1 the background codes win every patch and the canvas comes out empty)")
     p.add_argument("--top-k", type=int, default=None, help="keep the k likeliest codes (off: truncation drops objects "
                    "on the tiny default, as temperatures below 1 do)")
     p.add_argument("--top-p", type=float, default=None, help="keep the likeliest codes up to this probability mass "

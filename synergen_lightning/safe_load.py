@@ -63,7 +63,8 @@ def refusal(path: str | Path, exc: BaseException | None, what: str | None = None
     if what is None and found is None:  # no callable named: bytes that are no plain-data pickle (or not one at all)
         reason = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
         return UntrustedCheckpointError(
-            f"checkpoint {str(path)!r} is not plain data ({reason.group(1).strip() if reason else type(exc).__name__}): "
+            f"checkpoint {str(path)!r} is not plain data "
+            f"({reason.group(1).strip() if reason else type(exc).__name__}): "
             f"not a checkpoint (pass a run's last.ckpt), or one that would run code while loading (if you trust its "
             f"source, load it with `synergen {TRUST_FLAG} ...` or {TRUST_ENV}=1)")
     what = what or f"it calls {found.group(1)}"

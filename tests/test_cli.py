@@ -173,7 +173,8 @@ def test_a_file_in_the_way_of_an_output_is_one_line(tmp_path, capsys):
     (tmp_path / "taken").write_text("a file")
     text = tmp_path / "text.jsonl"
     text.write_text('{"text": "a red circle"}\n')
-    code = cli.main(["data", "train-bpe", "--text", str(text), "--vocab-size", "300", "--out", str(tmp_path / "taken/tok")])
+    code = cli.main(["data", "train-bpe", "--text", str(text), "--vocab-size", "300", "--out",
+                     str(tmp_path / "taken/tok")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("synergen data train-bpe: error: [Errno 20] Not a directory: ") and \
         "taken/tok" in err and "Traceback" not in err

@@ -80,8 +80,8 @@ def test_resume_reads_a_bounded_prefix_where_a_replay_reads_everything(shards, m
 
 
 def test_a_lane_too_small_for_its_stride_reads_whole_and_remembers_it(shards, caplog):
-    """Lane 1 of 5 (4 shards: each lane keeps every 5th sample) gets no sample of the 1-sample shard: from then on it reads every shard whole (and says so once),
-    and a position taken after that keeps reading whole."""
+    """Lane 1 of 5 (4 shards: each lane keeps every 5th sample) gets no sample of the 1-sample shard: from then on
+    it reads every shard whole (and says so once), and a position taken after that keeps reading whole."""
     s = RawStream(shards["with_tiny"], "s|0", 3, SkipCounter(), "src", lane=(1, 5))
     with caplog.at_level("WARNING", logger="synergen_lightning.data.sources"):
         ids(s, 200)

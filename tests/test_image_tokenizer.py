@@ -272,8 +272,8 @@ def test_another_models_checkpoint_is_refused_as_an_image_tokenizer(trained, tmp
     ckpt, *_ = trained
     theirs = torch.load(ckpt, weights_only=False)
     other = tmp_path / "llm.ckpt"
-    torch.save({"hyper_parameters": theirs["hyper_parameters"], "state_dict": {"llm.model.embed.weight": torch.zeros(4, 2)}},
-               other)
+    torch.save({"hyper_parameters": theirs["hyper_parameters"],
+                "state_dict": {"llm.model.embed.weight": torch.zeros(4, 2)}}, other)
     with pytest.raises(ValueError, match=rf"^'{other}' is not a VQTokenizer checkpoint: it lacks (\d+) of the "
                                          r"tokenizer's \1 weights \(e\.g\. vq\."):
         load_image_tokenizer(other)

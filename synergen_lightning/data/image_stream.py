@@ -59,9 +59,10 @@ class ImageViewStream(IterableDataset):
     """Streams views of every image in the shards, split across ranks and dataloader workers.
 
     `epoch_batches` (training over several ranks): each rank's workers cycle through the shards, in rounds shared by
-    every lane (`ShardSchedule`: each shard read alike), and together yield exactly `epoch_batches` batches of `batch_size` views per epoch, the same on every
-    rank. Shards differ in length, so one pass would end a rank's epoch while another still trains, and the first
-    rank would then wait forever in a collective (the epoch-end checkpoint) that the others call at another step."""
+    every lane (`ShardSchedule`: each shard read alike), and together yield exactly `epoch_batches` batches of
+    `batch_size` views per epoch, the same on every rank. Shards differ in length, so one pass would end a rank's
+    epoch while another still trains, and the first rank would then wait forever in a collective (the epoch-end
+    checkpoint) that the others call at another step."""
 
     def __init__(self, shards: list[str], size: int, max_tiles: int, random_crops: int, shuffle: bool, seed: int = 0,
                  epoch_batches: int | None = None, batch_size: int = 1):

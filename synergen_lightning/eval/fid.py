@@ -53,7 +53,8 @@ def load_inception(weights: str | Path, features: tuple[str, ...] = ("2048",)):
 
     path = check_inception_weights(weights)
     with reading_inception_weights(path):
-        return FeatureExtractorInceptionV3("inception-v3-compat", list(features), feature_extractor_weights_path=str(path))
+        return FeatureExtractorInceptionV3("inception-v3-compat", list(features),
+                                           feature_extractor_weights_path=str(path))
 
 
 @contextlib.contextmanager
