@@ -586,6 +586,10 @@ def plan_recipe(configs: list[str], devices: int, nodes: int = 1, *, num_layers:
                 activation_checkpointing: bool | None = None, micro_batch: dict | None = None) -> dict:
     """Everything `synergen plan` prints, as a dict."""
     config = load_recipe(configs)
+    cls = str((config.get("model") or {}).get("class_path", ""))
+    if not cls.endswith("SynerGenVL"):
+        raise ValueError(f"{' + '.join(map(str, configs))} trains {cls or 'no model'!r}: `synergen plan` sizes "
+                         "SynerGenVL recipes (recipes/*/stage1.yaml, stage2.yaml, sft.yaml)")
     args = _model_args(config)
     spec = model_spec(args, num_layers, head_layers)
     settings = strategy_settings(config)

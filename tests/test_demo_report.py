@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from PIL import Image
 
 from synergen_lightning.eval.demo_report import (
@@ -51,3 +52,11 @@ def test_samples_and_curve_pictures_are_written(tmp_path):
              for s, g, u in (("stage1", 0.1, 0.0), ("stage2", 0.4, 0.5), ("sft", 0.8, 0.9))]
     assert Image.open(save_curve(tmp_path / "curve.png", curve, 0.4)).size[0] > 100
     json.dumps(curve)  # what report.json holds
+
+
+def test_a_count_below_one_is_refused_before_the_model_loads(capsys):
+    from synergen_lightning.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "report", "--ckpt", "missing.ckpt", "--base-llm", "missing.ckpt", "--num-prompts", "0"])
+    assert e.value.code == 2 and "--num-prompts 0 must be >= 1" in capsys.readouterr().err

@@ -87,6 +87,8 @@ def test_geneval_metadata_and_results(tmp_path):
     bad.write_text(json.dumps(METADATA[0]) + "\n" + json.dumps({"prompt": "no tag"}) + "\n")
     with pytest.raises(Exception, match=r"line 2: needs string 'prompt' and 'tag'"):
         read_metadata(bad)
+    with pytest.raises(Exception, match=r"--metadata '.*' is a directory; pass GenEval's"):
+        read_metadata(tmp_path)
     # GenEval's results.jsonl -> summary_scores.py: mean correct per tag, overall = mean over tags
     rows = [("single_object", True, 0), ("single_object", False, 0), ("counting", False, 1), ("counting", True, 1),
             ("counting", True, 1), ("colors", False, 2)]

@@ -157,6 +157,9 @@ def test_plan_bad_input_names_the_fix(capsys):
     assert synergen(["plan", "--config", str(ROOT / "recipes/synergen_vl_2b/stage1.yaml"), "--devices", "8",
                      "--margin", "-1"]) == 2
     assert "--margin -1.0: give the headroom as a fraction >= 0" in capsys.readouterr().err
+    assert synergen(["plan", "--config", str(ROOT / "recipes/tiny/tokenizer.yaml"), "--devices", "1"]) == 2
+    assert "trains 'synergen_lightning.image_tokenizer.VQTokenizer': `synergen plan` sizes SynerGenVL " \
+           "recipes" in capsys.readouterr().err
 
 
 def _tiny_recipe(tmp_path: Path, image_tokenizer: str) -> Path:

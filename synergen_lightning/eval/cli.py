@@ -463,6 +463,8 @@ def demo_report_parser() -> argparse.ArgumentParser:
 def demo_report_main(argv: list[str] | None = None) -> int:
     p = demo_report_parser()
     a = p.parse_args(argv)
+    if a.num_prompts is not None and a.num_prompts < 1:
+        p.error(f"--num-prompts {a.num_prompts} must be >= 1 (or left out: all)")
     from synergen_lightning.eval.demo_report import run  # the model and Lightning: after --help
 
     return run(p, a)

@@ -27,7 +27,8 @@ def read_metadata(path: str | Path) -> list[dict]:
     """The lines of a GenEval metadata file; each needs a string 'prompt' and 'tag' (errors name the line)."""
     p = Path(path)
     if not p.is_file():
-        raise EvalInputError(f"--metadata {str(p)!r} does not exist; pass GenEval's prompts/evaluation_metadata.jsonl")
+        what = "is a directory" if p.is_dir() else "does not exist"
+        raise EvalInputError(f"--metadata {str(p)!r} {what}; pass GenEval's prompts/evaluation_metadata.jsonl")
     rows = []
     try:
         for lineno, row in iter_jsonl(p):
