@@ -366,3 +366,18 @@ def test_val_shards_take_every_shard_url_form(world, logdir, tmp_path):
     with ShardServer(world) as server:
         assert und(f"{server.url}/val/{brace}", "http") == expected
         assert server.requests["val/shard-000000.tar"] == 1
+
+
+def test_reference_images_skip_and_count_what_they_cannot_use(tmp_path, caplog):
+    """An undecodable image or a sample without a caption is skipped and counted, named by the command that reads."""
+    from synergen_lightning.eval.suites import load_reference_images
+    from synthetic_shards import write_shards
+
+    write_shards(tmp_path / "s", n_shards=1, per_shard=6, seed=2, bad={"undecodable": [1], "no_caption": [2]})
+    with caplog.at_level("WARNING", logger="synergen_lightning.eval.suites"):
+        captions, views = load_reference_images(str(tmp_path / "s" / "*.tar"), 16, 10, suite="cosine")
+    assert len(captions) == views.shape[0] == 4
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert said.startswith("cosine: skipped {'undecodable_image': 1, 'missing_caption': 1} in the reference shards")
+    with pytest.raises(EvalInputError, match=r"^cosine: source 'cosine val shards': urls 'nope/\*.tar' match no file"):
+        load_reference_images("nope/*.tar", 16, 10, suite="cosine")

@@ -220,7 +220,7 @@ def cosine_main(argv: list[str] | None = None, model=None) -> int:
     try:
         model = _load_checked(a, model)
         size = model.grid[0] * model.hparams.downsample
-        captions, views = load_reference_images(a.val_shards, size, a.num_images)
+        captions, views = load_reference_images(a.val_shards, size, a.num_images, suite="cosine")
     except EvalInputError as exc:
         p.error(str(exc))
     from PIL import Image

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -21,13 +22,15 @@ import torch
 
 from synergen_lightning.checkpoint import read_checkpoint_meta
 from synergen_lightning.data.sources import SkipCounter, expand_urls, finite_samples, load_json
-from synergen_lightning.data.views import generation_view, to_uint8_tensor
+from synergen_lightning.data.views import decode_image, generation_view, to_uint8_tensor
 from synergen_lightning.distributed import gathered_for_decoding
 from synergen_lightning.eval.fid import EvalInputError, as_uint8_images, check_inception_weights, compute_fidelity
 from synergen_lightning.llm import evaluate_text_skill
 from synergen_lightning.model_parts import load_base_llm
 from synergen_lightning.progress import progress_bar
 from synergen_lightning.world.scorer import score_images
+
+log = logging.getLogger(__name__)
 
 
 def _chunks(items: list, size: int):
@@ -222,25 +225,27 @@ def fid_suite(model, captions: list[str], reference, inception_weights, seed: in
     return compute_fidelity(gen[:done], ref, inception_weights, batch_size=batch_size, device=device)
 
 
-def load_reference_images(shards: list[str] | str, size: int, max_images: int) -> tuple[list[str], torch.Tensor]:
-    """(captions, uint8 [N,3,size,size]) of val shard samples, through the one generation view policy."""
-    from PIL import Image
-
-
-    urls = shard_urls(shards, "fid")
-    captions, views = [], []
-    for sample in finite_samples(urls, SkipCounter()):
-        img_bytes = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
-        if img_bytes is None or "txt" not in sample:
+def load_reference_images(shards: list[str] | str, size: int, max_images: int, suite: str = "fid"
+                          ) -> tuple[list[str], torch.Tensor]:
+    """(captions, uint8 [N,3,size,size]) of val shard samples, through the one generation view policy; a sample
+    without a caption or a decodable image is skipped and counted (`suite` names the command in messages)."""
+    urls = shard_urls(shards, suite)
+    captions, views, counter = [], [], SkipCounter()
+    for sample in finite_samples(urls, counter):
+        img = decode_image(sample)
+        if img is None or "txt" not in sample:
+            counter.add("undecodable_image" if img is None else "missing_caption", str(sample.get("__key__")))
             continue
-        img = Image.open(io.BytesIO(img_bytes))
-        img.load()
         views.append(generation_view(img, size))
-        captions.append(sample["txt"].decode("utf-8").strip())
+        captions.append(sample["txt"].decode("utf-8", errors="replace").strip())
         if len(views) >= max_images:
             break
+    if counter.counts:
+        log.warning("%s: skipped %s in the reference shards, e.g. %s", suite, dict(counter.counts),
+                    next(iter(counter.examples.values())))
     if not views:
-        raise EvalInputError(f"fid: no image+caption sample in reference shards {shards!r}")
+        raise EvalInputError(f"{suite}: no image+caption sample in reference shards {shards!r} (skipped: "
+                             f"{dict(counter.counts)})")
     return captions, to_uint8_tensor(views)
 
 
