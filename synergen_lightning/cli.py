@@ -130,6 +130,11 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     class SynerGenCLI(LightningCLI):
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            # `test` and `predict` are not synergen commands (`synergen validate` / `generate` do their jobs)
+            return {k: v for k, v in LightningCLI.subcommands().items() if k in LIGHTNING_SUBCOMMANDS}
+
         def instantiate_trainer(self, **kwargs):
             # a recipe that keeps the progress bar on and names none gets the step-counting one (progress.py)
             from lightning.pytorch.callbacks import ProgressBar

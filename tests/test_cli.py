@@ -31,6 +31,9 @@ def test_lightnings_test_and_predict_point_to_the_commands_that_do_their_job(cap
     err = capsys.readouterr().err
     assert err.startswith(f"synergen {word}: not a synergen command") and instead in err
     assert word not in cli._usage().split("Other commands")[0]
+    with pytest.raises(SystemExit):  # nor does the Lightning parser's usage offer it
+        cli.lightning_cli(["--help"])
+    assert "{fit,validate}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("ask", [["--help"], ["-h"], []])
