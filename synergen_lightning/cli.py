@@ -16,6 +16,7 @@ import importlib
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate")
@@ -314,7 +315,38 @@ def check_config_files(argv: list[str]) -> None:
             check_yaml(path)
 
 
+def check_fit_recipe(argv: list[str]) -> int:
+    """`synergen plan`'s recipe read by `synergen fit`'s parser first (nothing built): a key or value fit would refuse
+    is refused here in its words, not planned around. 0, or the parser's exit code after its message."""
+    import contextlib
+    import io
+
+    configs = [a for i, a in enumerate(argv) if i and argv[i - 1] == "--config"]
+    configs += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    if not configs or any(a in ("-h", "--help") for a in argv) or not all(Path(c).is_file() for c in configs):
+        return 0  # plan's own parser answers --help and names a missing file
+    check_config_files(argv)
+    said = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(said), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LightningCLI's note that sys.argv (the plan command) differs from its args
+        try:
+            lightning_cli(["fit", *[x for c in configs for x in ("--config", c)], "--print_config"])
+            code = 0
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    if code:
+        why = [ln.removeprefix("error:").strip() for ln in said.getvalue().splitlines() if ln.startswith("error:")]
+        print(f"synergen plan: error: {' + '.join(configs)} is not a recipe synergen fit accepts: "
+              f"{'; '.join(why or said.getvalue().strip().splitlines()[-1:])}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _run(argv: list[str]) -> int:
+    if argv[0] == "plan":
+        code = check_fit_recipe(argv)
+        if code:
+            return code
     if argv[0] in LIGHTNING_SUBCOMMANDS:
         check_config_files(argv)
         if argv[0] == "fit" and any(a.startswith("--print_config") for a in argv):

@@ -162,6 +162,15 @@ def test_plan_bad_input_names_the_fix(capsys):
            "recipes" in capsys.readouterr().err
 
 
+def test_plan_refuses_a_recipe_fit_would_refuse(tmp_path, capsys):
+    """A misspelt key is not planned around: plan reads the recipe with fit's parser first."""
+    typo = tmp_path / "typo.yaml"
+    typo.write_text((ROOT / "recipes/tiny/stage1.yaml").read_text().replace("  max_steps:", "  max_stepz:", 1))
+    assert synergen(["plan", "--config", str(typo), "--devices", "1"]) == 2
+    assert capsys.readouterr().err == (f"synergen plan: error: {typo} is not a recipe synergen fit accepts: Group "
+                                       "'trainer' does not accept option 'max_stepz'\n")
+
+
 def _tiny_recipe(tmp_path: Path, image_tokenizer: str) -> Path:
     import yaml
 
