@@ -543,7 +543,6 @@ class RawStream:
                  start: dict | int | None = None):
         if not shards:
             raise ValueError(f"source {source!r}: no shard")
-        self.shards = shards
         self.schedule = ShardSchedule(shards, seed, *lane)
         self.stride = self.schedule.stride
         self.seed = f"{seed}|lane|{lane[0]}"
