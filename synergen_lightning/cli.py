@@ -160,16 +160,18 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
             subcommand = self.config.get("subcommand")
             recipe_stage = self._recipe_stage(subcommand) if subcommand == "fit" else None
             ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
+            in_config = bool(ckpt) and Path(str(ckpt)).is_file()  # Lightning reads a file's hyper-parameters into it
             try:
                 super()._parse_ckpt_path()
             except pickle.UnpicklingError as exc:
                 if not trusted():
                     raise refusal(ckpt, exc) from None
+                in_config = False  # a trusted file is read later, by fit
             except Exception as exc:  # noqa: BLE001 - a file that is no checkpoint fails in many ways inside torch
                 raise ValueError(f"--ckpt_path {str(ckpt)!r} is not a readable checkpoint ({type(exc).__name__}: "
                                  f"{str(exc)[:200]}); pass a run's last.ckpt (file or sharded directory)") from None
             if recipe_stage is not None:
-                self._check_resumed_stage(recipe_stage)
+                self._check_resumed_stage(ckpt, recipe_stage, in_config)
 
         def _recipe_stage(self, subcommand: str) -> str | None:
             """The stage a SynerGenVL recipe trains, as given (before --ckpt_path's hyper-parameters replace it)."""
@@ -179,18 +181,21 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
             stage = (model.get("init_args") or {}).get("stage")
             return stage if isinstance(stage, str) else None
 
-        def _check_resumed_stage(self, recipe_stage: str) -> None:
+        def _check_resumed_stage(self, ckpt, recipe_stage: str, in_config: bool) -> None:
             # --ckpt_path resumes a run with its own hyper-parameters: another stage's checkpoint would quietly train
             # that stage on, under this recipe's name and directory
             from synergen_lightning.checkpoint import read_checkpoint_meta
+            from synergen_lightning.preflight import LIGHTNING_CKPT_ALIASES
 
-            ckpt = self.config["fit"].get("ckpt_path")
-            if not ckpt or str(ckpt) in ("last", "best", "hpc", "registry"):
+            if not ckpt or str(ckpt) in LIGHTNING_CKPT_ALIASES:
                 return  # an alias resumes this recipe's own run
-            try:
-                theirs = (read_checkpoint_meta(ckpt).get("hyper_parameters") or {}).get("stage")
-            except Exception:  # noqa: BLE001 - missing or unreadable: the preflight names it
-                return
+            if in_config:  # the checkpoint's stage, as Lightning has just put it in the config: not read again
+                theirs = self._recipe_stage("fit")
+            else:  # a sharded directory (its meta.pt alone), or a trusted file Lightning left unread
+                try:
+                    theirs = (read_checkpoint_meta(ckpt).get("hyper_parameters") or {}).get("stage")
+                except Exception:  # noqa: BLE001 - missing or unreadable: the preflight names it
+                    return
             if isinstance(theirs, str) and theirs != recipe_stage:
                 raise ValueError(
                     f"--ckpt_path {str(ckpt)!r} is a checkpoint of a {theirs!r} run and the recipe trains "
@@ -304,14 +309,18 @@ def print_config_with_plan(argv: list[str]) -> int:
     return int(code)
 
 
+def config_paths(argv: list[str]) -> list[str]:
+    """The recipe files a command line names: `--config FILE` (or `-c FILE`) and `--config=FILE`, in order."""
+    return [argv[i + 1] if arg in ("--config", "-c") else arg.split("=", 1)[1] for i, arg in enumerate(argv)
+            if (arg in ("--config", "-c") and i + 1 < len(argv)) or arg.startswith("--config=")]
+
+
 def check_config_files(argv: list[str]) -> None:
     """Each `--config FILE` of a Lightning command read as YAML first: jsonargparse's error names no file."""
     from synergen_lightning.io import check_yaml
 
-    for i, arg in enumerate(argv):
-        path = argv[i + 1] if arg in ("--config", "-c") and i + 1 < len(argv) else \
-            arg.split("=", 1)[1] if arg.startswith("--config=") else None
-        if path and Path(path).is_file():
+    for path in config_paths(argv):
+        if Path(path).is_file():
             check_yaml(path)
 
 
@@ -321,8 +330,7 @@ def check_fit_recipe(argv: list[str]) -> int:
     import contextlib
     import io
 
-    configs = [a for i, a in enumerate(argv) if i and argv[i - 1] == "--config"]
-    configs += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    configs = config_paths(argv)
     if not configs or any(a in ("-h", "--help") for a in argv) or not all(Path(c).is_file() for c in configs):
         return 0  # plan's own parser answers --help and names a missing file
     check_config_files(argv)
