@@ -12,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
+from synergen_lightning.cli_args import check_at_least_one, device_arg
+
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
     """--ckpt (any form `system.load_synergen` reads: .ckpt file, sharded directory, export), --device and the
@@ -28,31 +30,6 @@ def add_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"), help="the model's parameters (auto: "
                    "bf16 on a GPU that has it, half the memory and traffic of fp32; else fp32). The image tokenizer "
                    "keeps its own")
-
-
-def device_arg(device: str) -> str:
-    """--device: "auto" is cuda when available, else cpu (argparse converts the default only after --help); a name
-    torch does not know, or a GPU that is not visible, is the option's one-line error."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{device!r} is not a torch device: give auto, cpu, cuda or cuda:N") from None
-    if d.type == "cuda" and (not torch.cuda.is_available() or (d.index or 0) >= torch.cuda.device_count()):
-        seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        raise argparse.ArgumentTypeError(f"{device!r}: {seen} CUDA GPU(s) visible here; give cpu, or auto (cuda "
-                                         "when there is one)")
-    return device
-
-
-def check_at_least_one(p: argparse.ArgumentParser, a: argparse.Namespace, *names: str) -> None:
-    """Stop with the parser's one-line error for each named integer option below 1."""
-    for name in names:
-        if getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} {getattr(a, name)} must be >= 1")
 
 
 def generate_main(argv: list[str] | None = None) -> int:

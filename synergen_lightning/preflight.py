@@ -156,14 +156,15 @@ def check_image_codes(config: dict, sources: SourceURLs | None = None) -> list[s
     another size than the data's `image_size` (module docstring). A copy of the tokenizer elsewhere (same size,
     another path) passes."""
     from synergen_lightning.data.sources import is_remote
-    from synergen_lightning.image_tokenizer.pretokenize import PRETOKENIZE_STAMP, file_identity, read_stamp
+    from synergen_lightning.image_tokenizer.pretokenize import PRETOKENIZE_STAMP, read_stamp
+    from synergen_lightning.io import path_identity
 
     model = (config.get("model") or {}).get("init_args") or {}
     data = (config.get("data") or {}).get("init_args") or {}
     tokenizer = model.get("image_tokenizer")
     if not isinstance(tokenizer, (str, os.PathLike)) or not Path(tokenizer).exists():
         return []  # none, or missing: check_inputs says so
-    ours = file_identity(tokenizer)
+    ours = path_identity(tokenizer)
     image_size = data.get("image_size") or model.get("image_size")  # the data's views follow the model's when unset
     problems, seen = [], set()
     for key, urls, _ in expand_sources(config) if sources is None else sources:

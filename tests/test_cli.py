@@ -70,7 +70,7 @@ def test_help_answers_before_the_model_loads(command, not_loaded):
 
 
 def test_device_auto_is_cuda_when_available_else_cpu(capsys):
-    from synergen_lightning.inference_cli import device_arg
+    from synergen_lightning.cli_args import device_arg
 
     assert device_arg("auto") == ("cuda" if torch.cuda.is_available() else "cpu") and device_arg("cpu") == "cpu"
     # a name torch does not know, and a GPU that is not there: the option's one-line error, before any model loads
@@ -79,6 +79,12 @@ def test_device_auto_is_cuda_when_available_else_cpu(capsys):
         with pytest.raises(SystemExit) as e:
             cli.main(["answer", "--ckpt", "missing.ckpt", "--image", "x.png", "--question", "?", "--device", device])
         assert e.value.code == 2 and f"argument --device: {said}" in capsys.readouterr().err
+    # the tokenizer's commands take the same option
+    for argv in (["eval", "tokenizer", "--tokenizer", "t.ckpt"], ["data", "pretokenize", "--tokenizer", "t.ckpt",
+                                                                  "--in", "raw", "--out", "codes"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main([*argv, "--device", "gpu"])
+        assert e.value.code == 2 and "argument --device: 'gpu' is not a torch device" in capsys.readouterr().err
 
 
 def test_generation_values_no_draw_can_use_stop_before_the_checkpoint_loads(tmp_path, capsys):

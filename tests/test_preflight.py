@@ -74,7 +74,8 @@ def test_codes_pretokenized_by_another_image_tokenizer_are_refused(project, caps
     import json
     import os
 
-    from synergen_lightning.image_tokenizer.pretokenize import PRETOKENIZE_STAMP, file_identity
+    from synergen_lightning.image_tokenizer.pretokenize import PRETOKENIZE_STAMP
+    from synergen_lightning.io import path_identity
 
     data = project / "data"
     shared = data.resolve()
@@ -88,7 +89,7 @@ def test_codes_pretokenized_by_another_image_tokenizer_are_refused(project, caps
     stamp = data / "tiny/train" / PRETOKENIZE_STAMP
 
     def made_by(path):
-        stamp.write_text(json.dumps({"tokenizer": file_identity(path), "views": {}}))
+        stamp.write_text(json.dumps({"tokenizer": path_identity(path), "views": {}}))
 
     for same in (tokenizer, copy):
         made_by(same)
@@ -106,7 +107,7 @@ def test_codes_pretokenized_by_another_image_tokenizer_are_refused(project, caps
         "writes (Expecting property name enclosed in double quotes: line 1 column 2 (char 1)): pretokenize the "
         "directory again, or delete the file"]
     # codes of the model's tokenizer at another view size: their grid fits no image slot of the run
-    stamp.write_text(json.dumps({"tokenizer": file_identity(tokenizer), "views": {"image_size": 128}}))
+    stamp.write_text(json.dumps({"tokenizer": path_identity(tokenizer), "views": {"image_size": 128}}))
     lines = fit(capsys)
     assert lines == [f"data.init_args.sources[0]: the codes in 'data/tiny/train' are of 128-px views "
                      f"({stamp.relative_to(project)}), the run reads 64-px views: pretokenize them again with "
@@ -121,6 +122,17 @@ def test_codes_pretokenized_by_another_image_tokenizer_are_refused(project, caps
     os.utime(copy, ns=(0, 0))  # trained again after the codes were made
     assert [ln.split(" were made by ")[1].split(" (")[0] for ln in preflight.check_image_codes(config)] == [
         f"model.init_args.image_tokenizer {str(copy)!r} before it last changed"]
+    # a tokenizer directory (Hugging Face's layout) is known by its files: new weights under the same names differ
+    folder = project / "emu3_like"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"0" * 64)
+    config["model"]["init_args"]["image_tokenizer"] = str(folder)
+    made_by(folder)
+    assert preflight.check_image_codes(config) == []
+    (folder / "model.safetensors").write_bytes(b"1" * 96)
+    assert [ln.split(" were made by ")[1].split(" (")[0] for ln in preflight.check_image_codes(config)] == [
+        f"model.init_args.image_tokenizer {str(folder)!r} before it last changed"]
 
 
 def test_an_output_directory_that_is_not_writable(project, capsys):

@@ -7,8 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from synergen_lightning.cli_args import check_at_least_one, device_arg
 from synergen_lightning.eval.fid import INCEPTION_KEY, EvalInputError
-from synergen_lightning.inference_cli import add_checkpoint_args, add_dtype_arg, check_at_least_one, device_arg
+from synergen_lightning.inference_cli import add_checkpoint_args, add_dtype_arg
 
 
 def _csv_suites(value: str) -> tuple[str, ...]:

@@ -20,13 +20,16 @@ from pathlib import Path
 import torch
 from einops import rearrange
 
+from synergen_lightning.cli_args import check_at_least_one, device_arg
 from synergen_lightning.data.image_stream import ImageViewStream, collate_views, expand_shards
 
 FLAT_STD = 0.02  # [0, 1] pixel units; a code's patch below this is "flat" (most tiny-world val patches are)
 
 
 @torch.no_grad()
-def evaluate_tokenizer(tokenizer, val_shards, size: int = 64, max_tiles: int = 4, batch_size: int = 64) -> dict:
+def evaluate_tokenizer(tokenizer, val_shards, size: int = 64, max_tiles: int = 4, batch_size: int = 64,
+                       device: torch.device | str = "cpu") -> dict:
+    """The figures of the module docstring; the tokenizer runs on `device`, the metrics on the CPU."""
     from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure  # seconds: after --help
 
     from synergen_lightning.image_tokenizer.vq_tokenizer import codebook_stats
@@ -36,19 +39,20 @@ def evaluate_tokenizer(tokenizer, val_shards, size: int = 64, max_tiles: int = 4
     psnr, ssim = PeakSignalNoiseRatio(data_range=1.0), StructuralSimilarityIndexMeasure(data_range=1.0)
     counts = torch.zeros(tokenizer.codebook_size, dtype=torch.long)
     same = total = views = skipped = flat_same = flat_total = 0
+    device = torch.device(device)
+    tokenizer = tokenizer.to(device) if isinstance(tokenizer, torch.nn.Module) else tokenizer
     start = time.perf_counter()
     for batch in loader:
         skipped += batch["n_skipped"]
         if batch["pixel_values"].shape[0] == 0:
             continue
         x = batch["pixel_values"].float().div(255)
-        codes = tokenizer.encode(x)
-        recon = tokenizer.decode(codes).float().cpu()
+        codes = tokenizer.encode(x.to(device)).cpu()
+        recon = tokenizer.decode(codes.to(device)).float().cpu()
         psnr.update(recon, x)
         ssim.update(recon, x)
-        counts += torch.bincount(codes.flatten().cpu(), minlength=tokenizer.codebook_size)
-        again = tokenizer.encode(recon)
-        hit = again.cpu() == codes.cpu()
+        counts += torch.bincount(codes.flatten(), minlength=tokenizer.codebook_size)
+        hit = tokenizer.encode(recon.to(device)).cpu() == codes
         d = tokenizer.downsample
         flat = rearrange(x, "b c (h i) (w j) -> b h w (c i j)", i=d, j=d).std(-1) < FLAT_STD
         same += int(hit.sum())
@@ -58,8 +62,8 @@ def evaluate_tokenizer(tokenizer, val_shards, size: int = 64, max_tiles: int = 4
         views += x.shape[0]
     usage, perplexity = codebook_stats(counts)
     codebook_same = 0
-    for ids in torch.arange(tokenizer.codebook_size).split(1024):  # every code as a 1x1 grid: one patch each
-        codebook_same += int((tokenizer.encode(tokenizer.decode(ids.view(-1, 1, 1))).cpu().flatten() == ids).sum())
+    for ids in torch.arange(tokenizer.codebook_size, device=device).split(1024):  # every code as a 1x1 grid: a patch
+        codebook_same += int((tokenizer.encode(tokenizer.decode(ids.view(-1, 1, 1))).flatten() == ids).sum())
     return {"views": views, "skipped": skipped, "psnr": float(psnr.compute()), "ssim": float(ssim.compute()),
             "codebook_usage": usage, "perplexity": perplexity, "roundtrip_stable": same / max(total, 1),
             "roundtrip_flat": flat_same / max(flat_total, 1), "roundtrip_detail": (same - flat_same) / max(total - flat_total, 1),
@@ -73,11 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", default="data/tiny/val/shard-*.tar", help="val shards (directory, glob or brace pattern)")
     p.add_argument("--image-size", type=int, default=64, help="view size (default: 64)")
     p.add_argument("--max-tiles", type=int, default=4, help="understanding tiles per image (default: 4)")
+    p.add_argument("--batch-size", type=int, default=64, help="views per encode call (default: 64)")
+    p.add_argument("--device", default="auto", type=device_arg, help="where the tokenizer runs (auto: cuda when "
+                   "available, else cpu)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
+    check_at_least_one(p, args, "image_size", "max_tiles", "batch_size")
     from synergen_lightning.image_tokenizer.loading import load_image_tokenizer  # Lightning: after --help
 
-    result = evaluate_tokenizer(load_image_tokenizer(args.tokenizer), args.shards, args.image_size, args.max_tiles)
+    result = evaluate_tokenizer(load_image_tokenizer(args.tokenizer), args.shards, args.image_size, args.max_tiles,
+                                args.batch_size, args.device)
     for k, v in result.items():
         print(f"{k:<18} {v:.4f}" if isinstance(v, float) else f"{k:<18} {v}")
     if args.json:

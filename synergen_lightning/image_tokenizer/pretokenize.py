@@ -25,8 +25,10 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from synergen_lightning.cli_args import check_at_least_one, device_arg
 from synergen_lightning.data.sources import SkipCounter, expand_urls, is_remote, iter_shard, local_path, url_name
 from synergen_lightning.data.views import decode_image, dynamic_tiles, generation_view, to_uint8_tensor
+from synergen_lightning.io import path_identity
 
 
 def sample_views(img, task: str, image_size: int, max_tiles: int, thumbnail: bool):
@@ -148,16 +150,8 @@ def _count_samples(shard: str) -> int | None:
 PRETOKENIZE_STAMP = ".pretokenize.json"  # OUT's tokenizer, checked before resuming
 
 
-def file_identity(path: str) -> dict:
-    """The tokenizer as the resume check and `synergen fit`'s preflight see it: its resolved path, size and
-    modification time (a retrained checkpoint at the same path differs)."""
-    p = Path(path).resolve()
-    st = p.stat()
-    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
 def read_stamp(out_dir: str | Path) -> dict | None:
-    """The stamp of a pretokenized directory (its tokenizer's `file_identity` and the views), None when it has none;
+    """The stamp of a pretokenized directory (its tokenizer's `io.path_identity` and the views), None when it has none;
     one that is not the JSON this command writes raises `ValueError` naming the file (callers add the fix)."""
     stamp = Path(out_dir) / PRETOKENIZE_STAMP
     if not stamp.is_file():
@@ -184,14 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--thumbnail", action="store_true", help="understanding: append a whole-image thumbnail view when >1 tile")
     p.add_argument("--codebook-size", type=int, default=None, help="refuse a tokenizer whose codebook size differs")
     p.add_argument("--batch-size", type=int, default=64, help="views per encode call (default: 64)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device (default: cuda if available)")
+    p.add_argument("--device", default="auto", type=device_arg, help="where the tokenizer runs (auto: cuda when "
+                   "available, else cpu)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes, one shard each at a time (default: 1); on a CPU use one per core; with --device "
                         "cuda they take the visible GPUs in turn, each holding a CUDA context and the tokenizer")
     args = p.parse_args(argv)
-    for name in ("workers", "batch_size", "image_size", "max_tiles"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    check_at_least_one(p, args, "workers", "batch_size", "image_size", "max_tiles")
 
     from rich.progress import (
         BarColumn,
@@ -219,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("input shards have repeated file names; --out keeps names, so give shards from one directory")
     # resuming keeps finished shards, so they must come from this very tokenizer and these views
     views = {"task": args.task, "image_size": args.image_size, "max_tiles": args.max_tiles, "thumbnail": args.thumbnail}
-    settings = {"tokenizer": file_identity(args.tokenizer), "views": views}
+    settings = {"tokenizer": path_identity(args.tokenizer), "views": views}
     stamp = out_dir / PRETOKENIZE_STAMP
     try:
         previous = read_stamp(out_dir)
