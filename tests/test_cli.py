@@ -227,3 +227,19 @@ def test_a_bad_recipe_input_is_one_line_not_a_traceback(tmp_path):
     assert "synergen fit: error: model.init_args.base_llm: base LLM 'runs/tiny/base_llm/last.ckpt' does not exist" in short.stderr
     assert "Traceback" not in short.stderr
     assert full.returncode != 0 and "Traceback" in full.stderr and "PreflightError: model.init_args.base_llm: base LLM" in full.stderr
+
+
+def test_lm_eval_help_says_how_to_name_the_model_before_lm_evals_own_help(capsys):
+    """lm-eval's help knows no `synergen` model: ours says the model name and its --model_args first."""
+    import importlib.util
+
+    try:
+        code = cli.main(["eval", "lm-eval", "--help"])
+    except SystemExit as exc:  # lm-eval's parser exits after its help
+        code = exc.code
+    out = capsys.readouterr()
+    assert "run --model synergen --model_args pretrained=" in out.out and "max_gen_toks" in out.out
+    if importlib.util.find_spec("lm_eval") is not None:
+        assert code == 0 and out.out.index("--model synergen") < out.out.index("usage: lm-eval")
+    else:
+        assert code == 2 and "lm-eval is not installed" in out.err

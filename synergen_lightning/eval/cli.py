@@ -288,8 +288,25 @@ def grounding_main(argv: list[str] | None = None, model=None) -> int:
     return 0
 
 
+LM_EVAL_USAGE = """\
+synergen eval lm-eval: lm-eval's own command line (EleutherAI's harness) with the `synergen` model registered, for
+the text skill a SynerGenVL checkpoint keeps (MMLU, CMMLU, any lm-eval text task):
+
+  synergen eval lm-eval run --model synergen --model_args pretrained=runs/tiny/sft/last.ckpt --tasks mmlu,cmmlu \\
+      --output_path lm_eval_results
+
+--model_args (comma-separated): pretrained (the checkpoint, any form), device, batch_size (default 8), dtype (auto,
+bf16, fp32), max_gen_toks (default 256), text_tokenizer / image_tokenizer (override the paths the checkpoint holds).
+Pass the results JSON to `synergen eval report --external`. lm-eval's own help follows.
+"""
+
+
 def lm_eval_main(argv: list[str] | None = None) -> int:
-    """`synergen eval lm-eval ARGS`: lm-eval's command line with the `synergen` model registered."""
+    """`synergen eval lm-eval ARGS`: lm-eval's command line with the `synergen` model registered; `--help` (or no
+    argument) first says how to name the model and its arguments, which lm-eval's own help cannot."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args or "-h" in args or "--help" in args:
+        print(LM_EVAL_USAGE)
     try:
         from synergen_lightning.eval.lm_eval_adapter import main
     except ImportError as exc:
