@@ -173,3 +173,52 @@ def test_command_line_names_a_missing_checkpoint(tmp_path, capsys, monkeypatch_m
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-2].startswith("synergen eval lm-eval: error: pretrained=") and "does not exist" in err[-2]
+
+
+@pytest.mark.slow  # `make test-all`: 30 s of process start-ups, beyond what CI's budget leaves
+@pytest.mark.distributed
+def test_two_torchrun_processes_score_as_one(tmp_path):
+    """`torchrun --nproc-per-node 2 ... eval lm-eval run`: each rank scores its share (3 multiple-choice docs over 2
+    ranks: lm-eval pads the shorter share), rank 0 gathers and writes; the figures and every sample's responses
+    equal one process's, on a checkpoint the test saves to disk."""
+    import glob
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_eval_lmms_evaluator import save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tmp_path / "run")
+    (tmp_path / "tasks").mkdir()
+    tasks = _tasks(tmp_path / "tasks")
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK",
+                                                             "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    args = ["-m", "synergen_lightning.cli", "eval", "lm-eval", "run", "--model", "synergen", "--model_args",
+            f"pretrained={ckpt},max_gen_toks=6", "--batch_size", "2", "--device", "cpu", "--tasks",
+            "synergen_local_mc,synergen_local_gen", "--include_path", str(tasks), "--log_samples", "--seed", "0"]
+    runs = {"one": [sys.executable], "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                             "--nproc-per-node", "2"]}
+    for name, launch in runs.items():
+        r = subprocess.run([*launch, *args, "--output_path", str(tmp_path / name)], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, f"{name}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+
+    def read(name):
+        (results,) = glob.glob(str(tmp_path / name / "**" / "results_*.json"), recursive=True)
+        samples = {}
+        for task in ("synergen_local_mc", "synergen_local_gen"):
+            (path,) = glob.glob(str(tmp_path / name / "**" / f"samples_{task}_*.jsonl"), recursive=True)
+            rows = [json.loads(line) for line in open(path)]
+            # what each doc is scored on (`resps` of a padded share also hold the padding's repeats)
+            samples[task] = sorted((r["doc_id"], r["filtered_resps"]) for r in rows)
+            responses[name] = responses.get(name, 0) + sum(len(sum(r["resps"], [])) for r in rows)
+        return json.loads(open(results).read())["results"], samples
+
+    responses = {}  # one results file each (`read`): only rank 0 writes
+
+    one, two = read("one"), read("two")
+    assert [len(one[1][t]) for t in one[1]] == [len(MC), len(GEN)]
+    assert one == two
+    # the shares were scored apart: the shorter one was padded with repeats of its last request (5 of them)
+    assert responses["two"] == responses["one"] + 5

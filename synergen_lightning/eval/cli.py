@@ -293,10 +293,12 @@ synergen eval lm-eval: lm-eval's own command line (EleutherAI's harness) with th
 the text skill a SynerGenVL checkpoint keeps (MMLU, CMMLU, any lm-eval text task):
 
   synergen eval lm-eval run --model synergen --model_args pretrained=runs/tiny/sft/last.ckpt --tasks mmlu,cmmlu \\
-      --output_path lm_eval_results
+      --batch_size 8 --output_path lm_eval_results
 
---model_args (comma-separated): pretrained (the checkpoint, any form), device, batch_size (default 8), dtype (auto,
-bf16, fp32), max_gen_toks (default 256), text_tokenizer / image_tokenizer (override the paths the checkpoint holds).
+--model_args (comma-separated): pretrained (the checkpoint, any form), dtype (auto, bf16, fp32), max_gen_toks
+(default 256), text_tokenizer / image_tokenizer (override the paths the checkpoint holds). The batch size and the
+device are lm-eval's own --batch_size (default 1) and --device (default: cuda when available). Over N GPUs:
+torchrun --nproc-per-node N -m synergen_lightning.cli eval lm-eval run ... (each GPU scores a share).
 Pass the results JSON to `synergen eval report --external`. lm-eval's own help follows.
 """
 

@@ -9,11 +9,19 @@ From Python, `lm_eval.simple_evaluate(model=SynerGenLM(pretrained=CKPT), tasks=[
   batched, one forward pass per batch; `loglikelihood_rolling`: lm-eval's disjoint rolling windows of the model's
   context; `generate_until`: greedy (or sampled, `do_sample`/`temperature`), cut at `until`.
 - `--apply_chat_template` formats few-shot turns with the model's chat template (InternLM2's `<|im_start|>`).
-- model_args: pretrained (checkpoint, any form), device, batch_size, max_gen_toks (default 256), text_tokenizer /
-  image_tokenizer (override the paths stored in the checkpoint).
+- model_args: pretrained (checkpoint, any form), dtype, max_gen_toks (default 256), text_tokenizer / image_tokenizer
+  (override the paths stored in the checkpoint); the batch size and device come from lm-eval's own `--batch_size`
+  and `--device` (on its command line a batch_size in model_args collides with `--batch_size`'s default).
+- Data parallel: started by `torchrun --nproc-per-node N` (WORLD_SIZE in the environment), each process holds the
+  whole model (on GPU LOCAL_RANK, or the CPU) and scores its share of lm-eval's requests; lm-eval pads the shares
+  and gathers the per-sample metrics to rank 0, which alone writes the results.
 """
 
 from __future__ import annotations
+
+import os
+
+import torch
 
 try:
     from lm_eval.api.model import LM
@@ -32,6 +40,9 @@ class SynerGenLM(LM):
                  max_gen_toks: int = 256, text_tokenizer: str | None = None, image_tokenizer: str | None = None,
                  dtype: str = "auto", **kwargs):
         super().__init__()
+        if model is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            device = _join_process_group(device)
+            self._rank, self._world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         bs = 8 if str(batch_size).startswith("auto") else int(batch_size)
         if model is not None:
             self.harness = Harness(model, batch_size=bs, max_new_tokens=int(max_gen_toks))
@@ -41,6 +52,27 @@ class SynerGenLM(LM):
                                                    image_tokenizer=image_tokenizer, dtype=dtype)
         self.pretrained = str(pretrained) if pretrained is not None else "in-memory"
         self._device = self.harness.model.device
+
+    # ------------------------------------------------------------------------------------------------ data parallel
+    # lm-eval's hooks (single-process defaults in `LM`): the request counts it pads to, the metrics it gathers
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's `tensor` stacked (a 0-d count) or concatenated along dim 0."""
+        if self.world_size == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+    def gather_object(self, obj, dst: int = 0):
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size if self.rank == dst else None
+        torch.distributed.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
 
     @property
     def tokenizer_name(self) -> str:
@@ -97,6 +129,24 @@ class SynerGenLM(LM):
         return out
 
 
+_JOINED = []  # the process group this module started (ended by `main`)
+
+
+def _join_process_group(device: str | None) -> str:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); the device this rank scores on: GPU LOCAL_RANK
+    where `device` names none in particular (unset, cuda, auto), else `device`."""
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        _JOINED.append(True)
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     """`synergen eval lm-eval ARGS`: lm-eval's own command line with the `synergen` model registered."""
     import sys
@@ -109,4 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         cli_evaluate()
     finally:
         sys.argv = saved
+        if _JOINED and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+            _JOINED.clear()
     return 0
