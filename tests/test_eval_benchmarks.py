@@ -239,3 +239,76 @@ def test_report_includes_external_results(tmp_path, capsys):
     with pytest.raises(SystemExit):
         report_main([*args[:-8], "--external", str(bad), "--overwrite"], model=_model())
     assert "neither GenEval results" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- several processes
+def test_shares_of_the_prompts_draw_the_images_one_process_draws(tmp_path, weights):
+    """Two shares (`eval.sharing.Share`, as two torchrun processes get them) written one after the other: every
+    GenEval sample and every FID image is byte-equal to one process's, each drawn by exactly one share."""
+    from synergen_lightning.eval.fid_protocols import generate_missing, generated_path
+    from synergen_lightning.eval.geneval_official import write_layout
+    from synergen_lightning.eval.sharing import Share
+
+    model = _model()
+    items = [{"id": f"{k:03d}", "prompt": f"shape number {k}"} for k in range(7)]
+    made = {}
+    for name, shares in (("one", [Share()]), ("two", [Share(0, 2), Share(1, 2)])):
+        made[name] = [write_layout(model, METADATA, tmp_path / name / "geneval", samples=2, cfg_scale=3, seed=5,
+                                   share=s)["generated"] for s in shares]
+        made[name] += [generate_missing(model, items, tmp_path / name / "fid", cfg_scale=3, seed=1, batch_size=2,
+                                        share=s) for s in shares]
+    assert made == {"one": [3, 7], "two": [2, 1, 4, 3]}  # prompts 0, 2 | 1; chunks 0, 2 (4 images) | 1, 3 (3)
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png"))
+    assert len(files) == 3 * 2 + 7 and files == sorted(p.relative_to(tmp_path / "two")
+                                                        for p in (tmp_path / "two").rglob("*.png"))
+    for f in files:
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+    assert generated_path(tmp_path / "one" / "fid", items[6]).is_file()
+
+
+@pytest.mark.slow  # `make test-all`: four commands' start-ups
+@pytest.mark.distributed
+def test_torchrun_processes_share_the_benchmarks_generation(tmp_path, weights):
+    """`torchrun --nproc-per-node 2 -m synergen_lightning.cli eval geneval-official|mjhq-fid` on a checkpoint saved to
+    disk (gloo on the CPU): the images byte-equal one process's, and rank 0 alone writes fid.json, equal to one
+    process's."""
+    import subprocess
+    import sys
+
+    from tests.test_eval_lmms_evaluator import save_tiny_checkpoint
+
+    ckpt = save_tiny_checkpoint(tmp_path / "run")
+    (tmp_path / "meta.jsonl").write_text("".join(json.dumps(m) + "\n" for m in METADATA))
+    g, meta, ref = torch.Generator().manual_seed(0), {}, tmp_path / "mjhq30k_imgs"
+    for c, cat in enumerate(("animals", "people")):
+        (ref / cat).mkdir(parents=True)
+        for k in range(3):
+            meta[f"{c}{k:03d}"] = {"category": cat, "prompt": f"a red circle {k}"}
+            _random_image(g, 32, 32).save(ref / cat / f"{c}{k:03d}.jpg")
+    (tmp_path / "meta_data.json").write_text(json.dumps(meta))
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK",
+                                                             "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    launch = {"one": [sys.executable], "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                               "--nproc-per-node", "2"]}
+    common = ["--ckpt", str(ckpt), "--cfg", "3", "--device", "cpu", "--no-progress"]
+    for name, cmd in launch.items():
+        for args in (["geneval-official", "--metadata", str(tmp_path / "meta.jsonl"), "--out",
+                      str(tmp_path / name / "geneval"), "--samples", "2"],
+                     ["mjhq-fid", "--meta", str(tmp_path / "meta_data.json"), "--reference", str(ref), "--out",
+                      str(tmp_path / name / "mjhq"), "--inception-weights", str(weights), "--feature-layer", "64",
+                      "--cache-dir", str(tmp_path / name / "cache"), "--batch-size", "2"]):
+            r = subprocess.run([*cmd, "-m", "synergen_lightning.cli", "eval", *args, *common], env=env,
+                               capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, f"{name} {args[0]}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+            if args[0] == "geneval-official":  # rank 0 alone reports, with the whole run's count
+                assert r.stdout.count("geneval-official: 3 prompts generated, 0 already done") == 1, r.stdout
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png"))
+    assert len(files) == 3 * 2 + 6
+    assert files == sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.png"))
+    for f in files:
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+    one, two = (json.loads((tmp_path / n / "mjhq" / "fid.json").read_text()) for n in ("one", "two"))
+    assert one["generated_now"] == two["generated_now"] == 6
+    for a, b in ((one, two), *((one["per_category"][c], two["per_category"][c]) for c in ("animals", "people"))):
+        assert b["fid"] == pytest.approx(a["fid"], rel=1e-9) and a["fid"] > 0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from synergen_lightning.cli_args import check_at_least_one, device_arg
 from synergen_lightning.eval.fid import INCEPTION_KEY, EvalInputError
+from synergen_lightning.eval.sharing import WHOLE, Share, join, leave
 from synergen_lightning.inference_cli import add_checkpoint_args, add_dtype_arg
 
 
@@ -339,7 +340,8 @@ def geneval_official_main(argv: list[str] | None = None, model=None) -> int:
                     "Resumable: prompts whose samples exist are skipped (prompt N is drawn with seed SEED+N); OUT "
                     "records the checkpoint and settings, and another checkpoint's or settings' run is refused. Score "
                     "with GenEval's evaluation/evaluate_images.py OUT, then pass its results.jsonl to "
-                    "`synergen eval report --external`.")
+                    "`synergen eval report --external`. Over N GPUs: torchrun --nproc-per-node N -m "
+                    "synergen_lightning.cli eval geneval-official ... (each process draws every N-th prompt).")
     p.add_argument("--ckpt", required=True, help="SynerGenVL checkpoint (any form)")
     p.add_argument("--metadata", type=Path, required=True, help="GenEval's prompts/evaluation_metadata.jsonl")
     p.add_argument("--out", type=Path, required=True, help="image folder (GenEval's <IMAGE_FOLDER>)")
@@ -351,26 +353,48 @@ def geneval_official_main(argv: list[str] | None = None, model=None) -> int:
     _common(p)
     a = p.parse_args(argv)
     from synergen_lightning.eval.geneval_official import read_metadata, write_layout
-    from synergen_lightning.io import MadeByError, check_made_by, path_identity
+    from synergen_lightning.io import MadeByError, path_identity
 
+    share = WHOLE
     try:
         metadata = read_metadata(a.metadata)  # a malformed line fails before the model loads
         if a.samples < 1:
             raise EvalInputError(f"--samples {a.samples} must be >= 1 (GenEval: 4)")
-        check_made_by(a.out, {"checkpoint": path_identity(a.ckpt), "samples": a.samples, "cfg_scale": a.cfg,
-                              "seed": a.seed, "temperature": a.temperature}, "GenEval samples")
+        if model is None:  # under torchrun, one share of the prompts per process
+            share, a.device = join(a.device)
+        record = {"checkpoint": path_identity(a.ckpt), "samples": a.samples, "cfg_scale": a.cfg, "seed": a.seed,
+                  "temperature": a.temperature}
+        _check_made_by_in_turn(share, a.out, record, "GenEval samples")
         model = _load_checked(a, model)
         res = write_layout(model, metadata, a.out, samples=a.samples, cfg_scale=a.cfg, seed=a.seed,
                            temperature=a.temperature, batch_size=a.batch_size,
-                           progress=not a.no_progress and sys.stderr.isatty())
+                           progress=not a.no_progress and sys.stderr.isatty() and share.lead, share=share)
+        generated = share.total(res["generated"])  # each prompt is drawn by the one rank that takes it
     except (EvalInputError, MadeByError) as exc:
         p.error(str(exc))
-    print(f"geneval-official: {res['generated']} prompts generated, {res['skipped']} already done -> {a.out}")
+    finally:
+        leave(share)
+    if share.lead:
+        print(f"geneval-official: {generated} prompts generated, {len(metadata) - generated} already done -> {a.out}")
     return 0
 
 
+def _check_made_by_in_turn(share: Share, out: Path, record: dict, what: str) -> None:
+    """`io.check_made_by` of an output folder: rank 0 first (it writes the record of a new folder), then the others,
+    who read it (`eval.sharing`)."""
+    from synergen_lightning.io import check_made_by
+
+    if share.lead:
+        check_made_by(out, record, what)
+    share.wait()
+    if not share.lead:
+        check_made_by(out, record, what)
+
+
 def _fid_protocol_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = argparse.ArgumentParser(prog=prog, description=description + " Over N GPUs: torchrun --nproc-per-node N -m "
+                                "synergen_lightning.cli eval ... (each process draws every N-th prompt chunk; rank "
+                                "0 scores).")
     p.add_argument("--ckpt", required=True, help="SynerGenVL checkpoint (any form)")
     p.add_argument("--reference", type=Path, required=True, help="the benchmark's reference image folder")
     p.add_argument("--out", type=Path, required=True, help="OUT/generated/ (reused by reruns) and OUT/fid.json")
@@ -395,18 +419,28 @@ def _run_fid_protocol(p, a, protocol, items, model) -> int:
 
     check_inception_weights(weights)
     reference_paths(items, a.reference, protocol)  # every reference image found before the model loads
-    from synergen_lightning.io import MadeByError, check_made_by, path_identity
+    from synergen_lightning.io import MadeByError, path_identity
 
-    # what sets the generated images' distribution (a subset of the prompts, or another seed, may resume)
+    share = WHOLE
+    if model is None:  # under torchrun, one share of the prompt chunks per process
+        share, a.device = join(a.device)
     try:
-        check_made_by(a.out / "generated", {"checkpoint": path_identity(a.ckpt), "cfg_scale": a.cfg,
-                                            "temperature": a.temperature}, "generated images")
-    except MadeByError as exc:
-        p.error(str(exc))
-    model = _load_checked(a, model)
-    res = run_protocol(model, protocol, items, a.reference, a.out, weights, size=a.size, layer=a.feature_layer,
-                       cache_dir=a.cache_dir, cfg_scale=a.cfg, seed=a.seed, batch_size=a.batch_size,
-                       temperature=a.temperature, device=a.device, progress=not a.no_progress and sys.stderr.isatty())
+        # what sets the generated images' distribution (a subset of the prompts, or another seed, may resume)
+        try:
+            _check_made_by_in_turn(share, a.out / "generated", {"checkpoint": path_identity(a.ckpt),
+                                                                "cfg_scale": a.cfg, "temperature": a.temperature},
+                                   "generated images")
+        except MadeByError as exc:
+            p.error(str(exc))
+        model = _load_checked(a, model)
+        res = run_protocol(model, protocol, items, a.reference, a.out, weights, size=a.size, layer=a.feature_layer,
+                           cache_dir=a.cache_dir, cfg_scale=a.cfg, seed=a.seed, batch_size=a.batch_size,
+                           temperature=a.temperature, device=a.device,
+                           progress=not a.no_progress and sys.stderr.isatty() and share.lead, share=share)
+    finally:
+        leave(share)
+    if res is None:  # another rank's share: rank 0 scores
+        return 0
     cats = res.get("per_category") or {}
     print(f"{protocol} FID {res['fid']:.3f} over {res['num_images']} images"
           + ("; " + " ".join(f"{c}={v['fid'] if v['fid'] is None else round(v['fid'], 2)}" for c, v in cats.items())

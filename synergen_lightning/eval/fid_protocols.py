@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from synergen_lightning.eval.fid import IMAGE_EXTS, EvalInputError, check_inception_weights
+from synergen_lightning.eval.sharing import WHOLE, Share
 
 RESIZE_POLICY = ("reference: short edge to {size} px (bicubic), centre crop {size}x{size} (the training generation "
                  "view); generated: {size}x{size} as written; Inception (torch-fidelity) resizes both to 299x299")
@@ -132,15 +133,17 @@ def generated_path(gen_dir: Path, item: dict) -> Path:
 
 
 def generate_missing(model, items: list[dict], gen_dir: str | Path, cfg_scale: float = 7.5, seed: int = 0,
-                     batch_size: int = 16, temperature: float = 1.0, progress: bool = False) -> int:
+                     batch_size: int = 16, temperature: float = 1.0, progress: bool = False,
+                     share: Share = WHOLE) -> int:
     """Write `gen_dir/[<category>/]<id>.png` for every item that lacks it; returns how many were generated.
-    Chunk k (items k*B .. (k+1)*B-1 in the given order) is drawn with seed `seed + k`, so a rerun reproduces it."""
+    Chunk k (items k*B .. (k+1)*B-1 in the given order) is drawn with seed `seed + k`, so a rerun reproduces it;
+    this process draws the chunks its `share` takes (`eval.sharing`)."""
     from synergen_lightning.eval.suites import eval_mode
     from synergen_lightning.progress import progress_bar
 
     gen_dir = Path(gen_dir)
-    todo = [k for k in range(0, len(items), batch_size)
-            if not all(generated_path(gen_dir, it).is_file() for it in items[k:k + batch_size])]
+    todo = [k for k in range(0, len(items), batch_size) if share.takes(k // batch_size)
+            and not all(generated_path(gen_dir, it).is_file() for it in items[k:k + batch_size])]
     made = 0
     with eval_mode(model), progress_bar(progress, "fid: generating", len(todo) * batch_size) as advance:
         for k in todo:
@@ -214,15 +217,20 @@ def fid_from_features(gen: np.ndarray, ref: np.ndarray) -> float:
 # ---------------------------------------------------------------------------------------- protocols
 def run_protocol(model, protocol: str, items: list[dict], reference: str | Path, out: str | Path, inception_weights,
                  size: int | None = None, layer: str = "2048", cache_dir=None, cfg_scale: float = 7.5, seed: int = 0,
-                 batch_size: int = 16, temperature: float = 1.0, device: str = "cpu", progress: bool = False) -> dict:
-    """Generate what is missing, compute FID (MJHQ: overall and per category), write OUT/fid.json; returns it."""
+                 batch_size: int = 16, temperature: float = 1.0, device: str = "cpu", progress: bool = False,
+                 share: Share = WHOLE) -> dict | None:
+    """Generate what is missing, compute FID (MJHQ: overall and per category), write OUT/fid.json; returns it.
+    Over several processes (`share`) each draws its chunks and rank 0 scores them all; the others return None."""
     weights = check_inception_weights(inception_weights)
     refs = reference_paths(items, reference, protocol)  # every input checked before any generation
     out = Path(out)
     gen_dir = out / "generated"
     size = int(size or model.grid[0] * model.hparams.downsample)
-    generated = generate_missing(model, items, gen_dir, cfg_scale=cfg_scale, seed=seed, batch_size=batch_size,
-                                 temperature=temperature, progress=progress)
+    generated = share.total(generate_missing(model, items, gen_dir, cfg_scale=cfg_scale, seed=seed,
+                                             batch_size=batch_size, temperature=temperature, progress=progress,
+                                             share=share))
+    if not share.lead:
+        return None
     gen_feats = inception_features(load_views([generated_path(gen_dir, it) for it in items], size), weights, layer,
                                    batch_size=32, device=device)
     groups = {"overall": list(range(len(items)))}

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from synergen_lightning.eval.fid import EvalInputError
+from synergen_lightning.eval.sharing import WHOLE, Share
 from synergen_lightning.io import JsonlLineError, iter_jsonl
 
 
@@ -57,8 +58,10 @@ def is_done(out: str | Path, index: int, samples: int) -> bool:
 
 
 def write_layout(model, metadata: list[dict], out: str | Path, samples: int = 4, cfg_scale: float = 7.5,
-                 seed: int = 0, temperature: float = 1.0, batch_size: int = 16, progress: bool = False) -> dict:
-    """Generate `samples` images per metadata line into GenEval's layout; prompts already complete are skipped."""
+                 seed: int = 0, temperature: float = 1.0, batch_size: int = 16, progress: bool = False,
+                 share: Share = WHOLE) -> dict:
+    """Generate `samples` images per metadata line into GenEval's layout; prompts already complete are skipped.
+    `share`: this process draws only the prompts it takes (`eval.sharing`); "generated" counts those."""
     from synergen_lightning.eval.suites import eval_mode
     from synergen_lightning.progress import progress_bar
 
@@ -71,8 +74,9 @@ def write_layout(model, metadata: list[dict], out: str | Path, samples: int = 4,
         if json.loads(stored or "null") != metadata[i]:
             raise EvalInputError(f"{prompt_dir(out, i)} holds the samples of {stored[:80]!r}, not of line {i + 1} of "
                                  "this metadata: another metadata file's folder; delete it or choose another --out")
-    with eval_mode(model), progress_bar(progress, "geneval: generating", len(todo)) as advance:
-        for i in todo:
+    mine = [i for i in todo if share.takes(i)]
+    with eval_mode(model), progress_bar(progress, "geneval: generating", len(mine)) as advance:
+        for i in mine:
             d = prompt_dir(out, i)
             (d / "samples").mkdir(parents=True, exist_ok=True)
             (d / "metadata.jsonl").write_text(json.dumps(metadata[i]) + "\n")
@@ -83,7 +87,7 @@ def write_layout(model, metadata: list[dict], out: str | Path, samples: int = 4,
                 img.save(tmp, format="PNG")
                 tmp.replace(sample_path(out, i, k))  # a killed run leaves no half-written sample that counts as done
             advance(1)
-    return {"prompts": len(metadata), "generated": len(todo), "skipped": len(metadata) - len(todo),
+    return {"prompts": len(metadata), "generated": len(mine), "skipped": len(metadata) - len(todo),
             "samples": samples, "out": str(out)}
 
 

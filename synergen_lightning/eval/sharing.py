@@ -1,0 +1,70 @@
+"""The benchmark protocols' generation over several processes.
+
+    torchrun --nproc-per-node N -m synergen_lightning.cli eval geneval-official|mjhq-fid|coco-fid ...
+
+Each process loads the model (on GPU LOCAL_RANK, or the CPU) and draws every N-th GenEval prompt or FID prompt chunk.
+Seeds go by prompt or chunk index, never by rank, so the images are those one process draws, and a rerun at
+another process count resumes the same folder. Rank 0 checks and writes the folder's record before the others
+start, and computes the FID once every share is written.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+# a rank that finished its share waits for the slowest at a barrier: hours at MJHQ-30K's size, not NCCL's minutes
+WAIT = timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class Share:
+    """This process's part of the work: index i is drawn by rank i % world."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def lead(self) -> bool:
+        return self.rank == 0
+
+    def takes(self, index: int) -> bool:
+        return index % self.world == self.rank
+
+    def wait(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def total(self, count: int) -> int:
+        """`count` summed over the ranks (a barrier too)."""
+        if self.world == 1:
+            return count
+        t = torch.tensor([count], dtype=torch.long)
+        torch.distributed.all_reduce(t)
+        return int(t)
+
+
+WHOLE = Share()  # one process draws everything
+
+
+def join(device: str) -> tuple[Share, str]:
+    """This process's share and device: under torchrun (WORLD_SIZE > 1) it joins a gloo group (barriers and counts
+    only) and a bare `cuda` becomes GPU LOCAL_RANK; otherwise the whole work on `device`."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return WHOLE, device
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", timeout=WAIT)
+    return Share(torch.distributed.get_rank(), torch.distributed.get_world_size()), device
+
+
+def leave(share: Share) -> None:
+    if share.world > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
