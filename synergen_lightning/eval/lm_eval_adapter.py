@@ -13,13 +13,11 @@ From Python, `lm_eval.simple_evaluate(model=SynerGenLM(pretrained=CKPT), tasks=[
   (override the paths stored in the checkpoint); the batch size and device come from lm-eval's own `--batch_size`
   and `--device` (on its command line a batch_size in model_args collides with `--batch_size`'s default).
 - Data parallel: started by `torchrun --nproc-per-node N` (WORLD_SIZE in the environment), each process holds the
-  whole model (on GPU LOCAL_RANK, or the CPU) and scores its share of lm-eval's requests; lm-eval pads the shares
-  and gathers the per-sample metrics to rank 0, which alone writes the results.
+  whole model (on GPU LOCAL_RANK, or the CPU; `eval.sharing.join`) and scores its share of lm-eval's requests;
+  lm-eval pads the shares and gathers the per-sample metrics to rank 0, which alone writes the results.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -30,6 +28,7 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     raise ImportError("lm-eval is not installed: pip install 'synergen-lightning[lm-eval]'") from None
 
 from synergen_lightning.eval.harness import Harness
+from synergen_lightning.eval.sharing import join
 
 
 @register_model("synergen")
@@ -40,9 +39,9 @@ class SynerGenLM(LM):
                  max_gen_toks: int = 256, text_tokenizer: str | None = None, image_tokenizer: str | None = None,
                  dtype: str = "auto", **kwargs):
         super().__init__()
-        if model is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            device = _join_process_group(device)
-            self._rank, self._world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if model is None:  # under torchrun, a share of the requests per process
+            share, device = join(device)
+            self._rank, self._world_size = share.rank, share.world
         bs = 8 if str(batch_size).startswith("auto") else int(batch_size)
         if model is not None:
             self.harness = Harness(model, batch_size=bs, max_new_tokens=int(max_gen_toks))
@@ -59,9 +58,10 @@ class SynerGenLM(LM):
         """Every rank's `tensor` stacked (a 0-d count) or concatenated along dim 0."""
         if self.world_size == 1:
             return tensor
-        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        torch.distributed.all_gather(parts, tensor.contiguous())
-        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+        mine = tensor.detach().cpu().contiguous()  # the group is gloo's (`eval.sharing`): on the CPU
+        parts = [torch.empty_like(mine) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, mine)
+        return (torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)).to(tensor.device)
 
     def gather_object(self, obj, dst: int = 0):
         if self.world_size == 1:
@@ -129,24 +129,6 @@ class SynerGenLM(LM):
         return out
 
 
-_JOINED = []  # the process group this module started (ended by `main`)
-
-
-def _join_process_group(device: str | None) -> str:
-    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs); the device this rank scores on: GPU LOCAL_RANK
-    where `device` names none in particular (unset, cuda, auto), else `device`."""
-    if device in (None, "auto"):
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        _JOINED.append(True)
-    return device
-
-
 def main(argv: list[str] | None = None) -> int:
     """`synergen eval lm-eval ARGS`: lm-eval's own command line with the `synergen` model registered."""
     import sys
@@ -159,7 +141,6 @@ def main(argv: list[str] | None = None) -> int:
         cli_evaluate()
     finally:
         sys.argv = saved
-        if _JOINED and torch.distributed.is_initialized():
+        if torch.distributed.is_initialized():  # joined under torchrun by the model
             torch.distributed.destroy_process_group()
-            _JOINED.clear()
     return 0

@@ -50,9 +50,12 @@ class Share:
 WHOLE = Share()  # one process draws everything
 
 
-def join(device: str) -> tuple[Share, str]:
-    """This process's share and device: under torchrun (WORLD_SIZE > 1) it joins a gloo group (barriers and counts
-    only) and a bare `cuda` becomes GPU LOCAL_RANK; otherwise the whole work on `device`."""
+def join(device: str | None) -> tuple[Share, str]:
+    """This process's share and device: under torchrun (WORLD_SIZE > 1) it joins a gloo group (barriers, counts and
+    small objects only) and a bare `cuda` becomes GPU LOCAL_RANK; otherwise the whole work on `device` (None or
+    auto: cuda when available)."""
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return WHOLE, device
