@@ -1,11 +1,11 @@
-"""The benchmark protocols' generation over several processes.
+"""Benchmarks over several processes.
 
-    torchrun --nproc-per-node N -m synergen_lightning.cli eval geneval-official|mjhq-fid|coco-fid ...
+    torchrun --nproc-per-node N -m synergen_lightning.cli eval geneval-official|mjhq-fid|coco-fid|lm-eval ...
 
-Each process loads the model (on GPU LOCAL_RANK, or the CPU) and draws every N-th GenEval prompt or FID prompt chunk.
-Seeds go by prompt or chunk index, never by rank, so the images are those one process draws, and a rerun at
-another process count resumes the same folder. Rank 0 checks and writes the folder's record before the others
-start, and computes the FID once every share is written.
+Each process loads the whole model (on GPU LOCAL_RANK, or the CPU) and takes a share of the work: every N-th GenEval
+prompt or FID prompt chunk (lm-eval deals its requests itself). Seeds go by prompt or chunk index, never by rank,
+so the images are those one process draws, and a rerun at another process count resumes the same folder. Rank 0
+checks and writes the folder's record before the others start, and computes the FID once every share is written.
 """
 
 from __future__ import annotations
