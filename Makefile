@@ -221,6 +221,7 @@ the paper's benchmarks for CKPT=$$ckpt (local files only; docs/evaluation.md):
   COCO-30K FID:  synergen eval coco-fid --ckpt $$ckpt --captions coco/annotations/captions_val2014.json --reference coco/val2014 --num 30000 --inception-weights inception.pth --out fid_coco
   understanding: lmms-eval --model synergen --model_args pretrained=$$ckpt --batch_size 8 --tasks textvqa_val,gqa,docvqa_val,chartqa,ai2d,mmbench_en_dev,mme,pope --output_path lmms_results
   text (MMLU):   synergen eval lm-eval run --model synergen --model_args pretrained=$$ckpt --tasks mmlu,cmmlu --num_fewshot 5 --batch_size 8 --output_path lm_eval_results
+  over N GPUs:   torchrun --nproc-per-node N -m synergen_lightning.cli eval geneval-official|mjhq-fid|coco-fid|lm-eval ... (the same options)
   one report:    synergen eval report --ckpt $$ckpt --suite none --out paper_report --external geneval_results.jsonl --external fid_mjhq/fid.json --external fid_coco/fid.json --external lmms_results/*/*_results.json --external lm_eval_results/*/results_*.json
 endef
 export PAPER_EVAL

@@ -15,8 +15,8 @@ the `lmms-eval` command finds it once both are installed. It is a "simple" model
 - `loglikelihood`: (loss, greedy) of the target as the assistant's answer, in lmms-eval's convention: the loss is
   the mean negative log-likelihood per answer token, as lmms-eval's own models return it, and its multiple-choice
   scoring picks the option with the smallest.
-- model_args: pretrained, device, batch_size, max_tiles, thumbnail, max_new_tokens (default 128), text_tokenizer,
-  image_tokenizer.
+- model_args: pretrained, device, max_tiles, thumbnail, max_new_tokens (default 128), text_tokenizer,
+  image_tokenizer; the batch size is lmms-eval's own `--batch_size`.
 """
 
 from __future__ import annotations
