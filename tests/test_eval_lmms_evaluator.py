@@ -262,3 +262,42 @@ def test_the_report_reads_lmms_evals_results_file(lmms_run):
     assert "pretrained=" in e["model"]
     md = "\n".join(external_markdown([e]))
     assert "| synergen_local_mc | acc,none |" in md
+
+
+@pytest.mark.slow  # `make test-all` with the extra: two lmms-eval runs' start-ups
+@pytest.mark.distributed
+def test_two_torchrun_processes_answer_as_one(ckpt, tmp_path):
+    """`torchrun --nproc-per-node 2 -m lmms_eval --model synergen ...` (gloo on the CPU; lmms-eval deals the requests
+    and gathers the metrics itself): rank 0 alone writes the results, with the same figures and per-doc answers as
+    one process."""
+    if importlib.util.find_spec("lmms_eval") is None:
+        pytest.skip("lmms-eval is not installed (the optional extra: pip install -e '.[lmms-eval]')")
+    (tmp_path / "tasks").mkdir()
+    tasks = _tasks(tmp_path / "tasks")
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK",
+                                                             "LOCAL_RANK")}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH")])))
+    launch = {"one": [sys.executable], "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                               "--nproc-per-node", "2"]}
+    runs = {}
+    for name, cmd in launch.items():
+        out = tmp_path / name
+        out.mkdir()
+        proc = subprocess.run([*cmd, "-m", "lmms_eval", "--model", "synergen", "--model_args",
+                               f"pretrained={ckpt},device=cpu", "--tasks", "synergen_local_vqa,synergen_local_mc",
+                               "--include_path", str(tasks), "--batch_size", "2", "--output_path", str(out),
+                               "--log_samples", "--seed", "0", "--verbosity", "WARNING"],
+                              env=env, cwd=out, capture_output=True, text=True, timeout=600)
+        found = glob.glob(str(out / "**" / "*_results.json"), recursive=True)  # rank 0 alone writes
+        assert proc.returncode == 0 and len(found) == 1, (name, found, (proc.stdout + proc.stderr)[-4000:])
+        answers = {}
+        for task in ("synergen_local_vqa", "synergen_local_mc"):
+            (path,) = glob.glob(str(out / "**" / f"*_samples_{task}.jsonl"), recursive=True)
+            rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+            answers[task] = sorted((r["doc_id"], r["filtered_resps"]) for r in rows)
+        runs[name] = json.loads(Path(found[0]).read_text())["results"], answers
+    assert [len(a) for a in runs["one"][1].values()] == [len(DOCS), len(DOCS)]
+    assert runs["one"] == runs["two"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from synergen_lightning.cli_args import check_at_least_one, device_arg
 from synergen_lightning.eval.fid import INCEPTION_KEY, EvalInputError
-from synergen_lightning.eval.sharing import WHOLE, Share, join, leave
+from synergen_lightning.eval.sharing import WHOLE, Share, join
 from synergen_lightning.inference_cli import add_checkpoint_args, add_dtype_arg
 
 
@@ -372,8 +372,6 @@ def geneval_official_main(argv: list[str] | None = None, model=None) -> int:
         generated = share.total(res["generated"])  # each prompt is drawn by the one rank that takes it
     except (EvalInputError, MadeByError) as exc:
         p.error(str(exc))
-    finally:
-        leave(share)
     if share.lead:
         print(f"geneval-official: {generated} prompts generated, {len(metadata) - generated} already done -> {a.out}")
     return 0
@@ -424,21 +422,17 @@ def _run_fid_protocol(p, a, protocol, items, model) -> int:
     share = WHOLE
     if model is None:  # under torchrun, one share of the prompt chunks per process
         share, a.device = join(a.device)
+    # what sets the generated images' distribution (a subset of the prompts, or another seed, may resume)
     try:
-        # what sets the generated images' distribution (a subset of the prompts, or another seed, may resume)
-        try:
-            _check_made_by_in_turn(share, a.out / "generated", {"checkpoint": path_identity(a.ckpt),
-                                                                "cfg_scale": a.cfg, "temperature": a.temperature},
-                                   "generated images")
-        except MadeByError as exc:
-            p.error(str(exc))
-        model = _load_checked(a, model)
-        res = run_protocol(model, protocol, items, a.reference, a.out, weights, size=a.size, layer=a.feature_layer,
-                           cache_dir=a.cache_dir, cfg_scale=a.cfg, seed=a.seed, batch_size=a.batch_size,
-                           temperature=a.temperature, device=a.device,
-                           progress=not a.no_progress and sys.stderr.isatty() and share.lead, share=share)
-    finally:
-        leave(share)
+        _check_made_by_in_turn(share, a.out / "generated", {"checkpoint": path_identity(a.ckpt), "cfg_scale": a.cfg,
+                                                            "temperature": a.temperature}, "generated images")
+    except MadeByError as exc:
+        p.error(str(exc))
+    model = _load_checked(a, model)
+    res = run_protocol(model, protocol, items, a.reference, a.out, weights, size=a.size, layer=a.feature_layer,
+                       cache_dir=a.cache_dir, cfg_scale=a.cfg, seed=a.seed, batch_size=a.batch_size,
+                       temperature=a.temperature, device=a.device,
+                       progress=not a.no_progress and sys.stderr.isatty() and share.lead, share=share)
     if res is None:  # another rank's share: rank 0 scores
         return 0
     cats = res.get("per_category") or {}

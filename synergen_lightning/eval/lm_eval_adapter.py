@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     raise ImportError("lm-eval is not installed: pip install 'synergen-lightning[lm-eval]'") from None
 
 from synergen_lightning.eval.harness import Harness
-from synergen_lightning.eval.sharing import join
+from synergen_lightning.eval.sharing import WHOLE, join
 
 
 @register_model("synergen")
@@ -39,9 +39,10 @@ class SynerGenLM(LM):
                  max_gen_toks: int = 256, text_tokenizer: str | None = None, image_tokenizer: str | None = None,
                  dtype: str = "auto", **kwargs):
         super().__init__()
+        self.share = WHOLE
         if model is None:  # under torchrun, a share of the requests per process
-            share, device = join(device)
-            self._rank, self._world_size = share.rank, share.world
+            self.share, device = join(device)
+            self._rank, self._world_size = self.share.rank, self.share.world
         bs = 8 if str(batch_size).startswith("auto") else int(batch_size)
         if model is not None:
             self.harness = Harness(model, batch_size=bs, max_new_tokens=int(max_gen_toks))
@@ -55,24 +56,13 @@ class SynerGenLM(LM):
     # ------------------------------------------------------------------------------------------------ data parallel
     # lm-eval's hooks (single-process defaults in `LM`): the request counts it pads to, the metrics it gathers
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Every rank's `tensor` stacked (a 0-d count) or concatenated along dim 0."""
-        if self.world_size == 1:
-            return tensor
-        mine = tensor.detach().cpu().contiguous()  # the group is gloo's (`eval.sharing`): on the CPU
-        parts = [torch.empty_like(mine) for _ in range(self.world_size)]
-        torch.distributed.all_gather(parts, mine)
-        return (torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)).to(tensor.device)
+        return self.share.gather(tensor)
 
     def gather_object(self, obj, dst: int = 0):
-        if self.world_size == 1:
-            return [obj]
-        out = [None] * self.world_size if self.rank == dst else None
-        torch.distributed.gather_object(obj, out, dst=dst)
-        return out
+        return self.share.gather_object(obj, dst)
 
     def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
+        self.share.wait()
 
     @property
     def tokenizer_name(self) -> str:
@@ -141,6 +131,4 @@ def main(argv: list[str] | None = None) -> int:
         cli_evaluate()
     finally:
         sys.argv = saved
-        if torch.distributed.is_initialized():  # joined under torchrun by the model
-            torch.distributed.destroy_process_group()
     return 0

@@ -15,6 +15,8 @@ the `lmms-eval` command finds it once both are installed. It is a "simple" model
 - `loglikelihood`: (loss, greedy) of the target as the assistant's answer, in lmms-eval's convention: the loss is
   the mean negative log-likelihood per answer token, as lmms-eval's own models return it, and its multiple-choice
   scoring picks the option with the smallest.
+- Data parallel: `torchrun --nproc-per-node N -m lmms_eval --model synergen ...` (or `accelerate launch`): lmms-eval
+  starts the process group, sets each process's GPU and deals the requests; every process holds the whole model.
 - model_args: pretrained, device, max_tiles, thumbnail, max_new_tokens (default 128), text_tokenizer,
   image_tokenizer; the batch size is lmms-eval's own `--batch_size`.
 """

@@ -10,6 +10,7 @@ checks and writes the folder's record before the others start, and computes the 
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -38,6 +39,24 @@ class Share:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's `tensor` stacked (a 0-d count) or concatenated along dim 0, on `tensor`'s device (gathered
+        on the CPU: the group is gloo's)."""
+        if self.world == 1:
+            return tensor
+        mine = tensor.detach().cpu().contiguous()
+        parts = [torch.empty_like(mine) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, mine)
+        return (torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)).to(tensor.device)
+
+    def gather_object(self, obj, dst: int = 0) -> list | None:
+        """Every rank's `obj` in rank order on `dst`, None elsewhere."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world if self.rank == dst else None
+        torch.distributed.gather_object(obj, out, dst=dst)
+        return out
+
     def total(self, count: int) -> int:
         """`count` summed over the ranks (a barrier too)."""
         if self.world == 1:
@@ -65,9 +84,10 @@ def join(device: str | None) -> tuple[Share, str]:
         torch.cuda.set_device(torch.device(device))
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo", timeout=WAIT)
+        atexit.register(_leave)
     return Share(torch.distributed.get_rank(), torch.distributed.get_world_size()), device
 
 
-def leave(share: Share) -> None:
-    if share.world > 1 and torch.distributed.is_initialized():
+def _leave() -> None:
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
