@@ -312,3 +312,17 @@ def test_torchrun_processes_share_the_benchmarks_generation(tmp_path, weights):
     assert one["generated_now"] == two["generated_now"] == 6
     for a, b in ((one, two), *((one["per_category"][c], two["per_category"][c]) for c in ("animals", "people"))):
         assert b["fid"] == pytest.approx(a["fid"], rel=1e-9) and a["fid"] > 0
+
+
+def test_an_indexed_gpu_under_torchrun_is_refused_before_any_group_starts(monkeypatch):
+    """Every process would take that one GPU: a one-line error naming the fix, before CUDA or a process group."""
+    from synergen_lightning.eval.fid import EvalInputError
+    from synergen_lightning.eval.sharing import WHOLE, join
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(EvalInputError, match=r"--device cuda:1 under torchrun would put all 2 processes on one GPU: "
+                                             r"give cuda \(or auto\), and each process takes GPU LOCAL_RANK"):
+        join("cuda:1")
+    assert not torch.distributed.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert join("cuda:1") == (WHOLE, "cuda:1") and join(None)[1] == ("cuda" if torch.cuda.is_available() else "cpu")

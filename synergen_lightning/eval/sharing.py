@@ -17,6 +17,8 @@ from datetime import timedelta
 
 import torch
 
+from synergen_lightning.eval.fid import EvalInputError
+
 # a rank that finished its share waits for the slowest at a barrier: hours at MJHQ-30K's size, not NCCL's minutes
 WAIT = timedelta(days=1)
 
@@ -78,6 +80,9 @@ def join(device: str | None) -> tuple[Share, str]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return WHOLE, device
+    if device.startswith("cuda:"):
+        raise EvalInputError(f"--device {device} under torchrun would put all {world} processes on one GPU: give cuda "
+                             "(or auto), and each process takes GPU LOCAL_RANK")
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if device.startswith("cuda"):
