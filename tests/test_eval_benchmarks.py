@@ -243,11 +243,11 @@ def test_report_includes_external_results(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------- several processes
 def test_shares_of_the_prompts_draw_the_images_one_process_draws(tmp_path, weights):
-    """Two shares (`eval.sharing.Share`, as two torchrun processes get them) written one after the other: every
+    """Two shares (`sharing.Share`, as two torchrun processes get them) written one after the other: every
     GenEval sample and every FID image is byte-equal to one process's, each drawn by exactly one share."""
     from synergen_lightning.eval.fid_protocols import generate_missing, generated_path
     from synergen_lightning.eval.geneval_official import write_layout
-    from synergen_lightning.eval.sharing import Share
+    from synergen_lightning.sharing import Share
 
     model = _model()
     items = [{"id": f"{k:03d}", "prompt": f"shape number {k}"} for k in range(7)]
@@ -316,11 +316,10 @@ def test_torchrun_processes_share_the_benchmarks_generation(tmp_path, weights):
 
 def test_an_indexed_gpu_under_torchrun_is_refused_before_any_group_starts(monkeypatch):
     """Every process would take that one GPU: a one-line error naming the fix, before CUDA or a process group."""
-    from synergen_lightning.eval.fid import EvalInputError
-    from synergen_lightning.eval.sharing import WHOLE, join
+    from synergen_lightning.sharing import WHOLE, join
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(EvalInputError, match=r"--device cuda:1 under torchrun would put all 2 processes on one GPU: "
+    with pytest.raises(ValueError, match=r"--device cuda:1 under torchrun would put all 2 processes on one GPU: "
                                              r"give cuda \(or auto\), and each process takes GPU LOCAL_RANK"):
         join("cuda:1")
     assert not torch.distributed.is_initialized()

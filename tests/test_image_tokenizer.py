@@ -13,6 +13,7 @@ from PIL import Image
 
 from datamodules.image_shards import ImageShardDataModule, image_views
 from synergen_lightning.image_tokenizer import ImageTokenizer, VQTokenizer, load_image_tokenizer
+from synergen_lightning.image_tokenizer.pretokenize import PRETOKENIZE_STAMP
 from synergen_lightning.image_tokenizer.pretokenize import main as pretokenize_main
 from synergen_lightning.image_tokenizer.vq_tokenizer import codebook_stats
 from synergen_lightning.models.vq import VectorQuantizer
@@ -614,3 +615,34 @@ def test_pretokenize_workers_take_the_gpus_in_turn(monkeypatch):
     assert worker_device("cuda:1", 2) == "cuda:1" and worker_device("cpu", 2) == "cpu"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert worker_device("cuda", 3) == "cuda"
+
+
+@pytest.mark.slow  # `make test-all`: a torchrun start-up of 2 processes
+@pytest.mark.distributed
+def test_pretokenize_over_torchrun_processes_writes_one_processs_shards(trained, tmp_path):
+    """`torchrun --nproc-per-node 2 ... data pretokenize`: each process writes every other input shard (3 shards:
+    2 and 1), rank 0 alone prints the totals of both, and the shards hold one process's samples and codes."""
+    import os
+    import subprocess
+    import sys
+
+    ckpt, *_ = trained
+    write_toy_shards(tmp_path / "src", 12, per_shard=4, seed=3, corrupt_every=6)
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK",
+                                                             "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    launch = {"one": [sys.executable], "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                               "--nproc-per-node", "2"]}
+    for name, cmd in launch.items():
+        r = subprocess.run([*cmd, "-m", "synergen_lightning.cli", "data", "pretokenize", "--tokenizer", str(ckpt),
+                            "--in", str(tmp_path / "src"), "--out", str(tmp_path / name), "--image-size", "32",
+                            "--device", "cpu"], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"{name}:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+        assert r.stdout.count("pretokenized 3 shards (0 skipped as done): 10 samples, 10 views, 2 undecodable "
+                              "skipped") == 1, r.stdout
+    shards = sorted(p.name for p in (tmp_path / "one").glob("*.tar"))
+    assert len(shards) == 3 and shards == sorted(p.name for p in (tmp_path / "two").glob("*.tar"))
+    for name in shards:  # (a tar's headers hold the time it was written)
+        one, two = _read(tmp_path / "one" / name), _read(tmp_path / "two" / name)
+        assert one.keys() == two.keys() and all(one[k]["codes.npy"] == two[k]["codes.npy"] for k in one), name
+    assert (tmp_path / "one" / PRETOKENIZE_STAMP).read_text() == (tmp_path / "two" / PRETOKENIZE_STAMP).read_text()

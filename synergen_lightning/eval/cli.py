@@ -9,8 +9,8 @@ from pathlib import Path
 
 from synergen_lightning.cli_args import check_at_least_one, device_arg
 from synergen_lightning.eval.fid import INCEPTION_KEY, EvalInputError
-from synergen_lightning.eval.sharing import WHOLE, Share, join
 from synergen_lightning.inference_cli import add_checkpoint_args, add_dtype_arg
+from synergen_lightning.sharing import WHOLE, Share, join
 
 
 def _csv_suites(value: str) -> tuple[str, ...]:
@@ -379,7 +379,7 @@ def geneval_official_main(argv: list[str] | None = None, model=None) -> int:
 
 def _check_made_by_in_turn(share: Share, out: Path, record: dict, what: str) -> None:
     """`io.check_made_by` of an output folder: rank 0 first (it writes the record of a new folder), then the others,
-    who read it (`eval.sharing`)."""
+    who read it (`sharing`)."""
     from synergen_lightning.io import check_made_by
 
     if share.lead:

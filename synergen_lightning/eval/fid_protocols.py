@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from synergen_lightning.eval.fid import IMAGE_EXTS, EvalInputError, check_inception_weights
-from synergen_lightning.eval.sharing import WHOLE, Share
+from synergen_lightning.sharing import WHOLE, Share
 
 RESIZE_POLICY = ("reference: short edge to {size} px (bicubic), centre crop {size}x{size} (the training generation "
                  "view); generated: {size}x{size} as written; Inception (torch-fidelity) resizes both to 299x299")
@@ -137,7 +137,7 @@ def generate_missing(model, items: list[dict], gen_dir: str | Path, cfg_scale: f
                      share: Share = WHOLE) -> int:
     """Write `gen_dir/[<category>/]<id>.png` for every item that lacks it; returns how many were generated.
     Chunk k (items k*B .. (k+1)*B-1 in the given order) is drawn with seed `seed + k`, so a rerun reproduces it;
-    this process draws the chunks its `share` takes (`eval.sharing`)."""
+    this process draws the chunks its `share` takes (`sharing`)."""
     from synergen_lightning.eval.suites import eval_mode
     from synergen_lightning.progress import progress_bar
 

@@ -20,8 +20,8 @@ import json
 from pathlib import Path
 
 from synergen_lightning.eval.fid import EvalInputError
-from synergen_lightning.eval.sharing import WHOLE, Share
 from synergen_lightning.io import JsonlLineError, iter_jsonl
+from synergen_lightning.sharing import WHOLE, Share
 
 
 def read_metadata(path: str | Path) -> list[dict]:
@@ -61,7 +61,7 @@ def write_layout(model, metadata: list[dict], out: str | Path, samples: int = 4,
                  seed: int = 0, temperature: float = 1.0, batch_size: int = 16, progress: bool = False,
                  share: Share = WHOLE) -> dict:
     """Generate `samples` images per metadata line into GenEval's layout; prompts already complete are skipped.
-    `share`: this process draws only the prompts it takes (`eval.sharing`); "generated" counts those."""
+    `share`: this process draws only the prompts it takes (`sharing`); "generated" counts those."""
     from synergen_lightning.eval.suites import eval_mode
     from synergen_lightning.progress import progress_bar
 

@@ -13,7 +13,7 @@ From Python, `lm_eval.simple_evaluate(model=SynerGenLM(pretrained=CKPT), tasks=[
   (override the paths stored in the checkpoint); the batch size and device come from lm-eval's own `--batch_size`
   and `--device` (on its command line a batch_size in model_args collides with `--batch_size`'s default).
 - Data parallel: started by `torchrun --nproc-per-node N` (WORLD_SIZE in the environment), each process holds the
-  whole model (on GPU LOCAL_RANK, or the CPU; `eval.sharing.join`) and scores its share of lm-eval's requests;
+  whole model (on GPU LOCAL_RANK, or the CPU; `sharing.join`) and scores its share of lm-eval's requests;
   lm-eval pads the shares and gathers the per-sample metrics to rank 0, which alone writes the results.
 """
 
@@ -28,7 +28,7 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     raise ImportError("lm-eval is not installed: pip install 'synergen-lightning[lm-eval]'") from None
 
 from synergen_lightning.eval.harness import Harness
-from synergen_lightning.eval.sharing import WHOLE, join
+from synergen_lightning.sharing import WHOLE, join
 
 
 @register_model("synergen")

@@ -10,6 +10,9 @@ read whole (missing, cut short, not a tar, unreachable after retries) writes no 
 with the same arguments tries it again.
 Resuming: each output shard is written to `NAME.tar.tmp` and renamed when complete; shards whose output already
 exists are skipped, so an interrupted run restarted with the same arguments redoes at most one shard.
+Over several machines: `torchrun --nnodes M --nproc-per-node N -m synergen_lightning.cli data pretokenize ...` gives
+each process every (M x N)-th input shard, on GPU LOCAL_RANK (`synergen_lightning.sharing`; `--out` a shared file
+system); rank 0 writes the stamp first and prints the totals.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from synergen_lightning.cli_args import check_at_least_one, device_arg
 from synergen_lightning.data.sources import SkipCounter, expand_urls, is_remote, iter_shard, local_path, url_name
 from synergen_lightning.data.views import decode_image, dynamic_tiles, generation_view, to_uint8_tensor
 from synergen_lightning.io import path_identity
+from synergen_lightning.sharing import join
 
 
 def sample_views(img, task: str, image_size: int, max_tiles: int, thumbnail: bool):
@@ -185,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                         "cuda they take the visible GPUs in turn, each holding a CUDA context and the tokenizer")
     args = p.parse_args(argv)
     check_at_least_one(p, args, "workers", "batch_size", "image_size", "max_tiles")
+    share, args.device = join(args.device)  # under torchrun, every N-th input shard per process (`sharing`)
 
     from rich.progress import (
         BarColumn,
@@ -214,25 +219,36 @@ def main(argv: list[str] | None = None) -> int:
     views = {"task": args.task, "image_size": args.image_size, "max_tiles": args.max_tiles, "thumbnail": args.thumbnail}
     settings = {"tokenizer": path_identity(args.tokenizer), "views": views}
     stamp = out_dir / PRETOKENIZE_STAMP
-    try:
-        previous = read_stamp(out_dir)
-    except ValueError as exc:  # the tokenizer of the shards already there is unknown
-        p.error(f"--out {out_dir}: {exc}: delete it with the shards beside it, or choose another --out")
-    if previous is not None and any((out_dir / url_name(s)).exists() for s in shards):
-        if previous["tokenizer"] != settings["tokenizer"]:
-            p.error(f"--out {out_dir} holds shards pretokenized with another tokenizer "
-                    f"({previous['tokenizer'].get('path')}, as {stamp} records); resuming would mix the codes of two "
-                    "tokenizers: delete it or choose another --out")
-        changed = {k: (v, views[k]) for k, v in previous.get("views", views).items() if views.get(k) != v}
-        if changed:
-            p.error(f"--out {out_dir} holds shards pretokenized with other views ("
-                    + ", ".join(f"--{k.replace('_', '-')} {old} there, {new} now" for k, (old, new) in changed.items())
-                    + f"; {stamp}); resuming would mix two view geometries: give the same options, delete it, or "
-                    "choose another --out")
-    stamp.write_text(json.dumps(settings))
-    todo = [s for s in shards if not (out_dir / url_name(s)).exists()]
-    done = len(shards) - len(todo)
-    if done:
+
+    def check_stamp(write: bool) -> None:
+        try:
+            previous = read_stamp(out_dir)
+        except ValueError as exc:  # the tokenizer of the shards already there is unknown
+            p.error(f"--out {out_dir}: {exc}: delete it with the shards beside it, or choose another --out")
+        if previous is not None and any((out_dir / url_name(s)).exists() for s in shards):
+            if previous["tokenizer"] != settings["tokenizer"]:
+                p.error(f"--out {out_dir} holds shards pretokenized with another tokenizer "
+                        f"({previous['tokenizer'].get('path')}, as {stamp} records); resuming would mix the codes of "
+                        "two tokenizers: delete it or choose another --out")
+            changed = {k: (v, views[k]) for k, v in previous.get("views", views).items() if views.get(k) != v}
+            if changed:
+                p.error(f"--out {out_dir} holds shards pretokenized with other views ("
+                        + ", ".join(f"--{k.replace('_', '-')} {old} there, {new} now"
+                                    for k, (old, new) in changed.items())
+                        + f"; {stamp}); resuming would mix two view geometries: give the same options, delete it, or "
+                        "choose another --out")
+        if write:
+            stamp.write_text(json.dumps(settings))
+
+    if share.lead:  # rank 0 checks and writes the stamp, then the others check it
+        check_stamp(write=True)
+    share.wait()
+    if not share.lead:
+        check_stamp(write=False)
+    mine = [s for i, s in enumerate(shards) if share.takes(i)]
+    todo = [s for s in mine if not (out_dir / url_name(s)).exists()]
+    done = share.total(len(mine) - len(todo))
+    if done and share.lead:
         print(f"resuming: {done} of {len(shards)} shards already in {out_dir}, skipping them")
     total = {"samples": 0, "images": 0, "skipped": 0, "unreachable": 0}
     start = time.perf_counter()
@@ -240,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     kw = dict(task=args.task, image_size=args.image_size, max_tiles=args.max_tiles, thumbnail=args.thumbnail,
               batch_size=args.batch_size, device=args.device)
     workers = min(args.workers, len(todo))
-    with Progress(*columns) as progress:
+    with Progress(*columns, disable=not share.lead) as progress:  # rank 0's bar: its own shards
         counts = {s: _count_samples(s) for s in todo}
         known = None not in counts.values()  # remote shards are not counted ahead
         bar = progress.add_task("samples", total=sum(counts.values()) if known else None)
@@ -268,8 +284,12 @@ def main(argv: list[str] | None = None) -> int:
                     progress.advance(bar, counts[jobs[job]] or stats["samples"] + stats["skipped"])
                     for k in total:
                         total[k] += stats[k]
+    made = share.total(len(todo))  # every rank's counts (and a wait for the slowest)
+    total = {k: share.total(v) for k, v in total.items()}
     seconds = time.perf_counter() - start
-    print(f"pretokenized {len(todo)} shards ({done} skipped as done): {total['samples']} samples, {total['images']} views, "
+    if not share.lead:
+        return 0
+    print(f"pretokenized {made} shards ({done} skipped as done): {total['samples']} samples, {total['images']} views, "
           f"{total['skipped']} undecodable skipped; {total['images'] / max(seconds, 1e-9):.1f} images/s"
           + (f"; {total['unreachable']} shard(s) not read whole, no output written (named above): repair or drop "
              "them, or rerun for the unreachable ones" if total["unreachable"] else ""))

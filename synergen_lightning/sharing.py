@@ -1,11 +1,12 @@
-"""Benchmarks over several processes.
+"""Commands over several processes: work that splits into independent items, shared by index.
 
     torchrun --nproc-per-node N -m synergen_lightning.cli eval geneval-official|mjhq-fid|coco-fid|lm-eval ...
+    torchrun --nnodes M --nproc-per-node N -m synergen_lightning.cli data pretokenize ...
 
-Each process loads the whole model (on GPU LOCAL_RANK, or the CPU) and takes a share of the work: every N-th GenEval
-prompt or FID prompt chunk (lm-eval deals its requests itself). Seeds go by prompt or chunk index, never by rank,
-so the images are those one process draws, and a rerun at another process count resumes the same folder. Rank 0
-checks and writes the folder's record before the others start, and computes the FID once every share is written.
+Each process loads the whole model or tokenizer (on GPU LOCAL_RANK, or the CPU) and takes every N-th item: a GenEval
+prompt, an FID prompt chunk, an input shard (lm-eval deals its requests itself). What is drawn goes by item index,
+never by rank, so the outputs are those one process writes, and a rerun at another process count resumes the same
+folder. Rank 0 checks and writes the folder's record before the others start, and sums or scores at the end.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
-
-from synergen_lightning.eval.fid import EvalInputError
 
 # a rank that finished its share waits for the slowest at a barrier: hours at MJHQ-30K's size, not NCCL's minutes
 WAIT = timedelta(days=1)
@@ -81,7 +80,7 @@ def join(device: str | None) -> tuple[Share, str]:
     if world <= 1:
         return WHOLE, device
     if device.startswith("cuda:"):
-        raise EvalInputError(f"--device {device} under torchrun would put all {world} processes on one GPU: give cuda "
+        raise ValueError(f"--device {device} under torchrun would put all {world} processes on one GPU: give cuda "
                              "(or auto), and each process takes GPU LOCAL_RANK")
     if device == "cuda":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
