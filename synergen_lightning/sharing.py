@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -35,6 +36,15 @@ class Share:
 
     def takes(self, index: int) -> bool:
         return index % self.world == self.rank
+
+    def lead_first(self, check: Callable[[bool], None]) -> None:
+        """`check(True)` on rank 0, which may write what the others read (a folder's record), then `check(False)` on
+        the others, once it is written."""
+        if self.lead:
+            check(True)
+        self.wait()
+        if not self.lead:
+            check(False)
 
     def wait(self) -> None:
         if self.world > 1:

@@ -10,7 +10,7 @@ from pathlib import Path
 from synergen_lightning.cli_args import check_at_least_one, device_arg
 from synergen_lightning.eval.fid import INCEPTION_KEY, EvalInputError
 from synergen_lightning.inference_cli import add_checkpoint_args, add_dtype_arg
-from synergen_lightning.sharing import WHOLE, Share, join
+from synergen_lightning.sharing import WHOLE, join
 
 
 def _csv_suites(value: str) -> tuple[str, ...]:
@@ -353,7 +353,7 @@ def geneval_official_main(argv: list[str] | None = None, model=None) -> int:
     _common(p)
     a = p.parse_args(argv)
     from synergen_lightning.eval.geneval_official import read_metadata, write_layout
-    from synergen_lightning.io import MadeByError, path_identity
+    from synergen_lightning.io import MadeByError, check_made_by, path_identity
 
     share = WHOLE
     try:
@@ -364,7 +364,7 @@ def geneval_official_main(argv: list[str] | None = None, model=None) -> int:
             share, a.device = join(a.device)
         record = {"checkpoint": path_identity(a.ckpt), "samples": a.samples, "cfg_scale": a.cfg, "seed": a.seed,
                   "temperature": a.temperature}
-        _check_made_by_in_turn(share, a.out, record, "GenEval samples")
+        share.lead_first(lambda _: check_made_by(a.out, record, "GenEval samples"))  # rank 0 writes the record
         model = _load_checked(a, model)
         res = write_layout(model, metadata, a.out, samples=a.samples, cfg_scale=a.cfg, seed=a.seed,
                            temperature=a.temperature, batch_size=a.batch_size,
@@ -375,18 +375,6 @@ def geneval_official_main(argv: list[str] | None = None, model=None) -> int:
     if share.lead:
         print(f"geneval-official: {generated} prompts generated, {len(metadata) - generated} already done -> {a.out}")
     return 0
-
-
-def _check_made_by_in_turn(share: Share, out: Path, record: dict, what: str) -> None:
-    """`io.check_made_by` of an output folder: rank 0 first (it writes the record of a new folder), then the others,
-    who read it (`sharing`)."""
-    from synergen_lightning.io import check_made_by
-
-    if share.lead:
-        check_made_by(out, record, what)
-    share.wait()
-    if not share.lead:
-        check_made_by(out, record, what)
 
 
 def _fid_protocol_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -417,15 +405,15 @@ def _run_fid_protocol(p, a, protocol, items, model) -> int:
 
     check_inception_weights(weights)
     reference_paths(items, a.reference, protocol)  # every reference image found before the model loads
-    from synergen_lightning.io import MadeByError, path_identity
+    from synergen_lightning.io import MadeByError, check_made_by, path_identity
 
     share = WHOLE
     if model is None:  # under torchrun, one share of the prompt chunks per process
         share, a.device = join(a.device)
     # what sets the generated images' distribution (a subset of the prompts, or another seed, may resume)
     try:
-        _check_made_by_in_turn(share, a.out / "generated", {"checkpoint": path_identity(a.ckpt), "cfg_scale": a.cfg,
-                                                            "temperature": a.temperature}, "generated images")
+        record = {"checkpoint": path_identity(a.ckpt), "cfg_scale": a.cfg, "temperature": a.temperature}
+        share.lead_first(lambda _: check_made_by(a.out / "generated", record, "generated images"))
     except MadeByError as exc:
         p.error(str(exc))
     model = _load_checked(a, model)

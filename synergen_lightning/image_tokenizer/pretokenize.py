@@ -240,11 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         if write:
             stamp.write_text(json.dumps(settings))
 
-    if share.lead:  # rank 0 checks and writes the stamp, then the others check it
-        check_stamp(write=True)
-    share.wait()
-    if not share.lead:
-        check_stamp(write=False)
+    share.lead_first(check_stamp)  # rank 0 checks and writes the stamp, then the others check it
     mine = [s for i, s in enumerate(shards) if share.takes(i)]
     todo = [s for s in mine if not (out_dir / url_name(s)).exists()]
     done = share.total(len(mine) - len(todo))
