@@ -51,8 +51,8 @@ class Share:
             torch.distributed.barrier()
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Every rank's `tensor` stacked (a 0-d count) or concatenated along dim 0, on `tensor`'s device (gathered
-        on the CPU: the group is gloo's)."""
+        """Every rank's `tensor` (one shape on every rank) stacked (a 0-d count) or concatenated along dim 0, on
+        `tensor`'s device (gathered on the CPU: the group is gloo's)."""
         if self.world == 1:
             return tensor
         mine = tensor.detach().cpu().contiguous()
