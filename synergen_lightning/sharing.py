@@ -39,10 +39,23 @@ class Share:
 
     def lead_first(self, check: Callable[[bool], None]) -> None:
         """`check(True)` on rank 0, which may write what the others read (a folder's record), then `check(False)` on
-        the others, once it is written."""
-        if self.lead:
+        the others, once it is written. When rank 0's check fails (its one-line error), the others exit quietly with
+        code 2 instead of failing in a collective rank 0 left."""
+        if self.world == 1:
             check(True)
-        self.wait()
+            return
+        failed = None
+        if self.lead:
+            try:
+                check(True)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others know
+                failed = exc
+        passed = [failed is None]
+        torch.distributed.broadcast_object_list(passed, src=0)
+        if failed is not None:
+            raise failed
+        if not passed[0]:
+            raise SystemExit(2)  # rank 0 said why
         if not self.lead:
             check(False)
 

@@ -29,6 +29,15 @@ def _rank(rank: int, port: int, out: str) -> None:
               "rows": share.gather(torch.full((2, 2), rank)).tolist(),
               "objects": share.gather_object({"rank": rank}),
               "total": share.total(3 + rank)}
+
+    def refuse(lead):
+        if lead:
+            raise ValueError("this folder holds another run's files")
+
+    try:  # rank 0's refusal: its own error there, a quiet exit 2 on the others (no collective left hanging)
+        share.lead_first(refuse)
+    except (ValueError, SystemExit) as exc:
+        result["refused"] = repr(exc)
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
 
 
@@ -52,6 +61,7 @@ def test_two_processes_share_items_gather_and_write_the_record_first(tmp_path):
         assert r["rows"] == [[0, 0], [0, 0], [1, 1], [1, 1]]  # rows concatenated
         assert r["total"] == 3 + 4
     assert r0["objects"] == [{"rank": 0}, {"rank": 1}] and r1["objects"] is None  # gathered on rank 0 only
+    assert r0["refused"] == "ValueError(\"this folder holds another run's files\")" and r1["refused"] == "SystemExit(2)"
 
 
 def test_one_process_takes_everything_and_its_collectives_are_the_identity(monkeypatch):
