@@ -36,7 +36,9 @@ def generate_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="synergen generate", description="Generate images from text prompts with a "
                                 "SynerGenVL checkpoint (KV-cached LLM + unfolding head, classifier-free guidance).")
     add_checkpoint_args(p)
-    p.add_argument("--prompt", action="append", required=True, help="caption to draw; repeat for several prompts")
+    p.add_argument("--prompt", action="append", default=[], help="caption to draw; repeat for several prompts")
+    p.add_argument("--prompts", type=Path, help="a text file of captions, one per line (blank lines skipped), drawn "
+                   "after any --prompt")
     p.add_argument("--num", type=int, default=1, help="images per prompt (default: 1)")
     p.add_argument("--cfg", type=float, default=7.5, help="CFG scale s in l_u + s (l_c - l_u) (default 7.5, the "
                    "paper's for the 2B; the tiny models draw best at 1.5; 1 = off)")
@@ -65,6 +67,16 @@ def generate_main(argv: list[str] | None = None) -> int:
     errors = generation_arg_errors(a.num, a.batch_size, a.temperature, a.top_k, a.top_p, a.cfg)
     if errors:
         p.error("; ".join(f"--{name.replace('_', '-')} {value} {rule}" for name, value, rule in errors))
+    prompts = list(a.prompt)
+    if a.prompts is not None:
+        if not a.prompts.is_file():
+            p.error(f"--prompts {a.prompts} is not a file: give a text file of captions, one per line")
+        from_file = [line.strip() for line in a.prompts.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not from_file:
+            p.error(f"--prompts {a.prompts} holds no caption: write one per line")
+        prompts += from_file
+    if not prompts:
+        p.error("nothing to draw: give --prompt TEXT (repeatable) or --prompts FILE")
     out = Path(a.out)
     if out.exists() and not out.is_dir():
         p.error(f"--out {out} is a file: give a directory for the images")
@@ -79,17 +91,18 @@ def generate_main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     settings = {"ckpt": a.ckpt, "seed": a.seed, "cfg": a.cfg, "temperature": a.temperature, "top_k": a.top_k,
                 "top_p": a.top_p}
-    batches = generated_batches(model, a.prompt, num=a.num, cfg_scale=a.cfg, temperature=a.temperature, top_k=a.top_k,
+    batches = generated_batches(model, prompts, num=a.num, cfg_scale=a.cfg, temperature=a.temperature, top_k=a.top_k,
                                 top_p=a.top_p, seed=a.seed, batch_size=a.batch_size, compile=a.compile)
-    total, k = len(a.prompt) * a.num, 0
+    total, k = len(prompts) * a.num, 0
+    digits = max(3, len(str(len(prompts) - 1)))  # file names sort in prompt order
     # which prompt and settings drew each file (GenEval's folders keep a metadata.jsonl likewise), a line per file
     # as it is written: a run stopped half-way leaves every finished image described
     with (out / "metadata.jsonl").open("w") as meta, progress_bar(not a.no_progress, "generating", total) as advance:
         for images in batches:
             for img in images:
-                path = out / f"{k // a.num:03d}_{k % a.num:02d}.png"
+                path = out / f"{k // a.num:0{digits}d}_{k % a.num:02d}.png"
                 img.save(path)
-                meta.write(json.dumps({"file": path.name, "prompt": a.prompt[k // a.num], "sample": k % a.num,
+                meta.write(json.dumps({"file": path.name, "prompt": prompts[k // a.num], "sample": k % a.num,
                                        **settings}) + "\n")
                 k += 1
             meta.flush()

@@ -137,6 +137,34 @@ def test_generate_writes_and_describes_each_batch_as_it_is_drawn(tmp_path, monke
         "a square"]
 
 
+def test_generate_reads_captions_from_a_file_after_the_prompts(tmp_path, monkeypatch, capsys):
+    """`--prompts FILE`: one caption per line (blank lines skipped), drawn after any --prompt, each named in
+    metadata.jsonl; a missing or empty file, or no caption at all, is refused before the model loads."""
+    import synergen_lightning.system as system
+    from tests.test_generation import _model
+
+    loads = []
+    monkeypatch.setattr(system, "load_synergen", lambda *a, **k: loads.append(1) or _model())
+    captions = tmp_path / "captions.txt"
+    captions.write_text("two blue squares\n\n  a green triangle  \n")
+    out = tmp_path / "out"
+    base = ["generate", "--ckpt", "any.ckpt", "--out", str(out), "--no-progress", "--device", "cpu"]
+    assert cli.main([*base, "--prompt", "a red circle", "--prompts", str(captions)]) == 0
+    lines = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [(m["file"], m["prompt"]) for m in lines] == [
+        ("000_00.png", "a red circle"), ("001_00.png", "two blue squares"), ("002_00.png", "a green triangle")]
+    assert sorted(f.name for f in out.glob("*.png")) == ["000_00.png", "001_00.png", "002_00.png"]
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    for extra, said in (([], "nothing to draw: give --prompt TEXT (repeatable) or --prompts FILE"),
+                        (["--prompts", str(tmp_path / "missing.txt")], "is not a file: give a text file of captions"),
+                        (["--prompts", str(empty)], f"--prompts {empty} holds no caption: write one per line")):
+        with pytest.raises(SystemExit) as e:
+            cli.main([*base, "--overwrite", *extra])
+        assert e.value.code == 2 and said in capsys.readouterr().err
+    assert len(loads) == 1
+
+
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "synergen_lightning.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage: synergen" in out.stdout
