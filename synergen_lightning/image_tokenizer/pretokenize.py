@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                    "available, else cpu)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes, one shard each at a time (default: 1); on a CPU use one per core; with --device "
-                        "cuda they take the visible GPUs in turn, each holding a CUDA context and the tokenizer")
+                        "cuda they take the visible GPUs in turn (under torchrun, the process's own GPU), each "
+                        "holding a CUDA context and the tokenizer")
     args = p.parse_args(argv)
     check_at_least_one(p, args, "workers", "batch_size", "image_size", "max_tiles")
     share, args.device = join(args.device)  # under torchrun, every N-th input shard per process (`sharing`)
