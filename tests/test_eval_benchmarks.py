@@ -288,7 +288,7 @@ def test_torchrun_processes_share_the_benchmarks_generation(tmp_path, weights):
     (tmp_path / "meta_data.json").write_text(json.dumps(meta))
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK",
                                                              "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
+    env.update(OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))  # torchrun's log folders in the test's own
     launch = {"one": [sys.executable], "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                "--nproc-per-node", "2"]}
     common = ["--ckpt", str(ckpt), "--cfg", "3", "--device", "cpu", "--no-progress"]

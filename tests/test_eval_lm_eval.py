@@ -193,7 +193,7 @@ def test_two_torchrun_processes_score_as_one(tmp_path):
     tasks = _tasks(tmp_path / "tasks")
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK",
                                                              "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(OMP_NUM_THREADS="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TMPDIR=str(tmp_path))
     args = ["-m", "synergen_lightning.cli", "eval", "lm-eval", "run", "--model", "synergen", "--model_args",
             f"pretrained={ckpt},max_gen_toks=6", "--batch_size", "2", "--device", "cpu", "--tasks",
             "synergen_local_mc,synergen_local_gen", "--include_path", str(tasks), "--log_samples", "--seed", "0"]

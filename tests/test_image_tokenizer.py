@@ -630,7 +630,7 @@ def test_pretokenize_over_torchrun_processes_writes_one_processs_shards(trained,
     write_toy_shards(tmp_path / "src", 12, per_shard=4, seed=3, corrupt_every=6)
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK",
                                                              "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"
+    env.update(OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))  # torchrun's log folders in the test's own
     launch = {"one": [sys.executable], "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                "--nproc-per-node", "2"]}
     for name, cmd in launch.items():
