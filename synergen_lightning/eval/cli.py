@@ -10,7 +10,7 @@ from pathlib import Path
 from synergen_lightning.cli_args import check_at_least_one, device_arg
 from synergen_lightning.eval.fid import INCEPTION_KEY, EvalInputError
 from synergen_lightning.inference_cli import add_checkpoint_args, add_dtype_arg
-from synergen_lightning.sharing import WHOLE, join
+from synergen_lightning.sharing import WHOLE, Share, join
 
 
 def _csv_suites(value: str) -> tuple[str, ...]:
@@ -360,8 +360,7 @@ def geneval_official_main(argv: list[str] | None = None, model=None) -> int:
         metadata = read_metadata(a.metadata)  # a malformed line fails before the model loads
         if a.samples < 1:
             raise EvalInputError(f"--samples {a.samples} must be >= 1 (GenEval: 4)")
-        if model is None:  # under torchrun, one share of the prompts per process
-            share, a.device = join(a.device)
+        share = _share_of(a, model)
         record = {"checkpoint": path_identity(a.ckpt), "samples": a.samples, "cfg_scale": a.cfg, "seed": a.seed,
                   "temperature": a.temperature}
         share.lead_first(lambda _: check_made_by(a.out, record, "GenEval samples"))  # rank 0 writes the record
@@ -375,6 +374,15 @@ def geneval_official_main(argv: list[str] | None = None, model=None) -> int:
     if share.lead:
         print(f"geneval-official: {generated} prompts generated, {len(metadata) - generated} already done -> {a.out}")
     return 0
+
+
+def _share_of(a: argparse.Namespace, model) -> Share:
+    """This process's share of a benchmark's prompts under torchrun (`sharing.join`; `a.device` becomes its GPU); the
+    whole work for a model handed in (tests)."""
+    if model is not None:
+        return WHOLE
+    share, a.device = join(a.device)
+    return share
 
 
 def _fid_protocol_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -407,9 +415,7 @@ def _run_fid_protocol(p, a, protocol, items, model) -> int:
     reference_paths(items, a.reference, protocol)  # every reference image found before the model loads
     from synergen_lightning.io import MadeByError, check_made_by, path_identity
 
-    share = WHOLE
-    if model is None:  # under torchrun, one share of the prompt chunks per process
-        share, a.device = join(a.device)
+    share = _share_of(a, model)
     # what sets the generated images' distribution (a subset of the prompts, or another seed, may resume)
     try:
         record = {"checkpoint": path_identity(a.ckpt), "cfg_scale": a.cfg, "temperature": a.temperature}
