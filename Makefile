@@ -126,7 +126,8 @@ check-oldest-torch: wheelhouse  ## make test's suite in .venv-oldest: the oldest
 
 data: $(DATA_OK)  ## write the tiny shape world (LEVEL=demo|grid|read|full): train/val shards, eval prompts, text corpus
 
-$(DATA_OK): $(VENV)
+# the world's code writes the data: a changed world (a new corpus file, other captions) is written again
+$(DATA_OK): $(VENV) $(wildcard synergen_lightning/world/*.py)
 	$(SYN) data synth --level $(LEVEL) --out $(DATA) --overwrite
 	touch $@
 

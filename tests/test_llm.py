@@ -174,14 +174,14 @@ def test_base_llm_recipe_parses_and_builds(tmp_path):
     tr = str(corpus / "train.jsonl")
     cli = lightning_cli(["--config", "recipes/tiny/base_llm.yaml",
                          f"--model.init_args.tokenizer_dir={tmp_path / 'tok'}", f"--model.init_args.bpe_train_files=[{tr}]",
-                         "--model.init_args.bpe_vocab_size=320", f"--data.init_args.train_files=[{tr},{corpus / 'skill_train.jsonl'},{tr}]", f"--data.init_args.tokenizer_dir={tmp_path / 'tok'}",
+                         "--model.init_args.bpe_vocab_size=320", f"--data.init_args.train_files=[{tr},{corpus / 'skill_train.jsonl'},{tr},{tr}]", f"--data.init_args.tokenizer_dir={tmp_path / 'tok'}",
                          f"--data.init_args.val_files=[{corpus / 'val.jsonl'}]", f"--trainer.default_root_dir={tmp_path}",
                          "--trainer.logger=false", "--trainer.callbacks=[]"], run=False)
     assert isinstance(cli.model, MMoELLM) and isinstance(cli.datamodule, TextDataModule)
     assert cli.datamodule.hparams.tokenizer_dir == str(tmp_path / "tok")
     assert cli.model.model.config.hidden_size == 128 and cli.model.model.config.num_kv_heads == 4  # one KV head per query head (docs/levels.md)
     assert 0.8e6 <= sum(p.numel() for p in cli.model.parameters()) <= 3e6
-    assert cli.datamodule.hparams.train_repeats == [1, 5, 9]  # the skill and colour-binding files oversampled
+    assert cli.datamodule.hparams.train_repeats == [1, 5, 9, 3]  # the skill and binding files oversampled
     cli.datamodule.setup()
     assert len(cli.datamodule.train_set) > 0
 

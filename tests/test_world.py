@@ -136,7 +136,7 @@ def test_synth_same_seed_same_bytes(tmp_path, capsys):
     assert set(a) == {"train/shard-000000.tar", "train/shard-000001.tar", "train/shard-000002.tar",
                       "val/shard-000000.tar", "eval_prompts.jsonl", "text/train.jsonl", "text/val.jsonl",
                       "text/skill_train.jsonl", "text/skill_val.jsonl", "text/colour_binding.jsonl",
-                      "text/scene_binding.jsonl", "world.json"}
+                      "text/relation_binding.jsonl", "text/scene_binding.jsonl", "world.json"}
     assert not list(tmp_path.glob(".*partial*"))
 
 
@@ -288,6 +288,39 @@ def test_scene_binding_lines_are_answered_by_their_layout(tmp_path, form):
             seen[f"relation {answer}"] += 1
     assert seen["position"] == seen["exists yes"] + seen["exists no"] == 37  # one of each per scene
     assert min(seen[k] for k in ("exists yes", "exists no", "relation yes", "relation no", "relation prompt")) >= 3, seen
+
+
+@pytest.mark.parametrize("form", ["mirror", "cells"])
+def test_relation_binding_lines_name_every_relation_from_both_objects(tmp_path, form):
+    """text/relation_binding.jsonl, per two-object train scene in the mirror and the cells chat forms: every relation
+    from both objects, so half of them name the later-drawn object first, each answered by the scene in words in
+    which the relation holds; short prompts name their shapes alone only where the shapes differ."""
+    from synergen_lightning.data.sequences import GENERATION_PROMPT
+
+    out = tmp_path / "r"
+    assert synth_main(["--out", str(out), "--level", "demo", "--scene-qa-text", form, *SMALL]) == 0
+    rows = [json.loads(x)["text"] for x in (out / "text" / "relation_binding.jsonl").read_text().splitlines()]
+    train_text = (out / "text" / "train.jsonl").read_text()
+    flip = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+    checked, named_later_first, short = Counter(), 0, 0
+    for row in rows:
+        user, answer = chat_turn(row)
+        assert user.startswith(GENERATION_PROMPT) and answer in train_text
+        scene = layout_objects(answer)  # (colour, shape, row, col) in raster order
+        assert len(scene) == 2
+        prompt = user.removeprefix(GENERATION_PROMPT)
+        rel = next(r for r in flip if f" {r} " in prompt)
+        x, y = (part.split()[1:] for part in prompt.split(f" {rel} "))  # [colour,] shape of each
+        where = [next((r, k) for c, s, r, k in scene if [c, s][-len(obj):] == obj) for obj in (x, y)]
+        (xr, xk), (yr, yk) = where
+        assert {"left of": xk < yk, "right of": xk > yk, "above": xr < yr, "below": xr > yr}[rel], (prompt, answer)
+        named_later_first += where[0] > where[1]
+        short += len(x) == 1
+        assert len(x) == 2 or scene[0][1] != scene[1][1]  # a short prompt only where the shapes differ
+        checked[(answer, rel)] += 1
+    # every relation of a scene from both objects: each (scene, relation) has its opposite from the other object
+    assert checked and all(checked[(a, flip[r])] == n for (a, r), n in checked.items())
+    assert named_later_first == len(rows) // 2 and 0 < short < len(rows)
 
 
 def test_scene_questions_come_with_a_description_that_answers_them(tmp_path):

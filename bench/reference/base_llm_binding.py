@@ -6,7 +6,8 @@ a layout, "a red circle in the top left and ...", or one word per cell, "<boi> r
 - generation in words: "Generate an image of: a red circle left of a blue square" -> the layout it writes names the
   prompt's colours (and, separately, its shapes): the set of colour / shape words must match; it gives each colour
   to the prompt's shape (colour attribution, scenes of several objects: the multiset of colour-shape pairs must
-  match the scene's); and it places the objects of a relation prompt in cells that hold the relation.
+  match the scene's); and it places the objects of a relation prompt in cells that hold the relation (also per
+  relation: "right of" and "below" name the later-drawn object first).
 
 A frozen trunk passes to the image stream only what it reads itself: a colour it cannot copy in text is a colour the
 progressive stages 1-2 cannot draw or answer.
@@ -127,6 +128,9 @@ def main(argv=None) -> None:
             held = relation_held(prompt, layout_objects(out))
             if held is not None:
                 hits["generation: relation held"].append(held)
+                # "right of" and "below" name the later-drawn object first
+                rel = next(r for r in RELATIONS if f" {r} " in f" {prompt} ")
+                hits[f"generation: relation held, {rel}"].append(held)
         else:
             hits[kind].append(out == truth)
     print(json.dumps({k: {"accuracy": round(sum(v) / len(v), 3), "items": len(v)} for k, v in sorted(hits.items())},

@@ -7,8 +7,9 @@ eval prompts is drawn once (as `synergen demo report` draws it) and what the sco
   missing.
 
 Swapped about as often as right, or inverted about as often as right, means the model draws the prompt's attributes
-but does not bind them: each colour to its shape, each shape to its side. `base_llm_binding.py` asks the same of the
-base LLM in words.
+but does not bind them: each colour to its shape, each shape to its side. Position is also sorted by the prompt's
+relation: "a circle right of a square" and "... below ..." name the later-drawn object first. `base_llm_binding.py`
+asks the same of the base LLM in words.
 
     python bench/reference/binding_errors.py runs/tiny/sft/last.ckpt --data data/tiny --cfg 1.5
 """
@@ -67,10 +68,15 @@ def main(argv=None) -> dict:
     model = load_synergen(a.ckpt, map_location="cpu")
     _, images = geneval_suite(model, prompts, seed=a.seed, cfg_scale=a.cfg, return_images=True)
     outcomes = {"color_attr": Counter(), "position": Counter()}
+    by_relation: dict[str, Counter] = {}  # "right of" and "below" name the later-drawn object first
     for prompt, image in zip(prompts, images):
         sort = colour_attribution_outcome if prompt["tag"] == "color_attr" else position_outcome
-        outcomes[prompt["tag"]][sort(prompt, detect_objects(image))] += 1
+        outcome = sort(prompt, detect_objects(image))
+        outcomes[prompt["tag"]][outcome] += 1
+        if prompt["tag"] == "position":
+            by_relation.setdefault(prompt["include"][1]["position"][0], Counter())[outcome] += 1
     result = {tag: dict(c.most_common()) for tag, c in outcomes.items()}
+    result["position by relation"] = {rel: dict(c.most_common()) for rel, c in sorted(by_relation.items())}
     print(json.dumps(result, indent=1))
     return result
 

@@ -36,7 +36,9 @@ lines, and in train only the skill's training items); `skill_train.jsonl` / `ski
 `colour_binding.jsonl`: per train scene one more "What color is the X?" line and, in the mirror and cells forms, a
 generation prompt naming every colour with the scene in words; `scene_binding.jsonl`: per train scene a "Where is the
 X?", a relation and a presence question (yes and no alike) and, in those forms, a two-object scene's relation prompt
-with the scene in words; the tiny base recipe oversamples `colour_binding.jsonl`.
+with the scene in words; `relation_binding.jsonl`: in those forms, per two-object train scene every relation
+prompt from both objects with the scene in words; the tiny base recipe oversamples `colour_binding.jsonl` and
+`relation_binding.jsonl`.
 Held-out items are number pairs never seen in training under any template; `python -m
 synergen_lightning.world.skill_check` trains an independent tiny char-level transformer on the skill
 and reports held-out exact match (a learnability yardstick for the base LLM).

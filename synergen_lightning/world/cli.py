@@ -49,7 +49,8 @@ def synth_parser() -> argparse.ArgumentParser:
         description="Write the synthetic shape world: webdataset shards (KEY.jpg, KEY.txt caption, KEY.json "
                     "metadata with Q/A and ground truth)\nin OUT/train and OUT/val, OUT/eval_prompts.jsonl "
                     "(GenEval-style prompts drawn from the level's own scenes), the text corpus OUT/text/\n"
-                    "(train/val lines, the held-out skill, colour_binding.jsonl, scene_binding.jsonl) and OUT/world.json (the level). "
+                    "(train/val lines, the held-out skill, colour_binding.jsonl, relation_binding.jsonl, "
+                    "scene_binding.jsonl) and OUT/world.json (the level). "
                     "Same seed, same bytes.\n\nlevels (--level):\n" + levels)
     p.add_argument("--level", default=DEFAULT_LEVEL, metavar="NAME",
                    help=f"which world to draw: {', '.join(LEVELS)} (default: {DEFAULT_LEVEL}); --canvas, "
@@ -151,7 +152,8 @@ def synth_main(argv: list[str]) -> int:
     s = write_dataset(cfg)
     print(f"synth: level {a.level}, {s['train']} train + {s['val']} val samples ({s['train_shards']} + {s['val_shards']} shards, "
           f"{a.canvas}px), {s['eval_prompts']} eval prompts, {s['text_train']} + {s['text_val']} text lines, "
-          f"{s['skill_train']} + {s['skill_val']} skill items, {s['colour_binding']} colour-binding + {s['scene_binding']} scene-binding lines -> {a.out} "
+          f"{s['skill_train']} + {s['skill_val']} skill items, {s['colour_binding']} colour-binding + "
+          f"{s['relation_binding']} relation-binding + {s['scene_binding']} scene-binding lines -> {a.out} "
           f"in {s['seconds']:.1f}s")
     return 0
 

@@ -26,11 +26,19 @@ from .language import captions, conversations, qa_pairs
 from .levels import get_level, sample_level_scene
 from .prompts import make_eval_prompts
 from .scene import COLORS, MAX_OBJECTS, SHAPES, render_scene
-from .text_corpus import colour_binding_lines, make_skill, scene_binding_lines, scene_text_lines, skill_text
+from .text_corpus import (
+    colour_binding_lines,
+    make_skill,
+    relation_binding_lines,
+    scene_binding_lines,
+    scene_text_lines,
+    skill_text,
+)
 
 SPLITS = {"train": 0, "val": 1}
 # text/NAME.jsonl: the base LLM's oversampled lines, from the train scenes only (val has no use for them)
-BINDING_FILES = {"colour_binding": colour_binding_lines, "scene_binding": scene_binding_lines}
+BINDING_FILES = {"colour_binding": colour_binding_lines, "relation_binding": relation_binding_lines,
+                 "scene_binding": scene_binding_lines}
 
 
 WORLD_FILE = "world.json"  # OUT/world.json: the level and the settings the data was written with

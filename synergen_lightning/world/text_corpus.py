@@ -168,6 +168,36 @@ def colour_binding_lines(meta: dict, qa_text: str = "bare") -> list[str]:
     return lines
 
 
+def relation_binding_lines(meta: dict, qa_text: str = "bare") -> list[str]:
+    """In the mirror and cells forms, per two-object train scene, every relation prompt from both objects ("a circle
+    right of a square", "a square left of a circle"), each with or without colours (picked by the scene's key; two
+    shapes alike always with them), with the scene in words as its answer; none in the other forms or for other scenes.
+
+    Image tokens are drawn in reading order, so a prompt that names the later-drawn object first ("a circle right of a
+    square": the square is drawn first) asks the base LLM to invert the named order. The scene lines hold about one
+    such prompt per three two-object scenes, too few for a tiny base LLM to learn the inversion in its steps: it then
+    draws the objects in the named order (the relation inverted), and the chain's frozen text side of stages 1-2
+    plans the image that way. The base recipe repeats these lines (`text/relation_binding.jsonl`; RESULTS.md).
+    """
+    from .language import OPPOSITE, article, coloured_relation
+    from .scene import Scene, relative_position
+
+    objs = Scene.from_dict(meta).objects
+    if qa_text not in MIRRORED or len(objs) != 2:
+        return []
+    a, b = objs
+    rng = np.random.default_rng([zlib.crc32(str(meta.get("key", "")).encode()), 47])
+    scene = scene_in_words(meta, qa_text)
+    lines = []
+    for rel in sorted(relative_position(a.bbox, b.bbox)):
+        for x, r, y in ((a, rel, b), (b, OPPOSITE[rel], a)):
+            # two shapes alike: only the colours tell which is where
+            caption = (coloured_relation(x, r, y) if rng.random() < 0.5 or x.shape == y.shape
+                       else f"{article(x.shape)} {x.shape} {r} {article(y.shape)} {y.shape}")
+            lines.append(generation_chat_text(caption, scene, qa_text))
+    return lines
+
+
 def scene_binding_lines(meta: dict, qa_text: str = "bare") -> list[str]:
     """Lines that look a scene up, per scene, in the corpus's form: where one object stands ("Where is the red
     circle?"), whether a relation holds between two objects and whether a colour-shape pair is present (each answered
