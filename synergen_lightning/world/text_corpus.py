@@ -175,7 +175,7 @@ def relation_binding_lines(meta: dict, qa_text: str = "bare") -> list[str]:
 
     Image tokens are drawn in reading order, so a prompt that names the later-drawn object first ("a circle right of a
     square": the square is drawn first) asks the base LLM to invert the named order. The scene lines hold about one
-    such prompt per three two-object scenes, too few for a tiny base LLM to learn the inversion in its steps: it then
+    such prompt per two-object scene, too few for a tiny base LLM to learn the inversion in its steps: it then
     draws the objects in the named order (the relation inverted), and the chain's frozen text side of stages 1-2
     plans the image that way. The base recipe repeats these lines (`text/relation_binding.jsonl`; RESULTS.md).
     """
