@@ -67,7 +67,7 @@ def captions(scene: Scene, full: bool = False) -> list[str]:
         # every relation, from both objects (full captions), or the first relation of the first object
         pairs = [(a, r, b) for r in rels] + [(b, OPPOSITE[r], a) for r in rels] if full else [(a, r, b) for r in rels[:1]]
         for x, rel, y in pairs:
-            out.append(f"{article(x.shape)} {x.shape} {rel} {article(y.shape)} {y.shape}")
+            out.append(shape_relation(x, rel, y))
             out.append(coloured_relation(x, rel, y))
     if scene.texts:
         out.append(f"{colour_shape}, with a tiny {scene.texts[0].text} written {region_phrase(scene.texts[0].region)}")
@@ -85,6 +85,11 @@ def unambiguous_name(o, objs) -> str | None:
     if sum(p.region == o.region for p in same) == 1:
         return f"the {o.shape} {region_phrase(o.region)}"
     return None
+
+
+def shape_relation(x, rel: str, y) -> str:
+    """"a circle left of a square": the relation caption that names the shapes alone (GenEval's position prompt)."""
+    return f"{article(x.shape)} {x.shape} {rel} {article(y.shape)} {y.shape}"
 
 
 def coloured_relation(x, rel: str, y) -> str:

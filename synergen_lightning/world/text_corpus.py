@@ -179,7 +179,7 @@ def relation_binding_lines(meta: dict, qa_text: str = "bare") -> list[str]:
     draws the objects in the named order (the relation inverted), and the chain's frozen text side of stages 1-2
     plans the image that way. The base recipe repeats these lines (`text/relation_binding.jsonl`; RESULTS.md).
     """
-    from .language import OPPOSITE, article, coloured_relation
+    from .language import OPPOSITE, coloured_relation, shape_relation
     from .scene import Scene, relative_position
 
     objs = Scene.from_dict(meta).objects
@@ -192,8 +192,7 @@ def relation_binding_lines(meta: dict, qa_text: str = "bare") -> list[str]:
     for rel in sorted(relative_position(a.bbox, b.bbox)):
         for x, r, y in ((a, rel, b), (b, OPPOSITE[rel], a)):
             # two shapes alike: only the colours tell which is where
-            caption = (coloured_relation(x, r, y) if rng.random() < 0.5 or x.shape == y.shape
-                       else f"{article(x.shape)} {x.shape} {r} {article(y.shape)} {y.shape}")
+            caption = (coloured_relation if rng.random() < 0.5 or x.shape == y.shape else shape_relation)(x, r, y)
             lines.append(generation_chat_text(caption, scene, qa_text))
     return lines
 
