@@ -239,6 +239,11 @@ def test_colour_binding_lines_ask_the_colour_the_scene_shows(tmp_path, form):
     assert len(asked) >= 4  # colours vary
 
 
+def holds(rel: str, a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Does an object at grid cell `a` (row, col) stand in relation `rel` to one at `b`?"""
+    return {"left of": a[1] < b[1], "right of": a[1] > b[1], "above": a[0] < b[0], "below": a[0] > b[0]}[rel]
+
+
 @pytest.mark.parametrize("form", ["mirror", "cells"])
 def test_scene_binding_lines_are_answered_by_their_layout(tmp_path, form):
     """text/scene_binding.jsonl, per train scene in the mirror and the cells chat forms: where an object stands,
@@ -255,9 +260,6 @@ def test_scene_binding_lines_are_answered_by_their_layout(tmp_path, form):
 
     def objects(layout: str) -> dict[tuple[str, str], tuple[int, int]]:  # (colour, shape) -> (row, col)
         return {(c, s): (r, k) for c, s, r, k in layout_objects(layout)}
-
-    def holds(rel, a, b):
-        return {"left of": a[1] < b[1], "right of": a[1] > b[1], "above": a[0] < b[0], "below": a[0] > b[0]}[rel]
 
     seen = Counter()
     for row in rows:
@@ -312,8 +314,7 @@ def test_relation_binding_lines_name_every_relation_from_both_objects(tmp_path, 
         rel = next(r for r in flip if f" {r} " in prompt)
         x, y = (part.split()[1:] for part in prompt.split(f" {rel} "))  # [colour,] shape of each
         where = [next((r, k) for c, s, r, k in scene if [c, s][-len(obj):] == obj) for obj in (x, y)]
-        (xr, xk), (yr, yk) = where
-        assert {"left of": xk < yk, "right of": xk > yk, "above": xr < yr, "below": xr > yr}[rel], (prompt, answer)
+        assert holds(rel, *where), (prompt, answer)
         named_later_first += where[0] > where[1]
         short += len(x) == 1
         assert len(x) == 2 or scene[0][1] != scene[1][1]  # a short prompt only where the shapes differ

@@ -76,9 +76,14 @@ def holds(rel: str, a: tuple[int, int], b: tuple[int, int]) -> bool:
     return {"left of": ca < cb, "right of": ca > cb, "above": ra < rb, "below": ra > rb}[rel]
 
 
+def prompt_relation(prompt: str) -> str | None:
+    """The relation a prompt names ("a circle right of a square" -> "right of"), or None."""
+    return next((r for r in RELATIONS if f" {r} " in f" {prompt} "), None)
+
+
 def relation_held(prompt: str, objects) -> bool | None:
     """For "[colour] X REL [colour] Y": does some X in `objects` stand in REL to some Y? None when not a relation prompt."""
-    rel = next((r for r in RELATIONS if f" {r} " in f" {prompt} "), None)
+    rel = prompt_relation(prompt)
     if rel is None:
         return None
     left, right = prompt.split(f" {rel} ", 1)
@@ -129,8 +134,7 @@ def main(argv=None) -> None:
             if held is not None:
                 hits["generation: relation held"].append(held)
                 # "right of" and "below" name the later-drawn object first
-                rel = next(r for r in RELATIONS if f" {r} " in f" {prompt} ")
-                hits[f"generation: relation held, {rel}"].append(held)
+                hits[f"generation: relation held, {prompt_relation(prompt)}"].append(held)
         else:
             hits[kind].append(out == truth)
     print(json.dumps({k: {"accuracy": round(sum(v) / len(v), 3), "items": len(v)} for k, v in sorted(hits.items())},
