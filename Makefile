@@ -75,6 +75,9 @@ PRETOKENIZE_WORKERS ?= $(if $(ON_GPU),$(shell n=$$(( $(GPUS) * 4 )); [ $$n -lt $
 # make demo trains its stages data-parallel over this many CPU processes (one per core, at most 2); on a machine with
 # a GPU, on one GPU (the tiny models gain nothing from more, and 2 processes would each ask for a GPU)
 DEMO_DEVICES ?= $(if $(ON_GPU),1,$(if $(filter 1,$(NPROC)),1,2))
+# make demo's base LLM: intra-op threads once the image tokenizer beside it is done (at most 2: its step then takes
+# 0.6x the time, and the model is too small to gain much from more; RESULTS.md)
+DEMO_THREADS ?= $(if $(filter 1,$(NPROC)),1,2)
 # $(call logged,LOG,WHAT,COMMAND): COMMAND's output goes to LOG when LOG is set (make demo runs two jobs at once, and
 # two progress bars in one terminal garble each other); on failure the log's tail is printed
 logged = $(if $(1),@mkdir -p $(dir $(1)) && echo "$(2) (log: $(1))" && { { $(3); } > $(1) 2>&1 || { tail -40 $(1); exit 1; }; },$(3))
@@ -148,7 +151,7 @@ $(BASE_DONE): $(DATA_OK) $(SEED_OK) recipes/tiny/base_llm.yaml
 	@# starting over: new data may bring new words, so the BPE is trained again too
 	@if [ -f $(@D)/.done ]; then rm -rf runs/tiny/text_tokenizer; fi
 	$(call start_over_if_finished,$(@D)/)
-	$(SYN) fit --config recipes/tiny/base_llm.yaml --seed_everything $(SEED) $(call resume_from,$(@D)/)
+	$(SYN) fit --config recipes/tiny/base_llm.yaml --seed_everything $(SEED) $(call resume_from,$(@D)/) $(BASE_LLM_ARGS)
 	touch $@
 
 ifdef RECIPE
@@ -198,9 +201,11 @@ $(SFT_DONE): $(S2_DONE) recipes/tiny/sft.yaml
 demo: $(VENV)  ## everything on the tiny default (LEVEL=demo), then scoring -> runs/demo/report.json, samples.png, curve.png
 	@$(MAKE) --no-print-directory $(DATA_OK)
 	@# the base LLM does not depend on the image tokenizer: one core trains it while the other trains the tokenizer
-	@# and then pretokenizes the views with it (one worker: the other core is busy)
+	@# and then pretokenizes the views with it (one worker: the other core is busy); then the base LLM takes
+	@# DEMO_THREADS threads (callbacks/threads.py: its weights are the same at any of them)
 	@$(MAKE) --no-print-directory -j2 $(CODES_OK) $(BASE_DONE) TOKENIZER_LOG=runs/tiny/tokenizer.log \
-	  PRETOKENIZE_LOG=runs/tiny/pretokenize.log PRETOKENIZE_WORKERS=1
+	  PRETOKENIZE_LOG=runs/tiny/pretokenize.log PRETOKENIZE_WORKERS=1 BASE_LLM_ARGS="--trainer.callbacks+=callbacks.threads.ThreadsWhenFree \
+	  --trainer.callbacks.free_after $(CODES_OK) --trainer.callbacks.threads $(DEMO_THREADS)"
 	@# the stages: data-parallel over DEMO_DEVICES processes (one core each), the recipes' batch split between them
 	@$(MAKE) --no-print-directory $(DEMO) DEVICES=$(DEMO_DEVICES) STRATEGY=ddp
 

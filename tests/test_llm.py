@@ -176,8 +176,15 @@ def test_base_llm_recipe_parses_and_builds(tmp_path):
                          f"--model.init_args.tokenizer_dir={tmp_path / 'tok'}", f"--model.init_args.bpe_train_files=[{tr}]",
                          "--model.init_args.bpe_vocab_size=320", f"--data.init_args.train_files=[{tr},{corpus / 'skill_train.jsonl'},{tr},{tr}]", f"--data.init_args.tokenizer_dir={tmp_path / 'tok'}",
                          f"--data.init_args.val_files=[{corpus / 'val.jsonl'}]", f"--trainer.default_root_dir={tmp_path}",
-                         "--trainer.logger=false", "--trainer.callbacks=[]"], run=False)
+                         "--trainer.logger=false",
+                         # make demo's addition to the recipe's callbacks (tests/test_makefile.py)
+                         "--trainer.callbacks+=callbacks.threads.ThreadsWhenFree",
+                         f"--trainer.callbacks.free_after={tmp_path / 'codes.done'}", "--trainer.callbacks.threads=2"],
+                       run=False)
     assert isinstance(cli.model, MMoELLM) and isinstance(cli.datamodule, TextDataModule)
+    kinds = {type(c).__name__: c for c in cli.trainer.callbacks}
+    assert {"FinalCheckpoint", "StallWatchdog", "ThreadsWhenFree"} <= set(kinds)  # added to the recipe's, not instead
+    assert kinds["ThreadsWhenFree"].threads == 2 and kinds["ThreadsWhenFree"].free_after == tmp_path / "codes.done"
     assert cli.datamodule.hparams.tokenizer_dir == str(tmp_path / "tok")
     assert cli.model.model.config.hidden_size == 128 and cli.model.model.config.num_kv_heads == 4  # one KV head per query head (docs/levels.md)
     assert 0.8e6 <= sum(p.numel() for p in cli.model.parameters()) <= 3e6
@@ -232,3 +239,43 @@ def test_train_repeats_oversample_a_file_and_mix_it_into_rows(tmp_path):
         TextDataModule([str(main), str(skill)], train_repeats=[1], **kw)
     with pytest.raises(ValueError, match="integer >= 0"):
         TextDataModule([str(main), str(skill)], train_repeats=[1, -2], **kw)
+
+
+def test_base_llm_recipe_trains_to_the_same_weights_on_one_and_two_threads():
+    """`make demo` trains the base LLM on 2 intra-op threads (DEMO_THREADS), where its figures were measured on 1: at
+    the recipe's shapes (width, depth, vocabulary, batch, row length, padded rows) every step's weights are bit-equal,
+    so the thread count moves its speed and not the chain's figures."""
+    import yaml
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes/tiny/base_llm.yaml").read_text())
+    model_args, data_args = recipe["model"]["init_args"], recipe["data"]["init_args"]
+    rows, seq = data_args["batch_size"], data_args["seq_len"]
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, data_args["bpe_vocab_size"], (rows, seq), generator=gen)
+    labels = ids.clone()
+    for r in range(rows):  # whole-document rows end in padding
+        labels[r, seq - int(torch.randint(0, seq // 4, (1,), generator=gen)):] = -100
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": labels != -100}
+
+    def train(threads: int) -> dict:
+        torch.manual_seed(0)
+        model = MMoELLM(config={**model_args["config"], "vocab_size": data_args["bpe_vocab_size"]})
+        opt = torch.optim.AdamW(model.parameters(), lr=model_args["lr"], betas=(0.9, 0.95), weight_decay=0.1)
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for _ in range(4):
+                model._loss(batch).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["trainer"]["gradient_clip_val"])
+                opt.step()
+                opt.zero_grad()
+        finally:
+            torch.set_num_threads(before)
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    one, two = train(1), train(2)
+    torch.manual_seed(0)
+    start = MMoELLM(config={**model_args["config"], "vocab_size": data_args["bpe_vocab_size"]}).state_dict()
+    assert all(not torch.equal(one[k], start[k]) for k in one if k.endswith("weight") and "vision" not in k)  # trained
+    differing = [k for k in one if not torch.equal(one[k], two[k])]
+    assert not differing, differing

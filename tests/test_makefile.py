@@ -35,7 +35,10 @@ def test_demo_pretokenizes_beside_the_base_llm_and_trains_stages_on_every_core()
     end = out.index("make --no-print-directory runs/demo/report.json")
     side_by_side = out[start:end]
     assert re.findall(r"--in data/tiny/train .*--workers (\d+)", side_by_side) == ["1"]
-    assert "fit --config recipes/tiny/base_llm.yaml" in side_by_side
+    base_llm = next(line for line in side_by_side.splitlines() if "fit --config recipes/tiny/base_llm.yaml" in line)
+    # once the codes are written the base LLM takes the freed core (callbacks/threads.py)
+    assert (f"--trainer.callbacks+=callbacks.threads.ThreadsWhenFree --trainer.callbacks.free_after data/tiny/codes/.done"
+            f" --trainer.callbacks.threads {min(CORES, 2)}") in " ".join(base_llm.split())
     assert "fit --config recipes/tiny/tokenizer.yaml" in side_by_side
     assert f"DEVICES={min(CORES, 2)} STRATEGY=ddp" in out[end:].splitlines()[0]
 
