@@ -22,8 +22,8 @@ SYN     := .venv/bin/synergen
 VENV    := .venv/.installed
 DATA    := data/tiny
 DEVICES ?= 1
-# the tiny models run fastest on one intra-op thread (RESULTS.md: the base LLM at 1 vs 2 threads); set
-# OMP_NUM_THREADS yourself for bigger models
+# one intra-op thread per job: make demo runs jobs side by side, and beside another job a second thread slows both
+# (RESULTS.md: the base LLM at 1 vs 2 threads); set OMP_NUM_THREADS yourself for bigger models
 export OMP_NUM_THREADS ?= 1
 ARGS    ?=
 
