@@ -75,8 +75,8 @@ PRETOKENIZE_WORKERS ?= $(if $(ON_GPU),$(shell n=$$(( $(GPUS) * 4 )); [ $$n -lt $
 # make demo trains its stages data-parallel over this many CPU processes (one per core, at most 2); on a machine with
 # a GPU, on one GPU (the tiny models gain nothing from more, and 2 processes would each ask for a GPU)
 DEMO_DEVICES ?= $(if $(ON_GPU),1,$(if $(filter 1,$(NPROC)),1,2))
-# make demo's base LLM: intra-op threads once the image tokenizer beside it is done (at most 2: its step then takes
-# 0.6x the time, and the model is too small to gain much from more; RESULTS.md)
+# make demo's base LLM: intra-op threads once the image tokenizer beside it is done (at most 2, where its weights are
+# tested bit-equal to one thread's: tests/test_llm.py; its step then takes 0.6x the time, RESULTS.md)
 DEMO_THREADS ?= $(if $(filter 1,$(NPROC)),1,2)
 # $(call logged,LOG,WHAT,COMMAND): COMMAND's output goes to LOG when LOG is set (make demo runs two jobs at once, and
 # two progress bars in one terminal garble each other); on failure the log's tail is printed

@@ -242,9 +242,9 @@ def test_train_repeats_oversample_a_file_and_mix_it_into_rows(tmp_path):
 
 
 def test_base_llm_recipe_trains_to_the_same_weights_on_one_and_two_threads():
-    """`make demo` trains the base LLM on 2 intra-op threads (DEMO_THREADS), where its figures were measured on 1: at
-    the recipe's shapes (width, depth, vocabulary, batch, row length, padded rows) every step's weights are bit-equal,
-    so the thread count moves its speed and not the chain's figures."""
+    """`make demo` trains the base LLM on one intra-op thread beside the image tokenizer and on 2 (DEMO_THREADS) after
+    it: at the recipe's shapes (width, depth, vocabulary, batch, row length, padded rows) every step's weights are
+    bit-equal at 1 and 2 threads, so when the switch happens moves its speed and not the chain's figures."""
     import yaml
 
     recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes/tiny/base_llm.yaml").read_text())
