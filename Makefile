@@ -74,10 +74,11 @@ ON_GPU := $(filter-out 0,$(GPUS))
 PRETOKENIZE_WORKERS ?= $(if $(ON_GPU),$(shell n=$$(( $(GPUS) * 4 )); [ $$n -lt $(NPROC) ] && echo $$n || echo $(NPROC)),$(NPROC))
 # make demo trains its stages data-parallel over this many CPU processes (one per core, at most 2); on a machine with
 # a GPU, on one GPU (the tiny models gain nothing from more, and 2 processes would each ask for a GPU)
-DEMO_DEVICES ?= $(if $(ON_GPU),1,$(if $(filter 1,$(NPROC)),1,2))
+DEMO_CORES := $(if $(filter 1,$(NPROC)),1,2)
+DEMO_DEVICES ?= $(if $(ON_GPU),1,$(DEMO_CORES))
 # make demo's base LLM: intra-op threads once the image tokenizer beside it is done (at most 2, where its weights are
 # tested bit-equal to one thread's: tests/test_llm.py; its step then takes 0.6x the time, RESULTS.md)
-DEMO_THREADS ?= $(if $(filter 1,$(NPROC)),1,2)
+DEMO_THREADS ?= $(DEMO_CORES)
 # $(call logged,LOG,WHAT,COMMAND): COMMAND's output goes to LOG when LOG is set (make demo runs two jobs at once, and
 # two progress bars in one terminal garble each other); on failure the log's tail is printed
 logged = $(if $(1),@mkdir -p $(dir $(1)) && echo "$(2) (log: $(1))" && { { $(3); } > $(1) 2>&1 || { tail -40 $(1); exit 1; }; },$(3))
@@ -202,7 +203,7 @@ demo: $(VENV)  ## everything on the tiny default (LEVEL=demo), then scoring -> r
 	@$(MAKE) --no-print-directory $(DATA_OK)
 	@# the base LLM does not depend on the image tokenizer: one core trains it while the other trains the tokenizer
 	@# and then pretokenizes the views with it (one worker: the other core is busy); then the base LLM takes
-	@# DEMO_THREADS threads (callbacks/threads.py: its weights are the same at any of them)
+	@# DEMO_THREADS threads (callbacks/threads.py: its weights are the same at 1 and 2)
 	@$(MAKE) --no-print-directory -j2 $(CODES_OK) $(BASE_DONE) TOKENIZER_LOG=runs/tiny/tokenizer.log \
 	  PRETOKENIZE_LOG=runs/tiny/pretokenize.log PRETOKENIZE_WORKERS=1 BASE_LLM_ARGS="--trainer.callbacks+=callbacks.threads.ThreadsWhenFree \
 	  --trainer.callbacks.free_after $(CODES_OK) --trainer.callbacks.threads $(DEMO_THREADS)"

@@ -257,9 +257,11 @@ def test_base_llm_recipe_trains_to_the_same_weights_on_one_and_two_threads():
         labels[r, seq - int(torch.randint(0, seq // 4, (1,), generator=gen)):] = -100
     batch = {"input_ids": ids, "labels": labels, "attention_mask": labels != -100}
 
+    config = {**model_args["config"], "vocab_size": data_args["bpe_vocab_size"]}
+
     def train(threads: int) -> dict:
         torch.manual_seed(0)
-        model = MMoELLM(config={**model_args["config"], "vocab_size": data_args["bpe_vocab_size"]})
+        model = MMoELLM(config=config)
         opt = torch.optim.AdamW(model.parameters(), lr=model_args["lr"], betas=(0.9, 0.95), weight_decay=0.1)
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
@@ -275,7 +277,7 @@ def test_base_llm_recipe_trains_to_the_same_weights_on_one_and_two_threads():
 
     one, two = train(1), train(2)
     torch.manual_seed(0)
-    start = MMoELLM(config={**model_args["config"], "vocab_size": data_args["bpe_vocab_size"]}).state_dict()
+    start = MMoELLM(config=config).state_dict()
     assert all(not torch.equal(one[k], start[k]) for k in one if k.endswith("weight") and "vision" not in k)  # trained
     differing = [k for k in one if not torch.equal(one[k], two[k])]
     assert not differing, differing
